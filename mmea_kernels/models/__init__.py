@@ -1,0 +1,1 @@
+"""Model builders and data helpers for the interatomic potentials MMEA adapts."""

@@ -1,0 +1,8 @@
+"""User-facing adapter layers."""
+from .common import AdapterLinear, is_equivariant_linear
+from .elora import ELoRALinear
+from .mmea import MMEALinear
+
+ADAPTERS = {"mmea": MMEALinear, "elora": ELoRALinear}
+
+__all__ = ["AdapterLinear", "MMEALinear", "ELoRALinear", "ADAPTERS", "is_equivariant_linear"]

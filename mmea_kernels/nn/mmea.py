@@ -1,0 +1,126 @@
+"""MMEA adapter: input-dependent magnitude gates on the output irreps of a frozen linear layer.
+
+``z = SiLU(W_down x0 + b_down)``, ``γ = W_up z + b_up``; 0e outputs get ``+γ_add``, every other
+(order, multiplicity) block is scaled by ``φ(γ_gate)``. Exactly O(3)-equivariant.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops import gate_mul, layout_tables
+from .common import AdapterLinear
+
+__all__ = ["MMEALinear"]
+
+PHIS = ("exp", "residual")
+INITS = ("identity", "paper")
+
+
+class MMEALinear(AdapterLinear):
+    """Wraps a frozen ``o3.Linear`` (shared, not copied) and gates its output.
+
+    Args:
+        base: the layer to adapt.
+        rank: width ``r`` of the gate network's hidden layer.
+        phi: ``"exp"`` (gate = exp γ) or ``"residual"`` (gate = 1 + γ).
+        init: ``"identity"`` (``W_up = b_up = 0``: output equals the base output exactly) or
+            ``"paper"`` (the published recipe: the additive 0e head keeps PyTorch's default random
+            initialisation, or ``normal(0, init_std)`` when ``init_std`` is given; gate rows zero).
+        backend: gate-op backend (``None``: ``MMEA_BACKEND`` or auto).
+
+    A layer whose input has no 0e channel gets static learned gates and additive terms.
+    """
+
+    method = "mmea"
+
+    def __init__(self, base: nn.Module, rank: int = 16, phi: str = "exp", init: str = "identity",
+                 init_std: Optional[float] = None, backend: Optional[str] = None):
+        super().__init__(base)
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        if phi not in PHIS:
+            raise ValueError(f"unknown phi {phi!r}; expected one of {PHIS}")
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
+        self.rank, self.phi, self.init, self.init_std, self.backend = rank, phi, init, init_std, backend
+        self.num_scalars_in = self.in_layout.num_scalars
+        self.num_additive = self.out_layout.num_scalars
+        self.num_gates = self.out_layout.num_gates
+        fk = self._factory()
+        n_out = self.num_additive + self.num_gates
+        if self.num_scalars_in > 0:
+            self.mmea_down = nn.Linear(self.num_scalars_in, rank, **fk)
+            self.mmea_up = nn.Linear(rank, n_out, **fk)
+        else:
+            self.mmea_down = None
+            self.mmea_up = None
+            self.mmea_static = nn.Parameter(torch.zeros(n_out, **fk))
+        self.reset_adapter_parameters()
+
+    @torch.no_grad()
+    def reset_adapter_parameters(self) -> None:
+        head_w = self.mmea_up.weight if self.mmea_up is not None else None
+        head_b = self.mmea_up.bias if self.mmea_up is not None else self.mmea_static
+        if self.mmea_down is not None:
+            self.mmea_down.reset_parameters()
+            head_w.zero_()
+        head_b.zero_()
+        if self.init == "paper" and self.num_additive > 0:
+            a = self.num_additive
+            if self.init_std is not None:
+                if head_w is not None:
+                    head_w[:a].normal_(0.0, self.init_std)
+                head_b[:a].normal_(0.0, self.init_std)
+            else:  # nn.Linear's default initialisation, restricted to the additive rows
+                fan_in = self.rank if head_w is not None else 1
+                bound_w = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=√5) bound = 1/√fan_in
+                if head_w is not None:
+                    head_w[:a].uniform_(-bound_w, bound_w)
+                head_b[:a].uniform_(-1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
+
+    def adapter_options(self) -> dict:
+        return {"rank": self.rank, "phi": self.phi, "init": self.init, "init_std": self.init_std}
+
+    def gate_parameters(self, x: torch.Tensor):
+        """(additive ``[N, S_out]``, gates ``[N, G]`` or shared ``[G]``) for flattened input rows."""
+        if self.mmea_up is None:
+            gamma = self.mmea_static
+            add, logits = gamma[: self.num_additive], gamma[self.num_additive:]
+        else:
+            cols = layout_tables(self.in_layout, x.device).scalar_columns
+            x0 = x.index_select(-1, cols)
+            gamma = self.mmea_up(torch.nn.functional.silu(self.mmea_down(x0)))
+            add, logits = gamma[..., : self.num_additive], gamma[..., self.num_additive:]
+        gates = torch.exp(logits) if self.phi == "exp" else 1.0 + logits
+        return add, gates
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self.check_input(x)
+        y = self.base(x, *args, **kwargs)
+        if not self.adapter_enabled:
+            return y
+        D = self.out_layout.dim
+        x2 = x.reshape(-1, self.in_layout.dim)
+        add, gates = self.gate_parameters(x2)
+        y2 = gate_mul(y.reshape(-1, D), gates, self.out_layout, backend=self.backend)
+        if self.num_additive > 0:
+            cols = layout_tables(self.out_layout, y.device).scalar_columns
+            if add.dim() == 1:
+                add = add.expand(y2.shape[0], self.num_additive)
+            y2 = torch.index_add(y2, 1, cols, add)
+        return y2.reshape(y.shape)
+
+    def merge(self) -> nn.Module:
+        raise RuntimeError(
+            "MMEA adapters cannot be merged into the base weights: their gates depend on each input's "
+            "scalar channels, so no fixed weight reproduces them. Keep the adapter (or use unload() "
+            "to drop it)."
+        )
+
+    def extra_repr(self) -> str:
+        return (f"irreps_in={self.in_layout.irreps_str}, irreps_out={self.out_layout.irreps_str}, "
+                f"rank={self.rank}, phi={self.phi!r}, gates={self.num_gates}, additive={self.num_additive}")

@@ -1,0 +1,252 @@
+"""Triton backend: the gate primitives as Triton kernels (CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``).
+
+Kernel-level functions (no autograd) with the same interface as
+:mod:`mmea_kernels.ops.torch_backend`: inputs are 2-D and contiguous, already validated.
+
+* ``gate_mul``: one 2-D grid over (row blocks, column blocks); each program loads a
+  ``[BLOCK_N, BLOCK_D]`` tile of ``x``, gathers the gate of every column from
+  ``t.gate_of_column`` and the gate values from ``gates`` (row stride 0 for shared gates).
+* ``seg_dot``: one 2-D grid over (row blocks, gate blocks); each program gathers a
+  ``[BLOCK_N, BLOCK_G, W]`` tile of ``a`` and ``b`` through ``t.gate_cols_padded`` and reduces the
+  last axis. Shared mode reduces the rows of the tile too and writes one partial row per row-block
+  program into a ``[num_row_programs, G]`` buffer, summed by torch afterwards (deterministic, no
+  atomics).
+
+Under ``TRITON_INTERPRET=1`` the kernels must have been decorated in interpreter mode, i.e. the
+variable must be set before this module is imported.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from .tables import LayoutTables
+
+name = "triton"
+
+try:  # triton is optional: the module must import without it
+    import triton
+    import triton.language as tl
+
+    _TRITON_IMPORT_ERROR: Optional[BaseException] = None
+except Exception as exc:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+    _TRITON_IMPORT_ERROR = exc
+
+# Whether the kernels below were decorated in interpreter mode (fixed at import time).
+_INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device: torch.device) -> Tuple[bool, str]:
+    if triton is None:
+        return False, f"triton is not installed ({_TRITON_IMPORT_ERROR})"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True, ""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        if not _INTERPRETED_AT_IMPORT:
+            return False, (
+                "TRITON_INTERPRET=1 was set after mmea_kernels.ops.triton_backend was imported; "
+                "set it before importing to run the triton backend on CPU tensors"
+            )
+        return True, ""
+    return False, "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
+
+
+# ---------------------------------------------------------------------------- helpers
+def _acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _interpreting(device: torch.device) -> bool:
+    return device.type != "cuda" or _INTERPRETED_AT_IMPORT
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _gate_mul_blocks(n: int, d: int, interpret: bool) -> Tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_D, num_warps) for gate_mul. The interpreter pays per program instance,
+    so it gets big tiles; on GPU tiles stay at <= 4096 elements."""
+    if interpret:
+        block_d = min(_pow2(d), 256)
+        block_n = min(_pow2(n), 64)
+        return block_n, block_d, 1
+    block_d = min(_pow2(d), 256)
+    block_n = min(_pow2(n), max(1, 4096 // block_d), 64)
+    num_warps = 4 if block_n * block_d >= 2048 else 2
+    return block_n, block_d, num_warps
+
+
+def _seg_dot_blocks(n: int, g: int, w: int, interpret: bool) -> Tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_G, num_warps) for seg_dot; the gathered tile is BLOCK_N*BLOCK_G*W."""
+    budget = 16384 if interpret else 4096
+    block_g = min(_pow2(g), max(1, budget // w), 64 if interpret else 32)
+    block_n = min(_pow2(n), max(1, budget // (block_g * w)), 64)
+    num_warps = 1 if interpret else (4 if block_n * block_g * w >= 2048 else 2)
+    return block_n, block_g, num_warps
+
+
+def _tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+# ---------------------------------------------------------------------------- kernels
+if triton is not None:
+
+    @triton.jit
+    def _gate_mul_kernel(
+        x_ptr, gates_ptr, gate_of_ptr, out_ptr,
+        N, D,
+        stride_xn, stride_xd,
+        stride_gn, stride_gg,  # stride_gn == 0 for gates shared across rows
+        stride_on, stride_od,
+        FILL: tl.constexpr,  # scale of ungated columns: 1.0 (keep) or 0.0 (zero)
+        ACC: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0).to(tl.int64)
+        pid_d = tl.program_id(1).to(tl.int64)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+        row_ok = rows < N
+        col_ok = cols < D
+
+        gate = tl.load(gate_of_ptr + cols, mask=col_ok, other=-1).to(tl.int64)
+        gated = gate >= 0
+        gate_safe = tl.where(gated, gate, 0)
+
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
+                    mask=tile_ok, other=0.0).to(ACC)
+        g_ok = row_ok[:, None] & (col_ok & gated)[None, :]
+        g = tl.load(gates_ptr + rows[:, None] * stride_gn + gate_safe[None, :] * stride_gg,
+                    mask=g_ok, other=0.0).to(ACC)
+        scale = tl.where(gated[None, :], g, FILL)
+        y = x * scale
+        tl.store(out_ptr + rows[:, None] * stride_on + cols[None, :] * stride_od,
+                 y.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+    @triton.jit
+    def _seg_dot_kernel(
+        a_ptr, b_ptr, cols_ptr, out_ptr,
+        N, G,
+        stride_an, stride_ad,
+        stride_bn, stride_bd,
+        stride_on, stride_og,  # per-row: out [N, G]; shared: partial [num_row_programs, G]
+        SHARED: tl.constexpr,
+        ACC: tl.constexpr,
+        W: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0).to(tl.int64)
+        pid_g = tl.program_id(1).to(tl.int64)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        gids = pid_g * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
+        ks = tl.arange(0, W).to(tl.int64)
+        row_ok = rows < N
+        gate_ok = gids < G
+
+        # [BLOCK_G, W] columns of each gate, -1 padded
+        cols = tl.load(cols_ptr + gids[:, None] * W + ks[None, :],
+                       mask=gate_ok[:, None], other=-1).to(tl.int64)
+        col_ok = cols >= 0
+        cols = tl.where(col_ok, cols, 0)
+
+        m = row_ok[:, None, None] & col_ok[None, :, :]
+        r3 = rows[:, None, None]
+        c3 = cols[None, :, :]
+        a = tl.load(a_ptr + r3 * stride_an + c3 * stride_ad, mask=m, other=0.0).to(ACC)
+        b = tl.load(b_ptr + r3 * stride_bn + c3 * stride_bd, mask=m, other=0.0).to(ACC)
+        s = tl.sum(a * b, axis=2)  # [BLOCK_N, BLOCK_G]
+        if SHARED:
+            part = tl.sum(s, axis=0)  # [BLOCK_G]
+            tl.store(out_ptr + pid_n * stride_on + gids * stride_og,
+                     part.to(out_ptr.dtype.element_ty), mask=gate_ok)
+        else:
+            tl.store(out_ptr + rows[:, None] * stride_on + gids[None, :] * stride_og,
+                     s.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & gate_ok[None, :])
+
+
+# ---------------------------------------------------------------------------- entry points
+def gate_mul(x: torch.Tensor, gates: torch.Tensor, t: LayoutTables, keep_ungated: bool,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``y[n,c] = x[n,c]·gates[n, gate(c)]``; 0e columns copied (keep_ungated) or zeroed."""
+    N, D = x.shape
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if N == 0 or D == 0:
+        return out
+    if gates.numel() == 0:  # G == 0: every column is ungated; never dereferenced
+        gates = x.new_zeros(1)
+    if gates.dim() == 1:
+        stride_gn, stride_gg = 0, gates.stride(0)
+    else:
+        stride_gn, stride_gg = gates.stride(0), gates.stride(1)
+    block_n, block_d, num_warps = _gate_mul_blocks(N, D, _interpreting(x.device))
+    grid = (triton.cdiv(N, block_n), triton.cdiv(D, block_d))
+    _gate_mul_kernel[grid](
+        x, gates, t.gate_of_column, out,
+        N, D,
+        x.stride(0), x.stride(1),
+        stride_gn, stride_gg,
+        out.stride(0), out.stride(1),
+        FILL=1.0 if keep_ungated else 0.0,
+        ACC=_tl_acc(x.dtype),
+        BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=num_warps,
+    )
+    return out
+
+
+def seg_dot(a: torch.Tensor, b: torch.Tensor, t: LayoutTables, shared: bool,
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``out[n,j] = Σ_{c in gate j} a[n,c]·b[n,c]`` (also summed over n when ``shared``)."""
+    N = a.shape[0]
+    G = t.num_gates
+    if shared:
+        if G == 0:
+            return out if out is not None else a.new_empty((0,))
+        if N == 0:
+            if out is not None:
+                return out.zero_()
+            return a.new_zeros((G,))
+    else:
+        if out is None:
+            out = a.new_empty((N, G))
+        if N == 0 or G == 0:
+            return out
+
+    W = t.gate_width
+    block_n, block_g, num_warps = _seg_dot_blocks(N, G, W, _interpreting(a.device))
+    grid = (triton.cdiv(N, block_n), triton.cdiv(G, block_g))
+    if shared:
+        dst = torch.empty((grid[0], G), dtype=_acc_torch_dtype(a.dtype), device=a.device)
+    else:
+        dst = out
+    _seg_dot_kernel[grid](
+        a, b, t.gate_cols_padded, dst,
+        N, G,
+        a.stride(0), a.stride(1),
+        b.stride(0), b.stride(1),
+        dst.stride(0), dst.stride(1),
+        SHARED=bool(shared),
+        ACC=_tl_acc(a.dtype),
+        W=W,
+        BLOCK_N=block_n, BLOCK_G=block_g,
+        num_warps=num_warps,
+    )
+    if not shared:
+        return out
+    res = dst.sum(0).to(a.dtype)
+    if out is not None:
+        out.copy_(res)
+        return out
+    return res

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs mmea_kernels with its test and MACE dependencies into the current Python environment.
+# torch is pinned in the same pip command, so no dependency can pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+MACE_VERSION=${MACE_VERSION:-0.3.16}
+$PY -m pip install -q --disable-pip-version-check "torch==${TORCH_VERSION}" -e ".[test,mace]"
+# mace-torch pins e3nn==0.4.4, which does not import under torch>=2.6 without a global
+# weights_only override; it runs fine with e3nn 0.6, so it is installed without its pins.
+$PY -m pip install -q --disable-pip-version-check --no-deps "mace-torch==${MACE_VERSION}"
+$PY -c "import torch, e3nn, mace, mmea_kernels; print('installed: torch', torch.__version__, '| e3nn', e3nn.__version__, '| mmea_kernels', mmea_kernels.__version__)"

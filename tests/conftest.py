@@ -1,0 +1,23 @@
+"""Test setup: Triton runs in interpreter mode on CPU (set before any @triton.jit runs), and
+the rMD17 data directory is found from MMEA_RMD17_DIR or ../shared/data/rmd17."""
+import os
+import pathlib
+
+import pytest
+
+if os.environ.get("MMEA_TEST_CUDA") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def rmd17_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("MMEA_RMD17_DIR", REPO.parent / "shared" / "data" / "rmd17"))
+
+
+@pytest.fixture
+def rmd17():
+    path = rmd17_dir()
+    if not (path / "ethanol" / "train.xyz").is_file():
+        pytest.skip(f"rMD17 data not found at {path} (set MMEA_RMD17_DIR to its location)")
+    return path

@@ -1,0 +1,53 @@
+"""Independent references for the tests: naive per-column loops in float64."""
+import torch
+
+from mmea_kernels.layout import IrrepsLayout, parse_irreps
+
+
+def naive_gate_of_column(irreps: str, layout: str):
+    """Column -> gate, written from the definition (not from IrrepsLayout)."""
+    out = []
+    gate = 0
+    for mul, l, p in parse_irreps(irreps):
+        d = 2 * l + 1
+        block = [None] * (mul * d)
+        for k in range(mul):
+            for m in range(d):
+                col = k * d + m if layout == "mul_ir" else m * mul + k
+                block[col] = -1 if (l == 0 and p == 1) else gate + k
+        out += block
+        if not (l == 0 and p == 1):
+            gate += mul
+    return out, gate
+
+
+def naive_gate_mul(x, gates, irreps, layout, keep_ungated=True):
+    owner, G = naive_gate_of_column(irreps, layout)
+    y = torch.empty_like(x, dtype=torch.float64)
+    for c, g in enumerate(owner):
+        if g < 0:
+            y[..., c] = x[..., c].double() if keep_ungated else 0.0
+        else:
+            gg = gates[g] if gates.dim() == 1 else gates[..., g]
+            y[..., c] = x[..., c].double() * gg.double()
+    return y
+
+
+def naive_seg_dot(a, b, irreps, layout, shared=False):
+    owner, G = naive_gate_of_column(irreps, layout)
+    out = torch.zeros(a.shape[:-1] + (G,), dtype=torch.float64)
+    for c, g in enumerate(owner):
+        if g >= 0:
+            out[..., g] += a[..., c].double() * b[..., c].double()
+    return out.reshape(-1, G).sum(0) if shared else out
+
+
+def random_orthogonal(seed: int, reflect: bool, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=dtype))
+    q = q * torch.sign(torch.diagonal(r))
+    if torch.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    if reflect:
+        q = -q
+    return q

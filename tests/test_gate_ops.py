@@ -1,0 +1,155 @@
+"""gate_mul / seg_dot: values against naive float64 loops, gradcheck and gradgradcheck for each
+backend that runs on CPU, backend selection, and bad input."""
+import os
+
+import pytest
+import torch
+
+from mmea_kernels import IrrepsLayout, gate_mul, seg_dot
+from mmea_kernels.ops import backend_status
+
+from helpers import naive_gate_mul, naive_seg_dot
+
+IRREPS = "2x0e+2x1o+1x0o+1x2e+1x1e"
+
+
+def backends():
+    out = []
+    for name in ("torch", "triton"):
+        ok, why = backend_status(name, "cpu")
+        out.append(pytest.param(name, marks=pytest.mark.skipif(not ok, reason=why)))
+    return out
+
+
+@pytest.fixture(params=backends())
+def backend(request):
+    return request.param
+
+
+@pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_values_match_naive(backend, layout, shared):
+    L = IrrepsLayout.of(IRREPS, layout)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(7, L.dim, generator=gen, dtype=torch.float64)
+    b = torch.randn(7, L.dim, generator=gen, dtype=torch.float64)
+    g = torch.randn(*((L.num_gates,) if shared else (7, L.num_gates)), generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(gate_mul(x, g, L, backend=backend), naive_gate_mul(x, g, IRREPS, layout),
+                               rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(seg_dot(x, b, L, shared=shared, backend=backend),
+                               naive_seg_dot(x, b, IRREPS, layout, shared), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_gradcheck_and_gradgradcheck(backend, layout, shared):
+    L = IrrepsLayout.of(IRREPS, layout)
+    gen = torch.Generator().manual_seed(1)
+    n = 3
+    x = torch.randn(n, L.dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(n, L.dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(*((L.num_gates,) if shared else (n, L.num_gates)), generator=gen,
+                    dtype=torch.float64, requires_grad=True)
+    f_mul = lambda x, g: gate_mul(x, g, L, backend=backend)  # noqa: E731
+    f_dot = lambda a, b: seg_dot(a, b, L, shared=shared, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(f_mul, (x, g))
+    assert torch.autograd.gradgradcheck(f_mul, (x, g))
+    assert torch.autograd.gradcheck(f_dot, (x, b))
+    assert torch.autograd.gradgradcheck(f_dot, (x, b))
+
+
+def test_third_derivative_matches_autograd_of_reference():
+    """Derivatives of any order equal those of the plain-torch expression."""
+    L = IrrepsLayout.of("1x0e+2x1o", "mul_ir")
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, L.dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(4, L.num_gates, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def third(fn):
+        y = (fn(x, g) ** 2).sum()
+        (dx,) = torch.autograd.grad(y, x, create_graph=True)
+        (dg,) = torch.autograd.grad((dx ** 2).sum(), g, create_graph=True)
+        return torch.autograd.grad(dg.sum(), (x, g))
+
+    ref = third(lambda x, g: naive_gate_mul(x, g, "1x0e+2x1o", "mul_ir"))
+    got = third(lambda x, g: gate_mul(x, g, L, backend="torch"))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_leading_dims_and_noncontiguous_input():
+    L = IrrepsLayout.of(IRREPS, "mul_ir")
+    base = torch.randn(L.dim, 2, 5, dtype=torch.float64)
+    x = base.permute(1, 2, 0)  # [2, 5, D], not contiguous
+    assert not x.is_contiguous()
+    g = torch.randn(2, 5, L.num_gates, dtype=torch.float64)
+    torch.testing.assert_close(gate_mul(x, g, L), naive_gate_mul(x, g, IRREPS, "mul_ir"))
+    torch.testing.assert_close(seg_dot(x, x, L), naive_seg_dot(x, x, IRREPS, "mul_ir"))
+
+
+def test_empty_batch(backend):
+    L = IrrepsLayout.of(IRREPS, "mul_ir")
+    x = torch.zeros(0, L.dim, dtype=torch.float64, requires_grad=True)
+    g = torch.zeros(L.num_gates, dtype=torch.float64, requires_grad=True)
+    y = gate_mul(x, g, L, backend=backend)
+    assert y.shape == (0, L.dim)
+    s = seg_dot(x, x, L, shared=True, backend=backend)
+    assert s.shape == (L.num_gates,) and torch.equal(s, torch.zeros(L.num_gates, dtype=torch.float64))
+    gx, gg = torch.autograd.grad(y.sum() + s.sum(), (x, g), allow_unused=True)
+    assert gx.shape == x.shape
+    assert gg is None or torch.equal(gg, torch.zeros_like(g))
+
+
+def test_irreps_without_gates_is_identity():
+    L = IrrepsLayout.of("4x0e", "mul_ir")
+    x = torch.randn(3, 4)
+    assert torch.equal(gate_mul(x, torch.zeros(3, 0), L), x)
+    assert seg_dot(x, x, L).shape == (3, 0)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_wrong_feature_width():
+    L = IrrepsLayout.of("2x0e+1x1o", "mul_ir")
+    with pytest.raises(ValueError, match=r"last dimension must be 5, the dim of irreps 2x0e\+1x1o"):
+        gate_mul(torch.randn(3, 6), torch.randn(3, 1), L)
+    with pytest.raises(ValueError, match="last dimension must be 5"):
+        seg_dot(torch.randn(3, 5), torch.randn(3, 4), L)
+
+
+def test_wrong_gate_shape():
+    L = IrrepsLayout.of("2x0e+2x1o", "mul_ir")
+    with pytest.raises(ValueError, match=r"gates have shape \(3, 3\), expected \(3, 2\) \(per row\) or \(2,\)"):
+        gate_mul(torch.randn(3, 8), torch.randn(3, 3), L)
+    with pytest.raises(ValueError, match=r"shared gates have shape \(5,\), expected \(2,\)"):
+        gate_mul(torch.randn(3, 8), torch.randn(5), L)
+
+
+def test_dtype_and_device_mismatch():
+    L = IrrepsLayout.of("2x0e+2x1o", "mul_ir")
+    with pytest.raises(TypeError, match="x has dtype torch.float32 but gates has dtype torch.float64"):
+        gate_mul(torch.randn(3, 8), torch.randn(3, 2, dtype=torch.float64), L)
+    with pytest.raises(ValueError, match="x is on cpu but gates is on meta"):
+        gate_mul(torch.randn(3, 8), torch.randn(3, 2, device="meta"), L)
+    with pytest.raises(TypeError, match="floating-point"):
+        gate_mul(torch.ones(3, 8, dtype=torch.int64), torch.ones(3, 2, dtype=torch.int64), L)
+    with pytest.raises(ValueError, match=r"a has shape \(3, 8\) but b has shape \(2, 8\)"):
+        seg_dot(torch.randn(3, 8), torch.randn(2, 8), L)
+
+
+def test_backend_selection(monkeypatch):
+    L = IrrepsLayout.of("2x0e+2x1o", "mul_ir")
+    x, g = torch.randn(3, 8), torch.randn(3, 2)
+    with pytest.raises(ValueError, match=r"unknown backend 'cudnn'; expected one of \['auto', 'torch', 'triton'\]"):
+        gate_mul(x, g, L, backend="cudnn")
+    monkeypatch.setenv("MMEA_BACKEND", "nope")
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        gate_mul(x, g, L)
+    monkeypatch.setenv("MMEA_BACKEND", "torch")
+    torch.testing.assert_close(gate_mul(x, g, L), naive_gate_mul(x, g, "2x0e+2x1o", "mul_ir").float())
+    # triton asked for explicitly on CPU without the interpreter: a clear error, not a crash
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="backend='triton' is not available for cpu tensors"):
+        gate_mul(x, g, L, backend="triton")
+    # auto never fails on CPU
+    monkeypatch.setenv("MMEA_BACKEND", "auto")
+    torch.testing.assert_close(gate_mul(x, g, L), naive_gate_mul(x, g, "2x0e+2x1o", "mul_ir").float())

@@ -1,0 +1,163 @@
+"""The injection API on a small pure-e3nn model: targeting, freezing, report, save/load, unload, merge."""
+import pytest
+import torch
+from e3nn import nn as enn
+from e3nn import o3
+from torch import nn
+
+import mmea_kernels as mk
+
+HID = o3.Irreps("8x0e+4x1o+2x2e")
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = o3.Linear(HID, "8x0e+6x0e+4x1o+2x2e")
+        self.gate = enn.Gate("8x0e", [torch.tanh], "6x0e", [torch.sigmoid], "4x1o+2x2e")
+        self.skip = o3.Linear(HID, HID)
+
+    def forward(self, x):
+        return self.gate(self.linear(x)) + self.skip(x)
+
+
+class TinyE3NN(nn.Module):
+    def __init__(self, hid="8x0e+4x1o+2x2e"):
+        super().__init__()
+        self.embed = o3.Linear("3x0e+1x1o", hid)
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.readout = o3.Linear(hid, "1x0e+1x1o")
+        self.norm_scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        h = self.embed(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.readout(h) * self.norm_scale
+
+
+def model_and_input(seed=0):
+    torch.manual_seed(seed)
+    m = TinyE3NN().double()
+    x = torch.randn(11, o3.Irreps("3x0e+1x1o").dim, dtype=torch.float64)
+    return m, x
+
+
+def randomise_adapters(model, std=0.4, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+
+
+@pytest.mark.parametrize("method", ["mmea", "elora"])
+def test_inject_all_freeze_and_report(method):
+    m, x = model_and_input()
+    y0 = m(x)
+    rep = mk.inject_adapters(m, method=method, rank=4)
+    names = [r.name for r in rep.modules]
+    assert names == ["embed", "blocks.0.linear", "blocks.0.skip", "blocks.1.linear", "blocks.1.skip", "readout"]
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert trainable and all((".mmea_" in n) or (".elora_" in n) for n in trainable)
+    assert rep.trainable_parameters == sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert rep.total_parameters == sum(p.numel() for p in m.parameters())
+    text = str(rep)
+    assert "blocks.1.skip" in text and f"{rep.trainable_parameters:,}" in text and "8x0e+4x1o+2x2e" in text
+    torch.testing.assert_close(m(x), y0, rtol=0, atol=0)  # identity at init
+
+
+def test_target_and_exclude_patterns():
+    m, _ = model_and_input()
+    rep = mk.inject_adapters(m, target_modules=["linear", "readout"])  # suffixes
+    assert [r.name for r in rep.modules] == ["blocks.0.linear", "blocks.1.linear", "readout"]
+    mk.unload(m)
+    rep = mk.inject_adapters(m, target_modules=["blocks.*"], exclude_modules=["blocks.1.skip"])  # globs
+    assert [r.name for r in rep.modules] == ["blocks.0.linear", "blocks.0.skip", "blocks.1.linear"]
+    mk.unload(m)
+    rep = mk.inject_adapters(m, target_modules=r"blocks\.\d\.skip")  # one regex, as in peft
+    assert [r.name for r in rep.modules] == ["blocks.0.skip", "blocks.1.skip"]
+
+
+def test_bad_injection_requests():
+    m, _ = model_and_input()
+    with pytest.raises(ValueError, match="unknown adapter method 'lora'; expected one of \\['elora', 'mmea'\\]"):
+        mk.inject_adapters(m, method="lora")
+    with pytest.raises(ValueError, match="target_modules pattern 'interactions.0.linear' matches none"):
+        mk.inject_adapters(m, target_modules=["interactions.0.linear"])
+    with pytest.raises(ValueError, match="unknown phi 'relu'"):
+        mk.inject_adapters(m, phi="relu")
+    assert not mk.adapted_modules(m)  # a failed request leaves the model untouched
+    assert all(p.requires_grad for p in m.parameters())
+    mk.inject_adapters(m)
+    with pytest.raises(RuntimeError, match="already has adapters"):
+        mk.inject_adapters(m)
+    with pytest.raises(ValueError, match="contains no o3.Linear"):
+        mk.inject_adapters(nn.Sequential(nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("method", ["mmea", "elora"])
+def test_save_load_round_trip(tmp_path, method):
+    m, x = model_and_input()
+    mk.inject_adapters(m, method=method, rank=3, target_modules=["linear", "embed"])
+    randomise_adapters(m)
+    y = m(x)
+    state = mk.adapter_state_dict(m)
+    assert state["method"] == method and state["options"]["rank"] == 3
+    assert not any("base." in k for k in state["state"])
+    assert set(state["targets"]) == {"embed", "blocks.0.linear", "blocks.1.linear"}
+    torch.save(state, tmp_path / "adapter.pt")
+
+    fresh, _ = model_and_input()  # same seed: same base weights
+    rep = mk.load_adapter_state_dict(fresh, torch.load(tmp_path / "adapter.pt"))
+    assert rep.method == method and len(rep.modules) == 3
+    torch.testing.assert_close(fresh(x), y, rtol=0, atol=0)
+
+
+def test_load_into_mismatched_model_names_module_and_irreps():
+    m, _ = model_and_input()
+    mk.inject_adapters(m)
+    state = mk.adapter_state_dict(m)
+    other = TinyE3NN(hid="8x0e+4x1o").double()
+    with pytest.raises(ValueError, match=r"module 'embed': saved adapter has irreps 3x0e\+1x1o -> 8x0e\+4x1o\+2x2e "
+                                         r"but the model has 3x0e\+1x1o -> 8x0e\+4x1o"):
+        mk.load_adapter_state_dict(other, state)
+    with pytest.raises(ValueError, match="targets module 'blocks.0.linear', which the model does not have"):
+        mk.load_adapter_state_dict(nn.ModuleDict({"embed": o3.Linear("3x0e+1x1o", "8x0e+4x1o+2x2e")}), state)
+    with pytest.raises(ValueError, match="not an mmea_kernels adapter state"):
+        mk.load_adapter_state_dict(TinyE3NN(), {"embed.weight": torch.zeros(3)})
+    broken = dict(state, state={k: v for k, v in list(state["state"].items())[1:]})
+    with pytest.raises(KeyError, match="missing keys"):
+        mk.load_adapter_state_dict(TinyE3NN().double(), broken)
+
+
+def test_unload_restores_modules_and_grad_flags():
+    m, x = model_and_input()
+    m.embed.weight.requires_grad_(False)  # a user choice that unload must keep
+    originals = {n: mod for n, mod in m.named_modules() if isinstance(mod, o3.Linear)}
+    y0 = m(x)
+    mk.inject_adapters(m)
+    randomise_adapters(m)
+    assert (m(x) - y0).abs().max() > 1e-3
+    with mk.disable_adapters(m):
+        torch.testing.assert_close(m(x), y0, rtol=0, atol=0)
+    mk.unload(m)
+    assert {n: mod for n, mod in m.named_modules() if isinstance(mod, o3.Linear)} == originals
+    torch.testing.assert_close(m(x), y0, rtol=0, atol=0)
+    assert not m.embed.weight.requires_grad and m.readout.weight.requires_grad and m.norm_scale.requires_grad
+
+
+def test_merge_and_unload():
+    m, x = model_and_input()
+    mk.inject_adapters(m, method="elora", rank=2)
+    randomise_adapters(m)
+    y = m(x)
+    mk.merge_and_unload(m)
+    assert not mk.adapted_modules(m) and isinstance(m.blocks[0].linear, o3.Linear)
+    torch.testing.assert_close(m(x), y, rtol=1e-12, atol=1e-12)
+
+    m2, _ = model_and_input()
+    mk.inject_adapters(m2, method="mmea")
+    with pytest.raises(RuntimeError, match="MMEA adapters cannot be merged"):
+        mk.merge_and_unload(m2)
+    assert mk.adapted_modules(m2)  # nothing was removed

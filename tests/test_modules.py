@@ -1,0 +1,179 @@
+"""MMEALinear and ELoRALinear against the method's equations written out by hand (float64)."""
+import pytest
+import torch
+from e3nn import o3
+from e3nn.util.test import assert_equivariant
+
+from mmea_kernels import ELoRALinear, MMEALinear
+
+from helpers import naive_gate_of_column
+
+IN = "3x0e+2x0e+2x1o+1x2e+1x0o"
+OUT = "4x0e+3x1o+2x2e+2x0o+1x1e"
+
+
+def make_linear(irreps_in=IN, irreps_out=OUT, seed=0):
+    torch.manual_seed(seed)
+    return o3.Linear(o3.Irreps(irreps_in), o3.Irreps(irreps_out)).double()
+
+
+def randomise(module, std=0.5, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if not n.startswith("base."):
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+
+
+def mmea_by_hand(lin, ad, x, phi="exp"):
+    """y' from DEVELOPERS.md: z = SiLU(W_down x0 + b_down), γ = W_up z + b_up (column by column)."""
+    y = lin(x)
+    in_owner, _ = naive_gate_of_column(IN, "mul_ir")
+    out_owner, G = naive_gate_of_column(OUT, "mul_ir")
+    x0 = x[:, [c for c, g in enumerate(in_owner) if g < 0]]
+    z = torch.nn.functional.silu(x0 @ ad.mmea_down.weight.T + ad.mmea_down.bias)
+    gamma = z @ ad.mmea_up.weight.T + ad.mmea_up.bias
+    n_add = sum(1 for g in out_owner if g < 0)
+    cols, j = [], 0
+    for c, g in enumerate(out_owner):
+        if g < 0:
+            cols.append(y[:, c] + gamma[:, j])
+            j += 1
+        else:
+            lg = gamma[:, n_add + g]
+            cols.append(y[:, c] * (torch.exp(lg) if phi == "exp" else 1 + lg))
+    return torch.stack(cols, dim=1)
+
+
+@pytest.mark.parametrize("phi", ["exp", "residual"])
+def test_mmea_matches_equations(phi):
+    lin = make_linear()
+    ad = MMEALinear(lin, rank=5, phi=phi)
+    assert ad.base is lin and ad.mmea_down.in_features == 5  # both 0e blocks feed the gate net
+    assert ad.num_additive == 4 and ad.num_gates == 3 + 2 + 2 + 1
+    x = torch.randn(6, o3.Irreps(IN).dim, dtype=torch.float64)
+    torch.testing.assert_close(ad(x), lin(x), rtol=0, atol=0)  # identity at init, bit for bit
+    randomise(ad)
+    torch.testing.assert_close(ad(x), mmea_by_hand(lin, ad, x, phi), rtol=1e-13, atol=1e-13)
+    assert (ad(x) - lin(x)).abs().max() > 1e-2
+
+
+def test_mmea_gradients_and_double_backward_against_hand_version():
+    lin = make_linear()
+    ad = MMEALinear(lin, rank=4)
+    randomise(ad)
+    x = torch.randn(5, o3.Irreps(IN).dim, dtype=torch.float64, requires_grad=True)
+    params = [p for n, p in ad.named_parameters() if not n.startswith("base.")]
+
+    def grads(fn):
+        y = fn(x)
+        (gx,) = torch.autograd.grad((y ** 3).sum(), x, create_graph=True)
+        return torch.autograd.grad((gx ** 2).sum(), [x] + params)
+
+    for a, b in zip(grads(ad), grads(lambda x: mmea_by_hand(lin, ad, x))):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_mmea_leading_dims():
+    lin = make_linear()
+    ad = MMEALinear(lin)
+    randomise(ad)
+    x = torch.randn(2, 3, o3.Irreps(IN).dim, dtype=torch.float64)
+    torch.testing.assert_close(ad(x), ad(x.reshape(6, -1)).reshape(2, 3, -1))
+
+
+@pytest.mark.parametrize("cls", [MMEALinear, ELoRALinear])
+def test_wrong_input_width_names_irreps(cls):
+    ad = cls(make_linear())
+    with pytest.raises(ValueError, match=r"input has shape \(3, 7\), but irreps_in 3x0e\+2x0e\+2x1o\+1x2e\+1x0o needs "
+                                         r"the last dimension to be 17"):
+        ad(torch.randn(3, 7, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("cls", [MMEALinear, ELoRALinear])
+def test_equivariant_with_random_weights(cls):
+    ad = cls(make_linear())
+    randomise(ad)
+    x = torch.randn(7, o3.Irreps(IN).dim, dtype=torch.float64)
+    assert_equivariant(ad, args_in=[x], irreps_in=[o3.Irreps(IN)], irreps_out=[o3.Irreps(OUT)],
+                       tolerance=1e-10)
+
+
+def test_static_gates_when_input_has_no_scalar():
+    lin = make_linear("2x1o+1x0o", "3x1o+1x2e+2x0e")
+    ad = MMEALinear(lin)
+    assert ad.mmea_down is None and ad.mmea_static.shape == (2 + 4,)
+    x = torch.randn(4, lin.irreps_in.dim, dtype=torch.float64)
+    torch.testing.assert_close(ad(x), lin(x), rtol=0, atol=0)
+    with torch.no_grad():
+        ad.mmea_static.copy_(torch.tensor([0.5, -1.0, 0.1, 0.2, 0.3, 0.4], dtype=torch.float64))
+    y, y0 = ad(x), lin(x)
+    e = lambda v: torch.exp(torch.tensor(v, dtype=torch.float64))  # noqa: E731
+    # columns: 3x1o -> 0..8, 1x2e -> 9..13, 2x0e -> 14, 15
+    torch.testing.assert_close(y[:, 14:16], y0[:, 14:16] + torch.tensor([0.5, -1.0], dtype=torch.float64))
+    torch.testing.assert_close(y[:, 0:3], y0[:, 0:3] * e(0.1))
+    torch.testing.assert_close(y[:, 6:9], y0[:, 6:9] * e(0.3))
+    torch.testing.assert_close(y[:, 9:14], y0[:, 9:14] * e(0.4))
+    assert_equivariant(ad, args_in=[x], irreps_in=[lin.irreps_in], irreps_out=[lin.irreps_out], tolerance=1e-10)
+
+
+def test_paper_init_random_additive_zero_gates():
+    lin = make_linear()
+    ad = MMEALinear(lin, init="paper")
+    n_add = ad.num_additive
+    assert ad.mmea_up.weight[:n_add].abs().sum() > 0
+    assert torch.all(ad.mmea_up.weight[n_add:] == 0) and torch.all(ad.mmea_up.bias[n_add:] == 0)
+    bound = 1 / ad.rank ** 0.5
+    assert ad.mmea_up.weight[:n_add].abs().max() <= bound
+    ad2 = MMEALinear(make_linear(), init="paper", init_std=1e-3)
+    assert 0 < ad2.mmea_up.weight[:n_add].std() < 1e-2
+    x = torch.randn(3, lin.irreps_in.dim, dtype=torch.float64)
+    gates_only = ad(x) - lin(x)
+    assert gates_only[:, n_add:].abs().max() == 0  # gates start at exactly 1
+    assert gates_only[:, :n_add].abs().max() > 0
+
+
+def test_bad_options():
+    lin = make_linear()
+    with pytest.raises(ValueError, match="unknown phi 'tanh'"):
+        MMEALinear(lin, phi="tanh")
+    with pytest.raises(ValueError, match="unknown init 'zeros'"):
+        MMEALinear(lin, init="zeros")
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        MMEALinear(lin, rank=0)
+    with pytest.raises(TypeError, match="adapters wrap e3nn o3.Linear layers; got torch.nn.modules.linear.Linear"):
+        MMEALinear(torch.nn.Linear(3, 3))
+
+
+# ----------------------------------------------------------------------------- ELoRA
+def test_elora_matches_merged_linear_and_merges_exactly():
+    lin = make_linear()
+    ad = ELoRALinear(lin, rank=3, alpha=6.0)
+    assert len(ad.elora_A) == len(lin.instructions)
+    x = torch.randn(5, lin.irreps_in.dim, dtype=torch.float64)
+    y0 = lin(x)
+    torch.testing.assert_close(ad(x), y0, rtol=0, atol=0)  # B = 0 at start
+    randomise(ad)
+    # ΔW per instruction written out: W_i + (α/r) A_i B_i
+    blocks, off = [], 0
+    for ins, A, B in zip(lin.instructions, ad.elora_A, ad.elora_B):
+        n = ins.path_shape[0] * ins.path_shape[1]
+        blocks.append((lin.weight[off:off + n].reshape(ins.path_shape) + 2.0 * A @ B).reshape(-1))
+        off += n
+    ref = o3.Linear(lin.irreps_in, lin.irreps_out).double()
+    with torch.no_grad():
+        ref.weight.copy_(torch.cat(blocks))
+        ref.bias.copy_(lin.bias)
+    y = ad(x)
+    torch.testing.assert_close(y, ref(x), rtol=1e-12, atol=1e-12)
+    assert (y - y0).abs().max() > 1e-2
+    merged = ad.merge()
+    assert merged is lin
+    torch.testing.assert_close(merged(x), y, rtol=1e-12, atol=1e-12)
+
+
+def test_elora_parameter_count_per_instruction():
+    lin = make_linear()
+    ad = ELoRALinear(lin, rank=4)
+    expect = sum(4 * (ins.path_shape[0] + ins.path_shape[1]) for ins in lin.instructions)
+    assert sum(p.numel() for p in ad.adapter_parameters()) == expect
