@@ -20,6 +20,8 @@ __all__ = [
 
 FORMAT = "mmea_kernels.adapter/1"
 _SAVED_GRAD_FLAGS = "_mmea_saved_requires_grad"
+# options that change what the saved weights compute (they must agree when loading into adapters)
+_SHAPING = {"mmea": ("rank", "phi"), "elora": ("rank", "alpha")}
 
 Patterns = Union[None, str, Sequence[str]]
 
@@ -196,12 +198,15 @@ def load_adapter_state_dict(model: nn.Module, adapter_state: dict, **options) ->
         if set(existing) != set(targets):
             raise ValueError(f"model already has adapters on {sorted(set(existing) ^ set(targets))} that differ "
                              "from the saved ones; unload(model) first")
-        first = next(iter(existing.values()))
-        if first.method != method or first.adapter_options().get("rank") != saved_opts.get("rank"):
-            raise ValueError(f"model has {first.method} adapters {first.adapter_options()}, "
-                             f"the state holds {method} {saved_opts}")
+        for n, m in existing.items():
+            have = m.adapter_options()
+            if m.method != method or any(have.get(k) != v for k, v in saved_opts.items() if k in _SHAPING[method]):
+                raise ValueError(f"module {n!r} has {m.method} adapters {have}, the state holds {method} {saved_opts}")
     else:
         rank = saved_opts.pop("rank")
+        bad = sorted(set(options) - {"backend"})
+        if bad:
+            raise ValueError(f"only 'backend' can be chosen when loading adapters; {bad} come from the saved state")
         saved_opts.update(options)
         inject_adapters(model, method=method, rank=rank, target_modules=list(targets), **saved_opts)
     mods = adapted_modules(model)

@@ -109,7 +109,7 @@ def test_save_load_round_trip(tmp_path, method):
     torch.save(state, tmp_path / "adapter.pt")
 
     fresh, _ = model_and_input()  # same seed: same base weights
-    rep = mk.load_adapter_state_dict(fresh, torch.load(tmp_path / "adapter.pt"))
+    rep = mk.load_adapter_state_dict(fresh, torch.load(tmp_path / "adapter.pt", weights_only=True))
     assert rep.method == method and len(rep.modules) == 3
     torch.testing.assert_close(fresh(x), y, rtol=0, atol=0)
 
@@ -161,3 +161,14 @@ def test_merge_and_unload():
     with pytest.raises(RuntimeError, match="MMEA adapters cannot be merged"):
         mk.merge_and_unload(m2)
     assert mk.adapted_modules(m2)  # nothing was removed
+
+
+def test_load_only_lets_backend_be_chosen():
+    m, x = model_and_input()
+    mk.inject_adapters(m, phi="residual")
+    state = mk.adapter_state_dict(m)
+    with pytest.raises(ValueError, match=r"only 'backend' can be chosen when loading adapters; \['phi'\]"):
+        mk.load_adapter_state_dict(model_and_input()[0], state, phi="exp")
+    fresh, _ = model_and_input()
+    mk.load_adapter_state_dict(fresh, state, backend="torch")
+    assert all(a.backend == "torch" and a.phi == "residual" for a in mk.adapted_modules(fresh).values())
