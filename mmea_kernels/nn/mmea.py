@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops import gate_mul, layout_tables
+from ..ops import gate_mul
 from .common import AdapterLinear
 
 __all__ = ["MMEALinear"]
@@ -52,6 +52,11 @@ class MMEALinear(AdapterLinear):
         self.num_gates = self.out_layout.num_gates
         fk = self._factory()
         n_out = self.num_additive + self.num_gates
+        # index buffers (not saved in state_dict; they follow .to(device))
+        self.register_buffer("in_scalar_columns", torch.tensor(self.in_layout.scalar_columns, dtype=torch.long,
+                                                                device=fk["device"]), persistent=False)
+        self.register_buffer("out_scalar_columns", torch.tensor(self.out_layout.scalar_columns, dtype=torch.long,
+                                                                 device=fk["device"]), persistent=False)
         if self.num_scalars_in > 0:
             self.mmea_down = nn.Linear(self.num_scalars_in, rank, **fk)
             self.mmea_up = nn.Linear(rank, n_out, **fk)
@@ -91,8 +96,7 @@ class MMEALinear(AdapterLinear):
             gamma = self.mmea_static
             add, logits = gamma[: self.num_additive], gamma[self.num_additive:]
         else:
-            cols = layout_tables(self.in_layout, x.device).scalar_columns
-            x0 = x.index_select(-1, cols)
+            x0 = x.index_select(-1, self.in_scalar_columns)
             gamma = self.mmea_up(torch.nn.functional.silu(self.mmea_down(x0)))
             add, logits = gamma[..., : self.num_additive], gamma[..., self.num_additive:]
         gates = torch.exp(logits) if self.phi == "exp" else 1.0 + logits
@@ -108,10 +112,9 @@ class MMEALinear(AdapterLinear):
         add, gates = self.gate_parameters(x2)
         y2 = gate_mul(y.reshape(-1, D), gates, self.out_layout, backend=self.backend)
         if self.num_additive > 0:
-            cols = layout_tables(self.out_layout, y.device).scalar_columns
             if add.dim() == 1:
                 add = add.expand(y2.shape[0], self.num_additive)
-            y2 = torch.index_add(y2, 1, cols, add)
+            y2 = torch.index_add(y2, 1, self.out_scalar_columns, add)
         return y2.reshape(y.shape)
 
     def merge(self) -> nn.Module:
