@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..ops import gate_mul
+from ..ops.backends import resolve_backend
 from .common import AdapterLinear
 
 __all__ = ["MMEALinear"]
@@ -90,28 +91,52 @@ class MMEALinear(AdapterLinear):
     def adapter_options(self) -> dict:
         return {"rank": self.rank, "phi": self.phi, "init": self.init, "init_std": self.init_std}
 
-    def gate_parameters(self, x: torch.Tensor):
-        """(additive ``[N, S_out]``, gates ``[N, G]`` or shared ``[G]``) for flattened input rows."""
+    def gamma(self, x: torch.Tensor):
+        """(additive ``[N, S_out]``, gate logits ``[N, G]``), or shared ``[S_out]``, ``[G]`` for a layer
+        without 0e input, for flattened input rows ``x``."""
         if self.mmea_up is None:
             gamma = self.mmea_static
-            add, logits = gamma[: self.num_additive], gamma[self.num_additive:]
         else:
             x0 = x.index_select(-1, self.in_scalar_columns)
             gamma = self.mmea_up(torch.nn.functional.silu(self.mmea_down(x0)))
-            add, logits = gamma[..., : self.num_additive], gamma[..., self.num_additive:]
-        gates = torch.exp(logits) if self.phi == "exp" else 1.0 + logits
-        return add, gates
+        return gamma[..., : self.num_additive], gamma[..., self.num_additive:]
+
+    def gate_parameters(self, x: torch.Tensor):
+        """(additive terms, gates ``φ(γ_gate)``) for flattened input rows ``x``."""
+        add, logits = self.gamma(x)
+        return add, (torch.exp(logits) if self.phi == "exp" else 1.0 + logits)
+
+    def _fused_spec(self, x: torch.Tensor, args, kwargs):
+        """The LinearSpec when the fused Triton linear+gate kernel should run, else None."""
+        if args or kwargs or torch.compiler.is_compiling() or resolve_backend(self.backend, x.device).name != "triton":
+            return None
+        spec = getattr(self, "_spec", None)
+        if spec is None:
+            from ..ops.linear_spec import LinearSpec
+            try:
+                spec = LinearSpec.from_e3nn(self.base)
+            except (TypeError, ValueError):
+                spec = False  # a layer the fused kernel does not cover: keep the unfused path
+            self._spec = spec
+        return spec or None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.check_input(x)
-        y = self.base(x, *args, **kwargs)
         if not self.adapter_enabled:
-            return y
-        D = self.out_layout.dim
+            return self.base(x, *args, **kwargs)
         x2 = x.reshape(-1, self.in_layout.dim)
         add, gates = self.gate_parameters(x2)
+        add = add if self.num_additive > 0 else None
+        spec = self._fused_spec(x, args, kwargs)
+        if spec is not None:  # one kernel: linear with the gate and additive terms in its epilogue
+            from ..ops.gated_linear import gated_linear
+            bias = self.base.bias if getattr(self.base, "bias", None) is not None and self.base.bias.numel() else None
+            y2 = gated_linear(x2, self.base.weight, bias, gates, add, spec, backend="triton")
+            return y2.reshape(x.shape[:-1] + (self.out_layout.dim,))
+        y = self.base(x, *args, **kwargs)
+        D = self.out_layout.dim
         y2 = gate_mul(y.reshape(-1, D), gates, self.out_layout, backend=self.backend)
-        if self.num_additive > 0:
+        if add is not None:
             if add.dim() == 1:
                 add = add.expand(y2.shape[0], self.num_additive)
             y2 = torch.index_add(y2, 1, self.out_scalar_columns, add)

@@ -1,0 +1,305 @@
+"""Fused equivariant linear + MMEA gate (``mmea_kernels.ops.gated_linear``): parity with
+``e3nn.o3.Linear`` followed by an explicit gate (built from the irreps definition, not from
+IrrepsLayout), both layouts, both backends; poisoned output buffers; gradcheck and gradgradcheck
+of the triton path (the closed autograd) in x, weight, bias, gates and additive.
+
+The triton kernels run on CPU tensors through the interpreter: TRITON_INTERPRET must be set
+before anything below is imported.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+from e3nn import o3  # noqa: E402
+from hypothesis import example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from mmea_kernels.layout import parse_irreps  # noqa: E402
+from mmea_kernels.ops.gated_linear import (_core, gated_linear, gated_linear_reference,  # noqa: E402
+                                           triton_status)
+from mmea_kernels.ops.linear_spec import LinearSpec  # noqa: E402
+
+from helpers import naive_gate_of_column  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("these tests run the triton backend on CPU tensors (TRITON_INTERPRET=1)",
+                allow_module_level=True)
+_ok, _why = triton_status("cpu")
+if not _ok:
+    pytest.skip(_why, allow_module_level=True)
+
+BACKENDS = ("triton", "torch")
+
+
+# ---------------------------------------------------------------------------- helpers
+def to_ir_mul_index(irreps: str):
+    """``idx`` with ``x_ir_mul = x_mul_ir[..., idx]`` (written from the layout definitions)."""
+    idx, off = [], 0
+    for mul, l, _ in parse_irreps(irreps):
+        d = 2 * l + 1
+        idx += [off + u * d + m for m in range(d) for u in range(mul)]
+        off += mul * d
+    return torch.tensor(idx, dtype=torch.long)
+
+
+def explicit_gate(y, gates, additive, irreps_out):
+    """``y`` (mul_ir) with every gated column scaled and the additive put on the 0e columns."""
+    owner, G = naive_gate_of_column(irreps_out, "mul_ir")
+    out = y.clone()
+    s = 0
+    for c, g in enumerate(owner):
+        if g >= 0:
+            if gates is not None:
+                out[..., c] = out[..., c] * (gates[g] if gates.dim() == 1 else gates[..., g])
+        else:
+            if additive is not None:
+                out[..., c] = out[..., c] + (additive[s] if additive.dim() == 1 else additive[..., s])
+            s += 1
+    return out
+
+
+def counts(irreps: str):
+    owner, G = naive_gate_of_column(irreps, "mul_ir")
+    return G, sum(1 for g in owner if g < 0)
+
+
+def make_inputs(irr_in, irr_out, n, dtype, gate_mode, add_mode, bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    lin = o3.Linear(irr_in, irr_out, biases=bias).to(dtype)
+    if lin.bias.numel() > 0:
+        with torch.no_grad():
+            lin.bias.copy_(torch.randn(lin.bias.shape, generator=gen, dtype=dtype))
+    G, S = counts(irr_out)
+    x = torch.randn(n, o3.Irreps(irr_in).dim, generator=gen, dtype=dtype)
+    gates = {None: None, "row": lambda: torch.rand(n, G, generator=gen, dtype=dtype) + 0.5,
+             "shared": lambda: torch.rand(G, generator=gen, dtype=dtype) + 0.5}[gate_mode]
+    gates = gates() if callable(gates) else gates
+    add = {None: None, "row": lambda: torch.randn(n, S, generator=gen, dtype=dtype),
+           "shared": lambda: torch.randn(S, generator=gen, dtype=dtype)}[add_mode]
+    add = add() if callable(add) else add
+    return lin, x, gates, add
+
+
+def check_parity(irr_in, irr_out, layout, n, dtype, gate_mode, add_mode, bias, seed, rtol):
+    lin, x, gates, add = make_inputs(irr_in, irr_out, n, dtype, gate_mode, add_mode, bias, seed)
+    with torch.no_grad():
+        ref = explicit_gate(lin(x), gates, add, irr_out)
+    spec = LinearSpec.from_e3nn(lin, layout)
+    b = lin.bias if lin.bias.numel() > 0 else None
+    i_in, i_out = to_ir_mul_index(irr_in), to_ir_mul_index(irr_out)
+    x_l = x if layout == "mul_ir" else x[:, i_in].contiguous()
+    scale = max(ref.abs().max().item(), 1.0) if ref.numel() else 1.0
+    for backend in BACKENDS:
+        with torch.no_grad():
+            y = gated_linear(x_l, lin.weight, b, gates, add, spec, backend=backend)
+            poisoned = torch.full_like(y, float("nan"))
+            y_out = gated_linear(x_l, lin.weight, b, gates, add, spec, backend=backend, out=poisoned)
+        assert y_out is poisoned
+        for yy in (y, y_out):
+            if layout == "ir_mul":
+                back = torch.empty_like(yy)
+                back[:, i_out] = yy
+                yy = back
+            assert yy.shape == ref.shape and yy.dtype == dtype
+            assert not torch.isnan(yy).any(), f"{backend}: unwritten output elements"
+            err = (yy - ref).abs().max().item() if ref.numel() else 0.0
+            assert err <= rtol * scale, f"{backend} {layout}: error {err:.3e} (scale {scale:.3e})"
+
+
+# ---------------------------------------------------------------------------- spec
+def test_spec_from_e3nn_and_cache():
+    lin = o3.Linear("2x0e+2x0e+2x1o", "3x0e+1x1o+1x0o", biases=True)
+    spec = LinearSpec.from_e3nn(lin)
+    assert spec is LinearSpec.from_e3nn(o3.Linear("2x0e+2x0e+2x1o", "3x0e+1x1o+1x0o", biases=True))
+    assert spec.weight_numel == lin.weight_numel == 2 * 3 + 2 * 3 + 2 * 1
+    assert spec.bias_numel == lin.bias_numel == 3
+    assert [(i.i_in, i.i_out, i.weight_offset) for i in spec.instructions] == [(0, 0, 0), (1, 0, 6), (2, 1, 12)]
+    assert all(abs(i.path_weight - 4 ** -0.5) < 1e-15 for i in spec.instructions[:2])
+    assert spec == LinearSpec.e3nn_default("2x0e+2x0e+2x1o", "3x0e+1x1o+1x0o", biases=True)
+    t = spec.transposed
+    assert (t.dim_in, t.dim_out, t.weight_numel, t.bias_numel) == (spec.dim_out, spec.dim_in, spec.weight_numel, 0)
+    assert t is spec.transposed
+    assert spec.with_layout("ir_mul").layout == "ir_mul"
+    with pytest.raises(ValueError):
+        LinearSpec("1x0e", "1x1o", [(0, 0, 1, 1, 1.0)])
+    with pytest.raises(ValueError):
+        LinearSpec("1x1o", "1x1o", [(0, 0, 1, 1, 1.0)], biases=[True])
+
+
+# ---------------------------------------------------------------------------- parity
+FIXED = [
+    # unsimplified irreps, several instructions into one output block, biases
+    ("2x0e+2x0e+2x1o", "3x0e+2x1o", "mul_ir", "row", "row", True),
+    ("2x0e+2x0e+2x1o", "3x0e+2x1o", "ir_mul", "shared", "shared", True),
+    # 0o and 1e blocks, odd multiplicities, an output block no instruction feeds (1x2e)
+    ("3x0o+1x1e+1x0e+3x1e", "1x0o+3x1e+1x2e+5x0e", "ir_mul", "row", None, False),
+    # outputs without a 0e block (additive has 0 channels)
+    ("1x0e+3x1o+1x2e", "3x1o+1x2e+1x0o", "mul_ir", "row", "row", False),
+    # multiplicities above one tile (> 16 channels), no gate
+    ("20x0e+17x1o", "18x0e+19x1o", "ir_mul", None, "row", True),
+]
+
+
+@pytest.mark.parametrize("irr_in,irr_out,layout,gate_mode,add_mode,bias", FIXED)
+def test_parity_fixed_float64(irr_in, irr_out, layout, gate_mode, add_mode, bias):
+    check_parity(irr_in, irr_out, layout, 21, torch.float64, gate_mode, add_mode, bias, 0, 1e-12)
+
+
+@pytest.mark.parametrize("irr_in,irr_out,layout,gate_mode,add_mode,bias", FIXED[:2] + FIXED[4:])
+def test_parity_fixed_float32(irr_in, irr_out, layout, gate_mode, add_mode, bias):
+    check_parity(irr_in, irr_out, layout, 9, torch.float32, gate_mode, add_mode, bias, 1, 1e-5)
+
+
+block_st = st.tuples(st.sampled_from([0, 1, 2, 3, 5]), st.integers(0, 2), st.sampled_from(["e", "o"]))
+
+
+def _irreps(blocks):
+    return "+".join(f"{m}x{l}{p}" for m, l, p in blocks)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    blocks_in=st.lists(block_st, min_size=1, max_size=4),
+    blocks_out=st.lists(block_st, min_size=1, max_size=4),
+    layout=st.sampled_from(["mul_ir", "ir_mul"]),
+    n=st.integers(1, 19),
+    gate_mode=st.sampled_from([None, "row", "shared"]),
+    add_mode=st.sampled_from([None, "row", "shared"]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+@example(blocks_in=[(2, 0, "e"), (2, 0, "e"), (2, 1, "o")], blocks_out=[(1, 1, "o"), (3, 0, "e"), (1, 0, "o")],
+         layout="ir_mul", n=5, gate_mode="shared", add_mode="row", bias=True, seed=3)
+@example(blocks_in=[(0, 1, "o"), (1, 1, "e"), (3, 0, "o")], blocks_out=[(3, 1, "e"), (0, 0, "e"), (1, 0, "o")],
+         layout="mul_ir", n=1, gate_mode="row", add_mode="shared", bias=True, seed=4)
+def test_parity_random_irreps(blocks_in, blocks_out, layout, n, gate_mode, add_mode, bias, seed):
+    if sum(m for m, _, _ in blocks_in) == 0 or sum(m for m, _, _ in blocks_out) == 0:
+        blocks_in, blocks_out = blocks_in + [(1, 0, "e")], blocks_out + [(1, 0, "e")]
+    if not any(m > 0 and l == 0 and p == "e" for m, l, p in blocks_in):
+        bias = False  # e3nn's Linear cannot build a bias-only output block (its codegen fails)
+    check_parity(_irreps(blocks_in), _irreps(blocks_out), layout, n, torch.float64, gate_mode, add_mode,
+                 bias, seed, 1e-12)
+
+
+def test_leading_dims_and_noncontiguous_input():
+    lin, x, gates, add = make_inputs("2x0e+1x1o", "1x0e+2x1o", 6, torch.float64, "row", "row", False, 5)
+    spec = LinearSpec.from_e3nn(lin)
+    wide = torch.randn(6, 2 * x.shape[1], dtype=torch.float64)
+    wide[:, ::2] = x
+    xs = wide[:, ::2]  # non-contiguous view
+    y = gated_linear(xs.reshape(2, 3, -1), lin.weight, None, gates.reshape(2, 3, -1), add.reshape(2, 3, -1), spec,
+                     backend="triton")
+    ref = gated_linear_reference(x, lin.weight, None, gates, add, spec)
+    assert y.shape == (2, 3, spec.dim_out)
+    torch.testing.assert_close(y.reshape(6, -1), ref, rtol=1e-13, atol=1e-13)
+
+
+# ---------------------------------------------------------------------------- autograd
+GRAD_CASES = [
+    # (irreps_in, irreps_out, layout, shared gates/additive)
+    ("2x0e+1x0e+1x1o", "2x0e+2x1o+1x0o", "mul_ir", False),
+    ("2x0e+1x0e+1x1o", "2x0e+2x1o+1x0o", "ir_mul", True),
+]
+
+
+def _grad_inputs(irr_in, irr_out, layout, shared, n=2, seed=7):
+    lin, x, gates, add = make_inputs(irr_in, irr_out, n, torch.float64, "shared" if shared else "row",
+                                     "shared" if shared else "row", True, seed)
+    spec = LinearSpec.from_e3nn(lin, layout)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, lin.weight, lin.bias, gates, add)]
+    return spec, leaves
+
+
+@pytest.mark.parametrize("irr_in,irr_out,layout,shared", GRAD_CASES)
+def test_gradcheck_gradgradcheck_triton(irr_in, irr_out, layout, shared):
+    spec, (x, w, b, g, a) = _grad_inputs(irr_in, irr_out, layout, shared)
+
+    def f(x, w, b, g, a):
+        return gated_linear(x, w, b, g, a, spec, backend="triton")
+
+    assert torch.autograd.gradcheck(f, (x, w, b, g, a))
+    assert torch.autograd.gradgradcheck(f, (x, w, b, g, a))
+
+
+def test_gradients_match_torch_reference():
+    spec, leaves = _grad_inputs("2x0e+1x0e+2x1o+1x2e", "3x0e+2x1o+1x2e+1x1e", "ir_mul", False, n=4, seed=11)
+    outs = []
+    for backend in BACKENDS:
+        y = gated_linear(*leaves, spec, backend=backend)
+        g1 = torch.autograd.grad(y.sin().sum(), leaves, create_graph=True)
+        g2 = torch.autograd.grad(sum((t * t).sum() for t in g1), leaves)  # force-training pattern
+        outs.append(g1 + g2)
+    for p, q in zip(*outs):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def test_core_pre_and_post_gates_gradgradcheck():
+    """The generalised op (prologue + epilogue gates) that the backward is made of."""
+    spec = LinearSpec.e3nn_default("1x0e+2x1o", "1x0e+1x1o+1x0o")
+    gen = torch.Generator().manual_seed(2)
+    n = 2
+    mk = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_()  # noqa: E731
+    x, w = mk(n, spec.dim_in), mk(spec.weight_numel)
+    gp, gq = mk(n, spec.in_layout.num_gates), mk(spec.out_layout.num_gates)
+
+    def f(x, w, gp, gq):
+        return _core(x, w, None, gp, gq, None, spec)
+
+    assert torch.autograd.gradcheck(f, (x, w, gp, gq))
+    assert torch.autograd.gradgradcheck(f, (x, w, gp, gq))
+
+
+def test_frozen_weight_force_training_pattern():
+    """MMEA on a frozen base: forces = -dE/dx with create_graph, then the loss on the forces
+    back to the gates and additive (the weight never gets a gradient)."""
+    spec, (x, w, b, g, a) = _grad_inputs("2x0e+1x1o+1x2e", "1x0e+2x1o+1x2e", "ir_mul", False, n=3)
+    w.requires_grad_(False)
+    b.requires_grad_(False)
+    res = []
+    for backend in BACKENDS:
+        y = gated_linear(x, w, b, g, a, spec, backend=backend)
+        (fx,) = torch.autograd.grad(y.tanh().sum(), (x,), create_graph=True)
+        res.append((fx,) + torch.autograd.grad((fx * fx).sum(), (g, a)))
+    for p, q in zip(*res):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+def test_half_precision(dtype, tol):
+    spec, leaves = _grad_inputs("4x0e+3x1o+2x2e", "5x0e+2x1o+2x2e", "ir_mul", False, n=7, seed=3)
+    ref = gated_linear_reference(*leaves, spec)
+    gref = torch.autograd.grad(ref.square().sum(), leaves)
+    half = [t.detach().to(dtype).requires_grad_() for t in leaves]
+    y = gated_linear(*half, spec, backend="triton")
+    assert y.dtype == dtype
+    gh = torch.autograd.grad(y.float().square().sum(), half)
+    for p, q in zip((y,) + gh, (ref,) + gref):
+        err = (p.double() - q).abs().max() / q.abs().max().clamp_min(1.0)
+        assert err < tol, err
+
+
+# ---------------------------------------------------------------------------- errors
+def test_bad_inputs():
+    lin = o3.Linear("1x0e+1x1o", "1x0e+1x1o").double()
+    spec = LinearSpec.from_e3nn(lin)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="last dimension"):
+        gated_linear(x[:, :3], lin.weight, None, None, None, spec)
+    with pytest.raises(ValueError, match="weight"):
+        gated_linear(x, lin.weight[:1], None, None, None, spec)
+    with pytest.raises(TypeError, match="dtype"):
+        gated_linear(x.float(), lin.weight, None, None, None, spec)
+    with pytest.raises(ValueError, match="gates"):
+        gated_linear(x, lin.weight, None, torch.ones(3, 2, dtype=torch.float64), None, spec)
+    with pytest.raises(ValueError, match="bias"):
+        gated_linear(x, lin.weight, torch.ones(1, dtype=torch.float64), None, None, spec)
+    with pytest.raises(ValueError, match="unknown backend"):
+        gated_linear(x, lin.weight, None, None, None, spec, backend="cuda")
+    with pytest.raises(RuntimeError, match="automatic differentiation"):
+        gated_linear(x.requires_grad_(), lin.weight, None, None, None, spec, out=torch.empty(3, 4, dtype=torch.float64))
