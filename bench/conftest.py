@@ -1,0 +1,66 @@
+"""Benchmark plumbing: every benchmark adds a row (op, provider, mode, size, median, p20, p80,
+device, date); at the end the rows go to bench/results/<device>-<date>.json and an overhead
+table (each provider against the base linear of the same size, same run) is printed."""
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+
+import pytest
+import torch
+
+ROWS = []
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0).replace(" ", "-")
+    return f"cpu-{os.cpu_count()}core-{platform.machine()}"
+
+
+def _quantile(xs, q):
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+@pytest.fixture
+def record(benchmark):
+    """``record(op, provider, mode, size)`` after ``benchmark.pedantic(...)`` stores the row."""
+
+    def _record(op, provider, mode, size, **extra):
+        data = benchmark.stats.stats.data
+        ROWS.append({
+            "op": op, "provider": provider, "mode": mode, "size": size,
+            "median_ms": 1e3 * statistics.median(data), "p20_ms": 1e3 * _quantile(data, 0.2),
+            "p80_ms": 1e3 * _quantile(data, 0.8), "rounds": len(data), "device": device_name(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), **extra,
+        })
+
+    return _record
+
+
+def overhead_table(rows):
+    base = {(r["op"], r["mode"], r["size"]): r["median_ms"] for r in rows if r["provider"] == "base"}
+    lines = [f"{'op':<16}{'size':<44}{'mode':<8}{'provider':<11}{'median ms':>11}{'overhead':>10}"]
+    for r in rows:
+        b = base.get((r["op"], r["mode"], r["size"]))
+        ov = "" if b is None or r["provider"] == "base" else f"{100 * (r['median_ms'] / b - 1):+.0f} %"
+        lines.append(f"{r['op']:<16}{r['size']:<44}{r['mode']:<8}{r['provider']:<11}{r['median_ms']:>11.2f}{ov:>10}")
+    return "\n".join(lines)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not ROWS:
+        return
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{device_name()}-{datetime.date.today().isoformat()}.json"
+    path.write_text(json.dumps(ROWS, indent=1))
+    table = overhead_table(ROWS)
+    (path.with_suffix(".txt")).write_text(table + "\n")
+    print("\n" + table + f"\n\nrows written to {path}")
