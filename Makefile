@@ -14,4 +14,4 @@ demo: install
 	$(PY) -m mmea_kernels demo
 
 bench: install
-	$(PY) -m pytest -q bench --benchmark-only
+	$(PY) -m pytest -q -p no:cacheprovider bench --benchmark-only -o testpaths=bench -s

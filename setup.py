@@ -1,9 +1,127 @@
 """mmea_kernels: magnitude-modulated equivariant adapters (MMEA) with fused gate kernels.
 
-Install with torch pinned in the same command (see scripts/install.sh); the C++/CUDA
-extensions of csrc/ are optional and never break installation.
+Install with torch pinned and without build isolation (see scripts/install.sh), so that the
+optional extension ``mmea_kernels._C`` is compiled against the torch that will run it:
+
+    pip install --no-build-isolation -e .
+
+The extension holds the C++/OpenMP CPU kernels of csrc/gate_ops.cpp, plus the CUDA kernels of
+csrc/gate_ops_cuda.cu when torch is a CUDA build and nvcc is found. It is optional: without a
+compiler, without torch at build time, with ``MMEA_NO_EXT=1``, or when compilation fails, the
+package installs without it (with a warning) and the ``cpp`` backend reports itself unavailable.
 """
+import os
+import sys
+import traceback
+
 from setuptools import find_packages, setup
+from setuptools.command.build_ext import build_ext as _setuptools_build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXT_NAME = "mmea_kernels._C"
+HOW_TO_BUILD = "pip install --no-build-isolation -e ."
+
+
+def _warn(msg: str) -> None:
+    bar = "*" * 78
+    print(f"\n{bar}\nWARNING (mmea_kernels): {msg}\n{bar}\n", file=sys.stderr, flush=True)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _make_build_ext(base):
+    """A build_ext whose failure is a warning: the package then installs without the extension."""
+
+    class OptionalBuildExt(base):
+        def finalize_options(self):
+            super().finalize_options()
+            # A persistent build directory inside the project (ignored by git) lets ninja rebuild
+            # only what changed when pip reinstalls the package (pip uses a fresh temp dir).
+            if not _env_flag("MMEA_FRESH_BUILD"):
+                self.build_temp = os.path.join(HERE, "build", "mmea_ext_temp")
+
+        def run(self):
+            if not self.extensions:
+                return
+            try:
+                super().run()
+            except BaseException as exc:  # noqa: BLE001 - compiler errors come in many types
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                self._skip(exc)
+
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except BaseException as exc:  # noqa: BLE001
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                self._skip(exc)
+
+        def _skip(self, exc):
+            traceback.print_exc()
+            _warn(
+                f"building the C++/CUDA extension {EXT_NAME} failed ({type(exc).__name__}: {exc}).\n"
+                "mmea_kernels is installed without it: the 'cpp' backend is unavailable and the torch "
+                "(and triton) backends are used instead.\nFix the error above and rebuild with "
+                f"`{HOW_TO_BUILD}` (or `python setup.py build_ext --inplace`)."
+            )
+            # Nothing to copy into the source tree or to put into the (editable) wheel.
+            self.extensions = []
+
+    return OptionalBuildExt
+
+
+def _extensions():
+    """(ext_modules, build_ext class)."""
+    if _env_flag("MMEA_NO_EXT"):
+        print("mmea_kernels: MMEA_NO_EXT is set, not building the C++/CUDA extension", file=sys.stderr)
+        return [], _setuptools_build_ext
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as exc:  # noqa: BLE001
+        _warn(
+            f"torch cannot be imported at build time ({exc}), so the C++/CUDA extension {EXT_NAME} is "
+            "not built. Install torch first, then this package without build isolation: "
+            f"`{HOW_TO_BUILD}` (pip's build isolation would build against another torch)."
+        )
+        return [], _setuptools_build_ext
+
+    cxx_flags = ["-O3", "-fopenmp"]
+    link_flags = ["-fopenmp"]
+    sources = ["csrc/gate_ops.cpp"]
+    nvcc = None
+    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
+        cand = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+        if os.path.exists(cand):
+            nvcc = cand
+    if nvcc is not None and not _env_flag("MMEA_NO_CUDA_EXT"):
+        print(f"mmea_kernels: building {EXT_NAME} with CUDA kernels (nvcc: {nvcc}, torch CUDA "
+              f"{torch.version.cuda})", file=sys.stderr)
+        ext = cpp_extension.CUDAExtension(
+            EXT_NAME,
+            sources + ["csrc/gate_ops_cuda.cu"],
+            define_macros=[("MMEA_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_link_args=link_flags,
+        )
+    else:
+        why = ("torch is a CPU build" if torch.version.cuda is None
+               else "no nvcc found (set CUDA_HOME)" if nvcc is None else "MMEA_NO_CUDA_EXT is set")
+        print(f"mmea_kernels: building {EXT_NAME} with the C++ CPU kernels only ({why})", file=sys.stderr)
+        ext = cpp_extension.CppExtension(
+            EXT_NAME,
+            sources,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
+        )
+    return [ext], _make_build_ext(cpp_extension.BuildExtension.with_options(use_ninja=True))
+
+
+EXT_MODULES, BUILD_EXT = _extensions()
 
 setup(
     name="mmea_kernels",
@@ -26,5 +144,7 @@ setup(
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "triton==3.7.1",
                  "cuequivariance==0.13.0"],
     },
+    ext_modules=EXT_MODULES,
+    cmdclass={"build_ext": BUILD_EXT},
     entry_points={"console_scripts": ["mmea-kernels=mmea_kernels.cli:main"]},
 )

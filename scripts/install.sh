@@ -6,8 +6,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 MACE_VERSION=${MACE_VERSION:-0.3.16}
-$PY -m pip install -q --disable-pip-version-check "torch==${TORCH_VERSION}" -e ".[test,mace]"
+# The package is built without build isolation so that its optional C++ extension
+# (mmea_kernels._C, see setup.py) is compiled against this pinned torch, which is installed first.
+$PY -m pip install -q --disable-pip-version-check "torch==${TORCH_VERSION}" "setuptools>=64" wheel
+$PY -m pip install -q --disable-pip-version-check --no-build-isolation "torch==${TORCH_VERSION}" -e ".[test,mace]"
 # mace-torch pins e3nn==0.4.4, which does not import under torch>=2.6 without a global
 # weights_only override; it runs fine with e3nn 0.6, so it is installed without its pins.
 $PY -m pip install -q --disable-pip-version-check --no-deps "mace-torch==${MACE_VERSION}"
 $PY -c "import torch, e3nn, mace, mmea_kernels; print('installed: torch', torch.__version__, '| e3nn', e3nn.__version__, '| mmea_kernels', mmea_kernels.__version__)"
+$PY -c "from mmea_kernels.ops import backend_status; ok, why = backend_status('cpp', 'cpu'); print('C++ extension (cpp backend):', 'built' if ok else 'not available: ' + why)"

@@ -15,7 +15,7 @@ IRREPS = "2x0e+2x1o+1x0o+1x2e+1x1e"
 
 def backends():
     out = []
-    for name in ("torch", "triton"):
+    for name in ("torch", "triton", "cpp"):
         ok, why = backend_status(name, "cpu")
         out.append(pytest.param(name, marks=pytest.mark.skipif(not ok, reason=why)))
     return out
@@ -139,7 +139,7 @@ def test_dtype_and_device_mismatch():
 def test_backend_selection(monkeypatch):
     L = IrrepsLayout.of("2x0e+2x1o", "mul_ir")
     x, g = torch.randn(3, 8), torch.randn(3, 2)
-    with pytest.raises(ValueError, match=r"unknown backend 'cudnn'; expected one of \['auto', 'torch', 'triton'\]"):
+    with pytest.raises(ValueError, match=r"unknown backend 'cudnn'; expected one of \['auto', 'cpp', 'torch', 'triton'\]"):
         gate_mul(x, g, L, backend="cudnn")
     monkeypatch.setenv("MMEA_BACKEND", "nope")
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
@@ -153,3 +153,15 @@ def test_backend_selection(monkeypatch):
     # auto never fails on CPU
     monkeypatch.setenv("MMEA_BACKEND", "auto")
     torch.testing.assert_close(gate_mul(x, g, L), naive_gate_mul(x, g, "2x0e+2x1o", "mul_ir").float())
+
+
+def test_auto_prefers_cpp_on_cpu(monkeypatch):
+    """With MMEA_BACKEND unset, ``auto`` picks the compiled extension on CPU when it is built."""
+    from mmea_kernels.ops import resolve_backend
+
+    ok, why = backend_status("cpp", "cpu")
+    if not ok:
+        pytest.skip(why)
+    monkeypatch.delenv("MMEA_BACKEND", raising=False)
+    assert resolve_backend(None, "cpu").name == "cpp"
+    assert resolve_backend("auto", "cpu").name == "cpp"

@@ -1,8 +1,8 @@
 """Backend registry and selection for the gate primitives.
 
 ``backend=`` argument > ``MMEA_BACKEND`` environment variable > ``"auto"`` (triton on CUDA,
-torch elsewhere). A backend asked for by name that cannot run is an error naming the reason;
-``auto`` falls back silently.
+the compiled cpp extension on CPU when it is built, torch otherwise). A backend asked for by
+name that cannot run is an error naming the reason; ``auto`` falls back silently.
 """
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ __all__ = ["BACKENDS", "resolve_backend", "backend_status"]
 BACKENDS: Dict[str, str] = {
     "torch": "mmea_kernels.ops.torch_backend",
     "triton": "mmea_kernels.ops.triton_backend",
+    "cpp": "mmea_kernels.ops.cpp_backend",
 }
 
-_AUTO_ORDER = {"cuda": ("triton", "torch")}
+_AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}
 
 
 def _load(name: str):

@@ -1,0 +1,545 @@
+// CPU kernels of the two gate primitives of mmea_kernels, registered as torch operators
+// ``torch.ops.mmea_kernels_ext.gate_mul`` and ``torch.ops.mmea_kernels_ext.seg_dot``.
+//
+//   gate_mul(x [N,D], gates [N,G] or [G], gate_of_column int32 [D], keep_ungated) -> y [N,D]
+//       y[n,c] = x[n,c] * gates[n, gate(c)]; columns with gate(c) == -1 (0e) are copied
+//       (keep_ungated) or set to 0.
+//   seg_dot(a [N,D], b [N,D], gate_of_column int32 [D], gate_cols int32 [G,W], shared) -> [N,G] or [G]
+//       out[n,j] = sum_{c: gate(c)=j} a[n,c]*b[n,c]; shared also sums over n.
+//       gate_cols (the -1 padded column list of every gate) gives G and is what the CUDA kernel
+//       reads; the CPU kernel reads gate_of_column only.
+//
+// One pass over the features. The column -> gate table is compressed once per call (O(D)) into
+// runs of consecutive columns: kBlock runs of `count` gates with `len` columns each (mul_ir: the
+// 2l+1 columns of one multiplicity share a gate; len 1/3/5/7/9 get fully unrolled kernels),
+// kStep runs whose gate increases by one per column (ir_mul: one m-row of a block; unit-stride,
+// vectorised) and ungated runs (0e columns). Rows are split into chunks that an OpenMP
+// ``parallel for`` distributes (threads: at::get_num_threads(); serial for small inputs or inside
+// a parallel region). fp16/bf16 accumulate in fp32 (at::opmath_type); the ops accept any strides
+// (non-contiguous inputs are made contiguous first).
+//
+// * gate_mul with shared gates expands them once into a per-column scale: each row is then a
+//   single vectorised multiply. Ungated columns are copied, or set to exact zeros.
+// * seg_dot per row accumulates into a per-thread [G] buffer, in column order.
+// * shared seg_dot is deterministic and independent of the thread count: every fixed chunk of
+//   kSharedChunkRows rows sums a*b column by column (four rows per sweep, vectorised), folds the
+//   column sums into its own row of gate partials, and the partials are added in chunk order.
+//   No atomics.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace mmea {
+namespace {
+
+// Rows per chunk of the partial sums of shared seg_dot. Fixed (never derived from the thread
+// count) so that the result is bitwise reproducible across runs and thread counts.
+constexpr int64_t kSharedChunkRows = 64;
+// Below this many elements the work runs on the calling thread.
+constexpr int64_t kParallelMinElements = 1 << 15;
+
+// A run of consecutive columns with a regular column -> gate pattern.
+enum class RunKind : int { kUngated, kBlock, kStep };
+struct Run {
+  RunKind kind;
+  int64_t col;    // first column
+  int64_t len;    // kBlock: columns per gate; kStep / kUngated: number of columns
+  int64_t count;  // kBlock: number of gates (gate + i owns columns col + i*len .. col + (i+1)*len - 1)
+  int64_t gate;   // first gate (-1 for kUngated)
+  int64_t ncols() const { return kind == RunKind::kBlock ? len * count : len; }
+};
+// kBlock is the mul_ir pattern (the 2l+1 columns of one multiplicity share a gate);
+// kStep is the ir_mul pattern (one m-row of a block: column col + k has gate + k).
+
+// Compress gate_of_column (contiguous int32 on CPU) into runs, checking every entry.
+std::vector<Run> make_runs(const at::Tensor& gate_of_column, int64_t num_gates, const char* op) {
+  const int32_t* goc = gate_of_column.const_data_ptr<int32_t>();
+  const int64_t D = gate_of_column.numel();
+  // 1) maximal runs of one gate (kBlock with count 1), of gate + k (kStep) or of ungated columns
+  std::vector<Run> runs;
+  runs.reserve(64);
+  for (int64_t c = 0; c < D; ++c) {
+    const int64_t g = goc[c];
+    TORCH_CHECK(g >= -1 && g < num_gates, "mmea_kernels_ext::", op, ": gate_of_column[", c, "] = ", g,
+                " is out of range: expected -1 (ungated) or a gate index in [0, ", num_gates,
+                ") (num_gates comes from the gates / gate_cols argument)");
+    if (!runs.empty()) {
+      Run& r = runs.back();
+      if (g < 0) {
+        if (r.kind == RunKind::kUngated) {
+          ++r.len;
+          continue;
+        }
+      } else if (r.kind == RunKind::kBlock && g == r.gate) {
+        ++r.len;
+        continue;
+      } else if (r.len == 1 && g == r.gate + 1 && r.kind == RunKind::kBlock) {
+        r.kind = RunKind::kStep;
+        ++r.len;
+        continue;
+      } else if (r.kind == RunKind::kStep && g == r.gate + r.len) {
+        ++r.len;
+        continue;
+      }
+    }
+    if (g < 0) {
+      runs.push_back(Run{RunKind::kUngated, c, 1, 1, -1});
+    } else {
+      runs.push_back(Run{RunKind::kBlock, c, 1, 1, g});
+    }
+  }
+  // 2) merge consecutive one-gate runs of equal width whose gates follow each other
+  std::vector<Run> merged;
+  merged.reserve(runs.size());
+  for (const Run& r : runs) {
+    if (!merged.empty() && r.kind == RunKind::kBlock) {
+      Run& m = merged.back();
+      if (m.kind == RunKind::kBlock && m.len == r.len && r.gate == m.gate + m.count && r.col == m.col + m.ncols()) {
+        ++m.count;
+        continue;
+      }
+    }
+    merged.push_back(r);
+  }
+  return merged;
+}
+
+int num_threads_for(int64_t elements) {
+#ifdef _OPENMP
+  if (elements < kParallelMinElements || at::in_parallel_region()) return 1;
+  return std::max(1, at::get_num_threads());
+#else
+  (void)elements;
+  return 1;
+#endif
+}
+
+// ----------------------------------------------------------------------------- gate_mul
+// Columns of `count` gates with L columns each: y = x * g[i] (L a compile-time constant for the
+// common widths 2l+1, so the inner loop is fully unrolled).
+template <int L, typename scalar_t>
+inline void scale_block_fixed(const scalar_t* __restrict__ xs, const scalar_t* __restrict__ gs,
+                              scalar_t* __restrict__ ys, int64_t count) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = 0; i < count; ++i) {
+    const acc_t s = static_cast<acc_t>(gs[i]);
+#pragma GCC unroll 16
+    for (int m = 0; m < L; ++m) ys[i * L + m] = static_cast<scalar_t>(static_cast<acc_t>(xs[i * L + m]) * s);
+  }
+}
+
+template <typename scalar_t>
+inline void scale_block(const scalar_t* __restrict__ xs, const scalar_t* __restrict__ gs, scalar_t* __restrict__ ys,
+                        int64_t len, int64_t count) {
+  using acc_t = at::opmath_type<scalar_t>;
+  switch (len) {
+    case 1: {
+      for (int64_t i = 0; i < count; ++i)
+        ys[i] = static_cast<scalar_t>(static_cast<acc_t>(xs[i]) * static_cast<acc_t>(gs[i]));
+      return;
+    }
+    case 3: return scale_block_fixed<3>(xs, gs, ys, count);
+    case 5: return scale_block_fixed<5>(xs, gs, ys, count);
+    case 7: return scale_block_fixed<7>(xs, gs, ys, count);
+    case 9: return scale_block_fixed<9>(xs, gs, ys, count);
+    default:
+      for (int64_t i = 0; i < count; ++i) {
+        const acc_t s = static_cast<acc_t>(gs[i]);
+        for (int64_t m = 0; m < len; ++m)
+          ys[i * len + m] = static_cast<scalar_t>(static_cast<acc_t>(xs[i * len + m]) * s);
+      }
+  }
+}
+
+template <typename scalar_t>
+void gate_mul_row(const scalar_t* __restrict__ xr, const scalar_t* __restrict__ gr, scalar_t* __restrict__ yr,
+                  const std::vector<Run>& runs, bool keep_ungated) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (const Run& r : runs) {
+    const scalar_t* __restrict__ xs = xr + r.col;
+    scalar_t* __restrict__ ys = yr + r.col;
+    const int64_t len = r.len;
+    switch (r.kind) {
+      case RunKind::kUngated:
+        if (keep_ungated) {
+          std::copy(xs, xs + len, ys);
+        } else {
+          std::fill(ys, ys + len, scalar_t(0));
+        }
+        break;
+      case RunKind::kBlock:
+        scale_block<scalar_t>(xs, gr + r.gate, ys, len, r.count);
+        break;
+      case RunKind::kStep: {
+        const scalar_t* __restrict__ gs = gr + r.gate;
+        for (int64_t k = 0; k < len; ++k)
+          ys[k] = static_cast<scalar_t>(static_cast<acc_t>(xs[k]) * static_cast<acc_t>(gs[k]));
+        break;
+      }
+    }
+  }
+}
+
+// Shared gates: expand them once into a per-column scale, then every row is one vectorised
+// multiply; ungated columns are then overwritten with exact zeros when !keep_ungated.
+template <typename scalar_t>
+void gate_mul_shared_rows(const scalar_t* __restrict__ x, const std::vector<at::opmath_type<scalar_t>>& scale,
+                          scalar_t* __restrict__ y, int64_t n0, int64_t n1, int64_t D,
+                          const std::vector<Run>& zero_runs) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t* __restrict__ sc = scale.data();
+  for (int64_t n = n0; n < n1; ++n) {
+    const scalar_t* __restrict__ xr = x + n * D;
+    scalar_t* __restrict__ yr = y + n * D;
+    for (int64_t c = 0; c < D; ++c) yr[c] = static_cast<scalar_t>(static_cast<acc_t>(xr[c]) * sc[c]);
+    for (const Run& r : zero_runs) std::fill(yr + r.col, yr + r.col + r.ncols(), scalar_t(0));
+  }
+}
+
+// Rows per chunk of the parallel loops of gate_mul and per-row seg_dot (about 16K elements).
+inline int64_t rows_per_chunk(int64_t D) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(D, 1)); }
+
+template <typename scalar_t>
+void gate_mul_kernel(const scalar_t* xp, const scalar_t* gp, scalar_t* yp, int64_t N, int64_t D, int64_t G,
+                     bool shared, const std::vector<Run>& runs, bool keep_ungated) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t chunk = rows_per_chunk(D);
+  const int64_t nchunks = (N + chunk - 1) / chunk;
+  const int nt = num_threads_for(N * D);
+  if (shared) {
+    std::vector<acc_t> scale(static_cast<size_t>(D));
+    std::vector<Run> zero_runs;
+    for (const Run& r : runs) {
+      for (int64_t k = 0; k < r.ncols(); ++k) {
+        const int64_t g = r.kind == RunKind::kUngated ? -1 : r.kind == RunKind::kBlock ? r.gate + k / r.len : r.gate + k;
+        scale[r.col + k] = g < 0 ? acc_t(1) : static_cast<acc_t>(gp[g]);
+      }
+      if (r.kind == RunKind::kUngated && !keep_ungated) zero_runs.push_back(r);
+    }
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t ch = 0; ch < nchunks; ++ch) {
+      const int64_t n0 = ch * chunk;
+      const int64_t n1 = std::min(N, n0 + chunk);
+      gate_mul_shared_rows<scalar_t>(xp, scale, yp, n0, n1, D, zero_runs);
+    }
+  } else {
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t ch = 0; ch < nchunks; ++ch) {
+      const int64_t n0 = ch * chunk;
+      const int64_t n1 = std::min(N, n0 + chunk);
+      for (int64_t n = n0; n < n1; ++n) gate_mul_row<scalar_t>(xp + n * D, gp + n * G, yp + n * D, runs, keep_ungated);
+    }
+  }
+}
+
+void check_table(const at::Tensor& t, const char* name, const char* op, const at::Tensor& like, int64_t dims) {
+  TORCH_CHECK(t.scalar_type() == at::kInt, "mmea_kernels_ext::", op, ": ", name,
+              " must be an int32 tensor (LayoutTables.", name, "), got dtype ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dims, "mmea_kernels_ext::", op, ": ", name, " must be ", dims, "-D, got shape ", t.sizes());
+  TORCH_CHECK(t.device() == like.device(), "mmea_kernels_ext::", op, ": ", name, " is on ", t.device(),
+              " but the features are on ", like.device());
+}
+
+void check_features(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.dim() == 2, "mmea_kernels_ext::", op, ": ", name, " must be 2-D [N, D], got shape ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "mmea_kernels_ext::", op, ": ", name,
+              " must be a floating-point tensor, got dtype ", t.scalar_type());
+}
+
+at::Tensor gate_mul_cpu(const at::Tensor& x_in, const at::Tensor& gates_in, const at::Tensor& gate_of_column_in,
+                        bool keep_ungated) {
+  const char* op = "gate_mul";
+  check_features(x_in, "x", op);
+  check_table(gate_of_column_in, "gate_of_column", op, x_in, 1);
+  TORCH_CHECK(x_in.device().is_cpu(), "mmea_kernels_ext::gate_mul (CPU kernel): x must be a CPU tensor, got ",
+              x_in.device());
+  TORCH_CHECK(gates_in.scalar_type() == x_in.scalar_type(), "mmea_kernels_ext::gate_mul: gates have dtype ",
+              gates_in.scalar_type(), " but x has dtype ", x_in.scalar_type(), "; they must match");
+  TORCH_CHECK(gates_in.device() == x_in.device(), "mmea_kernels_ext::gate_mul: gates are on ", gates_in.device(),
+              " but x is on ", x_in.device());
+  const int64_t N = x_in.size(0);
+  const int64_t D = x_in.size(1);
+  TORCH_CHECK(gate_of_column_in.numel() == D, "mmea_kernels_ext::gate_mul: gate_of_column has ",
+              gate_of_column_in.numel(), " entries but x has ", D, " columns");
+  const bool shared = gates_in.dim() == 1;
+  TORCH_CHECK(shared || (gates_in.dim() == 2 && gates_in.size(0) == N),
+              "mmea_kernels_ext::gate_mul: gates must be [N, G] (per row) or [G] (shared) with N = ", N,
+              ", got shape ", gates_in.sizes());
+  const int64_t G = gates_in.size(-1);
+
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor gates = gates_in.contiguous();
+  const at::Tensor goc = gate_of_column_in.contiguous();
+  const std::vector<Run> runs = make_runs(goc, G, op);
+  at::Tensor y = at::empty({N, D}, x.options());
+  if (N == 0 || D == 0) return y;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmea_gate_mul_cpu", [&] {
+    gate_mul_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), gates.const_data_ptr<scalar_t>(),
+                              y.mutable_data_ptr<scalar_t>(), N, D, G, shared, runs, keep_ungated);
+  });
+  return y;
+}
+
+// ----------------------------------------------------------------------------- seg_dot
+// acc[i] += sum_m a[i*L+m]*b[i*L+m] for `count` gates of L columns (L unrolled for 2l+1 widths).
+template <int L, typename scalar_t>
+inline void dot_block_fixed(const scalar_t* __restrict__ as, const scalar_t* __restrict__ bs,
+                            at::opmath_type<scalar_t>* __restrict__ acc, int64_t count) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = 0; i < count; ++i) {
+    acc_t s = static_cast<acc_t>(as[i * L]) * static_cast<acc_t>(bs[i * L]);
+#pragma GCC unroll 16
+    for (int m = 1; m < L; ++m) s += static_cast<acc_t>(as[i * L + m]) * static_cast<acc_t>(bs[i * L + m]);
+    acc[i] += s;
+  }
+}
+
+template <typename scalar_t>
+inline void dot_block(const scalar_t* __restrict__ as, const scalar_t* __restrict__ bs,
+                      at::opmath_type<scalar_t>* __restrict__ acc, int64_t len, int64_t count) {
+  using acc_t = at::opmath_type<scalar_t>;
+  switch (len) {
+    case 1: return dot_block_fixed<1>(as, bs, acc, count);
+    case 3: return dot_block_fixed<3>(as, bs, acc, count);
+    case 5: return dot_block_fixed<5>(as, bs, acc, count);
+    case 7: return dot_block_fixed<7>(as, bs, acc, count);
+    case 9: return dot_block_fixed<9>(as, bs, acc, count);
+    default:
+      for (int64_t i = 0; i < count; ++i) {
+        acc_t s = acc_t(0);
+        for (int64_t m = 0; m < len; ++m) s += static_cast<acc_t>(as[i * len + m]) * static_cast<acc_t>(bs[i * len + m]);
+        acc[i] += s;
+      }
+  }
+}
+
+// Adds one row's per-gate sums of a*b to acc[0..G).
+template <typename scalar_t>
+inline void seg_dot_row_accumulate(const scalar_t* __restrict__ ar, const scalar_t* __restrict__ br,
+                                   at::opmath_type<scalar_t>* __restrict__ acc, const std::vector<Run>& runs) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (const Run& r : runs) {
+    const scalar_t* __restrict__ as = ar + r.col;
+    const scalar_t* __restrict__ bs = br + r.col;
+    switch (r.kind) {
+      case RunKind::kUngated:
+        break;
+      case RunKind::kBlock:
+        dot_block<scalar_t>(as, bs, acc + r.gate, r.len, r.count);
+        break;
+      case RunKind::kStep: {
+        acc_t* __restrict__ dst = acc + r.gate;
+        for (int64_t k = 0; k < r.len; ++k) dst[k] += static_cast<acc_t>(as[k]) * static_cast<acc_t>(bs[k]);
+        break;
+      }
+    }
+  }
+}
+
+// acc[g] += sum of v over the columns of gate g (v: per-column values in the accumulation type).
+template <typename acc_t>
+void segment_sum_accumulate(const acc_t* __restrict__ v, acc_t* __restrict__ acc, const std::vector<Run>& runs) {
+  for (const Run& r : runs) {
+    const acc_t* __restrict__ vs = v + r.col;
+    switch (r.kind) {
+      case RunKind::kUngated:
+        break;
+      case RunKind::kBlock:
+        for (int64_t i = 0; i < r.count; ++i) {
+          acc_t s = vs[i * r.len];
+          for (int64_t m = 1; m < r.len; ++m) s += vs[i * r.len + m];
+          acc[r.gate + i] += s;
+        }
+        break;
+      case RunKind::kStep:
+        for (int64_t k = 0; k < r.len; ++k) acc[r.gate + k] += vs[k];
+        break;
+    }
+  }
+}
+
+// Shared: every fixed chunk of kSharedChunkRows rows sums a*b over its rows column by column
+// (unit-stride, vectorised), folds the column sums into its own row of gate partials, and the
+// partials are then added in chunk order. Deterministic for any thread count; no atomics.
+template <typename scalar_t>
+void seg_dot_shared_kernel(const scalar_t* ap, const scalar_t* bp, at::opmath_type<scalar_t>* res, int64_t N,
+                           int64_t D, int64_t G, const std::vector<Run>& runs) {
+  using acc_t = at::opmath_type<scalar_t>;
+  // contiguous spans of gated columns: the only columns whose products are needed
+  std::vector<std::pair<int64_t, int64_t>> spans;
+  for (const Run& r : runs) {
+    if (r.kind == RunKind::kUngated) continue;
+    if (!spans.empty() && spans.back().second == r.col) {
+      spans.back().second = r.col + r.ncols();
+    } else {
+      spans.emplace_back(r.col, r.col + r.ncols());
+    }
+  }
+  const int64_t nchunks = (N + kSharedChunkRows - 1) / kSharedChunkRows;
+  std::vector<acc_t> partial(static_cast<size_t>(nchunks * G), acc_t(0));
+  acc_t* pp = partial.data();
+  const int nt = num_threads_for(N * D);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<acc_t> colsum(static_cast<size_t>(D), acc_t(0));
+    acc_t* __restrict__ cs = colsum.data();
+#pragma omp for schedule(static)
+    for (int64_t ch = 0; ch < nchunks; ++ch) {
+      const int64_t n0 = ch * kSharedChunkRows;
+      const int64_t n1 = std::min(N, n0 + kSharedChunkRows);
+      for (const auto& sp : spans) std::fill(cs + sp.first, cs + sp.second, acc_t(0));
+      int64_t n = n0;
+      // four rows per sweep: a quarter of the loads/stores of the column sums
+      for (; n + 4 <= n1; n += 4) {
+        const scalar_t* __restrict__ a0 = ap + n * D;
+        const scalar_t* __restrict__ a1 = a0 + D;
+        const scalar_t* __restrict__ a2 = a1 + D;
+        const scalar_t* __restrict__ a3 = a2 + D;
+        const scalar_t* __restrict__ b0 = bp + n * D;
+        const scalar_t* __restrict__ b1 = b0 + D;
+        const scalar_t* __restrict__ b2 = b1 + D;
+        const scalar_t* __restrict__ b3 = b2 + D;
+        for (const auto& sp : spans)
+          for (int64_t c = sp.first; c < sp.second; ++c)
+            cs[c] += ((static_cast<acc_t>(a0[c]) * static_cast<acc_t>(b0[c]) +
+                       static_cast<acc_t>(a1[c]) * static_cast<acc_t>(b1[c])) +
+                      static_cast<acc_t>(a2[c]) * static_cast<acc_t>(b2[c])) +
+                     static_cast<acc_t>(a3[c]) * static_cast<acc_t>(b3[c]);
+      }
+      for (; n < n1; ++n) {
+        const scalar_t* __restrict__ ar = ap + n * D;
+        const scalar_t* __restrict__ br = bp + n * D;
+        for (const auto& sp : spans)
+          for (int64_t c = sp.first; c < sp.second; ++c) cs[c] += static_cast<acc_t>(ar[c]) * static_cast<acc_t>(br[c]);
+      }
+      segment_sum_accumulate<acc_t>(cs, pp + ch * G, runs);
+    }
+  }
+  for (int64_t j = 0; j < G; ++j) res[j] = pp[j];
+  for (int64_t ch = 1; ch < nchunks; ++ch) {
+    const acc_t* src = pp + ch * G;
+    for (int64_t j = 0; j < G; ++j) res[j] += src[j];
+  }
+}
+
+template <typename scalar_t>
+void seg_dot_rows_kernel(const scalar_t* ap, const scalar_t* bp, scalar_t* op, int64_t N, int64_t D, int64_t G,
+                         const std::vector<Run>& runs) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t chunk = rows_per_chunk(D);
+  const int64_t nchunks = (N + chunk - 1) / chunk;
+  const int nt = num_threads_for(N * D);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<acc_t> acc(static_cast<size_t>(G));
+#pragma omp for schedule(static)
+    for (int64_t ch = 0; ch < nchunks; ++ch) {
+      const int64_t n0 = ch * chunk;
+      const int64_t n1 = std::min(N, n0 + chunk);
+      for (int64_t n = n0; n < n1; ++n) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        seg_dot_row_accumulate<scalar_t>(ap + n * D, bp + n * D, acc.data(), runs);
+        scalar_t* orow = op + n * G;
+        for (int64_t j = 0; j < G; ++j) orow[j] = static_cast<scalar_t>(acc[j]);
+      }
+    }
+  }
+}
+
+at::Tensor seg_dot_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& gate_of_column_in,
+                       const at::Tensor& gate_cols, bool shared) {
+  const char* op = "seg_dot";
+  check_features(a_in, "a", op);
+  check_features(b_in, "b", op);
+  check_table(gate_of_column_in, "gate_of_column", op, a_in, 1);
+  check_table(gate_cols, "gate_cols_padded", op, a_in, 2);
+  TORCH_CHECK(a_in.device().is_cpu(), "mmea_kernels_ext::seg_dot (CPU kernel): a must be a CPU tensor, got ",
+              a_in.device());
+  TORCH_CHECK(b_in.scalar_type() == a_in.scalar_type(), "mmea_kernels_ext::seg_dot: a has dtype ",
+              a_in.scalar_type(), " but b has dtype ", b_in.scalar_type(), "; they must match");
+  TORCH_CHECK(b_in.device() == a_in.device(), "mmea_kernels_ext::seg_dot: a is on ", a_in.device(),
+              " but b is on ", b_in.device());
+  TORCH_CHECK(a_in.sizes() == b_in.sizes(), "mmea_kernels_ext::seg_dot: a has shape ", a_in.sizes(),
+              " but b has shape ", b_in.sizes(), "; they must match");
+  const int64_t N = a_in.size(0);
+  const int64_t D = a_in.size(1);
+  const int64_t G = gate_cols.size(0);
+  TORCH_CHECK(gate_of_column_in.numel() == D, "mmea_kernels_ext::seg_dot: gate_of_column has ",
+              gate_of_column_in.numel(), " entries but a has ", D, " columns");
+
+  const at::Tensor a = a_in.contiguous();
+  const at::Tensor b = b_in.contiguous();
+  const std::vector<Run> runs = make_runs(gate_of_column_in.contiguous(), G, op);
+  const auto acc_type = at::toOpMathType(a.scalar_type());
+
+  if (shared) {
+    at::Tensor out = at::zeros({G}, a.options());
+    if (N == 0 || G == 0) return out;
+    at::Tensor res = at::empty({G}, a.options().dtype(acc_type));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "mmea_seg_dot_shared_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      seg_dot_shared_kernel<scalar_t>(a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+                                      res.mutable_data_ptr<acc_t>(), N, D, G, runs);
+    });
+    out.copy_(res);
+    return out;
+  }
+
+  at::Tensor out = at::empty({N, G}, a.options());
+  if (N == 0 || G == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "mmea_seg_dot_cpu", [&] {
+    seg_dot_rows_kernel<scalar_t>(a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+                                  out.mutable_data_ptr<scalar_t>(), N, D, G, runs);
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace mmea
+
+TORCH_LIBRARY(mmea_kernels_ext, m) {
+  m.def("gate_mul(Tensor x, Tensor gates, Tensor gate_of_column, bool keep_ungated) -> Tensor");
+  m.def("seg_dot(Tensor a, Tensor b, Tensor gate_of_column, Tensor gate_cols, bool shared) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mmea_kernels_ext, CPU, m) {
+  m.impl("gate_mul", &mmea::gate_mul_cpu);
+  m.impl("seg_dot", &mmea::seg_dot_cpu);
+}
+
+// `import mmea_kernels._C` loads this library (and so runs the registrations above); the module
+// itself only says whether the CUDA kernels were compiled in.
+#ifndef MMEA_WITH_CUDA
+#define MMEA_WITH_CUDA 0
+#endif
+
+#ifdef _OPENMP
+#define MMEA_WITH_OPENMP 1
+#else
+#define MMEA_WITH_OPENMP 0
+#endif
+
+extern "C" {
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                          "mmea_kernels C++/CUDA kernels (torch.ops.mmea_kernels_ext)", -1,
+                                          nullptr};
+  PyObject* mod = PyModule_Create(&module_def);
+  if (mod == nullptr) return nullptr;
+  if (PyModule_AddIntConstant(mod, "WITH_CUDA", MMEA_WITH_CUDA) < 0 ||
+      PyModule_AddIntConstant(mod, "WITH_OPENMP", MMEA_WITH_OPENMP) < 0) {
+    Py_DECREF(mod);
+    return nullptr;
+  }
+  return mod;
+}
+}

@@ -1,0 +1,100 @@
+"""C++ backend: the gate primitives as compiled kernels of the optional extension
+``mmea_kernels._C`` (csrc/gate_ops.cpp: OpenMP CPU kernels; csrc/gate_ops_cuda.cu: CUDA kernels,
+compiled only with a CUDA build of torch and nvcc).
+
+Kernel-level functions (no autograd) with the same interface as
+:mod:`mmea_kernels.ops.torch_backend`; they call ``torch.ops.mmea_kernels_ext.gate_mul`` and
+``torch.ops.mmea_kernels_ext.seg_dot``, which have fake (meta) implementations registered here so
+that ``torch.compile`` can trace them.
+
+The extension is built by ``pip install --no-build-isolation -e .`` (see setup.py); when it is
+missing or fails to import, :func:`available` says why and ``auto`` backend selection falls back
+to the torch backend.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .tables import LayoutTables
+
+name = "cpp"
+
+BUILD_HINT = (
+    "build it with `pip install --no-build-isolation -e .` from the repository root "
+    "(or `python setup.py build_ext --inplace`) with a C++ compiler and the torch you run with"
+)
+
+
+def _import_ext():
+    """(module, None) or (None, the import error)."""
+    try:
+        from .. import _C  # noqa: WPS433 - optional compiled extension
+    except Exception as exc:  # ImportError, or OSError/undefined symbols for a stale build
+        return None, exc
+    return _C, None
+
+
+_EXT, _EXT_ERROR = _import_ext()
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations of the extension ops for torch.compile / FakeTensor tracing."""
+
+    def gate_mul_fake(x, gates, gate_of_column, keep_ungated):
+        return x.new_empty(x.shape)
+
+    def seg_dot_fake(a, b, gate_of_column, gate_cols, shared):
+        g = gate_cols.shape[0]
+        return a.new_empty((g,)) if shared else a.new_empty((a.shape[0], g))
+
+    for qualname, fn in (("mmea_kernels_ext::gate_mul", gate_mul_fake), ("mmea_kernels_ext::seg_dot", seg_dot_fake)):
+        try:
+            torch.library.register_fake(qualname)(fn)
+        except RuntimeError as exc:  # this module was reloaded: the fake is registered already
+            if "already" not in str(exc):
+                raise
+
+
+if _EXT is not None:
+    _register_fakes()
+
+
+def available(device: torch.device) -> Tuple[bool, str]:
+    if _EXT is None:
+        return False, (
+            f"the C++ extension mmea_kernels._C is not built or failed to import "
+            f"({type(_EXT_ERROR).__name__}: {_EXT_ERROR}); {BUILD_HINT}"
+        )
+    device = torch.device(device)
+    if device.type == "cpu":
+        return True, ""
+    if device.type == "cuda":
+        if getattr(_EXT, "WITH_CUDA", 0):
+            return True, ""
+        return False, (
+            "mmea_kernels._C was built without its CUDA kernels (they need a CUDA build of torch and "
+            f"nvcc at build time; this torch has CUDA {torch.version.cuda}); {BUILD_HINT}"
+        )
+    return False, f"the cpp backend runs on cpu (and cuda) tensors, not {device.type}"
+
+
+def gate_mul(x: torch.Tensor, gates: torch.Tensor, t: LayoutTables, keep_ungated: bool,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``y[n,c] = x[n,c]·gates[n, gate(c)]``; 0e columns copied (keep_ungated) or zeroed."""
+    y = torch.ops.mmea_kernels_ext.gate_mul(x, gates, t.gate_of_column, bool(keep_ungated))
+    if out is not None:
+        out.copy_(y)
+        return out
+    return y
+
+
+def seg_dot(a: torch.Tensor, b: torch.Tensor, t: LayoutTables, shared: bool,
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``out[n,j] = Σ_{c in gate j} a[n,c]·b[n,c]`` (also summed over n when ``shared``)."""
+    res = torch.ops.mmea_kernels_ext.seg_dot(a, b, t.gate_of_column, t.gate_cols_padded, bool(shared))
+    if out is not None:
+        out.copy_(res)
+        return out
+    return res
