@@ -11,6 +11,12 @@ import statistics
 import pytest
 import torch
 
+# the compiled provider is compiled once per (layer, N, dtype): keep every version instead of
+# silently falling back to eager after dynamo's default limit of 8
+torch._dynamo.config.cache_size_limit = 256
+if hasattr(torch._dynamo.config, "recompile_limit"):
+    torch._dynamo.config.recompile_limit = 256
+
 ROWS = []
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -59,7 +65,9 @@ def pytest_sessionfinish(session, exitstatus):
     if not ROWS:
         return
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{device_name()}-{datetime.date.today().isoformat()}.json"
+    stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H%M")
+    quick = "-quick" if os.environ.get("MMEA_BENCH_QUICK") == "1" else ""
+    path = RESULTS / f"{device_name()}-{stamp}{quick}.json"  # never overwrite an earlier run
     path.write_text(json.dumps(ROWS, indent=1))
     table = overhead_table(ROWS)
     (path.with_suffix(".txt")).write_text(table + "\n")

@@ -139,7 +139,8 @@ class MMEALinear(AdapterLinear):
         if add is not None:
             if add.dim() == 1:
                 add = add.expand(y2.shape[0], self.num_additive)
-            y2 = torch.index_add(y2, 1, self.out_scalar_columns, add)
+            # in place: gate_mul's output is fresh and its backward does not need it
+            y2 = y2.index_add_(1, self.out_scalar_columns, add)
         return y2.reshape(y.shape)
 
     def merge(self) -> nn.Module:

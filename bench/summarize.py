@@ -1,0 +1,30 @@
+"""Markdown overhead table from a CPU results file: ``python bench/summarize.py bench/results/<file>.json``."""
+import json
+import sys
+from collections import defaultdict
+
+PROVIDERS = ["published", "broadcast", "compiled", "cpp"]
+
+
+def main(path):
+    rows = json.load(open(path))
+    table = defaultdict(dict)
+    for r in rows:
+        table[(r["op"], r["size"], r["mode"])][r["provider"]] = r["median_ms"]
+    print("| layer | N | dtype | mode | base ms | " + " | ".join(PROVIDERS) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(PROVIDERS))
+    for (op, size, mode), d in table.items():
+        if op != "adapted_linear":
+            continue
+        b = d["base"]
+        layer, n, dtype = size.rsplit(" ", 2)
+        cells = [f"{100 * (d[p] / b - 1):+.0f} %" if p in d else "–" for p in PROVIDERS]
+        print(f"| {layer} | {n[2:]} | {dtype} | {mode} | {b:.1f} | " + " | ".join(cells) + " |")
+    for (op, size, mode), d in table.items():
+        if op == "mace_step":
+            print(f"\nMACE step ({size}, {mode}): base {d['base']:.0f} ms, MMEA {d['mmea']:.0f} ms "
+                  f"({100 * (d['mmea'] / d['base'] - 1):+.0f} %)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
