@@ -66,7 +66,8 @@ def test_adapted_linear(benchmark, record, layer, n, dtype, mode, provider):
 @pytest.mark.parametrize("adapted", [False, True], ids=["base", "mmea"])
 def test_mace_finetune_step(benchmark, record, adapted):
     """One fine-tuning step (energy + forces + backward through the forces) of the
-    MACE-OFF23-medium architecture on 4 ethanol-sized molecules, with and without MMEA."""
+    MACE-OFF23-medium architecture on 4 toluene molecules: full fine-tuning of the base model
+    (every weight trainable) against MMEA (adapter weights trainable, base frozen)."""
     import mmea_kernels as mk
     from mmea_kernels.data import toy_molecules
     from mmea_kernels.models.mace import atoms_to_batch, build_mace
