@@ -47,18 +47,8 @@ from .linear_spec import LinearSpec, LinearTables, linear_tables
 
 __all__ = ["gated_linear", "gated_linear_reference", "LinearSpec"]
 
-try:  # triton is optional: the module must import without it
-    import triton
-    import triton.language as tl
-
-    _TRITON_IMPORT_ERROR: Optional[BaseException] = None
-except Exception as exc:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR = exc
-
-# Whether the kernels below were decorated in interpreter mode (fixed at import time).
-_INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
+# triton (optional) and whether kernels are decorated in interpreter mode: shared with the gate kernels
+from .triton_backend import _INTERPRETED_AT_IMPORT, _TRITON_IMPORT_ERROR, tl, triton  # noqa: E402
 
 BACKEND_NAMES = ("auto", "torch", "triton")
 
