@@ -303,3 +303,16 @@ def test_bad_inputs():
         gated_linear(x, lin.weight, None, None, None, spec, backend="cuda")
     with pytest.raises(RuntimeError, match="automatic differentiation"):
         gated_linear(x.requires_grad_(), lin.weight, None, None, None, spec, out=torch.empty(3, 4, dtype=torch.float64))
+
+
+def test_backend_follows_shared_selection(monkeypatch):
+    """gated_linear resolves MMEA_BACKEND like the gate ops: 'cpp' (a gate backend without a fused
+    linear) runs the reference composition instead of being rejected."""
+    from mmea_kernels.ops.backends import backend_status
+    if not backend_status("cpp", "cpu")[0]:
+        pytest.skip("cpp backend not built")
+    lin = o3.Linear("1x0e+1x1o", "1x0e+1x1o").double()
+    spec = LinearSpec.from_e3nn(lin)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    monkeypatch.setenv("MMEA_BACKEND", "cpp")
+    torch.testing.assert_close(gated_linear(x, lin.weight, None, None, None, spec), lin(x))

@@ -37,20 +37,20 @@ recomputed anyway), and not saving it keeps one ``[N, D_out]`` activation per la
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 
+from .backends import resolve_backend
 from .gate import gate_mul, seg_dot
 from .linear_spec import LinearSpec, LinearTables, linear_tables
 
 __all__ = ["gated_linear", "gated_linear_reference", "LinearSpec"]
 
 # triton (optional) and whether kernels are decorated in interpreter mode: shared with the gate kernels
-from .triton_backend import _INTERPRETED_AT_IMPORT, _TRITON_IMPORT_ERROR, tl, triton  # noqa: E402
+from .triton_backend import _INTERPRETED_AT_IMPORT, tl, triton  # noqa: E402
+from .triton_backend import available as triton_available  # noqa: E402
 
-BACKEND_NAMES = ("auto", "torch", "triton")
 
 
 # ============================================================================ reference
@@ -148,18 +148,9 @@ def _validate(x, weight, bias, gates, additive, spec) -> None:
 
 # ============================================================================ triton kernels
 def triton_status(device) -> Tuple[bool, str]:
-    """(available, reason) of the triton backend for tensors on ``device``."""
-    if triton is None:
-        return False, f"triton is not installed ({_TRITON_IMPORT_ERROR})"
-    device = torch.device(device)
-    if device.type == "cuda":
-        return True, ""
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        if not _INTERPRETED_AT_IMPORT:
-            return False, ("TRITON_INTERPRET=1 was set after mmea_kernels.ops.gated_linear was imported; set it "
-                           "before importing to run the triton backend on CPU tensors")
-        return True, ""
-    return False, "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
+    """(available, reason) of the triton backend for tensors on ``device`` (the same kernels'
+    conditions as the triton gate backend: both modules share its import and interpreter flag)."""
+    return triton_available(device)
 
 
 def _pow2(n: int) -> int:
@@ -545,18 +536,9 @@ def _seg_dot(a, b, layout, shared):
 
 # ============================================================================ public API
 def _resolve(backend: Optional[str], device: torch.device) -> str:
-    name = backend if backend is not None else os.environ.get("MMEA_BACKEND", "auto")
-    name = name.strip().lower()
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES}")
-    if name == "auto":
-        return "triton" if device.type == "cuda" and triton_status(device)[0] else "torch"
-    if name == "triton":
-        ok, reason = triton_status(device)
-        if not ok:
-            src = "backend=" if backend is not None else "MMEA_BACKEND="
-            raise RuntimeError(f"{src}'triton' is not available for {device.type} tensors: {reason}")
-    return name
+    """"triton" when the shared backend selection (``backend=`` / ``MMEA_BACKEND`` / auto) picks
+    triton, else "torch" (the reference composition, whose gate ops follow the same selection)."""
+    return "triton" if resolve_backend(backend, device).name == "triton" else "torch"
 
 
 def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
