@@ -71,7 +71,7 @@ def test_mace_finetune_step(benchmark, record, adapted):
     import mmea_kernels as mk
     from mmea_kernels.data import toy_molecules
     from mmea_kernels.models.mace import atoms_to_batch, build_mace
-    from mmea_kernels.train import _loss
+    from mmea_kernels.finetune import loss
 
     torch.manual_seed(0)
     model = build_mace("mace-off23-medium")
@@ -83,7 +83,7 @@ def test_mace_finetune_step(benchmark, record, adapted):
     def step():
         for p in params:
             p.grad = None
-        _loss(model, batch, 1.0, 100.0).backward()
+        loss(model, batch, 1.0, 100.0).backward()
 
     benchmark.pedantic(step, rounds=3, warmup_rounds=1, iterations=1)
     record("mace_step", "mmea" if adapted else "base", "fwd+bwd", "mace-off23-medium 4x toluene fp32",

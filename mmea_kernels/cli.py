@@ -1,22 +1,145 @@
-"""Command line: ``mmea-kernels demo`` (also ``python -m mmea_kernels demo``)."""
+"""Command line (``mmea-kernels …`` or ``python -m mmea_kernels …``):
+
+  demo       fine-tune the built-in pretrained MACE to the shipped PBE data (MMEA vs ELoRA vs full), MD check
+  finetune   adapt a base model to extended-XYZ data with one method; checkpoint, metrics, plot
+  evaluate   errors of a fine-tuning checkpoint on a labelled file
+  md         short NVE run with a checkpoint (energy conservation)
+  data rmd17 download the public rMD17 archive and write train/valid/test splits
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+
+_USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, PermissionError, ConnectionError)
+
+
+def _finetune_parser(sub):
+    from .finetune import FinetuneConfig
+    from .methods import METHODS
+
+    d = FinetuneConfig(train="")
+    p = sub.add_parser("finetune", help="adapt a base model to labelled data",
+                       description="Fine-tune a base model on extended-XYZ data. Files take ASE index "
+                                   "slices: train.xyz@:50, train.xyz@50:100.")
+    p.add_argument("--train", required=True, help="training frames (path[@index])")
+    p.add_argument("--valid", default=None, help="validation frames (default: valid_fraction of --train)")
+    p.add_argument("--test", default=None, help="test frames, evaluated once at the end")
+    p.add_argument("--out", default=d.out_dir, help="output directory (checkpoint.pt, metrics.json, learning_curve.png)")
+    p.add_argument("--model", default=d.model,
+                   help="base model: builtin:<name>, preset:<name>, a model/state-dict file, mace-off:<size>, mace-mp:<size>")
+    p.add_argument("--model-config", default=None, help="JSON MACEConfig for a bare state dict")
+    p.add_argument("--method", default=d.method, choices=METHODS)
+    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--energy-key", default=d.energy_key)
+    p.add_argument("--forces-key", default=d.forces_key)
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "float64"])
+    p.add_argument("--e0s", default=d.e0s, help="lstsq | average | keep | JSON file {Z: eV}")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--w-energy", type=float, default=d.w_energy)
+    p.add_argument("--w-forces", type=float, default=d.w_forces)
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="0 turns the EMA off")
+    p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="gradient-norm clip; 0 turns it off")
+    p.add_argument("--patience", type=int, default=d.patience, help="early stopping (epochs without improvement)")
+    p.add_argument("--plateau-patience", type=int, default=d.plateau_patience)
+    p.add_argument("--plateau-factor", type=float, default=d.plateau_factor)
+    p.add_argument("--valid-fraction", type=float, default=d.valid_fraction)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    return p
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="mmea-kernels", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mmea-kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="pretrain a small MACE, adapt it with MMEA and ELoRA, print the table")
-    demo.add_argument("--data-dir", default=None, help="rMD17 splits (default: $MMEA_RMD17_DIR or ../shared/data/rmd17)")
-    demo.add_argument("--pretrain-steps", type=int, default=300)
-    demo.add_argument("--adapt-steps", type=int, default=150)
+    demo = sub.add_parser("demo", help="fine-tune the built-in model to the shipped DFT data, compare methods, run MD")
+    demo.add_argument("--epochs", type=int, default=60)
+    demo.add_argument("--methods", default="mmea,elora,full")
+    demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--md-steps", type=int, default=400)
+    _finetune_parser(sub)
+    ev = sub.add_parser("evaluate", help="errors of a fine-tuning checkpoint on labelled data")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--data", required=True, help="path[@index]")
+    ev.add_argument("--model", default=None, help="base model, if not where the checkpoint says")
+    ev.add_argument("--energy-key", default=None)
+    ev.add_argument("--forces-key", default=None)
+    ev.add_argument("--json", default=None, help="also write the result here")
+    md = sub.add_parser("md", help="NVE molecular dynamics with a checkpoint; reports energy drift")
+    md.add_argument("--checkpoint", required=True)
+    md.add_argument("--structure", required=True, help="a structure file ASE reads (path[@index], first frame used)")
+    md.add_argument("--model", default=None)
+    md.add_argument("--steps", type=int, default=400)
+    md.add_argument("--dt", type=float, default=0.5, help="fs")
+    md.add_argument("--temperature", type=float, default=300.0)
+    data = sub.add_parser("data", help="datasets")
+    dsub = data.add_subparsers(dest="dataset", required=True)
+    rmd = dsub.add_parser("rmd17", help="fetch the public rMD17 archive and write <out>/<molecule>/{train,valid,test}.xyz")
+    rmd.add_argument("--out", required=True)
+    rmd.add_argument("--molecules", default=None, help="comma-separated (default: all ten)")
+    rmd.add_argument("--archive", default=None, help="a local copy of rmd17.tar.bz2 (no download)")
+    rmd.add_argument("--url", default=None)
+    rmd.add_argument("--n-train", type=int, default=100)
+    rmd.add_argument("--n-valid", type=int, default=50)
+    rmd.add_argument("--n-test", type=int, default=1000)
+    rmd.add_argument("--seed", type=int, default=123)
+    rmd.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except _USER_ERRORS as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"mmea-kernels {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     if args.command == "demo":
         from .demo import run
-        run(args.data_dir, args.pretrain_steps, args.adapt_steps, args.seed)
+
+        run(epochs=args.epochs, methods=args.methods.split(","), out=args.out, seed=args.seed, md_steps=args.md_steps)
+    elif args.command == "finetune":
+        from .finetune import FinetuneConfig, finetune
+
+        fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+        kw = {k: v for k, v in vars(args).items() if k in fields}
+        cfg = FinetuneConfig(out_dir=args.out, progress=not args.no_progress, **kw)
+        res = finetune(cfg)
+        if res.get("stopped") == "stop_after":
+            return 3
+    elif args.command == "evaluate":
+        from .finetune import evaluate_checkpoint
+
+        res = evaluate_checkpoint(args.checkpoint, args.data, args.model, args.energy_key, args.forces_key)
+        print(f"{args.data}: {res['frames']} frames | E MAE {res['energy_mae_meV']:.3f} meV | "
+              f"E RMSE {res['energy_rmse_meV']:.3f} meV | F MAE {res['forces_mae_meV_per_A']:.3f} meV/Å | "
+              f"F RMSE {res['forces_rmse_meV_per_A']:.3f} meV/Å")
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(res, fh, indent=1)
+    elif args.command == "md":
+        from .calculator import MMEACalculator, nve_drift
+        from .finetune import read_frames
+
+        atoms = read_frames(args.structure, "", "", labels=False)[0]
+        res = nve_drift(atoms, MMEACalculator(checkpoint=args.checkpoint, model=args.model), args.steps, args.dt,
+                        args.temperature)
+        print(json.dumps(res, indent=1))
+    elif args.command == "data":
+        from .rmd17 import DEFAULT_URL, fetch_rmd17
+
+        res = fetch_rmd17(args.out, args.molecules, args.url or DEFAULT_URL, args.n_train, args.n_valid, args.n_test,
+                          args.seed, args.archive, args.overwrite)
+        for mol, r in res.items():
+            print(f"{mol}: {r['train']} train / {r['valid']} valid / {r['test']} test -> {r['dir']}")
     return 0
 
 

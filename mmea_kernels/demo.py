@@ -1,72 +1,69 @@
-"""The README's main job on its embedded default: pretrain a small MACE on some molecules, then
-adapt it to a new molecule with MMEA and with ELoRA, and print the comparison."""
+"""The README's main job on its embedded default: the project's own pretrained MACE
+(``builtin:mace-xtb-small``, GFN2-xTB level, never saw ethanol) is adapted to ethanol at the DFT
+level (PBE/def2-SVP labels shipped in ``mmea_kernels/assets/ethanol_pbe``) with MMEA, ELoRA and
+full fine-tuning; prints the comparison and runs a short NVE MD with the MMEA model."""
 from __future__ import annotations
 
-import copy
+import json
+import pathlib
 import time
+from typing import Sequence
 
-import torch
+from .foundation import ASSETS, DEFAULT_MODEL
 
-from . import inject_adapters
-from .data import find_rmd17, read_xyz, toy_molecules
-from .models.mace import atoms_to_batch, build_mace, energy_and_forces
-from .train import evaluate, fit_e0s, train
-
-Z = (1, 6, 8)
+DATA = ASSETS / "ethanol_pbe"
 
 
-def _load(data_dir):
-    """(pretraining frames, adaptation train frames, adaptation test frames, description)."""
-    root = find_rmd17(data_dir)
-    if root is not None:
-        pre = []
-        for mol in ("ethanol", "malonaldehyde", "benzene"):
-            pre += read_xyz(root / mol / "train.xyz", ":40")
-        return (pre, read_xyz(root / "toluene" / "train.xyz", ":50"), read_xyz(root / "toluene" / "test.xyz", ":200"),
-                f"rMD17 from {root}: pretrain on ethanol+malonaldehyde+benzene (120 frames), "
-                "adapt to toluene (50 frames), test on 200 toluene test frames")
-    pre = toy_molecules("ethanol", 60, "A", seed=1) + toy_molecules("toluene", 60, "A", seed=2)
-    return (pre, toy_molecules("toluene", 50, "B", seed=3), toy_molecules("toluene", 200, "B", seed=4),
-            "no rMD17 found (set MMEA_RMD17_DIR): self-made Morse-potential data, pretrain at level A "
-            "(ethanol+toluene), adapt to level B on toluene")
+def baseline(model_spec: str, train: str, test: str, dtype: str = "float64") -> dict:
+    """Errors of the base model with only its E0s re-fitted on ``train`` (no training)."""
+    from .finetune import _batches, errors, read_frames, refit_e0s, _set_e0s
+    from .foundation import load_model, model_info
+    from .models.mace import atoms_to_graphs
+    import torch
+
+    dt = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    model = load_model(model_spec, dtype=dt)
+    z, r_max = model_info(model)
+    tr = read_frames(train, "REF_energy", "REF_forces")
+    _set_e0s(model, refit_e0s(model, tr, z, "lstsq", "REF_energy"))
+    te = read_frames(test, "REF_energy", "REF_forces")
+    return dict(errors(model, _batches(atoms_to_graphs(te, z, r_max, dtype=dt), 50)), frames=len(te))
 
 
-def _batches(frames, size, r_max):
-    return [atoms_to_batch(frames[i:i + size], Z, r_max) for i in range(0, len(frames), size)]
+def run(epochs: int = 60, methods: Sequence[str] = ("mmea", "elora", "full"), out: str = "runs/demo", seed: int = 0,
+        md_steps: int = 400, data_dir=DATA, model: str = DEFAULT_MODEL, dtype: str = "float64") -> dict:
+    from .calculator import MMEACalculator, nve_drift
+    from .finetune import FinetuneConfig, finetune, read_frames
 
-
-def run(data_dir=None, pretrain_steps: int = 300, adapt_steps: int = 150, seed: int = 0) -> dict:
-    torch.manual_seed(seed)
     t_start = time.perf_counter()
-    pre, ada, test, what = _load(data_dir)
-    print(f"data: {what}")
-    e0 = fit_e0s(pre, Z)
-    base = build_mace("tiny", hidden_irreps="16x0e+16x1o", atomic_energies=e0)
-    r_max = 5.0
-    pre_b, ada_b, test_b = _batches(pre, 10, r_max), _batches(ada, 10, r_max), _batches(test, 50, r_max)
-    # interleave molecules so each step sees a mix
-    pre_b = _batches([pre[(k % 3) * 40 + k // 3] for k in range(len(pre))], 10, r_max) if len(pre) == 120 else pre_b
-    print(f"pretraining the base MACE ({sum(p.numel() for p in base.parameters()):,} parameters, "
-          f"{pretrain_steps} steps) ...", flush=True)
-    res = train(base, pre_b, base.parameters(), pretrain_steps, lr=1e-2)
-    print(f"  loss {res.losses[0]:.3f} -> {res.losses[-1]:.3f} in {res.seconds:.1f} s")
-
-    rows = [("pretrained, not adapted", 0, evaluate(base, test_b), 0.0)]
-    for method in ("mmea", "elora"):
-        model = copy.deepcopy(base)
-        report = inject_adapters(model, method=method, rank=16)
-        if method == "mmea":
-            print(report)
-            e_b, f_b = energy_and_forces(base, test_b[0])
-            e_a, f_a = energy_and_forces(model, test_b[0])
-            print(f"identity at init: max |dE| = {(e_a - e_b).abs().max():.2e} eV, "
-                  f"max |dF| = {(f_a - f_b).abs().max():.2e} eV/A")
-        res = train(model, ada_b, model.parameters(), adapt_steps, lr=1e-2)
-        rows.append((f"{method.upper()} rank 16", report.trainable_parameters, evaluate(model, test_b), res.seconds))
-
-    print(f"\nadaptation to the new molecule ({adapt_steps} Adam steps, batch 10, float32, CPU):")
-    print(f"{'model':<26}{'trainable':>10}{'E MAE meV':>12}{'F MAE meV/A':>13}{'train s':>9}")
-    for name, n, m, sec in rows:
-        print(f"{name:<26}{n:>10,}{m['energy_mae_meV']:>12.1f}{m['forces_mae_meV_per_A']:>13.1f}{sec:>9.1f}")
-    print(f"total wall time {time.perf_counter() - t_start:.1f} s")
-    return {name: dict(m, trainable=n, seconds=sec) for name, n, m, sec in rows}
+    data_dir = pathlib.Path(data_dir)
+    train, valid, test = (str(data_dir / f"{s}.xyz") for s in ("train", "valid", "test"))
+    print(f"base model {model}; data {data_dir} (PBE/def2-SVP ethanol, pyscf; "
+          f"{len(read_frames(train, 'REF_energy', 'REF_forces'))} train / {len(read_frames(valid, 'REF_energy', 'REF_forces'))} valid / "
+          f"{len(read_frames(test, 'REF_energy', 'REF_forces'))} test frames)")
+    rows = {"base, E0s re-fitted only": dict(baseline(model, train, test, dtype), trainable_parameters=0, train_seconds=0.0)}
+    outs = pathlib.Path(out)
+    for method in methods:
+        print(f"\n== {method} ==", flush=True)
+        run_dir = outs / method
+        cfg = FinetuneConfig(train=train, valid=valid, test=test, out_dir=str(run_dir), model=model, method=method,
+                             epochs=epochs, seed=seed, dtype=dtype, resume=True, lr=1e-2 if method != "full" else 5e-3)
+        m = finetune(cfg)
+        rows[method] = dict(m["test"], trainable_parameters=m["trainable_parameters"], train_seconds=m["train_seconds"])
+    print(f"\nadapting {model} (GFN2-xTB) to PBE/def2-SVP ethanol, {epochs} epochs, {dtype}, seed {seed}; "
+          f"test set {rows['base, E0s re-fitted only']['frames']} frames:")
+    print(f"| model | trainable | E MAE meV | F MAE meV/Å | F RMSE meV/Å | train s |\n|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['trainable_parameters']:,} | {r['energy_mae_meV']:.2f} | {r['forces_mae_meV_per_A']:.2f} | "
+              f"{r['forces_rmse_meV_per_A']:.2f} | {r['train_seconds']:.0f} |")
+    result = {"rows": rows}
+    if "mmea" in methods and md_steps > 0:
+        atoms = read_frames(test, "REF_energy", "REF_forces")[0]
+        md = nve_drift(atoms, MMEACalculator(checkpoint=str(outs / "mmea" / "checkpoint.pt")), steps=md_steps)
+        print(f"\nNVE MD with the MMEA model (ASE velocity Verlet, {md['steps']} x {md['dt_fs']} fs, ~300 K start): "
+              f"energy drift {md['drift_meV_per_atom_per_ps']:.3f} meV/atom/ps, max |E - E0| "
+              f"{md['max_deviation_meV_per_atom']:.3f} meV/atom, mean T {md['mean_temperature_K']:.0f} K")
+        result["md"] = md
+    (outs / "demo.json").write_text(json.dumps(result, indent=1))
+    print(f"total wall time {time.perf_counter() - t_start:.0f} s; outputs in {outs}/")
+    return result

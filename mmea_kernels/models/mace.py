@@ -8,7 +8,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["MACEConfig", "PRESETS", "build_mace", "atoms_to_batch", "energy_and_forces"]
+__all__ = ["MACEConfig", "PRESETS", "build_mace", "atoms_to_graphs", "collate", "atoms_to_batch",
+           "energy_and_forces"]
 
 
 @dataclasses.dataclass
@@ -29,6 +30,10 @@ class MACEConfig:
     atomic_energies: Optional[Sequence[float]] = None
     scale: float = 1.0
     shift: float = 0.0
+    # mace-torch builds the symmetric-contraction basis with cuequivariance's reduced CG whenever
+    # cuequivariance is importable (fewer weights), else with e3nn's: pin the choice so that a saved
+    # model rebuilds with the same shapes in every environment. False = e3nn's basis.
+    use_reduced_cg: bool = False
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -45,6 +50,10 @@ PRESETS: Dict[str, MACEConfig] = {
     # Small enough for float64 tests and CPU demos.
     "tiny": MACEConfig(hidden_irreps="8x0e+8x1o", mlp_irreps="8x0e", max_ell=2, correlation=2,
                        radial_mlp=(16, 16), num_bessel=6),
+    # The project's own pretrained model (mmea_kernels/assets/mace-xtb-small.pt, scripts/pretrain.py):
+    # H, C, N, O; small enough to fine-tune on 2 CPU cores.
+    "xtb-small": MACEConfig(atomic_numbers=(1, 6, 7, 8), hidden_irreps="32x0e+32x1o", mlp_irreps="16x0e",
+                            max_ell=2, correlation=3, radial_mlp=(32, 32, 32), num_bessel=8),
 }
 
 
@@ -71,35 +80,56 @@ def build_mace(config="tiny", **overrides):
         MLP_irreps=o3.Irreps(cfg.mlp_irreps), atomic_energies=e0, avg_num_neighbors=cfg.avg_num_neighbors,
         atomic_numbers=z, correlation=cfg.correlation, gate=torch.nn.functional.silu,
         radial_MLP=list(cfg.radial_mlp), radial_type="bessel", atomic_inter_scale=cfg.scale,
-        atomic_inter_shift=cfg.shift,
+        atomic_inter_shift=cfg.shift, use_reduced_cg=cfg.use_reduced_cg,
     )
 
 
-def atoms_to_batch(atoms_list: Sequence, atomic_numbers: Sequence[int], r_max: float,
-                   energy_key: str = "REF_energy", forces_key: str = "REF_forces",
-                   device="cpu", dtype: Optional[torch.dtype] = None) -> dict:
-    """One MACE input dict for a list of ASE ``Atoms`` (labels read from ``info[energy_key]`` and
-    ``arrays[forces_key]`` when present). Raises naming the elements the model does not know."""
-    from mace import data, tools
-    from mace.data.utils import KeySpecification
-    from mace.tools import torch_geometric
+def check_elements(atoms_list: Sequence, atomic_numbers: Sequence[int], where: str = "the data") -> None:
+    """Raise, listing them, if ``atoms_list`` holds elements outside ``atomic_numbers``."""
+    from ase.data import chemical_symbols
 
     known = set(int(z) for z in atomic_numbers)
     unknown = sorted({int(z) for a in atoms_list for z in a.numbers} - known)
     if unknown:
-        raise ValueError(f"the model knows elements {sorted(known)} but the data contains {unknown}")
+        names = lambda zs: ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in zs)
+        raise ValueError(f"the model knows elements {names(sorted(known))} but {where} contains "
+                         f"{names(unknown)}")
+
+
+def atoms_to_graphs(atoms_list: Sequence, atomic_numbers: Sequence[int], r_max: float,
+                    energy_key: str = "REF_energy", forces_key: str = "REF_forces",
+                    dtype: Optional[torch.dtype] = None, where: str = "the data") -> list:
+    """One mace ``AtomicData`` graph per ASE ``Atoms`` (labels read from ``info[energy_key]`` and
+    ``arrays[forces_key]`` when present). Raises naming the elements the model does not know."""
+    from mace import data, tools
+    from mace.data.utils import KeySpecification
+
+    check_elements(atoms_list, atomic_numbers, where)
     keys = KeySpecification(info_keys={"energy": energy_key}, arrays_keys={"forces": forces_key})
     z_table = tools.AtomicNumberTable([int(z) for z in atomic_numbers])
     prev = torch.get_default_dtype()
     if dtype is not None:
         torch.set_default_dtype(dtype)
     try:
-        graphs = [data.AtomicData.from_config(data.config_from_atoms(a, key_specification=keys),
-                                              z_table=z_table, cutoff=float(r_max)) for a in atoms_list]
-        batch = torch_geometric.batch.Batch.from_data_list(graphs)
+        return [data.AtomicData.from_config(data.config_from_atoms(a, key_specification=keys),
+                                            z_table=z_table, cutoff=float(r_max)) for a in atoms_list]
     finally:
         torch.set_default_dtype(prev)
+
+
+def collate(graphs: Sequence, device="cpu") -> dict:
+    """A MACE input dict from a list of ``AtomicData`` graphs."""
+    from mace.tools import torch_geometric
+
+    batch = torch_geometric.batch.Batch.from_data_list(list(graphs))
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.to_dict().items()}
+
+
+def atoms_to_batch(atoms_list: Sequence, atomic_numbers: Sequence[int], r_max: float,
+                   energy_key: str = "REF_energy", forces_key: str = "REF_forces",
+                   device="cpu", dtype: Optional[torch.dtype] = None) -> dict:
+    """One MACE input dict for a list of ASE ``Atoms`` (see :func:`atoms_to_graphs`)."""
+    return collate(atoms_to_graphs(atoms_list, atomic_numbers, r_max, energy_key, forces_key, dtype), device)
 
 
 def energy_and_forces(model, batch: dict, training: bool = False):

@@ -1,0 +1,138 @@
+"""Where a base (foundation) model comes from, and how it is identified.
+
+A model spec is one of
+- ``builtin:<name>``: a model shipped in ``mmea_kernels/assets/<name>.pt`` (default
+  ``builtin:mace-xtb-small``, the project's own MACE pretrained on GFN2-xTB data);
+- ``preset:<name>``: an untrained MACE of a named architecture (:data:`models.mace.PRESETS`), for
+  training from scratch;
+- a path to a file saved by this package (``{"format": "mmea_kernels.model/1", "config", "state_dict"}``),
+  to a whole model pickled by mace-torch (``*.model``), or to a bare state dict together with
+  ``config=`` (a JSON file or dict of :class:`models.mace.MACEConfig` fields);
+- ``mace-off:<small|medium|large>`` / ``mace-mp:<small|medium|large>``: the public MACE foundation
+  models through mace-torch's own loaders (downloads them: needs internet);
+- ``sevenn:<name>``: a pretrained SevenNet (``sevenn:7net-0`` = SevenNet-0, shipped with the sevenn
+  wheel, offline) behind mace-torch's interface (:func:`models.sevenn.load_sevennet`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+__all__ = ["MODEL_FORMAT", "DEFAULT_MODEL", "ASSETS", "load_model", "save_model", "fingerprint", "model_info"]
+
+MODEL_FORMAT = "mmea_kernels.model/1"
+DEFAULT_MODEL = "builtin:mace-xtb-small"
+ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
+
+
+def _torch_load(path: pathlib.Path, what: str):
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:  # pickle / zip errors: a truncated or foreign file
+        raise ValueError(f"{what} {path} could not be read as a torch file ({type(exc).__name__}: {exc}); "
+                         "is it truncated or not a checkpoint?") from None
+
+
+def save_model(model: nn.Module, config, path, **meta) -> None:
+    """Write ``model``'s weights with its :class:`MACEConfig` (plus ``meta``) in this package's format."""
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    torch.save({"format": MODEL_FORMAT, "config": cfg, "state_dict": model.state_dict(), "meta": meta}, str(path))
+
+
+def _from_config(cfg: dict, state_dict: Optional[dict], source: str) -> nn.Module:
+    from .models.mace import MACEConfig, build_mace
+
+    fields = set(MACEConfig.__dataclass_fields__)
+    unknown = sorted(set(cfg) - fields)
+    if unknown:
+        raise ValueError(f"{source}: unknown MACE config keys {unknown}; expected a subset of {sorted(fields)}")
+    model = build_mace(MACEConfig(**cfg))
+    if state_dict is not None:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{source}: the state dict does not fit the config "
+                             f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})")
+    return model
+
+
+def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
+               dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """The base model named by ``spec`` (see the module docstring), in eval mode, on the CPU."""
+    spec = str(spec)
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        path = ASSETS / f"{name}.pt"
+        if not path.is_file():
+            have = sorted(p.stem for p in ASSETS.glob("*.pt"))
+            raise FileNotFoundError(f"no built-in model {name!r} (have {have})")
+        model = load_model(str(path))
+    elif spec.startswith("preset:"):
+        from .models.mace import build_mace
+
+        model = build_mace(spec.split(":", 1)[1])
+    elif spec.startswith(("mace-off:", "mace-mp:")):
+        family, size = spec.split(":", 1)
+        from mace import calculators
+
+        loader = calculators.mace_off if family == "mace-off" else calculators.mace_mp
+        try:
+            calc = loader(model=size, device="cpu", default_dtype="float64", return_raw_model=False)
+        except Exception as exc:
+            raise RuntimeError(f"could not load {spec} through mace-torch ({type(exc).__name__}: {exc}); "
+                               "the foundation models are downloaded, so this needs internet") from None
+        model = calc.models[0]
+    elif spec.startswith("sevenn:"):
+        from .models.sevenn import load_sevennet
+
+        model = load_sevennet(spec.split(":", 1)[1])
+    else:
+        path = pathlib.Path(spec)
+        obj = _torch_load(path, "model file")
+        if isinstance(obj, nn.Module):
+            model = obj
+        elif isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
+            model = _from_config(obj["config"], obj["state_dict"], str(path))
+        elif isinstance(obj, dict) and obj.get("format"):
+            raise ValueError(f"{path} is a {obj['format']!r} file, not a model; "
+                             "pass the base model it was trained from instead")
+        elif isinstance(obj, dict):
+            if config is None:
+                raise ValueError(f"{path} holds a bare state dict: give its architecture with --model-config "
+                                 "(JSON of MACEConfig fields)")
+            cfg = json.loads(pathlib.Path(config).read_text()) if isinstance(config, (str, pathlib.Path)) else config
+            model = _from_config(cfg, obj, str(path))
+        else:
+            raise ValueError(f"{path} holds a {type(obj).__name__}, not a model or state dict")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def model_info(model: nn.Module) -> Tuple[list, float]:
+    """(atomic numbers, cutoff radius) of a mace-torch model."""
+    try:
+        return [int(z) for z in model.atomic_numbers], float(model.r_max)
+    except AttributeError:
+        raise ValueError(f"{type(model).__name__} is not a mace-torch model (no atomic_numbers / r_max)") from None
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A hash of a model's parameters and buffers (names, shapes, values rounded to float32, so the float32 and float64 copies agree), minus the
+    per-element reference energies that fine-tuning re-fits: identifies the base model an
+    adapter was trained on."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if name.endswith("atomic_energies") or not torch.is_tensor(t):
+            continue
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to(torch.float32 if t.is_floating_point() else t.dtype).cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

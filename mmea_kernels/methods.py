@@ -1,0 +1,177 @@
+"""Fine-tuning methods: which parameters of a MACE model train, and how.
+
+=============  ================================================================================
+method         what trains (everything else is frozen)
+=============  ================================================================================
+``mmea``       MMEA adapters on every ``o3.Linear`` (gate nets only)
+``mmea-paper`` the published MMEA recipe: MMEA adapters on every ``o3.Linear``; low-rank
+               (ELoRA-style, ``ΔW = (α/r)·A·B``, B = 0) updates on the weighted tensor products
+               (``skip_tp``, one A·B per e3nn instruction), on every layer of the radial MLPs
+               (``conv_tp_weights.layerK.weight``) and on the top-order symmetric-contraction
+               weights (``weights_max``, viewed as [elements·paths, channels]); the lower-order
+               symmetric-contraction weights (``weights.K``) and the Bessel frequencies
+               (``bessel_weights``, a buffer in mace-torch, made a parameter) train densely
+``elora``      ELoRA low-rank updates on every ``o3.Linear`` (per instruction)
+``full``       every parameter of the pretrained model
+``readout``    the readout blocks only (``readouts.*``)
+``scratch``    every parameter, after re-initialising the model (same architecture)
+=============  ================================================================================
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .inject import inject_adapters
+
+__all__ = ["METHODS", "apply_method", "LowRankDelta", "trainable_state", "reinitialize"]
+
+METHODS = ("mmea", "mmea-paper", "elora", "full", "readout", "scratch")
+
+
+class LowRankDelta(nn.Module):
+    """A parametrization ``W -> W + (α/r)·A_i·B_i`` on blocks of a (flattened) weight.
+
+    ``blocks`` are ``(offset, rows, cols)`` views of ``W.reshape(-1)``: block ``i`` is
+    ``W.flatten()[offset:offset + rows*cols].view(rows, cols)``. ``B`` starts at zero, so the
+    parametrized weight equals the original at initialisation."""
+
+    def __init__(self, blocks: Sequence[Tuple[int, int, int]], rank: int, alpha: float, dtype, device):
+        super().__init__()
+        self.blocks = [tuple(int(v) for v in b) for b in blocks]
+        self.A = nn.ParameterList()
+        self.B = nn.ParameterList()
+        self.scales: List[float] = []
+        for _, rows, cols in self.blocks:
+            r = max(1, min(rank, rows, cols))
+            a = torch.empty(rows, r, dtype=dtype, device=device)
+            nn.init.kaiming_uniform_(a.T, a=math.sqrt(5))
+            self.A.append(nn.Parameter(a))
+            self.B.append(nn.Parameter(torch.zeros(r, cols, dtype=dtype, device=device)))
+            self.scales.append(alpha / r)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        pieces, pos = [], 0
+        flat = w.reshape(-1)
+        for (off, rows, cols), a, b, s in zip(self.blocks, self.A, self.B, self.scales):
+            if off > pos:
+                pieces.append(flat[pos:off])
+            pieces.append(flat[off:off + rows * cols] + s * (a @ b).reshape(-1))
+            pos = off + rows * cols
+        if pos < flat.numel():
+            pieces.append(flat[pos:])
+        return torch.cat(pieces).view_as(w)
+
+
+def _tp_blocks(tp) -> List[Tuple[int, int, int]]:
+    """Per-instruction (offset, mul_in1·mul_in2, mul_out) blocks of an e3nn TensorProduct's weight."""
+    blocks, off = [], 0
+    for ins in tp.instructions:
+        if not ins.has_weight:
+            continue
+        n = math.prod(ins.path_shape)
+        if len(ins.path_shape) != 3:
+            raise ValueError(f"unsupported tensor-product path shape {ins.path_shape} (connection {ins.connection_mode})")
+        blocks.append((off, ins.path_shape[0] * ins.path_shape[1], ins.path_shape[2]))
+        off += n
+    return blocks
+
+
+def _low_rank(module: nn.Module, name: str, blocks, rank: int) -> None:
+    w = getattr(module, name)
+    parametrize.register_parametrization(module, name, LowRankDelta(blocks, rank, float(rank), w.dtype, w.device))
+
+
+def _bessel_to_parameter(model: nn.Module) -> List[str]:
+    names = []
+    for mname, mod in model.named_modules():
+        if "bessel_weights" in getattr(mod, "_buffers", {}):
+            w = mod._buffers.pop("bessel_weights")
+            mod.bessel_weights = nn.Parameter(w.detach().clone())
+            names.append(f"{mname}.bessel_weights")
+    return names
+
+
+def reinitialize(model: nn.Module, seed: int) -> None:
+    """Fresh random weights for every parameter (the module's own ``reset_parameters`` where it
+    has one, else normal(0, 1) like e3nn's initialisers), seeded."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        with torch.no_grad():
+            for mod in model.modules():
+                for pname, p in mod.named_parameters(recurse=False):
+                    if "weights" in pname and p.dim() == 3:  # symmetric contraction: mace uses U(-1,1)/num_params
+                        p.copy_(torch.randn_like(p) / p.shape[1])
+                    else:
+                        p.normal_()
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+
+def apply_method(model: nn.Module, method: str, rank: int = 16, seed: int = 0, **adapter_options) -> Dict[str, int]:
+    """Set up ``model`` in place for ``method`` (see the module docstring) and return
+    ``{parameter group: trainable count}``. Deterministic given ``seed``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown fine-tuning method {method!r}; expected one of {list(METHODS)}")
+    torch.manual_seed(seed)
+    groups: Dict[str, int] = {}
+    if method in ("full", "scratch"):
+        if method == "scratch":
+            reinitialize(model, seed)
+        model.requires_grad_(True)
+        groups["all parameters"] = sum(p.numel() for p in model.parameters())
+        return groups
+    if method == "readout":
+        model.requires_grad_(False)
+        readouts = getattr(model, "readouts", None)
+        if readouts is None:
+            raise ValueError(f"method 'readout' needs a model with a `readouts` attribute (MACE); got {type(model).__name__}")
+        readouts.requires_grad_(True)
+        groups["readouts"] = sum(p.numel() for p in readouts.parameters())
+        return groups
+    adapter = "elora" if method == "elora" else "mmea"
+    rep = inject_adapters(model, method=adapter, rank=rank, **adapter_options)
+    groups[f"{adapter.upper()} adapters on {len(rep.modules)} o3.Linear"] = rep.trainable_parameters
+    if method != "mmea-paper":
+        return groups
+    from e3nn import o3
+
+    counts = {"low-rank: weighted tensor products": 0, "low-rank: radial MLPs": 0,
+              "low-rank: top-order symmetric contraction": 0, "dense: lower-order symmetric contraction": 0,
+              "dense: Bessel weights": 0}
+    for mname, mod in list(model.named_modules()):
+        if isinstance(mod, o3.TensorProduct) and mod.internal_weights and mod.weight_numel > 0:
+            _low_rank(mod, "weight", _tp_blocks(mod), rank)
+            counts["low-rank: weighted tensor products"] += _n(mod.parametrizations.weight[0])
+        elif mname.split(".")[-1].startswith("layer") and ".conv_tp_weights." in f".{mname}." \
+                and isinstance(getattr(mod, "weight", None), torch.Tensor) and mod.weight.dim() == 2:
+            _low_rank(mod, "weight", [(0, *mod.weight.shape)], rank)
+            counts["low-rank: radial MLPs"] += _n(mod.parametrizations.weight[0])
+        elif hasattr(mod, "weights_max") and isinstance(getattr(mod, "weights", None), nn.ParameterList):
+            e, p, c = mod.weights_max.shape
+            _low_rank(mod, "weights_max", [(0, e * p, c)], rank)
+            counts["low-rank: top-order symmetric contraction"] += _n(mod.parametrizations.weights_max[0])
+            for w in mod.weights:
+                w.requires_grad_(True)
+                counts["dense: lower-order symmetric contraction"] += w.numel()
+    for name in _bessel_to_parameter(model):
+        counts["dense: Bessel weights"] += model.get_parameter(name).numel()
+    for n, c in counts.items():
+        if c == 0:
+            raise ValueError(f"mmea-paper: found nothing for '{n}' in {type(model).__name__} (not a MACE model?)")
+    groups.update(counts)
+    return groups
+
+
+def _n(mod: nn.Module) -> int:
+    return sum(p.numel() for p in mod.parameters())
+
+
+def trainable_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``{name: detached copy}`` of every parameter with ``requires_grad``."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,266 @@
+"""The fine-tuning workflow: CLI end to end, evaluate reproduces the reported errors, resume gives
+the same result, methods train what they say, E0 re-fit, ASE calculator, bad input."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("mace")
+import ase.io  # noqa: E402
+
+from mmea_kernels.cli import main  # noqa: E402
+from mmea_kernels.data import toy_molecules  # noqa: E402
+from mmea_kernels.finetune import FinetuneConfig, finetune, load_finetuned, refit_e0s  # noqa: E402
+from mmea_kernels.foundation import load_model, save_model  # noqa: E402
+from mmea_kernels.methods import METHODS, apply_method  # noqa: E402
+from mmea_kernels.models.mace import PRESETS, atoms_to_batch, build_mace, energy_and_forces  # noqa: E402
+
+TINY = PRESETS["tiny"]  # H, C, O
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny random 'pretrained' MACE file and Morse-labelled ethanol/toluene xyz files."""
+    d = tmp_path_factory.mktemp("ft")
+    torch.manual_seed(0)
+    save_model(build_mace(TINY), TINY, d / "base.pt")
+    ase.io.write(str(d / "train.xyz"), toy_molecules("ethanol", 8, "B", seed=1) + toy_molecules("toluene", 4, "B", seed=2))
+    ase.io.write(str(d / "valid.xyz"), toy_molecules("ethanol", 4, "B", seed=3))
+    ase.io.write(str(d / "test.xyz"), toy_molecules("ethanol", 6, "B", seed=4))
+    return d
+
+
+def _cli(files, out, *extra):
+    return main(["finetune", "--train", str(files / "train.xyz"), "--valid", str(files / "valid.xyz"),
+                 "--test", str(files / "test.xyz"), "--model", str(files / "base.pt"), "--out", str(out),
+                 "--epochs", "2", "--batch-size", "4", "--no-progress", *extra])
+
+
+def test_cli_end_to_end_and_evaluate_reproduces(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _cli(files, out, "--method", "mmea") == 0
+    for name in ("checkpoint.pt", "metrics.json", "learning_curve.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["method"] == "mmea" and m["test"]["frames"] == 6 and len(m["history"]) == 2
+    assert m["trainable_parameters"] > 0
+    capsys.readouterr()
+    js = tmp_path / "eval.json"
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(files / "test.xyz"),
+                 "--json", str(js)]) == 0
+    ev = json.loads(js.read_text())
+    for k in ("energy_mae_meV", "forces_mae_meV_per_A", "energy_rmse_meV", "forces_rmse_meV_per_A"):
+        assert math.isclose(ev[k], m["test"][k], rel_tol=1e-9), k
+    assert f"{m['test']['forces_mae_meV_per_A']:.3f}" in capsys.readouterr().out
+    # the adapter-only checkpoint holds adapter tensors only
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ck["trainable"] and all(".mmea_" in n for n in ck["trainable"])
+
+
+def test_training_improves_and_checkpoint_is_best_ema(files, tmp_path):
+    cfg = FinetuneConfig(train=str(files / "train.xyz"), valid=str(files / "valid.xyz"), model=str(files / "base.pt"),
+                         out_dir=str(tmp_path / "r"), method="elora", epochs=6, batch_size=4, progress=False,
+                         ema_decay=0.5)
+    m = finetune(cfg, log=lambda *_: None)
+    losses = [h["valid"]["loss"] for h in m["history"]]
+    assert min(losses) < losses[0]
+    best = int(np.argmin(losses)) + 1
+    assert m["best_epoch"] == best
+    assert math.isclose(m["valid"]["loss"], losses[best - 1], rel_tol=1e-9)  # final model = best EMA weights
+
+
+def test_resume_gives_the_same_result(files, tmp_path):
+    kw = dict(train=str(files / "train.xyz"), valid=str(files / "valid.xyz"), model=str(files / "base.pt"),
+              method="mmea-paper", epochs=4, batch_size=4, progress=False, rank=4)
+    full = finetune(FinetuneConfig(out_dir=str(tmp_path / "a"), **kw), log=lambda *_: None)
+    part = finetune(FinetuneConfig(out_dir=str(tmp_path / "b"), stop_after=2, **kw), log=lambda *_: None)
+    assert part["stopped"] == "stop_after"
+    with pytest.raises(FileExistsError, match="resume"):
+        finetune(FinetuneConfig(out_dir=str(tmp_path / "b"), **kw), log=lambda *_: None)
+    res = finetune(FinetuneConfig(out_dir=str(tmp_path / "b"), resume=True, **kw), log=lambda *_: None)
+    assert [h["valid"]["loss"] for h in res["history"]] == [h["valid"]["loss"] for h in full["history"]]
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["trainable"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["trainable"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="different settings"):
+        finetune(FinetuneConfig(out_dir=str(tmp_path / "b"), resume=True, **dict(kw, lr=1e-3)), log=lambda *_: None)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_methods_identity_trainable_set_and_equivariance(method):
+    torch.manual_seed(0)
+    base = build_mace(TINY).double()
+    frames = toy_molecules("ethanol", 2, seed=5)
+    b = atoms_to_batch(frames, TINY.atomic_numbers, TINY.r_max, dtype=torch.float64)
+    e0, f0 = energy_and_forces(base, b)
+    import copy
+
+    model = copy.deepcopy(base)
+    groups = apply_method(model, method, rank=4, seed=1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(groups.values())
+    e1, f1 = energy_and_forces(model, b)
+    if method == "scratch":
+        assert not torch.allclose(e1, e0)
+        return
+    torch.testing.assert_close(e1, e0, rtol=1e-12, atol=1e-12)  # identity at initialisation
+    torch.testing.assert_close(f1, f0, rtol=1e-12, atol=1e-12)
+    if method == "readout":
+        assert trainable and all(n.startswith("readouts.") for n in trainable)
+    if method == "mmea-paper":
+        kinds = {"parametrizations.weight.original", "parametrizations.weights_max.original"}
+        assert not any(any(k in n for k in kinds) for n in trainable)  # frozen originals
+        assert any(".A." in n for n in trainable) and any("bessel_weights" in n for n in trainable)
+        assert any(".weights.0" in n for n in trainable)
+    # random trained-like values everywhere, then O(3): E invariant, F covariant
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    rot = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))[0]
+    rot = -rot if torch.det(rot) > 0 else rot  # include a reflection
+    rframes = [a.copy() for a in frames]
+    for a in rframes:
+        a.positions = a.positions @ rot.numpy().T
+    br = atoms_to_batch(rframes, TINY.atomic_numbers, TINY.r_max, dtype=torch.float64)
+    e, f = energy_and_forces(model, b)
+    er, fr = energy_and_forces(model, br)
+    assert not torch.allclose(e, e0)
+    torch.testing.assert_close(er, e, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(fr, f @ rot.T, rtol=1e-9, atol=1e-9)
+
+
+def test_low_rank_delta_matches_manual_update():
+    from mmea_kernels.methods import LowRankDelta
+
+    torch.manual_seed(0)
+    w = torch.randn(2 * 3 + 4 * 5 + 3, dtype=torch.float64)
+    blocks = [(0, 2, 3), (6, 4, 5)]
+    lr = LowRankDelta(blocks, rank=2, alpha=2.0, dtype=torch.float64, device="cpu")
+    for b in lr.B:
+        b.data.normal_()
+    out = lr(w)
+    ref = w.clone()
+    ref[0:6] += (2.0 / 2) * (lr.A[0] @ lr.B[0]).reshape(-1)
+    ref[6:26] += (2.0 / 2) * (lr.A[1] @ lr.B[1]).reshape(-1)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-14)
+    assert lr.A[0].shape == (2, 2) and lr.B[1].shape == (2, 5)
+
+
+def test_e0_refit_recovers_known_offsets():
+    torch.manual_seed(0)
+    model = build_mace(TINY).double()
+    frames = toy_molecules("ethanol", 3, seed=6) + toy_molecules("toluene", 3, seed=7)
+    b = atoms_to_batch(frames, TINY.atomic_numbers, TINY.r_max, dtype=torch.float64)
+    e_model, _ = energy_and_forces(model, b)
+    # H/C/O counts of ethanol and toluene do not determine 3 elements; use a third composition
+    water = ase.Atoms("OH2", positions=[(0, 0, 0), (0.96, 0, 0), (-0.24, 0.93, 0)])
+    frames.append(water)
+    e_w, _ = energy_and_forces(model, atoms_to_batch([water], TINY.atomic_numbers, TINY.r_max, energy_key="x",
+                                                     forces_key="y", dtype=torch.float64))
+    e_all = torch.cat([e_model, e_w]).detach().numpy()
+    offsets = {1: -13.6, 6: -1029.5, 8: -2041.2}
+    for a, e in zip(frames, e_all):
+        a.info["REF_energy"] = float(e) + sum(offsets[int(z)] for z in a.numbers)  # E0_old are 0 in TINY
+    got = refit_e0s(model, frames, TINY.atomic_numbers, "lstsq", "REF_energy")
+    np.testing.assert_allclose(got, [offsets[z] for z in TINY.atomic_numbers], rtol=0, atol=1e-8)
+    avg = refit_e0s(model, frames, TINY.atomic_numbers, "average", "REF_energy")
+    assert len(set(avg)) == 1
+
+
+def test_ase_calculator_forces_are_minus_energy_gradient(files, tmp_path):
+    from mmea_kernels.calculator import MMEACalculator, nve_drift
+
+    out = tmp_path / "r"
+    finetune(FinetuneConfig(train=str(files / "train.xyz"), valid=str(files / "valid.xyz"), model=str(files / "base.pt"),
+                            out_dir=str(out), method="mmea", epochs=1, batch_size=4, progress=False), log=lambda *_: None)
+    calc = MMEACalculator(checkpoint=str(out / "checkpoint.pt"))
+    atoms = toy_molecules("ethanol", 1, seed=9)[0]
+    atoms.calc = calc
+    f = atoms.get_forces()
+    net, _ = load_finetuned(out / "checkpoint.pt")
+    e_ref, f_ref = energy_and_forces(net, atoms_to_batch([atoms], TINY.atomic_numbers, TINY.r_max, dtype=torch.float64))
+    assert math.isclose(atoms.get_potential_energy(), float(e_ref.detach()[0]), rel_tol=1e-12)
+    np.testing.assert_allclose(f, f_ref.detach().numpy(), atol=1e-12)
+    h = 1e-5
+    for i, k in ((0, 0), (3, 2)):
+        p = atoms.positions.copy()
+        a = atoms.copy(); a.calc = calc; a.positions = p; a.positions[i, k] += h
+        ep = a.get_potential_energy()
+        a.positions = p.copy(); a.positions[i, k] -= h
+        em = a.get_potential_energy()
+        assert abs(-(ep - em) / (2 * h) - f[i, k]) < 1e-6 * max(1.0, abs(f[i, k]))
+    md = nve_drift(atoms, calc, steps=40, dt_fs=0.25, temperature_K=100)
+    assert md["steps"] == 40 and np.isfinite(md["drift_meV_per_atom_per_ps"])
+    assert md["max_deviation_meV_per_atom"] < 5.0  # a smooth potential conserves energy at a small step
+    with pytest.raises(ValueError, match="exactly one"):
+        MMEACalculator()
+
+
+# ------------------------------------------------------------------------------------ bad input
+def _err(capsys):
+    return capsys.readouterr().err
+
+
+def test_missing_keys_named(files, tmp_path, capsys):
+    assert _cli(files, tmp_path / "r", "--energy-key", "DFT_energy") == 2
+    err = _err(capsys)
+    assert "DFT_energy" in err and "train.xyz" in err
+    assert _cli(files, tmp_path / "r2", "--forces-key", "DFT_forces") == 2
+    assert "DFT_forces" in _err(capsys)
+
+
+def test_unknown_elements_listed(files, tmp_path, capsys):
+    mol = ase.Atoms("NH3", positions=[(0, 0, 0), (1.0, 0, 0), (0, 1.0, 0), (0, 0, 1.0)])
+    mol.info["REF_energy"] = -1.0
+    mol.arrays["REF_forces"] = np.zeros((4, 3))
+    ase.io.write(str(tmp_path / "n.xyz"), [mol] * 3)
+    rc = main(["finetune", "--train", str(tmp_path / "n.xyz"), "--model", str(files / "base.pt"),
+               "--out", str(tmp_path / "r"), "--epochs", "1", "--no-progress"])
+    assert rc == 2
+    err = _err(capsys)
+    assert "N (Z=7)" in err and "H (Z=1)" in err and "n.xyz" in err
+
+
+def test_mismatched_checkpoint_and_model(files, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert _cli(files, out, "--epochs", "1") == 0
+    torch.manual_seed(123)
+    save_model(build_mace(TINY), TINY, tmp_path / "other.pt")
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(files / "test.xyz"),
+                 "--model", str(tmp_path / "other.pt")]) == 2
+    err = _err(capsys)
+    assert "fingerprint" in err and "other.pt" in err
+    save_model(build_mace(TINY, hidden_irreps="4x0e+4x1o"), dict(TINY.to_dict(), hidden_irreps="4x0e+4x1o"),
+               tmp_path / "small.pt")
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(files / "test.xyz"),
+                 "--model", str(tmp_path / "small.pt")]) == 2
+    assert "small.pt" in _err(capsys)
+
+
+def test_unwritable_output_directory(files, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert _cli(files, blocker / "sub") == 2
+    err = _err(capsys)
+    assert "not writable" in err and str(blocker / "sub") in err
+
+
+def test_corrupt_checkpoint(files, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert _cli(files, out, "--epochs", "1") == 0
+    data = (out / "checkpoint.pt").read_bytes()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(bad), "--data", str(files / "test.xyz")]) == 2
+    assert "bad.pt" in _err(capsys)
+    torch.save({"hello": 1}, tmp_path / "foreign.pt")
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "foreign.pt"), "--data", str(files / "test.xyz")]) == 2
+    assert "mmea_kernels.finetune/1" in _err(capsys)
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(files / "test.xyz")]) == 2
+    assert "does not exist" in _err(capsys)
