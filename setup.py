@@ -129,6 +129,8 @@ setup(
     description="Fast, exactly equivariant magnitude-modulated adapters (MMEA) for e3nn/MACE potentials",
     packages=find_packages(include=["mmea_kernels", "mmea_kernels.*"]),
     python_requires=">=3.10",
+    # the project's own pretrained model, its log and the small DFT set (scripts/pretrain.py, scripts/data/)
+    package_data={"mmea_kernels": ["assets/*.pt", "assets/*.log", "assets/*/*.xyz", "assets/*/*.md"]},
     install_requires=[
         "torch>=2.2",  # pin the build in the same pip command (scripts/install.sh) to keep a CPU wheel
         "e3nn>=0.5,<0.7",
@@ -137,12 +139,20 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
+        # only for regenerating the shipped data (scripts/data/): GFN2-xTB, PBE/def2-SVP, SMILES -> 3D
+        "data": ["tblite", "pyscf", "rdkit"],
         # mace-torch itself is installed with --no-deps (it pins e3nn==0.4.4, see README);
         # these are the runtime dependencies it imports.
         "mace": ["torch-ema", "prettytable", "matscipy", "h5py", "torchmetrics", "python-hostlist",
                  "configargparse", "GitPython", "pyYAML", "tqdm", "lmdb", "orjson", "pandas", "matplotlib"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "triton==3.7.1",
                  "cuequivariance==0.13.0"],
+        # cuEquivariance layers (pure Python; runs on CPU through its fallback). The CUDA ops package
+        # (cuequivariance-ops-torch-cu12/13) is for GPU machines only: install it there yourself.
+        "cueq": ["cuequivariance==0.13.0", "cuequivariance-torch==0.13.0"],
+        # SevenNet (its wheel carries the pretrained SevenNet-0 weights); needs e3nn >= 0.5, which is
+        # what lets it share one environment with mace-torch installed --no-deps.
+        "sevenn": ["sevenn==0.13.0"],
     },
     ext_modules=EXT_MODULES,
     cmdclass={"build_ext": BUILD_EXT},

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs mmea_kernels with its test and MACE dependencies into the current Python environment.
+# Installs mmea_kernels with its test, MACE, cuEquivariance (CPU) and SevenNet dependencies into the
+# current Python environment.
 # torch is pinned in the same pip command, so no dependency can pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,9 +10,9 @@ MACE_VERSION=${MACE_VERSION:-0.3.16}
 # The package is built without build isolation so that its optional C++ extension
 # (mmea_kernels._C, see setup.py) is compiled against this pinned torch, which is installed first.
 $PY -m pip install -q --disable-pip-version-check "torch==${TORCH_VERSION}" "setuptools>=64" wheel
-$PY -m pip install -q --disable-pip-version-check --no-build-isolation "torch==${TORCH_VERSION}" -e ".[test,mace]"
+$PY -m pip install -q --disable-pip-version-check --no-build-isolation "torch==${TORCH_VERSION}" -e ".[test,mace,cueq,sevenn]"
 # mace-torch pins e3nn==0.4.4, which does not import under torch>=2.6 without a global
 # weights_only override; it runs fine with e3nn 0.6, so it is installed without its pins.
 $PY -m pip install -q --disable-pip-version-check --no-deps "mace-torch==${MACE_VERSION}"
-$PY -c "import torch, e3nn, mace, mmea_kernels; print('installed: torch', torch.__version__, '| e3nn', e3nn.__version__, '| mmea_kernels', mmea_kernels.__version__)"
+$PY -c "import torch, e3nn, mace, sevenn, cuequivariance_torch, mmea_kernels; print('installed: torch', torch.__version__, '| e3nn', e3nn.__version__, '| sevenn', sevenn.__version__, '| cuequivariance_torch', cuequivariance_torch.__version__, '| mmea_kernels', mmea_kernels.__version__)"
 $PY -c "from mmea_kernels.ops import backend_status; ok, why = backend_status('cpp', 'cpu'); print('C++ extension (cpp backend):', 'built' if ok else 'not available: ' + why)"
