@@ -2,7 +2,7 @@
 PY ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench
+.PHONY: install test demo bench bench-adapt bench-adapt-fast
 
 install:
 	PYTHON=$(PY) bash scripts/install.sh
@@ -15,3 +15,10 @@ demo: install
 
 bench: install
 	$(PY) -m pytest -q -p no:cacheprovider bench --benchmark-only -o testpaths=bench -s
+
+# adaptation quality on rMD17 (bench/adapt.py): the full table (~75 min on 2 cores) and the CI-sized mode
+bench-adapt: install
+	$(PY) bench/adapt.py --mode full --workers 2
+
+bench-adapt-fast: install
+	$(PY) bench/adapt.py --mode fast

@@ -1,20 +1,44 @@
-"""The README's main command runs without the shared rMD17 data (self-made fallback data)."""
+"""The README's main command on its embedded default (the shipped pretrained model and DFT set,
+no ../shared needed), at a tiny budget; and the shipped assets themselves."""
+import json
+
+import pytest
 import torch
 
-from mmea_kernels import demo
+pytest.importorskip("mace")
+
+from mmea_kernels import demo  # noqa: E402
+from mmea_kernels.finetune import read_frames  # noqa: E402
+from mmea_kernels.foundation import ASSETS, DEFAULT_MODEL, load_model, model_info  # noqa: E402
 
 
-def test_demo_runs_on_self_made_data(monkeypatch, capsys):
-    monkeypatch.setattr(demo, "find_rmd17", lambda path=None: None)
+def test_shipped_assets_are_complete():
+    model = load_model(DEFAULT_MODEL)
+    z, r_max = model_info(model)
+    assert z == [1, 6, 7, 8] and r_max == 5.0
+    meta = torch.load(ASSETS / "mace-xtb-small.pt", weights_only=False)["meta"]["recipe"]
+    assert "GFN2-xTB" in meta["data"] and meta["valid"]["forces_mae_meV_per_A"] < 200
+    assert (ASSETS / "mace-xtb-small.log").stat().st_size > 0
+    assert (ASSETS / "mace-xtb-small.pt").stat().st_size < 5e6
+    sizes = {s: len(read_frames(str(demo.DATA / f"{s}.xyz"), "REF_energy", "REF_forces")) for s in ("train", "valid", "test")}
+    assert sizes == {"train": 50, "valid": 25, "test": 75}
+    frames = read_frames(str(demo.DATA / "train.xyz"), "REF_energy", "REF_forces")
+    assert all(a.get_chemical_formula() == "C2H6O" for a in frames)
+    # PBE/def2-SVP total energies of ethanol are near -4209.5 eV (the rMD17 level of theory)
+    assert all(-4212 < a.info["REF_energy"] < -4207 for a in frames)
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rows = demo.run(pretrain_steps=3, adapt_steps=3)
+        res = demo.run(epochs=1, methods=("mmea", "elora"), out=str(tmp_path), md_steps=10)
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    assert "self-made Morse-potential data" in out
-    assert "identity at init: max |dE| = 0.00e+00 eV" in out
-    assert set(rows) == {"pretrained, not adapted", "MMEA rank 16", "ELORA rank 16"}
-    assert rows["MMEA rank 16"]["trainable"] == 6346
-    assert all(r["forces_mae_meV_per_A"] > 0 for r in rows.values())
+    assert "| base, E0s re-fitted only |" in out and "| mmea |" in out and "| elora |" in out
+    assert "energy drift" in out
+    rows = res["rows"]
+    assert rows["mmea"]["trainable_parameters"] > 0 and rows["mmea"]["frames"] == 75
+    assert json.loads((tmp_path / "demo.json").read_text())["md"]["steps"] == 10
+    assert (tmp_path / "mmea" / "checkpoint.pt").is_file()
