@@ -1,0 +1,217 @@
+"""SevenNet-0 as a foundation model: parity with SevenNet's own ASE calculator, adapters on its
+o3.Linear layers (identity at init, rotation equivariance, forces = -dE/dr), and the fine-tuning
+workflow end to end (``model="sevenn:7net-0"``)."""
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sevenn")
+pytest.importorskip("mace")
+
+import mmea_kernels as mk  # noqa: E402
+from mmea_kernels.data import toy_molecules  # noqa: E402
+from mmea_kernels.models.mace import atoms_to_batch  # noqa: E402
+from mmea_kernels.models.sevenn import SevenNetAsMACE, load_sevennet  # noqa: E402
+
+N_LINEAR = 18  # onehot_to_feature_x, 5 x (self_connection_intro, self_interaction_1, self_interaction_2), 2 readout
+
+
+def _crystal():
+    import ase.build
+
+    a = ase.build.bulk("NaCl", "rocksalt", a=5.64)
+    a.rattle(0.05, seed=1)
+    return a
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return toy_molecules("ethanol", 2) + [_crystal()]
+
+
+@pytest.fixture(scope="module")
+def base64():
+    return load_sevennet("7net-0", dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def reference(frames):
+    from sevenn.calculator import SevenNetCalculator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calc = SevenNetCalculator("7net-0", device="cpu")
+    out = []
+    for a in frames:
+        a = a.copy()
+        a.calc = calc
+        out.append((a.get_potential_energy(), a.get_forces().copy()))
+    return out
+
+
+def _batch(model, frames, dtype=torch.float64):
+    return atoms_to_batch(frames, model.atomic_numbers.tolist(), float(model.r_max), dtype=dtype)
+
+
+def _eval(model, batch):
+    out = model(dict(batch), training=False, compute_force=True)
+    return out["energy"].double(), out["forces"].double()
+
+
+def test_interface(base64):
+    assert isinstance(base64, SevenNetAsMACE)
+    z = base64.atomic_numbers.tolist()
+    assert len(z) == 89 and z == sorted(z) and {1, 6, 8, 11, 17}.issubset(z)
+    assert base64.r_max.dim() == 0 and float(base64.r_max) == 5.0
+    e0 = base64.atomic_energies_fn.atomic_energies
+    assert e0.shape == (89,) and e0.dtype == torch.float64 and not e0.any()
+    from mmea_kernels.foundation import fingerprint, load_model, model_info
+
+    assert model_info(base64) == (z, 5.0)
+    m32 = load_model("sevenn:7net-0")
+    assert isinstance(m32, SevenNetAsMACE) and next(m32.parameters()).dtype == torch.float32
+    assert fingerprint(m32) == fingerprint(base64)  # float64 copy (exact Wigner-3j) fingerprints the same
+
+
+@pytest.mark.parametrize("dtype,tol_e,tol_f", [(torch.float64, 1e-5, 1e-5), (torch.float32, 2e-5, 1e-5)])
+def test_parity_with_sevennet_calculator(base64, frames, reference, dtype, tol_e, tol_f):
+    """Energies and forces equal SevenNetCalculator's (a float32 model) on two molecules and a periodic
+    crystal, all in one batch; E0s added per atom."""
+    model = base64 if dtype == torch.float64 else load_sevennet("7net-0")
+    e, f = _eval(model, _batch(model, frames, dtype))
+    ptr = np.cumsum([0] + [len(a) for a in frames])
+    for i, (e_ref, f_ref) in enumerate(reference):
+        assert abs(float(e[i]) - e_ref) < tol_e, (i, float(e[i]), e_ref)
+        np.testing.assert_allclose(f[ptr[i]:ptr[i + 1]].numpy(), f_ref, atol=tol_f, rtol=0)
+    # the per-element reference energies are added as a sum over atoms
+    m = copy.deepcopy(base64) if dtype == torch.float64 else model
+    e0 = torch.arange(89, dtype=m.atomic_energies_fn.atomic_energies.dtype) * 0.5
+    m.atomic_energies_fn.atomic_energies.copy_(e0)
+    e2, f2 = _eval(m, _batch(m, frames, dtype))
+    zi = {z: i for i, z in enumerate(m.atomic_numbers.tolist())}
+    shift = [sum(float(e0[zi[int(z)]]) for z in a.numbers) for a in frames]
+    np.testing.assert_allclose((e2 - e).numpy(), shift, rtol=1e-6)
+    torch.testing.assert_close(f2, f, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_adapter_targets(base64):
+    m = copy.deepcopy(base64)
+    rep = mk.inject_adapters(m, method="mmea")
+    names = [r.name for r in rep.modules]
+    assert len(names) == N_LINEAR and all(n.endswith(".linear") for n in names)
+    assert "sevennet.onehot_to_feature_x.linear" in names and "sevennet.4_self_interaction_2.linear" in names
+    assert rep.trainable_parameters == 110_209
+
+
+@pytest.mark.parametrize("method", ["mmea", "elora"])
+def test_identity_at_init(base64, frames, method):
+    b = _batch(base64, frames)
+    e0, f0 = _eval(base64, b)
+    m = copy.deepcopy(base64)
+    rep = mk.inject_adapters(m, method=method)
+    assert len(rep.modules) == N_LINEAR
+    e1, f1 = _eval(m, b)
+    assert (e1 - e0).abs().max() <= 1e-10 and (f1 - f0).abs().max() <= 1e-10
+
+
+def _randomised(base, method, seed=0):
+    m = copy.deepcopy(base)
+    mk.inject_adapters(m, method=method)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return m
+
+
+def _rotation(seed):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+@pytest.mark.parametrize("method", ["mmea", "elora"])
+def test_rotation_equivariance_random_adapters(base64, frames, method):
+    """Energy invariant, forces covariant under a random rotation (molecule and crystal, cell rotated
+    too). Reflections are left out: SevenNet-0 is built with is_parity=False, so the base model itself
+    is only SO(3)-equivariant (checked below with SevenNet's own calculator's numbers)."""
+    m = _randomised(base64, method)
+    b = _batch(m, frames)
+    e, f = _eval(m, b)
+    e_base, _ = _eval(base64, b)
+    assert (e - e_base).abs().max() > 1e-4  # the adapters do something
+    R = _rotation(3)
+    rot = []
+    for a in frames:
+        a = a.copy()
+        a.positions = a.positions @ R.T
+        if a.pbc.any():
+            a.cell = a.cell.array @ R.T
+        rot.append(a)
+    er, fr = _eval(m, _batch(m, rot))
+    torch.testing.assert_close(er, e, rtol=1e-11, atol=1e-9)
+    torch.testing.assert_close(fr, f @ torch.from_numpy(R).T, rtol=0, atol=1e-9)
+
+
+def test_base_model_is_not_mirror_symmetric(base64, frames):
+    a = frames[0].copy()
+    m = a.copy()
+    m.positions[:, 0] *= -1
+    e, _ = _eval(base64, _batch(base64, [a, m]))
+    assert abs(float(e[1] - e[0])) > 1e-5  # about 3e-4 eV for this ethanol: is_parity=False
+
+
+@pytest.mark.parametrize("method", ["mmea", "elora"])
+def test_forces_are_minus_energy_gradient(base64, frames, method):
+    m = _randomised(base64, method, seed=1)
+    mol = [frames[0]]
+    _, f = _eval(m, _batch(m, mol))
+    h = 1e-4
+    for atom, k in ((2, 0), (5, 2)):
+        es = []
+        for s in (h, -h):
+            a = mol[0].copy()
+            a.positions[atom, k] += s
+            es.append(float(_eval(m, _batch(m, [a]))[0][0]))
+        fd = -(es[0] - es[1]) / (2 * h)
+        assert abs(fd - float(f[atom, k])) < 1e-6 * max(1.0, abs(fd)), (atom, k, fd, float(f[atom, k]))
+
+
+def test_double_backward(base64, frames):
+    m = _randomised(base64, "mmea", seed=2)
+    out = m(dict(_batch(m, frames)), training=True, compute_force=True)
+    (out["forces"] ** 2).sum().backward()
+    grads = [p.grad for p in m.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_finetune_smoke(tmp_path):
+    import ase.io
+
+    from mmea_kernels.finetune import FinetuneConfig, _batches, errors, finetune, load_finetuned, read_frames
+    from mmea_kernels.models.mace import atoms_to_graphs
+
+    frames = toy_molecules("ethanol", 6, seed=4)
+    ase.io.write(str(tmp_path / "train.xyz"), frames[:4], format="extxyz")
+    ase.io.write(str(tmp_path / "valid.xyz"), frames[4:], format="extxyz")
+    out = tmp_path / "run"
+    cfg = FinetuneConfig(train=str(tmp_path / "train.xyz"), valid=str(tmp_path / "valid.xyz"),
+                         model="sevenn:7net-0", method="mmea", epochs=1, batch_size=2, dtype="float64",
+                         progress=False, out_dir=str(out))
+    metrics = finetune(cfg, log=lambda *a: None)
+    assert (out / "checkpoint.pt").is_file()
+    assert metrics["trainable_parameters"] == 110_209
+    # E0s re-fitted: SevenNet-0's energies are far from the Morse labels; the refit brings them close
+    assert len(metrics["e0s"]) == 89 and sum(abs(v) for v in metrics["e0s"]) > 1.0
+    assert metrics["valid"]["energy_mae_meV"] < 5e3 and np.isfinite(metrics["valid"]["forces_mae_meV_per_A"])
+    net, ckpt = load_finetuned(out / "checkpoint.pt")
+    assert isinstance(net, SevenNetAsMACE) and ckpt["model"] == "sevenn:7net-0"
+    valid = read_frames(str(tmp_path / "valid.xyz"), "REF_energy", "REF_forces")
+    graphs = atoms_to_graphs(valid, net.atomic_numbers.tolist(), float(net.r_max), dtype=torch.float64)
+    again = errors(net, _batches(graphs, 50))
+    for k in ("energy_mae_meV", "forces_mae_meV_per_A", "loss"):
+        assert again[k] == pytest.approx(metrics["valid"][k], rel=1e-9, abs=1e-9)
