@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .nn import ADAPTERS, AdapterLinear, is_equivariant_linear
+from .nn.common import linear_paths
 
 __all__ = [
     "inject_adapters", "InjectionReport", "adapter_state_dict", "load_adapter_state_dict",
@@ -100,7 +101,8 @@ def _count(model: nn.Module):
 
 def inject_adapters(model: nn.Module, method: str = "mmea", rank: int = 16, target_modules: Patterns = None,
                     exclude_modules: Patterns = None, **options) -> InjectionReport:
-    """Wrap the matching ``o3.Linear`` layers of ``model`` in place and freeze everything else.
+    """Wrap the matching equivariant linear layers (e3nn ``o3.Linear``, ``cuequivariance_torch.Linear``)
+    of ``model`` in place and freeze everything else.
 
     ``target_modules`` / ``exclude_modules``: ``None`` (all), a list of names, suffixes
     (``"linear_up"``) or globs (``"interactions.*.linear"``), or one regular expression string.
@@ -113,10 +115,10 @@ def inject_adapters(model: nn.Module, method: str = "mmea", rank: int = 16, targ
         raise RuntimeError("model already has adapters; call unload(model) or merge_and_unload(model) first")
     candidates = [n for n, m in model.named_modules() if is_equivariant_linear(m) and n]
     if not candidates and is_equivariant_linear(model):
-        raise ValueError("inject_adapters needs a model that contains o3.Linear layers, not a bare o3.Linear; "
-                         "wrap it directly with MMEALinear/ELoRALinear")
+        raise ValueError("inject_adapters needs a model that contains o3.Linear layers, not a bare o3.Linear "
+                         "(or cuequivariance_torch Linear); wrap it directly with MMEALinear/ELoRALinear")
     if not candidates:
-        raise ValueError("model contains no o3.Linear layer to adapt")
+        raise ValueError("model contains no o3.Linear (or cuequivariance_torch Linear) layer to adapt")
     targets = _select(candidates, target_modules, "target_modules")
     if exclude_modules is not None:
         excluded = set(_select(candidates, exclude_modules, "exclude_modules"))
@@ -163,16 +165,25 @@ def adapter_state_dict(model: nn.Module) -> dict:
         "format": FORMAT,
         "method": first.method,
         "options": first.adapter_options(),
-        "targets": {n: {"irreps_in": m.in_layout.irreps_str, "irreps_out": m.out_layout.irreps_str,
-                        "layout": m.layout_name} for n, m in mods.items()},
+        "targets": {n: _target_info(m) for n, m in mods.items()},
         "state": state,
     }
+
+
+def _target_info(m: AdapterLinear) -> dict:
+    info = {"irreps_in": m.in_layout.irreps_str, "irreps_out": m.out_layout.irreps_str, "layout": m.layout_name}
+    if m.method == "elora":  # which weight block each A_i, B_i belongs to
+        info["paths"] = [[p.i_in, p.i_out] for p in m.paths]
+    return info
 
 
 def load_adapter_state_dict(model: nn.Module, adapter_state: dict, **options) -> InjectionReport:
     """Load adapters saved by :func:`adapter_state_dict`, injecting them first if the model has none.
 
     Raises an error naming the module (and both irreps) when the model does not fit the saved adapters.
+    The adapter weights do not depend on the feature layout (MMEA gates act per (irrep, multiplicity),
+    ELoRA blocks per (input block, output block)), so adapters saved from an e3nn model load into its
+    cuEquivariance conversion (``mul_ir`` or ``ir_mul``) and back, as long as the irreps agree.
     """
     if not isinstance(adapter_state, dict) or adapter_state.get("format") != FORMAT:
         fmt = adapter_state.get("format") if isinstance(adapter_state, dict) else type(adapter_state).__name__
@@ -185,7 +196,7 @@ def load_adapter_state_dict(model: nn.Module, adapter_state: dict, **options) ->
     for name, info in targets.items():
         if name not in linears:
             raise ValueError(f"saved adapter targets module {name!r}, which the model does not have "
-                             f"(or which is not an o3.Linear)")
+                             f"(or which is not an o3.Linear or cuequivariance_torch Linear)")
         mod = linears[name]
         have_in, have_out = _irreps_of(mod)
         if (have_in, have_out) != (info["irreps_in"], info["irreps_out"]):
@@ -193,6 +204,11 @@ def load_adapter_state_dict(model: nn.Module, adapter_state: dict, **options) ->
                 f"module {name!r}: saved adapter has irreps {info['irreps_in']} -> {info['irreps_out']} "
                 f"but the model has {have_in} -> {have_out}"
             )
+        if "paths" in info:
+            have_paths = [[p.i_in, p.i_out] for p in linear_paths(mod.base if isinstance(mod, AdapterLinear) else mod)]
+            if [list(p) for p in info["paths"]] != have_paths:
+                raise ValueError(f"module {name!r}: saved ELoRA blocks (i_in, i_out) {info['paths']} are not the "
+                                 f"weight blocks of the model's layer {have_paths}")
     existing = adapted_modules(model)
     if existing:
         if set(existing) != set(targets):

@@ -120,6 +120,9 @@ def linear_bench(layer, n, dtype, device, run, reps, rows, card):
         Lir = IrrepsLayout.of(irreps_out, "ir_mul")
         variants["cuet"] = lambda: clin(x)
         variants["cuet+triton-gate"] = lambda: gate_mul(clin(x), g, Lir, backend="triton" if device.type == "cuda" else "torch")
+        from mmea_kernels.nn import MMEALinear  # the whole adapter on cuet.Linear, ir_mul native
+        clin_ad = MMEALinear(clin, rank=16).to(device=device, dtype=dtype)
+        variants["cuet+MMEALinear"] = lambda: clin_ad(x)
     except Exception as exc:  # not installed, or no CUDA ops
         print(f"cuEquivariance skipped: {type(exc).__name__}: {exc}")
 

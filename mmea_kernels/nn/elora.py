@@ -1,4 +1,5 @@
-"""ELoRA baseline: per e3nn instruction (path) a low-rank weight update ``ΔW = (α/r)·A·B``."""
+"""ELoRA baseline: per weight block (e3nn instruction / cuEquivariance path) a low-rank weight
+update ``ΔW = (α/r)·A·B``."""
 from __future__ import annotations
 
 import math
@@ -7,16 +8,22 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .common import AdapterLinear
+from .common import AdapterLinear, linear_paths
 
 __all__ = ["ELoRALinear"]
 
 
 class ELoRALinear(AdapterLinear):
-    """Wraps a frozen ``o3.Linear``; instruction ``i`` with weight block ``W_i`` (``m_in × m_out``)
-    gets ``A_i`` (``m_in × r``) and ``B_i`` (``r × m_out``), ``B_i = 0`` at start (so the adapted
-    layer equals the base layer), ``A_i`` kaiming-uniform as in LoRA. ``alpha`` defaults to ``rank``.
-    ``merge()`` folds ``ΔW`` into the base weights exactly.
+    """Wraps a frozen ``o3.Linear`` or ``cuequivariance_torch.Linear``; weight block ``i`` (an e3nn
+    instruction, or a path of the cuEquivariance descriptor: ``irreps_in[i_in] -> irreps_out[i_out]``,
+    ``W_i`` of shape ``m_in × m_out``) gets ``A_i`` (``m_in × r``) and ``B_i`` (``r × m_out``),
+    ``B_i = 0`` at start (so the adapted layer equals the base layer), ``A_i`` kaiming-uniform as in
+    LoRA. ``alpha`` defaults to ``rank``. ``merge()`` folds ``ΔW`` into the base weights exactly.
+
+    Both layer kinds order their blocks the same way (every pair of equal irreps, input-major), so
+    the adapter weights of an e3nn layer and of its cuEquivariance conversion correspond one to one
+    (:attr:`paths` lists ``(i_in, i_out)`` of each block). Needs internal weights (a weight parameter
+    to update); a ``cuet.Linear`` must also have a single weight class.
     """
 
     method = "elora"
@@ -25,13 +32,33 @@ class ELoRALinear(AdapterLinear):
         super().__init__(base)
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
-        if not getattr(base, "internal_weights", True) or getattr(base, "weight", None) is None:
+        if self.base_kind == "cuet":
+            if not base.internal_weights or getattr(base, "weight", None) is None:
+                raise TypeError(
+                    "ELoRA needs a cuequivariance_torch Linear with internal weights: this one "
+                    f"(shared_weights={base.shared_weights}, internal_weights={base.internal_weights}) takes "
+                    "its weight as a forward argument, so there is no weight parameter to add a low-rank "
+                    "update to (MMEA adapters work on it)")
+            if int(base.weight_classes) != 1:
+                raise TypeError(
+                    f"ELoRA on a cuequivariance_torch Linear with weight_classes={base.weight_classes} is not "
+                    "supported: its weight holds one matrix per class, selected per row by weight_indices, and "
+                    "one low-rank update per block would be shared by all classes (MMEA adapters work on it)")
+        elif not getattr(base, "internal_weights", True) or getattr(base, "weight", None) is None:
             raise TypeError("ELoRA needs an o3.Linear with internal (shared) weights")
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)
         self.scaling = self.alpha / rank
         fk = self._factory()
-        self.path_shapes = [tuple(ins.path_shape) for ins in base.instructions]
+        self.paths = linear_paths(base)
+        off = 0
+        for p in self.paths:  # blocks tile the flat weight in order: ΔW is their concatenation
+            if p.offset != off:
+                raise ValueError(f"weight blocks of {type(base).__name__} are not contiguous in path order")
+            off += p.numel
+        if off != base.weight.numel():
+            raise ValueError(f"weight blocks cover {off} of the {base.weight.numel()} weight elements")
+        self.path_shapes = [(p.mul_in, p.mul_out) for p in self.paths]
         self.elora_A = nn.ParameterList([nn.Parameter(torch.empty(m_in, rank, **fk)) for m_in, _ in self.path_shapes])
         self.elora_B = nn.ParameterList([nn.Parameter(torch.empty(rank, m_out, **fk)) for _, m_out in self.path_shapes])
         self.reset_adapter_parameters()
@@ -47,17 +74,23 @@ class ELoRALinear(AdapterLinear):
         return {"rank": self.rank, "alpha": self.alpha}
 
     def delta_weight(self) -> torch.Tensor:
-        """``ΔW`` flattened like ``base.weight`` (instruction by instruction, row-major)."""
+        """``ΔW`` shaped like ``base.weight`` (block by block, row-major; ``[weight_numel]`` for an
+        ``o3.Linear``, ``[1, weight_numel]`` for a ``cuet.Linear``)."""
         parts = [(A @ B).reshape(-1) for A, B in zip(self.elora_A, self.elora_B)]
         if not parts:
-            return self.base.weight.new_zeros(0)
-        return torch.cat(parts) * self.scaling
+            return self.base.weight.new_zeros(self.base.weight.shape)
+        return (torch.cat(parts) * self.scaling).reshape(self.base.weight.shape)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.check_input(x)
         if not self.adapter_enabled:
             return self.base(x, *args, **kwargs)
-        return self.base(x, self.base.weight + self.delta_weight(), *args, **kwargs)
+        weight = self.base.weight + self.delta_weight()
+        if self.base_kind == "cuet":
+            # a cuet.Linear with internal weights refuses a weight argument: run its own forward with
+            # the updated tensor in place of its parameter
+            return torch.func.functional_call(self.base, {"weight": weight}, (x,) + args, kwargs)
+        return self.base(x, weight, *args, **kwargs)
 
     @torch.no_grad()
     def merge(self) -> nn.Module:

@@ -22,7 +22,10 @@ INITS = ("identity", "paper")
 
 
 class MMEALinear(AdapterLinear):
-    """Wraps a frozen ``o3.Linear`` (shared, not copied) and gates its output.
+    """Wraps a frozen ``o3.Linear`` or ``cuequivariance_torch.Linear`` (shared, not copied) and gates
+    its output, in the layer's own layouts (``ir_mul`` features of a cuEquivariance layer are gated
+    in place, without transposes: the 0e input channels and the per-(order, multiplicity) output
+    columns are read from :class:`~mmea_kernels.layout.IrrepsLayout` tables of that layout).
 
     Args:
         base: the layer to adapt.
@@ -114,11 +117,21 @@ class MMEALinear(AdapterLinear):
         if spec is None:
             from ..ops.linear_spec import LinearSpec
             try:
-                spec = LinearSpec.from_e3nn(self.base)
+                if self.base_kind == "cuet":
+                    spec = _cuet_spec(self.base, self.in_layout.layout, self.out_layout.layout)
+                else:
+                    spec = LinearSpec.from_e3nn(self.base)
             except (TypeError, ValueError):
                 spec = False  # a layer the fused kernel does not cover: keep the unfused path
             self._spec = spec
         return spec or None
+
+    def _base_weight_and_bias(self):
+        """(flat weight, bias or None) the fused kernel reads."""
+        if self.base_kind == "cuet":
+            return self.base.weight.reshape(-1), None
+        bias = self.base.bias if getattr(self.base, "bias", None) is not None and self.base.bias.numel() else None
+        return self.base.weight, bias
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.check_input(x)
@@ -130,8 +143,8 @@ class MMEALinear(AdapterLinear):
         spec = self._fused_spec(x, args, kwargs)
         if spec is not None:  # one kernel: linear with the gate and additive terms in its epilogue
             from ..ops.gated_linear import gated_linear
-            bias = self.base.bias if getattr(self.base, "bias", None) is not None and self.base.bias.numel() else None
-            y2 = gated_linear(x2, self.base.weight, bias, gates, add, spec, backend="triton")
+            weight, bias = self._base_weight_and_bias()
+            y2 = gated_linear(x2, weight, bias, gates, add, spec, backend="triton")
             return y2.reshape(x.shape[:-1] + (self.out_layout.dim,))
         y = self.base(x, *args, **kwargs)
         D = self.out_layout.dim
@@ -153,3 +166,18 @@ class MMEALinear(AdapterLinear):
     def extra_repr(self) -> str:
         return (f"irreps_in={self.in_layout.irreps_str}, irreps_out={self.out_layout.irreps_str}, "
                 f"rank={self.rank}, phi={self.phi!r}, gates={self.num_gates}, additive={self.num_additive}")
+
+
+def _cuet_spec(base, layout_in: str, layout_out: str):
+    """The fused kernel's LinearSpec of a ``cuet.Linear`` with one internal weight class and the same
+    input and output layout (its paths, path weights and weight offsets from the descriptor)."""
+    from ..ops.linear_spec import LinearInstruction, LinearSpec
+    from .common import linear_paths
+
+    if layout_in != layout_out:
+        raise ValueError("the fused kernel needs one layout for input and output")
+    if not base.internal_weights or getattr(base, "weight", None) is None or int(base.weight_classes) != 1:
+        raise ValueError("the fused kernel needs one internal weight class")
+    ins = [LinearInstruction(p.i_in, p.i_out, p.mul_in, p.mul_out, p.path_weight, p.offset, p.mul_out, 1)
+           for p in linear_paths(base)]
+    return LinearSpec.of(base.irreps_in, base.irreps_out, ins, layout_in, False)

@@ -1,0 +1,232 @@
+"""TorchScript forms of the adapters.
+
+:class:`~mmea_kernels.nn.MMEALinear` and :class:`~mmea_kernels.nn.ELoRALinear` keep an eager forward
+that TorchScript cannot compile (``*args`` passed to the base layer, backend selection, the fused
+Triton kernel, layout objects). Instead they implement ``__prepare_scriptable__``, the hook
+``torch.jit.script`` calls on every module before compiling it: it returns one of the modules
+below, which holds the *same* parameters and the same base layer and computes the same function
+with plain aten ops only:
+
+* MMEA: ``x0 = x[:, scalar columns]``, ``γ = up(SiLU(down(x0)))`` (or the static ``γ``), then the
+  gate multiply as one gather (``[gates, 1][gate index of each column]``, 1 on 0e columns) and the
+  additive terms as one ``index_add`` on the 0e output columns: the torch backend's gate, written
+  out, with index tables as (non-persistent) buffers.
+* ELoRA: ``W + (α/r)·concat_i(A_i B_i)`` passed to the base layer as its weight (a
+  ``cuet.Linear``, which refuses a weight argument when its weights are internal, is run through its
+  own ``transpose_in`` -> segmented polynomial ``f`` -> ``transpose_out`` with the updated weight).
+
+A scripted model therefore contains no ``mmea_kernels`` op and loads with ``torch.jit.load`` (or
+libtorch, e.g. LAMMPS' ``pair_style mace``) without this package. Eager behaviour of the adapters is
+unchanged: the scriptable forms are only built when scripting.
+
+Scripting replaces each adapter by its scriptable form in the module tree it compiles (torch's
+``__prepare_scriptable__`` protocol edits ``_modules`` in place, as e3nn's in-place
+``jit.compile`` does with every submodule it compiles); :mod:`mmea_kernels.export` scripts a copy
+and leaves the eager model alone.
+
+Not supported (a clear error when scripting): an MMEA adapter whose gate backend is pinned to
+``"cpp"`` or ``"triton"`` (a scripted model runs the gate in aten ops; unpin it with
+``adapter.backend = None``), ELoRA on a ``cuet.Linear`` without the ``f`` / ``transpose_in`` /
+``transpose_out`` submodules of cuequivariance-torch 0.13 (merge it first: ``merge_and_unload``).
+"""
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["ScriptableMMEALinear", "ScriptableMMEACuetLinear", "ScriptableELoRALinear",
+           "ScriptableELoRACuetLinear", "scriptable_adapter", "check_scriptable"]
+
+# e3nn's @compile_mode("script") sets this class attribute; set it directly so that this module
+# does not import e3nn. e3nn.util.jit.compile then scripts these modules (and the adapters).
+E3NN_COMPILE_MODE = "__e3nn_compile_mode__"
+
+SCRIPTABLE_BACKENDS = (None, "auto", "torch")
+
+
+def check_scriptable(adapter, name: str = "") -> None:
+    """Raise a clear error when ``adapter`` cannot be turned into a TorchScript module."""
+    where = f"adapter {name!r}" if name else f"this {type(adapter).__name__}"
+    if adapter.method == "mmea":
+        backend = adapter.backend.strip().lower() if isinstance(adapter.backend, str) else adapter.backend
+        if backend not in SCRIPTABLE_BACKENDS:
+            raise NotImplementedError(
+                f"{where} has its gate backend pinned to {adapter.backend!r}: a TorchScript model runs the gate "
+                "in plain aten ops (the torch backend's gather-multiply, so that the saved model loads in "
+                "libtorch / LAMMPS without mmea_kernels) and cannot honour that choice. Unpin it before "
+                "scripting (adapter.backend = None, or 'torch'); the numbers are the same.")
+    elif adapter.method == "elora" and adapter.base_kind == "cuet":
+        missing = [a for a in ("f", "transpose_in", "transpose_out") if not hasattr(adapter.base, a)]
+        if missing:
+            raise NotImplementedError(
+                f"{where}: ELoRA on a cuequivariance_torch Linear without {missing} (this cuequivariance-torch "
+                "version lays out its Linear differently) cannot be scripted; fold the adapters into the base "
+                "weights first (mmea_kernels.merge_and_unload(model), exact for ELoRA)")
+
+
+def scriptable_adapter(adapter) -> nn.Module:
+    """The TorchScript form of an ``MMEALinear`` / ``ELoRALinear`` (shares its parameters)."""
+    check_scriptable(adapter)
+    cuet = adapter.base_kind == "cuet"
+    if adapter.method == "mmea":
+        return (ScriptableMMEACuetLinear if cuet else ScriptableMMEALinear)(adapter)
+    if adapter.method == "elora":
+        return (ScriptableELoRACuetLinear if cuet else ScriptableELoRALinear)(adapter)
+    raise NotImplementedError(f"no TorchScript form for {type(adapter).__name__} (method {adapter.method!r})")
+
+
+class _ScriptableMMEA(nn.Module):
+    """MMEA in aten ops; subclasses call the base layer with its own signature."""
+
+    dim_in: int
+    dim_out: int
+    num_additive: int
+    num_gates: int
+    phi_exp: bool
+    adapter_enabled: bool
+    irreps_in_str: str
+
+    def __init__(self, adapter):
+        super().__init__()
+        from ..ops.tables import layout_tables
+
+        self.base = adapter.base
+        self.dim_in = int(adapter.in_layout.dim)
+        self.dim_out = int(adapter.out_layout.dim)
+        self.num_additive = int(adapter.num_additive)
+        self.num_gates = int(adapter.num_gates)
+        self.phi_exp = adapter.phi == "exp"
+        self.adapter_enabled = bool(adapter.adapter_enabled)
+        self.irreps_in_str = adapter.in_layout.irreps_str
+        self.mmea_down = adapter.mmea_down
+        self.mmea_up = adapter.mmea_up
+        self.mmea_static = getattr(adapter, "mmea_static", None) if adapter.mmea_up is None else None
+        device = adapter.in_scalar_columns.device
+        self.register_buffer("in_scalar_columns", adapter.in_scalar_columns, persistent=False)
+        self.register_buffer("out_scalar_columns", adapter.out_scalar_columns, persistent=False)
+        # gate index of every output column, num_gates for 0e columns (they read the appended 1)
+        self.register_buffer("gate_index_ext", layout_tables(adapter.out_layout, device).gate_index_ext.clone(),
+                             persistent=False)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() < 1 or x.size(-1) != self.dim_in:
+            raise ValueError("MMEA adapter: input has shape {}, but irreps_in {} needs the last dimension to be {}"
+                             .format(x.shape, self.irreps_in_str, self.dim_in))
+
+    def _gamma(self, x2: torch.Tensor) -> torch.Tensor:
+        down = self.mmea_down
+        up = self.mmea_up
+        if down is not None and up is not None:
+            x0 = x2.index_select(1, self.in_scalar_columns)
+            return up(torch.nn.functional.silu(down(x0)))
+        static = self.mmea_static
+        assert static is not None
+        return static
+
+    def _adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The gated output for input ``x`` and base output ``y``."""
+        x2 = x.reshape(-1, self.dim_in)
+        gamma = self._gamma(x2)
+        add = gamma[..., : self.num_additive]
+        logits = gamma[..., self.num_additive:]
+        gates = torch.exp(logits) if self.phi_exp else 1.0 + logits
+        y2 = y.reshape(-1, self.dim_out)
+        n = y2.size(0)
+        if gates.dim() == 1:
+            scale = torch.cat([gates, gates.new_ones(1)]).index_select(0, self.gate_index_ext)
+        else:
+            scale = torch.cat([gates, gates.new_ones(n, 1)], 1).index_select(1, self.gate_index_ext)
+        y2 = y2 * scale
+        if self.num_additive > 0:
+            if add.dim() == 1:
+                add = add.expand(n, self.num_additive)
+            y2 = y2.index_add(1, self.out_scalar_columns, add)
+        return y2.reshape(y.shape)
+
+    def extra_repr(self) -> str:
+        return (f"irreps_in={self.irreps_in_str}, dim_out={self.dim_out}, gates={self.num_gates}, "
+                f"additive={self.num_additive}, phi={'exp' if self.phi_exp else 'residual'}")
+
+
+class ScriptableMMEALinear(_ScriptableMMEA):
+    """TorchScript form of an ``MMEALinear`` on an e3nn ``o3.Linear`` (same forward signature)."""
+
+    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._check_input(x)
+        y = self.base(x, weight, bias)
+        if not self.adapter_enabled:
+            return y
+        return self._adapt(x, y)
+
+
+class ScriptableMMEACuetLinear(_ScriptableMMEA):
+    """TorchScript form of an ``MMEALinear`` on a ``cuequivariance_torch.Linear`` (same forward
+    signature; features in the layer's own layouts)."""
+
+    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                weight_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._check_input(x)
+        y = self.base(x, weight, weight_indices)
+        if not self.adapter_enabled:
+            return y
+        return self._adapt(x, y)
+
+
+class _ScriptableELoRA(nn.Module):
+    scaling: float
+    adapter_enabled: bool
+    dim_in: int
+    irreps_in_str: str
+
+    def __init__(self, adapter):
+        super().__init__()
+        self.base = adapter.base
+        self.elora_A = adapter.elora_A
+        self.elora_B = adapter.elora_B
+        self.scaling = float(adapter.scaling)
+        self.adapter_enabled = bool(adapter.adapter_enabled)
+        self.dim_in = int(adapter.in_layout.dim)
+        self.irreps_in_str = adapter.in_layout.irreps_str
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() < 1 or x.size(-1) != self.dim_in:
+            raise ValueError("ELoRA adapter: input has shape {}, but irreps_in {} needs the last dimension to be {}"
+                             .format(x.shape, self.irreps_in_str, self.dim_in))
+
+    def _weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W + ΔW`` (as ``ELoRALinear.delta_weight``: blocks row-major, concatenated, scaled)."""
+        parts: List[torch.Tensor] = []
+        for A, B in zip(self.elora_A, self.elora_B):
+            parts.append((A @ B).reshape(-1))
+        if len(parts) == 0:
+            return weight + torch.zeros_like(weight)
+        return weight + (torch.cat(parts) * self.scaling).reshape(weight.shape)
+
+
+class ScriptableELoRALinear(_ScriptableELoRA):
+    """TorchScript form of an ``ELoRALinear`` on an e3nn ``o3.Linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if not self.adapter_enabled:
+            return self.base(x)
+        return self.base(x, self._weight(self.base.weight))
+
+
+class ScriptableELoRACuetLinear(_ScriptableELoRA):
+    """TorchScript form of an ``ELoRALinear`` on a ``cuequivariance_torch.Linear`` (one internal
+    weight class): the layer's own computation with the updated weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if not self.adapter_enabled:
+            return self.base(x)
+        no_indices: Dict[int, torch.Tensor] = {}
+        out = self.base.f([self._weight(self.base.weight), self.base.transpose_in(x)], input_indices=no_indices)
+        return self.base.transpose_out(out[0])
+
+
+for _cls in (ScriptableMMEALinear, ScriptableMMEACuetLinear, ScriptableELoRALinear, ScriptableELoRACuetLinear):
+    setattr(_cls, E3NN_COMPILE_MODE, "script")
+del _cls
