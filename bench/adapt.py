@@ -122,9 +122,10 @@ def markdown(rows, a) -> str:
     for r in rows:
         pm = lambda s, d=1: f"{s[0]:.{d}f} ± {s[1]:.{d}f}"
         t = pm(r["seconds_to_threshold"], 0) if r["seconds_to_threshold"] else f"- ({r['reached']}/{r['seeds']})"
+        fstar = "-" if r["threshold_valid_F_meV_per_A"] is None else f"{r['threshold_valid_F_meV_per_A']:.1f}"
         lines.append(f"| {r['molecule']} | {r['method']} | {r['trainable']:,} | {pm(r['energy_mae_meV'])} | "
                      f"{pm(r['forces_mae_meV_per_A'])} | {pm(r['forces_rmse_meV_per_A'])} | {pm(r['train_seconds'], 0)} | "
-                     f"{r['threshold_valid_F_meV_per_A']:.1f} | {t} |")
+                     f"{fstar} | {t} |")
     return "\n".join(lines)
 
 
@@ -167,6 +168,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1, help="parallel runs (one thread each)")
     p.add_argument("--work", default=None, help="run directories (default /tmp/mmea_adapt_<mode>)")
     p.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--summarize-only", action="store_true",
+                   help="no training: tabulate the runs already finished in --work (missing runs are left out)")
     args = p.parse_args(argv)
     from mmea_kernels.data import find_rmd17
 
@@ -188,7 +191,14 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown methods {unknown}; expected some of {list(METHODS)}")
     jobs = [(mol, method, s, a) for mol in a["molecules"] for s in a["seeds"] for method in a["methods"]]
     t0 = time.perf_counter()
-    if args.workers > 1:
+    if args.summarize_only:
+        results = []
+        for j in jobs:
+            f = pathlib.Path(a["work"]) / j[0] / j[1] / f"s{j[2]}" / "metrics.json"
+            results.append(json.loads(f.read_text()) if f.is_file() else None)
+        jobs, results = [j for j, r in zip(jobs, results) if r], [r for r in results if r]
+        a["missing_runs"] = len(a["molecules"]) * len(a["seeds"]) * len(a["methods"]) - len(jobs)
+    elif args.workers > 1:
         import multiprocessing as mp
 
         os.environ["OMP_NUM_THREADS"] = "1"
