@@ -387,10 +387,11 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
                                ("test", test_frames, cfg.test)):
         graphs[split] = atoms_to_graphs(frames, z, r_max, cfg.energy_key, cfg.forces_key, dtype=dtype, where=str(src))
     fp = fingerprint(base)
-    torch.manual_seed(cfg.seed)
     e0s = refit_e0s(base, train_frames, z, cfg.e0s, cfg.energy_key, from_scratch=cfg.method == "scratch")
-    del base
-    model, _, groups = _prepare(cfg.model, cfg.model_config, cfg.method, cfg.rank, dtype, cfg.seed, e0s)
+    # the same steps as _prepare (which load_finetuned uses), on the model already loaded
+    model = base
+    _set_e0s(model, e0s)
+    groups = apply_method(model, cfg.method, rank=cfg.rank, seed=cfg.seed)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     n_train = sum(p.numel() for p in params.values())
     net = model
