@@ -51,3 +51,24 @@ def random_orthogonal(seed: int, reflect: bool, dtype=torch.float64):
     if reflect:
         q = -q
     return q
+
+
+def naive_mmea(ad, y, x, irreps_in: str, irreps_out: str, layout_in: str = "mul_ir", layout_out: str = "mul_ir",
+               phi: str = "exp"):
+    """y' from the method's equations, column by column: z = SiLU(W_down x0 + b_down),
+    γ = W_up z + b_up; 0e output columns get + γ_add, the others × φ(γ_gate)."""
+    in_owner, _ = naive_gate_of_column(irreps_in, layout_in)
+    out_owner, _ = naive_gate_of_column(irreps_out, layout_out)
+    x0 = x[:, [c for c, g in enumerate(in_owner) if g < 0]]
+    z = torch.nn.functional.silu(x0 @ ad.mmea_down.weight.T + ad.mmea_down.bias)
+    gamma = z @ ad.mmea_up.weight.T + ad.mmea_up.bias
+    n_add = sum(1 for g in out_owner if g < 0)
+    cols, j = [], 0
+    for c, g in enumerate(out_owner):
+        if g < 0:
+            cols.append(y[:, c] + gamma[:, j])
+            j += 1
+        else:
+            lg = gamma[:, n_add + g]
+            cols.append(y[:, c] * (torch.exp(lg) if phi == "exp" else 1 + lg))
+    return torch.stack(cols, dim=1)

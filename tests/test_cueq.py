@@ -19,7 +19,7 @@ cuet = pytest.importorskip("cuequivariance_torch")
 
 from e3nn import o3  # noqa: E402
 
-from helpers import naive_gate_of_column, random_orthogonal  # noqa: E402
+from helpers import naive_mmea, random_orthogonal  # noqa: E402
 from mmea_kernels import (ELoRALinear, MMEALinear, adapted_modules, adapter_state_dict,  # noqa: E402
                           disable_adapters, inject_adapters, load_adapter_state_dict, merge_and_unload, unload)
 from mmea_kernels.layout import parse_irreps  # noqa: E402
@@ -108,21 +108,7 @@ def linear_by_hand(weight, x, layout_in, layout_out, irreps_in=IN, irreps_out=OU
 
 def mmea_by_hand(ad, y, x, layout_in, layout_out, phi="exp"):
     """y' from the method's equations, column by column, in the given layouts."""
-    in_owner, _ = naive_gate_of_column(IN, layout_in)
-    out_owner, _ = naive_gate_of_column(OUT, layout_out)
-    x0 = x[:, [c for c, g in enumerate(in_owner) if g < 0]]
-    z = torch.nn.functional.silu(x0 @ ad.mmea_down.weight.T + ad.mmea_down.bias)
-    gamma = z @ ad.mmea_up.weight.T + ad.mmea_up.bias
-    n_add = sum(1 for g in out_owner if g < 0)
-    cols, j = [], 0
-    for c, g in enumerate(out_owner):
-        if g < 0:
-            cols.append(y[:, c] + gamma[:, j])
-            j += 1
-        else:
-            lg = gamma[:, n_add + g]
-            cols.append(y[:, c] * (torch.exp(lg) if phi == "exp" else 1 + lg))
-    return torch.stack(cols, dim=1)
+    return naive_mmea(ad, y, x, IN, OUT, layout_in, layout_out, phi)
 
 
 def rep_matrix(irreps, layout, R):

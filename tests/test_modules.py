@@ -6,7 +6,7 @@ from e3nn.util.test import assert_equivariant
 
 from mmea_kernels import ELoRALinear, MMEALinear
 
-from helpers import naive_gate_of_column
+from helpers import naive_mmea
 
 IN = "3x0e+2x0e+2x1o+1x2e+1x0o"
 OUT = "4x0e+3x1o+2x2e+2x0o+1x1e"
@@ -27,22 +27,7 @@ def randomise(module, std=0.5, seed=1):
 
 def mmea_by_hand(lin, ad, x, phi="exp"):
     """y' from DEVELOPERS.md: z = SiLU(W_down x0 + b_down), γ = W_up z + b_up (column by column)."""
-    y = lin(x)
-    in_owner, _ = naive_gate_of_column(IN, "mul_ir")
-    out_owner, G = naive_gate_of_column(OUT, "mul_ir")
-    x0 = x[:, [c for c, g in enumerate(in_owner) if g < 0]]
-    z = torch.nn.functional.silu(x0 @ ad.mmea_down.weight.T + ad.mmea_down.bias)
-    gamma = z @ ad.mmea_up.weight.T + ad.mmea_up.bias
-    n_add = sum(1 for g in out_owner if g < 0)
-    cols, j = [], 0
-    for c, g in enumerate(out_owner):
-        if g < 0:
-            cols.append(y[:, c] + gamma[:, j])
-            j += 1
-        else:
-            lg = gamma[:, n_add + g]
-            cols.append(y[:, c] * (torch.exp(lg) if phi == "exp" else 1 + lg))
-    return torch.stack(cols, dim=1)
+    return naive_mmea(ad, lin(x), x, IN, OUT, phi=phi)
 
 
 @pytest.mark.parametrize("phi", ["exp", "residual"])
