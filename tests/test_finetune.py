@@ -264,3 +264,39 @@ def test_corrupt_checkpoint(files, tmp_path, capsys):
     assert "mmea_kernels.finetune/1" in _err(capsys)
     assert main(["evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(files / "test.xyz")]) == 2
     assert "does not exist" in _err(capsys)
+
+
+def test_only_rank_zero_may_write(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    from mmea_kernels.finetune import _atomic_save
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    with pytest.raises(RuntimeError, match="process 1 tried to write .*x.pt: only rank 0 writes"):
+        _atomic_save({"a": 1}, tmp_path / "x.pt")
+    assert not list(tmp_path.iterdir())
+
+
+def test_e0s_json_must_name_every_element(tmp_path):
+    model = build_mace(TINY).double()
+    frames = toy_molecules("ethanol", 2, seed=1)
+    (tmp_path / "e0.json").write_text(json.dumps({"1": -13.6, "6": -1030.0}))
+    with pytest.raises(KeyError, match=r"no E0 for elements \[8\]"):
+        refit_e0s(model, frames, TINY.atomic_numbers, str(tmp_path / "e0.json"), "REF_energy")
+    (tmp_path / "e0.json").write_text(json.dumps({"1": -13.6, "6": -1030.0, "8": -2040.0}))
+    assert refit_e0s(model, frames, TINY.atomic_numbers, str(tmp_path / "e0.json"), "REF_energy") == [-13.6, -1030.0, -2040.0]
+    with pytest.raises(ValueError, match="lstsq, average, keep or a JSON file"):
+        refit_e0s(model, frames, TINY.atomic_numbers, "median", "REF_energy")
+
+
+def test_mace_only_methods_name_the_problem():
+    from e3nn import o3
+
+    net = torch.nn.Sequential(o3.Linear("4x0e+2x1o", "4x0e+2x1o"))
+    with pytest.raises(ValueError, match="'readout' needs a model with a `readouts` attribute"):
+        apply_method(net, "readout")
+    with pytest.raises(ValueError, match="mmea-paper: found nothing for"):
+        apply_method(torch.nn.Sequential(o3.Linear("4x0e+2x1o", "4x0e+2x1o")), "mmea-paper")
+    with pytest.raises(ValueError, match="unknown fine-tuning method 'lora'"):
+        apply_method(net, "lora")
