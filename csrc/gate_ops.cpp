@@ -27,6 +27,8 @@
 //   No atomics.
 #include <Python.h>
 
+#include "checks.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -240,20 +242,6 @@ void gate_mul_kernel(const scalar_t* xp, const scalar_t* gp, scalar_t* yp, int64
   }
 }
 
-void check_table(const at::Tensor& t, const char* name, const char* op, const at::Tensor& like, int64_t dims) {
-  TORCH_CHECK(t.scalar_type() == at::kInt, "mmea_kernels_ext::", op, ": ", name,
-              " must be an int32 tensor (LayoutTables.", name, "), got dtype ", t.scalar_type());
-  TORCH_CHECK(t.dim() == dims, "mmea_kernels_ext::", op, ": ", name, " must be ", dims, "-D, got shape ", t.sizes());
-  TORCH_CHECK(t.device() == like.device(), "mmea_kernels_ext::", op, ": ", name, " is on ", t.device(),
-              " but the features are on ", like.device());
-}
-
-void check_features(const at::Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK(t.dim() == 2, "mmea_kernels_ext::", op, ": ", name, " must be 2-D [N, D], got shape ", t.sizes());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "mmea_kernels_ext::", op, ": ", name,
-              " must be a floating-point tensor, got dtype ", t.scalar_type());
-}
-
 at::Tensor gate_mul_cpu(const at::Tensor& x_in, const at::Tensor& gates_in, const at::Tensor& gate_of_column_in,
                         bool keep_ungated) {
   const char* op = "gate_mul";
@@ -261,18 +249,12 @@ at::Tensor gate_mul_cpu(const at::Tensor& x_in, const at::Tensor& gates_in, cons
   check_table(gate_of_column_in, "gate_of_column", op, x_in, 1);
   TORCH_CHECK(x_in.device().is_cpu(), "mmea_kernels_ext::gate_mul (CPU kernel): x must be a CPU tensor, got ",
               x_in.device());
-  TORCH_CHECK(gates_in.scalar_type() == x_in.scalar_type(), "mmea_kernels_ext::gate_mul: gates have dtype ",
-              gates_in.scalar_type(), " but x has dtype ", x_in.scalar_type(), "; they must match");
-  TORCH_CHECK(gates_in.device() == x_in.device(), "mmea_kernels_ext::gate_mul: gates are on ", gates_in.device(),
-              " but x is on ", x_in.device());
+  check_gates(gates_in, x_in, op);
   const int64_t N = x_in.size(0);
   const int64_t D = x_in.size(1);
   TORCH_CHECK(gate_of_column_in.numel() == D, "mmea_kernels_ext::gate_mul: gate_of_column has ",
               gate_of_column_in.numel(), " entries but x has ", D, " columns");
   const bool shared = gates_in.dim() == 1;
-  TORCH_CHECK(shared || (gates_in.dim() == 2 && gates_in.size(0) == N),
-              "mmea_kernels_ext::gate_mul: gates must be [N, G] (per row) or [G] (shared) with N = ", N,
-              ", got shape ", gates_in.sizes());
   const int64_t G = gates_in.size(-1);
 
   const at::Tensor x = x_in.contiguous();
@@ -464,12 +446,7 @@ at::Tensor seg_dot_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at:
   check_table(gate_cols, "gate_cols_padded", op, a_in, 2);
   TORCH_CHECK(a_in.device().is_cpu(), "mmea_kernels_ext::seg_dot (CPU kernel): a must be a CPU tensor, got ",
               a_in.device());
-  TORCH_CHECK(b_in.scalar_type() == a_in.scalar_type(), "mmea_kernels_ext::seg_dot: a has dtype ",
-              a_in.scalar_type(), " but b has dtype ", b_in.scalar_type(), "; they must match");
-  TORCH_CHECK(b_in.device() == a_in.device(), "mmea_kernels_ext::seg_dot: a is on ", a_in.device(),
-              " but b is on ", b_in.device());
-  TORCH_CHECK(a_in.sizes() == b_in.sizes(), "mmea_kernels_ext::seg_dot: a has shape ", a_in.sizes(),
-              " but b has shape ", b_in.sizes(), "; they must match");
+  check_pair(a_in, b_in, op);
   const int64_t N = a_in.size(0);
   const int64_t D = a_in.size(1);
   const int64_t G = gate_cols.size(0);

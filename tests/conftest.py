@@ -1,5 +1,7 @@
-"""Test setup: Triton runs in interpreter mode on CPU (set before any @triton.jit runs), and
-the rMD17 data directory is found from MMEA_RMD17_DIR or ../shared/data/rmd17."""
+"""Test setup: Triton runs in interpreter mode on CPU (set before any @triton.jit runs) unless
+MMEA_TEST_CUDA=1 (the GPU run: kernels on CUDA tensors, see helpers.TRITON_DEVICES and the
+``device`` fixture), and the rMD17 data directory is found from MMEA_RMD17_DIR or
+../shared/data/rmd17."""
 import os
 import pathlib
 
@@ -7,6 +9,8 @@ import pytest
 
 if os.environ.get("MMEA_TEST_CUDA") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from helpers import TRITON_DEVICES  # noqa: E402 - after TRITON_INTERPRET is settled
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -21,3 +25,13 @@ def rmd17():
     if not (path / "ethanol" / "train.xyz").is_file():
         pytest.skip(f"rMD17 data not found at {path} (set MMEA_RMD17_DIR to its location)")
     return path
+
+
+
+@pytest.fixture(params=TRITON_DEVICES)
+def device(request):
+    """The device of a kernel test: "cpu" (Triton through the interpreter) and "cuda" where a GPU
+    exists; each is skipped with the reason where it cannot run."""
+    import torch
+
+    return torch.device(request.param)

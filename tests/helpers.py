@@ -1,4 +1,8 @@
-"""Independent references for the tests: naive per-column loops in float64."""
+"""Independent references for the tests (naive per-column loops in float64) and the devices
+the kernel tests run on."""
+import os
+
+import pytest
 import torch
 
 from mmea_kernels.layout import IrrepsLayout, parse_irreps
@@ -72,3 +76,17 @@ def naive_mmea(ad, y, x, irreps_in: str, irreps_out: str, layout_in: str = "mul_
             lg = gamma[:, n_add + g]
             cols.append(y[:, c] * (torch.exp(lg) if phi == "exp" else 1 + lg))
     return torch.stack(cols, dim=1)
+
+
+# ---------------------------------------------------------------------------- devices
+# The kernel tests run once per device: "cpu" runs the Triton kernels through the interpreter
+# (TRITON_INTERPRET=1, set by conftest unless MMEA_TEST_CUDA=1), "cuda" on a GPU where one exists.
+CUDA_AVAILABLE = torch.cuda.is_available()
+_NO_CUDA = pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device on this machine")
+TRITON_DEVICES = [
+    pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") != "1",
+        reason="triton kernels on CPU tensors need TRITON_INTERPRET=1 (unset for the CUDA run)")),
+    pytest.param("cuda", id="cuda", marks=_NO_CUDA),
+]
+CPP_DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=_NO_CUDA)]

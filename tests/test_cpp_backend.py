@@ -20,9 +20,18 @@ from mmea_kernels import IrrepsLayout, gate_mul, seg_dot  # noqa: E402
 from mmea_kernels.ops import backend_status, cpp_backend, resolve_backend, torch_backend  # noqa: E402
 from mmea_kernels.ops.tables import layout_tables  # noqa: E402
 
+from helpers import CPP_DEVICES  # noqa: E402
+
 CPU = torch.device("cpu")
 EXT_OK, EXT_WHY = cpp_backend.available(CPU)
 needs_ext = pytest.mark.skipif(not EXT_OK, reason=f"cpp backend unavailable: {EXT_WHY}")
+
+
+def skip_unless_kernels(device):
+    """The extension's kernels for ``device``: the CPU ones, or the CUDA ones where built."""
+    ok, why = cpp_backend.available(torch.device(device))
+    if not ok:
+        pytest.skip(why)
 
 IRREPS = "2x0e+2x1o+1x0o+1x2e+1x1e"
 
@@ -40,6 +49,7 @@ irrep_block = st.tuples(st.integers(0, 4), st.integers(0, 3), st.sampled_from("e
 
 
 @needs_ext
+@pytest.mark.parametrize("device", CPP_DEVICES)
 @settings(max_examples=80, deadline=None)
 @given(
     blocks=st.lists(irrep_block, min_size=1, max_size=5),
@@ -50,14 +60,15 @@ irrep_block = st.tuples(st.integers(0, 4), st.integers(0, 3), st.sampled_from("e
     dtype=st.sampled_from([torch.float32, torch.float64]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_parity_with_torch_backend(blocks, layout, n, shared, keep, dtype, seed):
+def test_parity_with_torch_backend(device, blocks, layout, n, shared, keep, dtype, seed):
+    skip_unless_kernels(device)
     irreps = "+".join(f"{m}x{l}{p}" for m, l, p in blocks)
     L = IrrepsLayout.of(irreps, layout)
-    t = layout_tables(L, CPU)
+    t = layout_tables(L, device)
     gen = torch.Generator().manual_seed(seed)
-    x = _rand(gen, (n, L.dim), dtype)
-    b = _rand(gen, (n, L.dim), dtype)
-    g = _gates(gen, n, L.num_gates, shared, dtype)
+    x = _rand(gen, (n, L.dim), dtype).to(device)
+    b = _rand(gen, (n, L.dim), dtype).to(device)
+    g = _gates(gen, n, L.num_gates, shared, dtype).to(device)
 
     y = cpp_backend.gate_mul(x, g, t, keep)
     y_ref = torch_backend.gate_mul(x, g, t, keep)
@@ -73,16 +84,18 @@ def test_parity_with_torch_backend(blocks, layout, n, shared, keep, dtype, seed)
 
 
 @needs_ext
+@pytest.mark.parametrize("device", CPP_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
 @pytest.mark.parametrize("shared", [False, True])
-def test_reduced_precision_accumulates_in_fp32(dtype, layout, shared):
+def test_reduced_precision_accumulates_in_fp32(dtype, layout, shared, device):
+    skip_unless_kernels(device)
     L = IrrepsLayout.of("3x0e+4x1o+2x2e+1x3o+2x0o", layout)
-    t = layout_tables(L, CPU)
+    t = layout_tables(L, device)
     gen = torch.Generator().manual_seed(3)
     n = 37
-    x, b = _rand(gen, (n, L.dim), dtype), _rand(gen, (n, L.dim), dtype)
-    g = _gates(gen, n, L.num_gates, shared, dtype)
+    x, b = _rand(gen, (n, L.dim), dtype).to(device), _rand(gen, (n, L.dim), dtype).to(device)
+    g = _gates(gen, n, L.num_gates, shared, dtype).to(device)
     for keep in (True, False):
         y = cpp_backend.gate_mul(x, g, t, keep)
         assert y.dtype == dtype

@@ -1,5 +1,6 @@
 """gate_mul / seg_dot: values against naive float64 loops, gradcheck and gradgradcheck for each
-backend that runs on CPU, backend selection, and bad input."""
+backend on each device it runs on (CPU here; CUDA too where a GPU exists), backend selection, and
+bad input."""
 import os
 
 import pytest
@@ -14,42 +15,50 @@ IRREPS = "2x0e+2x1o+1x0o+1x2e+1x1e"
 
 
 def backends():
+    """(backend, device) pairs; the CUDA ones are skipped, with the reason, without a GPU."""
     out = []
-    for name in ("torch", "triton", "cpp"):
-        ok, why = backend_status(name, "cpu")
-        out.append(pytest.param(name, marks=pytest.mark.skipif(not ok, reason=why)))
+    for dev in ("cpu", "cuda"):
+        for name in ("torch", "triton", "cpp"):
+            if dev == "cuda" and not torch.cuda.is_available():
+                ok, why = False, "no CUDA device on this machine"
+            else:
+                ok, why = backend_status(name, dev)
+            out.append(pytest.param((name, dev), id=f"{name}-{dev}", marks=pytest.mark.skipif(not ok, reason=why)))
     return out
 
 
 @pytest.fixture(params=backends())
-def backend(request):
+def backend_device(request):
     return request.param
 
 
 @pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
 @pytest.mark.parametrize("shared", [False, True])
-def test_values_match_naive(backend, layout, shared):
+def test_values_match_naive(backend_device, layout, shared):
+    backend, dev = backend_device
     L = IrrepsLayout.of(IRREPS, layout)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(7, L.dim, generator=gen, dtype=torch.float64)
     b = torch.randn(7, L.dim, generator=gen, dtype=torch.float64)
     g = torch.randn(*((L.num_gates,) if shared else (7, L.num_gates)), generator=gen, dtype=torch.float64)
-    torch.testing.assert_close(gate_mul(x, g, L, backend=backend), naive_gate_mul(x, g, IRREPS, layout),
+    xd, bd, gd = x.to(dev), b.to(dev), g.to(dev)
+    torch.testing.assert_close(gate_mul(xd, gd, L, backend=backend).cpu(), naive_gate_mul(x, g, IRREPS, layout),
                                rtol=1e-14, atol=1e-14)
-    torch.testing.assert_close(seg_dot(x, b, L, shared=shared, backend=backend),
+    torch.testing.assert_close(seg_dot(xd, bd, L, shared=shared, backend=backend).cpu(),
                                naive_seg_dot(x, b, IRREPS, layout, shared), rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
 @pytest.mark.parametrize("shared", [False, True])
-def test_gradcheck_and_gradgradcheck(backend, layout, shared):
+def test_gradcheck_and_gradgradcheck(backend_device, layout, shared):
+    backend, dev = backend_device
     L = IrrepsLayout.of(IRREPS, layout)
     gen = torch.Generator().manual_seed(1)
     n = 3
-    x = torch.randn(n, L.dim, generator=gen, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(n, L.dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(n, L.dim, generator=gen, dtype=torch.float64).to(dev).requires_grad_()
+    b = torch.randn(n, L.dim, generator=gen, dtype=torch.float64).to(dev).requires_grad_()
     g = torch.randn(*((L.num_gates,) if shared else (n, L.num_gates)), generator=gen,
-                    dtype=torch.float64, requires_grad=True)
+                    dtype=torch.float64).to(dev).requires_grad_()
     f_mul = lambda x, g: gate_mul(x, g, L, backend=backend)  # noqa: E731
     f_dot = lambda a, b: seg_dot(a, b, L, shared=shared, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(f_mul, (x, g))
@@ -87,14 +96,15 @@ def test_leading_dims_and_noncontiguous_input():
     torch.testing.assert_close(seg_dot(x, x, L), naive_seg_dot(x, x, IRREPS, "mul_ir"))
 
 
-def test_empty_batch(backend):
+def test_empty_batch(backend_device):
+    backend, dev = backend_device
     L = IrrepsLayout.of(IRREPS, "mul_ir")
-    x = torch.zeros(0, L.dim, dtype=torch.float64, requires_grad=True)
-    g = torch.zeros(L.num_gates, dtype=torch.float64, requires_grad=True)
+    x = torch.zeros(0, L.dim, dtype=torch.float64, device=dev, requires_grad=True)
+    g = torch.zeros(L.num_gates, dtype=torch.float64, device=dev, requires_grad=True)
     y = gate_mul(x, g, L, backend=backend)
     assert y.shape == (0, L.dim)
     s = seg_dot(x, x, L, shared=True, backend=backend)
-    assert s.shape == (L.num_gates,) and torch.equal(s, torch.zeros(L.num_gates, dtype=torch.float64))
+    assert s.shape == (L.num_gates,) and torch.equal(s, torch.zeros(L.num_gates, dtype=torch.float64, device=dev))
     gx, gg = torch.autograd.grad(y.sum() + s.sum(), (x, g), allow_unused=True)
     assert gx.shape == x.shape
     assert gg is None or torch.equal(gg, torch.zeros_like(g))
@@ -165,3 +175,24 @@ def test_auto_prefers_cpp_on_cpu(monkeypatch):
     monkeypatch.delenv("MMEA_BACKEND", raising=False)
     assert resolve_backend(None, "cpu").name == "cpp"
     assert resolve_backend("auto", "cpu").name == "cpp"
+
+
+def test_gate_gradient_skipped_when_the_pass_does_not_need_it(monkeypatch):
+    """Forces with trainable gates: autograd.grad(E, x) must not pay the gates' seg_dot; asking for
+    the gates' gradient still computes it, with the right values."""
+    from mmea_kernels.ops import torch_backend
+    calls = []
+    real = torch_backend.seg_dot
+    monkeypatch.setattr(torch_backend, "seg_dot", lambda *a, **k: calls.append(1) or real(*a, **k))
+    L = IrrepsLayout.of(IRREPS, "mul_ir")
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5, L.dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, L.num_gates, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = gate_mul(x, w.exp(), L, backend="torch")
+    (gx,) = torch.autograd.grad(y.square().sum(), x, retain_graph=True)
+    assert calls == []
+    torch.testing.assert_close(gx, 2 * naive_gate_mul(y.detach(), w.exp().detach(), IRREPS, "mul_ir"))
+    (gw,) = torch.autograd.grad(y.square().sum(), w)
+    assert calls == [1]
+    ref = 2 * naive_seg_dot(y.detach(), x.detach(), IRREPS, "mul_ir") * w.exp().detach()
+    torch.testing.assert_close(gw, ref)

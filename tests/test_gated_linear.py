@@ -3,12 +3,11 @@
 IrrepsLayout), both layouts, both backends; poisoned output buffers; gradcheck and gradgradcheck
 of the triton path (the closed autograd) in x, weight, bias, gates and additive.
 
-The triton kernels run on CPU tensors through the interpreter: TRITON_INTERPRET must be set
-before anything below is imported.
+The kernel tests run once per device (the ``device`` fixture / ``helpers.TRITON_DEVICES``): on
+CPU tensors through the Triton interpreter (conftest sets TRITON_INTERPRET=1 first) and on CUDA
+where a GPU exists (``MMEA_TEST_CUDA=1``).
 """
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
@@ -19,19 +18,17 @@ from e3nn import o3  # noqa: E402
 from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from mmea_kernels.layout import parse_irreps  # noqa: E402
+from mmea_kernels.layout import IrrepsLayout, parse_irreps  # noqa: E402
 from mmea_kernels.ops.gated_linear import (_core, gated_linear, gated_linear_reference,  # noqa: E402
                                            triton_status)
 from mmea_kernels.ops.linear_spec import LinearSpec  # noqa: E402
 
-from helpers import naive_gate_of_column  # noqa: E402
+from helpers import CUDA_AVAILABLE, TRITON_DEVICES, naive_gate_of_column  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("these tests run the triton backend on CPU tensors (TRITON_INTERPRET=1)",
-                allow_module_level=True)
-_ok, _why = triton_status("cpu")
-if not _ok:
-    pytest.skip(_why, allow_module_level=True)
+if not CUDA_AVAILABLE:
+    _ok, _why = triton_status("cpu")
+    if not _ok:
+        pytest.skip(_why, allow_module_level=True)
 
 BACKENDS = ("triton", "torch")
 
@@ -68,7 +65,7 @@ def counts(irreps: str):
     return G, sum(1 for g in owner if g < 0)
 
 
-def make_inputs(irr_in, irr_out, n, dtype, gate_mode, add_mode, bias, seed):
+def make_inputs(irr_in, irr_out, n, dtype, gate_mode, add_mode, bias, seed, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     lin = o3.Linear(irr_in, irr_out, biases=bias).to(dtype)
@@ -83,16 +80,17 @@ def make_inputs(irr_in, irr_out, n, dtype, gate_mode, add_mode, bias, seed):
     add = {None: None, "row": lambda: torch.randn(n, S, generator=gen, dtype=dtype),
            "shared": lambda: torch.randn(S, generator=gen, dtype=dtype)}[add_mode]
     add = add() if callable(add) else add
-    return lin, x, gates, add
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return lin.to(device), to(x), to(gates), to(add)
 
 
-def check_parity(irr_in, irr_out, layout, n, dtype, gate_mode, add_mode, bias, seed, rtol):
-    lin, x, gates, add = make_inputs(irr_in, irr_out, n, dtype, gate_mode, add_mode, bias, seed)
+def check_parity(irr_in, irr_out, layout, n, dtype, gate_mode, add_mode, bias, seed, rtol, device="cpu"):
+    lin, x, gates, add = make_inputs(irr_in, irr_out, n, dtype, gate_mode, add_mode, bias, seed, device)
     with torch.no_grad():
         ref = explicit_gate(lin(x), gates, add, irr_out)
     spec = LinearSpec.from_e3nn(lin, layout)
     b = lin.bias if lin.bias.numel() > 0 else None
-    i_in, i_out = to_ir_mul_index(irr_in), to_ir_mul_index(irr_out)
+    i_in, i_out = to_ir_mul_index(irr_in).to(device), to_ir_mul_index(irr_out).to(device)
     x_l = x if layout == "mul_ir" else x[:, i_in].contiguous()
     scale = max(ref.abs().max().item(), 1.0) if ref.numel() else 1.0
     for backend in BACKENDS:
@@ -147,13 +145,13 @@ FIXED = [
 
 
 @pytest.mark.parametrize("irr_in,irr_out,layout,gate_mode,add_mode,bias", FIXED)
-def test_parity_fixed_float64(irr_in, irr_out, layout, gate_mode, add_mode, bias):
-    check_parity(irr_in, irr_out, layout, 21, torch.float64, gate_mode, add_mode, bias, 0, 1e-12)
+def test_parity_fixed_float64(irr_in, irr_out, layout, gate_mode, add_mode, bias, device):
+    check_parity(irr_in, irr_out, layout, 21, torch.float64, gate_mode, add_mode, bias, 0, 1e-12, device)
 
 
 @pytest.mark.parametrize("irr_in,irr_out,layout,gate_mode,add_mode,bias", FIXED[:2] + FIXED[4:])
-def test_parity_fixed_float32(irr_in, irr_out, layout, gate_mode, add_mode, bias):
-    check_parity(irr_in, irr_out, layout, 9, torch.float32, gate_mode, add_mode, bias, 1, 1e-5)
+def test_parity_fixed_float32(irr_in, irr_out, layout, gate_mode, add_mode, bias, device):
+    check_parity(irr_in, irr_out, layout, 9, torch.float32, gate_mode, add_mode, bias, 1, 1e-5, device)
 
 
 block_st = st.tuples(st.sampled_from([0, 1, 2, 3, 5]), st.integers(0, 2), st.sampled_from(["e", "o"]))
@@ -163,6 +161,7 @@ def _irreps(blocks):
     return "+".join(f"{m}x{l}{p}" for m, l, p in blocks)
 
 
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @settings(max_examples=30, deadline=None)
 @given(
     blocks_in=st.lists(block_st, min_size=1, max_size=4),
@@ -178,15 +177,20 @@ def _irreps(blocks):
          layout="ir_mul", n=5, gate_mode="shared", add_mode="row", bias=True, seed=3)
 @example(blocks_in=[(0, 1, "o"), (1, 1, "e"), (3, 0, "o")], blocks_out=[(3, 1, "e"), (0, 0, "e"), (1, 0, "o")],
          layout="mul_ir", n=1, gate_mode="row", add_mode="shared", bias=True, seed=4)
-def test_parity_random_irreps(blocks_in, blocks_out, layout, n, gate_mode, add_mode, bias, seed):
+def test_parity_random_irreps(device, blocks_in, blocks_out, layout, n, gate_mode, add_mode, bias, seed):
     if sum(m for m, _, _ in blocks_in) == 0 or sum(m for m, _, _ in blocks_out) == 0:
         blocks_in, blocks_out = blocks_in + [(1, 0, "e")], blocks_out + [(1, 0, "e")]
     if not any(m > 0 and l == 0 and p == "e" for m, l, p in blocks_in):
         bias = False  # e3nn's Linear cannot build a bias-only output block (its codegen fails)
     check_parity(_irreps(blocks_in), _irreps(blocks_out), layout, n, torch.float64, gate_mode, add_mode,
-                 bias, seed, 1e-12)
+                 bias, seed, 1e-12, device)
 
 
+needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                       reason="runs the triton kernels on CPU tensors (TRITON_INTERPRET=1)")
+
+
+@needs_interpreter
 def test_leading_dims_and_noncontiguous_input():
     lin, x, gates, add = make_inputs("2x0e+1x1o", "1x0e+2x1o", 6, torch.float64, "row", "row", False, 5)
     spec = LinearSpec.from_e3nn(lin)
@@ -208,17 +212,17 @@ GRAD_CASES = [
 ]
 
 
-def _grad_inputs(irr_in, irr_out, layout, shared, n=2, seed=7):
+def _grad_inputs(irr_in, irr_out, layout, shared, n=2, seed=7, device="cpu"):
     lin, x, gates, add = make_inputs(irr_in, irr_out, n, torch.float64, "shared" if shared else "row",
-                                     "shared" if shared else "row", True, seed)
+                                     "shared" if shared else "row", True, seed, device)
     spec = LinearSpec.from_e3nn(lin, layout)
     leaves = [t.detach().clone().requires_grad_() for t in (x, lin.weight, lin.bias, gates, add)]
     return spec, leaves
 
 
 @pytest.mark.parametrize("irr_in,irr_out,layout,shared", GRAD_CASES)
-def test_gradcheck_gradgradcheck_triton(irr_in, irr_out, layout, shared):
-    spec, (x, w, b, g, a) = _grad_inputs(irr_in, irr_out, layout, shared)
+def test_gradcheck_gradgradcheck_triton(irr_in, irr_out, layout, shared, device):
+    spec, (x, w, b, g, a) = _grad_inputs(irr_in, irr_out, layout, shared, device=device)
 
     def f(x, w, b, g, a):
         return gated_linear(x, w, b, g, a, spec, backend="triton")
@@ -227,8 +231,9 @@ def test_gradcheck_gradgradcheck_triton(irr_in, irr_out, layout, shared):
     assert torch.autograd.gradgradcheck(f, (x, w, b, g, a))
 
 
-def test_gradients_match_torch_reference():
-    spec, leaves = _grad_inputs("2x0e+1x0e+2x1o+1x2e", "3x0e+2x1o+1x2e+1x1e", "ir_mul", False, n=4, seed=11)
+def test_gradients_match_torch_reference(device):
+    spec, leaves = _grad_inputs("2x0e+1x0e+2x1o+1x2e", "3x0e+2x1o+1x2e+1x1e", "ir_mul", False, n=4, seed=11,
+                                device=device)
     outs = []
     for backend in BACKENDS:
         y = gated_linear(*leaves, spec, backend=backend)
@@ -239,12 +244,12 @@ def test_gradients_match_torch_reference():
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
 
 
-def test_core_pre_and_post_gates_gradgradcheck():
+def test_core_pre_and_post_gates_gradgradcheck(device):
     """The generalised op (prologue + epilogue gates) that the backward is made of."""
     spec = LinearSpec.e3nn_default("1x0e+2x1o", "1x0e+1x1o+1x0o")
     gen = torch.Generator().manual_seed(2)
     n = 2
-    mk = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_()  # noqa: E731
+    mk = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(device).requires_grad_()  # noqa: E731
     x, w = mk(n, spec.dim_in), mk(spec.weight_numel)
     gp, gq = mk(n, spec.in_layout.num_gates), mk(spec.out_layout.num_gates)
 
@@ -255,10 +260,10 @@ def test_core_pre_and_post_gates_gradgradcheck():
     assert torch.autograd.gradgradcheck(f, (x, w, gp, gq))
 
 
-def test_frozen_weight_force_training_pattern():
+def test_frozen_weight_force_training_pattern(device):
     """MMEA on a frozen base: forces = -dE/dx with create_graph, then the loss on the forces
     back to the gates and additive (the weight never gets a gradient)."""
-    spec, (x, w, b, g, a) = _grad_inputs("2x0e+1x1o+1x2e", "1x0e+2x1o+1x2e", "ir_mul", False, n=3)
+    spec, (x, w, b, g, a) = _grad_inputs("2x0e+1x1o+1x2e", "1x0e+2x1o+1x2e", "ir_mul", False, n=3, device=device)
     w.requires_grad_(False)
     b.requires_grad_(False)
     res = []
@@ -271,8 +276,8 @@ def test_frozen_weight_force_training_pattern():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
-def test_half_precision(dtype, tol):
-    spec, leaves = _grad_inputs("4x0e+3x1o+2x2e", "5x0e+2x1o+2x2e", "ir_mul", False, n=7, seed=3)
+def test_half_precision(dtype, tol, device):
+    spec, leaves = _grad_inputs("4x0e+3x1o+2x2e", "5x0e+2x1o+2x2e", "ir_mul", False, n=7, seed=3, device=device)
     ref = gated_linear_reference(*leaves, spec)
     gref = torch.autograd.grad(ref.square().sum(), leaves)
     half = [t.detach().to(dtype).requires_grad_() for t in leaves]
@@ -284,7 +289,59 @@ def test_half_precision(dtype, tol):
         assert err < tol, err
 
 
+# ---------------------------------------------------------------------------- launch configuration
+def test_launch_grids_are_one_dimensional_for_5m_rows():
+    """CUDA caps grid dimensions 1 and 2 at 65,535: every launch of 5M rows must fit (the old 2-D
+    grid put row blocks in dimension 1 and failed above ~4.2M rows)."""
+    from mmea_kernels.ops._utils import check_grid
+    from mmea_kernels.ops.gated_linear.triton_kernels import block_m, fwd_launch, wgrad_launch
+    from mmea_kernels.ops.tables import layout_tables
+    from mmea_kernels.ops.triton_backend import _gate_mul_blocks, _seg_dot_blocks
+
+    n = 5_000_000
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        bm = block_m(n, 7, dtype, interpret=False)
+        groups, grid = fwd_launch(n, 8, 7, bm)
+        assert len(grid) == 1 and grid[0] == groups * 8
+        assert groups * (bm // 7) >= n > (groups - 1) * (bm // 7)  # every row covered, no group wasted
+        splits, rows_per_split, grid = wgrad_launch(n, 40, 64, 132, interpret=False)
+        assert len(grid) == 1 and grid[0] == 40 * splits
+        assert splits * rows_per_split >= n and rows_per_split % 64 == 0
+        assert 8 * 132 <= grid[0] < 8 * 132 + 40  # about 8 programs per SM
+    L = IrrepsLayout.of("128x0e+128x1o+128x2e+128x3o", "mul_ir")
+    bn, bd, _ = _gate_mul_blocks(n, L.dim, False)
+    assert -(-L.dim // bd) <= 65535  # rows go in grid dimension 0 (limit 2**31 - 1)
+    bn, bg, _ = _seg_dot_blocks(n, L.num_gates, layout_tables(L, "cpu").gate_width, False)
+    assert -(-L.num_gates // bg) <= 65535
+    with pytest.raises(RuntimeError, match="exceeds CUDA's limits"):
+        check_grid((10, 70000), "gate_mul")
+
+
+def test_spec_key_and_tables_are_cached():
+    """The launch path asks for the spec's key and tables on every call: both are built once."""
+    from mmea_kernels.ops.gated_linear.triton_kernels import tables
+    spec = LinearSpec.e3nn_default("8x0e+4x1o", "8x0e+4x1o+2x2e")
+    assert spec.key is spec.key and hash(spec) == hash(spec.key)
+    t = tables(spec, torch.device("cpu"))
+    assert tables(spec, torch.device("cpu")) is t
+    assert t.max_ir_dim == 5 and t.num_tasks == 3  # one task per output block; the unfed 2e is written as 0
+    ir_dims = t.wtasks[:, 10].tolist()  # G_IR_DIM: heaviest weight-gradient tasks first
+    assert ir_dims == sorted(ir_dims, reverse=True)
+
+
+def test_fp32_dot_precision_setting(monkeypatch):
+    from mmea_kernels.ops.gated_linear import fp32_precision
+    monkeypatch.delenv("MMEA_FP32_DOT", raising=False)
+    assert fp32_precision() == "tf32x3"
+    monkeypatch.setenv("MMEA_FP32_DOT", "IEEE")
+    assert fp32_precision() == "ieee"
+    monkeypatch.setenv("MMEA_FP32_DOT", "fp16")
+    with pytest.raises(ValueError, match="MMEA_FP32_DOT='fp16'"):
+        fp32_precision()
+
+
 # ---------------------------------------------------------------------------- errors
+@needs_interpreter
 def test_bad_inputs():
     lin = o3.Linear("1x0e+1x1o", "1x0e+1x1o").double()
     spec = LinearSpec.from_e3nn(lin)
@@ -316,3 +373,28 @@ def test_backend_follows_shared_selection(monkeypatch):
     x = torch.randn(3, 4, dtype=torch.float64)
     monkeypatch.setenv("MMEA_BACKEND", "cpp")
     torch.testing.assert_close(gated_linear(x, lin.weight, None, None, None, spec), lin(x))
+
+
+@needs_interpreter
+def test_forces_pass_skips_gate_and_weight_gradients(monkeypatch):
+    """dE/dx with trainable gates and weight: only the input gradient is computed (no recomputed
+    linear, seg_dot or weight-gradient kernel); the full backward still matches the reference."""
+    from mmea_kernels.ops.gated_linear import function
+    calls = {"core": 0, "wgrad": 0}
+    real_core, real_wgrad = function._core, function.triton_wgrad
+    monkeypatch.setattr(function, "_core", lambda *a: calls.__setitem__("core", calls["core"] + 1) or real_core(*a))
+    monkeypatch.setattr(function, "triton_wgrad",
+                        lambda *a: calls.__setitem__("wgrad", calls["wgrad"] + 1) or real_wgrad(*a))
+    spec, (x, w, b, g, a) = _grad_inputs("2x0e+1x1o+1x2e", "1x0e+2x1o+1x2e", "mul_ir", False, n=3)
+    gl = g.detach().clone().requires_grad_()
+    y = gated_linear(x, w, b, gl.exp(), a, spec, backend="triton")
+    calls.update(core=0, wgrad=0)
+    (fx,) = torch.autograd.grad(y.tanh().sum(), x, retain_graph=True)
+    assert calls == {"core": 1, "wgrad": 0}  # one launch: L^T(G ⊙ dy)
+    ref = gated_linear_reference(x, w, b, gl.exp(), a, spec)
+    (fref,) = torch.autograd.grad(ref.tanh().sum(), x)
+    torch.testing.assert_close(fx, fref, rtol=1e-12, atol=1e-12)
+    gw, gg = torch.autograd.grad(y.tanh().sum(), (w, gl))
+    rw, rg = torch.autograd.grad(gated_linear_reference(x, w, b, gl.exp(), a, spec).tanh().sum(), (w, gl))
+    torch.testing.assert_close(gw, rw, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gg, rg, rtol=1e-12, atol=1e-12)

@@ -1,11 +1,10 @@
 """Parity tests of the triton backend against the torch backend and a naive float64 reference.
 
-Runs on CPU tensors through the Triton interpreter (``TRITON_INTERPRET=1``), which must be set
-before triton decorates any kernel, hence before anything below is imported.
+Runs once per device (``helpers.TRITON_DEVICES``): on CPU tensors through the Triton interpreter
+(``TRITON_INTERPRET=1``, set by conftest before triton decorates any kernel) and on CUDA where a
+GPU exists (``MMEA_TEST_CUDA=1``).
 """
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import contextlib  # noqa: E402
 import math  # noqa: E402
@@ -23,8 +22,10 @@ from mmea_kernels.layout import IrrepsLayout  # noqa: E402
 from mmea_kernels.ops import torch_backend, triton_backend  # noqa: E402
 from mmea_kernels.ops.tables import layout_tables  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("these tests run the triton backend on CPU tensors (TRITON_INTERPRET=1)",
+from helpers import CUDA_AVAILABLE, TRITON_DEVICES  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not CUDA_AVAILABLE:
+    pytest.skip("the triton backend runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1",
                 allow_module_level=True)
 
 CPU = torch.device("cpu")
@@ -102,7 +103,7 @@ TOL = {
 
 def assert_close(got, ref, dtype, what):
     assert not torch.isnan(got).any(), f"{what}: NaN left in output"
-    torch.testing.assert_close(got.double(), ref.double(), **TOL[dtype], msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(got.double().cpu(), ref.double().cpu(), **TOL[dtype], msg=lambda m: f"{what}: {m}")
 
 
 @contextlib.contextmanager
@@ -116,10 +117,10 @@ def small_blocks(enabled):
         yield
 
 
-def run_case(blocks, layout, n, dtype, shared, keep_ungated, seed, tiny_blocks):
+def run_case(blocks, layout, n, dtype, shared, keep_ungated, seed, tiny_blocks, device="cpu"):
     text = irreps_string(blocks)
     L = IrrepsLayout.of(text, layout)
-    t = layout_tables(L, "cpu")
+    t = layout_tables(L, device)
     gate_of, G = naive_gate_of_column(blocks, layout)
     assert list(L.gate_of_column) == gate_of and L.num_gates == G
     D = L.dim
@@ -128,15 +129,16 @@ def run_case(blocks, layout, n, dtype, shared, keep_ungated, seed, tiny_blocks):
     x = torch.randn(n, D, generator=gen, dtype=torch.float64).to(dtype)
     b = torch.randn(n, D, generator=gen, dtype=torch.float64).to(dtype)
     gates = torch.randn(*((G,) if shared else (n, G)), generator=gen, dtype=torch.float64).to(dtype)
+    x, b, gates = x.to(device), b.to(device), gates.to(device)
 
     with small_blocks(tiny_blocks):
         # gate_mul, into a NaN-poisoned output and freshly allocated
-        out = torch.full((n, D), float("nan"), dtype=dtype)
+        out = torch.full((n, D), float("nan"), dtype=dtype, device=device)
         y = triton_backend.gate_mul(x, gates, t, keep_ungated, out=out)
         assert y is out
         y2 = triton_backend.gate_mul(x, gates, t, keep_ungated)
         ref_t = torch_backend.gate_mul(x, gates, t, keep_ungated)
-        ref_n = naive_gate_mul(x, gates, gate_of, keep_ungated)
+        ref_n = naive_gate_mul(x.cpu(), gates.cpu(), gate_of, keep_ungated)
         assert y.shape == y2.shape == (n, D) and y.dtype == y2.dtype == dtype
         assert_close(y, ref_t, dtype, f"gate_mul vs torch {text} {layout}")
         assert_close(y, ref_n, dtype, f"gate_mul vs naive {text} {layout}")
@@ -146,12 +148,12 @@ def run_case(blocks, layout, n, dtype, shared, keep_ungated, seed, tiny_blocks):
 
         # seg_dot
         shape = (G,) if shared else (n, G)
-        out = torch.full(shape, float("nan"), dtype=dtype)
+        out = torch.full(shape, float("nan"), dtype=dtype, device=device)
         s = triton_backend.seg_dot(x, b, t, shared, out=out)
         assert s is out
         s2 = triton_backend.seg_dot(x, b, t, shared)
         ref_t = torch_backend.seg_dot(x, b, t, shared)
-        ref_n = naive_seg_dot(x, b, gate_of, G, shared)
+        ref_n = naive_seg_dot(x.cpu(), b.cpu(), gate_of, G, shared)
         assert s.shape == s2.shape == shape and s.dtype == s2.dtype == dtype
         assert_close(s, ref_t, dtype, f"seg_dot vs torch {text} {layout} shared={shared}")
         assert_close(s, ref_n, dtype, f"seg_dot vs naive {text} {layout} shared={shared}")
@@ -162,6 +164,7 @@ def run_case(blocks, layout, n, dtype, shared, keep_ungated, seed, tiny_blocks):
 block_st = st.tuples(st.sampled_from([0, 1, 2, 3, 5]), st.integers(0, 3), st.sampled_from(["e", "o"]))
 
 
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @settings(max_examples=30, deadline=None)
 @given(
     blocks=st.lists(block_st, min_size=1, max_size=5),
@@ -183,34 +186,35 @@ block_st = st.tuples(st.sampled_from([0, 1, 2, 3, 5]), st.integers(0, 3), st.sam
          keep_ungated=False, seed=3, tiny_blocks=False)  # D == 0
 @example(blocks=[(2, 2, "o"), (1, 0, "e")], layout="ir_mul", n=0, dtype=torch.float64, shared=True,
          keep_ungated=True, seed=4, tiny_blocks=True)  # N == 0, shared -> zeros
-def test_parity_random_layouts(blocks, layout, n, dtype, shared, keep_ungated, seed, tiny_blocks):
-    run_case(blocks, layout, n, dtype, shared, keep_ungated, seed, tiny_blocks)
+def test_parity_random_layouts(device, blocks, layout, n, dtype, shared, keep_ungated, seed, tiny_blocks):
+    run_case(blocks, layout, n, dtype, shared, keep_ungated, seed, tiny_blocks, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
 @pytest.mark.parametrize("shared", [False, True])
-def test_low_precision(dtype, layout, shared):
+def test_low_precision(dtype, layout, shared, device):
     """fp32 accumulation: within ~1e-2 relative of the float64 reference."""
     run_case(parse_blocks("3x0e+2x0o+2x1e+3x1o+1x2e+2x3o"), layout, 23, dtype, shared,
-             keep_ungated=True, seed=11, tiny_blocks=False)
+             keep_ungated=True, seed=11, tiny_blocks=False, device=device)
     run_case(parse_blocks("1x0e+4x1o+2x2o"), layout, 17, dtype, shared,
-             keep_ungated=False, seed=12, tiny_blocks=True)
+             keep_ungated=False, seed=12, tiny_blocks=True, device=device)
 
 
 @pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
-def test_multi_block_default_sizes(layout):
+def test_multi_block_default_sizes(layout, device):
     """Shapes large enough for several row, column and gate blocks with the default block sizes."""
     blocks = parse_blocks("5x0e+40x1o+20x2e+8x3o+3x0o")  # D = 284, G = 71
     for shared in (False, True):
-        run_case(blocks, layout, 150, torch.float32, shared, keep_ungated=shared, seed=5, tiny_blocks=False)
+        run_case(blocks, layout, 150, torch.float32, shared, keep_ungated=shared, seed=5, tiny_blocks=False,
+                 device=device)
 
 
-def test_bf16_seg_dot_accumulates_in_fp32():
+def test_bf16_seg_dot_accumulates_in_fp32(device):
     """Many small terms: a bf16 accumulator would lose them, fp32 accumulation does not."""
     L = IrrepsLayout.of("1x3o", "mul_ir")
-    t = layout_tables(L, "cpu")
-    a = torch.full((40, 7), 1.0, dtype=torch.bfloat16)
+    t = layout_tables(L, device)
+    a = torch.full((40, 7), 1.0, dtype=torch.bfloat16, device=device)
     a[:, 0] = 256.0
     b = torch.ones_like(a)
     s = triton_backend.seg_dot(a, b, t, shared=False)
@@ -219,6 +223,7 @@ def test_bf16_seg_dot_accumulates_in_fp32():
     assert math.isclose(s.float().item(), 40 * 262.0, rel_tol=1e-2)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="checks the interpreter mode")
 def test_available():
     ok, why = triton_backend.available(CPU)
     assert ok and why == ""

@@ -1,32 +1,37 @@
-"""GPU benchmark for a lent device machine: the adapted linear in each implementation against the
-base o3.Linear (same run), the gate kernel alone against the card's measured copy bandwidth, and
-cuEquivariance's cuet.Linear + gate where it is installed. Writes
-bench/results/<card>-<date>-gpu.json and prints a table.
+"""GPU benchmark for a lent device machine: each implementation of the adapted linear against the
+base ``o3.Linear`` (same run), the gate kernels alone against the card's measured copy bandwidth,
+cuEquivariance's ``cuet.Linear`` where it is installed, and ``FusedGate`` against e3nn's ``Gate``
+where the package has it.
 
-    python bench/gpu/bench_gpu.py                 # on a CUDA machine
-    TRITON_INTERPRET=1 python bench/gpu/bench_gpu.py --small   # correctness check on CPU
+Every configuration is checked against a float64 reference first (tolerance per dtype:
+:func:`tolerance`), runs inside its own try/except (a failure is a row with ``error``, the run goes
+on), and each row is appended to ``<out>/<card>-<date>-gpu.jsonl`` as soon as it is measured; the
+summary JSON and the table are written at the end.
+
+Timing: ``triton.testing.do_bench`` (median of CUDA-event timings over many calls, L2 flushed
+between calls). It includes the host-side launch cost, which is what an eager PyTorch user pays;
+forward rows also get ``graph_ms`` (``do_bench_cudagraph``: device time alone, no host overhead).
+
+    python bench/gpu/bench_gpu.py --out $OUT          # on a CUDA machine
+    TRITON_INTERPRET=1 python bench/gpu/bench_gpu.py --small --out /tmp/b   # the same code on CPU
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
-import os
 import pathlib
 import statistics
-import sys
 import time
+import traceback
 
 import torch
+from e3nn import o3
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/providers.py
-
-from e3nn import o3  # noqa: E402
-
-from mmea_kernels import IrrepsLayout, gate_mul, seg_dot  # noqa: E402
-from mmea_kernels.ops import backend_status  # noqa: E402
-from mmea_kernels.ops.gated_linear import gated_linear  # noqa: E402
-from mmea_kernels.ops.linear_spec import LinearSpec  # noqa: E402
+from mmea_kernels import IrrepsLayout, MMEALinear, gate_mul, seg_dot
+from mmea_kernels.ops import backend_status
+from mmea_kernels.ops.gated_linear import fp32_precision, gated_linear
+from mmea_kernels.ops.linear_spec import LinearSpec
 
 LAYERS = {
     "128x0e+128x1o": ("128x0e+128x1o", "128x0e+128x1o"),
@@ -35,147 +40,371 @@ LAYERS = {
                            "128x0e+128x1o+128x2e+128x3o"),
 }
 SMALL_LAYERS = {"small": ("4x0e+4x0e+3x1o+2x2e", "4x0e+3x1o+2x2e+1x3o")}
+GATE_SHAPES = {"sevennet-0": ("128x0e", "96x0e", "64x1e+32x2e")}  # scalars, gates, gated (SevenNet-0)
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 
 
-def timer(device):
-    if device.type == "cuda":
-        def run(fn, reps):
+def tolerance(dtype: torch.dtype, fp32_dot: str = "tf32x3") -> float:
+    """Largest accepted ``max|y - y_ref| / max(max|y_ref|, 1)`` against the float64 reference.
+
+    bf16 stores 8 mantissa bits (relative rounding 2**-9 ≈ 2e-3 per value) and sums 100-1000
+    products per output: a CPU emulation of the fused bf16 path gave 0.031, so 0.06 leaves room for
+    a different summation order. fp32: IEEE or tf32x3 dot products stay near 1e-6 relative;
+    plain tf32 (10 mantissa bits) near 1e-3."""
+    if dtype == torch.float64:
+        return 1e-10
+    if dtype == torch.float32:
+        return 5e-3 if fp32_dot == "tf32" else 1e-4
+    if dtype in (torch.bfloat16, torch.float16):
+        return 6e-2
+    raise TypeError(f"no tolerance for {dtype}")
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    y, ref = y.detach().double(), ref.detach().double()
+    return float((y - ref).abs().max() / ref.abs().max().clamp_min(1.0)) if ref.numel() else 0.0
+
+
+def check(name: str, y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float:
+    err = rel_err(y, ref)
+    tol = tolerance(dtype, fp32_precision())
+    if not err <= tol:
+        raise AssertionError(f"{name}: relative error {err:.3e} against the float64 reference exceeds {tol:.1e}")
+    return err
+
+
+# ============================================================================ timing
+class Timer:
+    """``ms(fn)`` and ``graph_ms(fn)``: medians in milliseconds."""
+
+    def __init__(self, device: torch.device, small: bool):
+        self.device, self.small = device, small
+        if device.type == "cuda":
+            import triton.testing as tt
+            self._tt = tt
+
+    def ms(self, fn) -> float:
+        if self.device.type == "cuda":
+            return float(self._tt.do_bench(fn, warmup=5 if self.small else 10, rep=20 if self.small else 40,
+                                           return_mode="median"))
+        fn()
+        ts = []
+        for _ in range(2 if self.small else 10):
+            t = time.perf_counter()
             fn()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(reps):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(b))
-            return times
-    else:
-        def run(fn, reps):
-            fn()
-            times = []
-            for _ in range(reps):
-                t = time.perf_counter()
-                fn()
-                times.append(1e3 * (time.perf_counter() - t))
-            return times
-    return run
+            ts.append(1e3 * (time.perf_counter() - t))
+        return statistics.median(ts)
+
+    def graph_ms(self, fn):
+        if self.device.type != "cuda":
+            return None
+        try:
+            return float(self._tt.do_bench_cudagraph(fn, rep=20, return_mode="median"))
+        except Exception:  # noqa: BLE001 - some callables do not capture; the eager time stands
+            return None
 
 
-def copy_bandwidth(device, dtype, numel, run):
-    a = torch.empty(numel, dtype=dtype, device=device)
+def copy_bandwidth(device, numel, timer) -> float:
+    a = torch.empty(numel, dtype=torch.float32, device=device)
     b = torch.empty_like(a)
-    ms = statistics.median(run(lambda: b.copy_(a), 20))
+    ms = timer.ms(lambda: b.copy_(a))
     return 2 * a.element_size() * numel / (ms * 1e-3) / 1e9
 
 
-def gate_bench(layer, n, dtype, device, run, reps, rows, card):
-    irreps_out = LAYERS.get(layer, SMALL_LAYERS.get(layer))[1]
+# ============================================================================ cases
+def gate_cases(layer, n, dtype, device, timer):
+    """gate_mul and seg_dot of every available backend; distinct a/b so seg_dot's bytes (the gated
+    columns of a and of b, and the [N, G] result) are each read once."""
+    irreps_out = (LAYERS | SMALL_LAYERS)[layer][1]
     L = IrrepsLayout.of(irreps_out, "mul_ir")
-    x = torch.randn(n, L.dim, dtype=dtype, device=device)
-    g = torch.rand(n, L.num_gates, dtype=dtype, device=device) + 0.5
-    nbytes = (2 * L.dim + L.num_gates) * n * x.element_size()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x64 = torch.randn(n, L.dim, generator=gen, dtype=torch.float64)
+    b64 = torch.randn(n, L.dim, generator=gen, dtype=torch.float64)
+    g64 = torch.rand(n, L.num_gates, generator=gen, dtype=torch.float64) + 0.5
+    ref_mul = gate_mul(x64, g64, L, backend="torch")
+    ref_dot = seg_dot(x64, b64, L, backend="torch")
+    x, b, g = (t.to(device=device, dtype=dtype) for t in (x64, b64, g64))
+    e = x.element_size()
+    gated = L.dim - L.num_scalars  # seg_dot reads the gated columns of a and b only
+    nbytes = {"gate_mul": (2 * L.dim + L.num_gates) * n * e, "seg_dot": (2 * gated + L.num_gates) * n * e}
     for be in ("torch", "triton", "cpp"):
-        ok, why = backend_status(be, device)
-        if not ok:
+        if not backend_status(be, device)[0]:
             continue
-        ref = gate_mul(x, g, L, backend="torch")
-        torch.testing.assert_close(gate_mul(x, g, L, backend=be), ref)
-        for op, fn in (("gate_mul", lambda: gate_mul(x, g, L, backend=be)),
-                       ("seg_dot", lambda: seg_dot(x, x, L, backend=be))):
-            ms = statistics.median(run(fn, reps))
-            byt = nbytes if op == "gate_mul" else (2 * L.dim + L.num_gates) * n * x.element_size()
-            rows.append({"op": op, "provider": be, "mode": "fwd", "size": f"{layer} N={n} {str(dtype)[6:]}",
-                         "median_ms": ms, "GB/s": byt / (ms * 1e-3) / 1e9, "device": card})
+        for op, fn, ref in (("gate_mul", lambda: gate_mul(x, g, L, backend=be), ref_mul),
+                            ("seg_dot", lambda: seg_dot(x, b, L, backend=be), ref_dot)):
+            err = check(f"{op} {be}", fn(), ref.to(device), dtype)
+            ms = timer.ms(fn)
+            yield {"op": op, "provider": be, "mode": "fwd", "layer": layer, "N": n, "dtype": DTYPE_NAMES[dtype],
+                   "median_ms": ms, "graph_ms": timer.graph_ms(fn), "bytes": nbytes[op],
+                   "GB/s": nbytes[op] / (ms * 1e-3) / 1e9, "rel_err": err}
 
 
-def linear_bench(layer, n, dtype, device, run, reps, rows, card):
-    irreps_in, irreps_out = LAYERS.get(layer, SMALL_LAYERS.get(layer))
-    torch.manual_seed(0)
-    lin = o3.Linear(irreps_in, irreps_out).to(device=device, dtype=dtype)
-    lin.requires_grad_(False)
+def _linear_variants(lin, x, g, add, irreps_in, irreps_out, device, dtype, cuet_too=True):
     Lout = IrrepsLayout.of(irreps_out, "mul_ir")
     spec = LinearSpec.from_e3nn(lin)
     scal = torch.tensor(Lout.scalar_columns, device=device)
-    x = torch.randn(n, lin.irreps_in.dim, dtype=dtype, device=device, requires_grad=True)
-    g = torch.rand(n, Lout.num_gates, dtype=dtype, device=device) + 0.5
-    add = torch.randn(n, Lout.num_scalars, dtype=dtype, device=device)
-    gy = torch.randn(n, Lout.dim, dtype=dtype, device=device)
-
-    def unfused(be):
-        return lambda: torch.index_add(gate_mul(lin(x), g, Lout, backend=be), 1, scal, add)
-
     variants = {"base": lambda: lin(x)}
     for be in ("torch", "triton", "cpp"):
         if backend_status(be, device)[0]:
-            variants[f"linear+{be}-gate"] = unfused(be)
+            variants[f"linear+{be}-gate"] = (
+                lambda be=be: torch.index_add(gate_mul(lin(x), g, Lout, backend=be), 1, scal, add))
     if backend_status("triton", device)[0]:
         variants["fused"] = lambda: gated_linear(x, lin.weight, None, g, add, spec, backend="triton")
-    try:  # cuEquivariance's linear (ir_mul native) + our gate in ir_mul
+    ad = MMEALinear(lin, rank=16).to(device=device, dtype=dtype)  # the whole adapter (gate network too)
+    variants["MMEALinear"] = lambda: ad(x)
+    try:  # cuEquivariance's linear (ir_mul native) and the adapter on it
+        if not cuet_too:
+            return variants
         import cuequivariance as cue
         import cuequivariance_torch as cuet
         clin = cuet.Linear(cue.Irreps("O3", irreps_in), cue.Irreps("O3", irreps_out), layout=cue.ir_mul,
                            device=device, dtype=dtype)
-        Lir = IrrepsLayout.of(irreps_out, "ir_mul")
         variants["cuet"] = lambda: clin(x)
-        variants["cuet+triton-gate"] = lambda: gate_mul(clin(x), g, Lir, backend="triton" if device.type == "cuda" else "torch")
-        from mmea_kernels.nn import MMEALinear  # the whole adapter on cuet.Linear, ir_mul native
-        clin_ad = MMEALinear(clin, rank=16).to(device=device, dtype=dtype)
-        variants["cuet+MMEALinear"] = lambda: clin_ad(x)
-    except Exception as exc:  # not installed, or no CUDA ops
+        cad = MMEALinear(clin, rank=16).to(device=device, dtype=dtype)
+        variants["cuet+MMEALinear"] = lambda: cad(x)
+    except Exception as exc:  # noqa: BLE001 - not installed, or no CUDA ops
         print(f"cuEquivariance skipped: {type(exc).__name__}: {exc}")
+    return variants
 
-    ref = variants["linear+torch-gate"]().detach()
-    for name, fn in variants.items():
-        if name in ("fused",) or name.startswith("linear+"):
-            torch.testing.assert_close(fn().detach(), ref, rtol=1e-4, atol=1e-4)
-        for mode in ("fwd", "fwd+bwd"):
-            if mode == "fwd":
-                def step(fn=fn):
-                    with torch.no_grad():
-                        fn()
-            else:
-                def step(fn=fn):
-                    x.grad = None
-                    fn().backward(gy)
-            rows.append({"op": "adapted_linear", "provider": name, "mode": mode,
-                         "size": f"{layer} N={n} {str(dtype)[6:]}", "median_ms": statistics.median(run(step, reps)),
-                         "device": card})
+
+def linear_cases(layer, n, dtype, device, timer, cuet_too=True):
+    irreps_in, irreps_out = (LAYERS | SMALL_LAYERS)[layer]
+    torch.manual_seed(0)
+    lin64 = o3.Linear(irreps_in, irreps_out)
+    Lout = IrrepsLayout.of(irreps_out, "mul_ir")
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    x64 = torch.randn(n, lin64.irreps_in.dim, generator=gen, dtype=torch.float64)
+    g64 = torch.rand(n, Lout.num_gates, generator=gen, dtype=torch.float64) + 0.5
+    a64 = torch.randn(n, Lout.num_scalars, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        ref = gated_linear(x64, lin64.weight.double(), None, g64, a64, LinearSpec.from_e3nn(lin64),
+                           backend="torch")
+    lin = lin64.to(device=device, dtype=dtype)
+    lin.requires_grad_(False)
+    x = x64.to(device=device, dtype=dtype).requires_grad_()
+    g, add = g64.to(device=device, dtype=dtype), a64.to(device=device, dtype=dtype)
+    gy = torch.randn(n, Lout.dim, device=device, dtype=dtype)
+    for name, fn in _linear_variants(lin, x, g, add, irreps_in, irreps_out, device, dtype, cuet_too).items():
+        err = None
+        if name == "fused" or name.startswith("linear+"):
+            with torch.no_grad():
+                err = check(name, fn(), ref.to(device), dtype)
+
+        def fwd(fn=fn):
+            with torch.no_grad():
+                fn()
+
+        def fwd_bwd(fn=fn):
+            x.grad = None
+            fn().backward(gy)
+
+        for mode, step in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            yield {"op": "adapted_linear", "provider": name, "mode": mode, "layer": layer, "N": n,
+                   "dtype": DTYPE_NAMES[dtype], "median_ms": timer.ms(step),
+                   "graph_ms": timer.graph_ms(step) if mode == "fwd" else None, "rel_err": err}
+
+
+def fused_gate_cases(n, dtype, device, timer):
+    """FusedGate against e3nn's Gate on SevenNet-0's gate shape (when FusedGate exists)."""
+    try:
+        from mmea_kernels.nn import FusedGate
+    except ImportError:
+        return
+    from e3nn import nn as enn
+    scalars, gates, gated = GATE_SHAPES["sevennet-0"]
+    torch.manual_seed(0)
+    eg = enn.Gate(scalars, [torch.nn.functional.silu], gates, [torch.sigmoid], gated)
+    fg = FusedGate(scalars, [torch.nn.functional.silu], gates, [torch.sigmoid], gated)
+    x64 = torch.randn(n, eg.irreps_in.dim, dtype=torch.float64)
+    ref = eg(x64)
+    x = x64.to(device=device, dtype=dtype).requires_grad_()
+    gy = torch.randn(n, eg.irreps_out.dim, device=device, dtype=dtype)
+    for name, mod in (("e3nn-Gate", eg.to(device)), ("FusedGate", fg.to(device))):
+        err = check(name, mod(x).detach(), ref.to(device), dtype)
+
+        def fwd(mod=mod):
+            with torch.no_grad():
+                mod(x)
+
+        def fwd_bwd(mod=mod):
+            x.grad = None
+            mod(x).backward(gy)
+
+        for mode, step in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            yield {"op": "gate_nonlinearity", "provider": name, "mode": mode, "layer": "sevennet-0", "N": n,
+                   "dtype": DTYPE_NAMES[dtype], "median_ms": timer.ms(step),
+                   "graph_ms": timer.graph_ms(step) if mode == "fwd" else None, "rel_err": err,
+                   "bytes": (eg.irreps_in.dim + eg.irreps_out.dim) * n * x.element_size()}
+
+
+SWEEP = [  # (block_m, block_w, block_k, num_warps, num_stages) of the fused forward kernel
+    (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (128, 64, 32, 8, 3), (128, 128, 32, 8, 3),
+    (64, 128, 32, 4, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3), (128, 128, 64, 8, 2),
+]
+
+
+def sweep_cases(layer, n, device, timer):
+    """The fused forward under each tile configuration of SWEEP and each fp32 dot precision (and
+    bf16): graph (device) time, checked against the float64 reference each time."""
+    import os
+
+    from mmea_kernels.ops.gated_linear import triton_kernels as tk
+    irreps_in, irreps_out = (LAYERS | SMALL_LAYERS)[layer]
+    torch.manual_seed(0)
+    lin64 = o3.Linear(irreps_in, irreps_out)
+    spec = LinearSpec.from_e3nn(lin64)
+    Lout = IrrepsLayout.of(irreps_out, "mul_ir")
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    x64 = torch.randn(n, lin64.irreps_in.dim, generator=gen, dtype=torch.float64)
+    g64 = torch.rand(n, Lout.num_gates, generator=gen, dtype=torch.float64) + 0.5
+    a64 = torch.randn(n, Lout.num_scalars, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        ref = gated_linear(x64, lin64.weight.double(), None, g64, a64, spec, backend="torch").to(device)
+    saved_tiles, saved_prec = dict(tk.GPU_TILES), os.environ.get("MMEA_FP32_DOT")
+    try:
+        for dtype, prec in ((torch.float32, "tf32x3"), (torch.float32, "tf32"), (torch.float32, "ieee"),
+                            (torch.bfloat16, "-")):
+            if dtype == torch.float32:
+                os.environ["MMEA_FP32_DOT"] = prec
+            x, w, g, a = (t.to(device=device, dtype=dtype) for t in (x64, lin64.weight.double(), g64, a64))
+            for cfg in SWEEP:
+                tk.GPU_TILES[dtype] = dict(zip(("block_m", "block_w", "block_k", "num_warps", "num_stages"), cfg))
+                row = {"op": "fused_sweep", "provider": f"{prec} m{cfg[0]} w{cfg[1]} k{cfg[2]} warps{cfg[3]} st{cfg[4]}",
+                       "mode": "fwd", "layer": layer, "N": n, "dtype": DTYPE_NAMES[dtype]}
+                try:
+                    def fn():
+                        with torch.no_grad():
+                            return gated_linear(x, w, None, g, a, spec, backend="triton")
+                    row["rel_err"] = check("sweep", fn(), ref, dtype if prec != "tf32" else torch.bfloat16)
+                    row["median_ms"], row["graph_ms"] = timer.ms(fn), timer.graph_ms(fn)
+                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: record, go on
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                yield row
+    finally:
+        tk.GPU_TILES.clear()
+        tk.GPU_TILES.update(saved_tiles)
+        if saved_prec is None:
+            os.environ.pop("MMEA_FP32_DOT", None)
+        else:
+            os.environ["MMEA_FP32_DOT"] = saved_prec
+
+
+# ============================================================================ kernel resources
+def kernel_resources():
+    """Registers and spills of every compiled Triton kernel of the package (CUDA only)."""
+    from mmea_kernels.ops import triton_backend
+    from mmea_kernels.ops.gated_linear import triton_kernels
+    fns = {"gate_mul": triton_backend._gate_mul_kernel, "seg_dot": triton_backend._seg_dot_kernel,
+           "gl_fwd": triton_kernels._gl_fwd_kernel, "gl_wgrad": triton_kernels._gl_wgrad_kernel}
+    try:
+        from mmea_kernels.ops import fused_gate as fg_ops  # FusedGate's kernels, where they exist
+        fns.update({k: v for k, v in vars(fg_ops).items() if hasattr(v, "device_caches")})
+    except ImportError:
+        pass
+    rows = []
+    for name, fn in fns.items():
+        for caches in getattr(fn, "device_caches", {}).values():
+            cache = caches[0] if isinstance(caches, tuple) else caches
+            for key, k in getattr(cache, "items", lambda: [])():
+                rows.append({"kernel": name, "n_regs": getattr(k, "n_regs", None),
+                             "n_spills": getattr(k, "n_spills", None),
+                             "shared": getattr(getattr(k, "metadata", None), "shared", None),
+                             "num_warps": getattr(getattr(k, "metadata", None), "num_warps", None),
+                             "config": str(key)[:300]})
+    return rows
+
+
+# ============================================================================ main
+def table(rows, bw):
+    base = {(r["op"], r["layer"], r["N"], r["dtype"], r["mode"]): r["median_ms"] for r in rows
+            if r.get("provider") == "base" and "median_ms" in r}
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r.get('op', '?'):<18}{r.get('layer', ''):<30}N={r.get('N', '')} {r.get('dtype', '')}  "
+                         f"ERROR {r['error']}")
+            continue
+        size = f"{r['layer']} N={r['N']} {r['dtype']}"
+        b = base.get((r["op"], r["layer"], r["N"], r["dtype"], r["mode"]))
+        if "GB/s" in r:
+            extra = f"{r['GB/s']:7.0f} GB/s ({100 * r['GB/s'] / bw:3.0f} % of copy)"
+        elif b and r["provider"] != "base":
+            extra = f"{100 * (r['median_ms'] / b - 1):+7.1f} % vs base"
+        else:
+            extra = ""
+        graph = f" graph {r['graph_ms']:.4f}" if r.get("graph_ms") else ""
+        lines.append(f"{r['op']:<18}{size:<50}{r['mode']:<8}{r['provider']:<18}{r['median_ms']:9.4f} ms{graph}  {extra}")
+    return "\n".join(lines)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="tiny sizes (CPU interpreter check)")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parents[1] / "results"))
+    ap.add_argument("--sizes", default=None, help="comma-separated N (default 2000,8000,32000)")
+    ap.add_argument("--sweep", action="store_true", help="also time the fused forward under SWEEP's tiles")
+    ap.add_argument("--no-cuet", action="store_true", help="leave cuEquivariance out")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     card = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu-interpreter"
-    run = timer(device)
+    timer = Timer(device, args.small)
     layers = SMALL_LAYERS if args.small else LAYERS
-    sizes = [7, 33] if args.small else [2000, 8000, 32000]
-    dtypes = [torch.float32] if args.small else [torch.float32, torch.bfloat16, torch.float64]
-    reps = 2 if args.small else 20
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([7, 33] if args.small else [2000, 8000, 32000])
+    dtypes = [torch.float32, torch.float64] if args.small else [torch.float32, torch.bfloat16, torch.float64]
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{card.replace(' ', '-')}-{datetime.date.today().isoformat()}-gpu"
+    stream = (out / f"{stem}.jsonl").open("a")
+    meta = {"card": card, "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "fp32_dot": fp32_precision(), "timing": "triton.testing.do_bench median (graph_ms: do_bench_cudagraph)"}
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    bw = copy_bandwidth(device, 1 << (10 if args.small else 28), timer)
+    meta["copy_GBps"] = bw
+    print(f"device: {card}; measured copy bandwidth {bw:.0f} GB/s; fp32 dot: {meta['fp32_dot']}", flush=True)
+    stream.write(json.dumps({"meta": meta}) + "\n")
     rows = []
-    bw = copy_bandwidth(device, torch.float32, 1 << (10 if args.small else 28), run)
-    print(f"device: {card}; measured copy bandwidth {bw:.0f} GB/s")
+
+    def run(label, gen):
+        try:
+            for row in gen:
+                row["device"] = card
+                rows.append(row)
+                stream.write(json.dumps(row) + "\n")
+                stream.flush()
+        except Exception as exc:  # noqa: BLE001 - record and go on with the next configuration
+            row = {"op": label[0], "layer": label[1], "N": label[2], "dtype": DTYPE_NAMES[label[3]],
+                   "error": f"{type(exc).__name__}: {exc}"[:500], "device": card}
+            traceback.print_exc()
+            rows.append(row)
+            stream.write(json.dumps(row) + "\n")
+            stream.flush()
+
     for layer in layers:
         for n in sizes:
             for dtype in dtypes:
-                gate_bench(layer, n, dtype, device, run, reps, rows, card)
-                linear_bench(layer, n, dtype, device, run, reps, rows, card)
-    base = {(r["size"], r["mode"]): r["median_ms"] for r in rows if r["provider"] == "base"}
-    for r in rows:
-        b = base.get((r["size"], r["mode"]))
-        extra = f"{r['GB/s']:8.0f} GB/s ({100 * r['GB/s'] / bw:.0f} % of copy)" if "GB/s" in r else (
-            f"{100 * (r['median_ms'] / b - 1):+7.1f} % vs base" if b and r["provider"] != "base" else "")
-        print(f"{r['op']:<15}{r['size']:<40}{r['mode']:<8}{r['provider']:<20}{r['median_ms']:9.3f} ms  {extra}")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"{card.replace(' ', '-')}-{datetime.date.today().isoformat()}-gpu.json"
-    (out / name).write_text(json.dumps({"copy_GBps": bw, "rows": rows}, indent=1))
-    print(f"written {out / name}")
+                run(("gate", layer, n, dtype), gate_cases(layer, n, dtype, device, timer))
+                run(("adapted_linear", layer, n, dtype), linear_cases(layer, n, dtype, device, timer, not args.no_cuet))
+    for n in ([9] if args.small else [4000, 32000]):
+        for dtype in dtypes:
+            run(("gate_nonlinearity", "sevennet-0", n, dtype), fused_gate_cases(n, dtype, device, timer))
+    if args.sweep:
+        layer = "small" if args.small else "mace-interaction-1"
+        for n in ([33] if args.small else [8000, 32000]):
+            run(("fused_sweep", layer, n, torch.float32), sweep_cases(layer, n, device, timer))
+    resources = kernel_resources() if device.type == "cuda" else []
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows, "kernels": resources}, indent=1))
+    text = table(rows, bw)
+    res = "\n".join(f"{r['kernel']:<10} regs {r['n_regs']} spills {r['n_spills']} warps {r['num_warps']} "
+                    f"shared {r['shared']}  {r['config'][:160]}" for r in resources)
+    (out / f"{stem}.txt").write_text(json.dumps(meta) + "\n\n" + text + "\n\nTriton kernels:\n" + res + "\n")
+    print(text + ("\n\nTriton kernels:\n" + res if res else ""))
+    print(f"written {out / stem}.json/.jsonl/.txt")
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from ..layout import IrrepsLayout
+from ._utils import grad_needed
 from .backends import resolve_backend
 from .tables import layout_tables
 
@@ -61,9 +62,9 @@ def _gate_mul_setup(ctx, inputs, output):
 def _gate_mul_backward(ctx, grad_y):
     x, gates = ctx.saved_tensors
     gx = gg = None
-    if ctx.needs_input_grad[0]:
+    if grad_needed(ctx, 0):
         gx = torch.ops.mmea_kernels.gate_mul(grad_y, gates, ctx.key, ctx.keep, ctx.backend)
-    if ctx.needs_input_grad[1]:
+    if grad_needed(ctx, 1):
         gg = torch.ops.mmea_kernels.seg_dot(grad_y, x, ctx.key, gates.dim() == 1, ctx.backend)
     return gx, gg, None, None, None
 
@@ -78,9 +79,9 @@ def _seg_dot_backward(ctx, grad_out):
     a, b = ctx.saved_tensors
     ga = gb = None
     # d/da Σ a·b·g = g[gate(c)]·b, zero on 0e columns (seg_dot ignores them)
-    if ctx.needs_input_grad[0]:
+    if grad_needed(ctx, 0):
         ga = torch.ops.mmea_kernels.gate_mul(b, grad_out, ctx.key, False, ctx.backend)
-    if ctx.needs_input_grad[1]:
+    if grad_needed(ctx, 1):
         gb = torch.ops.mmea_kernels.gate_mul(a, grad_out, ctx.key, False, ctx.backend)
     return ga, gb, None, None, None
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 from ..layout import LAYOUTS, IrrepsLayout, parse_irreps
 
@@ -134,8 +134,15 @@ class LinearSpec:
     # ------------------------------------------------------------------ constructors
     @property
     def key(self):
-        return (self.in_layout.irreps_str, self.out_layout.irreps_str,
-                tuple(dataclasses.astuple(i) for i in self.instructions), self.layout, self.biases)
+        """Hashable identity (irreps, instructions, layout, biases); built once per spec, since the
+        kernels' launch path asks for it on every call."""
+        key = self.__dict__.get("_key")
+        if key is None:
+            key = (self.in_layout.irreps_str, self.out_layout.irreps_str,
+                   tuple(dataclasses.astuple(i) for i in self.instructions), self.layout, self.biases)
+            self.__dict__["_key"] = key
+            self.__dict__["_hash"] = hash(key)
+        return key
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
@@ -233,17 +240,19 @@ class LinearSpec:
                 f"weights={self.weight_numel}, biases={self.bias_numel})")
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, LinearSpec) and other.key == self.key
+        return other is self or (isinstance(other, LinearSpec) and other.key == self.key)
 
     def __hash__(self) -> int:
-        return hash(self.key)
+        self.key  # noqa: B018 - builds the key and its hash once
+        return self.__dict__["_hash"]
 
 
 # ============================================================================ torch tables
-# Columns of the int64 tables (the kernels index them by these positions).
-# forward task: one (output block, component m, output-channel tile)
-T_COL0, T_COL_SU, T_W0, T_MUL_OUT, T_M, T_GATE, T_SCALAR, T_BIAS, T_INS_LO, T_INS_HI = range(10)
-TASK_FIELDS = 10
+# Columns of the int32 tables; the kernels read them by these names (as tl.constexpr).
+# forward task: one (output block, output-channel tile); the kernel loops over the 2l+1 components
+(T_COL0, T_COL_SU, T_COL_SM, T_W0, T_MUL_OUT, T_IR_DIM, T_GATE, T_SCALAR, T_BIAS, T_INS_LO,
+ T_INS_HI) = range(11)
+TASK_FIELDS = 11
 # instruction, sorted by output block
 I_IN_OFF, I_IN_SU, I_IN_SM, I_MUL_IN, I_GATE_IN, I_W_OFF, I_W_SU, I_W_SW = range(8)
 INS_FIELDS = 8
@@ -257,13 +266,14 @@ WTASK_FIELDS = 17
 class LinearTables:
     spec: LinearSpec
     block_w: int  # output-channel tile of the forward tasks
-    tasks: "object"  # int64 [T, TASK_FIELDS]
-    instructions: "object"  # int64 [I, INS_FIELDS], non-empty instructions sorted by output block
+    tasks: "object"  # int32 [T, TASK_FIELDS]
+    instructions: "object"  # int32 [I, INS_FIELDS], non-empty instructions sorted by output block
     path_weights: "object"  # float64 [I], same order
-    wtasks: "object"  # int64 [Tw, WTASK_FIELDS], tiles of block_u x block_w
+    wtasks: "object"  # int32 [Tw, WTASK_FIELDS], tiles of block_u x block_w, heaviest (largest 2l+1) first
     block_u: int  # input-channel tile of the weight-gradient tasks
     bias_columns: "object"  # int64 [n_bias]
     scalar_columns: "object"  # int64 [S_out]
+    max_ir_dim: int  # largest 2l+1 among the forward tasks (1 without tasks)
 
     @property
     def num_tasks(self) -> int:
@@ -274,9 +284,6 @@ class LinearTables:
         return int(self.wtasks.shape[0])
 
 
-_TABLES: Dict[tuple, LinearTables] = {}
-
-
 def _block_strides(b, layout: str) -> Tuple[int, int]:
     """(channel stride, component stride) inside a block."""
     return (b.ir_dim, 1) if layout == "mul_ir" else (1, b.mul)
@@ -284,16 +291,24 @@ def _block_strides(b, layout: str) -> Tuple[int, int]:
 
 def linear_tables(spec: LinearSpec, device, block_w: int, block_u: int) -> LinearTables:
     """Task tables of ``spec`` on ``device`` for tiles ``block_w`` (output channels) and
-    ``block_u`` (input channels of the weight gradient); built once, then cached."""
+    ``block_u`` (input channels of the weight gradient); built once, then cached on the spec
+    (the launch path pays one dict lookup per call)."""
     import torch
 
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = (spec.key, str(device), int(block_w), int(block_u))
-    hit = _TABLES.get(key)
-    if hit is not None:
-        return hit
+    cache = spec.__dict__.setdefault("_tables", {})
+    key = (device, int(block_w), int(block_u))
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = _build_tables(spec, device, int(block_w), int(block_u))
+    return hit
+
+
+def _build_tables(spec: LinearSpec, device, block_w: int, block_u: int) -> LinearTables:
+    import torch
+
     L = spec.layout
     bin_, bout = spec.in_layout.blocks, spec.out_layout.blocks
     live = [(k, i) for k, i in enumerate(spec.instructions) if i.numel > 0 and bin_[i.i_in].ir_dim > 0]
@@ -317,14 +332,13 @@ def linear_tables(spec: LinearSpec, device, block_w: int, block_u: int) -> Linea
 
     task_rows = []
     for o, b in enumerate(bout):
-        if b.mul == 0:
+        if b.mul == 0 or b.ir_dim == 0:
             continue
         su, sm = _block_strides(b, L)
         lo, hi = ranges.get(o, (0, 0))
-        for m in range(b.ir_dim):
-            for w0 in range(0, b.mul, block_w):
-                task_rows.append([b.offset + m * sm, su, w0, b.mul, m, b.first_gate, scalar_base[o],
-                                  spec.bias_offsets[o], lo, hi])
+        for w0 in range(0, b.mul, block_w):
+            task_rows.append([b.offset, su, sm, w0, b.mul, b.ir_dim, b.first_gate, scalar_base[o],
+                              spec.bias_offsets[o], lo, hi])
 
     wtask_rows = []
     for row, (_, i) in enumerate(live):
@@ -336,21 +350,24 @@ def linear_tables(spec: LinearSpec, device, block_w: int, block_u: int) -> Linea
                 wtask_rows.append([a.offset, asu, asm, a.mul, a.first_gate, b.offset, bsu, bsm, b.mul,
                                    b.first_gate, a.ir_dim, i.weight_offset, i.weight_stride_in,
                                    i.weight_stride_out, u0, w0, row])
+    # the work of a weight-gradient task grows with 2l+1: heaviest first balances the SMs
+    wtask_rows.sort(key=lambda r: -r[G_IR_DIM])
 
     def _t(rows, width):
-        t = torch.tensor(rows, dtype=torch.int64) if rows else torch.zeros((0, width), dtype=torch.int64)
+        if any(abs(v) >= 2**31 for r in rows for v in r):
+            raise ValueError(f"{spec!r}: a table entry exceeds int32 (the layer is too large for the kernels)")
+        t = torch.tensor(rows, dtype=torch.int32) if rows else torch.zeros((0, width), dtype=torch.int32)
         return t.reshape(-1, width).to(device)
 
-    tables = LinearTables(
+    return LinearTables(
         spec=spec,
-        block_w=int(block_w),
+        block_w=block_w,
         tasks=_t(task_rows, TASK_FIELDS),
         instructions=_t(ins_rows, INS_FIELDS),
         path_weights=torch.tensor(pws, dtype=torch.float64).to(device),
         wtasks=_t(wtask_rows, WTASK_FIELDS),
-        block_u=int(block_u),
+        block_u=block_u,
         bias_columns=torch.tensor(spec.bias_columns, dtype=torch.int64).to(device),
         scalar_columns=torch.tensor(spec.out_layout.scalar_columns, dtype=torch.int64).to(device),
+        max_ir_dim=max((r[T_IR_DIM] for r in task_rows), default=1),
     )
-    _TABLES[key] = tables
-    return tables

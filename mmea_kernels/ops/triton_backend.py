@@ -23,22 +23,13 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._utils import INTERPRETED_AT_IMPORT as _INTERPRETED_AT_IMPORT
+from ._utils import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
+from ._utils import check_grid, device_guard, interpreting, pow2, tl, triton
 from .tables import LayoutTables
 
 name = "triton"
 
-try:  # triton is optional: the module must import without it
-    import triton
-    import triton.language as tl
-
-    _TRITON_IMPORT_ERROR: Optional[BaseException] = None
-except Exception as exc:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR = exc
-
-# Whether the kernels below were decorated in interpreter mode (fixed at import time).
-_INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def available(device: torch.device) -> Tuple[bool, str]:
@@ -62,12 +53,8 @@ def _acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _interpreting(device: torch.device) -> bool:
-    return device.type != "cuda" or _INTERPRETED_AT_IMPORT
-
-
-def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+_interpreting = interpreting
+_pow2 = pow2
 
 
 def _gate_mul_blocks(n: int, d: int, interpret: bool) -> Tuple[int, int, int]:
@@ -111,26 +98,27 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        pid_n = tl.program_id(0).to(tl.int64)
-        pid_d = tl.program_id(1).to(tl.int64)
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-        cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+        pid_n = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         row_ok = rows < N
         col_ok = cols < D
+        rows64 = rows.to(tl.int64)  # only the row offsets need 64 bits
 
-        gate = tl.load(gate_of_ptr + cols, mask=col_ok, other=-1).to(tl.int64)
+        gate = tl.load(gate_of_ptr + cols, mask=col_ok, other=-1)
         gated = gate >= 0
         gate_safe = tl.where(gated, gate, 0)
 
         tile_ok = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
+        x = tl.load(x_ptr + rows64[:, None] * stride_xn + (cols * stride_xd)[None, :],
                     mask=tile_ok, other=0.0).to(ACC)
         g_ok = row_ok[:, None] & (col_ok & gated)[None, :]
-        g = tl.load(gates_ptr + rows[:, None] * stride_gn + gate_safe[None, :] * stride_gg,
+        g = tl.load(gates_ptr + rows64[:, None] * stride_gn + (gate_safe * stride_gg)[None, :],
                     mask=g_ok, other=0.0).to(ACC)
         scale = tl.where(gated[None, :], g, FILL)
         y = x * scale
-        tl.store(out_ptr + rows[:, None] * stride_on + cols[None, :] * stride_od,
+        tl.store(out_ptr + rows64[:, None] * stride_on + (cols * stride_od)[None, :],
                  y.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
     @triton.jit
@@ -146,32 +134,32 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_G: tl.constexpr,
     ):
-        pid_n = tl.program_id(0).to(tl.int64)
-        pid_g = tl.program_id(1).to(tl.int64)
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-        gids = pid_g * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
-        ks = tl.arange(0, W).to(tl.int64)
+        pid_n = tl.program_id(0)
+        pid_g = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        gids = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+        ks = tl.arange(0, W)
         row_ok = rows < N
         gate_ok = gids < G
+        rows64 = rows.to(tl.int64)  # only the row offsets need 64 bits
 
         # [BLOCK_G, W] columns of each gate, -1 padded
-        cols = tl.load(cols_ptr + gids[:, None] * W + ks[None, :],
-                       mask=gate_ok[:, None], other=-1).to(tl.int64)
+        cols = tl.load(cols_ptr + gids[:, None] * W + ks[None, :], mask=gate_ok[:, None], other=-1)
         col_ok = cols >= 0
         cols = tl.where(col_ok, cols, 0)
 
         m = row_ok[:, None, None] & col_ok[None, :, :]
-        r3 = rows[:, None, None]
+        r3 = rows64[:, None, None]
         c3 = cols[None, :, :]
         a = tl.load(a_ptr + r3 * stride_an + c3 * stride_ad, mask=m, other=0.0).to(ACC)
         b = tl.load(b_ptr + r3 * stride_bn + c3 * stride_bd, mask=m, other=0.0).to(ACC)
         s = tl.sum(a * b, axis=2)  # [BLOCK_N, BLOCK_G]
         if SHARED:
             part = tl.sum(s, axis=0)  # [BLOCK_G]
-            tl.store(out_ptr + pid_n * stride_on + gids * stride_og,
+            tl.store(out_ptr + pid_n.to(tl.int64) * stride_on + gids * stride_og,
                      part.to(out_ptr.dtype.element_ty), mask=gate_ok)
         else:
-            tl.store(out_ptr + rows[:, None] * stride_on + gids[None, :] * stride_og,
+            tl.store(out_ptr + rows64[:, None] * stride_on + (gids * stride_og)[None, :],
                      s.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & gate_ok[None, :])
 
 
@@ -191,18 +179,19 @@ def gate_mul(x: torch.Tensor, gates: torch.Tensor, t: LayoutTables, keep_ungated
     else:
         stride_gn, stride_gg = gates.stride(0), gates.stride(1)
     block_n, block_d, num_warps = _gate_mul_blocks(N, D, _interpreting(x.device))
-    grid = (triton.cdiv(N, block_n), triton.cdiv(D, block_d))
-    _gate_mul_kernel[grid](
-        x, gates, t.gate_of_column, out,
-        N, D,
-        x.stride(0), x.stride(1),
-        stride_gn, stride_gg,
-        out.stride(0), out.stride(1),
-        FILL=1.0 if keep_ungated else 0.0,
-        ACC=_tl_acc(x.dtype),
-        BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=num_warps,
-    )
+    grid = check_grid((triton.cdiv(N, block_n), triton.cdiv(D, block_d)), "gate_mul")
+    with device_guard(x.device):
+        _gate_mul_kernel[grid](
+            x, gates, t.gate_of_column, out,
+            N, D,
+            x.stride(0), x.stride(1),
+            stride_gn, stride_gg,
+            out.stride(0), out.stride(1),
+            FILL=1.0 if keep_ungated else 0.0,
+            ACC=_tl_acc(x.dtype),
+            BLOCK_N=block_n, BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
     return out
 
 
@@ -226,23 +215,24 @@ def seg_dot(a: torch.Tensor, b: torch.Tensor, t: LayoutTables, shared: bool,
 
     W = t.gate_width
     block_n, block_g, num_warps = _seg_dot_blocks(N, G, W, _interpreting(a.device))
-    grid = (triton.cdiv(N, block_n), triton.cdiv(G, block_g))
+    grid = check_grid((triton.cdiv(N, block_n), triton.cdiv(G, block_g)), "seg_dot")
     if shared:
         dst = torch.empty((grid[0], G), dtype=_acc_torch_dtype(a.dtype), device=a.device)
     else:
         dst = out
-    _seg_dot_kernel[grid](
-        a, b, t.gate_cols_padded, dst,
-        N, G,
-        a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1),
-        dst.stride(0), dst.stride(1),
-        SHARED=bool(shared),
-        ACC=_tl_acc(a.dtype),
-        W=W,
-        BLOCK_N=block_n, BLOCK_G=block_g,
-        num_warps=num_warps,
-    )
+    with device_guard(a.device):
+        _seg_dot_kernel[grid](
+            a, b, t.gate_cols_padded, dst,
+            N, G,
+            a.stride(0), a.stride(1),
+            b.stride(0), b.stride(1),
+            dst.stride(0), dst.stride(1),
+            SHARED=bool(shared),
+            ACC=_tl_acc(a.dtype),
+            W=W,
+            BLOCK_N=block_n, BLOCK_G=block_g,
+            num_warps=num_warps,
+        )
     if not shared:
         return out
     res = dst.sum(0).to(a.dtype)

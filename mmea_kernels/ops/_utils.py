@@ -1,0 +1,84 @@
+"""Helpers shared by the op families: the optional triton import, interpreter detection, tile
+sizes and the CUDA device guard of kernel launches."""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+
+try:  # triton is optional: the package must import without it
+    import triton
+    import triton.language as tl
+
+    TRITON_IMPORT_ERROR: Optional[BaseException] = None
+except Exception as exc:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+    TRITON_IMPORT_ERROR = exc
+
+# Whether @triton.jit kernels were decorated in interpreter mode (fixed when this module is imported).
+INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
+
+# CUDA caps grid dimensions 1 and 2 at 65,535 (dimension 0 at 2**31 - 1).
+MAX_GRID_DIM0 = 2**31 - 1
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two >= max(n, 1)."""
+    n = max(int(n), 1)
+    return 1 << (n - 1).bit_length()
+
+
+def interpreting(device: torch.device) -> bool:
+    """Whether triton kernels run through the interpreter for tensors on ``device``."""
+    return device.type != "cuda" or INTERPRETED_AT_IMPORT
+
+
+def device_guard(device: torch.device):
+    """Launch on ``device`` (not the current CUDA device): triton launches go to the current one."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def check_grid(grid, what: str):
+    """``grid`` unchanged, after checking CUDA's limits (a clear error instead of a launch failure)."""
+    if grid[0] > MAX_GRID_DIM0 or any(g > 65535 for g in grid[1:]):
+        raise RuntimeError(f"{what}: launch grid {tuple(grid)} exceeds CUDA's limits "
+                           f"({MAX_GRID_DIM0} x 65535 x 65535); split the input into fewer rows")
+    return grid
+
+
+def tensor_slots(*inputs) -> tuple:
+    """For each forward input, its position among the tensor inputs (-1 for None and non-tensors):
+    ``ctx.next_functions`` of an autograd.Function has one entry per tensor input only."""
+    out, k = [], 0
+    for t in inputs:
+        if isinstance(t, torch.Tensor):
+            out.append(k)
+            k += 1
+        else:
+            out.append(-1)
+    return tuple(out)
+
+
+def grad_needed(ctx, i: int, slot: Optional[int] = None) -> bool:
+    """``ctx.needs_input_grad[i]``, narrowed to the backward pass that is running: False when the
+    autograd engine will not run the node that receives input ``i``'s gradient (``slot``: its
+    position among the tensor inputs, see :func:`tensor_slots`; ``i`` when every input before it
+    is a tensor). Forces are ``-dE/dpositions`` taken with trainable adapters: the gates (and a
+    trainable weight) then need a gradient in general but not in this pass, and computing it would
+    cost a seg_dot (and, in the fused linear, a recomputed linear or a weight-gradient kernel) per
+    layer. Inside a pass traced by torch.compile, or where the engine cannot be asked, it counts
+    as needed."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        node = ctx.next_functions[i if slot is None else slot][0]
+        return node is None or bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, IndexError, RuntimeError):  # not inside an engine-run backward
+        return True

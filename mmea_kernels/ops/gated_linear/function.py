@@ -1,0 +1,188 @@
+"""Autograd and public entry point of the fused equivariant linear + MMEA gate: ``y = G ⊙ (Linear_W(x) + bias) + additive``.
+
+``Linear_W`` is an ``e3nn.o3.Linear`` (described by a :class:`~mmea_kernels.ops.linear_spec.LinearSpec`),
+``G`` gates every (non-0e block, multiplicity) of the output (per row ``[N, G]`` or shared
+``[G]``), and ``bias``/``additive`` are added on the 0e output columns (where there is no gate,
+so ``G ⊙ (L + b) = G ⊙ L + b`` there).
+
+The Triton kernels (triton_kernels.py) compute the generalised map ``y = G_post ⊙ L_W(G_pre ⊙ x) (+ bias + additive)``, with
+optional prologue gates on the input columns. That makes the autograd closed:
+
+* ``dx = G_pre ⊙ L_W^T(G_post ⊙ dy)``: the same op on ``spec.transposed`` (which reads ``W_i^T``
+  from the same flat weight through swapped strides), with the two gate roles swapped;
+* ``dG_post = seg_dot_out(dy, L_W(G_pre ⊙ x))`` and ``dG_pre = seg_dot_in(x, L_W^T(G_post ⊙ dy))``;
+* ``dW_i = path_weight · Σ_{n,m} (G_pre ⊙ x)[n, u, m] (G_post ⊙ dy)[n, w, m]``: ``_gl_wgrad_kernel``
+  (tasks = instruction x channel tiles, rows split over programs on GPU), whose own backward is
+  again the op: ``<C, dW(x, dy)> = <G_post ⊙ L_C(G_pre ⊙ x), dy>``;
+* bias / additive gradients: column sums / column selections of ``dy``.
+
+Every piece is autograd-capable, so any order of derivative runs the same kernels.
+
+The pre-gate output ``L_W(G_pre ⊙ x)`` needed by ``dG_post`` is *recomputed* in the backward (one
+extra launch, only when the gates need a gradient) rather than saved: a tensor saved from the
+forward would be a constant for the double backward (its dependence on ``x``, ``W`` and
+``G_pre`` would be lost, so force training would get wrong second derivatives unless it was
+recomputed anyway), and not saving it keeps one ``[N, D_out]`` activation per layer out of memory.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._utils import grad_needed, tensor_slots
+from ..backends import resolve_backend
+from ..gate import gate_mul, seg_dot
+from ..linear_spec import LinearSpec
+from .reference import gated_linear_reference, validate
+from .triton_kernels import tables, triton_forward, triton_wgrad
+
+__all__ = ["gated_linear", "_core"]
+
+
+# ============================================================================ autograd
+def _shared(t: Optional[torch.Tensor]) -> bool:
+    return t is not None and t.dim() == 1
+
+
+class _GatedLinearFn(torch.autograd.Function):
+    """``y = G_post ⊙ L_W(G_pre ⊙ x) + bias + additive`` (x, gates, additive 2-D or shared 1-D)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, g_pre, g_post, additive, spec):
+        ctx.spec = spec
+        ctx.add_shared = _shared(additive)
+        ctx.slots = tensor_slots(x, weight, bias, g_pre, g_post, additive)
+        ctx.save_for_backward(x, weight, g_pre, g_post)
+        return triton_forward(x, weight, bias, g_pre, g_post, additive, spec)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, g_pre, g_post = ctx.saved_tensors
+        spec: LinearSpec = ctx.spec
+        nx, nw, npre, npost = (grad_needed(ctx, i, ctx.slots[i]) for i in (0, 1, 3, 4))
+        nb, nadd = ctx.needs_input_grad[2], ctx.needs_input_grad[5]
+        dx = dw = db = dpre = dpost = dadd = None
+        T = spec.transposed
+        if npre:
+            v = _core(dy, weight, None, g_post, None, None, T)  # L^T(G_post ⊙ dy)
+            dpre = _seg_dot(x, v, spec.in_layout, _shared(g_pre))
+            if nx:
+                dx = gate_mul(v, g_pre, spec.in_layout, backend="triton")
+        elif nx:
+            dx = _core(dy, weight, None, g_post, g_pre, None, T)
+        if npost:
+            u = _core(x, weight, None, g_pre, None, None, spec)  # pre-gate output, recomputed
+            dpost = _seg_dot(dy, u, spec.out_layout, _shared(g_post))
+        if nw:
+            dw = _LinearWGradFn.apply(x, dy, g_pre, g_post, spec)
+        if nb:
+            db = dy.index_select(1, tables(spec, dy.device, dy.dtype).bias_columns).sum(0)
+        if nadd:
+            dadd = dy.index_select(1, tables(spec, dy.device, dy.dtype).scalar_columns)
+            if ctx.add_shared:
+                dadd = dadd.sum(0)
+        return dx, dw, db, dpre, dpost, dadd, None
+
+
+class _LinearWGradFn(torch.autograd.Function):
+    """Flat weight gradient of ``<G_post ⊙ L_W(G_pre ⊙ a), b>``; bilinear in ``(a, b)``."""
+
+    @staticmethod
+    def forward(ctx, a, b, g_pre, g_post, spec):
+        ctx.spec = spec
+        ctx.slots = tensor_slots(a, b, g_pre, g_post)
+        ctx.save_for_backward(a, b, g_pre, g_post)
+        return triton_wgrad(a, b, g_pre, g_post, spec)
+
+    @staticmethod
+    def backward(ctx, c):
+        # <c, dW(a, b)> = <G_post ⊙ L_c(G_pre ⊙ a), b>: every gradient is the op with weight c
+        a, b, g_pre, g_post = ctx.saved_tensors
+        spec: LinearSpec = ctx.spec
+        na, nb, npre, npost = (grad_needed(ctx, i, ctx.slots[i]) for i in range(4))
+        da = db = dpre = dpost = None
+        T = spec.transposed
+        if npre:
+            v = _core(b, c, None, g_post, None, None, T)
+            dpre = _seg_dot(a, v, spec.in_layout, _shared(g_pre))
+            if na:
+                da = gate_mul(v, g_pre, spec.in_layout, backend="triton")
+        elif na:
+            da = _core(b, c, None, g_post, g_pre, None, T)
+        if npost:
+            u = _core(a, c, None, g_pre, None, None, spec)
+            dpost = _seg_dot(b, u, spec.out_layout, _shared(g_post))
+            if nb:
+                db = gate_mul(u, g_post, spec.out_layout, backend="triton")
+        elif nb:
+            db = _core(a, c, None, g_pre, g_post, None, spec)
+        return da, db, dpre, dpost, None
+
+
+def _core(x, weight, bias, g_pre, g_post, additive, spec):
+    return _GatedLinearFn.apply(x, weight, bias, g_pre, g_post, additive, spec)
+
+
+def _seg_dot(a, b, layout, shared):
+    if layout.num_gates == 0:  # nothing to reduce; keep the shape (and the graph) simple
+        return a.new_zeros((layout.num_gates,) if shared else (a.shape[0], 0))
+    return seg_dot(a, b, layout, shared=shared, backend="triton")
+
+
+# ============================================================================ public API
+def _resolve(backend: Optional[str], device: torch.device) -> str:
+    """"triton" when the shared backend selection (``backend=`` / ``MMEA_BACKEND`` / auto) picks
+    triton, else "torch" (the reference composition, whose gate ops follow the same selection)."""
+    return "triton" if resolve_backend(backend, device).name == "triton" else "torch"
+
+
+def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 gates: Optional[torch.Tensor], additive: Optional[torch.Tensor], spec: LinearSpec,
+                 backend: Optional[str] = None, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``y = G ⊙ (Linear_W(x) + bias) + additive`` (additive on the 0e output columns).
+
+    Args:
+        x: ``[..., D_in]`` features (``spec.layout``).
+        weight: flat ``[spec.weight_numel]`` weight (``o3.Linear.weight``).
+        bias: ``[spec.bias_numel]`` or ``None``.
+        gates: ``[..., G_out]`` per row, ``[G_out]`` shared, or ``None`` (no gating); one gate per
+            (non-0e output block, multiplicity).
+        additive: ``[..., S_out]`` per row, ``[S_out]`` shared, or ``None``; one per 0e output column.
+        spec: the :class:`LinearSpec` (e.g. ``LinearSpec.from_e3nn(linear, layout)``).
+        backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (the
+            reference composition) or ``"auto"``/``None`` (``MMEA_BACKEND``, else triton on CUDA,
+            torch otherwise).
+        out: optional ``[..., D_out]`` output buffer (every element is written); like torch's
+            ``out=`` functions it does not support autograd.
+
+    All tensors share one dtype and device. Differentiable to any order in every tensor argument.
+    """
+    validate(x, weight, bias, gates, additive, spec)
+    lead = tuple(x.shape[:-1])
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != lead + (spec.dim_out,):
+            raise ValueError(f"out must be a tensor of shape {lead + (spec.dim_out,)}")
+        if out.dtype != x.dtype or out.device != x.device:
+            raise TypeError("out must have the dtype and device of x")
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, weight, bias, gates, additive)):
+            raise RuntimeError("gated_linear(..., out=...) does not support automatic differentiation; "
+                               "call it without out= (or under torch.no_grad())")
+    name = _resolve(backend, x.device)
+    if name == "torch":
+        y = gated_linear_reference(x, weight, bias, gates, additive, spec)
+        if out is not None:
+            out.copy_(y)
+            return out
+        return y
+    x2 = x.reshape(-1, spec.dim_in)
+    N = x2.shape[0]
+    g2 = None if gates is None else (gates if gates.dim() == 1 else gates.reshape(N, -1))
+    a2 = None if additive is None else (additive if additive.dim() == 1 else additive.reshape(N, -1))
+    if out is not None:
+        out2 = out.view(N, spec.dim_out)  # raises if out cannot be viewed as rows
+        triton_forward(x2, weight, bias, None, g2, a2, spec, out=out2)
+        return out
+    y = _core(x2, weight, bias, None, g2, a2, spec)
+    return y.reshape(lead + (spec.dim_out,))
