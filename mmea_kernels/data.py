@@ -19,8 +19,8 @@ def find_rmd17(path: Optional[str] = None, molecules: Sequence[str] = ("ethanol"
     working directory. ``None`` when none exists; an explicit ``path`` without them raises, naming
     the missing molecules and the ones it has."""
     molecules = tuple(molecules)
-    cands = [path, os.environ.get("MMEA_RMD17_DIR"), _REPO.parent / "shared" / "data" / "rmd17",
-             pathlib.Path.cwd().parent / "shared" / "data" / "rmd17"]
+    cands = [path] if path is not None else [os.environ.get("MMEA_RMD17_DIR"), _REPO.parent / "shared" / "data" / "rmd17",
+                                              pathlib.Path.cwd().parent / "shared" / "data" / "rmd17"]
     for c in cands:
         if c and all((pathlib.Path(c) / m / "train.xyz").is_file() for m in molecules):
             return pathlib.Path(c)

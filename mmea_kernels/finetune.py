@@ -355,9 +355,10 @@ def evaluate_checkpoint(checkpoint, data: str, model: Optional[str] = None, ener
                         trust_pickle: bool = False, checks: Optional[DataChecks] = None) -> dict:
     """Errors of a fine-tuned checkpoint on a labelled data file (``path[@index]``), after the data
     checks of :mod:`.checks`."""
-    net, ckpt = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle)
+    ckpt = _read_checkpoint(pathlib.Path(checkpoint))
     ek, fk = energy_key or ckpt.get("energy_key", "REF_energy"), forces_key or ckpt.get("forces_key", "REF_forces")
-    frames = read_frames(data, ek, fk)
+    frames = read_frames(data, ek, fk)  # bad data is reported before the model is built
+    net, ckpt = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle)
     z, r_max = model_info(net)
     graphs = checked_graphs(frames, z, r_max, str(data), ek, fk, dtype=next(net.parameters()).dtype,
                             checks=checks or DataChecks())
