@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["DataError", "DataChecks", "parse_index", "read_structures", "check_labels", "check_geometry",
+__all__ = ["DataError", "DataChecks", "parse_index", "read_structures", "check_positions", "check_labels", "check_geometry",
            "check_graphs", "checked_graphs"]
 
 
@@ -86,7 +86,19 @@ def read_structures(spec: str, what: str = "data file") -> list:
     frames = frames if isinstance(frames, list) else [frames]
     if not frames:
         raise DataError(f"{spec} selects no frames ({p} has {_count_frames(p)} frames)")
+    empty = [i for i, a in enumerate(frames) if len(a) == 0]
+    if empty:
+        raise DataError(f"{spec}: frame {empty[0]} has no atoms")
+    check_positions(frames, str(spec))
     return frames
+
+
+def check_positions(frames: Sequence, where: str) -> None:
+    """Every position is a finite number."""
+    for i, a in enumerate(frames):
+        bad = np.flatnonzero(~np.isfinite(np.asarray(a.positions, dtype=float)).all(axis=1))
+        if bad.size:
+            raise DataError(f"{where}: frame {i}: non-finite positions on atoms {_atoms_list(bad)}")
 
 
 def _count_frames(p: pathlib.Path) -> Union[int, str]:
@@ -145,11 +157,8 @@ def check_geometry(frames: Sequence, where: str, r_max: Optional[float] = None,
     """Finite positions; for periodic directions a lattice vector that is not degenerate, a cell at
     least ``r_max`` wide (unless ``checks.allow_small_cells``) and a neighbour estimate under
     ``checks.max_neighbors``. Runs before any neighbour list is built."""
+    check_positions(frames, where)
     for i, a in enumerate(frames):
-        pos = np.asarray(a.positions, dtype=float)
-        bad = np.flatnonzero(~np.isfinite(pos).all(axis=1))
-        if bad.size:
-            raise DataError(f"{where}: frame {i}: non-finite positions on atoms {_atoms_list(bad)}")
         periodic = np.asarray(a.pbc, dtype=bool)
         if not periodic.any():
             continue
