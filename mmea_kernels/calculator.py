@@ -50,10 +50,22 @@ def _make_calculator():
             batch = atoms_to_batch([a], self.z, self.r_max, energy_key="__none__", forces_key="__none__", dtype=self.dtype)
             out = self.net(batch, training=False, compute_force=True)
             e = float(out["energy"].detach()[0])
-            self.results = {"energy": e, "free_energy": e,
-                            "forces": out["forces"].detach().to(torch.float64).cpu().numpy()}
+            f = out["forces"].detach().to(torch.float64).cpu().numpy()
+            if not (math.isfinite(e) and np.isfinite(f).all()):
+                raise ValueError(f"MMEACalculator: the model gives a non-finite energy ({e}) or forces for this "
+                                 f"structure; {_closest_pair(batch)}")
+            self.results = {"energy": e, "free_energy": e, "forces": f}
 
     return _Calc
+
+
+def _closest_pair(batch) -> str:
+    snd, rcv = batch["edge_index"]
+    if snd.numel() == 0:
+        return "no two atoms are within the cutoff"
+    d = (batch["positions"][rcv] - batch["positions"][snd] + batch["shifts"]).detach().norm(dim=-1)
+    k = int(torch.argmin(d))
+    return f"the closest atoms, {int(snd[k])} and {int(rcv[k])}, are {float(d[k]):.3g} Å apart"
 
 
 def __getattr__(name):  # build the ASE subclass lazily (ase is imported only when used)

@@ -403,3 +403,14 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
     assert main(argv) == 2
     with pytest.raises(FileNotFoundError, match="none.pt does not exist"):
         main(argv + ["--debug"])
+
+
+def test_calculator_refuses_non_finite_results(data):
+    from mmea_kernels.calculator import MMEACalculator
+
+    atoms = _frames(data, "test.xyz")[0]
+    atoms.calc = MMEACalculator(checkpoint=str(data / "mmea" / "checkpoint.pt"))
+    assert math.isfinite(atoms.get_potential_energy())
+    atoms.positions[5] = atoms.positions[2]
+    with pytest.raises(ValueError, match=r"non-finite energy \(nan\) .* the closest atoms, (2 and 5|5 and 2), are 0 Å"):
+        atoms.get_potential_energy()
