@@ -522,12 +522,9 @@ def _validate(cfg: FinetuneConfig, r, epoch: int, state_path) -> dict:
 
 
 def _save_state(cfg: FinetuneConfig, r, epoch: int, state_path: pathlib.Path) -> None:
-    check_finite_tensors(list(r.params.items()) + list(r.ema.shadow.items()), "the weight", epoch, state_path,
-                         r.saved_epoch)
     _atomic_save({"config_key": _config_key(cfg), "params": {n: p.detach().clone() for n, p in r.params.items()},
                   "ema": r.ema.shadow, "optimizer": r.opt.state_dict(), "scheduler": r.sched.state_dict(),
                   "history": r.history, "best": r.best, "epoch": epoch, "elapsed": r.elapsed}, state_path)
-    r.saved_epoch = epoch
 
 
 def _loop(cfg: FinetuneConfig, r, rank: int, world: int, out: pathlib.Path, bar) -> tuple:
@@ -547,10 +544,14 @@ def _loop(cfg: FinetuneConfig, r, rank: int, world: int, out: pathlib.Path, bar)
         r.history.append({"epoch": epoch, "train_loss": train_loss, "valid": val, "lr": r.opt.param_groups[0]["lr"],
                           "seconds": r.elapsed})
         ran += 1
+        # every process checks (identical weights under DDP), so all of them stop together
+        check_finite_tensors(list(r.params.items()) + list(r.ema.shadow.items()), "the weight", epoch, state_path,
+                             r.saved_epoch)
         if r.best["epoch"] == epoch and rank == 0:
             _write_checkpoint(ckpt_path, cfg, r)
         if rank == 0:
             _save_state(cfg, r, epoch, state_path)
+        r.saved_epoch = epoch
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"E {val['energy_mae_meV']:.1f} meV  F {val['forces_mae_meV_per_A']:.1f} meV/Å  "

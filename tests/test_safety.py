@@ -346,7 +346,7 @@ def test_md_stops_when_energy_turns_non_finite():
             bad = Blows.calls > 6
             self.results = {"energy": float("nan") if bad else 0.0, "forces": np.zeros((len(self.atoms), 3))}
 
-    atoms = ase.Atoms("H2", positions=[(0, 0, 0), (0.8, 0, 0)])
+    atoms = ase.Atoms("OH2", positions=[(0, 0, 0), (0.96, 0, 0), (-0.24, 0.93, 0)])
     with pytest.raises(ValueError, match=r"md stopped: the total energy is nan at step \d+"):
         nve_drift(atoms, Blows(), steps=20)
 
@@ -414,3 +414,23 @@ def test_calculator_refuses_non_finite_results(data):
     atoms.positions[5] = atoms.positions[2]
     with pytest.raises(ValueError, match=r"non-finite energy \(nan\) .* the closest atoms, (2 and 5|5 and 2), are 0 Å"):
         atoms.get_potential_energy()
+
+
+def test_non_finite_gradient_validation_and_weights_stop_training(data, tmp_path, monkeypatch):
+    from mmea_kernels.train_guard import check_finite_tensors
+
+    kw = dict(train=str(data / "train.xyz"), valid=str(data / "valid.xyz"), epochs=1, batch_size=2, progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("inf")))
+        with pytest.raises(ValueError, match=r"the gradient norm is inf in epoch 1, batch 1; no training state"):
+            ft.finetune(ft.FinetuneConfig(out_dir=str(tmp_path / "g"), **kw), log=lambda *_: None)
+    real = ft.errors
+    with monkeypatch.context() as m:
+        m.setattr(ft, "errors", lambda *a, **k: dict(real(*a, **k), loss=float("nan")))
+        with pytest.raises(ValueError, match=r"the validation loss is nan in epoch 1; no training state"):
+            ft.finetune(ft.FinetuneConfig(out_dir=str(tmp_path / "v"), **kw), log=lambda *_: None)
+    assert not (tmp_path / "g").exists() and not (tmp_path / "v").exists()
+    (tmp_path / "state.pt").write_text("x")
+    with pytest.raises(ValueError, match=r"the weight w\.b became non-finite in epoch 3; .*state\.pt keeps epoch 2"):
+        check_finite_tensors([("w.a", torch.ones(2)), ("w.b", torch.tensor([1.0, float("inf")]))], "the weight", 3,
+                             tmp_path / "state.pt", 2)
