@@ -434,3 +434,17 @@ def test_non_finite_gradient_validation_and_weights_stop_training(data, tmp_path
     with pytest.raises(ValueError, match=r"the weight w\.b became non-finite in epoch 3; .*state\.pt keeps epoch 2"):
         check_finite_tensors([("w.a", torch.ones(2)), ("w.b", torch.tensor([1.0, float("inf")]))], "the weight", 3,
                              tmp_path / "state.pt", 2)
+
+
+def test_bench_adapt_data_dir_needs_only_the_molecules_asked_for(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "d" / "benzene").mkdir(parents=True)
+    (tmp_path / "d" / "benzene" / "train.xyz").write_text("x")
+    script = pathlib.Path(__file__).resolve().parents[1] / "bench" / "adapt.py"
+    argv = [sys.executable, str(script), "--data-dir", str(tmp_path / "d"), "--molecules", "benzene",
+            "--summarize-only", "--work", str(tmp_path / "w"), "--results", str(tmp_path / "r")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ok = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]  # (the refusal's message: test_rmd17_dir_without_ethanol)
