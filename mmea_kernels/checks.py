@@ -169,7 +169,7 @@ def check_geometry(frames: Sequence, where: str, r_max: Optional[float] = None,
         w = _widths(cell, periodic)
         tiny = [("abc"[k]) for k in np.flatnonzero(periodic) if w[k] < 1e-6]
         if tiny:
-            raise DataError(f"{where}: frame {i} is periodic along {axes} (pbc={a.pbc.tolist()}) but has no lattice "
+            raise DataError(f"{where}: frame {i} is periodic along {axes} (pbc={a.pbc.tolist()}) but has no (or a degenerate) lattice "
                             f"along {', '.join(tiny)} (Lattice={cell.round(6).tolist()}); give the cell or set pbc=\"F F F\"")
         if r_max is None:
             continue
