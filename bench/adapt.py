@@ -174,12 +174,16 @@ def main(argv=None) -> int:
     from mmea_kernels.data import find_rmd17
 
     mode = dict(MODES[args.mode])
-    data_dir = find_rmd17(args.data_dir)
+    molecules = tuple(args.molecules.split(",")) if args.molecules else mode["molecules"]
+    try:
+        data_dir = find_rmd17(args.data_dir, molecules)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"--data-dir: {exc}") from None
     if data_dir is None:
         raise SystemExit("rMD17 splits not found: pass --data-dir, set MMEA_RMD17_DIR, or fetch them with "
                          "`mmea-kernels data rmd17 --out DIR`")
     a = {"mode": args.mode, "data_dir": str(data_dir), "model": args.model, "dtype": args.dtype,
-         "molecules": tuple(args.molecules.split(",")) if args.molecules else mode["molecules"],
+         "molecules": molecules,
          "methods": tuple(args.methods.split(",")), "epochs": args.epochs or mode["epochs"],
          "seeds": tuple(int(s) for s in args.seeds.split(",")) if args.seeds else mode["seeds"],
          "test": mode["test"], "n_train": mode["n_train"], "n_valid": mode["n_valid"],

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import numpy as np
 import torch
 
-__all__ = ["MMEACalculator", "nve_drift"]
+__all__ = ["MMEACalculator", "nve_drift", "check_md_settings", "check_structure"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -19,12 +20,14 @@ def _make_calculator():
 
         ``MMEACalculator(checkpoint="run/checkpoint.pt")`` rebuilds the fine-tuned model (base model
         from the checkpoint, or ``model=`` to point at it elsewhere); ``MMEACalculator(module=net)``
-        wraps a model you already have."""
+        wraps a model you already have. The checkpoint is read with ``weights_only=True``; a base
+        model that is a whole pickled model needs ``trust_pickle=True`` (it runs code from the file)."""
 
         implemented_properties = ["energy", "free_energy", "forces"]
 
         def __init__(self, checkpoint: Optional[str] = None, module: Optional[torch.nn.Module] = None,
-                     model: Optional[str] = None, dtype: Optional[str] = None, **kwargs):
+                     model: Optional[str] = None, dtype: Optional[str] = None, trust_pickle: bool = False,
+                     **kwargs):
             super().__init__(**kwargs)
             from .foundation import model_info
 
@@ -33,7 +36,7 @@ def _make_calculator():
             if checkpoint is not None:
                 from .finetune import load_finetuned
 
-                module, _ = load_finetuned(checkpoint, model, dtype=dtype)
+                module, _ = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle)
             self.net = module.eval()
             self.z, self.r_max = model_info(module)
             self.dtype = next(module.parameters()).dtype
@@ -47,10 +50,22 @@ def _make_calculator():
             batch = atoms_to_batch([a], self.z, self.r_max, energy_key="__none__", forces_key="__none__", dtype=self.dtype)
             out = self.net(batch, training=False, compute_force=True)
             e = float(out["energy"].detach()[0])
-            self.results = {"energy": e, "free_energy": e,
-                            "forces": out["forces"].detach().to(torch.float64).cpu().numpy()}
+            f = out["forces"].detach().to(torch.float64).cpu().numpy()
+            if not (math.isfinite(e) and np.isfinite(f).all()):
+                raise ValueError(f"MMEACalculator: the model gives a non-finite energy ({e}) or forces for this "
+                                 f"structure; {_closest_pair(batch)}")
+            self.results = {"energy": e, "free_energy": e, "forces": f}
 
     return _Calc
+
+
+def _closest_pair(batch) -> str:
+    snd, rcv = batch["edge_index"]
+    if snd.numel() == 0:
+        return "no two atoms are within the cutoff"
+    d = (batch["positions"][rcv] - batch["positions"][snd] + batch["shifts"]).detach().norm(dim=-1)
+    k = int(torch.argmin(d))
+    return f"the closest atoms, {int(snd[k])} and {int(rcv[k])}, are {float(d[k]):.3g} Å apart"
 
 
 def __getattr__(name):  # build the ASE subclass lazily (ase is imported only when used)
@@ -59,9 +74,31 @@ def __getattr__(name):  # build the ASE subclass lazily (ase is imported only wh
     raise AttributeError(name)
 
 
+def check_md_settings(steps: int, dt_fs: float, temperature_K: float) -> None:
+    """``ValueError`` for fewer than one step, a step that is not positive, or a negative temperature."""
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"md needs at least 1 step, got --steps {steps}")
+    if not (math.isfinite(dt_fs) and dt_fs > 0):
+        raise ValueError(f"md needs a time step > 0 fs, got --dt {dt_fs}")
+    if not (math.isfinite(temperature_K) and temperature_K >= 0):
+        raise ValueError(f"md needs a temperature >= 0 K, got --temperature {temperature_K}")
+
+
+def check_structure(atoms, calculator, where: str, checks=None) -> None:
+    """The geometry checks of :mod:`.checks` (finite positions, lattice, cell width, coincident atoms,
+    neighbour count) and the element check, for the model behind ``calculator``."""
+    from .checks import DataChecks, checked_graphs
+
+    checked_graphs([atoms], calculator.z, calculator.r_max, where, dtype=calculator.dtype,
+                   checks=checks or DataChecks(), labels=False)
+
+
 def nve_drift(atoms, calculator, steps: int = 200, dt_fs: float = 0.5, temperature_K: float = 300.0,
               seed: int = 0) -> dict:
-    """Velocity-Verlet NVE run; total-energy drift (linear fit, meV/atom/ps) and fluctuation."""
+    """Velocity-Verlet NVE run; total-energy drift (linear fit, meV/atom/ps) and fluctuation. Raises
+    ``ValueError`` for bad settings (:func:`check_md_settings`) and stops with one when the energy
+    becomes non-finite."""
+    check_md_settings(steps, dt_fs, temperature_K)
     from ase import units
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
     from ase.md.verlet import VelocityVerlet
@@ -77,6 +114,9 @@ def nve_drift(atoms, calculator, steps: int = 200, dt_fs: float = 0.5, temperatu
     def record():
         etot.append(atoms.get_potential_energy() + atoms.get_kinetic_energy())
         temps.append(atoms.get_temperature())
+        if not math.isfinite(etot[-1]):
+            raise ValueError(f"md stopped: the total energy is {etot[-1]} at step {len(etot) - 1} "
+                             f"(t = {(len(etot) - 1) * dt_fs:g} fs); the structure or the model is unstable there")
 
     dyn.attach(record, interval=1)
     dyn.run(steps)

@@ -13,7 +13,30 @@ import dataclasses
 import json
 import sys
 
-_USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, PermissionError, ConnectionError)
+_USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, PermissionError, ConnectionError,
+                IsADirectoryError, NotADirectoryError)
+
+
+def _common(trust: bool = False, data: bool = False) -> argparse.ArgumentParser:
+    """Options several commands share: --debug; --trust-pickle; the data-check thresholds."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    if trust:
+        p.add_argument("--trust-pickle", action="store_true",
+                       help="allow a base model that is a whole pickled model (mace-torch *.model): unpickling runs "
+                            "code from the file, so only for files from a source you trust")
+    if data:
+        p.add_argument("--min-distance", type=float, default=0.1, help="Å: refuse atoms closer than this")
+        p.add_argument("--max-neighbors", type=int, default=500, help="refuse atoms with more neighbours in the cutoff")
+        p.add_argument("--allow-small-cells", action="store_true",
+                       help="accept periodic cells narrower than the cutoff (small bulk unit cells)")
+    return p
+
+
+def _checks(args):
+    from .checks import DataChecks
+
+    return DataChecks(args.min_distance, args.max_neighbors, args.allow_small_cells)
 
 
 def _finetune_parser(sub):
@@ -21,7 +44,7 @@ def _finetune_parser(sub):
     from .methods import METHODS
 
     d = FinetuneConfig(train="")
-    p = sub.add_parser("finetune", help="adapt a base model to labelled data",
+    p = sub.add_parser("finetune", help="adapt a base model to labelled data", parents=[_common(True, True)],
                        description="Fine-tune a base model on extended-XYZ data. Files take ASE index "
                                    "slices: train.xyz@:50, train.xyz@50:100.")
     p.add_argument("--train", required=True, help="training frames (path[@index])")
@@ -59,21 +82,24 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mmea-kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="fine-tune the built-in model to the shipped DFT data, compare methods, run MD")
+    demo = sub.add_parser("demo", help="fine-tune the built-in model to the shipped DFT data, compare methods, run MD",
+                          parents=[_common()])
     demo.add_argument("--epochs", type=int, default=60)
     demo.add_argument("--methods", default="mmea,elora,full")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--md-steps", type=int, default=400)
     _finetune_parser(sub)
-    ev = sub.add_parser("evaluate", help="errors of a fine-tuning checkpoint on labelled data")
+    ev = sub.add_parser("evaluate", help="errors of a fine-tuning checkpoint on labelled data",
+                        parents=[_common(True, True)])
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--data", required=True, help="path[@index]")
     ev.add_argument("--model", default=None, help="base model, if not where the checkpoint says")
     ev.add_argument("--energy-key", default=None)
     ev.add_argument("--forces-key", default=None)
     ev.add_argument("--json", default=None, help="also write the result here")
-    md = sub.add_parser("md", help="NVE molecular dynamics with a checkpoint; reports energy drift")
+    md = sub.add_parser("md", help="NVE molecular dynamics with a checkpoint; reports energy drift",
+                        parents=[_common(True, True)])
     md.add_argument("--checkpoint", required=True)
     md.add_argument("--structure", required=True, help="a structure file ASE reads (path[@index], first frame used)")
     md.add_argument("--model", default=None)
@@ -82,7 +108,8 @@ def main(argv=None) -> int:
     md.add_argument("--temperature", type=float, default=300.0)
     data = sub.add_parser("data", help="datasets")
     dsub = data.add_subparsers(dest="dataset", required=True)
-    rmd = dsub.add_parser("rmd17", help="fetch the public rMD17 archive and write <out>/<molecule>/{train,valid,test}.xyz")
+    rmd = dsub.add_parser("rmd17", help="fetch the public rMD17 archive and write <out>/<molecule>/{train,valid,test}.xyz",
+                          parents=[_common()])
     rmd.add_argument("--out", required=True)
     rmd.add_argument("--molecules", default=None, help="comma-separated (default: all ten)")
     rmd.add_argument("--archive", default=None, help="a local copy of rmd17.tar.bz2 (no download)")
@@ -93,12 +120,28 @@ def main(argv=None) -> int:
     rmd.add_argument("--seed", type=int, default=123)
     rmd.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
+    if getattr(args, "debug", False):
+        return _run(args)
+    return _run_reporting(args)
+
+
+def _run_reporting(args) -> int:
+    """``_run`` with errors as one line on stderr: bad input exits 2, an interrupt 130, an
+    unexpected error 1 (``--debug`` shows the traceback instead)."""
     try:
         return _run(args)
     except _USER_ERRORS as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"mmea-kernels {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"mmea-kernels {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not bad input: one line, the traceback with --debug
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"mmea-kernels {args.command}: internal error: {type(exc).__name__}: {first} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 def _run(args) -> int:
@@ -110,7 +153,7 @@ def _run(args) -> int:
         from .finetune import FinetuneConfig, finetune
 
         fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
-        kw = {k: v for k, v in vars(args).items() if k in fields}
+        kw = {k: v for k, v in vars(args).items() if k in fields}  # incl. trust_pickle and the data checks
         cfg = FinetuneConfig(out_dir=args.out, progress=not args.no_progress, **kw)
         res = finetune(cfg)
         if res.get("stopped") == "stop_after":
@@ -118,7 +161,8 @@ def _run(args) -> int:
     elif args.command == "evaluate":
         from .finetune import evaluate_checkpoint
 
-        res = evaluate_checkpoint(args.checkpoint, args.data, args.model, args.energy_key, args.forces_key)
+        res = evaluate_checkpoint(args.checkpoint, args.data, args.model, args.energy_key, args.forces_key,
+                                  trust_pickle=args.trust_pickle, checks=_checks(args))
         print(f"{args.data}: {res['frames']} frames | E MAE {res['energy_mae_meV']:.3f} meV | "
               f"E RMSE {res['energy_rmse_meV']:.3f} meV | F MAE {res['forces_mae_meV_per_A']:.3f} meV/Å | "
               f"F RMSE {res['forces_rmse_meV_per_A']:.3f} meV/Å")
@@ -126,13 +170,7 @@ def _run(args) -> int:
             with open(args.json, "w") as fh:
                 json.dump(res, fh, indent=1)
     elif args.command == "md":
-        from .calculator import MMEACalculator, nve_drift
-        from .finetune import read_frames
-
-        atoms = read_frames(args.structure, "", "", labels=False)[0]
-        res = nve_drift(atoms, MMEACalculator(checkpoint=args.checkpoint, model=args.model), args.steps, args.dt,
-                        args.temperature)
-        print(json.dumps(res, indent=1))
+        _md(args)
     elif args.command == "data":
         from .rmd17 import DEFAULT_URL, fetch_rmd17
 
@@ -141,6 +179,18 @@ def _run(args) -> int:
         for mol, r in res.items():
             print(f"{mol}: {r['train']} train / {r['valid']} valid / {r['test']} test -> {r['dir']}")
     return 0
+
+
+def _md(args) -> None:
+    from .calculator import MMEACalculator, check_md_settings, check_structure, nve_drift
+    from .checks import read_structures
+
+    check_md_settings(args.steps, args.dt, args.temperature)
+    atoms = read_structures(args.structure, "structure file")[0]
+    calc = MMEACalculator(checkpoint=args.checkpoint, model=args.model, trust_pickle=args.trust_pickle)
+    check_structure(atoms, calc, args.structure, _checks(args))
+    res = nve_drift(atoms, calc, args.steps, args.dt, args.temperature)
+    print(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

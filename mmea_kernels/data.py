@@ -13,35 +13,34 @@ __all__ = ["find_rmd17", "read_xyz", "toy_molecules"]
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def find_rmd17(path: Optional[str] = None) -> Optional[pathlib.Path]:
-    """The rMD17 directory: ``path``, else ``$MMEA_RMD17_DIR``, else ``../shared/data/rmd17`` next to
-    the repository or the working directory. ``None`` when none exists."""
-    cands = [path, os.environ.get("MMEA_RMD17_DIR"), _REPO.parent / "shared" / "data" / "rmd17",
-             pathlib.Path.cwd().parent / "shared" / "data" / "rmd17"]
+def find_rmd17(path: Optional[str] = None, molecules: Sequence[str] = ("ethanol",)) -> Optional[pathlib.Path]:
+    """The rMD17 directory holding ``<molecule>/train.xyz`` for every one of ``molecules``:
+    ``path``, else ``$MMEA_RMD17_DIR``, else ``../shared/data/rmd17`` next to the repository or the
+    working directory. ``None`` when none exists; an explicit ``path`` without them raises, naming
+    the missing molecules and the ones it has."""
+    molecules = tuple(molecules)
+    cands = [path] if path is not None else [os.environ.get("MMEA_RMD17_DIR"), _REPO.parent / "shared" / "data" / "rmd17",
+                                              pathlib.Path.cwd().parent / "shared" / "data" / "rmd17"]
     for c in cands:
-        if c and (pathlib.Path(c) / "ethanol" / "train.xyz").is_file():
+        if c and all((pathlib.Path(c) / m / "train.xyz").is_file() for m in molecules):
             return pathlib.Path(c)
     if path is not None:
-        raise FileNotFoundError(f"no rMD17 splits at {path} (expected {path}/<molecule>/train.xyz)")
+        p = pathlib.Path(path)
+        missing = [m for m in molecules if not (p / m / "train.xyz").is_file()]
+        have = sorted(d.name for d in p.iterdir() if (d / "train.xyz").is_file()) if p.is_dir() else []
+        raise FileNotFoundError(f"no rMD17 splits for {', '.join(missing)} at {path} (expected {path}/<molecule>/"
+                                f"train.xyz; it has {', '.join(have) or 'none'})")
     return None
 
 
 def read_xyz(path, index=":", energy_key: str = "REF_energy", forces_key: str = "REF_forces") -> list:
-    """Frames of an extended-XYZ file, each checked for the energy and forces labels."""
-    import ase.io
+    """Frames of an extended-XYZ file, each checked for finite energy and forces labels
+    (:func:`checks.read_structures`, :func:`checks.check_labels`: errors name file, frame and key)."""
+    from .checks import check_labels, read_structures
 
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    frames = ase.io.read(str(path), index)
-    frames = frames if isinstance(frames, list) else [frames]
-    for i, a in enumerate(frames):
-        if energy_key not in a.info:
-            raise KeyError(f"{path}: frame {i} has no energy under info[{energy_key!r}] "
-                           f"(info keys: {sorted(a.info)})")
-        if forces_key not in a.arrays:
-            raise KeyError(f"{path}: frame {i} has no forces under arrays[{forces_key!r}] "
-                           f"(array keys: {sorted(a.arrays)})")
+    spec = f"{path}@{index}" if str(index) not in ("", ":") else str(path)
+    frames = read_structures(spec)
+    check_labels(frames, spec, energy_key, forces_key)
     return frames
 
 

@@ -30,8 +30,13 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .foundation import DEFAULT_MODEL, _torch_load, fingerprint, load_model, model_info
+from .checks import DataChecks, checked_graphs
+from .foundation import DEFAULT_MODEL, fingerprint, load_model, model_info
 from .methods import METHODS, apply_method, trainable_state
+from .safe_load import safe_load
+from .selfcheck import make_probe, verify_probe
+from .train_guard import (check_finite, check_finite_tensors, created_dirs, interrupt_message,
+                          remove_created_dirs)
 
 __all__ = ["FinetuneConfig", "finetune", "load_finetuned", "evaluate_checkpoint", "read_frames",
            "CHECKPOINT_FORMAT", "refit_e0s", "errors", "loss"]
@@ -70,6 +75,13 @@ class FinetuneConfig:
     progress: bool = True
     eval_batch_size: int = 50
     stop_after: Optional[int] = None  # stop (resumably) after this many epochs in this call
+    trust_pickle: bool = False  # allow a whole pickled base model (runs code from the file)
+    min_distance: float = 0.1  # Å: closer atoms are refused (checks.DataChecks)
+    max_neighbors: int = 500  # neighbours per atom within the cutoff
+    allow_small_cells: bool = False  # accept periodic cells narrower than the cutoff
+
+    def data_checks(self) -> DataChecks:
+        return DataChecks(self.min_distance, self.max_neighbors, self.allow_small_cells)
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -81,24 +93,22 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        self.data_checks()
 
 
 # ----------------------------------------------------------------------------------------- data
 def read_frames(spec: str, energy_key: str, forces_key: str, labels: bool = True) -> list:
     """Frames of an extended-XYZ file; ``path@index`` selects with ASE's index syntax
-    (``data.xyz@:50``, ``data.xyz@50:100``). Every frame must carry both labels (named in the error)."""
-    import ase.io
+    (``data.xyz@:50``, ``data.xyz@50:100``). Every frame must carry both labels, finite (named in
+    the error); an empty selection, a bad index or an unreadable file raise ``checks.DataError``."""
+    from .checks import check_labels, read_structures
 
-    from .data import read_xyz
-
-    path, _, index = str(spec).partition("@")
+    frames = read_structures(spec)
     if labels:
-        return read_xyz(path, index or ":", energy_key, forces_key)
-    p = pathlib.Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"data file {p} does not exist")
-    frames = ase.io.read(path, index or ":")
-    return frames if isinstance(frames, list) else [frames]
+        check_labels(frames, str(spec), energy_key, forces_key)
+    return frames
 
 
 def _energies(frames, key):
@@ -146,8 +156,14 @@ def refit_e0s(model, frames, z_table: Sequence[int], mode: str, energy_key: str,
     return [float(v) for v in e0]
 
 
-def _set_e0s(model, e0s) -> None:
+def _set_e0s(model, e0s, source: str = "the E0s") -> None:
     buf = model.atomic_energies_fn.atomic_energies
+    if len(e0s) != buf.numel():
+        z = [int(v) for v in getattr(model, "atomic_numbers", [])]
+        raise ValueError(f"{source} holds {len(e0s)} reference energies (E0s), but the base model has {buf.numel()} "
+                         f"elements {z}: it was made for a base model with other elements")
+    if not all(math.isfinite(float(v)) for v in e0s):
+        raise ValueError(f"{source}: non-finite reference energies (E0s) {list(e0s)}")
     with torch.no_grad():
         buf.copy_(torch.tensor(e0s, dtype=buf.dtype).reshape(buf.shape))
 
@@ -257,59 +273,95 @@ class _EMA:
             self.shadow[n].copy_(tmp)
 
 
-def _prepare(model_spec, model_config, method, rank, dtype, seed, e0s=None):
-    model = load_model(model_spec, model_config, dtype=dtype)
+def _prepare(model_spec, model_config, method, rank, dtype, seed, e0s=None, trust_pickle=False, source="the E0s"):
+    model = load_model(model_spec, model_config, dtype=dtype, trust_pickle=trust_pickle)
     fp = fingerprint(model)
     if e0s is not None:
-        _set_e0s(model, e0s)
+        _set_e0s(model, e0s, source)
     groups = apply_method(model, method, rank=rank, seed=seed)
     return model, fp, groups
 
 
-def load_finetuned(checkpoint, model: Optional[str] = None, model_config=None, dtype: Optional[str] = None):
-    """(model, checkpoint dict): the base model (``model`` overrides the spec stored in the
-    checkpoint) set up with the checkpoint's method and loaded with its weights. Raises when the
-    base model is not the one the checkpoint was trained on, or the checkpoint is unreadable."""
-    path = pathlib.Path(checkpoint)
-    ckpt = _torch_load(path, "checkpoint")
+def _read_checkpoint(path: pathlib.Path) -> dict:
+    ckpt = safe_load(path, "checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} file (found {got!r})")
     for key in ("method", "rank", "model", "base_fingerprint", "e0s", "trainable", "seed", "dtype"):
         if key not in ckpt:
             raise ValueError(f"checkpoint {path} is missing the key {key!r} (corrupt or truncated)")
-    spec = model or ckpt["model"]
-    dt = _DTYPES[dtype or ckpt["dtype"]]
-    net, fp, _ = _prepare(spec, model_config if model else ckpt.get("model_config"), ckpt["method"], ckpt["rank"],
-                          dt, ckpt["seed"], ckpt["e0s"])
-    if ckpt["method"] not in ("full", "scratch") and fp != ckpt["base_fingerprint"]:
-        raise ValueError(f"checkpoint {path} was trained on base model {ckpt['model']!r} (fingerprint "
-                         f"{ckpt['base_fingerprint']}), but {spec!r} has fingerprint {fp}: not the same weights")
+    if ckpt["dtype"] not in _DTYPES:
+        raise ValueError(f"checkpoint {path}: unknown dtype {ckpt['dtype']!r}")
+    return ckpt
+
+
+def _needs_same_base(ckpt: dict, spec: str) -> bool:
+    """Whether the base weights must equal the ones trained on: always for adapter methods; for
+    full/scratch only in checkpoints without their own buffers (written before they held them),
+    except a scratch run from an (untrained, randomly initialised) preset."""
+    if ckpt["method"] not in ("full", "scratch"):
+        return True
+    if "buffers" in ckpt:
+        return False
+    return not (ckpt["method"] == "scratch" and str(ckpt["model"]).startswith("preset:"))
+
+
+def _load_tensors(net, ckpt: dict, path, spec: str) -> None:
     named = dict(net.named_parameters())
     want = {n for n, p in named.items() if p.requires_grad}
     have = set(ckpt["trainable"])
     if want != have:
         raise ValueError(f"checkpoint {path} does not fit model {spec!r} with method {ckpt['method']!r}: "
                          f"missing {sorted(want - have)[:5]}, unexpected {sorted(have - want)[:5]}")
+    bufs = dict(net.named_buffers())
+    saved_bufs = ckpt.get("buffers", {})
+    if set(saved_bufs) - set(bufs):
+        raise ValueError(f"checkpoint {path} does not fit model {spec!r}: buffers {sorted(set(saved_bufs) - set(bufs))[:5]} "
+                         "are not in the model (different architecture)")
+    pairs = [(n, named[n], t) for n, t in ckpt["trainable"].items()] + [(n, bufs[n], t) for n, t in saved_bufs.items()]
+    for n, dst, t in pairs:
+        if dst.shape != t.shape:
+            raise ValueError(f"checkpoint {path}: {n} has shape {tuple(t.shape)}, model expects "
+                             f"{tuple(dst.shape)} (different architecture or rank)")
     with torch.no_grad():
-        for n, t in ckpt["trainable"].items():
-            if named[n].shape != t.shape:
-                raise ValueError(f"checkpoint {path}: {n} has shape {tuple(t.shape)}, model expects "
-                                 f"{tuple(named[n].shape)} (different architecture or rank)")
-            named[n].copy_(t)
+        for n, dst, t in pairs:
+            dst.copy_(t)
+
+
+def load_finetuned(checkpoint, model: Optional[str] = None, model_config=None, dtype: Optional[str] = None,
+                   trust_pickle: bool = False):
+    """(model, checkpoint dict): the base model (``model`` overrides the spec stored in the
+    checkpoint) set up with the checkpoint's method and loaded with its weights. Raises when the
+    base model is not the one the checkpoint was trained on (fingerprint, or the checkpoint's own
+    reference prediction), or the checkpoint is unreadable. The checkpoint is read with
+    ``weights_only=True``; ``trust_pickle`` only concerns a whole pickled base model."""
+    path = pathlib.Path(checkpoint)
+    ckpt = _read_checkpoint(path)
+    spec = model or ckpt["model"]
+    dt = _DTYPES[dtype or ckpt["dtype"]]
+    net, fp, _ = _prepare(spec, model_config if model else ckpt.get("model_config"), ckpt["method"], ckpt["rank"],
+                          dt, ckpt["seed"], ckpt["e0s"], trust_pickle, source=f"checkpoint {path}")
+    if _needs_same_base(ckpt, spec) and fp != ckpt["base_fingerprint"]:
+        raise ValueError(f"checkpoint {path} was trained on base model {ckpt['model']!r} (fingerprint "
+                         f"{ckpt['base_fingerprint']}), but {spec!r} has fingerprint {fp}: not the same weights")
+    _load_tensors(net, ckpt, path, spec)
+    if "probe" in ckpt:
+        verify_probe(net, ckpt["probe"], str(path), spec)
     return net.eval(), ckpt
 
 
 def evaluate_checkpoint(checkpoint, data: str, model: Optional[str] = None, energy_key: Optional[str] = None,
-                        forces_key: Optional[str] = None, batch_size: int = 50, dtype: Optional[str] = None) -> dict:
-    """Errors of a fine-tuned checkpoint on a labelled data file (``path[@index]``)."""
-    from .models.mace import atoms_to_graphs
-
-    net, ckpt = load_finetuned(checkpoint, model, dtype=dtype)
+                        forces_key: Optional[str] = None, batch_size: int = 50, dtype: Optional[str] = None,
+                        trust_pickle: bool = False, checks: Optional[DataChecks] = None) -> dict:
+    """Errors of a fine-tuned checkpoint on a labelled data file (``path[@index]``), after the data
+    checks of :mod:`.checks`."""
+    ckpt = _read_checkpoint(pathlib.Path(checkpoint))
     ek, fk = energy_key or ckpt.get("energy_key", "REF_energy"), forces_key or ckpt.get("forces_key", "REF_forces")
-    frames = read_frames(data, ek, fk)
+    frames = read_frames(data, ek, fk)  # bad data is reported before the model is built
+    net, ckpt = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle)
     z, r_max = model_info(net)
-    graphs = atoms_to_graphs(frames, z, r_max, ek, fk, dtype=next(net.parameters()).dtype, where=str(data))
+    graphs = checked_graphs(frames, z, r_max, str(data), ek, fk, dtype=next(net.parameters()).dtype,
+                            checks=checks or DataChecks())
     res = errors(net, _batches(graphs, batch_size))
     res["frames"] = len(frames)
     return res
@@ -350,9 +402,9 @@ def format_table(metrics: dict) -> str:
 
 
 def finetune(cfg: FinetuneConfig, log=print) -> dict:
-    """Run the workflow described in the module docstring; returns the metrics dict."""
-    from .models.mace import atoms_to_graphs
-
+    """Run the workflow described in the module docstring; returns the metrics dict. Bad data,
+    files or settings raise before training; an output directory this call created is removed
+    again when it fails before writing anything into it."""
     cfg.check()
     rank, world = _dist_setup()
     if cfg.batch_size % world:
@@ -360,14 +412,17 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     if rank != 0:
         log = lambda *_: None  # noqa: E731
     out = pathlib.Path(cfg.out_dir)
-    if rank == 0:
-        _check_writable(out)
-    dtype = _DTYPES[cfg.dtype]
-    state_path, ckpt_path = out / "state.pt", out / "checkpoint.pt"
-    if state_path.exists() and not cfg.resume:
-        raise FileExistsError(f"{state_path} exists (an earlier run): pass resume=True (--resume) to continue it, "
-                              "or choose another output directory")
+    made = created_dirs(out) if rank == 0 else []
+    try:
+        if rank == 0:
+            _check_writable(out)
+        return _finetune(cfg, log, rank, world, out)
+    except BaseException:
+        remove_created_dirs(made)
+        raise
 
+
+def _read_splits(cfg: FinetuneConfig):
     train_frames = read_frames(cfg.train, cfg.energy_key, cfg.forces_key)
     if cfg.valid:
         valid_frames = read_frames(cfg.valid, cfg.energy_key, cfg.forces_key)
@@ -379,147 +434,229 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
         valid_frames = [train_frames[i] for i in perm[:n_va]]
         train_frames = [train_frames[i] for i in perm[n_va:]]
     test_frames = read_frames(cfg.test, cfg.energy_key, cfg.forces_key) if cfg.test else []
+    return {"train": train_frames, "valid": valid_frames, "test": test_frames}
 
-    base = load_model(cfg.model, cfg.model_config, dtype=dtype)
+
+def _setup(cfg: FinetuneConfig, world: int):
+    """Frames, base model, checked graphs, E0s and method: everything before the first step."""
+    import types
+
+    dtype = _DTYPES[cfg.dtype]
+    frames = _read_splits(cfg)
+    base = load_model(cfg.model, cfg.model_config, dtype=dtype, trust_pickle=cfg.trust_pickle)
     z, r_max = model_info(base)
-    graphs = {}
-    for split, frames, src in (("train", train_frames, cfg.train), ("valid", valid_frames, cfg.valid or cfg.train),
-                               ("test", test_frames, cfg.test)):
-        graphs[split] = atoms_to_graphs(frames, z, r_max, cfg.energy_key, cfg.forces_key, dtype=dtype, where=str(src))
+    graphs = {split: checked_graphs(frames[split], z, r_max, str(src), cfg.energy_key, cfg.forces_key, dtype=dtype,
+                                    checks=cfg.data_checks())
+              for split, src in (("train", cfg.train), ("valid", cfg.valid or cfg.train), ("test", cfg.test))}
     fp = fingerprint(base)
-    e0s = refit_e0s(base, train_frames, z, cfg.e0s, cfg.energy_key, from_scratch=cfg.method == "scratch")
+    e0s = refit_e0s(base, frames["train"], z, cfg.e0s, cfg.energy_key, from_scratch=cfg.method == "scratch")
     # the same steps as _prepare (which load_finetuned uses), on the model already loaded
     model = base
-    _set_e0s(model, e0s)
+    _set_e0s(model, e0s, "the fitted E0s")
     groups = apply_method(model, cfg.method, rank=cfg.rank, seed=cfg.seed)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    n_train = sum(p.numel() for p in params.values())
     net = model
     if world > 1:  # gradients averaged over processes by DDP; each process holds batch_size / world frames
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
     opt = torch.optim.Adam(params.values(), lr=cfg.lr, amsgrad=True)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor, patience=cfg.plateau_patience)
-    ema = _EMA(params, cfg.ema_decay)
-    history: List[dict] = []
-    best = {"loss": math.inf, "epoch": 0, "state": None}
-    start_epoch, elapsed = 1, 0.0
-    if cfg.resume and state_path.exists():
-        st = _torch_load(state_path, "training state")
-        if st.get("config_key") != _config_key(cfg):
-            raise ValueError(f"{state_path} belongs to a run with different settings ({st.get('config_key')}); "
-                             f"this run is {_config_key(cfg)}")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(st["params"][n])
-        ema.shadow = st["ema"]
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        history, best, start_epoch, elapsed = st["history"], st["best"], st["epoch"] + 1, st["elapsed"]
-        log(f"resuming {out} at epoch {start_epoch}")
+    return types.SimpleNamespace(
+        model=model, net=net, params=params, opt=opt, z=z, e0s=e0s, fp=fp, groups=groups, graphs=graphs,
+        probe_atoms=frames["train"][0], n_train=sum(p.numel() for p in params.values()),
+        sched=torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor, patience=cfg.plateau_patience),
+        ema=_EMA(params, cfg.ema_decay), history=[], best={"loss": math.inf, "epoch": 0, "state": None},
+        start_epoch=1, elapsed=0.0, saved_epoch=0)
 
-    valid_b = _batches(graphs["valid"], cfg.eval_batch_size)
-    log(f"{cfg.method}: {n_train:,} trainable parameters ({'; '.join(f'{k} {v:,}' for k, v in groups.items())}); "
-        f"{len(graphs['train'])} train / {len(graphs['valid'])} valid / {len(graphs['test'])} test frames; "
-        f"E0s {dict(zip(z, (round(e, 4) for e in e0s)))}")
+
+def _resume(cfg: FinetuneConfig, r, state_path: pathlib.Path, log) -> None:
+    st = safe_load(state_path, "training state")
+    if not isinstance(st, dict) or not {"config_key", "params", "ema", "optimizer", "scheduler", "history",
+                                         "best", "epoch", "elapsed"} <= set(st):
+        raise ValueError(f"{state_path} is not a training state of this package (corrupt, or another file)")
+    if st.get("config_key") != _config_key(cfg):
+        raise ValueError(f"{state_path} belongs to a run with different settings ({st.get('config_key')}); "
+                         f"this run is {_config_key(cfg)}")
+    with torch.no_grad():
+        for n, p in r.params.items():
+            p.copy_(st["params"][n])
+    r.ema.shadow = st["ema"]
+    r.opt.load_state_dict(st["optimizer"])
+    r.sched.load_state_dict(st["scheduler"])
+    r.history, r.best, r.start_epoch, r.elapsed = st["history"], st["best"], st["epoch"] + 1, st["elapsed"]
+    r.saved_epoch = st["epoch"]
+    log(f"resuming {state_path.parent} at epoch {r.start_epoch}")
+
+
+def _train_epoch(cfg: FinetuneConfig, r, epoch: int, rank: int, world: int, state_path) -> float:
+    """One epoch of steps; the mean training loss. Stops on a non-finite loss or gradient norm before
+    the optimizer step, so the weights of the last good step are never replaced by NaN."""
+    r.model.train()
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    order = torch.randperm(len(r.graphs["train"]), generator=g).tolist()
+    tot, nb = 0.0, 0
+    for k, b in enumerate(_batches(r.graphs["train"], cfg.batch_size, order, rank, world)):
+        value = loss(r.net, b, cfg.w_energy, cfg.w_forces, *b["_global"], world=world)
+        r.opt.zero_grad(set_to_none=True)
+        value.backward()
+        v = value.detach().clone()
+        if world > 1:  # the global batch's loss, for the log (and the same stop decision everywhere)
+            torch.distributed.all_reduce(v)
+        check_finite(float(v), "the training loss", epoch, k + 1, state_path, r.saved_epoch)
+        if cfg.clip_grad > 0:
+            norm = torch.nn.utils.clip_grad_norm_(r.params.values(), cfg.clip_grad)
+            check_finite(float(norm), "the gradient norm", epoch, k + 1, state_path, r.saved_epoch)
+        r.opt.step()
+        r.ema.update()
+        tot, nb = tot + float(v) / world, nb + 1
+    return tot / nb
+
+
+def _validate(cfg: FinetuneConfig, r, epoch: int, state_path) -> dict:
+    r.model.eval()
+    r.ema.swap()  # evaluate with the EMA weights
+    val = errors(r.model, r.valid_b, cfg.w_energy, cfg.w_forces)
+    check_finite(val["loss"], "the validation loss", epoch, None, state_path, r.saved_epoch)
+    if val["loss"] < r.best["loss"]:
+        r.best = {"loss": val["loss"], "epoch": epoch, "state": trainable_state(r.model)}
+    r.ema.swap()
+    return val
+
+
+def _save_state(cfg: FinetuneConfig, r, epoch: int, state_path: pathlib.Path) -> None:
+    _atomic_save({"config_key": _config_key(cfg), "params": {n: p.detach().clone() for n, p in r.params.items()},
+                  "ema": r.ema.shadow, "optimizer": r.opt.state_dict(), "scheduler": r.sched.state_dict(),
+                  "history": r.history, "best": r.best, "epoch": epoch, "elapsed": r.elapsed}, state_path)
+
+
+def _loop(cfg: FinetuneConfig, r, rank: int, world: int, out: pathlib.Path, bar) -> tuple:
+    state_path, ckpt_path = out / "state.pt", out / "checkpoint.pt"
+    stopped, epoch, ran = "epochs", r.start_epoch - 1, 0
+    for epoch in range(r.start_epoch, cfg.epochs + 1):
+        if epoch - r.best["epoch"] > cfg.patience and r.best["epoch"] > 0:
+            return f"early stopping (no validation improvement for {cfg.patience} epochs)", epoch - 1, ran
+        if cfg.stop_after is not None and ran >= cfg.stop_after:
+            return "stop_after", epoch - 1, ran
+        r.epoch = epoch
+        t0 = time.perf_counter()
+        train_loss = _train_epoch(cfg, r, epoch, rank, world, state_path)
+        val = _validate(cfg, r, epoch, state_path)
+        r.sched.step(val["loss"])
+        r.elapsed += time.perf_counter() - t0
+        r.history.append({"epoch": epoch, "train_loss": train_loss, "valid": val, "lr": r.opt.param_groups[0]["lr"],
+                          "seconds": r.elapsed})
+        ran += 1
+        # every process checks (identical weights under DDP), so all of them stop together
+        check_finite_tensors(list(r.params.items()) + list(r.ema.shadow.items()), "the weight", epoch, state_path,
+                             r.saved_epoch)
+        if r.best["epoch"] == epoch and rank == 0:
+            _write_checkpoint(ckpt_path, cfg, r)
+        if rank == 0:
+            _save_state(cfg, r, epoch, state_path)
+        r.saved_epoch = epoch
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"E {val['energy_mae_meV']:.1f} meV  F {val['forces_mae_meV_per_A']:.1f} meV/Å  "
+                                f"best {r.best['epoch']}")
+    return stopped, epoch, ran
+
+
+def _finetune(cfg: FinetuneConfig, log, rank: int, world: int, out: pathlib.Path) -> dict:
+    state_path = out / "state.pt"
+    if state_path.exists() and not cfg.resume:
+        raise FileExistsError(f"{state_path} exists (an earlier run): pass resume=True (--resume) to continue it, "
+                              "or choose another output directory")
+    r = _setup(cfg, world)
+    if cfg.resume and state_path.exists():
+        _resume(cfg, r, state_path, log)
+    r.valid_b = _batches(r.graphs["valid"], cfg.eval_batch_size)
+    log(f"{cfg.method}: {r.n_train:,} trainable parameters ({'; '.join(f'{k} {v:,}' for k, v in r.groups.items())}); "
+        f"{len(r.graphs['train'])} train / {len(r.graphs['valid'])} valid / {len(r.graphs['test'])} test frames; "
+        f"E0s {dict(zip(r.z, (round(e, 4) for e in r.e0s)))}")
     bar = None
     if cfg.progress and rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.epochs, initial=start_epoch - 1, desc=cfg.method, file=sys.stderr, dynamic_ncols=True)
-    stopped, epoch, ran = "epochs", start_epoch - 1, 0
+        bar = tqdm(total=cfg.epochs, initial=r.start_epoch - 1, desc=cfg.method, file=sys.stderr, dynamic_ncols=True)
+    r.epoch = r.start_epoch
     try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            if epoch - best["epoch"] > cfg.patience and best["epoch"] > 0:
-                stopped = f"early stopping (no validation improvement for {cfg.patience} epochs)"
-                epoch -= 1
-                break
-            if cfg.stop_after is not None and ran >= cfg.stop_after:
-                stopped = "stop_after"
-                epoch -= 1
-                break
-            t0 = time.perf_counter()
-            model.train()
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            order = torch.randperm(len(graphs["train"]), generator=g).tolist()
-            tot, nb = 0.0, 0
-            for b in _batches(graphs["train"], cfg.batch_size, order, rank, world):
-                value = loss(net, b, cfg.w_energy, cfg.w_forces, *b["_global"], world=world)
-                opt.zero_grad(set_to_none=True)
-                value.backward()
-                if cfg.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(params.values(), cfg.clip_grad)
-                opt.step()
-                ema.update()
-                v = value.detach().clone()
-                if world > 1:  # the global batch's loss, for the log
-                    torch.distributed.all_reduce(v)
-                tot, nb = tot + float(v) / world, nb + 1
-            model.eval()
-            ema.swap()  # evaluate with the EMA weights
-            val = errors(model, valid_b, cfg.w_energy, cfg.w_forces)
-            if val["loss"] < best["loss"]:
-                best = {"loss": val["loss"], "epoch": epoch, "state": trainable_state(model)}
-            ema.swap()
-            sched.step(val["loss"])
-            elapsed += time.perf_counter() - t0
-            history.append({"epoch": epoch, "train_loss": tot / nb, "valid": val, "lr": opt.param_groups[0]["lr"],
-                            "seconds": elapsed})
-            ran += 1
-            if best["epoch"] == epoch and rank == 0:
-                _write_checkpoint(ckpt_path, cfg, fp, e0s, best, n_train, groups)
-            if rank == 0:
-                _atomic_save({"config_key": _config_key(cfg), "params": {n: p.detach().clone() for n, p in params.items()},
-                          "ema": ema.shadow, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                          "history": history, "best": best, "epoch": epoch, "elapsed": elapsed}, state_path)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(f"E {val['energy_mae_meV']:.1f} meV  F {val['forces_mae_meV_per_A']:.1f} meV/Å  "
-                                    f"best {best['epoch']}")
+        stopped, epoch, ran = _loop(cfg, r, rank, world, out, bar)
     except KeyboardInterrupt:
+        log(interrupt_message(r.epoch, state_path, r.saved_epoch))
+        raise
+    finally:
         if bar is not None:
             bar.close()
-        log(f"interrupted after epoch {epoch - 1}; state saved in {state_path}: run again with --resume to continue")
-        raise
-    if bar is not None:
-        bar.close()
     if stopped == "stop_after":
         log(f"stopped after {ran} epochs as asked (stop_after); resume with --resume")
         return {"stopped": stopped, "epoch": epoch}
+    return _finish(cfg, r, rank, world, out, stopped, epoch, log)
 
-    # final model: the best EMA weights
+
+def _finish(cfg: FinetuneConfig, r, rank: int, world: int, out: pathlib.Path, stopped: str, epoch: int, log) -> dict:
+    """Final model (the best EMA weights), metrics on every split, checkpoint, metrics.json, plot."""
     with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(best["state"][n])
-    metrics = {"method": cfg.method, "model": cfg.model, "base_fingerprint": fp, "rank": cfg.rank,
-               "trainable_parameters": n_train, "parameter_groups": groups, "epochs_run": epoch,
-               "best_epoch": best["epoch"], "stopped": stopped, "train_seconds": elapsed, "e0s": e0s,
-               "seed": cfg.seed, "dtype": cfg.dtype, "config": dataclasses.asdict(cfg), "history": history}
+        for n, p in r.params.items():
+            p.copy_(r.best["state"][n])
+    metrics = {"method": cfg.method, "model": cfg.model, "base_fingerprint": r.fp, "rank": cfg.rank,
+               "trainable_parameters": r.n_train, "parameter_groups": r.groups, "epochs_run": epoch,
+               "best_epoch": r.best["epoch"], "stopped": stopped, "train_seconds": r.elapsed, "e0s": r.e0s,
+               "seed": cfg.seed, "dtype": cfg.dtype, "config": dataclasses.asdict(cfg), "history": r.history}
     for split in ("train", "valid", "test"):
-        if graphs[split]:
-            metrics[split] = dict(errors(model, _batches(graphs[split], cfg.eval_batch_size), cfg.w_energy, cfg.w_forces),
-                                  frames=len(graphs[split]))
+        if r.graphs[split]:
+            metrics[split] = dict(errors(r.model, _batches(r.graphs[split], cfg.eval_batch_size), cfg.w_energy,
+                                         cfg.w_forces), frames=len(r.graphs[split]))
     metrics["world_size"] = world
     if rank == 0:
-        _write_checkpoint(ckpt_path, cfg, fp, e0s, best, n_train, groups, metrics)
+        _write_checkpoint(out / "checkpoint.pt", cfg, r, metrics)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        _plot(history, out / "learning_curve.png", f"{cfg.method} on {cfg.train} (base {cfg.model})")
+        _plot(r.history, out / "learning_curve.png", f"{cfg.method} on {cfg.train} (base {cfg.model})")
     log(format_table(metrics))
     return metrics
 
 
 def _config_key(cfg: FinetuneConfig) -> str:
     d = dataclasses.asdict(cfg)
-    for k in ("resume", "progress", "stop_after", "out_dir", "epochs", "eval_batch_size"):
+    # settings that do not change the trajectory (and did not exist in earlier runs' state.pt) stay out
+    for k in ("resume", "progress", "stop_after", "out_dir", "epochs", "eval_batch_size", "trust_pickle",
+              "min_distance", "max_neighbors", "allow_small_cells"):
         d.pop(k)
     return json.dumps(d, sort_keys=True)
 
 
-def _write_checkpoint(path, cfg, fp, e0s, best, n_train, groups, metrics=None):
+def _model_with(r, state: Dict[str, torch.Tensor]):
+    """The model with ``state`` in its trained parameters (for the checkpoint's reference
+    prediction); the current values are put back afterwards."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def swapped():
+        keep = {n: p.detach().clone() for n, p in r.params.items()}
+        with torch.no_grad():
+            for n, p in r.params.items():
+                p.copy_(state[n])
+        try:
+            yield r.model
+        finally:
+            with torch.no_grad():
+                for n, p in r.params.items():
+                    p.copy_(keep[n])
+    return swapped()
+
+
+def _write_checkpoint(path, cfg, r, metrics=None):
+    """Trained tensors, E0s, method and base identity; for full/scratch every buffer too (scale/shift,
+    E0s, ...), so that the checkpoint does not depend on the base model's other tensors; and a
+    reference prediction (:mod:`.selfcheck`) that loading must reproduce. Plain types only
+    (``weights_only=True`` reads it)."""
     summary = None
     if metrics is not None:
         summary = {k: metrics[k] for k in ("train", "valid", "test") if k in metrics}
+    with _model_with(r, r.best["state"]) as model:
+        probe = make_probe(model, r.probe_atoms)
+    extra = {"probe": probe}
+    if cfg.method in ("full", "scratch"):
+        extra["buffers"] = {n: b.detach().clone() for n, b in r.model.named_buffers()}
     _atomic_save({"format": CHECKPOINT_FORMAT, "method": cfg.method, "rank": cfg.rank, "model": cfg.model,
-                  "model_config": cfg.model_config, "base_fingerprint": fp, "e0s": e0s, "seed": cfg.seed,
-                  "dtype": cfg.dtype, "energy_key": cfg.energy_key, "forces_key": cfg.forces_key,
-                  "epoch": best["epoch"], "trainable": best["state"], "trainable_parameters": n_train,
-                  "parameter_groups": groups, "metrics": summary}, path)
+                  "model_config": cfg.model_config, "base_fingerprint": r.fp, "e0s": [float(v) for v in r.e0s],
+                  "seed": cfg.seed, "dtype": cfg.dtype, "energy_key": cfg.energy_key, "forces_key": cfg.forces_key,
+                  "epoch": r.best["epoch"], "trainable": r.best["state"], "trainable_parameters": r.n_train,
+                  "parameter_groups": dict(r.groups), "metrics": summary, **extra}, path)

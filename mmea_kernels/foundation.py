@@ -23,21 +23,13 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
+from .safe_load import safe_load
+
 __all__ = ["MODEL_FORMAT", "DEFAULT_MODEL", "ASSETS", "load_model", "save_model", "fingerprint", "model_info"]
 
 MODEL_FORMAT = "mmea_kernels.model/1"
 DEFAULT_MODEL = "builtin:mace-xtb-small"
 ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
-
-
-def _torch_load(path: pathlib.Path, what: str):
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=False)
-    except Exception as exc:  # pickle / zip errors: a truncated or foreign file
-        raise ValueError(f"{what} {path} could not be read as a torch file ({type(exc).__name__}: {exc}); "
-                         "is it truncated or not a checkpoint?") from None
 
 
 def save_model(model: nn.Module, config, path, **meta) -> None:
@@ -64,8 +56,11 @@ def _from_config(cfg: dict, state_dict: Optional[dict], source: str) -> nn.Modul
 
 
 def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
-               dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """The base model named by ``spec`` (see the module docstring), in eval mode, on the CPU."""
+               dtype: Optional[torch.dtype] = None, trust_pickle: bool = False) -> nn.Module:
+    """The base model named by ``spec`` (see the module docstring), in eval mode, on the CPU.
+
+    Files are read with ``weights_only=True``; a whole pickled model (mace-torch ``*.model``) needs
+    ``trust_pickle=True``, since unpickling runs code named by the file (:mod:`.safe_load`)."""
     spec = str(spec)
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
@@ -95,7 +90,7 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
         model = load_sevennet(spec.split(":", 1)[1])
     else:
         path = pathlib.Path(spec)
-        obj = _torch_load(path, "model file")
+        obj = safe_load(path, "model file", trust_pickle=trust_pickle, allow_pickle=True)
         if isinstance(obj, nn.Module):
             model = obj
         elif isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:

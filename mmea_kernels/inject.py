@@ -218,28 +218,39 @@ def load_adapter_state_dict(model: nn.Module, adapter_state: dict, **options) ->
             have = m.adapter_options()
             if m.method != method or any(have.get(k) != v for k, v in saved_opts.items() if k in _SHAPING[method]):
                 raise ValueError(f"module {n!r} has {m.method} adapters {have}, the state holds {method} {saved_opts}")
-    else:
-        rank = saved_opts.pop("rank")
-        bad = sorted(set(options) - {"backend"})
-        if bad:
-            raise ValueError(f"only 'backend' can be chosen when loading adapters; {bad} come from the saved state")
-        saved_opts.update(options)
+        _copy_adapter_state(model, adapter_state["state"])
+        return report(model)
+    rank = saved_opts.pop("rank")
+    bad = sorted(set(options) - {"backend"})
+    if bad:
+        raise ValueError(f"only 'backend' can be chosen when loading adapters; {bad} come from the saved state")
+    saved_opts.update(options)
+    try:
         inject_adapters(model, method=method, rank=rank, target_modules=list(targets), **saved_opts)
+        _copy_adapter_state(model, adapter_state["state"])
+    except BaseException:
+        unload(model)  # all or nothing: the model is left as it was
+        raise
+    return report(model)
+
+
+def _copy_adapter_state(model: nn.Module, state: dict) -> None:
+    """Copy ``state`` into the adapter weights after checking every key and shape (nothing is
+    copied when one does not fit)."""
     mods = adapted_modules(model)
     own = {f"{n}.{pn}": p for n, m in mods.items() for pn, p in m.named_parameters() if not pn.startswith("base.")}
-    state = adapter_state["state"]
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         raise KeyError(f"adapter state does not fit: missing keys {missing}, unexpected keys {unexpected}")
+    for k, p in own.items():
+        v = state[k]
+        if not torch.is_tensor(v) or tuple(v.shape) != tuple(p.shape):
+            got = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
+            raise ValueError(f"adapter weight {k!r} has shape {got} in the state but {tuple(p.shape)} in the model")
     with torch.no_grad():
         for k, p in own.items():
-            v = state[k]
-            if tuple(v.shape) != tuple(p.shape):
-                raise ValueError(f"adapter weight {k!r} has shape {tuple(v.shape)} in the state but "
-                                 f"{tuple(p.shape)} in the model")
-            p.copy_(v)
-    return report(model)
+            p.copy_(state[k])
 
 
 def _irreps_of(mod: nn.Module):

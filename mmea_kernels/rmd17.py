@@ -153,6 +153,7 @@ def _download(url: str, dest: pathlib.Path, timeout: float = 60.0) -> None:
                 head = f.read(60)
             raise ConnectionError(f"the file downloaded from {url} ({done} bytes, starting {head!r}) "
                                   f"is not a tar archive; {hint}")
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, dest)
     finally:
         if tmp.exists():
@@ -252,6 +253,13 @@ def _r(x: float) -> str:
     return repr(float(x))
 
 
+def _file_mode() -> int:
+    """0666 minus the process umask (0644 under the usual umask 022), as ``open()`` creates files."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _write_xyz(path: pathlib.Path, symbols: List[str], split) -> None:
     idx, pos, energies, forces = split
     lines = []
@@ -265,6 +273,7 @@ def _write_xyz(path: pathlib.Path, symbols: List[str], split) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.writelines(lines)
+        os.chmod(tmp, _file_mode())  # mkstemp makes 0600; a data file is as readable as open() would make it
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -1,0 +1,227 @@
+"""Input checks that run before any training or MD: reading a ``path[@index]`` selection, labels
+(present, numeric, finite), geometry (finite positions, a lattice for periodic directions, a cell
+wide enough for the cutoff, no coincident atoms, a sane number of neighbours per atom).
+
+Every failure raises :class:`DataError` (a ``ValueError``, so the command line exits 2) with a
+message naming the file (and selection), the frame, the atoms and the key. Frame numbers count
+within the selection (``frame 0`` of ``data.xyz@50:`` is the file's frame 50).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+__all__ = ["DataError", "DataChecks", "parse_index", "read_structures", "check_positions", "check_labels", "check_geometry",
+           "check_graphs", "checked_graphs"]
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, frame, atoms and key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataChecks:
+    """Thresholds of the geometry checks. ``min_distance`` (Å): two atoms (or an atom and a periodic
+    image) closer than this are refused; ``max_neighbors``: most neighbours one atom may have within
+    the cutoff; ``allow_small_cells``: accept periodic cells narrower than the cutoff (bulk crystals
+    with small unit cells; atoms then see their own images)."""
+    min_distance: float = 0.1
+    max_neighbors: int = 500
+    allow_small_cells: bool = False
+
+    def __post_init__(self):
+        if not (self.min_distance >= 0 and math.isfinite(self.min_distance)):
+            raise ValueError(f"min_distance must be a finite number >= 0, got {self.min_distance}")
+        if self.max_neighbors < 1:
+            raise ValueError(f"max_neighbors must be >= 1, got {self.max_neighbors}")
+
+
+def parse_index(index: str, spec: str) -> Union[int, slice]:
+    """An ASE-style frame selection: ``5``, ``-1``, ``:50``, ``50:100``, ``::2``."""
+    bad = DataError(f"{spec}: bad frame selection {'@' + index!r}; expected an index (0, -1) or a slice "
+                    "(:50, 50:100, ::2)")
+    if index == "":
+        return slice(None)
+    parts = index.split(":")
+    try:
+        nums = [int(p) if p.strip() else None for p in parts]
+    except ValueError:
+        raise bad from None
+    if len(parts) == 1:
+        return nums[0]
+    if len(parts) > 3:
+        raise bad
+    if len(parts) == 3 and nums[2] == 0:
+        raise DataError(f"{spec}: bad frame selection {'@' + index!r}: the step cannot be 0")
+    return slice(*nums)
+
+
+def read_structures(spec: str, what: str = "data file") -> list:
+    """The frames ASE reads from ``path[@index]``; a clear error for a missing, empty, truncated or
+    unreadable file, an unknown format, a bad selection, or a selection with no frame."""
+    import ase.io
+    from ase.io.formats import UnknownFileTypeError
+
+    path, _, index = str(spec).partition("@")
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} {p} does not exist")
+    if p.stat().st_size == 0:
+        raise DataError(f"{what} {p} is empty")
+    sel = parse_index(index, spec)
+    try:
+        frames = ase.io.read(path, sel)
+    except UnknownFileTypeError as exc:
+        raise DataError(f"{what} {p}: ASE cannot tell its format ({exc}); use an extended-XYZ file "
+                        "(.xyz / .extxyz)") from None
+    except (StopIteration, IndexError):
+        raise DataError(f"{spec}: frame {sel} does not exist ({p} has {_count_frames(p)} frames)") from None
+    except Exception as exc:  # parse errors of a truncated or garbled file
+        raise DataError(f"{what} {p} could not be read ({type(exc).__name__}: {str(exc) or 'no detail'}); "
+                        "is it truncated or not extended XYZ?") from None
+    frames = frames if isinstance(frames, list) else [frames]
+    if not frames:
+        raise DataError(f"{spec} selects no frames ({p} has {_count_frames(p)} frames)")
+    empty = [i for i, a in enumerate(frames) if len(a) == 0]
+    if empty:
+        raise DataError(f"{spec}: frame {empty[0]} has no atoms")
+    check_positions(frames, str(spec))
+    return frames
+
+
+def check_positions(frames: Sequence, where: str) -> None:
+    """Every position is a finite number."""
+    for i, a in enumerate(frames):
+        bad = np.flatnonzero(~np.isfinite(np.asarray(a.positions, dtype=float)).all(axis=1))
+        if bad.size:
+            raise DataError(f"{where}: frame {i}: non-finite positions on atoms {_atoms_list(bad)}")
+
+
+def _count_frames(p: pathlib.Path) -> Union[int, str]:
+    import ase.io
+
+    try:
+        return len(ase.io.read(str(p), ":"))
+    except Exception:
+        return "an unreadable number of"
+
+
+def _atoms_list(idx) -> str:
+    idx = [int(i) for i in idx]
+    return ", ".join(map(str, idx[:8])) + (f" … ({len(idx)} atoms)" if len(idx) > 8 else "")
+
+
+def check_labels(frames: Sequence, where: str, energy_key: str, forces_key: str) -> None:
+    """Every frame has a finite number under ``info[energy_key]`` and a finite ``[n_atoms, 3]``
+    array under ``arrays[forces_key]``."""
+    for i, a in enumerate(frames):
+        if energy_key not in a.info:
+            raise KeyError(f"{where}: frame {i} has no energy under info[{energy_key!r}] "
+                           f"(info keys: {sorted(a.info)})")
+        if forces_key not in a.arrays:
+            raise KeyError(f"{where}: frame {i} has no forces under arrays[{forces_key!r}] "
+                           f"(array keys: {sorted(a.arrays)})")
+        e = a.info[energy_key]
+        if isinstance(e, (bool, np.bool_)) or not isinstance(e, (int, float, np.integer, np.floating)):
+            raise DataError(f"{where}: frame {i}: info[{energy_key!r}] is {e!r}, not a number")
+        if not math.isfinite(float(e)):
+            raise DataError(f"{where}: frame {i}: the energy info[{energy_key!r}] is {float(e)}")
+        f = np.asarray(a.arrays[forces_key])
+        if f.shape != (len(a), 3) or not np.issubdtype(f.dtype, np.number):
+            raise DataError(f"{where}: frame {i}: arrays[{forces_key!r}] has shape {f.shape} and type {f.dtype}, "
+                            f"expected {len(a)} x 3 numbers")
+        bad = np.flatnonzero(~np.isfinite(f).all(axis=1))
+        if bad.size:
+            raise DataError(f"{where}: frame {i}: non-finite forces arrays[{forces_key!r}] on atoms {_atoms_list(bad)}")
+
+
+def _widths(cell: np.ndarray, periodic: np.ndarray) -> np.ndarray:
+    """Per periodic lattice vector, its length perpendicular to the other periodic vectors."""
+    out = np.full(3, np.inf)
+    for k in np.flatnonzero(periodic):
+        others = [cell[j] for j in np.flatnonzero(periodic) if j != k]
+        v = cell[k].copy()
+        if others:
+            q, _ = np.linalg.qr(np.array(others).T)
+            v = v - q @ (q.T @ v)
+        out[k] = np.linalg.norm(v)
+    return out
+
+
+def check_geometry(frames: Sequence, where: str, r_max: Optional[float] = None,
+                   checks: DataChecks = DataChecks()) -> None:
+    """Finite positions; for periodic directions a lattice vector that is not degenerate, a cell at
+    least ``r_max`` wide (unless ``checks.allow_small_cells``) and a neighbour estimate under
+    ``checks.max_neighbors``. Runs before any neighbour list is built."""
+    check_positions(frames, where)
+    for i, a in enumerate(frames):
+        periodic = np.asarray(a.pbc, dtype=bool)
+        if not periodic.any():
+            continue
+        cell = np.asarray(a.cell.array, dtype=float)
+        axes = ", ".join("abc"[k] for k in np.flatnonzero(periodic))
+        if not np.isfinite(cell).all():
+            raise DataError(f"{where}: frame {i}: the lattice has non-finite entries {cell.tolist()}")
+        w = _widths(cell, periodic)
+        tiny = [("abc"[k]) for k in np.flatnonzero(periodic) if w[k] < 1e-6]
+        if tiny:
+            raise DataError(f"{where}: frame {i} is periodic along {axes} (pbc={a.pbc.tolist()}) but has no (or a degenerate) lattice "
+                            f"along {', '.join(tiny)} (Lattice={cell.round(6).tolist()}); give the cell or set pbc=\"F F F\"")
+        if r_max is None:
+            continue
+        narrow = [f"{'abc'[k]} {w[k]:.3g} Å" for k in np.flatnonzero(periodic) if w[k] < r_max]
+        if narrow and not checks.allow_small_cells:
+            raise DataError(f"{where}: frame {i}: the periodic cell is narrower than the model's cutoff {r_max:g} Å "
+                            f"({', '.join(narrow)} wide), so atoms overlap their own periodic images; use a larger "
+                            "cell, pbc=\"F F F\" for a molecule, or --allow-small-cells for a genuine small bulk cell")
+        est = _neighbour_estimate(len(a), cell, periodic, w, r_max)
+        if est > checks.max_neighbors:
+            raise DataError(f"{where}: frame {i}: about {est:.0f} neighbours per atom within the cutoff {r_max:g} Å "
+                            f"(bound {checks.max_neighbors}, --max-neighbors): the periodic cell is too small or too dense")
+
+
+def _neighbour_estimate(n: int, cell: np.ndarray, periodic: np.ndarray, w: np.ndarray, r_max: float) -> float:
+    if periodic.all():
+        return n / abs(np.linalg.det(cell)) * 4 / 3 * math.pi * r_max ** 3
+    return n * float(np.prod([1 + 2 * r_max / w[k] for k in np.flatnonzero(periodic)]))
+
+
+def check_graphs(graphs: Sequence, where: str, checks: DataChecks = DataChecks()) -> None:
+    """On built MACE graphs: no two atoms (or images) closer than ``checks.min_distance``, at most
+    ``checks.max_neighbors`` neighbours per atom."""
+    import torch
+
+    for i, g in enumerate(graphs):
+        snd, rcv = g.edge_index
+        if snd.numel() == 0:
+            continue
+        d = (g.positions[rcv] - g.positions[snd] + g.shifts).norm(dim=-1)
+        close = torch.nonzero(d < checks.min_distance).flatten()
+        if close.numel():
+            k = int(close[torch.argmin(d[close])])
+            raise DataError(f"{where}: frame {i}: atoms {int(snd[k])} and {int(rcv[k])} are {float(d[k]):.3g} Å apart "
+                            f"(closer than --min-distance {checks.min_distance:g} Å"
+                            f"{'; one may be a periodic image' if bool(g.shifts[k].abs().sum() > 0) else ''})")
+        counts = torch.bincount(snd, minlength=int(g.positions.shape[0]))
+        if int(counts.max()) > checks.max_neighbors:
+            atom = int(torch.argmax(counts))
+            raise DataError(f"{where}: frame {i}: atom {atom} has {int(counts.max())} neighbours within the cutoff "
+                            f"(bound {checks.max_neighbors}, --max-neighbors)")
+
+
+def checked_graphs(frames: Sequence, atomic_numbers, r_max: float, where: str, energy_key: str = "REF_energy",
+                   forces_key: str = "REF_forces", dtype=None, checks: DataChecks = DataChecks(),
+                   labels: bool = True) -> list:
+    """:func:`models.mace.atoms_to_graphs` with every check of this module before and after it."""
+    from .models.mace import atoms_to_graphs
+
+    if labels:
+        check_labels(frames, where, energy_key, forces_key)
+    check_geometry(frames, where, r_max, checks)
+    graphs = atoms_to_graphs(frames, atomic_numbers, r_max, energy_key, forces_key, dtype=dtype, where=where)
+    check_graphs(graphs, where, checks)
+    return graphs

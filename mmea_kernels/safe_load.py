@@ -1,0 +1,78 @@
+"""Reading ``.pt`` files without running code from them.
+
+``torch.load(weights_only=False)`` unpickles arbitrary objects, and unpickling can call any
+function the file names: a crafted file runs its payload before anything is checked. Everything
+this package writes (model files, fine-tuning checkpoints, ``state.pt``, adapter files) holds only
+tensors, dicts, lists, strings and numbers, which ``weights_only=True`` reads. Only a whole model
+pickled by mace-torch (``*.model``) needs full unpickling; :func:`safe_load` does that only when
+asked (``trust_pickle=True``, ``--trust-pickle``).
+"""
+from __future__ import annotations
+
+import pathlib
+import pickle
+import re
+
+import torch
+
+__all__ = ["UnsafeFileError", "safe_load"]
+
+
+class UnsafeFileError(ValueError):
+    """A file that only full unpickling (which can run code from it) would read."""
+
+
+def _needs_pickle(exc: Exception) -> str:
+    """What the weights-only unpickler refused (a class or function name), or '' for another error."""
+    msg = str(exc)
+    if "Weights only load failed" not in msg:
+        return ""
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)|unsupported GLOBAL ([\w.]+)|Unsupported operand \d+", msg)
+    if m:
+        return m.group(1) or m.group(2) or m.group(0)
+    return "objects other than tensors and plain containers"
+
+
+def safe_load(path, what: str, trust_pickle: bool = False, allow_pickle: bool = False):
+    """``torch.load`` of ``path`` on the CPU with ``weights_only=True``.
+
+    A file that needs full unpickling raises :class:`UnsafeFileError` (naming what it refers to),
+    unless ``allow_pickle`` (this kind of file may be a whole pickled model) and ``trust_pickle``
+    (the user vouches for it) are both true. A missing file raises ``FileNotFoundError``; a
+    truncated or foreign file ``ValueError``."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        refused = _needs_pickle(exc)
+        if not refused:
+            raise _unreadable(path, what, exc) from None
+        if allow_pickle and trust_pickle:
+            return _full_load(path, what)
+        raise UnsafeFileError(_refusal(path, what, refused, allow_pickle)) from None
+    except Exception as exc:  # zip / pickle errors: a truncated or foreign file
+        raise _unreadable(path, what, exc) from None
+
+
+def _full_load(path: pathlib.Path, what: str):
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise _unreadable(path, what, exc) from None
+
+
+def _unreadable(path, what, exc) -> ValueError:
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
+    return ValueError(f"{what} {path} could not be read as a torch file ({type(exc).__name__}: {detail}); "
+                      "is it truncated or not a checkpoint?")
+
+
+def _refusal(path, what, refused: str, allow_pickle: bool) -> str:
+    head = (f"{what} {path} is not plain tensor data (it refers to {refused}); reading it needs full unpickling, "
+            "which runs whatever code the file names")
+    if allow_pickle:
+        return (head + ". A whole mace-torch model (*.model) is such a pickle: if you trust where the file comes "
+                "from, pass --trust-pickle (API: trust_pickle=True)")
+    return head + ". Files written by mmea_kernels never need that, so it is refused (not a checkpoint of this package)"

@@ -1,0 +1,450 @@
+"""Issue #9: untrusted files never run code, bad data is refused before training with a message that
+names it, training that turns non-finite keeps the last good state, checkpoints are self-contained
+or refused, nothing half-done is left behind. Small: the shipped model and a few shipped frames."""
+import json
+import math
+import os
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("mace")
+import ase  # noqa: E402
+import ase.io  # noqa: E402
+
+from mmea_kernels import finetune as ft  # noqa: E402
+from mmea_kernels.cli import main  # noqa: E402
+from mmea_kernels.foundation import ASSETS, fingerprint, load_model, save_model  # noqa: E402
+
+DATA = ASSETS / "ethanol_pbe"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """train (4 frames), valid (2), test (2) of the shipped PBE ethanol set, and a 1-epoch mmea run."""
+    d = tmp_path_factory.mktemp("safety")
+    frames = ase.io.read(str(DATA / "train.xyz"), ":8")
+    for a in frames:  # keep only what the tests need (no momenta, xtb labels)
+        for k in [k for k in a.arrays if k not in ("numbers", "positions", "REF_forces")]:
+            del a.arrays[k]
+        a.info = {"REF_energy": a.info["REF_energy"]}
+    ase.io.write(str(d / "train.xyz"), frames[:4])
+    ase.io.write(str(d / "valid.xyz"), frames[4:6])
+    ase.io.write(str(d / "test.xyz"), frames[6:8])
+    assert _cli(d, d / "mmea") == 0
+    return d
+
+
+def _cli(d, out, *extra, train=None):
+    return main(["finetune", "--train", str(train or d / "train.xyz"), "--valid", str(d / "valid.xyz"),
+                 "--out", str(out), "--epochs", "1", "--batch-size", "2", "--no-progress", *extra])
+
+
+def _frames(d, name="train.xyz"):
+    return ase.io.read(str(d / name), ":")
+
+
+def _write(path, frames):
+    ase.io.write(str(path), frames)
+    return path
+
+
+# ------------------------------------------------------------------------------ untrusted files
+class _Payload:
+    """Unpickling this creates the marker file: what a crafted checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_crafted_pickle_is_refused_everywhere_and_never_runs(data, tmp_path, capsys):
+    from mmea_kernels.calculator import MMEACalculator
+
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "mmea_kernels.finetune/1", "x": _Payload(marker)}, str(evil))
+    test = str(data / "test.xyz")
+    runs = {
+        "evaluate": ["evaluate", "--checkpoint", str(evil), "--data", test],
+        "md": ["md", "--checkpoint", str(evil), "--structure", test, "--steps", "2"],
+        "finetune --model": ["finetune", "--train", str(data / "train.xyz"), "--model", str(evil), "--out",
+                             str(tmp_path / "m"), "--epochs", "1", "--no-progress"],
+        "evaluate --model": ["evaluate", "--checkpoint", str(data / "mmea" / "checkpoint.pt"), "--data", test,
+                             "--model", str(evil)],
+    }
+    run = tmp_path / "resume"
+    run.mkdir()
+    (run / "state.pt").write_bytes(evil.read_bytes())
+    runs["--resume"] = ["finetune", "--train", str(data / "train.xyz"), "--valid", str(data / "valid.xyz"),
+                        "--out", str(run), "--epochs", "1", "--no-progress", "--resume"]
+    for name, argv in runs.items():
+        capsys.readouterr()
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err
+        assert "full unpickling" in err and "refers to getattr" in err and err.count("\n") == 1, (name, err)
+        if "--model" in name:
+            assert "--trust-pickle" in err, name
+        assert not marker.exists(), name
+    with pytest.raises(ValueError, match="full unpickling"):
+        MMEACalculator(checkpoint=str(evil))
+    assert not marker.exists()
+    assert not (tmp_path / "m").exists()  # the refused finetune left no directory behind
+
+
+def test_whole_pickled_model_needs_trust_pickle(tmp_path):
+    base = load_model("builtin:mace-xtb-small")
+    torch.save(base, str(tmp_path / "whole.model"))  # a whole-model pickle, as mace-torch writes them
+    with pytest.raises(ValueError, match=r"whole\.model .*ScaleShiftMACE.*--trust-pickle"):
+        load_model(str(tmp_path / "whole.model"))
+    assert fingerprint(load_model(str(tmp_path / "whole.model"), trust_pickle=True)) == fingerprint(base)
+
+
+def test_package_files_load_weights_only_including_the_old_format(data, tmp_path, capsys):
+    run = data / "mmea"
+    for name in ("checkpoint.pt", "state.pt"):
+        assert isinstance(torch.load(str(run / name), weights_only=True), dict)
+    ck = torch.load(str(run / "checkpoint.pt"), weights_only=True)
+    assert {"probe", "trainable", "e0s"} <= set(ck)
+    old = {k: v for k, v in ck.items() if k not in ("probe", "buffers")}  # what the code before #9 wrote
+    torch.save(old, str(tmp_path / "old.pt"))
+    capsys.readouterr()
+    for ckpt in (run / "checkpoint.pt", tmp_path / "old.pt"):
+        assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(data / "valid.xyz"),
+                     "--json", str(tmp_path / "e.json")]) == 0
+        ev = json.loads((tmp_path / "e.json").read_text())
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert math.isclose(ev["forces_mae_meV_per_A"], metrics["valid"]["forces_mae_meV_per_A"], rel_tol=1e-9)
+
+
+# ----------------------------------------------------------------------------------- data checks
+def _corrupt(d, tmp_path, edit, name="bad.xyz"):
+    frames = _frames(d)
+    edit(frames)
+    return _write(tmp_path / name, frames)
+
+
+@pytest.mark.parametrize("case, edit, expect", [
+    ("nan energy", lambda f: f[2].info.update(REF_energy=float("nan")),
+     r"bad\.xyz: frame 2: the energy info\['REF_energy'\] is nan"),
+    ("inf forces", lambda f: f[1].arrays["REF_forces"].__setitem__((3, 0), np.inf),
+     r"bad\.xyz: frame 1: non-finite forces arrays\['REF_forces'\] on atoms 3"),
+    ("nan positions", lambda f: f[3].positions.__setitem__((5, 2), np.nan),
+     r"bad\.xyz: frame 3: non-finite positions on atoms 5"),
+    ("coincident atoms", lambda f: f[0].positions.__setitem__(4, f[0].positions[1]),
+     r"bad\.xyz: frame 0: atoms (1 and 4|4 and 1) are 0 Å apart \(closer than --min-distance 0\.1 Å"),
+    ("pbc without lattice", lambda f: setattr(f[1], "pbc", True),
+     r"bad\.xyz: frame 1 is periodic along a, b, c .* but has no \(or a degenerate\) lattice along a, b, c"),
+    ("small cell", lambda f: [(a.set_cell([3.0, 3.0, 3.0]), a.set_pbc(True)) for a in f],
+     r"bad\.xyz: frame 0: the periodic cell is narrower than the model's cutoff 5 Å \(a 3 Å, b 3 Å, c 3 Å wide\)"),
+    ("energy not a number", lambda f: f[2].info.update(REF_energy="abc"),
+     r"bad\.xyz: frame 2: info\['REF_energy'\] is 'abc', not a number"),
+])
+def test_bad_data_is_refused_before_training(data, tmp_path, capsys, case, edit, expect):
+    bad = _corrupt(data, tmp_path, edit)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert _cli(data, out, train=bad) == 2, case
+    err = capsys.readouterr().err
+    assert err.startswith("mmea-kernels finetune: error: ") and err.count("\n") == 1, err
+    import re
+    assert re.search(expect, err), err
+    assert not out.exists()  # nothing half-done: the directory the command made is gone
+
+
+def test_neighbour_bound_and_thresholds_are_configurable(data, tmp_path, capsys):
+    def dense(f):
+        for a in f:
+            a.set_cell([11.0, 11.0, 11.0])
+            a.pbc = True
+    bad = _corrupt(data, tmp_path, dense)
+    assert _cli(data, tmp_path / "r", "--max-neighbors", "5", train=bad) == 2
+    assert re_search(r"bad\.xyz: frame 0: atom \d+ has \d+ neighbours within the cutoff \(bound 5, --max-neighbors\)",
+                     capsys.readouterr().err)
+    # a tiny dense cell is caught by the estimate before any neighbour list is built
+    def tiny(f):
+        for a in f:
+            a.set_cell([1.0, 1.0, 1.0], scale_atoms=True)
+            a.pbc = True
+    bad = _corrupt(data, tmp_path, tiny, "tiny.xyz")
+    assert _cli(data, tmp_path / "r", "--allow-small-cells", train=bad) == 2
+    assert re_search(r"tiny\.xyz: frame 0: about \d+ neighbours per atom .*\(bound 500", capsys.readouterr().err)
+    # atoms 0.5 Å apart pass the default threshold and fail a stricter one
+    close = _corrupt(data, tmp_path, lambda f: f[0].positions.__setitem__(4, f[0].positions[1] + [0.5, 0, 0]), "c.xyz")
+    from mmea_kernels.checks import DataChecks, checked_graphs
+
+    frames = _frames(tmp_path, "c.xyz")
+    checked_graphs(frames, [1, 6, 7, 8], 5.0, "c.xyz")
+    with pytest.raises(ValueError, match=r"c\.xyz: frame 0: atoms (1 and 4|4 and 1) are 0\.5 Å apart"):
+        checked_graphs(frames, [1, 6, 7, 8], 5.0, "c.xyz", checks=DataChecks(min_distance=0.6))
+    assert close.exists()
+
+
+def re_search(pattern, text):
+    import re
+
+    assert re.search(pattern, text), text
+    return True
+
+
+@pytest.mark.parametrize("spec, expect", [
+    ("empty.xyz", r"empty\.xyz is empty"),
+    ("trunc.xyz", r"trunc\.xyz could not be read \(XYZError: .*\); is it truncated"),
+    ("train.xyz@abc", r"train\.xyz@abc: bad frame selection '@abc'"),
+    ("train.xyz@1:2:0", r"the step cannot be 0"),
+    ("train.xyz@10:", r"train\.xyz@10: selects no frames \(.*train\.xyz has 4 frames\)"),
+    ("train.foo", r"train\.foo: ASE cannot tell its format"),
+])
+def test_unreadable_inputs_name_the_problem(data, tmp_path, capsys, spec, expect):
+    (tmp_path / "empty.xyz").write_text("")
+    (tmp_path / "trunc.xyz").write_text("".join((data / "train.xyz").read_text().splitlines(True)[:5]))
+    (tmp_path / "train.xyz").write_text((data / "train.xyz").read_text())
+    (tmp_path / "train.foo").write_text((data / "train.xyz").read_text())
+    capsys.readouterr()
+    for argv in (["finetune", "--train", str(tmp_path / spec), "--out", str(tmp_path / "r"), "--no-progress"],
+                 ["evaluate", "--checkpoint", str(data / "mmea" / "checkpoint.pt"), "--data", str(tmp_path / spec)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re_search(expect, err)
+    assert not (tmp_path / "r").exists()
+
+
+def test_empty_validation_or_test_selection_is_an_error(data, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["finetune", "--train", str(data / "train.xyz"), "--valid", str(data / "valid.xyz") + "@5:",
+                 "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "valid.xyz@5: selects no frames" in capsys.readouterr().err
+    assert _cli(data, tmp_path / "r", "--test", str(data / "test.xyz") + "@:0") == 2
+    assert "test.xyz@:0 selects no frames" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- training
+def test_non_finite_loss_keeps_the_last_good_state(data, tmp_path, monkeypatch):
+    kw = dict(train=str(data / "train.xyz"), valid=str(data / "valid.xyz"), epochs=2, batch_size=2, progress=False)
+    real_loss, calls = ft.loss, {"n": 0}
+
+    def poisoned(*a, **k):  # NaN from the 2nd batch of epoch 2 on (2 batches per epoch)
+        calls["n"] += 1
+        v = real_loss(*a, **k)
+        return v * float("nan") if calls["n"] >= 4 else v
+
+    monkeypatch.setattr(ft, "loss", poisoned)
+    out = tmp_path / "r"
+    with pytest.raises(ValueError, match=r"the training loss is nan in epoch 2, batch 2; .*state\.pt keeps epoch 1, "
+                                         r"the last good state \(resumable with --resume\)"):
+        ft.finetune(ft.FinetuneConfig(out_dir=str(out), **kw), log=lambda *_: None)
+    st = torch.load(str(out / "state.pt"), weights_only=True)
+    assert st["epoch"] == 1 and all(torch.isfinite(t).all() for t in st["params"].values())
+    monkeypatch.setattr(ft, "loss", real_loss)
+    resumed = ft.finetune(ft.FinetuneConfig(out_dir=str(out), resume=True, **kw), log=lambda *_: None)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]  # (resume exactness: test_finetune)
+    assert resumed["history"][0] == st["history"][0] and math.isfinite(resumed["valid"]["loss"])
+    # NaN in the first epoch: nothing saved, the message says so, the new directory is removed
+    calls["n"] = 3
+    monkeypatch.setattr(ft, "loss", poisoned)
+    with pytest.raises(ValueError, match="no training state was saved"):
+        ft.finetune(ft.FinetuneConfig(out_dir=str(tmp_path / "n"), **kw), log=lambda *_: None)
+    assert not (tmp_path / "n").exists()
+
+
+def test_interrupt_message_is_true(data, tmp_path, monkeypatch):
+    kw = dict(train=str(data / "train.xyz"), valid=str(data / "valid.xyz"), epochs=3, batch_size=2, progress=False)
+    real, calls = ft._train_epoch, {"n": 0}
+
+    def interrupted(cfg, r, epoch, *a):
+        if epoch == calls["stop"]:
+            raise KeyboardInterrupt
+        return real(cfg, r, epoch, *a)
+
+    monkeypatch.setattr(ft, "_train_epoch", interrupted)
+    logs = []
+    calls["stop"] = 1
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(ft.FinetuneConfig(out_dir=str(tmp_path / "a"), **kw), log=logs.append)
+    assert "interrupted in epoch 1, before any epoch finished: no state was saved" in logs[-1]
+    assert not (tmp_path / "a").exists()
+    calls["stop"] = 2
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(ft.FinetuneConfig(out_dir=str(tmp_path / "b"), **kw), log=logs.append)
+    assert f"interrupted in epoch 2; {tmp_path / 'b' / 'state.pt'} holds epoch 1" in logs[-1]
+    assert torch.load(str(tmp_path / "b" / "state.pt"), weights_only=True)["epoch"] == 1
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def test_full_checkpoint_is_self_contained_or_refused(data, tmp_path, capsys):
+    out = tmp_path / "full"
+    assert _cli(data, out, "--method", "full", "--test", str(data / "test.xyz")) == 0
+    saved = json.loads((out / "metrics.json").read_text())["test"]
+    ck = torch.load(str(out / "checkpoint.pt"), weights_only=True)
+    assert any("scale_shift" in n for n in ck["buffers"])
+    # another base: same weights and architecture, other scale/shift (and E0s)
+    base = load_model("builtin:mace-xtb-small")
+    cfg = torch.load(str(ASSETS / "mace-xtb-small.pt"), weights_only=True)["config"]
+    with torch.no_grad():
+        base.scale_shift.scale.mul_(1.7)
+        base.scale_shift.shift.add_(0.3)
+    save_model(base, dict(cfg, scale=float(base.scale_shift.scale), shift=float(base.scale_shift.shift)),
+               tmp_path / "other.pt")
+    old = {k: v for k, v in ck.items() if k not in ("probe", "buffers")}
+    torch.save(old, str(tmp_path / "old.pt"))
+    capsys.readouterr()
+    js = tmp_path / "e.json"
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(data / "test.xyz"),
+                 "--model", str(tmp_path / "other.pt"), "--json", str(js)]) == 0
+    ev = json.loads(js.read_text())
+    for k in ("energy_mae_meV", "forces_mae_meV_per_A"):
+        assert math.isclose(ev[k], saved[k], rel_tol=1e-9), k
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "old.pt"), "--data", str(data / "test.xyz"),
+                 "--model", str(tmp_path / "other.pt")]) == 2
+    assert "fingerprint" in capsys.readouterr().err
+    # an architecture setting that is no tensor (avg_num_neighbors): the reference prediction catches it
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(data / "test.xyz"),
+                 "--model", "preset:xtb-small"]) == 2
+    assert re_search(r"does not reproduce its own reference prediction \(energy off by .* eV", capsys.readouterr().err)
+
+
+def test_base_model_with_other_elements(data, capsys):
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(data / "mmea" / "checkpoint.pt"), "--data", str(data / "test.xyz"),
+                 "--model", "preset:tiny"]) == 2
+    assert re_search(r"checkpoint .*checkpoint\.pt holds 4 reference energies \(E0s\), but the base model has 3 "
+                     r"elements \[1, 6, 8\]", capsys.readouterr().err)
+
+
+# -------------------------------------------------------------------------------------------- md
+def test_md_refuses_bad_settings_and_structures(data, tmp_path, capsys):
+    ck = str(data / "mmea" / "checkpoint.pt")
+    coincident = _corrupt(data, tmp_path, lambda f: f[0].positions.__setitem__(2, f[0].positions[0]), "co.xyz")
+    cases = [(["--structure", str(data / "test.xyz"), "--steps", "0"], "md needs at least 1 step, got --steps 0"),
+             (["--structure", str(data / "test.xyz"), "--steps", "-1"], "got --steps -1"),
+             (["--structure", str(data / "test.xyz"), "--temperature", "-5"], "temperature >= 0 K, got --temperature -5"),
+             (["--structure", str(data / "test.xyz") + "@7"], "test.xyz@7: frame 7 does not exist"),
+             (["--structure", str(coincident), "--steps", "2"], "co.xyz: frame 0: atoms 0 and 2 are 0 Å apart")]
+    for extra, expect in cases:
+        capsys.readouterr()
+        assert main(["md", "--checkpoint", ck, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert expect in err and err.count("\n") == 1, err
+
+
+def test_md_stops_when_energy_turns_non_finite():
+    from ase.calculators.calculator import Calculator, all_changes
+
+    from mmea_kernels.calculator import nve_drift
+
+    class Blows(Calculator):
+        implemented_properties = ["energy", "forces"]
+        calls = 0
+
+        def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+            super().calculate(atoms, properties, system_changes)
+            Blows.calls += 1
+            bad = Blows.calls > 6
+            self.results = {"energy": float("nan") if bad else 0.0, "forces": np.zeros((len(self.atoms), 3))}
+
+    atoms = ase.Atoms("OH2", positions=[(0, 0, 0), (0.96, 0, 0), (-0.24, 0.93, 0)])
+    with pytest.raises(ValueError, match=r"md stopped: the total energy is nan at step \d+"):
+        nve_drift(atoms, Blows(), steps=20)
+
+
+# ---------------------------------------------------------------------------------- left behind
+def test_load_adapter_state_dict_is_all_or_nothing():
+    import mmea_kernels as mk
+    from mmea_kernels.models.mace import build_mace
+
+    torch.manual_seed(0)
+    src = build_mace("tiny")
+    mk.inject_adapters(src, method="mmea", rank=4)
+    state = mk.adapter_state_dict(src)
+    name = sorted(state["state"])[-1]
+    state["state"][name] = torch.zeros(3, 3)
+    torch.manual_seed(0)
+    fresh = build_mace("tiny")
+    before = {n: p.detach().clone() for n, p in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match=f"adapter weight '{name}' has shape \\(3, 3\\) in the state"):
+        mk.load_adapter_state_dict(fresh, state)
+    assert not mk.adapted_modules(fresh)
+    after = fresh.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert all(p.requires_grad for p in fresh.parameters())
+
+
+def test_rmd17_split_files_are_world_readable(tmp_path):
+    from test_rmd17_fetch import FAKE, SIZES, _make_archive, _molecule_arrays
+
+    from mmea_kernels.rmd17 import fetch_rmd17
+
+    arc = _make_archive(tmp_path / "rmd17.tar.bz2", {"ethanol": _molecule_arrays(FAKE["ethanol"], 0)})
+    old = os.umask(0o022)
+    try:
+        fetch_rmd17(tmp_path / "out", ["ethanol"], archive=str(arc), **SIZES)
+    finally:
+        os.umask(old)
+    for s in ("train", "valid", "test"):
+        assert (tmp_path / "out" / "ethanol" / f"{s}.xyz").stat().st_mode & 0o777 == 0o644
+
+
+def test_rmd17_dir_without_ethanol(tmp_path):
+    from mmea_kernels.data import find_rmd17
+
+    (tmp_path / "benzene").mkdir()
+    (tmp_path / "benzene" / "train.xyz").write_text("x")
+    assert find_rmd17(str(tmp_path), ["benzene"]) == tmp_path
+    with pytest.raises(FileNotFoundError, match="no rMD17 splits for toluene at .* it has benzene"):
+        find_rmd17(str(tmp_path), ["benzene", "toluene"])
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    argv = ["evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(tmp_path / "x.xyz")]
+    assert main(argv) == 2
+    with pytest.raises(FileNotFoundError, match="none.pt does not exist"):
+        main(argv + ["--debug"])
+
+
+def test_calculator_refuses_non_finite_results(data):
+    from mmea_kernels.calculator import MMEACalculator
+
+    atoms = _frames(data, "test.xyz")[0]
+    atoms.calc = MMEACalculator(checkpoint=str(data / "mmea" / "checkpoint.pt"))
+    assert math.isfinite(atoms.get_potential_energy())
+    atoms.positions[5] = atoms.positions[2]
+    with pytest.raises(ValueError, match=r"non-finite energy \(nan\) .* the closest atoms, (2 and 5|5 and 2), are 0 Å"):
+        atoms.get_potential_energy()
+
+
+def test_non_finite_gradient_validation_and_weights_stop_training(data, tmp_path, monkeypatch):
+    from mmea_kernels.train_guard import check_finite_tensors
+
+    kw = dict(train=str(data / "train.xyz"), valid=str(data / "valid.xyz"), epochs=1, batch_size=2, progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("inf")))
+        with pytest.raises(ValueError, match=r"the gradient norm is inf in epoch 1, batch 1; no training state"):
+            ft.finetune(ft.FinetuneConfig(out_dir=str(tmp_path / "g"), **kw), log=lambda *_: None)
+    real = ft.errors
+    with monkeypatch.context() as m:
+        m.setattr(ft, "errors", lambda *a, **k: dict(real(*a, **k), loss=float("nan")))
+        with pytest.raises(ValueError, match=r"the validation loss is nan in epoch 1; no training state"):
+            ft.finetune(ft.FinetuneConfig(out_dir=str(tmp_path / "v"), **kw), log=lambda *_: None)
+    assert not (tmp_path / "g").exists() and not (tmp_path / "v").exists()
+    (tmp_path / "state.pt").write_text("x")
+    with pytest.raises(ValueError, match=r"the weight w\.b became non-finite in epoch 3; .*state\.pt keeps epoch 2"):
+        check_finite_tensors([("w.a", torch.ones(2)), ("w.b", torch.tensor([1.0, float("inf")]))], "the weight", 3,
+                             tmp_path / "state.pt", 2)
+
+
+def test_bench_adapt_data_dir_needs_only_the_molecules_asked_for(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "d" / "benzene").mkdir(parents=True)
+    (tmp_path / "d" / "benzene" / "train.xyz").write_text("x")
+    script = pathlib.Path(__file__).resolve().parents[1] / "bench" / "adapt.py"
+    argv = [sys.executable, str(script), "--data-dir", str(tmp_path / "d"), "--molecules", "benzene",
+            "--summarize-only", "--work", str(tmp_path / "w"), "--results", str(tmp_path / "r")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ok = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]  # (the refusal's message: test_rmd17_dir_without_ethanol)
