@@ -7,6 +7,7 @@ Everything except :func:`test_available_reports_missing_extension` needs the ext
 skipped, with the reason, when it is not built (``pip install --no-build-isolation -e .``).
 """
 import sys
+import warnings
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from hypothesis import strategies as st  # noqa: E402
 import mmea_kernels  # noqa: E402
 from mmea_kernels import IrrepsLayout, gate_mul, seg_dot  # noqa: E402
 from mmea_kernels.ops import backend_status, cpp_backend, resolve_backend, torch_backend  # noqa: E402
+from mmea_kernels.ops.backends import clear_backend_cache  # noqa: E402
 from mmea_kernels.ops.tables import layout_tables  # noqa: E402
 
 from helpers import CPP_DEVICES  # noqa: E402
@@ -261,7 +263,19 @@ def test_available_reports_missing_extension(monkeypatch):
     assert "pip install --no-build-isolation -e ." in why
     assert backend_status("cpp", "cpu") == (False, why)
     monkeypatch.delenv("MMEA_BACKEND", raising=False)
-    assert resolve_backend(None, "cpu").name == "torch"
+    clear_backend_cache()  # resolutions are cached per process; this test uninstalls the extension
+    try:
+        with pytest.warns(RuntimeWarning, match=r"cpp backend is not available for cpu tensors .*torch backend"):
+            assert resolve_backend(None, "cpu").name == "torch"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # said once, then quiet
+            assert resolve_backend("auto", "cpu").name == "torch"
+        _rest_of_missing_extension_checks(monkeypatch)
+    finally:
+        clear_backend_cache()
+
+
+def _rest_of_missing_extension_checks(monkeypatch):
     L = IrrepsLayout.of("2x0e+2x1o", "mul_ir")
     with pytest.raises(RuntimeError, match=r"backend='cpp' is not available for cpu tensors: the C\+\+ extension"):
         gate_mul(torch.randn(3, 8), torch.randn(3, 2), L, backend="cpp")

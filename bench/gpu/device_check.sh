@@ -5,7 +5,8 @@
 #
 #   run(command="bash bench/gpu/device_check.sh", carry=[".whl"], timeout_s=540)
 #
-# Knobs (environment): TEST_LIMIT, BENCH_LIMIT (seconds), BENCH_SIZES (e.g. 2000,32000),
+# Knobs (environment): TEST_LIMIT, BENCH_LIMIT (seconds), BENCH_SIZES (e.g. 2000,32000), BENCH_ARGS
+# (e.g. "--sweep --no-cuet"),
 # MODEL_DTYPES (e.g. "float32").
 #
 # Writes to $OUT (default bench/results/device): device_check.log (versions, build, the CUDA
@@ -49,7 +50,7 @@ MMEA_TEST_CUDA=1 timeout ${TEST_LIMIT:-200} python3 -m pytest -q -p no:cacheprov
   tests/test_modules.py $(ls tests/test_fused_gate.py 2>/dev/null) 2>&1 | tail -40
 
 step "benchmark"
-timeout ${BENCH_LIMIT:-200} python3 bench/gpu/bench_gpu.py --out "$OUT" --sizes "${BENCH_SIZES:-2000,8000,32000}" 2>&1 | tail -150
+timeout ${BENCH_LIMIT:-200} python3 bench/gpu/bench_gpu.py --out "$OUT" --sizes "${BENCH_SIZES:-2000,8000,32000}" ${BENCH_ARGS:-} 2>&1 | tail -150
 
 step "whole model (MACE-OFF23-medium architecture), energy+forces and a training step"
 for dt in ${MODEL_DTYPES:-float32 float64}; do

@@ -2,17 +2,23 @@
 
 ``backend=`` argument > ``MMEA_BACKEND`` environment variable > ``"auto"`` (triton on CUDA,
 the compiled cpp extension on CPU when it is built, torch otherwise). A backend asked for by
-name that cannot run is an error naming the reason; ``auto`` falls back silently.
+name that cannot run is an error naming the reason; when ``auto`` has to fall back from the faster
+backend of a device, it says why once (a warning) and then stays quiet.
+
+A resolution is computed once per (name, device type, TRITON_INTERPRET) and cached: what is
+installed does not change while the process runs. :func:`clear_backend_cache` forgets it (tests
+that simulate a missing extension use it).
 """
 from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["BACKENDS", "resolve_backend", "backend_status"]
+__all__ = ["BACKENDS", "resolve_backend", "backend_status", "clear_backend_cache"]
 
 # name -> module path; modules are imported lazily so that TRITON_INTERPRET can be set first.
 BACKENDS: Dict[str, str] = {
@@ -39,19 +45,43 @@ def backend_status(name: str, device) -> Tuple[bool, str]:
     return mod.available(torch.device(device))
 
 
+_RESOLVED: Dict[tuple, object] = {}
+_WARNED: set = set()
+
+
+def clear_backend_cache() -> None:
+    """Forget cached resolutions and fallback warnings."""
+    _RESOLVED.clear()
+    _WARNED.clear()
+
+
 def resolve_backend(backend: Optional[str], device):
     """The backend module to use for tensors on ``device``."""
     name = backend if backend is not None else os.environ.get("MMEA_BACKEND", "auto")
-    name = name.strip().lower()
-    device = torch.device(device)
+    dtype_ = device.type if isinstance(device, torch.device) else torch.device(device).type
+    key = (name, dtype_, os.environ.get("TRITON_INTERPRET"))
+    hit = _RESOLVED.get(key)
+    if hit is not None:
+        return hit
+    mod = _resolve(name.strip().lower(), torch.device(device), backend is not None)
+    _RESOLVED[key] = mod
+    return mod
+
+
+def _resolve(name: str, device: torch.device, explicit: bool):
     if name == "auto":
-        for cand in _AUTO_ORDER.get(device.type, ("torch",)):
-            ok, _ = backend_status(cand, device)
+        order = _AUTO_ORDER.get(device.type, ("torch",))
+        for cand in order:
+            ok, why = backend_status(cand, device)
             if ok:
                 return _load(cand)
+            if cand == order[0] and cand != "torch" and device.type not in _WARNED:
+                _WARNED.add(device.type)
+                warnings.warn(f"mmea_kernels: the {cand} backend is not available for {device.type} tensors "
+                              f"({why}); using the slower torch backend", RuntimeWarning, stacklevel=3)
         return _load("torch")
     ok, reason = backend_status(name, device)
     if not ok:
-        src = "backend=" if backend is not None else "MMEA_BACKEND="
+        src = "backend=" if explicit else "MMEA_BACKEND="
         raise RuntimeError(f"{src}{name!r} is not available for {device.type} tensors: {reason}")
     return _load(name)
