@@ -329,16 +329,8 @@ class FusedGate(nn.Module):
         ys = torch.cat(parts_s, -1) if parts_s else x.new_zeros(lead + (0,))
         if not self._blocks:
             return ys
-        g = torch.cat(parts_g, -1)
-        out = [ys]
-        for src, _, mul, dim, g0, ir_mul in self._blocks:
-            xb = x.narrow(-1, src, mul * dim)
-            gb = g.narrow(-1, g0, mul)
-            if ir_mul:
-                out.append((xb.reshape(lead + (dim, mul)) * gb.unsqueeze(-2)).reshape(lead + (dim * mul,)))
-            else:
-                out.append((xb.reshape(lead + (mul, dim)) * gb.unsqueeze(-1)).reshape(lead + (mul * dim,)))
-        return torch.cat(out, -1)
+        blocks = [(src, mul, dim, g0, bool(ir_mul)) for src, _, mul, dim, g0, ir_mul in self._blocks]
+        return _gated_cat(x, ys, torch.cat(parts_g, -1), blocks)
 
     def extra_repr(self) -> str:
         path = f"fused, backend={self.backend or 'auto'}" if self.fused else "torch path (activation not fused)"
@@ -349,6 +341,22 @@ class FusedGate(nn.Module):
 
     def __prepare_scriptable__(self) -> nn.Module:
         return ScriptableFusedGate(self)
+
+
+def _gated_cat(x: torch.Tensor, ys: torch.Tensor, g: torch.Tensor,
+               blocks: List[Tuple[int, int, int, int, bool]]) -> torch.Tensor:
+    """``[ys, gated blocks · g]``: each block ``(input column, mul, dim, first gate, ir_mul)`` of ``x``
+    times its gates broadcast over the 2l+1 components (the plain-PyTorch path; TorchScript-able)."""
+    lead: List[int] = list(x.shape[:-1])
+    out: List[torch.Tensor] = [ys]
+    for src, mul, dim, g0, ir_mul in blocks:
+        xb = x.narrow(-1, src, mul * dim)
+        gb = g.narrow(-1, g0, mul)
+        if ir_mul:
+            out.append((xb.reshape(lead + [dim, mul]) * gb.unsqueeze(-2)).reshape(lead + [dim * mul]))
+        else:
+            out.append((xb.reshape(lead + [mul, dim]) * gb.unsqueeze(-1)).reshape(lead + [mul * dim]))
+    return torch.cat(out, -1)
 
 
 def _scripted_act(x: torch.Tensor, code: int, cst: float) -> torch.Tensor:
@@ -412,16 +420,7 @@ class ScriptableFusedGate(nn.Module):
         gparts: List[torch.Tensor] = []
         for src, n, code, cst in self.gate_segs:
             gparts.append(_scripted_act(x.narrow(-1, src, n), code, cst))
-        g = torch.cat(gparts, -1)
-        out: List[torch.Tensor] = [ys]
-        for src, mul, dim, g0, ir_mul in self.blocks:
-            xb = x.narrow(-1, src, mul * dim)
-            gb = g.narrow(-1, g0, mul)
-            if ir_mul:
-                out.append((xb.reshape(lead + [dim, mul]) * gb.unsqueeze(-2)).reshape(lead + [dim * mul]))
-            else:
-                out.append((xb.reshape(lead + [mul, dim]) * gb.unsqueeze(-1)).reshape(lead + [mul * dim]))
-        return torch.cat(out, -1)
+        return _gated_cat(x, ys, torch.cat(gparts, -1), self.blocks)
 
 
 # ------------------------------------------------------------------------------------- swapping

@@ -27,27 +27,22 @@ try:
     import triton
     import triton.language as tl
 
-    _ERR = None
-except Exception as exc:  # pragma: no cover - depends on the environment
+except Exception:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
-    _ERR = exc
 
 _INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def available(device) -> Tuple[bool, str]:
-    if triton is None:
-        return False, f"triton is not installed ({_ERR})"
-    device = torch.device(device)
-    if device.type == "cuda":
-        return True, ""
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        if not _INTERPRETED_AT_IMPORT:
-            return False, ("TRITON_INTERPRET=1 was set after mmea_kernels.ops.fused_gate.triton was imported; set it "
-                           "before importing to run the triton backend on CPU tensors")
-        return True, ""
-    return False, "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
+    """The gate primitives' Triton conditions, and the interpreter set before this module's import."""
+    from ..triton_backend import available as primitives_available
+
+    ok, why = primitives_available(device)
+    if ok and torch.device(device).type == "cpu" and not _INTERPRETED_AT_IMPORT:
+        return False, ("TRITON_INTERPRET=1 was set after mmea_kernels.ops.fused_gate.triton was imported; set it "
+                       "before importing to run the triton backend on CPU tensors")
+    return ok, why
 
 
 if triton is not None:
