@@ -349,3 +349,16 @@ def test_sevennet_replace_gates(sevennet_pair):
     assert len(rep) == 5 and sum(isinstance(m, Gate) for m in plain.modules()) == 5
     e3, f3 = _ef(plain, batch)
     assert torch.equal(e3, e0) and torch.equal(f3, f0)
+
+
+def test_gate_speed_script_runs_small():
+    """bench/gate_speed.py at a tiny size (the measured numbers come from its full run)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "gate_speed.py"
+    spec = importlib.util.spec_from_file_location("gate_speed", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.main(["--rounds", "2", "--n", "32", "--no-model", "--dtype", "float64", "--out", "-"])
+    assert "| gate fwd+bwd float64 |" in text and "threads 1" in text

@@ -129,6 +129,14 @@ def _state_holder(src: nn.Module) -> Optional[nn.Module]:
     return holder if found else None
 
 
+def _adopt_state(dst: nn.Module, src: nn.Module) -> None:
+    """``dst`` holds ``src``'s direct children, parameters and buffers (the same objects)."""
+    dst._modules.update((k, v) for k, v in src._modules.items())
+    dst._parameters.update(src._parameters)
+    dst._buffers.update(src._buffers)
+    dst._non_persistent_buffers_set |= src._non_persistent_buffers_set
+
+
 class FusedGate(nn.Module):
     """Gate activation ``(⊕ φ_i(x_i)) ⊕ (⊕ φ_j(g_j) y_j)`` in one fused pass.
 
@@ -175,31 +183,7 @@ class FusedGate(nn.Module):
                            for (mul, ir), a in zip(Gi, a_g)])
         irreps_out = out_s + _elementwise_irreps_out(Dd, out_g)
         groups = [S.simplify(), Gi.simplify(), Dd.simplify()]
-        cat = sum([S, Gi, Dd], o3.Irreps([]))
-        sorted_irreps, perm, _ = cat.sort()
-        offsets = [0]
-        for mul_ir in sorted_irreps:
-            offsets.append(offsets[-1] + mul_ir.dim)
-        start = [offsets[perm[i]] for i in range(len(cat))]  # input column of every entry of cat
-        nS, nG = len(S), len(Gi)
-        scalars, gates, blocks = [], [], []
-        dst = 0
-        for i, ((mul, _), a) in enumerate(zip(S, a_s)):
-            if mul:
-                scalars.append((start[i], dst, mul, a))
-            dst += mul
-        gdst = 0
-        for i, ((mul, _), a) in enumerate(zip(Gi, a_g)):
-            if mul:
-                gates.append((start[nS + i], gdst, mul, a))
-            gdst += mul
-        gate0 = 0
-        for i, (mul, ir) in enumerate(Dd):
-            if mul:
-                blocks.append((start[nS + nG + i], dst, mul, ir.dim, gate0, layout == "ir_mul"))
-            dst += mul * ir.dim
-            gate0 += mul
-        self._setup(scalars, gates, blocks, cat.dim, dst, gate0, layout, backend)
+        sorted_irreps = self._setup_e3nn(S, a_s, Gi, a_g, Dd, layout, backend)
         self.irreps_scalars, self.irreps_gates, self.irreps_gated = groups
         self._irreps_in = sorted_irreps.simplify()
         self._irreps_out = irreps_out
@@ -227,6 +211,36 @@ class FusedGate(nn.Module):
         self._key = spec.key() if self.fused else None
         self._source_type = None
 
+    def _setup_e3nn(self, S, a_s, Gi, a_g, Dd, layout, backend):
+        """Columns as e3nn's Gate reads them: the input is the (stable) sorted concatenation of the
+        scalars, gates and gated entries; outputs are the scalars then the gated blocks, in order.
+        Returns the sorted input irreps."""
+        from e3nn import o3
+
+        cat = sum([S, Gi, Dd], o3.Irreps([]))
+        sorted_irreps, perm, _ = cat.sort()
+        offsets = [0]
+        for mul_ir in sorted_irreps:
+            offsets.append(offsets[-1] + mul_ir.dim)
+        start = [offsets[perm[i]] for i in range(len(cat))]  # input column of every entry of cat
+        nS, nG = len(S), len(Gi)
+        scalars, gates, blocks, dst, gdst, gate0 = [], [], [], 0, 0, 0
+        for i, ((mul, _), a) in enumerate(zip(S, a_s)):
+            if mul:
+                scalars.append((start[i], dst, mul, a))
+            dst += mul
+        for i, ((mul, _), a) in enumerate(zip(Gi, a_g)):
+            if mul:
+                gates.append((start[nS + i], gdst, mul, a))
+            gdst += mul
+        for i, (mul, ir) in enumerate(Dd):
+            if mul:
+                blocks.append((start[nS + nG + i], dst, mul, ir.dim, gate0, layout == "ir_mul"))
+            dst += mul * ir.dim
+            gate0 += mul
+        self._setup(scalars, gates, blocks, cat.dim, dst, gate0, layout, backend)
+        return sorted_irreps
+
     @classmethod
     def from_module(cls, module: nn.Module, backend: Optional[str] = None) -> "FusedGate":
         """The FusedGate computing what ``module`` (an ``e3nn.nn.Gate`` or a mace-torch
@@ -238,36 +252,13 @@ class FusedGate(nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         if kind == "e3nn":
-            from e3nn import o3
-
             S, Gi = module.act_scalars.irreps_in, module.act_gates.irreps_in
             a_s = [_from_normalize2mom(nm) for nm in module.act_scalars.acts]
             a_g = [_from_normalize2mom(nm) for nm in module.act_gates.acts]
             Dd = module.irreps_gated
-            cat = sum([S, Gi, Dd], o3.Irreps([]))
-            sorted_irreps, perm, _ = cat.sort()
+            sorted_irreps = self._setup_e3nn(S, a_s, Gi, a_g, Dd, "mul_ir", backend)
             if sorted_irreps.simplify() != module.irreps_in.simplify():
                 raise ValueError(f"cannot read the layout of {module!r}: its irreps are inconsistent")
-            offsets = [0]
-            for mul_ir in sorted_irreps:
-                offsets.append(offsets[-1] + mul_ir.dim)
-            start = [offsets[perm[i]] for i in range(len(cat))]
-            nS, nG = len(S), len(Gi)
-            scalars, gates, blocks, dst, gdst, gate0 = [], [], [], 0, 0, 0
-            for i, ((mul, _), a) in enumerate(zip(S, a_s)):
-                if mul:
-                    scalars.append((start[i], dst, mul, a))
-                dst += mul
-            for i, ((mul, _), a) in enumerate(zip(Gi, a_g)):
-                if mul:
-                    gates.append((start[nS + i], gdst, mul, a))
-                gdst += mul
-            for i, (mul, ir) in enumerate(Dd):
-                if mul:
-                    blocks.append((start[nS + nG + i], dst, mul, ir.dim, gate0, False))
-                dst += mul * ir.dim
-                gate0 += mul
-            self._setup(scalars, gates, blocks, cat.dim, dst, gate0, "mul_ir", backend)
         else:  # mace-torch GatedEquivariantBlock: its own slices, one activation per group
             ir_mul = bool(module._layout_is_ir_mul)
             s_act = _Act(activation_code(module._act_scalar), float(module._scalar_cst), module._act_scalar) \
@@ -290,13 +281,7 @@ class FusedGate(nn.Module):
         self._irreps_in, self._irreps_out = module.irreps_in, module.irreps_out
         holder = _state_holder(module)
         if holder is not None:
-            for name, child in holder._modules.items():
-                self._modules[name] = child
-            for name, p in holder._parameters.items():
-                self._parameters[name] = p
-            for name, b in holder._buffers.items():
-                self._buffers[name] = b
-            self._non_persistent_buffers_set |= holder._non_persistent_buffers_set
+            _adopt_state(self, holder)
         self._source_type = kind
         return self
 
@@ -401,13 +386,7 @@ class ScriptableFusedGate(nn.Module):
             (src, n, int(a.code), float(a.cst)) for k, src, _, n, a in gate._acts if k == "g"]
         self.blocks = [
             (src, mul, dim, g0, bool(ir_mul)) for src, _, mul, dim, g0, ir_mul in gate._blocks]
-        for name, child in gate._modules.items():
-            self._modules[name] = child
-        for name, p in gate._parameters.items():
-            self._parameters[name] = p
-        for name, b in gate._buffers.items():
-            self._buffers[name] = b
-        self._non_persistent_buffers_set |= gate._non_persistent_buffers_set
+        _adopt_state(self, gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead: List[int] = list(x.shape[:-1])

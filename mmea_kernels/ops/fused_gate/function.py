@@ -58,8 +58,20 @@ def fused_gate_backend_status(name: str, device) -> Tuple[bool, str]:
     raise ValueError(f"unknown backend {name!r}; expected one of {sorted(FUSED_GATE_BACKENDS + ('auto',))}")
 
 
+_RESOLVED = {}  # (backend, MMEA_BACKEND, TRITON_INTERPRET, device type) -> backend name
+
+
 def _resolve(backend: str, device) -> str:
-    name = (backend or os.environ.get("MMEA_BACKEND", "auto")).strip().lower()
+    env = os.environ.get("MMEA_BACKEND", "auto")
+    ck = (backend, env, os.environ.get("TRITON_INTERPRET"), torch.device(device).type)
+    hit = _RESOLVED.get(ck)
+    if hit is None:
+        hit = _RESOLVED[ck] = _resolve_uncached(backend, env, device)
+    return hit
+
+
+def _resolve_uncached(backend: str, env: str, device) -> str:
+    name = (backend or env).strip().lower()
     device = torch.device(device)
     if name == "auto":
         for cand in (("triton",) if device.type == "cuda" else ("cpp",)):
