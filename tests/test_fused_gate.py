@@ -344,6 +344,13 @@ def test_sevennet_replace_gates(sevennet_pair):
         e2, f2 = _ef(fused, batch)
         torch.testing.assert_close(e2, e1, rtol=1e-12, atol=0)
         torch.testing.assert_close(f2, f1, rtol=1e-12, atol=1e-12)
+        # SevenNet-0's swapped gates under TorchScript and torch.compile
+        for name, gate in [(n, m) for n, m in plain.named_modules() if isinstance(m, FusedGate)][::4]:
+            x = torch.randn(7, gate.irreps_in.dim, dtype=torch.float64)
+            scripted = torch.jit.script(copy.deepcopy(gate))
+            torch.testing.assert_close(scripted(x), gate(x), **TOL)
+            torch._dynamo.reset()
+            assert torch._dynamo.explain(gate)(x).graph_break_count == 0, name
     finally:
         rep = mk.restore_gates(plain)
     assert len(rep) == 5 and sum(isinstance(m, Gate) for m in plain.modules()) == 5
