@@ -407,3 +407,21 @@ def test_triton_kernels_compile_for_sm90():
     if res.returncode != 0 and ("ptxas" in res.stderr and "not found" in res.stderr.lower()):
         pytest.skip("triton's NVIDIA backend (ptxas) is not available here")
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+
+
+def test_cpp_parallel_rows_match():
+    """The C++ kernels' OpenMP path (inputs above its serial threshold) gives the serial numbers."""
+    _need("cpp", "cpu")
+    ref = Gate(*CASES["sevennet"]).double()
+    fg = FusedGate.from_module(ref, backend="cpp")
+    x = _x(ref, 300, "cpu", seed=5).requires_grad_(True)
+    dy = torch.randn(300, ref.irreps_out.dim, dtype=torch.float64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        y = fg(x)
+        (g,) = torch.autograd.grad(y, x, dy)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(y, ref(x), **TOL)
+    torch.testing.assert_close(g, torch.autograd.grad(ref(x), x, dy)[0], **TOL)
