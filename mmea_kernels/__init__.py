@@ -4,7 +4,7 @@ from .cueq import convert_adapted_to_cueq, convert_adapted_to_e3nn
 from .inject import (adapter_state_dict, adapted_modules, disable_adapters, inject_adapters,
                      load_adapter_state_dict, merge_and_unload, report, unload)
 from .layout import IrrepsLayout
-from .nn import ELoRALinear, MMEALinear
+from .nn import ELoRALinear, FusedGate, MMEALinear, replace_gates, restore_gates
 from .ops import gate_mul, seg_dot
 
 __version__ = "0.1.0"
@@ -13,4 +13,5 @@ __all__ = [
     "IrrepsLayout", "gate_mul", "seg_dot", "MMEALinear", "ELoRALinear", "inject_adapters",
     "adapter_state_dict", "load_adapter_state_dict", "merge_and_unload", "unload", "disable_adapters",
     "adapted_modules", "report", "convert_adapted_to_cueq", "convert_adapted_to_e3nn",
+    "FusedGate", "replace_gates", "restore_gates",
 ]

@@ -174,10 +174,15 @@ class SevenNetAsMACE(nn.Module):
         return {"energy": energy, "forces": forces}
 
 
-def load_sevennet(name: str = "7net-0", dtype: Optional[torch.dtype] = None) -> SevenNetAsMACE:
+def load_sevennet(name: str = "7net-0", dtype: Optional[torch.dtype] = None,
+                  fused_gate: bool = True) -> SevenNetAsMACE:
     """The pretrained SevenNet ``name`` (``7net-0`` = SevenNet-0, 11 Jul 2024, shipped with the
     sevenn wheel; or a checkpoint path) as a :class:`SevenNetAsMACE`, in eval mode, on the CPU.
-    Built by ``sevenn.checkpoint.SevenNetCheckpoint.build_model`` (plain e3nn backend)."""
+    Built by ``sevenn.checkpoint.SevenNetCheckpoint.build_model`` (plain e3nn backend).
+
+    ``fused_gate=True`` (default) swaps SevenNet's e3nn ``Gate`` modules for
+    :class:`mmea_kernels.nn.FusedGate` (:func:`mmea_kernels.replace_gates`: same numbers, same
+    state dict, fused kernels); ``False`` keeps e3nn's gates."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no tensor product accelerator", torch.jit deprecations etc.
         try:
@@ -190,4 +195,8 @@ def load_sevennet(name: str = "7net-0", dtype: Optional[torch.dtype] = None) -> 
     model = SevenNetAsMACE(net, cp.config[KEY.TYPE_MAP], float(cp.config[KEY.CUTOFF]), name=str(name))
     if dtype is not None:
         model = model.to(dtype)
+    if fused_gate:
+        from ..nn.fused_gate import replace_gates
+
+        replace_gates(model)
     return model.eval()

@@ -1,0 +1,480 @@
+// CPU kernels of the fused equivariant gate (mmea_kernels.nn.FusedGate), registered as
+// ``torch.ops.mmea_kernels_ext.fused_gate_fwd`` and ``torch.ops.mmea_kernels_ext.fused_gate_bwd``.
+//
+//   fused_gate_fwd(x [N, Din], segs int64 [R, 8], csts float64 [R], d_out, num_gates) -> y [N, Dout]
+//   fused_gate_bwd(x [N, Din], dy [N, Dout], segs, csts, num_gates) -> dx [N, Din]
+//
+// segs rows (kind, src, dst, n, dim, act, gate0, ir_mul) (mmea_kernels/ops/fused_gate/spec.py):
+//   kind 0 scalars:  y[dst + i] = cst * act(x[src + i]),               i < n
+//   kind 1 gates:    g[dst + i] = cst * act(x[src + i]),               i < n   (per-row buffer of G)
+//   kind 2 gated:    y[dst + o] = x[src + o] * g[gate0 + u]   for copy u < n (= mul) of an irrep of
+//                    dimension dim, o = u*dim + m (mul_ir) or m*n + u (ir_mul)
+// One pass over the rows (OpenMP over row chunks; serial for small inputs or inside a parallel
+// region): per row the gate activations go to a thread-local buffer, then every output column is
+// written once. The backward recomputes the activations and their derivatives from x (nothing is
+// saved but x) and writes every dx column once:
+//   scalars dx = dy * cst * act'(x); gated dx = dy * g; gates dx = cst * act'(x) * sum(dy * x).
+// fp16/bf16 compute in fp32 (at::opmath_type).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+// The activation loops must be free of floating-point control flow to vectorise; GCC keeps the
+// clamps / selects as branches under -ftrapping-math (its default). Nothing here reads the FP
+// exception flags.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+namespace mmea_fg {
+namespace {
+
+enum Act : int { kIdentity = 0, kSilu = 1, kSigmoid = 2, kTanh = 3, kAbs = 4, kSoftplus = 5, kSsp = 6 };
+constexpr int kNumActs = 7;
+constexpr int64_t kParallelMinElements = 1 << 15;
+constexpr double kLog2 = 0.693147180559945309417232121458176568;
+
+struct Seg {
+  int64_t kind, src, dst, n, dim, act, gate0, ir_mul;
+  double cst;
+};
+
+// exp without libm calls, branch-free, so that the activation loops auto-vectorise (plain -O3,
+// no -ffast-math): Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, Taylor polynomial of exp(r)
+// (degree 13 for double, 7 for float: truncation below half an ulp), times 2^n built in the
+// exponent bits. Accurate to a few ulp (tested against torch to 1e-12 relative in float64).
+// Inputs are clamped to the normal range (exp(-745) and below would be denormal or 0: the
+// activations built on it differ from torch's by < 1e-300 absolute there).
+inline double fast_exp(double x) {
+  x = x < -708.0 ? -708.0 : x;
+  x = x > 709.0 ? 709.0 : x;
+  constexpr double kMagic = 6755399441055744.0;  // 1.5 * 2^52
+  const double t = x * 1.4426950408889634074 + kMagic;
+  const double n = t - kMagic;
+  const double r = (x - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
+  double p = 1.0 / 6227020800.0;
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  const int64_t ni = __builtin_bit_cast(int64_t, t) - __builtin_bit_cast(int64_t, kMagic);
+  return p * __builtin_bit_cast(double, (ni + 1023) << 52);
+}
+
+inline float fast_exp(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+  const float t = x * 1.44269504088896341f + kMagic;
+  const float n = t - kMagic;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t ni = __builtin_bit_cast(int32_t, t) - __builtin_bit_cast(int32_t, kMagic);
+  return p * __builtin_bit_cast(float, (ni + 127) << 23);
+}
+
+// f(x) and f'(x) as torch computes them (silu: x / (1 + exp(-x)); softplus: threshold 20).
+template <int A, typename T>
+inline T act_val(T x) {
+  if constexpr (A == kIdentity) return x;
+  if constexpr (A == kSilu) return x / (T(1) + fast_exp(-x));
+  if constexpr (A == kSigmoid) return T(1) / (T(1) + fast_exp(-x));
+  if constexpr (A == kTanh) return std::tanh(x);
+  if constexpr (A == kAbs) return x < T(0) ? -x : x;
+  if constexpr (A == kSoftplus) return x > T(20) ? x : std::log1p(std::exp(x));
+  if constexpr (A == kSsp) return (x > T(20) ? x : std::log1p(std::exp(x))) - T(kLog2);
+  return x;
+}
+
+template <int A, typename T>
+inline T act_der(T x) {
+  if constexpr (A == kIdentity) return T(1);
+  if constexpr (A == kSilu) {
+    const T s = T(1) / (T(1) + fast_exp(-x));
+    return s * (T(1) + x * (T(1) - s));
+  }
+  if constexpr (A == kSigmoid) {
+    const T s = T(1) / (T(1) + fast_exp(-x));
+    return s * (T(1) - s);
+  }
+  if constexpr (A == kTanh) {
+    const T t = std::tanh(x);
+    return T(1) - t * t;
+  }
+  if constexpr (A == kAbs) return x > T(0) ? T(1) : (x < T(0) ? T(-1) : T(0));
+  if constexpr (A == kSoftplus || A == kSsp) {
+    if (x > T(20)) return T(1);
+    const T z = std::exp(x);
+    return z / (z + T(1));
+  }
+  return T(1);
+}
+
+// f and f' together (one exp for silu / sigmoid / softplus)
+template <int A, typename T>
+inline void act_val_der(T x, T& f, T& d) {
+  if constexpr (A == kSilu || A == kSigmoid) {
+    const T s = T(1) / (T(1) + fast_exp(-x));
+    f = A == kSilu ? x * s : s;
+    d = A == kSilu ? s * (T(1) + x * (T(1) - s)) : s * (T(1) - s);
+  } else {
+    f = act_val<A, T>(x);
+    d = act_der<A, T>(x);
+  }
+}
+
+// The activation loops, compiled twice: for the baseline ISA and for AVX2+FMA (chosen at run
+// time). With the branch-free fast_exp they vectorise (4 doubles / 8 floats per instruction).
+//   val:     out[i] = cst * f(in[i])
+//   val_der: out[i] = cst * f(in[i]); der[i] = cst * f'(in[i])
+//   der:     dx[i] = dy[i] * cst * f'(x[i])
+#define MMEA_FG_LOOPS(SUFFIX, ATTR)                                                                            \
+  template <int A, typename scalar_t, typename out_t>                                                          \
+  ATTR void val_loop##SUFFIX(const scalar_t* __restrict__ in, out_t* __restrict__ out, int64_t n, double cst_d) { \
+    using acc_t = at::opmath_type<scalar_t>;                                                                   \
+    const acc_t cst = static_cast<acc_t>(cst_d);                                                               \
+    for (int64_t i = 0; i < n; ++i)                                                                            \
+      out[i] = static_cast<out_t>(cst * act_val<A, acc_t>(static_cast<acc_t>(in[i])));                         \
+  }                                                                                                            \
+  template <int A, typename scalar_t, typename acc_t>                                                          \
+  ATTR void val_der_loop##SUFFIX(const scalar_t* __restrict__ in, acc_t* __restrict__ out,                     \
+                                 acc_t* __restrict__ der, int64_t n, double cst_d) {                           \
+    const acc_t cst = static_cast<acc_t>(cst_d);                                                               \
+    for (int64_t i = 0; i < n; ++i) {                                                                          \
+      acc_t f, d;                                                                                              \
+      act_val_der<A, acc_t>(static_cast<acc_t>(in[i]), f, d);                                                  \
+      out[i] = cst * f;                                                                                        \
+      der[i] = cst * d;                                                                                        \
+    }                                                                                                          \
+  }                                                                                                            \
+  template <int A, typename scalar_t>                                                                          \
+  ATTR void der_loop##SUFFIX(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,                  \
+                             scalar_t* __restrict__ dx, int64_t n, double cst_d) {                             \
+    using acc_t = at::opmath_type<scalar_t>;                                                                   \
+    const acc_t cst = static_cast<acc_t>(cst_d);                                                               \
+    for (int64_t i = 0; i < n; ++i)                                                                            \
+      dx[i] = static_cast<scalar_t>(static_cast<acc_t>(dy[i]) *                                                \
+                                    (cst * act_der<A, acc_t>(static_cast<acc_t>(x[i]))));                      \
+  }
+
+MMEA_FG_LOOPS(_base, )
+#if defined(__GNUC__) && defined(__x86_64__)
+#define MMEA_FG_HAVE_AVX2 1
+MMEA_FG_LOOPS(_avx2, __attribute__((target("avx2,fma"))))
+const bool kUseAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+#define MMEA_FG_HAVE_AVX2 0
+const bool kUseAvx2 = false;
+#endif
+
+#if !MMEA_FG_HAVE_AVX2
+#define val_loop_avx2 val_loop_base
+#define val_der_loop_avx2 val_der_loop_base
+#define der_loop_avx2 der_loop_base
+#endif
+
+// run-time choice of the ISA
+template <int A, typename scalar_t, typename out_t>
+inline void val_loop(const scalar_t* in, out_t* out, int64_t n, double cst) {
+  if (kUseAvx2) val_loop_avx2<A, scalar_t, out_t>(in, out, n, cst);
+  else val_loop_base<A, scalar_t, out_t>(in, out, n, cst);
+}
+template <int A, typename scalar_t, typename acc_t>
+inline void val_der_loop(const scalar_t* in, acc_t* out, acc_t* der, int64_t n, double cst) {
+  if (kUseAvx2) val_der_loop_avx2<A, scalar_t, acc_t>(in, out, der, n, cst);
+  else val_der_loop_base<A, scalar_t, acc_t>(in, out, der, n, cst);
+}
+template <int A, typename scalar_t>
+inline void der_loop(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t n, double cst) {
+  if (kUseAvx2) der_loop_avx2<A, scalar_t>(x, dy, dx, n, cst);
+  else der_loop_base<A, scalar_t>(x, dy, dx, n, cst);
+}
+
+#define MMEA_FG_ACT_SWITCH(code, CALL)                 \
+  switch (code) {                                      \
+    case kIdentity: { constexpr int A = kIdentity; CALL; break; } \
+    case kSilu: { constexpr int A = kSilu; CALL; break; }         \
+    case kSigmoid: { constexpr int A = kSigmoid; CALL; break; }   \
+    case kTanh: { constexpr int A = kTanh; CALL; break; }         \
+    case kAbs: { constexpr int A = kAbs; CALL; break; }           \
+    case kSoftplus: { constexpr int A = kSoftplus; CALL; break; } \
+    default: { constexpr int A = kSsp; CALL; break; }             \
+  }
+
+// gated multiply of one block, mul_ir: y[u*D + m] = x[u*D + m] * g[u]
+template <int D, typename scalar_t, typename acc_t>
+inline void gated_mul_ir(const scalar_t* __restrict__ xs, const acc_t* __restrict__ gs, scalar_t* __restrict__ ys,
+                         int64_t mul) {
+  for (int64_t u = 0; u < mul; ++u) {
+    const acc_t g = gs[u];
+#pragma GCC unroll 16
+    for (int m = 0; m < D; ++m) ys[u * D + m] = static_cast<scalar_t>(static_cast<acc_t>(xs[u * D + m]) * g);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void gated_block_fwd(const Seg& s, const scalar_t* __restrict__ xr, const acc_t* __restrict__ g,
+                     scalar_t* __restrict__ yr) {
+  const scalar_t* __restrict__ xs = xr + s.src;
+  scalar_t* __restrict__ ys = yr + s.dst;
+  const acc_t* __restrict__ gs = g + s.gate0;
+  const int64_t mul = s.n, dim = s.dim;
+  if (s.ir_mul) {
+    for (int64_t m = 0; m < dim; ++m)
+      for (int64_t u = 0; u < mul; ++u)
+        ys[m * mul + u] = static_cast<scalar_t>(static_cast<acc_t>(xs[m * mul + u]) * gs[u]);
+    return;
+  }
+  switch (dim) {
+    case 1: return gated_mul_ir<1>(xs, gs, ys, mul);
+    case 3: return gated_mul_ir<3>(xs, gs, ys, mul);
+    case 5: return gated_mul_ir<5>(xs, gs, ys, mul);
+    case 7: return gated_mul_ir<7>(xs, gs, ys, mul);
+    default:
+      for (int64_t u = 0; u < mul; ++u)
+        for (int64_t m = 0; m < dim; ++m)
+          ys[u * dim + m] = static_cast<scalar_t>(static_cast<acc_t>(xs[u * dim + m]) * gs[u]);
+  }
+}
+
+// backward of one gated block: dx = dy * g; sg[u] += sum_m dy * x
+template <int D, typename scalar_t, typename acc_t>
+inline void gated_bwd_mul_ir(const scalar_t* __restrict__ xs, const scalar_t* __restrict__ dys,
+                             const acc_t* __restrict__ gs, scalar_t* __restrict__ dxs, acc_t* __restrict__ sg,
+                             int64_t mul) {
+  for (int64_t u = 0; u < mul; ++u) {
+    const acc_t g = gs[u];
+    acc_t s = acc_t(0);
+#pragma GCC unroll 16
+    for (int m = 0; m < D; ++m) {
+      const acc_t d = static_cast<acc_t>(dys[u * D + m]);
+      s += d * static_cast<acc_t>(xs[u * D + m]);
+      dxs[u * D + m] = static_cast<scalar_t>(d * g);
+    }
+    sg[u] += s;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void gated_block_bwd(const Seg& s, const scalar_t* __restrict__ xr, const scalar_t* __restrict__ dyr,
+                     const acc_t* __restrict__ g, scalar_t* __restrict__ dxr, acc_t* __restrict__ sgate) {
+  const scalar_t* __restrict__ xs = xr + s.src;
+  const scalar_t* __restrict__ dys = dyr + s.dst;
+  scalar_t* __restrict__ dxs = dxr + s.src;
+  const acc_t* __restrict__ gs = g + s.gate0;
+  acc_t* __restrict__ sg = sgate + s.gate0;
+  const int64_t mul = s.n, dim = s.dim;
+  if (s.ir_mul) {
+    for (int64_t m = 0; m < dim; ++m)
+      for (int64_t u = 0; u < mul; ++u) {
+        const acc_t d = static_cast<acc_t>(dys[m * mul + u]);
+        sg[u] += d * static_cast<acc_t>(xs[m * mul + u]);
+        dxs[m * mul + u] = static_cast<scalar_t>(d * gs[u]);
+      }
+    return;
+  }
+  switch (dim) {
+    case 1: return gated_bwd_mul_ir<1>(xs, dys, gs, dxs, sg, mul);
+    case 3: return gated_bwd_mul_ir<3>(xs, dys, gs, dxs, sg, mul);
+    case 5: return gated_bwd_mul_ir<5>(xs, dys, gs, dxs, sg, mul);
+    case 7: return gated_bwd_mul_ir<7>(xs, dys, gs, dxs, sg, mul);
+    default:
+      for (int64_t u = 0; u < mul; ++u)
+        for (int64_t m = 0; m < dim; ++m) {
+          const acc_t d = static_cast<acc_t>(dys[u * dim + m]);
+          sg[u] += d * static_cast<acc_t>(xs[u * dim + m]);
+          dxs[u * dim + m] = static_cast<scalar_t>(d * gs[u]);
+        }
+  }
+}
+
+int num_threads_for(int64_t elements) {
+#ifdef _OPENMP
+  if (elements < kParallelMinElements || at::in_parallel_region()) return 1;
+  return std::max(1, at::get_num_threads());
+#else
+  (void)elements;
+  return 1;
+#endif
+}
+
+inline int64_t rows_per_chunk(int64_t D) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(D, 1)); }
+
+std::vector<Seg> read_segs(const at::Tensor& segs_in, const at::Tensor& csts_in, int64_t d_in, int64_t d_out,
+                           int64_t G, const char* op) {
+  TORCH_CHECK(segs_in.scalar_type() == at::kLong && segs_in.dim() == 2 && segs_in.size(1) == 8,
+              "mmea_kernels_ext::", op, ": segs must be an int64 [R, 8] table, got ", segs_in.scalar_type(), " ",
+              segs_in.sizes());
+  TORCH_CHECK(csts_in.scalar_type() == at::kDouble && csts_in.dim() == 1 && csts_in.size(0) == segs_in.size(0),
+              "mmea_kernels_ext::", op, ": csts must be float64 [R] with R = ", segs_in.size(0));
+  const at::Tensor segs = segs_in.to(at::kCPU).contiguous();
+  const at::Tensor csts = csts_in.to(at::kCPU).contiguous();
+  const int64_t* p = segs.const_data_ptr<int64_t>();
+  const double* c = csts.const_data_ptr<double>();
+  std::vector<Seg> out;
+  for (int64_t r = 0; r < segs.size(0); ++r) {
+    const int64_t* q = p + 8 * r;
+    Seg s{q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7], c[r]};
+    const int64_t width = s.kind == 2 ? s.n * s.dim : s.n;
+    const int64_t dst_lim = s.kind == 1 ? G : d_out;
+    TORCH_CHECK(s.kind >= 0 && s.kind <= 2 && s.n >= 0 && s.dim >= 1 && s.act >= 0 && s.act < kNumActs &&
+                    s.src >= 0 && s.src + width <= d_in && s.dst >= 0 && s.dst + width <= dst_lim &&
+                    (s.kind != 2 || (s.gate0 >= 0 && s.gate0 + s.n <= G)),
+                "mmea_kernels_ext::", op, ": segs row ", r, " is out of range for d_in = ", d_in, ", d_out = ", d_out,
+                ", num_gates = ", G);
+    out.push_back(s);
+  }
+  return out;
+}
+
+template <typename scalar_t>
+void fwd_kernel(const scalar_t* xp, scalar_t* yp, int64_t N, int64_t Din, int64_t Dout, int64_t G,
+                const std::vector<Seg>& segs) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t chunk = rows_per_chunk(Din);
+  const int64_t nchunks = (N + chunk - 1) / chunk;
+  const int nt = num_threads_for(N * Din);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<acc_t> gbuf(static_cast<size_t>(std::max<int64_t>(G, 1)));
+    acc_t* g = gbuf.data();
+#pragma omp for schedule(static)
+    for (int64_t ch = 0; ch < nchunks; ++ch) {
+      const int64_t n1 = std::min(N, (ch + 1) * chunk);
+      for (int64_t n = ch * chunk; n < n1; ++n) {
+        const scalar_t* xr = xp + n * Din;
+        scalar_t* yr = yp + n * Dout;
+        for (const Seg& s : segs) {
+          if (s.kind == 0) {
+            MMEA_FG_ACT_SWITCH(s.act, (val_loop<A, scalar_t, scalar_t>(xr + s.src, yr + s.dst, s.n, s.cst)));
+          } else if (s.kind == 1) {
+            MMEA_FG_ACT_SWITCH(s.act, (val_loop<A, scalar_t, acc_t>(xr + s.src, g + s.dst, s.n, s.cst)));
+          }
+        }
+        for (const Seg& s : segs)
+          if (s.kind == 2) gated_block_fwd<scalar_t, acc_t>(s, xr, g, yr);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void bwd_kernel(const scalar_t* xp, const scalar_t* dyp, scalar_t* dxp, int64_t N, int64_t Din, int64_t Dout,
+                int64_t G, const std::vector<Seg>& segs) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t chunk = rows_per_chunk(Din);
+  const int64_t nchunks = (N + chunk - 1) / chunk;
+  const int nt = num_threads_for(N * Din);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const size_t g1 = static_cast<size_t>(std::max<int64_t>(G, 1));
+    std::vector<acc_t> buf(3 * g1);
+    acc_t* g = buf.data();       // cst * f(x_gate)
+    acc_t* dg = g + g1;          // cst * f'(x_gate)
+    acc_t* sg = dg + g1;         // sum over the gate's columns of dy * x
+#pragma omp for schedule(static)
+    for (int64_t ch = 0; ch < nchunks; ++ch) {
+      const int64_t n1 = std::min(N, (ch + 1) * chunk);
+      for (int64_t n = ch * chunk; n < n1; ++n) {
+        const scalar_t* xr = xp + n * Din;
+        const scalar_t* dyr = dyp + n * Dout;
+        scalar_t* dxr = dxp + n * Din;
+        std::fill(sg, sg + G, acc_t(0));
+        for (const Seg& s : segs) {
+          if (s.kind == 0) {
+            MMEA_FG_ACT_SWITCH(s.act, (der_loop<A, scalar_t>(xr + s.src, dyr + s.dst, dxr + s.src, s.n, s.cst)));
+          } else if (s.kind == 1) {
+            MMEA_FG_ACT_SWITCH(s.act, (val_der_loop<A, scalar_t, acc_t>(xr + s.src, g + s.dst, dg + s.dst, s.n, s.cst)));
+          }
+        }
+        for (const Seg& s : segs)
+          if (s.kind == 2) gated_block_bwd<scalar_t, acc_t>(s, xr, dyr, g, dxr, sg);
+        for (const Seg& s : segs)
+          if (s.kind == 1)
+            for (int64_t i = 0; i < s.n; ++i)
+              dxr[s.src + i] = static_cast<scalar_t>(dg[s.dst + i] * sg[s.dst + i]);
+      }
+    }
+  }
+}
+
+void check_x(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.dim() == 2, "mmea_kernels_ext::", op, ": ", name, " must be 2-D [N, D], got shape ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "mmea_kernels_ext::", op, ": ", name,
+              " must be a floating-point tensor, got dtype ", t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), "mmea_kernels_ext::", op, " (CPU kernel): ", name, " must be a CPU tensor, got ",
+              t.device());
+}
+
+at::Tensor fused_gate_fwd_cpu(const at::Tensor& x_in, const at::Tensor& segs_t, const at::Tensor& csts_t,
+                              int64_t d_out, int64_t num_gates) {
+  const char* op = "fused_gate_fwd";
+  check_x(x_in, "x", op);
+  const int64_t N = x_in.size(0), Din = x_in.size(1);
+  const std::vector<Seg> segs = read_segs(segs_t, csts_t, Din, d_out, num_gates, op);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty({N, d_out}, x.options());
+  if (N == 0 || d_out == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmea_fused_gate_fwd", [&] {
+    fwd_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), N, Din, d_out, num_gates, segs);
+  });
+  return y;
+}
+
+at::Tensor fused_gate_bwd_cpu(const at::Tensor& x_in, const at::Tensor& dy_in, const at::Tensor& segs_t,
+                              const at::Tensor& csts_t, int64_t num_gates) {
+  const char* op = "fused_gate_bwd";
+  check_x(x_in, "x", op);
+  check_x(dy_in, "dy", op);
+  TORCH_CHECK(dy_in.scalar_type() == x_in.scalar_type(), "mmea_kernels_ext::", op, ": dy has dtype ",
+              dy_in.scalar_type(), " but x has dtype ", x_in.scalar_type());
+  TORCH_CHECK(dy_in.size(0) == x_in.size(0), "mmea_kernels_ext::", op, ": dy has ", dy_in.size(0), " rows but x has ",
+              x_in.size(0));
+  const int64_t N = x_in.size(0), Din = x_in.size(1), Dout = dy_in.size(1);
+  const std::vector<Seg> segs = read_segs(segs_t, csts_t, Din, Dout, num_gates, op);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor dy = dy_in.contiguous();
+  at::Tensor dx = at::empty({N, Din}, x.options());
+  if (N == 0 || Din == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmea_fused_gate_bwd", [&] {
+    bwd_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
+                         N, Din, Dout, num_gates, segs);
+  });
+  return dx;
+}
+
+}  // namespace
+}  // namespace mmea_fg
+
+TORCH_LIBRARY_FRAGMENT(mmea_kernels_ext, m) {
+  m.def("fused_gate_fwd(Tensor x, Tensor segs, Tensor csts, int d_out, int num_gates) -> Tensor");
+  m.def("fused_gate_bwd(Tensor x, Tensor dy, Tensor segs, Tensor csts, int num_gates) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mmea_kernels_ext, CPU, m) {
+  m.impl("fused_gate_fwd", &mmea_fg::fused_gate_fwd_cpu);
+  m.impl("fused_gate_bwd", &mmea_fg::fused_gate_bwd_cpu);
+}
