@@ -54,6 +54,8 @@ def _finetune_parser(sub):
     p.add_argument("--model", default=d.model,
                    help="base model: builtin:<name>, preset:<name>, a model/state-dict file, mace-off:<size>, mace-mp:<size>")
     p.add_argument("--model-config", default=None, help="JSON MACEConfig for a bare state dict")
+    p.add_argument("--no-fused-gate", dest="fused_gate", action="store_false",
+                   help="keep e3nn's Gate layers of a SevenNet base model (default: FusedGate, same numbers)")
     p.add_argument("--method", default=d.method, choices=METHODS)
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--energy-key", default=d.energy_key)

@@ -76,6 +76,7 @@ class FinetuneConfig:
     eval_batch_size: int = 50
     stop_after: Optional[int] = None  # stop (resumably) after this many epochs in this call
     trust_pickle: bool = False  # allow a whole pickled base model (runs code from the file)
+    fused_gate: bool = True  # SevenNet: FusedGate in place of e3nn's Gate (same numbers)
     min_distance: float = 0.1  # Å: closer atoms are refused (checks.DataChecks)
     max_neighbors: int = 500  # neighbours per atom within the cutoff
     allow_small_cells: bool = False  # accept periodic cells narrower than the cutoff
@@ -443,7 +444,8 @@ def _setup(cfg: FinetuneConfig, world: int):
 
     dtype = _DTYPES[cfg.dtype]
     frames = _read_splits(cfg)
-    base = load_model(cfg.model, cfg.model_config, dtype=dtype, trust_pickle=cfg.trust_pickle)
+    base = load_model(cfg.model, cfg.model_config, dtype=dtype, trust_pickle=cfg.trust_pickle,
+                      fused_gate=cfg.fused_gate)
     z, r_max = model_info(base)
     graphs = {split: checked_graphs(frames[split], z, r_max, str(src), cfg.energy_key, cfg.forces_key, dtype=dtype,
                                     checks=cfg.data_checks())

@@ -56,8 +56,12 @@ def _from_config(cfg: dict, state_dict: Optional[dict], source: str) -> nn.Modul
 
 
 def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
-               dtype: Optional[torch.dtype] = None, trust_pickle: bool = False) -> nn.Module:
+               dtype: Optional[torch.dtype] = None, trust_pickle: bool = False,
+               fused_gate: bool = True) -> nn.Module:
     """The base model named by ``spec`` (see the module docstring), in eval mode, on the CPU.
+
+    ``fused_gate``: a SevenNet model gets :class:`~mmea_kernels.nn.FusedGate` in place of its e3nn
+    ``Gate`` layers (same state dict, same numbers, faster); ``False`` keeps e3nn's.
 
     Files are read with ``weights_only=True``; a whole pickled model (mace-torch ``*.model``) needs
     ``trust_pickle=True``, since unpickling runs code named by the file (:mod:`.safe_load`)."""
@@ -87,7 +91,7 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
     elif spec.startswith("sevenn:"):
         from .models.sevenn import load_sevennet
 
-        model = load_sevennet(spec.split(":", 1)[1])
+        model = load_sevennet(spec.split(":", 1)[1], fused_gate=fused_gate)
     else:
         path = pathlib.Path(spec)
         obj = safe_load(path, "model file", trust_pickle=trust_pickle, allow_pickle=True)

@@ -215,3 +215,28 @@ def test_finetune_smoke(tmp_path):
     again = errors(net, _batches(graphs, 50))
     for k in ("energy_mae_meV", "forces_mae_meV_per_A", "loss"):
         assert again[k] == pytest.approx(metrics["valid"][k], rel=1e-9, abs=1e-9)
+
+
+def test_fused_gate_is_the_default_and_no_fused_gate_opts_out(monkeypatch):
+    """`--model sevenn:7net-0` loads SevenNet-0 with FusedGate; `--no-fused-gate` keeps e3nn's Gate
+    (the flag reaches load_model through FinetuneConfig)."""
+    from e3nn.nn import Gate
+
+    from mmea_kernels import cli, finetune
+    from mmea_kernels.foundation import load_model
+    from mmea_kernels.nn import FusedGate
+
+    fused, plain = load_model("sevenn:7net-0"), load_model("sevenn:7net-0", fused_gate=False)
+    count = lambda m, cls: sum(isinstance(x, cls) for x in m.modules())  # noqa: E731
+    assert count(fused, FusedGate) == count(plain, Gate) == 5 and count(fused, Gate) == count(plain, FusedGate) == 0
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    seen = []
+
+    def fake_finetune(cfg, log=print):
+        seen.append(cfg.fused_gate)
+        raise KeyboardInterrupt  # stop before any work
+
+    monkeypatch.setattr(finetune, "finetune", fake_finetune)
+    for extra, want in (([], True), (["--no-fused-gate"], False)):
+        assert cli.main(["finetune", "--train", "x.xyz", "--model", "sevenn:7net-0"] + extra) == 130
+        assert seen[-1] is want

@@ -297,8 +297,8 @@ def kernel_resources():
     fns = {"gate_mul": triton_backend._gate_mul_kernel, "seg_dot": triton_backend._seg_dot_kernel,
            "gl_fwd": triton_kernels._gl_fwd_kernel, "gl_wgrad": triton_kernels._gl_wgrad_kernel}
     try:
-        from mmea_kernels.ops import fused_gate as fg_ops  # FusedGate's kernels, where they exist
-        fns.update({k: v for k, v in vars(fg_ops).items() if hasattr(v, "device_caches")})
+        from mmea_kernels.ops.fused_gate import triton as fg_triton  # FusedGate's kernels
+        fns.update({f"fused_gate{k}": v for k, v in vars(fg_triton).items() if hasattr(v, "device_caches")})
     except ImportError:
         pass
     rows = []
