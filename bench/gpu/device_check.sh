@@ -10,8 +10,9 @@
 # MODEL_DTYPES (e.g. "float32").
 #
 # Writes to $OUT (default bench/results/device): device_check.log (versions, build, the CUDA
-# tests, the model-level check), the benchmark's .jsonl/.json/.txt (bench/gpu/bench_gpu.py, with
-# the registers and spills of every Triton kernel) and model-overhead-gpu-<date>.json. Each step
+# tests, the model-level check), kernels-sm90.txt (bench/gpu/kernel_report.py), the benchmark's
+# .jsonl/.json/.txt (bench/gpu/bench_gpu.py, with the driver's registers and spills of every
+# Triton kernel it ran) and model-overhead-gpu-<date>.json. Each step
 # has its own time limit and a failure does not stop the next step.
 set -u
 cd "$(dirname "$0")/../.."
@@ -48,6 +49,9 @@ step "CUDA tests (every kernel against the float64 / torch references, gradcheck
 MMEA_TEST_CUDA=1 timeout ${TEST_LIMIT:-200} python3 -m pytest -q -p no:cacheprovider -k cuda -rs --timeout 120 \
   tests/test_gate_ops.py tests/test_triton_backend.py tests/test_gated_linear.py tests/test_cpp_backend.py \
   tests/test_modules.py $(ls tests/test_fused_gate.py 2>/dev/null) 2>&1 | tail -40
+
+step "registers and spills of the Triton kernels (sm_90, ptxas -v)"
+timeout 120 python3 bench/gpu/kernel_report.py --out "$OUT/kernels-sm90.txt" 2>&1 | tail -40
 
 step "benchmark"
 timeout ${BENCH_LIMIT:-200} python3 bench/gpu/bench_gpu.py --out "$OUT" --sizes "${BENCH_SIZES:-2000,8000,32000}" ${BENCH_ARGS:-} 2>&1 | tail -150

@@ -47,13 +47,16 @@ def fp32_precision() -> str:
 
 # ============================================================================ tile sizes and grids
 # GPU tiles of the forward kernel per dtype: GEMM rows (pairs (n, m)) per program, output- and
-# input-channel tiles, warps and software-pipelining stages. bench/gpu/bench_gpu.py --sweep times
-# alternatives on a card. The weight gradient uses block_w and block_k too.
+# input-channel tiles, warps and software-pipelining stages; the weight gradient uses block_w,
+# block_k, the warps and the stages too. Chosen so that no kernel spills registers on sm_90
+# (`bench/gpu/kernel_report.py`, ptxas -v: 4 warps with 3 stages spilled up to 472 bytes in fp32
+# and 580 in fp64; 8 warps with 2 stages spill none). bench/gpu/bench_gpu.py --sweep times
+# alternatives on a card.
 GPU_TILES = {
-    torch.float32: dict(block_m=64, block_w=64, block_k=32, num_warps=4, num_stages=3),
-    torch.bfloat16: dict(block_m=64, block_w=64, block_k=32, num_warps=4, num_stages=3),
-    torch.float16: dict(block_m=64, block_w=64, block_k=32, num_warps=4, num_stages=3),
-    torch.float64: dict(block_m=32, block_w=64, block_k=32, num_warps=4, num_stages=2),
+    torch.float32: dict(block_m=64, block_w=64, block_k=32, num_warps=8, num_stages=2),
+    torch.bfloat16: dict(block_m=64, block_w=64, block_k=32, num_warps=8, num_stages=2),
+    torch.float16: dict(block_m=64, block_w=64, block_k=32, num_warps=8, num_stages=2),
+    torch.float64: dict(block_m=32, block_w=64, block_k=32, num_warps=8, num_stages=2),
 }
 
 
