@@ -112,6 +112,16 @@ def copy_bandwidth(device, numel, timer) -> float:
 
 
 # ============================================================================ cases
+def gate_bytes(op: str, layer: str, n: int, dtype: torch.dtype) -> int:
+    """Bytes one call must move: gate_mul reads x and the gates and writes y; seg_dot reads the
+    gated columns of a and b (never the 0e ones) and writes [N, G]."""
+    L = IrrepsLayout.of((LAYERS | SMALL_LAYERS)[layer][1], "mul_ir")
+    e = torch.empty((), dtype=dtype).element_size()
+    if op == "gate_mul":
+        return (2 * L.dim + L.num_gates) * n * e
+    return (2 * (L.dim - L.num_scalars) + L.num_gates) * n * e
+
+
 def gate_cases(layer, n, dtype, device, timer):
     """gate_mul and seg_dot of every available backend; distinct a/b so seg_dot's bytes (the gated
     columns of a and of b, and the [N, G] result) are each read once."""
@@ -124,9 +134,7 @@ def gate_cases(layer, n, dtype, device, timer):
     ref_mul = gate_mul(x64, g64, L, backend="torch")
     ref_dot = seg_dot(x64, b64, L, backend="torch")
     x, b, g = (t.to(device=device, dtype=dtype) for t in (x64, b64, g64))
-    e = x.element_size()
-    gated = L.dim - L.num_scalars  # seg_dot reads the gated columns of a and b only
-    nbytes = {"gate_mul": (2 * L.dim + L.num_gates) * n * e, "seg_dot": (2 * gated + L.num_gates) * n * e}
+    nbytes = {op: gate_bytes(op, layer, n, dtype) for op in ("gate_mul", "seg_dot")}
     for be in ("torch", "triton", "cpp"):
         if not backend_status(be, device)[0]:
             continue
@@ -337,6 +345,49 @@ def table(rows, bw):
     return "\n".join(lines)
 
 
+def markdown_summary(path) -> str:
+    """Markdown tables from a .jsonl (or .json) results file: the adapted layer against the base
+    linear (eager and CUDA-graph times, same run) and the gate kernels against copy bandwidth."""
+    path = pathlib.Path(path)
+    if path.suffix == ".jsonl":
+        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        meta = next(r["meta"] for r in recs if "meta" in r)
+        rows = [r for r in recs if "meta" not in r]
+    else:
+        data = json.loads(path.read_text())
+        meta, rows = data["meta"], data["rows"]
+    ok = [r for r in rows if "error" not in r]
+    key = lambda r: (r["layer"], r["N"], r["dtype"], r["mode"])  # noqa: E731
+    base = {key(r): r for r in ok if r["op"] == "adapted_linear" and r["provider"] == "base"}
+    out = [f"{meta['card']}, torch {meta['torch']}, triton {meta.get('triton', '?')}, fp32 dot {meta['fp32_dot']}, "
+           f"{meta['date']}; copy bandwidth {meta['copy_GBps']:.0f} GB/s. Times: do_bench medians (eager, host "
+           "launch cost included) and, for forward, CUDA-graph replay (device time).", "",
+           "| layer | N | dtype | mode | base ms (graph) | fused | MMEALinear | linear + triton gate |",
+           "|---|---|---|---|---|---|---|---|"]
+    for k, b in base.items():
+        cells = []
+        for prov in ("fused", "MMEALinear", "linear+triton-gate"):
+            r = next((r for r in ok if r["op"] == "adapted_linear" and r["provider"] == prov and key(r) == k), None)
+            if r is None:
+                cells.append("–")
+                continue
+            c = f"{100 * (r['median_ms'] / b['median_ms'] - 1):+.0f} %"
+            if r.get("graph_ms") and b.get("graph_ms"):
+                c += f" ({100 * (r['graph_ms'] / b['graph_ms'] - 1):+.0f} %)"
+            cells.append(c)
+        g = f" ({b['graph_ms']:.3f})" if b.get("graph_ms") else ""
+        out.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {b['median_ms']:.3f}{g} | " + " | ".join(cells) + " |")
+    out += ["", "| kernel | layer | N | dtype | provider | graph ms | % of copy bandwidth |", "|---|---|---|---|---|---|---|"]
+    for r in ok:
+        if r["op"] in ("gate_mul", "seg_dot") and r.get("graph_ms") and r["provider"] != "torch":
+            # bytes from the layer (files of the first run counted seg_dot's 0e columns too)
+            pct = 100 * gate_bytes(r["op"], r["layer"], r["N"], getattr(torch, r["dtype"])) / (
+                r["graph_ms"] * 1e-3) / 1e9 / meta["copy_GBps"]
+            out.append(f"| {r['op']} | {r['layer']} | {r['N']} | {r['dtype']} | {r['provider']} | "
+                       f"{r['graph_ms']:.4f} | {pct:.0f} % |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="tiny sizes (CPU interpreter check)")
@@ -344,7 +395,11 @@ def main(argv=None):
     ap.add_argument("--sizes", default=None, help="comma-separated N (default 2000,8000,32000)")
     ap.add_argument("--sweep", action="store_true", help="also time the fused forward under SWEEP's tiles")
     ap.add_argument("--no-cuet", action="store_true", help="leave cuEquivariance out")
+    ap.add_argument("--summarize", default=None, metavar="FILE", help="print markdown tables of a results file")
     args = ap.parse_args(argv)
+    if args.summarize:
+        print(markdown_summary(args.summarize))
+        return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     card = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu-interpreter"
     timer = Timer(device, args.small)
