@@ -175,18 +175,26 @@ def _linear_variants(lin, x, g, add, irreps_in, irreps_out, device, dtype, cuet_
     return variants
 
 
-def linear_cases(layer, n, dtype, device, timer, cuet_too=True):
+def layer_inputs(layer, n):
+    """A seeded float64 ``o3.Linear`` of ``layer``, its spec, output layout, inputs (x, gates,
+    additive) of ``n`` rows and the float64 reference of the gated layer."""
     irreps_in, irreps_out = (LAYERS | SMALL_LAYERS)[layer]
     torch.manual_seed(0)
     lin64 = o3.Linear(irreps_in, irreps_out)
+    spec = LinearSpec.from_e3nn(lin64)
     Lout = IrrepsLayout.of(irreps_out, "mul_ir")
     gen = torch.Generator(device="cpu").manual_seed(1)
     x64 = torch.randn(n, lin64.irreps_in.dim, generator=gen, dtype=torch.float64)
     g64 = torch.rand(n, Lout.num_gates, generator=gen, dtype=torch.float64) + 0.5
     a64 = torch.randn(n, Lout.num_scalars, generator=gen, dtype=torch.float64)
     with torch.no_grad():
-        ref = gated_linear(x64, lin64.weight.double(), None, g64, a64, LinearSpec.from_e3nn(lin64),
-                           backend="torch")
+        ref = gated_linear(x64, lin64.weight.double(), None, g64, a64, spec, backend="torch")
+    return lin64, spec, Lout, x64, g64, a64, ref
+
+
+def linear_cases(layer, n, dtype, device, timer, cuet_too=True):
+    irreps_in, irreps_out = (LAYERS | SMALL_LAYERS)[layer]
+    lin64, _, Lout, x64, g64, a64, ref = layer_inputs(layer, n)
     lin = lin64.to(device=device, dtype=dtype)
     lin.requires_grad_(False)
     x = x64.to(device=device, dtype=dtype).requires_grad_()
@@ -257,17 +265,8 @@ def sweep_cases(layer, n, device, timer):
     import os
 
     from mmea_kernels.ops.gated_linear import triton_kernels as tk
-    irreps_in, irreps_out = (LAYERS | SMALL_LAYERS)[layer]
-    torch.manual_seed(0)
-    lin64 = o3.Linear(irreps_in, irreps_out)
-    spec = LinearSpec.from_e3nn(lin64)
-    Lout = IrrepsLayout.of(irreps_out, "mul_ir")
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    x64 = torch.randn(n, lin64.irreps_in.dim, generator=gen, dtype=torch.float64)
-    g64 = torch.rand(n, Lout.num_gates, generator=gen, dtype=torch.float64) + 0.5
-    a64 = torch.randn(n, Lout.num_scalars, generator=gen, dtype=torch.float64)
-    with torch.no_grad():
-        ref = gated_linear(x64, lin64.weight.double(), None, g64, a64, spec, backend="torch").to(device)
+    lin64, spec, _, x64, g64, a64, ref = layer_inputs(layer, n)
+    ref = ref.to(device)
     saved_tiles, saved_prec = dict(tk.GPU_TILES), os.environ.get("MMEA_FP32_DOT")
     try:
         for dtype, prec in ((torch.float32, "tf32x3"), (torch.float32, "tf32"), (torch.float32, "ieee"),
