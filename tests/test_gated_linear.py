@@ -320,12 +320,13 @@ def test_launch_grids_are_one_dimensional_for_5m_rows():
 def test_spec_key_and_tables_are_cached():
     """The launch path asks for the spec's key and tables on every call: both are built once."""
     from mmea_kernels.ops.gated_linear.triton_kernels import tables
+    from mmea_kernels.ops.linear_spec import G_IR_DIM
     spec = LinearSpec.e3nn_default("8x0e+4x1o", "8x0e+4x1o+2x2e")
     assert spec.key is spec.key and hash(spec) == hash(spec.key)
     t = tables(spec, torch.device("cpu"))
     assert tables(spec, torch.device("cpu")) is t
     assert t.max_ir_dim == 5 and t.num_tasks == 3  # one task per output block; the unfed 2e is written as 0
-    ir_dims = t.wtasks[:, 10].tolist()  # G_IR_DIM: heaviest weight-gradient tasks first
+    ir_dims = t.wtasks[:, G_IR_DIM].tolist()  # heaviest weight-gradient tasks first
     assert ir_dims == sorted(ir_dims, reverse=True)
 
 
