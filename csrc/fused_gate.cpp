@@ -21,6 +21,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "parallel.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -36,9 +38,11 @@
 namespace mmea_fg {
 namespace {
 
+using mmea::num_threads_for;
+using mmea::rows_per_chunk;
+
 enum Act : int { kIdentity = 0, kSilu = 1, kSigmoid = 2, kTanh = 3, kAbs = 4, kSoftplus = 5, kSsp = 6 };
 constexpr int kNumActs = 7;
-constexpr int64_t kParallelMinElements = 1 << 15;
 constexpr double kLog2 = 0.693147180559945309417232121458176568;
 
 struct Seg {
@@ -311,17 +315,7 @@ void gated_block_bwd(const Seg& s, const scalar_t* __restrict__ xr, const scalar
   }
 }
 
-int num_threads_for(int64_t elements) {
-#ifdef _OPENMP
-  if (elements < kParallelMinElements || at::in_parallel_region()) return 1;
-  return std::max(1, at::get_num_threads());
-#else
-  (void)elements;
-  return 1;
-#endif
-}
 
-inline int64_t rows_per_chunk(int64_t D) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(D, 1)); }
 
 std::vector<Seg> read_segs(const at::Tensor& segs_in, const at::Tensor& csts_in, int64_t d_in, int64_t d_out,
                            int64_t G, const char* op) {

@@ -35,6 +35,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "parallel.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -46,7 +48,6 @@ namespace {
 // count) so that the result is bitwise reproducible across runs and thread counts.
 constexpr int64_t kSharedChunkRows = 64;
 // Below this many elements the work runs on the calling thread.
-constexpr int64_t kParallelMinElements = 1 << 15;
 
 // A run of consecutive columns with a regular column -> gate pattern.
 enum class RunKind : int { kUngated, kBlock, kStep };
@@ -114,15 +115,6 @@ std::vector<Run> make_runs(const at::Tensor& gate_of_column, int64_t num_gates, 
   return merged;
 }
 
-int num_threads_for(int64_t elements) {
-#ifdef _OPENMP
-  if (elements < kParallelMinElements || at::in_parallel_region()) return 1;
-  return std::max(1, at::get_num_threads());
-#else
-  (void)elements;
-  return 1;
-#endif
-}
 
 // ----------------------------------------------------------------------------- gate_mul
 // Columns of `count` gates with L columns each: y = x * g[i] (L a compile-time constant for the
@@ -206,8 +198,6 @@ void gate_mul_shared_rows(const scalar_t* __restrict__ x, const std::vector<at::
   }
 }
 
-// Rows per chunk of the parallel loops of gate_mul and per-row seg_dot (about 16K elements).
-inline int64_t rows_per_chunk(int64_t D) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(D, 1)); }
 
 template <typename scalar_t>
 void gate_mul_kernel(const scalar_t* xp, const scalar_t* gp, scalar_t* yp, int64_t N, int64_t D, int64_t G,
