@@ -62,6 +62,9 @@ def _finetune_parser(sub):
     p.add_argument("--forces-key", default=d.forces_key)
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "float64"])
     p.add_argument("--e0s", default=d.e0s, help="lstsq | average | keep | JSON file {Z: eV}")
+    p.add_argument("--refit-e0s-after", action="store_true",
+                   help="after training, re-fit the E0s by least squares on the training frames with the trained "
+                        "model (stored in the checkpoint; metrics before the re-fit are kept beside)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)

@@ -59,6 +59,7 @@ class FinetuneConfig:
     forces_key: str = "REF_forces"
     dtype: str = "float64"
     e0s: str = "lstsq"  # lstsq | average | keep | path to a JSON {Z: eV}
+    refit_e0s_after: bool = False  # re-fit the E0s with the trained model (lstsq on the training frames)
     epochs: int = 100
     batch_size: int = 5
     lr: float = 1e-2
@@ -399,6 +400,14 @@ def format_table(metrics: dict) -> str:
     head = (f"method {metrics['method']}, {metrics['trainable_parameters']:,} trainable parameters, "
             f"{metrics['epochs_run']} epochs (best {metrics['best_epoch']}), {metrics['train_seconds']:.1f} s training\n"
             "| split | frames | E MAE meV | E RMSE meV | F MAE meV/Å | F RMSE meV/Å |\n|---|---|---|---|---|---|")
+    before = metrics.get("before_e0_refit")
+    if before:
+        for split in ("train", "valid", "test"):
+            m = before.get(split)
+            if m:
+                rows.append(f"| {split}, E0s before re-fit | {m['frames']} | {m['energy_mae_meV']:.2f} | "
+                            f"{m['energy_rmse_meV']:.2f} | {m['forces_mae_meV_per_A']:.2f} | "
+                            f"{m['forces_rmse_meV_per_A']:.2f} |")
     return head + "\n" + "\n".join(rows)
 
 
@@ -463,7 +472,7 @@ def _setup(cfg: FinetuneConfig, world: int):
     opt = torch.optim.Adam(params.values(), lr=cfg.lr, amsgrad=True)
     return types.SimpleNamespace(
         model=model, net=net, params=params, opt=opt, z=z, e0s=e0s, fp=fp, groups=groups, graphs=graphs,
-        probe_atoms=frames["train"][0], n_train=sum(p.numel() for p in params.values()),
+        probe_atoms=frames["train"][0], train_frames=frames["train"], n_train=sum(p.numel() for p in params.values()),
         sched=torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor, patience=cfg.plateau_patience),
         ema=_EMA(params, cfg.ema_decay), history=[], best={"loss": math.inf, "epoch": 0, "state": None},
         start_epoch=1, elapsed=0.0, saved_epoch=0)
@@ -602,10 +611,9 @@ def _finish(cfg: FinetuneConfig, r, rank: int, world: int, out: pathlib.Path, st
                "trainable_parameters": r.n_train, "parameter_groups": r.groups, "epochs_run": epoch,
                "best_epoch": r.best["epoch"], "stopped": stopped, "train_seconds": r.elapsed, "e0s": r.e0s,
                "seed": cfg.seed, "dtype": cfg.dtype, "config": dataclasses.asdict(cfg), "history": r.history}
-    for split in ("train", "valid", "test"):
-        if r.graphs[split]:
-            metrics[split] = dict(errors(r.model, _batches(r.graphs[split], cfg.eval_batch_size), cfg.w_energy,
-                                         cfg.w_forces), frames=len(r.graphs[split]))
+    _split_errors(cfg, r, metrics)
+    if cfg.refit_e0s_after:
+        _refit_e0s_after(cfg, r, metrics, log)
     metrics["world_size"] = world
     if rank == 0:
         _write_checkpoint(out / "checkpoint.pt", cfg, r, metrics)
@@ -615,11 +623,33 @@ def _finish(cfg: FinetuneConfig, r, rank: int, world: int, out: pathlib.Path, st
     return metrics
 
 
+def _split_errors(cfg: FinetuneConfig, r, metrics: dict) -> None:
+    for split in ("train", "valid", "test"):
+        if r.graphs[split]:
+            metrics[split] = dict(errors(r.model, _batches(r.graphs[split], cfg.eval_batch_size), cfg.w_energy,
+                                         cfg.w_forces), frames=len(r.graphs[split]))
+
+
+def _refit_e0s_after(cfg: FinetuneConfig, r, metrics: dict, log) -> None:
+    """Fair energies: the E0s re-fitted by least squares on the training frames with the trained
+    model (its interaction energy kept), so that a constant offset left by training does not count
+    as model error. The new E0s go into the model and the checkpoint; the metrics before the re-fit
+    stay in ``metrics["before_e0_refit"]``, side by side."""
+    before = {split: metrics[split] for split in ("train", "valid", "test") if split in metrics}
+    old = list(r.e0s)
+    new = refit_e0s(r.model, r.train_frames, r.z, "lstsq", cfg.energy_key)
+    _set_e0s(r.model, new, "the re-fitted E0s")
+    r.e0s = new
+    _split_errors(cfg, r, metrics)
+    metrics.update(e0s=new, e0s_before_refit=old, before_e0_refit=before)
+    log("E0s re-fitted after training: " + ", ".join(f"Z={z}: {a:+.4f} -> {b:+.4f} eV" for z, a, b in zip(r.z, old, new)))
+
+
 def _config_key(cfg: FinetuneConfig) -> str:
     d = dataclasses.asdict(cfg)
     # settings that do not change the trajectory (and did not exist in earlier runs' state.pt) stay out
     for k in ("resume", "progress", "stop_after", "out_dir", "epochs", "eval_batch_size", "trust_pickle",
-              "min_distance", "max_neighbors", "allow_small_cells"):
+              "min_distance", "max_neighbors", "allow_small_cells", "fused_gate", "refit_e0s_after"):
         d.pop(k)
     return json.dumps(d, sort_keys=True)
 

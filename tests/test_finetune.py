@@ -300,3 +300,35 @@ def test_mace_only_methods_name_the_problem():
         apply_method(torch.nn.Sequential(o3.Linear("4x0e+2x1o", "4x0e+2x1o")), "mmea-paper")
     with pytest.raises(ValueError, match="unknown fine-tuning method 'lora'"):
         apply_method(net, "lora")
+
+
+def test_refit_e0s_after_training(files, tmp_path, capsys):
+    """--refit-e0s-after: the E0s are re-fitted with the trained model by least squares on the
+    training frames, stored in the checkpoint (evaluate reproduces the re-fitted errors); the errors
+    before the re-fit are kept beside; forces do not change, and the training energy RMSE cannot
+    grow (the old E0s are one of the candidates the least squares minimise over)."""
+    out = tmp_path / "run"
+    assert _cli(files, out, "--method", "mmea", "--refit-e0s-after") == 0
+    m = json.loads((out / "metrics.json").read_text())
+    before = m["before_e0_refit"]
+    assert m["e0s"] != m["e0s_before_refit"] and len(m["e0s"]) == 3
+    assert m["train"]["energy_rmse_meV"] <= before["train"]["energy_rmse_meV"] * (1 + 1e-9)
+    for split in ("train", "valid", "test"):
+        assert math.isclose(m[split]["forces_mae_meV_per_A"], before[split]["forces_mae_meV_per_A"], rel_tol=1e-9)
+    assert "E0s before re-fit" in capsys.readouterr().out
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["e0s"] == m["e0s"]
+    js = tmp_path / "eval.json"
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(files / "test.xyz"),
+                 "--json", str(js)]) == 0
+    ev = json.loads(js.read_text())
+    assert math.isclose(ev["energy_mae_meV"], m["test"]["energy_mae_meV"], rel_tol=1e-9)
+    # the re-fit residual is orthogonal to the compositions: summed per element it vanishes
+    frames = ase.io.read(str(files / "train.xyz"), ":")
+    net, _ = load_finetuned(out / "checkpoint.pt")
+    e_pred = np.concatenate([energy_and_forces(net, atoms_to_batch(frames[i:i + 6], TINY.atomic_numbers, TINY.r_max,
+                                                                    dtype=torch.float64))[0].detach().numpy()
+                             for i in range(0, len(frames), 6)])
+    counts = np.array([[int((a.numbers == z).sum()) for z in TINY.atomic_numbers] for a in frames], dtype=float)
+    resid = np.array([a.info["REF_energy"] for a in frames]) - e_pred
+    assert np.abs(counts.T @ resid).max() < 1e-6 * np.abs(counts.T @ np.abs(resid)).max() + 1e-9
