@@ -30,6 +30,10 @@ def test_adapt_fast_mode(rmd17, tmp_path):
                 for s in (0, 1)]
         mean_f = sum(m["test"]["forces_mae_meV_per_A"] for m in runs) / 2
         assert r["forces_mae_meV_per_A"][0] == pytest.approx(mean_f, rel=1e-12)
+        # every method re-fits its E0s after training; the table keeps the energies before it too
+        assert r["e0_refit"] and all("before_e0_refit" in m for m in runs)
+        raw = sum(m["before_e0_refit"]["test"]["energy_mae_meV"] for m in runs) / 2
+        assert r["energy_mae_raw_meV"][0] == pytest.approx(raw, rel=1e-12)
         assert r["trainable"] == runs[0]["trainable_parameters"]
         assert f"| ethanol | {r['method']} |" in md
     by = {r["method"]: r for r in rows}
