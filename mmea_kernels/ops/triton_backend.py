@@ -53,19 +53,15 @@ def _acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-_interpreting = interpreting
-_pow2 = pow2
-
-
 def _gate_mul_blocks(n: int, d: int, interpret: bool) -> Tuple[int, int, int]:
     """(BLOCK_N, BLOCK_D, num_warps) for gate_mul. The interpreter pays per program instance,
     so it gets big tiles; on GPU tiles stay at <= 4096 elements."""
     if interpret:
-        block_d = min(_pow2(d), 256)
-        block_n = min(_pow2(n), 64)
+        block_d = min(pow2(d), 256)
+        block_n = min(pow2(n), 64)
         return block_n, block_d, 1
-    block_d = min(_pow2(d), 256)
-    block_n = min(_pow2(n), max(1, 4096 // block_d), 64)
+    block_d = min(pow2(d), 256)
+    block_n = min(pow2(n), max(1, 4096 // block_d), 64)
     num_warps = 4 if block_n * block_d >= 2048 else 2
     return block_n, block_d, num_warps
 
@@ -73,8 +69,8 @@ def _gate_mul_blocks(n: int, d: int, interpret: bool) -> Tuple[int, int, int]:
 def _seg_dot_blocks(n: int, g: int, w: int, interpret: bool) -> Tuple[int, int, int]:
     """(BLOCK_N, BLOCK_G, num_warps) for seg_dot; the gathered tile is BLOCK_N*BLOCK_G*W."""
     budget = 16384 if interpret else 4096
-    block_g = min(_pow2(g), max(1, budget // w), 64 if interpret else 32)
-    block_n = min(_pow2(n), max(1, budget // (block_g * w)), 64)
+    block_g = min(pow2(g), max(1, budget // w), 64 if interpret else 32)
+    block_n = min(pow2(n), max(1, budget // (block_g * w)), 64)
     num_warps = 1 if interpret else (4 if block_n * block_g * w >= 2048 else 2)
     return block_n, block_g, num_warps
 
@@ -178,7 +174,7 @@ def gate_mul(x: torch.Tensor, gates: torch.Tensor, t: LayoutTables, keep_ungated
         stride_gn, stride_gg = 0, gates.stride(0)
     else:
         stride_gn, stride_gg = gates.stride(0), gates.stride(1)
-    block_n, block_d, num_warps = _gate_mul_blocks(N, D, _interpreting(x.device))
+    block_n, block_d, num_warps = _gate_mul_blocks(N, D, interpreting(x.device))
     grid = check_grid((triton.cdiv(N, block_n), triton.cdiv(D, block_d)), "gate_mul")
     with device_guard(x.device):
         _gate_mul_kernel[grid](
@@ -214,7 +210,7 @@ def seg_dot(a: torch.Tensor, b: torch.Tensor, t: LayoutTables, shared: bool,
             return out
 
     W = t.gate_width
-    block_n, block_g, num_warps = _seg_dot_blocks(N, G, W, _interpreting(a.device))
+    block_n, block_g, num_warps = _seg_dot_blocks(N, G, W, interpreting(a.device))
     grid = check_grid((triton.cdiv(N, block_n), triton.cdiv(G, block_g)), "seg_dot")
     if shared:
         dst = torch.empty((grid[0], G), dtype=_acc_torch_dtype(a.dtype), device=a.device)

@@ -20,6 +20,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .._utils import pow2
+
 __all__ = ["ACT_CODES", "ACT_NAMES", "FusedGateSpec", "activation_code", "ssp", "spec_tables", "GateTables"]
 
 # activation name -> kernel code (csrc/fused_gate.cpp, triton.py and reference.py use the same codes)
@@ -173,11 +175,6 @@ def _groups(segs, device):
     return [(act, torch.tensor(cols, dtype=torch.int64, device=device), cst) for (act, cst), cols in by.items()]
 
 
-def _pow2(n: int) -> int:
-    p = 1
-    while p < n:
-        p *= 2
-    return p
 
 
 _TABLES: Dict[Tuple[str, str], GateTables] = {}
@@ -225,7 +222,7 @@ def spec_tables(key: str, device, cache: bool = True) -> GateTables:
                 bwd[0][xi], bwd[1][xi], bwd[2][xi], bwd[3][xi] = 1, yi, g_act[g], g_src[g]
                 bwd_cst[xi] = g_cst[g]
                 members.setdefault(g, []).append((xi, yi))
-    W = _pow2(max([len(v) for v in members.values()] + [1]))
+    W = pow2(max([len(v) for v in members.values()] + [1]))
     mem = [[[-1] * W for _ in range(sp.d_in)] for _ in range(2)]
     for g in range(sp.num_gates):
         c = g_src[g]

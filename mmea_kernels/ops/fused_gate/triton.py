@@ -21,16 +21,10 @@ from typing import Tuple
 
 import torch
 
+from .._utils import device_guard, pow2, tl, triton
 from .spec import GateTables
 
-try:
-    import triton
-    import triton.language as tl
-
-except Exception:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
-
+# whether this module's kernels were decorated in interpreter mode
 _INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -139,16 +133,12 @@ if triton is not None:
             tl.store(dx_ptr + rows[:, None] * DIN + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
-def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
-
-
 def _blocks(n: int, d: int, w: int, interpret: bool) -> Tuple[int, int, int]:
     """(BLOCK_N, BLOCK_D, num_warps): the interpreter pays per program, the GPU per register."""
     if interpret:
-        return min(_pow2(n), 64), min(_pow2(d), 1024), 1
-    block_d = min(_pow2(d), 128 if w <= 2 else 64)
-    block_n = min(_pow2(n), max(1, 2048 // (block_d * w)), 32)
+        return min(pow2(n), 64), min(pow2(d), 1024), 1
+    block_d = min(pow2(d), 128 if w <= 2 else 64)
+    block_n = min(pow2(n), max(1, 2048 // (block_d * w)), 32)
     return block_n, block_d, 4
 
 
@@ -163,8 +153,9 @@ def forward(x: torch.Tensor, t: GateTables) -> torch.Tensor:
     if N == 0 or DOUT == 0:
         return y
     bn, bd, nw = _blocks(N, DOUT, 1, x.device.type != "cuda" or _INTERPRETED_AT_IMPORT)
-    _fwd_kernel[(triton.cdiv(N, bn),)](x, y, t.fwd_cols, t.fwd_cst, N, DIN, DOUT, USED=t.used, ACC=_acc(x.dtype),
-                                       BLOCK_N=bn, BLOCK_D=bd, num_warps=nw)
+    with device_guard(x.device):
+        _fwd_kernel[(triton.cdiv(N, bn),)](x, y, t.fwd_cols, t.fwd_cst, N, DIN, DOUT, USED=t.used,
+                                           ACC=_acc(x.dtype), BLOCK_N=bn, BLOCK_D=bd, num_warps=nw)
     return y
 
 
@@ -175,6 +166,8 @@ def backward(x: torch.Tensor, dy: torch.Tensor, t: GateTables) -> torch.Tensor:
     if N == 0 or DIN == 0:
         return dx
     bn, bd, nw = _blocks(N, DIN, t.width, x.device.type != "cuda" or _INTERPRETED_AT_IMPORT)
-    _bwd_kernel[(triton.cdiv(N, bn),)](x, dy, dx, t.bwd_cols, t.bwd_cst, t.members, N, DIN, DOUT, USED=t.used,
-                                       ACC=_acc(x.dtype), W=t.width, BLOCK_N=bn, BLOCK_D=bd, num_warps=nw)
+    with device_guard(x.device):
+        _bwd_kernel[(triton.cdiv(N, bn),)](x, dy, dx, t.bwd_cols, t.bwd_cst, t.members, N, DIN, DOUT,
+                                           USED=t.used, ACC=_acc(x.dtype), W=t.width, BLOCK_N=bn, BLOCK_D=bd,
+                                           num_warps=nw)
     return dx
