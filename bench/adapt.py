@@ -10,6 +10,7 @@ force MAE among full / elora / mmea, so all three reach it; "-" = never reached)
 
     python bench/adapt.py --mode fast              # CI-sized: ethanol, 2 epochs, 2 seeds, 50 test frames
     python bench/adapt.py --mode full --workers 2  # the README table (~75 min on 2 cores, ~2 h on one)
+    python bench/adapt.py --mode sevenn --workers 2  # SevenNet-0 as the base (~90 min on 2 cores)
 
 Runs are independent processes' work; each writes ``<work>/<molecule>/<method>/s<seed>/metrics.json``
 and a finished run is not repeated (interrupt and start again to continue). Results:
@@ -33,6 +34,10 @@ MOLECULES = ("aspirin", "benzene", "ethanol", "malonaldehyde", "naphthalene", "t
 MODES = {
     "fast": dict(molecules=("ethanol",), epochs=2, seeds=(0, 1), test=":50", n_train=50, n_valid=50),
     "full": dict(molecules=MOLECULES, epochs=60, seeds=(0, 1), test=":", n_train=50, n_valid=50),
+    # the real foundation model available offline (PBE, like rMD17); 25 epochs keep the 32 runs
+    # within ~90 min on 2 cores (about 8-13 s per epoch of 50 frames on one core, float32)
+    "sevenn": dict(molecules=("ethanol", "malonaldehyde", "benzene", "toluene"), epochs=25, seeds=(0, 1), test=":",
+                   n_train=50, n_valid=50, model="sevenn:7net-0", methods=("full", "elora", "mmea", "mmea-paper")),
 }
 # learning rate per method (Adam, amsgrad): adapters and the readout train from zero-initialised
 # updates and take 1e-2 (mace-torch's default); full fine-tuning and scratch move every weight.
@@ -108,6 +113,7 @@ def summarize(runs: dict, a: dict) -> dict:
                 "forces_mae_meV_per_A": _stats([m["test"]["forces_mae_meV_per_A"] for m in ms]),
                 "forces_rmse_meV_per_A": _stats([m["test"]["forces_rmse_meV_per_A"] for m in ms]),
                 "train_seconds": _stats([m["train_seconds"] for m in ms]),
+                "seconds_per_epoch": _stats([m["train_seconds"] / max(1, m["epochs_run"]) for m in ms]),
                 "threshold_valid_F_meV_per_A": threshold,
                 "seconds_to_threshold": None if any(t is None for t in reach) else _stats(reach),
                 "reached": sum(t is not None for t in reach), "test_frames": ms[0]["test"]["frames"],
@@ -122,8 +128,8 @@ def markdown(rows, a) -> str:
              "(the worst best-validation force MAE of full/elora/mmea on that molecule).", "",
              "`E MAE raw`: with the E0s fitted before training; `E MAE`: after re-fitting them with the trained model "
              "(`--refit-e0s-after`; equal to raw for runs without it).", "",
-             "| molecule | method | trainable | E MAE raw meV | E MAE meV | F MAE meV/Å | F RMSE meV/Å | train s | F* meV/Å | t→F* s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| molecule | method | trainable | E MAE raw meV | E MAE meV | F MAE meV/Å | F RMSE meV/Å | train s | s/epoch | F* meV/Å | t→F* s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pm = lambda s, d=1: f"{s[0]:.{d}f} ± {s[1]:.{d}f}"
         t = pm(r["seconds_to_threshold"], 0) if r["seconds_to_threshold"] else f"- ({r['reached']}/{r['seeds']})"
@@ -131,6 +137,7 @@ def markdown(rows, a) -> str:
         raw = pm(r["energy_mae_raw_meV"]) if "energy_mae_raw_meV" in r else "-"
         lines.append(f"| {r['molecule']} | {r['method']} | {r['trainable']:,} | {raw} | {pm(r['energy_mae_meV'])} | "
                      f"{pm(r['forces_mae_meV_per_A'])} | {pm(r['forces_rmse_meV_per_A'])} | {pm(r['train_seconds'], 0)} | "
+                     f"{pm(r['seconds_per_epoch']) if 'seconds_per_epoch' in r else '-'} | "
                      f"{fstar} | {t} |")
     return "\n".join(lines)
 
@@ -166,10 +173,10 @@ def main(argv=None) -> int:
     p.add_argument("--mode", choices=sorted(MODES), default="fast")
     p.add_argument("--data-dir", default=None, help="rMD17 splits (default: $MMEA_RMD17_DIR or ../shared/data/rmd17)")
     p.add_argument("--molecules", default=None)
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=None, help=f"comma-separated, some of {','.join(METHODS)} (default: the mode's)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seeds", default=None, help="comma-separated")
-    p.add_argument("--model", default="builtin:mace-xtb-small")
+    p.add_argument("--model", default=None, help="base model (default: the mode's; builtin:mace-xtb-small)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--workers", type=int, default=1, help="parallel runs (one thread each)")
     p.add_argument("--work", default=None, help="run directories (default /tmp/mmea_adapt_<mode>)")
@@ -191,9 +198,9 @@ def main(argv=None) -> int:
     if data_dir is None:
         raise SystemExit("rMD17 splits not found: pass --data-dir, set MMEA_RMD17_DIR, or fetch them with "
                          "`mmea-kernels data rmd17 --out DIR`")
-    a = {"mode": args.mode, "data_dir": str(data_dir), "model": args.model, "dtype": args.dtype,
-         "molecules": molecules,
-         "methods": tuple(args.methods.split(",")), "epochs": args.epochs or mode["epochs"],
+    a = {"mode": args.mode, "data_dir": str(data_dir), "model": args.model or mode.get("model", "builtin:mace-xtb-small"),
+         "dtype": args.dtype, "molecules": molecules,
+         "methods": tuple(args.methods.split(",")) if args.methods else mode.get("methods", METHODS), "epochs": args.epochs or mode["epochs"],
          "seeds": tuple(int(s) for s in args.seeds.split(",")) if args.seeds else mode["seeds"],
          "test": mode["test"], "n_train": mode["n_train"], "n_valid": mode["n_valid"],
          "work": args.work or f"/tmp/mmea_adapt_{args.mode}", "refit_e0s": args.refit_e0s,

@@ -5,12 +5,17 @@ method         what trains (everything else is frozen)
 =============  ================================================================================
 ``mmea``       MMEA adapters on every ``o3.Linear`` (gate nets only)
 ``mmea-paper`` the published MMEA recipe: MMEA adapters on every ``o3.Linear``; low-rank
-               (ELoRA-style, ``ΔW = (α/r)·A·B``, B = 0) updates on the weighted tensor products
-               (``skip_tp``, one A·B per e3nn instruction), on every layer of the radial MLPs
-               (``conv_tp_weights.layerK.weight``) and on the top-order symmetric-contraction
-               weights (``weights_max``, viewed as [elements·paths, channels]); the lower-order
-               symmetric-contraction weights (``weights.K``) and the Bessel frequencies
-               (``bessel_weights``, a buffer in mace-torch, made a parameter) train densely
+               (ELoRA-style, ``ΔW = (α/r)·A·B``, B = 0) updates on every layer of the radial MLPs
+               (MACE ``conv_tp_weights.layerK``, SevenNet ``weight_nn.layerK``). On MACE also
+               on the weighted tensor products (``skip_tp``, one A·B per e3nn instruction) and on
+               the top-order symmetric-contraction weights (``weights_max``, viewed as
+               [elements·paths, channels]); the lower-order symmetric-contraction weights
+               (``weights.K``) and the Bessel frequencies (``bessel_weights``, a buffer in
+               mace-torch, made a parameter) train densely. SevenNet's convolution tensor products
+               have no weights of their own (their per-path weights are the radial MLP's output),
+               so the low-rank update of the radial MLP's last layer is the update of the
+               tensor-product weights; its Bessel frequencies (``basis_function.coeffs``) train
+               densely
 ``elora``      ELoRA low-rank updates on every ``o3.Linear`` (per instruction)
 ``full``       every parameter of the pretrained model
 ``readout``    the readout blocks only (``readouts.*``)
@@ -148,8 +153,7 @@ def apply_method(model: nn.Module, method: str, rank: int = 16, seed: int = 0, *
         if isinstance(mod, o3.TensorProduct) and mod.internal_weights and mod.weight_numel > 0:
             _low_rank(mod, "weight", _tp_blocks(mod), rank)
             counts["low-rank: weighted tensor products"] += _n(mod.parametrizations.weight[0])
-        elif mname.split(".")[-1].startswith("layer") and ".conv_tp_weights." in f".{mname}." \
-                and isinstance(getattr(mod, "weight", None), torch.Tensor) and mod.weight.dim() == 2:
+        elif _is_radial_layer(mname, mod):
             _low_rank(mod, "weight", [(0, *mod.weight.shape)], rank)
             counts["low-rank: radial MLPs"] += _n(mod.parametrizations.weight[0])
         elif hasattr(mod, "weights_max") and isinstance(getattr(mod, "weights", None), nn.ParameterList):
@@ -161,11 +165,30 @@ def apply_method(model: nn.Module, method: str, rank: int = 16, seed: int = 0, *
                 counts["dense: lower-order symmetric contraction"] += w.numel()
     for name in _bessel_to_parameter(model):
         counts["dense: Bessel weights"] += model.get_parameter(name).numel()
-    for n, c in counts.items():
-        if c == 0:
-            raise ValueError(f"mmea-paper: found nothing for '{n}' in {type(model).__name__} (not a MACE model?)")
+    for mname, mod in model.named_modules():  # SevenNet: BesselBasis.coeffs is already a parameter
+        coeffs = getattr(mod, "coeffs", None)
+        if type(mod).__name__ == "BesselBasis" and isinstance(coeffs, nn.Parameter):
+            coeffs.requires_grad_(True)
+            counts["dense: Bessel weights"] += coeffs.numel()
+    mace = counts["low-rank: top-order symmetric contraction"] > 0
+    required = list(counts) if mace else ["low-rank: radial MLPs", "dense: Bessel weights"]
+    for n in required:
+        if counts[n] == 0:
+            raise ValueError(f"mmea-paper: found nothing for '{n}' in {type(model).__name__} "
+                             "(the recipe knows MACE and SevenNet models)")
+    counts = {n: c for n, c in counts.items() if c or n in required}
     groups.update(counts)
     return groups
+
+
+_RADIAL_PARENTS = (".conv_tp_weights.", ".weight_nn.")  # mace-torch, SevenNet
+
+
+def _is_radial_layer(mname: str, mod: nn.Module) -> bool:
+    """A layer ``layerK`` of a radial MLP (e3nn ``FullyConnectedNet``) that makes the per-edge
+    tensor-product weights."""
+    return (mname.split(".")[-1].startswith("layer") and any(p in f".{mname}." for p in _RADIAL_PARENTS)
+            and isinstance(getattr(mod, "weight", None), torch.Tensor) and mod.weight.dim() == 2)
 
 
 def _n(mod: nn.Module) -> int:
