@@ -156,5 +156,5 @@ setup(
     },
     ext_modules=EXT_MODULES,
     cmdclass={"build_ext": BUILD_EXT},
-    entry_points={"console_scripts": ["mmea-kernels=mmea_kernels.cli:main"]},
+    entry_points={"console_scripts": ["mmea-kernels=mmea_kernels.app.cli:main"]},
 )

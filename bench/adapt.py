@@ -55,7 +55,7 @@ def _one(job):
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    from mmea_kernels.finetune import FinetuneConfig, finetune, read_frames
+    from mmea_kernels.train.finetune import FinetuneConfig, finetune, read_frames
 
     mol, method, seed, a = job
     out = pathlib.Path(a["work"]) / mol / method / f"s{seed}"
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--summarize-only", action="store_true",
                    help="no training: tabulate the runs already finished in --work (missing runs are left out)")
     args = p.parse_args(argv)
-    from mmea_kernels.data import find_rmd17
+    from mmea_kernels.app.data import find_rmd17
 
     mode = dict(MODES[args.mode])
     molecules = tuple(args.molecules.split(",")) if args.molecules else mode["molecules"]

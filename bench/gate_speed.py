@@ -73,7 +73,7 @@ def sevennet_gate_args():
     try:
         from e3nn.nn import Gate
 
-        from mmea_kernels.models.sevenn import load_sevennet
+        from mmea_kernels.integrations.sevenn import load_sevennet
 
         m = load_sevennet("7net-0", fused_gate=False)
         g = next(mod for mod in m.modules() if isinstance(mod, Gate) and mod.irreps_gates.dim)
@@ -123,7 +123,7 @@ def bench_gate(args, device, lines):
 
 
 def _frames(n):
-    from mmea_kernels.data import toy_molecules
+    from mmea_kernels.app.data import toy_molecules
 
     root = pathlib.Path(os.environ.get("MMEA_RMD17_DIR", HERE.parent.parent / "shared" / "data" / "rmd17"))
     path = root / "aspirin" / "test.xyz"
@@ -136,8 +136,8 @@ def _frames(n):
 
 def bench_model(args, device, lines):
     from mmea_kernels import replace_gates
-    from mmea_kernels.models.mace import atoms_to_batch
-    from mmea_kernels.models.sevenn import load_sevennet
+    from mmea_kernels.integrations.mace import atoms_to_batch
+    from mmea_kernels.integrations.sevenn import load_sevennet
 
     frames, what = _frames(args.frames)
     lines.append("")

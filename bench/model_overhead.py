@@ -60,8 +60,8 @@ def paired(fa, fb, rounds: int, device, warmup: int = 3) -> dict:
 
 def build(args, device, dtype):
     import mmea_kernels as mk
-    from mmea_kernels.data import toy_molecules
-    from mmea_kernels.models.mace import PRESETS, atoms_to_batch, build_mace
+    from mmea_kernels.app.data import toy_molecules
+    from mmea_kernels.integrations.mace import PRESETS, atoms_to_batch, build_mace
 
     torch.manual_seed(0)
     prev = torch.get_default_dtype()

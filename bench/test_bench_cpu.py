@@ -69,9 +69,9 @@ def test_mace_finetune_step(benchmark, record, adapted):
     MACE-OFF23-medium architecture on 4 toluene molecules: full fine-tuning of the base model
     (every weight trainable) against MMEA (adapter weights trainable, base frozen)."""
     import mmea_kernels as mk
-    from mmea_kernels.data import toy_molecules
-    from mmea_kernels.models.mace import atoms_to_batch, build_mace
-    from mmea_kernels.finetune import loss
+    from mmea_kernels.app.data import toy_molecules
+    from mmea_kernels.integrations.mace import atoms_to_batch, build_mace
+    from mmea_kernels.train.finetune import loss
 
     torch.manual_seed(0)
     model = build_mace("mace-off23-medium")

@@ -58,7 +58,7 @@ def test_tolerance_per_dtype_covers_bf16_fused_error(bench_gpu):
 
     from mmea_kernels.layout import IrrepsLayout
     from mmea_kernels.ops.gated_linear import gated_linear
-    from mmea_kernels.ops.linear_spec import LinearSpec
+    from mmea_kernels.linear_spec import LinearSpec
 
     torch.manual_seed(0)
     irreps = "64x0e+64x1o+32x2e"

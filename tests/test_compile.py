@@ -10,7 +10,7 @@ import torch
 
 import mmea_kernels as mk
 from mmea_kernels import IrrepsLayout, MMEALinear
-from mmea_kernels.ops.gate import layout_key
+from mmea_kernels.ops.gate.function import layout_key
 
 TESTS = pathlib.Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -53,8 +53,8 @@ def test_adapted_mace_compiles_without_graph_breaks():
 def check_compiled_mace():
     import mace.tools.compile as mace_compile
 
-    from mmea_kernels.data import toy_molecules
-    from mmea_kernels.models.mace import atoms_to_batch, build_mace
+    from mmea_kernels.app.data import toy_molecules
+    from mmea_kernels.integrations.mace import atoms_to_batch, build_mace
 
     torch.manual_seed(0)
     with mace_compile.disable_e3nn_codegen():

@@ -18,7 +18,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 import mmea_kernels  # noqa: E402
 from mmea_kernels import IrrepsLayout, gate_mul, seg_dot  # noqa: E402
-from mmea_kernels.ops import backend_status, cpp_backend, resolve_backend, torch_backend  # noqa: E402
+from mmea_kernels.ops import backend_status, resolve_backend  # noqa: E402
+from mmea_kernels.ops.gate import cpp as cpp_backend, reference as torch_backend  # noqa: E402
 from mmea_kernels.ops.backends import clear_backend_cache  # noqa: E402
 from mmea_kernels.ops.tables import layout_tables  # noqa: E402
 

@@ -24,7 +24,7 @@ from mmea_kernels import (ELoRALinear, MMEALinear, adapted_modules, adapter_stat
                           disable_adapters, inject_adapters, load_adapter_state_dict, merge_and_unload, unload)
 from mmea_kernels.layout import parse_irreps  # noqa: E402
 from mmea_kernels.nn import is_equivariant_linear  # noqa: E402
-from mmea_kernels.nn.common import linear_layouts, linear_paths  # noqa: E402
+from mmea_kernels.nn.base import linear_layouts, linear_paths  # noqa: E402
 
 IN = "3x0e+2x0e+2x1o+1x2e+1x0o"
 OUT = "4x0e+3x1o+2x2e+2x0o+1x1e"
@@ -350,9 +350,9 @@ except ImportError:
     HAVE_MACE = False
 needs_mace = pytest.mark.skipif(not HAVE_MACE, reason="needs mace-torch and ase")
 
-from mmea_kernels.cueq import convert_adapted_to_cueq, convert_adapted_to_e3nn  # noqa: E402
-from mmea_kernels.data import toy_molecules  # noqa: E402
-from mmea_kernels.models.mace import atoms_to_batch, build_mace, energy_and_forces  # noqa: E402
+from mmea_kernels.integrations.cueq import convert_adapted_to_cueq, convert_adapted_to_e3nn  # noqa: E402
+from mmea_kernels.app.data import toy_molecules  # noqa: E402
+from mmea_kernels.integrations.mace import atoms_to_batch, build_mace, energy_and_forces  # noqa: E402
 
 Z, R_MAX = (1, 6, 8), 5.0
 # every kind of linear of a MACE: one-hot embedding, scalar-only, l = 0..3, the unsimplified

@@ -7,9 +7,9 @@ import torch
 
 pytest.importorskip("mace")
 
-from mmea_kernels import demo  # noqa: E402
-from mmea_kernels.finetune import read_frames  # noqa: E402
-from mmea_kernels.foundation import ASSETS, DEFAULT_MODEL, load_model, model_info  # noqa: E402
+from mmea_kernels.app import demo  # noqa: E402
+from mmea_kernels.train.finetune import read_frames  # noqa: E402
+from mmea_kernels.train.foundation import ASSETS, DEFAULT_MODEL, load_model, model_info  # noqa: E402
 
 
 def test_shipped_assets_are_complete():

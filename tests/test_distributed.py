@@ -11,10 +11,10 @@ import torch
 pytest.importorskip("mace")
 import ase.io  # noqa: E402
 
-from mmea_kernels.data import toy_molecules  # noqa: E402
-from mmea_kernels.finetune import FinetuneConfig, finetune  # noqa: E402
-from mmea_kernels.foundation import save_model  # noqa: E402
-from mmea_kernels.models.mace import PRESETS, build_mace  # noqa: E402
+from mmea_kernels.app.data import toy_molecules  # noqa: E402
+from mmea_kernels.train.finetune import FinetuneConfig, finetune  # noqa: E402
+from mmea_kernels.train.foundation import save_model  # noqa: E402
+from mmea_kernels.integrations.mace import PRESETS, build_mace  # noqa: E402
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
@@ -52,7 +52,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
 
 def test_global_batch_must_split_evenly(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
-    import mmea_kernels.finetune as ft
+    import mmea_kernels.train.finetune as ft
 
     monkeypatch.setattr(ft, "_dist_setup", lambda: (0, 3))
     with pytest.raises(ValueError, match="multiple of the 3 processes"):

@@ -15,7 +15,7 @@ from e3nn import o3
 
 import mmea_kernels as mk
 from mmea_kernels import ELoRALinear, MMEALinear
-from mmea_kernels import export
+from mmea_kernels.integrations import export
 from mmea_kernels.nn.scriptable import ScriptableELoRALinear, ScriptableMMEALinear
 
 try:
@@ -60,8 +60,8 @@ def assert_rel(a, b, what):
 # ----------------------------------------------------------------------------- MACE
 @pytest.fixture(scope="module")
 def batch():
-    from mmea_kernels.data import toy_molecules
-    from mmea_kernels.models.mace import atoms_to_batch
+    from mmea_kernels.app.data import toy_molecules
+    from mmea_kernels.integrations.mace import atoms_to_batch
 
     return atoms_to_batch(toy_molecules("ethanol", 3), Z, R_MAX, dtype=torch.float64)
 
@@ -69,8 +69,8 @@ def batch():
 @pytest.fixture(scope="module")
 def frames():
     """The same three frames one batch each: LAMMPS_MACE evaluates one configuration per call."""
-    from mmea_kernels.data import toy_molecules
-    from mmea_kernels.models.mace import atoms_to_batch
+    from mmea_kernels.app.data import toy_molecules
+    from mmea_kernels.integrations.mace import atoms_to_batch
 
     return [atoms_to_batch([a], Z, R_MAX, dtype=torch.float64) for a in toy_molecules("ethanol", 3)]
 
@@ -81,7 +81,7 @@ def fresh(batch_dict):
 
 
 def evaluate(model, batch_dict):
-    from mmea_kernels.models.mace import energy_and_forces
+    from mmea_kernels.integrations.mace import energy_and_forces
 
     e, f = energy_and_forces(model, fresh(batch_dict))
     return e.detach(), f.detach()
@@ -106,7 +106,7 @@ def run_lammps(model, frames):
 @pytest.fixture(scope="module", params=["mmea", "elora"])
 def adapted(request, batch):
     """(method, adapted tiny MACE, eager energies, eager forces); the adapters change the energies."""
-    from mmea_kernels.models.mace import build_mace
+    from mmea_kernels.integrations.mace import build_mace
 
     torch.manual_seed(0)
     model = build_mace("tiny").double()
@@ -142,7 +142,7 @@ def test_e3nn_jit_compile_save_load(adapted, batch, tmp_path):
 
 @needs_mace
 def test_lammps_export_as_create_lammps_model(adapted, batch, frames, tmp_path):
-    """mace-torch's create_lammps_model steps verbatim, then mmea_kernels.export.export_lammps; the
+    """mace-torch's create_lammps_model steps verbatim, then mmea_kernels.integrations.export.export_lammps; the
     eager model keeps its adapters and its numbers."""
     from e3nn.util import jit
 
@@ -169,7 +169,7 @@ def test_lammps_export_as_create_lammps_model(adapted, batch, frames, tmp_path):
 def test_saved_lammps_model_loads_without_mmea_kernels(frames, tmp_path):
     """The saved file holds aten ops only: a fresh interpreter with torch alone (no mmea_kernels, mace,
     e3nn importable) loads and runs it, as libtorch in LAMMPS would."""
-    from mmea_kernels.models.mace import build_mace
+    from mmea_kernels.integrations.mace import build_mace
 
     torch.manual_seed(0)
     model = build_mace("tiny").double()
@@ -205,7 +205,7 @@ def test_saved_lammps_model_loads_without_mmea_kernels(frames, tmp_path):
 
 @needs_mace
 def test_pinned_backend_is_refused_with_a_clear_error(batch, tmp_path):
-    from mmea_kernels.models.mace import build_mace
+    from mmea_kernels.integrations.mace import build_mace
 
     torch.manual_seed(0)
     model = build_mace("tiny").double()

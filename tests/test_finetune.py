@@ -10,12 +10,12 @@ import torch
 pytest.importorskip("mace")
 import ase.io  # noqa: E402
 
-from mmea_kernels.cli import main  # noqa: E402
-from mmea_kernels.data import toy_molecules  # noqa: E402
-from mmea_kernels.finetune import FinetuneConfig, finetune, load_finetuned, refit_e0s  # noqa: E402
-from mmea_kernels.foundation import load_model, save_model  # noqa: E402
-from mmea_kernels.methods import METHODS, apply_method  # noqa: E402
-from mmea_kernels.models.mace import PRESETS, atoms_to_batch, build_mace, energy_and_forces  # noqa: E402
+from mmea_kernels.app.cli import main  # noqa: E402
+from mmea_kernels.app.data import toy_molecules  # noqa: E402
+from mmea_kernels.train.finetune import FinetuneConfig, finetune, load_finetuned, refit_e0s  # noqa: E402
+from mmea_kernels.train.foundation import load_model, save_model  # noqa: E402
+from mmea_kernels.train.methods import METHODS, apply_method  # noqa: E402
+from mmea_kernels.integrations.mace import PRESETS, atoms_to_batch, build_mace, energy_and_forces  # noqa: E402
 
 TINY = PRESETS["tiny"]  # H, C, O
 
@@ -134,7 +134,7 @@ def test_methods_identity_trainable_set_and_equivariance(method):
 
 
 def test_low_rank_delta_matches_manual_update():
-    from mmea_kernels.methods import LowRankDelta
+    from mmea_kernels.train.methods import LowRankDelta
 
     torch.manual_seed(0)
     w = torch.randn(2 * 3 + 4 * 5 + 3, dtype=torch.float64)
@@ -172,7 +172,7 @@ def test_e0_refit_recovers_known_offsets():
 
 
 def test_ase_calculator_forces_are_minus_energy_gradient(files, tmp_path):
-    from mmea_kernels.calculator import MMEACalculator, nve_drift
+    from mmea_kernels.app.calculator import MMEACalculator, nve_drift
 
     out = tmp_path / "r"
     finetune(FinetuneConfig(train=str(files / "train.xyz"), valid=str(files / "valid.xyz"), model=str(files / "base.pt"),
@@ -261,7 +261,7 @@ def test_corrupt_checkpoint(files, tmp_path, capsys):
     assert "bad.pt" in _err(capsys)
     torch.save({"hello": 1}, tmp_path / "foreign.pt")
     assert main(["evaluate", "--checkpoint", str(tmp_path / "foreign.pt"), "--data", str(files / "test.xyz")]) == 2
-    assert "mmea_kernels.finetune/1" in _err(capsys)
+    assert "mmea_kernels.train.finetune/1" in _err(capsys)
     assert main(["evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(files / "test.xyz")]) == 2
     assert "does not exist" in _err(capsys)
 
@@ -269,7 +269,7 @@ def test_corrupt_checkpoint(files, tmp_path, capsys):
 def test_only_rank_zero_may_write(tmp_path, monkeypatch):
     import torch.distributed as dist
 
-    from mmea_kernels.finetune import _atomic_save
+    from mmea_kernels.train.finetune import _atomic_save
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_rank", lambda: 1)

@@ -286,7 +286,7 @@ def test_torchscript():
     x = torch.randn(10, 12, dtype=torch.float64, requires_grad=True)
     y0 = model(x)
     mk.replace_gates(model)
-    # like mmea_kernels.export: script a copy (__prepare_scriptable__ edits the scripted tree in place)
+    # like mmea_kernels.integrations.export: script a copy (__prepare_scriptable__ edits the scripted tree in place)
     scripted = torch.jit.script(copy.deepcopy(model))
     assert isinstance(model[1], FusedGate)
     assert "mmea_kernels::" not in str(scripted.inlined_graph)  # aten ops only: no custom op in the file
@@ -309,9 +309,9 @@ def test_torchscript():
 def sevennet_pair():
     pytest.importorskip("sevenn")
     pytest.importorskip("mace")
-    from mmea_kernels.data import toy_molecules
-    from mmea_kernels.models.mace import atoms_to_batch
-    from mmea_kernels.models.sevenn import load_sevennet
+    from mmea_kernels.app.data import toy_molecules
+    from mmea_kernels.integrations.mace import atoms_to_batch
+    from mmea_kernels.integrations.sevenn import load_sevennet
 
     plain = load_sevennet("7net-0", dtype=torch.float64, fused_gate=False)
     frames = toy_molecules("ethanol", 2)
@@ -325,7 +325,7 @@ def _ef(model, batch):
 
 
 def test_sevennet_replace_gates(sevennet_pair):
-    from mmea_kernels.models.sevenn import load_sevennet
+    from mmea_kernels.integrations.sevenn import load_sevennet
 
     plain, batch = sevennet_pair
     e0, f0 = _ef(plain, batch)

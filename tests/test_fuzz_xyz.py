@@ -18,9 +18,9 @@ import numpy as np  # noqa: E402
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from mmea_kernels.cli import main  # noqa: E402
-from mmea_kernels.finetune import read_frames  # noqa: E402
-from mmea_kernels.foundation import ASSETS  # noqa: E402
+from mmea_kernels.app.cli import main  # noqa: E402
+from mmea_kernels.train.finetune import read_frames  # noqa: E402
+from mmea_kernels.train.foundation import ASSETS  # noqa: E402
 
 _TMP = pathlib.Path(tempfile.mkdtemp(prefix="mmea-fuzz-"))
 

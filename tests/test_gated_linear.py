@@ -21,7 +21,7 @@ from hypothesis import strategies as st  # noqa: E402
 from mmea_kernels.layout import IrrepsLayout, parse_irreps  # noqa: E402
 from mmea_kernels.ops.gated_linear import (_core, gated_linear, gated_linear_reference,  # noqa: E402
                                            triton_status)
-from mmea_kernels.ops.linear_spec import LinearSpec  # noqa: E402
+from mmea_kernels.linear_spec import LinearSpec  # noqa: E402
 
 from helpers import CUDA_AVAILABLE, TRITON_DEVICES, naive_gate_of_column  # noqa: E402
 
@@ -296,7 +296,7 @@ def test_launch_grids_are_one_dimensional_for_5m_rows():
     from mmea_kernels.ops._utils import check_grid
     from mmea_kernels.ops.gated_linear.triton_kernels import block_m, fwd_launch, wgrad_launch
     from mmea_kernels.ops.tables import layout_tables
-    from mmea_kernels.ops.triton_backend import _gate_mul_blocks, _seg_dot_blocks
+    from mmea_kernels.ops.gate.triton import _gate_mul_blocks, _seg_dot_blocks
 
     n = 5_000_000
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
@@ -320,7 +320,7 @@ def test_launch_grids_are_one_dimensional_for_5m_rows():
 def test_spec_key_and_tables_are_cached():
     """The launch path asks for the spec's key and tables on every call: both are built once."""
     from mmea_kernels.ops.gated_linear.triton_kernels import tables
-    from mmea_kernels.ops.linear_spec import G_IR_DIM
+    from mmea_kernels.linear_spec import G_IR_DIM
     spec = LinearSpec.e3nn_default("8x0e+4x1o", "8x0e+4x1o+2x2e")
     assert spec.key is spec.key and hash(spec) == hash(spec.key)
     t = tables(spec, torch.device("cpu"))

@@ -24,7 +24,7 @@ from helpers import random_orthogonal  # noqa: E402
 from mmea_kernels import (adapted_modules, adapter_state_dict, disable_adapters, inject_adapters,  # noqa: E402
                           load_adapter_state_dict, merge_and_unload, unload)
 from mmea_kernels.nn import AdapterLinear, ELoRALinear, MMEALinear  # noqa: E402
-from mmea_kernels.models.mace import atoms_to_batch, build_mace, energy_and_forces  # noqa: E402
+from mmea_kernels.integrations.mace import atoms_to_batch, build_mace, energy_and_forces  # noqa: E402
 
 Z = (1, 6, 8)
 R_MAX = 5.0

@@ -8,7 +8,7 @@ import ase.units
 import numpy as np
 import pytest
 
-from mmea_kernels.rmd17 import MOLECULES, fetch_rmd17
+from mmea_kernels.app.rmd17 import MOLECULES, fetch_rmd17
 
 N_FRAMES = 12
 SIZES = dict(n_train=4, n_valid=3, n_test=5)  # uses all 12 frames
@@ -214,7 +214,7 @@ def test_output_dir_not_writable(fake, tmp_path, monkeypatch):
     ro.chmod(0o500)
     try:
         if os.access(ro, os.W_OK):  # root writes anyway: make the write probe fail instead
-            import mmea_kernels.rmd17 as mod
+            import mmea_kernels.app.rmd17 as mod
 
             def mkstemp(*a, **k):
                 raise PermissionError(13, "Permission denied", str(k.get("dir")))
@@ -235,7 +235,7 @@ def test_python_without_extraction_filters(fake, tmp_path, monkeypatch):
 
 
 def test_cli_data_rmd17(fake, tmp_path, capsys):
-    from mmea_kernels.cli import main
+    from mmea_kernels.app.cli import main
 
     out = tmp_path / "cli"
     assert main(["data", "rmd17", "--out", str(out), "--archive", str(fake[0]), "--molecules", "ethanol",

@@ -14,9 +14,9 @@ pytest.importorskip("mace")
 import ase  # noqa: E402
 import ase.io  # noqa: E402
 
-from mmea_kernels import finetune as ft  # noqa: E402
-from mmea_kernels.cli import main  # noqa: E402
-from mmea_kernels.foundation import ASSETS, fingerprint, load_model, save_model  # noqa: E402
+from mmea_kernels.train import finetune as ft  # noqa: E402
+from mmea_kernels.app.cli import main  # noqa: E402
+from mmea_kernels.train.foundation import ASSETS, fingerprint, load_model, save_model  # noqa: E402
 
 DATA = ASSETS / "ethanol_pbe"
 
@@ -63,11 +63,11 @@ class _Payload:
 
 
 def test_crafted_pickle_is_refused_everywhere_and_never_runs(data, tmp_path, capsys):
-    from mmea_kernels.calculator import MMEACalculator
+    from mmea_kernels.app.calculator import MMEACalculator
 
     marker = tmp_path / "PWNED"
     evil = tmp_path / "evil.pt"
-    torch.save({"format": "mmea_kernels.finetune/1", "x": _Payload(marker)}, str(evil))
+    torch.save({"format": "mmea_kernels.train.finetune/1", "x": _Payload(marker)}, str(evil))
     test = str(data / "test.xyz")
     runs = {
         "evaluate": ["evaluate", "--checkpoint", str(evil), "--data", test],
@@ -175,7 +175,7 @@ def test_neighbour_bound_and_thresholds_are_configurable(data, tmp_path, capsys)
     assert re_search(r"tiny\.xyz: frame 0: about \d+ neighbours per atom .*\(bound 500", capsys.readouterr().err)
     # atoms 0.5 Å apart pass the default threshold and fail a stricter one
     close = _corrupt(data, tmp_path, lambda f: f[0].positions.__setitem__(4, f[0].positions[1] + [0.5, 0, 0]), "c.xyz")
-    from mmea_kernels.checks import DataChecks, checked_graphs
+    from mmea_kernels.train.checks import DataChecks, checked_graphs
 
     frames = _frames(tmp_path, "c.xyz")
     checked_graphs(frames, [1, 6, 7, 8], 5.0, "c.xyz")
@@ -334,7 +334,7 @@ def test_md_refuses_bad_settings_and_structures(data, tmp_path, capsys):
 def test_md_stops_when_energy_turns_non_finite():
     from ase.calculators.calculator import Calculator, all_changes
 
-    from mmea_kernels.calculator import nve_drift
+    from mmea_kernels.app.calculator import nve_drift
 
     class Blows(Calculator):
         implemented_properties = ["energy", "forces"]
@@ -354,7 +354,7 @@ def test_md_stops_when_energy_turns_non_finite():
 # ---------------------------------------------------------------------------------- left behind
 def test_load_adapter_state_dict_is_all_or_nothing():
     import mmea_kernels as mk
-    from mmea_kernels.models.mace import build_mace
+    from mmea_kernels.integrations.mace import build_mace
 
     torch.manual_seed(0)
     src = build_mace("tiny")
@@ -376,7 +376,7 @@ def test_load_adapter_state_dict_is_all_or_nothing():
 def test_rmd17_split_files_are_world_readable(tmp_path):
     from test_rmd17_fetch import FAKE, SIZES, _make_archive, _molecule_arrays
 
-    from mmea_kernels.rmd17 import fetch_rmd17
+    from mmea_kernels.app.rmd17 import fetch_rmd17
 
     arc = _make_archive(tmp_path / "rmd17.tar.bz2", {"ethanol": _molecule_arrays(FAKE["ethanol"], 0)})
     old = os.umask(0o022)
@@ -389,7 +389,7 @@ def test_rmd17_split_files_are_world_readable(tmp_path):
 
 
 def test_rmd17_dir_without_ethanol(tmp_path):
-    from mmea_kernels.data import find_rmd17
+    from mmea_kernels.app.data import find_rmd17
 
     (tmp_path / "benzene").mkdir()
     (tmp_path / "benzene" / "train.xyz").write_text("x")
@@ -406,7 +406,7 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 
 
 def test_calculator_refuses_non_finite_results(data):
-    from mmea_kernels.calculator import MMEACalculator
+    from mmea_kernels.app.calculator import MMEACalculator
 
     atoms = _frames(data, "test.xyz")[0]
     atoms.calc = MMEACalculator(checkpoint=str(data / "mmea" / "checkpoint.pt"))
@@ -417,7 +417,7 @@ def test_calculator_refuses_non_finite_results(data):
 
 
 def test_non_finite_gradient_validation_and_weights_stop_training(data, tmp_path, monkeypatch):
-    from mmea_kernels.train_guard import check_finite_tensors
+    from mmea_kernels.train.guard import check_finite_tensors
 
     kw = dict(train=str(data / "train.xyz"), valid=str(data / "valid.xyz"), epochs=1, batch_size=2, progress=False)
     with monkeypatch.context() as m:

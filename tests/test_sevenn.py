@@ -12,9 +12,9 @@ pytest.importorskip("sevenn")
 pytest.importorskip("mace")
 
 import mmea_kernels as mk  # noqa: E402
-from mmea_kernels.data import toy_molecules  # noqa: E402
-from mmea_kernels.models.mace import atoms_to_batch  # noqa: E402
-from mmea_kernels.models.sevenn import SevenNetAsMACE, load_sevennet  # noqa: E402
+from mmea_kernels.app.data import toy_molecules  # noqa: E402
+from mmea_kernels.integrations.mace import atoms_to_batch  # noqa: E402
+from mmea_kernels.integrations.sevenn import SevenNetAsMACE, load_sevennet  # noqa: E402
 
 N_LINEAR = 18  # onehot_to_feature_x, 5 x (self_connection_intro, self_interaction_1, self_interaction_2), 2 readout
 
@@ -68,7 +68,7 @@ def test_interface(base64):
     assert base64.r_max.dim() == 0 and float(base64.r_max) == 5.0
     e0 = base64.atomic_energies_fn.atomic_energies
     assert e0.shape == (89,) and e0.dtype == torch.float64 and not e0.any()
-    from mmea_kernels.foundation import fingerprint, load_model, model_info
+    from mmea_kernels.train.foundation import fingerprint, load_model, model_info
 
     assert model_info(base64) == (z, 5.0)
     m32 = load_model("sevenn:7net-0")
@@ -110,7 +110,7 @@ def test_mmea_paper_recipe_on_sevennet(base64, frames):
     """mmea-paper on SevenNet-0: MMEA on every linear, rank-r A·B on every radial-MLP layer (whose
     last layer makes the convolution's per-path weights), dense Bessel coefficients; the model
     equals the base at initialisation and the low-rank factors carry gradient."""
-    from mmea_kernels.methods import apply_method
+    from mmea_kernels.train.methods import apply_method
 
     m = copy.deepcopy(base64)
     groups = apply_method(m, "mmea-paper", rank=16)
@@ -220,8 +220,8 @@ def test_double_backward(base64, frames):
 def test_finetune_smoke(tmp_path):
     import ase.io
 
-    from mmea_kernels.finetune import FinetuneConfig, _batches, errors, finetune, load_finetuned, read_frames
-    from mmea_kernels.models.mace import atoms_to_graphs
+    from mmea_kernels.train.finetune import FinetuneConfig, _batches, errors, finetune, load_finetuned, read_frames
+    from mmea_kernels.integrations.mace import atoms_to_graphs
 
     frames = toy_molecules("ethanol", 6, seed=4)
     ase.io.write(str(tmp_path / "train.xyz"), frames[:4], format="extxyz")
@@ -250,8 +250,9 @@ def test_fused_gate_is_the_default_and_no_fused_gate_opts_out(monkeypatch):
     (the flag reaches load_model through FinetuneConfig)."""
     from e3nn.nn import Gate
 
-    from mmea_kernels import cli, finetune
-    from mmea_kernels.foundation import load_model
+    from mmea_kernels.app import cli
+    from mmea_kernels.train import finetune
+    from mmea_kernels.train.foundation import load_model
     from mmea_kernels.nn import FusedGate
 
     fused, plain = load_model("sevenn:7net-0"), load_model("sevenn:7net-0", fused_gate=False)

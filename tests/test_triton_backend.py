@@ -19,7 +19,7 @@ from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from mmea_kernels.layout import IrrepsLayout  # noqa: E402
-from mmea_kernels.ops import torch_backend, triton_backend  # noqa: E402
+from mmea_kernels.ops.gate import reference as torch_backend, triton as triton_backend  # noqa: E402
 from mmea_kernels.ops.tables import layout_tables  # noqa: E402
 
 from helpers import CUDA_AVAILABLE, TRITON_DEVICES  # noqa: E402

@@ -31,7 +31,7 @@ from e3nn import o3
 from mmea_kernels import IrrepsLayout, MMEALinear, gate_mul, seg_dot
 from mmea_kernels.ops import backend_status
 from mmea_kernels.ops.gated_linear import fp32_precision, gated_linear
-from mmea_kernels.ops.linear_spec import LinearSpec
+from mmea_kernels.linear_spec import LinearSpec
 
 LAYERS = {
     "128x0e+128x1o": ("128x0e+128x1o", "128x0e+128x1o"),
@@ -299,7 +299,7 @@ def sweep_cases(layer, n, device, timer):
 # ============================================================================ kernel resources
 def kernel_resources():
     """Registers and spills of every compiled Triton kernel of the package (CUDA only)."""
-    from mmea_kernels.ops import triton_backend
+    from mmea_kernels.ops.gate import triton as triton_backend
     from mmea_kernels.ops.gated_linear import triton_kernels
     fns = {"gate_mul": triton_backend._gate_mul_kernel, "seg_dot": triton_backend._seg_dot_kernel,
            "gl_fwd": triton_kernels._gl_fwd_kernel, "gl_wgrad": triton_kernels._gl_wgrad_kernel}

@@ -27,7 +27,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from mmea_kernels.ops import triton_backend as tb  # noqa: E402
+from mmea_kernels.ops.gate import triton as tb  # noqa: E402
 from mmea_kernels.ops.gated_linear import triton_kernels as tk  # noqa: E402
 
 PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float64: "*fp64"}

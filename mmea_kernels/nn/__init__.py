@@ -1,5 +1,5 @@
 """User-facing adapter layers."""
-from .common import AdapterLinear, is_equivariant_linear
+from .base import AdapterLinear, is_equivariant_linear
 from .elora import ELoRALinear
 from .fused_gate import FusedGate, replace_gates, restore_gates
 from .mmea import MMEALinear

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .common import AdapterLinear, linear_paths
+from .base import AdapterLinear, linear_paths
 
 __all__ = ["ELoRALinear"]
 

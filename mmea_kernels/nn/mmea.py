@@ -13,7 +13,7 @@ from torch import nn
 
 from ..ops import gate_mul
 from ..ops.backends import resolve_backend
-from .common import AdapterLinear
+from .base import AdapterLinear
 
 __all__ = ["MMEALinear"]
 
@@ -115,7 +115,7 @@ class MMEALinear(AdapterLinear):
             return None
         spec = getattr(self, "_spec", None)
         if spec is None:
-            from ..ops.linear_spec import LinearSpec
+            from ..linear_spec import LinearSpec
             try:
                 if self.base_kind == "cuet":
                     spec = _cuet_spec(self.base, self.in_layout.layout, self.out_layout.layout)
@@ -171,8 +171,8 @@ class MMEALinear(AdapterLinear):
 def _cuet_spec(base, layout_in: str, layout_out: str):
     """The fused kernel's LinearSpec of a ``cuet.Linear`` with one internal weight class and the same
     input and output layout (its paths, path weights and weight offsets from the descriptor)."""
-    from ..ops.linear_spec import LinearInstruction, LinearSpec
-    from .common import linear_paths
+    from ..linear_spec import LinearInstruction, LinearSpec
+    from .base import linear_paths
 
     if layout_in != layout_out:
         raise ValueError("the fused kernel needs one layout for input and output")

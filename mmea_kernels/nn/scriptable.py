@@ -21,7 +21,7 @@ unchanged: the scriptable forms are only built when scripting.
 
 Scripting replaces each adapter by its scriptable form in the module tree it compiles (torch's
 ``__prepare_scriptable__`` protocol edits ``_modules`` in place, as e3nn's in-place
-``jit.compile`` does with every submodule it compiles); :mod:`mmea_kernels.export` scripts a copy
+``jit.compile`` does with every submodule it compiles); :mod:`mmea_kernels.integrations.export` scripts a copy
 and leaves the eager model alone.
 
 Not supported (a clear error when scripting): an MMEA adapter whose gate backend is pinned to

@@ -22,9 +22,9 @@ __all__ = ["BACKENDS", "resolve_backend", "backend_status", "clear_backend_cache
 
 # name -> module path; modules are imported lazily so that TRITON_INTERPRET can be set first.
 BACKENDS: Dict[str, str] = {
-    "torch": "mmea_kernels.ops.torch_backend",
-    "triton": "mmea_kernels.ops.triton_backend",
-    "cpp": "mmea_kernels.ops.cpp_backend",
+    "torch": "mmea_kernels.ops.gate.reference",
+    "triton": "mmea_kernels.ops.gate.triton",
+    "cpp": "mmea_kernels.ops.gate.cpp",
 }
 
 _AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}

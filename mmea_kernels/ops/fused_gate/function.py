@@ -30,7 +30,7 @@ FUSED_GATE_BACKENDS = ("torch", "cpp", "triton")
 
 
 def _cpp_status(device) -> Tuple[bool, str]:
-    from ..cpp_backend import _EXT, available
+    from ..gate.cpp import _EXT, available
 
     ok, why = available(device)
     if not ok:

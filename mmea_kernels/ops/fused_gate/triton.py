@@ -30,7 +30,7 @@ _INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
 
 def available(device) -> Tuple[bool, str]:
     """The gate primitives' Triton conditions, and the interpreter set before this module's import."""
-    from ..triton_backend import available as primitives_available
+    from ..gate.triton import available as primitives_available
 
     ok, why = primitives_available(device)
     if ok and torch.device(device).type == "cpu" and not _INTERPRETED_AT_IMPORT:

@@ -3,7 +3,7 @@
 ``reference.py`` (plain torch, the numerical reference, and the argument checks),
 ``triton_kernels.py`` (kernels and launchers), ``function.py`` (the closed autograd and
 :func:`gated_linear`)."""
-from ..linear_spec import LinearSpec
+from ...linear_spec import LinearSpec
 from .function import _core, gated_linear
 from .reference import gated_linear_reference
 from .triton_kernels import fp32_precision
@@ -12,7 +12,7 @@ from .triton_kernels import fp32_precision
 def triton_status(device):
     """(available, reason) of the triton backend for tensors on ``device`` (the conditions of the
     triton gate backend: both share one triton import and interpreter flag)."""
-    from ..triton_backend import available
+    from ..gate.triton import available
     return available(device)
 
 

@@ -1,6 +1,6 @@
 """Autograd and public entry point of the fused equivariant linear + MMEA gate: ``y = G ⊙ (Linear_W(x) + bias) + additive``.
 
-``Linear_W`` is an ``e3nn.o3.Linear`` (described by a :class:`~mmea_kernels.ops.linear_spec.LinearSpec`),
+``Linear_W`` is an ``e3nn.o3.Linear`` (described by a :class:`~mmea_kernels.linear_spec.LinearSpec`),
 ``G`` gates every (non-0e block, multiplicity) of the output (per row ``[N, G]`` or shared
 ``[G]``), and ``bias``/``additive`` are added on the 0e output columns (where there is no gate,
 so ``G ⊙ (L + b) = G ⊙ L + b`` there).
@@ -32,8 +32,8 @@ import torch
 
 from .._utils import grad_needed, tensor_slots
 from ..backends import resolve_backend
-from ..gate import gate_mul, seg_dot
-from ..linear_spec import LinearSpec
+from ..gate.function import gate_mul, seg_dot
+from ...linear_spec import LinearSpec
 from .reference import gated_linear_reference, validate
 from .triton_kernels import tables, triton_forward, triton_wgrad
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ..linear_spec import LinearSpec
+from ...linear_spec import LinearSpec
 
 __all__ = ["gated_linear_reference", "validate"]
 

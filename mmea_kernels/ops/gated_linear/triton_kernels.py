@@ -28,9 +28,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import linear_spec as ls
+from ... import linear_spec as ls
 from .._utils import check_grid, device_guard, interpreting, pow2, tl, triton
-from ..linear_spec import LinearSpec, LinearTables, linear_tables
+from ...linear_spec import LinearSpec, LinearTables, linear_tables
 
 __all__ = ["triton_forward", "triton_wgrad", "fwd_launch", "wgrad_launch", "fp32_precision"]
 

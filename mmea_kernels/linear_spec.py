@@ -27,7 +27,7 @@ import functools
 import math
 from typing import List, Sequence, Tuple, Union
 
-from ..layout import LAYOUTS, IrrepsLayout, parse_irreps
+from .layout import LAYOUTS, IrrepsLayout, parse_irreps
 
 __all__ = ["LinearInstruction", "LinearSpec", "LinearTables", "linear_tables"]
 

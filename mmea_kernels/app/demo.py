@@ -9,16 +9,16 @@ import pathlib
 import time
 from typing import Sequence
 
-from .foundation import ASSETS, DEFAULT_MODEL
+from ..train.foundation import ASSETS, DEFAULT_MODEL
 
 DATA = ASSETS / "ethanol_pbe"
 
 
 def baseline(model_spec: str, train: str, test: str, dtype: str = "float64") -> dict:
     """Errors of the base model with only its E0s re-fitted on ``train`` (no training)."""
-    from .finetune import _batches, errors, read_frames, refit_e0s, _set_e0s
-    from .foundation import load_model, model_info
-    from .models.mace import atoms_to_graphs
+    from ..train.finetune import _batches, errors, read_frames, refit_e0s, _set_e0s
+    from ..train.foundation import load_model, model_info
+    from ..integrations.mace import atoms_to_graphs
     import torch
 
     dt = {"float32": torch.float32, "float64": torch.float64}[dtype]
@@ -33,7 +33,7 @@ def baseline(model_spec: str, train: str, test: str, dtype: str = "float64") -> 
 def run(epochs: int = 60, methods: Sequence[str] = ("mmea", "elora", "full"), out: str = "runs/demo", seed: int = 0,
         md_steps: int = 400, data_dir=DATA, model: str = DEFAULT_MODEL, dtype: str = "float64") -> dict:
     from .calculator import MMEACalculator, nve_drift
-    from .finetune import FinetuneConfig, finetune, read_frames
+    from ..train.finetune import FinetuneConfig, finetune, read_frames
 
     t_start = time.perf_counter()
     data_dir = pathlib.Path(data_dir)

@@ -13,7 +13,7 @@ def _batch(model, probe: dict):
     import ase
 
     from .foundation import model_info
-    from .models.mace import atoms_to_batch
+    from ..integrations.mace import atoms_to_batch
 
     z, r_max = model_info(model)
     atoms = ase.Atoms(numbers=probe["numbers"].tolist(), positions=probe["positions"].double().numpy(),

@@ -217,7 +217,7 @@ def checked_graphs(frames: Sequence, atomic_numbers, r_max: float, where: str, e
                    forces_key: str = "REF_forces", dtype=None, checks: DataChecks = DataChecks(),
                    labels: bool = True) -> list:
     """:func:`models.mace.atoms_to_graphs` with every check of this module before and after it."""
-    from .models.mace import atoms_to_graphs
+    from ..integrations.mace import atoms_to_graphs
 
     if labels:
         check_labels(frames, where, energy_key, forces_key)

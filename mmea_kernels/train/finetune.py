@@ -35,13 +35,13 @@ from .foundation import DEFAULT_MODEL, fingerprint, load_model, model_info
 from .methods import METHODS, apply_method, trainable_state
 from .safe_load import safe_load
 from .selfcheck import make_probe, verify_probe
-from .train_guard import (check_finite, check_finite_tensors, created_dirs, interrupt_message,
+from .guard import (check_finite, check_finite_tensors, created_dirs, interrupt_message,
                           remove_created_dirs)
 
 __all__ = ["FinetuneConfig", "finetune", "load_finetuned", "evaluate_checkpoint", "read_frames",
            "CHECKPOINT_FORMAT", "refit_e0s", "errors", "loss"]
 
-CHECKPOINT_FORMAT = "mmea_kernels.finetune/1"
+CHECKPOINT_FORMAT = "mmea_kernels.train.finetune/1"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -125,7 +125,7 @@ def refit_e0s(model, frames, z_table: Sequence[int], mode: str, energy_key: str,
     determine every element) or ``average`` (one mean residual per atom for every element);
     ``keep`` leaves them; a JSON file path gives ``{"Z": eV}`` explicitly. ``from_scratch``: fit the
     energies themselves (a randomly initialised model's interaction energy means nothing)."""
-    from .models.mace import atoms_to_batch
+    from ..integrations.mace import atoms_to_batch
 
     e0_old = model.atomic_energies_fn.atomic_energies.detach().double().reshape(-1).cpu().numpy()
     if mode == "keep":
@@ -174,7 +174,7 @@ def _set_e0s(model, e0s, source: str = "the E0s") -> None:
 def _batches(graphs, size, order=None, rank: int = 0, world: int = 1):
     """Batches of ``size`` graphs in ``order``; with ``world`` processes, process ``rank`` gets its
     share (every ``world``-th graph) of each global batch."""
-    from .models.mace import collate
+    from ..integrations.mace import collate
 
     idx = list(range(len(graphs))) if order is None else list(order)
     out = []

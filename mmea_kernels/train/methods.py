@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .inject import inject_adapters
+from ..peft.inject import inject_adapters
 
 __all__ = ["METHODS", "apply_method", "LowRankDelta", "trainable_state", "reinitialize"]
 

@@ -3,7 +3,7 @@
 compiled only with a CUDA build of torch and nvcc).
 
 Kernel-level functions (no autograd) with the same interface as
-:mod:`mmea_kernels.ops.torch_backend`; they call ``torch.ops.mmea_kernels_ext.gate_mul`` and
+:mod:`mmea_kernels.ops.gate.reference`; they call ``torch.ops.mmea_kernels_ext.gate_mul`` and
 ``torch.ops.mmea_kernels_ext.seg_dot``, which have fake (meta) implementations registered here so
 that ``torch.compile`` can trace them.
 
@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .tables import LayoutTables
+from ..tables import LayoutTables
 
 name = "cpp"
 
@@ -30,7 +30,7 @@ BUILD_HINT = (
 def _import_ext():
     """(module, None) or (None, the import error)."""
     try:
-        from .. import _C  # noqa: WPS433 - optional compiled extension
+        from ... import _C  # noqa: WPS433 - optional compiled extension
     except Exception as exc:  # ImportError, or OSError/undefined symbols for a stale build
         return None, exc
     return _C, None

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .tables import LayoutTables
+from ..tables import LayoutTables
 
 name = "torch"
 

@@ -11,8 +11,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .nn import ADAPTERS, AdapterLinear, is_equivariant_linear
-from .nn.common import linear_paths
+from ..nn import ADAPTERS, AdapterLinear, is_equivariant_linear
+from ..nn.base import linear_paths
 
 __all__ = [
     "inject_adapters", "InjectionReport", "adapter_state_dict", "load_adapter_state_dict",
@@ -256,7 +256,7 @@ def _copy_adapter_state(model: nn.Module, state: dict) -> None:
 def _irreps_of(mod: nn.Module):
     if isinstance(mod, AdapterLinear):
         return mod.in_layout.irreps_str, mod.out_layout.irreps_str
-    from .layout import IrrepsLayout
+    from ..layout import IrrepsLayout
     return IrrepsLayout.of(mod.irreps_in).irreps_str, IrrepsLayout.of(mod.irreps_out).irreps_str
 
 

@@ -29,7 +29,7 @@ __all__ = ["MODEL_FORMAT", "DEFAULT_MODEL", "ASSETS", "load_model", "save_model"
 
 MODEL_FORMAT = "mmea_kernels.model/1"
 DEFAULT_MODEL = "builtin:mace-xtb-small"
-ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
+ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
 
 
 def save_model(model: nn.Module, config, path, **meta) -> None:
@@ -39,7 +39,7 @@ def save_model(model: nn.Module, config, path, **meta) -> None:
 
 
 def _from_config(cfg: dict, state_dict: Optional[dict], source: str) -> nn.Module:
-    from .models.mace import MACEConfig, build_mace
+    from ..integrations.mace import MACEConfig, build_mace
 
     fields = set(MACEConfig.__dataclass_fields__)
     unknown = sorted(set(cfg) - fields)
@@ -74,7 +74,7 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
             raise FileNotFoundError(f"no built-in model {name!r} (have {have})")
         model = load_model(str(path))
     elif spec.startswith("preset:"):
-        from .models.mace import build_mace
+        from ..integrations.mace import build_mace
 
         model = build_mace(spec.split(":", 1)[1])
     elif spec.startswith(("mace-off:", "mace-mp:")):
@@ -89,7 +89,7 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
                                "the foundation models are downloaded, so this needs internet") from None
         model = calc.models[0]
     elif spec.startswith("sevenn:"):
-        from .models.sevenn import load_sevennet
+        from ..integrations.sevenn import load_sevennet
 
         model = load_sevennet(spec.split(":", 1)[1], fused_gate=fused_gate)
     else:

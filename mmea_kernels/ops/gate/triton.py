@@ -2,7 +2,7 @@
 ``TRITON_INTERPRET=1``).
 
 Kernel-level functions (no autograd) with the same interface as
-:mod:`mmea_kernels.ops.torch_backend`: inputs are 2-D and contiguous, already validated.
+:mod:`mmea_kernels.ops.gate.reference`: inputs are 2-D and contiguous, already validated.
 
 * ``gate_mul``: one 2-D grid over (row blocks, column blocks); each program loads a
   ``[BLOCK_N, BLOCK_D]`` tile of ``x``, gathers the gate of every column from
@@ -23,10 +23,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._utils import INTERPRETED_AT_IMPORT as _INTERPRETED_AT_IMPORT
-from ._utils import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
-from ._utils import check_grid, device_guard, interpreting, pow2, tl, triton
-from .tables import LayoutTables
+from .._utils import INTERPRETED_AT_IMPORT as _INTERPRETED_AT_IMPORT
+from .._utils import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
+from .._utils import check_grid, device_guard, interpreting, pow2, tl, triton
+from ..tables import LayoutTables
 
 name = "triton"
 
@@ -41,7 +41,7 @@ def available(device: torch.device) -> Tuple[bool, str]:
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         if not _INTERPRETED_AT_IMPORT:
             return False, (
-                "TRITON_INTERPRET=1 was set after mmea_kernels.ops.triton_backend was imported; "
+                "TRITON_INTERPRET=1 was set after mmea_kernels.ops.gate.triton was imported; "
                 "set it before importing to run the triton backend on CPU tensors"
             )
         return True, ""

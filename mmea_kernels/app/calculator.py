@@ -29,12 +29,12 @@ def _make_calculator():
                      model: Optional[str] = None, dtype: Optional[str] = None, trust_pickle: bool = False,
                      **kwargs):
             super().__init__(**kwargs)
-            from .foundation import model_info
+            from ..train.foundation import model_info
 
             if (checkpoint is None) == (module is None):
                 raise ValueError("give exactly one of checkpoint= (a fine-tuning checkpoint) or module= (a model)")
             if checkpoint is not None:
-                from .finetune import load_finetuned
+                from ..train.finetune import load_finetuned
 
                 module, _ = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle)
             self.net = module.eval()
@@ -42,7 +42,7 @@ def _make_calculator():
             self.dtype = next(module.parameters()).dtype
 
         def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-            from .models.mace import atoms_to_batch
+            from ..integrations.mace import atoms_to_batch
 
             super().calculate(atoms, properties, system_changes)
             a = self.atoms.copy()
@@ -87,7 +87,7 @@ def check_md_settings(steps: int, dt_fs: float, temperature_K: float) -> None:
 def check_structure(atoms, calculator, where: str, checks=None) -> None:
     """The geometry checks of :mod:`.checks` (finite positions, lattice, cell width, coincident atoms,
     neighbour count) and the element check, for the model behind ``calculator``."""
-    from .checks import DataChecks, checked_graphs
+    from ..train.checks import DataChecks, checked_graphs
 
     checked_graphs([atoms], calculator.z, calculator.r_max, where, dtype=calculator.dtype,
                    checks=checks or DataChecks(), labels=False)

@@ -27,9 +27,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .inject import (_SAVED_GRAD_FLAGS, InjectionReport, _set_submodule, adapted_modules, adapter_state_dict,
+from ..peft.inject import (_SAVED_GRAD_FLAGS, InjectionReport, _set_submodule, adapted_modules, adapter_state_dict,
                      load_adapter_state_dict)
-from .nn.common import is_cuet_linear
+from ..nn.base import is_cuet_linear
 
 __all__ = ["convert_adapted_to_cueq", "convert_adapted_to_e3nn", "transfer_adapters"]
 

@@ -34,14 +34,14 @@ def _common(trust: bool = False, data: bool = False) -> argparse.ArgumentParser:
 
 
 def _checks(args):
-    from .checks import DataChecks
+    from ..train.checks import DataChecks
 
     return DataChecks(args.min_distance, args.max_neighbors, args.allow_small_cells)
 
 
 def _finetune_parser(sub):
-    from .finetune import FinetuneConfig
-    from .methods import METHODS
+    from ..train.finetune import FinetuneConfig
+    from ..train.methods import METHODS
 
     d = FinetuneConfig(train="")
     p = sub.add_parser("finetune", help="adapt a base model to labelled data", parents=[_common(True, True)],
@@ -155,7 +155,7 @@ def _run(args) -> int:
 
         run(epochs=args.epochs, methods=args.methods.split(","), out=args.out, seed=args.seed, md_steps=args.md_steps)
     elif args.command == "finetune":
-        from .finetune import FinetuneConfig, finetune
+        from ..train.finetune import FinetuneConfig, finetune
 
         fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
         kw = {k: v for k, v in vars(args).items() if k in fields}  # incl. trust_pickle and the data checks
@@ -164,7 +164,7 @@ def _run(args) -> int:
         if res.get("stopped") == "stop_after":
             return 3
     elif args.command == "evaluate":
-        from .finetune import evaluate_checkpoint
+        from ..train.finetune import evaluate_checkpoint
 
         res = evaluate_checkpoint(args.checkpoint, args.data, args.model, args.energy_key, args.forces_key,
                                   trust_pickle=args.trust_pickle, checks=_checks(args))
@@ -188,7 +188,7 @@ def _run(args) -> int:
 
 def _md(args) -> None:
     from .calculator import MMEACalculator, check_md_settings, check_structure, nve_drift
-    from .checks import read_structures
+    from ..train.checks import read_structures
 
     check_md_settings(args.steps, args.dt, args.temperature)
     atoms = read_structures(args.structure, "structure file")[0]

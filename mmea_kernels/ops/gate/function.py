@@ -12,10 +12,10 @@ from typing import Optional
 
 import torch
 
-from ..layout import IrrepsLayout
-from ._utils import grad_needed
-from .backends import resolve_backend
-from .tables import layout_tables
+from ...layout import IrrepsLayout
+from .._utils import grad_needed
+from ..backends import resolve_backend
+from ..tables import layout_tables
 
 __all__ = ["gate_mul", "seg_dot", "layout_key"]
 

@@ -36,8 +36,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .inject import adapted_modules
-from .nn.scriptable import check_scriptable
+from ..peft.inject import adapted_modules
+from ..nn.scriptable import check_scriptable
 
 __all__ = ["check_scriptable_model", "script_model", "lammps_model", "export_lammps"]
 

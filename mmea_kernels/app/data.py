@@ -10,7 +10,7 @@ import numpy as np
 
 __all__ = ["find_rmd17", "read_xyz", "toy_molecules"]
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
+_REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def find_rmd17(path: Optional[str] = None, molecules: Sequence[str] = ("ethanol",)) -> Optional[pathlib.Path]:
@@ -36,7 +36,7 @@ def find_rmd17(path: Optional[str] = None, molecules: Sequence[str] = ("ethanol"
 def read_xyz(path, index=":", energy_key: str = "REF_energy", forces_key: str = "REF_forces") -> list:
     """Frames of an extended-XYZ file, each checked for finite energy and forces labels
     (:func:`checks.read_structures`, :func:`checks.check_labels`: errors name file, frame and key)."""
-    from .checks import check_labels, read_structures
+    from ..train.checks import check_labels, read_structures
 
     spec = f"{path}@{index}" if str(index) not in ("", ":") else str(path)
     frames = read_structures(spec)

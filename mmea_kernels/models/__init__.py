@@ -1,1 +1,0 @@
-"""Model builders and data helpers for the interatomic potentials MMEA adapts."""
