@@ -261,7 +261,7 @@ def test_corrupt_checkpoint(files, tmp_path, capsys):
     assert "bad.pt" in _err(capsys)
     torch.save({"hello": 1}, tmp_path / "foreign.pt")
     assert main(["evaluate", "--checkpoint", str(tmp_path / "foreign.pt"), "--data", str(files / "test.xyz")]) == 2
-    assert "mmea_kernels.train.finetune/1" in _err(capsys)
+    assert "mmea_kernels.finetune/1" in _err(capsys)
     assert main(["evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(files / "test.xyz")]) == 2
     assert "does not exist" in _err(capsys)
 

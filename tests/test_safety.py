@@ -67,7 +67,7 @@ def test_crafted_pickle_is_refused_everywhere_and_never_runs(data, tmp_path, cap
 
     marker = tmp_path / "PWNED"
     evil = tmp_path / "evil.pt"
-    torch.save({"format": "mmea_kernels.train.finetune/1", "x": _Payload(marker)}, str(evil))
+    torch.save({"format": "mmea_kernels.finetune/1", "x": _Payload(marker)}, str(evil))
     test = str(data / "test.xyz")
     runs = {
         "evaluate": ["evaluate", "--checkpoint", str(evil), "--data", test],

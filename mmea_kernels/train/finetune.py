@@ -41,7 +41,7 @@ from .guard import (check_finite, check_finite_tensors, created_dirs, interrupt_
 __all__ = ["FinetuneConfig", "finetune", "load_finetuned", "evaluate_checkpoint", "read_frames",
            "CHECKPOINT_FORMAT", "refit_e0s", "errors", "loss"]
 
-CHECKPOINT_FORMAT = "mmea_kernels.train.finetune/1"
+CHECKPOINT_FORMAT = "mmea_kernels.finetune/1"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
