@@ -18,7 +18,7 @@ ALIASES = {
     "mmea_kernels.ops.cpp_backend": "mmea_kernels.ops.gate.cpp",
     "mmea_kernels.ops.linear_spec": "mmea_kernels.linear_spec",
     "mmea_kernels.nn.common": "mmea_kernels.nn.base",
-    "mmea_kernels.inject": "mmea_kernels.peft.inject",
+    "mmea_kernels.inject": "mmea_kernels.peft",
     "mmea_kernels.cueq": "mmea_kernels.integrations.cueq",
     "mmea_kernels.export": "mmea_kernels.integrations.export",
     "mmea_kernels.models": "mmea_kernels.integrations",

@@ -6,8 +6,11 @@ gated-linear kernels.
 ``[mul_in, mul_out]`` block lives in the flat weight vector), and which 0e output blocks carry a
 bias. It is built once per key (:meth:`LinearSpec.of`, :meth:`LinearSpec.from_e3nn`) and cached.
 
-The torch index tables the kernels read (:class:`LinearTables`, via :func:`linear_tables`) are
-built from a spec once per (device, tile size) and cached; torch is imported only there.
+It is the one description of an equivariant linear layer in the package: the adapters read
+their irreps, layouts and weight blocks from it (:meth:`LinearSpec.from_module`: e3nn ``o3.Linear``
+or cuEquivariance ``cuet.Linear``), ELoRA and the ``mmea-paper`` low-rank deltas read the weight
+blocks (:meth:`LinearSpec.weight_blocks`, :func:`tensor_product_blocks` for an e3nn tensor product),
+and the fused kernels build their index tables from it (``ops/gated_linear/tables.py``).
 
 Semantics (``x`` one row, ``W_i`` the block of instruction ``i``)::
 
@@ -25,11 +28,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import List, Sequence, Tuple, Union
+import sys
+from typing import List, Optional, Sequence, Tuple, Union
 
 from .layout import LAYOUTS, IrrepsLayout, parse_irreps
 
-__all__ = ["LinearInstruction", "LinearSpec", "LinearTables", "linear_tables"]
+__all__ = ["LinearInstruction", "LinearSpec", "tensor_product_blocks", "is_e3nn_linear", "is_cuet_linear"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,21 +68,26 @@ class LinearSpec:
             :class:`LinearInstruction`), in weight order: block ``i`` occupies
             ``mul_in*mul_out`` elements of the flat weight right after block ``i-1``, row-major
             ``[mul_in, mul_out]`` (e3nn's convention).
-        layout: ``"mul_ir"`` (e3nn) or ``"ir_mul"`` (cuEquivariance), for input and output.
+        layout: ``"mul_ir"`` (e3nn) or ``"ir_mul"`` (cuEquivariance), of the input (and of the
+            output unless ``layout_out`` is given; the fused kernels need one layout for both).
         biases: ``True`` (every 0e output block), ``False``/``None`` (none) or one bool per output
             block (only 0e blocks may have one). Bias elements are numbered block by block.
+        layout_out: the output's layout when it differs from the input's (a ``cuet.Linear`` can
+            read ``mul_ir`` and write ``ir_mul``).
 
     Prefer the cached constructors :meth:`of` and :meth:`from_e3nn`.
     """
 
     def __init__(self, irreps_in, irreps_out, instructions: Sequence, layout: str = "mul_ir",
-                 biases: Union[bool, Sequence[bool], None] = False):
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-        self.layout = layout
+                 biases: Union[bool, Sequence[bool], None] = False, layout_out: Optional[str] = None):
+        layout_out = layout if layout_out is None else layout_out
+        for name in (layout, layout_out):
+            if name not in LAYOUTS:
+                raise ValueError(f"unknown layout {name!r}; expected one of {LAYOUTS}")
+        self.layout, self.layout_out = layout, layout_out
         pin, pout = parse_irreps(irreps_in), parse_irreps(irreps_out)
         self.in_layout = IrrepsLayout.of(_irreps_text(pin), layout)
-        self.out_layout = IrrepsLayout.of(_irreps_text(pout), layout)
+        self.out_layout = IrrepsLayout.of(_irreps_text(pout), layout_out)
         bin_, bout = self.in_layout.blocks, self.out_layout.blocks
 
         ins_list: List[LinearInstruction] = []
@@ -139,7 +148,8 @@ class LinearSpec:
         key = self.__dict__.get("_key")
         if key is None:
             key = (self.in_layout.irreps_str, self.out_layout.irreps_str,
-                   tuple(dataclasses.astuple(i) for i in self.instructions), self.layout, self.biases)
+                   tuple(dataclasses.astuple(i) for i in self.instructions), self.layout, self.biases,
+                   self.layout_out)
             self.__dict__["_key"] = key
             self.__dict__["_hash"] = hash(key)
         return key
@@ -147,14 +157,15 @@ class LinearSpec:
     @staticmethod
     @functools.lru_cache(maxsize=None)
     def _cached(irreps_in: str, irreps_out: str, instructions: Tuple, layout: str,
-                biases: Tuple[bool, ...]) -> "LinearSpec":
-        return LinearSpec(irreps_in, irreps_out, [LinearInstruction(*i) for i in instructions], layout, biases)
+                biases: Tuple[bool, ...], layout_out: str) -> "LinearSpec":
+        return LinearSpec(irreps_in, irreps_out, [LinearInstruction(*i) for i in instructions], layout, biases,
+                          layout_out)
 
     @classmethod
     def of(cls, irreps_in, irreps_out, instructions: Sequence, layout: str = "mul_ir",
-           biases: Union[bool, Sequence[bool], None] = False) -> "LinearSpec":
+           biases: Union[bool, Sequence[bool], None] = False, layout_out: Optional[str] = None) -> "LinearSpec":
         """Cached constructor (same arguments as the class)."""
-        spec = cls(irreps_in, irreps_out, instructions, layout, biases)  # validates, normalises
+        spec = cls(irreps_in, irreps_out, instructions, layout, biases, layout_out)  # validates, normalises
         return cls._cached(*spec.key)
 
     @classmethod
@@ -170,17 +181,17 @@ class LinearSpec:
         return cls.of(_irreps_text(pin), _irreps_text(pout), ins, layout, biases)
 
     @classmethod
-    def from_e3nn(cls, linear, layout: str = "mul_ir") -> "LinearSpec":
+    def from_e3nn(cls, linear, layout: str = "mul_ir", plain: bool = True) -> "LinearSpec":
         """The spec of an ``e3nn.o3.Linear`` (its instructions, path weights and biases).
 
-        Only plain linears are supported: no ``f_in``/``f_out``; the weight vector is
+        ``plain`` (what the fused kernels need): no ``f_in``/``f_out``, so that the weight vector is
         ``linear.weight`` (or the ``weight=`` argument it is called with) and the bias vector is
-        ``linear.bias``.
+        ``linear.bias``. Adapters, which only read irreps and blocks, pass ``plain=False``.
         """
         if not (hasattr(linear, "irreps_in") and hasattr(linear, "irreps_out") and hasattr(linear, "instructions")):
             raise TypeError(f"expected an e3nn.o3.Linear, got {type(linear).__name__}")
         w = getattr(linear, "weight", None)
-        if w is not None and getattr(w, "dim", lambda: 1)() > 1:
+        if plain and w is not None and getattr(w, "dim", lambda: 1)() > 1:
             raise ValueError("o3.Linear with f_in/f_out (weight of more than one dimension) is not supported")
         pout = parse_irreps(linear.irreps_out)
         ins, bias_blocks = [], set()
@@ -197,17 +208,78 @@ class LinearSpec:
                 raise ValueError(f"bias of output block {o} has path weight {pw}, expected 1.0")
         return cls.of(linear.irreps_in, linear.irreps_out, ins, layout, biases)
 
+    @classmethod
+    def from_cuet(cls, linear) -> "LinearSpec":
+        """The spec of a ``cuequivariance_torch.Linear`` (one weight class), from its descriptor
+        ``cue.descriptors.linear(irreps_in, irreps_out)`` (``weights[uv], input[iu], output[iv]``:
+        every pair of equal irreps, input-major, a row-major ``[mul_in, mul_out]`` block each) and its
+        layouts (kept only in ``transpose_in.source`` / ``transpose_out.target``). No biases."""
+        import cuequivariance as cue
+
+        for irreps, where in ((linear.irreps_in, "irreps_in"), (linear.irreps_out, "irreps_out")):
+            for _, ir in irreps:
+                if not isinstance(ir, cue.O3):
+                    raise TypeError(
+                        "adapters on a cuequivariance_torch Linear need O(3) irreps (cue.O3 or a subclass such as "
+                        f"mace's O3_e3nn), whose 0e channels are the invariant scalars; {where} has irrep {ir!r} "
+                        f"of group {type(ir).__name__}")
+        desc = cue.descriptors.linear(linear.irreps_in, linear.irreps_out)
+        if len(desc.polynomial.operations) != 1:
+            raise ValueError("unexpected cue.descriptors.linear: more than one operation")
+        (_, stp), = desc.polynomial.operations
+        if stp.subscripts != "uv,iu,iv":
+            raise ValueError(f"unexpected cue.descriptors.linear subscripts {stp.subscripts!r}, expected 'uv,iu,iv'")
+        seg_w = stp.operands[0].segments
+        offsets, off = [], 0
+        for shape in seg_w:
+            offsets.append(off)
+            off += int(shape[0]) * int(shape[1])
+        if off != int(linear.weight_numel):
+            raise ValueError(f"descriptor weight has {off} elements, the layer {linear.weight_numel}")
+        ins, used = [], set()
+        for path in stp.paths:
+            s, i_in, i_out = (int(i) for i in path.indices)
+            if s in used:
+                raise ValueError(f"weight segment {s} feeds more than one path")
+            used.add(s)
+            mul_in, mul_out = (int(d) for d in seg_w[s])
+            c = path.coefficients
+            pw = float(c.item() if hasattr(c, "item") else c)
+            ins.append(LinearInstruction(i_in, i_out, mul_in, mul_out, pw, offsets[s], mul_out, 1))
+        if used != set(range(len(seg_w))):
+            raise ValueError("some weight segments of the descriptor feed no path")
+        ins.sort(key=lambda i: i.weight_offset)
+        return cls.of(linear.irreps_in, linear.irreps_out, ins, _layout_name(linear.transpose_in.source), False,
+                      _layout_name(linear.transpose_out.target))
+
+    @classmethod
+    def from_module(cls, linear) -> "LinearSpec":
+        """The spec of a layer adapters can wrap: e3nn ``o3.Linear`` (any, ``plain=False``) or
+        ``cuequivariance_torch.Linear``; a clear ``TypeError`` for anything else."""
+        if is_e3nn_linear(linear):
+            return cls.from_e3nn(linear, plain=False)
+        if is_cuet_linear(linear):
+            return cls.from_cuet(linear)
+        raise TypeError(f"adapters wrap e3nn o3.Linear layers; got {type(linear).__module__}.{type(linear).__name__} "
+                        "(cuequivariance_torch.Linear layers are supported too)")
+
+    def weight_blocks(self) -> Tuple[Tuple[int, int, int], ...]:
+        """``(offset, mul_in, mul_out)`` of every block of the flat weight, in weight order (what a
+        low-rank update per block needs)."""
+        return tuple((i.weight_offset, i.mul_in, i.mul_out) for i in self.instructions)
+
     # ------------------------------------------------------------------ derived specs
     @functools.cached_property
     def transposed(self) -> "LinearSpec":
         """``L^T``: irreps swapped, each block reads ``W_i^T`` from the same flat weight; no biases."""
         ins = [LinearInstruction(i.i_out, i.i_in, i.mul_out, i.mul_in, i.path_weight, i.weight_offset,
                                  i.weight_stride_out, i.weight_stride_in) for i in self.instructions]
-        return LinearSpec.of(self.out_layout.irreps_str, self.in_layout.irreps_str, ins, self.layout, False)
+        return LinearSpec.of(self.out_layout.irreps_str, self.in_layout.irreps_str, ins, self.layout_out, False,
+                             self.layout)
 
     def with_layout(self, layout: str) -> "LinearSpec":
-        """The same linear map on features stored in ``layout``."""
-        if layout == self.layout:
+        """The same linear map on features stored in ``layout`` (input and output)."""
+        if layout == self.layout == self.layout_out:
             return self
         return LinearSpec.of(self.in_layout.irreps_str, self.out_layout.irreps_str, self.instructions,
                              layout, self.biases)
@@ -236,7 +308,8 @@ class LinearSpec:
 
     def __repr__(self) -> str:
         return (f"LinearSpec({self.in_layout.irreps_str!r} -> {self.out_layout.irreps_str!r}, "
-                f"layout={self.layout!r}, instructions={len(self.instructions)}, "
+                f"layout={self.layout if self.layout == self.layout_out else self.layout + '->' + self.layout_out!r}, "
+                f"instructions={len(self.instructions)}, "
                 f"weights={self.weight_numel}, biases={self.bias_numel})")
 
     def __eq__(self, other) -> bool:
@@ -247,127 +320,37 @@ class LinearSpec:
         return self.__dict__["_hash"]
 
 
-# ============================================================================ torch tables
-# Columns of the int32 tables; the kernels read them by these names (as tl.constexpr).
-# forward task: one (output block, output-channel tile); the kernel loops over the 2l+1 components
-(T_COL0, T_COL_SU, T_COL_SM, T_W0, T_MUL_OUT, T_IR_DIM, T_GATE, T_SCALAR, T_BIAS, T_INS_LO,
- T_INS_HI) = range(11)
-TASK_FIELDS = 11
-# instruction, sorted by output block
-I_IN_OFF, I_IN_SU, I_IN_SM, I_MUL_IN, I_GATE_IN, I_W_OFF, I_W_SU, I_W_SW = range(8)
-INS_FIELDS = 8
-# weight-gradient task: one (instruction, input-channel tile, output-channel tile)
-(G_IN_OFF, G_IN_SU, G_IN_SM, G_MUL_IN, G_GATE_IN, G_OUT_OFF, G_OUT_SU, G_OUT_SM, G_MUL_OUT, G_GATE_OUT,
- G_IR_DIM, G_W_OFF, G_W_SU, G_W_SW, G_U0, G_W0, G_INS) = range(17)
-WTASK_FIELDS = 17
+def is_e3nn_linear(module) -> bool:
+    """True for an ``e3nn.o3.Linear`` (never imports e3nn: an instance can exist only once it is)."""
+    o3 = sys.modules.get("e3nn.o3")
+    return o3 is not None and isinstance(module, o3.Linear)
 
 
-@dataclasses.dataclass(frozen=True)
-class LinearTables:
-    spec: LinearSpec
-    block_w: int  # output-channel tile of the forward tasks
-    tasks: "object"  # int32 [T, TASK_FIELDS]
-    instructions: "object"  # int32 [I, INS_FIELDS], non-empty instructions sorted by output block
-    path_weights: "object"  # float64 [I], same order
-    wtasks: "object"  # int32 [Tw, WTASK_FIELDS], tiles of block_u x block_w, heaviest (largest 2l+1) first
-    block_u: int  # input-channel tile of the weight-gradient tasks
-    bias_columns: "object"  # int64 [n_bias]
-    scalar_columns: "object"  # int64 [S_out]
-    max_ir_dim: int  # largest 2l+1 among the forward tasks (1 without tasks)
-
-    @property
-    def num_tasks(self) -> int:
-        return int(self.tasks.shape[0])
-
-    @property
-    def num_wtasks(self) -> int:
-        return int(self.wtasks.shape[0])
+def is_cuet_linear(module) -> bool:
+    """True for a ``cuequivariance_torch.Linear`` (never imports cuequivariance_torch)."""
+    mod = sys.modules.get("cuequivariance_torch")
+    cls = getattr(mod, "Linear", None) if mod is not None else None
+    return cls is not None and isinstance(module, cls)
 
 
-def _block_strides(b, layout: str) -> Tuple[int, int]:
-    """(channel stride, component stride) inside a block."""
-    return (b.ir_dim, 1) if layout == "mul_ir" else (1, b.mul)
+def _layout_name(layout) -> str:
+    """``"mul_ir"`` / ``"ir_mul"`` from a ``cue.IrrepsLayout`` (or its name)."""
+    name = getattr(layout, "name", layout)
+    if name not in LAYOUTS:
+        raise ValueError(f"unsupported irreps layout {layout!r}; expected cue.mul_ir or cue.ir_mul")
+    return name
 
 
-def linear_tables(spec: LinearSpec, device, block_w: int, block_u: int) -> LinearTables:
-    """Task tables of ``spec`` on ``device`` for tiles ``block_w`` (output channels) and
-    ``block_u`` (input channels of the weight gradient); built once, then cached on the spec
-    (the launch path pays one dict lookup per call)."""
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    cache = spec.__dict__.setdefault("_tables", {})
-    key = (device, int(block_w), int(block_u))
-    hit = cache.get(key)
-    if hit is None:
-        hit = cache[key] = _build_tables(spec, device, int(block_w), int(block_u))
-    return hit
-
-
-def _build_tables(spec: LinearSpec, device, block_w: int, block_u: int) -> LinearTables:
-    import torch
-
-    L = spec.layout
-    bin_, bout = spec.in_layout.blocks, spec.out_layout.blocks
-    live = [(k, i) for k, i in enumerate(spec.instructions) if i.numel > 0 and bin_[i.i_in].ir_dim > 0]
-    live.sort(key=lambda t: (t[1].i_out, t[0]))  # stable: instruction order inside an output block
-
-    ins_rows, pws, ranges = [], [], {}
-    for _, i in live:
-        a = bin_[i.i_in]
-        su, sm = _block_strides(a, L)
-        lo = len(ins_rows)
-        ins_rows.append([a.offset, su, sm, a.mul, a.first_gate, i.weight_offset, i.weight_stride_in,
-                         i.weight_stride_out])
-        pws.append(i.path_weight)
-        r = ranges.setdefault(i.i_out, [lo, lo])
-        r[1] = lo + 1
-
-    scalar_base, s = [], 0
-    for b in bout:
-        scalar_base.append(s if b.is_scalar else -1)
-        s += b.mul if b.is_scalar else 0
-
-    task_rows = []
-    for o, b in enumerate(bout):
-        if b.mul == 0 or b.ir_dim == 0:
+def tensor_product_blocks(tp) -> Tuple[Tuple[int, int, int], ...]:
+    """``(offset, mul_in1·mul_in2, mul_out)`` of every weighted instruction of an e3nn
+    ``TensorProduct`` in weight order (the blocks a low-rank update per path factorises; only
+    ``uvw`` paths, whose weight is ``[mul_in1, mul_in2, mul_out]``)."""
+    blocks, off = [], 0
+    for ins in tp.instructions:
+        if not ins.has_weight:
             continue
-        su, sm = _block_strides(b, L)
-        lo, hi = ranges.get(o, (0, 0))
-        for w0 in range(0, b.mul, block_w):
-            task_rows.append([b.offset, su, sm, w0, b.mul, b.ir_dim, b.first_gate, scalar_base[o],
-                              spec.bias_offsets[o], lo, hi])
-
-    wtask_rows = []
-    for row, (_, i) in enumerate(live):
-        a, b = bin_[i.i_in], bout[i.i_out]
-        asu, asm = _block_strides(a, L)
-        bsu, bsm = _block_strides(b, L)
-        for u0 in range(0, i.mul_in, block_u):
-            for w0 in range(0, i.mul_out, block_w):
-                wtask_rows.append([a.offset, asu, asm, a.mul, a.first_gate, b.offset, bsu, bsm, b.mul,
-                                   b.first_gate, a.ir_dim, i.weight_offset, i.weight_stride_in,
-                                   i.weight_stride_out, u0, w0, row])
-    # the work of a weight-gradient task grows with 2l+1: heaviest first balances the SMs
-    wtask_rows.sort(key=lambda r: -r[G_IR_DIM])
-
-    def _t(rows, width):
-        if any(abs(v) >= 2**31 for r in rows for v in r):
-            raise ValueError(f"{spec!r}: a table entry exceeds int32 (the layer is too large for the kernels)")
-        t = torch.tensor(rows, dtype=torch.int32) if rows else torch.zeros((0, width), dtype=torch.int32)
-        return t.reshape(-1, width).to(device)
-
-    return LinearTables(
-        spec=spec,
-        block_w=block_w,
-        tasks=_t(task_rows, TASK_FIELDS),
-        instructions=_t(ins_rows, INS_FIELDS),
-        path_weights=torch.tensor(pws, dtype=torch.float64).to(device),
-        wtasks=_t(wtask_rows, WTASK_FIELDS),
-        block_u=block_u,
-        bias_columns=torch.tensor(spec.bias_columns, dtype=torch.int64).to(device),
-        scalar_columns=torch.tensor(spec.out_layout.scalar_columns, dtype=torch.int64).to(device),
-        max_ir_dim=max((r[T_IR_DIM] for r in task_rows), default=1),
-    )
+        if len(ins.path_shape) != 3:
+            raise ValueError(f"unsupported tensor-product path shape {ins.path_shape} (connection {ins.connection_mode})")
+        blocks.append((off, ins.path_shape[0] * ins.path_shape[1], ins.path_shape[2]))
+        off += math.prod(ins.path_shape)
+    return tuple(blocks)

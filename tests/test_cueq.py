@@ -24,7 +24,7 @@ from mmea_kernels import (ELoRALinear, MMEALinear, adapted_modules, adapter_stat
                           disable_adapters, inject_adapters, load_adapter_state_dict, merge_and_unload, unload)
 from mmea_kernels.layout import parse_irreps  # noqa: E402
 from mmea_kernels.nn import is_equivariant_linear  # noqa: E402
-from mmea_kernels.nn.base import linear_layouts, linear_paths  # noqa: E402
+from mmea_kernels.linear_spec import LinearSpec  # noqa: E402
 
 IN = "3x0e+2x0e+2x1o+1x2e+1x0o"
 OUT = "4x0e+3x1o+2x2e+2x0o+1x1e"
@@ -126,16 +126,21 @@ def rep_matrix(irreps, layout, R):
 def test_recognised_with_irreps_layouts_and_paths():
     lin = make_cuet(layouts=("mul_ir", "ir_mul"))
     assert is_equivariant_linear(lin)
-    assert linear_layouts(lin) == (IN, OUT, "mul_ir", "ir_mul")
-    assert linear_layouts(make_cuet()) == (IN, OUT, "ir_mul", "ir_mul")
+    spec = LinearSpec.from_module(lin)
+    assert (spec.in_layout.irreps_str, spec.out_layout.irreps_str, spec.layout, spec.layout_out) == \
+        (IN, OUT, "mul_ir", "ir_mul")
+    assert (LinearSpec.from_module(make_cuet()).layout, LinearSpec.from_module(make_cuet()).layout_out) == \
+        ("ir_mul", "ir_mul")
     assert not is_equivariant_linear(torch.nn.Linear(3, 3))
-    paths = linear_paths(lin)
-    assert [(p.i_in, p.i_out, p.mul_in, p.mul_out, p.offset) for p in paths] == [
+    with pytest.raises(TypeError, match="adapters wrap e3nn o3.Linear"):
+        LinearSpec.from_module(torch.nn.Linear(3, 3))
+    paths = spec.instructions
+    assert [(p.i_in, p.i_out, p.mul_in, p.mul_out, p.weight_offset) for p in paths] == [
         (0, 0, 3, 4, 0), (1, 0, 2, 4, 12), (2, 1, 2, 3, 20), (3, 2, 1, 2, 26), (4, 3, 1, 2, 28)]
     assert [round(p.path_weight, 12) for p in paths] == [round(5 ** -0.5, 12)] * 2 + [round(2 ** -0.5, 12), 1.0, 1.0]
     # the same blocks, in the same order, as e3nn's instructions
     e3 = o3.Linear(o3.Irreps(IN), o3.Irreps(OUT))
-    assert [(p.i_in, p.i_out, p.mul_in, p.mul_out) for p in linear_paths(e3)] == \
+    assert [(p.i_in, p.i_out, p.mul_in, p.mul_out) for p in LinearSpec.from_module(e3).instructions] == \
         [(p.i_in, p.i_out, p.mul_in, p.mul_out) for p in paths]
 
 

@@ -167,8 +167,55 @@ def test_load_only_lets_backend_be_chosen():
     m, x = model_and_input()
     mk.inject_adapters(m, phi="residual")
     state = mk.adapter_state_dict(m)
-    with pytest.raises(ValueError, match=r"only 'backend' can be chosen when loading adapters; \['phi'\]"):
+    with pytest.raises(ValueError, match=r"only 'backend' can be chosen when loading mmea adapters; \['phi'\]"):
         mk.load_adapter_state_dict(model_and_input()[0], state, phi="exp")
     fresh, _ = model_and_input()
     mk.load_adapter_state_dict(fresh, state, backend="torch")
     assert all(a.backend == "torch" and a.phi == "residual" for a in mk.adapted_modules(fresh).values())
+
+
+# ----------------------------------------------------------------------------- AdapterConfig
+def test_adapter_config_is_the_same_injection_as_arguments():
+    m1, x = model_and_input()
+    m2, _ = model_and_input()
+    cfg = mk.AdapterConfig("mmea", rank=4, target_modules=["linear", "readout"], options={"phi": "residual"})
+    r1 = mk.inject_adapters(m1, cfg)
+    r2 = mk.inject_adapters(m2, method="mmea", rank=4, target_modules=["linear", "readout"], phi="residual")
+    assert [m.name for m in r1.modules] == [m.name for m in r2.modules] and r1.options == r2.options
+    assert mk.AdapterConfig.from_dict(cfg.to_dict()) == cfg
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for (n1, p1), (n2, p2) in zip(m1.named_parameters(), m2.named_parameters()):
+            assert n1 == n2
+            if p1.requires_grad:
+                p1.copy_(torch.randn_like(p1))
+                p2.copy_(p1)
+    assert torch.equal(m1(x), m2(x))
+
+
+def test_adapter_config_checks_its_fields_against_the_adapter_class():
+    with pytest.raises(ValueError, match="unknown adapter method 'lora'"):
+        mk.AdapterConfig("lora")
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        mk.AdapterConfig("mmea", rank=0)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['alpha'\] for mmea adapters"):
+        mk.AdapterConfig("mmea", options={"alpha": 2.0})
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['phi'\] for elora adapters"):
+        mk.inject_adapters(model_and_input()[0], method="elora", phi="exp")
+    with pytest.raises(TypeError, match="either an AdapterConfig or its fields"):
+        mk.inject_adapters(model_and_input()[0], mk.AdapterConfig("mmea"), rank=8)
+    with pytest.raises(KeyError, match="no field"):
+        mk.AdapterConfig.from_dict({"method": "mmea", "ranks": 3})
+
+
+def test_adapter_classes_own_their_options():
+    """What differs between adapter kinds lives on the class: options, which of them shape the saved
+    weights, which may change on load, mergeability (peft's per-layer ownership)."""
+    assert mk.MMEALinear.option_names == ("phi", "init", "init_std", "backend")
+    assert not mk.MMEALinear.mergeable and mk.ELoRALinear.mergeable
+    assert mk.MMEALinear.runtime_options == ("backend",) and mk.ELoRALinear.runtime_options == ()
+    m, _ = model_and_input()
+    mk.inject_adapters(m, method="elora", rank=2)
+    state = mk.adapter_state_dict(m)
+    with pytest.raises(ValueError, match=r"no option can be chosen when loading elora adapters; \['backend'\]"):
+        mk.load_adapter_state_dict(model_and_input()[0], state, backend="torch")

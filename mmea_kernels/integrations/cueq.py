@@ -27,9 +27,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..peft.inject import (_SAVED_GRAD_FLAGS, InjectionReport, _set_submodule, adapted_modules, adapter_state_dict,
-                     load_adapter_state_dict)
-from ..nn.base import is_cuet_linear
+from ..linear_spec import is_cuet_linear
+from ..peft.inject import _SAVED_GRAD_FLAGS, InjectionReport, _set_submodule, adapted_modules
+from ..peft.state import adapter_state_dict, load_adapter_state_dict
 
 __all__ = ["convert_adapted_to_cueq", "convert_adapted_to_e3nn", "transfer_adapters"]
 
@@ -75,9 +75,7 @@ def transfer_adapters(source: nn.Module, target: nn.Module) -> InjectionReport:
     if not mods:
         raise ValueError("source model has no adapters to transfer")
     first = next(iter(mods.values()))
-    opts = {}
-    if first.method == "mmea" and first.backend is not None:
-        opts["backend"] = first.backend
+    opts = {k: getattr(first, k) for k in first.runtime_options if getattr(first, k) is not None}
     rep = load_adapter_state_dict(target, adapter_state_dict(source), **opts)
     dst = adapted_modules(target)
     for name, m in mods.items():

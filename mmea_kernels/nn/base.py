@@ -1,171 +1,162 @@
-"""What adapters need to know about the frozen linear layer they wrap.
+"""The one view adapters have of the frozen linear layer they wrap, and their common base class.
 
-Two kinds of layer are supported:
+Two kinds of layer are supported, each by a :class:`LayerView` (chosen once, by type, in
+:func:`layer_view`), which holds everything that differs between them:
 
 * e3nn ``o3.Linear`` (``mul_ir`` features, flat weight ``[weight_numel]``, one block per instruction);
 * cuEquivariance ``cuequivariance_torch.Linear`` (``cuet.Linear``): features in its input/output
-  layout (``mul_ir`` or ``ir_mul``, read from its ``transpose_in.source`` / ``transpose_out.target``),
-  weight ``[weight_classes, weight_numel]``, one block per path of the descriptor
-  ``cue.descriptors.linear(irreps_in, irreps_out)`` (``weights[uv], input[iu], output[iv]``).
+  layouts, weight ``[weight_classes, weight_numel]``, one block per path of its descriptor.
 
-Both have the same block structure: for every pair (input block ``i_in``, output block ``i_out``)
-of equal irreps, in input-major order, a row-major ``[mul_in, mul_out]`` block of the flat weight,
-scaled by the path weight ``1/sqrt(Σ mul_in over the paths into i_out)``.
+What the layer computes (irreps, layouts, weight blocks, path weights) is its
+:class:`~mmea_kernels.linear_spec.LinearSpec` (:meth:`LinearSpec.from_module`). Both kinds order
+their blocks the same way: every pair (input block, output block) of equal irreps, input-major.
 """
 from __future__ import annotations
 
-import dataclasses
-import sys
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..layout import IrrepsLayout
+from ..linear_spec import LinearSpec, is_cuet_linear, is_e3nn_linear
 
-__all__ = ["AdapterLinear", "WeightPath", "is_equivariant_linear", "is_cuet_linear", "linear_irreps",
-           "linear_layouts", "linear_paths"]
-
-
-def _cuet_linear_class():
-    """``cuequivariance_torch.Linear`` when cuequivariance_torch has been imported (an instance can
-    exist only then), else None. Never imports it."""
-    mod = sys.modules.get("cuequivariance_torch")
-    return getattr(mod, "Linear", None) if mod is not None else None
-
-
-def is_cuet_linear(module) -> bool:
-    """True for a ``cuequivariance_torch.Linear``."""
-    cls = _cuet_linear_class()
-    return cls is not None and isinstance(module, cls)
-
-
-def _is_e3nn_linear(module) -> bool:
-    try:
-        from e3nn import o3
-    except ImportError:  # pragma: no cover - e3nn is a hard requirement
-        return False
-    return isinstance(module, o3.Linear)
+__all__ = ["AdapterLinear", "LayerView", "layer_view", "is_equivariant_linear", "is_cuet_linear"]
 
 
 def is_equivariant_linear(module: nn.Module) -> bool:
     """True for layers an adapter can wrap: e3nn ``o3.Linear`` and ``cuequivariance_torch.Linear``."""
-    return _is_e3nn_linear(module) or is_cuet_linear(module)
+    return is_e3nn_linear(module) or is_cuet_linear(module)
 
 
-def _layout_name(layout) -> str:
-    """``"mul_ir"`` / ``"ir_mul"`` from a ``cue.IrrepsLayout`` (or its name)."""
-    name = getattr(layout, "name", layout)
-    if name not in ("mul_ir", "ir_mul"):
-        raise ValueError(f"unsupported irreps layout {layout!r}; expected cue.mul_ir or cue.ir_mul")
-    return name
+class LayerView:
+    """How adapters use one kind of base layer (stateless: every method takes the layer)."""
+
+    kind = ""
+
+    @staticmethod
+    def check_weight_update(base: nn.Module, who: str) -> None:
+        """Raise ``TypeError`` when ``base`` has no single weight tensor to add an update to."""
+        raise NotImplementedError
+
+    @staticmethod
+    def call_with_weight(base: nn.Module, x, weight, args, kwargs):
+        """``base``'s forward with ``weight`` in place of its weight parameter."""
+        raise NotImplementedError
+
+    @staticmethod
+    def fused_spec(base: nn.Module, spec: LinearSpec) -> LinearSpec:
+        """The spec the fused linear+gate kernel runs (``ValueError`` / ``TypeError`` when the kernel
+        does not cover this layer)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def fused_tensors(base: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(flat weight, bias or None) the fused kernel reads."""
+        raise NotImplementedError
+
+    @staticmethod
+    def scriptable_class(method: str):
+        """The TorchScript form (:mod:`mmea_kernels.nn.scriptable`) of a ``method`` adapter on this kind."""
+        raise NotImplementedError
+
+    @staticmethod
+    def check_scriptable(base: nn.Module, method: str, where: str) -> None:
+        pass
 
 
-def _check_cue_group(irreps, where: str) -> None:
-    import cuequivariance as cue
+class E3nnLinearView(LayerView):
+    kind = "e3nn"
 
-    for mul, ir in irreps:
-        if not isinstance(ir, cue.O3):
+    @staticmethod
+    def check_weight_update(base, who):
+        if not getattr(base, "internal_weights", True) or getattr(base, "weight", None) is None:
+            raise TypeError(f"{who} needs an o3.Linear with internal (shared) weights")
+
+    @staticmethod
+    def call_with_weight(base, x, weight, args, kwargs):
+        return base(x, weight, *args, **kwargs)
+
+    @staticmethod
+    def fused_spec(base, spec):
+        return LinearSpec.from_e3nn(base)  # plain: no f_in/f_out, biases included
+
+    @staticmethod
+    def fused_tensors(base):
+        bias = base.bias if getattr(base, "bias", None) is not None and base.bias.numel() else None
+        return base.weight, bias
+
+    @staticmethod
+    def scriptable_class(method):
+        from . import scriptable as s
+        return {"mmea": s.ScriptableMMEALinear, "elora": s.ScriptableELoRALinear}[method]
+
+
+class CuetLinearView(LayerView):
+    kind = "cuet"
+
+    @staticmethod
+    def check_weight_update(base, who):
+        if not base.internal_weights or getattr(base, "weight", None) is None:
             raise TypeError(
-                f"adapters on a cuequivariance_torch Linear need O(3) irreps (cue.O3 or a subclass such as "
-                f"mace's O3_e3nn), whose 0e channels are the invariant scalars; {where} has irrep {ir!r} of "
-                f"group {type(ir).__name__}")
+                f"{who} needs a cuequivariance_torch Linear with internal weights: this one "
+                f"(shared_weights={base.shared_weights}, internal_weights={base.internal_weights}) takes "
+                "its weight as a forward argument, so there is no weight parameter to add a low-rank "
+                "update to (MMEA adapters work on it)")
+        if int(base.weight_classes) != 1:
+            raise TypeError(
+                f"{who} on a cuequivariance_torch Linear with weight_classes={base.weight_classes} is not "
+                "supported: its weight holds one matrix per class, selected per row by weight_indices, and "
+                "one low-rank update per block would be shared by all classes (MMEA adapters work on it)")
+
+    @staticmethod
+    def call_with_weight(base, x, weight, args, kwargs):
+        # a cuet.Linear with internal weights refuses a weight argument: run its own forward with the
+        # updated tensor in place of its parameter
+        return torch.func.functional_call(base, {"weight": weight}, (x,) + tuple(args), kwargs)
+
+    @staticmethod
+    def fused_spec(base, spec):
+        if spec.layout != spec.layout_out:
+            raise ValueError("the fused kernel needs one layout for input and output")
+        if not base.internal_weights or getattr(base, "weight", None) is None or int(base.weight_classes) != 1:
+            raise ValueError("the fused kernel needs one internal weight class")
+        return spec
+
+    @staticmethod
+    def fused_tensors(base):
+        return base.weight.reshape(-1), None
+
+    @staticmethod
+    def scriptable_class(method):
+        from . import scriptable as s
+        return {"mmea": s.ScriptableMMEACuetLinear, "elora": s.ScriptableELoRACuetLinear}[method]
+
+    @staticmethod
+    def check_scriptable(base, method, where):
+        missing = [a for a in ("f", "transpose_in", "transpose_out") if not hasattr(base, a)]
+        if method == "elora" and missing:
+            raise NotImplementedError(
+                f"{where}: ELoRA on a cuequivariance_torch Linear without {missing} (this cuequivariance-torch "
+                "version lays out its Linear differently) cannot be scripted; fold the adapters into the base "
+                "weights first (mmea_kernels.merge_and_unload(model), exact for ELoRA)")
 
 
-def linear_layouts(base: nn.Module) -> Tuple[str, str, str, str]:
-    """(irreps_in, irreps_out, input layout, output layout) of a supported linear layer."""
-    if _is_e3nn_linear(base):
-        return (IrrepsLayout.of(base.irreps_in).irreps_str, IrrepsLayout.of(base.irreps_out).irreps_str,
-                "mul_ir", "mul_ir")
+def layer_view(base: nn.Module) -> LayerView:
+    """The :class:`LayerView` of a supported layer; ``TypeError`` naming the type otherwise."""
+    if is_e3nn_linear(base):
+        return E3nnLinearView()
     if is_cuet_linear(base):
-        _check_cue_group(base.irreps_in, "irreps_in")
-        _check_cue_group(base.irreps_out, "irreps_out")
-        # cuet.Linear keeps its layouts only in its transposes: input layout -> ir_mul -> output layout
-        lin = _layout_name(base.transpose_in.source)
-        lout = _layout_name(base.transpose_out.target)
-        return (IrrepsLayout.of(base.irreps_in).irreps_str, IrrepsLayout.of(base.irreps_out).irreps_str, lin, lout)
-    raise TypeError(
-        f"adapters wrap e3nn o3.Linear layers; got {type(base).__module__}.{type(base).__name__} "
-        f"(cuequivariance_torch.Linear layers are supported too)"
-    )
-
-
-def linear_irreps(base: nn.Module) -> Tuple[str, str, str]:
-    """(irreps_in, irreps_out, layout) of a supported linear layer; the layout reads ``"a->b"`` when
-    input and output layouts differ."""
-    irreps_in, irreps_out, lin, lout = linear_layouts(base)
-    return irreps_in, irreps_out, lin if lin == lout else f"{lin}->{lout}"
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightPath:
-    """One weight block of a linear layer: ``irreps_in[i_in] -> irreps_out[i_out]``, a row-major
-    ``[mul_in, mul_out]`` block at ``offset`` of the flat weight (one weight class), scaled by
-    ``path_weight`` in the forward."""
-
-    i_in: int
-    i_out: int
-    mul_in: int
-    mul_out: int
-    path_weight: float
-    offset: int
-
-    @property
-    def numel(self) -> int:
-        return self.mul_in * self.mul_out
-
-
-def _cuet_paths(base) -> Tuple[WeightPath, ...]:
-    import cuequivariance as cue
-
-    desc = cue.descriptors.linear(base.irreps_in, base.irreps_out)
-    if len(desc.polynomial.operations) != 1:
-        raise ValueError("unexpected cue.descriptors.linear: more than one operation")
-    (_, stp), = desc.polynomial.operations
-    if stp.subscripts != "uv,iu,iv":
-        raise ValueError(f"unexpected cue.descriptors.linear subscripts {stp.subscripts!r}, expected 'uv,iu,iv'")
-    seg_w = stp.operands[0].segments
-    offsets, off = [], 0
-    for shape in seg_w:
-        offsets.append(off)
-        off += int(shape[0]) * int(shape[1])
-    if off != int(base.weight_numel):
-        raise ValueError(f"descriptor weight has {off} elements, the layer {base.weight_numel}")
-    paths, used = [], set()
-    for path in stp.paths:
-        s, i_in, i_out = (int(i) for i in path.indices)
-        if s in used:
-            raise ValueError(f"weight segment {s} feeds more than one path")
-        used.add(s)
-        mul_in, mul_out = (int(d) for d in seg_w[s])
-        coeff = path.coefficients
-        pw = float(coeff.item() if hasattr(coeff, "item") else coeff)
-        paths.append(WeightPath(i_in, i_out, mul_in, mul_out, pw, offsets[s]))
-    if used != set(range(len(seg_w))):
-        raise ValueError("some weight segments of the descriptor feed no path")
-    return tuple(sorted(paths, key=lambda p: p.offset))
-
-
-def linear_paths(base: nn.Module) -> Tuple[WeightPath, ...]:
-    """The weight blocks of a supported linear layer, in weight order (bias instructions of an
-    ``o3.Linear`` are not part of its weight and are left out)."""
-    if _is_e3nn_linear(base):
-        out, off = [], 0
-        for ins in base.instructions:
-            if ins.i_in == -1:  # bias
-                continue
-            mul_in, mul_out = (int(d) for d in ins.path_shape)
-            out.append(WeightPath(int(ins.i_in), int(ins.i_out), mul_in, mul_out, float(ins.path_weight), off))
-            off += mul_in * mul_out
-        return tuple(out)
-    if is_cuet_linear(base):
-        return _cuet_paths(base)
-    linear_layouts(base)  # raises the "adapters wrap" error
+        return CuetLinearView()
+    LinearSpec.from_module(base)  # raises the "adapters wrap" error
     raise AssertionError("unreachable")
 
 
 class AdapterLinear(nn.Module):
-    """Common part of the adapter wrappers: the frozen base layer, irreps, layouts, on/off switch.
+    """Common part of the adapter wrappers: the frozen base layer, its view and spec, irreps,
+    layouts, on/off switch. Subclasses declare ``method``, ``option_names``, ``mergeable``,
+    ``shaping_options`` (options that change
+    what the saved adapter weights compute: they must agree when loading), ``runtime_options``
+    (options that may differ between saving and loading) and implement ``merge``.
 
     TorchScript: ``torch.jit.script`` (and e3nn's ``jit.compile``, which mace-torch's LAMMPS export
     uses: adapters are marked ``compile_mode("script")``) compiles the adapter's scriptable form,
@@ -173,20 +164,30 @@ class AdapterLinear(nn.Module):
     """
 
     method: str = ""
+    option_names: Tuple[str, ...] = ()  # keyword options of the constructor besides base and rank
+    shaping_options: Tuple[str, ...] = ("rank",)
+    runtime_options: Tuple[str, ...] = ()
+    mergeable: bool = False  # merge() folds the adapter into the base weights exactly
     # what e3nn's @compile_mode("script") sets (without importing e3nn here)
     __e3nn_compile_mode__ = "script"
 
     def __init__(self, base: nn.Module):
         super().__init__()
-        irreps_in, irreps_out, lin, lout = linear_layouts(base)
+        self.view = layer_view(base)
+        self.spec = LinearSpec.from_module(base)
         self.base = base
         self.irreps_in = base.irreps_in
         self.irreps_out = base.irreps_out
-        self.base_kind = "cuet" if is_cuet_linear(base) else "e3nn"
+        self.in_layout = self.spec.in_layout
+        self.out_layout = self.spec.out_layout
+        lin, lout = self.spec.layout, self.spec.layout_out
         self.layout_name = lin if lin == lout else f"{lin}->{lout}"
-        self.in_layout = IrrepsLayout.of(irreps_in, lin)
-        self.out_layout = IrrepsLayout.of(irreps_out, lout)
         self.adapter_enabled = True
+
+    @property
+    def base_kind(self) -> str:
+        """``"e3nn"`` or ``"cuet"``."""
+        return self.view.kind
 
     def _factory(self):
         p = next(self.base.parameters(), None)
@@ -206,6 +207,11 @@ class AdapterLinear(nn.Module):
 
     def adapter_options(self) -> dict:
         raise NotImplementedError
+
+    def target_info(self) -> dict:
+        """What a saved adapter state records about this target (checked when loading)."""
+        return {"irreps_in": self.in_layout.irreps_str, "irreps_out": self.out_layout.irreps_str,
+                "layout": self.layout_name}
 
     def merge(self) -> nn.Module:
         raise NotImplementedError

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import AdapterLinear, linear_paths
+from .base import AdapterLinear
 
 __all__ = ["ELoRALinear"]
 
@@ -27,33 +27,23 @@ class ELoRALinear(AdapterLinear):
     """
 
     method = "elora"
+    option_names = ("alpha",)
+    shaping_options = ("rank", "alpha")
+    mergeable = True
 
     def __init__(self, base: nn.Module, rank: int = 16, alpha: Optional[float] = None):
         super().__init__(base)
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
-        if self.base_kind == "cuet":
-            if not base.internal_weights or getattr(base, "weight", None) is None:
-                raise TypeError(
-                    "ELoRA needs a cuequivariance_torch Linear with internal weights: this one "
-                    f"(shared_weights={base.shared_weights}, internal_weights={base.internal_weights}) takes "
-                    "its weight as a forward argument, so there is no weight parameter to add a low-rank "
-                    "update to (MMEA adapters work on it)")
-            if int(base.weight_classes) != 1:
-                raise TypeError(
-                    f"ELoRA on a cuequivariance_torch Linear with weight_classes={base.weight_classes} is not "
-                    "supported: its weight holds one matrix per class, selected per row by weight_indices, and "
-                    "one low-rank update per block would be shared by all classes (MMEA adapters work on it)")
-        elif not getattr(base, "internal_weights", True) or getattr(base, "weight", None) is None:
-            raise TypeError("ELoRA needs an o3.Linear with internal (shared) weights")
+        self.view.check_weight_update(base, "ELoRA")
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)
         self.scaling = self.alpha / rank
         fk = self._factory()
-        self.paths = linear_paths(base)
+        self.paths = self.spec.instructions
         off = 0
         for p in self.paths:  # blocks tile the flat weight in order: ΔW is their concatenation
-            if p.offset != off:
+            if p.weight_offset != off:
                 raise ValueError(f"weight blocks of {type(base).__name__} are not contiguous in path order")
             off += p.numel
         if off != base.weight.numel():
@@ -73,6 +63,9 @@ class ELoRALinear(AdapterLinear):
     def adapter_options(self) -> dict:
         return {"rank": self.rank, "alpha": self.alpha}
 
+    def target_info(self) -> dict:
+        return {**super().target_info(), "paths": [[p.i_in, p.i_out] for p in self.paths]}  # the block of each A_i, B_i
+
     def delta_weight(self) -> torch.Tensor:
         """``ΔW`` shaped like ``base.weight`` (block by block, row-major; ``[weight_numel]`` for an
         ``o3.Linear``, ``[1, weight_numel]`` for a ``cuet.Linear``)."""
@@ -85,12 +78,7 @@ class ELoRALinear(AdapterLinear):
         self.check_input(x)
         if not self.adapter_enabled:
             return self.base(x, *args, **kwargs)
-        weight = self.base.weight + self.delta_weight()
-        if self.base_kind == "cuet":
-            # a cuet.Linear with internal weights refuses a weight argument: run its own forward with
-            # the updated tensor in place of its parameter
-            return torch.func.functional_call(self.base, {"weight": weight}, (x,) + args, kwargs)
-        return self.base(x, weight, *args, **kwargs)
+        return self.view.call_with_weight(self.base, x, self.base.weight + self.delta_weight(), args, kwargs)
 
     @torch.no_grad()
     def merge(self) -> nn.Module:

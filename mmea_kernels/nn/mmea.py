@@ -40,6 +40,10 @@ class MMEALinear(AdapterLinear):
     """
 
     method = "mmea"
+    option_names = ("phi", "init", "init_std", "backend")
+    shaping_options = ("rank", "phi")
+    runtime_options = ("backend",)
+    mergeable = False
 
     def __init__(self, base: nn.Module, rank: int = 16, phi: str = "exp", init: str = "identity",
                  init_std: Optional[float] = None, backend: Optional[str] = None):
@@ -113,25 +117,14 @@ class MMEALinear(AdapterLinear):
         """The LinearSpec when the fused Triton linear+gate kernel should run, else None."""
         if args or kwargs or torch.compiler.is_compiling() or resolve_backend(self.backend, x.device).name != "triton":
             return None
-        spec = getattr(self, "_spec", None)
+        spec = getattr(self, "_kernel_spec", None)
         if spec is None:
-            from ..linear_spec import LinearSpec
             try:
-                if self.base_kind == "cuet":
-                    spec = _cuet_spec(self.base, self.in_layout.layout, self.out_layout.layout)
-                else:
-                    spec = LinearSpec.from_e3nn(self.base)
+                spec = self.view.fused_spec(self.base, self.spec)
             except (TypeError, ValueError):
                 spec = False  # a layer the fused kernel does not cover: keep the unfused path
-            self._spec = spec
+            self._kernel_spec = spec
         return spec or None
-
-    def _base_weight_and_bias(self):
-        """(flat weight, bias or None) the fused kernel reads."""
-        if self.base_kind == "cuet":
-            return self.base.weight.reshape(-1), None
-        bias = self.base.bias if getattr(self.base, "bias", None) is not None and self.base.bias.numel() else None
-        return self.base.weight, bias
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.check_input(x)
@@ -143,7 +136,7 @@ class MMEALinear(AdapterLinear):
         spec = self._fused_spec(x, args, kwargs)
         if spec is not None:  # one kernel: linear with the gate and additive terms in its epilogue
             from ..ops.gated_linear import gated_linear
-            weight, bias = self._base_weight_and_bias()
+            weight, bias = self.view.fused_tensors(self.base)
             y2 = gated_linear(x2, weight, bias, gates, add, spec, backend="triton")
             return y2.reshape(x.shape[:-1] + (self.out_layout.dim,))
         y = self.base(x, *args, **kwargs)
@@ -167,17 +160,3 @@ class MMEALinear(AdapterLinear):
         return (f"irreps_in={self.in_layout.irreps_str}, irreps_out={self.out_layout.irreps_str}, "
                 f"rank={self.rank}, phi={self.phi!r}, gates={self.num_gates}, additive={self.num_additive}")
 
-
-def _cuet_spec(base, layout_in: str, layout_out: str):
-    """The fused kernel's LinearSpec of a ``cuet.Linear`` with one internal weight class and the same
-    input and output layout (its paths, path weights and weight offsets from the descriptor)."""
-    from ..linear_spec import LinearInstruction, LinearSpec
-    from .base import linear_paths
-
-    if layout_in != layout_out:
-        raise ValueError("the fused kernel needs one layout for input and output")
-    if not base.internal_weights or getattr(base, "weight", None) is None or int(base.weight_classes) != 1:
-        raise ValueError("the fused kernel needs one internal weight class")
-    ins = [LinearInstruction(p.i_in, p.i_out, p.mul_in, p.mul_out, p.path_weight, p.offset, p.mul_out, 1)
-           for p in linear_paths(base)]
-    return LinearSpec.of(base.irreps_in, base.irreps_out, ins, layout_in, False)

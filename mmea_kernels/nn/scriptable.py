@@ -55,24 +55,17 @@ def check_scriptable(adapter, name: str = "") -> None:
                 "in plain aten ops (the torch backend's gather-multiply, so that the saved model loads in "
                 "libtorch / LAMMPS without mmea_kernels) and cannot honour that choice. Unpin it before "
                 "scripting (adapter.backend = None, or 'torch'); the numbers are the same.")
-    elif adapter.method == "elora" and adapter.base_kind == "cuet":
-        missing = [a for a in ("f", "transpose_in", "transpose_out") if not hasattr(adapter.base, a)]
-        if missing:
-            raise NotImplementedError(
-                f"{where}: ELoRA on a cuequivariance_torch Linear without {missing} (this cuequivariance-torch "
-                "version lays out its Linear differently) cannot be scripted; fold the adapters into the base "
-                "weights first (mmea_kernels.merge_and_unload(model), exact for ELoRA)")
+    adapter.view.check_scriptable(adapter.base, adapter.method, where)
 
 
 def scriptable_adapter(adapter) -> nn.Module:
     """The TorchScript form of an ``MMEALinear`` / ``ELoRALinear`` (shares its parameters)."""
     check_scriptable(adapter)
-    cuet = adapter.base_kind == "cuet"
-    if adapter.method == "mmea":
-        return (ScriptableMMEACuetLinear if cuet else ScriptableMMEALinear)(adapter)
-    if adapter.method == "elora":
-        return (ScriptableELoRACuetLinear if cuet else ScriptableELoRALinear)(adapter)
-    raise NotImplementedError(f"no TorchScript form for {type(adapter).__name__} (method {adapter.method!r})")
+    try:
+        cls = adapter.view.scriptable_class(adapter.method)
+    except KeyError:
+        raise NotImplementedError(f"no TorchScript form for {type(adapter).__name__} (method {adapter.method!r})") from None
+    return cls(adapter)
 
 
 class _ScriptableMMEA(nn.Module):

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..linear_spec import tensor_product_blocks
 from ..peft.inject import inject_adapters
 
 __all__ = ["METHODS", "apply_method", "LowRankDelta", "trainable_state", "reinitialize"]
@@ -70,20 +71,6 @@ class LowRankDelta(nn.Module):
         if pos < flat.numel():
             pieces.append(flat[pos:])
         return torch.cat(pieces).view_as(w)
-
-
-def _tp_blocks(tp) -> List[Tuple[int, int, int]]:
-    """Per-instruction (offset, mul_in1·mul_in2, mul_out) blocks of an e3nn TensorProduct's weight."""
-    blocks, off = [], 0
-    for ins in tp.instructions:
-        if not ins.has_weight:
-            continue
-        n = math.prod(ins.path_shape)
-        if len(ins.path_shape) != 3:
-            raise ValueError(f"unsupported tensor-product path shape {ins.path_shape} (connection {ins.connection_mode})")
-        blocks.append((off, ins.path_shape[0] * ins.path_shape[1], ins.path_shape[2]))
-        off += n
-    return blocks
 
 
 def _low_rank(module: nn.Module, name: str, blocks, rank: int) -> None:
@@ -151,7 +138,7 @@ def apply_method(model: nn.Module, method: str, rank: int = 16, seed: int = 0, *
               "dense: Bessel weights": 0}
     for mname, mod in list(model.named_modules()):
         if isinstance(mod, o3.TensorProduct) and mod.internal_weights and mod.weight_numel > 0:
-            _low_rank(mod, "weight", _tp_blocks(mod), rank)
+            _low_rank(mod, "weight", tensor_product_blocks(mod), rank)
             counts["low-rank: weighted tensor products"] += _n(mod.parametrizations.weight[0])
         elif _is_radial_layer(mname, mod):
             _low_rank(mod, "weight", [(0, *mod.weight.shape)], rank)

@@ -80,21 +80,11 @@ def available(device: torch.device) -> Tuple[bool, str]:
     return False, f"the cpp backend runs on cpu (and cuda) tensors, not {device.type}"
 
 
-def gate_mul(x: torch.Tensor, gates: torch.Tensor, t: LayoutTables, keep_ungated: bool,
-             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def gate_mul(x: torch.Tensor, gates: torch.Tensor, t: LayoutTables, keep_ungated: bool) -> torch.Tensor:
     """``y[n,c] = x[n,c]·gates[n, gate(c)]``; 0e columns copied (keep_ungated) or zeroed."""
-    y = torch.ops.mmea_kernels_ext.gate_mul(x, gates, t.gate_of_column, bool(keep_ungated))
-    if out is not None:
-        out.copy_(y)
-        return out
-    return y
+    return torch.ops.mmea_kernels_ext.gate_mul(x, gates, t.gate_of_column, bool(keep_ungated))
 
 
-def seg_dot(a: torch.Tensor, b: torch.Tensor, t: LayoutTables, shared: bool,
-            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def seg_dot(a: torch.Tensor, b: torch.Tensor, t: LayoutTables, shared: bool) -> torch.Tensor:
     """``out[n,j] = Σ_{c in gate j} a[n,c]·b[n,c]`` (also summed over n when ``shared``)."""
-    res = torch.ops.mmea_kernels_ext.seg_dot(a, b, t.gate_of_column, t.gate_cols_padded, bool(shared))
-    if out is not None:
-        out.copy_(res)
-        return out
-    return res
+    return torch.ops.mmea_kernels_ext.seg_dot(a, b, t.gate_of_column, t.gate_cols_padded, bool(shared))

@@ -21,8 +21,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def gate_mul(x: torch.Tensor, gates: torch.Tensor, t: LayoutTables, keep_ungated: bool,
-             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def gate_mul(x: torch.Tensor, gates: torch.Tensor, t: LayoutTables, keep_ungated: bool) -> torch.Tensor:
     """``y[n,c] = x[n,c]·gates[n, gate(c)]``; 0e columns copied (keep_ungated) or zeroed."""
     acc = _acc_dtype(x.dtype)
     fill = 1.0 if keep_ungated else 0.0
@@ -32,15 +31,10 @@ def gate_mul(x: torch.Tensor, gates: torch.Tensor, t: LayoutTables, keep_ungated
     else:
         g = torch.cat([gates.to(acc), gates.new_full((gates.shape[0], 1), fill, dtype=acc)], dim=1)
         scale = g.index_select(1, t.gate_index_ext)
-    y = (x.to(acc) * scale).to(x.dtype)
-    if out is not None:
-        out.copy_(y)
-        return out
-    return y
+    return (x.to(acc) * scale).to(x.dtype)
 
 
-def seg_dot(a: torch.Tensor, b: torch.Tensor, t: LayoutTables, shared: bool,
-            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def seg_dot(a: torch.Tensor, b: torch.Tensor, t: LayoutTables, shared: bool) -> torch.Tensor:
     """``out[n,j] = Σ_{c in gate j} a[n,c]·b[n,c]`` (also summed over n when ``shared``)."""
     acc = _acc_dtype(a.dtype)
     prod = a.to(acc) * b.to(acc)
@@ -50,8 +44,4 @@ def seg_dot(a: torch.Tensor, b: torch.Tensor, t: LayoutTables, shared: bool,
     else:
         res = torch.zeros(a.shape[0], t.num_gates, dtype=acc, device=a.device)
         res.index_add_(1, t.gated_gate, prod.index_select(1, t.gated_columns))
-    res = res.to(a.dtype)
-    if out is not None:
-        out.copy_(res)
-        return out
-    return res
+    return res.to(a.dtype)

@@ -160,12 +160,10 @@ if triton is not None:
 
 
 # ---------------------------------------------------------------------------- entry points
-def gate_mul(x: torch.Tensor, gates: torch.Tensor, t: LayoutTables, keep_ungated: bool,
-             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def gate_mul(x: torch.Tensor, gates: torch.Tensor, t: LayoutTables, keep_ungated: bool) -> torch.Tensor:
     """``y[n,c] = x[n,c]·gates[n, gate(c)]``; 0e columns copied (keep_ungated) or zeroed."""
     N, D = x.shape
-    if out is None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if N == 0 or D == 0:
         return out
     if gates.numel() == 0:  # G == 0: every column is ungated; never dereferenced
@@ -191,21 +189,17 @@ def gate_mul(x: torch.Tensor, gates: torch.Tensor, t: LayoutTables, keep_ungated
     return out
 
 
-def seg_dot(a: torch.Tensor, b: torch.Tensor, t: LayoutTables, shared: bool,
-            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def seg_dot(a: torch.Tensor, b: torch.Tensor, t: LayoutTables, shared: bool) -> torch.Tensor:
     """``out[n,j] = Σ_{c in gate j} a[n,c]·b[n,c]`` (also summed over n when ``shared``)."""
     N = a.shape[0]
     G = t.num_gates
     if shared:
         if G == 0:
-            return out if out is not None else a.new_empty((0,))
+            return a.new_empty((0,))
         if N == 0:
-            if out is not None:
-                return out.zero_()
             return a.new_zeros((G,))
     else:
-        if out is None:
-            out = a.new_empty((N, G))
+        out = a.new_empty((N, G))
         if N == 0 or G == 0:
             return out
 
@@ -231,8 +225,4 @@ def seg_dot(a: torch.Tensor, b: torch.Tensor, t: LayoutTables, shared: bool,
         )
     if not shared:
         return out
-    res = dst.sum(0).to(a.dtype)
-    if out is not None:
-        out.copy_(res)
-        return out
-    return res
+    return dst.sum(0).to(a.dtype)

@@ -139,7 +139,7 @@ def _resolve(backend: Optional[str], device: torch.device) -> str:
 
 def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  gates: Optional[torch.Tensor], additive: Optional[torch.Tensor], spec: LinearSpec,
-                 backend: Optional[str] = None, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 backend: Optional[str] = None) -> torch.Tensor:
     """``y = G ⊙ (Linear_W(x) + bias) + additive`` (additive on the 0e output columns).
 
     Args:
@@ -153,36 +153,16 @@ def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (the
             reference composition) or ``"auto"``/``None`` (``MMEA_BACKEND``, else triton on CUDA,
             torch otherwise).
-        out: optional ``[..., D_out]`` output buffer (every element is written); like torch's
-            ``out=`` functions it does not support autograd.
 
     All tensors share one dtype and device. Differentiable to any order in every tensor argument.
     """
     validate(x, weight, bias, gates, additive, spec)
     lead = tuple(x.shape[:-1])
-    if out is not None:
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != lead + (spec.dim_out,):
-            raise ValueError(f"out must be a tensor of shape {lead + (spec.dim_out,)}")
-        if out.dtype != x.dtype or out.device != x.device:
-            raise TypeError("out must have the dtype and device of x")
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (x, weight, bias, gates, additive)):
-            raise RuntimeError("gated_linear(..., out=...) does not support automatic differentiation; "
-                               "call it without out= (or under torch.no_grad())")
-    name = _resolve(backend, x.device)
-    if name == "torch":
-        y = gated_linear_reference(x, weight, bias, gates, additive, spec)
-        if out is not None:
-            out.copy_(y)
-            return out
-        return y
+    if _resolve(backend, x.device) == "torch":
+        return gated_linear_reference(x, weight, bias, gates, additive, spec)
     x2 = x.reshape(-1, spec.dim_in)
     N = x2.shape[0]
     g2 = None if gates is None else (gates if gates.dim() == 1 else gates.reshape(N, -1))
     a2 = None if additive is None else (additive if additive.dim() == 1 else additive.reshape(N, -1))
-    if out is not None:
-        out2 = out.view(N, spec.dim_out)  # raises if out cannot be viewed as rows
-        triton_forward(x2, weight, bias, None, g2, a2, spec, out=out2)
-        return out
     y = _core(x2, weight, bias, None, g2, a2, spec)
     return y.reshape(lead + (spec.dim_out,))

@@ -65,6 +65,9 @@ def gated_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional
 def validate(x, weight, bias, gates, additive, spec) -> None:
     if not isinstance(spec, LinearSpec):
         raise TypeError(f"spec must be a LinearSpec (see LinearSpec.from_e3nn), got {type(spec).__name__}")
+    if spec.layout_out != spec.layout:
+        raise ValueError(f"{spec!r}: the fused kernels need one layout for input and output "
+                         f"(got {spec.layout} -> {spec.layout_out})")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() < 1 or x.shape[-1] != spec.dim_in:

@@ -28,9 +28,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from ... import linear_spec as ls
+from . import tables as ls
 from .._utils import check_grid, device_guard, interpreting, pow2, tl, triton
-from ...linear_spec import LinearSpec, LinearTables, linear_tables
+from ...linear_spec import LinearSpec
+from .tables import LinearTables, linear_tables
 
 __all__ = ["triton_forward", "triton_wgrad", "fwd_launch", "wgrad_launch", "fp32_precision"]
 
@@ -334,12 +335,10 @@ def _num_sms(device: torch.device) -> int:
 
 def triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    g_pre: Optional[torch.Tensor], g_post: Optional[torch.Tensor],
-                   additive: Optional[torch.Tensor], spec: LinearSpec,
-                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   additive: Optional[torch.Tensor], spec: LinearSpec) -> torch.Tensor:
     """Kernel-level ``G_post ⊙ L_W(G_pre ⊙ x) + bias + additive`` on 2-D ``x`` (no autograd)."""
     N = x.shape[0]
-    if out is None:
-        out = x.new_empty((N, spec.dim_out))
+    out = x.new_empty((N, spec.dim_out))
     if N == 0 or spec.dim_out == 0:
         return out
     t = tables(spec, x.device, x.dtype)

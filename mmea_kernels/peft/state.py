@@ -1,0 +1,126 @@
+"""Save and load only the adapter weights (peft's ``get_peft_model_state_dict`` /
+``set_peft_model_state_dict``), with what is needed to rebuild the adapters and to refuse a model
+they do not fit."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layout import IrrepsLayout
+from ..linear_spec import LinearSpec
+from ..nn import ADAPTERS, AdapterLinear, is_equivariant_linear
+from .inject import adapted_modules, inject_adapters, report, unload, InjectionReport
+
+__all__ = ["adapter_state_dict", "load_adapter_state_dict", "FORMAT"]
+
+FORMAT = "mmea_kernels.adapter/1"
+
+
+def adapter_state_dict(model: nn.Module) -> dict:
+    """Adapter weights only, with what is needed to rebuild them: method, options, each target's irreps."""
+    mods = adapted_modules(model)
+    if not mods:
+        raise ValueError("model has no adapters to save")
+    first = next(iter(mods.values()))
+    state = {}
+    for name, m in mods.items():
+        for pname, p in m.named_parameters():
+            if not pname.startswith("base."):
+                state[f"{name}.{pname}"] = p.detach().clone()
+    return {
+        "format": FORMAT,
+        "method": first.method,
+        "options": first.adapter_options(),
+        "targets": {n: m.target_info() for n, m in mods.items()},
+        "state": state,
+    }
+
+
+def load_adapter_state_dict(model: nn.Module, adapter_state: dict, **options) -> InjectionReport:
+    """Load adapters saved by :func:`adapter_state_dict`, injecting them first if the model has none.
+
+    Raises an error naming the module (and both irreps) when the model does not fit the saved adapters.
+    The adapter weights do not depend on the feature layout (MMEA gates act per (irrep, multiplicity),
+    ELoRA blocks per (input block, output block)), so adapters saved from an e3nn model load into its
+    cuEquivariance conversion (``mul_ir`` or ``ir_mul``) and back, as long as the irreps agree.
+    """
+    if not isinstance(adapter_state, dict) or adapter_state.get("format") != FORMAT:
+        fmt = adapter_state.get("format") if isinstance(adapter_state, dict) else type(adapter_state).__name__
+        raise ValueError(f"not an mmea_kernels adapter state (format {fmt!r}, expected {FORMAT!r})")
+    for key in ("method", "options", "targets", "state"):
+        if key not in adapter_state:
+            raise KeyError(f"adapter state is missing the key {key!r}")
+    method, saved_opts, targets = adapter_state["method"], dict(adapter_state["options"]), adapter_state["targets"]
+    linears = {n: m for n, m in model.named_modules() if is_equivariant_linear(m) or isinstance(m, AdapterLinear)}
+    for name, info in targets.items():
+        if name not in linears:
+            raise ValueError(f"saved adapter targets module {name!r}, which the model does not have "
+                             f"(or which is not an o3.Linear or cuequivariance_torch Linear)")
+        mod = linears[name]
+        have_in, have_out = _irreps_of(mod)
+        if (have_in, have_out) != (info["irreps_in"], info["irreps_out"]):
+            raise ValueError(
+                f"module {name!r}: saved adapter has irreps {info['irreps_in']} -> {info['irreps_out']} "
+                f"but the model has {have_in} -> {have_out}"
+            )
+        if "paths" in info:
+            spec = mod.spec if isinstance(mod, AdapterLinear) else LinearSpec.from_module(mod)
+            have_paths = [[p.i_in, p.i_out] for p in spec.instructions]
+            if [list(p) for p in info["paths"]] != have_paths:
+                raise ValueError(f"module {name!r}: saved ELoRA blocks (i_in, i_out) {info['paths']} are not the "
+                                 f"weight blocks of the model's layer {have_paths}")
+    existing = adapted_modules(model)
+    if existing:
+        if set(existing) != set(targets):
+            raise ValueError(f"model already has adapters on {sorted(set(existing) ^ set(targets))} that differ "
+                             "from the saved ones; unload(model) first")
+        for n, m in existing.items():
+            have = m.adapter_options()
+            shaping = ADAPTERS[method].shaping_options if method in ADAPTERS else ()
+            if m.method != method or any(have.get(k) != v for k, v in saved_opts.items() if k in shaping):
+                raise ValueError(f"module {n!r} has {m.method} adapters {have}, the state holds {method} {saved_opts}")
+        _copy_adapter_state(model, adapter_state["state"])
+        return report(model)
+    if method not in ADAPTERS:
+        raise ValueError(f"adapter state has unknown method {method!r}; expected one of {sorted(ADAPTERS)}")
+    rank = saved_opts.pop("rank")
+    free = ADAPTERS[method].runtime_options
+    bad = sorted(set(options) - set(free))
+    if bad:
+        allowed = f"only {', '.join(map(repr, free))} can" if free else "no option can"
+        raise ValueError(f"{allowed} be chosen when loading {method} adapters; {bad} come from the saved state")
+    saved_opts.update(options)
+    try:
+        inject_adapters(model, method=method, rank=rank, target_modules=list(targets), **saved_opts)
+        _copy_adapter_state(model, adapter_state["state"])
+    except BaseException:
+        unload(model)  # all or nothing: the model is left as it was
+        raise
+    return report(model)
+
+
+def _copy_adapter_state(model: nn.Module, state: dict) -> None:
+    """Copy ``state`` into the adapter weights after checking every key and shape (nothing is
+    copied when one does not fit)."""
+    mods = adapted_modules(model)
+    own = {f"{n}.{pn}": p for n, m in mods.items() for pn, p in m.named_parameters() if not pn.startswith("base.")}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise KeyError(f"adapter state does not fit: missing keys {missing}, unexpected keys {unexpected}")
+    for k, p in own.items():
+        v = state[k]
+        if not torch.is_tensor(v) or tuple(v.shape) != tuple(p.shape):
+            got = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
+            raise ValueError(f"adapter weight {k!r} has shape {got} in the state but {tuple(p.shape)} in the model")
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(state[k])
+
+
+def _irreps_of(mod: nn.Module):
+    if isinstance(mod, AdapterLinear):
+        return mod.in_layout.irreps_str, mod.out_layout.irreps_str
+    return IrrepsLayout.of(mod.irreps_in).irreps_str, IrrepsLayout.of(mod.irreps_out).irreps_str
+
+
