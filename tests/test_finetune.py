@@ -12,7 +12,7 @@ import ase.io  # noqa: E402
 
 from mmea_kernels.app.cli import main  # noqa: E402
 from mmea_kernels.app.data import toy_molecules  # noqa: E402
-from mmea_kernels.train.finetune import FinetuneConfig, finetune, load_finetuned, refit_e0s  # noqa: E402
+from mmea_kernels.train import FinetuneConfig, finetune, load_finetuned, refit_e0s  # noqa: E402
 from mmea_kernels.train.foundation import load_model, save_model  # noqa: E402
 from mmea_kernels.train.methods import METHODS, apply_method  # noqa: E402
 from mmea_kernels.integrations.mace import PRESETS, atoms_to_batch, build_mace, energy_and_forces  # noqa: E402
@@ -269,12 +269,12 @@ def test_corrupt_checkpoint(files, tmp_path, capsys):
 def test_only_rank_zero_may_write(tmp_path, monkeypatch):
     import torch.distributed as dist
 
-    from mmea_kernels.train.finetune import _atomic_save
+    from mmea_kernels.train.checkpoint import atomic_save
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     with pytest.raises(RuntimeError, match="process 1 tried to write .*x.pt: only rank 0 writes"):
-        _atomic_save({"a": 1}, tmp_path / "x.pt")
+        atomic_save({"a": 1}, tmp_path / "x.pt")
     assert not list(tmp_path.iterdir())
 
 
