@@ -55,7 +55,7 @@ def _one(job):
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    from mmea_kernels.train.finetune import FinetuneConfig, finetune, read_frames
+    from mmea_kernels.train import FinetuneConfig, finetune, read_frames
 
     mol, method, seed, a = job
     out = pathlib.Path(a["work"]) / mol / method / f"s{seed}"

@@ -71,7 +71,7 @@ def test_mace_finetune_step(benchmark, record, adapted):
     import mmea_kernels as mk
     from mmea_kernels.app.data import toy_molecules
     from mmea_kernels.integrations.mace import atoms_to_batch, build_mace
-    from mmea_kernels.train.finetune import loss
+    from mmea_kernels.train import loss
 
     torch.manual_seed(0)
     model = build_mace("mace-off23-medium")

@@ -24,7 +24,7 @@ ALIASES = {
     "mmea_kernels.models": "mmea_kernels.integrations",
     "mmea_kernels.models.mace": "mmea_kernels.integrations.mace",
     "mmea_kernels.models.sevenn": "mmea_kernels.integrations.sevenn",
-    "mmea_kernels.finetune": "mmea_kernels.train.finetune",
+    "mmea_kernels.finetune": "mmea_kernels.train",  # the package re-exports the old module's names
     "mmea_kernels.methods": "mmea_kernels.train.methods",
     "mmea_kernels.foundation": "mmea_kernels.train.foundation",
     "mmea_kernels.checks": "mmea_kernels.train.checks",

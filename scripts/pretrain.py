@@ -25,7 +25,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mmea_kernels.train.finetune import FinetuneConfig, finetune, load_finetuned  # noqa: E402
+from mmea_kernels.train import FinetuneConfig, finetune, load_finetuned  # noqa: E402
 from mmea_kernels.train.foundation import save_model  # noqa: E402
 from mmea_kernels.integrations.mace import PRESETS, atoms_to_graphs, build_mace  # noqa: E402
 

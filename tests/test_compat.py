@@ -35,10 +35,24 @@ def test_old_from_imports_give_the_same_objects():
     from mmea_kernels.integrations.mace import build_mace as new_build
     from mmea_kernels.linear_spec import LinearSpec as NewSpec
     from mmea_kernels.nn import AdapterLinear as NewAdapter
-    from mmea_kernels.train.finetune import FinetuneConfig as NewConfig
+    from mmea_kernels.train import FinetuneConfig as NewConfig
 
     assert (FinetuneConfig, inject_adapters, build_mace, AdapterLinear, LinearSpec) == \
         (NewConfig, mk.inject_adapters, new_build, NewAdapter, NewSpec)
+
+
+def test_old_finetune_module_names_are_there():
+    """``mmea_kernels.finetune`` (one module before, split into train/ modules since) is the
+    ``mmea_kernels.train`` package, which re-exports every public name of the old module."""
+    pytest.importorskip("mace")
+    import mmea_kernels.finetune as old
+    import mmea_kernels.train as train
+
+    assert old is train
+    for name in ("FinetuneConfig", "finetune", "load_finetuned", "evaluate_checkpoint", "read_frames",
+                 "CHECKPOINT_FORMAT", "refit_e0s", "errors", "loss", "format_table"):
+        assert callable(getattr(old, name)) or name == "CHECKPOINT_FORMAT", name
+    assert callable(old.finetune) and old.CHECKPOINT_FORMAT == "mmea_kernels.finetune/1"
 
 
 @pytest.mark.parametrize("method", ["mmea", "elora"])
@@ -46,7 +60,7 @@ def test_checkpoint_from_before_the_relayout_loads_and_predicts_the_same(method)
     pytest.importorskip("mace")
     from mmea_kernels.app.data import toy_molecules
     from mmea_kernels.integrations.mace import atoms_to_batch
-    from mmea_kernels.train.finetune import load_finetuned
+    from mmea_kernels.train import load_finetuned
 
     ref = json.loads((DATA / "predictions.json").read_text())[method]
     net, ckpt = load_finetuned(DATA / f"{method}.pt")  # also re-checks the checkpoint's own probe

@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("mace")
 
 from mmea_kernels.app import demo  # noqa: E402
-from mmea_kernels.train.finetune import read_frames  # noqa: E402
+from mmea_kernels.train import read_frames  # noqa: E402
 from mmea_kernels.train.foundation import ASSETS, DEFAULT_MODEL, load_model, model_info  # noqa: E402
 
 

@@ -12,7 +12,7 @@ pytest.importorskip("mace")
 import ase.io  # noqa: E402
 
 from mmea_kernels.app.data import toy_molecules  # noqa: E402
-from mmea_kernels.train.finetune import FinetuneConfig, finetune  # noqa: E402
+from mmea_kernels.train import FinetuneConfig, finetune  # noqa: E402
 from mmea_kernels.train.foundation import save_model  # noqa: E402
 from mmea_kernels.integrations.mace import PRESETS, build_mace  # noqa: E402
 
@@ -52,8 +52,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
 
 def test_global_batch_must_split_evenly(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
-    import mmea_kernels.train.finetune as ft
+    import mmea_kernels.train.loop as loop
 
-    monkeypatch.setattr(ft, "_dist_setup", lambda: (0, 3))
+    monkeypatch.setattr(loop, "dist_setup", lambda: (0, 3))
     with pytest.raises(ValueError, match="multiple of the 3 processes"):
         finetune(FinetuneConfig(train="x.xyz", out_dir=str(tmp_path), batch_size=4, progress=False))

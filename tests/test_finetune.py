@@ -12,8 +12,8 @@ import ase.io  # noqa: E402
 
 from mmea_kernels.app.cli import main  # noqa: E402
 from mmea_kernels.app.data import toy_molecules  # noqa: E402
-from mmea_kernels.train.finetune import FinetuneConfig, finetune, load_finetuned, refit_e0s  # noqa: E402
-from mmea_kernels.train.foundation import load_model, save_model  # noqa: E402
+from mmea_kernels.train import FinetuneConfig, evaluate_checkpoint, finetune, load_finetuned, refit_e0s  # noqa: E402
+from mmea_kernels.train.foundation import fingerprint, load_model, save_model  # noqa: E402
 from mmea_kernels.train.methods import METHODS, apply_method  # noqa: E402
 from mmea_kernels.integrations.mace import PRESETS, atoms_to_batch, build_mace, energy_and_forces  # noqa: E402
 
@@ -87,6 +87,26 @@ def test_resume_gives_the_same_result(files, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="different settings"):
         finetune(FinetuneConfig(out_dir=str(tmp_path / "b"), resume=True, **dict(kw, lr=1e-3)), log=lambda *_: None)
+
+
+def test_checkpoint_from_a_preset_loads_back(files, tmp_path):
+    """A preset's random weights come from a fixed seed, not from the caller's random state: the
+    same spec is the same model (fingerprint) however much random state was used before, so a
+    checkpoint fine-tuned from ``preset:tiny`` with an adapter method loads back."""
+    state = torch.get_rng_state()
+    first = fingerprint(load_model("preset:tiny"))
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random state is left alone
+    torch.rand(1000)
+    assert fingerprint(load_model("preset:tiny")) == first
+    out = tmp_path / "r"
+    m = finetune(FinetuneConfig(train=str(files / "train.xyz"), valid=str(files / "valid.xyz"), model="preset:tiny",
+                                method="mmea", epochs=2, batch_size=4, out_dir=str(out), progress=False),
+                 log=lambda *_: None)
+    torch.rand(1000)
+    net, ckpt = load_finetuned(out / "checkpoint.pt")  # also checks the checkpoint's own reference prediction
+    assert ckpt["base_fingerprint"] == first == m["base_fingerprint"]
+    again = evaluate_checkpoint(out / "checkpoint.pt", str(files / "valid.xyz"))
+    assert math.isclose(again["loss"], m["valid"]["loss"], rel_tol=1e-9)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -269,12 +289,12 @@ def test_corrupt_checkpoint(files, tmp_path, capsys):
 def test_only_rank_zero_may_write(tmp_path, monkeypatch):
     import torch.distributed as dist
 
-    from mmea_kernels.train.finetune import _atomic_save
+    from mmea_kernels.train.checkpoint import atomic_save
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     with pytest.raises(RuntimeError, match="process 1 tried to write .*x.pt: only rank 0 writes"):
-        _atomic_save({"a": 1}, tmp_path / "x.pt")
+        atomic_save({"a": 1}, tmp_path / "x.pt")
     assert not list(tmp_path.iterdir())
 
 

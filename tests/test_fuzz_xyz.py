@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from mmea_kernels.app.cli import main  # noqa: E402
-from mmea_kernels.train.finetune import read_frames  # noqa: E402
+from mmea_kernels.train import read_frames  # noqa: E402
 from mmea_kernels.train.foundation import ASSETS  # noqa: E402
 
 _TMP = pathlib.Path(tempfile.mkdtemp(prefix="mmea-fuzz-"))

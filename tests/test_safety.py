@@ -14,7 +14,7 @@ pytest.importorskip("mace")
 import ase  # noqa: E402
 import ase.io  # noqa: E402
 
-from mmea_kernels.train import finetune as ft  # noqa: E402
+from mmea_kernels.train import loop as ft  # noqa: E402  (patched: loss, errors, train_one_epoch)
 from mmea_kernels.app.cli import main  # noqa: E402
 from mmea_kernels.train.foundation import ASSETS, fingerprint, load_model, save_model  # noqa: E402
 
@@ -253,14 +253,14 @@ def test_non_finite_loss_keeps_the_last_good_state(data, tmp_path, monkeypatch):
 
 def test_interrupt_message_is_true(data, tmp_path, monkeypatch):
     kw = dict(train=str(data / "train.xyz"), valid=str(data / "valid.xyz"), epochs=3, batch_size=2, progress=False)
-    real, calls = ft._train_epoch, {"n": 0}
+    real, calls = ft.train_one_epoch, {"n": 0}
 
     def interrupted(cfg, r, epoch, *a):
         if epoch == calls["stop"]:
             raise KeyboardInterrupt
         return real(cfg, r, epoch, *a)
 
-    monkeypatch.setattr(ft, "_train_epoch", interrupted)
+    monkeypatch.setattr(ft, "train_one_epoch", interrupted)
     logs = []
     calls["stop"] = 1
     with pytest.raises(KeyboardInterrupt):

@@ -220,7 +220,7 @@ def test_double_backward(base64, frames):
 def test_finetune_smoke(tmp_path):
     import ase.io
 
-    from mmea_kernels.train.finetune import FinetuneConfig, _batches, errors, finetune, load_finetuned, read_frames
+    from mmea_kernels.train import FinetuneConfig, errors, finetune, load_finetuned, make_batches, read_frames
     from mmea_kernels.integrations.mace import atoms_to_graphs
 
     frames = toy_molecules("ethanol", 6, seed=4)
@@ -240,7 +240,7 @@ def test_finetune_smoke(tmp_path):
     assert isinstance(net, SevenNetAsMACE) and ckpt["model"] == "sevenn:7net-0"
     valid = read_frames(str(tmp_path / "valid.xyz"), "REF_energy", "REF_forces")
     graphs = atoms_to_graphs(valid, net.atomic_numbers.tolist(), float(net.r_max), dtype=torch.float64)
-    again = errors(net, _batches(graphs, 50))
+    again = errors(net, make_batches(graphs, 50))
     for k in ("energy_mae_meV", "forces_mae_meV_per_A", "loss"):
         assert again[k] == pytest.approx(metrics["valid"][k], rel=1e-9, abs=1e-9)
 
@@ -250,8 +250,8 @@ def test_fused_gate_is_the_default_and_no_fused_gate_opts_out(monkeypatch):
     (the flag reaches load_model through FinetuneConfig)."""
     from e3nn.nn import Gate
 
+    from mmea_kernels import train
     from mmea_kernels.app import cli
-    from mmea_kernels.train import finetune
     from mmea_kernels.train.foundation import load_model
     from mmea_kernels.nn import FusedGate
 
@@ -265,7 +265,7 @@ def test_fused_gate_is_the_default_and_no_fused_gate_opts_out(monkeypatch):
         seen.append(cfg.fused_gate)
         raise KeyboardInterrupt  # stop before any work
 
-    monkeypatch.setattr(finetune, "finetune", fake_finetune)
+    monkeypatch.setattr(train, "finetune", fake_finetune)
     for extra, want in (([], True), (["--no-fused-gate"], False)):
         assert cli.main(["finetune", "--train", "x.xyz", "--model", "sevenn:7net-0"] + extra) == 130
         assert seen[-1] is want

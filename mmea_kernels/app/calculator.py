@@ -34,7 +34,7 @@ def _make_calculator():
             if (checkpoint is None) == (module is None):
                 raise ValueError("give exactly one of checkpoint= (a fine-tuning checkpoint) or module= (a model)")
             if checkpoint is not None:
-                from ..train.finetune import load_finetuned
+                from ..train import load_finetuned
 
                 module, _ = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle)
             self.net = module.eval()

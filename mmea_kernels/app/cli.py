@@ -40,7 +40,7 @@ def _checks(args):
 
 
 def _finetune_parser(sub):
-    from ..train.finetune import FinetuneConfig
+    from ..train import FinetuneConfig
     from ..train.methods import METHODS
 
     d = FinetuneConfig(train="")
@@ -155,7 +155,7 @@ def _run(args) -> int:
 
         run(epochs=args.epochs, methods=args.methods.split(","), out=args.out, seed=args.seed, md_steps=args.md_steps)
     elif args.command == "finetune":
-        from ..train.finetune import FinetuneConfig, finetune
+        from ..train import FinetuneConfig, finetune
 
         fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
         kw = {k: v for k, v in vars(args).items() if k in fields}  # incl. trust_pickle and the data checks
@@ -164,7 +164,7 @@ def _run(args) -> int:
         if res.get("stopped") == "stop_after":
             return 3
     elif args.command == "evaluate":
-        from ..train.finetune import evaluate_checkpoint
+        from ..train import evaluate_checkpoint
 
         res = evaluate_checkpoint(args.checkpoint, args.data, args.model, args.energy_key, args.forces_key,
                                   trust_pickle=args.trust_pickle, checks=_checks(args))

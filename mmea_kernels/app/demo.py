@@ -16,7 +16,7 @@ DATA = ASSETS / "ethanol_pbe"
 
 def baseline(model_spec: str, train: str, test: str, dtype: str = "float64") -> dict:
     """Errors of the base model with only its E0s re-fitted on ``train`` (no training)."""
-    from ..train.finetune import _batches, errors, read_frames, refit_e0s, _set_e0s
+    from ..train import errors, make_batches, read_frames, refit_e0s, set_e0s
     from ..train.foundation import load_model, model_info
     from ..integrations.mace import atoms_to_graphs
     import torch
@@ -25,15 +25,15 @@ def baseline(model_spec: str, train: str, test: str, dtype: str = "float64") -> 
     model = load_model(model_spec, dtype=dt)
     z, r_max = model_info(model)
     tr = read_frames(train, "REF_energy", "REF_forces")
-    _set_e0s(model, refit_e0s(model, tr, z, "lstsq", "REF_energy"))
+    set_e0s(model, refit_e0s(model, tr, z, "lstsq", "REF_energy"))
     te = read_frames(test, "REF_energy", "REF_forces")
-    return dict(errors(model, _batches(atoms_to_graphs(te, z, r_max, dtype=dt), 50)), frames=len(te))
+    return dict(errors(model, make_batches(atoms_to_graphs(te, z, r_max, dtype=dt), 50)), frames=len(te))
 
 
 def run(epochs: int = 60, methods: Sequence[str] = ("mmea", "elora", "full"), out: str = "runs/demo", seed: int = 0,
         md_steps: int = 400, data_dir=DATA, model: str = DEFAULT_MODEL, dtype: str = "float64") -> dict:
     from .calculator import MMEACalculator, nve_drift
-    from ..train.finetune import FinetuneConfig, finetune, read_frames
+    from ..train import FinetuneConfig, finetune, read_frames
 
     t_start = time.perf_counter()
     data_dir = pathlib.Path(data_dir)

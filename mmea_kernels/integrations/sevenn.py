@@ -3,7 +3,7 @@ fine-tuning workflow: :func:`load_sevennet` builds the pretrained network with s
 checkpoint loader (offline: only checkpoints already on disk, e.g. the ones the ``sevenn`` wheel
 ships) and wraps it in :class:`SevenNetAsMACE`, which takes the batch dicts of
 :func:`mmea_kernels.integrations.mace.atoms_to_batch` and returns ``{"energy", "forces"}`` like a
-mace-torch model, so :mod:`mmea_kernels.train.finetune` and :func:`mmea_kernels.inject_adapters` work on
+mace-torch model, so :mod:`mmea_kernels.train` and :func:`mmea_kernels.inject_adapters` work on
 it unchanged (SevenNet's ``IrrepsLinear`` / ``SelfConnectionLinearIntro`` hold e3nn ``o3.Linear``
 layers and only call them, so they can be wrapped in place).
 

@@ -4,7 +4,8 @@ A model spec is one of
 - ``builtin:<name>``: a model shipped in ``mmea_kernels/assets/<name>.pt`` (default
   ``builtin:mace-xtb-small``, the project's own MACE pretrained on GFN2-xTB data);
 - ``preset:<name>``: an untrained MACE of a named architecture (:data:`models.mace.PRESETS`), for
-  training from scratch;
+  training from scratch; its random weights are drawn from a fixed seed (:data:`PRESET_SEED`), so
+  the same spec gives the same weights in every process;
 - a path to a file saved by this package (``{"format": "mmea_kernels.model/1", "config", "state_dict"}``),
   to a whole model pickled by mace-torch (``*.model``), or to a bare state dict together with
   ``config=`` (a JSON file or dict of :class:`models.mace.MACEConfig` fields);
@@ -29,6 +30,7 @@ __all__ = ["MODEL_FORMAT", "DEFAULT_MODEL", "ASSETS", "load_model", "save_model"
 
 MODEL_FORMAT = "mmea_kernels.model/1"
 DEFAULT_MODEL = "builtin:mace-xtb-small"
+PRESET_SEED = 0  # the random weights of a ``preset:`` model
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
 
 
@@ -76,7 +78,12 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
     elif spec.startswith("preset:"):
         from ..integrations.mace import build_mace
 
-        model = build_mace(spec.split(":", 1)[1])
+        # a preset's weights are random: drawn from a fixed seed, so that the spec names one model
+        # (a checkpoint fine-tuned from it finds the same base weights when it is loaded again);
+        # the caller's random state is left as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(PRESET_SEED)
+            model = build_mace(spec.split(":", 1)[1])
     elif spec.startswith(("mace-off:", "mace-mp:")):
         family, size = spec.split(":", 1)
         from mace import calculators

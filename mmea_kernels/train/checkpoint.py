@@ -1,0 +1,195 @@
+"""Files of a fine-tuning run and reading them back.
+
+``checkpoint.pt`` (:func:`write_checkpoint`; format :data:`CHECKPOINT_FORMAT`): the best
+validation epoch's trainable tensors, the E0s, the method and the base model's identity (for
+full/scratch every buffer too), and a reference prediction; :func:`load_finetuned` rebuilds the
+adapted model from it, checking that the base model is the one it was trained on;
+:func:`evaluate_checkpoint` reports its errors on a data file. ``state.pt`` (:func:`save_state`,
+:func:`load_state`): everything needed to resume a run exactly. Files are written atomically,
+by rank 0 only."""
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Optional
+
+import torch
+
+from .checks import DataChecks, checked_graphs
+from .config import DTYPES, FinetuneConfig, config_key
+from .data import make_batches, read_frames
+from .e0s import set_e0s
+from .ema import ema_weights, load_ema_weights, weights_in
+from .foundation import fingerprint, load_model, model_info
+from .loss import SPLITS, errors
+from .methods import apply_method
+from .safe_load import safe_load
+from .selfcheck import make_probe, verify_probe
+
+__all__ = ["CHECKPOINT_FORMAT", "atomic_save", "check_writable", "prepare", "load_finetuned", "evaluate_checkpoint",
+           "write_checkpoint", "save_state", "load_state"]
+
+CHECKPOINT_FORMAT = "mmea_kernels.finetune/1"  # the name of the module that wrote it first: old checkpoints load
+_STATE_KEYS = {"config_key", "params", "ema", "optimizer", "scheduler", "history", "best", "epoch", "elapsed"}
+
+
+# --------------------------------------------------------------------------------------- writing
+def atomic_save(obj, path: pathlib.Path) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        raise RuntimeError(f"process {dist.get_rank()} tried to write {path}: only rank 0 writes files")
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, str(tmp))
+    os.replace(tmp, path)
+
+
+def check_writable(out: pathlib.Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise PermissionError(f"output directory {out} is not writable ({exc.strerror or exc})") from None
+
+
+def write_checkpoint(path, cfg: FinetuneConfig, r, metrics=None) -> None:
+    """Trained tensors, E0s, method and base identity; for full/scratch every buffer too (scale/shift,
+    E0s, ...), so that the checkpoint does not depend on the base model's other tensors; and a
+    reference prediction (:mod:`.selfcheck`) that loading must reproduce. Plain types only
+    (``weights_only=True`` reads it)."""
+    summary = None
+    if metrics is not None:
+        summary = {k: metrics[k] for k in SPLITS if k in metrics}
+    with weights_in(r.params, r.best["state"]):
+        probe = make_probe(r.model, r.probe_atoms)
+    extra = {"probe": probe}
+    if cfg.method in ("full", "scratch"):
+        extra["buffers"] = {n: b.detach().clone() for n, b in r.model.named_buffers()}
+    atomic_save({"format": CHECKPOINT_FORMAT, "method": cfg.method, "rank": cfg.rank, "model": cfg.model,
+                 "model_config": cfg.model_config, "base_fingerprint": r.fp, "e0s": [float(v) for v in r.e0s],
+                 "seed": cfg.seed, "dtype": cfg.dtype, "energy_key": cfg.energy_key, "forces_key": cfg.forces_key,
+                 "epoch": r.best["epoch"], "trainable": r.best["state"], "trainable_parameters": r.n_train,
+                 "parameter_groups": dict(r.groups), "metrics": summary, **extra}, path)
+
+
+# ---------------------------------------------------------------------------------- training state
+def save_state(cfg: FinetuneConfig, r, epoch: int, state_path: pathlib.Path) -> None:
+    atomic_save({"config_key": config_key(cfg), "params": {n: p.detach().clone() for n, p in r.params.items()},
+                 "ema": ema_weights(r.ema, r.params), "optimizer": r.opt.state_dict(),
+                 "scheduler": r.sched.state_dict(), "history": r.history, "best": r.best, "epoch": epoch,
+                 "elapsed": r.elapsed}, state_path)
+
+
+def load_state(cfg: FinetuneConfig, r, state_path: pathlib.Path, log) -> None:
+    """Continue the run ``r`` from ``state.pt``, which must come from a run with the same settings."""
+    st = safe_load(state_path, "training state")
+    if not isinstance(st, dict) or not _STATE_KEYS <= set(st):
+        raise ValueError(f"{state_path} is not a training state of this package (corrupt, or another file)")
+    if st.get("config_key") != config_key(cfg):
+        raise ValueError(f"{state_path} belongs to a run with different settings ({st.get('config_key')}); "
+                         f"this run is {config_key(cfg)}")
+    with torch.no_grad():
+        for n, p in r.params.items():
+            p.copy_(st["params"][n])
+    load_ema_weights(r.ema, r.params, st["ema"])
+    r.opt.load_state_dict(st["optimizer"])
+    r.sched.load_state_dict(st["scheduler"])
+    r.history, r.best, r.start_epoch, r.elapsed = st["history"], st["best"], st["epoch"] + 1, st["elapsed"]
+    r.saved_epoch = st["epoch"]
+    log(f"resuming {state_path.parent} at epoch {r.start_epoch}")
+
+
+# --------------------------------------------------------------------------------------- reading
+def prepare(model, e0s, method: str, rank: int, seed: int, source: str = "the E0s"):
+    """The base model set up for training or loading: ``e0s`` in, ``method`` applied (seeded);
+    returns the method's ``{parameter group: count}``."""
+    set_e0s(model, e0s, source)
+    return apply_method(model, method, rank=rank, seed=seed)
+
+
+def _read_checkpoint(path: pathlib.Path) -> dict:
+    ckpt = safe_load(path, "checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} file (found {got!r})")
+    for key in ("method", "rank", "model", "base_fingerprint", "e0s", "trainable", "seed", "dtype"):
+        if key not in ckpt:
+            raise ValueError(f"checkpoint {path} is missing the key {key!r} (corrupt or truncated)")
+    if ckpt["dtype"] not in DTYPES:
+        raise ValueError(f"checkpoint {path}: unknown dtype {ckpt['dtype']!r}")
+    return ckpt
+
+
+def _needs_same_base(ckpt: dict) -> bool:
+    """Whether the base weights must equal the ones trained on: always for adapter methods; for
+    full/scratch only in checkpoints without their own buffers (written before they held them),
+    except a scratch run from an (untrained, randomly initialised) preset."""
+    if ckpt["method"] not in ("full", "scratch"):
+        return True
+    if "buffers" in ckpt:
+        return False
+    return not (ckpt["method"] == "scratch" and str(ckpt["model"]).startswith("preset:"))
+
+
+def _load_tensors(net, ckpt: dict, path, spec: str) -> None:
+    named = dict(net.named_parameters())
+    want = {n for n, p in named.items() if p.requires_grad}
+    have = set(ckpt["trainable"])
+    if want != have:
+        raise ValueError(f"checkpoint {path} does not fit model {spec!r} with method {ckpt['method']!r}: "
+                         f"missing {sorted(want - have)[:5]}, unexpected {sorted(have - want)[:5]}")
+    bufs = dict(net.named_buffers())
+    saved_bufs = ckpt.get("buffers", {})
+    if set(saved_bufs) - set(bufs):
+        raise ValueError(f"checkpoint {path} does not fit model {spec!r}: buffers {sorted(set(saved_bufs) - set(bufs))[:5]} "
+                         "are not in the model (different architecture)")
+    pairs = [(n, named[n], t) for n, t in ckpt["trainable"].items()] + [(n, bufs[n], t) for n, t in saved_bufs.items()]
+    for n, dst, t in pairs:
+        if dst.shape != t.shape:
+            raise ValueError(f"checkpoint {path}: {n} has shape {tuple(t.shape)}, model expects "
+                             f"{tuple(dst.shape)} (different architecture or rank)")
+    with torch.no_grad():
+        for n, dst, t in pairs:
+            dst.copy_(t)
+
+
+def load_finetuned(checkpoint, model: Optional[str] = None, model_config=None, dtype: Optional[str] = None,
+                   trust_pickle: bool = False):
+    """(model, checkpoint dict): the base model (``model`` overrides the spec stored in the
+    checkpoint) set up with the checkpoint's method and loaded with its weights. Raises when the
+    base model is not the one the checkpoint was trained on (fingerprint, or the checkpoint's own
+    reference prediction), or the checkpoint is unreadable. The checkpoint is read with
+    ``weights_only=True``; ``trust_pickle`` only concerns a whole pickled base model."""
+    path = pathlib.Path(checkpoint)
+    ckpt = _read_checkpoint(path)
+    spec = model or ckpt["model"]
+    net = load_model(spec, model_config if model else ckpt.get("model_config"), dtype=DTYPES[dtype or ckpt["dtype"]],
+                     trust_pickle=trust_pickle)
+    fp = fingerprint(net)
+    prepare(net, ckpt["e0s"], ckpt["method"], ckpt["rank"], ckpt["seed"], source=f"checkpoint {path}")
+    if _needs_same_base(ckpt) and fp != ckpt["base_fingerprint"]:
+        raise ValueError(f"checkpoint {path} was trained on base model {ckpt['model']!r} (fingerprint "
+                         f"{ckpt['base_fingerprint']}), but {spec!r} has fingerprint {fp}: not the same weights")
+    _load_tensors(net, ckpt, path, spec)
+    if "probe" in ckpt:
+        verify_probe(net, ckpt["probe"], str(path), spec)
+    return net.eval(), ckpt
+
+
+def evaluate_checkpoint(checkpoint, data: str, model: Optional[str] = None, energy_key: Optional[str] = None,
+                        forces_key: Optional[str] = None, batch_size: int = 50, dtype: Optional[str] = None,
+                        trust_pickle: bool = False, checks: Optional[DataChecks] = None) -> dict:
+    """Errors of a fine-tuned checkpoint on a labelled data file (``path[@index]``), after the data
+    checks of :mod:`.checks`."""
+    ckpt = _read_checkpoint(pathlib.Path(checkpoint))
+    ek, fk = energy_key or ckpt.get("energy_key", "REF_energy"), forces_key or ckpt.get("forces_key", "REF_forces")
+    frames = read_frames(data, ek, fk)  # bad data is reported before the model is built
+    net, ckpt = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle)
+    z, r_max = model_info(net)
+    graphs = checked_graphs(frames, z, r_max, str(data), ek, fk, dtype=next(net.parameters()).dtype,
+                            checks=checks or DataChecks())
+    res = errors(net, make_batches(graphs, batch_size))
+    res["frames"] = len(frames)
+    return res

@@ -1,0 +1,84 @@
+"""The settings of a fine-tuning run (:class:`FinetuneConfig`), their checks, and the key that ties
+a saved training state (``state.pt``) to the settings that shape the trajectory."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Optional
+
+import torch
+
+from .checks import DataChecks
+from .foundation import DEFAULT_MODEL
+from .methods import METHODS
+
+__all__ = ["FinetuneConfig", "DTYPES", "config_key"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    train: str
+    valid: Optional[str] = None
+    test: Optional[str] = None
+    out_dir: str = "runs/finetune"
+    model: str = DEFAULT_MODEL
+    model_config: Optional[str] = None
+    method: str = "mmea"
+    rank: int = 16
+    energy_key: str = "REF_energy"
+    forces_key: str = "REF_forces"
+    dtype: str = "float64"
+    e0s: str = "lstsq"  # lstsq | average | keep | path to a JSON {Z: eV}
+    refit_e0s_after: bool = False  # re-fit the E0s with the trained model (lstsq on the training frames)
+    epochs: int = 100
+    batch_size: int = 5
+    lr: float = 1e-2
+    w_energy: float = 1.0
+    w_forces: float = 1000.0
+    ema_decay: float = 0.99
+    clip_grad: float = 10.0
+    patience: int = 30
+    plateau_patience: int = 5
+    plateau_factor: float = 0.8
+    valid_fraction: float = 0.1
+    seed: int = 0
+    resume: bool = False
+    progress: bool = True
+    eval_batch_size: int = 50
+    stop_after: Optional[int] = None  # stop (resumably) after this many epochs in this call
+    trust_pickle: bool = False  # allow a whole pickled base model (runs code from the file)
+    fused_gate: bool = True  # SevenNet: FusedGate in place of e3nn's Gate (same numbers)
+    min_distance: float = 0.1  # Å: closer atoms are refused (checks.DataChecks)
+    max_neighbors: int = 500  # neighbours per atom within the cutoff
+    allow_small_cells: bool = False  # accept periodic cells narrower than the cutoff
+
+    def data_checks(self) -> DataChecks:
+        return DataChecks(self.min_distance, self.max_neighbors, self.allow_small_cells)
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {list(METHODS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; expected float32 or float64")
+        for name in ("epochs", "batch_size", "rank", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        self.data_checks()
+
+
+def config_key(cfg: FinetuneConfig) -> str:
+    """The settings that decide the training trajectory, as a string stored in ``state.pt``: a
+    resumed run must have the same key."""
+    d = dataclasses.asdict(cfg)
+    # settings that do not change the trajectory (and did not exist in earlier runs' state.pt) stay out
+    for k in ("resume", "progress", "stop_after", "out_dir", "epochs", "eval_batch_size", "trust_pickle",
+              "min_distance", "max_neighbors", "allow_small_cells", "fused_gate", "refit_e0s_after"):
+        d.pop(k)
+    return json.dumps(d, sort_keys=True)

@@ -1,0 +1,64 @@
+"""The data of a fine-tuning run: labelled frames (:func:`read_frames`), the train / valid / test
+splits and their checked graphs, and batches (shared out between data-parallel processes)."""
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+
+from .checks import checked_graphs
+
+__all__ = ["read_frames", "read_splits", "split_graphs", "make_batches"]
+
+
+def read_frames(spec: str, energy_key: str, forces_key: str, labels: bool = True) -> list:
+    """Frames of an extended-XYZ file; ``path@index`` selects with ASE's index syntax
+    (``data.xyz@:50``, ``data.xyz@50:100``). Every frame must carry both labels, finite (named in
+    the error); an empty selection, a bad index or an unreadable file raise ``checks.DataError``."""
+    from .checks import check_labels, read_structures
+
+    frames = read_structures(spec)
+    if labels:
+        check_labels(frames, str(spec), energy_key, forces_key)
+    return frames
+
+
+def read_splits(cfg) -> Dict[str, list]:
+    """``{"train", "valid", "test": frames}`` of a :class:`~.config.FinetuneConfig`; without a
+    validation file, a seeded ``valid_fraction`` of the training frames."""
+    train_frames = read_frames(cfg.train, cfg.energy_key, cfg.forces_key)
+    if cfg.valid:
+        valid_frames = read_frames(cfg.valid, cfg.energy_key, cfg.forces_key)
+    else:
+        perm = np.random.default_rng(cfg.seed).permutation(len(train_frames))
+        n_va = max(1, int(round(cfg.valid_fraction * len(train_frames))))
+        if n_va >= len(train_frames):
+            raise ValueError(f"{cfg.train} has {len(train_frames)} frames: too few to split off a validation set")
+        valid_frames = [train_frames[i] for i in perm[:n_va]]
+        train_frames = [train_frames[i] for i in perm[n_va:]]
+    test_frames = read_frames(cfg.test, cfg.energy_key, cfg.forces_key) if cfg.test else []
+    return {"train": train_frames, "valid": valid_frames, "test": test_frames}
+
+
+def split_graphs(cfg, frames: Dict[str, list], z, r_max: float, dtype) -> Dict[str, list]:
+    """The graphs of every split, after the data checks (:mod:`.checks`)."""
+    return {split: checked_graphs(frames[split], z, r_max, str(src), cfg.energy_key, cfg.forces_key, dtype=dtype,
+                                  checks=cfg.data_checks())
+            for split, src in (("train", cfg.train), ("valid", cfg.valid or cfg.train), ("test", cfg.test))}
+
+
+def make_batches(graphs, size, order=None, rank: int = 0, world: int = 1):
+    """Batches of ``size`` graphs in ``order``; with ``world`` processes, process ``rank`` gets its
+    share (every ``world``-th graph) of each global batch."""
+    from ..integrations.mace import collate
+
+    idx = list(range(len(graphs))) if order is None else list(order)
+    out = []
+    for k in range(0, len(idx), size):
+        full = idx[k:k + size]
+        if len(full) < world:  # a last global batch too small to give every process a frame is dropped
+            continue
+        b = collate([graphs[i] for i in full[rank::world]])
+        b["_global"] = (len(full), sum(int(graphs[i].num_nodes) for i in full))
+        out.append(b)
+    return out

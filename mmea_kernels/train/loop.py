@@ -1,0 +1,232 @@
+"""The fine-tuning workflow behind ``mmea-kernels finetune``: :func:`finetune`.
+
+It adapts a base model (:mod:`.foundation`) to labelled extended-XYZ data with one of the methods
+of :mod:`.methods`. Training: loss ``w_E·MSE(E/N_atoms) + w_F·MSE(F)`` (:mod:`.loss`; defaults 1
+and 1000, the MMEA paper's), Adam with amsgrad, ReduceLROnPlateau on the validation loss, an
+exponential moving average (EMA, :mod:`.ema`) of the trainable weights (validation, checkpoints
+and the final model use the EMA weights), gradient-norm clipping, early stopping on the
+validation loss, all seeded. Every epoch writes ``state.pt`` (atomically); ``resume=True``
+continues from it and gives the same result as an uninterrupted run (the batch order of an epoch
+depends only on the seed and the epoch). Under ``torchrun`` the global batch is shared out
+between the processes (DDP), with the same result.
+
+The steps: :func:`setup` (data, base model, E0s, method, optimizer), :func:`train` (the epochs),
+:func:`train_one_epoch`, :func:`take_step`, :func:`evaluate` (validation with the EMA weights),
+:func:`finish` (the best EMA weights, metrics on every split, the files).
+
+Outputs in ``out_dir``: ``checkpoint.pt`` (best validation epoch; trainable tensors only, plus the
+re-fitted E0s: an adapter-only checkpoint for adapter methods, every weight for full/scratch;
+:mod:`.checkpoint`), ``metrics.json``, ``learning_curve.png``, ``state.pt`` (to resume).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+import types
+
+import torch
+
+from .checkpoint import check_writable, load_state, prepare, save_state, write_checkpoint
+from .config import DTYPES, FinetuneConfig
+from .data import make_batches, read_splits, split_graphs
+from .e0s import refit_after_training, refit_e0s
+from .ema import ema_weights, make_ema, weights_in
+from .foundation import fingerprint, load_model, model_info
+from .guard import check_finite, check_finite_tensors, created_dirs, interrupt_message, remove_created_dirs
+from .loss import errors, format_table, loss, split_errors
+from .methods import trainable_state
+from .plot import plot_history
+
+__all__ = ["finetune", "setup", "train", "train_one_epoch", "take_step", "evaluate", "finish", "dist_setup"]
+
+
+def finetune(cfg: FinetuneConfig, log=print) -> dict:
+    """Run the workflow described in the module docstring; returns the metrics dict. Bad data,
+    files or settings raise before training; an output directory this call created is removed
+    again when it fails before writing anything into it."""
+    cfg.check()
+    rank, world = dist_setup()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} (the global batch) must be a multiple of the {world} processes")
+    if rank != 0:
+        log = lambda *_: None  # noqa: E731
+    out = pathlib.Path(cfg.out_dir)
+    made = created_dirs(out) if rank == 0 else []
+    try:
+        if rank == 0:
+            check_writable(out)
+        return _run(cfg, log, rank, world, out)
+    except BaseException:
+        remove_created_dirs(made)
+        raise
+
+
+def dist_setup():
+    """(rank, world size); initialises torch.distributed under torchrun (gloo on CPU, nccl on GPU)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def setup(cfg: FinetuneConfig, world: int):
+    """Frames, base model, checked graphs, E0s and method: everything before the first step."""
+    dtype = DTYPES[cfg.dtype]
+    frames = read_splits(cfg)
+    model = load_model(cfg.model, cfg.model_config, dtype=dtype, trust_pickle=cfg.trust_pickle,
+                       fused_gate=cfg.fused_gate)
+    z, r_max = model_info(model)
+    graphs = split_graphs(cfg, frames, z, r_max, dtype)
+    fp = fingerprint(model)
+    e0s = refit_e0s(model, frames["train"], z, cfg.e0s, cfg.energy_key, from_scratch=cfg.method == "scratch")
+    groups = prepare(model, e0s, cfg.method, cfg.rank, cfg.seed, "the fitted E0s")  # as load_finetuned does
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    net = model
+    if world > 1:  # gradients averaged over processes by DDP; each process holds batch_size / world frames
+        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+    opt = torch.optim.Adam(params.values(), lr=cfg.lr, amsgrad=True)
+    ema, ema_source = make_ema(params, cfg.ema_decay)
+    return types.SimpleNamespace(
+        model=model, net=net, params=params, opt=opt, z=z, e0s=e0s, fp=fp, groups=groups, graphs=graphs,
+        probe_atoms=frames["train"][0], train_frames=frames["train"], n_train=sum(p.numel() for p in params.values()),
+        sched=torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor, patience=cfg.plateau_patience),
+        ema=ema, ema_source=ema_source, history=[], best={"loss": math.inf, "epoch": 0, "state": None},
+        start_epoch=1, elapsed=0.0, saved_epoch=0)
+
+
+def _run(cfg: FinetuneConfig, log, rank: int, world: int, out: pathlib.Path) -> dict:
+    state_path = out / "state.pt"
+    if state_path.exists() and not cfg.resume:
+        raise FileExistsError(f"{state_path} exists (an earlier run): pass resume=True (--resume) to continue it, "
+                              "or choose another output directory")
+    r = setup(cfg, world)
+    if cfg.resume and state_path.exists():
+        load_state(cfg, r, state_path, log)
+    r.valid_b = make_batches(r.graphs["valid"], cfg.eval_batch_size)
+    log(f"{cfg.method}: {r.n_train:,} trainable parameters ({'; '.join(f'{k} {v:,}' for k, v in r.groups.items())}); "
+        f"{len(r.graphs['train'])} train / {len(r.graphs['valid'])} valid / {len(r.graphs['test'])} test frames; "
+        f"E0s {dict(zip(r.z, (round(e, 4) for e in r.e0s)))}")
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.epochs, initial=r.start_epoch - 1, desc=cfg.method, file=sys.stderr, dynamic_ncols=True)
+    r.epoch = r.start_epoch
+    try:
+        stopped, epoch, ran = train(cfg, r, rank, world, out, bar)
+    except KeyboardInterrupt:
+        log(interrupt_message(r.epoch, state_path, r.saved_epoch))
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if stopped == "stop_after":
+        log(f"stopped after {ran} epochs as asked (stop_after); resume with --resume")
+        return {"stopped": stopped, "epoch": epoch}
+    return finish(cfg, r, rank, world, out, stopped, epoch, log)
+
+
+def train(cfg: FinetuneConfig, r, rank: int, world: int, out: pathlib.Path, bar) -> tuple:
+    """The epochs from ``r.start_epoch`` on, until ``cfg.epochs``, early stopping or ``stop_after``:
+    (why it stopped, the last epoch run, epochs run in this call). Every epoch saves ``state.pt``,
+    and ``checkpoint.pt`` when the validation loss improved."""
+    state_path, ckpt_path = out / "state.pt", out / "checkpoint.pt"
+    stopped, epoch, ran = "epochs", r.start_epoch - 1, 0
+    for epoch in range(r.start_epoch, cfg.epochs + 1):
+        if epoch - r.best["epoch"] > cfg.patience and r.best["epoch"] > 0:
+            return f"early stopping (no validation improvement for {cfg.patience} epochs)", epoch - 1, ran
+        if cfg.stop_after is not None and ran >= cfg.stop_after:
+            return "stop_after", epoch - 1, ran
+        r.epoch = epoch
+        t0 = time.perf_counter()
+        train_loss = train_one_epoch(cfg, r, epoch, rank, world, state_path)
+        val = evaluate(cfg, r, epoch, state_path)
+        r.sched.step(val["loss"])
+        r.elapsed += time.perf_counter() - t0
+        r.history.append({"epoch": epoch, "train_loss": train_loss, "valid": val, "lr": r.opt.param_groups[0]["lr"],
+                          "seconds": r.elapsed})
+        ran += 1
+        # every process checks (identical weights under DDP), so all of them stop together
+        check_finite_tensors(list(r.params.items()) + list(ema_weights(r.ema, r.params).items()), "the weight", epoch,
+                             state_path, r.saved_epoch)
+        if r.best["epoch"] == epoch and rank == 0:
+            write_checkpoint(ckpt_path, cfg, r)
+        if rank == 0:
+            save_state(cfg, r, epoch, state_path)
+        r.saved_epoch = epoch
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"E {val['energy_mae_meV']:.1f} meV  F {val['forces_mae_meV_per_A']:.1f} meV/Å  "
+                                f"best {r.best['epoch']}")
+    return stopped, epoch, ran
+
+
+def train_one_epoch(cfg: FinetuneConfig, r, epoch: int, rank: int, world: int, state_path) -> float:
+    """One epoch of steps in the seeded order of the epoch; the mean training loss."""
+    r.model.train()
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    order = torch.randperm(len(r.graphs["train"]), generator=g).tolist()
+    tot, nb = 0.0, 0
+    for k, b in enumerate(make_batches(r.graphs["train"], cfg.batch_size, order, rank, world)):
+        tot, nb = tot + take_step(cfg, r, b, epoch, k + 1, world, state_path) / world, nb + 1
+    return tot / nb
+
+
+def take_step(cfg: FinetuneConfig, r, batch: dict, epoch: int, k: int, world: int, state_path) -> float:
+    """One optimizer step on batch ``k`` (and the EMA update); the global batch's loss. Stops on a
+    non-finite loss or gradient norm before the step, so the weights of the last good step are
+    never replaced by NaN."""
+    value = loss(r.net, batch, cfg.w_energy, cfg.w_forces, *batch["_global"], world=world)
+    r.opt.zero_grad(set_to_none=True)
+    value.backward()
+    v = value.detach().clone()
+    if world > 1:  # the global batch's loss, for the log (and the same stop decision everywhere)
+        torch.distributed.all_reduce(v)
+    check_finite(float(v), "the training loss", epoch, k, state_path, r.saved_epoch)
+    if cfg.clip_grad > 0:
+        norm = torch.nn.utils.clip_grad_norm_(r.params.values(), cfg.clip_grad)
+        check_finite(float(norm), "the gradient norm", epoch, k, state_path, r.saved_epoch)
+    r.opt.step()
+    r.ema.update_parameters(r.ema_source)
+    return float(v)
+
+
+def evaluate(cfg: FinetuneConfig, r, epoch: int, state_path) -> dict:
+    """Validation errors with the EMA weights; keeps them as the best state when the loss improved."""
+    r.model.eval()
+    with weights_in(r.params, ema_weights(r.ema, r.params)):
+        val = errors(r.model, r.valid_b, cfg.w_energy, cfg.w_forces)
+        check_finite(val["loss"], "the validation loss", epoch, None, state_path, r.saved_epoch)
+        if val["loss"] < r.best["loss"]:
+            r.best = {"loss": val["loss"], "epoch": epoch, "state": trainable_state(r.model)}
+    return val
+
+
+def finish(cfg: FinetuneConfig, r, rank: int, world: int, out: pathlib.Path, stopped: str, epoch: int, log) -> dict:
+    """Final model (the best EMA weights), metrics on every split, checkpoint, metrics.json, plot."""
+    with torch.no_grad():
+        for n, p in r.params.items():
+            p.copy_(r.best["state"][n])
+    metrics = {"method": cfg.method, "model": cfg.model, "base_fingerprint": r.fp, "rank": cfg.rank,
+               "trainable_parameters": r.n_train, "parameter_groups": r.groups, "epochs_run": epoch,
+               "best_epoch": r.best["epoch"], "stopped": stopped, "train_seconds": r.elapsed, "e0s": r.e0s,
+               "seed": cfg.seed, "dtype": cfg.dtype, "config": dataclasses.asdict(cfg), "history": r.history}
+    metrics.update(split_errors(r.model, r.graphs, cfg.eval_batch_size, cfg.w_energy, cfg.w_forces))
+    if cfg.refit_e0s_after:
+        refit_after_training(cfg, r, metrics, log)
+    metrics["world_size"] = world
+    if rank == 0:
+        write_checkpoint(out / "checkpoint.pt", cfg, r, metrics)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        plot_history(r.history, out / "learning_curve.png", f"{cfg.method} on {cfg.train} (base {cfg.model})")
+    log(format_table(metrics))
+    return metrics
