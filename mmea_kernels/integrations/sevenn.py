@@ -196,7 +196,7 @@ def load_sevennet(name: str = "7net-0", dtype: Optional[torch.dtype] = None,
     if dtype is not None:
         model = model.to(dtype)
     if fused_gate:
-        from ..nn.fused_gate import replace_gates
+        from ..nn.gate_swap import replace_gates
 
         replace_gates(model)
     return model.eval()

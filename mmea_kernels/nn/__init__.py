@@ -1,10 +1,12 @@
-"""User-facing adapter layers."""
+"""User-facing layers: the adapters (MMEALinear, ELoRALinear on the view of their base layer in
+``base``), their TorchScript forms (``scriptable``), FusedGate and the gate swap."""
 from .base import AdapterLinear, is_equivariant_linear
 from .elora import ELoRALinear
-from .fused_gate import FusedGate, replace_gates, restore_gates
+from .fused_gate import FusedGate
+from .gate_swap import GateSwapReport, replace_gates, restore_gates
 from .mmea import MMEALinear
 
 ADAPTERS = {"mmea": MMEALinear, "elora": ELoRALinear}
 
 __all__ = ["AdapterLinear", "MMEALinear", "ELoRALinear", "ADAPTERS", "is_equivariant_linear",
-           "FusedGate", "replace_gates", "restore_gates"]
+           "FusedGate", "GateSwapReport", "replace_gates", "restore_gates"]

@@ -134,6 +134,24 @@ if triton is not None:
     _G_U0, _G_W0, _G_INS = tl.constexpr(ls.G_U0), tl.constexpr(ls.G_W0), tl.constexpr(ls.G_INS)
 
     @triton.jit
+    def _gl_epilogue(acc, gpost_ptr, b_ptr, add_ptr, rows64, ws, w_ok, tile_ok, gate_out, bias0, scal,
+                     stride_qn, stride_qg, stride_an, stride_as,
+                     HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, ACC: tl.constexpr):
+        """The forward tile's epilogue: gate multiply, bias, additive terms (in the accumulator)."""
+        if HAS_POST:
+            g = tl.load(gpost_ptr + rows64[:, None] * stride_qn + ((gate_out + ws) * stride_qg)[None, :],
+                        mask=tile_ok & (gate_out >= 0), other=1.0)
+            acc = acc * g.to(ACC)
+        if HAS_BIAS:
+            b = tl.load(b_ptr + bias0 + ws, mask=w_ok & (bias0 >= 0), other=0.0)
+            acc = acc + b.to(ACC)[None, :]
+        if HAS_ADD:
+            a = tl.load(add_ptr + rows64[:, None] * stride_an + ((scal + ws) * stride_as)[None, :],
+                        mask=tile_ok & (scal >= 0), other=0.0)
+            acc = acc + a.to(ACC)
+        return acc
+
+    @triton.jit
     def _gl_fwd_kernel(
         x_ptr, w_ptr, pw_ptr, b_ptr, gpre_ptr, gpost_ptr, add_ptr, out_ptr,
         task_ptr, ins_ptr,
@@ -205,17 +223,8 @@ if triton is not None:
                 acc += tl.dot(xt.to(DOT), wt.to(DOT), input_precision=PREC, out_dtype=ACC) * pw
 
         tile_ok = row_ok[:, None] & w_ok[None, :]
-        if HAS_POST:
-            g = tl.load(gpost_ptr + rows64[:, None] * stride_qn + ((gate_out + ws) * stride_qg)[None, :],
-                        mask=tile_ok & (gate_out >= 0), other=1.0)
-            acc = acc * g.to(ACC)
-        if HAS_BIAS:
-            b = tl.load(b_ptr + bias0 + ws, mask=w_ok & (bias0 >= 0), other=0.0)
-            acc = acc + b.to(ACC)[None, :]
-        if HAS_ADD:
-            a = tl.load(add_ptr + rows64[:, None] * stride_an + ((scal + ws) * stride_as)[None, :],
-                        mask=tile_ok & (scal >= 0), other=0.0)
-            acc = acc + a.to(ACC)
+        acc = _gl_epilogue(acc, gpost_ptr, b_ptr, add_ptr, rows64, ws, w_ok, tile_ok, gate_out, bias0, scal,
+                           stride_qn, stride_qg, stride_an, stride_as, HAS_POST, HAS_BIAS, HAS_ADD, ACC)
         out_row = out_ptr + rows64 * stride_on + (col0 + m * col_sm) * stride_od
         tl.store(out_row[:, None] + (ws * col_su * stride_od)[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=tile_ok)
