@@ -11,44 +11,25 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..layout import IrrepsLayout
 from ..ops import gate_mul
 from ..ops.backends import resolve_backend
 from .base import AdapterLinear
 
-__all__ = ["MMEALinear"]
+__all__ = ["MMEALinear", "MMEATensorProduct", "MMEAGating"]
 
 PHIS = ("exp", "residual")
 INITS = ("identity", "paper")
 
 
-class MMEALinear(AdapterLinear):
-    """Wraps a frozen ``o3.Linear`` or ``cuequivariance_torch.Linear`` (shared, not copied) and gates
-    its output, in the layer's own layouts (``ir_mul`` features of a cuEquivariance layer are gated
-    in place, without transposes: the 0e input channels and the per-(order, multiplicity) output
-    columns are read from :class:`~mmea_kernels.layout.IrrepsLayout` tables of that layout).
+class MMEAGating:
+    """The MMEA gate network and gating, shared by the adapters of a linear layer
+    (:class:`MMEALinear`) and of a tensor product (:class:`MMEATensorProduct`): the subclass sets
+    ``in_layout`` (the input whose 0e channels feed the gate net) and ``out_layout`` (the gated
+    output) and calls :meth:`_init_gating`."""
 
-    Args:
-        base: the layer to adapt.
-        rank: width ``r`` of the gate network's hidden layer.
-        phi: ``"exp"`` (gate = exp γ) or ``"residual"`` (gate = 1 + γ).
-        init: ``"identity"`` (``W_up = b_up = 0``: output equals the base output exactly) or
-            ``"paper"`` (the published recipe: the additive 0e head keeps PyTorch's default random
-            initialisation, or ``normal(0, init_std)`` when ``init_std`` is given; gate rows zero).
-        backend: gate-op backend (``None``: ``MMEA_BACKEND`` or auto).
-
-    A layer whose input has no 0e channel gets static learned gates and additive terms.
-    """
-
-    method = "mmea"
-    option_names = ("phi", "init", "init_std", "backend")
-    shaping_options = ("rank", "phi")
-    runtime_options = ("backend",)
-    mergeable = False
-
-    def __init__(self, base: nn.Module, rank: int = 16, phi: str = "exp", init: str = "identity",
-                 init_std: Optional[float] = None, backend: Optional[str] = None):
-        super().__init__(base)
-        if not isinstance(rank, int) or rank < 1:
+    def _init_gating(self, rank, phi, init, init_std, backend, dtype, device) -> None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
         if phi not in PHIS:
             raise ValueError(f"unknown phi {phi!r}; expected one of {PHIS}")
@@ -58,13 +39,13 @@ class MMEALinear(AdapterLinear):
         self.num_scalars_in = self.in_layout.num_scalars
         self.num_additive = self.out_layout.num_scalars
         self.num_gates = self.out_layout.num_gates
-        fk = self._factory()
+        fk = {"dtype": dtype, "device": device}
         n_out = self.num_additive + self.num_gates
         # index buffers (not saved in state_dict; they follow .to(device))
         self.register_buffer("in_scalar_columns", torch.tensor(self.in_layout.scalar_columns, dtype=torch.long,
-                                                                device=fk["device"]), persistent=False)
+                                                                device=device), persistent=False)
         self.register_buffer("out_scalar_columns", torch.tensor(self.out_layout.scalar_columns, dtype=torch.long,
-                                                                 device=fk["device"]), persistent=False)
+                                                                 device=device), persistent=False)
         if self.num_scalars_in > 0:
             self.mmea_down = nn.Linear(self.num_scalars_in, rank, **fk)
             self.mmea_up = nn.Linear(rank, n_out, **fk)
@@ -113,6 +94,47 @@ class MMEALinear(AdapterLinear):
         add, logits = self.gamma(x)
         return add, (torch.exp(logits) if self.phi == "exp" else 1.0 + logits)
 
+    def _gated(self, y: torch.Tensor, add, gates) -> torch.Tensor:
+        """``y`` (the base output) with its gates and additive terms applied."""
+        D = self.out_layout.dim
+        y2 = gate_mul(y.reshape(-1, D), gates, self.out_layout, backend=self.backend)
+        if add is not None:
+            if add.dim() == 1:
+                add = add.expand(y2.shape[0], self.num_additive)
+            # in place: gate_mul's output is fresh and its backward does not need it
+            y2 = y2.index_add_(1, self.out_scalar_columns, add)
+        return y2.reshape(y.shape)
+
+
+class MMEALinear(MMEAGating, AdapterLinear):
+    """Wraps a frozen ``o3.Linear`` or ``cuequivariance_torch.Linear`` (shared, not copied) and gates
+    its output, in the layer's own layouts (``ir_mul`` features of a cuEquivariance layer are gated
+    in place, without transposes: the 0e input channels and the per-(order, multiplicity) output
+    columns are read from :class:`~mmea_kernels.layout.IrrepsLayout` tables of that layout).
+
+    Args:
+        base: the layer to adapt.
+        rank: width ``r`` of the gate network's hidden layer.
+        phi: ``"exp"`` (gate = exp γ) or ``"residual"`` (gate = 1 + γ).
+        init: ``"identity"`` (``W_up = b_up = 0``: output equals the base output exactly) or
+            ``"paper"`` (the published recipe: the additive 0e head keeps PyTorch's default random
+            initialisation, or ``normal(0, init_std)`` when ``init_std`` is given; gate rows zero).
+        backend: gate-op backend (``None``: ``MMEA_BACKEND`` or auto).
+
+    A layer whose input has no 0e channel gets static learned gates and additive terms.
+    """
+
+    method = "mmea"
+    option_names = ("phi", "init", "init_std", "backend")
+    shaping_options = ("rank", "phi")
+    runtime_options = ("backend",)
+    mergeable = False
+
+    def __init__(self, base: nn.Module, rank: int = 16, phi: str = "exp", init: str = "identity",
+                 init_std: Optional[float] = None, backend: Optional[str] = None):
+        super().__init__(base)
+        self._init_gating(rank, phi, init, init_std, backend, **self._factory())
+
     def _fused_spec(self, x: torch.Tensor, args, kwargs):
         """The LinearSpec when the fused Triton linear+gate kernel should run, else None."""
         if args or kwargs or torch.compiler.is_compiling() or resolve_backend(self.backend, x.device).name != "triton":
@@ -139,15 +161,7 @@ class MMEALinear(AdapterLinear):
             weight, bias = self.view.fused_tensors(self.base)
             y2 = gated_linear(x2, weight, bias, gates, add, spec, backend="triton")
             return y2.reshape(x.shape[:-1] + (self.out_layout.dim,))
-        y = self.base(x, *args, **kwargs)
-        D = self.out_layout.dim
-        y2 = gate_mul(y.reshape(-1, D), gates, self.out_layout, backend=self.backend)
-        if add is not None:
-            if add.dim() == 1:
-                add = add.expand(y2.shape[0], self.num_additive)
-            # in place: gate_mul's output is fresh and its backward does not need it
-            y2 = y2.index_add_(1, self.out_scalar_columns, add)
-        return y2.reshape(y.shape)
+        return self._gated(self.base(x, *args, **kwargs), add, gates)
 
     def merge(self) -> nn.Module:
         raise RuntimeError(
@@ -160,3 +174,43 @@ class MMEALinear(AdapterLinear):
         return (f"irreps_in={self.in_layout.irreps_str}, irreps_out={self.out_layout.irreps_str}, "
                 f"rank={self.rank}, phi={self.phi!r}, gates={self.num_gates}, additive={self.num_additive}")
 
+
+
+class MMEATensorProduct(MMEAGating, nn.Module):
+    """MMEA gating on the output of a frozen e3nn ``TensorProduct`` (the design's "gating inside
+    the tensor-product output path"): the gate net reads the 0e channels of the first input (for a
+    MACE/SevenNet convolution: the sender's node features of each edge), every 0e output channel
+    gets ``+γ_add``, every other (order, multiplicity) block of ``irreps_out`` is scaled by
+    ``φ(γ_gate)``. As equivariant as the gate on a linear layer; the identity at initialisation.
+    Used by the ``mmea-tp`` fine-tuning method; not injected by :func:`inject_adapters` and without
+    a TorchScript form."""
+
+    method = "mmea"
+
+    def __init__(self, base: nn.Module, rank: int = 16, phi: str = "exp", init: str = "identity",
+                 init_std: Optional[float] = None, backend: Optional[str] = None):
+        nn.Module.__init__(self)
+        for attr in ("irreps_in1", "irreps_out"):
+            if not hasattr(base, attr):
+                raise TypeError(f"MMEATensorProduct wraps an e3nn TensorProduct; {type(base).__name__} has no {attr}")
+        self.base = base
+        self.in_layout = IrrepsLayout.of(base.irreps_in1)
+        self.out_layout = IrrepsLayout.of(base.irreps_out)
+        self.adapter_enabled = True
+        p = next(iter([t for t in list(base.parameters()) + list(base.buffers()) if t.is_floating_point()]), None)
+        dtype, device = (p.dtype, p.device) if p is not None else (torch.get_default_dtype(), torch.device("cpu"))
+        self._init_gating(rank, phi, init, init_std, backend, dtype, device)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base(x, *args, **kwargs)
+        if not self.adapter_enabled:
+            return y
+        add, gates = self.gate_parameters(x.reshape(-1, self.in_layout.dim))
+        return self._gated(y, add if self.num_additive > 0 else None, gates)
+
+    def __prepare_scriptable__(self):
+        raise NotImplementedError("MMEATensorProduct (the mmea-tp method) has no TorchScript form")
+
+    def extra_repr(self) -> str:
+        return (f"irreps_in1={self.in_layout.irreps_str}, irreps_out={self.out_layout.irreps_str}, "
+                f"rank={self.rank}, phi={self.phi!r}, gates={self.num_gates}, additive={self.num_additive}")

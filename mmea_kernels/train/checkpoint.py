@@ -68,6 +68,7 @@ def write_checkpoint(path, cfg: FinetuneConfig, r, metrics=None) -> None:
     if cfg.method in ("full", "scratch"):
         extra["buffers"] = {n: b.detach().clone() for n, b in r.model.named_buffers()}
     atomic_save({"format": CHECKPOINT_FORMAT, "method": cfg.method, "rank": cfg.rank, "model": cfg.model,
+                 "adapter_options": dict(cfg.adapter_options),
                  "model_config": cfg.model_config, "base_fingerprint": r.fp, "e0s": [float(v) for v in r.e0s],
                  "seed": cfg.seed, "dtype": cfg.dtype, "energy_key": cfg.energy_key, "forces_key": cfg.forces_key,
                  "epoch": r.best["epoch"], "trainable": r.best["state"], "trainable_parameters": r.n_train,
@@ -102,11 +103,11 @@ def load_state(cfg: FinetuneConfig, r, state_path: pathlib.Path, log) -> None:
 
 
 # --------------------------------------------------------------------------------------- reading
-def prepare(model, e0s, method: str, rank: int, seed: int, source: str = "the E0s"):
-    """The base model set up for training or loading: ``e0s`` in, ``method`` applied (seeded);
-    returns the method's ``{parameter group: count}``."""
+def prepare(model, e0s, method: str, rank: int, seed: int, source: str = "the E0s", adapter_options=None):
+    """The base model set up for training or loading: ``e0s`` in, ``method`` applied (seeded, with
+    the adapters' ``adapter_options``); returns the method's ``{parameter group: count}``."""
     set_e0s(model, e0s, source)
-    return apply_method(model, method, rank=rank, seed=seed)
+    return apply_method(model, method, rank=rank, seed=seed, **(adapter_options or {}))
 
 
 def _read_checkpoint(path: pathlib.Path) -> dict:
@@ -168,7 +169,8 @@ def load_finetuned(checkpoint, model: Optional[str] = None, model_config=None, d
     net = load_model(spec, model_config if model else ckpt.get("model_config"), dtype=DTYPES[dtype or ckpt["dtype"]],
                      trust_pickle=trust_pickle)
     fp = fingerprint(net)
-    prepare(net, ckpt["e0s"], ckpt["method"], ckpt["rank"], ckpt["seed"], source=f"checkpoint {path}")
+    prepare(net, ckpt["e0s"], ckpt["method"], ckpt["rank"], ckpt["seed"], source=f"checkpoint {path}",
+            adapter_options=ckpt.get("adapter_options"))
     if _needs_same_base(ckpt) and fp != ckpt["base_fingerprint"]:
         raise ValueError(f"checkpoint {path} was trained on base model {ckpt['model']!r} (fingerprint "
                          f"{ckpt['base_fingerprint']}), but {spec!r} has fingerprint {fp}: not the same weights")

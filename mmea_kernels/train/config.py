@@ -11,7 +11,7 @@ import torch
 
 from .checks import DataChecks
 from .foundation import DEFAULT_MODEL
-from .methods import METHODS
+from .methods import ADAPTER_METHODS, METHODS
 
 __all__ = ["FinetuneConfig", "DTYPES", "config_key"]
 
@@ -28,6 +28,7 @@ class FinetuneConfig:
     model_config: Optional[str] = None
     method: str = "mmea"
     rank: int = 16
+    adapter_options: dict = dataclasses.field(default_factory=dict)  # MMEA phi/init/init_std, ELoRA alpha
     energy_key: str = "REF_energy"
     forces_key: str = "REF_forces"
     dtype: str = "float64"
@@ -70,6 +71,15 @@ class FinetuneConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.adapter_options:
+            if self.method not in ADAPTER_METHODS:
+                raise ValueError(f"adapter_options {self.adapter_options} given, but method {self.method!r} has no adapters")
+            from ..nn import ADAPTERS
+
+            known = ADAPTERS["elora" if self.method == "elora" else "mmea"].option_names
+            bad = sorted(set(self.adapter_options) - set(known))
+            if bad:
+                raise ValueError(f"unknown adapter option(s) {bad} for method {self.method!r}; expected some of {list(known)}")
         self.data_checks()
 
 
@@ -77,6 +87,8 @@ def config_key(cfg: FinetuneConfig) -> str:
     """The settings that decide the training trajectory, as a string stored in ``state.pt``: a
     resumed run must have the same key."""
     d = dataclasses.asdict(cfg)
+    if not d["adapter_options"]:  # runs from before the option existed keep their key
+        d.pop("adapter_options")
     # settings that do not change the trajectory (and did not exist in earlier runs' state.pt) stay out
     for k in ("resume", "progress", "stop_after", "out_dir", "epochs", "eval_batch_size", "trust_pickle",
               "min_distance", "max_neighbors", "allow_small_cells", "fused_gate", "refit_e0s_after"):

@@ -88,7 +88,7 @@ def setup(cfg: FinetuneConfig, world: int):
     graphs = split_graphs(cfg, frames, z, r_max, dtype)
     fp = fingerprint(model)
     e0s = refit_e0s(model, frames["train"], z, cfg.e0s, cfg.energy_key, from_scratch=cfg.method == "scratch")
-    groups = prepare(model, e0s, cfg.method, cfg.rank, cfg.seed, "the fitted E0s")  # as load_finetuned does
+    groups = prepare(model, e0s, cfg.method, cfg.rank, cfg.seed, "the fitted E0s", cfg.adapter_options)  # as load_finetuned does
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     net = model
     if world > 1:  # gradients averaged over processes by DDP; each process holds batch_size / world frames

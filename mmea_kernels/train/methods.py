@@ -16,6 +16,10 @@ method         what trains (everything else is frozen)
                so the low-rank update of the radial MLP's last layer is the update of the
                tensor-product weights; its Bessel frequencies (``basis_function.coeffs``) train
                densely
+``mmea-tp``    MMEA adapters on every ``o3.Linear`` and MMEA gates on the output of every e3nn
+               ``TensorProduct`` (:class:`~mmea_kernels.nn.mmea.MMEATensorProduct`: the gate net
+               reads the first input's 0e channels; the convolutions' messages and MACE's skip
+               tensor product are gated per (order, multiplicity))
 ``elora``      ELoRA low-rank updates on every ``o3.Linear`` (per instruction)
 ``full``       every parameter of the pretrained model
 ``readout``    the readout blocks only (``readouts.*``)
@@ -36,7 +40,8 @@ from ..peft.inject import inject_adapters
 
 __all__ = ["METHODS", "apply_method", "LowRankDelta", "trainable_state", "reinitialize"]
 
-METHODS = ("mmea", "mmea-paper", "elora", "full", "readout", "scratch")
+METHODS = ("mmea", "mmea-paper", "mmea-tp", "elora", "full", "readout", "scratch")
+ADAPTER_METHODS = ("mmea", "mmea-paper", "mmea-tp", "elora")  # the methods that take adapter options
 
 
 class LowRankDelta(nn.Module):
@@ -129,6 +134,8 @@ def apply_method(model: nn.Module, method: str, rank: int = 16, seed: int = 0, *
     adapter = "elora" if method == "elora" else "mmea"
     rep = inject_adapters(model, method=adapter, rank=rank, **adapter_options)
     groups[f"{adapter.upper()} adapters on {len(rep.modules)} o3.Linear"] = rep.trainable_parameters
+    if method == "mmea-tp":
+        groups.update(_gate_tensor_products(model, rank, adapter_options))
     if method != "mmea-paper":
         return groups
     from e3nn import o3
@@ -176,6 +183,26 @@ def _is_radial_layer(mname: str, mod: nn.Module) -> bool:
     tensor-product weights."""
     return (mname.split(".")[-1].startswith("layer") and any(p in f".{mname}." for p in _RADIAL_PARENTS)
             and isinstance(getattr(mod, "weight", None), torch.Tensor) and mod.weight.dim() == 2)
+
+
+def _gate_tensor_products(model: nn.Module, rank: int, options: dict) -> Dict[str, int]:
+    from e3nn import o3
+
+    from ..nn.mmea import MMEATensorProduct
+    from ..peft.inject import _set_submodule
+
+    names = [n for n, m in model.named_modules() if isinstance(m, o3.TensorProduct) and n]
+    if not names:
+        raise ValueError(f"mmea-tp: {type(model).__name__} has no e3nn TensorProduct to gate")
+    count = 0
+    for name in names:
+        wrapper = MMEATensorProduct(model.get_submodule(name), rank=rank, **options)
+        _set_submodule(model, name, wrapper)
+        for pn, p in wrapper.named_parameters():
+            if not pn.startswith("base."):
+                p.requires_grad_(True)
+                count += p.numel()
+    return {f"MMEA gates on {len(names)} tensor-product outputs": count}
 
 
 def _n(mod: nn.Module) -> int:
