@@ -1,0 +1,50 @@
+"""bench/ablation.py: settings are chosen on validation error only, and the CI-sized mode runs end
+to end on rMD17 (skipped without the data)."""
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("ablation", REPO / "bench" / "ablation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_choice_reads_validation_never_test():
+    ab = _module()
+    row = lambda mol, s, va, te, method="mmea": dict(molecule=mol, setting=s, method=method, valid_F_best=va,  # noqa
+                                                      test_F=te)
+    rows = [row("a", "mmea", 10, 5), row("a", "mmea rank 32", 9, 50), row("a", "elora", 1, 1, "elora"),
+            row("b", "mmea", 20, 5), row("b", "mmea rank 32", 19, 60), row("b", "elora", 1, 1, "elora")]
+    chosen = ab.choose(rows)
+    # rank 32 wins on validation on both molecules although its test error is ten times worse;
+    # elora (not an MMEA setting) is never chosen
+    assert chosen["best_per_molecule"] == {"a": "mmea rank 32", "b": "mmea rank 32"}
+    assert chosen["best_overall"] == "mmea rank 32" and chosen["mean_rank"] == {"mmea rank 32": 1.0, "mmea": 2.0}
+
+
+def test_ablation_fast_mode(rmd17, tmp_path):
+    pytest.importorskip("mace")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MMEA_RMD17_DIR=str(rmd17))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "ablation.py"), "--mode", "fast", "--work",
+                           str(tmp_path / "work"), "--results", str(tmp_path / "res")],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "res" / "ablation-fast.json").read_text())
+    assert [r["setting"] for r in res["rows"]] == ["mmea", "mmea phi residual"]
+    for r in res["rows"]:
+        run = tmp_path / "work" / "ethanol" / r["setting"].replace(" ", "_") / "s0" / "metrics.json"
+        m = json.loads(run.read_text())
+        assert r["valid_F_best"] == pytest.approx(min(h["valid"]["forces_mae_meV_per_A"] for h in m["history"]))
+        assert m["test"]["frames"] == 20
+    assert res["chosen"]["best_per_molecule"]["ethanol"] in ("mmea", "mmea phi residual")
+    assert "Chosen on `valid F best` only" in (tmp_path / "res" / "ablation-fast.md").read_text()
