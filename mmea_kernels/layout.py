@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Iterable, List, Sequence, Tuple, Union
+from typing import List, Tuple
 
 __all__ = ["IrrepBlock", "IrrepsLayout", "parse_irreps", "LAYOUTS"]
 

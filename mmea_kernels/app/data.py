@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 

@@ -3,7 +3,7 @@ evaluate energies and forces. Imports mace lazily (it is an optional dependency)
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch

@@ -4,7 +4,7 @@ options, checked against that class when the config is made."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Sequence, Union
 
 from ..nn import ADAPTERS
 

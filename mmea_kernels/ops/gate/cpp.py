@@ -13,7 +13,7 @@ to the torch backend.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 

@@ -4,8 +4,6 @@ Kernel-level functions (no autograd): inputs are 2-D and contiguous, already val
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ..tables import LayoutTables

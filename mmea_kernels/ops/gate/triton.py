@@ -19,7 +19,7 @@ variable must be set before this module is imported.
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
