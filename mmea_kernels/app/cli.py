@@ -58,6 +58,9 @@ def _finetune_parser(sub):
                    help="keep e3nn's Gate layers of a SevenNet base model (default: FusedGate, same numbers)")
     p.add_argument("--method", default=d.method, choices=METHODS)
     p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--phi", default=None, choices=["exp", "residual"], help="MMEA gate map (default exp)")
+    p.add_argument("--init", default=None, choices=["identity", "paper"], help="MMEA initialisation (default identity)")
+    p.add_argument("--alpha", type=float, default=None, help="ELoRA scale α (default: the rank)")
     p.add_argument("--energy-key", default=d.energy_key)
     p.add_argument("--forces-key", default=d.forces_key)
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "float64"])
@@ -159,7 +162,8 @@ def _run(args) -> int:
 
         fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
         kw = {k: v for k, v in vars(args).items() if k in fields}  # incl. trust_pickle and the data checks
-        cfg = FinetuneConfig(out_dir=args.out, progress=not args.no_progress, **kw)
+        opts = {k: getattr(args, k) for k in ("phi", "init", "alpha") if getattr(args, k) is not None}
+        cfg = FinetuneConfig(out_dir=args.out, progress=not args.no_progress, adapter_options=opts, **kw)
         res = finetune(cfg)
         if res.get("stopped") == "stop_after":
             return 3

@@ -87,3 +87,19 @@ def test_adapter_options_are_stored_and_used_when_loading(tmp_path):
     gates = [m for m in net.modules() if hasattr(m, "phi")]
     assert gates and all(m.phi == "residual" and m.init == "paper" for m in gates)
     assert any(isinstance(m, MMEATensorProduct) for m in gates)
+
+
+def test_cli_adapter_options(tmp_path, capsys):
+    from mmea_kernels.app.cli import main
+
+    torch.manual_seed(0)
+    save_model(build_mace(TINY), TINY, tmp_path / "base.pt")
+    ase.io.write(str(tmp_path / "train.xyz"), toy_molecules("ethanol", 6, "B", seed=1))
+    common = ["finetune", "--train", str(tmp_path / "train.xyz"), "--model", str(tmp_path / "base.pt"),
+              "--epochs", "1", "--batch-size", "3", "--rank", "4", "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "a"), "--method", "mmea", "--phi", "residual"]) == 0
+    ckpt = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    assert ckpt["adapter_options"] == {"phi": "residual"}
+    capsys.readouterr()
+    assert main(common + ["--out", str(tmp_path / "b"), "--method", "mmea", "--alpha", "2"]) == 2
+    assert "unknown adapter option(s) ['alpha'] for method 'mmea'" in capsys.readouterr().err
