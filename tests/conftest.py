@@ -10,9 +10,7 @@ import pytest
 if os.environ.get("MMEA_TEST_CUDA") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from helpers import TRITON_DEVICES  # noqa: E402 - after TRITON_INTERPRET is settled
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from helpers import REPO, TRITON_DEVICES  # noqa: E402 - after TRITON_INTERPRET is settled
 
 
 def rmd17_dir() -> pathlib.Path:

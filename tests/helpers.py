@@ -1,11 +1,14 @@
-"""Independent references for the tests (naive per-column loops in float64) and the devices
-the kernel tests run on."""
+"""Independent references for the tests (naive per-column loops in float64), the devices the
+kernel tests run on, and the repository root (REPO) for the tests that run its scripts."""
 import os
+import pathlib
 
 import pytest
 import torch
 
 from mmea_kernels.layout import IrrepsLayout, parse_irreps
+
+REPO = pathlib.Path(__file__).resolve().parents[1]  # tests/helpers.py -> the repository
 
 
 def naive_gate_of_column(irreps: str, layout: str):

@@ -18,6 +18,8 @@ import mmea_kernels as mk  # noqa: E402
 from mmea_kernels.nn.fused_gate import FusedGate, ScriptableFusedGate  # noqa: E402
 from mmea_kernels.ops.fused_gate import fused_gate_backend_status, ssp  # noqa: E402
 
+from helpers import REPO  # noqa: E402
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BACKENDS = ["torch", "cpp", "triton"]
 TOL = dict(rtol=1e-12, atol=1e-12)
@@ -362,9 +364,8 @@ def test_sevennet_replace_gates(sevennet_pair):
 def test_gate_speed_script_runs_small():
     """bench/gate_speed.py at a tiny size (the measured numbers come from its full run)."""
     import importlib.util
-    import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "gate_speed.py"
+    path = REPO / "bench" / "gate_speed.py"
     spec = importlib.util.spec_from_file_location("gate_speed", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -396,13 +397,12 @@ print("compiled")
 def test_triton_kernels_compile_for_sm90():
     """Without a GPU: the Triton kernels (every activation, fp32 and fp64) compile to PTX and a cubin
     for sm_90 (H100/H200), as they would on the device; run in a process without TRITON_INTERPRET."""
-    import pathlib
     import subprocess
     import sys
 
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", _PTX_CHECK], env=env, capture_output=True, text=True, timeout=300)
     if res.returncode != 0 and ("ptxas" in res.stderr and "not found" in res.stderr.lower()):
         pytest.skip("triton's NVIDIA backend (ptxas) is not available here")

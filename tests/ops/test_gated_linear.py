@@ -23,7 +23,7 @@ from mmea_kernels.ops.gated_linear import (_core, gated_linear, gated_linear_ref
                                            triton_status)
 from mmea_kernels.linear_spec import LinearSpec  # noqa: E402
 
-from helpers import CUDA_AVAILABLE, TRITON_DEVICES, naive_gate_of_column  # noqa: E402
+from helpers import CUDA_AVAILABLE, REPO, TRITON_DEVICES, naive_gate_of_column  # noqa: E402
 
 if not CUDA_AVAILABLE:
     _ok, _why = triton_status("cpu")
@@ -402,12 +402,11 @@ def test_default_gpu_tiles_compile_for_sm90_without_spills():
     """Without a GPU: every Triton kernel of the package compiles for sm_90 (H100/H200), and at the
     default tiles the fused linear's kernels (fp32 tf32x3, bf16, fp64) and the gate kernels spill no
     registers (ptxas -v through bench/gpu/kernel_report.py, in a process without the interpreter)."""
-    import pathlib
     import re
     import subprocess
     import sys
 
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = REPO
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, str(root / "bench" / "gpu" / "kernel_report.py")], env=env,
