@@ -12,7 +12,7 @@ import mmea_kernels as mk
 from mmea_kernels import IrrepsLayout, MMEALinear
 from mmea_kernels.ops.gate.function import layout_key
 
-from helpers import REPO
+from helpers import MODEL_RTOL, REPO
 
 HERE = pathlib.Path(__file__).resolve().parent  # this file's folder, for the fresh interpreter's import
 
@@ -83,6 +83,6 @@ def check_compiled_mace():
     with mk.disable_adapters(model):
         base = model(batch(), training=True, compute_force=True)
     assert (eager["energy"] - base["energy"]).abs().max() > 1e-3  # the adapters are in the compiled graph
-    torch.testing.assert_close(compiled["energy"], eager["energy"], rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(compiled["forces"], eager["forces"], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(compiled["energy"], eager["energy"], rtol=MODEL_RTOL, atol=MODEL_RTOL)
+    torch.testing.assert_close(compiled["forces"], eager["forces"], rtol=MODEL_RTOL, atol=MODEL_RTOL)
     print("COMPILED-MACE-OK")
