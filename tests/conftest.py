@@ -1,7 +1,8 @@
 """Test setup: Triton runs in interpreter mode on CPU (set before any @triton.jit runs) unless
 MMEA_TEST_CUDA=1 (the GPU run: kernels on CUDA tensors, see helpers.TRITON_DEVICES and the
-``device`` fixture), and the rMD17 data directory is found from MMEA_RMD17_DIR or
-../shared/data/rmd17."""
+``device`` fixture), the rMD17 data directory is found from MMEA_RMD17_DIR or
+../shared/data/rmd17, and the fixtures several test files use: ``one_thread`` (per module) and
+``keep_default_dtype``. The helpers (references, TOL, builders) are in helpers.py."""
 import os
 import pathlib
 
@@ -10,9 +11,7 @@ import pytest
 if os.environ.get("MMEA_TEST_CUDA") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from helpers import TRITON_DEVICES  # noqa: E402 - after TRITON_INTERPRET is settled
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from helpers import REPO, TRITON_DEVICES  # noqa: E402 - after TRITON_INTERPRET is settled
 
 
 def rmd17_dir() -> pathlib.Path:
@@ -35,3 +34,28 @@ def device(request):
     import torch
 
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    its models are small, and OpenMP with 2 threads on a busy 2-core machine can be an order of
+    magnitude slower (seen: 1 s -> 35 s for one MACE build)."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture
+def keep_default_dtype():
+    """No test may leak a changed default dtype (mace-torch's builds and conversions set it)."""
+    import torch
+
+    prev = torch.get_default_dtype()
+    yield
+    now = torch.get_default_dtype()
+    torch.set_default_dtype(prev)
+    assert now == prev, f"default dtype leaked: {now} (was {prev})"

@@ -1,11 +1,16 @@
-"""Independent references for the tests (naive per-column loops in float64) and the devices
-the kernel tests run on."""
+"""Independent references for the tests (naive per-column loops in float64), the devices the
+kernel tests run on, the tolerance per dtype (TOL), the builders and random inputs several test
+files share, and the repository root (REPO) for the tests that run its scripts."""
+import contextlib
 import os
+import pathlib
 
 import pytest
 import torch
 
 from mmea_kernels.layout import IrrepsLayout, parse_irreps
+
+REPO = pathlib.Path(__file__).resolve().parents[1]  # tests/helpers.py -> the repository
 
 
 def naive_gate_of_column(irreps: str, layout: str):
@@ -90,3 +95,110 @@ TRITON_DEVICES = [
     pytest.param("cuda", id="cuda", marks=_NO_CUDA),
 ]
 CPP_DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=_NO_CUDA)]
+
+
+# ---------------------------------------------------------------------------- tolerances
+# A result against an independent reference (naive loops, the unfused path, the other backend),
+# computed in ``dtype``: float64 agrees to round-off; float32 to ~1e-5; bf16/fp16 accumulate in
+# fp32 and round the result once. A test with a tighter or looser bound says why where it uses it.
+TOL = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
+    torch.float16: dict(rtol=1e-2, atol=1e-3),
+}
+# Energies and forces of a whole model (float64) computed two ways (converted, exported, merged,
+# compiled): many layers of round-off, relative to the largest value.
+MODEL_RTOL = 1e-10
+
+
+def max_rel(a, b):
+    """max |a - b| relative to max |b|."""
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def assert_rel(a, b, what="", rtol=MODEL_RTOL):
+    rel = max_rel(a.detach(), b.detach())
+    assert rel <= rtol, f"{what}: relative difference {rel:.2e} > {rtol:g}"
+
+
+# ---------------------------------------------------------------------------- shared builders
+IN = "3x0e+2x0e+2x1o+1x2e+1x0o"  # the bare-layer tests: two 0e blocks feed the gate net, 0o, l = 2
+OUT = "4x0e+3x1o+2x2e+2x0o+1x1e"
+
+
+def make_linear(irreps_in=IN, irreps_out=OUT, seed=0, **kw):
+    """A float64 e3nn ``o3.Linear`` with its weights drawn from ``seed``."""
+    from e3nn import o3
+
+    torch.manual_seed(seed)
+    return o3.Linear(o3.Irreps(irreps_in), o3.Irreps(irreps_out), **kw).double()
+
+
+def randomise(module, std=0.5, seed=1):
+    """Every parameter of an adapter except its base layer's: N(0, std²) from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if not n.startswith("base."):
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+
+
+@torch.no_grad()
+def randomise_adapters(model, std, seed):
+    """Every adapter parameter of an adapted model, module by module: N(0, std²) from ``seed``
+    (drawn in float64), so that the adapters change the model."""
+    from mmea_kernels import adapted_modules
+
+    gen = torch.Generator().manual_seed(seed)
+    for m in adapted_modules(model).values():
+        for p in m.adapter_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * std)
+    return model
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(prev)
+
+
+def build_mace64(seed=0, **overrides):
+    """A tiny mace-torch MACE built with float64 as default dtype (so its constants, e.g. the
+    symmetric-contraction U matrices, are exact in float64) and cast to float64."""
+    from mmea_kernels.integrations.mace import build_mace
+
+    with default_dtype(torch.float64):
+        torch.manual_seed(seed)
+        return build_mace("tiny", **overrides).double()
+
+
+# ---------------------------------------------------------------------------- random gate inputs
+def irreps_string(blocks):
+    """[(mul, l, "e"/"o"), ...] -> "2x0e+1x1o"."""
+    return "+".join(f"{m}x{l}{p}" for m, l, p in blocks)
+
+
+def gate_inputs(L, n, shared, seed, dtype=torch.float64):
+    """x and b ([n, D]) and the gates ([G] shared, else [n, G]) of layout ``L``: float64 normals
+    from ``seed`` in that order, cast to ``dtype``."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, L.dim, generator=gen, dtype=torch.float64).to(dtype)
+    b = torch.randn(n, L.dim, generator=gen, dtype=torch.float64).to(dtype)
+    g = torch.randn(*((L.num_gates,) if shared else (n, L.num_gates)), generator=gen, dtype=torch.float64)
+    return x, b, g.to(dtype)
+
+
+def gate_case_strategies(mul, max_n):
+    """The hypothesis strategies of a random gate-op case: irreps blocks (multiplicities from ``mul``,
+    l <= 3, both parities), layout, rows 0..max_n, shared gates, float32/float64 and a seed."""
+    from hypothesis import strategies as st
+
+    block = st.tuples(mul, st.integers(0, 3), st.sampled_from(["e", "o"]))
+    return dict(blocks=st.lists(block, min_size=1, max_size=5), layout=st.sampled_from(["mul_ir", "ir_mul"]),
+                n=st.integers(0, max_n), shared=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]),
+                seed=st.integers(0, 2**31 - 1))

@@ -11,7 +11,7 @@ ELoRA adapters, because the adapters are marked ``compile_mode("script")`` and h
 scriptable form of themselves (``__prepare_scriptable__``, :mod:`mmea_kernels.nn.scriptable`): same
 parameters, same function, aten ops only. The saved file thus needs neither ``mmea_kernels`` nor
 mace-torch nor e3nn to load (``torch.jit.load`` / libtorch), and gives the eager adapted model's
-energies and forces (float64: equal to round-off, checked ≤ 1e-10 relative in tests/test_export.py).
+energies and forces (float64: equal to round-off, checked ≤ 1e-10 relative in tests/integrations/test_export.py).
 
 Like e3nn's in-place ``jit.compile``, scripting rewrites the module tree it compiles (each adapter is
 replaced by its scriptable form, sharing parameters). The helpers here work on a copy instead, so
@@ -25,7 +25,7 @@ TorchScript runs the MMEA gate in aten ops (the torch backend's gather-multiply 
 adapters pinned to another gate backend (``backend="cpp"`` or ``"triton"``) are refused with an error
 that says how to unpin them, before anything is copied or compiled; the fused Triton linear+gate
 kernel is an eager/GPU path only. ``torch.compile`` (mace-torch's other path, ``mace.tools.compile``)
-needs none of this: it traces the eager adapters (tests/test_compile.py).
+needs none of this: it traces the eager adapters (tests/nn/test_compile.py).
 """
 from __future__ import annotations
 

@@ -16,6 +16,8 @@ from mmea_kernels.app.data import toy_molecules  # noqa: E402
 from mmea_kernels.integrations.mace import atoms_to_batch  # noqa: E402
 from mmea_kernels.integrations.sevenn import SevenNetAsMACE, load_sevennet  # noqa: E402
 
+from helpers import TOL  # noqa: E402
+
 N_LINEAR = 18  # onehot_to_feature_x, 5 x (self_connection_intro, self_interaction_1, self_interaction_2), 2 readout
 
 
@@ -94,7 +96,7 @@ def test_parity_with_sevennet_calculator(base64, frames, reference, dtype, tol_e
     zi = {z: i for i, z in enumerate(m.atomic_numbers.tolist())}
     shift = [sum(float(e0[zi[int(z)]]) for z in a.numbers) for a in frames]
     np.testing.assert_allclose((e2 - e).numpy(), shift, rtol=1e-6)
-    torch.testing.assert_close(f2, f, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
+    torch.testing.assert_close(f2, f, rtol=0, atol=TOL[dtype]["atol"])
 
 
 def test_adapter_targets(base64):

@@ -18,6 +18,8 @@ from mmea_kernels.train import loop as ft  # noqa: E402  (patched: loss, errors,
 from mmea_kernels.app.cli import main  # noqa: E402
 from mmea_kernels.train.foundation import ASSETS, fingerprint, load_model, save_model  # noqa: E402
 
+from helpers import REPO  # noqa: E402
+
 DATA = ASSETS / "ethanol_pbe"
 
 
@@ -442,7 +444,7 @@ def test_bench_adapt_data_dir_needs_only_the_molecules_asked_for(tmp_path):
 
     (tmp_path / "d" / "benzene").mkdir(parents=True)
     (tmp_path / "d" / "benzene" / "train.xyz").write_text("x")
-    script = pathlib.Path(__file__).resolve().parents[1] / "bench" / "adapt.py"
+    script = REPO / "bench" / "adapt.py"
     argv = [sys.executable, str(script), "--data-dir", str(tmp_path / "d"), "--molecules", "benzene",
             "--summarize-only", "--work", str(tmp_path / "w"), "--results", str(tmp_path / "r")]
     env = dict(os.environ, OMP_NUM_THREADS="1")

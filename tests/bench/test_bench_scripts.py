@@ -3,7 +3,6 @@
 per dtype, records a failing configuration instead of crashing, and writes its files as it goes;
 the model-overhead script runs its paired rounds."""
 import json
-import pathlib
 import subprocess
 import sys
 
@@ -12,7 +11,9 @@ import torch
 
 from mmea_kernels.ops import backend_status
 
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
+from helpers import REPO
+
+BENCH = REPO / "bench"
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from mmea_kernels.ops.gated_linear import (_core, gated_linear, gated_linear_ref
                                            triton_status)
 from mmea_kernels.linear_spec import LinearSpec  # noqa: E402
 
-from helpers import CUDA_AVAILABLE, TRITON_DEVICES, naive_gate_of_column  # noqa: E402
+from helpers import CUDA_AVAILABLE, REPO, TOL, TRITON_DEVICES, irreps_string, naive_gate_of_column  # noqa: E402
 
 if not CUDA_AVAILABLE:
     _ok, _why = triton_status("cpu")
@@ -84,7 +84,8 @@ def make_inputs(irr_in, irr_out, n, dtype, gate_mode, add_mode, bias, seed, devi
     return lin.to(device), to(x), to(gates), to(add)
 
 
-def check_parity(irr_in, irr_out, layout, n, dtype, gate_mode, add_mode, bias, seed, rtol, device="cpu"):
+def check_parity(irr_in, irr_out, layout, n, dtype, gate_mode, add_mode, bias, seed, device="cpu"):
+    """Every backend against o3.Linear + the explicit gate: max error <= TOL[dtype]'s rtol x max(|ref|, 1)."""
     lin, x, gates, add = make_inputs(irr_in, irr_out, n, dtype, gate_mode, add_mode, bias, seed, device)
     with torch.no_grad():
         ref = explicit_gate(lin(x), gates, add, irr_out)
@@ -93,6 +94,7 @@ def check_parity(irr_in, irr_out, layout, n, dtype, gate_mode, add_mode, bias, s
     i_in, i_out = to_ir_mul_index(irr_in).to(device), to_ir_mul_index(irr_out).to(device)
     x_l = x if layout == "mul_ir" else x[:, i_in].contiguous()
     scale = max(ref.abs().max().item(), 1.0) if ref.numel() else 1.0
+    rtol = TOL[dtype]["rtol"]
     for backend in BACKENDS:
         with torch.no_grad():
             y = gated_linear(x_l, lin.weight, b, gates, add, spec, backend=backend)
@@ -145,19 +147,15 @@ FIXED = [
 
 @pytest.mark.parametrize("irr_in,irr_out,layout,gate_mode,add_mode,bias", FIXED)
 def test_parity_fixed_float64(irr_in, irr_out, layout, gate_mode, add_mode, bias, device):
-    check_parity(irr_in, irr_out, layout, 21, torch.float64, gate_mode, add_mode, bias, 0, 1e-12, device)
+    check_parity(irr_in, irr_out, layout, 21, torch.float64, gate_mode, add_mode, bias, 0, device)
 
 
 @pytest.mark.parametrize("irr_in,irr_out,layout,gate_mode,add_mode,bias", FIXED[:2] + FIXED[4:])
 def test_parity_fixed_float32(irr_in, irr_out, layout, gate_mode, add_mode, bias, device):
-    check_parity(irr_in, irr_out, layout, 9, torch.float32, gate_mode, add_mode, bias, 1, 1e-5, device)
+    check_parity(irr_in, irr_out, layout, 9, torch.float32, gate_mode, add_mode, bias, 1, device)
 
 
 block_st = st.tuples(st.sampled_from([0, 1, 2, 3, 5]), st.integers(0, 2), st.sampled_from(["e", "o"]))
-
-
-def _irreps(blocks):
-    return "+".join(f"{m}x{l}{p}" for m, l, p in blocks)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
@@ -181,8 +179,8 @@ def test_parity_random_irreps(device, blocks_in, blocks_out, layout, n, gate_mod
         blocks_in, blocks_out = blocks_in + [(1, 0, "e")], blocks_out + [(1, 0, "e")]
     if not any(m > 0 and l == 0 and p == "e" for m, l, p in blocks_in):
         bias = False  # e3nn's Linear cannot build a bias-only output block (its codegen fails)
-    check_parity(_irreps(blocks_in), _irreps(blocks_out), layout, n, torch.float64, gate_mode, add_mode,
-                 bias, seed, 1e-12, device)
+    check_parity(irreps_string(blocks_in), irreps_string(blocks_out), layout, n, torch.float64, gate_mode, add_mode,
+                 bias, seed, device)
 
 
 needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -240,7 +238,7 @@ def test_gradients_match_torch_reference(device):
         g2 = torch.autograd.grad(sum((t * t).sum() for t in g1), leaves)  # force-training pattern
         outs.append(g1 + g2)
     for p, q in zip(*outs):
-        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(p, q, **TOL[torch.float64])
 
 
 def test_core_pre_and_post_gates_gradgradcheck(device):
@@ -271,7 +269,7 @@ def test_frozen_weight_force_training_pattern(device):
         (fx,) = torch.autograd.grad(y.tanh().sum(), (x,), create_graph=True)
         res.append((fx,) + torch.autograd.grad((fx * fx).sum(), (g, a)))
     for p, q in zip(*res):
-        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(p, q, **TOL[torch.float64])
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
@@ -391,23 +389,22 @@ def test_forces_pass_skips_gate_and_weight_gradients(monkeypatch):
     assert calls == {"core": 1, "wgrad": 0}  # one launch: L^T(G ⊙ dy)
     ref = gated_linear_reference(x, w, b, gl.exp(), a, spec)
     (fref,) = torch.autograd.grad(ref.tanh().sum(), x)
-    torch.testing.assert_close(fx, fref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fx, fref, **TOL[torch.float64])
     gw, gg = torch.autograd.grad(y.tanh().sum(), (w, gl))
     rw, rg = torch.autograd.grad(gated_linear_reference(x, w, b, gl.exp(), a, spec).tanh().sum(), (w, gl))
-    torch.testing.assert_close(gw, rw, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(gg, rg, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, rw, **TOL[torch.float64])
+    torch.testing.assert_close(gg, rg, **TOL[torch.float64])
 
 
 def test_default_gpu_tiles_compile_for_sm90_without_spills():
     """Without a GPU: every Triton kernel of the package compiles for sm_90 (H100/H200), and at the
     default tiles the fused linear's kernels (fp32 tf32x3, bf16, fp64) and the gate kernels spill no
     registers (ptxas -v through bench/gpu/kernel_report.py, in a process without the interpreter)."""
-    import pathlib
     import re
     import subprocess
     import sys
 
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = REPO
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, str(root / "bench" / "gpu" / "kernel_report.py")], env=env,

@@ -2,13 +2,12 @@
 with the per-run metrics it summarises."""
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 pytest.importorskip("mace")
 

@@ -17,6 +17,8 @@ from mmea_kernels.train.foundation import fingerprint, load_model, save_model  #
 from mmea_kernels.train.methods import METHODS, apply_method  # noqa: E402
 from mmea_kernels.integrations.mace import PRESETS, atoms_to_batch, build_mace, energy_and_forces  # noqa: E402
 
+from helpers import TOL  # noqa: E402
+
 TINY = PRESETS["tiny"]  # H, C, O
 
 
@@ -126,8 +128,8 @@ def test_methods_identity_trainable_set_and_equivariance(method):
     if method == "scratch":
         assert not torch.allclose(e1, e0)
         return
-    torch.testing.assert_close(e1, e0, rtol=1e-12, atol=1e-12)  # identity at initialisation
-    torch.testing.assert_close(f1, f0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(e1, e0, **TOL[torch.float64])  # identity at initialisation
+    torch.testing.assert_close(f1, f0, **TOL[torch.float64])
     if method == "readout":
         assert trainable and all(n.startswith("readouts.") for n in trainable)
     if method == "mmea-paper":

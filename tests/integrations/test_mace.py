@@ -6,7 +6,6 @@ that backpropagates a force loss through the gates (double backward).
 Everything except the fine-tuning smoke test runs on small random H/C/O molecules (no data needed);
 numerical checks are float64.
 """
-import contextlib
 import copy
 
 import numpy as np
@@ -20,7 +19,7 @@ import ase.io  # noqa: E402
 from ase import Atoms  # noqa: E402
 from e3nn import o3  # noqa: E402
 
-from helpers import random_orthogonal  # noqa: E402
+from helpers import build_mace64, max_rel, random_orthogonal, randomise_adapters  # noqa: E402
 from mmea_kernels import (adapted_modules, adapter_state_dict, disable_adapters, inject_adapters,  # noqa: E402
                           load_adapter_state_dict, merge_and_unload, unload)
 from mmea_kernels.nn import AdapterLinear, ELoRALinear, MMEALinear  # noqa: E402
@@ -39,47 +38,10 @@ METHODS = [
     pytest.param("mmea", {"phi": "residual"}, id="mmea-residual"),
     pytest.param("elora", {}, id="elora"),
 ]
+pytestmark = pytest.mark.usefixtures("one_thread", "keep_default_dtype")
 
 
 # ----------------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def default_dtype(dtype):
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(prev)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are small, and OpenMP with 2 threads on a busy 2-core
-    machine can be an order of magnitude slower (seen: 1 s -> 35 s for one MACE build)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
-@pytest.fixture(autouse=True)
-def _keep_default_dtype():
-    """No test may leak a changed default dtype into the others."""
-    prev = torch.get_default_dtype()
-    yield
-    now = torch.get_default_dtype()
-    torch.set_default_dtype(prev)
-    assert now == prev, f"default dtype leaked: {now} (was {prev})"
-
-
-def build64(seed=0, **overrides):
-    """A MACE built with float64 as default dtype (so its constants, e.g. the symmetric-contraction
-    U matrices, are exact in float64) and cast to float64."""
-    with default_dtype(torch.float64):
-        torch.manual_seed(seed)
-        return build_mace("tiny", **overrides).double()
-
-
 def random_molecules(seed, n_mol=3):
     """Small non-periodic H/C/O molecules, every element present, atoms at least 0.9 Å apart."""
     rng = np.random.default_rng(seed)
@@ -109,30 +71,19 @@ def adapter_params(model):
     return [p for m in adapted_modules(model).values() for p in m.adapter_parameters()]
 
 
-@torch.no_grad()
-def randomise_adapters(model, std=0.5, seed=1234):
-    gen = torch.Generator().manual_seed(seed)
-    for p in adapter_params(model):
-        p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * std)
-
-
 def linear_names(model):
     return [n for n, m in model.named_modules() if isinstance(m, o3.Linear) and n]
-
-
-def max_rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 
 # ----------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def full_base():
-    return build64(**FULL)
+    return build_mace64(**FULL)
 
 
 @pytest.fixture(scope="module")
 def small_base():
-    return build64(**SMALL)
+    return build_mace64(**SMALL)
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +150,7 @@ def test_equivariance_random_adapters(full_base, molecules, full_base_out, mol_b
     model = copy.deepcopy(full_base)
     inject_adapters(model, method, rank=8, **opts)
     # std 0.2: gates far from 1 (exp gates up to ~e^2) yet no overflow through the cubic products
-    randomise_adapters(model, std=0.2)
+    randomise_adapters(model, std=0.2, seed=1234)
 
     transforms = [random_orthogonal(seed, reflect) for seed in (0, 1, 2) for reflect in (False, True)]
     assert any(torch.det(q) < 0 for q in transforms) and any(torch.det(q) > 0 for q in transforms)
@@ -272,7 +223,7 @@ def test_save_load_round_trip(small_base, mol_batch, tmp_path, method, opts):
     base_sd = copy.deepcopy(small_base.state_dict())
     model = copy.deepcopy(small_base)
     inject_adapters(model, method, rank=4, **opts)
-    randomise_adapters(model, std=0.3)
+    randomise_adapters(model, std=0.3, seed=1234)
     e1, f1 = evaluate(model, mol_batch)
 
     state = adapter_state_dict(model)
@@ -286,7 +237,7 @@ def test_save_load_round_trip(small_base, mol_batch, tmp_path, method, opts):
     loaded = torch.load(tmp_path / "a.pt", weights_only=True)
 
     # fresh model with the same base weights and no adapters
-    fresh = build64(seed=99, **SMALL)
+    fresh = build_mace64(seed=99, **SMALL)
     fresh.load_state_dict(base_sd)
     rep = load_adapter_state_dict(fresh, loaded)
     assert rep.method == method
@@ -298,7 +249,7 @@ def test_save_load_round_trip(small_base, mol_batch, tmp_path, method, opts):
         assert torch.equal(fresh.get_parameter(k), v)
 
     # loading into a model that already has (freshly initialised) adapters of the same kind
-    again = build64(seed=98, **SMALL)
+    again = build_mace64(seed=98, **SMALL)
     again.load_state_dict(base_sd)
     inject_adapters(again, method, rank=4, **opts)
     load_adapter_state_dict(again, loaded)
@@ -311,7 +262,7 @@ def test_save_load_round_trip(small_base, mol_batch, tmp_path, method, opts):
 def test_load_into_adapters_with_other_options_raises(small_base, method, saved, have):
     model = copy.deepcopy(small_base)
     inject_adapters(model, method, rank=4, **saved)
-    randomise_adapters(model, std=0.2)
+    randomise_adapters(model, std=0.2, seed=1234)
     state = adapter_state_dict(model)
     other = copy.deepcopy(small_base)
     inject_adapters(other, method, rank=4, **have)
@@ -323,7 +274,7 @@ def test_load_into_mismatched_model_names_module_and_irreps(small_base, tmp_path
     model = copy.deepcopy(small_base)
     inject_adapters(model, "mmea", rank=4)
     torch.save(adapter_state_dict(model), tmp_path / "a.pt")
-    other = build64(hidden_irreps="8x0e+8x1o")
+    other = build_mace64(hidden_irreps="8x0e+8x1o")
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(ValueError, match=r"node_embedding\.linear.*3x0e -> 16x0e.*3x0e -> 8x0e"):
         load_adapter_state_dict(other, torch.load(tmp_path / "a.pt", weights_only=True))
@@ -347,7 +298,7 @@ def test_unload_restores_modules_and_outputs(small_base, mol_batch, small_base_o
     weights = {n: m.weight.detach().clone() for n, m in originals.items()}
 
     inject_adapters(model, method, rank=4)
-    randomise_adapters(model, std=0.3)
+    randomise_adapters(model, std=0.3, seed=1234)
     e_ad, _ = evaluate(model, mol_batch)
     assert max_rel(e_ad, small_base_out[0]) > 1e-3
 
@@ -368,7 +319,7 @@ def test_merge_and_unload_elora_is_exact(small_base, mol_batch, small_base_out):
     model = copy.deepcopy(small_base)
     originals = {n: model.get_submodule(n) for n in linear_names(model)}
     inject_adapters(model, "elora", rank=4)
-    randomise_adapters(model, std=0.3)
+    randomise_adapters(model, std=0.3, seed=1234)
     assert all(isinstance(m, ELoRALinear) for m in adapted_modules(model).values())
     e1, f1 = evaluate(model, mol_batch)
     assert max_rel(e1, small_base_out[0]) > 1e-3
@@ -386,7 +337,7 @@ def test_merge_and_unload_elora_is_exact(small_base, mol_batch, small_base_out):
 def test_merge_and_unload_mmea_raises(small_base, mol_batch):
     model = copy.deepcopy(small_base)
     inject_adapters(model, "mmea", rank=4)
-    randomise_adapters(model, std=0.3)
+    randomise_adapters(model, std=0.3, seed=1234)
     e1, _ = evaluate(model, mol_batch)
     with pytest.raises(RuntimeError, match="cannot be merged"):
         merge_and_unload(model)
@@ -398,7 +349,7 @@ def test_merge_and_unload_mmea_raises(small_base, mol_batch):
 def test_disable_adapters_gives_base_outputs(small_base, mol_batch, small_base_out, method):
     model = copy.deepcopy(small_base)
     inject_adapters(model, method, rank=4)
-    randomise_adapters(model, std=0.3)
+    randomise_adapters(model, std=0.3, seed=1234)
     e1, f1 = evaluate(model, mol_batch)
     assert max_rel(e1, small_base_out[0]) > 1e-3
     with disable_adapters(model) as m:
@@ -476,7 +427,7 @@ def test_force_loss_gradient_matches_finite_differences(small_base, mol_batch):
     ops) agrees with a central finite difference along a random direction (float64)."""
     model = copy.deepcopy(small_base)
     inject_adapters(model, "mmea", rank=4)
-    randomise_adapters(model, std=0.2)
+    randomise_adapters(model, std=0.2, seed=1234)
     params = adapter_params(model)
     gen = torch.Generator().manual_seed(7)
     target = torch.randn(mol_batch["positions"].shape, generator=gen, dtype=torch.float64)

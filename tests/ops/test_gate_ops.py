@@ -9,7 +9,7 @@ import torch
 from mmea_kernels import IrrepsLayout, gate_mul, seg_dot
 from mmea_kernels.ops import backend_status
 
-from helpers import naive_gate_mul, naive_seg_dot
+from helpers import TOL, gate_inputs, naive_gate_mul, naive_seg_dot
 
 IRREPS = "2x0e+2x1o+1x0o+1x2e+1x1e"
 
@@ -37,11 +37,9 @@ def backend_device(request):
 def test_values_match_naive(backend_device, layout, shared):
     backend, dev = backend_device
     L = IrrepsLayout.of(IRREPS, layout)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(7, L.dim, generator=gen, dtype=torch.float64)
-    b = torch.randn(7, L.dim, generator=gen, dtype=torch.float64)
-    g = torch.randn(*((L.num_gates,) if shared else (7, L.num_gates)), generator=gen, dtype=torch.float64)
+    x, b, g = gate_inputs(L, 7, shared, seed=0)
     xd, bd, gd = x.to(dev), b.to(dev), g.to(dev)
+    # tighter than TOL: one product (gate_mul) or a sum of at most 5 (seg_dot) per element
     torch.testing.assert_close(gate_mul(xd, gd, L, backend=backend).cpu(), naive_gate_mul(x, g, IRREPS, layout),
                                rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(seg_dot(xd, bd, L, shared=shared, backend=backend).cpu(),
@@ -53,12 +51,7 @@ def test_values_match_naive(backend_device, layout, shared):
 def test_gradcheck_and_gradgradcheck(backend_device, layout, shared):
     backend, dev = backend_device
     L = IrrepsLayout.of(IRREPS, layout)
-    gen = torch.Generator().manual_seed(1)
-    n = 3
-    x = torch.randn(n, L.dim, generator=gen, dtype=torch.float64).to(dev).requires_grad_()
-    b = torch.randn(n, L.dim, generator=gen, dtype=torch.float64).to(dev).requires_grad_()
-    g = torch.randn(*((L.num_gates,) if shared else (n, L.num_gates)), generator=gen,
-                    dtype=torch.float64).to(dev).requires_grad_()
+    x, b, g = (t.to(dev).requires_grad_() for t in gate_inputs(L, 3, shared, seed=1))
     f_mul = lambda x, g: gate_mul(x, g, L, backend=backend)  # noqa: E731
     f_dot = lambda a, b: seg_dot(a, b, L, shared=shared, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(f_mul, (x, g))
@@ -83,7 +76,7 @@ def test_third_derivative_matches_autograd_of_reference():
     ref = third(lambda x, g: naive_gate_mul(x, g, "1x0e+2x1o", "mul_ir"))
     got = third(lambda x, g: gate_mul(x, g, L, backend="torch"))
     for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
 
 
 def test_leading_dims_and_noncontiguous_input():

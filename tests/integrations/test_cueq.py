@@ -8,7 +8,6 @@ supported. MACE: an adapted e3nn MACE and its cuEquivariance conversion (mace-to
 ``convert_e3nn_cueq``) with the same adapter weights give the same energies and forces (float64).
 Runs on CPU with cuequivariance-torch's PyTorch fallback (no cuequivariance-ops).
 """
-import contextlib
 import copy
 
 import pytest
@@ -19,38 +18,20 @@ cuet = pytest.importorskip("cuequivariance_torch")
 
 from e3nn import o3  # noqa: E402
 
-from helpers import naive_mmea, random_orthogonal  # noqa: E402
+from helpers import (IN, OUT, TOL, assert_rel, build_mace64, default_dtype, max_rel, naive_mmea,  # noqa: E402
+                     random_orthogonal, randomise, randomise_adapters)
 from mmea_kernels import (ELoRALinear, MMEALinear, adapted_modules, adapter_state_dict,  # noqa: E402
                           disable_adapters, inject_adapters, load_adapter_state_dict, merge_and_unload, unload)
 from mmea_kernels.layout import parse_irreps  # noqa: E402
 from mmea_kernels.nn import is_equivariant_linear  # noqa: E402
 from mmea_kernels.linear_spec import LinearSpec  # noqa: E402
 
-IN = "3x0e+2x0e+2x1o+1x2e+1x0o"
-OUT = "4x0e+3x1o+2x2e+2x0o+1x1e"
 LAYOUTS = {  # id -> (layout_in, layout_out)
     "ir_mul": ("ir_mul", "ir_mul"),
     "mul_ir": ("mul_ir", "mul_ir"),
     "mul_ir->ir_mul": ("mul_ir", "ir_mul"),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
-@pytest.fixture(autouse=True)
-def _keep_default_dtype():
-    """mace-torch's conversion sets the default dtype; no test may leak it."""
-    prev = torch.get_default_dtype()
-    yield
-    now = torch.get_default_dtype()
-    torch.set_default_dtype(prev)
-    assert now == prev, f"default dtype leaked: {now} (was {prev})"
+pytestmark = pytest.mark.usefixtures("one_thread", "keep_default_dtype")  # mace-torch's conversion sets it
 
 
 def make_cuet(irreps_in=IN, irreps_out=OUT, layouts=("ir_mul", "ir_mul"), seed=0, **kw):
@@ -58,14 +39,6 @@ def make_cuet(irreps_in=IN, irreps_out=OUT, layouts=("ir_mul", "ir_mul"), seed=0
     lin, lout = (getattr(cue, name) for name in layouts)
     return cuet.Linear(cue.Irreps("O3", irreps_in), cue.Irreps("O3", irreps_out), layout_in=lin, layout_out=lout,
                        dtype=torch.float64, **kw)
-
-
-def randomise(module, std=0.5, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in module.named_parameters():
-            if not n.startswith("base."):
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
 
 
 def dim(irreps):
@@ -300,7 +273,7 @@ def test_elora_matches_blocks_and_merges_exactly(layouts):
         off += m_in * m_out
     w = torch.cat(blocks).detach()
     y = ad(x)
-    torch.testing.assert_close(y, linear_by_hand(w, x, *layouts), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, linear_by_hand(w, x, *layouts), **TOL[torch.float64])
     ref = make_cuet(layouts=layouts)
     with torch.no_grad():
         ref.weight.copy_(w.reshape(1, -1))
@@ -357,7 +330,7 @@ needs_mace = pytest.mark.skipif(not HAVE_MACE, reason="needs mace-torch and ase"
 
 from mmea_kernels.integrations.cueq import convert_adapted_to_cueq, convert_adapted_to_e3nn  # noqa: E402
 from mmea_kernels.app.data import toy_molecules  # noqa: E402
-from mmea_kernels.integrations.mace import atoms_to_batch, build_mace, energy_and_forces  # noqa: E402
+from mmea_kernels.integrations.mace import atoms_to_batch, energy_and_forces  # noqa: E402
 
 Z, R_MAX = (1, 6, 8), 5.0
 # every kind of linear of a MACE: one-hot embedding, scalar-only, l = 0..3, the unsimplified
@@ -366,21 +339,9 @@ Z, R_MAX = (1, 6, 8), 5.0
 FULL = dict(hidden_irreps="8x0e+8x1o", max_ell=3, correlation=2, num_interactions=2)
 
 
-@contextlib.contextmanager
-def default_dtype(dtype):
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(prev)
-
-
 @pytest.fixture(scope="module")
 def e3nn_base():
-    with default_dtype(torch.float64):
-        torch.manual_seed(0)
-        return build_mace("tiny", **FULL).double()
+    return build_mace64(**FULL)
 
 
 @pytest.fixture(scope="module")
@@ -403,10 +364,6 @@ def evaluate(model, batch):
     return e.detach(), f.detach()
 
 
-def max_rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 METHODS = [pytest.param("mmea", {}, 0.1, id="mmea"), pytest.param("mmea", {"phi": "residual"}, 0.1, id="mmea-residual"),
            pytest.param("elora", {}, 0.5, id="elora")]
 
@@ -414,12 +371,8 @@ METHODS = [pytest.param("mmea", {}, 0.1, id="mmea"), pytest.param("mmea", {"phi"
 def adapted(base, method, opts, std, rank=4):
     model = copy.deepcopy(base)
     inject_adapters(model, method, rank=rank, **opts)
-    gen = torch.Generator().manual_seed(1234)
-    with torch.no_grad():  # random, nonzero adapter weights (std: exp gates compound over layers)
-        for m in adapted_modules(model).values():
-            for p in m.adapter_parameters():
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * std)
-    return model
+    # random, nonzero adapter weights (std: exp gates compound over layers)
+    return randomise_adapters(model, std, seed=1234)
 
 
 @needs_mace
@@ -448,16 +401,19 @@ def test_mace_e3nn_and_cueq_agree(e3nn_base, batch, method, opts, std):
     trainable = {n for n, p in cq.named_parameters() if p.requires_grad}
     assert trainable and all(".base." not in n for n in trainable)
     e_cq, f_cq = evaluate(cq, batch)
-    assert max_rel(e_cq, e) <= 1e-10 and max_rel(f_cq, f) <= 1e-10
+    assert_rel(e_cq, e, "energies")
+    assert_rel(f_cq, f, "forces")
     with disable_adapters(cq):
         e0, f0 = evaluate(cq, batch)
-    assert max_rel(e0, e_base) <= 1e-10 and max_rel(f0, f_base) <= 1e-10
+    assert_rel(e0, e_base, "energies")
+    assert_rel(f0, f_base, "forces")
 
     # and back: mace-torch's cueq -> e3nn conversion, adapters carried along
     back = convert_adapted_to_e3nn(cq)
     assert all(isinstance(m.base, o3.Linear) for m in adapted_modules(back).values())
     e_b, f_b = evaluate(back, batch)
-    assert max_rel(e_b, e) <= 1e-10 and max_rel(f_b, f) <= 1e-10
+    assert_rel(e_b, e, "energies")
+    assert_rel(f_b, f, "forces")
 
 
 @needs_mace
@@ -478,7 +434,8 @@ def test_mace_mul_ir_conversion_and_state_dict_route(e3nn_base, cueq_base, batch
         load_adapter_state_dict(cq, state)
         assert {m.layout_name for m in adapted_modules(cq).values()} == {layout}
         e_cq, f_cq = evaluate(cq, batch)
-        assert max_rel(e_cq, e) <= 1e-10 and max_rel(f_cq, f) <= 1e-10
+        assert_rel(e_cq, e, "energies")
+        assert_rel(f_cq, f, "forces")
         if layout == "ir_mul":  # control: reading the ir_mul outputs as mul_ir changes the result
             from mmea_kernels import IrrepsLayout
             for m in adapted_modules(cq).values():
@@ -495,7 +452,8 @@ def test_mace_elora_merges_exactly_on_cueq(e3nn_base, batch):
     merged = merge_and_unload(cq)
     assert not adapted_modules(merged)
     e_m, f_m = evaluate(merged, batch)
-    assert max_rel(e_m, e) <= 1e-10 and max_rel(f_m, f) <= 1e-10
+    assert_rel(e_m, e, "energies")
+    assert_rel(f_m, f, "forces")
 
 
 @needs_mace

@@ -22,7 +22,8 @@ from mmea_kernels.layout import IrrepsLayout  # noqa: E402
 from mmea_kernels.ops.gate import reference as torch_backend, triton as triton_backend  # noqa: E402
 from mmea_kernels.ops.tables import layout_tables  # noqa: E402
 
-from helpers import CUDA_AVAILABLE, TRITON_DEVICES  # noqa: E402
+from helpers import (CUDA_AVAILABLE, TOL, TRITON_DEVICES, gate_case_strategies, gate_inputs,  # noqa: E402
+                     irreps_string)
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not CUDA_AVAILABLE:
     pytest.skip("the triton backend runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1",
@@ -81,24 +82,12 @@ def naive_seg_dot(a, b, gate_of, num_gates, shared):
 
 
 # ---------------------------------------------------------------------------- helpers
-def irreps_string(blocks):
-    return "+".join(f"{m}x{l}{p}" for m, l, p in blocks)
-
-
 def parse_blocks(text):
     out = []
     for term in text.split("+"):
         mul, ir = term.split("x")
         out.append((int(mul), int(ir[:-1]), ir[-1]))
     return out
-
-
-TOL = {
-    torch.float64: dict(rtol=1e-12, atol=1e-12),
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
-    torch.float16: dict(rtol=1e-2, atol=1e-3),
-}
 
 
 def assert_close(got, ref, dtype, what):
@@ -124,12 +113,7 @@ def run_case(blocks, layout, n, dtype, shared, keep_ungated, seed, tiny_blocks, 
     gate_of, G = naive_gate_of_column(blocks, layout)
     assert list(L.gate_of_column) == gate_of and L.num_gates == G
     D = L.dim
-
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, D, generator=gen, dtype=torch.float64).to(dtype)
-    b = torch.randn(n, D, generator=gen, dtype=torch.float64).to(dtype)
-    gates = torch.randn(*((G,) if shared else (n, G)), generator=gen, dtype=torch.float64).to(dtype)
-    x, b, gates = x.to(device), b.to(device), gates.to(device)
+    x, b, gates = (v.to(device) for v in gate_inputs(L, n, shared, seed, dtype))
 
     with small_blocks(tiny_blocks):
         # gate_mul, twice into fresh (uninitialised) outputs: every element is written
@@ -157,21 +141,10 @@ def run_case(blocks, layout, n, dtype, shared, keep_ungated, seed, tiny_blocks, 
 
 
 # ---------------------------------------------------------------------------- tests
-block_st = st.tuples(st.sampled_from([0, 1, 2, 3, 5]), st.integers(0, 3), st.sampled_from(["e", "o"]))
-
-
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @settings(max_examples=30, deadline=None)
-@given(
-    blocks=st.lists(block_st, min_size=1, max_size=5),
-    layout=st.sampled_from(["mul_ir", "ir_mul"]),
-    n=st.integers(0, 37),
-    dtype=st.sampled_from([torch.float32, torch.float64]),
-    shared=st.booleans(),
-    keep_ungated=st.booleans(),
-    seed=st.integers(0, 2**31 - 1),
-    tiny_blocks=st.booleans(),
-)
+@given(**gate_case_strategies(st.sampled_from([0, 1, 2, 3, 5]), max_n=37), keep_ungated=st.booleans(),
+       tiny_blocks=st.booleans())
 @example(blocks=[(2, 0, "e"), (3, 0, "o"), (1, 1, "e"), (1, 1, "e"), (2, 3, "o")], layout="ir_mul", n=37,
          dtype=torch.float32, shared=False, keep_ungated=False, seed=0, tiny_blocks=True)
 @example(blocks=[(5, 1, "o"), (3, 0, "e"), (5, 1, "o"), (0, 2, "e")], layout="mul_ir", n=13,
