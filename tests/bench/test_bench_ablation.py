@@ -2,14 +2,10 @@
 to end on rMD17 (skipped without the data)."""
 import importlib.util
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from helpers import REPO, run_rmd17_bench
 
 
 def _module():
@@ -34,11 +30,7 @@ def test_choice_reads_validation_never_test():
 
 def test_ablation_fast_mode(rmd17, tmp_path):
     pytest.importorskip("mace")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MMEA_RMD17_DIR=str(rmd17))
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "ablation.py"), "--mode", "fast", "--work",
-                           str(tmp_path / "work"), "--results", str(tmp_path / "res")],
-                          capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_rmd17_bench("ablation.py", "fast", rmd17, tmp_path, timeout=900)
     res = json.loads((tmp_path / "res" / "ablation-fast.json").read_text())
     assert [r["setting"] for r in res["rows"]] == ["mmea", "mmea phi residual"]
     for r in res["rows"]:

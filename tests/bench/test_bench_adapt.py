@@ -1,23 +1,16 @@
 """The adaptation benchmark's fast mode (what CI can afford) runs end to end and its table agrees
 with the per-run metrics it summarises."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import run_rmd17_bench
 
 pytest.importorskip("mace")
 
 
 def test_adapt_fast_mode(rmd17, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", MMEA_RMD17_DIR=str(rmd17))
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "adapt.py"), "--mode", "fast", "--work",
-                           str(tmp_path / "work"), "--results", str(tmp_path / "res")],
-                          capture_output=True, text=True, env=env, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_rmd17_bench("adapt.py", "fast", rmd17, tmp_path)
     res = json.loads((tmp_path / "res" / "adapt-fast.json").read_text())
     assert (tmp_path / "res" / "adapt-fast.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "res" / "adapt-fast.md").read_text()

@@ -8,6 +8,7 @@ import ase.io  # noqa: E402
 from e3nn import o3  # noqa: E402
 from e3nn.util.test import assert_equivariant  # noqa: E402
 
+from helpers import TOL, default_dtype  # noqa: E402
 from mmea_kernels.app.data import toy_molecules  # noqa: E402
 from mmea_kernels.integrations.mace import PRESETS, build_mace  # noqa: E402
 from mmea_kernels.nn.mmea import MMEATensorProduct  # noqa: E402
@@ -18,19 +19,11 @@ from mmea_kernels.train.methods import apply_method  # noqa: E402
 TINY = PRESETS["tiny"]
 
 
-@pytest.fixture
-def float64_default():
-    """e3nn bakes its Clebsch-Gordan constants, and assert_equivariant its rotations, in the default dtype."""
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(prev)
-
-
 @pytest.mark.parametrize("phi", ["exp", "residual"])
-def test_tensor_product_gate_is_identity_at_init_and_equivariant(phi, float64_default):
+def test_tensor_product_gate_is_identity_at_init_and_equivariant(phi):
     torch.manual_seed(0)
-    tp = o3.FullyConnectedTensorProduct("4x0e+2x1o+1x2e", "1x0e+1x1o", "3x0e+2x1o+2x2e+1x1e")
+    with default_dtype(torch.float64):  # e3nn bakes its Clebsch-Gordan constants in the default dtype
+        tp = o3.FullyConnectedTensorProduct("4x0e+2x1o+1x2e", "1x0e+1x1o", "3x0e+2x1o+2x2e+1x1e")
     g = MMEATensorProduct(tp, rank=3, phi=phi).double()
     x, y = torch.randn(7, 15, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
     assert torch.equal(g(x, y), tp(x, y))
@@ -47,9 +40,10 @@ def test_tensor_product_gate_is_identity_at_init_and_equivariant(phi, float64_de
     blocks = [ref[:, 3:9].reshape(7, 2, 3), ref[:, 9:19].reshape(7, 2, 5), ref[:, 19:22].reshape(7, 1, 3)]
     expect = torch.cat([ref[:, :3] + add] + [(b * gates[:, k0:k0 + b.shape[1], None]).reshape(7, -1)
                                               for b, k0 in zip(blocks, (0, 2, 4))], 1)
-    torch.testing.assert_close(out, expect, rtol=1e-12, atol=1e-12)
-    assert_equivariant(g, args_in=[x, y], irreps_in=[tp.irreps_in1, tp.irreps_in2], irreps_out=[tp.irreps_out],
-                       tolerance=1e-10)
+    torch.testing.assert_close(out, expect, **TOL[torch.float64])
+    with default_dtype(torch.float64):  # assert_equivariant draws its rotations in the default dtype
+        assert_equivariant(g, args_in=[x, y], irreps_in=[tp.irreps_in1, tp.irreps_in2],
+                           irreps_out=[tp.irreps_out], tolerance=1e-10)
 
 
 def test_mmea_tp_gates_every_tensor_product_of_mace():
