@@ -47,7 +47,7 @@ SCRIPTABLE_BACKENDS = (None, "auto", "torch")
 def check_scriptable(adapter, name: str = "") -> None:
     """Raise a clear error when ``adapter`` cannot be turned into a TorchScript module."""
     where = f"adapter {name!r}" if name else f"this {type(adapter).__name__}"
-    if adapter.method == "mmea":
+    if "backend" in adapter.runtime_options:  # an adapter whose gate op has a backend (MMEA)
         backend = adapter.backend.strip().lower() if isinstance(adapter.backend, str) else adapter.backend
         if backend not in SCRIPTABLE_BACKENDS:
             raise NotImplementedError(
