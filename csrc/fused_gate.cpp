@@ -24,16 +24,17 @@
 #include "parallel.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <vector>
 
 // The activation loops must be free of floating-point control flow to vectorise; GCC keeps the
 // clamps / selects as branches under -ftrapping-math (its default). Nothing here reads the FP
-// exception flags.
+// exception flags. The headers after this pragma are compiled under it.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
+
+#include "activations.h"
 
 namespace mmea_fg {
 namespace {
@@ -41,114 +42,10 @@ namespace {
 using mmea::num_threads_for;
 using mmea::rows_per_chunk;
 
-enum Act : int { kIdentity = 0, kSilu = 1, kSigmoid = 2, kTanh = 3, kAbs = 4, kSoftplus = 5, kSsp = 6 };
-constexpr int kNumActs = 7;
-constexpr double kLog2 = 0.693147180559945309417232121458176568;
-
 struct Seg {
   int64_t kind, src, dst, n, dim, act, gate0, ir_mul;
   double cst;
 };
-
-// exp without libm calls, branch-free, so that the activation loops auto-vectorise (plain -O3,
-// no -ffast-math): Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, Taylor polynomial of exp(r)
-// (degree 13 for double, 7 for float: truncation below half an ulp), times 2^n built in the
-// exponent bits. Accurate to a few ulp (tested against torch to 1e-12 relative in float64).
-// Inputs are clamped to the normal range (exp(-745) and below would be denormal or 0: the
-// activations built on it differ from torch's by < 1e-300 absolute there).
-inline double fast_exp(double x) {
-  x = x < -708.0 ? -708.0 : x;
-  x = x > 709.0 ? 709.0 : x;
-  constexpr double kMagic = 6755399441055744.0;  // 1.5 * 2^52
-  const double t = x * 1.4426950408889634074 + kMagic;
-  const double n = t - kMagic;
-  const double r = (x - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
-  double p = 1.0 / 6227020800.0;
-  p = p * r + 1.0 / 479001600.0;
-  p = p * r + 1.0 / 39916800.0;
-  p = p * r + 1.0 / 3628800.0;
-  p = p * r + 1.0 / 362880.0;
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
-  const int64_t ni = __builtin_bit_cast(int64_t, t) - __builtin_bit_cast(int64_t, kMagic);
-  return p * __builtin_bit_cast(double, (ni + 1023) << 52);
-}
-
-inline float fast_exp(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
-  const float t = x * 1.44269504088896341f + kMagic;
-  const float n = t - kMagic;
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t ni = __builtin_bit_cast(int32_t, t) - __builtin_bit_cast(int32_t, kMagic);
-  return p * __builtin_bit_cast(float, (ni + 127) << 23);
-}
-
-// f(x) and f'(x) as torch computes them (silu: x / (1 + exp(-x)); softplus: threshold 20).
-template <int A, typename T>
-inline T act_val(T x) {
-  if constexpr (A == kIdentity) return x;
-  if constexpr (A == kSilu) return x / (T(1) + fast_exp(-x));
-  if constexpr (A == kSigmoid) return T(1) / (T(1) + fast_exp(-x));
-  if constexpr (A == kTanh) return std::tanh(x);
-  if constexpr (A == kAbs) return x < T(0) ? -x : x;
-  if constexpr (A == kSoftplus) return x > T(20) ? x : std::log1p(std::exp(x));
-  if constexpr (A == kSsp) return (x > T(20) ? x : std::log1p(std::exp(x))) - T(kLog2);
-  return x;
-}
-
-template <int A, typename T>
-inline T act_der(T x) {
-  if constexpr (A == kIdentity) return T(1);
-  if constexpr (A == kSilu) {
-    const T s = T(1) / (T(1) + fast_exp(-x));
-    return s * (T(1) + x * (T(1) - s));
-  }
-  if constexpr (A == kSigmoid) {
-    const T s = T(1) / (T(1) + fast_exp(-x));
-    return s * (T(1) - s);
-  }
-  if constexpr (A == kTanh) {
-    const T t = std::tanh(x);
-    return T(1) - t * t;
-  }
-  if constexpr (A == kAbs) return x > T(0) ? T(1) : (x < T(0) ? T(-1) : T(0));
-  if constexpr (A == kSoftplus || A == kSsp) {
-    if (x > T(20)) return T(1);
-    const T z = std::exp(x);
-    return z / (z + T(1));
-  }
-  return T(1);
-}
-
-// f and f' together (one exp for silu / sigmoid / softplus)
-template <int A, typename T>
-inline void act_val_der(T x, T& f, T& d) {
-  if constexpr (A == kSilu || A == kSigmoid) {
-    const T s = T(1) / (T(1) + fast_exp(-x));
-    f = A == kSilu ? x * s : s;
-    d = A == kSilu ? s * (T(1) + x * (T(1) - s)) : s * (T(1) - s);
-  } else {
-    f = act_val<A, T>(x);
-    d = act_der<A, T>(x);
-  }
-}
 
 // The activation loops, compiled twice: for the baseline ISA and for AVX2+FMA (chosen at run
 // time). With the branch-free fast_exp they vectorise (4 doubles / 8 floats per instruction).
