@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "parallel.h"
 
 #include <algorithm>
@@ -39,6 +40,8 @@
 namespace mmea_fg {
 namespace {
 
+using mmea::check_device;
+using mmea::check_features;
 using mmea::num_threads_for;
 using mmea::rows_per_chunk;
 
@@ -313,11 +316,8 @@ void bwd_kernel(const scalar_t* xp, const scalar_t* dyp, scalar_t* dxp, int64_t 
 }
 
 void check_x(const at::Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK(t.dim() == 2, "mmea_kernels_ext::", op, ": ", name, " must be 2-D [N, D], got shape ", t.sizes());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "mmea_kernels_ext::", op, ": ", name,
-              " must be a floating-point tensor, got dtype ", t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), "mmea_kernels_ext::", op, " (CPU kernel): ", name, " must be a CPU tensor, got ",
-              t.device());
+  check_features(t, name, op);
+  check_device(t, name, op, at::kCPU);
 }
 
 at::Tensor fused_gate_fwd_cpu(const at::Tensor& x_in, const at::Tensor& segs_t, const at::Tensor& csts_t,

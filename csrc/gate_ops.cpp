@@ -47,7 +47,6 @@ namespace {
 // Rows per chunk of the partial sums of shared seg_dot. Fixed (never derived from the thread
 // count) so that the result is bitwise reproducible across runs and thread counts.
 constexpr int64_t kSharedChunkRows = 64;
-// Below this many elements the work runs on the calling thread.
 
 // A run of consecutive columns with a regular column -> gate pattern.
 enum class RunKind : int { kUngated, kBlock, kStep };
@@ -234,29 +233,18 @@ void gate_mul_kernel(const scalar_t* xp, const scalar_t* gp, scalar_t* yp, int64
 
 at::Tensor gate_mul_cpu(const at::Tensor& x_in, const at::Tensor& gates_in, const at::Tensor& gate_of_column_in,
                         bool keep_ungated) {
-  const char* op = "gate_mul";
-  check_features(x_in, "x", op);
-  check_table(gate_of_column_in, "gate_of_column", op, x_in, 1);
-  TORCH_CHECK(x_in.device().is_cpu(), "mmea_kernels_ext::gate_mul (CPU kernel): x must be a CPU tensor, got ",
-              x_in.device());
-  check_gates(gates_in, x_in, op);
-  const int64_t N = x_in.size(0);
-  const int64_t D = x_in.size(1);
-  TORCH_CHECK(gate_of_column_in.numel() == D, "mmea_kernels_ext::gate_mul: gate_of_column has ",
-              gate_of_column_in.numel(), " entries but x has ", D, " columns");
-  const bool shared = gates_in.dim() == 1;
-  const int64_t G = gates_in.size(-1);
-
+  const GateMulShape shape = check_gate_mul(x_in, gates_in, gate_of_column_in, at::kCPU);
+  const int64_t N = shape.N, D = shape.D, G = shape.G;
   const at::Tensor x = x_in.contiguous();
   const at::Tensor gates = gates_in.contiguous();
   const at::Tensor goc = gate_of_column_in.contiguous();
-  const std::vector<Run> runs = make_runs(goc, G, op);
+  const std::vector<Run> runs = make_runs(goc, G, "gate_mul");
   at::Tensor y = at::empty({N, D}, x.options());
   if (N == 0 || D == 0) return y;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmea_gate_mul_cpu", [&] {
     gate_mul_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), gates.const_data_ptr<scalar_t>(),
-                              y.mutable_data_ptr<scalar_t>(), N, D, G, shared, runs, keep_ungated);
+                              y.mutable_data_ptr<scalar_t>(), N, D, G, shape.shared, runs, keep_ungated);
   });
   return y;
 }
@@ -429,23 +417,11 @@ void seg_dot_rows_kernel(const scalar_t* ap, const scalar_t* bp, scalar_t* op, i
 
 at::Tensor seg_dot_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& gate_of_column_in,
                        const at::Tensor& gate_cols, bool shared) {
-  const char* op = "seg_dot";
-  check_features(a_in, "a", op);
-  check_features(b_in, "b", op);
-  check_table(gate_of_column_in, "gate_of_column", op, a_in, 1);
-  check_table(gate_cols, "gate_cols_padded", op, a_in, 2);
-  TORCH_CHECK(a_in.device().is_cpu(), "mmea_kernels_ext::seg_dot (CPU kernel): a must be a CPU tensor, got ",
-              a_in.device());
-  check_pair(a_in, b_in, op);
-  const int64_t N = a_in.size(0);
-  const int64_t D = a_in.size(1);
-  const int64_t G = gate_cols.size(0);
-  TORCH_CHECK(gate_of_column_in.numel() == D, "mmea_kernels_ext::seg_dot: gate_of_column has ",
-              gate_of_column_in.numel(), " entries but a has ", D, " columns");
-
+  const SegDotShape shape = check_seg_dot(a_in, b_in, gate_of_column_in, gate_cols, at::kCPU);
+  const int64_t N = shape.N, D = shape.D, G = shape.G;
   const at::Tensor a = a_in.contiguous();
   const at::Tensor b = b_in.contiguous();
-  const std::vector<Run> runs = make_runs(gate_of_column_in.contiguous(), G, op);
+  const std::vector<Run> runs = make_runs(gate_of_column_in.contiguous(), G, "seg_dot");
   const auto acc_type = at::toOpMathType(a.scalar_type());
 
   if (shared) {

@@ -120,24 +120,11 @@ __global__ void seg_dot_partial_kernel(const scalar_t* __restrict__ a, const sca
   }
 }
 
-void check_cuda(const at::Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK(t.is_cuda(), "mmea_kernels_ext::", op, " (CUDA kernel): ", name, " must be a CUDA tensor, got ",
-              t.device());
-}
-
 at::Tensor gate_mul_cuda(const at::Tensor& x_in, const at::Tensor& gates_in, const at::Tensor& gate_of_column_in,
                          bool keep_ungated) {
-  const char* op = "gate_mul";
-  check_features(x_in, "x", op);
-  check_cuda(x_in, "x", op);
-  check_table(gate_of_column_in, "gate_of_column", op, x_in, 1);
-  check_gates(gates_in, x_in, op);
-  const int64_t N = x_in.size(0);
-  const int64_t D = x_in.size(1);
-  TORCH_CHECK(gate_of_column_in.numel() == D, "mmea_kernels_ext::gate_mul: gate_of_column has ",
-              gate_of_column_in.numel(), " entries but x has ", D, " columns");
-  const bool shared = gates_in.dim() == 1;
-  const int64_t G = gates_in.size(-1);
+  const GateMulShape shape = check_gate_mul(x_in, gates_in, gate_of_column_in, at::kCUDA);
+  const int64_t N = shape.N, D = shape.D, G = shape.G;
+  const bool shared = shape.shared;
 
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
@@ -159,19 +146,8 @@ at::Tensor gate_mul_cuda(const at::Tensor& x_in, const at::Tensor& gates_in, con
 
 at::Tensor seg_dot_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& gate_of_column,
                         const at::Tensor& gate_cols_in, bool shared) {
-  const char* op = "seg_dot";
-  check_features(a_in, "a", op);
-  check_features(b_in, "b", op);
-  check_cuda(a_in, "a", op);
-  check_table(gate_of_column, "gate_of_column", op, a_in, 1);
-  check_table(gate_cols_in, "gate_cols_padded", op, a_in, 2);
-  check_pair(a_in, b_in, op);
-  const int64_t N = a_in.size(0);
-  const int64_t D = a_in.size(1);
-  const int64_t G = gate_cols_in.size(0);
-  const int64_t W = gate_cols_in.size(1);
-  TORCH_CHECK(gate_of_column.numel() == D, "mmea_kernels_ext::seg_dot: gate_of_column has ", gate_of_column.numel(),
-              " entries but a has ", D, " columns");
+  const SegDotShape shape = check_seg_dot(a_in, b_in, gate_of_column, gate_cols_in, at::kCUDA);
+  const int64_t N = shape.N, D = shape.D, G = shape.G, W = shape.W;
 
   const c10::cuda::CUDAGuard guard(a_in.device());
   const at::Tensor a = a_in.contiguous();
