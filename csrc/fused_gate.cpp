@@ -26,16 +26,18 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 // The activation loops must be free of floating-point control flow to vectorise; GCC keeps the
 // clamps / selects as branches under -ftrapping-math (its default). Nothing here reads the FP
-// exception flags. The headers after this pragma are compiled under it.
+// exception flags. The headers after this pragma (activations, gated blocks) are compiled under it.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
 
 #include "activations.h"
+#include "blocks.h"
 
 namespace mmea_fg {
 namespace {
@@ -44,6 +46,8 @@ using mmea::check_device;
 using mmea::check_features;
 using mmea::num_threads_for;
 using mmea::rows_per_chunk;
+using mmea::scale_blocks;
+using mmea::with_width;
 
 struct Seg {
   int64_t kind, src, dst, n, dim, act, gate0, ir_mul;
@@ -128,17 +132,8 @@ inline void der_loop(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_
     default: { constexpr int A = kSsp; CALL; break; }             \
   }
 
-// gated multiply of one block, mul_ir: y[u*D + m] = x[u*D + m] * g[u]
-template <int D, typename scalar_t, typename acc_t>
-inline void gated_mul_ir(const scalar_t* __restrict__ xs, const acc_t* __restrict__ gs, scalar_t* __restrict__ ys,
-                         int64_t mul) {
-  for (int64_t u = 0; u < mul; ++u) {
-    const acc_t g = gs[u];
-#pragma GCC unroll 16
-    for (int m = 0; m < D; ++m) ys[u * D + m] = static_cast<scalar_t>(static_cast<acc_t>(xs[u * D + m]) * g);
-  }
-}
-
+// forward of one gated block: y = x * g[u] for copy u (mul_ir: blocks of dim columns; ir_mul: dim
+// m-rows of mul columns, the gate stepping by one per column)
 template <typename scalar_t, typename acc_t>
 void gated_block_fwd(const Seg& s, const scalar_t* __restrict__ xr, const acc_t* __restrict__ g,
                      scalar_t* __restrict__ yr) {
@@ -148,37 +143,30 @@ void gated_block_fwd(const Seg& s, const scalar_t* __restrict__ xr, const acc_t*
   const int64_t mul = s.n, dim = s.dim;
   if (s.ir_mul) {
     for (int64_t m = 0; m < dim; ++m)
-      for (int64_t u = 0; u < mul; ++u)
-        ys[m * mul + u] = static_cast<scalar_t>(static_cast<acc_t>(xs[m * mul + u]) * gs[u]);
+      scale_blocks(xs + m * mul, gs, ys + m * mul, std::integral_constant<int, 1>{}, mul);
     return;
   }
-  switch (dim) {
-    case 1: return gated_mul_ir<1>(xs, gs, ys, mul);
-    case 3: return gated_mul_ir<3>(xs, gs, ys, mul);
-    case 5: return gated_mul_ir<5>(xs, gs, ys, mul);
-    case 7: return gated_mul_ir<7>(xs, gs, ys, mul);
-    default:
-      for (int64_t u = 0; u < mul; ++u)
-        for (int64_t m = 0; m < dim; ++m)
-          ys[u * dim + m] = static_cast<scalar_t>(static_cast<acc_t>(xs[u * dim + m]) * gs[u]);
-  }
+  with_width<1, 3, 5, 7>(dim, [&](auto w) { scale_blocks(xs, gs, ys, w, mul); });
 }
 
-// backward of one gated block: dx = dy * g; sg[u] += sum_m dy * x
-template <int D, typename scalar_t, typename acc_t>
+// backward of one mul_ir block: dx = dy * g; sg[u] += sum_m dy * x. The unrolled widths sum a
+// copy's products locally and then add them to sg[u]; other widths add straight into sg[u].
+template <typename W, typename scalar_t, typename acc_t>
 inline void gated_bwd_mul_ir(const scalar_t* __restrict__ xs, const scalar_t* __restrict__ dys,
                              const acc_t* __restrict__ gs, scalar_t* __restrict__ dxs, acc_t* __restrict__ sg,
-                             int64_t mul) {
+                             W width, int64_t mul) {
+  constexpr bool kFixed = !std::is_same_v<W, int64_t>;
+  const int64_t w = width;
   for (int64_t u = 0; u < mul; ++u) {
     const acc_t g = gs[u];
-    acc_t s = acc_t(0);
+    acc_t s = kFixed ? acc_t(0) : sg[u];
 #pragma GCC unroll 16
-    for (int m = 0; m < D; ++m) {
-      const acc_t d = static_cast<acc_t>(dys[u * D + m]);
-      s += d * static_cast<acc_t>(xs[u * D + m]);
-      dxs[u * D + m] = static_cast<scalar_t>(d * g);
+    for (int64_t m = 0; m < w; ++m) {
+      const acc_t d = static_cast<acc_t>(dys[u * w + m]);
+      s += d * static_cast<acc_t>(xs[u * w + m]);
+      dxs[u * w + m] = static_cast<scalar_t>(d * g);
     }
-    sg[u] += s;
+    sg[u] = kFixed ? sg[u] + s : s;
   }
 }
 
@@ -200,22 +188,8 @@ void gated_block_bwd(const Seg& s, const scalar_t* __restrict__ xr, const scalar
       }
     return;
   }
-  switch (dim) {
-    case 1: return gated_bwd_mul_ir<1>(xs, dys, gs, dxs, sg, mul);
-    case 3: return gated_bwd_mul_ir<3>(xs, dys, gs, dxs, sg, mul);
-    case 5: return gated_bwd_mul_ir<5>(xs, dys, gs, dxs, sg, mul);
-    case 7: return gated_bwd_mul_ir<7>(xs, dys, gs, dxs, sg, mul);
-    default:
-      for (int64_t u = 0; u < mul; ++u)
-        for (int64_t m = 0; m < dim; ++m) {
-          const acc_t d = static_cast<acc_t>(dys[u * dim + m]);
-          sg[u] += d * static_cast<acc_t>(xs[u * dim + m]);
-          dxs[u * dim + m] = static_cast<scalar_t>(d * gs[u]);
-        }
-  }
+  with_width<1, 3, 5, 7>(dim, [&](auto w) { gated_bwd_mul_ir(xs, dys, gs, dxs, sg, w, mul); });
 }
-
-
 
 std::vector<Seg> read_segs(const at::Tensor& segs_in, const at::Tensor& csts_in, int64_t d_in, int64_t d_out,
                            int64_t G, const char* op) {
