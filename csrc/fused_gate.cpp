@@ -21,134 +21,38 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "parallel.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 // The activation loops must be free of floating-point control flow to vectorise; GCC keeps the
 // clamps / selects as branches under -ftrapping-math (its default). Nothing here reads the FP
-// exception flags.
+// exception flags. The headers after this pragma (activations, gated blocks) are compiled under it.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
 
+#include "activations.h"
+#include "blocks.h"
+
 namespace mmea_fg {
 namespace {
 
+using mmea::check_device;
+using mmea::check_features;
 using mmea::num_threads_for;
 using mmea::rows_per_chunk;
-
-enum Act : int { kIdentity = 0, kSilu = 1, kSigmoid = 2, kTanh = 3, kAbs = 4, kSoftplus = 5, kSsp = 6 };
-constexpr int kNumActs = 7;
-constexpr double kLog2 = 0.693147180559945309417232121458176568;
+using mmea::scale_blocks;
+using mmea::with_width;
 
 struct Seg {
   int64_t kind, src, dst, n, dim, act, gate0, ir_mul;
   double cst;
 };
-
-// exp without libm calls, branch-free, so that the activation loops auto-vectorise (plain -O3,
-// no -ffast-math): Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, Taylor polynomial of exp(r)
-// (degree 13 for double, 7 for float: truncation below half an ulp), times 2^n built in the
-// exponent bits. Accurate to a few ulp (tested against torch to 1e-12 relative in float64).
-// Inputs are clamped to the normal range (exp(-745) and below would be denormal or 0: the
-// activations built on it differ from torch's by < 1e-300 absolute there).
-inline double fast_exp(double x) {
-  x = x < -708.0 ? -708.0 : x;
-  x = x > 709.0 ? 709.0 : x;
-  constexpr double kMagic = 6755399441055744.0;  // 1.5 * 2^52
-  const double t = x * 1.4426950408889634074 + kMagic;
-  const double n = t - kMagic;
-  const double r = (x - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
-  double p = 1.0 / 6227020800.0;
-  p = p * r + 1.0 / 479001600.0;
-  p = p * r + 1.0 / 39916800.0;
-  p = p * r + 1.0 / 3628800.0;
-  p = p * r + 1.0 / 362880.0;
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
-  const int64_t ni = __builtin_bit_cast(int64_t, t) - __builtin_bit_cast(int64_t, kMagic);
-  return p * __builtin_bit_cast(double, (ni + 1023) << 52);
-}
-
-inline float fast_exp(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
-  const float t = x * 1.44269504088896341f + kMagic;
-  const float n = t - kMagic;
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t ni = __builtin_bit_cast(int32_t, t) - __builtin_bit_cast(int32_t, kMagic);
-  return p * __builtin_bit_cast(float, (ni + 127) << 23);
-}
-
-// f(x) and f'(x) as torch computes them (silu: x / (1 + exp(-x)); softplus: threshold 20).
-template <int A, typename T>
-inline T act_val(T x) {
-  if constexpr (A == kIdentity) return x;
-  if constexpr (A == kSilu) return x / (T(1) + fast_exp(-x));
-  if constexpr (A == kSigmoid) return T(1) / (T(1) + fast_exp(-x));
-  if constexpr (A == kTanh) return std::tanh(x);
-  if constexpr (A == kAbs) return x < T(0) ? -x : x;
-  if constexpr (A == kSoftplus) return x > T(20) ? x : std::log1p(std::exp(x));
-  if constexpr (A == kSsp) return (x > T(20) ? x : std::log1p(std::exp(x))) - T(kLog2);
-  return x;
-}
-
-template <int A, typename T>
-inline T act_der(T x) {
-  if constexpr (A == kIdentity) return T(1);
-  if constexpr (A == kSilu) {
-    const T s = T(1) / (T(1) + fast_exp(-x));
-    return s * (T(1) + x * (T(1) - s));
-  }
-  if constexpr (A == kSigmoid) {
-    const T s = T(1) / (T(1) + fast_exp(-x));
-    return s * (T(1) - s);
-  }
-  if constexpr (A == kTanh) {
-    const T t = std::tanh(x);
-    return T(1) - t * t;
-  }
-  if constexpr (A == kAbs) return x > T(0) ? T(1) : (x < T(0) ? T(-1) : T(0));
-  if constexpr (A == kSoftplus || A == kSsp) {
-    if (x > T(20)) return T(1);
-    const T z = std::exp(x);
-    return z / (z + T(1));
-  }
-  return T(1);
-}
-
-// f and f' together (one exp for silu / sigmoid / softplus)
-template <int A, typename T>
-inline void act_val_der(T x, T& f, T& d) {
-  if constexpr (A == kSilu || A == kSigmoid) {
-    const T s = T(1) / (T(1) + fast_exp(-x));
-    f = A == kSilu ? x * s : s;
-    d = A == kSilu ? s * (T(1) + x * (T(1) - s)) : s * (T(1) - s);
-  } else {
-    f = act_val<A, T>(x);
-    d = act_der<A, T>(x);
-  }
-}
 
 // The activation loops, compiled twice: for the baseline ISA and for AVX2+FMA (chosen at run
 // time). With the branch-free fast_exp they vectorise (4 doubles / 8 floats per instruction).
@@ -228,17 +132,8 @@ inline void der_loop(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_
     default: { constexpr int A = kSsp; CALL; break; }             \
   }
 
-// gated multiply of one block, mul_ir: y[u*D + m] = x[u*D + m] * g[u]
-template <int D, typename scalar_t, typename acc_t>
-inline void gated_mul_ir(const scalar_t* __restrict__ xs, const acc_t* __restrict__ gs, scalar_t* __restrict__ ys,
-                         int64_t mul) {
-  for (int64_t u = 0; u < mul; ++u) {
-    const acc_t g = gs[u];
-#pragma GCC unroll 16
-    for (int m = 0; m < D; ++m) ys[u * D + m] = static_cast<scalar_t>(static_cast<acc_t>(xs[u * D + m]) * g);
-  }
-}
-
+// forward of one gated block: y = x * g[u] for copy u (mul_ir: blocks of dim columns; ir_mul: dim
+// m-rows of mul columns, the gate stepping by one per column)
 template <typename scalar_t, typename acc_t>
 void gated_block_fwd(const Seg& s, const scalar_t* __restrict__ xr, const acc_t* __restrict__ g,
                      scalar_t* __restrict__ yr) {
@@ -248,37 +143,30 @@ void gated_block_fwd(const Seg& s, const scalar_t* __restrict__ xr, const acc_t*
   const int64_t mul = s.n, dim = s.dim;
   if (s.ir_mul) {
     for (int64_t m = 0; m < dim; ++m)
-      for (int64_t u = 0; u < mul; ++u)
-        ys[m * mul + u] = static_cast<scalar_t>(static_cast<acc_t>(xs[m * mul + u]) * gs[u]);
+      scale_blocks(xs + m * mul, gs, ys + m * mul, std::integral_constant<int, 1>{}, mul);
     return;
   }
-  switch (dim) {
-    case 1: return gated_mul_ir<1>(xs, gs, ys, mul);
-    case 3: return gated_mul_ir<3>(xs, gs, ys, mul);
-    case 5: return gated_mul_ir<5>(xs, gs, ys, mul);
-    case 7: return gated_mul_ir<7>(xs, gs, ys, mul);
-    default:
-      for (int64_t u = 0; u < mul; ++u)
-        for (int64_t m = 0; m < dim; ++m)
-          ys[u * dim + m] = static_cast<scalar_t>(static_cast<acc_t>(xs[u * dim + m]) * gs[u]);
-  }
+  with_width<1, 3, 5, 7>(dim, [&](auto w) { scale_blocks(xs, gs, ys, w, mul); });
 }
 
-// backward of one gated block: dx = dy * g; sg[u] += sum_m dy * x
-template <int D, typename scalar_t, typename acc_t>
+// backward of one mul_ir block: dx = dy * g; sg[u] += sum_m dy * x. The unrolled widths sum a
+// copy's products locally and then add them to sg[u]; other widths add straight into sg[u].
+template <typename W, typename scalar_t, typename acc_t>
 inline void gated_bwd_mul_ir(const scalar_t* __restrict__ xs, const scalar_t* __restrict__ dys,
                              const acc_t* __restrict__ gs, scalar_t* __restrict__ dxs, acc_t* __restrict__ sg,
-                             int64_t mul) {
+                             W width, int64_t mul) {
+  constexpr bool kFixed = !std::is_same_v<W, int64_t>;
+  const int64_t w = width;
   for (int64_t u = 0; u < mul; ++u) {
     const acc_t g = gs[u];
-    acc_t s = acc_t(0);
+    acc_t s = kFixed ? acc_t(0) : sg[u];
 #pragma GCC unroll 16
-    for (int m = 0; m < D; ++m) {
-      const acc_t d = static_cast<acc_t>(dys[u * D + m]);
-      s += d * static_cast<acc_t>(xs[u * D + m]);
-      dxs[u * D + m] = static_cast<scalar_t>(d * g);
+    for (int64_t m = 0; m < w; ++m) {
+      const acc_t d = static_cast<acc_t>(dys[u * w + m]);
+      s += d * static_cast<acc_t>(xs[u * w + m]);
+      dxs[u * w + m] = static_cast<scalar_t>(d * g);
     }
-    sg[u] += s;
+    sg[u] = kFixed ? sg[u] + s : s;
   }
 }
 
@@ -300,22 +188,8 @@ void gated_block_bwd(const Seg& s, const scalar_t* __restrict__ xr, const scalar
       }
     return;
   }
-  switch (dim) {
-    case 1: return gated_bwd_mul_ir<1>(xs, dys, gs, dxs, sg, mul);
-    case 3: return gated_bwd_mul_ir<3>(xs, dys, gs, dxs, sg, mul);
-    case 5: return gated_bwd_mul_ir<5>(xs, dys, gs, dxs, sg, mul);
-    case 7: return gated_bwd_mul_ir<7>(xs, dys, gs, dxs, sg, mul);
-    default:
-      for (int64_t u = 0; u < mul; ++u)
-        for (int64_t m = 0; m < dim; ++m) {
-          const acc_t d = static_cast<acc_t>(dys[u * dim + m]);
-          sg[u] += d * static_cast<acc_t>(xs[u * dim + m]);
-          dxs[u * dim + m] = static_cast<scalar_t>(d * gs[u]);
-        }
-  }
+  with_width<1, 3, 5, 7>(dim, [&](auto w) { gated_bwd_mul_ir(xs, dys, gs, dxs, sg, w, mul); });
 }
-
-
 
 std::vector<Seg> read_segs(const at::Tensor& segs_in, const at::Tensor& csts_in, int64_t d_in, int64_t d_out,
                            int64_t G, const char* op) {
@@ -416,11 +290,8 @@ void bwd_kernel(const scalar_t* xp, const scalar_t* dyp, scalar_t* dxp, int64_t 
 }
 
 void check_x(const at::Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK(t.dim() == 2, "mmea_kernels_ext::", op, ": ", name, " must be 2-D [N, D], got shape ", t.sizes());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "mmea_kernels_ext::", op, ": ", name,
-              " must be a floating-point tensor, got dtype ", t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), "mmea_kernels_ext::", op, " (CPU kernel): ", name, " must be a CPU tensor, got ",
-              t.device());
+  check_features(t, name, op);
+  check_device(t, name, op, at::kCPU);
 }
 
 at::Tensor fused_gate_fwd_cpu(const at::Tensor& x_in, const at::Tensor& segs_t, const at::Tensor& csts_t,

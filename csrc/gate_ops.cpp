@@ -11,7 +11,7 @@
 //
 // One pass over the features. The column -> gate table is compressed once per call (O(D)) into
 // runs of consecutive columns: kBlock runs of `count` gates with `len` columns each (mul_ir: the
-// 2l+1 columns of one multiplicity share a gate; len 1/3/5/7/9 get fully unrolled kernels),
+// 2l+1 columns of one multiplicity share a gate; len 1/3/5/7/9 get fully unrolled loops, blocks.h),
 // kStep runs whose gate increases by one per column (ir_mul: one m-row of a block; unit-stride,
 // vectorised) and ungated runs (0e columns). Rows are split into chunks that an OpenMP
 // ``parallel for`` distributes (threads: at::get_num_threads(); serial for small inputs or inside
@@ -35,10 +35,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "blocks.h"
 #include "parallel.h"
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace mmea {
@@ -47,7 +49,6 @@ namespace {
 // Rows per chunk of the partial sums of shared seg_dot. Fixed (never derived from the thread
 // count) so that the result is bitwise reproducible across runs and thread counts.
 constexpr int64_t kSharedChunkRows = 64;
-// Below this many elements the work runs on the calling thread.
 
 // A run of consecutive columns with a regular column -> gate pattern.
 enum class RunKind : int { kUngated, kBlock, kStep };
@@ -117,46 +118,9 @@ std::vector<Run> make_runs(const at::Tensor& gate_of_column, int64_t num_gates, 
 
 
 // ----------------------------------------------------------------------------- gate_mul
-// Columns of `count` gates with L columns each: y = x * g[i] (L a compile-time constant for the
-// common widths 2l+1, so the inner loop is fully unrolled).
-template <int L, typename scalar_t>
-inline void scale_block_fixed(const scalar_t* __restrict__ xs, const scalar_t* __restrict__ gs,
-                              scalar_t* __restrict__ ys, int64_t count) {
-  using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t i = 0; i < count; ++i) {
-    const acc_t s = static_cast<acc_t>(gs[i]);
-#pragma GCC unroll 16
-    for (int m = 0; m < L; ++m) ys[i * L + m] = static_cast<scalar_t>(static_cast<acc_t>(xs[i * L + m]) * s);
-  }
-}
-
-template <typename scalar_t>
-inline void scale_block(const scalar_t* __restrict__ xs, const scalar_t* __restrict__ gs, scalar_t* __restrict__ ys,
-                        int64_t len, int64_t count) {
-  using acc_t = at::opmath_type<scalar_t>;
-  switch (len) {
-    case 1: {
-      for (int64_t i = 0; i < count; ++i)
-        ys[i] = static_cast<scalar_t>(static_cast<acc_t>(xs[i]) * static_cast<acc_t>(gs[i]));
-      return;
-    }
-    case 3: return scale_block_fixed<3>(xs, gs, ys, count);
-    case 5: return scale_block_fixed<5>(xs, gs, ys, count);
-    case 7: return scale_block_fixed<7>(xs, gs, ys, count);
-    case 9: return scale_block_fixed<9>(xs, gs, ys, count);
-    default:
-      for (int64_t i = 0; i < count; ++i) {
-        const acc_t s = static_cast<acc_t>(gs[i]);
-        for (int64_t m = 0; m < len; ++m)
-          ys[i * len + m] = static_cast<scalar_t>(static_cast<acc_t>(xs[i * len + m]) * s);
-      }
-  }
-}
-
 template <typename scalar_t>
 void gate_mul_row(const scalar_t* __restrict__ xr, const scalar_t* __restrict__ gr, scalar_t* __restrict__ yr,
                   const std::vector<Run>& runs, bool keep_ungated) {
-  using acc_t = at::opmath_type<scalar_t>;
   for (const Run& r : runs) {
     const scalar_t* __restrict__ xs = xr + r.col;
     scalar_t* __restrict__ ys = yr + r.col;
@@ -170,14 +134,11 @@ void gate_mul_row(const scalar_t* __restrict__ xr, const scalar_t* __restrict__ 
         }
         break;
       case RunKind::kBlock:
-        scale_block<scalar_t>(xs, gr + r.gate, ys, len, r.count);
+        with_width<1, 3, 5, 7, 9>(len, [&](auto w) { scale_blocks(xs, gr + r.gate, ys, w, r.count); });
         break;
-      case RunKind::kStep: {
-        const scalar_t* __restrict__ gs = gr + r.gate;
-        for (int64_t k = 0; k < len; ++k)
-          ys[k] = static_cast<scalar_t>(static_cast<acc_t>(xs[k]) * static_cast<acc_t>(gs[k]));
+      case RunKind::kStep:
+        scale_blocks(xs, gr + r.gate, ys, std::integral_constant<int, 1>{}, len);
         break;
-      }
     }
   }
 }
@@ -234,71 +195,27 @@ void gate_mul_kernel(const scalar_t* xp, const scalar_t* gp, scalar_t* yp, int64
 
 at::Tensor gate_mul_cpu(const at::Tensor& x_in, const at::Tensor& gates_in, const at::Tensor& gate_of_column_in,
                         bool keep_ungated) {
-  const char* op = "gate_mul";
-  check_features(x_in, "x", op);
-  check_table(gate_of_column_in, "gate_of_column", op, x_in, 1);
-  TORCH_CHECK(x_in.device().is_cpu(), "mmea_kernels_ext::gate_mul (CPU kernel): x must be a CPU tensor, got ",
-              x_in.device());
-  check_gates(gates_in, x_in, op);
-  const int64_t N = x_in.size(0);
-  const int64_t D = x_in.size(1);
-  TORCH_CHECK(gate_of_column_in.numel() == D, "mmea_kernels_ext::gate_mul: gate_of_column has ",
-              gate_of_column_in.numel(), " entries but x has ", D, " columns");
-  const bool shared = gates_in.dim() == 1;
-  const int64_t G = gates_in.size(-1);
-
+  const GateMulShape shape = check_gate_mul(x_in, gates_in, gate_of_column_in, at::kCPU);
+  const int64_t N = shape.N, D = shape.D, G = shape.G;
   const at::Tensor x = x_in.contiguous();
   const at::Tensor gates = gates_in.contiguous();
   const at::Tensor goc = gate_of_column_in.contiguous();
-  const std::vector<Run> runs = make_runs(goc, G, op);
+  const std::vector<Run> runs = make_runs(goc, G, "gate_mul");
   at::Tensor y = at::empty({N, D}, x.options());
   if (N == 0 || D == 0) return y;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmea_gate_mul_cpu", [&] {
     gate_mul_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), gates.const_data_ptr<scalar_t>(),
-                              y.mutable_data_ptr<scalar_t>(), N, D, G, shared, runs, keep_ungated);
+                              y.mutable_data_ptr<scalar_t>(), N, D, G, shape.shared, runs, keep_ungated);
   });
   return y;
 }
 
 // ----------------------------------------------------------------------------- seg_dot
-// acc[i] += sum_m a[i*L+m]*b[i*L+m] for `count` gates of L columns (L unrolled for 2l+1 widths).
-template <int L, typename scalar_t>
-inline void dot_block_fixed(const scalar_t* __restrict__ as, const scalar_t* __restrict__ bs,
-                            at::opmath_type<scalar_t>* __restrict__ acc, int64_t count) {
-  using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t i = 0; i < count; ++i) {
-    acc_t s = static_cast<acc_t>(as[i * L]) * static_cast<acc_t>(bs[i * L]);
-#pragma GCC unroll 16
-    for (int m = 1; m < L; ++m) s += static_cast<acc_t>(as[i * L + m]) * static_cast<acc_t>(bs[i * L + m]);
-    acc[i] += s;
-  }
-}
-
-template <typename scalar_t>
-inline void dot_block(const scalar_t* __restrict__ as, const scalar_t* __restrict__ bs,
-                      at::opmath_type<scalar_t>* __restrict__ acc, int64_t len, int64_t count) {
-  using acc_t = at::opmath_type<scalar_t>;
-  switch (len) {
-    case 1: return dot_block_fixed<1>(as, bs, acc, count);
-    case 3: return dot_block_fixed<3>(as, bs, acc, count);
-    case 5: return dot_block_fixed<5>(as, bs, acc, count);
-    case 7: return dot_block_fixed<7>(as, bs, acc, count);
-    case 9: return dot_block_fixed<9>(as, bs, acc, count);
-    default:
-      for (int64_t i = 0; i < count; ++i) {
-        acc_t s = acc_t(0);
-        for (int64_t m = 0; m < len; ++m) s += static_cast<acc_t>(as[i * len + m]) * static_cast<acc_t>(bs[i * len + m]);
-        acc[i] += s;
-      }
-  }
-}
-
 // Adds one row's per-gate sums of a*b to acc[0..G).
 template <typename scalar_t>
 inline void seg_dot_row_accumulate(const scalar_t* __restrict__ ar, const scalar_t* __restrict__ br,
                                    at::opmath_type<scalar_t>* __restrict__ acc, const std::vector<Run>& runs) {
-  using acc_t = at::opmath_type<scalar_t>;
   for (const Run& r : runs) {
     const scalar_t* __restrict__ as = ar + r.col;
     const scalar_t* __restrict__ bs = br + r.col;
@@ -306,13 +223,11 @@ inline void seg_dot_row_accumulate(const scalar_t* __restrict__ ar, const scalar
       case RunKind::kUngated:
         break;
       case RunKind::kBlock:
-        dot_block<scalar_t>(as, bs, acc + r.gate, r.len, r.count);
+        with_width<1, 3, 5, 7, 9>(r.len, [&](auto w) { dot_blocks(as, bs, acc + r.gate, w, r.count); });
         break;
-      case RunKind::kStep: {
-        acc_t* __restrict__ dst = acc + r.gate;
-        for (int64_t k = 0; k < r.len; ++k) dst[k] += static_cast<acc_t>(as[k]) * static_cast<acc_t>(bs[k]);
+      case RunKind::kStep:
+        dot_blocks(as, bs, acc + r.gate, std::integral_constant<int, 1>{}, r.len);
         break;
-      }
     }
   }
 }
@@ -429,23 +344,11 @@ void seg_dot_rows_kernel(const scalar_t* ap, const scalar_t* bp, scalar_t* op, i
 
 at::Tensor seg_dot_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& gate_of_column_in,
                        const at::Tensor& gate_cols, bool shared) {
-  const char* op = "seg_dot";
-  check_features(a_in, "a", op);
-  check_features(b_in, "b", op);
-  check_table(gate_of_column_in, "gate_of_column", op, a_in, 1);
-  check_table(gate_cols, "gate_cols_padded", op, a_in, 2);
-  TORCH_CHECK(a_in.device().is_cpu(), "mmea_kernels_ext::seg_dot (CPU kernel): a must be a CPU tensor, got ",
-              a_in.device());
-  check_pair(a_in, b_in, op);
-  const int64_t N = a_in.size(0);
-  const int64_t D = a_in.size(1);
-  const int64_t G = gate_cols.size(0);
-  TORCH_CHECK(gate_of_column_in.numel() == D, "mmea_kernels_ext::seg_dot: gate_of_column has ",
-              gate_of_column_in.numel(), " entries but a has ", D, " columns");
-
+  const SegDotShape shape = check_seg_dot(a_in, b_in, gate_of_column_in, gate_cols, at::kCPU);
+  const int64_t N = shape.N, D = shape.D, G = shape.G;
   const at::Tensor a = a_in.contiguous();
   const at::Tensor b = b_in.contiguous();
-  const std::vector<Run> runs = make_runs(gate_of_column_in.contiguous(), G, op);
+  const std::vector<Run> runs = make_runs(gate_of_column_in.contiguous(), G, "seg_dot");
   const auto acc_type = at::toOpMathType(a.scalar_type());
 
   if (shared) {

@@ -51,12 +51,29 @@ inline dim3 row_grid(int64_t rows, int64_t width, int threads) {
               static_cast<unsigned int>(std::max<int64_t>(ceil_div(width, threads), 1)));
 }
 
+// The column (gate_mul) or gate (seg_dot) of this thread in the row-walking kernels (blockIdx.y
+// picks a tile of them); the kernels then walk rows n = blockIdx.x, + gridDim.x, ...
+__device__ __forceinline__ int64_t tile_index() { return static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; }
+
+// s + the sum of a[c] * b[c] over the columns c of one gate (cols: its -1 padded list of W columns).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t add_gate_dot(acc_t s, const scalar_t* __restrict__ ar,
+                                              const scalar_t* __restrict__ br, const int32_t* __restrict__ cols,
+                                              int64_t W) {
+  for (int64_t k = 0; k < W; ++k) {
+    const int32_t c = cols[k];
+    if (c < 0) break;  // -1 padding comes last
+    s += static_cast<acc_t>(ar[c]) * static_cast<acc_t>(br[c]);
+  }
+  return s;
+}
+
 template <typename scalar_t>
 __global__ void gate_mul_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ gates,
                                 const int32_t* __restrict__ gate_of_column, scalar_t* __restrict__ y, int64_t N,
                                 int64_t D, int64_t gate_row_stride, bool keep_ungated) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t c = tile_index();
   if (c >= D) return;
   const int32_t g = gate_of_column[c];
   for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
@@ -75,20 +92,11 @@ __global__ void seg_dot_rows_kernel(const scalar_t* __restrict__ a, const scalar
                                     const int32_t* __restrict__ gate_cols, scalar_t* __restrict__ out, int64_t N,
                                     int64_t D, int64_t G, int64_t W) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t g = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t g = tile_index();
   if (g >= G) return;
   const int32_t* cols = gate_cols + g * W;
-  for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
-    const scalar_t* ar = a + n * D;
-    const scalar_t* br = b + n * D;
-    acc_t s = acc_t(0);
-    for (int64_t k = 0; k < W; ++k) {
-      const int32_t c = cols[k];
-      if (c < 0) break;  // -1 padding comes last
-      s += static_cast<acc_t>(ar[c]) * static_cast<acc_t>(br[c]);
-    }
-    out[n * G + g] = static_cast<scalar_t>(s);
-  }
+  for (int64_t n = blockIdx.x; n < N; n += gridDim.x)
+    out[n * G + g] = static_cast<scalar_t>(add_gate_dot(acc_t(0), a + n * D, b + n * D, cols, W));
 }
 
 // partial[ch, g] = sum over rows ch*kRowsPerChunk .. of the gate-g sums; one thread per (ch, g).
@@ -107,77 +115,51 @@ __global__ void seg_dot_partial_kernel(const scalar_t* __restrict__ a, const sca
     const int64_t n0 = ch * kRowsPerChunk;
     const int64_t n1 = (n0 + kRowsPerChunk < N) ? n0 + kRowsPerChunk : N;
     acc_t s = acc_t(0);
-    for (int64_t n = n0; n < n1; ++n) {
-      const scalar_t* ar = a + n * D;
-      const scalar_t* br = b + n * D;
-      for (int64_t k = 0; k < W; ++k) {
-        const int32_t c = cols[k];
-        if (c < 0) break;
-        s += static_cast<acc_t>(ar[c]) * static_cast<acc_t>(br[c]);
-      }
-    }
+    for (int64_t n = n0; n < n1; ++n) s = add_gate_dot(s, a + n * D, b + n * D, cols, W);
     partial[i] = s;
   }
 }
 
-void check_cuda(const at::Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK(t.is_cuda(), "mmea_kernels_ext::", op, " (CUDA kernel): ", name, " must be a CUDA tensor, got ",
-              t.device());
+// kernel<<<grid, threads>>>(args...) on the current stream, then the launch check.
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, dim3 grid, int threads, Args... args) {
+  kernel<<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// A row-walking kernel over `width` columns (or gates) of N rows.
+template <typename Kernel, typename... Args>
+void launch_rows(Kernel kernel, int64_t N, int64_t width, Args... args) {
+  const int threads = threads_for(width);
+  launch(kernel, row_grid(N, width, threads), threads, args...);
 }
 
 at::Tensor gate_mul_cuda(const at::Tensor& x_in, const at::Tensor& gates_in, const at::Tensor& gate_of_column_in,
                          bool keep_ungated) {
-  const char* op = "gate_mul";
-  check_features(x_in, "x", op);
-  check_cuda(x_in, "x", op);
-  check_table(gate_of_column_in, "gate_of_column", op, x_in, 1);
-  check_gates(gates_in, x_in, op);
-  const int64_t N = x_in.size(0);
-  const int64_t D = x_in.size(1);
-  TORCH_CHECK(gate_of_column_in.numel() == D, "mmea_kernels_ext::gate_mul: gate_of_column has ",
-              gate_of_column_in.numel(), " entries but x has ", D, " columns");
-  const bool shared = gates_in.dim() == 1;
-  const int64_t G = gates_in.size(-1);
-
+  const GateMulShape shape = check_gate_mul(x_in, gates_in, gate_of_column_in, at::kCUDA);
+  const int64_t N = shape.N, D = shape.D;
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor gates = gates_in.contiguous();
   const at::Tensor goc = gate_of_column_in.contiguous();
   at::Tensor y = at::empty({N, D}, x.options());
   if (N == 0 || D == 0) return y;
-  const int64_t gate_row_stride = shared ? 0 : G;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t gate_row_stride = shape.shared ? 0 : shape.G;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmea_gate_mul_cuda", [&] {
-    const int threads = threads_for(D);
-    gate_mul_kernel<scalar_t><<<row_grid(N, D, threads), threads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), gates.const_data_ptr<scalar_t>(), goc.const_data_ptr<int32_t>(),
-        y.mutable_data_ptr<scalar_t>(), N, D, gate_row_stride, keep_ungated);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_rows(gate_mul_kernel<scalar_t>, N, D, x.const_data_ptr<scalar_t>(), gates.const_data_ptr<scalar_t>(),
+                goc.const_data_ptr<int32_t>(), y.mutable_data_ptr<scalar_t>(), N, D, gate_row_stride, keep_ungated);
   });
   return y;
 }
 
 at::Tensor seg_dot_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& gate_of_column,
                         const at::Tensor& gate_cols_in, bool shared) {
-  const char* op = "seg_dot";
-  check_features(a_in, "a", op);
-  check_features(b_in, "b", op);
-  check_cuda(a_in, "a", op);
-  check_table(gate_of_column, "gate_of_column", op, a_in, 1);
-  check_table(gate_cols_in, "gate_cols_padded", op, a_in, 2);
-  check_pair(a_in, b_in, op);
-  const int64_t N = a_in.size(0);
-  const int64_t D = a_in.size(1);
-  const int64_t G = gate_cols_in.size(0);
-  const int64_t W = gate_cols_in.size(1);
-  TORCH_CHECK(gate_of_column.numel() == D, "mmea_kernels_ext::seg_dot: gate_of_column has ", gate_of_column.numel(),
-              " entries but a has ", D, " columns");
-
+  const SegDotShape shape = check_seg_dot(a_in, b_in, gate_of_column, gate_cols_in, at::kCUDA);
+  const int64_t N = shape.N, D = shape.D, G = shape.G, W = shape.W;
   const c10::cuda::CUDAGuard guard(a_in.device());
   const at::Tensor a = a_in.contiguous();
   const at::Tensor b = b_in.contiguous();
   const at::Tensor gate_cols = gate_cols_in.contiguous();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   if (shared) {
     if (N == 0 || G == 0) return at::zeros({G}, a.options());
@@ -186,10 +168,9 @@ at::Tensor seg_dot_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const at
     at::Tensor partial = at::empty({nchunks, G}, a.options().dtype(acc_type));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "mmea_seg_dot_shared_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      seg_dot_partial_kernel<scalar_t><<<grid_for(nchunks * G), kThreads, 0, stream>>>(
-          a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), gate_cols.const_data_ptr<int32_t>(),
-          partial.mutable_data_ptr<acc_t>(), N, D, G, W, nchunks);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(seg_dot_partial_kernel<scalar_t>, dim3(grid_for(nchunks * G)), kThreads, a.const_data_ptr<scalar_t>(),
+             b.const_data_ptr<scalar_t>(), gate_cols.const_data_ptr<int32_t>(), partial.mutable_data_ptr<acc_t>(), N,
+             D, G, W, nchunks);
     });
     return partial.sum(0).to(a.scalar_type());  // parallel tree reduction over the chunks
   }
@@ -197,11 +178,8 @@ at::Tensor seg_dot_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const at
   at::Tensor out = at::empty({N, G}, a.options());
   if (N == 0 || G == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "mmea_seg_dot_cuda", [&] {
-    const int threads = threads_for(G);
-    seg_dot_rows_kernel<scalar_t><<<row_grid(N, G, threads), threads, 0, stream>>>(
-        a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), gate_cols.const_data_ptr<int32_t>(),
-        out.mutable_data_ptr<scalar_t>(), N, D, G, W);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_rows(seg_dot_rows_kernel<scalar_t>, N, G, a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+                gate_cols.const_data_ptr<int32_t>(), out.mutable_data_ptr<scalar_t>(), N, D, G, W);
   });
   return out;
 }
