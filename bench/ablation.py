@@ -142,6 +142,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--work", default=None, help="run directories (default /tmp/mmea_ablation_<mode>)")
     p.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--summarize-only", action="store_true",
+                   help="no training: tabulate the runs already finished in --work (missing runs are left out)")
     args = p.parse_args(argv)
     from mmea_kernels.app.data import find_rmd17
 
@@ -165,7 +167,11 @@ def main(argv=None) -> int:
     a["test_desc"] = "test.xyz (all 1000 frames)" if a["test"] == ":" else f"test.xyz[{a['test']}]"
     jobs = [(mol, name, s, a) for mol in molecules for s in a["seeds"] for name in settings]
     t0 = time.perf_counter()
-    if args.workers > 1:
+    if args.summarize_only:
+        done = [pathlib.Path(a["work"]) / j[0] / _slug(j[1]) / f"s{j[2]}" / "metrics.json" for j in jobs]
+        results = [json.loads(f.read_text()) if f.is_file() else None for f in done]
+        a["missing_runs"] = sum(r is None for r in results)
+    elif args.workers > 1:
         import multiprocessing as mp
 
         os.environ["OMP_NUM_THREADS"] = "1"
@@ -173,7 +179,7 @@ def main(argv=None) -> int:
             results = pool.map(_one, jobs, chunksize=1)
     else:
         results = [_one(j) for j in jobs]
-    rows = rows_of({(j[0], j[1], j[2]): r for j, r in zip(jobs, results)}, a)
+    rows = rows_of({(j[0], j[1], j[2]): r for j, r in zip(jobs, results) if r is not None}, a)
     chosen = choose(rows)
     res = pathlib.Path(args.results)
     res.mkdir(parents=True, exist_ok=True)

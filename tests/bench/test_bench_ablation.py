@@ -40,3 +40,13 @@ def test_ablation_fast_mode(rmd17, tmp_path):
         assert m["test"]["frames"] == 20
     assert res["chosen"]["best_per_molecule"]["ethanol"] in ("mmea", "mmea phi residual")
     assert "Chosen on `valid F best` only" in (tmp_path / "res" / "ablation-fast.md").read_text()
+    # --summarize-only tabulates the cached runs without training and gives the same rows
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "ablation.py"), "--mode", "fast", "--summarize-only",
+                           "--work", str(tmp_path / "work"), "--results", str(tmp_path / "again"),
+                           "--data-dir", str(rmd17)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = json.loads((tmp_path / "again" / "ablation-fast.json").read_text())
+    assert again["rows"] == res["rows"] and again["meta"]["missing_runs"] == 0
