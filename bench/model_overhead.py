@@ -17,9 +17,12 @@ import json
 import pathlib
 import platform
 import statistics
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
 
 
 def _quartiles(xs):
