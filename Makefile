@@ -2,7 +2,7 @@
 PY ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench bench-adapt bench-adapt-fast
+.PHONY: install test demo bench bench-adapt bench-adapt-fast bench-adapt-sevenn bench-ablation
 
 install:
 	PYTHON=$(PY) bash scripts/install.sh
@@ -22,3 +22,11 @@ bench-adapt: install
 
 bench-adapt-fast: install
 	$(PY) bench/adapt.py --mode fast
+
+# SevenNet-0 as the base (4 molecules, full/elora/mmea/mmea-paper; ~90 min on 2 idle cores)
+bench-adapt-sevenn: install
+	$(PY) bench/adapt.py --mode sevenn --workers 2
+
+# why MMEA trails ELoRA on forces: one setting at a time, chosen on validation (bench/ablation.py)
+bench-ablation: install
+	$(PY) bench/ablation.py --workers 2
