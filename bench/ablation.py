@@ -23,6 +23,8 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from adapt import run_jobs  # noqa: E402  (the same process pool as the adaptation benchmark)
 
 # name -> (method, overrides of the default run); the default: lr 1e-2, 60 epochs, rank 16, phi exp, init identity
 SETTINGS = {
@@ -171,14 +173,8 @@ def main(argv=None) -> int:
         done = [pathlib.Path(a["work"]) / j[0] / _slug(j[1]) / f"s{j[2]}" / "metrics.json" for j in jobs]
         results = [json.loads(f.read_text()) if f.is_file() else None for f in done]
         a["missing_runs"] = sum(r is None for r in results)
-    elif args.workers > 1:
-        import multiprocessing as mp
-
-        os.environ["OMP_NUM_THREADS"] = "1"
-        with mp.get_context("spawn").Pool(args.workers) as pool:
-            results = pool.map(_one, jobs, chunksize=1)
     else:
-        results = [_one(j) for j in jobs]
+        results = run_jobs(_one, jobs, args.workers)
     rows = rows_of({(j[0], j[1], j[2]): r for j, r in zip(jobs, results) if r is not None}, a)
     chosen = choose(rows)
     res = pathlib.Path(args.results)

@@ -77,6 +77,17 @@ def _one(job):
     return m
 
 
+def run_jobs(fn, jobs, workers: int) -> list:
+    """``[fn(job) for job in jobs]``, in ``workers`` spawned processes of one thread each when > 1."""
+    if workers <= 1:
+        return [fn(j) for j in jobs]
+    import multiprocessing as mp
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    with mp.get_context("spawn").Pool(workers) as pool:
+        return pool.map(fn, jobs, chunksize=1)
+
+
 def _stats(values):
     import numpy as np
 
@@ -218,14 +229,8 @@ def main(argv=None) -> int:
             results.append(json.loads(f.read_text()) if f.is_file() else None)
         jobs, results = [j for j, r in zip(jobs, results) if r], [r for r in results if r]
         a["missing_runs"] = len(a["molecules"]) * len(a["seeds"]) * len(a["methods"]) - len(jobs)
-    elif args.workers > 1:
-        import multiprocessing as mp
-
-        os.environ["OMP_NUM_THREADS"] = "1"
-        with mp.get_context("spawn").Pool(args.workers) as pool:
-            results = pool.map(_one, jobs, chunksize=1)
     else:
-        results = [_one(j) for j in jobs]
+        results = run_jobs(_one, jobs, args.workers)
     runs = {(j[0], j[1], j[2]): r for j, r in zip(jobs, results)}
     rows = summarize(runs, a)
     res_dir = pathlib.Path(args.results)
