@@ -130,6 +130,9 @@ def markdown(rows: list, chosen: dict, a: dict) -> str:
                      f"{r['test_F']:.2f} | {r['test_E']:.2f} | {r['train_seconds']:.0f} |")
     lines += ["", f"Best MMEA setting per molecule (validation): {chosen['best_per_molecule']}; best mean rank: "
               f"{chosen['best_overall']} ({chosen['mean_rank']})."]
+    if a.get("missing_runs"):
+        lines += ["", f"**Unfinished:** {a['missing_runs']} of {len(a['molecules']) * len(a['seeds']) * len(a['settings'])} "
+                      "runs are missing (a partial table; nothing is chosen from it)."]
     return "\n".join(lines)
 
 
