@@ -419,3 +419,16 @@ def test_default_gpu_tiles_compile_for_sm90_without_spills():
         if " ieee " in ln and ln.startswith("gl_wgrad fp32"):
             continue  # MMEA_FP32_DOT=ieee (not the default) still spills in the weight gradient
         assert int(regs) <= 255 and int(stores) == 0 and int(loads) == 0, ln
+
+
+def test_spec_with_two_layouts_is_refused_by_the_fused_kernels():
+    """A LinearSpec may read mul_ir and write ir_mul (a cuet.Linear can); the fused kernels need one
+    layout and say so, instead of writing the output in the wrong order."""
+    spec = LinearSpec.e3nn_default("2x0e+1x1o", "2x0e+1x1o")
+    mixed = LinearSpec.of(spec.in_layout.irreps_str, spec.out_layout.irreps_str, spec.instructions, "mul_ir",
+                          False, "ir_mul")
+    assert (mixed.layout, mixed.layout_out) == ("mul_ir", "ir_mul") and mixed != spec
+    x = torch.randn(3, spec.dim_in, dtype=torch.float64)
+    w = torch.randn(spec.weight_numel, dtype=torch.float64)
+    with pytest.raises(ValueError, match="need one layout for input and output"):
+        gated_linear(x, w, None, None, None, mixed)
