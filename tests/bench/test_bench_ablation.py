@@ -15,17 +15,37 @@ def _module():
     return mod
 
 
+def _row(mol, s, va, te, method="mmea"):
+    va = va if isinstance(va, dict) else {0: va}
+    return dict(molecule=mol, setting=s, method=method, valid_by_seed=va,
+                valid_F_best=sum(va.values()) / len(va), test_F=te)
+
+
 def test_choice_reads_validation_never_test():
     ab = _module()
-    row = lambda mol, s, va, te, method="mmea": dict(molecule=mol, setting=s, method=method, valid_F_best=va,  # noqa
-                                                      test_F=te)
-    rows = [row("a", "mmea", 10, 5), row("a", "mmea rank 32", 9, 50), row("a", "elora", 1, 1, "elora"),
-            row("b", "mmea", 20, 5), row("b", "mmea rank 32", 19, 60), row("b", "elora", 1, 1, "elora")]
+    rows = [_row("a", "mmea", 10, 5), _row("a", "mmea rank 32", 9, 50), _row("a", "elora", 1, 1, "elora"),
+            _row("b", "mmea", 20, 5), _row("b", "mmea rank 32", 19, 60), _row("b", "elora", 1, 1, "elora")]
     chosen = ab.choose(rows)
     # rank 32 wins on validation on both molecules although its test error is ten times worse;
     # elora (not an MMEA setting) is never chosen
     assert chosen["best_per_molecule"] == {"a": "mmea rank 32", "b": "mmea rank 32"}
     assert chosen["best_overall"] == "mmea rank 32" and chosen["mean_rank"] == {"mmea rank 32": 1.0, "mmea": 2.0}
+    assert chosen["default"] == "mmea rank 32"
+
+
+def test_default_needs_a_win_on_every_molecule_over_the_common_seeds():
+    ab = _module()
+    # best on seed 0 on both molecules, but with seed 1 it is worse than plain mmea on molecule b
+    rows = [_row("a", "mmea", {0: 10, 1: 10}, 5), _row("a", "mmea lr 5e-3", {0: 9, 1: 9.5}, 5),
+            _row("b", "mmea", {0: 20, 1: 19}, 5), _row("b", "mmea lr 5e-3", {0: 19.5, 1: 20}, 5)]
+    chosen = ab.choose(rows)
+    assert chosen["best_overall"] == "mmea lr 5e-3"
+    assert chosen["vs_mmea_over_common_seeds"]["a"] == {"seeds": [0, 1], "delta": -0.75}
+    assert chosen["vs_mmea_over_common_seeds"]["b"]["delta"] == 0.25
+    assert chosen["default"] == "mmea"
+    # a longer epoch budget is the protocol's, never a candidate default
+    rows = [_row("a", "mmea", 10, 5), _row("a", "mmea 200 epochs", 5, 5)]
+    assert ab.choose(rows)["default"] == "mmea" and ab.choose(rows)["best_overall"] == "mmea"
 
 
 def test_ablation_fast_mode(rmd17, tmp_path):
@@ -39,7 +59,7 @@ def test_ablation_fast_mode(rmd17, tmp_path):
         assert r["valid_F_best"] == pytest.approx(min(h["valid"]["forces_mae_meV_per_A"] for h in m["history"]))
         assert m["test"]["frames"] == 20
     assert res["chosen"]["best_per_molecule"]["ethanol"] in ("mmea", "mmea phi residual")
-    assert "Chosen on `valid F best` only" in (tmp_path / "res" / "ablation-fast.md").read_text()
+    assert "Chosen on validation only" in (tmp_path / "res" / "ablation-fast.md").read_text()
     # --summarize-only tabulates the cached runs without training and gives the same rows
     import subprocess
     import sys
