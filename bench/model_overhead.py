@@ -114,6 +114,12 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     base, mmea, elora, batch = build(args, device, dtype)
     rows = []
+    from mmea_kernels import MMEALinear
+
+    like = torch.empty(0, device=device, dtype=dtype)
+    adapters = [m for m in mmea.modules() if isinstance(m, MMEALinear)]
+    kernels = [m.fused_kernel(like.new_empty((0, m.in_layout.dim))) for m in adapters]
+    fused = f"{sum(k is not None for k in kernels)}/{len(adapters)} MMEALinear fused ({sorted(set(kernels) - {None})})"
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"cpu-{platform.machine()} {torch.get_num_threads()} thread(s)")
     size = f"{args.preset} {args.frames}x {args.molecule} {args.dtype}"
@@ -141,10 +147,11 @@ def main(argv=None):
         rows.append({"what": "force-training step: MMEA / ELoRA (same rank)", **res})
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     for r in rows:
-        r.update({"size": size, "device": where, "torch": torch.__version__, "date": stamp, "rank": args.rank})
+        r.update({"size": size, "device": where, "torch": torch.__version__, "date": stamp, "rank": args.rank,
+                  "mmea_fused": fused})
         print(f"{r['what']:<48} {size}  {where}: ratio {r['ratio_median']:.3f} "
               f"(IQR {r['ratio_q1']:.3f}..{r['ratio_q3']:.3f}, {r['rounds']} rounds; "
-              f"{r['a_ms']:.2f} -> {r['b_ms']:.2f} ms)", flush=True)
+              f"{r['a_ms']:.2f} -> {r['b_ms']:.2f} ms; {fused})", flush=True)
     if args.out:
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

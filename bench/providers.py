@@ -8,6 +8,14 @@ from e3nn import o3
 from mmea_kernels import MMEALinear, gate_mul
 from mmea_kernels.layout import IrrepsLayout
 
+# The CPU grid's layers (bench/test_bench_cpu.py, bench/linear_speed.py): name -> (irreps_in, irreps_out)
+CPU_LAYERS = {
+    "128x0e+128x1o": ("128x0e+128x1o", "128x0e+128x1o"),
+    "128x0e+128x1o+128x2e+128x3o": ("128x0e+128x1o+128x2e+128x3o",) * 2,
+    "mace-interaction-1 (10 blocks)": (
+        "128x0e+128x0e+128x1o+128x1o+128x1o+128x2e+128x2e+128x2e+128x3o+128x3o", "128x0e+128x1o+128x2e+128x3o"),
+}
+
 
 def published_gate(y: torch.Tensor, add: torch.Tensor, logits: torch.Tensor, irreps_out) -> torch.Tensor:
     """The gate structured as the published implementation does it: clone, per-irrep
@@ -32,13 +40,17 @@ def published_gate(y: torch.Tensor, add: torch.Tensor, logits: torch.Tensor, irr
 
 class Variant(torch.nn.Module):
     """One provider: ``base`` (o3.Linear alone), ``published``, ``broadcast`` (torch backend),
-    ``compiled`` (broadcast gate under torch.compile), ``cpp`` (C++ extension backend),
-    ``triton`` (Triton backend)."""
+    ``compiled`` (broadcast gate under torch.compile), ``cpp`` (``MMEALinear`` on the C++ extension:
+    the fused linear + gate kernels, what it runs on CPU by default), ``cpp-unfused`` (the base linear,
+    then the C++ gate ops: what ``cpp`` was before the fused kernels), ``triton`` (Triton backend)."""
 
     def __init__(self, linear: o3.Linear, provider: str, rank: int = 16):
         super().__init__()
         self.provider = provider
-        self.adapter = MMEALinear(linear, rank=rank, backend={"cpp": "cpp", "triton": "triton"}.get(provider, "torch"))
+        backend = {"cpp": "cpp", "cpp-unfused": "cpp", "triton": "triton"}.get(provider, "torch")
+        self.adapter = MMEALinear(linear, rank=rank, backend=backend)
+        if provider == "cpp-unfused":
+            self.adapter._kernel_spec = False  # the adapter's "no fused kernel for this layer" mark
         with torch.no_grad():  # gates away from 1, as after training
             self.adapter.mmea_up.weight.normal_(0, 0.05)
         self.out_layout = IrrepsLayout.of(linear.irreps_out, "mul_ir")
@@ -56,7 +68,7 @@ class Variant(torch.nn.Module):
         a = self.adapter
         if self.provider == "base":
             return a.base(x)
-        if self.provider in ("cpp", "triton"):
+        if self.provider in ("cpp", "cpp-unfused", "triton"):
             return a(x)
         y = a.base(x)
         if self.provider == "published":
@@ -64,3 +76,15 @@ class Variant(torch.nn.Module):
             return published_gate(y, add, logits, a.irreps_out)
         add, gates = a.gate_parameters(x)
         return self._gate(y, add, gates)
+
+
+def make_run(module, x: torch.Tensor, dy: torch.Tensor, mode: str):
+    """The timed call: ``fwd`` (no grad) or ``fwd+bwd`` (the input gradient ``dy``-weighted)."""
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                module(x)
+    else:
+        def run():
+            torch.autograd.grad(module(x), x, dy)
+    return run

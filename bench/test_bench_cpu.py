@@ -1,5 +1,6 @@
 """CPU benchmarks (pytest-benchmark): the adapted linear layer in each implementation against the
-base ``o3.Linear`` measured in the same run, and one whole MACE fine-tuning step.
+base ``o3.Linear`` measured in the same run (``cpp``: MMEALinear's fused C++ linear + gate, fwd and
+fwd+bwd), and one whole MACE fine-tuning step. Paired per-layer ratios: bench/linear_speed.py.
 
 Run: ``make bench`` (full grid) or ``MMEA_BENCH_QUICK=1 make bench`` (one size)."""
 import os
@@ -9,23 +10,23 @@ import torch
 from e3nn import o3
 
 from mmea_kernels.ops import backend_status
+from mmea_kernels.ops.gated_linear import cpp_status
 
-from providers import Variant
+from providers import CPU_LAYERS as LAYERS
+from providers import Variant, make_run
 
 QUICK = os.environ.get("MMEA_BENCH_QUICK") == "1"
-LAYERS = {
-    "128x0e+128x1o": ("128x0e+128x1o", "128x0e+128x1o"),
-    "128x0e+128x1o+128x2e+128x3o": ("128x0e+128x1o+128x2e+128x3o",) * 2,
-    "mace-interaction-1 (10 blocks)": (
-        "128x0e+128x0e+128x1o+128x1o+128x1o+128x2e+128x2e+128x2e+128x3o+128x3o", "128x0e+128x1o+128x2e+128x3o"),
-}
 SIZES = [2000] if QUICK else [500, 2000, 8000]
 DTYPES = [torch.float32] if QUICK else [torch.float32, torch.float64]
-PROVIDERS = ["base", "published", "broadcast", "compiled", "cpp"]
+# cpp: MMEALinear's fused C++ linear + gate (its CPU default); cpp-unfused: o3.Linear, then the C++ gate ops
+PROVIDERS = ["base", "published", "broadcast", "compiled", "cpp", "cpp-unfused"]
 
 
 def _provider_param(p):
     if p == "cpp":
+        ok, why = cpp_status("cpu")
+        return pytest.param(p, marks=pytest.mark.skipif(not ok, reason=why))
+    if p == "cpp-unfused":
         ok, why = backend_status("cpp", "cpu")
         return pytest.param(p, marks=pytest.mark.skipif(not ok, reason=why))
     return p
@@ -50,14 +51,7 @@ def test_adapted_linear(benchmark, record, layer, n, dtype, mode, provider):
         ref.load_state_dict(v.state_dict())
         torch.testing.assert_close(v(x), ref(x), rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-4)
 
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                v(x)
-    else:
-        def run():
-            x.grad = None
-            v(x).backward(gy)
+    run = make_run(v, x, gy, mode)
     rounds = 3 if n * lin.irreps_out.dim > 8e6 else 7
     benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
     record("adapted_linear", provider, mode, f"{layer} N={n} {str(dtype).split('.')[-1]}")

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from providers import make_run
+
 QUICK = os.environ.get("MMEA_BENCH_QUICK") == "1"
 SIZES = [4000] if QUICK else [1000, 4000, 16000]
 DTYPES = [torch.float32] if QUICK else [torch.float32, torch.float64]
@@ -33,13 +35,5 @@ def test_gate(benchmark, record, n, dtype, mode, provider):
     if provider == "fused":
         torch.testing.assert_close(m(x), ref(x), rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-6)
 
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                m(x)
-    else:
-        def run():
-            torch.autograd.grad(m(x), x, dy)
-
-    benchmark.pedantic(run, rounds=7, warmup_rounds=2, iterations=1)
+    benchmark.pedantic(make_run(m, x, dy, mode), rounds=7, warmup_rounds=2, iterations=1)
     record("gate", provider, mode, f"sevennet-0 gate N={n} {str(dtype).split('.')[-1]}")

@@ -216,3 +216,119 @@ def run_rmd17_bench(script: str, mode: str, rmd17, tmp_path, timeout: int = 1200
                           capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp_path / "res"
+
+# ---------------------------------------------------------------------------- fused linear + gate
+# Cases and builders of the fused linear + gate tests (tests/ops/test_gated_linear.py: triton;
+# tests/ops/test_cpp_gated_linear.py: the C++ kernels).
+GL_FIXED = [
+    # unsimplified irreps, several instructions into one output block, biases
+    ("2x0e+2x0e+2x1o", "3x0e+2x1o", "mul_ir", "row", "row", True),
+    ("2x0e+2x0e+2x1o", "3x0e+2x1o", "ir_mul", "shared", "shared", True),
+    # 0o and 1e blocks, odd multiplicities, an output block no instruction feeds (1x2e)
+    ("3x0o+1x1e+1x0e+3x1e", "1x0o+3x1e+1x2e+5x0e", "ir_mul", "row", None, False),
+    # outputs without a 0e block (additive has 0 channels)
+    ("1x0e+3x1o+1x2e", "3x1o+1x2e+1x0o", "mul_ir", "row", "row", False),
+    # multiplicities above one tile (> 16 channels), no gate
+    ("20x0e+17x1o", "18x0e+19x1o", "ir_mul", None, "row", True),
+]
+
+GL_GRAD_CASES = [
+    # (irreps_in, irreps_out, layout, shared gates/additive)
+    ("2x0e+1x0e+1x1o", "2x0e+2x1o+1x0o", "mul_ir", False),
+    ("2x0e+1x0e+1x1o", "2x0e+2x1o+1x0o", "ir_mul", True),
+]
+
+
+def grad_inputs(irr_in, irr_out, layout, shared, n=2, seed=7, device="cpu"):
+    """(spec, [x, weight, bias, gates, additive] as float64 leaves that require grad)."""
+    from mmea_kernels.linear_spec import LinearSpec
+
+    lin, x, gates, add = make_inputs(irr_in, irr_out, n, torch.float64, "shared" if shared else "row",
+                                     "shared" if shared else "row", True, seed, device)
+    spec = LinearSpec.from_e3nn(lin, layout)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, lin.weight, lin.bias, gates, add)]
+    return spec, leaves
+
+
+def to_ir_mul_index(irreps: str):
+    """``idx`` with ``x_ir_mul = x_mul_ir[..., idx]`` (written from the layout definitions)."""
+    idx, off = [], 0
+    for mul, l, _ in parse_irreps(irreps):
+        d = 2 * l + 1
+        idx += [off + u * d + m for m in range(d) for u in range(mul)]
+        off += mul * d
+    return torch.tensor(idx, dtype=torch.long)
+
+
+def explicit_gate(y, gates, additive, irreps_out):
+    """``y`` (mul_ir) with every gated column scaled and the additive put on the 0e columns."""
+    owner, G = naive_gate_of_column(irreps_out, "mul_ir")
+    out = y.clone()
+    s = 0
+    for c, g in enumerate(owner):
+        if g >= 0:
+            if gates is not None:
+                out[..., c] = out[..., c] * (gates[g] if gates.dim() == 1 else gates[..., g])
+        else:
+            if additive is not None:
+                out[..., c] = out[..., c] + (additive[s] if additive.dim() == 1 else additive[..., s])
+            s += 1
+    return out
+
+
+def counts(irreps: str):
+    owner, G = naive_gate_of_column(irreps, "mul_ir")
+    return G, sum(1 for g in owner if g < 0)
+
+
+def make_inputs(irr_in, irr_out, n, dtype, gate_mode, add_mode, bias, seed, device="cpu"):
+    """An ``o3.Linear`` (random bias) and x, gates, additive of ``n`` rows ("row", "shared" or None)."""
+    from e3nn import o3
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    lin = o3.Linear(irr_in, irr_out, biases=bias).to(dtype)
+    if lin.bias.numel() > 0:
+        with torch.no_grad():
+            lin.bias.copy_(torch.randn(lin.bias.shape, generator=gen, dtype=dtype))
+    G, S = counts(irr_out)
+    x = torch.randn(n, o3.Irreps(irr_in).dim, generator=gen, dtype=dtype)
+    gates = {None: None, "row": lambda: torch.rand(n, G, generator=gen, dtype=dtype) + 0.5,
+             "shared": lambda: torch.rand(G, generator=gen, dtype=dtype) + 0.5}[gate_mode]
+    gates = gates() if callable(gates) else gates
+    add = {None: None, "row": lambda: torch.randn(n, S, generator=gen, dtype=dtype),
+           "shared": lambda: torch.randn(S, generator=gen, dtype=dtype)}[add_mode]
+    add = add() if callable(add) else add
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return lin.to(device), to(x), to(gates), to(add)
+
+
+def check_parity(irr_in, irr_out, layout, n, dtype, gate_mode, add_mode, bias, seed, device="cpu",
+                 backends=("triton", "torch")):
+    """Every backend against o3.Linear + the explicit gate: max error <= TOL[dtype]'s rtol x max(|ref|, 1)."""
+    from mmea_kernels.linear_spec import LinearSpec
+    from mmea_kernels.ops.gated_linear import gated_linear
+
+    lin, x, gates, add = make_inputs(irr_in, irr_out, n, dtype, gate_mode, add_mode, bias, seed, device)
+    with torch.no_grad():
+        ref = explicit_gate(lin(x), gates, add, irr_out)
+    spec = LinearSpec.from_e3nn(lin, layout)
+    b = lin.bias if lin.bias.numel() > 0 else None
+    i_in, i_out = to_ir_mul_index(irr_in).to(device), to_ir_mul_index(irr_out).to(device)
+    x_l = x if layout == "mul_ir" else x[:, i_in].contiguous()
+    scale = max(ref.abs().max().item(), 1.0) if ref.numel() else 1.0
+    rtol = TOL[dtype]["rtol"]
+    for backend in backends:
+        with torch.no_grad():
+            y = gated_linear(x_l, lin.weight, b, gates, add, spec, backend=backend)
+            y_again = gated_linear(x_l, lin.weight, b, gates, add, spec, backend=backend)
+        assert torch.equal(y, y_again)  # every element written (fresh, uninitialised outputs agree)
+        for yy in (y,):
+            if layout == "ir_mul":
+                back = torch.empty_like(yy)
+                back[:, i_out] = yy
+                yy = back
+            assert yy.shape == ref.shape and yy.dtype == dtype
+            assert not torch.isnan(yy).any(), f"{backend}: unwritten output elements"
+            err = (yy - ref).abs().max().item() if ref.numel() else 0.0
+            assert err <= rtol * scale, f"{backend} {layout}: error {err:.3e} (scale {scale:.3e})"

@@ -13,7 +13,6 @@ from torch import nn
 
 from ..layout import IrrepsLayout
 from ..ops import gate_mul
-from ..ops.backends import resolve_backend
 from .base import AdapterLinear
 
 __all__ = ["MMEALinear", "MMEATensorProduct", "MMEAGating"]
@@ -46,6 +45,11 @@ class MMEAGating:
                                                                 device=device), persistent=False)
         self.register_buffer("out_scalar_columns", torch.tensor(self.out_layout.scalar_columns, dtype=torch.long,
                                                                  device=device), persistent=False)
+        # (first, count) when the 0e input columns are one contiguous range: the gate net then reads a
+        # view of them (no gather), and their gradient is a slice instead of an index_add
+        cols = self.in_layout.scalar_columns
+        self._scalar_span = (cols[0], len(cols)) if cols and list(cols) == list(range(cols[0], cols[0] + len(cols))) \
+            else None
         if self.num_scalars_in > 0:
             self.mmea_down = nn.Linear(self.num_scalars_in, rank, **fk)
             self.mmea_up = nn.Linear(rank, n_out, **fk)
@@ -85,7 +89,8 @@ class MMEAGating:
         if self.mmea_up is None:
             gamma = self.mmea_static
         else:
-            x0 = x.index_select(-1, self.in_scalar_columns)
+            span = self._scalar_span
+            x0 = x.narrow(-1, span[0], span[1]) if span is not None else x.index_select(-1, self.in_scalar_columns)
             gamma = self.mmea_up(torch.nn.functional.silu(self.mmea_down(x0)))
         return gamma[..., : self.num_additive], gamma[..., self.num_additive:]
 
@@ -116,10 +121,15 @@ class MMEALinear(MMEAGating, AdapterLinear):
         base: the layer to adapt.
         rank: width ``r`` of the gate network's hidden layer.
         phi: ``"exp"`` (gate = exp γ) or ``"residual"`` (gate = 1 + γ).
-        init: ``"identity"`` (``W_up = b_up = 0``: output equals the base output exactly) or
+        init: ``"identity"`` (``W_up = b_up = 0``: output equals the base output; bit for bit on the
+            unfused path, to round-off on the fused kernels) or
             ``"paper"`` (the published recipe: the additive 0e head keeps PyTorch's default random
             initialisation, or ``normal(0, init_std)`` when ``init_std`` is given; gate rows zero).
-        backend: gate-op backend (``None``: ``MMEA_BACKEND`` or auto).
+        backend: gate-op backend (``None``: ``MMEA_BACKEND`` or auto). When it resolves to ``"triton"``,
+            or to ``"cpp"`` (auto's choice on CPU once the extension is built) for float32/float64 CPU
+            features, the base linear and the gate run as one fused kernel
+            (:mod:`mmea_kernels.ops.gated_linear`); ``"torch"`` runs the base layer, then the gate (the
+            unfused reference, also what TorchScript and torch.compile use).
 
     A layer whose input has no 0e channel gets static learned gates and additive terms.
     """
@@ -135,18 +145,34 @@ class MMEALinear(MMEAGating, AdapterLinear):
         super().__init__(base)
         self._init_gating(rank, phi, init, init_std, backend, **self._factory())
 
-    def _fused_spec(self, x: torch.Tensor, args, kwargs):
-        """The LinearSpec when the fused Triton linear+gate kernel should run, else None."""
-        if args or kwargs or torch.compiler.is_compiling() or resolve_backend(self.backend, x.device).name != "triton":
+    def _fused(self, x: torch.Tensor, args, kwargs):
+        """(LinearSpec, kernel backend) when a fused linear+gate kernel should run (triton; cpp for
+        float32/float64 CPU tensors), else None. Under torch.compile, and for a call with extra
+        arguments, the unfused path runs."""
+        if args or kwargs or torch.compiler.is_compiling():
+            return None
+        # imported here: the fused triton kernels are decorated only when first used, after
+        # TRITON_INTERPRET is settled (as the gate backends are loaded lazily)
+        from ..ops.gated_linear import kernel_backend
+        kernels = kernel_backend(self.backend, x)
+        if kernels is None:
             return None
         spec = getattr(self, "_kernel_spec", None)
         if spec is None:
             try:
                 spec = self.view.fused_spec(self.base, self.spec)
+                if self.view.fused_tensors(self.base)[0].numel() != spec.weight_numel:
+                    raise ValueError("the layer's weight is not the flat weight of its spec")
             except (TypeError, ValueError):
-                spec = False  # a layer the fused kernel does not cover: keep the unfused path
+                spec = False  # a layer the fused kernels do not cover: keep the unfused path
             self._kernel_spec = spec
-        return spec or None
+        return (spec, kernels) if spec else None
+
+    def fused_kernel(self, x: torch.Tensor) -> Optional[str]:
+        """The fused kernel backend ("cpp", "triton") that a plain call on tensors like ``x`` runs,
+        or None for the unfused path."""
+        fused = self._fused(x, (), {})
+        return fused[1] if fused is not None else None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.check_input(x)
@@ -155,11 +181,11 @@ class MMEALinear(MMEAGating, AdapterLinear):
         x2 = x.reshape(-1, self.in_layout.dim)
         add, gates = self.gate_parameters(x2)
         add = add if self.num_additive > 0 else None
-        spec = self._fused_spec(x, args, kwargs)
-        if spec is not None:  # one kernel: linear with the gate and additive terms in its epilogue
+        fused = self._fused(x, args, kwargs)
+        if fused is not None:  # one kernel: linear with the gate and additive terms in its epilogue
             from ..ops.gated_linear import gated_linear
             weight, bias = self.view.fused_tensors(self.base)
-            y2 = gated_linear(x2, weight, bias, gates, add, spec, backend="triton")
+            y2 = gated_linear(x2, weight, bias, gates, add, fused[0], backend=fused[1])
             return y2.reshape(x.shape[:-1] + (self.out_layout.dim,))
         return self._gated(self.base(x, *args, **kwargs), add, gates)
 

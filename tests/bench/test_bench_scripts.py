@@ -1,7 +1,7 @@
 """The GPU benchmark and the device check stay correct: the benchmark runs at small sizes on CPU
 (Triton interpreter), checks each implementation against the float64 reference with a tolerance
 per dtype, records a failing configuration instead of crashing, and writes its files as it goes;
-the model-overhead script runs its paired rounds."""
+the model-overhead and per-layer scripts run their paired rounds."""
 import json
 import subprocess
 import sys
@@ -109,3 +109,21 @@ def test_model_overhead_script(tmp_path):
     rows = json.loads(out.read_text())
     assert [r["what"].split(":")[0] for r in rows] == ["energy+forces", "force-training step"]
     assert all(r["rounds"] == 3 and r["ratio_q1"] <= r["ratio_median"] <= r["ratio_q3"] for r in rows)
+
+
+def test_linear_speed_script(tmp_path):
+    """bench/linear_speed.py at a tiny size: checks the fused output, then writes its paired rows."""
+    from mmea_kernels.ops.gated_linear import cpp_status
+    ok, why = cpp_status("cpu")
+    if not ok:
+        pytest.skip(why)
+    res = subprocess.run([sys.executable, str(BENCH / "linear_speed.py"), "--n", "16", "--rounds", "2", "--threads",
+                          "1", "--layers", "128x0e+128x1o", "--out", str(tmp_path)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (out,) = tmp_path.glob("linear-speed-cpu-*.json")
+    rows = json.loads(out.read_text())
+    assert [(r["mode"], r["what"]) for r in rows] == [(m, w) for m in ("fwd", "fwd+bwd")
+                                                      for w in ("MMEA/base", "fused/unfused")]
+    assert all(r["rounds"] == 2 and r["ratio_q1"] <= r["ratio_median"] <= r["ratio_q3"] for r in rows)
+    assert "| 128x0e+128x1o | 16 | 1 | fwd | MMEA/base |" in next(tmp_path.glob("linear-speed-cpu-*.md")).read_text()

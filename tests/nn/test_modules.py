@@ -9,6 +9,19 @@ from mmea_kernels import ELoRALinear, MMEALinear
 from helpers import IN, OUT, TOL, make_linear, naive_mmea, randomise
 
 
+def check_identity_at_init(ad, lin, x):
+    """A fresh adapter gives the base output: bit for bit on the unfused path (backend="torch": the
+    base layer, then gates of exactly 1 and additive terms of 0), to round-off on the default path
+    (on CPU the fused C++ linear, which sums the products in another order than e3nn's einsum)."""
+    torch.testing.assert_close(ad(x), lin(x), **TOL[torch.float64])
+    backend = ad.backend
+    try:
+        ad.backend = "torch"
+        torch.testing.assert_close(ad(x), lin(x), rtol=0, atol=0)
+    finally:
+        ad.backend = backend
+
+
 def mmea_by_hand(lin, ad, x, phi="exp"):
     """y' from DEVELOPERS.md: z = SiLU(W_down x0 + b_down), γ = W_up z + b_up (column by column)."""
     return naive_mmea(ad, lin(x), x, IN, OUT, phi=phi)
@@ -21,7 +34,7 @@ def test_mmea_matches_equations(phi):
     assert ad.base is lin and ad.mmea_down.in_features == 5  # both 0e blocks feed the gate net
     assert ad.num_additive == 4 and ad.num_gates == 3 + 2 + 2 + 1
     x = torch.randn(6, o3.Irreps(IN).dim, dtype=torch.float64)
-    torch.testing.assert_close(ad(x), lin(x), rtol=0, atol=0)  # identity at init, bit for bit
+    check_identity_at_init(ad, lin, x)
     randomise(ad)
     torch.testing.assert_close(ad(x), mmea_by_hand(lin, ad, x, phi), rtol=1e-13, atol=1e-13)
     assert (ad(x) - lin(x)).abs().max() > 1e-2
@@ -73,7 +86,7 @@ def test_static_gates_when_input_has_no_scalar():
     ad = MMEALinear(lin)
     assert ad.mmea_down is None and ad.mmea_static.shape == (2 + 4,)
     x = torch.randn(4, lin.irreps_in.dim, dtype=torch.float64)
-    torch.testing.assert_close(ad(x), lin(x), rtol=0, atol=0)
+    check_identity_at_init(ad, lin, x)
     with torch.no_grad():
         ad.mmea_static.copy_(torch.tensor([0.5, -1.0, 0.1, 0.2, 0.3, 0.4], dtype=torch.float64))
     y, y0 = ad(x), lin(x)
@@ -88,7 +101,7 @@ def test_static_gates_when_input_has_no_scalar():
 
 def test_paper_init_random_additive_zero_gates():
     lin = make_linear()
-    ad = MMEALinear(lin, init="paper")
+    ad = MMEALinear(lin, init="paper", backend="torch")  # the unfused path: gated columns are lin(x) * 1.0
     n_add = ad.num_additive
     assert ad.mmea_up.weight[:n_add].abs().sum() > 0
     assert torch.all(ad.mmea_up.weight[n_add:] == 0) and torch.all(ad.mmea_up.bias[n_add:] == 0)
@@ -148,18 +161,15 @@ def test_elora_parameter_count_per_instruction():
     assert sum(p.numel() for p in ad.adapter_parameters()) == expect
 
 
-def test_fused_triton_path_matches_unfused(device):
-    """backend='triton' runs the fused linear+gate kernel (interpreter on CPU, CUDA where a GPU
-    exists): same values, input, adapter and double-backward gradients as the unfused torch path
-    on CPU."""
+def check_fused_matches_unfused(backend, device):
     lin = make_linear()
     plain = MMEALinear(lin, rank=3, backend="torch")
     randomise(plain)
-    fused = MMEALinear(make_linear().to(device), rank=3, backend="triton").to(device)
+    fused = MMEALinear(make_linear().to(device), rank=3, backend=backend).to(device)
     fused.load_state_dict(plain.state_dict())
     x = torch.randn(5, o3.Irreps(IN).dim, dtype=torch.float64, requires_grad=True)
     xd = x.detach().to(device).requires_grad_()
-    assert fused._fused_spec(xd, (), {}) is not None
+    assert fused._fused(xd, (), {})[1] == backend and plain._fused(x, (), {}) is None
 
     def grads(ad, x):
         (gx,) = torch.autograd.grad((ad(x) ** 2).sum(), x, create_graph=True)
@@ -168,3 +178,41 @@ def test_fused_triton_path_matches_unfused(device):
 
     for a, b in zip(grads(fused, xd), grads(plain, x)):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-11, atol=1e-11)
+
+
+def test_fused_triton_path_matches_unfused(device):
+    """backend='triton' runs the fused linear+gate kernel (interpreter on CPU, CUDA where a GPU
+    exists): same values, input, adapter and double-backward gradients as the unfused torch path
+    on CPU."""
+    check_fused_matches_unfused("triton", device)
+
+
+def test_fused_cpp_path_is_the_cpu_default_and_matches_unfused(monkeypatch):
+    """On CPU with the extension built, auto (and backend='cpp') runs the fused C++ linear+gate
+    kernels for float32/float64: same values, gradients and second derivatives as the unfused path;
+    other dtypes keep the unfused path."""
+    from mmea_kernels.ops.gated_linear import cpp_status
+    ok, why = cpp_status("cpu")
+    if not ok:
+        pytest.skip(why)
+    monkeypatch.delenv("MMEA_BACKEND", raising=False)
+    check_fused_matches_unfused("cpp", "cpu")
+    ad = MMEALinear(make_linear(), rank=3)
+    x = torch.randn(2, o3.Irreps(IN).dim, dtype=torch.float64)
+    assert ad._fused(x, (), {})[1] == "cpp" and ad._fused(x.float(), (), {})[1] == "cpp"
+    assert ad._fused(x.half(), (), {}) is None and ad._fused(x, (x,), {}) is None
+
+
+@pytest.mark.parametrize("irreps_in,span", [(IN, (0, 5)), ("2x0e+1x1o+3x0e+1x0o", None), ("1x1o+2x0e", (3, 2))])
+def test_gate_net_reads_scalar_columns(irreps_in, span):
+    """The gate net reads the 0e input columns through a view when they are one contiguous range,
+    else gathers them; either way the layer equals its equations, gradients included."""
+    lin = make_linear(irreps_in)
+    ad = MMEALinear(lin, rank=3, backend="torch")
+    randomise(ad)
+    assert ad._scalar_span == span
+    x = torch.randn(4, o3.Irreps(irreps_in).dim, dtype=torch.float64, requires_grad=True)
+    y, ref = ad(x), naive_mmea(ad, lin(x), x, irreps_in, OUT)
+    torch.testing.assert_close(y, ref, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0],
+                               rtol=1e-13, atol=1e-13)

@@ -18,12 +18,13 @@ from e3nn import o3  # noqa: E402
 from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from mmea_kernels.layout import IrrepsLayout, parse_irreps  # noqa: E402
+from mmea_kernels.layout import IrrepsLayout  # noqa: E402
 from mmea_kernels.ops.gated_linear import (_core, gated_linear, gated_linear_reference,  # noqa: E402
                                            triton_status)
 from mmea_kernels.linear_spec import LinearSpec  # noqa: E402
 
-from helpers import CUDA_AVAILABLE, REPO, TOL, TRITON_DEVICES, irreps_string, naive_gate_of_column  # noqa: E402
+from helpers import (CUDA_AVAILABLE, GL_FIXED, GL_GRAD_CASES, REPO, TOL, TRITON_DEVICES, check_parity,  # noqa: E402
+                     grad_inputs, irreps_string, make_inputs)
 
 if not CUDA_AVAILABLE:
     _ok, _why = triton_status("cpu")
@@ -31,84 +32,6 @@ if not CUDA_AVAILABLE:
         pytest.skip(_why, allow_module_level=True)
 
 BACKENDS = ("triton", "torch")
-
-
-# ---------------------------------------------------------------------------- helpers
-def to_ir_mul_index(irreps: str):
-    """``idx`` with ``x_ir_mul = x_mul_ir[..., idx]`` (written from the layout definitions)."""
-    idx, off = [], 0
-    for mul, l, _ in parse_irreps(irreps):
-        d = 2 * l + 1
-        idx += [off + u * d + m for m in range(d) for u in range(mul)]
-        off += mul * d
-    return torch.tensor(idx, dtype=torch.long)
-
-
-def explicit_gate(y, gates, additive, irreps_out):
-    """``y`` (mul_ir) with every gated column scaled and the additive put on the 0e columns."""
-    owner, G = naive_gate_of_column(irreps_out, "mul_ir")
-    out = y.clone()
-    s = 0
-    for c, g in enumerate(owner):
-        if g >= 0:
-            if gates is not None:
-                out[..., c] = out[..., c] * (gates[g] if gates.dim() == 1 else gates[..., g])
-        else:
-            if additive is not None:
-                out[..., c] = out[..., c] + (additive[s] if additive.dim() == 1 else additive[..., s])
-            s += 1
-    return out
-
-
-def counts(irreps: str):
-    owner, G = naive_gate_of_column(irreps, "mul_ir")
-    return G, sum(1 for g in owner if g < 0)
-
-
-def make_inputs(irr_in, irr_out, n, dtype, gate_mode, add_mode, bias, seed, device="cpu"):
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    lin = o3.Linear(irr_in, irr_out, biases=bias).to(dtype)
-    if lin.bias.numel() > 0:
-        with torch.no_grad():
-            lin.bias.copy_(torch.randn(lin.bias.shape, generator=gen, dtype=dtype))
-    G, S = counts(irr_out)
-    x = torch.randn(n, o3.Irreps(irr_in).dim, generator=gen, dtype=dtype)
-    gates = {None: None, "row": lambda: torch.rand(n, G, generator=gen, dtype=dtype) + 0.5,
-             "shared": lambda: torch.rand(G, generator=gen, dtype=dtype) + 0.5}[gate_mode]
-    gates = gates() if callable(gates) else gates
-    add = {None: None, "row": lambda: torch.randn(n, S, generator=gen, dtype=dtype),
-           "shared": lambda: torch.randn(S, generator=gen, dtype=dtype)}[add_mode]
-    add = add() if callable(add) else add
-    to = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return lin.to(device), to(x), to(gates), to(add)
-
-
-def check_parity(irr_in, irr_out, layout, n, dtype, gate_mode, add_mode, bias, seed, device="cpu"):
-    """Every backend against o3.Linear + the explicit gate: max error <= TOL[dtype]'s rtol x max(|ref|, 1)."""
-    lin, x, gates, add = make_inputs(irr_in, irr_out, n, dtype, gate_mode, add_mode, bias, seed, device)
-    with torch.no_grad():
-        ref = explicit_gate(lin(x), gates, add, irr_out)
-    spec = LinearSpec.from_e3nn(lin, layout)
-    b = lin.bias if lin.bias.numel() > 0 else None
-    i_in, i_out = to_ir_mul_index(irr_in).to(device), to_ir_mul_index(irr_out).to(device)
-    x_l = x if layout == "mul_ir" else x[:, i_in].contiguous()
-    scale = max(ref.abs().max().item(), 1.0) if ref.numel() else 1.0
-    rtol = TOL[dtype]["rtol"]
-    for backend in BACKENDS:
-        with torch.no_grad():
-            y = gated_linear(x_l, lin.weight, b, gates, add, spec, backend=backend)
-            y_again = gated_linear(x_l, lin.weight, b, gates, add, spec, backend=backend)
-        assert torch.equal(y, y_again)  # every element written (fresh, uninitialised outputs agree)
-        for yy in (y,):
-            if layout == "ir_mul":
-                back = torch.empty_like(yy)
-                back[:, i_out] = yy
-                yy = back
-            assert yy.shape == ref.shape and yy.dtype == dtype
-            assert not torch.isnan(yy).any(), f"{backend}: unwritten output elements"
-            err = (yy - ref).abs().max().item() if ref.numel() else 0.0
-            assert err <= rtol * scale, f"{backend} {layout}: error {err:.3e} (scale {scale:.3e})"
 
 
 # ---------------------------------------------------------------------------- spec
@@ -132,17 +55,7 @@ def test_spec_from_e3nn_and_cache():
 
 
 # ---------------------------------------------------------------------------- parity
-FIXED = [
-    # unsimplified irreps, several instructions into one output block, biases
-    ("2x0e+2x0e+2x1o", "3x0e+2x1o", "mul_ir", "row", "row", True),
-    ("2x0e+2x0e+2x1o", "3x0e+2x1o", "ir_mul", "shared", "shared", True),
-    # 0o and 1e blocks, odd multiplicities, an output block no instruction feeds (1x2e)
-    ("3x0o+1x1e+1x0e+3x1e", "1x0o+3x1e+1x2e+5x0e", "ir_mul", "row", None, False),
-    # outputs without a 0e block (additive has 0 channels)
-    ("1x0e+3x1o+1x2e", "3x1o+1x2e+1x0o", "mul_ir", "row", "row", False),
-    # multiplicities above one tile (> 16 channels), no gate
-    ("20x0e+17x1o", "18x0e+19x1o", "ir_mul", None, "row", True),
-]
+FIXED = GL_FIXED
 
 
 @pytest.mark.parametrize("irr_in,irr_out,layout,gate_mode,add_mode,bias", FIXED)
@@ -202,24 +115,12 @@ def test_leading_dims_and_noncontiguous_input():
 
 
 # ---------------------------------------------------------------------------- autograd
-GRAD_CASES = [
-    # (irreps_in, irreps_out, layout, shared gates/additive)
-    ("2x0e+1x0e+1x1o", "2x0e+2x1o+1x0o", "mul_ir", False),
-    ("2x0e+1x0e+1x1o", "2x0e+2x1o+1x0o", "ir_mul", True),
-]
-
-
-def _grad_inputs(irr_in, irr_out, layout, shared, n=2, seed=7, device="cpu"):
-    lin, x, gates, add = make_inputs(irr_in, irr_out, n, torch.float64, "shared" if shared else "row",
-                                     "shared" if shared else "row", True, seed, device)
-    spec = LinearSpec.from_e3nn(lin, layout)
-    leaves = [t.detach().clone().requires_grad_() for t in (x, lin.weight, lin.bias, gates, add)]
-    return spec, leaves
+GRAD_CASES = GL_GRAD_CASES
 
 
 @pytest.mark.parametrize("irr_in,irr_out,layout,shared", GRAD_CASES)
 def test_gradcheck_gradgradcheck_triton(irr_in, irr_out, layout, shared, device):
-    spec, (x, w, b, g, a) = _grad_inputs(irr_in, irr_out, layout, shared, device=device)
+    spec, (x, w, b, g, a) = grad_inputs(irr_in, irr_out, layout, shared, device=device)
 
     def f(x, w, b, g, a):
         return gated_linear(x, w, b, g, a, spec, backend="triton")
@@ -229,7 +130,7 @@ def test_gradcheck_gradgradcheck_triton(irr_in, irr_out, layout, shared, device)
 
 
 def test_gradients_match_torch_reference(device):
-    spec, leaves = _grad_inputs("2x0e+1x0e+2x1o+1x2e", "3x0e+2x1o+1x2e+1x1e", "ir_mul", False, n=4, seed=11,
+    spec, leaves = grad_inputs("2x0e+1x0e+2x1o+1x2e", "3x0e+2x1o+1x2e+1x1e", "ir_mul", False, n=4, seed=11,
                                 device=device)
     outs = []
     for backend in BACKENDS:
@@ -260,7 +161,7 @@ def test_core_pre_and_post_gates_gradgradcheck(device):
 def test_frozen_weight_force_training_pattern(device):
     """MMEA on a frozen base: forces = -dE/dx with create_graph, then the loss on the forces
     back to the gates and additive (the weight never gets a gradient)."""
-    spec, (x, w, b, g, a) = _grad_inputs("2x0e+1x1o+1x2e", "1x0e+2x1o+1x2e", "ir_mul", False, n=3, device=device)
+    spec, (x, w, b, g, a) = grad_inputs("2x0e+1x1o+1x2e", "1x0e+2x1o+1x2e", "ir_mul", False, n=3, device=device)
     w.requires_grad_(False)
     b.requires_grad_(False)
     res = []
@@ -274,7 +175,7 @@ def test_frozen_weight_force_training_pattern(device):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
 def test_half_precision(dtype, tol, device):
-    spec, leaves = _grad_inputs("4x0e+3x1o+2x2e", "5x0e+2x1o+2x2e", "ir_mul", False, n=7, seed=3, device=device)
+    spec, leaves = grad_inputs("4x0e+3x1o+2x2e", "5x0e+2x1o+2x2e", "ir_mul", False, n=7, seed=3, device=device)
     ref = gated_linear_reference(*leaves, spec)
     gref = torch.autograd.grad(ref.square().sum(), leaves)
     half = [t.detach().to(dtype).requires_grad_() for t in leaves]
@@ -358,19 +259,6 @@ def test_bad_inputs():
         gated_linear(x, lin.weight, None, None, None, spec, backend="cuda")
 
 
-def test_backend_follows_shared_selection(monkeypatch):
-    """gated_linear resolves MMEA_BACKEND like the gate ops: 'cpp' (a gate backend without a fused
-    linear) runs the reference composition instead of being rejected."""
-    from mmea_kernels.ops.backends import backend_status
-    if not backend_status("cpp", "cpu")[0]:
-        pytest.skip("cpp backend not built")
-    lin = o3.Linear("1x0e+1x1o", "1x0e+1x1o").double()
-    spec = LinearSpec.from_e3nn(lin)
-    x = torch.randn(3, 4, dtype=torch.float64)
-    monkeypatch.setenv("MMEA_BACKEND", "cpp")
-    torch.testing.assert_close(gated_linear(x, lin.weight, None, None, None, spec), lin(x))
-
-
 @needs_interpreter
 def test_forces_pass_skips_gate_and_weight_gradients(monkeypatch):
     """dE/dx with trainable gates and weight: only the input gradient is computed (no recomputed
@@ -381,7 +269,7 @@ def test_forces_pass_skips_gate_and_weight_gradients(monkeypatch):
     monkeypatch.setattr(function, "_core", lambda *a: calls.__setitem__("core", calls["core"] + 1) or real_core(*a))
     monkeypatch.setattr(function, "triton_wgrad",
                         lambda *a: calls.__setitem__("wgrad", calls["wgrad"] + 1) or real_wgrad(*a))
-    spec, (x, w, b, g, a) = _grad_inputs("2x0e+1x1o+1x2e", "1x0e+2x1o+1x2e", "mul_ir", False, n=3)
+    spec, (x, w, b, g, a) = grad_inputs("2x0e+1x1o+1x2e", "1x0e+2x1o+1x2e", "mul_ir", False, n=3)
     gl = g.detach().clone().requires_grad_()
     y = gated_linear(x, w, b, gl.exp(), a, spec, backend="triton")
     calls.update(core=0, wgrad=0)

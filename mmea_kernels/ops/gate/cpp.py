@@ -49,7 +49,12 @@ def _register_fakes() -> None:
         g = gate_cols.shape[0]
         return a.new_empty((g,)) if shared else a.new_empty((a.shape[0], g))
 
-    for qualname, fn in (("mmea_kernels_ext::gate_mul", gate_mul_fake), ("mmea_kernels_ext::seg_dot", seg_dot_fake)):
+    register_fakes((("mmea_kernels_ext::gate_mul", gate_mul_fake), ("mmea_kernels_ext::seg_dot", seg_dot_fake)))
+
+
+def register_fakes(fakes) -> None:
+    """``torch.library.register_fake`` for each (qualified op name, fake), once per process."""
+    for qualname, fn in fakes:
         try:
             torch.library.register_fake(qualname)(fn)
         except RuntimeError as exc:  # this module was reloaded: the fake is registered already

@@ -1,10 +1,12 @@
 """Fused equivariant linear + MMEA gate, ``y = G ⊙ (Linear_W(x) + bias) + additive``.
 
 ``reference.py`` (plain torch, the numerical reference, and the argument checks),
-``triton_kernels.py`` (kernels and launchers), ``function.py`` (the closed autograd and
+``triton_kernels.py`` (Triton kernels and launchers), ``cpp_kernels.py`` (the C++ CPU kernels of
+the extension), ``function.py`` (the closed autograd over either kernel backend and
 :func:`gated_linear`)."""
 from ...linear_spec import LinearSpec
-from .function import _core, gated_linear
+from .cpp_kernels import cpp_status
+from .function import _core, gated_linear, kernel_backend
 from .reference import gated_linear_reference
 from .triton_kernels import fp32_precision
 
@@ -16,4 +18,5 @@ def triton_status(device):
     return available(device)
 
 
-__all__ = ["gated_linear", "gated_linear_reference", "LinearSpec", "triton_status", "fp32_precision", "_core"]
+__all__ = ["gated_linear", "gated_linear_reference", "LinearSpec", "triton_status", "cpp_status", "kernel_backend",
+           "fp32_precision", "_core"]

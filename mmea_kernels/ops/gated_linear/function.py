@@ -5,15 +5,17 @@
 ``[G]``), and ``bias``/``additive`` are added on the 0e output columns (where there is no gate,
 so ``G ⊙ (L + b) = G ⊙ L + b`` there).
 
-The Triton kernels (triton_kernels.py) compute the generalised map ``y = G_post ⊙ L_W(G_pre ⊙ x) (+ bias + additive)``, with
-optional prologue gates on the input columns. That makes the autograd closed:
+Two kernel backends compute the generalised map ``y = G_post ⊙ L_W(G_pre ⊙ x) (+ bias + additive)``,
+with optional prologue gates on the input columns, and its weight gradient: ``"triton"``
+(triton_kernels.py; CUDA, or CPU under the interpreter) and ``"cpp"`` (cpp_kernels.py: the C++
+extension, CPU). The autograd below takes the kernel backend as a parameter and runs the gate ops
+(gate_mul, seg_dot) on the same backend. It is closed:
 
 * ``dx = G_pre ⊙ L_W^T(G_post ⊙ dy)``: the same op on ``spec.transposed`` (which reads ``W_i^T``
   from the same flat weight through swapped strides), with the two gate roles swapped;
 * ``dG_post = seg_dot_out(dy, L_W(G_pre ⊙ x))`` and ``dG_pre = seg_dot_in(x, L_W^T(G_post ⊙ dy))``;
-* ``dW_i = path_weight · Σ_{n,m} (G_pre ⊙ x)[n, u, m] (G_post ⊙ dy)[n, w, m]``: ``_gl_wgrad_kernel``
-  (tasks = instruction x channel tiles, rows split over programs on GPU), whose own backward is
-  again the op: ``<C, dW(x, dy)> = <G_post ⊙ L_C(G_pre ⊙ x), dy>``;
+* ``dW_i = path_weight · Σ_{n,m} (G_pre ⊙ x)[n, u, m] (G_post ⊙ dy)[n, w, m]``: the weight-gradient
+  kernel, whose own backward is again the op: ``<C, dW(x, dy)> = <G_post ⊙ L_C(G_pre ⊙ x), dy>``;
 * bias / additive gradients: column sums / column selections of ``dy``.
 
 Every piece is autograd-capable, so any order of derivative runs the same kernels.
@@ -34,10 +36,11 @@ from .._utils import grad_needed, tensor_slots
 from ..backends import resolve_backend
 from ..gate.function import gate_mul, seg_dot
 from ...linear_spec import LinearSpec
+from .cpp_kernels import CPP_DTYPES, cpp_built, cpp_forward, cpp_tables, cpp_wgrad
 from .reference import gated_linear_reference, validate
 from .triton_kernels import tables, triton_forward, triton_wgrad
 
-__all__ = ["gated_linear", "_core"]
+__all__ = ["gated_linear", "kernel_backend", "_core"]
 
 
 # ============================================================================ autograd
@@ -45,96 +48,119 @@ def _shared(t: Optional[torch.Tensor]) -> bool:
     return t is not None and t.dim() == 1
 
 
+def _forward_kernel(backend: str):
+    return cpp_forward if backend == "cpp" else triton_forward  # looked up per call (tests patch them)
+
+
+def _wgrad_kernel(backend: str):
+    return cpp_wgrad if backend == "cpp" else triton_wgrad
+
+
+def _tables(spec: LinearSpec, t: torch.Tensor, backend: str):
+    return cpp_tables(spec, t.device) if backend == "cpp" else tables(spec, t.device, t.dtype)
+
+
 class _GatedLinearFn(torch.autograd.Function):
-    """``y = G_post ⊙ L_W(G_pre ⊙ x) + bias + additive`` (x, gates, additive 2-D or shared 1-D)."""
+    """``y = G_post ⊙ L_W(G_pre ⊙ x) + bias + additive`` (x, gates, additive 2-D or shared 1-D), on the
+    kernels of ``backend`` ("triton" or "cpp")."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, g_pre, g_post, additive, spec):
-        ctx.spec = spec
+    def forward(ctx, x, weight, bias, g_pre, g_post, additive, spec, backend):
+        ctx.spec, ctx.backend = spec, backend
         ctx.add_shared = _shared(additive)
         ctx.slots = tensor_slots(x, weight, bias, g_pre, g_post, additive)
         ctx.save_for_backward(x, weight, g_pre, g_post)
-        return triton_forward(x, weight, bias, g_pre, g_post, additive, spec)
+        return _forward_kernel(backend)(x, weight, bias, g_pre, g_post, additive, spec)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, g_pre, g_post = ctx.saved_tensors
         spec: LinearSpec = ctx.spec
+        be = ctx.backend
         nx, nw, npre, npost = (grad_needed(ctx, i, ctx.slots[i]) for i in (0, 1, 3, 4))
         nb, nadd = ctx.needs_input_grad[2], ctx.needs_input_grad[5]
         dx = dw = db = dpre = dpost = dadd = None
         T = spec.transposed
         if npre:
-            v = _core(dy, weight, None, g_post, None, None, T)  # L^T(G_post ⊙ dy)
-            dpre = _seg_dot(x, v, spec.in_layout, _shared(g_pre))
+            v = _core(dy, weight, None, g_post, None, None, T, be)  # L^T(G_post ⊙ dy)
+            dpre = _seg_dot(x, v, spec.in_layout, _shared(g_pre), be)
             if nx:
-                dx = gate_mul(v, g_pre, spec.in_layout, backend="triton")
+                dx = gate_mul(v, g_pre, spec.in_layout, backend=be)
         elif nx:
-            dx = _core(dy, weight, None, g_post, g_pre, None, T)
+            dx = _core(dy, weight, None, g_post, g_pre, None, T, be)
         if npost:
-            u = _core(x, weight, None, g_pre, None, None, spec)  # pre-gate output, recomputed
-            dpost = _seg_dot(dy, u, spec.out_layout, _shared(g_post))
+            u = _core(x, weight, None, g_pre, None, None, spec, be)  # pre-gate output, recomputed
+            dpost = _seg_dot(dy, u, spec.out_layout, _shared(g_post), be)
         if nw:
-            dw = _LinearWGradFn.apply(x, dy, g_pre, g_post, spec)
+            dw = _LinearWGradFn.apply(x, dy, g_pre, g_post, spec, be)
         if nb:
-            db = dy.index_select(1, tables(spec, dy.device, dy.dtype).bias_columns).sum(0)
+            db = dy.index_select(1, _tables(spec, dy, be).bias_columns).sum(0)
         if nadd:
-            dadd = dy.index_select(1, tables(spec, dy.device, dy.dtype).scalar_columns)
+            dadd = dy.index_select(1, _tables(spec, dy, be).scalar_columns)
             if ctx.add_shared:
                 dadd = dadd.sum(0)
-        return dx, dw, db, dpre, dpost, dadd, None
+        return dx, dw, db, dpre, dpost, dadd, None, None
 
 
 class _LinearWGradFn(torch.autograd.Function):
     """Flat weight gradient of ``<G_post ⊙ L_W(G_pre ⊙ a), b>``; bilinear in ``(a, b)``."""
 
     @staticmethod
-    def forward(ctx, a, b, g_pre, g_post, spec):
-        ctx.spec = spec
+    def forward(ctx, a, b, g_pre, g_post, spec, backend):
+        ctx.spec, ctx.backend = spec, backend
         ctx.slots = tensor_slots(a, b, g_pre, g_post)
         ctx.save_for_backward(a, b, g_pre, g_post)
-        return triton_wgrad(a, b, g_pre, g_post, spec)
+        return _wgrad_kernel(backend)(a, b, g_pre, g_post, spec)
 
     @staticmethod
     def backward(ctx, c):
         # <c, dW(a, b)> = <G_post ⊙ L_c(G_pre ⊙ a), b>: every gradient is the op with weight c
         a, b, g_pre, g_post = ctx.saved_tensors
         spec: LinearSpec = ctx.spec
+        be = ctx.backend
         na, nb, npre, npost = (grad_needed(ctx, i, ctx.slots[i]) for i in range(4))
         da = db = dpre = dpost = None
         T = spec.transposed
         if npre:
-            v = _core(b, c, None, g_post, None, None, T)
-            dpre = _seg_dot(a, v, spec.in_layout, _shared(g_pre))
+            v = _core(b, c, None, g_post, None, None, T, be)
+            dpre = _seg_dot(a, v, spec.in_layout, _shared(g_pre), be)
             if na:
-                da = gate_mul(v, g_pre, spec.in_layout, backend="triton")
+                da = gate_mul(v, g_pre, spec.in_layout, backend=be)
         elif na:
-            da = _core(b, c, None, g_post, g_pre, None, T)
+            da = _core(b, c, None, g_post, g_pre, None, T, be)
         if npost:
-            u = _core(a, c, None, g_pre, None, None, spec)
-            dpost = _seg_dot(b, u, spec.out_layout, _shared(g_post))
+            u = _core(a, c, None, g_pre, None, None, spec, be)
+            dpost = _seg_dot(b, u, spec.out_layout, _shared(g_post), be)
             if nb:
-                db = gate_mul(u, g_post, spec.out_layout, backend="triton")
+                db = gate_mul(u, g_post, spec.out_layout, backend=be)
         elif nb:
-            db = _core(a, c, None, g_pre, g_post, None, spec)
-        return da, db, dpre, dpost, None
+            db = _core(a, c, None, g_pre, g_post, None, spec, be)
+        return da, db, dpre, dpost, None, None
 
 
-def _core(x, weight, bias, g_pre, g_post, additive, spec):
-    return _GatedLinearFn.apply(x, weight, bias, g_pre, g_post, additive, spec)
+def _core(x, weight, bias, g_pre, g_post, additive, spec, backend="triton"):
+    """The generalised op on the kernels of ``backend`` ("triton" or "cpp"); 2-D x, no checks."""
+    return _GatedLinearFn.apply(x, weight, bias, g_pre, g_post, additive, spec, backend)
 
 
-def _seg_dot(a, b, layout, shared):
+def _seg_dot(a, b, layout, shared, backend):
     if layout.num_gates == 0:  # nothing to reduce; keep the shape (and the graph) simple
         return a.new_zeros((layout.num_gates,) if shared else (a.shape[0], 0))
-    return seg_dot(a, b, layout, shared=shared, backend="triton")
+    return seg_dot(a, b, layout, shared=shared, backend=backend)
 
 
 # ============================================================================ public API
-def _resolve(backend: Optional[str], device: torch.device) -> str:
-    """"triton" when the shared backend selection (``backend=`` / ``MMEA_BACKEND`` / auto) picks
-    triton, else "torch" (the reference composition, whose gate ops follow the same selection)."""
-    return "triton" if resolve_backend(backend, device).name == "triton" else "torch"
+def kernel_backend(backend: Optional[str], x: torch.Tensor) -> Optional[str]:
+    """The fused kernels that run for ``x`` under the shared backend selection (``backend=`` /
+    ``MMEA_BACKEND`` / auto): "triton" when it picks triton, "cpp" when it picks cpp for a float32 or
+    float64 CPU tensor (and the extension has the fused kernels), else None (the reference
+    composition)."""
+    name = resolve_backend(backend, x.device).name
+    if name == "triton":
+        return "triton"
+    if name == "cpp" and x.device.type == "cpu" and x.dtype in CPP_DTYPES and cpp_built():
+        return "cpp"
+    return None
 
 
 def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -150,19 +176,22 @@ def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
             (non-0e output block, multiplicity).
         additive: ``[..., S_out]`` per row, ``[S_out]`` shared, or ``None``; one per 0e output column.
         spec: the :class:`LinearSpec` (e.g. ``LinearSpec.from_e3nn(linear, layout)``).
-        backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (the
-            reference composition) or ``"auto"``/``None`` (``MMEA_BACKEND``, else triton on CUDA,
-            torch otherwise).
+        backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"cpp"`` (the C++
+            extension's fused kernels for float32/float64 CPU tensors; other dtypes and devices run
+            the reference composition), ``"torch"`` (the reference composition)
+            or ``"auto"``/``None`` (``MMEA_BACKEND``, else triton on CUDA, cpp on CPU when the
+            extension is built, torch otherwise).
 
     All tensors share one dtype and device. Differentiable to any order in every tensor argument.
     """
     validate(x, weight, bias, gates, additive, spec)
     lead = tuple(x.shape[:-1])
-    if _resolve(backend, x.device) == "torch":
+    kernels = kernel_backend(backend, x)
+    if kernels is None:
         return gated_linear_reference(x, weight, bias, gates, additive, spec)
     x2 = x.reshape(-1, spec.dim_in)
     N = x2.shape[0]
-    g2 = None if gates is None else (gates if gates.dim() == 1 else gates.reshape(N, -1))
-    a2 = None if additive is None else (additive if additive.dim() == 1 else additive.reshape(N, -1))
-    y = _core(x2, weight, bias, None, g2, a2, spec)
+    g2 = None if gates is None else (gates if gates.dim() == 1 else gates.reshape(N, gates.shape[-1]))
+    a2 = None if additive is None else (additive if additive.dim() == 1 else additive.reshape(N, additive.shape[-1]))
+    y = _core(x2, weight, bias, None, g2, a2, spec, kernels)
     return y.reshape(lead + (spec.dim_out,))

@@ -29,8 +29,8 @@ def gated_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(-1, spec.dim_in)
     N = x2.shape[0]
-    gates2 = None if gates is None else (gates if gates.dim() == 1 else gates.reshape(N, -1))
-    add2 = None if additive is None else (additive if additive.dim() == 1 else additive.reshape(N, -1))
+    gates2 = None if gates is None else (gates if gates.dim() == 1 else gates.reshape(N, gates.shape[-1]))
+    add2 = None if additive is None else (additive if additive.dim() == 1 else additive.reshape(N, additive.shape[-1]))
     bin_, bout = spec.in_layout.blocks, spec.out_layout.blocks
     outs = [x2.new_zeros((N, b.mul, b.ir_dim)) for b in bout]
     for ins in spec.instructions:
@@ -56,7 +56,7 @@ def gated_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional
             g = gates2[b.first_gate: b.first_gate + b.mul] if gates2.dim() == 1 else \
                 gates2[:, b.first_gate: b.first_gate + b.mul]
             outs[o] = outs[o] * g.reshape(-1, b.mul, 1)
-    cols = [o.reshape(N, -1) if spec.layout == "mul_ir" else o.transpose(1, 2).reshape(N, -1) for o in outs]
+    cols = [(o if spec.layout == "mul_ir" else o.transpose(1, 2)).reshape(N, o.shape[1] * o.shape[2]) for o in outs]
     y = torch.cat(cols, dim=1) if cols else x2.new_zeros((N, 0))
     return y.reshape(lead + (spec.dim_out,))
 

@@ -1,0 +1,294 @@
+"""Fused linear + gate on the C++ kernels (``backend="cpp"``: csrc/gated_linear.cpp under the closed
+autograd of ops/gated_linear/function.py): parity with ``o3.Linear`` + an explicit gate and with
+``gated_linear_reference`` in values, gradients and second derivatives (float64, and float32 at its
+tolerance), both layouts, per-row and shared gates, prologue gates; gradcheck and gradgradcheck;
+channel tiles and row splits (the weight gradient the same for 1 and 2 threads); bad input; the
+backend selection. Every test checks that the C++ kernels ran (the ``spy`` fixture).
+``MMEALinear`` running this path by default on CPU is tested in tests/nn/test_modules.py and
+tests/integrations/test_cueq.py.
+"""
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from mmea_kernels.linear_spec import LinearSpec
+from mmea_kernels.ops import gate_mul
+from mmea_kernels.ops.gated_linear import (_core, cpp_status, function, gated_linear, gated_linear_reference,
+                                           kernel_backend)
+from mmea_kernels.ops.gated_linear.cpp_kernels import cpp_forward, cpp_wgrad
+from mmea_kernels.ops.gated_linear.tables import linear_tables
+
+from helpers import GL_FIXED, GL_GRAD_CASES, TOL, check_parity, grad_inputs, irreps_string
+
+_OK, _WHY = cpp_status("cpu")
+if not _OK:
+    pytest.skip(_WHY, allow_module_level=True)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+F64 = torch.float64
+
+# several instructions into one output block (2x0e, 1x0e -> 3x0e), odd parity (0o), an output block
+# no instruction feeds (1x1e), l = 2, and a bias on the 0e output
+IRR_IN, IRR_OUT = "2x0e+1x0e+2x1o+1x2e+1x0o", "3x0e+2x1o+1x2e+1x1e+2x0o"
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the calls of the C++ kernels (function.py looks them up per call)."""
+    calls = {"fwd": 0, "wgrad": 0}
+
+    def fwd(*a):
+        calls["fwd"] += 1
+        return cpp_forward(*a)
+
+    def wgrad(*a):
+        calls["wgrad"] += 1
+        return cpp_wgrad(*a)
+
+    monkeypatch.setattr(function, "cpp_forward", fwd)
+    monkeypatch.setattr(function, "cpp_wgrad", wgrad)
+    return calls
+
+
+def core_reference(x, w, b, g_pre, g_post, add, spec):
+    """``G_post ⊙ L_W(G_pre ⊙ x) + bias + additive`` in plain torch."""
+    if g_pre is not None:
+        x = gate_mul(x, g_pre, spec.in_layout, backend="torch")
+    return gated_linear_reference(x, w, b, g_post, add, spec)
+
+
+def core_inputs(layout, shared, pre, n=5, seed=0, dtype=F64, irr_in=IRR_IN, irr_out=IRR_OUT):
+    spec = LinearSpec.e3nn_default(irr_in, irr_out, layout, biases=True)
+    gen = torch.Generator().manual_seed(seed)
+
+    def mk(*shape, pos=False):
+        t = torch.rand(*shape, generator=gen, dtype=F64) + 0.5 if pos else torch.randn(*shape, generator=gen, dtype=F64)
+        return t.to(dtype).requires_grad_()
+
+    lead = () if shared else (n,)
+    gi, go, s = spec.in_layout.num_gates, spec.out_layout.num_gates, spec.out_layout.num_scalars
+    leaves = [mk(n, spec.dim_in), mk(spec.weight_numel), mk(spec.bias_numel),
+              mk(*lead, gi, pos=True) if pre else None, mk(*lead, go, pos=True), mk(*lead, s)]
+    return spec, leaves
+
+
+def all_orders(fn, leaves):
+    """(y, first gradients with create_graph, second derivatives of the force-training pattern)."""
+    live = [t for t in leaves if t is not None]
+    y = fn(*leaves)
+    g1 = torch.autograd.grad(y.sin().sum(), live, create_graph=True)
+    g2 = torch.autograd.grad(sum((t * t).sum() for t in g1), live)
+    return (y,) + g1 + g2
+
+
+# ---------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("irr_in,irr_out,layout,gate_mode,add_mode,bias", GL_FIXED)
+def test_parity_fixed_float64(irr_in, irr_out, layout, gate_mode, add_mode, bias, spy):
+    check_parity(irr_in, irr_out, layout, 21, F64, gate_mode, add_mode, bias, 0, backends=("cpp",))
+    assert spy["fwd"] == 2
+
+
+@pytest.mark.parametrize("irr_in,irr_out,layout,gate_mode,add_mode,bias", GL_FIXED)
+def test_parity_fixed_float32(irr_in, irr_out, layout, gate_mode, add_mode, bias, spy):
+    check_parity(irr_in, irr_out, layout, 9, torch.float32, gate_mode, add_mode, bias, 1, backends=("cpp",))
+    assert spy["fwd"] == 2
+
+
+block_st = st.tuples(st.sampled_from([0, 1, 2, 3, 5]), st.integers(0, 2), st.sampled_from(["e", "o"]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(blocks_in=st.lists(block_st, min_size=1, max_size=4), blocks_out=st.lists(block_st, min_size=1, max_size=4),
+       layout=st.sampled_from(["mul_ir", "ir_mul"]), n=st.integers(0, 19),
+       gate_mode=st.sampled_from([None, "row", "shared"]), add_mode=st.sampled_from([None, "row", "shared"]),
+       bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+@example(blocks_in=[(2, 0, "e"), (2, 0, "e"), (2, 1, "o")], blocks_out=[(1, 1, "o"), (3, 0, "e"), (1, 0, "o")],
+         layout="ir_mul", n=5, gate_mode="shared", add_mode="row", bias=True, seed=3)
+@example(blocks_in=[(3, 1, "o")], blocks_out=[(2, 1, "o")], layout="mul_ir", n=0, gate_mode="row", add_mode=None,
+         bias=False, seed=4)
+def test_parity_random_irreps(blocks_in, blocks_out, layout, n, gate_mode, add_mode, bias, seed):
+    if sum(m for m, _, _ in blocks_in) == 0 or sum(m for m, _, _ in blocks_out) == 0:
+        blocks_in, blocks_out = blocks_in + [(1, 0, "e")], blocks_out + [(1, 0, "e")]
+    if not any(m > 0 and l == 0 and p == "e" for m, l, p in blocks_in):
+        bias = False  # e3nn's Linear cannot build a bias-only output block
+    check_parity(irreps_string(blocks_in), irreps_string(blocks_out), layout, n, F64, gate_mode, add_mode, bias,
+                 seed, backends=("cpp",))
+
+
+@pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
+@pytest.mark.parametrize("shared", [False, True], ids=["per-row", "shared"])
+@pytest.mark.parametrize("pre", [False, True], ids=["post", "pre+post"])
+def test_core_all_orders_match_reference_float64(layout, shared, pre, spy):
+    """Values, every first gradient and the second derivatives of the force-training pattern of the
+    generalised op (prologue and epilogue gates, bias, additive) equal the plain-torch expression."""
+    spec, leaves = core_inputs(layout, shared, pre, seed=3 + pre)
+    got = all_orders(lambda *t: _core(*t, spec, "cpp"), leaves)
+    ref = all_orders(lambda *t: core_reference(*t, spec), leaves)
+    for p, q in zip(got, ref):
+        torch.testing.assert_close(p, q, **TOL[F64])
+    assert spy["fwd"] >= 4 and spy["wgrad"] >= 1  # forward, dx, recomputed pre-gate output, ...
+
+
+@pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
+def test_core_float32_first_and_second_derivatives(layout, spy):
+    """float32 against the float64 reference, relative to each result's scale."""
+    spec, leaves = core_inputs(layout, False, True, n=6, seed=9)
+    got = all_orders(lambda *t: _core(*t, spec, "cpp"),
+                     [None if t is None else t.detach().float().requires_grad_() for t in leaves])
+    ref = all_orders(lambda *t: core_reference(*t, spec), leaves)
+    for p, q in zip(got, ref):
+        assert p.dtype == torch.float32
+        err = (p.double() - q).abs().max() / q.abs().max().clamp_min(1.0)
+        assert err < 2 * TOL[torch.float32]["rtol"], err
+    assert spy["fwd"] > 0 and spy["wgrad"] > 0
+
+
+@pytest.mark.parametrize("irr_in,irr_out,layout,shared", GL_GRAD_CASES)
+def test_gradcheck_gradgradcheck(irr_in, irr_out, layout, shared, spy):
+    spec, (x, w, b, g, a) = grad_inputs(irr_in, irr_out, layout, shared)
+
+    def f(x, w, b, g, a):
+        return gated_linear(x, w, b, g, a, spec, backend="cpp")
+
+    assert torch.autograd.gradcheck(f, (x, w, b, g, a))
+    assert torch.autograd.gradgradcheck(f, (x, w, b, g, a))
+    assert spy["fwd"] > 0 and spy["wgrad"] > 0
+
+
+@pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
+def test_core_pre_and_post_gates_gradgradcheck(layout, spy):
+    spec, (x, w, _, gp, gq, _) = core_inputs(layout, False, True, n=2, seed=5, irr_in="1x0e+2x1o+1x2e",
+                                              irr_out="1x0e+1x1o+1x0o+1x2e")
+
+    def f(x, w, gp, gq):
+        return _core(x, w, None, gp, gq, None, spec, "cpp")
+
+    assert torch.autograd.gradcheck(f, (x, w, gp, gq))
+    assert torch.autograd.gradgradcheck(f, (x, w, gp, gq))
+    assert spy["fwd"] > 0 and spy["wgrad"] > 0
+
+
+# ---------------------------------------------------------------------------- kernel paths
+@pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
+def test_channel_tiles_and_transposed_spec(layout):
+    """The kernels also run tables with channel tiles smaller than a block (block_w = block_u = 2)
+    and the transposed spec (W_i^T through swapped strides): same results as whole blocks and as
+    the reference."""
+    spec, (x, w, b, gp, gq, a) = core_inputs(layout, False, True, n=7, seed=2, irr_in="5x0e+3x1o+2x2e",
+                                             irr_out="3x0e+5x1o+3x2e")
+    x, w, b, gp, gq, a = (t.detach() for t in (x, w, b, gp, gq, a))
+    ops = torch.ops.mmea_kernels_ext
+    for s, (inp, gin, gout, add, bias) in ((spec, (x, gp, gq, a, b)),
+                                          (spec.transposed, (torch.randn(7, spec.dim_out, dtype=F64), gq, gp, None,
+                                                             None))):
+        t = linear_tables(s, "cpu", 2, 2)
+        y = ops.gated_linear_fwd(inp, w, bias, gin, gout, add, t.tasks, t.instructions, t.path_weights, s.dim_out, 2)
+        torch.testing.assert_close(y, cpp_forward(inp, w, bias, gin, gout, add, s), **TOL[F64])
+        torch.testing.assert_close(y, core_reference(inp, w, bias, gin, gout, add, s), **TOL[F64])
+        dy = torch.randn_like(y)
+        dw = ops.gated_linear_wgrad(inp, dy, gin, gout, t.wtasks, t.path_weights, s.weight_numel, 2, 2)
+        wl = w.clone().requires_grad_()
+        (ref,) = torch.autograd.grad((core_reference(inp, wl, None, gin, gout, None, s) * dy).sum(), wl)
+        torch.testing.assert_close(dw, ref, **TOL[F64])
+        torch.testing.assert_close(cpp_wgrad(inp, dy, gin, gout, s), ref, **TOL[F64])
+
+
+def test_row_splits_and_threads():
+    """More rows than one partial sum of the weight gradient (1024) and than one forward tile, on 1
+    and 2 threads: the forward and the gradients equal the reference, and the weight gradient is
+    bitwise the same for both thread counts (fixed row splits, summed in order)."""
+    spec, (x, w, b, _, gq, a) = core_inputs("mul_ir", False, False, n=2600, seed=4, irr_in="24x0e+16x1o+8x2e",
+                                            irr_out="20x0e+16x1o+8x2e")
+    dy = torch.randn(2600, spec.dim_out, dtype=F64)
+    res = []
+    prev = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            y = _core(x, w, b, None, gq, a, spec, "cpp")
+            res.append((y,) + torch.autograd.grad(y, (x, w, gq), dy))
+    finally:
+        torch.set_num_threads(prev)
+    y_ref = core_reference(x, w, b, None, gq, a, spec)
+    ref = (y_ref,) + torch.autograd.grad(y_ref, (x, w, gq), dy)
+    for one, two, r in zip(*res, ref):
+        torch.testing.assert_close(one, r, **TOL[F64])
+        torch.testing.assert_close(two, r, **TOL[F64])
+    assert torch.equal(res[0][2], res[1][2])  # weight gradient
+
+
+def test_noncontiguous_input_leading_dims_and_empty_batch(spy):
+    spec, (x, w, b, _, g, a) = core_inputs("ir_mul", False, False, n=6, seed=6)
+    x, w, b, g, a = (t.detach() for t in (x, w, b, g, a))
+    wide = torch.zeros(6, 2 * spec.dim_in, dtype=F64)
+    wide[:, ::2] = x
+    y = gated_linear(wide[:, ::2].reshape(2, 3, -1), w, b, g.reshape(2, 3, -1), a.reshape(2, 3, -1), spec,
+                     backend="cpp")
+    assert y.shape == (2, 3, spec.dim_out)
+    torch.testing.assert_close(y.reshape(6, -1), gated_linear_reference(x, w, b, g, a, spec), **TOL[F64])
+    xe = torch.zeros(0, spec.dim_in, dtype=F64, requires_grad=True)
+    we = w.clone().requires_grad_()
+    ye = gated_linear(xe, we, b, g[:0], a[:0], spec, backend="cpp")
+    assert ye.shape == (0, spec.dim_out)
+    assert gated_linear(xe, w, b, g[:0], a[:0], spec, backend="torch").shape == (0, spec.dim_out)
+    gx, gw = torch.autograd.grad(ye.sum(), (xe, we))
+    assert gx.shape == xe.shape and torch.equal(gw, torch.zeros_like(w))
+    assert spy["fwd"] >= 2
+
+
+# ---------------------------------------------------------------------------- selection and errors
+def test_backend_selection(monkeypatch, spy):
+    """MMEA_BACKEND / backend= pick the fused kernels: cpp for float32/float64 CPU tensors; other
+    dtypes (and "torch") run the reference composition."""
+    x = torch.randn(3, 4, dtype=F64)
+    monkeypatch.setenv("MMEA_BACKEND", "cpp")
+    assert kernel_backend(None, x) == "cpp" and kernel_backend(None, x.float()) == "cpp"
+    assert kernel_backend(None, x.half()) is None and kernel_backend("torch", x) is None
+    spec = LinearSpec.e3nn_default("1x0e+1x1o", "1x0e+1x1o")
+    w = torch.randn(spec.weight_numel, dtype=F64)
+    x16, w16 = x.to(torch.bfloat16), w.to(torch.bfloat16)
+    y16 = gated_linear(x16, w16, None, None, None, spec)
+    assert spy["fwd"] == 0 and torch.equal(y16, gated_linear_reference(x16, w16, None, None, None, spec))
+    torch.testing.assert_close(gated_linear(x, w, None, None, None, spec),
+                               gated_linear_reference(x, w, None, None, None, spec), **TOL[F64])
+    assert spy["fwd"] == 1
+
+
+def test_forces_pass_runs_only_the_input_gradient(spy):
+    """dE/dx with trainable gates and weight: one kernel call (L^T(G ⊙ dy)), no weight gradient."""
+    spec, (x, w, b, g, a) = grad_inputs("2x0e+1x1o+1x2e", "1x0e+2x1o+1x2e", "mul_ir", False, n=3)
+    y = gated_linear(x, w, b, g, a, spec, backend="cpp")
+    assert spy == {"fwd": 1, "wgrad": 0}
+    torch.autograd.grad(y.tanh().sum(), x)
+    assert spy == {"fwd": 2, "wgrad": 0}
+
+
+def test_bad_inputs_name_the_problem():
+    spec = LinearSpec.e3nn_default("1x0e+1x1o", "2x0e+1x1o", biases=True)
+    x = torch.randn(3, 4, dtype=F64)
+    w = torch.randn(spec.weight_numel, dtype=F64)
+    with pytest.raises(TypeError, match="weight has dtype torch.float32 but x has dtype torch.float64"):
+        gated_linear(x, w.float(), None, None, None, spec, backend="cpp")
+    with pytest.raises(ValueError, match=r"gates have shape \(3, 2\), expected \(3, 1\)"):
+        gated_linear(x, w, None, torch.ones(3, 2, dtype=F64), None, spec, backend="cpp")
+    with pytest.raises(ValueError, match="last dimension must be 4"):
+        gated_linear(x[:, :3], w, None, None, None, spec, backend="cpp")
+    ops = torch.ops.mmea_kernels_ext
+    t = linear_tables(spec, "cpu", 2, 1)
+    args = (t.tasks, t.instructions, t.path_weights, spec.dim_out, 2)
+    with pytest.raises(RuntimeError, match="g_post has dtype Float but the features have dtype Double"):
+        ops.gated_linear_fwd(x, w, None, None, torch.ones(3, 1), None, *args)
+    with pytest.raises(RuntimeError, match=r"g_post must be \[N, \*\] \(per row\) or \[\*\] \(shared\) with N = 3"):
+        ops.gated_linear_fwd(x, w, None, None, torch.ones(4, 1, dtype=F64), None, *args)
+    with pytest.raises(RuntimeError, match="support float32 and float64, got Half"):
+        ops.gated_linear_fwd(x.half(), w.half(), None, None, None, None, *args)
+    with pytest.raises(RuntimeError, match="tasks must have 11 columns"):
+        ops.gated_linear_fwd(x, w, None, None, None, None, t.tasks[:, :5], *args[1:])
+    with pytest.raises(RuntimeError, match=r"weight block \[2, 3\) is outside \[0, 2\)"):
+        ops.gated_linear_fwd(x, w[:2], None, None, None, None, *args)
+    with pytest.raises(RuntimeError, match=r"output block \[2, 5\) is outside \[0, 4\)"):
+        ops.gated_linear_fwd(x, w, None, None, None, None, t.tasks, t.instructions, t.path_weights, 4, 2)
+    with pytest.raises(RuntimeError, match="b must have the dtype and row count of a"):
+        ops.gated_linear_wgrad(x, torch.ones(2, spec.dim_out, dtype=F64), None, None, t.wtasks, t.path_weights,
+                               spec.weight_numel, 1, 2)
