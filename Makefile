@@ -1,6 +1,6 @@
 # The commands people run; each installs what it needs first (scripts/install.sh).
 PY ?= python3
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15
 
 .PHONY: install test demo bench bench-adapt bench-adapt-fast bench-adapt-sevenn bench-ablation
 
