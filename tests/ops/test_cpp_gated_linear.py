@@ -16,7 +16,7 @@ from mmea_kernels.linear_spec import LinearSpec
 from mmea_kernels.ops import gate_mul
 from mmea_kernels.ops.gated_linear import (_core, cpp_status, function, gated_linear, gated_linear_reference,
                                            kernel_backend)
-from mmea_kernels.ops.gated_linear.cpp_kernels import cpp_forward, cpp_wgrad
+from mmea_kernels.ops.gated_linear.cpp_kernels import cpp_forward, cpp_forward_u, cpp_tables, cpp_wgrad
 from mmea_kernels.ops.gated_linear.tables import linear_tables
 
 from helpers import GL_FIXED, GL_GRAD_CASES, TOL, check_parity, grad_inputs, irreps_string
@@ -192,6 +192,27 @@ def test_channel_tiles_and_transposed_spec(layout):
         (ref,) = torch.autograd.grad((core_reference(inp, wl, None, gin, gout, None, s) * dy).sum(), wl)
         torch.testing.assert_close(dw, ref, **TOL[F64])
         torch.testing.assert_close(cpp_wgrad(inp, dy, gin, gout, s), ref, **TOL[F64])
+
+
+@pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("n", [0, 7])
+def test_forward_with_pre_gate_output(layout, dtype, n):
+    """gated_linear_fwd_u: y bitwise that of gated_linear_fwd, and u = L_W(G_pre ⊙ x) (no gate, bias or
+    additive; zeros on an output block no instruction feeds), with whole blocks and channel tiles."""
+    spec, leaves = core_inputs(layout, False, True, n=n, seed=8, dtype=dtype)
+    x, w, b, gp, gq, a = (t.detach() for t in leaves)
+    ops = torch.ops.mmea_kernels_ext
+    u_ref = core_reference(x.double(), w.double(), None, gp.double(), None, None, spec)
+    for bw in (2, cpp_tables(spec, "cpu").block_w):
+        t = linear_tables(spec, "cpu", bw, bw)
+        args = (t.tasks, t.instructions, t.path_weights, spec.dim_out, bw)
+        y, u = ops.gated_linear_fwd_u(x, w, b, gp, gq, a, *args)
+        assert torch.equal(y, ops.gated_linear_fwd(x, w, b, gp, gq, a, *args))
+        assert u.shape == (n, spec.dim_out) and u.dtype == dtype
+        torch.testing.assert_close(u.double(), u_ref, **TOL[dtype])
+    y2, u2 = cpp_forward_u(x, w, b, gp, gq, a, spec)
+    assert torch.equal(y2, cpp_forward(x, w, b, gp, gq, a, spec)) and torch.equal(u2, u)
 
 
 def test_row_splits_and_threads():
