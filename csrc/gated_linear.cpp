@@ -6,6 +6,10 @@
 //   gated_linear_fwd(x [N, Din], weight [P], bias?, g_pre?, g_post?, additive?, tasks, instructions,
 //                    path_weights, d_out, block_w) -> y [N, d_out]
 //       y = G_post ⊙ L_W(G_pre ⊙ x) + bias + additive    (gates / additive per row [N, *] or shared [*])
+//   gated_linear_fwd_u(same arguments) -> (y, u)
+//       y as above and the pre-gate output u = L_W(G_pre ⊙ x) [N, d_out] (no gate, bias or additive),
+//       written by the same epilogue (one more store per element, no more GEMM): the autograd saves
+//       it for the gate gradient instead of recomputing it.
 //   gated_linear_wgrad(a [N, Din], b [N, Dout], g_pre?, g_post?, wtasks, path_weights, numel, block_u,
 //                      block_w) -> dW [numel]
 //       dW_i[u, w] = pw_i Σ_{n, m} (G_pre ⊙ a)[n, in_i(u, m)] · (G_post ⊙ b)[n, out_i(w, m)]
@@ -41,6 +45,8 @@
 #include <atomic>
 #include <cstdint>
 #include <optional>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace mmea_gl {
@@ -225,6 +231,7 @@ struct Fwd {
   const T* x;
   int64_t din, dout, block_w;
   T* y;
+  T* u;  // the pre-gate output L_W(G_pre ⊙ x) (no gate, bias or additive), or null when not asked for
   Rows<T> pre, post, add;
   const T* bias;
   const int32_t* tasks;
@@ -255,6 +262,10 @@ void forward_tile(const Fwd<T>& f, const Tile& tile, const at::Tensor& abuf, con
   const int64_t b0 = t[T_BIAS];
   const Block out{t[T_COL0], t[T_COL_SU], t[T_COL_SM], t[T_GATE]};
   store(acc.const_data_ptr<T>(), tile.rows, d, C, f.y, f.dout, tile.n0, out, w0, f.post, f.bias != nullptr && b0 >= 0 ? f.bias + b0 + w0 : nullptr, f.add, t[T_SCALAR]);
+  if (f.u != nullptr) {  // the same tile, still in cache, without gate, bias or additive
+    store<T>(acc.const_data_ptr<T>(), tile.rows, d, C, f.u, f.dout, tile.n0, out, w0, Rows<T>{}, nullptr, Rows<T>{},
+             -1);
+  }
 }
 
 template <typename T>
@@ -307,12 +318,14 @@ void check_forward_tables(const at::Tensor& tasks, const at::Tensor& ins, int64_
   }
 }
 
-at::Tensor gated_linear_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
-                                const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& pre_in,
-                                const std::optional<at::Tensor>& post_in, const std::optional<at::Tensor>& add_in,
-                                const at::Tensor& tasks_in, const at::Tensor& ins_in, const at::Tensor& pw_in,
-                                int64_t d_out, int64_t block_w) {
-  const char* op = "gated_linear_fwd";
+// y (and u when with_u; else an undefined tensor) of gated_linear_fwd / gated_linear_fwd_u.
+std::pair<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                               const std::optional<at::Tensor>& bias_in,
+                                               const std::optional<at::Tensor>& pre_in,
+                                               const std::optional<at::Tensor>& post_in,
+                                               const std::optional<at::Tensor>& add_in, const at::Tensor& tasks_in,
+                                               const at::Tensor& ins_in, const at::Tensor& pw_in, int64_t d_out,
+                                               int64_t block_w, bool with_u, const char* op) {
   check_features(x_in, "x", op);
   check_device(x_in, "x", op, at::kCPU);
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble, "mmea_kernels_ext::", op,
@@ -335,12 +348,13 @@ at::Tensor gated_linear_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight
   const int64_t N = x.size(0), din = x.size(1);
   check_forward_tables(tasks, ins, din, d_out, weight.numel(), block_w, bias, pre, post, add);
   at::Tensor y = at::empty({N, d_out}, x.options());
-  if (N == 0 || d_out == 0 || tasks.size(0) == 0) return y;
+  at::Tensor u = with_u ? at::empty({N, d_out}, x.options()) : at::Tensor();
+  if (N == 0 || d_out == 0 || tasks.size(0) == 0) return {y, u};
 
   at::AutoDispatchBelowADInplaceOrView guard;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmea_gated_linear_fwd_cpu", [&] {
     Fwd<scalar_t> f{x.const_data_ptr<scalar_t>(), din, d_out, block_w, y.mutable_data_ptr<scalar_t>(),
-                    rows_of<scalar_t>(pre), rows_of<scalar_t>(post), rows_of<scalar_t>(add),
+                    with_u ? u.mutable_data_ptr<scalar_t>() : nullptr, rows_of<scalar_t>(pre), rows_of<scalar_t>(post), rows_of<scalar_t>(add),
                     bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, tasks.const_data_ptr<int32_t>(),
                     ins.const_data_ptr<int32_t>(), pw.const_data_ptr<double>(), {}};
     for (int64_t i = 0; i < ins.size(0); ++i) {
@@ -355,7 +369,23 @@ at::Tensor gated_linear_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight
     }
     forward_kernel(f, N, tasks.size(0));
   });
-  return y;
+  return {y, u};
+}
+
+at::Tensor gated_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& pre, const std::optional<at::Tensor>& post,
+                                const std::optional<at::Tensor>& add, const at::Tensor& tasks, const at::Tensor& ins,
+                                const at::Tensor& pw, int64_t d_out, int64_t block_w) {
+  return forward_impl(x, weight, bias, pre, post, add, tasks, ins, pw, d_out, block_w, false, "gated_linear_fwd")
+      .first;
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_linear_fwd_u_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& pre, const std::optional<at::Tensor>& post, const std::optional<at::Tensor>& add,
+    const at::Tensor& tasks, const at::Tensor& ins, const at::Tensor& pw, int64_t d_out, int64_t block_w) {
+  auto yu = forward_impl(x, weight, bias, pre, post, add, tasks, ins, pw, d_out, block_w, true, "gated_linear_fwd_u");
+  return {yu.first, yu.second};
 }
 
 // ----------------------------------------------------------------------------- weight gradient
@@ -465,11 +495,14 @@ at::Tensor gated_linear_wgrad_cpu(const at::Tensor& a_in, const at::Tensor& b_in
 TORCH_LIBRARY_FRAGMENT(mmea_kernels_ext, m) {
   m.def("gated_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? g_pre, Tensor? g_post, Tensor? additive, "
         "Tensor tasks, Tensor instructions, Tensor path_weights, int d_out, int block_w) -> Tensor");
+  m.def("gated_linear_fwd_u(Tensor x, Tensor weight, Tensor? bias, Tensor? g_pre, Tensor? g_post, Tensor? additive, "
+        "Tensor tasks, Tensor instructions, Tensor path_weights, int d_out, int block_w) -> (Tensor, Tensor)");
   m.def("gated_linear_wgrad(Tensor a, Tensor b, Tensor? g_pre, Tensor? g_post, Tensor wtasks, Tensor path_weights, "
         "int numel, int block_u, int block_w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mmea_kernels_ext, CPU, m) {
   m.impl("gated_linear_fwd", &mmea_gl::gated_linear_fwd_cpu);
+  m.impl("gated_linear_fwd_u", &mmea_gl::gated_linear_fwd_u_cpu);
   m.impl("gated_linear_wgrad", &mmea_gl::gated_linear_wgrad_cpu);
 }

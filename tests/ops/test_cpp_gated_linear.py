@@ -16,7 +16,7 @@ from mmea_kernels.linear_spec import LinearSpec
 from mmea_kernels.ops import gate_mul
 from mmea_kernels.ops.gated_linear import (_core, cpp_status, function, gated_linear, gated_linear_reference,
                                            kernel_backend)
-from mmea_kernels.ops.gated_linear.cpp_kernels import cpp_forward, cpp_wgrad
+from mmea_kernels.ops.gated_linear.cpp_kernels import cpp_forward, cpp_forward_u, cpp_tables, cpp_wgrad
 from mmea_kernels.ops.gated_linear.tables import linear_tables
 
 from helpers import GL_FIXED, GL_GRAD_CASES, TOL, check_parity, grad_inputs, irreps_string
@@ -35,18 +35,24 @@ IRR_IN, IRR_OUT = "2x0e+1x0e+2x1o+1x2e+1x0o", "3x0e+2x1o+1x2e+1x1e+2x0o"
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Counts the calls of the C++ kernels (function.py looks them up per call)."""
-    calls = {"fwd": 0, "wgrad": 0}
+    """Counts the calls of the C++ kernels (function.py looks them up per call); ``fwd_u``: the forward
+    that also writes the pre-gate output."""
+    calls = {"fwd": 0, "fwd_u": 0, "wgrad": 0}
 
     def fwd(*a):
         calls["fwd"] += 1
         return cpp_forward(*a)
+
+    def fwd_u(*a):
+        calls["fwd_u"] += 1
+        return cpp_forward_u(*a)
 
     def wgrad(*a):
         calls["wgrad"] += 1
         return cpp_wgrad(*a)
 
     monkeypatch.setattr(function, "cpp_forward", fwd)
+    monkeypatch.setattr(function, "cpp_forward_u", fwd_u)
     monkeypatch.setattr(function, "cpp_wgrad", wgrad)
     return calls
 
@@ -194,6 +200,27 @@ def test_channel_tiles_and_transposed_spec(layout):
         torch.testing.assert_close(cpp_wgrad(inp, dy, gin, gout, s), ref, **TOL[F64])
 
 
+@pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("n", [0, 7])
+def test_forward_with_pre_gate_output(layout, dtype, n):
+    """gated_linear_fwd_u: y bitwise that of gated_linear_fwd, and u = L_W(G_pre ⊙ x) (no gate, bias or
+    additive; zeros on an output block no instruction feeds), with whole blocks and channel tiles."""
+    spec, leaves = core_inputs(layout, False, True, n=n, seed=8, dtype=dtype)
+    x, w, b, gp, gq, a = (t.detach() for t in leaves)
+    ops = torch.ops.mmea_kernels_ext
+    u_ref = core_reference(x.double(), w.double(), None, gp.double(), None, None, spec)
+    for bw in (2, cpp_tables(spec, "cpu").block_w):
+        t = linear_tables(spec, "cpu", bw, bw)
+        args = (t.tasks, t.instructions, t.path_weights, spec.dim_out, bw)
+        y, u = ops.gated_linear_fwd_u(x, w, b, gp, gq, a, *args)
+        assert torch.equal(y, ops.gated_linear_fwd(x, w, b, gp, gq, a, *args))
+        assert u.shape == (n, spec.dim_out) and u.dtype == dtype
+        torch.testing.assert_close(u.double(), u_ref, **TOL[dtype])
+    y2, u2 = cpp_forward_u(x, w, b, gp, gq, a, spec)
+    assert torch.equal(y2, cpp_forward(x, w, b, gp, gq, a, spec)) and torch.equal(u2, u)
+
+
 def test_row_splits_and_threads():
     """More rows than one partial sum of the weight gradient (1024) and than one forward tile, on 1
     and 2 threads: the forward and the gradients equal the reference, and the weight gradient is
@@ -259,9 +286,85 @@ def test_forces_pass_runs_only_the_input_gradient(spy):
     """dE/dx with trainable gates and weight: one kernel call (L^T(G ⊙ dy)), no weight gradient."""
     spec, (x, w, b, g, a) = grad_inputs("2x0e+1x1o+1x2e", "1x0e+2x1o+1x2e", "mul_ir", False, n=3)
     y = gated_linear(x, w, b, g, a, spec, backend="cpp")
-    assert spy == {"fwd": 1, "wgrad": 0}
+    assert spy == {"fwd": 0, "fwd_u": 1, "wgrad": 0}
     torch.autograd.grad(y.tanh().sum(), x)
-    assert spy == {"fwd": 2, "wgrad": 0}
+    assert spy == {"fwd": 1, "fwd_u": 1, "wgrad": 0}
+
+
+# ---------------------------------------------------------------------------- the saved pre-gate output
+def top_inputs(layout, shared, bias, add, n=3, seed=11):
+    spec = LinearSpec.e3nn_default("1x0e+2x1o+1x2e", "1x0e+1x1o+1x0o+1x2e", layout, biases=bias)
+    gen = torch.Generator().manual_seed(seed)
+    lead = () if shared else (n,)
+    leaves = [torch.randn(n, spec.dim_in, generator=gen, dtype=F64), torch.randn(spec.weight_numel, generator=gen,
+                                                                                   dtype=F64),
+              torch.randn(spec.bias_numel, generator=gen, dtype=F64) if bias else None,
+              torch.rand(*lead, spec.out_layout.num_gates, generator=gen, dtype=F64) + 0.5,
+              torch.randn(*lead, spec.out_layout.num_scalars, generator=gen, dtype=F64) if add else None]
+    return spec, [None if t is None else t.requires_grad_() for t in leaves]
+
+
+@pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
+@pytest.mark.parametrize("shared", [False, True], ids=["per-row", "shared"])
+@pytest.mark.parametrize("bias,add", [(False, False), (True, True), (True, False)])
+def test_saved_pre_gate_output_is_exact_to_every_order(layout, shared, bias, add, spy):
+    """With a gate that needs a gradient the forward writes and saves u = L_W(x) (one kernel, no
+    recompute in the backward); saved as an output of the node, u stays on the graph: gradcheck,
+    gradgradcheck, and values, gradients and second derivatives equal to the reference."""
+    spec, leaves = top_inputs(layout, shared, bias, add)
+    live = [t for t in leaves if t is not None]
+
+    def f(*ts):
+        it = iter(ts)
+        return gated_linear(*(None if t is None else next(it) for t in leaves), spec, backend="cpp")
+
+    assert torch.autograd.gradcheck(f, live)
+    assert torch.autograd.gradgradcheck(f, live)
+    got = all_orders(lambda *t: gated_linear(*t, spec, backend="cpp"), leaves)
+    ref = all_orders(lambda *t: gated_linear_reference(*t, spec), leaves)
+    for p, q in zip(got, ref):
+        torch.testing.assert_close(p, q, **TOL[F64])
+    spy.update(fwd=0, fwd_u=0, wgrad=0)
+    y = gated_linear(*leaves, spec, backend="cpp")
+    torch.autograd.grad(y.sin().sum(), live)
+    assert spy == {"fwd": 1, "fwd_u": 1, "wgrad": 1}  # forward (+u); dx; dW; dG from the saved u
+
+
+def test_single_output_forward_when_no_gate_gradient_is_needed(spy):
+    """Inference, frozen gates and no gates keep the forward that writes y only; so does an empty batch
+    with trainable gates run the saved-output forward correctly."""
+    spec, (x, w, b, g, a) = top_inputs("mul_ir", False, True, True)
+    with torch.no_grad():
+        gated_linear(x, w, b, g, a, spec, backend="cpp")
+    gated_linear(x, w, b, g.detach(), a, spec, backend="cpp")
+    gated_linear(x, w, b, None, a, spec, backend="cpp")
+    assert spy == {"fwd": 3, "fwd_u": 0, "wgrad": 0}
+    ye = gated_linear(x[:0], w, b, g[:0], a[:0], spec, backend="cpp")
+    gx, gw, gg = torch.autograd.grad(ye.sum(), (x, w, g))
+    assert spy["fwd_u"] == 1 and not gx.any() and not gw.any() and not gg.any()
+
+
+def test_force_training_of_mmea_linear_matches_unfused(spy):
+    """Force training through MMEALinear: E = Σ tanh(y)·y, F = -dE/dx (create_graph), loss Σ F² and
+    its gradient to the gate-net parameters and the input, float64: the fused path with the saved
+    pre-gate output equals backend="torch"."""
+    from mmea_kernels import MMEALinear
+    from helpers import make_linear, randomise
+    plain = MMEALinear(make_linear(), rank=3, backend="torch")
+    randomise(plain)
+    fused = MMEALinear(make_linear(), rank=3, backend="cpp")
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(6, plain.in_layout.dim, dtype=F64, requires_grad=True)
+
+    def grads(ad):
+        y = ad(x)
+        (fx,) = torch.autograd.grad(-(y.tanh() * y).sum(), x, create_graph=True)
+        params = [p for n, p in ad.named_parameters() if not n.startswith("base.")]
+        return [y, fx] + list(torch.autograd.grad((fx ** 2).sum(), [x] + params))
+
+    for p, q in zip(grads(fused), grads(plain)):
+        torch.testing.assert_close(p, q, rtol=1e-11, atol=1e-11)
+    assert spy["fwd_u"] == 1
 
 
 def test_bad_inputs_name_the_problem():

@@ -5,6 +5,8 @@ autograd runs on either (no autograd here).
 * :func:`cpp_forward`: ``G_post ⊙ L_W(G_pre ⊙ x) + bias + additive``; tiles of rows, one BLAS GEMM
   per (instruction, tile) on packed operands, the gate, bias and additive applied to each tile as it
   is written.
+* :func:`cpp_forward_u`: the same, also returning the pre-gate output ``L_W(G_pre ⊙ x)`` written by
+  the same epilogue (for the autograd to save instead of recomputing).
 * :func:`cpp_wgrad`: the flat weight gradient, per instruction, deterministic for any thread count.
 
 Both read the task tables of ``tables.py`` built with whole blocks as channel tiles (one forward
@@ -13,7 +15,7 @@ task per output block, one weight-gradient task per instruction). float32 and fl
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -22,7 +24,7 @@ from ..gate.cpp import available as _ext_available, register_fakes
 from ...linear_spec import LinearSpec
 from .tables import LinearTables, linear_tables
 
-__all__ = ["cpp_forward", "cpp_wgrad", "cpp_tables", "CPP_DTYPES", "cpp_status", "cpp_built"]
+__all__ = ["cpp_forward", "cpp_forward_u", "cpp_wgrad", "cpp_tables", "CPP_DTYPES", "cpp_status", "cpp_built"]
 
 CPP_DTYPES = (torch.float32, torch.float64)
 
@@ -35,7 +37,7 @@ def cpp_status(device, dtype: Optional[torch.dtype] = None):
     if dtype is not None and dtype not in CPP_DTYPES:
         return False, f"the fused cpp linear supports float32 and float64, not {dtype}"
     ok, why = _ext_available(device)
-    if ok and not hasattr(torch.ops.mmea_kernels_ext, "gated_linear_fwd"):
+    if ok and not hasattr(torch.ops.mmea_kernels_ext, "gated_linear_fwd_u"):
         return False, "mmea_kernels._C predates the fused linear kernels (csrc/gated_linear.cpp): rebuild it"
     return ok, why
 
@@ -58,15 +60,27 @@ def _opt(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None or t.shape[-1] == 0 else t
 
 
+def _forward_args(x, weight, bias, g_pre, g_post, additive, spec: LinearSpec) -> tuple:
+    t = cpp_tables(spec, x.device)
+    bias = bias if bias is not None and bias.numel() > 0 else None
+    return (x, weight, bias, _opt(g_pre), _opt(g_post), _opt(additive), t.tasks, t.instructions, t.path_weights,
+            spec.dim_out, t.block_w)
+
+
 def cpp_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 g_pre: Optional[torch.Tensor], g_post: Optional[torch.Tensor],
                 additive: Optional[torch.Tensor], spec: LinearSpec) -> torch.Tensor:
     """Kernel-level ``G_post ⊙ L_W(G_pre ⊙ x) + bias + additive`` on 2-D ``x`` (no autograd)."""
-    t = cpp_tables(spec, x.device)
-    bias = bias if bias is not None and bias.numel() > 0 else None
-    return torch.ops.mmea_kernels_ext.gated_linear_fwd(x, weight, bias, _opt(g_pre), _opt(g_post), _opt(additive),
-                                                       t.tasks, t.instructions, t.path_weights, spec.dim_out,
-                                                       t.block_w)
+    return torch.ops.mmea_kernels_ext.gated_linear_fwd(*_forward_args(x, weight, bias, g_pre, g_post, additive, spec))
+
+
+def cpp_forward_u(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  g_pre: Optional[torch.Tensor], g_post: Optional[torch.Tensor],
+                  additive: Optional[torch.Tensor], spec: LinearSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cpp_forward` and the pre-gate output ``u = L_W(G_pre ⊙ x)`` (no gate, bias or additive),
+    written by the same tile epilogue (no autograd)."""
+    return torch.ops.mmea_kernels_ext.gated_linear_fwd_u(*_forward_args(x, weight, bias, g_pre, g_post, additive,
+                                                                         spec))
 
 
 def cpp_wgrad(a: torch.Tensor, b: torch.Tensor, g_pre: Optional[torch.Tensor], g_post: Optional[torch.Tensor],
@@ -83,10 +97,14 @@ def _register_fakes() -> None:
     def fwd_fake(x, weight, bias, g_pre, g_post, additive, tasks, instructions, path_weights, d_out, block_w):
         return x.new_empty((x.shape[0], d_out))
 
+    def fwd_u_fake(x, weight, bias, g_pre, g_post, additive, tasks, instructions, path_weights, d_out, block_w):
+        return x.new_empty((x.shape[0], d_out)), x.new_empty((x.shape[0], d_out))
+
     def wgrad_fake(a, b, g_pre, g_post, wtasks, path_weights, numel, block_u, block_w):
         return a.new_empty((numel,))
 
     register_fakes((("mmea_kernels_ext::gated_linear_fwd", fwd_fake),
+                    ("mmea_kernels_ext::gated_linear_fwd_u", fwd_u_fake),
                     ("mmea_kernels_ext::gated_linear_wgrad", wgrad_fake)))
 
 

@@ -20,11 +20,23 @@ extension, CPU). The autograd below takes the kernel backend as a parameter and 
 
 Every piece is autograd-capable, so any order of derivative runs the same kernels.
 
-The pre-gate output ``L_W(G_pre ⊙ x)`` needed by ``dG_post`` is *recomputed* in the backward (one
-extra launch, only when the gates need a gradient) rather than saved: a tensor saved from the
-forward would be a constant for the double backward (its dependence on ``x``, ``W`` and
-``G_pre`` would be lost, so force training would get wrong second derivatives unless it was
-recomputed anyway), and not saving it keeps one ``[N, D_out]`` activation per layer out of memory.
+The pre-gate output ``u = L_W(G_pre ⊙ x)`` needed by ``dG_post``:
+
+* On the cpp kernels, for the public call (no prologue gate) with a gate that needs a gradient
+  (grad mode on, ``gates.requires_grad``), it is *saved*: :class:`_SavedOutputFn` returns ``(y, u)``
+  from one kernel (``gated_linear_fwd_u``: the tile epilogue stores ``u`` next to ``y``, no extra
+  GEMM), saves ``u`` as an *output* and drops it from the public result. A saved output stays on the
+  graph: in a ``create_graph`` backward the unpacked ``u`` has this node as its ``grad_fn``, so
+  ``dG = seg_dot(dy, u)`` routes its own gradient back into this node's backward as ``du`` (the
+  gradient of ``u = L_W(x)``), which adds ``L_W^T(du)`` to ``dx`` and ``dW(x, du)`` to ``dW``: the
+  backward runs on ``dz = G ⊙ dy + du`` (with ``du`` absent, ``G ⊙ dy`` stays a prologue gate of the
+  kernels). Every order of derivative is therefore exact, force training included. (A tensor kept
+  any other way, e.g. on ``ctx`` or detached, would be a constant there and lose its dependence on
+  ``x`` and ``W``.) Memory: one ``[N, D_out]`` activation per layer while the gates need a gradient,
+  as the unfused path, which saves the base layer's output for its gate.
+* Everywhere else (the backward's own calls with prologue gates, the triton kernels) it is
+  *recomputed* in the backward: one extra launch, only when the gates need a gradient.
+  Inference, frozen gates and calls without gates run the forward that writes ``y`` only.
 """
 from __future__ import annotations
 
@@ -36,7 +48,7 @@ from .._utils import grad_needed, tensor_slots
 from ..backends import resolve_backend
 from ..gate.function import gate_mul, seg_dot
 from ...linear_spec import LinearSpec
-from .cpp_kernels import CPP_DTYPES, cpp_built, cpp_forward, cpp_tables, cpp_wgrad
+from .cpp_kernels import CPP_DTYPES, cpp_built, cpp_forward, cpp_forward_u, cpp_tables, cpp_wgrad
 from .reference import gated_linear_reference, validate
 from .triton_kernels import tables, triton_forward, triton_wgrad
 
@@ -50,6 +62,12 @@ def _shared(t: Optional[torch.Tensor]) -> bool:
 
 def _forward_kernel(backend: str):
     return cpp_forward if backend == "cpp" else triton_forward  # looked up per call (tests patch them)
+
+
+def _forward_u_kernel(backend: str):
+    if backend != "cpp":
+        raise NotImplementedError("the forward that also writes the pre-gate output is a cpp kernel")
+    return cpp_forward_u
 
 
 def _wgrad_kernel(backend: str):
@@ -93,13 +111,63 @@ class _GatedLinearFn(torch.autograd.Function):
             dpost = _seg_dot(dy, u, spec.out_layout, _shared(g_post), be)
         if nw:
             dw = _LinearWGradFn.apply(x, dy, g_pre, g_post, spec, be)
-        if nb:
-            db = dy.index_select(1, _tables(spec, dy, be).bias_columns).sum(0)
-        if nadd:
-            dadd = dy.index_select(1, _tables(spec, dy, be).scalar_columns)
-            if ctx.add_shared:
-                dadd = dadd.sum(0)
+        db, dadd = _affine_grads(dy, nb, nadd, ctx.add_shared, spec, be)
         return dx, dw, db, dpre, dpost, dadd, None, None
+
+
+class _SavedOutputFn(torch.autograd.Function):
+    """The top-level call with a gate that needs a gradient, on the cpp kernels: returns ``(y, u)``
+    with ``y = G ⊙ u + bias + additive`` and the pre-gate output ``u = L_W(x)`` (no bias), which one
+    forward kernel writes and this node saves for ``dG = seg_dot(dy, u)`` (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, g_post, additive, spec, backend):
+        ctx.set_materialize_grads(False)
+        ctx.spec, ctx.backend = spec, backend
+        ctx.add_shared = _shared(additive)
+        ctx.slots = tensor_slots(x, weight, bias, g_post, additive)
+        y, u = _forward_u_kernel(backend)(x, weight, bias, None, g_post, additive, spec)
+        ctx.save_for_backward(x, weight, g_post, u)
+        return y, u
+
+    @staticmethod
+    def backward(ctx, dy, du):
+        # the output z = L_W(x) gets dz = G ⊙ dy + du; du comes from a create_graph backward that used u
+        x, weight, g_post, u = ctx.saved_tensors
+        spec: LinearSpec = ctx.spec
+        be = ctx.backend
+        nx, nw, npost = (grad_needed(ctx, i, ctx.slots[i]) for i in (0, 1, 3))
+        nb, nadd = ctx.needs_input_grad[2], ctx.needs_input_grad[4]
+        dx = dw = dpost = db = dadd = None
+        T = spec.transposed
+        dz = du  # None: G ⊙ dy is applied inside the kernels (prologue gate), never materialised
+        if du is not None and dy is not None:
+            dz = gate_mul(dy, g_post, spec.out_layout, backend=be) + du
+        if nx and dz is not None:
+            dx = _core(dz, weight, None, None, None, None, T, be)
+        elif nx and dy is not None:
+            dx = _core(dy, weight, None, g_post, None, None, T, be)
+        if npost and dy is not None:
+            dpost = _seg_dot(dy, u, spec.out_layout, _shared(g_post), be)  # the saved u: no recompute
+        if nw and dz is not None:
+            dw = _LinearWGradFn.apply(x, dz, None, None, spec, be)
+        elif nw and dy is not None:
+            dw = _LinearWGradFn.apply(x, dy, None, g_post, spec, be)
+        if dy is not None:
+            db, dadd = _affine_grads(dy, nb, nadd, ctx.add_shared, spec, be)
+        return dx, dw, db, dpost, dadd, None, None
+
+
+def _affine_grads(dy, nb, nadd, add_shared, spec, be):
+    """Gradients of the bias (column sums of dy) and of the additive (its 0e columns of dy)."""
+    db = dadd = None
+    if nb:
+        db = dy.index_select(1, _tables(spec, dy, be).bias_columns).sum(0)
+    if nadd:
+        dadd = dy.index_select(1, _tables(spec, dy, be).scalar_columns)
+        if add_shared:
+            dadd = dadd.sum(0)
+    return db, dadd
 
 
 class _LinearWGradFn(torch.autograd.Function):
@@ -141,6 +209,16 @@ class _LinearWGradFn(torch.autograd.Function):
 def _core(x, weight, bias, g_pre, g_post, additive, spec, backend="triton"):
     """The generalised op on the kernels of ``backend`` ("triton" or "cpp"); 2-D x, no checks."""
     return _GatedLinearFn.apply(x, weight, bias, g_pre, g_post, additive, spec, backend)
+
+
+def _top(x, weight, bias, g_post, additive, spec, backend):
+    """The public call (no prologue gate): on the cpp kernels with a gate that needs a gradient, the
+    forward also writes the pre-gate output and saves it (:class:`_SavedOutputFn`); otherwise (the
+    triton kernels, inference, frozen or no gates) the single-output op."""
+    if (backend == "cpp" and g_post is not None and g_post.requires_grad and torch.is_grad_enabled()
+            and spec.out_layout.num_gates > 0):
+        return _SavedOutputFn.apply(x, weight, bias, g_post, additive, spec, backend)[0]
+    return _core(x, weight, bias, None, g_post, additive, spec, backend)
 
 
 def _seg_dot(a, b, layout, shared, backend):
@@ -193,5 +271,5 @@ def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     N = x2.shape[0]
     g2 = None if gates is None else (gates if gates.dim() == 1 else gates.reshape(N, gates.shape[-1]))
     a2 = None if additive is None else (additive if additive.dim() == 1 else additive.reshape(N, additive.shape[-1]))
-    y = _core(x2, weight, bias, None, g2, a2, spec, kernels)
+    y = _top(x2, weight, bias, g2, a2, spec, kernels)
     return y.reshape(lead + (spec.dim_out,))
