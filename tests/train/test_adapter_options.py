@@ -97,3 +97,13 @@ def test_cli_adapter_options(tmp_path, capsys):
     capsys.readouterr()
     assert main(common + ["--out", str(tmp_path / "b"), "--method", "mmea", "--alpha", "2"]) == 2
     assert "unknown adapter option(s) ['alpha'] for method 'mmea'" in capsys.readouterr().err
+
+
+def test_default_learning_rate_per_method():
+    # plain MMEA defaults to 5e-3 (bench/ablation.py), the other methods to 1e-2; a given lr is kept
+    assert FinetuneConfig(train="t.xyz").lr == 5e-3
+    assert FinetuneConfig(train="t.xyz", method="elora").lr == 1e-2
+    assert FinetuneConfig(train="t.xyz", method="mmea-paper").lr == 1e-2
+    assert FinetuneConfig(train="t.xyz", lr=2e-3).lr == 2e-3
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        FinetuneConfig(train="t.xyz", lr=0.0).check()
