@@ -135,18 +135,19 @@ def summarize(runs: dict, a: dict) -> dict:
 def markdown(rows, a) -> str:
     lines = [f"Protocol: {a['n_train']} train / {a['n_valid']} valid frames, test {a['test_desc']}; {a['epochs']} epochs, "
              f"batch 5, EMA {EMA_DECAY}, {a['dtype']}, seeds {list(a['seeds'])}; base `{a['model']}`; machine: {a['machine']}. "
-             "Mean ± std over seeds. `t→F*`: training wall time until the validation force MAE first reaches F* "
+             "Mean ± std over the seeds that ran (`seeds`; ± 0 with one seed). `t→F*`: training wall time until the validation force MAE first reaches F* "
              "(the worst best-validation force MAE of full/elora/mmea on that molecule).", "",
              "`E MAE raw`: with the E0s fitted before training; `E MAE`: after re-fitting them with the trained model "
              "(`--refit-e0s-after`; equal to raw for runs without it).", "",
-             "| molecule | method | trainable | E MAE raw meV | E MAE meV | F MAE meV/Å | F RMSE meV/Å | train s | s/epoch | F* meV/Å | t→F* s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| molecule | method | trainable | seeds | E MAE raw meV | E MAE meV | F MAE meV/Å | F RMSE meV/Å | train s "
+             "| s/epoch | F* meV/Å | t→F* s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pm = lambda s, d=1: f"{s[0]:.{d}f} ± {s[1]:.{d}f}"
         t = pm(r["seconds_to_threshold"], 0) if r["seconds_to_threshold"] else f"- ({r['reached']}/{r['seeds']})"
         fstar = "-" if r["threshold_valid_F_meV_per_A"] is None else f"{r['threshold_valid_F_meV_per_A']:.1f}"
         raw = pm(r["energy_mae_raw_meV"]) if "energy_mae_raw_meV" in r else "-"
-        lines.append(f"| {r['molecule']} | {r['method']} | {r['trainable']:,} | {raw} | {pm(r['energy_mae_meV'])} | "
+        lines.append(f"| {r['molecule']} | {r['method']} | {r['trainable']:,} | {r['seeds']} | {raw} | {pm(r['energy_mae_meV'])} | "
                      f"{pm(r['forces_mae_meV_per_A'])} | {pm(r['forces_rmse_meV_per_A'])} | {pm(r['train_seconds'], 0)} | "
                      f"{pm(r['seconds_per_epoch']) if 'seconds_per_epoch' in r else '-'} | "
                      f"{fstar} | {t} |")
