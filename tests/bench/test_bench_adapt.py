@@ -29,6 +29,6 @@ def test_adapt_fast_mode(rmd17, tmp_path):
         assert r["trainable"] == runs[0]["trainable_parameters"]
         per_epoch = sum(m["train_seconds"] / m["epochs_run"] for m in runs) / 2
         assert r["seconds_per_epoch"][0] == pytest.approx(per_epoch, rel=1e-12)
-        assert f"| ethanol | {r['method']} |" in md
+        assert f"| ethanol | {r['method']} | {r['trainable']:,} | 2 |" in md  # the seeds column
     by = {r["method"]: r for r in rows}
     assert by["readout"]["trainable"] < by["mmea"]["trainable"] < by["full"]["trainable"] == by["scratch"]["trainable"]
