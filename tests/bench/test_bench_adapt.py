@@ -30,5 +30,11 @@ def test_adapt_fast_mode(rmd17, tmp_path):
         per_epoch = sum(m["train_seconds"] / m["epochs_run"] for m in runs) / 2
         assert r["seconds_per_epoch"][0] == pytest.approx(per_epoch, rel=1e-12)
         assert f"| ethanol | {r['method']} | {r['trainable']:,} | 2 |" in md  # the seeds column
+        # each run trained at the learning rate the table's header and JSON report for its method
+        assert all(m["config"]["lr"] == res["meta"]["lr"][r["method"]] for m in runs)
+        assert f"{r['method']} {res['meta']['lr'][r['method']]:g}" in md
     by = {r["method"]: r for r in rows}
+    from mmea_kernels.train import DEFAULT_LR
+
+    assert res["meta"]["lr"]["mmea"] == DEFAULT_LR["mmea"]  # the package default since the ablation
     assert by["readout"]["trainable"] < by["mmea"]["trainable"] < by["full"]["trainable"] == by["scratch"]["trainable"]
