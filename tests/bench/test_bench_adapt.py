@@ -34,7 +34,7 @@ def test_adapt_fast_mode(rmd17, tmp_path):
         assert all(m["config"]["lr"] == res["meta"]["lr"][r["method"]] for m in runs)
         assert f"{r['method']} {res['meta']['lr'][r['method']]:g}" in md
     by = {r["method"]: r for r in rows}
-    from mmea_kernels.train import DEFAULT_LR
+    from mmea_kernels.train.config import DEFAULT_LR
 
     assert res["meta"]["lr"]["mmea"] == DEFAULT_LR["mmea"]  # the package default since the ablation
     assert by["readout"]["trainable"] < by["mmea"]["trainable"] < by["full"]["trainable"] == by["scratch"]["trainable"]
