@@ -83,20 +83,21 @@ class MMEAGating:
     def adapter_options(self) -> dict:
         return {"rank": self.rank, "phi": self.phi, "init": self.init, "init_std": self.init_std}
 
-    def gamma(self, x: torch.Tensor):
+    def gamma(self, x: torch.Tensor, x0: Optional[torch.Tensor] = None):
         """(additive ``[N, S_out]``, gate logits ``[N, G]``), or shared ``[S_out]``, ``[G]`` for a layer
-        without 0e input, for flattened input rows ``x``."""
+        without 0e input, for flattened input rows ``x`` (or their 0e columns ``x0`` when given)."""
         if self.mmea_up is None:
             gamma = self.mmea_static
         else:
-            span = self._scalar_span
-            x0 = x.narrow(-1, span[0], span[1]) if span is not None else x.index_select(-1, self.in_scalar_columns)
+            if x0 is None:
+                span = self._scalar_span
+                x0 = x.narrow(-1, span[0], span[1]) if span is not None else x.index_select(-1, self.in_scalar_columns)
             gamma = self.mmea_up(torch.nn.functional.silu(self.mmea_down(x0)))
         return gamma[..., : self.num_additive], gamma[..., self.num_additive:]
 
-    def gate_parameters(self, x: torch.Tensor):
+    def gate_parameters(self, x: torch.Tensor, x0: Optional[torch.Tensor] = None):
         """(additive terms, gates ``φ(γ_gate)``) for flattened input rows ``x``."""
-        add, logits = self.gamma(x)
+        add, logits = self.gamma(x, x0)
         return add, (torch.exp(logits) if self.phi == "exp" else 1.0 + logits)
 
     def _gated(self, y: torch.Tensor, add, gates) -> torch.Tensor:
@@ -179,14 +180,22 @@ class MMEALinear(MMEAGating, AdapterLinear):
         if not self.adapter_enabled:
             return self.base(x, *args, **kwargs)
         x2 = x.reshape(-1, self.in_layout.dim)
-        add, gates = self.gate_parameters(x2)
-        add = add if self.num_additive > 0 else None
         fused = self._fused(x, args, kwargs)
         if fused is not None:  # one kernel: linear with the gate and additive terms in its epilogue
-            from ..ops.gated_linear import gated_linear
+            from ..ops.gated_linear import gated_linear, split_scalars
+            x0 = None
+            if self.mmea_up is not None and self._scalar_span is not None and x2.requires_grad \
+                    and torch.is_grad_enabled():
+                # the gate net's 0e gradient joins the kernel's input gradient in place (no
+                # zero-filled [N, D_in] gradient for the slice, no extra add pass over it)
+                x2, x0 = split_scalars(x2, *self._scalar_span)
+            add, gates = self.gate_parameters(x2, x0)
+            add = add if self.num_additive > 0 else None
             weight, bias = self.view.fused_tensors(self.base)
             y2 = gated_linear(x2, weight, bias, gates, add, fused[0], backend=fused[1])
             return y2.reshape(x.shape[:-1] + (self.out_layout.dim,))
+        add, gates = self.gate_parameters(x2)
+        add = add if self.num_additive > 0 else None
         return self._gated(self.base(x, *args, **kwargs), add, gates)
 
     def merge(self) -> nn.Module:

@@ -367,6 +367,69 @@ def test_force_training_of_mmea_linear_matches_unfused(spy):
     assert spy["fwd_u"] == 1
 
 
+def test_gate_net_input_gradient_joins_the_kernel_gradient_in_place(spy):
+    """MMEALinear on the fused path: the gate net's 0e-input gradient is added into the kernel's input
+    gradient (split_scalars), so the backward builds no zero-filled [N, D_in] gradient for the 0e
+    slice (no aten::slice_backward of the 0e columns). dE/dx (inference with forces), a second
+    consumer of x, leading dims, and force training (create_graph) equal backend="torch"."""
+    from e3nn import o3
+
+    from mmea_kernels import MMEALinear
+    from helpers import randomise
+    lin = o3.Linear("12x0e+4x1o", "6x0e+3x1o+2x2e").double()
+    plain = MMEALinear(lin, rank=3, backend="torch")
+    randomise(plain)
+    fused = MMEALinear(lin, rank=3, backend="cpp")
+    fused.load_state_dict(plain.state_dict())
+    assert fused._scalar_span == (0, 12)
+    x = torch.randn(2, 5, 24, dtype=F64, requires_grad=True)
+
+    def energy(ad):
+        return (ad(x) ** 2).sum() + (x ** 3).sum()  # x also feeds another op
+
+    with torch.profiler.profile(record_shapes=True) as prof:
+        (gf,) = torch.autograd.grad(energy(fused), x)
+    assert spy["fwd"] >= 1
+    sliced = [e.input_shapes[0] for e in prof.events() if e.name == "aten::slice_backward"]
+    assert [10, 12] not in sliced, sliced  # the 0e input slice's gradient is not zero-filled
+    (gp,) = torch.autograd.grad(energy(plain), x)
+    torch.testing.assert_close(gf, gp, rtol=1e-12, atol=1e-12)
+    # a backward that retains the graph and runs twice gives the same gradient both times
+    e = energy(fused)
+    g1 = torch.autograd.grad(e, x, retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(e, x)[0], g1, rtol=0, atol=0)
+
+    def force_loss(ad):
+        (fx,) = torch.autograd.grad(-energy(ad), x, create_graph=True)
+        params = [p for n, p in ad.named_parameters() if not n.startswith("base.")]
+        return [fx] + list(torch.autograd.grad((fx ** 2).sum(), [x] + params))
+
+    for p, q in zip(force_loss(fused), force_loss(plain)):
+        torch.testing.assert_close(p, q, rtol=1e-11, atol=1e-11)
+
+
+def test_split_scalars_derivatives_and_errors():
+    """split_scalars: (x, x[:, s:s+c]); gradcheck and gradgradcheck (the create_graph backward adds out
+    of place), either output alone, and bad arguments named."""
+    from mmea_kernels.ops.gated_linear import split_scalars
+    x = torch.randn(4, 7, dtype=F64, requires_grad=True)
+    c = torch.randn(4, 7, dtype=F64)
+
+    def both(t):
+        a, b = split_scalars(t, 2, 3)
+        return (a * c).sin(), b.exp()
+
+    assert torch.autograd.gradcheck(both, (x,))
+    assert torch.autograd.gradgradcheck(both, (x,))
+    for k in (0, 1):
+        ref = ((x * c).sin(), x[:, 2:5].exp())[k]
+        torch.testing.assert_close(torch.autograd.grad(both(x)[k].sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0])
+    with pytest.raises(ValueError, match=r"columns \[5, 9\) of a 2-D tensor, got shape \(4, 7\)"):
+        split_scalars(x, 5, 4)
+    with pytest.raises(ValueError, match="2-D"):
+        split_scalars(x[0], 0, 1)
+
+
 def test_bad_inputs_name_the_problem():
     spec = LinearSpec.e3nn_default("1x0e+1x1o", "2x0e+1x1o", biases=True)
     x = torch.randn(3, 4, dtype=F64)

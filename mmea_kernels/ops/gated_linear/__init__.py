@@ -6,7 +6,7 @@ the extension), ``function.py`` (the closed autograd over either kernel backend 
 :func:`gated_linear`)."""
 from ...linear_spec import LinearSpec
 from .cpp_kernels import cpp_status
-from .function import _core, gated_linear, kernel_backend
+from .function import _core, gated_linear, kernel_backend, split_scalars
 from .reference import gated_linear_reference
 from .triton_kernels import fp32_precision
 
@@ -19,4 +19,4 @@ def triton_status(device):
 
 
 __all__ = ["gated_linear", "gated_linear_reference", "LinearSpec", "triton_status", "cpp_status", "kernel_backend",
-           "fp32_precision", "_core"]
+           "fp32_precision", "split_scalars", "_core"]

@@ -52,7 +52,7 @@ from .cpp_kernels import CPP_DTYPES, cpp_built, cpp_forward, cpp_forward_u, cpp_
 from .reference import gated_linear_reference, validate
 from .triton_kernels import tables, triton_forward, triton_wgrad
 
-__all__ = ["gated_linear", "kernel_backend", "_core"]
+__all__ = ["gated_linear", "kernel_backend", "split_scalars", "_core"]
 
 
 # ============================================================================ autograd
@@ -225,6 +225,47 @@ def _seg_dot(a, b, layout, shared, backend):
     if layout.num_gates == 0:  # nothing to reduce; keep the shape (and the graph) simple
         return a.new_zeros((layout.num_gates,) if shared else (a.shape[0], 0))
     return seg_dot(a, b, layout, shared=shared, backend=backend)
+
+
+class _SplitScalarsFn(torch.autograd.Function):
+    """``x -> (x, x[:, start:start + count])``: the kernel's input and the gate net's 0e input as two
+    outputs of one node, so their gradients meet in this node's backward. The gate net's ``[N, count]``
+    gradient is added into the kernel's ``[N, D_in]`` input gradient in place, instead of a
+    zero-filled ``[N, D_in]`` gradient for the slice plus an add pass over both (what ``narrow``'s
+    backward and autograd's accumulation cost). In a ``create_graph`` backward it adds out of place
+    (differentiable: the result is a function of both incoming gradients)."""
+
+    @staticmethod
+    def forward(ctx, x, start: int, count: int):
+        ctx.start, ctx.count, ctx.shape = start, count, x.shape
+        return x.view_as(x), x.narrow(1, start, count)
+
+    @staticmethod
+    def backward(ctx, dx, dx0):
+        if dx is None and dx0 is None:
+            return None, None, None
+        if dx0 is None:
+            return dx, None, None
+        if dx is None:
+            dx = dx0.new_zeros(ctx.shape)
+        elif torch.is_grad_enabled():  # create_graph: keep the sum on the graph
+            pad = (ctx.start, ctx.shape[1] - ctx.start - ctx.count)
+            return dx + torch.nn.functional.pad(dx0, pad), None, None
+        # dx is the kernel's freshly written input gradient (this node's output 0 feeds only the fused
+        # linear, possibly through a same-shape view): adding the slice in place touches N x count
+        # elements
+        dx.narrow(1, ctx.start, ctx.count).add_(dx0)
+        return dx, None, None
+
+
+def split_scalars(x: torch.Tensor, start: int, count: int):
+    """``(x, x[:, start:start + count])`` for 2-D ``x``, with one backward that adds the second
+    output's gradient into the first's in place (see :class:`_SplitScalarsFn`). For the fused MMEA
+    linear: the first output feeds :func:`gated_linear`, the second the gate network."""
+    if x.dim() != 2 or not 0 <= start <= start + count <= x.shape[1]:
+        raise ValueError(f"split_scalars: columns [{start}, {start + count}) of a 2-D tensor, got shape "
+                         f"{tuple(x.shape)}")
+    return _SplitScalarsFn.apply(x, start, count)
 
 
 # ============================================================================ public API
