@@ -5,7 +5,7 @@ Both models are timed in the same process in alternating rounds (the order flips
 the result is the median of the per-round ratios with its interquartile range, because single
 timings on a shared machine drift by tens of percent.
 
-    python bench/model_overhead.py                                   # CPU, 1 thread
+    python bench/model_overhead.py                                   # CPU, 1 thread, 4 aspirin frames
     python bench/model_overhead.py --device cuda --frames 64 --rounds 50 --out $OUT
 """
 from __future__ import annotations
@@ -63,17 +63,27 @@ def paired(fa, fb, rounds: int, device, warmup: int = 3) -> dict:
 
 def build(args, device, dtype):
     import mmea_kernels as mk
-    from mmea_kernels.app.data import toy_molecules
+    from mmea_kernels.app.data import _GEOMETRIES, find_rmd17, read_xyz, toy_molecules
     from mmea_kernels.integrations.mace import PRESETS, atoms_to_batch, build_mace
 
+    if args.molecule in _GEOMETRIES:  # a built-in geometry, jittered
+        frames = toy_molecules(args.molecule, args.frames)
+    else:  # the first frames of an rMD17 training split
+        try:
+            d = find_rmd17(args.data_dir, (args.molecule,))
+        except FileNotFoundError as exc:
+            raise SystemExit(f"--data-dir: {exc}") from None
+        if d is None:
+            raise SystemExit(f"no rMD17 splits for {args.molecule!r} (pass --data-dir or set MMEA_RMD17_DIR), and no "
+                             f"built-in geometry for it (built in: {', '.join(sorted(_GEOMETRIES))})")
+        frames = read_xyz(d / args.molecule / "train.xyz", f":{args.frames}")
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         base = build_mace(args.preset).to(device=device, dtype=dtype)
         cfg = PRESETS[args.preset]
-        batch = atoms_to_batch(toy_molecules(args.molecule, args.frames), cfg.atomic_numbers, cfg.r_max,
-                               device=device, dtype=dtype)
+        batch = atoms_to_batch(frames, cfg.atomic_numbers, cfg.r_max, device=device, dtype=dtype)
     finally:
         torch.set_default_dtype(prev)
     for p in base.parameters():
@@ -98,7 +108,11 @@ def energy_forces(model, batch, training=False):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="mace-off23-medium")
-    ap.add_argument("--molecule", default="toluene")
+    ap.add_argument("--molecule", default=None,
+                    help="frames: an rMD17 molecule (its first --frames training frames, from --data-dir) or a "
+                         "built-in geometry (ethanol, toluene); default: aspirin when the rMD17 splits are found, "
+                         "else toluene")
+    ap.add_argument("--data-dir", default=None, help="rMD17 splits (default: $MMEA_RMD17_DIR or ../shared/data/rmd17)")
     ap.add_argument("--frames", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=30)
@@ -108,6 +122,9 @@ def main(argv=None):
     ap.add_argument("--modes", default="inference,train-step")
     ap.add_argument("--out", default=None, help="directory for the JSON row file")
     args = ap.parse_args(argv)
+    if args.molecule is None:
+        from mmea_kernels.app.data import find_rmd17
+        args.molecule = "aspirin" if find_rmd17(args.data_dir, ("aspirin",)) is not None else "toluene"
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)

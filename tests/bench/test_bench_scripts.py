@@ -111,6 +111,21 @@ def test_model_overhead_script(tmp_path):
     assert all(r["rounds"] == 3 and r["ratio_q1"] <= r["ratio_median"] <= r["ratio_q3"] for r in rows)
 
 
+def test_model_overhead_reads_rmd17_frames(rmd17, tmp_path):
+    """The issue's frames (aspirin) come from the rMD17 splits; a molecule with neither splits nor a
+    built-in geometry is refused by name."""
+    pytest.importorskip("mace")
+    cmd = [sys.executable, str(BENCH / "model_overhead.py"), "--preset", "tiny", "--frames", "2", "--rounds", "3",
+           "--modes", "inference", "--data-dir", str(rmd17)]
+    res = subprocess.run(cmd + ["--molecule", "aspirin", "--out", str(tmp_path)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (row,) = json.loads(next(tmp_path.glob("model-overhead-cpu-*.json")).read_text())
+    assert row["size"] == "tiny 2x aspirin float32"
+    res = subprocess.run(cmd + ["--molecule", "azobenzene-x"], capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "azobenzene-x" in res.stderr and "no rMD17 splits" in res.stderr
+
+
 def test_linear_speed_script(tmp_path):
     """bench/linear_speed.py at a tiny size: checks the fused output, then writes its paired rows."""
     from mmea_kernels.ops.gated_linear import cpp_status
