@@ -82,3 +82,45 @@ def test_mace_finetune_step(benchmark, record, adapted):
     benchmark.pedantic(step, rounds=3, warmup_rounds=1, iterations=1)
     record("mace_step", "mmea" if adapted else "base", "fwd+bwd", "mace-off23-medium 4x toluene fp32",
            trainable=sum(p.numel() for p in params))
+
+
+@pytest.fixture(scope="module")
+def whole_model():
+    """MACE-OFF23-medium architecture: frozen, MMEA-adapted and ELoRA-adapted copies (rank 16,
+    non-trivial adapter values) and 4 frames: aspirin from the rMD17 splits when found, else toluene
+    (as bench/model_overhead.py, whose paired ratios are the numbers to quote)."""
+    import argparse
+
+    import model_overhead as mo
+    from mmea_kernels.app.data import find_rmd17
+    mol = "aspirin" if find_rmd17(None, ("aspirin",)) is not None else "toluene"
+    args = argparse.Namespace(preset="mace-off23-medium", molecule=mol, frames=4, rank=16, data_dir=None)
+    base, mmea, elora, batch = mo.build(args, torch.device("cpu"), torch.float32)
+    return {"frozen": base, "mmea": mmea, "elora": elora}, batch, f"mace-off23-medium 4x {mol} fp32", mo
+
+
+@pytest.mark.parametrize("which", ["frozen", "mmea"])
+def test_mace_energy_forces(benchmark, record, whole_model, which):
+    """Energy + forces (one MD step's model cost): the MMEA-adapted model against the frozen one."""
+    models, batch, size, mo = whole_model
+    benchmark.pedantic(lambda: mo.energy_forces(models[which], batch), rounds=5, warmup_rounds=1, iterations=1)
+    record("mace_energy_forces", which, "fwd+dx", size)
+
+
+@pytest.mark.parametrize("which", ["elora", "mmea"])
+def test_mace_adapter_step(benchmark, record, whole_model, which):
+    """One force-training step (E+F loss, backward to the adapter weights): MMEA against ELoRA at the
+    same rank."""
+    models, batch, size, mo = whole_model
+    model = models[which]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        for p in params:
+            p.grad = None
+        e, f = mo.energy_forces(model, batch, training=True)
+        n = batch["ptr"][1:] - batch["ptr"][:-1]
+        (((e / n) ** 2).mean() + 100.0 * (f ** 2).mean()).backward()
+
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
+    record("mace_adapter_step", which, "fwd+bwd", size, trainable=sum(p.numel() for p in params))
