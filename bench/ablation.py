@@ -174,10 +174,14 @@ def markdown(rows: list, chosen: dict, a: dict) -> str:
         for method in ("mmea", "elora"):
             r60 = next((r for r in rows if r["molecule"] == m and r["setting"] == method), None)
             r200 = next((r for r in rows if r["molecule"] == m and r["setting"] == f"{method} 200 epochs"), None)
-            if r60 and r200:
-                budget.append(f"{m} {method} {r60['valid_F_best']:.2f} -> {r200['valid_F_best']:.2f}")
+            common = sorted(set(r60["valid_by_seed"]) & set(r200["valid_by_seed"])) if r60 and r200 else []
+            if common:  # like for like: the seeds both budgets ran
+                v60 = sum(r60["valid_by_seed"][k] for k in common) / len(common)
+                v200 = sum(r200["valid_by_seed"][k] for k in common) / len(common)
+                budget.append(f"{m} {method} {v60:.2f} -> {v200:.2f}")
     if budget:
-        lines += ["", "Epoch budget (validation F, 60 -> 200 epochs; not a candidate default): " + "; ".join(budget) + "."]
+        lines += ["", "Epoch budget (validation F, 60 -> 200 epochs, on the seeds both ran; not a candidate default): "
+                  + "; ".join(budget) + "."]
     if a.get("missing_runs"):
         lines += ["", f"**Unfinished:** {a['missing_runs']} of {len(a['molecules']) * len(a['settings'])} "
                       f"seed-{a['seeds'][0]} runs are missing ({a.get('missing_candidates', 0)} of them candidate settings, the "

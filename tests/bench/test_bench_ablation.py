@@ -50,6 +50,21 @@ def test_default_needs_a_win_on_every_molecule_and_seed():
     assert ab.choose(rows)["default"] == "mmea" and ab.choose(rows)["best_overall"] == "mmea"
 
 
+def test_epoch_budget_line_compares_the_same_seeds():
+    """The 60 -> 200 epoch line compares each budget on the seeds both ran (plain mmea has two seeds,
+    the 200-epoch run one: seed 0 against seed 0, not the two-seed mean)."""
+    ab = _module()
+    rows = [_row("a", "mmea", {0: 10.0, 1: 14.0}, 5), _row("a", "mmea 200 epochs", {0: 8.0}, 5),
+            _row("a", "elora", {0: 9.0}, 5, "elora"), _row("a", "elora 200 epochs", {1: 7.0}, 5, "elora")]
+    for r in rows:
+        r.update(trainable=1, seeds=sorted(r["valid_by_seed"]), test_E=1.0, train_seconds=1.0)
+    a = dict(model="m", test_desc="t", seeds=(0, 1), machine="x", molecules=("a",),
+             settings=("mmea", "mmea 200 epochs", "elora", "elora 200 epochs"))
+    md = ab.markdown(rows, ab.choose(rows), a)
+    assert "a mmea 10.00 -> 8.00" in md  # seed 0 only; the two-seed mean would say 12.00
+    assert "a elora" not in md.split("Epoch budget")[1]  # no seed in common: no comparison
+
+
 def test_ablation_fast_mode(rmd17, tmp_path):
     pytest.importorskip("mace")
     run_rmd17_bench("ablation.py", "fast", rmd17, tmp_path, timeout=900)
