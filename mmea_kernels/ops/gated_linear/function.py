@@ -37,6 +37,15 @@ The pre-gate output ``u = L_W(G_pre ⊙ x)`` needed by ``dG_post``:
 * Everywhere else (the backward's own calls with prologue gates, the triton kernels) it is
   *recomputed* in the backward: one extra launch, only when the gates need a gradient.
   Inference, frozen gates and calls without gates run the forward that writes ``y`` only.
+
+Two costs that matter at MD sizes (a few hundred rows, where per-call overheads are a visible share):
+
+* :func:`split_scalars` gives :class:`~mmea_kernels.nn.MMEALinear` its kernel input and its gate
+  net's 0e input as two outputs of one node, so the gate net's ``[N, S]`` input gradient is added
+  into the kernel's ``[N, D_in]`` input gradient in place, not through a zero-filled ``[N, D_in]``
+  slice gradient and an add pass.
+* With grad mode off (inference, and any backward that builds no graph) ``_core`` and ``_seg_dot``
+  call the kernels directly instead of going through an autograd node or the custom op's dispatch.
 """
 from __future__ import annotations
 
