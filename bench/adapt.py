@@ -46,15 +46,16 @@ MODES = {
 # mmea: 5e-3, the package default since the ablation (bench/ablation.py: better validation force MAE
 # than 1e-2 on both molecules and both seeds). A mode may override entries ("lr" in MODES).
 LR = {"scratch": 1e-2, "full": 5e-3, "readout": 1e-2, "elora": 1e-2, "mmea": 5e-3, "mmea-paper": 1e-2}
-
-
-def learning_rates(mode: str) -> dict:
-    return {**LR, **MODES[mode].get("lr", {})}
 EMA_DECAY = 0.95  # 10 optimizer steps per epoch here: 0.99 would average over ~10 epochs of a short run
 PAPER = {  # MMEA paper, MACE-OFF23-medium, 50 frames: (E, F) MAE for full, ELoRA, MMEA
     "aspirin": ((9.7, 23.9), (8.0, 18.3), (7.3, 16.4)), "benzene": ((0.3, 2.4), (0.2, 1.6), (0.2, 1.4)),
     "naphthalene": ((1.8, 8.1), (1.4, 6.0), (1.2, 5.7)), "toluene": ((1.8, 8.8), (1.4, 6.2), (1.2, 5.4)),
 }
+
+
+def learning_rates(mode: str) -> dict:
+    """LR with the mode's overrides."""
+    return {**LR, **MODES[mode].get("lr", {})}
 
 
 def _one(job):

@@ -61,6 +61,12 @@ def paired(fa, fb, rounds: int, device, warmup: int = 3) -> dict:
             "b_ms": 1e3 * statistics.median(rb), "rounds": rounds}
 
 
+def default_molecule(data_dir=None) -> str:
+    """The issue's frames, aspirin, when the rMD17 splits are found; else the built-in toluene."""
+    from mmea_kernels.app.data import find_rmd17
+    return "aspirin" if find_rmd17(data_dir, ("aspirin",)) is not None else "toluene"
+
+
 def build(args, device, dtype):
     import mmea_kernels as mk
     from mmea_kernels.app.data import _GEOMETRIES, find_rmd17, read_xyz, toy_molecules
@@ -123,8 +129,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="directory for the JSON row file")
     args = ap.parse_args(argv)
     if args.molecule is None:
-        from mmea_kernels.app.data import find_rmd17
-        args.molecule = "aspirin" if find_rmd17(args.data_dir, ("aspirin",)) is not None else "toluene"
+        args.molecule = default_molecule(args.data_dir)
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)

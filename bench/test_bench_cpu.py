@@ -92,8 +92,7 @@ def whole_model():
     import argparse
 
     import model_overhead as mo
-    from mmea_kernels.app.data import find_rmd17
-    mol = "aspirin" if find_rmd17(None, ("aspirin",)) is not None else "toluene"
+    mol = mo.default_molecule()
     args = argparse.Namespace(preset="mace-off23-medium", molecule=mol, frames=4, rank=16, data_dir=None)
     base, mmea, elora, batch = mo.build(args, torch.device("cpu"), torch.float32)
     return {"frozen": base, "mmea": mmea, "elora": elora}, batch, f"mace-off23-medium 4x {mol} fp32", mo

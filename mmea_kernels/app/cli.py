@@ -41,6 +41,7 @@ def _checks(args):
 
 def _finetune_parser(sub):
     from ..train import FinetuneConfig
+    from ..train.config import DEFAULT_LR
     from ..train.methods import METHODS
 
     d = FinetuneConfig(train="")
@@ -71,7 +72,8 @@ def _finetune_parser(sub):
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate (default: 5e-3 for mmea, 1e-2 for the other methods)")
+                   help="Adam learning rate (default: " + ", ".join(f"{lr:g} for {m}" for m, lr in DEFAULT_LR.items())
+                   + ", 1e-2 for the other methods)")
     p.add_argument("--w-energy", type=float, default=d.w_energy)
     p.add_argument("--w-forces", type=float, default=d.w_forces)
     p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="0 turns the EMA off")
