@@ -42,7 +42,6 @@
 #include "parallel.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -56,6 +55,7 @@ using mmea::check_device;
 using mmea::check_features;
 using mmea::check_table;
 using mmea::num_threads_for;
+using mmea::run_items;
 
 // Columns of the tables (mmea_kernels/ops/gated_linear/tables.py, same order).
 enum : int { T_COL0, T_COL_SU, T_COL_SM, T_W0, T_MUL_OUT, T_IR_DIM, T_GATE, T_SCALAR, T_BIAS, T_INS_LO, T_INS_HI,
@@ -152,25 +152,6 @@ void store(const T* acc, int64_t R, int64_t d, int64_t C, T* out, int64_t ld, in
       }
     }
   }
-}
-
-// work(k, scratch) for k < n on up to nt threads taking items from a shared counter; scratch is
-// the per-thread buffer make() returns. BLAS and ATen calls inside skip the autograd layers.
-template <typename Make, typename Work>
-void run_items(int64_t n, int nt, Make&& make, Work&& work) {
-  if (n == 0) return;
-  if (nt <= 1 || n == 1) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto scratch = make();
-    for (int64_t k = 0; k < n; ++k) work(k, scratch);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto scratch = make();
-    for (int64_t k = next++; k < n; k = next++) work(k, scratch);
-  });
 }
 
 // ----------------------------------------------------------------------------- checks

@@ -1,11 +1,13 @@
 // How the CPU kernels split rows over OpenMP threads (gate_ops.cpp and fused_gate.cpp): serial for
 // small inputs or inside an enclosing parallel region, else at::get_num_threads() threads over
-// chunks of about 16K elements.
+// chunks of about 16K elements; and run_items, the work queue of gated_linear.cpp and gate_net.cpp.
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 namespace mmea {
@@ -24,5 +26,24 @@ inline int num_threads_for(int64_t elements) {
 
 // Rows per chunk of a parallel loop over rows of D columns (about 16K elements).
 inline int64_t rows_per_chunk(int64_t D) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(D, 1)); }
+
+// work(k, scratch) for k < n on up to nt threads taking items from a shared counter; scratch is
+// the per-thread buffer make() returns. BLAS and ATen calls inside skip the autograd layers.
+template <typename Make, typename Work>
+void run_items(int64_t n, int nt, Make&& make, Work&& work) {
+  if (n == 0) return;
+  if (nt <= 1 || n == 1) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto scratch = make();
+    for (int64_t k = 0; k < n; ++k) work(k, scratch);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto scratch = make();
+    for (int64_t k = next++; k < n; k = next++) work(k, scratch);
+  });
+}
 
 }  // namespace mmea

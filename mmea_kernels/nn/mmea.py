@@ -83,6 +83,11 @@ class MMEAGating:
     def adapter_options(self) -> dict:
         return {"rank": self.rank, "phi": self.phi, "init": self.init, "init_std": self.init_std}
 
+    def _scalar_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The 0e input columns of ``x``: a view when they are one contiguous range, else a gather."""
+        span = self._scalar_span
+        return x.narrow(-1, span[0], span[1]) if span is not None else x.index_select(-1, self.in_scalar_columns)
+
     def gamma(self, x: torch.Tensor, x0: Optional[torch.Tensor] = None):
         """(additive ``[N, S_out]``, gate logits ``[N, G]``), or shared ``[S_out]``, ``[G]`` for a layer
         without 0e input, for flattened input rows ``x`` (or their 0e columns ``x0`` when given)."""
@@ -90,13 +95,20 @@ class MMEAGating:
             gamma = self.mmea_static
         else:
             if x0 is None:
-                span = self._scalar_span
-                x0 = x.narrow(-1, span[0], span[1]) if span is not None else x.index_select(-1, self.in_scalar_columns)
+                x0 = self._scalar_inputs(x)
             gamma = self.mmea_up(torch.nn.functional.silu(self.mmea_down(x0)))
         return gamma[..., : self.num_additive], gamma[..., self.num_additive:]
 
-    def gate_parameters(self, x: torch.Tensor, x0: Optional[torch.Tensor] = None):
-        """(additive terms, gates ``φ(γ_gate)``) for flattened input rows ``x``."""
+    def gate_parameters(self, x: torch.Tensor, x0: Optional[torch.Tensor] = None, fused_net: bool = False):
+        """(additive terms, gates ``φ(γ_gate)``) for flattened input rows ``x``. ``fused_net``: the
+        whole net as one C++ op where it can run (:func:`~mmea_kernels.ops.gate_net.gate_net`; the
+        fused CPU path), else the torch composition."""
+        if fused_net and self.mmea_up is not None and self.mmea_down.bias is not None \
+                and self.mmea_up.bias is not None:
+            from ..ops.gate_net import gate_net
+            down, up = self.mmea_down, self.mmea_up
+            return gate_net(self._scalar_inputs(x) if x0 is None else x0, down.weight, down.bias, up.weight, up.bias,
+                            self.num_additive, self.phi)
         add, logits = self.gamma(x, x0)
         return add, (torch.exp(logits) if self.phi == "exp" else 1.0 + logits)
 
@@ -189,7 +201,7 @@ class MMEALinear(MMEAGating, AdapterLinear):
                 # the gate net's 0e gradient joins the kernel's input gradient in place (no
                 # zero-filled [N, D_in] gradient for the slice, no extra add pass over it)
                 x2, x0 = split_scalars(x2, *self._scalar_span)
-            add, gates = self.gate_parameters(x2, x0)
+            add, gates = self.gate_parameters(x2, x0, fused_net=fused[1] == "cpp")
             add = add if self.num_additive > 0 else None
             weight, bias = self.view.fused_tensors(self.base)
             y2 = gated_linear(x2, weight, bias, gates, add, fused[0], backend=fused[1])

@@ -203,6 +203,33 @@ def test_fused_cpp_path_is_the_cpu_default_and_matches_unfused(monkeypatch):
     assert ad._fused(x.half(), (), {}) is None and ad._fused(x, (x,), {}) is None
 
 
+@pytest.mark.parametrize("phi", ["exp", "residual"])
+def test_fused_cpp_path_runs_the_gate_net_kernels(phi):
+    """On the fused cpp path the gate net is one C++ op forward (gate_net_fwd) and one backward
+    (gate_net_bwd, a backward that builds no graph): the layer equals the unfused torch path in
+    values and in the input and adapter gradients."""
+    from mmea_kernels.ops.gate_net import gate_net_cpp_status
+    ok, why = gate_net_cpp_status(torch.zeros(1, 1))
+    if not ok:
+        pytest.skip(why)
+    plain = MMEALinear(make_linear(), rank=3, phi=phi, backend="torch")
+    randomise(plain)
+    fused = MMEALinear(make_linear(), rank=3, phi=phi, backend="cpp")
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(300, o3.Irreps(IN).dim, dtype=torch.float64, requires_grad=True)
+    params = lambda ad: [x] + [p for n, p in ad.named_parameters() if not n.startswith("base.")]  # noqa: E731
+    with torch.profiler.profile() as prof:
+        y = fused(x)
+        got = torch.autograd.grad((y * y.cos()).sum(), params(fused))
+    names = {e.name for e in prof.events()}
+    assert {"mmea_kernels_ext::gate_net_fwd", "mmea_kernels_ext::gate_net_bwd"} <= names
+    y_ref = plain(x)
+    want = torch.autograd.grad((y_ref * y_ref.cos()).sum(), params(plain))
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
 @pytest.mark.parametrize("irreps_in,span", [(IN, (0, 5)), ("2x0e+1x1o+3x0e+1x0o", None), ("1x1o+2x0e", (3, 2))])
 def test_gate_net_reads_scalar_columns(irreps_in, span):
     """The gate net reads the 0e input columns through a view when they are one contiguous range,

@@ -1,0 +1,125 @@
+"""The MMEA gate network on the C++ kernels of csrc/gate_net.cpp, for the fused CPU path of
+:class:`~mmea_kernels.nn.MMEALinear`:
+
+    h = x0 W_downᵀ + b_down,  z = SiLU(h),  γ = z W_upᵀ + b_up,
+    add = γ[:, :A],  gates = φ(γ[:, A:])   (φ = exp, or 1 + γ for phi="residual").
+
+The torch composition (:func:`gate_net_reference`) is six ATen calls, each with its own allocation
+and parallel region, on a few hundred KB: at MD sizes and on two threads it cost about as much as
+the fused linear it feeds. The kernel runs the whole net per tile of 128 rows in one parallel region.
+
+Autograd: the forward saves ``x0``, the weights and the output ``gates`` (h and z are recomputed in
+the backward). With grad mode off (every first-order backward: inference forces, the parameter
+update's backward) the backward is one kernel call (``gate_net_bwd``); in a ``create_graph``
+backward (force training) it is the explicit formulas below in torch ops, so every higher order is
+exact: ``gates`` is a saved *output*, so its dependence on the inputs stays on the graph.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["gate_net", "gate_net_reference", "gate_net_cpp_status", "PHI_CODES"]
+
+PHI_CODES = {"exp": 0, "residual": 1}
+CPP_DTYPES = (torch.float32, torch.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def _ext_has_ops() -> Tuple[bool, str]:
+    from ..gate.cpp import available
+
+    ok, why = available(torch.device("cpu"))
+    if not ok:
+        return False, why
+    if not hasattr(torch.ops.mmea_kernels_ext, "gate_net_fwd"):
+        return False, "mmea_kernels._C predates the gate-net kernels (csrc/gate_net.cpp): rebuild it"
+    return True, ""
+
+
+def gate_net_cpp_status(x0: torch.Tensor) -> Tuple[bool, str]:
+    """(available, reason) of the C++ gate net for inputs like ``x0``."""
+    if x0.device.type != "cpu":
+        return False, f"the C++ gate net runs on cpu tensors, not {x0.device.type}"
+    if x0.dtype not in CPP_DTYPES:
+        return False, f"the C++ gate net supports float32 and float64, not {x0.dtype}"
+    return _ext_has_ops()
+
+
+def gate_net_reference(x0, w_down, b_down, w_up, b_up, num_additive: int, phi: str = "exp"):
+    """The torch composition (the numerical reference): ``(add [N, A], gates [N, G])``."""
+    gamma = F.linear(F.silu(F.linear(x0, w_down, b_down)), w_up, b_up)
+    logits = gamma[:, num_additive:]
+    return gamma[:, :num_additive], (torch.exp(logits) if phi == "exp" else 1.0 + logits)
+
+
+def _backward_formulas(x0, w_down, b_down, w_up, gates, dadd, dgates, num_additive, phi):
+    """The first-order gradients in torch ops (differentiable: the create_graph backward)."""
+    h = F.linear(x0, w_down, b_down)
+    s = torch.sigmoid(h)
+    z = h * s
+    n, G = x0.shape[0], gates.shape[1]
+    if dadd is None:
+        dadd = x0.new_zeros((n, num_additive))
+    if dgates is None:
+        dgl = x0.new_zeros((n, G))
+    else:
+        dgl = dgates * gates if phi == "exp" else dgates
+    dgam = torch.cat([dadd, dgl], dim=1)
+    dh = (dgam @ w_up) * (s * (1 + h * (1 - s)))
+    return dh @ w_down, dh.t() @ x0, dh.sum(0), dgam.t() @ z, dgam.sum(0)
+
+
+class _GateNetFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x0, w_down, b_down, w_up, b_up, num_additive, phi):
+        ctx.set_materialize_grads(False)
+        ctx.num_additive, ctx.phi = num_additive, phi
+        add, gates = torch.ops.mmea_kernels_ext.gate_net_fwd(x0, w_down, b_down, w_up, b_up, num_additive,
+                                                              PHI_CODES[phi])
+        ctx.save_for_backward(x0, w_down, b_down, w_up, gates)
+        return add, gates
+
+    @staticmethod
+    def backward(ctx, dadd, dgates):
+        x0, w_down, b_down, w_up, gates = ctx.saved_tensors
+        nx, nwd, nbd, nwu, nbu = ctx.needs_input_grad[:5]
+        if (dadd is None and dgates is None) or not any((nx, nwd, nbd, nwu, nbu)):
+            return (None,) * 7
+        if torch.is_grad_enabled():  # create_graph: differentiable formulas
+            grads = _backward_formulas(x0, w_down, b_down, w_up, gates, dadd, dgates, ctx.num_additive, ctx.phi)
+        else:
+            grads = torch.ops.mmea_kernels_ext.gate_net_bwd(
+                x0, w_down, b_down, w_up, gates, None if dadd is None else dadd.contiguous(),
+                None if dgates is None else dgates.contiguous(), ctx.num_additive, PHI_CODES[ctx.phi], nx,
+                nwd or nbd or nwu or nbu)
+        dx0, dwd, dbd, dwu, dbu = (g if need else None for g, need in zip(grads, (nx, nwd, nbd, nwu, nbu)))
+        return dx0, dwd, dbd, dwu, dbu, None, None
+
+
+def gate_net(x0: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor, w_up: torch.Tensor,
+             b_up: torch.Tensor, num_additive: int, phi: str = "exp", backend: Optional[str] = None):
+    """``(add [N, A], gates [N, G])`` of the MMEA gate network for 2-D ``x0 [N, S]`` (any row stride).
+
+    ``backend``: ``"cpp"`` (the fused C++ kernels; raises with the reason when they cannot run),
+    ``"torch"`` (:func:`gate_net_reference`) or ``None`` (cpp when available, else torch).
+    Differentiable to any order in every tensor argument.
+    """
+    if phi not in PHI_CODES:
+        raise ValueError(f"unknown phi {phi!r}; expected one of {tuple(PHI_CODES)}")
+    if x0.dim() != 2:
+        raise ValueError(f"gate_net: x0 must be 2-D [N, S], got shape {tuple(x0.shape)}")
+    if backend not in (None, "cpp", "torch"):
+        raise ValueError(f"gate_net: unknown backend {backend!r}; expected 'cpp', 'torch' or None")
+    if backend != "torch":
+        ok, why = gate_net_cpp_status(x0)
+        if ok:
+            if x0.shape[1] > 1 and x0.stride(1) != 1:
+                x0 = x0.contiguous()
+            return _GateNetFn.apply(x0, w_down, b_down, w_up, b_up, int(num_additive), phi)
+        if backend == "cpp":
+            raise RuntimeError(f"gate_net: the cpp backend cannot run: {why}")
+    return gate_net_reference(x0, w_down, b_down, w_up, b_up, num_additive, phi)
