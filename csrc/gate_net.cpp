@@ -7,7 +7,8 @@
 //       with φ = exp (phi 0) or 1 + γ (phi 1).
 //   gate_net_bwd(x0, w_down, b_down, w_up, gates, dadd?, dgates?, A, phi, need_x0, need_weights)
 //       -> (dx0 [N, S], dw_down, db_down, dw_up, db_up)   (empty where not asked for)
-//       the first-order gradients, with h and z recomputed from x0 (nothing but the outputs saved).
+//       the first-order gradients, with h and z recomputed from x0 (nothing but the outputs saved);
+//       gates, dadd, dgates of any row stride (dadd is typically a column slice of the linear's dy).
 //
 // What the torch composition costs at MD sizes is not the arithmetic (two GEMMs of inner size 16)
 // but six ATen calls, each its own allocation and parallel region, for a few hundred KB of data.
@@ -255,7 +256,8 @@ at::Tensor grad_operand(const std::optional<at::Tensor>& t, const char* name, co
                   t->size(1) == cols,
               "mmea_kernels_ext::", op, ": ", name, " must be [", x0.size(0), ", ", cols, "] of dtype ",
               x0.scalar_type(), ", got ", t->scalar_type(), " of shape ", t->sizes());
-  return t->contiguous();
+  // any row stride (e.g. dadd: a column slice of the linear's dy), unit column stride
+  return cols <= 1 || t->stride(1) == 1 ? *t : t->contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_net_bwd_cpu(
@@ -308,15 +310,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_net_
               for (int64_t r = 0; r < R; ++r) {
                 scalar_t* o = dgp + r * C;
                 if (dadd.defined()) {
-                  const scalar_t* a = dadd.const_data_ptr<scalar_t>() + (n0 + r) * n.A;
+                  const scalar_t* a = dadd.const_data_ptr<scalar_t>() + (n0 + r) * dadd.stride(0);
                   std::copy(a, a + n.A, o);
                 } else {
                   std::fill_n(o, n.A, scalar_t(0));
                 }
                 if (dgates.defined()) {
-                  const scalar_t* d = dgates.const_data_ptr<scalar_t>() + (n0 + r) * n.G;
+                  const scalar_t* d = dgates.const_data_ptr<scalar_t>() + (n0 + r) * dgates.stride(0);
                   if (phi == 0) {
-                    const scalar_t* g = gates.const_data_ptr<scalar_t>() + (n0 + r) * n.G;
+                    const scalar_t* g = gates.const_data_ptr<scalar_t>() + (n0 + r) * gates.stride(0);
                     for (int64_t c = 0; c < n.G; ++c) o[n.A + c] = d[c] * g[c];
                   } else {
                     std::copy(d, d + n.G, o + n.A);

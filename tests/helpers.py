@@ -97,6 +97,17 @@ TRITON_DEVICES = [
 CPP_DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=_NO_CUDA)]
 
 
+def assert_gradchecks(fn, inputs, device, interpreted_triton: bool = True):
+    """gradcheck and gradgradcheck of ``fn`` at ``inputs``. Where triton kernels run through the
+    interpreter (CPU tensors), both run in fast mode: each compares a random projection ``vᵀ J u`` of
+    the analytical Jacobian with the numerical one instead of every column, about a twentieth of the
+    kernel launches (the interpreter takes ms per launch), and a wrong derivative still fails; full
+    checks on CUDA and for the cpp and torch kernels (``interpreted_triton=False``)."""
+    fast = interpreted_triton and torch.device(device).type == "cpu"
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=fast)
+    assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=fast)
+
+
 # ---------------------------------------------------------------------------- tolerances
 # A result against an independent reference (naive loops, the unfused path, the other backend),
 # computed in ``dtype``: float64 agrees to round-off; float32 to ~1e-5; bf16/fp16 accumulate in

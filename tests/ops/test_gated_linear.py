@@ -23,8 +23,8 @@ from mmea_kernels.ops.gated_linear import (_core, gated_linear, gated_linear_ref
                                            triton_status)
 from mmea_kernels.linear_spec import LinearSpec  # noqa: E402
 
-from helpers import (CUDA_AVAILABLE, GL_FIXED, GL_GRAD_CASES, REPO, TOL, TRITON_DEVICES, check_parity,  # noqa: E402
-                     grad_inputs, irreps_string, make_inputs)
+from helpers import (CUDA_AVAILABLE, GL_FIXED, GL_GRAD_CASES, REPO, TOL, TRITON_DEVICES,  # noqa: E402
+                     assert_gradchecks, check_parity, grad_inputs, irreps_string, make_inputs)
 
 if not CUDA_AVAILABLE:
     _ok, _why = triton_status("cpu")
@@ -125,8 +125,7 @@ def test_gradcheck_gradgradcheck_triton(irr_in, irr_out, layout, shared, device)
     def f(x, w, b, g, a):
         return gated_linear(x, w, b, g, a, spec, backend="triton")
 
-    assert torch.autograd.gradcheck(f, (x, w, b, g, a))
-    assert torch.autograd.gradgradcheck(f, (x, w, b, g, a))
+    assert_gradchecks(f, (x, w, b, g, a), device)
 
 
 def test_gradients_match_torch_reference(device):
@@ -154,8 +153,7 @@ def test_core_pre_and_post_gates_gradgradcheck(device):
     def f(x, w, gp, gq):
         return _core(x, w, None, gp, gq, None, spec)
 
-    assert torch.autograd.gradcheck(f, (x, w, gp, gq))
-    assert torch.autograd.gradgradcheck(f, (x, w, gp, gq))
+    assert_gradchecks(f, (x, w, gp, gq), device)
 
 
 def test_frozen_weight_force_training_pattern(device):

@@ -93,9 +93,8 @@ class _GateNetFn(torch.autograd.Function):
             grads = _backward_formulas(x0, w_down, b_down, w_up, gates, dadd, dgates, ctx.num_additive, ctx.phi)
         else:
             grads = torch.ops.mmea_kernels_ext.gate_net_bwd(
-                x0, w_down, b_down, w_up, gates, None if dadd is None else dadd.contiguous(),
-                None if dgates is None else dgates.contiguous(), ctx.num_additive, PHI_CODES[ctx.phi], nx,
-                nwd or nbd or nwu or nbu)
+                x0, w_down, b_down, w_up, gates, dadd, dgates, ctx.num_additive, PHI_CODES[ctx.phi], nx,
+                nwd or nbd or nwu or nbu)  # any row strides (dadd: a column slice of the linear's dy)
         dx0, dwd, dbd, dwu, dbu = (g if need else None for g, need in zip(grads, (nx, nwd, nbd, nwu, nbu)))
         return dx0, dwd, dbd, dwu, dbu, None, None
 

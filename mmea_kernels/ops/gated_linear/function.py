@@ -171,10 +171,13 @@ class _SavedOutputFn(torch.autograd.Function):
 def _affine_grads(dy, nb, nadd, add_shared, spec, be):
     """Gradients of the bias (column sums of dy) and of the additive (its 0e columns of dy)."""
     db = dadd = None
+    if nb or nadd:
+        t = _tables(spec, dy, be)
     if nb:
-        db = dy.index_select(1, _tables(spec, dy, be).bias_columns).sum(0)
+        db = (dy.narrow(1, *t.bias_span) if t.bias_span else dy.index_select(1, t.bias_columns)).sum(0)
     if nadd:
-        dadd = dy.index_select(1, _tables(spec, dy, be).scalar_columns)
+        # a column slice (a view) when the 0e outputs are one range: no gather pass
+        dadd = dy.narrow(1, *t.scalar_span) if t.scalar_span else dy.index_select(1, t.scalar_columns)
         if add_shared:
             dadd = dadd.sum(0)
     return db, dadd

@@ -36,6 +36,10 @@ class LinearTables:
     bias_columns: "object"  # int64 [n_bias]
     scalar_columns: "object"  # int64 [S_out]
     max_ir_dim: int  # largest 2l+1 among the forward tasks (1 without tasks)
+    # (first, count) when bias_columns / scalar_columns are one contiguous range (their gradients
+    # are then column slices of dy, not gathers), else None
+    bias_span: "object" = None
+    scalar_span: "object" = None
 
     @property
     def num_tasks(self) -> int:
@@ -132,4 +136,12 @@ def _build_tables(spec: LinearSpec, device, block_w: int, block_u: int) -> Linea
         bias_columns=torch.tensor(spec.bias_columns, dtype=torch.int64).to(device),
         scalar_columns=torch.tensor(spec.out_layout.scalar_columns, dtype=torch.int64).to(device),
         max_ir_dim=max((r[T_IR_DIM] for r in task_rows), default=1),
+        bias_span=_span(spec.bias_columns),
+        scalar_span=_span(spec.out_layout.scalar_columns),
     )
+
+
+def _span(cols):
+    """(first, count) of columns that form one contiguous range (non-empty), else None."""
+    cols = list(cols)
+    return (cols[0], len(cols)) if cols and cols == list(range(cols[0], cols[0] + len(cols))) else None
