@@ -215,15 +215,16 @@ def gate_case_strategies(mul, max_n):
                 seed=st.integers(0, 2**31 - 1))
 
 
-def run_rmd17_bench(script: str, mode: str, rmd17, tmp_path, timeout: int = 1200):
-    """Run ``bench/<script>`` in ``mode`` on the rMD17 splits at ``rmd17``, one thread, work and
-    results under ``tmp_path``; asserts it succeeded and returns the results folder."""
+def run_rmd17_bench(script: str, mode: str, rmd17, tmp_path, timeout: int = 1200, extra=()):
+    """Run ``bench/<script>`` in ``mode`` on the rMD17 splits at ``rmd17``, one thread per process, work
+    and results under ``tmp_path``, with ``extra`` arguments; asserts it succeeded and returns the
+    results folder."""
     import subprocess
     import sys
 
     env = dict(os.environ, OMP_NUM_THREADS="1", MMEA_RMD17_DIR=str(rmd17))
     proc = subprocess.run([sys.executable, str(REPO / "bench" / script), "--mode", mode, "--work",
-                           str(tmp_path / "work"), "--results", str(tmp_path / "res")],
+                           str(tmp_path / "work"), "--results", str(tmp_path / "res"), *extra],
                           capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp_path / "res"
