@@ -68,13 +68,15 @@ def gated_linear_cases():
         p = PTR[dtype]
         precs = ("tf32x3", "ieee", "tf32") if dtype == torch.float32 else ("ieee",)
         for prec in precs:
-            for pre, post, bias, add, what in ((False, True, False, True, "forward (gate, additive)"),
-                                               (True, False, False, False, "input gradient (gate prologue)")):
-                types = {n: p for n in ("x_ptr", "w_ptr", "b_ptr", "gpre_ptr", "gpost_ptr", "add_ptr", "out_ptr")}
+            # the forward as training launches it (also storing u, the superset of the inference forward)
+            for pre, post, bias, add, u, what in ((False, True, False, True, True, "forward (gate, additive, u)"),
+                                                  (True, False, False, False, False, "input gradient (gate prologue)")):
+                types = {n: p for n in ("x_ptr", "w_ptr", "b_ptr", "gpre_ptr", "gpost_ptr", "add_ptr", "out_ptr",
+                                        "u_ptr")}
                 types.update(pw_ptr="*fp64", task_ptr="*i32", ins_ptr="*i32", stride_xd="i32", stride_od="i32")
                 cx = dict(HAS_PRE=pre, HAS_POST=post, HAS_BIAS=bias, HAS_ADD=add, ACC=tl.float64 if dtype == torch.float64
                           else tl.float32, DOT=TL[dtype], PREC=prec, BLOCK_M=t["block_m"], BLOCK_K=t["block_k"],
-                          BLOCK_W=t["block_w"])
+                          BLOCK_W=t["block_w"], HAS_U=u)
                 yield (f"gl_fwd {NAMES[dtype]} {prec} {what} m{t['block_m']} w{t['block_w']} k{t['block_k']}",
                        tk._gl_fwd_kernel, types, cx, t["num_warps"], t["num_stages"])
             types = {n: p for n in ("a_ptr", "b_ptr", "gpre_ptr", "gpost_ptr")}

@@ -22,6 +22,7 @@ from mmea_kernels.layout import IrrepsLayout  # noqa: E402
 from mmea_kernels.ops.gated_linear import (_core, gated_linear, gated_linear_reference,  # noqa: E402
                                            triton_status)
 from mmea_kernels.linear_spec import LinearSpec  # noqa: E402
+from mmea_kernels.ops import gate_mul  # noqa: E402
 
 from helpers import (CUDA_AVAILABLE, GL_FIXED, GL_GRAD_CASES, REPO, TOL, TRITON_DEVICES,  # noqa: E402
                      assert_gradchecks, check_parity, grad_inputs, irreps_string, make_inputs)
@@ -318,3 +319,39 @@ def test_spec_with_two_layouts_is_refused_by_the_fused_kernels():
     w = torch.randn(spec.weight_numel, dtype=torch.float64)
     with pytest.raises(ValueError, match="need one layout for input and output"):
         gated_linear(x, w, None, None, None, mixed)
+
+
+@pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
+def test_forward_with_pre_gate_output_and_saved_u(layout, device, monkeypatch):
+    """triton_forward_u: y bitwise that of triton_forward and u = L_W(G_pre ⊙ x) (no gate, bias or
+    additive; zeros on an output block no instruction feeds). The public call with gates that need a
+    gradient runs it once and takes dG from the saved u (no recomputed linear in the backward)."""
+    from mmea_kernels.ops.gated_linear import function
+    from mmea_kernels.ops.gated_linear.triton_kernels import triton_forward, triton_forward_u
+
+    # an unfed output block (1x1e) and a bias on the 0e output
+    spec = LinearSpec.e3nn_default("2x0e+1x0e+2x1o+1x2e+1x0o", "3x0e+2x1o+1x2e+1x1e+2x0o", layout, biases=True)
+    gen = torch.Generator().manual_seed(3)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(device)  # noqa: E731
+    n = 5
+    x, w, b = rnd(n, spec.dim_in), rnd(spec.weight_numel), rnd(spec.bias_numel)
+    gp, gq, a = rnd(n, spec.in_layout.num_gates), rnd(n, spec.out_layout.num_gates), rnd(n, spec.out_layout.num_scalars)
+    y, u = triton_forward_u(x, w, b, gp, gq, a, spec)
+    assert torch.equal(y, triton_forward(x, w, b, gp, gq, a, spec))
+    u_ref = gated_linear_reference(gate_mul(x.cpu(), gp.cpu(), spec.in_layout), w.cpu(), None, None, None, spec)
+    torch.testing.assert_close(u.cpu(), u_ref, **TOL[torch.float64])
+    calls = {"fwd": 0, "fwd_u": 0}
+    monkeypatch.setattr(function, "triton_forward",
+                        lambda *t: calls.__setitem__("fwd", calls["fwd"] + 1) or triton_forward(*t))
+    monkeypatch.setattr(function, "triton_forward_u",
+                        lambda *t: calls.__setitem__("fwd_u", calls["fwd_u"] + 1) or triton_forward_u(*t))
+    gq.requires_grad_(True)
+    w.requires_grad_(True)
+    yt = gated_linear(x, w, b, gq, a, spec, backend="triton")
+    dg, dw = torch.autograd.grad(yt.sin().sum(), (gq, w))
+    assert calls == {"fwd": 0, "fwd_u": 1}  # forward (+u); dG from the saved u; dW from its own kernel
+    wr, gr = (t.detach().cpu().requires_grad_() for t in (w, gq))
+    ref = gated_linear_reference(x.cpu(), wr, b.cpu(), gr, a.cpu(), spec)
+    rg, rw = torch.autograd.grad(ref.sin().sum(), (gr, wr))
+    torch.testing.assert_close(dg.cpu(), rg, **TOL[torch.float64])
+    torch.testing.assert_close(dw.cpu(), rw, **TOL[torch.float64])

@@ -22,10 +22,10 @@ Every piece is autograd-capable, so any order of derivative runs the same kernel
 
 The pre-gate output ``u = L_W(G_pre ⊙ x)`` needed by ``dG_post``:
 
-* On the cpp kernels, for the public call (no prologue gate) with a gate that needs a gradient
-  (grad mode on, ``gates.requires_grad``), it is *saved*: :class:`_SavedOutputFn` returns ``(y, u)``
-  from one kernel (``gated_linear_fwd_u``: the tile epilogue stores ``u`` next to ``y``, no extra
-  GEMM), saves ``u`` as an *output* and drops it from the public result. A saved output stays on the
+* For the public call (no prologue gate) with a gate that needs a gradient (grad mode on,
+  ``gates.requires_grad``), on either kernel backend, it is *saved*: :class:`_SavedOutputFn` returns
+  ``(y, u)`` from one kernel (cpp ``gated_linear_fwd_u``, triton ``HAS_U``: the epilogue stores ``u``
+  next to ``y`` from the same accumulator, no extra GEMM), saves ``u`` as an *output* and drops it from the public result. A saved output stays on the
   graph: in a ``create_graph`` backward the unpacked ``u`` has this node as its ``grad_fn``, so
   ``dG = seg_dot(dy, u)`` routes its own gradient back into this node's backward as ``du`` (the
   gradient of ``u = L_W(x)``), which adds ``L_W^T(du)`` to ``dx`` and ``dW(x, du)`` to ``dW``: the
@@ -34,7 +34,7 @@ The pre-gate output ``u = L_W(G_pre ⊙ x)`` needed by ``dG_post``:
   any other way, e.g. on ``ctx`` or detached, would be a constant there and lose its dependence on
   ``x`` and ``W``.) Memory: one ``[N, D_out]`` activation per layer while the gates need a gradient,
   as the unfused path, which saves the base layer's output for its gate.
-* Everywhere else (the backward's own calls with prologue gates, the triton kernels) it is
+* Everywhere else (the backward's own calls with prologue gates) it is
   *recomputed* in the backward: one extra launch, only when the gates need a gradient.
   Inference, frozen gates and calls without gates run the forward that writes ``y`` only.
 
@@ -60,7 +60,7 @@ from ..tables import layout_tables
 from ...linear_spec import LinearSpec
 from .cpp_kernels import CPP_DTYPES, cpp_built, cpp_forward, cpp_forward_u, cpp_tables, cpp_wgrad
 from .reference import gated_linear_reference, validate
-from .triton_kernels import tables, triton_forward, triton_wgrad
+from .triton_kernels import tables, triton_forward, triton_forward_u, triton_wgrad
 
 __all__ = ["gated_linear", "kernel_backend", "split_scalars", "_core"]
 
@@ -75,9 +75,7 @@ def _forward_kernel(backend: str):
 
 
 def _forward_u_kernel(backend: str):
-    if backend != "cpp":
-        raise NotImplementedError("the forward that also writes the pre-gate output is a cpp kernel")
-    return cpp_forward_u
+    return cpp_forward_u if backend == "cpp" else triton_forward_u
 
 
 def _wgrad_kernel(backend: str):
@@ -126,7 +124,7 @@ class _GatedLinearFn(torch.autograd.Function):
 
 
 class _SavedOutputFn(torch.autograd.Function):
-    """The top-level call with a gate that needs a gradient, on the cpp kernels: returns ``(y, u)``
+    """The top-level call with a gate that needs a gradient (cpp or triton kernels): returns ``(y, u)``
     with ``y = G ⊙ u + bias + additive`` and the pre-gate output ``u = L_W(x)`` (no bias), which one
     forward kernel writes and this node saves for ``dG = seg_dot(dy, u)`` (see the module docstring)."""
 
@@ -230,10 +228,10 @@ def _core(x, weight, bias, g_pre, g_post, additive, spec, backend="triton"):
 
 
 def _top(x, weight, bias, g_post, additive, spec, backend):
-    """The public call (no prologue gate): on the cpp kernels with a gate that needs a gradient, the
-    forward also writes the pre-gate output and saves it (:class:`_SavedOutputFn`); otherwise (the
-    triton kernels, inference, frozen or no gates) the single-output op."""
-    if (backend == "cpp" and g_post is not None and g_post.requires_grad and torch.is_grad_enabled()
+    """The public call (no prologue gate): with a gate that needs a gradient, the forward also writes
+    the pre-gate output and saves it (:class:`_SavedOutputFn`); otherwise (inference, frozen or no
+    gates) the single-output op."""
+    if (g_post is not None and g_post.requires_grad and torch.is_grad_enabled()
             and spec.out_layout.num_gates > 0):
         return _SavedOutputFn.apply(x, weight, bias, g_post, additive, spec, backend)[0]
     return _core(x, weight, bias, None, g_post, additive, spec, backend)

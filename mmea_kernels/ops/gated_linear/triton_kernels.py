@@ -33,7 +33,7 @@ from .._utils import check_grid, device_guard, interpreting, pow2, tl, triton
 from ...linear_spec import LinearSpec
 from .tables import LinearTables, linear_tables
 
-__all__ = ["triton_forward", "triton_wgrad", "fwd_launch", "wgrad_launch", "fp32_precision"]
+__all__ = ["triton_forward", "triton_forward_u", "triton_wgrad", "fwd_launch", "wgrad_launch", "fp32_precision"]
 
 FP32_PRECISIONS = ("tf32x3", "ieee", "tf32")
 
@@ -153,7 +153,7 @@ if triton is not None:
 
     @triton.jit
     def _gl_fwd_kernel(
-        x_ptr, w_ptr, pw_ptr, b_ptr, gpre_ptr, gpost_ptr, add_ptr, out_ptr,
+        x_ptr, w_ptr, pw_ptr, b_ptr, gpre_ptr, gpost_ptr, add_ptr, out_ptr, u_ptr,
         task_ptr, ins_ptr,
         N, T,
         stride_xn, stride_xd,
@@ -164,6 +164,7 @@ if triton is not None:
         HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
         ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
+        HAS_U: tl.constexpr = False,  # also store the pre-gate output L_W(G_pre ⊙ x) to u (strides of out)
     ):
         pid = tl.program_id(0)
         pid_t = pid % T  # consecutive programs: same rows, other tasks (x stays in L2)
@@ -223,11 +224,12 @@ if triton is not None:
                 acc += tl.dot(xt.to(DOT), wt.to(DOT), input_precision=PREC, out_dtype=ACC) * pw
 
         tile_ok = row_ok[:, None] & w_ok[None, :]
+        out_cols = ((col0 + m * col_sm) * stride_od)[:, None] + (ws * col_su * stride_od)[None, :]
+        if HAS_U:  # the same tile before the gate, bias and additive: the gate gradient's operand
+            tl.store(u_ptr + (rows64 * stride_on)[:, None] + out_cols, acc.to(u_ptr.dtype.element_ty), mask=tile_ok)
         acc = _gl_epilogue(acc, gpost_ptr, b_ptr, add_ptr, rows64, ws, w_ok, tile_ok, gate_out, bias0, scal,
                            stride_qn, stride_qg, stride_an, stride_as, HAS_POST, HAS_BIAS, HAS_ADD, ACC)
-        out_row = out_ptr + rows64 * stride_on + (col0 + m * col_sm) * stride_od
-        tl.store(out_row[:, None] + (ws * col_su * stride_od)[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=tile_ok)
+        tl.store(out_ptr + (rows64 * stride_on)[:, None] + out_cols, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
     @triton.jit
     def _gl_wgrad_kernel(
@@ -346,13 +348,26 @@ def triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
                    g_pre: Optional[torch.Tensor], g_post: Optional[torch.Tensor],
                    additive: Optional[torch.Tensor], spec: LinearSpec) -> torch.Tensor:
     """Kernel-level ``G_post ⊙ L_W(G_pre ⊙ x) + bias + additive`` on 2-D ``x`` (no autograd)."""
+    return _forward(x, weight, bias, g_pre, g_post, additive, spec, False)[0]
+
+
+def triton_forward_u(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     g_pre: Optional[torch.Tensor], g_post: Optional[torch.Tensor],
+                     additive: Optional[torch.Tensor], spec: LinearSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`triton_forward` and the pre-gate output ``u = L_W(G_pre ⊙ x)`` (no gate, bias or
+    additive), stored by the same program from the same accumulator (no autograd)."""
+    return _forward(x, weight, bias, g_pre, g_post, additive, spec, True)
+
+
+def _forward(x, weight, bias, g_pre, g_post, additive, spec: LinearSpec, with_u: bool):
     N = x.shape[0]
     out = x.new_empty((N, spec.dim_out))
+    u = x.new_empty((N, spec.dim_out)) if with_u else None  # every element stored, as out's
     if N == 0 or spec.dim_out == 0:
-        return out
+        return out, u
     t = tables(spec, x.device, x.dtype)
     if t.num_tasks == 0:
-        return out
+        return out, u
     interpret = interpreting(x.device)
     bm = block_m(N, t.max_ir_dim, x.dtype, interpret)
     _, grid = fwd_launch(N, t.num_tasks, t.max_ir_dim, bm)
@@ -366,7 +381,7 @@ def triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
             x, weight if weight.numel() > 0 else dummy,
             t.path_weights if t.path_weights.numel() > 0 else t.tasks,
             bias if has_bias else dummy, g_pre if has_pre else dummy, g_post if has_post else dummy,
-            additive if has_add else dummy, out,
+            additive if has_add else dummy, out, u if with_u else dummy,
             t.tasks, t.instructions if t.instructions.numel() > 0 else t.tasks,
             N, t.num_tasks,
             x.stride(0), x.stride(1),
@@ -376,10 +391,10 @@ def triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
             *_gate_strides(additive if has_add else None),
             HAS_PRE=has_pre, HAS_POST=has_post, HAS_BIAS=has_bias, HAS_ADD=has_add,
             ACC=_acc(x.dtype), DOT=_dot_dtype(x.dtype, interpret), PREC=_precision(x.dtype),
-            BLOCK_M=bm, BLOCK_K=t.block_u, BLOCK_W=t.block_w,
+            BLOCK_M=bm, BLOCK_K=t.block_u, BLOCK_W=t.block_w, HAS_U=with_u,
             **_launch_options(x.dtype, interpret),
         )
-    return out
+    return out, u
 
 
 def triton_wgrad(a: torch.Tensor, b: torch.Tensor, g_pre: Optional[torch.Tensor],
