@@ -14,7 +14,7 @@
 // but six ATen calls, each its own allocation and parallel region, for a few hundred KB of data.
 // Here a work item is a tile of rows, and every step of the net runs on the tile while it
 // is in cache: one parallel region, per-thread scratch. The weight gradients are summed per split of
-// kSplitRows rows into the split's own partial and the partials added in split order, so results do
+// rows (a function of N only) into the split's own partial and the partials added in split order, so results do
 // not depend on the number of threads. x0 may have any row stride (a column slice of the features:
 // no copy); float32 and float64. The second derivatives (force training) run through the torch
 // formulas of ops/gate_net/function.py; these kernels serve the forward and every backward that
@@ -45,11 +45,12 @@ using mmea_fg::fast_exp;
 
 // Rows per work item: few large GEMMs beat many small ones here (each BLAS call costs ~15 µs on top of
 // its arithmetic at these sizes), so a forward item is up to kMaxTileRows rows, at least one per
-// thread; the backward works on tiles of kTileRows, which are also the fixed splits of the weight
-// gradients' partial sums (deterministic for any thread count).
+// thread; the backward works on tiles of kTileRows. The weight gradients' partial sums are over
+// splits of at least kTileRows rows and at most kMaxSplits of them (the partials stay small for any N):
+// a function of N only, so the result is the same for any thread count.
 constexpr int64_t kMaxTileRows = 1024;
 constexpr int64_t kTileRows = 512;
-constexpr int64_t kSplitRows = kTileRows;
+constexpr int64_t kMaxSplits = 64;
 
 template <typename T>
 inline T sigmoid(T h) {
@@ -273,7 +274,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_net_
   const at::Tensor dgates = grad_operand(dgates_in, "dgates", x0, n.G, op);
   const at::Tensor wd = wd_in.contiguous(), bd = bd_in.contiguous(), wu = wu_in.contiguous();
   const int64_t P = n.r * n.S + n.r + (n.A + n.G) * n.r + (n.A + n.G);  // one partial: dWd, dbd, dWu, dbu
-  const int64_t splits = std::max<int64_t>(1, (n.N + kSplitRows - 1) / kSplitRows);
+  const int64_t splits = std::clamp<int64_t>((n.N + kTileRows - 1) / kTileRows, 1, kMaxSplits);
+  const int64_t split_rows = (n.N + splits - 1) / splits;
   at::Tensor dx0 = at::empty({need_x0 ? n.N : 0, n.S}, x0.options());
   at::Tensor partial = need_weights ? at::zeros({splits, P}, x0.options()) : at::Tensor();
   const bool any = n.N > 0 && (dadd.defined() || dgates.defined());
@@ -281,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_net_
   if (any && (need_x0 || need_weights)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const int64_t items = need_weights ? splits : (n.N + kTileRows - 1) / kTileRows;
-    const int64_t rows_per_item = need_weights ? kSplitRows : kTileRows;
+    const int64_t rows_per_item = need_weights ? split_rows : kTileRows;
     const int nt = static_cast<int>(std::min<int64_t>(num_threads_for(n.N * (n.S + n.A + n.G)), items));
     const int64_t C = n.A + n.G;
     const at::Tensor wd_t = wd.t();

@@ -28,9 +28,10 @@ def make(n, s=6, r=4, a=3, g=5, dtype=F64, seed=0, strided=False):
 
 
 @pytest.mark.parametrize("phi", ["exp", "residual"])
-@pytest.mark.parametrize("n,strided", [(1, False), (300, True), (1100, False)])
+@pytest.mark.parametrize("n,strided", [(1, False), (300, True), (1100, False), (40000, False)])
 def test_values_and_gradients_match_torch(phi, n, strided):
-    """n = 300: three row tiles (the last partial); n = 1100: three weight-gradient splits."""
+    """n = 300: one partial tile; n = 1100: three weight-gradient splits; n = 40000: more row tiles
+    than the 64 splits (a split then spans several tiles)."""
     x0, params, a = make(n, strided=strided)
     add, gates = gate_net(x0, *params, a, phi, backend="cpp")
     radd, rgates = gate_net_reference(x0, *params, a, phi)
