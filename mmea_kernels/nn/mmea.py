@@ -252,7 +252,11 @@ class MMEATensorProduct(MMEAGating, nn.Module):
         y = self.base(x, *args, **kwargs)
         if not self.adapter_enabled:
             return y
-        add, gates = self.gate_parameters(x.reshape(-1, self.in_layout.dim))
+        x2 = x.reshape(-1, self.in_layout.dim)
+        # the gate net as one C++ op where the cpp kernels run (as on MMEALinear's fused path)
+        from ..ops.gated_linear import kernel_backend
+        fused_net = not torch.compiler.is_compiling() and kernel_backend(self.backend, x2) == "cpp"
+        add, gates = self.gate_parameters(x2, fused_net=fused_net)
         return self._gated(y, add if self.num_additive > 0 else None, gates)
 
     def __prepare_scriptable__(self):

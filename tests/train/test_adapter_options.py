@@ -31,8 +31,13 @@ def test_tensor_product_gate_is_identity_at_init_and_equivariant(phi):
         for n, p in g.named_parameters():
             if not n.startswith("base."):
                 p.add_(0.3 * torch.randn_like(p))
-    out, ref = g(x, y), tp(x, y)
+    with torch.profiler.profile() as prof:
+        out = g(x, y)
+    ref = tp(x, y)
     assert not torch.allclose(out, ref)
+    from mmea_kernels.ops.gated_linear import kernel_backend
+    if kernel_backend(None, x) == "cpp":  # the gate net runs as one C++ op there
+        assert "mmea_kernels_ext::gate_net_fwd" in {e.name for e in prof.events()}
     # by hand: 0e outputs shifted, every other (order, multiplicity) block scaled by its gate
     gamma = g.mmea_up(torch.nn.functional.silu(g.mmea_down(x[:, :4])))
     add, logit = gamma[:, :3], gamma[:, 3:]
