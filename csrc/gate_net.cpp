@@ -93,9 +93,6 @@ void check_phi(int64_t phi, const char* op) {
   TORCH_CHECK(phi == 0 || phi == 1, "mmea_kernels_ext::", op, ": phi must be 0 (exp) or 1 (residual), got ", phi);
 }
 
-// x0 rows [n0, n0 + R) as an [R, S] view of the original storage (row stride ld).
-at::Tensor rows_view(const at::Tensor& x0, int64_t n0, int64_t R) { return x0.narrow(0, n0, R); }
-
 // The elementwise steps, as plain loops over a tile's rows (they vectorise). The GEMMs run without
 // their bias (at::mm_out), which is added here: addmm would first copy the expanded bias into its
 // output, a separate pass per tile.
@@ -221,17 +218,16 @@ std::tuple<at::Tensor, at::Tensor> gate_net_fwd_cpu(const at::Tensor& x0, const 
   at::AutoDispatchBelowADInplaceOrView guard;
   const at::Tensor wd_t = wd.t(), wu_a = wu.narrow(0, 0, n.A).t(), wu_g = wu.narrow(0, n.A, n.G).t();
   const int nt = num_threads_for(n.N * (n.S + n.A + n.G));
-  const int64_t tiles = std::min<int64_t>(n.N, std::max<int64_t>(nt, (n.N + kMaxTileRows - 1) / kMaxTileRows));
-  const int64_t rows = (n.N + tiles - 1) / tiles;
+  const int64_t rows = std::clamp<int64_t>((n.N + nt - 1) / nt, 1, kMaxTileRows);  // >= 1 tile per thread
+  const int64_t tiles = (n.N + rows - 1) / rows;
   AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "mmea_gate_net_fwd_cpu", [&] {
     const scalar_t* bdp = bd.const_data_ptr<scalar_t>();
     const scalar_t* bup = bu.const_data_ptr<scalar_t>();
     run_items(tiles, nt, [&] { return at::empty({rows, n.r}, x0.options()); },
               [&](int64_t k, const at::Tensor& hbuf) {
                 const int64_t n0 = k * rows, R = std::min(rows, n.N - n0);
-                if (R <= 0) return;
                 at::Tensor h = hbuf.narrow(0, 0, R);
-                at::mm_out(h, rows_view(x0, n0, R), wd_t);
+                at::mm_out(h, x0.narrow(0, n0, R), wd_t);
                 silu_bias(h.mutable_data_ptr<scalar_t>(), bdp, R, n.r);  // z = SiLU(h), in place
                 if (n.A > 0) {
                   at::Tensor a = add.narrow(0, n0, R);
@@ -301,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_net_
             at::Tensor part = need_weights ? partial.select(0, k) : at::Tensor();
             for (int64_t n0 = lo; n0 < hi; n0 += kTileRows) {
               const int64_t R = std::min(kTileRows, hi - n0);
-              const at::Tensor x0t = rows_view(x0, n0, R);
+              const at::Tensor x0t = x0.narrow(0, n0, R);
               at::Tensor h = std::get<0>(bufs).narrow(0, 0, R), z = std::get<1>(bufs).narrow(0, 0, R);
               at::Tensor dg = std::get<2>(bufs).narrow(0, 0, R), dz = std::get<3>(bufs).narrow(0, 0, R);
               at::mm_out(h, x0t, wd_t);

@@ -8,9 +8,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
 
-__all__ = ["IrrepBlock", "IrrepsLayout", "parse_irreps", "LAYOUTS"]
+__all__ = ["IrrepBlock", "IrrepsLayout", "parse_irreps", "column_span", "LAYOUTS"]
 
 LAYOUTS = ("mul_ir", "ir_mul")
 
@@ -78,6 +78,13 @@ def parse_irreps(irreps) -> Tuple[Tuple[int, int, int], ...]:
     return tuple(out)
 
 
+def column_span(cols: Sequence[int]) -> Optional[Tuple[int, int]]:
+    """``(first, count)`` when the columns ``cols`` are one contiguous increasing range (non-empty), else
+    None: such columns are read as a slice (a view), others need a gather."""
+    cols = list(cols)
+    return (cols[0], len(cols)) if cols and cols == list(range(cols[0], cols[0] + len(cols))) else None
+
+
 def _irrep_lp(ir) -> Tuple[int, int]:
     if isinstance(ir, str):
         (_, l, p), = parse_irreps(ir)
@@ -140,6 +147,11 @@ class IrrepsLayout:
     def scalar_columns(self) -> Tuple[int, ...]:
         """Columns of all 0e blocks, in irreps order (the adapter's input and additive channels)."""
         return tuple(c for b in self.blocks if b.is_scalar for c in range(b.offset, b.offset + b.mul))
+
+    @functools.cached_property
+    def scalar_span(self) -> Optional[Tuple[int, int]]:
+        """``(first, count)`` when :attr:`scalar_columns` are one contiguous range, else None."""
+        return column_span(self.scalar_columns)
 
     @functools.cached_property
     def gate_columns(self) -> Tuple[Tuple[int, ...], ...]:

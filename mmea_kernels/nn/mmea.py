@@ -47,9 +47,7 @@ class MMEAGating:
                                                                  device=device), persistent=False)
         # (first, count) when the 0e input columns are one contiguous range: the gate net then reads a
         # view of them (no gather), and their gradient is a slice instead of an index_add
-        cols = self.in_layout.scalar_columns
-        self._scalar_span = (cols[0], len(cols)) if cols and list(cols) == list(range(cols[0], cols[0] + len(cols))) \
-            else None
+        self._scalar_span = self.in_layout.scalar_span
         if self.num_scalars_in > 0:
             self.mmea_down = nn.Linear(self.num_scalars_in, rank, **fk)
             self.mmea_up = nn.Linear(rank, n_out, **fk)
@@ -103,8 +101,7 @@ class MMEAGating:
         """(additive terms, gates ``φ(γ_gate)``) for flattened input rows ``x``. ``fused_net``: the
         whole net as one C++ op where it can run (:func:`~mmea_kernels.ops.gate_net.gate_net`; the
         fused CPU path), else the torch composition."""
-        if fused_net and self.mmea_up is not None and self.mmea_down.bias is not None \
-                and self.mmea_up.bias is not None:
+        if fused_net and self.mmea_up is not None:
             from ..ops.gate_net import gate_net
             down, up = self.mmea_down, self.mmea_up
             return gate_net(self._scalar_inputs(x) if x0 is None else x0, down.weight, down.bias, up.weight, up.bias,

@@ -85,6 +85,19 @@ def available(device: torch.device) -> Tuple[bool, str]:
     return False, f"the cpp backend runs on cpu (and cuda) tensors, not {device.type}"
 
 
+# the dtypes of the fused CPU kernels (gated linear, gate net)
+CPP_DTYPES = (torch.float32, torch.float64)
+
+
+def ext_op_status(op: str, what: str, source: str) -> Tuple[bool, str]:
+    """(available, reason) of the extension's CPU op ``op`` (``what``, compiled from ``source``): the
+    extension loads and was built with that op."""
+    ok, why = available(torch.device("cpu"))
+    if ok and not hasattr(torch.ops.mmea_kernels_ext, op):
+        return False, f"mmea_kernels._C predates the {what} kernels ({source}): rebuild it"
+    return ok, why
+
+
 def gate_mul(x: torch.Tensor, gates: torch.Tensor, t: LayoutTables, keep_ungated: bool) -> torch.Tensor:
     """``y[n,c] = x[n,c]·gates[n, gate(c)]``; 0e columns copied (keep_ungated) or zeroed."""
     return torch.ops.mmea_kernels_ext.gate_mul(x, gates, t.gate_of_column, bool(keep_ungated))

@@ -22,22 +22,16 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..gate.cpp import CPP_DTYPES, ext_op_status
+
 __all__ = ["gate_net", "gate_net_reference", "gate_net_cpp_status", "PHI_CODES"]
 
 PHI_CODES = {"exp": 0, "residual": 1}
-CPP_DTYPES = (torch.float32, torch.float64)
 
 
 @functools.lru_cache(maxsize=None)
-def _ext_has_ops() -> Tuple[bool, str]:
-    from ..gate.cpp import available
-
-    ok, why = available(torch.device("cpu"))
-    if not ok:
-        return False, why
-    if not hasattr(torch.ops.mmea_kernels_ext, "gate_net_fwd"):
-        return False, "mmea_kernels._C predates the gate-net kernels (csrc/gate_net.cpp): rebuild it"
-    return True, ""
+def _ext_status() -> Tuple[bool, str]:
+    return ext_op_status("gate_net_fwd", "gate-net", "csrc/gate_net.cpp")
 
 
 def gate_net_cpp_status(x0: torch.Tensor) -> Tuple[bool, str]:
@@ -46,7 +40,7 @@ def gate_net_cpp_status(x0: torch.Tensor) -> Tuple[bool, str]:
         return False, f"the C++ gate net runs on cpu tensors, not {x0.device.type}"
     if x0.dtype not in CPP_DTYPES:
         return False, f"the C++ gate net supports float32 and float64, not {x0.dtype}"
-    return _ext_has_ops()
+    return _ext_status()
 
 
 def gate_net_reference(x0, w_down, b_down, w_up, b_up, num_additive: int, phi: str = "exp"):

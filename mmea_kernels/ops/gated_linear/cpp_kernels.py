@@ -20,14 +20,11 @@ from typing import Optional, Tuple
 import torch
 
 from .._utils import pow2
-from ..gate.cpp import available as _ext_available, register_fakes
+from ..gate.cpp import CPP_DTYPES, ext_op_status, register_fakes
 from ...linear_spec import LinearSpec
 from .tables import LinearTables, linear_tables
 
 __all__ = ["cpp_forward", "cpp_forward_u", "cpp_wgrad", "cpp_tables", "CPP_DTYPES", "cpp_status", "cpp_built"]
-
-CPP_DTYPES = (torch.float32, torch.float64)
-
 
 def cpp_status(device, dtype: Optional[torch.dtype] = None):
     """(available, reason) of the fused cpp kernels for tensors on ``device`` (of ``dtype``)."""
@@ -36,10 +33,7 @@ def cpp_status(device, dtype: Optional[torch.dtype] = None):
         return False, f"the fused cpp linear runs on cpu tensors, not {device.type}"
     if dtype is not None and dtype not in CPP_DTYPES:
         return False, f"the fused cpp linear supports float32 and float64, not {dtype}"
-    ok, why = _ext_available(device)
-    if ok and not hasattr(torch.ops.mmea_kernels_ext, "gated_linear_fwd_u"):
-        return False, "mmea_kernels._C predates the fused linear kernels (csrc/gated_linear.cpp): rebuild it"
-    return ok, why
+    return ext_op_status("gated_linear_fwd_u", "fused linear", "csrc/gated_linear.cpp")
 
 
 @functools.lru_cache(maxsize=None)

@@ -25,15 +25,16 @@ The pre-gate output ``u = L_W(G_pre ⊙ x)`` needed by ``dG_post``:
 * For the public call (no prologue gate) with a gate that needs a gradient (grad mode on,
   ``gates.requires_grad``), on either kernel backend, it is *saved*: :class:`_SavedOutputFn` returns
   ``(y, u)`` from one kernel (cpp ``gated_linear_fwd_u``, triton ``HAS_U``: the epilogue stores ``u``
-  next to ``y`` from the same accumulator, no extra GEMM), saves ``u`` as an *output* and drops it from the public result. A saved output stays on the
-  graph: in a ``create_graph`` backward the unpacked ``u`` has this node as its ``grad_fn``, so
-  ``dG = seg_dot(dy, u)`` routes its own gradient back into this node's backward as ``du`` (the
-  gradient of ``u = L_W(x)``), which adds ``L_W^T(du)`` to ``dx`` and ``dW(x, du)`` to ``dW``: the
-  backward runs on ``dz = G ⊙ dy + du`` (with ``du`` absent, ``G ⊙ dy`` stays a prologue gate of the
-  kernels). Every order of derivative is therefore exact, force training included. (A tensor kept
-  any other way, e.g. on ``ctx`` or detached, would be a constant there and lose its dependence on
-  ``x`` and ``W``.) Memory: one ``[N, D_out]`` activation per layer while the gates need a gradient,
-  as the unfused path, which saves the base layer's output for its gate.
+  next to ``y`` from the same accumulator, no extra GEMM), saves ``u`` as an *output* and drops it
+  from the public result. A saved output stays on the graph: in a ``create_graph`` backward the
+  unpacked ``u`` has this node as its ``grad_fn``, so ``dG = seg_dot(dy, u)`` routes its own
+  gradient back into this node's backward as ``du`` (the gradient of ``u = L_W(x)``), which adds
+  ``L_W^T(du)`` to ``dx`` and ``dW(x, du)`` to ``dW``: the backward runs on ``dz = G ⊙ dy + du``
+  (with ``du`` absent, ``G ⊙ dy`` stays a prologue gate of the kernels). Every order of derivative
+  is therefore exact, force training included. (A tensor kept any other way, e.g. on ``ctx`` or
+  detached, would be a constant there and lose its dependence on ``x`` and ``W``.) Memory: one
+  ``[N, D_out]`` activation per layer while the gates need a gradient, as the unfused path, which
+  saves the base layer's output for its gate.
 * Everywhere else (the backward's own calls with prologue gates) it is
   *recomputed* in the backward: one extra launch, only when the gates need a gradient.
   Inference, frozen gates and calls without gates run the forward that writes ``y`` only.

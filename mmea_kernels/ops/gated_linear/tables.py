@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Tuple
 
+from ...layout import column_span
 from ...linear_spec import LinearSpec
 
 __all__ = ["LinearTables", "linear_tables"]
@@ -136,12 +137,6 @@ def _build_tables(spec: LinearSpec, device, block_w: int, block_u: int) -> Linea
         bias_columns=torch.tensor(spec.bias_columns, dtype=torch.int64).to(device),
         scalar_columns=torch.tensor(spec.out_layout.scalar_columns, dtype=torch.int64).to(device),
         max_ir_dim=max((r[T_IR_DIM] for r in task_rows), default=1),
-        bias_span=_span(spec.bias_columns),
-        scalar_span=_span(spec.out_layout.scalar_columns),
+        bias_span=column_span(spec.bias_columns),
+        scalar_span=spec.out_layout.scalar_span,
     )
-
-
-def _span(cols):
-    """(first, count) of columns that form one contiguous range (non-empty), else None."""
-    cols = list(cols)
-    return (cols[0], len(cols)) if cols and cols == list(range(cols[0], cols[0] + len(cols))) else None
