@@ -255,3 +255,12 @@ def _rest_of_missing_extension_checks(monkeypatch):
     L = IrrepsLayout.of("2x0e+2x1o", "mul_ir")
     with pytest.raises(RuntimeError, match=r"backend='cpp' is not available for cpu tensors: the C\+\+ extension"):
         gate_mul(torch.randn(3, 8), torch.randn(3, 2), L, backend="cpp")
+
+
+@needs_ext
+def test_ext_op_status_names_a_missing_op_and_its_source():
+    """An extension built before a kernel file was added: the status names the kernels and the source
+    to rebuild; ops that exist report available."""
+    ok, why = cpp_backend.ext_op_status("no_such_op", "imaginary", "csrc/imaginary.cpp")
+    assert not ok and "predates the imaginary kernels (csrc/imaginary.cpp)" in why and "rebuild" in why
+    assert cpp_backend.ext_op_status("gate_mul", "gate", "csrc/gate_ops.cpp") == (True, "")
