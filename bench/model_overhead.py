@@ -7,6 +7,16 @@ timings on a shared machine drift by tens of percent.
 
     python bench/model_overhead.py                                   # CPU, 1 thread, 4 aspirin frames
     python bench/model_overhead.py --device cuda --frames 64 --rounds 50 --out $OUT
+    python bench/model_overhead.py --device cuda --frames 64 --profile 5      # where the time goes
+
+``--profile K`` adds, per model (frozen, MMEA, ELoRA), what K energy+force evaluations cost: host
+time (until the call returns, before synchronising), wall time, and from ``torch.profiler`` the
+number of device kernels and their summed device time per evaluation, plus the kernels whose
+summed time grows most from the frozen to the MMEA model. Host time close to wall time with
+device time well below it means the model is bound by launches and Python, not by the GPU; on a
+CPU the kernel count is the number of ATen ops dispatched (a launch-count proxy).
+``MMEA_FUSED_LINEAR=0`` makes every ``MMEALinear`` run its base layer and then the gate (the
+unfused path), for comparing the two on a device.
 """
 from __future__ import annotations
 
@@ -16,6 +26,7 @@ import datetime
 import json
 import pathlib
 import platform
+import re
 import statistics
 import sys
 import time
@@ -106,9 +117,87 @@ def build(args, device, dtype):
     return base, mmea, elora, batch
 
 
+_OP_NAME = re.compile(r"^\w+::\w+(\.\w+)?$")  # a dispatched op (aten::mm, mmea_kernels_ext::gate_mul), not a range
+
+
+def _kernel_events(prof, device):
+    """(name, microseconds) of every device kernel and copy in ``prof``; on a CPU, of every op that
+    the dispatcher reached from Python (an op with no op above it: what a GPU would launch)."""
+    from torch.autograd import DeviceType
+    out = []
+    for e in prof.events():
+        if device.type == "cuda":
+            if e.device_type == DeviceType.CUDA:
+                out.append((e.name, e.time_range.elapsed_us()))
+            continue
+        if e.device_type != DeviceType.CPU or not _OP_NAME.match(e.name):
+            continue
+        p = e.cpu_parent
+        while p is not None and not _OP_NAME.match(p.name):
+            p = p.cpu_parent
+        if p is None:
+            out.append((e.name, e.time_range.elapsed_us()))
+    return out
+
+
+def profile_rows(fns: dict, device, iters: int, top: int = 12) -> list:
+    """Host, wall and device-kernel cost of one call of each function in ``fns`` (name -> callable)
+    over ``iters`` calls, and the kernels whose summed time grows most from the first entry to the
+    second."""
+    import collections
+    from torch.profiler import ProfilerActivity, profile
+
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    rows, by_name = [], {}
+    for name, fn in fns.items():
+        fn()
+        sync()
+        host, wall = [], []
+        for _ in range(iters):  # without the profiler (its own overhead inflates host time)
+            t0 = time.perf_counter()
+            fn()
+            t1 = time.perf_counter()
+            sync()
+            host.append(t1 - t0)
+            wall.append(time.perf_counter() - t0)
+        with profile(activities=acts) as prof:
+            for _ in range(iters):
+                fn()
+            sync()
+        ev = _kernel_events(prof, device)
+        agg = collections.Counter()
+        for k, us in ev:
+            agg[k[:80]] += us / iters
+        by_name[name] = agg
+        rows.append({"what": f"profile: {name}", "host_ms": 1e3 * statistics.median(host),
+                     "wall_ms": 1e3 * statistics.median(wall), "kernels_per_call": len(ev) / iters,
+                     "kernel_ms_per_call": sum(us for _, us in ev) / iters / 1e3,
+                     "kernel_kind": "device kernels" if device.type == "cuda" else "top-level ops (CPU time)",
+                     "iters": iters})
+    names = list(fns)
+    if len(names) >= 2:
+        a, b = by_name[names[0]], by_name[names[1]]
+        grow = sorted(((b[k] - a.get(k, 0.0), k) for k in set(a) | set(b)), reverse=True)[:top]
+        rows.append({"what": f"profile: largest growth {names[0]} -> {names[1]} (us per call)",
+                     "kernels": [{"name": k, "delta_us": d, names[0] + "_us": a.get(k, 0.0), names[1] + "_us": b.get(k, 0.0)}
+                                 for d, k in grow]})
+    return rows
+
+
 def energy_forces(model, batch, training=False):
     out = model(dict(batch), training=training, compute_force=True)
     return out["energy"], out["forces"]
+
+
+def _print_profile(r: dict) -> None:
+    if "kernels" in r:
+        print(r["what"])
+        for k in r["kernels"]:
+            print(f"  {k['delta_us']:+9.1f}  {k['name']}")
+        return
+    print(f"{r['what']:<20} host {r['host_ms']:8.2f} ms  wall {r['wall_ms']:8.2f} ms  "
+          f"{r['kernels_per_call']:7.0f} {r['kernel_kind']} per call, {r['kernel_ms_per_call']:8.2f} ms", flush=True)
 
 
 def main(argv=None):
@@ -127,6 +216,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--modes", default="inference,train-step")
     ap.add_argument("--out", default=None, help="directory for the JSON row file")
+    ap.add_argument("--profile", type=int, default=0, metavar="K",
+                    help="also profile K energy+force evaluations of each model (host, wall, device kernels)")
     args = ap.parse_args(argv)
     if args.molecule is None:
         args.molecule = default_molecule(args.data_dir)
@@ -167,10 +258,17 @@ def main(argv=None):
             return f
         res = paired(step(elora), step(mmea), args.rounds, device)
         rows.append({"what": "force-training step: MMEA / ELoRA (same rank)", **res})
+    if args.profile > 0:
+        def ef(m):
+            return lambda: energy_forces(m, batch)
+        rows += profile_rows({"frozen": ef(base), "mmea": ef(mmea), "elora": ef(elora)}, device, args.profile)
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     for r in rows:
         r.update({"size": size, "device": where, "torch": torch.__version__, "date": stamp, "rank": args.rank,
                   "mmea_fused": fused})
+        if r["what"].startswith("profile"):
+            _print_profile(r)
+            continue
         print(f"{r['what']:<48} {size}  {where}: ratio {r['ratio_median']:.3f} "
               f"(IQR {r['ratio_q1']:.3f}..{r['ratio_q3']:.3f}, {r['rounds']} rounds; "
               f"{r['a_ms']:.2f} -> {r['b_ms']:.2f} ms; {fused})", flush=True)

@@ -12,7 +12,8 @@
 # Writes to $OUT (default bench/results/device): device_check.log (versions, build, the CUDA
 # tests, the model-level check), kernels-sm90.txt (bench/gpu/kernel_report.py), the benchmark's
 # .jsonl/.json/.txt (bench/gpu/bench_gpu.py, with the driver's registers and spills of every
-# Triton kernel it ran) and model-overhead-gpu-<date>.json. Each step
+# Triton kernel it ran) and model-overhead-gpu-<date>.json (paired ratios, then a profile of each
+# model: host/wall/device time and kernel counts, fused and MMEA_FUSED_LINEAR=0). Each step
 # has its own time limit and a failure does not stop the next step.
 set -u
 cd "$(dirname "$0")/../.."
@@ -60,4 +61,11 @@ step "whole model (MACE-OFF23-medium architecture), energy+forces and a training
 for dt in ${MODEL_DTYPES:-float32 float64}; do
   timeout 60 python3 bench/model_overhead.py --device cuda --frames 64 --rounds 40 --dtype $dt --out "$OUT" 2>&1 | tail -3
 done
+
+step "whole model: where the time goes (host vs device, kernel counts; torch.profiler), fused vs unfused MMEA"
+timeout 90 python3 bench/model_overhead.py --device cuda --frames 64 --rounds 20 --modes inference --profile 5 \
+  --out "$OUT" 2>&1 | grep -v USDT | tail -20
+echo "--- MMEA_FUSED_LINEAR=0 (every MMEALinear: base layer, then the gate kernels)"
+MMEA_FUSED_LINEAR=0 timeout 90 python3 bench/model_overhead.py --device cuda --frames 64 --rounds 20 --modes inference \
+  --profile 5 --out "$OUT" 2>&1 | grep -v USDT | tail -20
 step "done"

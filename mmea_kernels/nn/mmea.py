@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -139,7 +140,9 @@ class MMEALinear(MMEAGating, AdapterLinear):
             or to ``"cpp"`` (auto's choice on CPU once the extension is built) for float32/float64 CPU
             features, the base linear and the gate run as one fused kernel
             (:mod:`mmea_kernels.ops.gated_linear`); ``"torch"`` runs the base layer, then the gate (the
-            unfused reference, also what TorchScript and torch.compile use).
+            unfused reference, also what TorchScript and torch.compile use). ``MMEA_FUSED_LINEAR=0``
+            in the environment keeps every layer on the unfused path (the gate then runs on the
+            backend's gate kernels), for comparing the two paths on a device.
 
     A layer whose input has no 0e channel gets static learned gates and additive terms.
     """
@@ -157,9 +160,10 @@ class MMEALinear(MMEAGating, AdapterLinear):
 
     def _fused(self, x: torch.Tensor, args, kwargs):
         """(LinearSpec, kernel backend) when a fused linear+gate kernel should run (triton; cpp for
-        float32/float64 CPU tensors), else None. Under torch.compile, and for a call with extra
-        arguments, the unfused path runs."""
-        if args or kwargs or torch.compiler.is_compiling():
+        float32/float64 CPU tensors), else None. Under torch.compile, for a call with extra
+        arguments, and with ``MMEA_FUSED_LINEAR=0`` in the environment (for comparing the two paths
+        on a device), the unfused path runs."""
+        if args or kwargs or torch.compiler.is_compiling() or os.environ.get("MMEA_FUSED_LINEAR", "1") == "0":
             return None
         # imported here: the fused triton kernels are decorated only when first used, after
         # TRITON_INTERPRET is settled (as the gate backends are loaded lazily)

@@ -103,12 +103,23 @@ def test_failing_configuration_is_recorded_not_fatal(tmp_path, bench_gpu, monkey
 def test_model_overhead_script(tmp_path):
     pytest.importorskip("mace")
     res = subprocess.run([sys.executable, str(BENCH / "model_overhead.py"), "--preset", "tiny", "--frames", "1",
-                          "--rounds", "3", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+                          "--rounds", "3", "--profile", "2", "--out", str(tmp_path)], capture_output=True, text=True,
+                         timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     (out,) = tmp_path.glob("model-overhead-cpu-*.json")
     rows = json.loads(out.read_text())
-    assert [r["what"].split(":")[0] for r in rows] == ["energy+forces", "force-training step"]
-    assert all(r["rounds"] == 3 and r["ratio_q1"] <= r["ratio_median"] <= r["ratio_q3"] for r in rows)
+    timed = [r for r in rows if not r["what"].startswith("profile")]
+    assert [r["what"].split(":")[0] for r in timed] == ["energy+forces", "force-training step"]
+    assert all(r["rounds"] == 3 and r["ratio_q1"] <= r["ratio_median"] <= r["ratio_q3"] for r in timed)
+    # --profile: per model, host <= wall and a count of the ops a device would launch; then the ops
+    # whose time grows most from the frozen to the MMEA model (the fused kernels among them)
+    prof = {r["what"]: r for r in rows if r["what"].startswith("profile")}
+    for name in ("frozen", "mmea", "elora"):
+        r = prof[f"profile: {name}"]
+        assert 0 < r["host_ms"] <= r["wall_ms"] and r["kernels_per_call"] > 10 and r["kernel_ms_per_call"] > 0
+    (growth,) = [r for w, r in prof.items() if "largest growth" in w]
+    names = [k["name"] for k in growth["kernels"]]
+    assert growth["kernels"] and any(n.startswith("mmea_kernels_ext::") for n in names) == ("'cpp'" in rows[0]["mmea_fused"])
 
 
 def test_model_overhead_reads_rmd17_frames(rmd17, tmp_path):

@@ -203,6 +203,26 @@ def test_fused_cpp_path_is_the_cpu_default_and_matches_unfused(monkeypatch):
     assert ad._fused(x.half(), (), {}) is None and ad._fused(x, (x,), {}) is None
 
 
+def test_fused_linear_env_switch_keeps_the_unfused_path(monkeypatch):
+    """MMEA_FUSED_LINEAR=0 (for comparing the paths on a device) keeps a layer that would fuse on the
+    unfused path: no fused-linear kernel runs, and the output is the same."""
+    from mmea_kernels.ops.gated_linear import cpp_status
+    ok, why = cpp_status("cpu")
+    if not ok:
+        pytest.skip(why)
+    ad = MMEALinear(make_linear(), rank=3, backend="cpp")
+    randomise(ad)
+    x = torch.randn(4, o3.Irreps(IN).dim, dtype=torch.float64)
+    assert ad.fused_kernel(x) == "cpp"
+    y_fused = ad(x)
+    monkeypatch.setenv("MMEA_FUSED_LINEAR", "0")
+    assert ad.fused_kernel(x) is None
+    with torch.profiler.profile() as prof:
+        y = ad(x)
+    assert not any(e.name.startswith("mmea_kernels_ext::gated_linear") for e in prof.events())
+    torch.testing.assert_close(y, y_fused, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("phi", ["exp", "residual"])
 def test_fused_cpp_path_runs_the_gate_net_kernels(phi):
     """On the fused cpp path the gate net is one C++ op forward (gate_net_fwd) and one backward
