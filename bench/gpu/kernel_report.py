@@ -101,7 +101,7 @@ def gate_cases():
         bn, bg, warps = tb._seg_dot_blocks(32000, g, w, False)
         yield (f"seg_dot {NAMES[dtype]} n{bn} g{bg} w{w}", tb._seg_dot_kernel,
                {"a_ptr": p, "b_ptr": p, "cols_ptr": "*i32", "out_ptr": p, "stride_ad": "i32", "stride_bd": "i32",
-                "stride_og": "i32"}, dict(SHARED=False, ACC=acc, W=w, BLOCK_N=bn, BLOCK_G=bg), warps, 3)
+                "stride_og": "i32"}, dict(SHARED=False, ACC=acc, W=w, K=7, BLOCK_N=bn, BLOCK_G=bg), warps, 3)
 
 
 def fused_gate_cases():

@@ -7,9 +7,12 @@ Kernel-level functions (no autograd) with the same interface as
 * ``gate_mul``: one 2-D grid over (row blocks, column blocks); each program loads a
   ``[BLOCK_N, BLOCK_D]`` tile of ``x``, gathers the gate of every column from
   ``t.gate_of_column`` and the gate values from ``gates`` (row stride 0 for shared gates).
-* ``seg_dot``: one 2-D grid over (row blocks, gate blocks); each program gathers a
-  ``[BLOCK_N, BLOCK_G, W]`` tile of ``a`` and ``b`` through ``t.gate_cols_padded`` and reduces the
-  last axis. Shared mode reduces the rows of the tile too and writes one partial row per row-block
+* ``seg_dot``: one 2-D grid over (row blocks, gate blocks); each program accumulates a
+  ``[BLOCK_N, BLOCK_G]`` tile (one lane per (row, gate), as the CUDA kernel's thread) over the
+  columns k of the gates, gathering ``a`` and ``b`` at column k of every gate through
+  ``t.gate_cols_padded``; the loop runs to the widest gate, narrower gates mask the rest. (The
+  first version gathered a padded ``[BLOCK_N, BLOCK_G, W]`` tile and reduced its last axis; on an
+  H200 it reached 10-50 % of copy bandwidth where the CUDA kernel reached 84-98 %.) Shared mode reduces the rows of the tile too and writes one partial row per row-block
   program into a ``[num_row_programs, G]`` buffer, summed by torch afterwards (deterministic, no
   atomics).
 
@@ -67,12 +70,17 @@ def _gate_mul_blocks(n: int, d: int, interpret: bool) -> Tuple[int, int, int]:
 
 
 def _seg_dot_blocks(n: int, g: int, w: int, interpret: bool) -> Tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_G, num_warps) for seg_dot; the gathered tile is BLOCK_N*BLOCK_G*W."""
-    budget = 16384 if interpret else 4096
-    block_g = min(pow2(g), max(1, budget // w), 64 if interpret else 32)
-    block_n = min(pow2(n), max(1, budget // (block_g * w)), 64)
-    num_warps = 1 if interpret else (4 if block_n * block_g * w >= 2048 else 2)
-    return block_n, block_g, num_warps
+    """(BLOCK_N, BLOCK_G, num_warps) for seg_dot: a [BLOCK_N, BLOCK_G] accumulator (one lane per
+    (row, gate)); ``w`` no longer sizes the tile (the kernel loops over the columns). The interpreter
+    pays per program instance, so it gets big tiles. On GPU, at most 4 lanes per thread: the
+    unrolled column loop keeps every load of a lane in flight, and 8 lanes per thread took 92-128
+    registers on sm_90 (4: 48-64; bench/gpu/kernel_report.py)."""
+    if interpret:
+        block_g = min(pow2(g), 128)
+        return min(pow2(n), max(1, 16384 // block_g), 128), block_g, 1
+    block_g = min(pow2(g), 64)
+    block_n = min(pow2(n), max(1, 1024 // block_g))
+    return block_n, block_g, 8 if block_n * block_g >= 1024 else 4
 
 
 def _tl_acc(dtype: torch.dtype):
@@ -126,7 +134,8 @@ if triton is not None:
         stride_on, stride_og,  # per-row: out [N, G]; shared: partial [num_row_programs, G]
         SHARED: tl.constexpr,
         ACC: tl.constexpr,
-        W: tl.constexpr,
+        W: tl.constexpr,  # row length of the padded column table
+        K: tl.constexpr,  # columns of the widest gate (<= W): the loop runs over these only
         BLOCK_N: tl.constexpr,
         BLOCK_G: tl.constexpr,
     ):
@@ -134,22 +143,23 @@ if triton is not None:
         pid_g = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         gids = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
-        ks = tl.arange(0, W)
         row_ok = rows < N
         gate_ok = gids < G
         rows64 = rows.to(tl.int64)  # only the row offsets need 64 bits
+        a_rows = a_ptr + rows64[:, None] * stride_an
+        b_rows = b_ptr + rows64[:, None] * stride_bn
 
-        # [BLOCK_G, W] columns of each gate, -1 padded
-        cols = tl.load(cols_ptr + gids[:, None] * W + ks[None, :], mask=gate_ok[:, None], other=-1)
-        col_ok = cols >= 0
-        cols = tl.where(col_ok, cols, 0)
-
-        m = row_ok[:, None, None] & col_ok[None, :, :]
-        r3 = rows64[:, None, None]
-        c3 = cols[None, :, :]
-        a = tl.load(a_ptr + r3 * stride_an + c3 * stride_ad, mask=m, other=0.0).to(ACC)
-        b = tl.load(b_ptr + r3 * stride_bn + c3 * stride_bd, mask=m, other=0.0).to(ACC)
-        s = tl.sum(a * b, axis=2)  # [BLOCK_N, BLOCK_G]
+        # one [BLOCK_N, BLOCK_G] tile per column k of the gates (thread per (row, gate), as the CUDA
+        # kernel): 2-D gathers whose lanes read neighbouring gates, no padded third axis
+        s = tl.zeros([BLOCK_N, BLOCK_G], dtype=ACC)
+        for k in tl.static_range(K):
+            col = tl.load(cols_ptr + gids * W + k, mask=gate_ok, other=-1)  # -1: past this gate's width
+            ok = col >= 0
+            col = tl.where(ok, col, 0)
+            m = row_ok[:, None] & ok[None, :]
+            a = tl.load(a_rows + (col * stride_ad)[None, :], mask=m, other=0.0).to(ACC)
+            b = tl.load(b_rows + (col * stride_bd)[None, :], mask=m, other=0.0).to(ACC)
+            s += a * b
         if SHARED:
             part = tl.sum(s, axis=0)  # [BLOCK_G]
             tl.store(out_ptr + pid_n.to(tl.int64) * stride_on + gids * stride_og,
@@ -219,7 +229,7 @@ def seg_dot(a: torch.Tensor, b: torch.Tensor, t: LayoutTables, shared: bool) -> 
             dst.stride(0), dst.stride(1),
             SHARED=bool(shared),
             ACC=_tl_acc(a.dtype),
-            W=W,
+            W=W, K=max(t.layout.max_gate_width, 1),
             BLOCK_N=block_n, BLOCK_G=block_g,
             num_warps=num_warps,
         )
