@@ -296,6 +296,49 @@ def sweep_cases(layer, n, device, timer):
             os.environ["MMEA_FP32_DOT"] = saved_prec
 
 
+GATE_SWEEP = {  # (BLOCK_N, BLOCK_D or BLOCK_G, num_warps) of the Triton gate kernels
+    "gate_mul": [(16, 256, 4), (16, 256, 8), (8, 256, 4), (32, 256, 8), (4, 512, 4), (8, 512, 8)],
+    "seg_dot": [(16, 64, 8), (8, 64, 4), (32, 32, 8), (16, 32, 4), (32, 64, 8), (64, 32, 8)],
+}
+
+
+def gate_sweep_cases(layer, n, device, timer, dtypes):
+    """The Triton gate_mul and seg_dot under each tile of GATE_SWEEP: device time (CUDA graph) and
+    its share of the copy bandwidth, each result checked against float64 first."""
+    from mmea_kernels.ops.gate import triton as tb
+    irreps_out = (LAYERS | SMALL_LAYERS)[layer][1]
+    L = IrrepsLayout.of(irreps_out, "mul_ir")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x64 = torch.randn(n, L.dim, generator=gen, dtype=torch.float64)
+    b64 = torch.randn(n, L.dim, generator=gen, dtype=torch.float64)
+    g64 = torch.rand(n, L.num_gates, generator=gen, dtype=torch.float64) + 0.5
+    refs = {"gate_mul": gate_mul(x64, g64, L, backend="torch"), "seg_dot": seg_dot(x64, b64, L, backend="torch")}
+    picks = {"gate_mul": "_gate_mul_blocks", "seg_dot": "_seg_dot_blocks"}
+    for dtype in dtypes:
+        x, b, g = (t.to(device=device, dtype=dtype) for t in (x64, b64, g64))
+        calls = {"gate_mul": lambda: gate_mul(x, g, L, backend="triton"), "seg_dot": lambda: seg_dot(x, b, L, backend="triton")}
+        for op, cfgs in GATE_SWEEP.items():
+            nbytes = gate_bytes(op, layer, n, dtype)
+            default = getattr(tb, picks[op])
+            for cfg in [None] + cfgs:
+                row = {"op": "gate_sweep", "provider": f"{op} " + ("default" if cfg is None else
+                                                                   f"n{cfg[0]} {'d' if op == 'gate_mul' else 'g'}{cfg[1]} "
+                                                                   f"warps{cfg[2]}"),
+                       "mode": "fwd", "layer": layer, "N": n, "dtype": DTYPE_NAMES[dtype]}
+                if cfg is not None:
+                    setattr(tb, picks[op], lambda *a, cfg=cfg: cfg)
+                try:
+                    row["rel_err"] = check(row["provider"], calls[op](), refs[op].to(device), dtype)
+                    row["median_ms"], row["graph_ms"] = timer.ms(calls[op]), timer.graph_ms(calls[op])
+                    row["bytes"] = nbytes
+                    row["GB/s"] = nbytes / ((row["graph_ms"] or row["median_ms"]) * 1e-3) / 1e9
+                except Exception as exc:  # noqa: BLE001 - record, go on
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                finally:
+                    setattr(tb, picks[op], default)
+                yield row
+
+
 # ============================================================================ kernel resources
 def kernel_resources():
     """Registers and spills of every compiled Triton kernel of the package (CUDA only)."""
@@ -384,6 +427,12 @@ def markdown_summary(path) -> str:
                 r["graph_ms"] * 1e-3) / 1e9 / meta["copy_GBps"]
             out.append(f"| {r['op']} | {r['layer']} | {r['N']} | {r['dtype']} | {r['provider']} | "
                        f"{r['graph_ms']:.4f} | {pct:.0f} % |")
+    sweep = [r for r in ok if r["op"] == "gate_sweep" and r.get("graph_ms")]
+    if sweep:
+        out += ["", "| Triton gate kernel tile | layer | N | dtype | graph ms | % of copy bandwidth |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| {r['provider']} | {r['layer']} | {r['N']} | {r['dtype']} | {r['graph_ms']:.4f} | "
+                f"{100 * r['GB/s'] / meta['copy_GBps']:.0f} % |" for r in sweep]
     return "\n".join(out)
 
 
@@ -437,6 +486,11 @@ def main(argv=None):
             stream.write(json.dumps(row) + "\n")
             stream.flush()
 
+    # first: rows stream as they come, and the first run's benchmark hit its time limit
+    if device.type == "cuda" or args.small:  # tiles of the Triton gate kernels (device time, % of copy)
+        layer = "small" if args.small else "128x0e+128x1o+128x2e+128x3o"
+        run(("gate_sweep", layer, 33 if args.small else 32000, dtypes[0]),
+            gate_sweep_cases(layer, 33 if args.small else 32000, device, timer, dtypes))
     for layer in layers:
         for n in sizes:
             for dtype in dtypes:

@@ -55,7 +55,7 @@ step "registers and spills of the Triton kernels (sm_90, ptxas -v)"
 timeout 120 python3 bench/gpu/kernel_report.py --out "$OUT/kernels-sm90.txt" 2>&1 | tail -40
 
 step "benchmark"
-timeout ${BENCH_LIMIT:-200} python3 bench/gpu/bench_gpu.py --out "$OUT" --sizes "${BENCH_SIZES:-2000,8000,32000}" ${BENCH_ARGS:-} 2>&1 | tail -150
+timeout ${BENCH_LIMIT:-220} python3 bench/gpu/bench_gpu.py --out "$OUT" --sizes "${BENCH_SIZES:-2000,8000,32000}" ${BENCH_ARGS:-} 2>&1 | tail -150
 
 step "whole model (MACE-OFF23-medium architecture), energy+forces and a training step"
 for dt in ${MODEL_DTYPES:-float32 float64}; do

@@ -44,6 +44,14 @@ def test_gpu_script_small_run(tmp_path, bench_gpu):
     # seg_dot reads two distinct tensors: its bytes are counted once each
     seg = [r for r in rows if r["op"] == "seg_dot"]
     assert seg and all(r["bytes"] > 0 for r in seg)
+    # the Triton gate kernels' tile sweep: every tile checked against float64 and timed, and the
+    # launchers' own tile choice restored afterwards
+    sweep = [r for r in rows if r["op"] == "gate_sweep"]
+    assert {r["provider"].split()[0] for r in sweep} == {"gate_mul", "seg_dot"}
+    assert len(sweep) == 2 * sum(len(c) + 1 for c in bench_gpu.GATE_SWEEP.values())
+    assert all(r["rel_err"] is not None and r["GB/s"] > 0 for r in sweep)
+    from mmea_kernels.ops.gate import triton as tb
+    assert tb._seg_dot_blocks.__name__ == "_seg_dot_blocks" and tb._gate_mul_blocks.__name__ == "_gate_mul_blocks"
     # the stream file holds every row (written as they came)
     (stream,) = tmp_path.glob("*-gpu.jsonl")
     assert len(stream.read_text().splitlines()) == len(rows) + 1
