@@ -122,17 +122,21 @@ def gate_bytes(op: str, layer: str, n: int, dtype: torch.dtype) -> int:
     return (2 * (L.dim - L.num_scalars) + L.num_gates) * n * e
 
 
-def gate_cases(layer, n, dtype, device, timer):
-    """gate_mul and seg_dot of every available backend; distinct a/b so seg_dot's bytes (the gated
-    columns of a and of b, and the [N, G] result) are each read once."""
-    irreps_out = (LAYERS | SMALL_LAYERS)[layer][1]
-    L = IrrepsLayout.of(irreps_out, "mul_ir")
+def gate_inputs(layer, n):
+    """(output layout, seeded float64 x, b, gates of ``n`` rows, gate_mul(x, gates) and
+    seg_dot(x, b) from the torch reference) for the gate benchmarks of ``layer``."""
+    L = IrrepsLayout.of((LAYERS | SMALL_LAYERS)[layer][1], "mul_ir")
     gen = torch.Generator(device="cpu").manual_seed(0)
     x64 = torch.randn(n, L.dim, generator=gen, dtype=torch.float64)
     b64 = torch.randn(n, L.dim, generator=gen, dtype=torch.float64)
     g64 = torch.rand(n, L.num_gates, generator=gen, dtype=torch.float64) + 0.5
-    ref_mul = gate_mul(x64, g64, L, backend="torch")
-    ref_dot = seg_dot(x64, b64, L, backend="torch")
+    return L, x64, b64, g64, gate_mul(x64, g64, L, backend="torch"), seg_dot(x64, b64, L, backend="torch")
+
+
+def gate_cases(layer, n, dtype, device, timer):
+    """gate_mul and seg_dot of every available backend; distinct a/b so seg_dot's bytes (the gated
+    columns of a and of b, and the [N, G] result) are each read once."""
+    L, x64, b64, g64, ref_mul, ref_dot = gate_inputs(layer, n)
     x, b, g = (t.to(device=device, dtype=dtype) for t in (x64, b64, g64))
     nbytes = {op: gate_bytes(op, layer, n, dtype) for op in ("gate_mul", "seg_dot")}
     for be in ("torch", "triton", "cpp"):
@@ -306,13 +310,8 @@ def gate_sweep_cases(layer, n, device, timer, dtypes):
     """The Triton gate_mul and seg_dot under each tile of GATE_SWEEP: device time (CUDA graph) and
     its share of the copy bandwidth, each result checked against float64 first."""
     from mmea_kernels.ops.gate import triton as tb
-    irreps_out = (LAYERS | SMALL_LAYERS)[layer][1]
-    L = IrrepsLayout.of(irreps_out, "mul_ir")
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    x64 = torch.randn(n, L.dim, generator=gen, dtype=torch.float64)
-    b64 = torch.randn(n, L.dim, generator=gen, dtype=torch.float64)
-    g64 = torch.rand(n, L.num_gates, generator=gen, dtype=torch.float64) + 0.5
-    refs = {"gate_mul": gate_mul(x64, g64, L, backend="torch"), "seg_dot": seg_dot(x64, b64, L, backend="torch")}
+    L, x64, b64, g64, ref_mul, ref_dot = gate_inputs(layer, n)
+    refs = {"gate_mul": ref_mul, "seg_dot": ref_dot}
     picks = {"gate_mul": "_gate_mul_blocks", "seg_dot": "_seg_dot_blocks"}
     for dtype in dtypes:
         x, b, g = (t.to(device=device, dtype=dtype) for t in (x64, b64, g64))
