@@ -119,8 +119,10 @@ void pack(const T* src, int64_t ld, int64_t n0, int64_t R, const Block& b, int64
 
 // Epilogue: rows [n0, n0 + R), channels [c0, c0 + C) of output block b from the GEMM result
 // acc[(r*d + m)*C + c], times the gate (non-0e blocks), plus bias (at c0, or null) and additive.
+// uo (or null): the same elements of the pre-gate output, acc itself, written in the same pass
+// (one read of the tile for both stores).
 template <typename T>
-void store(const T* acc, int64_t R, int64_t d, int64_t C, T* out, int64_t ld, int64_t n0, const Block& b,
+void store(const T* acc, int64_t R, int64_t d, int64_t C, T* out, T* uo, int64_t ld, int64_t n0, const Block& b,
            int64_t c0, const Rows<T>& g, const T* bias, const Rows<T>& add, int64_t scal) {
   const bool gated = g.ptr != nullptr && b.gate >= 0;
   const bool added = add.ptr != nullptr && scal >= 0;
@@ -128,12 +130,14 @@ void store(const T* acc, int64_t R, int64_t d, int64_t C, T* out, int64_t ld, in
     const int64_t n = n0 + r;
     const T* __restrict__ a = acc + r * d * C;
     T* __restrict__ o = out + n * ld + b.off + c0 * b.su;
+    T* __restrict__ u = uo != nullptr ? uo + n * ld + b.off + c0 * b.su : nullptr;
     const T* __restrict__ gr = gated ? g.row(n) + b.gate + c0 : nullptr;
     const T* __restrict__ ar = added ? add.row(n) + scal + c0 : nullptr;
     if (b.su == 1) {
       for (int64_t m = 0; m < d; ++m) {
         const T* __restrict__ am = a + m * C;
         T* __restrict__ om = o + m * b.sm;
+        if (u != nullptr) std::copy(am, am + C, u + m * b.sm);
         if (gr != nullptr) {
           for (int64_t c = 0; c < C; ++c) om[c] = am[c] * gr[c];
         } else {
@@ -148,7 +152,16 @@ void store(const T* acc, int64_t R, int64_t d, int64_t C, T* out, int64_t ld, in
         const T bc = bias != nullptr ? bias[c] : T(0);
         const T ac = ar != nullptr ? ar[c] : T(0);
         T* __restrict__ oc = o + c * b.su;
-        for (int64_t m = 0; m < d; ++m) oc[m * b.sm] = (a[m * C + c] * gc + bc) + ac;
+        if (u != nullptr) {
+          T* __restrict__ uc = u + c * b.su;
+          for (int64_t m = 0; m < d; ++m) {
+            const T v = a[m * C + c];
+            uc[m * b.sm] = v;
+            oc[m * b.sm] = (v * gc + bc) + ac;
+          }
+        } else {
+          for (int64_t m = 0; m < d; ++m) oc[m * b.sm] = (a[m * C + c] * gc + bc) + ac;
+        }
       }
     }
   }
@@ -242,11 +255,9 @@ void forward_tile(const Fwd<T>& f, const Tile& tile, const at::Tensor& abuf, con
   }
   const int64_t b0 = t[T_BIAS];
   const Block out{t[T_COL0], t[T_COL_SU], t[T_COL_SM], t[T_GATE]};
-  store(acc.const_data_ptr<T>(), tile.rows, d, C, f.y, f.dout, tile.n0, out, w0, f.post, f.bias != nullptr && b0 >= 0 ? f.bias + b0 + w0 : nullptr, f.add, t[T_SCALAR]);
-  if (f.u != nullptr) {  // the same tile, still in cache, without gate, bias or additive
-    store<T>(acc.const_data_ptr<T>(), tile.rows, d, C, f.u, f.dout, tile.n0, out, w0, Rows<T>{}, nullptr, Rows<T>{},
-             -1);
-  }
+  // y, and u when asked for (the same tile without gate, bias or additive), in one pass over acc
+  store(acc.const_data_ptr<T>(), tile.rows, d, C, f.y, f.u, f.dout, tile.n0, out, w0, f.post,
+        f.bias != nullptr && b0 >= 0 ? f.bias + b0 + w0 : nullptr, f.add, t[T_SCALAR]);
 }
 
 template <typename T>
