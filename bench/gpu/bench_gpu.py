@@ -257,6 +257,59 @@ def fused_gate_cases(n, dtype, device, timer):
                    "bytes": (eg.irreps_in.dim + eg.irreps_out.dim) * n * x.element_size()}
 
 
+def host_cost_us(fn, device, calls: int) -> float:
+    """Microseconds per call of ``calls`` back-to-back calls, synchronised once at the end: at
+    launch-bound sizes this is the host's cost per call (Python, dispatch, launches)."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 1e6 * (time.perf_counter() - t) / calls
+
+
+def host_overhead_cases(layer, device, small):
+    """Host cost per call at launch-bound sizes (16 rows): one torch op, one Triton gate_mul launch
+    (and the CUDA extension's), the fused linear, MMEALinear and the bare o3.Linear, forward and
+    forward with the input gradient. Says whether a whole model on this card is bound by Python and
+    launches, and how much of that is Triton's launcher."""
+    irreps_in, irreps_out = (LAYERS | SMALL_LAYERS)[layer]
+    n, calls = 16, (3 if small else 300)
+    torch.manual_seed(0)
+    lin = o3.Linear(irreps_in, irreps_out).to(device)
+    lin.requires_grad_(False)
+    ad = MMEALinear(lin, rank=16).to(device)
+    spec = LinearSpec.from_e3nn(lin)
+    L = IrrepsLayout.of(irreps_out, "mul_ir")
+    x = torch.randn(n, lin.irreps_in.dim, device=device, requires_grad=True)
+    y0 = torch.randn(n, L.dim, device=device)
+    g = torch.rand(n, L.num_gates, device=device) + 0.5
+    add = torch.randn(n, L.num_scalars, device=device)
+    a, b = torch.randn(n, 64, device=device), torch.randn(n, 64, device=device)
+    cases = {"torch.mul": lambda: torch.mul(a, b)}
+    for be in ("triton", "cpp"):
+        if backend_status(be, device)[0]:
+            cases[f"gate_mul {be}"] = lambda be=be: gate_mul(y0, g, L, backend=be)
+    if backend_status("triton", device)[0]:
+        cases["fused linear (no grad)"] = lambda: gated_linear(x.detach(), lin.weight, None, g, add, spec,
+                                                               backend="triton")
+    for name, mod in (("o3.Linear", lin), ("MMEALinear", ad)):
+        def fwd(mod=mod):
+            with torch.no_grad():
+                mod(x)
+
+        def fwd_grad(mod=mod):
+            torch.autograd.grad(mod(x), x, y0)
+        cases[f"{name} fwd"] = fwd
+        cases[f"{name} fwd+grad_x"] = fwd_grad
+    for name, fn in cases.items():
+        yield {"op": "host_overhead", "provider": name, "mode": "fwd", "layer": layer, "N": n, "dtype": "float32",
+               "us_per_call": host_cost_us(fn, device, calls), "calls": calls}
+
+
 SWEEP = [  # (block_m, block_w, block_k, num_warps, num_stages) of the fused forward kernel
     (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (128, 64, 32, 8, 3), (128, 128, 32, 8, 3),
     (64, 128, 32, 4, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3), (128, 128, 64, 8, 2),
@@ -374,6 +427,9 @@ def table(rows, bw):
                          f"ERROR {r['error']}")
             continue
         size = f"{r['layer']} N={r['N']} {r['dtype']}"
+        if "us_per_call" in r:
+            lines.append(f"{r['op']:<18}{size:<50}{'host':<8}{r['provider']:<26}{r['us_per_call']:9.1f} us per call")
+            continue
         b = base.get((r["op"], r["layer"], r["N"], r["dtype"], r["mode"]))
         if "GB/s" in r:
             extra = f"{r['GB/s']:7.0f} GB/s ({100 * r['GB/s'] / bw:3.0f} % of copy)"
@@ -426,6 +482,10 @@ def markdown_summary(path) -> str:
                 r["graph_ms"] * 1e-3) / 1e9 / meta["copy_GBps"]
             out.append(f"| {r['op']} | {r['layer']} | {r['N']} | {r['dtype']} | {r['provider']} | "
                        f"{r['graph_ms']:.4f} | {pct:.0f} % |")
+    host = [r for r in ok if r["op"] == "host_overhead"]
+    if host:
+        out += ["", f"| host cost per call, {host[0]['N']} rows ({host[0]['layer']}) | µs |", "|---|---|"]
+        out += [f"| {r['provider']} | {r['us_per_call']:.1f} |" for r in host]
     sweep = [r for r in ok if r["op"] == "gate_sweep" and r.get("graph_ms")]
     if sweep:
         out += ["", "| Triton gate kernel tile | layer | N | dtype | graph ms | % of copy bandwidth |",
@@ -490,6 +550,8 @@ def main(argv=None):
         layer = "small" if args.small else "128x0e+128x1o+128x2e+128x3o"
         run(("gate_sweep", layer, 33 if args.small else 32000, dtypes[0]),
             gate_sweep_cases(layer, 33 if args.small else 32000, device, timer, dtypes))
+    run(("host_overhead", "small" if args.small else "128x0e+128x1o+128x2e+128x3o", 16, torch.float32),
+        host_overhead_cases("small" if args.small else "128x0e+128x1o+128x2e+128x3o", device, args.small))
     for layer in layers:
         for n in sizes:
             for dtype in dtypes:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..ops.fused_gate import FusedGateSpec, activation_code
-from ..ops.fused_gate.function import check_backend
+from ..ops.fused_gate.function import check_backend, fused_gate_2d
 
 __all__ = ["FusedGate", "ScriptableFusedGate"]
 
@@ -301,8 +301,7 @@ class FusedGate(nn.Module):
         if self._key is None:
             return self._torch_forward(features)
         lead = features.shape[:-1]
-        y = torch.ops.mmea_kernels.fused_gate(features.reshape(-1, self._d_in), self._key,
-                                              check_backend(self.backend, features.device))
+        y = fused_gate_2d(features.reshape(-1, self._d_in), self._key, check_backend(self.backend, features.device))
         return y.reshape(lead + (self._d_out,))
 
     def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:

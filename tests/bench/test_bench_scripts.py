@@ -52,6 +52,10 @@ def test_gpu_script_small_run(tmp_path, bench_gpu):
     assert all(r["rel_err"] is not None and r["GB/s"] > 0 for r in sweep)
     from mmea_kernels.ops.gate import triton as tb
     assert tb._seg_dot_blocks.__name__ == "_seg_dot_blocks" and tb._gate_mul_blocks.__name__ == "_gate_mul_blocks"
+    # host cost per call at launch-bound sizes, for the layer ops and one plain torch op
+    host = {r["provider"]: r["us_per_call"] for r in rows if r["op"] == "host_overhead"}
+    assert {"torch.mul", "gate_mul triton", "fused linear (no grad)", "o3.Linear fwd", "MMEALinear fwd+grad_x"} <= set(host)
+    assert all(v > 0 for v in host.values())
     # the stream file holds every row (written as they came)
     (stream,) = tmp_path.glob("*-gpu.jsonl")
     assert len(stream.read_text().splitlines()) == len(rows) + 1

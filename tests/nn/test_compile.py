@@ -29,6 +29,48 @@ def test_opcheck_custom_ops(layout, shared):
     torch.library.opcheck(torch.ops.mmea_kernels.seg_dot, (x, b, key, shared, "torch"))
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_eager_calls_skip_the_custom_ops_and_match_them(backend):
+    """Outside torch.compile, gate_mul, seg_dot and FusedGate run their kernels without the custom
+    ops' dispatch (a profiler shows no mmea_kernels:: op), with the values, gradients and second
+    derivatives of the custom ops called directly (float64)."""
+    from e3nn import o3  # noqa: F401 - FusedGate's irreps
+    from mmea_kernels import gate_mul, seg_dot
+    from mmea_kernels.nn import FusedGate
+    from mmea_kernels.ops import backend_status
+    if not backend_status(backend, "cpu")[0]:
+        pytest.skip(backend_status(backend, "cpu")[1])
+    torch.manual_seed(0)
+    L = IrrepsLayout.of("2x0e+2x1o+1x2e+1x0o", "ir_mul")
+    key = layout_key(L)
+    x = torch.randn(5, L.dim, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, L.dim, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, L.num_gates, dtype=torch.float64, requires_grad=True)
+    fg = FusedGate("3x0e", [torch.tanh], "2x0e", [torch.sigmoid], "1x1o+1x2e", backend=backend).double()
+    xf = torch.randn(5, fg.irreps_in.dim, dtype=torch.float64, requires_grad=True)
+
+    def run(eager):
+        if eager:
+            y1, y2, y3 = gate_mul(x, g, L, backend=backend), seg_dot(x, b, L, backend=backend), fg(xf)
+        else:
+            y1 = torch.ops.mmea_kernels.gate_mul(x, g, key, True, backend)
+            y2 = torch.ops.mmea_kernels.seg_dot(x, b, key, False, backend)
+            y3 = torch.ops.mmea_kernels.fused_gate(xf, fg._key, backend)
+        loss = (y1.sin().sum() + (y2 * y2).sum() + y3.cos().sum())
+        first = torch.autograd.grad(loss, (x, b, g, xf), create_graph=True)
+        second = torch.autograd.grad(sum((t * t).sum() for t in first), (x, b, g, xf))
+        return [y1, y2, y3, *first, *second]
+
+    with torch.profiler.profile() as prof:
+        got = run(eager=True)
+    assert not [e.name for e in prof.events() if e.name.startswith("mmea_kernels::")]
+    with torch.profiler.profile() as prof:
+        want = run(eager=False)
+    assert any(e.name.startswith("mmea_kernels::") for e in prof.events())  # the reference did use them
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-12, atol=1e-12)
+
+
 def test_adapted_linear_has_no_graph_break():
     from e3nn import o3
     torch.manual_seed(0)
