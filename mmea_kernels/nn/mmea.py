@@ -22,6 +22,22 @@ PHIS = ("exp", "residual")
 INITS = ("identity", "paper")
 
 
+_ON, _OFF = ("", "1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def fused_linear_enabled() -> bool:
+    """``MMEA_FUSED_LINEAR`` (default on): ``0``/``false``/``no``/``off`` keeps every
+    :class:`MMEALinear` on the unfused path; any other value than those and ``1``/``true``/``yes``/
+    ``on`` is an error that names the variable."""
+    v = os.environ.get("MMEA_FUSED_LINEAR", "1").strip().lower()
+    if v in _ON:
+        return True
+    if v in _OFF:
+        return False
+    raise ValueError(f"MMEA_FUSED_LINEAR={v!r}; expected one of 1/true/yes/on (fused, the default) or "
+                     f"0/false/no/off (unfused)")
+
+
 class MMEAGating:
     """The MMEA gate network and gating, shared by the adapters of a linear layer
     (:class:`MMEALinear`) and of a tensor product (:class:`MMEATensorProduct`): the subclass sets
@@ -163,7 +179,7 @@ class MMEALinear(MMEAGating, AdapterLinear):
         float32/float64 CPU tensors), else None. Under torch.compile, for a call with extra
         arguments, and with ``MMEA_FUSED_LINEAR=0`` in the environment (for comparing the two paths
         on a device), the unfused path runs."""
-        if args or kwargs or torch.compiler.is_compiling() or os.environ.get("MMEA_FUSED_LINEAR", "1") == "0":
+        if args or kwargs or torch.compiler.is_compiling() or not fused_linear_enabled():
             return None
         # imported here: the fused triton kernels are decorated only when first used, after
         # TRITON_INTERPRET is settled (as the gate backends are loaded lazily)

@@ -221,6 +221,13 @@ def test_fused_linear_env_switch_keeps_the_unfused_path(monkeypatch):
         y = ad(x)
     assert not any(e.name.startswith("mmea_kernels_ext::gated_linear") for e in prof.events())
     torch.testing.assert_close(y, y_fused, rtol=1e-12, atol=1e-12)
+    monkeypatch.setenv("MMEA_FUSED_LINEAR", "off")
+    assert ad.fused_kernel(x) is None
+    monkeypatch.setenv("MMEA_FUSED_LINEAR", "True")
+    assert ad.fused_kernel(x) == "cpp"
+    monkeypatch.setenv("MMEA_FUSED_LINEAR", "maybe")
+    with pytest.raises(ValueError, match="MMEA_FUSED_LINEAR='maybe'"):
+        ad(x)
 
 
 @pytest.mark.parametrize("phi", ["exp", "residual"])
