@@ -257,6 +257,41 @@ def fused_gate_cases(n, dtype, device, timer):
                    "bytes": (eg.irreps_in.dim + eg.irreps_out.dim) * n * x.element_size()}
 
 
+def gate_net_cases(n, dtype, device, timer):
+    """The MMEA gate net of a MACE layer (128 0e inputs, rank 16, 128 additive + 384 gates): the torch
+    composition against the Triton kernels, forward and forward + input gradient, each checked
+    against float64 first."""
+    from mmea_kernels.ops.gate_net import gate_net, gate_net_reference, gate_net_status
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x64 = torch.randn(n, 128, generator=gen, dtype=torch.float64)
+    p64 = [torch.randn(16, 128, generator=gen, dtype=torch.float64) / 128 ** 0.5,
+           torch.randn(16, generator=gen, dtype=torch.float64),
+           torch.randn(512, 16, generator=gen, dtype=torch.float64) / 4, torch.randn(512, generator=gen, dtype=torch.float64)]
+    ref = torch.cat(gate_net_reference(x64, *p64, 128), 1)
+    x = x64.to(device=device, dtype=dtype).requires_grad_()
+    ps = [p.to(device=device, dtype=dtype) for p in p64]
+    dy = torch.randn(n, 512, device=device, dtype=dtype)
+    providers = {"torch": lambda: gate_net_reference(x, *ps, 128)}
+    if gate_net_status("triton", x, 16)[0]:
+        providers["triton"] = lambda: gate_net(x, *ps, 128, backend="triton")
+    for name, fn in providers.items():
+        with torch.no_grad():
+            err = check(f"gate_net {name}", torch.cat(fn(), 1), ref.to(device), dtype)
+
+        def fwd(fn=fn):
+            with torch.no_grad():
+                fn()
+
+        def fwd_grad(fn=fn):
+            a, g = fn()
+            torch.autograd.grad((a, g), x, (dy[:, :128], dy[:, 128:]))
+
+        for mode, step in (("fwd", fwd), ("fwd+grad_x", fwd_grad)):
+            yield {"op": "gate_net", "provider": name, "mode": mode, "layer": "128x0e r16 -> 128+384", "N": n,
+                   "dtype": DTYPE_NAMES[dtype], "median_ms": timer.ms(step), "graph_ms": timer.graph_ms(step),
+                   "rel_err": err}
+
+
 def host_cost_us(fn, device, calls: int) -> float:
     """Microseconds per call of ``calls`` back-to-back calls, synchronised once at the end: at
     launch-bound sizes this is the host's cost per call (Python, dispatch, launches)."""
@@ -560,6 +595,9 @@ def main(argv=None):
     for n in ([9] if args.small else [4000, 32000]):
         for dtype in dtypes:
             run(("gate_nonlinearity", "sevennet-0", n, dtype), fused_gate_cases(n, dtype, device, timer))
+    for n in ([9] if args.small else [960, 32000]):
+        for dtype in (torch.float32, torch.float64):
+            run(("gate_net", "mace", n, dtype), gate_net_cases(n, dtype, device, timer))
     if args.sweep:
         layer = "small" if args.small else "mace-interaction-1"
         for n in ([33] if args.small else [8000, 32000]):

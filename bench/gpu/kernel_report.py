@@ -126,6 +126,28 @@ def fused_gate_cases():
                    dict(USED=used, ACC=acc, W=8, BLOCK_N=bn, BLOCK_D=bd), nw, 3)
 
 
+def gate_net_cases():
+    """The MMEA gate net's kernels (ops/gate_net/triton.py) at a MACE layer's shape (128 0e inputs,
+    rank 16, 128 additive + 384 gate columns) and the launcher's GPU tiles; the backward with every
+    output (dx0 and the weight-gradient operands)."""
+    from mmea_kernels.ops.gate_net import triton as gnt
+    from mmea_kernels.ops.gated_linear.triton_kernels import fp32_precision
+    bn, bs, bo, warps = gnt._blocks(32000, 128, 512, False)
+    for dtype in (torch.float32, torch.float64):
+        p = PTR[dtype]
+        cx = dict(PHI_EXP=True, ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+                  PREC=fp32_precision() if dtype == torch.float32 else "ieee", BLOCK_N=bn, BLOCK_S=bs, R_P=16,
+                  BLOCK_O=bo)
+        ptrs = ("x_ptr", "wd_ptr", "bd_ptr", "wu_ptr", "bu_ptr", "add_ptr", "g_ptr")
+        yield (f"gate_net fwd {NAMES[dtype]} n{bn} s{bs} r16 o{bo}", gnt._gn_fwd_kernel, {n: p for n in ptrs}, cx,
+               warps, gnt.NUM_STAGES)
+        ptrs = ("x_ptr", "wd_ptr", "bd_ptr", "wu_ptr", "g_ptr", "da_ptr", "dg_ptr", "dx_ptr", "dgam_ptr", "z_ptr",
+                "dh_ptr")
+        yield (f"gate_net bwd {NAMES[dtype]} n{bn} s{bs} r16 o{bo} (dx0 + weight operands)", gnt._gn_bwd_kernel,
+               {n: p for n in ptrs}, dict(cx, HAS_DA=True, HAS_DG=True, NEED_X=True, NEED_W=True), warps,
+               gnt.NUM_STAGES)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="also write the table to this file")
@@ -134,7 +156,7 @@ def main(argv=None) -> int:
              f"{datetime.date.today().isoformat()}",
              f"{'kernel':<72}{'warps':>6}{'stages':>7}{'regs':>6}{'spill st':>10}{'spill ld':>10}{'smem':>8}"]
     bad = 0
-    for cases in (gate_cases(), gated_linear_cases(), fused_gate_cases()):
+    for cases in (gate_cases(), gated_linear_cases(), fused_gate_cases(), gate_net_cases()):
         for label, fn, types, cx, warps, stages in cases:
             try:
                 r = compile_report(fn, types, cx, warps, stages)

@@ -114,15 +114,18 @@ class MMEAGating:
             gamma = self.mmea_up(torch.nn.functional.silu(self.mmea_down(x0)))
         return gamma[..., : self.num_additive], gamma[..., self.num_additive:]
 
-    def gate_parameters(self, x: torch.Tensor, x0: Optional[torch.Tensor] = None, fused_net: bool = False):
+    def gate_parameters(self, x: torch.Tensor, x0: Optional[torch.Tensor] = None, fused_net: Optional[str] = None):
         """(additive terms, gates ``φ(γ_gate)``) for flattened input rows ``x``. ``fused_net``: the
-        whole net as one C++ op where it can run (:func:`~mmea_kernels.ops.gate_net.gate_net`; the
-        fused CPU path), else the torch composition."""
+        kernel backend ("cpp", "triton") of the fused path, whose gate-net kernels then run the whole
+        net as one op where they can (:func:`~mmea_kernels.ops.gate_net.gate_net`), else (and for
+        None) the torch composition."""
         if fused_net and self.mmea_up is not None:
-            from ..ops.gate_net import gate_net
-            down, up = self.mmea_down, self.mmea_up
-            return gate_net(self._scalar_inputs(x) if x0 is None else x0, down.weight, down.bias, up.weight, up.bias,
-                            self.num_additive, self.phi)
+            from ..ops.gate_net import gate_net, gate_net_status
+            x0 = self._scalar_inputs(x) if x0 is None else x0
+            if gate_net_status(fused_net, x0, self.rank)[0]:
+                down, up = self.mmea_down, self.mmea_up
+                return gate_net(x0, down.weight, down.bias, up.weight, up.bias, self.num_additive, self.phi,
+                                backend=fused_net)
         add, logits = self.gamma(x, x0)
         return add, (torch.exp(logits) if self.phi == "exp" else 1.0 + logits)
 
@@ -218,7 +221,7 @@ class MMEALinear(MMEAGating, AdapterLinear):
                 # the gate net's 0e gradient joins the kernel's input gradient in place (no
                 # zero-filled [N, D_in] gradient for the slice, no extra add pass over it)
                 x2, x0 = split_scalars(x2, *self._scalar_span)
-            add, gates = self.gate_parameters(x2, x0, fused_net=fused[1] == "cpp")
+            add, gates = self.gate_parameters(x2, x0, fused_net=fused[1])
             add = add if self.num_additive > 0 else None
             weight, bias = self.view.fused_tensors(self.base)
             y2 = gated_linear(x2, weight, bias, gates, add, fused[0], backend=fused[1])
@@ -270,9 +273,9 @@ class MMEATensorProduct(MMEAGating, nn.Module):
         if not self.adapter_enabled:
             return y
         x2 = x.reshape(-1, self.in_layout.dim)
-        # the gate net as one C++ op where the cpp kernels run (as on MMEALinear's fused path)
+        # the gate net as one op where the fused kernels run (as on MMEALinear's fused path)
         from ..ops.gated_linear import kernel_backend
-        fused_net = not torch.compiler.is_compiling() and kernel_backend(self.backend, x2) == "cpp"
+        fused_net = None if torch.compiler.is_compiling() else kernel_backend(self.backend, x2)
         add, gates = self.gate_parameters(x2, fused_net=fused_net)
         return self._gated(y, add if self.num_additive > 0 else None, gates)
 

@@ -56,6 +56,8 @@ def test_gpu_script_small_run(tmp_path, bench_gpu):
     host = {r["provider"]: r["us_per_call"] for r in rows if r["op"] == "host_overhead"}
     assert {"torch.mul", "gate_mul triton", "fused linear (no grad)", "o3.Linear fwd", "MMEALinear fwd+grad_x"} <= set(host)
     assert all(v > 0 for v in host.values())
+    # the gate net: torch composition and Triton kernels, checked and timed
+    assert {r["provider"] for r in rows if r["op"] == "gate_net"} == {"torch", "triton"}
     # the stream file holds every row (written as they came)
     (stream,) = tmp_path.glob("*-gpu.jsonl")
     assert len(stream.read_text().splitlines()) == len(rows) + 1

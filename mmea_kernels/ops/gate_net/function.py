@@ -1,5 +1,5 @@
-"""The MMEA gate network on the C++ kernels of csrc/gate_net.cpp, for the fused CPU path of
-:class:`~mmea_kernels.nn.MMEALinear`:
+"""The MMEA gate network as one kernel forward and one backward: C++ (csrc/gate_net.cpp) for the
+fused CPU path of :class:`~mmea_kernels.nn.MMEALinear`, Triton (triton.py) for its fused GPU path:
 
     h = x0 W_downᵀ + b_down,  z = SiLU(h),  γ = z W_upᵀ + b_up,
     add = γ[:, :A],  gates = φ(γ[:, A:])   (φ = exp, or 1 + γ for phi="residual").
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..gate.cpp import CPP_DTYPES, ext_op_status
 
-__all__ = ["gate_net", "gate_net_reference", "gate_net_cpp_status", "PHI_CODES"]
+__all__ = ["gate_net", "gate_net_reference", "gate_net_cpp_status", "gate_net_status", "PHI_CODES"]
 
 PHI_CODES = {"exp": 0, "residual": 1}
 
@@ -67,13 +67,46 @@ def _backward_formulas(x0, w_down, b_down, w_up, gates, dadd, dgates, num_additi
     return dh @ w_down, dh.t() @ x0, dh.sum(0), dgam.t() @ z, dgam.sum(0)
 
 
+def gate_net_status(backend: str, x0: torch.Tensor, rank: int = 1) -> Tuple[bool, str]:
+    """(available, reason) of the ``backend`` ("cpp" or "triton") gate-net kernels for inputs like
+    ``x0`` and a net of width ``rank``."""
+    if backend == "cpp":
+        return gate_net_cpp_status(x0)
+    if backend != "triton":
+        return False, f"no gate-net kernels for backend {backend!r}"
+    from ..gate import triton as gate_triton
+    ok, why = gate_triton.available(x0.device)
+    if not ok:
+        return ok, why
+    from . import triton as tr
+    if x0.dtype not in tr.DTYPES:
+        return False, f"the Triton gate net supports float32 and float64, not {x0.dtype}"
+    if rank > tr.MAX_RANK:
+        return False, f"the Triton gate net supports ranks up to {tr.MAX_RANK}, not {rank}"
+    return True, ""
+
+
+def _kernels(backend: str):
+    """(forward, backward) kernel functions of ``backend`` (same signatures; no autograd)."""
+    if backend == "triton":
+        from . import triton as tr
+        return tr.triton_gate_net_fwd, tr.triton_gate_net_bwd
+
+    def fwd(x0, w_down, b_down, w_up, b_up, num_additive, phi):
+        return torch.ops.mmea_kernels_ext.gate_net_fwd(x0, w_down, b_down, w_up, b_up, num_additive, PHI_CODES[phi])
+
+    def bwd(x0, w_down, b_down, w_up, gates, dadd, dgates, num_additive, phi, need_x, need_w):
+        return torch.ops.mmea_kernels_ext.gate_net_bwd(x0, w_down, b_down, w_up, gates, dadd, dgates, num_additive,
+                                                       PHI_CODES[phi], need_x, need_w)
+    return fwd, bwd
+
+
 class _GateNetFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x0, w_down, b_down, w_up, b_up, num_additive, phi):
+    def forward(ctx, x0, w_down, b_down, w_up, b_up, num_additive, phi, backend):
         ctx.set_materialize_grads(False)
-        ctx.num_additive, ctx.phi = num_additive, phi
-        add, gates = torch.ops.mmea_kernels_ext.gate_net_fwd(x0, w_down, b_down, w_up, b_up, num_additive,
-                                                              PHI_CODES[phi])
+        ctx.num_additive, ctx.phi, ctx.backend = num_additive, phi, backend
+        add, gates = _kernels(backend)[0](x0, w_down, b_down, w_up, b_up, num_additive, phi)
         ctx.save_for_backward(x0, w_down, b_down, w_up, gates)
         return add, gates
 
@@ -82,37 +115,38 @@ class _GateNetFn(torch.autograd.Function):
         x0, w_down, b_down, w_up, gates = ctx.saved_tensors
         nx, nwd, nbd, nwu, nbu = ctx.needs_input_grad[:5]
         if (dadd is None and dgates is None) or not any((nx, nwd, nbd, nwu, nbu)):
-            return (None,) * 7
+            return (None,) * 8
         if torch.is_grad_enabled():  # create_graph: differentiable formulas
             grads = _backward_formulas(x0, w_down, b_down, w_up, gates, dadd, dgates, ctx.num_additive, ctx.phi)
-        else:
-            grads = torch.ops.mmea_kernels_ext.gate_net_bwd(
-                x0, w_down, b_down, w_up, gates, dadd, dgates, ctx.num_additive, PHI_CODES[ctx.phi], nx,
-                nwd or nbd or nwu or nbu)  # any row strides (dadd: a column slice of the linear's dy)
+        else:  # any row strides (dadd: a column slice of the linear's dy)
+            grads = _kernels(ctx.backend)[1](x0, w_down, b_down, w_up, gates, dadd, dgates, ctx.num_additive,
+                                             ctx.phi, nx, nwd or nbd or nwu or nbu)
         dx0, dwd, dbd, dwu, dbu = (g if need else None for g, need in zip(grads, (nx, nwd, nbd, nwu, nbu)))
-        return dx0, dwd, dbd, dwu, dbu, None, None
+        return dx0, dwd, dbd, dwu, dbu, None, None, None
 
 
 def gate_net(x0: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor, w_up: torch.Tensor,
              b_up: torch.Tensor, num_additive: int, phi: str = "exp", backend: Optional[str] = None):
     """``(add [N, A], gates [N, G])`` of the MMEA gate network for 2-D ``x0 [N, S]`` (any row stride).
 
-    ``backend``: ``"cpp"`` (the fused C++ kernels; raises with the reason when they cannot run),
-    ``"torch"`` (:func:`gate_net_reference`) or ``None`` (cpp when available, else torch).
+    ``backend``: ``"cpp"`` (the fused C++ kernels, CPU) or ``"triton"`` (the Triton kernels: CUDA, or
+    CPU under the interpreter), each raising with the reason when it cannot run; ``"torch"``
+    (:func:`gate_net_reference`); or ``None`` (cpp when available, else torch).
     Differentiable to any order in every tensor argument.
     """
     if phi not in PHI_CODES:
         raise ValueError(f"unknown phi {phi!r}; expected one of {tuple(PHI_CODES)}")
     if x0.dim() != 2:
         raise ValueError(f"gate_net: x0 must be 2-D [N, S], got shape {tuple(x0.shape)}")
-    if backend not in (None, "cpp", "torch"):
-        raise ValueError(f"gate_net: unknown backend {backend!r}; expected 'cpp', 'torch' or None")
+    if backend not in (None, "cpp", "torch", "triton"):
+        raise ValueError(f"gate_net: unknown backend {backend!r}; expected 'cpp', 'triton', 'torch' or None")
     if backend != "torch":
-        ok, why = gate_net_cpp_status(x0)
+        kernels = backend or "cpp"
+        ok, why = gate_net_status(kernels, x0, w_down.shape[0])
         if ok:
             if x0.shape[1] > 1 and x0.stride(1) != 1:
                 x0 = x0.contiguous()
-            return _GateNetFn.apply(x0, w_down, b_down, w_up, b_up, int(num_additive), phi)
-        if backend == "cpp":
-            raise RuntimeError(f"gate_net: the cpp backend cannot run: {why}")
+            return _GateNetFn.apply(x0, w_down, b_down, w_up, b_up, int(num_additive), phi, kernels)
+        if backend is not None:
+            raise RuntimeError(f"gate_net: the {backend} backend cannot run: {why}")
     return gate_net_reference(x0, w_down, b_down, w_up, b_up, num_additive, phi)
