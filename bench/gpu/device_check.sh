@@ -49,7 +49,7 @@ python3 -c "import mmea_kernels._C as C; print('WITH_CUDA =', C.WITH_CUDA); asse
 step "CUDA tests (every kernel against the float64 / torch references, gradcheck, gradgradcheck)"
 MMEA_TEST_CUDA=1 timeout ${TEST_LIMIT:-200} python3 -m pytest -q -p no:cacheprovider -k cuda -rs --timeout 120 \
   tests/ops/test_gate_ops.py tests/ops/test_triton_backend.py tests/ops/test_gated_linear.py \
-  tests/ops/test_cpp_backend.py tests/nn/test_modules.py $(ls tests/nn/test_fused_gate.py 2>/dev/null) 2>&1 | tail -40
+  tests/ops/test_cpp_backend.py tests/ops/test_gate_net_triton.py tests/nn/test_modules.py $(ls tests/nn/test_fused_gate.py 2>/dev/null) 2>&1 | tail -40
 
 step "registers and spills of the Triton kernels (sm_90, ptxas -v)"
 timeout 120 python3 bench/gpu/kernel_report.py --out "$OUT/kernels-sm90.txt" 2>&1 | tail -40
