@@ -177,13 +177,19 @@ _fused_gate_backward_op.register_autograd(_bwd_backward, setup_context=_bwd_setu
 
 
 # ----------------------------------------------------------------------------- eager path
-# Outside torch.compile the custom ops are skipped (their dispatch costs ~0.1 ms of host time per
+# Outside a trace the custom ops are skipped (their dispatch costs ~0.1 ms of host time per
 # call, several times the kernel at MD sizes): the kernels run directly when no gradient is being
 # recorded, else through plain autograd functions with the same backward formulas.
+def _traced(x: torch.Tensor) -> bool:
+    """torch.compile, or fake tensors of another tracer: only the custom ops can run."""
+    from torch._subclasses.fake_tensor import is_fake
+    return torch.compiler.is_compiling() or is_fake(x)
+
+
 def fused_gate_2d(x: torch.Tensor, key: str, backend: str) -> torch.Tensor:
-    """``fused_gate`` of 2-D ``x`` (checked already): the custom op under torch.compile, else the
-    kernel (no gradient recorded) or :class:`_FusedGateFn`."""
-    if torch.compiler.is_compiling():
+    """``fused_gate`` of 2-D ``x`` (checked already): the custom op when traced, else the kernel (no
+    gradient recorded) or :class:`_FusedGateFn`."""
+    if _traced(x):
         return torch.ops.mmea_kernels.fused_gate(x, key, backend)
     if not (torch.is_grad_enabled() and x.requires_grad):
         return _forward_kernel(x, key, backend)
@@ -191,7 +197,7 @@ def fused_gate_2d(x: torch.Tensor, key: str, backend: str) -> torch.Tensor:
 
 
 def _fused_gate_backward_2d(x: torch.Tensor, dy: torch.Tensor, key: str, backend: str) -> torch.Tensor:
-    if torch.compiler.is_compiling():
+    if _traced(x):
         return torch.ops.mmea_kernels.fused_gate_backward(x, dy, key, backend)
     if not (torch.is_grad_enabled() and (x.requires_grad or dy.requires_grad)):
         return _backward_kernel(x, dy, key, backend)

@@ -8,10 +8,11 @@ The ops carry the layout as a key string (``"<irreps>|<layout>"``) and the backe
 
 Eager calls do not go through the custom ops: a ``torch.library`` custom op costs ~0.1 ms of host
 time per call on this project's CPU (dispatch, autograd wrapper, dynamo guard) against ~10 µs for
-the kernel at MD sizes, which a launch-bound GPU run pays per call too. Outside ``torch.compile``,
+the kernel at MD sizes, which a launch-bound GPU run pays per call too. Outside a trace,
 :func:`gate_mul` and :func:`seg_dot` call the backend's kernel directly when no gradient is being
-recorded, and otherwise :class:`_GateMulFn` / :class:`_SegDotFn`, plain autograd functions with the
-same kernels and the same closed backward formulas. Under ``torch.compile`` they are the custom ops.
+recorded, and otherwise ``_GateMulFn`` / ``_SegDotFn``, plain autograd functions with the same
+kernels and the custom ops' own setup and backward. Under ``torch.compile`` (or on fake tensors of
+another tracer) they are the custom ops.
 """
 from __future__ import annotations
 
