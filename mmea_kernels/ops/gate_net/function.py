@@ -67,9 +67,21 @@ def _backward_formulas(x0, w_down, b_down, w_up, gates, dadd, dgates, num_additi
     return dh @ w_down, dh.t() @ x0, dh.sum(0), dgam.t() @ z, dgam.sum(0)
 
 
+_STATUS: dict = {}  # (backend, device type, dtype, rank) -> (ok, why)
+
+
 def gate_net_status(backend: str, x0: torch.Tensor, rank: int = 1) -> Tuple[bool, str]:
     """(available, reason) of the ``backend`` ("cpp" or "triton") gate-net kernels for inputs like
-    ``x0`` and a net of width ``rank``."""
+    ``x0`` and a net of width ``rank``; cached (what is installed does not change while the process
+    runs)."""
+    key = (backend, x0.device.type, x0.dtype, rank)
+    hit = _STATUS.get(key)
+    if hit is None:
+        hit = _STATUS[key] = _status(backend, x0, rank)
+    return hit
+
+
+def _status(backend: str, x0: torch.Tensor, rank: int) -> Tuple[bool, str]:
     if backend == "cpp":
         return gate_net_cpp_status(x0)
     if backend != "triton":

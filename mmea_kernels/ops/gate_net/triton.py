@@ -24,6 +24,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._utils import check_grid, device_guard, interpreting, pow2, tl, triton
+from ..gated_linear.triton_kernels import fp32_precision
 
 __all__ = ["triton_gate_net_fwd", "triton_gate_net_bwd", "MAX_RANK", "DTYPES"]
 
@@ -44,7 +45,6 @@ NUM_STAGES = 1
 
 
 def _consts(dtype: torch.dtype, interpret: bool) -> dict:
-    from ..gated_linear.triton_kernels import fp32_precision
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     prec = fp32_precision() if dtype == torch.float32 and not interpret else "ieee"
     return dict(ACC=acc, PREC=prec)
@@ -170,7 +170,7 @@ def triton_gate_net_fwd(x0, w_down, b_down, w_up, b_up, num_additive: int, phi: 
     x0 = _rows(x0)
     interpret = interpreting(x0.device)
     bn, bs, bo, warps = _blocks(N, S, n_out, interpret)
-    grid = check_grid((triton.cdiv(N, bn),), "gate_net forward")
+    grid = check_grid((-(-N // bn),), "gate_net forward")
     with device_guard(x0.device):
         _gn_fwd_kernel[grid](
             x0, w_down.contiguous(), b_down.contiguous(), w_up.contiguous(), b_up.contiguous(),
@@ -202,7 +202,7 @@ def triton_gate_net_bwd(x0, w_down, b_down, w_up, gates, dadd: Optional[torch.Te
         dgates = _rows(dgates) if has_dg else None
         interpret = interpreting(x0.device)
         bn, bs, bo, warps = _blocks(N, S, n_out, interpret)
-        grid = check_grid((triton.cdiv(N, bn),), "gate_net backward")
+        grid = check_grid((-(-N // bn),), "gate_net backward")
         dummy = x0
         with device_guard(x0.device):
             _gn_bwd_kernel[grid](
