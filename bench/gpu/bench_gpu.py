@@ -517,6 +517,13 @@ def markdown_summary(path) -> str:
                 r["graph_ms"] * 1e-3) / 1e9 / meta["copy_GBps"]
             out.append(f"| {r['op']} | {r['layer']} | {r['N']} | {r['dtype']} | {r['provider']} | "
                        f"{r['graph_ms']:.4f} | {pct:.0f} % |")
+    net = [r for r in ok if r["op"] == "gate_net"]
+    if net:
+        out += ["", "| gate net (128 0e in, rank 16, 128 + 384 out) | N | dtype | mode | eager ms | graph ms |",
+                "|---|---|---|---|---|---|"]
+        for r in net:
+            g = f"{r['graph_ms']:.4f}" if r.get("graph_ms") else "–"
+            out.append(f"| {r['provider']} | {r['N']} | {r['dtype']} | {r['mode']} | {r['median_ms']:.4f} | {g} |")
     host = [r for r in ok if r["op"] == "host_overhead"]
     if host:
         out += ["", f"| host cost per call, {host[0]['N']} rows ({host[0]['layer']}) | µs |", "|---|---|"]
