@@ -120,12 +120,12 @@ class MMEAGating:
         net as one op where they can (:func:`~mmea_kernels.ops.gate_net.gate_net`), else (and for
         None) the torch composition."""
         if fused_net and self.mmea_up is not None:
-            from ..ops.gate_net import gate_net, gate_net_status
+            from ..ops.gate_net import gate_net_kernels, gate_net_status
             x0 = self._scalar_inputs(x) if x0 is None else x0
             if gate_net_status(fused_net, x0, self.rank)[0]:
                 down, up = self.mmea_down, self.mmea_up
-                return gate_net(x0, down.weight, down.bias, up.weight, up.bias, self.num_additive, self.phi,
-                                backend=fused_net)
+                return gate_net_kernels(x0, down.weight, down.bias, up.weight, up.bias, self.num_additive, self.phi,
+                                        fused_net)
         add, logits = self.gamma(x, x0)
         return add, (torch.exp(logits) if self.phi == "exp" else 1.0 + logits)
 

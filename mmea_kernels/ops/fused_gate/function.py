@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._utils import eager_function, traced
 from . import reference
 from .spec import FusedGateSpec, spec_tables
 
@@ -148,12 +149,14 @@ def _(x, dy, key, backend):
 def _fwd_setup(ctx, inputs, output):
     x, key, backend = inputs
     ctx.save_for_backward(x)
-    ctx.key, ctx.backend = key, backend
+    ctx.key, ctx.backend, ctx.eager = key, backend, False
 
 
 def _fwd_backward(ctx, dy):
     (x,) = ctx.saved_tensors
-    return torch.ops.mmea_kernels.fused_gate_backward(x, dy, ctx.key, ctx.backend), None, None
+    # in the form of the forward: a custom op's backward may run on fake tensors (AOT tracing)
+    bwd = _fused_gate_backward_2d if ctx.eager else torch.ops.mmea_kernels.fused_gate_backward
+    return bwd(x, dy, ctx.key, ctx.backend), None, None
 
 
 def _bwd_setup(ctx, inputs, output):
@@ -164,11 +167,8 @@ def _bwd_setup(ctx, inputs, output):
 
 def _bwd_backward(ctx, v):
     x, dy = ctx.saved_tensors
-    from torch._subclasses.fake_tensor import is_fake
-
     # traced (AOTAutograd / fake tensors): the index tables must be made inside the trace
-    tracing = is_fake(x) or torch.compiler.is_compiling()
-    gx, gdy = reference.double_backward(x, dy, v, spec_tables(ctx.key, x.device, cache=not tracing))
+    gx, gdy = reference.double_backward(x, dy, v, spec_tables(ctx.key, x.device, cache=not traced(x)))
     return gx, gdy, None, None
 
 
@@ -179,17 +179,11 @@ _fused_gate_backward_op.register_autograd(_bwd_backward, setup_context=_bwd_setu
 # ----------------------------------------------------------------------------- eager path
 # Outside a trace the custom ops are skipped (their dispatch costs ~0.1 ms of host time per
 # call, several times the kernel at MD sizes): the kernels run directly when no gradient is being
-# recorded, else through plain autograd functions with the same backward formulas.
-def _traced(x: torch.Tensor) -> bool:
-    """torch.compile, or fake tensors of another tracer: only the custom ops can run."""
-    from torch._subclasses.fake_tensor import is_fake
-    return torch.compiler.is_compiling() or is_fake(x)
-
-
+# recorded, else through plain autograd functions with the custom ops' own setup and backward.
 def fused_gate_2d(x: torch.Tensor, key: str, backend: str) -> torch.Tensor:
     """``fused_gate`` of 2-D ``x`` (checked already): the custom op when traced, else the kernel (no
-    gradient recorded) or :class:`_FusedGateFn`."""
-    if _traced(x):
+    gradient recorded) or ``_FusedGateFn``."""
+    if traced(x):
         return torch.ops.mmea_kernels.fused_gate(x, key, backend)
     if not (torch.is_grad_enabled() and x.requires_grad):
         return _forward_kernel(x, key, backend)
@@ -197,38 +191,15 @@ def fused_gate_2d(x: torch.Tensor, key: str, backend: str) -> torch.Tensor:
 
 
 def _fused_gate_backward_2d(x: torch.Tensor, dy: torch.Tensor, key: str, backend: str) -> torch.Tensor:
-    if _traced(x):
+    if traced(x):
         return torch.ops.mmea_kernels.fused_gate_backward(x, dy, key, backend)
     if not (torch.is_grad_enabled() and (x.requires_grad or dy.requires_grad)):
         return _backward_kernel(x, dy, key, backend)
     return _FusedGateBackwardFn.apply(x, dy, key, backend)
 
 
-class _FusedGateFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, key, backend):
-        ctx.save_for_backward(x)
-        ctx.key, ctx.backend = key, backend
-        return _forward_kernel(x, key, backend)
-
-    @staticmethod
-    def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
-        return _fused_gate_backward_2d(x, dy, ctx.key, ctx.backend), None, None
-
-
-class _FusedGateBackwardFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dy, key, backend):
-        ctx.save_for_backward(x, dy)
-        ctx.key = key
-        return _backward_kernel(x, dy, key, backend)
-
-    @staticmethod
-    def backward(ctx, v):
-        x, dy = ctx.saved_tensors
-        gx, gdy = reference.double_backward(x, dy, v, spec_tables(ctx.key, x.device))
-        return gx, gdy, None, None
+_FusedGateFn = eager_function("_FusedGateFn", _fwd_setup, _forward_kernel, _fwd_backward)
+_FusedGateBackwardFn = eager_function("_FusedGateBackwardFn", _bwd_setup, _backward_kernel, _bwd_backward)
 
 
 def fused_gate(x: torch.Tensor, spec: FusedGateSpec, backend: Optional[str] = None) -> torch.Tensor:

@@ -19,10 +19,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
 from ...layout import IrrepsLayout
-from .._utils import grad_needed
+from .._utils import eager_function, grad_needed, traced
 from ..backends import resolve_backend
 from ..tables import layout_tables
 
@@ -70,14 +69,14 @@ def _layout_of(key) -> IrrepsLayout:
 def _gate_mul_setup(ctx, inputs, output):
     x, gates, key, keep, backend = inputs
     ctx.save_for_backward(x, gates)
-    ctx.eager = isinstance(key, IrrepsLayout)
+    ctx.eager = False
     ctx.layout, ctx.keep, ctx.backend = _layout_of(key), keep, backend
 
 
 def _seg_dot_setup(ctx, inputs, output):
     a, b, key, shared, backend = inputs
     ctx.save_for_backward(a, b)
-    ctx.eager = isinstance(key, IrrepsLayout)
+    ctx.eager = False
     ctx.layout, ctx.backend = _layout_of(key), backend
 
 
@@ -127,15 +126,10 @@ def _recording(*ts) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
 
-def _traced(t: torch.Tensor) -> bool:
-    """torch.compile, or fake tensors of another tracer: only the custom ops can run."""
-    return torch.compiler.is_compiling() or is_fake(t)
-
-
 def gate_mul_2d(x, gates, layout: IrrepsLayout, keep: bool, backend: str) -> torch.Tensor:
     """``gate_mul`` of 2-D ``x`` (rows) with per-row or shared ``gates``, checked already: the custom op
     when traced, else the kernel (no gradient recorded) or :class:`_GateMulFn`."""
-    if _traced(x):
+    if traced(x):
         return torch.ops.mmea_kernels.gate_mul(x, gates, layout_key(layout), keep, backend)
     if not _recording(x, gates):
         return _gate_mul_kernel(x, gates, layout, keep, backend)
@@ -144,24 +138,15 @@ def gate_mul_2d(x, gates, layout: IrrepsLayout, keep: bool, backend: str) -> tor
 
 def seg_dot_2d(a, b, layout: IrrepsLayout, shared: bool, backend: str) -> torch.Tensor:
     """``seg_dot`` of 2-D ``a``, ``b`` (checked already); as :func:`gate_mul_2d`."""
-    if _traced(a):
+    if traced(a):
         return torch.ops.mmea_kernels.seg_dot(a, b, layout_key(layout), shared, backend)
     if not _recording(a, b):
         return _seg_dot_kernel(a, b, layout, shared, backend)
     return _SegDotFn.apply(a, b, layout, shared, backend)
 
 
-def _eager_function(name: str, setup, kernel, backward):
-    """A plain autograd function running ``kernel`` with a custom op's setup and backward."""
-    def forward(ctx, a, b, layout, flag, backend):
-        setup(ctx, (a, b, layout, flag, backend), None)
-        return kernel(a, b, layout, flag, backend)
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
-                                                   "backward": staticmethod(backward)})
-
-
-_GateMulFn = _eager_function("_GateMulFn", _gate_mul_setup, _gate_mul_kernel, _gate_mul_backward)
-_SegDotFn = _eager_function("_SegDotFn", _seg_dot_setup, _seg_dot_kernel, _seg_dot_backward)
+_GateMulFn = eager_function("_GateMulFn", _gate_mul_setup, _gate_mul_kernel, _gate_mul_backward)
+_SegDotFn = eager_function("_SegDotFn", _seg_dot_setup, _seg_dot_kernel, _seg_dot_backward)
 
 
 # ----------------------------------------------------------------------------- checks

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from ..gate.cpp import CPP_DTYPES, ext_op_status
 
-__all__ = ["gate_net", "gate_net_reference", "gate_net_cpp_status", "gate_net_status", "PHI_CODES"]
+__all__ = ["gate_net", "gate_net_kernels", "gate_net_reference", "gate_net_cpp_status", "gate_net_status",
+           "PHI_CODES"]
 
 PHI_CODES = {"exp": 0, "residual": 1}
 
@@ -98,19 +99,21 @@ def _status(backend: str, x0: torch.Tensor, rank: int) -> Tuple[bool, str]:
     return True, ""
 
 
+def _cpp_fwd(x0, w_down, b_down, w_up, b_up, num_additive, phi):
+    return torch.ops.mmea_kernels_ext.gate_net_fwd(x0, w_down, b_down, w_up, b_up, num_additive, PHI_CODES[phi])
+
+
+def _cpp_bwd(x0, w_down, b_down, w_up, gates, dadd, dgates, num_additive, phi, need_x, need_w):
+    return torch.ops.mmea_kernels_ext.gate_net_bwd(x0, w_down, b_down, w_up, gates, dadd, dgates, num_additive,
+                                                   PHI_CODES[phi], need_x, need_w)
+
+
 def _kernels(backend: str):
     """(forward, backward) kernel functions of ``backend`` (same signatures; no autograd)."""
     if backend == "triton":
         from . import triton as tr
         return tr.triton_gate_net_fwd, tr.triton_gate_net_bwd
-
-    def fwd(x0, w_down, b_down, w_up, b_up, num_additive, phi):
-        return torch.ops.mmea_kernels_ext.gate_net_fwd(x0, w_down, b_down, w_up, b_up, num_additive, PHI_CODES[phi])
-
-    def bwd(x0, w_down, b_down, w_up, gates, dadd, dgates, num_additive, phi, need_x, need_w):
-        return torch.ops.mmea_kernels_ext.gate_net_bwd(x0, w_down, b_down, w_up, gates, dadd, dgates, num_additive,
-                                                       PHI_CODES[phi], need_x, need_w)
-    return fwd, bwd
+    return _cpp_fwd, _cpp_bwd
 
 
 class _GateNetFn(torch.autograd.Function):
@@ -156,9 +159,15 @@ def gate_net(x0: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor, w_up:
         kernels = backend or "cpp"
         ok, why = gate_net_status(kernels, x0, w_down.shape[0])
         if ok:
-            if x0.shape[1] > 1 and x0.stride(1) != 1:
-                x0 = x0.contiguous()
-            return _GateNetFn.apply(x0, w_down, b_down, w_up, b_up, int(num_additive), phi, kernels)
+            return gate_net_kernels(x0, w_down, b_down, w_up, b_up, num_additive, phi, kernels)
         if backend is not None:
             raise RuntimeError(f"gate_net: the {backend} backend cannot run: {why}")
     return gate_net_reference(x0, w_down, b_down, w_up, b_up, num_additive, phi)
+
+
+def gate_net_kernels(x0, w_down, b_down, w_up, b_up, num_additive: int, phi: str, backend: str):
+    """:func:`gate_net` on the ``backend`` kernels, for a caller that checked the inputs and
+    :func:`gate_net_status` already (the adapters' hot path)."""
+    if x0.shape[1] > 1 and x0.stride(1) != 1:
+        x0 = x0.contiguous()
+    return _GateNetFn.apply(x0, w_down, b_down, w_up, b_up, int(num_additive), phi, backend)

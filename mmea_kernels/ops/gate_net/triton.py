@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._utils import check_grid, device_guard, interpreting, pow2, tl, triton
-from ..gated_linear.triton_kernels import fp32_precision
+from ..gated_linear.triton_kernels import _acc, _precision
 
 __all__ = ["triton_gate_net_fwd", "triton_gate_net_bwd", "MAX_RANK", "DTYPES"]
 
@@ -44,10 +44,9 @@ def _blocks(n: int, s: int, n_out: int, interpret: bool) -> Tuple[int, int, int,
 NUM_STAGES = 1
 
 
-def _consts(dtype: torch.dtype, interpret: bool) -> dict:
-    acc = tl.float64 if dtype == torch.float64 else tl.float32
-    prec = fp32_precision() if dtype == torch.float32 and not interpret else "ieee"
-    return dict(ACC=acc, PREC=prec)
+def _consts(dtype: torch.dtype) -> dict:
+    """Accumulator type and dot precision, as the fused linear's kernels (fp32: ``MMEA_FP32_DOT``)."""
+    return dict(ACC=_acc(dtype), PREC=_precision(dtype))
 
 
 if triton is not None:
@@ -178,7 +177,7 @@ def triton_gate_net_fwd(x0, w_down, b_down, w_up, b_up, num_additive: int, phi: 
             N, S, R, A, G,
             x0.stride(0), add.stride(0) if A > 0 else 0, gates.stride(0) if G > 0 else 0,
             PHI_EXP=phi == "exp", BLOCK_N=bn, BLOCK_S=bs, R_P=max(16, pow2(R)), BLOCK_O=bo, num_warps=warps,
-            num_stages=NUM_STAGES, **_consts(x0.dtype, interpret),
+            num_stages=NUM_STAGES, **_consts(x0.dtype),
         )
     return add, gates
 
@@ -214,7 +213,7 @@ def triton_gate_net_bwd(x0, w_down, b_down, w_up, gates, dadd: Optional[torch.Te
                 dgates.stride(0) if has_dg else 0, dx0.stride(0) if need_x else 0,
                 HAS_DA=has_da, HAS_DG=has_dg, NEED_X=need_x, NEED_W=need_w, PHI_EXP=phi == "exp",
                 BLOCK_N=bn, BLOCK_S=bs, R_P=max(16, pow2(R)), BLOCK_O=bo, num_warps=warps,
-                num_stages=NUM_STAGES, **_consts(x0.dtype, interpret),
+                num_stages=NUM_STAGES, **_consts(x0.dtype),
             )
     if not need_w:
         return dx0, None, None, None, None
