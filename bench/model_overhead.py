@@ -14,7 +14,10 @@ time (until the call returns, before synchronising), wall time, and from ``torch
 number of device kernels and their summed device time per evaluation, plus the kernels whose
 summed time grows most from the frozen to the MMEA model. Host time close to wall time with
 device time well below it means the model is bound by launches and Python, not by the GPU; on a
-CPU the kernel count is the number of ATen ops dispatched (a launch-count proxy).
+CPU the kernel count is the number of ATen ops dispatched (a launch-count proxy). On CUDA it also
+counts the host-device synchronisations per evaluation (``torch.cuda.set_sync_debug_mode``) and
+the source lines that cause them: one sync per layer stalls the host until the device is idle,
+which turns an overlapped host + device into host plus device.
 ``MMEA_FUSED_LINEAR=0`` makes every ``MMEALinear`` run its base layer and then the gate (the
 unfused path), for comparing the two on a device.
 """
@@ -140,6 +143,31 @@ def _kernel_events(prof, device):
     return out
 
 
+SYNC_WARNING = "synchroniz"  # in torch's warning "called a synchronizing CUDA operation"
+
+
+def count_syncs(fn, iters: int, set_mode=None) -> tuple:
+    """(syncs per call, [(file:line, count)] most frequent first) over ``iters`` calls of ``fn``
+    with CUDA's sync debug mode at "warn" (``set_mode``: ``torch.cuda.set_sync_debug_mode``)."""
+    import collections
+    import warnings
+
+    set_mode = set_mode or torch.cuda.set_sync_debug_mode
+    where = collections.Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        set_mode("warn")
+        try:
+            for _ in range(iters):
+                fn()
+        finally:
+            set_mode("default")
+    for w in caught:
+        if SYNC_WARNING in str(w.message):
+            where[f"{pathlib.Path(w.filename).name}:{w.lineno}"] += 1
+    return sum(where.values()) / iters, where.most_common(8)
+
+
 def profile_rows(fns: dict, device, iters: int, top: int = 12) -> list:
     """Host, wall and device-kernel cost of one call of each function in ``fns`` (name -> callable)
     over ``iters`` calls, and the kernels whose summed time grows most from the first entry to the
@@ -170,11 +198,14 @@ def profile_rows(fns: dict, device, iters: int, top: int = 12) -> list:
         for k, us in ev:
             agg[k[:80]] += us / iters
         by_name[name] = agg
-        rows.append({"what": f"profile: {name}", "host_ms": 1e3 * statistics.median(host),
-                     "wall_ms": 1e3 * statistics.median(wall), "kernels_per_call": len(ev) / iters,
-                     "kernel_ms_per_call": sum(us for _, us in ev) / iters / 1e3,
-                     "kernel_kind": "device kernels" if device.type == "cuda" else "top-level ops (CPU time)",
-                     "iters": iters})
+        row = {"what": f"profile: {name}", "host_ms": 1e3 * statistics.median(host),
+               "wall_ms": 1e3 * statistics.median(wall), "kernels_per_call": len(ev) / iters,
+               "kernel_ms_per_call": sum(us for _, us in ev) / iters / 1e3,
+               "kernel_kind": "device kernels" if device.type == "cuda" else "top-level ops (CPU time)",
+               "iters": iters}
+        if device.type == "cuda":
+            row["syncs_per_call"], row["sync_sites"] = count_syncs(fn, iters)
+        rows.append(row)
     names = list(fns)
     if len(names) >= 2:
         a, b = by_name[names[0]], by_name[names[1]]
@@ -198,6 +229,9 @@ def _print_profile(r: dict) -> None:
         return
     print(f"{r['what']:<20} host {r['host_ms']:8.2f} ms  wall {r['wall_ms']:8.2f} ms  "
           f"{r['kernels_per_call']:7.0f} {r['kernel_kind']} per call, {r['kernel_ms_per_call']:8.2f} ms", flush=True)
+    if "syncs_per_call" in r:
+        print(f"{'':<20} {r['syncs_per_call']:g} host-device syncs per call"
+              + "".join(f"; {n}x {site}" for site, n in r["sync_sites"]), flush=True)
 
 
 def main(argv=None):

@@ -151,6 +151,32 @@ def test_model_overhead_reads_rmd17_frames(rmd17, tmp_path):
     assert res.returncode != 0 and "azobenzene-x" in res.stderr and "no rMD17 splits" in res.stderr
 
 
+def test_sync_counter_counts_per_call_and_by_line():
+    """--profile's sync count on CUDA: torch's sync warnings per call, grouped by the line that
+    raised them, other warnings ignored, and the debug mode back at "default" even after an error
+    (the mode setter stands in for torch.cuda.set_sync_debug_mode, which a CPU build lacks)."""
+    import warnings
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import model_overhead
+    finally:
+        sys.path.pop(0)
+    modes = []
+
+    def fn():
+        warnings.warn("called a synchronizing CUDA operation")  # the line counted twice per call
+        warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("an unrelated warning")
+
+    per_call, sites = model_overhead.count_syncs(fn, 3, set_mode=modes.append)
+    assert per_call == 2 and modes == ["warn", "default"]
+    assert [n for _, n in sites] == [3, 3] and all(s.startswith("test_bench_scripts.py:") for s, _ in sites)
+    with pytest.raises(ZeroDivisionError):
+        model_overhead.count_syncs(lambda: 1 / 0, 1, set_mode=modes.append)
+    assert modes[-1] == "default"
+
+
 def test_linear_speed_script(tmp_path):
     """bench/linear_speed.py at a tiny size: checks the fused output, then writes its paired rows."""
     from mmea_kernels.ops.gated_linear import cpp_status

@@ -270,3 +270,43 @@ def test_gate_net_reads_scalar_columns(irreps_in, span):
     torch.testing.assert_close(y, ref, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0],
                                rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("backend,fused", [("triton", True), ("triton", False), ("cpp", False)])
+def test_cuda_paths_never_synchronise_the_host(backend, fused, monkeypatch):
+    """Once warm (kernels compiled, index tables on the device), an MMEALinear and a FusedGate on
+    CUDA run forward, the create_graph backward and the double backward with no host-device sync:
+    one sync per layer would stall the host until the device is idle in every MD step."""
+    from mmea_kernels.nn import FusedGate
+    from mmea_kernels.ops import backend_status
+    ok, why = backend_status(backend, "cuda")
+    if not ok:
+        pytest.skip(why)
+    monkeypatch.setenv("MMEA_FUSED_LINEAR", "1" if fused else "0")
+    dev = torch.device("cuda")
+    ad = MMEALinear(make_linear(), rank=3, backend=backend).to(dev, torch.float32)
+    randomise(ad)
+    x = torch.randn(64, o3.Irreps(IN).dim, device=dev, requires_grad=True)
+    assert (ad.fused_kernel(x) is not None) == fused
+    layers = [ad]
+    if backend == "triton":
+        layers.append(FusedGate("4x0e", [torch.nn.functional.silu], "3x0e", [torch.sigmoid], "2x1o+1x2e",
+                                backend="triton").to(dev))
+    inputs = [x, torch.randn(64, layers[-1].irreps_in.dim, device=dev, requires_grad=True)]
+
+    def step():
+        for layer, xi in zip(layers, inputs):
+            params = [xi] + [p for p in layer.parameters() if p.requires_grad]
+            with torch.no_grad():
+                layer(xi)
+            (gx,) = torch.autograd.grad((layer(xi) ** 2).sum(), xi, create_graph=True)
+            torch.autograd.grad((gx ** 2).sum(), params, allow_unused=True)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
