@@ -1,6 +1,7 @@
 # The commands people run; each installs what it needs first (scripts/install.sh).
 PY ?= python3
-PYTEST_ARGS ?= --durations=15
+# the suite in parallel worker processes, one per core (at most 4), a test file per worker at a time
+PYTEST_ARGS ?= -n auto --maxprocesses 4 --dist loadfile --durations=15
 
 .PHONY: install test demo bench bench-adapt bench-adapt-fast bench-adapt-sevenn bench-ablation
 

@@ -145,7 +145,7 @@ setup(
         # these are the runtime dependencies it imports.
         "mace": ["torch-ema", "prettytable", "matscipy", "h5py", "torchmetrics", "python-hostlist",
                  "configargparse", "GitPython", "pyYAML", "tqdm", "lmdb", "orjson", "pandas", "matplotlib"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "triton==3.7.1",
+        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "hypothesis>=6", "triton==3.7.1",
                  "cuequivariance==0.13.0"],
         # cuEquivariance layers (pure Python; runs on CPU through its fallback). The CUDA ops package
         # (cuequivariance-ops-torch-cu12/13) is for GPU machines only: install it there yourself.

@@ -1,6 +1,7 @@
 """Test setup: Triton runs in interpreter mode on CPU (set before any @triton.jit runs) unless
 MMEA_TEST_CUDA=1 (the GPU run: kernels on CUDA tensors, see helpers.TRITON_DEVICES and the
-``device`` fixture), the rMD17 data directory is found from MMEA_RMD17_DIR or
+``device`` fixture), under pytest-xdist each worker takes its share of the cores
+(intra-op threads), the rMD17 data directory is found from MMEA_RMD17_DIR or
 ../shared/data/rmd17, and the fixtures several test files use: ``one_thread`` (per module) and
 ``keep_default_dtype``. The helpers (references, TOL, builders) are in helpers.py."""
 import os
@@ -12,6 +13,13 @@ if os.environ.get("MMEA_TEST_CUDA") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from helpers import REPO, TRITON_DEVICES  # noqa: E402 - after TRITON_INTERPRET is settled
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # `make test` runs pytest-xdist workers
+    import torch
+
+    # the cores shared among the workers: OpenMP with more threads than cores on a busy machine
+    # can be an order of magnitude slower (tests that need 2 threads set them themselves)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def rmd17_dir() -> pathlib.Path:
