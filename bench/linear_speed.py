@@ -4,6 +4,7 @@ the CPU grid's layers (``providers.CPU_LAYERS``, as in bench/test_bench_cpu.py).
 
     python bench/linear_speed.py                      # N = 2000, 8000; 1 and 2 threads; fwd, fwd+bwd; float32
     python bench/linear_speed.py --n 64 --rounds 2 --threads 1 --out -      # smoke run (tests)
+    python bench/linear_speed.py --compiled           # each side under torch.compile (inductor)
 
 Every round times both sides back to back (the order alternates between rounds), in one process;
 each number is the median over rounds of the per-round ratio, with its interquartile range:
@@ -11,6 +12,9 @@ each number is the median over rounds of the per-round ratio, with its interquar
 (below 1: the fused kernels are faster). fwd+bwd takes the input gradient only (frozen base and
 adapter, as in test_bench_cpu.py). Before timing, the fused output is checked against the
 unfused one. Single timings on a shared machine drift by tens of percent: read the ratios.
+``--compiled`` times every side under ``torch.compile`` (inductor, static shapes): the fused side
+is then the fused linear's custom op with the gate net as compiled torch ops, the unfused side the
+compiled ``o3.Linear`` with the compiled gate.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ def _row(what, ta, tb, ratios):
             "b_ms": 1e3 * statistics.median(tb), "rounds": len(ratios)}
 
 
-def bench_layer(layer, n, dtype, mode, rounds):
+def bench_layer(layer, n, dtype, mode, rounds, compiled=False):
     """Two paired rows for one configuration: MMEA (fused) / base and fused / unfused."""
     from e3nn import o3
 
@@ -55,7 +59,12 @@ def bench_layer(layer, n, dtype, mode, rounds):
     with torch.no_grad():
         tol = 1e-4 if dtype == torch.float32 else 1e-10
         torch.testing.assert_close(fused(x), unfused(x), rtol=tol, atol=tol)
-    run = {k: make_run(v, x, dy, mode) for k, v in (("fused", fused), ("unfused", unfused), ("base", base))}
+    sides = {"fused": fused, "unfused": unfused, "base": base}
+    if compiled:
+        sides = {k: torch.compile(v, dynamic=False) for k, v in sides.items()}
+        with torch.no_grad():
+            torch.testing.assert_close(sides["fused"](x), unfused(x), rtol=tol, atol=tol)
+    run = {k: make_run(v, x, dy, mode) for k, v in sides.items()}
     rows = []
     for what, a, b in (("MMEA/base", "base", "fused"), ("fused/unfused", "unfused", "fused")):
         t_b, t_a, ratios = paired(run[b], run[a], rounds, torch.device("cpu"))  # ratios: time(b) / time(a)
@@ -71,6 +80,7 @@ def main(argv=None):
     ap.add_argument("--modes", default="fwd,fwd+bwd")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--compiled", action="store_true", help="time every side under torch.compile (inductor)")
     ap.add_argument("--note", default="", help="a line added to the header (e.g. 'machine shared with other jobs')")
     ap.add_argument("--out", default=None, help="output folder ('-': stdout only); default bench/results")
     args = ap.parse_args(argv)
@@ -81,7 +91,8 @@ def main(argv=None):
     sizes = [int(s) for s in args.n.split(",")]
     dtype = getattr(torch, args.dtype)
     now = datetime.datetime.now(datetime.timezone.utc)
-    lines = [f"# MMEALinear (fused C++ linear + gate) per layer, {now:%Y-%m-%d %H:%M} UTC",
+    lines = [f"# MMEALinear (fused C++ linear + gate) per layer{', torch.compile' if args.compiled else ''}, "
+             f"{now:%Y-%m-%d %H:%M} UTC",
              f"machine: {machine(torch.device('cpu'))}; torch {torch.__version__}; {args.dtype}; "
              f"{args.rounds} paired rounds; N = {sizes}; threads {args.threads}"]
     if args.note:
@@ -98,8 +109,8 @@ def main(argv=None):
             for layer in layers:
                 for n in sizes:
                     for mode in args.modes.split(","):
-                        for r in bench_layer(layer, n, dtype, mode, args.rounds):
-                            r.update(layer=layer, n=n, threads=threads, mode=mode, dtype=args.dtype,
+                        for r in bench_layer(layer, n, dtype, mode, args.rounds, args.compiled):
+                            r.update(layer=layer, n=n, threads=threads, mode=mode, dtype=args.dtype, compiled=args.compiled,
                                      date=now.isoformat(timespec="seconds"), torch=torch.__version__)
                             rows.append(r)
                             lines.append(f"| {layer} | {n} | {threads} | {mode} | {r['what']} | "
@@ -111,7 +122,7 @@ def main(argv=None):
     if args.out != "-":
         out = pathlib.Path(args.out) if args.out else HERE / "results"
         out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"linear-speed-cpu-{now:%Y-%m-%dT%H%M}"
+        stem = out / f"linear-speed-cpu-{'compiled-' if args.compiled else ''}{now:%Y-%m-%dT%H%M}"
         stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
         stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
         print(f"written to {stem}.md / .json")

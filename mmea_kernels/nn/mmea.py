@@ -38,6 +38,16 @@ def fused_linear_enabled() -> bool:
                      f"0/false/no/off (unfused)")
 
 
+@torch.compiler.assume_constant_result  # decided once while tracing, outside the graph
+def _compiled_plan(layer: "MMEALinear", device_type: str, dtype: torch.dtype):
+    """(spec key, kernel backend) of the fused linear's custom op for a compiled call, or None."""
+    plan = layer._plan(device_type, dtype)
+    if plan is None:
+        return None
+    from ..ops.gated_linear.function import spec_key
+    return spec_key(plan[0]), plan[1]
+
+
 class MMEAGating:
     """The MMEA gate network and gating, shared by the adapters of a linear layer
     (:class:`MMEALinear`) and of a tensor product (:class:`MMEATensorProduct`): the subclass sets
@@ -159,7 +169,8 @@ class MMEALinear(MMEAGating, AdapterLinear):
             or to ``"cpp"`` (auto's choice on CPU once the extension is built) for float32/float64 CPU
             features, the base linear and the gate run as one fused kernel
             (:mod:`mmea_kernels.ops.gated_linear`); ``"torch"`` runs the base layer, then the gate (the
-            unfused reference, also what TorchScript and torch.compile use). ``MMEA_FUSED_LINEAR=0``
+            unfused reference, also what TorchScript uses; under torch.compile the fused linear is one
+            custom op and the gate net plain torch ops). ``MMEA_FUSED_LINEAR=0``
             in the environment keeps every layer on the unfused path (the gate then runs on the
             backend's gate kernels), for comparing the two paths on a device.
 
@@ -179,15 +190,23 @@ class MMEALinear(MMEAGating, AdapterLinear):
 
     def _fused(self, x: torch.Tensor, args, kwargs):
         """(LinearSpec, kernel backend) when a fused linear+gate kernel should run (triton; cpp for
-        float32/float64 CPU tensors), else None. Under torch.compile, for a call with extra
-        arguments, and with ``MMEA_FUSED_LINEAR=0`` in the environment (for comparing the two paths
-        on a device), the unfused path runs."""
-        if args or kwargs or torch.compiler.is_compiling() or not fused_linear_enabled():
+        float32/float64 CPU tensors), else None; under torch.compile (spec key, kernel backend), for
+        the fused linear's custom op. For a call with extra arguments, and with
+        ``MMEA_FUSED_LINEAR=0`` in the environment (for comparing the two paths on a device), the
+        unfused path runs."""
+        if args or kwargs:
+            return None
+        if torch.compiler.is_compiling():
+            return _compiled_plan(self, x.device.type, x.dtype)
+        return self._plan(x.device.type, x.dtype)
+
+    def _plan(self, device_type: str, dtype: torch.dtype):
+        if not fused_linear_enabled():
             return None
         # imported here: the fused triton kernels are decorated only when first used, after
         # TRITON_INTERPRET is settled (as the gate backends are loaded lazily)
-        from ..ops.gated_linear import kernel_backend
-        kernels = kernel_backend(self.backend, x)
+        from ..ops.gated_linear.function import _kernel_backend
+        kernels = _kernel_backend(self.backend, device_type, dtype)
         if kernels is None:
             return None
         spec = getattr(self, "_kernel_spec", None)
@@ -213,6 +232,13 @@ class MMEALinear(MMEAGating, AdapterLinear):
             return self.base(x, *args, **kwargs)
         x2 = x.reshape(-1, self.in_layout.dim)
         fused = self._fused(x, args, kwargs)
+        if fused is not None and torch.compiler.is_compiling():
+            # compiled: the fused linear as one custom op, the gate net as torch ops (for the compiler)
+            add, gates = self.gate_parameters(x2)
+            weight, bias = self.view.fused_tensors(self.base)
+            y2 = torch.ops.mmea_kernels.gated_linear(x2, weight, bias, None, gates,
+                                                     add if self.num_additive > 0 else None, *fused)
+            return y2.reshape(x.shape[:-1] + (self.out_layout.dim,))
         if fused is not None:  # one kernel: linear with the gate and additive terms in its epilogue
             from ..ops.gated_linear import gated_linear, split_scalars
             x0 = None

@@ -71,6 +71,86 @@ def test_eager_calls_skip_the_custom_ops_and_match_them(backend):
         torch.testing.assert_close(a, w, rtol=1e-12, atol=1e-12)
 
 
+def _need_kernels(backend):
+    from mmea_kernels.ops import backend_status
+    from mmea_kernels.ops.gated_linear import cpp_status
+    ok, why = cpp_status("cpu") if backend == "cpp" else backend_status("triton", "cpu")
+    if not ok:
+        pytest.skip(why)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_opcheck_fused_linear_ops(shared):
+    """The fused linear's custom ops (what torch.compile traces): schema, fake implementations and
+    registered autograd (torch.library.opcheck), with prologue and epilogue gates, bias, additive."""
+    from helpers import grad_inputs
+    from mmea_kernels.ops.gated_linear.function import spec_key
+    _need_kernels("cpp")
+    spec, (x, w, b, g, a) = grad_inputs("2x0e+1x0e+1x1o", "2x0e+2x1o+1x0o", "mul_ir", shared, n=3)
+    g_pre = torch.rand(*((spec.in_layout.num_gates,) if shared else (3, spec.in_layout.num_gates)),
+                       dtype=torch.float64, requires_grad=True)
+    key = spec_key(spec)
+    torch.library.opcheck(torch.ops.mmea_kernels.gated_linear, (x, w, b, g_pre, g, a, key, "cpp"))
+    dy = torch.randn(3, spec.dim_out, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.mmea_kernels.gated_linear_wgrad, (x, dy, g_pre, g, key, "cpp"))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_compiled_adapted_linear_runs_the_fused_op(backend):
+    """Under torch.compile an MMEALinear on the fused path is one custom op (mmea_kernels::gated_linear,
+    the gate net as torch ops): no graph break, and with forces-style create_graph inside the
+    compiled function, values, input gradient and the outer gradients to the input and the adapter
+    weights equal the unfused torch path's (float64). The public gated_linear compiles to the op
+    too, with its weight gradient (mmea_kernels::gated_linear_wgrad)."""
+    from e3nn import o3
+
+    from helpers import grad_inputs, make_linear, randomise
+    from mmea_kernels.ops.gated_linear import gated_linear
+    _need_kernels(backend)
+    plain = MMEALinear(make_linear(), rank=3, backend="torch")
+    randomise(plain)
+    fused = MMEALinear(make_linear(), rank=3, backend=backend)
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(6, o3.Irreps(fused.in_layout.irreps_str).dim, dtype=torch.float64, requires_grad=True)
+
+    def forces_like(ad):
+        def f(x):
+            y = ad(x)
+            (gx,) = torch.autograd.grad(y.sin().sum(), x, create_graph=True)
+            return y, gx
+        return f
+
+    def outer(ad, f):
+        y, gx = f(x)
+        params = [p for n, p in ad.named_parameters() if not n.startswith("base.")]
+        return [y, gx, *torch.autograd.grad((gx * gx).sum() + y.sum(), [x] + params)]
+
+    torch._dynamo.reset()
+    prev = torch._dynamo.config.trace_autograd_ops
+    torch._dynamo.allow_in_graph(torch.autograd.grad)  # mace-torch's compile path does the same
+    torch._dynamo.config.trace_autograd_ops = True
+    try:
+        compiled = torch.compile(forces_like(fused), backend="aot_eager", fullgraph=True)
+        with torch.profiler.profile() as prof:
+            got = outer(fused, compiled)
+        want = outer(plain, forces_like(plain))
+        spec, (xs, w, b, g, a) = grad_inputs("2x0e+1x0e+1x1o", "2x0e+2x1o+1x0o", "mul_ir", False, n=3)
+        lin = torch.compile(lambda *t: gated_linear(*t, spec, backend=backend), backend="aot_eager", fullgraph=True)
+        with torch.profiler.profile() as prof_lin:
+            y = lin(xs, w, b, g, a)
+            got_lin = [y, *torch.autograd.grad((y * y).sum(), (xs, w, b, g, a))]
+        y = gated_linear(xs, w, b, g, a, spec, backend="torch")
+        want_lin = [y, *torch.autograd.grad((y * y).sum(), (xs, w, b, g, a))]
+    finally:
+        torch._dynamo.disallow_in_graph(torch.autograd.grad)
+        torch._dynamo.config.trace_autograd_ops = prev
+        torch._dynamo.reset()
+    assert "mmea_kernels::gated_linear" in {e.name for e in prof.events()}
+    assert "mmea_kernels::gated_linear_wgrad" in {e.name for e in prof_lin.events()}
+    for a_, w_ in zip(got + got_lin, want + want_lin):
+        torch.testing.assert_close(a_, w_, rtol=1e-10, atol=1e-10)
+
+
 def test_adapted_linear_has_no_graph_break():
     from e3nn import o3
     torch.manual_seed(0)
@@ -119,7 +199,11 @@ def check_compiled_mace():
     # training=True (forces with create_graph) is mace-torch's own compile path; fullgraph=True
     # makes any graph break an error (one trace, not a dynamo.explain pass and then another)
     eager = model(batch(), training=True, compute_force=True)
-    compiled = torch.compile(model, dynamic=False, fullgraph=True)(batch(), training=True, compute_force=True)
+    with torch.profiler.profile() as prof:
+        compiled = torch.compile(model, dynamic=False, fullgraph=True)(batch(), training=True, compute_force=True)
+    # on CPU with the extension built, the adapted linears run the fused linear's custom op
+    from mmea_kernels.ops.gated_linear import cpp_status
+    assert ("mmea_kernels::gated_linear" in {e.name for e in prof.events()}) == cpp_status("cpu")[0]
     with mk.disable_adapters(model):
         base = model(batch(), training=True, compute_force=True)
     assert (eager["energy"] - base["energy"]).abs().max() > 1e-3  # the adapters are in the compiled graph

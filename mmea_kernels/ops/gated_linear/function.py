@@ -47,17 +47,27 @@ Two costs that matter at MD sizes (a few hundred rows, where per-call overheads 
   slice gradient and an add pass.
 * With grad mode off (inference, and any backward that builds no graph) ``_core`` and ``_seg_dot``
   call the kernels directly instead of going through an autograd node or the custom op's dispatch.
+
+Under ``torch.compile`` the generalised op and the weight gradient are ``torch.library`` custom ops
+(``torch.ops.mmea_kernels.gated_linear`` / ``...gated_linear_wgrad``: fake implementations, the same
+setup and backward as the autograd functions, the spec passed as its key string), so a compiled
+model keeps the fused kernels as single nodes; there the public call takes the single-output op
+(``u`` recomputed in the backward where the gates need a gradient) and the backward's own calls are
+the custom ops too, so every order of derivative traces.
 """
 from __future__ import annotations
 
+import ast
+import functools
 from typing import Optional
 
 import torch
 
-from .._utils import grad_needed, tensor_slots
+from .._utils import grad_needed, tensor_slots, traced
 from ..backends import resolve_backend
 from ..gate.function import gate_mul, seg_dot
 from ..tables import layout_tables
+from ...layout import column_span
 from ...linear_spec import LinearSpec
 from .cpp_kernels import CPP_DTYPES, cpp_built, cpp_forward, cpp_forward_u, cpp_tables, cpp_wgrad
 from .reference import gated_linear_reference, validate
@@ -87,41 +97,89 @@ def _tables(spec: LinearSpec, t: torch.Tensor, backend: str):
     return cpp_tables(spec, t.device) if backend == "cpp" else tables(spec, t.device, t.dtype)
 
 
+def spec_key(spec: LinearSpec) -> str:
+    """``spec`` as the string argument of the custom ops (its key written out: the same in every
+    process, so compiled graphs that hold it stay valid)."""
+    return repr(spec.key)
+
+
+@functools.lru_cache(maxsize=None)
+def _spec_of_key(key: str) -> LinearSpec:
+    return LinearSpec._cached(*ast.literal_eval(key))
+
+
+def _spec_of(spec) -> LinearSpec:
+    return spec if isinstance(spec, LinearSpec) else _spec_of_key(spec)
+
+
+# The generalised op and its weight gradient as torch.library custom ops: what torch.compile traces
+# (one node each, with fake implementations). Eager calls use the autograd functions below, with
+# the same setup and backward (``ctx.spec`` is the LinearSpec; the custom ops carry its key).
+@torch.library.custom_op("mmea_kernels::gated_linear", mutates_args=())
+def _gated_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     g_pre: Optional[torch.Tensor], g_post: Optional[torch.Tensor],
+                     additive: Optional[torch.Tensor], key: str, backend: str) -> torch.Tensor:
+    return _forward_kernel(backend)(x, weight, bias, g_pre, g_post, additive, _spec_of_key(key))
+
+
+@_gated_linear_op.register_fake
+def _(x, weight, bias, g_pre, g_post, additive, key, backend):
+    return x.new_empty((x.shape[0], _spec_of_key(key).dim_out))
+
+
+@torch.library.custom_op("mmea_kernels::gated_linear_wgrad", mutates_args=())
+def _wgrad_op(a: torch.Tensor, b: torch.Tensor, g_pre: Optional[torch.Tensor], g_post: Optional[torch.Tensor],
+              key: str, backend: str) -> torch.Tensor:
+    return _wgrad_kernel(backend)(a, b, g_pre, g_post, _spec_of_key(key))
+
+
+@_wgrad_op.register_fake
+def _(a, b, g_pre, g_post, key, backend):
+    return a.new_empty((_spec_of_key(key).weight_numel,))
+
+
+def _gated_linear_setup(ctx, inputs, output):
+    x, weight, bias, g_pre, g_post, additive, spec, backend = inputs
+    ctx.spec, ctx.backend = _spec_of(spec), backend
+    ctx.add_shared = _shared(additive)
+    ctx.slots = tensor_slots(x, weight, bias, g_pre, g_post, additive)
+    ctx.save_for_backward(x, weight, g_pre, g_post)
+
+
+def _gated_linear_backward(ctx, dy):
+    x, weight, g_pre, g_post = ctx.saved_tensors
+    spec: LinearSpec = ctx.spec
+    be = ctx.backend
+    nx, nw, npre, npost = (grad_needed(ctx, i, ctx.slots[i]) for i in (0, 1, 3, 4))
+    nb, nadd = ctx.needs_input_grad[2], ctx.needs_input_grad[5]
+    dx = dw = db = dpre = dpost = dadd = None
+    T = spec.transposed
+    if npre:
+        v = _core(dy, weight, None, g_post, None, None, T, be)  # L^T(G_post ⊙ dy)
+        dpre = _seg_dot(x, v, spec.in_layout, _shared(g_pre), be)
+        if nx:
+            dx = gate_mul(v, g_pre, spec.in_layout, backend=be)
+    elif nx:
+        dx = _core(dy, weight, None, g_post, g_pre, None, T, be)
+    if npost:
+        u = _core(x, weight, None, g_pre, None, None, spec, be)  # pre-gate output, recomputed
+        dpost = _seg_dot(dy, u, spec.out_layout, _shared(g_post), be)
+    if nw:
+        dw = _wgrad(x, dy, g_pre, g_post, spec, be)
+    db, dadd = _affine_grads(dy, nb, nadd, ctx.add_shared, spec, be)
+    return dx, dw, db, dpre, dpost, dadd, None, None
+
+
 class _GatedLinearFn(torch.autograd.Function):
     """``y = G_post ⊙ L_W(G_pre ⊙ x) + bias + additive`` (x, gates, additive 2-D or shared 1-D), on the
     kernels of ``backend`` ("triton" or "cpp")."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, g_pre, g_post, additive, spec, backend):
-        ctx.spec, ctx.backend = spec, backend
-        ctx.add_shared = _shared(additive)
-        ctx.slots = tensor_slots(x, weight, bias, g_pre, g_post, additive)
-        ctx.save_for_backward(x, weight, g_pre, g_post)
+        _gated_linear_setup(ctx, (x, weight, bias, g_pre, g_post, additive, spec, backend), None)
         return _forward_kernel(backend)(x, weight, bias, g_pre, g_post, additive, spec)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, g_pre, g_post = ctx.saved_tensors
-        spec: LinearSpec = ctx.spec
-        be = ctx.backend
-        nx, nw, npre, npost = (grad_needed(ctx, i, ctx.slots[i]) for i in (0, 1, 3, 4))
-        nb, nadd = ctx.needs_input_grad[2], ctx.needs_input_grad[5]
-        dx = dw = db = dpre = dpost = dadd = None
-        T = spec.transposed
-        if npre:
-            v = _core(dy, weight, None, g_post, None, None, T, be)  # L^T(G_post ⊙ dy)
-            dpre = _seg_dot(x, v, spec.in_layout, _shared(g_pre), be)
-            if nx:
-                dx = gate_mul(v, g_pre, spec.in_layout, backend=be)
-        elif nx:
-            dx = _core(dy, weight, None, g_post, g_pre, None, T, be)
-        if npost:
-            u = _core(x, weight, None, g_pre, None, None, spec, be)  # pre-gate output, recomputed
-            dpost = _seg_dot(dy, u, spec.out_layout, _shared(g_post), be)
-        if nw:
-            dw = _LinearWGradFn.apply(x, dy, g_pre, g_post, spec, be)
-        db, dadd = _affine_grads(dy, nb, nadd, ctx.add_shared, spec, be)
-        return dx, dw, db, dpre, dpost, dadd, None, None
+    backward = staticmethod(_gated_linear_backward)
 
 
 class _SavedOutputFn(torch.autograd.Function):
@@ -159,9 +217,9 @@ class _SavedOutputFn(torch.autograd.Function):
         if npost and dy is not None:
             dpost = _seg_dot(dy, u, spec.out_layout, _shared(g_post), be)  # the saved u: no recompute
         if nw and dz is not None:
-            dw = _LinearWGradFn.apply(x, dz, None, None, spec, be)
+            dw = _wgrad(x, dz, None, None, spec, be)
         elif nw and dy is not None:
-            dw = _LinearWGradFn.apply(x, dy, None, g_post, spec, be)
+            dw = _wgrad(x, dy, None, g_post, spec, be)
         if dy is not None:
             db, dadd = _affine_grads(dy, nb, nadd, ctx.add_shared, spec, be)
         return dx, dw, db, dpost, dadd, None, None
@@ -170,16 +228,55 @@ class _SavedOutputFn(torch.autograd.Function):
 def _affine_grads(dy, nb, nadd, add_shared, spec, be):
     """Gradients of the bias (column sums of dy) and of the additive (its 0e columns of dy)."""
     db = dadd = None
-    if nb or nadd:
-        t = _tables(spec, dy, be)
     if nb:
-        db = (dy.narrow(1, *t.bias_span) if t.bias_span else dy.index_select(1, t.bias_columns)).sum(0)
+        db = _columns(dy, spec.bias_columns, lambda: _tables(spec, dy, be).bias_columns).sum(0)
     if nadd:
-        # a column slice (a view) when the 0e outputs are one range: no gather pass
-        dadd = dy.narrow(1, *t.scalar_span) if t.scalar_span else dy.index_select(1, t.scalar_columns)
+        dadd = _columns(dy, spec.out_layout.scalar_columns, lambda: _tables(spec, dy, be).scalar_columns)
         if add_shared:
             dadd = dadd.sum(0)
     return db, dadd
+
+
+def _columns(dy, cols, table):
+    """``dy[:, cols]``: a column slice (a view, no gather pass) when ``cols`` are one range, else a
+    gather with the index tensor of the cached tables (built in the trace when traced)."""
+    span = column_span(cols)
+    if span:
+        return dy.narrow(1, *span)
+    idx = torch.tensor(cols, dtype=torch.long, device=dy.device) if traced(dy) else table()
+    return dy.index_select(1, idx)
+
+
+def _wgrad_setup(ctx, inputs, output):
+    a, b, g_pre, g_post, spec, backend = inputs
+    ctx.spec, ctx.backend = _spec_of(spec), backend
+    ctx.slots = tensor_slots(a, b, g_pre, g_post)
+    ctx.save_for_backward(a, b, g_pre, g_post)
+
+
+def _wgrad_backward(ctx, c):
+    # <c, dW(a, b)> = <G_post ⊙ L_c(G_pre ⊙ a), b>: every gradient is the op with weight c
+    a, b, g_pre, g_post = ctx.saved_tensors
+    spec: LinearSpec = ctx.spec
+    be = ctx.backend
+    na, nb, npre, npost = (grad_needed(ctx, i, ctx.slots[i]) for i in range(4))
+    da = db = dpre = dpost = None
+    T = spec.transposed
+    if npre:
+        v = _core(b, c, None, g_post, None, None, T, be)
+        dpre = _seg_dot(a, v, spec.in_layout, _shared(g_pre), be)
+        if na:
+            da = gate_mul(v, g_pre, spec.in_layout, backend=be)
+    elif na:
+        da = _core(b, c, None, g_post, g_pre, None, T, be)
+    if npost:
+        u = _core(a, c, None, g_pre, None, None, spec, be)
+        dpost = _seg_dot(b, u, spec.out_layout, _shared(g_post), be)
+        if nb:
+            db = gate_mul(u, g_post, spec.out_layout, backend=be)
+    elif nb:
+        db = _core(a, c, None, g_pre, g_post, None, spec, be)
+    return da, db, dpre, dpost, None, None
 
 
 class _LinearWGradFn(torch.autograd.Function):
@@ -187,42 +284,32 @@ class _LinearWGradFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, g_pre, g_post, spec, backend):
-        ctx.spec, ctx.backend = spec, backend
-        ctx.slots = tensor_slots(a, b, g_pre, g_post)
-        ctx.save_for_backward(a, b, g_pre, g_post)
+        _wgrad_setup(ctx, (a, b, g_pre, g_post, spec, backend), None)
         return _wgrad_kernel(backend)(a, b, g_pre, g_post, spec)
 
-    @staticmethod
-    def backward(ctx, c):
-        # <c, dW(a, b)> = <G_post ⊙ L_c(G_pre ⊙ a), b>: every gradient is the op with weight c
-        a, b, g_pre, g_post = ctx.saved_tensors
-        spec: LinearSpec = ctx.spec
-        be = ctx.backend
-        na, nb, npre, npost = (grad_needed(ctx, i, ctx.slots[i]) for i in range(4))
-        da = db = dpre = dpost = None
-        T = spec.transposed
-        if npre:
-            v = _core(b, c, None, g_post, None, None, T, be)
-            dpre = _seg_dot(a, v, spec.in_layout, _shared(g_pre), be)
-            if na:
-                da = gate_mul(v, g_pre, spec.in_layout, backend=be)
-        elif na:
-            da = _core(b, c, None, g_post, g_pre, None, T, be)
-        if npost:
-            u = _core(a, c, None, g_pre, None, None, spec, be)
-            dpost = _seg_dot(b, u, spec.out_layout, _shared(g_post), be)
-            if nb:
-                db = gate_mul(u, g_post, spec.out_layout, backend=be)
-        elif nb:
-            db = _core(a, c, None, g_pre, g_post, None, spec, be)
-        return da, db, dpre, dpost, None, None
+    backward = staticmethod(_wgrad_backward)
+
+
+_gated_linear_op.register_autograd(_gated_linear_backward, setup_context=_gated_linear_setup)
+_wgrad_op.register_autograd(_wgrad_backward, setup_context=_wgrad_setup)
+
+
+def _wgrad(a, b, g_pre, g_post, spec, backend):
+    """The weight gradient: the custom op when traced, else the kernel (no graph) or the autograd node."""
+    if traced(a):
+        return torch.ops.mmea_kernels.gated_linear_wgrad(a, b, g_pre, g_post, spec_key(spec), backend)
+    if not torch.is_grad_enabled():
+        return _wgrad_kernel(backend)(a, b, g_pre, g_post, spec)
+    return _LinearWGradFn.apply(a, b, g_pre, g_post, spec, backend)
 
 
 def _core(x, weight, bias, g_pre, g_post, additive, spec, backend="triton"):
     """The generalised op on the kernels of ``backend`` ("triton" or "cpp"); 2-D x, no checks. With
     grad mode off (inference, and every backward that does not build a graph) the kernel is called
     directly: same result, without the autograd node's per-call cost (tens of µs, which matter at
-    MD sizes of a few hundred rows)."""
+    MD sizes of a few hundred rows). When traced (torch.compile), the custom op."""
+    if traced(x):
+        return torch.ops.mmea_kernels.gated_linear(x, weight, bias, g_pre, g_post, additive, spec_key(spec), backend)
     if not torch.is_grad_enabled():
         return _forward_kernel(backend)(x, weight, bias, g_pre, g_post, additive, spec)
     return _GatedLinearFn.apply(x, weight, bias, g_pre, g_post, additive, spec, backend)
@@ -231,8 +318,9 @@ def _core(x, weight, bias, g_pre, g_post, additive, spec, backend="triton"):
 def _top(x, weight, bias, g_post, additive, spec, backend):
     """The public call (no prologue gate): with a gate that needs a gradient, the forward also writes
     the pre-gate output and saves it (:class:`_SavedOutputFn`); otherwise (inference, frozen or no
-    gates) the single-output op."""
-    if (g_post is not None and g_post.requires_grad and torch.is_grad_enabled()
+    gates) the single-output op. Traced (torch.compile), the single-output custom op: its backward
+    recomputes ``u`` where the gates need a gradient."""
+    if (not traced(x) and g_post is not None and g_post.requires_grad and torch.is_grad_enabled()
             and spec.out_layout.num_gates > 0):
         return _SavedOutputFn.apply(x, weight, bias, g_post, additive, spec, backend)[0]
     return _core(x, weight, bias, None, g_post, additive, spec, backend)
@@ -241,7 +329,7 @@ def _top(x, weight, bias, g_post, additive, spec, backend):
 def _seg_dot(a, b, layout, shared, backend):
     if layout.num_gates == 0:  # nothing to reduce; keep the shape (and the graph) simple
         return a.new_zeros((layout.num_gates,) if shared else (a.shape[0], 0))
-    if not torch.is_grad_enabled():  # no graph to build: the backend's kernel, without the custom op's dispatch
+    if not torch.is_grad_enabled() and not traced(a):  # no graph: the backend's kernel, without the op's dispatch
         return resolve_backend(backend, a.device).seg_dot(a.contiguous(), b.contiguous(),
                                                           layout_tables(layout, a.device), bool(shared))
     return seg_dot(a, b, layout, shared=shared, backend=backend)
@@ -294,10 +382,15 @@ def kernel_backend(backend: Optional[str], x: torch.Tensor) -> Optional[str]:
     ``MMEA_BACKEND`` / auto): "triton" when it picks triton, "cpp" when it picks cpp for a float32 or
     float64 CPU tensor (and the extension has the fused kernels), else None (the reference
     composition)."""
-    name = resolve_backend(backend, x.device).name
+    return _kernel_backend(backend, x.device.type, x.dtype)
+
+
+@torch.compiler.assume_constant_result  # torch.compile: decided once while tracing (env, imports)
+def _kernel_backend(backend: Optional[str], device_type: str, dtype: torch.dtype) -> Optional[str]:
+    name = resolve_backend(backend, torch.device(device_type)).name
     if name == "triton":
         return "triton"
-    if name == "cpp" and x.device.type == "cpu" and x.dtype in CPP_DTYPES and cpp_built():
+    if name == "cpp" and device_type == "cpu" and dtype in CPP_DTYPES and cpp_built():
         return "cpp"
     return None
 
