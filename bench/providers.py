@@ -50,7 +50,8 @@ class Variant(torch.nn.Module):
         backend = {"cpp": "cpp", "cpp-unfused": "cpp", "triton": "triton"}.get(provider, "torch")
         self.adapter = MMEALinear(linear, rank=rank, backend=backend)
         if provider == "cpp-unfused":
-            self.adapter._kernel_spec = False  # the adapter's "no fused kernel for this layer" mark
+            # the adapter's "no fused kernel for this layer" mark (eager, and its key for torch.compile)
+            self.adapter._kernel_spec, self.adapter._kernel_key = False, ""
         with torch.no_grad():  # gates away from 1, as after training
             self.adapter.mmea_up.weight.normal_(0, 0.05)
         self.out_layout = IrrepsLayout.of(linear.irreps_out, "mul_ir")

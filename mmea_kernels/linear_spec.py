@@ -25,6 +25,7 @@ which reads the same flat weight as ``W_i^T`` (the input-gradient map), without 
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import math
@@ -153,6 +154,19 @@ class LinearSpec:
             self.__dict__["_key"] = key
             self.__dict__["_hash"] = hash(key)
         return key
+
+    @property
+    def key_text(self) -> str:
+        """The key written out (the fused linear's custom ops take it as their argument): the same
+        in every process; :meth:`from_key_text` reads it back."""
+        text = self.__dict__.get("_key_text")
+        if text is None:
+            text = self.__dict__["_key_text"] = repr(self.key)
+        return text
+
+    @classmethod
+    def from_key_text(cls, text: str) -> "LinearSpec":
+        return cls._cached(*ast.literal_eval(text))
 
     @staticmethod
     @functools.lru_cache(maxsize=None)

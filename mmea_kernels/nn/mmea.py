@@ -39,13 +39,15 @@ def fused_linear_enabled() -> bool:
 
 
 @torch.compiler.assume_constant_result  # decided once while tracing, outside the graph
-def _compiled_plan(layer: "MMEALinear", device_type: str, dtype: torch.dtype):
-    """(spec key, kernel backend) of the fused linear's custom op for a compiled call, or None."""
-    plan = layer._plan(device_type, dtype)
-    if plan is None:
+def _compiled_plan(backend: Optional[str], device_type: str, dtype: torch.dtype, key: Optional[str]):
+    """(spec key, kernel backend) of the fused linear's custom op for a compiled call, or None
+    (``key``: the layer's spec key, "" where the fused kernels do not cover it). Its arguments are
+    constants, not the layer, so that layers compiled one by one share one compiled code."""
+    if not key or not fused_linear_enabled():
         return None
-    from ..ops.gated_linear.function import spec_key
-    return spec_key(plan[0]), plan[1]
+    from ..ops.gated_linear.function import _kernel_backend
+    kernels = _kernel_backend(backend, device_type, dtype)
+    return (key, kernels) if kernels else None
 
 
 class MMEAGating:
@@ -187,6 +189,7 @@ class MMEALinear(MMEAGating, AdapterLinear):
                  init_std: Optional[float] = None, backend: Optional[str] = None):
         super().__init__(base)
         self._init_gating(rank, phi, init, init_std, backend, **self._factory())
+        self._fused_spec()  # sets the spec key that a compiled call reads
 
     def _fused(self, x: torch.Tensor, args, kwargs):
         """(LinearSpec, kernel backend) when a fused linear+gate kernel should run (triton; cpp for
@@ -197,18 +200,21 @@ class MMEALinear(MMEAGating, AdapterLinear):
         if args or kwargs:
             return None
         if torch.compiler.is_compiling():
-            return _compiled_plan(self, x.device.type, x.dtype)
-        return self._plan(x.device.type, x.dtype)
-
-    def _plan(self, device_type: str, dtype: torch.dtype):
+            return _compiled_plan(self.backend, x.device.type, x.dtype, getattr(self, "_kernel_key", None))
         if not fused_linear_enabled():
             return None
         # imported here: the fused triton kernels are decorated only when first used, after
         # TRITON_INTERPRET is settled (as the gate backends are loaded lazily)
         from ..ops.gated_linear.function import _kernel_backend
-        kernels = _kernel_backend(self.backend, device_type, dtype)
+        kernels = _kernel_backend(self.backend, x.device.type, x.dtype)
         if kernels is None:
             return None
+        spec = self._fused_spec()
+        return (spec, kernels) if spec else None
+
+    def _fused_spec(self):
+        """The :class:`LinearSpec` of the fused kernels for this layer, or False where they do not
+        cover it (built once; ``_kernel_key`` is its key string, "" for False)."""
         spec = getattr(self, "_kernel_spec", None)
         if spec is None:
             try:
@@ -217,8 +223,8 @@ class MMEALinear(MMEAGating, AdapterLinear):
                     raise ValueError("the layer's weight is not the flat weight of its spec")
             except (TypeError, ValueError):
                 spec = False  # a layer the fused kernels do not cover: keep the unfused path
-            self._kernel_spec = spec
-        return (spec, kernels) if spec else None
+            self._kernel_spec, self._kernel_key = spec, (spec.key_text if spec else "")
+        return spec
 
     def fused_kernel(self, x: torch.Tensor) -> Optional[str]:
         """The fused kernel backend ("cpp", "triton") that a plain call on tensors like ``x`` runs,

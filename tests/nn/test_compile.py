@@ -151,6 +151,29 @@ def test_compiled_adapted_linear_runs_the_fused_op(backend):
         torch.testing.assert_close(a_, w_, rtol=1e-10, atol=1e-10)
 
 
+def test_layers_compiled_one_by_one_share_compiled_code(monkeypatch):
+    """Regional compilation (each layer compiled on its own): which fused kernels run is decided from
+    constants (backend, device type, dtype, the spec's key), not from the layer object, so four
+    layers of one shape reuse one compiled code (a recompile per layer would reach dynamo's limit and
+    fall back to eager); each runs the fused op and equals its eager output."""
+    from helpers import make_linear, randomise
+    _need_kernels("cpp")
+    layers = [MMEALinear(make_linear(seed=s), rank=3, backend="cpp") for s in range(4)]
+    x = torch.randn(5, layers[0].in_layout.dim, dtype=torch.float64)
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    try:
+        for layer in layers:
+            randomise(layer)
+            with torch.profiler.profile() as prof:
+                y = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+            assert "mmea_kernels::gated_linear" in {e.name for e in prof.events()}
+            torch.testing.assert_close(y, layer(x), rtol=1e-12, atol=1e-12)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_adapted_linear_has_no_graph_break():
     from e3nn import o3
     torch.manual_seed(0)

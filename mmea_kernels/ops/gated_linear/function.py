@@ -57,7 +57,6 @@ the custom ops too, so every order of derivative traces.
 """
 from __future__ import annotations
 
-import ast
 import functools
 from typing import Optional
 
@@ -98,14 +97,12 @@ def _tables(spec: LinearSpec, t: torch.Tensor, backend: str):
 
 
 def spec_key(spec: LinearSpec) -> str:
-    """``spec`` as the string argument of the custom ops (its key written out: the same in every
-    process, so compiled graphs that hold it stay valid)."""
-    return repr(spec.key)
+    """``spec`` as the string argument of the custom ops (:attr:`LinearSpec.key_text`: the same in
+    every process, so compiled graphs that hold it stay valid)."""
+    return spec.key_text
 
 
-@functools.lru_cache(maxsize=None)
-def _spec_of_key(key: str) -> LinearSpec:
-    return LinearSpec._cached(*ast.literal_eval(key))
+_spec_of_key = functools.lru_cache(maxsize=None)(LinearSpec.from_key_text)
 
 
 def _spec_of(spec) -> LinearSpec:
