@@ -60,7 +60,8 @@ def bench_layer(layer, n, dtype, mode, rounds, compiled=False):
         tol = 1e-4 if dtype == torch.float32 else 1e-10
         torch.testing.assert_close(fused(x), unfused(x), rtol=tol, atol=tol)
     sides = {"fused": fused, "unfused": unfused, "base": base}
-    if compiled:
+    if compiled:  # a fresh dynamo state per configuration: its recompile limit counts per code object
+        torch._dynamo.reset()
         sides = {k: torch.compile(v, dynamic=False) for k, v in sides.items()}
         with torch.no_grad():
             torch.testing.assert_close(sides["fused"](x), unfused(x), rtol=tol, atol=tol)
