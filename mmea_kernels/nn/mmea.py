@@ -242,8 +242,11 @@ class MMEALinear(MMEAGating, AdapterLinear):
             # compiled: the fused linear as one custom op, the gate net as torch ops (for the compiler)
             add, gates = self.gate_parameters(x2)
             weight, bias = self.view.fused_tensors(self.base)
-            y2 = torch.ops.mmea_kernels.gated_linear(x2, weight, bias, None, gates,
-                                                     add if self.num_additive > 0 else None, *fused)
+            add = add if self.num_additive > 0 else None
+            if self.num_gates > 0 and gates.requires_grad and torch.is_grad_enabled():  # saves u (as eager)
+                y2 = torch.ops.mmea_kernels.gated_linear_u(x2, weight, bias, gates, add, *fused)[0]
+            else:
+                y2 = torch.ops.mmea_kernels.gated_linear(x2, weight, bias, None, gates, add, *fused)
             return y2.reshape(x.shape[:-1] + (self.out_layout.dim,))
         if fused is not None:  # one kernel: linear with the gate and additive terms in its epilogue
             from ..ops.gated_linear import gated_linear, split_scalars

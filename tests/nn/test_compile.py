@@ -82,7 +82,8 @@ def _need_kernels(backend):
 @pytest.mark.parametrize("shared", [False, True])
 def test_opcheck_fused_linear_ops(shared):
     """The fused linear's custom ops (what torch.compile traces): schema, fake implementations and
-    registered autograd (torch.library.opcheck), with prologue and epilogue gates, bias, additive."""
+    registered autograd (torch.library.opcheck), with prologue and epilogue gates, bias, additive;
+    the saved-output form (y and the pre-gate output u) too."""
     from helpers import grad_inputs
     from mmea_kernels.ops.gated_linear.function import spec_key
     _need_kernels("cpp")
@@ -91,6 +92,7 @@ def test_opcheck_fused_linear_ops(shared):
                        dtype=torch.float64, requires_grad=True)
     key = spec_key(spec)
     torch.library.opcheck(torch.ops.mmea_kernels.gated_linear, (x, w, b, g_pre, g, a, key, "cpp"))
+    torch.library.opcheck(torch.ops.mmea_kernels.gated_linear_u, (x, w, b, g, a, key, "cpp"))
     dy = torch.randn(3, spec.dim_out, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.mmea_kernels.gated_linear_wgrad, (x, dy, g_pre, g, key, "cpp"))
 
@@ -145,8 +147,9 @@ def test_compiled_adapted_linear_runs_the_fused_op(backend):
         torch._dynamo.disallow_in_graph(torch.autograd.grad)
         torch._dynamo.config.trace_autograd_ops = prev
         torch._dynamo.reset()
-    assert "mmea_kernels::gated_linear" in {e.name for e in prof.events()}
-    assert "mmea_kernels::gated_linear_wgrad" in {e.name for e in prof_lin.events()}
+    # the gates depend on x, so the forward saves the pre-gate output u (as eager); backward: the op
+    assert {"mmea_kernels::gated_linear_u", "mmea_kernels::gated_linear"} <= {e.name for e in prof.events()}
+    assert {"mmea_kernels::gated_linear_u", "mmea_kernels::gated_linear_wgrad"} <= {e.name for e in prof_lin.events()}
     for a_, w_ in zip(got + got_lin, want + want_lin):
         torch.testing.assert_close(a_, w_, rtol=1e-10, atol=1e-10)
 
@@ -168,7 +171,8 @@ def test_layers_compiled_one_by_one_share_compiled_code(monkeypatch):
             randomise(layer)
             with torch.profiler.profile() as prof:
                 y = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
-            assert "mmea_kernels::gated_linear" in {e.name for e in prof.events()}
+            # trainable gates: the saved-output form of the op
+            assert "mmea_kernels::gated_linear_u" in {e.name for e in prof.events()}
             torch.testing.assert_close(y, layer(x), rtol=1e-12, atol=1e-12)
     finally:
         torch._dynamo.reset()

@@ -51,14 +51,13 @@ Two costs that matter at MD sizes (a few hundred rows, where per-call overheads 
 Under ``torch.compile`` the generalised op and the weight gradient are ``torch.library`` custom ops
 (``torch.ops.mmea_kernels.gated_linear`` / ``...gated_linear_wgrad``: fake implementations, the same
 setup and backward as the autograd functions, the spec passed as its key string), so a compiled
-model keeps the fused kernels as single nodes; there the public call takes the single-output op
-(``u`` recomputed in the backward where the gates need a gradient) and the backward's own calls are
-the custom ops too, so every order of derivative traces.
+model keeps the fused kernels as single nodes (``mmea_kernels::gated_linear_u`` is the saved-output
+form); the backward's own calls are the custom ops too, so every order of derivative traces.
 """
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -179,47 +178,70 @@ class _GatedLinearFn(torch.autograd.Function):
     backward = staticmethod(_gated_linear_backward)
 
 
+@torch.library.custom_op("mmea_kernels::gated_linear_u", mutates_args=())
+def _gated_linear_u_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], g_post: torch.Tensor,
+                       additive: Optional[torch.Tensor], key: str, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _forward_u_kernel(backend)(x, weight, bias, None, g_post, additive, _spec_of_key(key))
+
+
+@_gated_linear_u_op.register_fake
+def _(x, weight, bias, g_post, additive, key, backend):
+    d = _spec_of_key(key).dim_out
+    return x.new_empty((x.shape[0], d)), x.new_empty((x.shape[0], d))
+
+
+def _saved_output_setup(ctx, inputs, output):
+    x, weight, bias, g_post, additive, spec, backend = inputs
+    ctx.set_materialize_grads(False)
+    ctx.spec, ctx.backend = _spec_of(spec), backend
+    ctx.add_shared = _shared(additive)
+    ctx.slots = tensor_slots(x, weight, bias, g_post, additive)
+    ctx.save_for_backward(x, weight, g_post, output[1])
+
+
+def _saved_output_backward(ctx, dy, du):
+    # the output z = L_W(x) gets dz = G ⊙ dy + du; du comes from a create_graph backward that used u
+    x, weight, g_post, u = ctx.saved_tensors
+    spec: LinearSpec = ctx.spec
+    be = ctx.backend
+    nx, nw, npost = (grad_needed(ctx, i, ctx.slots[i]) for i in (0, 1, 3))
+    nb, nadd = ctx.needs_input_grad[2], ctx.needs_input_grad[4]
+    dx = dw = dpost = db = dadd = None
+    T = spec.transposed
+    dz = du  # None: G ⊙ dy is applied inside the kernels (prologue gate), never materialised
+    if du is not None and dy is not None:
+        dz = gate_mul(dy, g_post, spec.out_layout, backend=be) + du
+    if nx and dz is not None:
+        dx = _core(dz, weight, None, None, None, None, T, be)
+    elif nx and dy is not None:
+        dx = _core(dy, weight, None, g_post, None, None, T, be)
+    if npost and dy is not None:
+        dpost = _seg_dot(dy, u, spec.out_layout, _shared(g_post), be)  # the saved u: no recompute
+    if nw and dz is not None:
+        dw = _wgrad(x, dz, None, None, spec, be)
+    elif nw and dy is not None:
+        dw = _wgrad(x, dy, None, g_post, spec, be)
+    if dy is not None:
+        db, dadd = _affine_grads(dy, nb, nadd, ctx.add_shared, spec, be)
+    return dx, dw, db, dpost, dadd, None, None
+
+
 class _SavedOutputFn(torch.autograd.Function):
     """The top-level call with a gate that needs a gradient (cpp or triton kernels): returns ``(y, u)``
     with ``y = G ⊙ u + bias + additive`` and the pre-gate output ``u = L_W(x)`` (no bias), which one
-    forward kernel writes and this node saves for ``dG = seg_dot(dy, u)`` (see the module docstring)."""
+    forward kernel writes and this node saves for ``dG = seg_dot(dy, u)`` (see the module docstring).
+    Traced, the custom op ``mmea_kernels::gated_linear_u`` with the same setup and backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, g_post, additive, spec, backend):
-        ctx.set_materialize_grads(False)
-        ctx.spec, ctx.backend = spec, backend
-        ctx.add_shared = _shared(additive)
-        ctx.slots = tensor_slots(x, weight, bias, g_post, additive)
         y, u = _forward_u_kernel(backend)(x, weight, bias, None, g_post, additive, spec)
-        ctx.save_for_backward(x, weight, g_post, u)
+        _saved_output_setup(ctx, (x, weight, bias, g_post, additive, spec, backend), (y, u))
         return y, u
 
-    @staticmethod
-    def backward(ctx, dy, du):
-        # the output z = L_W(x) gets dz = G ⊙ dy + du; du comes from a create_graph backward that used u
-        x, weight, g_post, u = ctx.saved_tensors
-        spec: LinearSpec = ctx.spec
-        be = ctx.backend
-        nx, nw, npost = (grad_needed(ctx, i, ctx.slots[i]) for i in (0, 1, 3))
-        nb, nadd = ctx.needs_input_grad[2], ctx.needs_input_grad[4]
-        dx = dw = dpost = db = dadd = None
-        T = spec.transposed
-        dz = du  # None: G ⊙ dy is applied inside the kernels (prologue gate), never materialised
-        if du is not None and dy is not None:
-            dz = gate_mul(dy, g_post, spec.out_layout, backend=be) + du
-        if nx and dz is not None:
-            dx = _core(dz, weight, None, None, None, None, T, be)
-        elif nx and dy is not None:
-            dx = _core(dy, weight, None, g_post, None, None, T, be)
-        if npost and dy is not None:
-            dpost = _seg_dot(dy, u, spec.out_layout, _shared(g_post), be)  # the saved u: no recompute
-        if nw and dz is not None:
-            dw = _wgrad(x, dz, None, None, spec, be)
-        elif nw and dy is not None:
-            dw = _wgrad(x, dy, None, g_post, spec, be)
-        if dy is not None:
-            db, dadd = _affine_grads(dy, nb, nadd, ctx.add_shared, spec, be)
-        return dx, dw, db, dpost, dadd, None, None
+    backward = staticmethod(_saved_output_backward)
+
+
+_gated_linear_u_op.register_autograd(_saved_output_backward, setup_context=_saved_output_setup)
 
 
 def _affine_grads(dy, nb, nadd, add_shared, spec, be):
@@ -315,10 +337,10 @@ def _core(x, weight, bias, g_pre, g_post, additive, spec, backend="triton"):
 def _top(x, weight, bias, g_post, additive, spec, backend):
     """The public call (no prologue gate): with a gate that needs a gradient, the forward also writes
     the pre-gate output and saves it (:class:`_SavedOutputFn`); otherwise (inference, frozen or no
-    gates) the single-output op. Traced (torch.compile), the single-output custom op: its backward
-    recomputes ``u`` where the gates need a gradient."""
-    if (not traced(x) and g_post is not None and g_post.requires_grad and torch.is_grad_enabled()
-            and spec.out_layout.num_gates > 0):
+    gates) the single-output op. Traced (torch.compile), the custom ops of the same two cases."""
+    if g_post is not None and g_post.requires_grad and torch.is_grad_enabled() and spec.out_layout.num_gates > 0:
+        if traced(x):
+            return torch.ops.mmea_kernels.gated_linear_u(x, weight, bias, g_post, additive, spec_key(spec), backend)[0]
         return _SavedOutputFn.apply(x, weight, bias, g_post, additive, spec, backend)[0]
     return _core(x, weight, bias, None, g_post, additive, spec, backend)
 
