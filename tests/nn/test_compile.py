@@ -85,12 +85,11 @@ def test_opcheck_fused_linear_ops(shared):
     registered autograd (torch.library.opcheck), with prologue and epilogue gates, bias, additive;
     the saved-output form (y and the pre-gate output u) too."""
     from helpers import grad_inputs
-    from mmea_kernels.ops.gated_linear.function import spec_key
     _need_kernels("cpp")
     spec, (x, w, b, g, a) = grad_inputs("2x0e+1x0e+1x1o", "2x0e+2x1o+1x0o", "mul_ir", shared, n=3)
     g_pre = torch.rand(*((spec.in_layout.num_gates,) if shared else (3, spec.in_layout.num_gates)),
                        dtype=torch.float64, requires_grad=True)
-    key = spec_key(spec)
+    key = spec.key_text
     torch.library.opcheck(torch.ops.mmea_kernels.gated_linear, (x, w, b, g_pre, g, a, key, "cpp"))
     torch.library.opcheck(torch.ops.mmea_kernels.gated_linear_u, (x, w, b, g, a, key, "cpp"))
     dy = torch.randn(3, spec.dim_out, dtype=torch.float64, requires_grad=True)

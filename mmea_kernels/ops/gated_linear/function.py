@@ -95,12 +95,8 @@ def _tables(spec: LinearSpec, t: torch.Tensor, backend: str):
     return cpp_tables(spec, t.device) if backend == "cpp" else tables(spec, t.device, t.dtype)
 
 
-def spec_key(spec: LinearSpec) -> str:
-    """``spec`` as the string argument of the custom ops (:attr:`LinearSpec.key_text`: the same in
-    every process, so compiled graphs that hold it stay valid)."""
-    return spec.key_text
-
-
+# the custom ops take the spec as LinearSpec.key_text (the same in every process, so compiled graphs
+# that hold it stay valid); read back once per key
 _spec_of_key = functools.lru_cache(maxsize=None)(LinearSpec.from_key_text)
 
 
@@ -316,7 +312,7 @@ _wgrad_op.register_autograd(_wgrad_backward, setup_context=_wgrad_setup)
 def _wgrad(a, b, g_pre, g_post, spec, backend):
     """The weight gradient: the custom op when traced, else the kernel (no graph) or the autograd node."""
     if traced(a):
-        return torch.ops.mmea_kernels.gated_linear_wgrad(a, b, g_pre, g_post, spec_key(spec), backend)
+        return torch.ops.mmea_kernels.gated_linear_wgrad(a, b, g_pre, g_post, spec.key_text, backend)
     if not torch.is_grad_enabled():
         return _wgrad_kernel(backend)(a, b, g_pre, g_post, spec)
     return _LinearWGradFn.apply(a, b, g_pre, g_post, spec, backend)
@@ -328,7 +324,7 @@ def _core(x, weight, bias, g_pre, g_post, additive, spec, backend="triton"):
     directly: same result, without the autograd node's per-call cost (tens of µs, which matter at
     MD sizes of a few hundred rows). When traced (torch.compile), the custom op."""
     if traced(x):
-        return torch.ops.mmea_kernels.gated_linear(x, weight, bias, g_pre, g_post, additive, spec_key(spec), backend)
+        return torch.ops.mmea_kernels.gated_linear(x, weight, bias, g_pre, g_post, additive, spec.key_text, backend)
     if not torch.is_grad_enabled():
         return _forward_kernel(backend)(x, weight, bias, g_pre, g_post, additive, spec)
     return _GatedLinearFn.apply(x, weight, bias, g_pre, g_post, additive, spec, backend)
@@ -340,7 +336,7 @@ def _top(x, weight, bias, g_post, additive, spec, backend):
     gates) the single-output op. Traced (torch.compile), the custom ops of the same two cases."""
     if g_post is not None and g_post.requires_grad and torch.is_grad_enabled() and spec.out_layout.num_gates > 0:
         if traced(x):
-            return torch.ops.mmea_kernels.gated_linear_u(x, weight, bias, g_post, additive, spec_key(spec), backend)[0]
+            return torch.ops.mmea_kernels.gated_linear_u(x, weight, bias, g_post, additive, spec.key_text, backend)[0]
         return _SavedOutputFn.apply(x, weight, bias, g_post, additive, spec, backend)[0]
     return _core(x, weight, bias, None, g_post, additive, spec, backend)
 
