@@ -18,6 +18,11 @@ CPU the kernel count is the number of ATen ops dispatched (a launch-count proxy)
 counts the host-device synchronisations per evaluation (``torch.cuda.set_sync_debug_mode``) and
 the source lines that cause them: one sync per layer stalls the host until the device is idle,
 which turns an overlapped host + device into host plus device.
+``--compile`` times every model under ``torch.compile`` (inductor, static shapes, ``fullgraph``),
+the way mace-torch compiles MACE: built with e3nn's code generation off, ``torch.autograd.grad``
+traced into the graph, and forces always with ``create_graph`` (``training=True``, as mace-torch's
+calculator calls a compiled model); each compiled model is first checked against its eager self.
+In the fused adapters the linear + gate is then a custom op and the gate net compiled torch ops.
 ``MMEA_FUSED_LINEAR=0`` makes every ``MMEALinear`` run its base layer and then the gate (the
 unfused path), for comparing the two on a device.
 """
@@ -101,7 +106,8 @@ def build(args, device, dtype):
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        base = build_mace(args.preset).to(device=device, dtype=dtype)
+        with _codegen_off(args.compile):
+            base = build_mace(args.preset).to(device=device, dtype=dtype)
         cfg = PRESETS[args.preset]
         batch = atoms_to_batch(frames, cfg.atomic_numbers, cfg.r_max, device=device, dtype=dtype)
     finally:
@@ -121,6 +127,36 @@ def build(args, device, dtype):
 
 
 _OP_NAME = re.compile(r"^\w+::\w+(\.\w+)?$")  # a dispatched op (aten::mm, mmea_kernels_ext::gate_mul), not a range
+
+
+def _codegen_off(compile_backend):
+    """e3nn's TorchScript code generation off while building a model to compile (mace-torch's
+    ``disable_e3nn_codegen``); a no-op otherwise."""
+    import contextlib
+    if not compile_backend:
+        return contextlib.nullcontext()
+    from mace.tools.compile import disable_e3nn_codegen
+    return disable_e3nn_codegen()
+
+
+def compile_checked(models: dict, batch, backend, rtol: float) -> dict:
+    """``torch.compile`` each model as mace-torch does, after checking that its compiled energies and
+    forces equal the eager ones (``SystemExit`` naming the model when they do not)."""
+    from mace.tools.compile import configure_autograd_for_compile
+    configure_autograd_for_compile()
+    out = {}
+    for name, m in models.items():
+        c = torch.compile(m, backend=backend, dynamic=False, fullgraph=True)
+        t = time.perf_counter()
+        got, want = energy_forces(c, batch, training=True), energy_forces(m, batch, training=True)
+        for what, a, b in zip(("energy", "forces"), got, want):
+            err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+            if not err <= rtol:
+                raise SystemExit(f"--compile: the compiled {name} model's {what} differ from eager by {err:.2e} "
+                                 f"(relative to the largest value; tolerance {rtol:g})")
+        print(f"compiled {name} ({getattr(backend, '__name__', backend)}) in {time.perf_counter() - t:.0f} s; equals eager", flush=True)
+        out[name] = c
+    return out
 
 
 def _kernel_events(prof, device):
@@ -250,6 +286,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--modes", default="inference,train-step")
     ap.add_argument("--out", default=None, help="directory for the JSON row file")
+    ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                    help="time every model under torch.compile (default backend: inductor), forces with create_graph")
     ap.add_argument("--profile", type=int, default=0, metavar="K",
                     help="also profile K energy+force evaluations of each model (host, wall, device kernels)")
     args = ap.parse_args(argv)
@@ -270,10 +308,22 @@ def main(argv=None):
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"cpu-{platform.machine()} {torch.get_num_threads()} thread(s)")
     size = f"{args.preset} {args.frames}x {args.molecule} {args.dtype}"
+    training = False  # inference forces without create_graph (eager)
+    if args.compile:
+        size += f" compiled ({args.compile})"
+        training = True  # mace-torch compiles MACE with create_graph forces (its calculator's training=True)
+        batch["positions"].requires_grad_(True)
+        need = {"mmea": mmea}  # only the models that will run (each takes minutes to compile)
+        if "inference" in args.modes or args.profile > 0:
+            need["frozen"] = base
+        if "train-step" in args.modes or args.profile > 0:
+            need["elora"] = elora
+        c = compile_checked(need, batch, args.compile, rtol=1e-4 if dtype == torch.float32 else 1e-9)
+        base, mmea, elora = (c.get(k, m) for k, m in (("frozen", base), ("mmea", mmea), ("elora", elora)))
     if "inference" in args.modes:
         def infer(m):
             def f():
-                e, fo = energy_forces(m, batch)
+                e, fo = energy_forces(m, batch, training)
                 return e
             return f
         res = paired(infer(base), infer(mmea), args.rounds, device)
@@ -294,7 +344,7 @@ def main(argv=None):
         rows.append({"what": "force-training step: MMEA / ELoRA (same rank)", **res})
     if args.profile > 0:
         def ef(m):
-            return lambda: energy_forces(m, batch)
+            return lambda: energy_forces(m, batch, training)
         rows += profile_rows({"frozen": ef(base), "mmea": ef(mmea), "elora": ef(elora)}, device, args.profile)
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     for r in rows:

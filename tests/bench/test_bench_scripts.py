@@ -151,6 +151,55 @@ def test_model_overhead_reads_rmd17_frames(rmd17, tmp_path):
     assert res.returncode != 0 and "azobenzene-x" in res.stderr and "no rMD17 splits" in res.stderr
 
 
+def test_model_overhead_compiled_script(tmp_path):
+    """--compile: each model that runs is compiled (dynamo's eager backend here: inductor takes
+    minutes per MACE), checked against its eager self, and timed with create_graph forces."""
+    pytest.importorskip("mace.tools.compile")
+    res = subprocess.run([sys.executable, str(BENCH / "model_overhead.py"), "--preset", "tiny", "--frames", "1",
+                          "--rounds", "2", "--compile", "eager", "--out", str(tmp_path)], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("mmea", "frozen", "elora"):
+        assert f"compiled {name} (eager) in" in res.stdout
+    rows = json.loads(next(tmp_path.glob("model-overhead-cpu-*.json")).read_text())
+    assert [r["what"].split(":")[0] for r in rows] == ["energy+forces", "force-training step"]
+    assert all(r["size"].endswith("compiled (eager)") and r["rounds"] == 2 for r in rows)
+
+
+def test_compile_check_refuses_a_compiled_model_that_differs():
+    """compile_checked compares compiled energies and forces with eager ones and names the model
+    whose compiled results differ (a backend that scales every output stands in for a bad compile)."""
+    pytest.importorskip("mace.tools.compile")
+    sys.path.insert(0, str(BENCH))
+    try:
+        import model_overhead
+    finally:
+        sys.path.pop(0)
+
+    class Toy(torch.nn.Module):  # MACE's call signature and outputs
+        def forward(self, data, training=False, compute_force=True):
+            pos = data["positions"]
+            e = (pos ** 2).sum().reshape(1) * 0.5
+            return {"energy": e, "forces": -torch.autograd.grad(e.sum(), pos, create_graph=training)[0]}
+
+    def scaled(gm, example_inputs):
+        def run(*args):
+            return [o * 1.01 if torch.is_tensor(o) and o.is_floating_point() else o for o in gm(*args)]
+        return run
+
+    batch = {"positions": torch.randn(5, 3, dtype=torch.float64, requires_grad=True)}
+    try:
+        torch._dynamo.reset()
+        ok = model_overhead.compile_checked({"toy": Toy()}, batch, "eager", rtol=1e-9)
+        torch.testing.assert_close(model_overhead.energy_forces(ok["toy"], batch, True)[1], -batch["positions"])
+        torch._dynamo.reset()
+        with pytest.raises(SystemExit, match="compiled toy model's energy differ from eager by 1.00e-02"):
+            model_overhead.compile_checked({"toy": Toy()}, batch, scaled, rtol=1e-9)
+    finally:
+        torch._dynamo.reset()
+        torch._dynamo.disallow_in_graph(torch.autograd.grad)
+
+
 def test_sync_counter_counts_per_call_and_by_line():
     """--profile's sync count on CUDA: torch's sync warnings per call, grouped by the line that
     raised them, other warnings ignored, and the debug mode back at "default" even after an error
