@@ -14,6 +14,7 @@ from torch import nn
 
 from ..layout import IrrepsLayout
 from ..ops import gate_mul
+from ..ops.backends import cache_generation
 from .base import AdapterLinear
 
 __all__ = ["MMEALinear", "MMEATensorProduct", "MMEAGating"]
@@ -201,6 +202,18 @@ class MMEALinear(MMEAGating, AdapterLinear):
             return None
         if torch.compiler.is_compiling():
             return _compiled_plan(self.backend, x.device.type, x.dtype, getattr(self, "_kernel_key", None))
+        # the decision depends only on these (and the installed kernels: cache_generation), so it is
+        # made once per key: per call it is one dict lookup instead of tens of µs of host time
+        env = os.environ
+        key = (x.device, x.dtype, self.backend, env.get("MMEA_FUSED_LINEAR"), env.get("MMEA_BACKEND"),
+               env.get("TRITON_INTERPRET"), cache_generation())
+        plans = self.__dict__.setdefault("_eager_plans", {})
+        if key not in plans:
+            plans.clear()  # one live entry: the key changes only when the setup does
+            plans[key] = self._eager_plan(x)
+        return plans[key]
+
+    def _eager_plan(self, x: torch.Tensor):
         if not fused_linear_enabled():
             return None
         # imported here: the fused triton kernels are decorated only when first used, after
@@ -249,7 +262,7 @@ class MMEALinear(MMEAGating, AdapterLinear):
                 y2 = torch.ops.mmea_kernels.gated_linear(x2, weight, bias, None, gates, add, *fused)
             return y2.reshape(x.shape[:-1] + (self.out_layout.dim,))
         if fused is not None:  # one kernel: linear with the gate and additive terms in its epilogue
-            from ..ops.gated_linear import gated_linear, split_scalars
+            from ..ops.gated_linear.function import gated_linear_prepared, split_scalars
             x0 = None
             if self.mmea_up is not None and self._scalar_span is not None and x2.requires_grad \
                     and torch.is_grad_enabled():
@@ -259,7 +272,7 @@ class MMEALinear(MMEAGating, AdapterLinear):
             add, gates = self.gate_parameters(x2, x0, fused_net=fused[1])
             add = add if self.num_additive > 0 else None
             weight, bias = self.view.fused_tensors(self.base)
-            y2 = gated_linear(x2, weight, bias, gates, add, fused[0], backend=fused[1])
+            y2 = gated_linear_prepared(x2, weight, bias, gates, add, fused[0], fused[1])
             return y2.reshape(x.shape[:-1] + (self.out_layout.dim,))
         add, gates = self.gate_parameters(x2)
         add = add if self.num_additive > 0 else None

@@ -84,11 +84,18 @@ def grad_needed(ctx, i: int, slot: Optional[int] = None) -> bool:
         return True
 
 
+from torch._subclasses.fake_tensor import is_fake as _is_fake  # noqa: E402  (per-call import costs µs)
+
+
 def traced(t: torch.Tensor) -> bool:
     """Whether ``t`` is being traced (torch.compile, or fake tensors of another tracer): there only
     the ``torch.library`` custom ops can run; eager code calls their kernels directly."""
-    from torch._subclasses.fake_tensor import is_fake
-    return torch.compiler.is_compiling() or is_fake(t)
+    if torch.compiler.is_compiling():
+        return True
+    if type(t) is torch.Tensor and not torch._is_functional_tensor(t) \
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return False  # a plain tensor, wrapping nothing: not fake (is_fake's own checks cost ~10 µs)
+    return _is_fake(t)
 
 
 def eager_function(name: str, setup, kernel, backward):

@@ -18,7 +18,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["BACKENDS", "resolve_backend", "backend_status", "clear_backend_cache"]
+__all__ = ["BACKENDS", "resolve_backend", "backend_status", "clear_backend_cache", "cache_generation"]
 
 # name -> module path; modules are imported lazily so that TRITON_INTERPRET can be set first.
 BACKENDS: Dict[str, str] = {
@@ -50,9 +50,20 @@ _WARNED: set = set()
 
 
 def clear_backend_cache() -> None:
-    """Forget cached resolutions and fallback warnings."""
+    """Forget cached resolutions and fallback warnings (and, through :func:`cache_generation`,
+    every decision cached from them)."""
     _RESOLVED.clear()
     _WARNED.clear()
+    _GENERATION[0] += 1
+
+
+_GENERATION = [0]
+
+
+def cache_generation() -> int:
+    """Changes whenever :func:`clear_backend_cache` runs: part of the key of any cache that holds a
+    decision derived from a backend resolution."""
+    return _GENERATION[0]
 
 
 def resolve_backend(backend: Optional[str], device):

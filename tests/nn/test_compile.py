@@ -79,6 +79,23 @@ def _need_kernels(backend):
         pytest.skip(why)
 
 
+def test_traced_tells_fake_and_functional_tensors_from_plain_ones():
+    """``traced`` picks the custom ops (tracing) or the kernels (eager): plain tensors are not traced,
+    fake tensors and functional wrappers are (with or without requires_grad), as inside compile."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mmea_kernels.ops._utils import traced
+    plain = torch.randn(3, 2)
+    assert not traced(plain) and not traced(plain.requires_grad_(True)) and not traced(plain[:, :1])
+    with FakeTensorMode() as mode:
+        fake = torch.empty(3, 2)
+    assert traced(fake) and traced(mode.from_tensor(torch.randn(2, requires_grad=True)))
+    seen = []
+    torch.func.functionalize(lambda t: seen.append(traced(t)) or t * 2)(torch.randn(2))
+    assert seen == [False]  # functionalized real tensors hold data: the kernels can run on them
+    assert torch.compile(lambda t: torch.full((1,), float(traced(t))), backend="eager", fullgraph=True)(plain) == 1
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_opcheck_fused_linear_ops(shared):
     """The fused linear's custom ops (what torch.compile traces): schema, fake implementations and

@@ -230,6 +230,54 @@ def test_fused_linear_env_switch_keeps_the_unfused_path(monkeypatch):
         ad(x)
 
 
+def test_fused_plan_is_cached_but_follows_every_input_of_the_decision(monkeypatch):
+    """The fused-or-not decision is made once per (device, dtype, backend setting, MMEA_* variables,
+    installed kernels) and reused; changing any of them changes it on the next call."""
+    from mmea_kernels.ops.backends import clear_backend_cache
+    from mmea_kernels.ops.gated_linear import cpp_status
+    ok, why = cpp_status("cpu")
+    if not ok:
+        pytest.skip(why)
+    monkeypatch.delenv("MMEA_BACKEND", raising=False)
+    monkeypatch.delenv("MMEA_FUSED_LINEAR", raising=False)
+    ad = MMEALinear(make_linear(), rank=3)
+    x = torch.randn(4, o3.Irreps(IN).dim, dtype=torch.float64)
+    calls = []
+    real = ad._eager_plan
+    monkeypatch.setattr(ad, "_eager_plan", lambda t: calls.append(1) or real(t))
+    assert ad.fused_kernel(x) == "cpp" and ad.fused_kernel(x) == "cpp" and len(calls) == 1
+    assert ad.fused_kernel(x.half()) is None and len(calls) == 2  # another dtype: decided again
+    monkeypatch.setenv("MMEA_BACKEND", "torch")
+    assert ad.fused_kernel(x) is None
+    monkeypatch.delenv("MMEA_BACKEND")
+    ad.backend = "torch"
+    assert ad.fused_kernel(x) is None
+    ad.backend = None
+    monkeypatch.setenv("MMEA_FUSED_LINEAR", "0")
+    assert ad.fused_kernel(x) is None
+    monkeypatch.delenv("MMEA_FUSED_LINEAR")
+    n = len(calls)
+    assert ad.fused_kernel(x) == "cpp" and len(calls) == n + 1
+    clear_backend_cache()  # what is installed may have changed: decided again
+    assert ad.fused_kernel(x) == "cpp" and len(calls) == n + 2
+
+
+def test_fused_path_with_operands_of_another_dtype_is_refused_by_name():
+    """The adapter's fast call skips gated_linear's checks only for operands it built itself: a base
+    weight of another dtype than the input (a half-converted model) gets gated_linear's error."""
+    from mmea_kernels.ops.gated_linear import cpp_status
+    ok, why = cpp_status("cpu")
+    if not ok:
+        pytest.skip(why)
+    ad = MMEALinear(make_linear(), rank=3, backend="cpp")
+    x = torch.randn(4, o3.Irreps(IN).dim)
+    ad.base.float(), ad.mmea_down.double(), ad.mmea_up.double()  # gate net in float64, base linear in float32
+    xd = x.double()
+    assert ad.fused_kernel(xd) == "cpp"
+    with pytest.raises(TypeError, match="weight has dtype torch.float32 but x has dtype torch.float64"):
+        ad(xd)
+
+
 @pytest.mark.parametrize("phi", ["exp", "residual"])
 def test_fused_cpp_path_runs_the_gate_net_kernels(phi):
     """On the fused cpp path the gate net is one C++ op forward (gate_net_fwd) and one backward

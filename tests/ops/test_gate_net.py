@@ -37,12 +37,18 @@ def test_values_and_gradients_match_torch(phi, n, strided):
     radd, rgates = gate_net_reference(x0, *params, a, phi)
     torch.testing.assert_close(add, radd, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gates, rgates, rtol=1e-12, atol=1e-12)
-    dadd, dg = torch.randn_like(add), torch.randn_like(gates)
+    gen = torch.Generator().manual_seed(1)  # not the global RNG: the same draws in any test order
+    dadd = torch.randn(add.shape, generator=gen, dtype=F64)
+    dg = torch.randn(gates.shape, generator=gen, dtype=F64)
     inputs = [x0] + params
     got = torch.autograd.grad((add, gates), inputs, (dadd, dg))
     want = torch.autograd.grad((radd, rgates), inputs, (dadd, dg))
     for name, u, v in zip(("x0", "w_down", "b_down", "w_up", "b_up"), got, want):
-        torch.testing.assert_close(u, v, rtol=1e-11, atol=1e-11, msg=name)
+        # weight gradients are sums over n rows of terms up to ~1e4 (exp gates) with both signs: an
+        # element that cancels to near 0 carries the rounding of its large terms, so the error is
+        # measured against the largest element (float64 round-off: ~1e-15 of it)
+        err = ((u - v).abs().max() / v.abs().max()).item()
+        assert err <= 1e-12, (name, err)
 
 
 @pytest.mark.parametrize("phi", ["exp", "residual"])
@@ -147,3 +153,19 @@ def test_backward_reads_row_strided_output_gradients():
     ref = torch.autograd.grad((radd, rgates), [x0] + params, (dadd, dg))
     for u, v in zip(got, ref):
         torch.testing.assert_close(u, v, rtol=1e-11, atol=1e-11)
+
+
+def test_no_graph_calls_run_the_kernel_without_an_autograd_node():
+    """With grad mode off, or nothing that needs a gradient, gate_net is the forward kernel alone
+    (no autograd node: tens of µs of host time per call at MD sizes), with the same values; with a
+    gradient needed it is the differentiable node."""
+    x0, params, a = make(37)
+    want = gate_net(x0, *params, a, "exp", backend="cpp")
+    assert all(t.grad_fn is not None for t in want)
+    with torch.no_grad():
+        got = gate_net(x0, *params, a, "exp", backend="cpp")
+    frozen = gate_net(x0.detach(), *[p.detach() for p in params], a, "exp", backend="cpp")
+    for out in (got, frozen):
+        assert all(t.grad_fn is None and not t.requires_grad for t in out)
+        for g, w in zip(out, want):
+            torch.testing.assert_close(g, w.detach(), rtol=0, atol=0)

@@ -100,9 +100,9 @@ def ext_op_status(op: str, what: str, source: str) -> Tuple[bool, str]:
 
 def gate_mul(x: torch.Tensor, gates: torch.Tensor, t: LayoutTables, keep_ungated: bool) -> torch.Tensor:
     """``y[n,c] = x[n,c]·gates[n, gate(c)]``; 0e columns copied (keep_ungated) or zeroed."""
-    return torch.ops.mmea_kernels_ext.gate_mul(x, gates, t.gate_of_column, bool(keep_ungated))
+    return torch.ops.mmea_kernels_ext.gate_mul.default(x, gates, t.gate_of_column, bool(keep_ungated))
 
 
 def seg_dot(a: torch.Tensor, b: torch.Tensor, t: LayoutTables, shared: bool) -> torch.Tensor:
     """``out[n,j] = Σ_{c in gate j} a[n,c]·b[n,c]`` (also summed over n when ``shared``)."""
-    return torch.ops.mmea_kernels_ext.seg_dot(a, b, t.gate_of_column, t.gate_cols_padded, bool(shared))
+    return torch.ops.mmea_kernels_ext.seg_dot.default(a, b, t.gate_of_column, t.gate_cols_padded, bool(shared))

@@ -100,11 +100,11 @@ def _status(backend: str, x0: torch.Tensor, rank: int) -> Tuple[bool, str]:
 
 
 def _cpp_fwd(x0, w_down, b_down, w_up, b_up, num_additive, phi):
-    return torch.ops.mmea_kernels_ext.gate_net_fwd(x0, w_down, b_down, w_up, b_up, num_additive, PHI_CODES[phi])
+    return torch.ops.mmea_kernels_ext.gate_net_fwd.default(x0, w_down, b_down, w_up, b_up, num_additive, PHI_CODES[phi])
 
 
 def _cpp_bwd(x0, w_down, b_down, w_up, gates, dadd, dgates, num_additive, phi, need_x, need_w):
-    return torch.ops.mmea_kernels_ext.gate_net_bwd(x0, w_down, b_down, w_up, gates, dadd, dgates, num_additive,
+    return torch.ops.mmea_kernels_ext.gate_net_bwd.default(x0, w_down, b_down, w_up, gates, dadd, dgates, num_additive,
                                                    PHI_CODES[phi], need_x, need_w)
 
 
@@ -170,4 +170,9 @@ def gate_net_kernels(x0, w_down, b_down, w_up, b_up, num_additive: int, phi: str
     :func:`gate_net_status` already (the adapters' hot path)."""
     if x0.shape[1] > 1 and x0.stride(1) != 1:
         x0 = x0.contiguous()
+    if not torch.is_grad_enabled() or not (x0.requires_grad or w_down.requires_grad or b_down.requires_grad
+                                            or w_up.requires_grad or b_up.requires_grad):
+        # no graph to build (inference, a frozen net on frozen features): the kernel itself, without
+        # the autograd node's per-call cost (tens of µs of host time at MD sizes)
+        return _kernels(backend)[0](x0, w_down, b_down, w_up, b_up, int(num_additive), phi)
     return _GateNetFn.apply(x0, w_down, b_down, w_up, b_up, int(num_additive), phi, backend)

@@ -43,10 +43,14 @@ def cpp_built() -> bool:
 
 
 def cpp_tables(spec: LinearSpec, device) -> LinearTables:
-    """The task tables with whole blocks as channel tiles."""
-    mo = max((b.mul for b in spec.out_layout.blocks), default=1)
-    mi = max((b.mul for b in spec.in_layout.blocks), default=1)
-    return linear_tables(spec, device, pow2(mo), pow2(mi))
+    """The task tables with whole blocks as channel tiles (cached on the spec per device)."""
+    cache = spec.__dict__.setdefault("_cpp_tables", {})
+    hit = cache.get(device)
+    if hit is None:
+        mo = max((b.mul for b in spec.out_layout.blocks), default=1)
+        mi = max((b.mul for b in spec.in_layout.blocks), default=1)
+        hit = cache[device] = linear_tables(spec, device, pow2(mo), pow2(mi))
+    return hit
 
 
 def _opt(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -65,7 +69,7 @@ def cpp_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 g_pre: Optional[torch.Tensor], g_post: Optional[torch.Tensor],
                 additive: Optional[torch.Tensor], spec: LinearSpec) -> torch.Tensor:
     """Kernel-level ``G_post ⊙ L_W(G_pre ⊙ x) + bias + additive`` on 2-D ``x`` (no autograd)."""
-    return torch.ops.mmea_kernels_ext.gated_linear_fwd(*_forward_args(x, weight, bias, g_pre, g_post, additive, spec))
+    return torch.ops.mmea_kernels_ext.gated_linear_fwd.default(*_forward_args(x, weight, bias, g_pre, g_post, additive, spec))
 
 
 def cpp_forward_u(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -73,7 +77,7 @@ def cpp_forward_u(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                   additive: Optional[torch.Tensor], spec: LinearSpec) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`cpp_forward` and the pre-gate output ``u = L_W(G_pre ⊙ x)`` (no gate, bias or additive),
     written by the same tile epilogue (no autograd)."""
-    return torch.ops.mmea_kernels_ext.gated_linear_fwd_u(*_forward_args(x, weight, bias, g_pre, g_post, additive,
+    return torch.ops.mmea_kernels_ext.gated_linear_fwd_u.default(*_forward_args(x, weight, bias, g_pre, g_post, additive,
                                                                          spec))
 
 
@@ -81,7 +85,7 @@ def cpp_wgrad(a: torch.Tensor, b: torch.Tensor, g_pre: Optional[torch.Tensor], g
               spec: LinearSpec) -> torch.Tensor:
     """Kernel-level flat weight gradient ``dW_i[u, w] = pw_i Σ_{n,m} (G_pre⊙a)[n,in(u,m)] (G_post⊙b)[n,out(w,m)]``."""
     t = cpp_tables(spec, a.device)
-    return torch.ops.mmea_kernels_ext.gated_linear_wgrad(a, b, _opt(g_pre), _opt(g_post), t.wtasks, t.path_weights,
+    return torch.ops.mmea_kernels_ext.gated_linear_wgrad.default(a, b, _opt(g_pre), _opt(g_post), t.wtasks, t.path_weights,
                                                          spec.weight_numel, t.block_u, t.block_w)
 
 

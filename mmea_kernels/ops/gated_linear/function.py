@@ -71,7 +71,7 @@ from .cpp_kernels import CPP_DTYPES, cpp_built, cpp_forward, cpp_forward_u, cpp_
 from .reference import gated_linear_reference, validate
 from .triton_kernels import tables, triton_forward, triton_forward_u, triton_wgrad
 
-__all__ = ["gated_linear", "kernel_backend", "split_scalars", "_core"]
+__all__ = ["gated_linear", "gated_linear_prepared", "kernel_backend", "split_scalars", "_core"]
 
 
 # ============================================================================ autograd
@@ -389,6 +389,20 @@ def split_scalars(x: torch.Tensor, start: int, count: int):
         raise ValueError(f"split_scalars: columns [{start}, {start + count}) of a 2-D tensor, got shape "
                          f"{tuple(x.shape)}")
     return _SplitScalarsFn.apply(x, start, count)
+
+
+def gated_linear_prepared(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          gates: Optional[torch.Tensor], additive: Optional[torch.Tensor], spec: LinearSpec,
+                          backend: str) -> torch.Tensor:
+    """:func:`gated_linear` for a caller that built the operands itself (an adapter's hot path):
+    2-D ``x``, gates and additive per row (2-D) or shared (1-D), the kernels ``backend`` ("cpp" or
+    "triton") already chosen; skips the shape checks and the backend resolution (tens of µs of host
+    time per call). Operands of another dtype or device than ``x`` go through :func:`gated_linear`,
+    whose checks name the problem."""
+    if weight.dtype != x.dtype or weight.device != x.device or \
+            any(t is not None and (t.dtype != x.dtype or t.device != x.device) for t in (bias, gates, additive)):
+        return gated_linear(x, weight, bias, gates, additive, spec, backend=backend)
+    return _top(x, weight, bias, gates, additive, spec, backend)
 
 
 # ============================================================================ public API
