@@ -213,6 +213,13 @@ class MMEALinear(MMEAGating, AdapterLinear):
             plans[key] = self._eager_plan(x)
         return plans[key]
 
+    def __getstate__(self):
+        # the cached decisions belong to this process (its environment and installed kernels): a
+        # pickled or deep-copied layer decides again where it runs
+        state = dict(super().__getstate__())
+        state.pop("_eager_plans", None)
+        return state
+
     def _eager_plan(self, x: torch.Tensor):
         if not fused_linear_enabled():
             return None

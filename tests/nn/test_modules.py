@@ -260,6 +260,17 @@ def test_fused_plan_is_cached_but_follows_every_input_of_the_decision(monkeypatc
     assert ad.fused_kernel(x) == "cpp" and len(calls) == n + 1
     clear_backend_cache()  # what is installed may have changed: decided again
     assert ad.fused_kernel(x) == "cpp" and len(calls) == n + 2
+    # a pickled (torch.save of a whole model) or copied layer does not carry this process's decisions
+    import copy
+    import io
+    assert "_eager_plans" in ad.__dict__
+    buf = io.BytesIO()
+    monkeypatch.delattr(ad, "_eager_plan")  # the spy is not picklable
+    torch.save(ad, buf)
+    buf.seek(0)
+    for other in (torch.load(buf, weights_only=False), copy.deepcopy(ad)):
+        assert "_eager_plans" not in other.__dict__
+        torch.testing.assert_close(other(x), ad(x), rtol=0, atol=0)
 
 
 def test_fused_path_with_operands_of_another_dtype_is_refused_by_name():
