@@ -107,7 +107,8 @@ def _forward_kernel(x: torch.Tensor, key: str, backend: str) -> torch.Tensor:
     name = _resolve(backend, x.device)
     if name == "cpp":
         t = spec_tables(key, "cpu")
-        return torch.ops.mmea_kernels_ext.fused_gate_fwd.default(x, t.cpp_segs, t.cpp_csts, t.spec.d_out, t.spec.num_gates)
+        return torch.ops.mmea_kernels_ext.fused_gate_fwd.default(x, t.cpp_segs, t.cpp_csts, t.spec.d_out,
+                                                                 t.spec.num_gates)
     t = spec_tables(key, x.device)
     if name == "triton":
         from . import triton as tr

@@ -100,12 +100,13 @@ def _status(backend: str, x0: torch.Tensor, rank: int) -> Tuple[bool, str]:
 
 
 def _cpp_fwd(x0, w_down, b_down, w_up, b_up, num_additive, phi):
-    return torch.ops.mmea_kernels_ext.gate_net_fwd.default(x0, w_down, b_down, w_up, b_up, num_additive, PHI_CODES[phi])
+    return torch.ops.mmea_kernels_ext.gate_net_fwd.default(x0, w_down, b_down, w_up, b_up, num_additive,
+                                                           PHI_CODES[phi])
 
 
 def _cpp_bwd(x0, w_down, b_down, w_up, gates, dadd, dgates, num_additive, phi, need_x, need_w):
-    return torch.ops.mmea_kernels_ext.gate_net_bwd.default(x0, w_down, b_down, w_up, gates, dadd, dgates, num_additive,
-                                                   PHI_CODES[phi], need_x, need_w)
+    return torch.ops.mmea_kernels_ext.gate_net_bwd.default(x0, w_down, b_down, w_up, gates, dadd, dgates,
+                                                           num_additive, PHI_CODES[phi], need_x, need_w)
 
 
 def _kernels(backend: str):

@@ -69,7 +69,8 @@ def cpp_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 g_pre: Optional[torch.Tensor], g_post: Optional[torch.Tensor],
                 additive: Optional[torch.Tensor], spec: LinearSpec) -> torch.Tensor:
     """Kernel-level ``G_post ⊙ L_W(G_pre ⊙ x) + bias + additive`` on 2-D ``x`` (no autograd)."""
-    return torch.ops.mmea_kernels_ext.gated_linear_fwd.default(*_forward_args(x, weight, bias, g_pre, g_post, additive, spec))
+    args = _forward_args(x, weight, bias, g_pre, g_post, additive, spec)
+    return torch.ops.mmea_kernels_ext.gated_linear_fwd.default(*args)
 
 
 def cpp_forward_u(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -77,16 +78,17 @@ def cpp_forward_u(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                   additive: Optional[torch.Tensor], spec: LinearSpec) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`cpp_forward` and the pre-gate output ``u = L_W(G_pre ⊙ x)`` (no gate, bias or additive),
     written by the same tile epilogue (no autograd)."""
-    return torch.ops.mmea_kernels_ext.gated_linear_fwd_u.default(*_forward_args(x, weight, bias, g_pre, g_post, additive,
-                                                                         spec))
+    args = _forward_args(x, weight, bias, g_pre, g_post, additive, spec)
+    return torch.ops.mmea_kernels_ext.gated_linear_fwd_u.default(*args)
 
 
 def cpp_wgrad(a: torch.Tensor, b: torch.Tensor, g_pre: Optional[torch.Tensor], g_post: Optional[torch.Tensor],
               spec: LinearSpec) -> torch.Tensor:
     """Kernel-level flat weight gradient ``dW_i[u, w] = pw_i Σ_{n,m} (G_pre⊙a)[n,in(u,m)] (G_post⊙b)[n,out(w,m)]``."""
     t = cpp_tables(spec, a.device)
-    return torch.ops.mmea_kernels_ext.gated_linear_wgrad.default(a, b, _opt(g_pre), _opt(g_post), t.wtasks, t.path_weights,
-                                                         spec.weight_numel, t.block_u, t.block_w)
+    return torch.ops.mmea_kernels_ext.gated_linear_wgrad.default(a, b, _opt(g_pre), _opt(g_post), t.wtasks,
+                                                                 t.path_weights, spec.weight_numel, t.block_u,
+                                                                 t.block_w)
 
 
 def _register_fakes() -> None:
