@@ -275,23 +275,22 @@ def _wgrad_backward(ctx, c):
     spec: LinearSpec = ctx.spec
     be = ctx.backend
     na, nb, npre, npost = (grad_needed(ctx, i, ctx.slots[i]) for i in range(4))
-    da = db = dpre = dpost = None
-    T = spec.transposed
-    if npre:
-        v = _core(b, c, None, g_post, None, None, T, be)
-        dpre = _seg_dot(a, v, spec.in_layout, _shared(g_pre), be)
-        if na:
-            da = gate_mul(v, g_pre, spec.in_layout, backend=be)
-    elif na:
-        da = _core(b, c, None, g_post, g_pre, None, T, be)
-    if npost:
-        u = _core(a, c, None, g_pre, None, None, spec, be)
-        dpost = _seg_dot(b, u, spec.out_layout, _shared(g_post), be)
-        if nb:
-            db = gate_mul(u, g_post, spec.out_layout, backend=be)
-    elif nb:
-        db = _core(a, c, None, g_pre, g_post, None, spec, be)
+    da, dpre = _wgrad_side(b, a, c, g_post, g_pre, spec.transposed, spec.in_layout, na, npre, be)
+    db, dpost = _wgrad_side(a, b, c, g_pre, g_post, spec, spec.out_layout, nb, npost, be)
     return da, db, dpre, dpost, None, None
+
+
+def _wgrad_side(other, mine, c, g_other, g_mine, op_spec, layout, need_mine, need_gate, be):
+    """One operand's share of the weight gradient's backward (the two are mirror images: ``a``'s
+    runs the op transposed from ``b``, ``b``'s runs it forward from ``a``): the gradient of ``mine``
+    and of its gate ``g_mine``, from the op with weight ``c`` applied to ``other``."""
+    if need_gate:
+        v = _core(other, c, None, g_other, None, None, op_spec, be)
+        dg = _seg_dot(mine, v, layout, _shared(g_mine), be)
+        return (gate_mul(v, g_mine, layout, backend=be) if need_mine else None), dg
+    if need_mine:
+        return _core(other, c, None, g_other, g_mine, None, op_spec, be), None
+    return None, None
 
 
 class _LinearWGradFn(torch.autograd.Function):
