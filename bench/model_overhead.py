@@ -24,7 +24,8 @@ traced into the graph, and forces always with ``create_graph`` (``training=True`
 calculator calls a compiled model); each compiled model is first checked against its eager self.
 In the fused adapters the linear + gate is then a custom op and the gate net compiled torch ops.
 ``MMEA_FUSED_LINEAR=0`` makes every ``MMEALinear`` run its base layer and then the gate (the
-unfused path), for comparing the two on a device.
+unfused path), for comparing the two on a device; ``MMEA_FUSED_LINEAR=auto`` lets each layer time
+both at its first calls and keep the faster (the rows then list every choice with its two times).
 """
 from __future__ import annotations
 
@@ -303,7 +304,9 @@ def main(argv=None):
 
     like = torch.empty(0, device=device, dtype=dtype)
     adapters = [m for m in mmea.modules() if isinstance(m, MMEALinear)]
-    kernels = [m.fused_kernel(like.new_empty((0, m.in_layout.dim))) for m in adapters]
+    from mmea_kernels.nn.mmea import fused_linear_mode
+    auto = fused_linear_mode() == "auto" and not args.compile  # each layer chooses at its first calls
+    kernels = [] if auto else [m.fused_kernel(like.new_empty((0, m.in_layout.dim))) for m in adapters]
     fused = f"{sum(k is not None for k in kernels)}/{len(adapters)} MMEALinear fused ({sorted(set(kernels) - {None})})"
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"cpu-{platform.machine()} {torch.get_num_threads()} thread(s)")
@@ -346,10 +349,16 @@ def main(argv=None):
         def ef(m):
             return lambda: energy_forces(m, batch, training)
         rows += profile_rows({"frozen": ef(base), "mmea": ef(mmea), "elora": ef(elora)}, device, args.profile)
+    choices = []
+    if auto:  # MMEA_FUSED_LINEAR=auto: what each layer chose at the sizes it saw, and its two timings
+        from mmea_kernels.nn.path_choice import auto_choices
+        choices = auto_choices(mmea)
+        fused = (f"auto: {sum(c['path'] == 'fused' for c in choices)}/{len(choices)} choices fused (one per layer "
+                 f"and row-count bucket), {len(adapters)} MMEALinear")
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     for r in rows:
         r.update({"size": size, "device": where, "torch": torch.__version__, "date": stamp, "rank": args.rank,
-                  "mmea_fused": fused})
+                  "mmea_fused": fused, **({"mmea_auto_choices": choices} if choices else {})})
         if r["what"].startswith("profile"):
             _print_profile(r)
             continue

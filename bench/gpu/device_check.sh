@@ -13,7 +13,8 @@
 # tests, the model-level check), kernels-sm90.txt (bench/gpu/kernel_report.py), the benchmark's
 # .jsonl/.json/.txt (bench/gpu/bench_gpu.py, with the driver's registers and spills of every
 # Triton kernel it ran) and model-overhead-gpu-<date>.json (paired ratios, then a profile of each
-# model: host/wall/device time and kernel counts, fused and MMEA_FUSED_LINEAR=0). Each step
+# model: host/wall/device time and kernel counts, fused and MMEA_FUSED_LINEAR=0; the paired ratio
+# also with MMEA_FUSED_LINEAR=auto, whose rows list each layer's choice and timings). Each step
 # has its own time limit and a failure does not stop the next step. The whole-model steps (the
 # open <= 3 % target) run right after the tests, before the kernel report and the benchmark, so a run
 # cut short by the device tool's limit still measures them.
@@ -51,11 +52,17 @@ python3 -c "import mmea_kernels._C as C; print('WITH_CUDA =', C.WITH_CUDA); asse
 step "CUDA tests (every kernel against the float64 / torch references, gradcheck, gradgradcheck)"
 MMEA_TEST_CUDA=1 timeout ${TEST_LIMIT:-200} python3 -m pytest -q -p no:cacheprovider -k cuda -rs --timeout 120 \
   tests/ops/test_gate_ops.py tests/ops/test_triton_backend.py tests/ops/test_gated_linear.py \
-  tests/ops/test_cpp_backend.py tests/ops/test_gate_net_triton.py tests/nn/test_modules.py $(ls tests/nn/test_fused_gate.py 2>/dev/null) 2>&1 | tail -40
+  tests/ops/test_cpp_backend.py tests/ops/test_gate_net_triton.py tests/nn/test_modules.py tests/nn/test_path_choice.py \
+  $(ls tests/nn/test_fused_gate.py 2>/dev/null) 2>&1 | tail -40
 
 step "whole model (MACE-OFF23-medium architecture), energy+forces and a training step"
 for dt in ${MODEL_DTYPES:-float32 float64}; do
   timeout 60 python3 bench/model_overhead.py --device cuda --frames 64 --rounds 40 --dtype $dt --out "$OUT" 2>&1 | tail -3
+  if [ "$dt" = float32 ]; then
+    echo "--- MMEA_FUSED_LINEAR=auto (each MMEALinear times its fused and unfused paths at its first size, keeps the faster)"
+    MMEA_FUSED_LINEAR=auto timeout 60 python3 bench/model_overhead.py --device cuda --frames 64 --rounds 40 --dtype $dt \
+      --out "$OUT" 2>&1 | tail -3
+  fi
 done
 
 step "whole model: where the time goes (host vs device, kernel counts; torch.profiler), fused vs unfused MMEA"

@@ -26,17 +26,27 @@ INITS = ("identity", "paper")
 _ON, _OFF = ("", "1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def fused_linear_enabled() -> bool:
-    """``MMEA_FUSED_LINEAR`` (default on): ``0``/``false``/``no``/``off`` keeps every
-    :class:`MMEALinear` on the unfused path; any other value than those and ``1``/``true``/``yes``/
-    ``on`` is an error that names the variable."""
+def fused_linear_mode() -> str:
+    """``MMEA_FUSED_LINEAR``: ``1``/``true``/``yes``/``on`` or unset -> "fused" (the default: every
+    :class:`MMEALinear` the fused kernels cover runs them); ``0``/``false``/``no``/``off`` ->
+    "unfused" (the base layer, then the gate kernels); ``auto`` -> "auto" (each layer times both
+    paths once per row-count bucket and keeps the faster, :mod:`mmea_kernels.nn.path_choice`). Any
+    other value is an error that names the variable."""
     v = os.environ.get("MMEA_FUSED_LINEAR", "1").strip().lower()
     if v in _ON:
-        return True
+        return "fused"
     if v in _OFF:
-        return False
-    raise ValueError(f"MMEA_FUSED_LINEAR={v!r}; expected one of 1/true/yes/on (fused, the default) or "
-                     f"0/false/no/off (unfused)")
+        return "unfused"
+    if v == "auto":
+        return "auto"
+    raise ValueError(f"MMEA_FUSED_LINEAR={v!r}; expected one of 1/true/yes/on (fused, the default), "
+                     f"0/false/no/off (unfused) or auto (each layer times both and keeps the faster)")
+
+
+def fused_linear_enabled() -> bool:
+    """False only for ``MMEA_FUSED_LINEAR=0`` (see :func:`fused_linear_mode`); "auto" compiles the
+    fused op under torch.compile."""
+    return fused_linear_mode() != "unfused"
 
 
 @torch.compiler.assume_constant_result  # decided once while tracing, outside the graph
@@ -175,7 +185,9 @@ class MMEALinear(MMEAGating, AdapterLinear):
             unfused reference, also what TorchScript uses; under torch.compile the fused linear is one
             custom op and the gate net plain torch ops). ``MMEA_FUSED_LINEAR=0``
             in the environment keeps every layer on the unfused path (the gate then runs on the
-            backend's gate kernels), for comparing the two paths on a device.
+            backend's gate kernels), for comparing the two paths on a device;
+            ``MMEA_FUSED_LINEAR=auto`` times both once per row-count bucket and keeps the faster
+            (:mod:`mmea_kernels.nn.path_choice`).
 
     A layer whose input has no 0e channel gets static learned gates and additive terms.
     """
@@ -197,7 +209,8 @@ class MMEALinear(MMEAGating, AdapterLinear):
         float32/float64 CPU tensors), else None; under torch.compile (spec key, kernel backend), for
         the fused linear's custom op. For a call with extra arguments, and with
         ``MMEA_FUSED_LINEAR=0`` in the environment (for comparing the two paths on a device), the
-        unfused path runs."""
+        unfused path runs; with ``MMEA_FUSED_LINEAR=auto`` the faster of the two for this row count
+        (:meth:`_auto_plan`)."""
         if args or kwargs:
             return None
         if torch.compiler.is_compiling():
@@ -210,14 +223,17 @@ class MMEALinear(MMEAGating, AdapterLinear):
         plans = self.__dict__.setdefault("_eager_plans", {})
         if key not in plans:
             plans.clear()  # one live entry: the key changes only when the setup does
-            plans[key] = self._eager_plan(x)
-        return plans[key]
+            self.__dict__.pop("_auto_choices", None)  # and the timed choices belong to the old setup
+            plans[key] = (self._eager_plan(x), fused_linear_mode() == "auto")
+        plan, auto = plans[key]
+        return self._auto_plan(x, plan) if auto and plan is not None else plan
 
     def __getstate__(self):
-        # the cached decisions belong to this process (its environment and installed kernels): a
-        # pickled or deep-copied layer decides again where it runs
+        # the cached decisions belong to this process (its environment, installed kernels and
+        # hardware): a pickled or deep-copied layer decides again where it runs
         state = dict(super().__getstate__())
         state.pop("_eager_plans", None)
+        state.pop("_auto_choices", None)
         return state
 
     def _eager_plan(self, x: torch.Tensor):
@@ -231,6 +247,51 @@ class MMEALinear(MMEAGating, AdapterLinear):
             return None
         spec = self._fused_spec()
         return (spec, kernels) if spec else None
+
+    def _auto_plan(self, x: torch.Tensor, plan):
+        """``plan`` or None (the unfused path), whichever ran faster on this layer the first time it
+        saw a row count of this bucket with this gradient need (timed on a detached copy of ``x``)."""
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return plan  # no timing (or synchronising) inside a CUDA-graph capture
+        from . import path_choice
+        rows = x.numel() // self.in_layout.dim
+        head = self.mmea_up.weight if self.mmea_up is not None else self.mmea_static
+        grad = torch.is_grad_enabled() and (x.requires_grad or head.requires_grad)
+        choices = self.__dict__.setdefault("_auto_choices", {})
+        ckey = (path_choice.row_bucket(rows), grad)
+        choice = choices.get(ckey)
+        if choice is None:
+            xs = x.detach().reshape(-1, self.in_layout.dim)
+            if grad:
+                xs = xs.clone().requires_grad_(True)
+
+            def runner(p):
+                def run():
+                    y = self._eager_path(xs, p)
+                    if grad:
+                        torch.autograd.grad(y, xs, torch.ones_like(y))
+                return run
+            t_f, t_u = path_choice.time_paths(runner(plan), runner(None), x.device)
+            choice = choices[ckey] = path_choice.PathChoice(t_f <= t_u, t_f, t_u, rows, grad)
+        return plan if choice.fused else None
+
+    def _eager_path(self, x2: torch.Tensor, fused) -> torch.Tensor:
+        """The eager output rows for flattened input rows ``x2``: the fused kernel for a plan
+        (LinearSpec, kernel backend), the base layer and then the gate for None."""
+        if fused is None:
+            add, gates = self.gate_parameters(x2)
+            return self._gated(self.base(x2), add if self.num_additive > 0 else None, gates)
+        from ..ops.gated_linear.function import gated_linear_prepared, split_scalars
+        x0 = None
+        if self.mmea_up is not None and self._scalar_span is not None and x2.requires_grad \
+                and torch.is_grad_enabled():
+            # the gate net's 0e gradient joins the kernel's input gradient in place (no
+            # zero-filled [N, D_in] gradient for the slice, no extra add pass over it)
+            x2, x0 = split_scalars(x2, *self._scalar_span)
+        add, gates = self.gate_parameters(x2, x0, fused_net=fused[1])
+        add = add if self.num_additive > 0 else None
+        weight, bias = self.view.fused_tensors(self.base)
+        return gated_linear_prepared(x2, weight, bias, gates, add, fused[0], fused[1])
 
     def _fused_spec(self):
         """The :class:`LinearSpec` of the fused kernels for this layer, or False where they do not
@@ -248,7 +309,8 @@ class MMEALinear(MMEAGating, AdapterLinear):
 
     def fused_kernel(self, x: torch.Tensor) -> Optional[str]:
         """The fused kernel backend ("cpp", "triton") that a plain call on tensors like ``x`` runs,
-        or None for the unfused path."""
+        or None for the unfused path (under ``MMEA_FUSED_LINEAR=auto``: the choice for ``x``'s row
+        count and gradient need, timed first if this layer has not made it yet)."""
         fused = self._fused(x, (), {})
         return fused[1] if fused is not None else None
 
@@ -269,18 +331,7 @@ class MMEALinear(MMEAGating, AdapterLinear):
                 y2 = torch.ops.mmea_kernels.gated_linear(x2, weight, bias, None, gates, add, *fused)
             return y2.reshape(x.shape[:-1] + (self.out_layout.dim,))
         if fused is not None:  # one kernel: linear with the gate and additive terms in its epilogue
-            from ..ops.gated_linear.function import gated_linear_prepared, split_scalars
-            x0 = None
-            if self.mmea_up is not None and self._scalar_span is not None and x2.requires_grad \
-                    and torch.is_grad_enabled():
-                # the gate net's 0e gradient joins the kernel's input gradient in place (no
-                # zero-filled [N, D_in] gradient for the slice, no extra add pass over it)
-                x2, x0 = split_scalars(x2, *self._scalar_span)
-            add, gates = self.gate_parameters(x2, x0, fused_net=fused[1])
-            add = add if self.num_additive > 0 else None
-            weight, bias = self.view.fused_tensors(self.base)
-            y2 = gated_linear_prepared(x2, weight, bias, gates, add, fused[0], fused[1])
-            return y2.reshape(x.shape[:-1] + (self.out_layout.dim,))
+            return self._eager_path(x2, fused).reshape(x.shape[:-1] + (self.out_layout.dim,))
         add, gates = self.gate_parameters(x2)
         add = add if self.num_additive > 0 else None
         return self._gated(self.base(x, *args, **kwargs), add, gates)

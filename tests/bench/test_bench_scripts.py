@@ -3,6 +3,8 @@
 per dtype, records a failing configuration instead of crashing, and writes its files as it goes;
 the model-overhead and per-layer scripts run their paired rounds."""
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -134,6 +136,23 @@ def test_model_overhead_script(tmp_path):
     (growth,) = [r for w, r in prof.items() if "largest growth" in w]
     names = [k["name"] for k in growth["kernels"]]
     assert growth["kernels"] and any(n.startswith("mmea_kernels_ext::") for n in names) == ("'cpp'" in rows[0]["mmea_fused"])
+
+
+def test_model_overhead_script_records_the_auto_choices(tmp_path):
+    """MMEA_FUSED_LINEAR=auto: every MMEALinear of the model chose a path at the size it saw (with
+    the input gradient: forces), and the row lists each choice with both times."""
+    pytest.importorskip("mace")
+    res = subprocess.run([sys.executable, str(BENCH / "model_overhead.py"), "--preset", "tiny", "--frames", "1",
+                          "--rounds", "3", "--modes", "inference", "--out", str(tmp_path)], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "MMEA_FUSED_LINEAR": "auto"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    (row,) = json.loads(next(tmp_path.glob("model-overhead-cpu-*.json")).read_text())
+    choices = row["mmea_auto_choices"]
+    n_layers = int(re.search(r"(\d+) MMEALinear", row["mmea_fused"]).group(1))
+    assert n_layers > 0 and len({c["layer"] for c in choices}) == n_layers
+    assert all(c["grad"] and c["path"] in ("fused", "unfused") and c["fused_us"] > 0 and c["unfused_us"] > 0
+               for c in choices)
+    assert row["mmea_fused"].startswith("auto: ")
 
 
 def test_model_overhead_reads_rmd17_frames(rmd17, tmp_path):

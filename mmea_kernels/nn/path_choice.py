@@ -1,0 +1,82 @@
+"""``MMEA_FUSED_LINEAR=auto``: each :class:`~mmea_kernels.nn.MMEALinear` times its two eager paths
+on the call's own input, once per row-count bucket, and keeps the faster one.
+
+The two paths compute the same function (tested against each other and against float64):
+
+- **fused**: one kernel, the base linear with the gate and the additive terms in its epilogue
+  (Triton on CUDA, the C++ extension on CPU);
+- **unfused**: the base layer as it is (e3nn's ``o3.Linear`` on cuBLAS / MKL, or ``cuet.Linear``),
+  then the gate kernels.
+
+Which is faster depends on the card, the layer's shape, the row count and the dtype: on the H200 of
+2026-11-28 the fused kernel was 40-70 % faster in wall time at 2000 rows (one launch instead of
+e3nn's several) and 2x slower at 32000 (its grouped GEMM against cuBLAS). A choice is made the first
+time a layer sees a row count in ``[2^(b-1), 2^b)`` with a given gradient need (forward only, or
+forward plus the input gradient), by alternating the two paths ``rounds`` times on a detached copy
+of the input (the call's own graph, the global RNG and every ``.grad`` are untouched), and reused
+for later calls of that bucket. Ties go to the fused path. Timing is skipped during CUDA-graph
+capture (the fused path runs) and under torch.compile (which always compiles the fused op).
+:func:`auto_choices` lists what each layer chose and the times it measured.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["PathChoice", "row_bucket", "time_paths", "auto_choices"]
+
+
+@dataclass(frozen=True)
+class PathChoice:
+    """One layer's choice for one bucket: ``fused`` (True: the fused kernel), the medians of the
+    per-call times it measured (seconds), the row count it measured at, and whether the timed
+    calls included the input gradient."""
+
+    fused: bool
+    t_fused: float
+    t_unfused: float
+    rows: int
+    grad: bool
+
+
+def row_bucket(rows: int) -> int:
+    """``b`` with ``2^(b-1) <= rows < 2^b`` (0 for no rows): the calls that share a choice."""
+    return max(int(rows), 0).bit_length()
+
+
+def time_paths(run_fused: Callable[[], None], run_unfused: Callable[[], None], device: torch.device,
+               rounds: int = 7, reps: int = 2) -> Tuple[float, float]:
+    """Median seconds per call of ``run_fused`` and ``run_unfused``, in alternating rounds (the
+    order swapped every round) after one warm-up call each; on CUDA the device is synchronised
+    around each timed block, so the times are wall times of launch plus kernels."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    run_fused()
+    run_unfused()
+    times = {run_fused: [], run_unfused: []}
+    for i in range(rounds):
+        for run in ((run_fused, run_unfused) if i % 2 == 0 else (run_unfused, run_fused)):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                run()
+            sync()
+            times[run].append((time.perf_counter() - t0) / reps)
+    return statistics.median(times[run_fused]), statistics.median(times[run_unfused])
+
+
+def auto_choices(model: nn.Module) -> List[dict]:
+    """Every choice made so far by the ``MMEALinear`` layers of ``model`` under
+    ``MMEA_FUSED_LINEAR=auto``: one dict per (layer, bucket) with the layer's name, the row count
+    timed, ``grad``, ``path`` ("fused" or "unfused") and both times in µs."""
+    rows = []
+    for name, module in model.named_modules():
+        for (bucket, grad), c in sorted(module.__dict__.get("_auto_choices", {}).items()):
+            rows.append({"layer": name, "rows": c.rows, "bucket": bucket, "grad": c.grad,
+                         "path": "fused" if c.fused else "unfused",
+                         "fused_us": round(c.t_fused * 1e6, 1), "unfused_us": round(c.t_unfused * 1e6, 1)})
+    return rows

@@ -1,0 +1,142 @@
+"""MMEA_FUSED_LINEAR=auto: each MMEALinear times its fused and unfused paths once per row-count
+bucket and gradient need, runs the faster, and computes the same function either way (float64,
+against the unfused path and its derivatives)."""
+import copy
+import pickle
+
+import pytest
+import torch
+from e3nn import o3
+
+from mmea_kernels import MMEALinear
+from mmea_kernels.nn import path_choice
+from mmea_kernels.nn.path_choice import auto_choices, row_bucket
+
+from helpers import IN, _NO_CUDA, make_linear, randomise
+
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=_NO_CUDA)]
+
+
+def fused_layer(device, monkeypatch):
+    """A randomised float64 MMEALinear on ``device`` and its fused kernel backend (skips where no
+    fused kernel runs there)."""
+    monkeypatch.delenv("MMEA_BACKEND", raising=False)
+    monkeypatch.setenv("MMEA_FUSED_LINEAR", "1")
+    ad = MMEALinear(make_linear(), rank=3).to(device)
+    randomise(ad)
+    kernels = ad.fused_kernel(torch.zeros(2, o3.Irreps(IN).dim, dtype=torch.float64, device=device))
+    if kernels is None:
+        pytest.skip(f"no fused linear kernel for float64 on {device} (extension not built?)")
+    monkeypatch.setenv("MMEA_FUSED_LINEAR", "auto")
+    return ad, kernels
+
+
+def test_row_buckets():
+    assert [row_bucket(n) for n in (0, 1, 2, 3, 4, 31, 32, 63, 64)] == [0, 1, 2, 2, 3, 5, 6, 6, 7]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_times_each_bucket_once_and_runs_the_faster_path(device, monkeypatch):
+    ad, kernels = fused_layer(device, monkeypatch)
+    timed, verdict = [], {"fused": True}
+
+    def fake_time_paths(run_fused, run_unfused, dev):
+        run_fused(), run_unfused()  # both runnable as handed over
+        timed.append(dev)
+        return (1e-3, 2e-3) if verdict["fused"] else (2e-3, 1e-3)
+
+    monkeypatch.setattr(path_choice, "time_paths", fake_time_paths)
+    base_calls = []
+    ad.base.register_forward_hook(lambda *a: base_calls.append(1))  # only the unfused path calls it
+    x = torch.randn(40, o3.Irreps(IN).dim, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        assert ad.fused_kernel(x) == kernels and len(timed) == 1
+        n = len(base_calls)
+        ad(x)
+        assert len(base_calls) == n  # fused: the base layer did not run
+        verdict["fused"] = False
+        assert ad.fused_kernel(x[:33]) == kernels and len(timed) == 1  # same bucket [32, 64): kept
+        assert ad.fused_kernel(x[:31]) is None and len(timed) == 2  # bucket [16, 32): timed
+        n = len(base_calls)
+        ad(x[:20])
+        assert len(base_calls) == n + 1  # unfused: the base layer ran
+    xg = x.clone().requires_grad_(True)
+    assert ad.fused_kernel(xg) is None and len(timed) == 3  # with a gradient: its own choice
+    assert timed == [torch.device(device)] * 3
+    rows = auto_choices(torch.nn.Sequential(ad))
+    assert [(r["layer"], r["rows"], r["grad"], r["path"]) for r in rows] == \
+        [("0", 31, False, "unfused"), ("0", 40, False, "fused"), ("0", 40, True, "unfused")]
+    assert rows[1]["fused_us"] == 1000.0 and rows[1]["unfused_us"] == 2000.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_computes_the_same_function_and_leaves_the_call_untouched(device, monkeypatch):
+    """Real timing: the output, the input gradient with create_graph and the second derivatives to
+    the adapter weights equal the unfused path's; the timing runs consumed no global random numbers,
+    left no .grad and did not join the call's graph."""
+    ad, _ = fused_layer(device, monkeypatch)
+    params = [p for p in ad.parameters() if p.requires_grad]
+    x = torch.randn(50, o3.Irreps(IN).dim, dtype=torch.float64, device=device, requires_grad=True)
+
+    def run():
+        y = ad(x)
+        (gx,) = torch.autograd.grad((y ** 2).sum(), x, create_graph=True)
+        return [y, gx, *torch.autograd.grad((gx ** 2).sum(), params)]
+
+    rng = torch.get_rng_state()
+    got = run()
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(p.grad is None for p in ad.parameters())
+    (choice,) = auto_choices(ad)
+    assert choice["rows"] == 50 and choice["grad"] and choice["fused_us"] > 0 and choice["unfused_us"] > 0
+    monkeypatch.setenv("MMEA_FUSED_LINEAR", "0")
+    ref = run()
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11 * b.abs().max().item())
+    with torch.no_grad():
+        torch.testing.assert_close(ad(x), ref[0], rtol=1e-11, atol=1e-11)
+
+
+def test_auto_choices_follow_the_setup_and_are_not_saved(monkeypatch):
+    ad, _ = fused_layer("cpu", monkeypatch)
+    monkeypatch.setattr(path_choice, "time_paths", lambda f, u, d: (1.0, 2.0))
+    x = torch.randn(8, o3.Irreps(IN).dim, dtype=torch.float64)
+    ad(x)
+    assert len(auto_choices(ad)) == 1
+    for other in (copy.deepcopy(ad), pickle.loads(pickle.dumps(ad))):
+        assert auto_choices(other) == []  # decided again where it runs
+        torch.testing.assert_close(other(x), ad(x), rtol=0, atol=0)
+    monkeypatch.setenv("MMEA_FUSED_LINEAR", "1")
+    ad(x)
+    assert auto_choices(ad) == []  # another setup: the old timings are dropped
+    monkeypatch.setenv("MMEA_FUSED_LINEAR", "sometimes")
+    with pytest.raises(ValueError, match="MMEA_FUSED_LINEAR='sometimes'.*auto"):
+        ad(x)
+
+
+def test_auto_under_torch_compile_is_the_fused_op(monkeypatch):
+    """torch.compile compiles the fused custom op under auto (no timing inside a trace)."""
+    from mmea_kernels.nn.mmea import _compiled_plan
+    ad, kernels = fused_layer("cpu", monkeypatch)
+    assert _compiled_plan(None, "cpu", torch.float64, ad._kernel_key) == (ad._kernel_key, kernels)
+    monkeypatch.setenv("MMEA_FUSED_LINEAR", "0")
+    assert _compiled_plan(None, "cpu", torch.float64, ad._kernel_key) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_auto_does_not_time_inside_a_cuda_graph_capture(monkeypatch):
+    ad, kernels = fused_layer("cuda", monkeypatch)
+    monkeypatch.setattr(path_choice, "time_paths", lambda *a: pytest.fail("timed during a capture"))
+    x = torch.randn(64, o3.Irreps(IN).dim, dtype=torch.float64, device="cuda")
+    monkeypatch.setenv("MMEA_FUSED_LINEAR", "1")
+    with torch.no_grad():
+        ref = ad(x)  # warm: kernels compiled, tables on the device
+        torch.cuda.synchronize()
+        monkeypatch.setenv("MMEA_FUSED_LINEAR", "auto")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = ad(x)
+        graph.replay()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    assert auto_choices(ad) == []
