@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
-# The one-call device check for a lent CUDA machine (<= 8 minutes on an H200). It installs nothing
-# from the network: the wheels the machine lacks travel in .whl/ (made here by
-# scripts/device_wheels.sh; the device tool's `carry: [".whl"]`), the extension is built in place.
+# The one-call device check for a lent CUDA machine. It installs nothing from the network: the
+# wheels the machine lacks travel in .whl/ (made here by scripts/device_wheels.sh; the device tool's
+# `carry: [".whl"]`), the extension is built in place.
 #
-#   run(command="bash bench/gpu/device_check.sh", carry=[".whl"], timeout_s=540)
+#   run(command="bash bench/gpu/device_check.sh", carry=[".whl"], timeout_s=560)
 #
-# Knobs (environment): TEST_LIMIT, BENCH_LIMIT (seconds), BENCH_SIZES (e.g. 2000,32000), BENCH_ARGS
-# (e.g. "--sweep --no-cuet"),
-# MODEL_DTYPES (e.g. "float32").
+# It ends by itself within BUDGET seconds (default 540): every step's time limit is cut to what is
+# left, a step with under 10 s left is skipped (said in the log), so the command returns before the
+# device tool's limit and everything under $OUT comes back. The steps, most needed first:
+#   1. versions, the extension built in place with its CUDA kernels;
+#   2. the CUDA tests (every kernel against the float64 / torch references, gradcheck, gradgradcheck);
+#   3. the whole model (MACE-OFF23-medium architecture, 64 toluene, fp32; the open <= 3 % target):
+#      paired ratios with the default fused path and with MMEA_FUSED_LINEAR=auto (each MMEALinear
+#      times both paths and keeps the faster; the rows list the choices);
+#   4. where the whole model's time goes (--profile: host/wall/device time, kernel counts), fused
+#      and MMEA_FUSED_LINEAR=0;
+#   5. bench/gpu/bench_gpu.py (gate kernels against copy bandwidth, the fused linear against
+#      o3.Linear and cuet, FusedGate against e3nn's Gate; rows stream to a .jsonl as they come);
+#   6. the whole model in float64; 7. registers and spills of the Triton kernels (ptxas -v).
 #
-# Writes to $OUT (default bench/results/device): device_check.log (versions, build, the CUDA
-# tests, the model-level check), kernels-sm90.txt (bench/gpu/kernel_report.py), the benchmark's
-# .jsonl/.json/.txt (bench/gpu/bench_gpu.py, with the driver's registers and spills of every
-# Triton kernel it ran) and model-overhead-gpu-<date>.json (paired ratios, then a profile of each
-# model: host/wall/device time and kernel counts, fused and MMEA_FUSED_LINEAR=0; the paired ratio
-# also with MMEA_FUSED_LINEAR=auto, whose rows list each layer's choice and timings). Each step
-# has its own time limit and a failure does not stop the next step. The whole-model steps (the
-# open <= 3 % target) run right after the tests, before the kernel report and the benchmark, so a run
-# cut short by the device tool's limit still measures them.
+# Knobs (environment): BUDGET, TEST_LIMIT, BENCH_LIMIT (seconds), BENCH_SIZES (e.g. 2000,32000),
+# BENCH_ARGS (e.g. "--sweep --no-cuet"), MODEL_DTYPES (default "float32 float64").
+# Writes to $OUT (default bench/results/device): device_check.log, model-overhead-gpu-<date>.json,
+# the benchmark's .jsonl/.json/.txt, kernels-sm90.txt.
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-bench/results/device}
@@ -25,7 +30,15 @@ mkdir -p "$OUT"
 LOG="$OUT/device_check.log"
 exec > >(tee -a "$LOG") 2>&1
 export PYTHONUNBUFFERED=1
-step() { echo; echo "=== $(date -u +%H:%M:%S) $*"; }
+step() { echo; echo "=== $(date -u +%H:%M:%S) (+$(( $(date +%s) - T0 )) s) $*"; }
+T0=$(date +%s)
+BUDGET=${BUDGET:-540}
+# lim S: S, or the seconds left before BUDGET (minus 3 for the shell) when fewer; 0 when under 10 are left
+lim() { local left=$(( BUDGET - 3 - ($(date +%s) - T0) )); if [ "$left" -lt 10 ]; then echo 0
+        elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi; }
+# within S cmd...: cmd under timeout `lim S`, or a line saying it was skipped
+within() { local t; t=$(lim "$1"); shift
+           if [ "$t" -eq 0 ]; then echo "(skipped, budget of $BUDGET s spent: $*)"; else timeout "$t" "$@"; fi; }
 
 step "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
@@ -46,36 +59,41 @@ for m in ("cuequivariance_torch", "mace", "ase"):
 PY
 
 step "build the extension in place (CUDA kernels)"
-TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 MMEA_FRESH_BUILD=1 timeout 300 python3 setup.py -q build_ext --inplace 2>&1 | tail -20
+TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 MMEA_FRESH_BUILD=1 within 300 python3 setup.py -q build_ext --inplace 2>&1 | tail -20
 python3 -c "import mmea_kernels._C as C; print('WITH_CUDA =', C.WITH_CUDA); assert C.WITH_CUDA"
 
 step "CUDA tests (every kernel against the float64 / torch references, gradcheck, gradgradcheck)"
-MMEA_TEST_CUDA=1 timeout ${TEST_LIMIT:-200} python3 -m pytest -q -p no:cacheprovider -k cuda -rs --timeout 120 \
+MMEA_TEST_CUDA=1 within ${TEST_LIMIT:-200} python3 -m pytest -q -p no:cacheprovider -k cuda -rs --timeout 120 \
   tests/ops/test_gate_ops.py tests/ops/test_triton_backend.py tests/ops/test_gated_linear.py \
   tests/ops/test_cpp_backend.py tests/ops/test_gate_net_triton.py tests/nn/test_modules.py tests/nn/test_path_choice.py \
   $(ls tests/nn/test_fused_gate.py 2>/dev/null) 2>&1 | tail -40
 
-step "whole model (MACE-OFF23-medium architecture), energy+forces and a training step"
-for dt in ${MODEL_DTYPES:-float32 float64}; do
-  timeout 60 python3 bench/model_overhead.py --device cuda --frames 64 --rounds 40 --dtype $dt --out "$OUT" 2>&1 | tail -3
-  if [ "$dt" = float32 ]; then
-    echo "--- MMEA_FUSED_LINEAR=auto (each MMEALinear times its fused and unfused paths at its first size, keeps the faster)"
-    MMEA_FUSED_LINEAR=auto timeout 60 python3 bench/model_overhead.py --device cuda --frames 64 --rounds 40 --dtype $dt \
-      --out "$OUT" 2>&1 | tail -3
-  fi
+DTYPES=${MODEL_DTYPES:-float32 float64}
+model() { within "$1" python3 bench/model_overhead.py --device cuda --frames 64 --out "$OUT" "${@:2}" 2>&1 \
+          | grep -v USDT | tail -20; }
+step "whole model (MACE-OFF23-medium architecture, 64 toluene), energy+forces and a training step"
+for dt in $DTYPES; do
+  [ "$dt" = float32 ] || continue
+  model 60 --rounds 40 --dtype float32
+  echo "--- MMEA_FUSED_LINEAR=auto (each MMEALinear times its fused and unfused paths at its first size, keeps the faster)"
+  MMEA_FUSED_LINEAR=auto model 60 --rounds 40 --dtype float32
 done
 
 step "whole model: where the time goes (host vs device, kernel counts; torch.profiler), fused vs unfused MMEA"
-timeout 90 python3 bench/model_overhead.py --device cuda --frames 64 --rounds 20 --modes inference --profile 5 \
-  --out "$OUT" 2>&1 | grep -v USDT | tail -20
+model 90 --rounds 20 --modes inference --profile 5
 echo "--- MMEA_FUSED_LINEAR=0 (every MMEALinear: base layer, then the gate kernels)"
-MMEA_FUSED_LINEAR=0 timeout 90 python3 bench/model_overhead.py --device cuda --frames 64 --rounds 20 --modes inference \
-  --profile 5 --out "$OUT" 2>&1 | grep -v USDT | tail -20
-
-step "registers and spills of the Triton kernels (sm_90, ptxas -v)"
-timeout 120 python3 bench/gpu/kernel_report.py --out "$OUT/kernels-sm90.txt" 2>&1 | tail -40
+MMEA_FUSED_LINEAR=0 model 90 --rounds 20 --modes inference --profile 5
 
 step "benchmark"
-timeout ${BENCH_LIMIT:-220} python3 bench/gpu/bench_gpu.py --out "$OUT" --sizes "${BENCH_SIZES:-2000,8000,32000}" ${BENCH_ARGS:-} 2>&1 | tail -150
+within ${BENCH_LIMIT:-220} python3 bench/gpu/bench_gpu.py --out "$OUT" --sizes "${BENCH_SIZES:-2000,8000,32000}" \
+  ${BENCH_ARGS:-} 2>&1 | tail -150
+
+step "whole model in the other dtypes"
+for dt in $DTYPES; do
+  [ "$dt" = float32 ] || model 60 --rounds 40 --dtype "$dt"
+done
+
+step "registers and spills of the Triton kernels (sm_90, ptxas -v)"
+within 120 python3 bench/gpu/kernel_report.py --out "$OUT/kernels-sm90.txt" 2>&1 | tail -40
 
 step "done"
