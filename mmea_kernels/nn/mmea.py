@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -47,6 +48,10 @@ def fused_linear_enabled() -> bool:
     """False only for ``MMEA_FUSED_LINEAR=0`` (see :func:`fused_linear_mode`); "auto" compiles the
     fused op under torch.compile."""
     return fused_linear_mode() != "unfused"
+
+
+class _FusedFailed(RuntimeError):
+    """The fused path raised while ``MMEA_FUSED_LINEAR=auto`` timed it."""
 
 
 @torch.compiler.assume_constant_result  # decided once while tracing, outside the graph
@@ -267,12 +272,25 @@ class MMEALinear(MMEAGating, AdapterLinear):
 
             def runner(p):
                 def run():
-                    y = self._eager_path(xs, p)
-                    if grad:
-                        torch.autograd.grad(y, xs, torch.ones_like(y))
+                    try:
+                        y = self._eager_path(xs, p)
+                        if grad:
+                            torch.autograd.grad(y, xs, torch.ones_like(y))
+                    except Exception as exc:  # noqa: BLE001 - the fused kernel's failure, named below
+                        if p is None:
+                            raise
+                        raise _FusedFailed(f"{type(exc).__name__}: {exc}") from exc
                 return run
-            t_f, t_u = path_choice.time_paths(runner(plan), runner(None), x.device)
-            choice = choices[ckey] = path_choice.PathChoice(t_f <= t_u, t_f, t_u, rows, grad)
+            try:
+                t_f, t_u = path_choice.time_paths(runner(plan), runner(None), x.device)
+                choice = path_choice.PathChoice(t_f <= t_u, t_f, t_u, rows, grad)
+            except _FusedFailed as exc:
+                warnings.warn(f"mmea_kernels: MMEA_FUSED_LINEAR=auto: the fused {plan[1]} kernel failed on "
+                              f"{self.in_layout.irreps_str} -> {self.out_layout.irreps_str} ({rows} rows, "
+                              f"{x.dtype}, {x.device}): {exc}; this layer runs the unfused path at this size")
+                t_u = path_choice.time_paths(runner(None), runner(None), x.device, rounds=1, reps=1)[1]
+                choice = path_choice.PathChoice(False, math.inf, t_u, rows, grad, str(exc)[:300])
+            choices[ckey] = choice
         return plan if choice.fused else None
 
     def _eager_path(self, x2: torch.Tensor, fused) -> torch.Tensor:

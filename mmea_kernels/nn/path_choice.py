@@ -14,7 +14,9 @@ e3nn's several) and 2x slower at 32000 (its grouped GEMM against cuBLAS). A choi
 time a layer sees a row count in ``[2^(b-1), 2^b)`` with a given gradient need (forward only, or
 forward plus the input gradient), by alternating the two paths ``rounds`` times on a detached copy
 of the input (the call's own graph, the global RNG and every ``.grad`` are untouched), and reused
-for later calls of that bucket. Ties go to the fused path. Timing is skipped during CUDA-graph
+for later calls of that bucket. Ties go to the fused path; a fused kernel that fails (a compile or launch error on
+an untested card) is reported in a warning that names the error, and the layer runs the unfused
+path for that bucket. Timing is skipped during CUDA-graph
 capture (the fused path runs) and under torch.compile (which always compiles the fused op).
 :func:`auto_choices` lists what each layer chose and the times it measured.
 """
@@ -42,6 +44,7 @@ class PathChoice:
     t_unfused: float
     rows: int
     grad: bool
+    error: str = ""  # why the fused path could not run (then t_fused is inf and the choice unfused)
 
 
 def row_bucket(rows: int) -> int:
@@ -72,11 +75,13 @@ def time_paths(run_fused: Callable[[], None], run_unfused: Callable[[], None], d
 def auto_choices(model: nn.Module) -> List[dict]:
     """Every choice made so far by the ``MMEALinear`` layers of ``model`` under
     ``MMEA_FUSED_LINEAR=auto``: one dict per (layer, bucket) with the layer's name, the row count
-    timed, ``grad``, ``path`` ("fused" or "unfused") and both times in µs."""
+    timed, ``grad``, ``path`` ("fused" or "unfused"), both times in µs (``fused_us`` None and
+    ``error`` set where the fused kernel failed)."""
     rows = []
     for name, module in model.named_modules():
         for (bucket, grad), c in sorted(module.__dict__.get("_auto_choices", {}).items()):
             rows.append({"layer": name, "rows": c.rows, "bucket": bucket, "grad": c.grad,
                          "path": "fused" if c.fused else "unfused",
-                         "fused_us": round(c.t_fused * 1e6, 1), "unfused_us": round(c.t_unfused * 1e6, 1)})
+                         "fused_us": None if c.error else round(c.t_fused * 1e6, 1),
+                         "unfused_us": round(c.t_unfused * 1e6, 1), **({"error": c.error} if c.error else {})})
     return rows

@@ -97,6 +97,29 @@ def test_auto_computes_the_same_function_and_leaves_the_call_untouched(device, m
         torch.testing.assert_close(ad(x), ref[0], rtol=1e-11, atol=1e-11)
 
 
+def test_auto_falls_back_to_the_unfused_path_when_the_fused_kernel_fails(monkeypatch):
+    """A fused kernel that raises while auto times it (a compile or launch error on an untested
+    card) is named in a warning; the layer then runs the unfused path, with the right output, and
+    the report carries the error."""
+    import mmea_kernels.ops.gated_linear.function as gl
+    ad, kernels = fused_layer("cpu", monkeypatch)
+    x = torch.randn(12, o3.Irreps(IN).dim, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setenv("MMEA_FUSED_LINEAR", "0")
+    ref = ad(x)
+    monkeypatch.setenv("MMEA_FUSED_LINEAR", "auto")
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated launch failure")
+
+    monkeypatch.setattr(gl, "gated_linear_prepared", broken)
+    with pytest.warns(UserWarning, match=f"fused {kernels} kernel failed.*simulated launch failure"):
+        y = ad(x)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    (row,) = auto_choices(ad)
+    assert row["path"] == "unfused" and row["fused_us"] is None and row["unfused_us"] > 0
+    assert "simulated launch failure" in row["error"]
+
+
 def test_auto_choices_follow_the_setup_and_are_not_saved(monkeypatch):
     ad, _ = fused_layer("cpu", monkeypatch)
     monkeypatch.setattr(path_choice, "time_paths", lambda f, u, d: (1.0, 2.0))
