@@ -5,8 +5,9 @@
 #
 #   run(command="bash bench/gpu/device_check.sh", carry=[".whl"], timeout_s=510)
 #
-# It ends by itself within BUDGET seconds (default 480: the issue asks for <= 8 minutes): every step's time limit is cut to what is
-# left, a step with under 10 s left is skipped (said in the log), so the command returns before the
+# It ends by itself within BUDGET seconds (default 480: the issue asks for <= 8 minutes): every
+# step's time limit is cut to what is left, a step with under 10 s left is skipped (said in the
+# log), so the command returns before the
 # device tool's limit and everything under $OUT comes back. The steps, most needed first:
 #   1. versions, the extension built in place with its CUDA kernels;
 #   2. the CUDA tests (every kernel against the float64 / torch references, gradcheck, gradgradcheck);
