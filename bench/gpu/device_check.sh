@@ -7,8 +7,7 @@
 #
 # It ends by itself within BUDGET seconds (default 480: the issue asks for <= 8 minutes): every
 # step's time limit is cut to what is left, a step with under 10 s left is skipped (said in the
-# log), so the command returns before the
-# device tool's limit and everything under $OUT comes back. The steps, most needed first:
+# log), so the command returns before the device tool's limit and everything under $OUT comes back. The steps, most needed first:
 #   1. versions, the extension built in place with its CUDA kernels;
 #   2. the CUDA tests (every kernel against the float64 / torch references, gradcheck, gradgradcheck);
 #   3. the whole model (MACE-OFF23-medium architecture, 64 toluene, fp32; the open <= 3 % target):
