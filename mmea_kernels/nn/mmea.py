@@ -16,6 +16,7 @@ from torch import nn
 from ..layout import IrrepsLayout
 from ..ops import gate_mul
 from ..ops.backends import cache_generation
+from . import path_choice
 from .base import AdapterLinear
 
 __all__ = ["MMEALinear", "MMEATensorProduct", "MMEAGating"]
@@ -258,9 +259,10 @@ class MMEALinear(MMEAGating, AdapterLinear):
         saw a row count of this bucket with this gradient need (timed on a detached copy of ``x``)."""
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return plan  # no timing (or synchronising) inside a CUDA-graph capture
-        from . import path_choice
         rows = x.numel() // self.in_layout.dim
-        head = self.mmea_up.weight if self.mmea_up is not None else self.mmea_static
+        # read from the module dicts directly: this runs on every call, nn.Module.__getattr__ costs µs
+        up = self._modules.get("mmea_up")
+        head = up._parameters["weight"] if up is not None else self._parameters["mmea_static"]
         grad = torch.is_grad_enabled() and (x.requires_grad or head.requires_grad)
         choices = self.__dict__.setdefault("_auto_choices", {})
         ckey = (path_choice.row_bucket(rows), grad)

@@ -97,6 +97,24 @@ def test_auto_computes_the_same_function_and_leaves_the_call_untouched(device, m
         torch.testing.assert_close(ad(x), ref[0], rtol=1e-11, atol=1e-11)
 
 
+def test_auto_on_a_layer_without_0e_input(monkeypatch):
+    """A layer whose input has no 0e channel (static learned gates) chooses too, by the gradient
+    need of its static gates, and equals the unfused path."""
+    monkeypatch.delenv("MMEA_BACKEND", raising=False)
+    ad = MMEALinear(make_linear("2x1o+1x2e", "3x0e+2x1o"), rank=3)
+    randomise(ad)
+    x = torch.randn(9, o3.Irreps("2x1o+1x2e").dim, dtype=torch.float64)
+    monkeypatch.setenv("MMEA_FUSED_LINEAR", "0")
+    ref = ad(x)
+    monkeypatch.setenv("MMEA_FUSED_LINEAR", "auto")
+    if ad.fused_kernel(x) is None and not auto_choices(ad):
+        pytest.skip("no fused linear kernel for float64 on cpu (extension not built?)")
+    torch.testing.assert_close(ad(x), ref, rtol=1e-12, atol=1e-12)
+    ad.mmea_static.requires_grad_(False)  # frozen static gates and an input without grad: forward only
+    ad(x)
+    assert [r["grad"] for r in auto_choices(ad)] == [False, True]
+
+
 def test_auto_falls_back_to_the_unfused_path_when_the_fused_kernel_fails(monkeypatch):
     """A fused kernel that raises while auto times it (a compile or launch error on an untested
     card) is named in a warning; the layer then runs the unfused path, with the right output, and
