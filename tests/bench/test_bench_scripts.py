@@ -155,6 +155,21 @@ def test_model_overhead_script_records_the_auto_choices(tmp_path):
     assert row["mmea_fused"].startswith("auto: ")
 
 
+def test_path_choices_script(tmp_path):
+    """bench/path_choices.py: one forces evaluation per frame count under MMEA_FUSED_LINEAR=auto,
+    every MMEALinear's choice with both times, rows for the larger size than the smaller."""
+    pytest.importorskip("mace")
+    res = subprocess.run([sys.executable, str(BENCH / "path_choices.py"), "--preset", "tiny", "--molecule", "ethanol",
+                          "--frames", "1,3", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "MMEA_FUSED_LINEAR"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    small, large = json.loads(next(tmp_path.glob("path-choices-cpu-*thr-*.json")).read_text())
+    assert small["frames"] == 1 and large["frames"] == 3
+    assert len(small["choices"]) == len(large["choices"]) > 0
+    assert all(c["grad"] and c["fused_us"] > 0 and c["unfused_us"] > 0 for c in small["choices"] + large["choices"])
+    assert {c["rows"] for c in small["choices"]} == {9} and {c["rows"] for c in large["choices"]} == {27}
+
+
 def test_model_overhead_reads_rmd17_frames(rmd17, tmp_path):
     """The issue's frames (aspirin) come from the rMD17 splits; a molecule with neither splits nor a
     built-in geometry is refused by name."""

@@ -35,6 +35,22 @@ def test_row_buckets():
     assert [row_bucket(n) for n in (0, 1, 2, 3, 4, 31, 32, 63, 64)] == [0, 1, 2, 2, 3, 5, 6, 6, 7]
 
 
+def test_time_paths_alternates_and_returns_per_call_medians():
+    import time
+    calls = []
+
+    def slow():
+        calls.append("f")
+        time.sleep(0.004)
+
+    def fast():
+        calls.append("u")
+
+    t_f, t_u = path_choice.time_paths(slow, fast, torch.device("cpu"), rounds=3, reps=2)
+    assert calls == ["f", "u"] + ["f", "f", "u", "u"] + ["u", "u", "f", "f"] + ["f", "f", "u", "u"]
+    assert 0.004 <= t_f < 0.1 and 0 < t_u < 0.002
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_auto_times_each_bucket_once_and_runs_the_faster_path(device, monkeypatch):
     ad, kernels = fused_layer(device, monkeypatch)
