@@ -14,15 +14,16 @@
 #      paired ratios with the default fused path and with MMEA_FUSED_LINEAR=auto (each MMEALinear
 #      times both paths and keeps the faster; the rows list the choices);
 #   4. where the whole model's time goes (--profile: host/wall/device time, kernel counts), fused
-#      and MMEA_FUSED_LINEAR=0;
+#      and MMEA_FUSED_LINEAR=0; what auto picks per layer at 4 and 64 molecules (bench/path_choices.py);
 #   5. bench/gpu/bench_gpu.py (gate kernels against copy bandwidth, the fused linear against
 #      o3.Linear and cuet, FusedGate against e3nn's Gate; rows stream to a .jsonl as they come);
 #   6. the whole model in float64; 7. registers and spills of the Triton kernels (ptxas -v).
 #
 # Knobs (environment): BUDGET, TEST_LIMIT, BENCH_LIMIT (seconds), BENCH_SIZES (e.g. 2000,32000),
 # BENCH_ARGS (e.g. "--sweep --no-cuet"), MODEL_DTYPES (default "float32 float64").
-# Writes to $OUT (default bench/results/device): device_check.log, model-overhead-gpu-<date>.json,
-# the benchmark's .jsonl/.json/.txt, kernels-sm90.txt.
+# Writes to $OUT (default bench/results/device) seven files (the device tool returns at most 8):
+# device_check.log, model-overhead-gpu-<date>.json, path-choices-gpu-<date>.json, the benchmark's
+# .jsonl/.json/.txt, kernels-sm90.txt.
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-bench/results/device}
@@ -83,6 +84,8 @@ step "whole model: where the time goes (host vs device, kernel counts; torch.pro
 model 90 --rounds 20 --modes inference --profile 5
 echo "--- MMEA_FUSED_LINEAR=0 (every MMEALinear: base layer, then the gate kernels)"
 MMEA_FUSED_LINEAR=0 model 90 --rounds 20 --modes inference --profile 5
+echo "--- what MMEA_FUSED_LINEAR=auto picks per layer at 4 and 64 toluene (each layer's fused and unfused time)"
+within 45 python3 bench/path_choices.py --device cuda --molecule toluene --frames 4,64 --out "$OUT" 2>&1 | tail -26
 
 step "benchmark"
 within ${BENCH_LIMIT:-220} python3 bench/gpu/bench_gpu.py --out "$OUT" --sizes "${BENCH_SIZES:-2000,8000,32000}" \
