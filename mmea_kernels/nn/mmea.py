@@ -51,6 +51,10 @@ def fused_linear_enabled() -> bool:
     return fused_linear_mode() != "unfused"
 
 
+def _same(t):
+    return t
+
+
 class _FusedFailed(RuntimeError):
     """The fused path raised while ``MMEA_FUSED_LINEAR=auto`` timed it."""
 
@@ -284,13 +288,17 @@ class MMEALinear(MMEAGating, AdapterLinear):
                         raise _FusedFailed(f"{type(exc).__name__}: {exc}") from exc
                 return run
             try:
-                t_f, t_u = path_choice.time_paths(runner(plan), runner(None), x.device)
+                # own saved-tensor hooks: an outer pair (activation checkpointing, offloading) must
+                # not see the timing runs' graphs, which the checkpoint's recompute would not repeat
+                with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+                    t_f, t_u = path_choice.time_paths(runner(plan), runner(None), x.device)
                 choice = path_choice.PathChoice(t_f <= t_u, t_f, t_u, rows, grad)
             except _FusedFailed as exc:
                 warnings.warn(f"mmea_kernels: MMEA_FUSED_LINEAR=auto: the fused {plan[1]} kernel failed on "
                               f"{self.in_layout.irreps_str} -> {self.out_layout.irreps_str} ({rows} rows, "
                               f"{x.dtype}, {x.device}): {exc}; this layer runs the unfused path at this size")
-                t_u = path_choice.time_paths(runner(None), runner(None), x.device, rounds=1, reps=1)[1]
+                with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+                    t_u = path_choice.time_paths(runner(None), runner(None), x.device, rounds=1, reps=1)[1]
                 choice = path_choice.PathChoice(False, math.inf, t_u, rows, grad, str(exc)[:300])
             choices[ckey] = choice
         return plan if choice.fused else None

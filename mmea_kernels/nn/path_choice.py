@@ -10,15 +10,17 @@ The two paths compute the same function (tested against each other and against f
 
 Which is faster depends on the card, the layer's shape, the row count and the dtype: on the H200 of
 2026-11-28 the adapted layer on the fused kernel took 38-52 % less wall time than the bare
-``o3.Linear`` at 2000 rows in fp32 (one launch instead of e3nn's several) and about twice as long at
-32000 (its grouped GEMM against cuBLAS). A choice is made the first
-time a layer sees a row count in ``[2^(b-1), 2^b)`` with a given gradient need (forward only, or
-forward plus the input gradient), by alternating the two paths ``rounds`` times on a detached copy
-of the input (the call's own graph, the global RNG and every ``.grad`` are untouched), and reused
-for later calls of that bucket. Ties go to the fused path; a fused kernel that fails (a compile or launch error on
-an untested card) is reported in a warning that names the error, and the layer runs the unfused
-path for that bucket. Timing is skipped during CUDA-graph
-capture (the fused path runs) and under torch.compile (which always compiles the fused op).
+``o3.Linear`` at 2000 rows in fp32 (one launch instead of e3nn's several) and about twice as long
+at 32000 (its grouped GEMM against cuBLAS). A choice is made the first time a layer sees a row
+count in ``[2^(b-1), 2^b)`` with a given gradient need (forward only, or forward plus the input
+gradient), by alternating the two paths ``rounds`` times on a detached copy of the input (the
+call's own graph, the global RNG and every ``.grad`` are untouched), and reused for later calls of
+that bucket. Ties go to the fused path; a fused kernel that fails (a compile or launch error on an
+untested card) is reported in a warning that names the error, and the layer runs the unfused path
+for that bucket. The timing runs carry their own saved-tensor hooks, so activation checkpointing
+around the layer (which counts the tensors a forward saves) never sees them. Timing is skipped
+during CUDA-graph capture (the fused path runs) and under torch.compile (which always compiles the
+fused op).
 :func:`auto_choices` lists what each layer chose and the times it measured.
 """
 from __future__ import annotations

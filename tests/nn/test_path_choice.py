@@ -154,6 +154,22 @@ def test_auto_falls_back_to_the_unfused_path_when_the_fused_kernel_fails(monkeyp
     assert "simulated launch failure" in row["error"]
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_auto_inside_activation_checkpointing(reentrant, monkeypatch):
+    """The first call of a layer inside torch.utils.checkpoint (its timing runs then happen inside
+    the checkpointed forward, or inside the recompute of the reentrant variant) gives the unfused
+    path's input gradient; the checkpoint's saved-tensor hooks never see the timing runs."""
+    from torch.utils.checkpoint import checkpoint
+    ad, _ = fused_layer("cpu", monkeypatch)
+    x = torch.randn(20, o3.Irreps(IN).dim, dtype=torch.float64, requires_grad=True)
+    checkpoint(lambda t: (ad(t) ** 2).sum(), x, use_reentrant=reentrant).backward()
+    g = x.grad
+    assert any(r["grad"] for r in auto_choices(ad))
+    monkeypatch.setenv("MMEA_FUSED_LINEAR", "0")
+    (ref,) = torch.autograd.grad((ad(x) ** 2).sum(), x)
+    torch.testing.assert_close(g, ref, rtol=1e-11, atol=1e-11)
+
+
 def test_auto_choices_follow_the_setup_and_are_not_saved(monkeypatch):
     ad, _ = fused_layer("cpu", monkeypatch)
     monkeypatch.setattr(path_choice, "time_paths", lambda f, u, d: (1.0, 2.0))
