@@ -55,6 +55,16 @@ def _same(t):
     return t
 
 
+def _may_time(x: torch.Tensor) -> bool:
+    """Whether ``MMEA_FUSED_LINEAR=auto`` may time its two paths on ``x``: a plain eager tensor,
+    no ``TorchDispatchMode`` active (a tracer such as make_fx, or FlopCounterMode, would record the
+    timing runs as part of the call) and no CUDA-graph capture (no synchronising there)."""
+    if type(x) is not torch.Tensor or torch._is_functional_tensor(x) \
+            or torch._C._functorch.is_functorch_wrapped_tensor(x) or torch._C._len_torch_dispatch_stack():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 class _FusedFailed(RuntimeError):
     """The fused path raised while ``MMEA_FUSED_LINEAR=auto`` timed it."""
 
@@ -261,8 +271,8 @@ class MMEALinear(MMEAGating, AdapterLinear):
     def _auto_plan(self, x: torch.Tensor, plan):
         """``plan`` or None (the unfused path), whichever ran faster on this layer the first time it
         saw a row count of this bucket with this gradient need (timed on a detached copy of ``x``)."""
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return plan  # no timing (or synchronising) inside a CUDA-graph capture
+        if not _may_time(x):
+            return plan  # the fused path, undecided: a capture, a tracer or a dispatch mode is active
         rows = x.numel() // self.in_layout.dim
         # read from the module dicts directly: this runs on every call, nn.Module.__getattr__ costs µs
         up = self._modules.get("mmea_up")

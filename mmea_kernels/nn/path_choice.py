@@ -19,8 +19,9 @@ that bucket. Ties go to the fused path; a fused kernel that fails (a compile or 
 untested card) is reported in a warning that names the error, and the layer runs the unfused path
 for that bucket. The timing runs carry their own saved-tensor hooks, so activation checkpointing
 around the layer (which counts the tensors a forward saves) never sees them. Timing is skipped
-during CUDA-graph capture (the fused path runs) and under torch.compile (which always compiles the
-fused op).
+(the fused path runs, undecided) during CUDA-graph capture, while a ``TorchDispatchMode`` is active
+(a tracer such as make_fx, or FlopCounterMode, would take the timing runs for part of the call),
+and under torch.compile (which always compiles the fused op).
 :func:`auto_choices` lists what each layer chose and the times it measured.
 """
 from __future__ import annotations

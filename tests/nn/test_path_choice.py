@@ -170,6 +170,23 @@ def test_auto_inside_activation_checkpointing(reentrant, monkeypatch):
     torch.testing.assert_close(g, ref, rtol=1e-11, atol=1e-11)
 
 
+def test_auto_does_not_time_under_a_dispatch_mode(monkeypatch):
+    """Under a TorchDispatchMode (FlopCounterMode here; make_fx's tracer is one too) the timing
+    runs would be counted or traced as part of the call: the fused path runs, undecided."""
+    from torch.utils.flop_counter import FlopCounterMode
+    ad, kernels = fused_layer("cpu", monkeypatch)
+    x = torch.randn(16, o3.Irreps(IN).dim, dtype=torch.float64)
+    monkeypatch.setenv("MMEA_FUSED_LINEAR", "0")
+    ref = ad(x)
+    monkeypatch.setenv("MMEA_FUSED_LINEAR", "auto")
+    monkeypatch.setattr(path_choice, "time_paths", lambda *a: pytest.fail("timed under a dispatch mode"))
+    with FlopCounterMode(display=False):
+        assert ad.fused_kernel(x) == kernels
+        y = ad(x)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    assert auto_choices(ad) == []
+
+
 def test_auto_choices_follow_the_setup_and_are_not_saved(monkeypatch):
     ad, _ = fused_layer("cpu", monkeypatch)
     monkeypatch.setattr(path_choice, "time_paths", lambda f, u, d: (1.0, 2.0))
