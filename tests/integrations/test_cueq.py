@@ -259,6 +259,30 @@ def test_mmea_fused_path_matches_unfused(backend):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
 
 
+def test_mmea_auto_path_choice_on_a_cuet_layer(monkeypatch):
+    """MMEA_FUSED_LINEAR=auto on a cuet.Linear in ir_mul: the layer times its fused and unfused
+    paths (the unfused one runs the cuet layer itself) and, whichever it keeps, gives the unfused
+    torch path's values and input gradient."""
+    from mmea_kernels.nn.path_choice import auto_choices
+    from mmea_kernels.ops.gated_linear import cpp_status
+    ok, why = cpp_status("cpu")
+    if not ok:
+        pytest.skip(why)
+    monkeypatch.delenv("MMEA_BACKEND", raising=False)
+    monkeypatch.setenv("MMEA_FUSED_LINEAR", "auto")
+    lin = make_cuet()
+    auto, plain = MMEALinear(lin, rank=2), MMEALinear(lin, rank=2, backend="torch")
+    randomise(auto, std=0.3)
+    plain.load_state_dict(auto.state_dict())
+    x = torch.randn(30, lin.irreps_in.dim, dtype=torch.float64, requires_grad=True)
+    got, ref = auto(x), plain(x)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad((got ** 2).sum(), x)[0],
+                               torch.autograd.grad((ref ** 2).sum(), x)[0], rtol=1e-11, atol=1e-11)
+    (choice,) = auto_choices(auto)
+    assert choice["rows"] == 30 and choice["grad"] and choice["unfused_us"] > 0 and choice["fused_us"] > 0
+
+
 # ----------------------------------------------------------------------------- ELoRA
 @pytest.mark.parametrize("layouts", list(LAYOUTS.values()), ids=list(LAYOUTS))
 def test_elora_matches_blocks_and_merges_exactly(layouts):
