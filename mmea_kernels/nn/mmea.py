@@ -282,36 +282,40 @@ class MMEALinear(MMEAGating, AdapterLinear):
         ckey = (path_choice.row_bucket(rows), grad)
         choice = choices.get(ckey)
         if choice is None:
-            xs = x.detach().reshape(-1, self.in_layout.dim)
-            if grad:
-                xs = xs.clone().requires_grad_(True)
-
-            def runner(p):
-                def run():
-                    try:
-                        y = self._eager_path(xs, p)
-                        if grad:
-                            torch.autograd.grad(y, xs, torch.ones_like(y))
-                    except Exception as exc:  # noqa: BLE001 - the fused kernel's failure, named below
-                        if p is None:
-                            raise
-                        raise _FusedFailed(f"{type(exc).__name__}: {exc}") from exc
-                return run
-            try:
-                # own saved-tensor hooks: an outer pair (activation checkpointing, offloading) must
-                # not see the timing runs' graphs, which the checkpoint's recompute would not repeat
-                with torch.autograd.graph.saved_tensors_hooks(_same, _same):
-                    t_f, t_u = path_choice.time_paths(runner(plan), runner(None), x.device)
-                choice = path_choice.PathChoice(t_f <= t_u, t_f, t_u, rows, grad)
-            except _FusedFailed as exc:
-                warnings.warn(f"mmea_kernels: MMEA_FUSED_LINEAR=auto: the fused {plan[1]} kernel failed on "
-                              f"{self.in_layout.irreps_str} -> {self.out_layout.irreps_str} ({rows} rows, "
-                              f"{x.dtype}, {x.device}): {exc}; this layer runs the unfused path at this size")
-                with torch.autograd.graph.saved_tensors_hooks(_same, _same):
-                    t_u = path_choice.time_paths(runner(None), runner(None), x.device, rounds=1, reps=1)[1]
-                choice = path_choice.PathChoice(False, math.inf, t_u, rows, grad, str(exc)[:300])
-            choices[ckey] = choice
+            # own saved-tensor hooks: an outer pair (activation checkpointing, offloading) must not
+            # see the timing runs' graphs, which the checkpoint's recompute would not repeat
+            with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+                choice = choices[ckey] = self._timed_choice(x, plan, rows, grad)
         return plan if choice.fused else None
+
+    def _timed_choice(self, x: torch.Tensor, plan, rows: int, grad: bool) -> "path_choice.PathChoice":
+        """Times the fused ``plan`` against the unfused path on a detached copy of ``x`` (with the
+        input gradient when ``grad``); a fused path that raises is named in a warning and loses."""
+        xs = x.detach().reshape(-1, self.in_layout.dim)
+        if grad:
+            xs = xs.clone().requires_grad_(True)
+
+        def runner(p):
+            def run():
+                try:
+                    y = self._eager_path(xs, p)
+                    if grad:
+                        torch.autograd.grad(y, xs, torch.ones_like(y))
+                except Exception as exc:  # noqa: BLE001 - the fused kernel's failure, named below
+                    if p is None:
+                        raise
+                    raise _FusedFailed(f"{type(exc).__name__}: {exc}") from exc
+            return run
+        try:
+            t_f, t_u = path_choice.time_paths(runner(plan), runner(None), x.device)
+            return path_choice.PathChoice(t_f <= t_u, t_f, t_u, rows, grad)
+        except _FusedFailed as exc:
+            error = str(exc)
+        warnings.warn(f"mmea_kernels: MMEA_FUSED_LINEAR=auto: the fused {plan[1]} kernel failed on "
+                      f"{self.in_layout.irreps_str} -> {self.out_layout.irreps_str} ({rows} rows, {x.dtype}, "
+                      f"{x.device}): {error}; this layer runs the unfused path at this size")
+        t_u = path_choice.time_paths(runner(None), runner(None), x.device, rounds=1, reps=1)[1]
+        return path_choice.PathChoice(False, math.inf, t_u, rows, grad, error[:300])
 
     def _eager_path(self, x2: torch.Tensor, fused) -> torch.Tensor:
         """The eager output rows for flattened input rows ``x2``: the fused kernel for a plan
