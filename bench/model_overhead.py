@@ -81,6 +81,13 @@ def paired(fa, fb, rounds: int, device, warmup: int = 3) -> dict:
             "b_ms": 1e3 * statistics.median(rb), "rounds": rounds}
 
 
+def machine_label(device) -> str:
+    """The card's name, or the CPU's architecture and intra-op threads, for a result row."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{platform.machine()} {torch.get_num_threads()} thread(s)"
+
+
 def default_molecule(data_dir=None) -> str:
     """The issue's frames, aspirin, when the rMD17 splits are found; else the built-in toluene."""
     from mmea_kernels.app.data import find_rmd17
@@ -308,8 +315,7 @@ def main(argv=None):
     auto = fused_linear_mode() == "auto" and not args.compile  # each layer chooses at its first calls
     kernels = [] if auto else [m.fused_kernel(like.new_empty((0, m.in_layout.dim))) for m in adapters]
     fused = f"{sum(k is not None for k in kernels)}/{len(adapters)} MMEALinear fused ({sorted(set(kernels) - {None})})"
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"cpu-{platform.machine()} {torch.get_num_threads()} thread(s)")
+    where = machine_label(device)
     size = f"{args.preset} {args.frames}x {args.molecule} {args.dtype}"
     training = False  # inference forces without create_graph (eager)
     if args.compile:

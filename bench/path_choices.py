@@ -14,7 +14,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import sys
 
 import torch
@@ -43,8 +42,7 @@ def main(argv=None):
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"cpu-{platform.machine()} {torch.get_num_threads()} thread(s)")
+    where = model_overhead.machine_label(device)
     rows = []
     for n in (int(f) for f in args.frames.split(",")):
         build_args = argparse.Namespace(preset=args.preset, molecule=args.molecule, data_dir=args.data_dir,
