@@ -82,10 +82,12 @@ def gated_linear_cases():
             types = {n: p for n in ("a_ptr", "b_ptr", "gpre_ptr", "gpost_ptr")}
             types.update(pw_ptr="*fp64", out_ptr="*fp64" if dtype == torch.float64 else "*fp32", wtask_ptr="*i32")
             bn = tk.block_n_wgrad(10**6, dtype, False)
-            cx = dict(HAS_PRE=False, HAS_POST=True, ACC=tl.float64 if dtype == torch.float64 else tl.float32,
-                      DOT=TL[dtype], PREC=prec, BLOCK_N=bn, BLOCK_U=t["block_k"], BLOCK_W=t["block_w"])
-            yield (f"gl_wgrad {NAMES[dtype]} {prec} n{bn} u{t['block_k']} w{t['block_w']}", tk._gl_wgrad_kernel,
-                   types, cx, t["num_warps"], t["num_stages"])
+            # as a training backward launches it (output gate), and with both gates (higher derivatives)
+            for pre, what in ((False, "output gate"), (True, "both gates")):
+                cx = dict(HAS_PRE=pre, HAS_POST=True, ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+                          DOT=TL[dtype], PREC=prec, BLOCK_N=bn, BLOCK_U=t["block_k"], BLOCK_W=t["block_w"])
+                yield (f"gl_wgrad {NAMES[dtype]} {prec} {what} n{bn} u{t['block_k']} w{t['block_w']}",
+                       tk._gl_wgrad_kernel, types, cx, t["num_warps"], t["num_stages"])
 
 
 def gate_cases():
@@ -117,7 +119,7 @@ def fused_gate_cases():
         acc = tl.float64 if dtype == torch.float64 else tl.float32
         common = {"cols_ptr": "*i64", "cst_ptr": "*fp64", "N": "i64", "DIN": "i64", "DOUT": "i64"}
         for used, what in ((0b110, "silu+sigmoid"), (0b1111111, "all activations")):
-            bn, bd, nw = fgt._blocks(32000, 416, 1, False)
+            bn, bd, nw = fgt._blocks(32000, 416, 1, False, dtype == torch.float64)
             yield (f"fused_gate fwd {NAMES[dtype]} {what} n{bn} d{bd}", fgt._fwd_kernel,
                    dict({"x_ptr": p, "y_ptr": p}, **common), dict(USED=used, ACC=acc, BLOCK_N=bn, BLOCK_D=bd), nw, 3)
             bn, bd, nw = fgt._blocks(32000, 544, 8, False)

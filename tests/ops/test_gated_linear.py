@@ -285,8 +285,9 @@ def test_forces_pass_skips_gate_and_weight_gradients(monkeypatch):
 
 def test_default_gpu_tiles_compile_for_sm90_without_spills():
     """Without a GPU: every Triton kernel of the package compiles for sm_90 (H100/H200), and at the
-    default tiles the fused linear's kernels (fp32 tf32x3, bf16, fp64) and the gate kernels spill no
-    registers (ptxas -v through bench/gpu/kernel_report.py, in a process without the interpreter)."""
+    default tiles the fused linear's kernels (fp32 tf32x3, bf16, fp64), the gate kernels, FusedGate's
+    and the gate net's spill no registers (ptxas -v through bench/gpu/kernel_report.py, in a process
+    without the interpreter; run with triton 3.6.0, the device machine's, as well as 3.7.1)."""
     import re
     import subprocess
     import sys
@@ -299,12 +300,15 @@ def test_default_gpu_tiles_compile_for_sm90_without_spills():
     if "ptxas" in res.stderr and "not found" in res.stderr.lower():
         pytest.skip("triton's NVIDIA backend (ptxas) is not available here")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    rows = [ln for ln in res.stdout.splitlines() if re.match(r"(gate_mul|seg_dot|gl_fwd|gl_wgrad) ", ln)]
-    assert len(rows) == 6 + 3 * 3 + 2 * 3  # gate ops x 3 dtypes; (fwd, dx, wgrad) x (fp32 x 3 precisions, bf16, fp64)
+    rows = [ln for ln in res.stdout.splitlines()
+            if re.match(r"(gate_mul|seg_dot|gl_fwd|gl_wgrad|fused_gate|gate_net) ", ln)]
+    # gate ops x 3 dtypes; (fwd, dx, wgrad with the output gate, wgrad with both gates) x (fp32 x 3 precisions,
+    # bf16, fp64); FusedGate (fwd, bwd) x (2 activation sets) x (fp32, fp64); the gate net (fwd, bwd) x (fp32, fp64)
+    assert len(rows) == 6 + 4 * 3 + 4 * 2 + 8 + 4
     for ln in rows:
         *_, regs, stores, loads, _smem = ln.split()
-        if " ieee " in ln and ln.startswith("gl_wgrad fp32"):
-            continue  # MMEA_FP32_DOT=ieee (not the default) still spills in the weight gradient
+        if ln.startswith("gl_wgrad fp32") and " tf32x3 " not in ln:
+            continue  # MMEA_FP32_DOT=ieee or tf32 (not the default): the weight gradient may spill up to 28 B
         assert int(regs) <= 255 and int(stores) == 0 and int(loads) == 0, ln
 
 

@@ -133,12 +133,14 @@ if triton is not None:
             tl.store(dx_ptr + rows[:, None] * DIN + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
-def _blocks(n: int, d: int, w: int, interpret: bool) -> Tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_D, num_warps): the interpreter pays per program, the GPU per register."""
+def _blocks(n: int, d: int, w: int, interpret: bool, wide: bool = False) -> Tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_D, num_warps): the interpreter pays per program, the GPU per register.
+    ``wide``: fp64 forward, half the elements per tile (at 16 x 128 its live values took 255
+    registers and spilled 64-268 B on sm_90 with triton 3.6; 8 x 128 does not spill)."""
     if interpret:
         return min(pow2(n), 64), min(pow2(d), 1024), 1
     block_d = min(pow2(d), 128 if w <= 2 else 64)
-    block_n = min(pow2(n), max(1, 2048 // (block_d * w)), 32)
+    block_n = min(pow2(n), max(1, (1024 if wide else 2048) // (block_d * w)), 32)
     return block_n, block_d, 4
 
 
@@ -152,7 +154,7 @@ def forward(x: torch.Tensor, t: GateTables) -> torch.Tensor:
     y = torch.empty((N, DOUT), dtype=x.dtype, device=x.device)
     if N == 0 or DOUT == 0:
         return y
-    bn, bd, nw = _blocks(N, DOUT, 1, x.device.type != "cuda" or _INTERPRETED_AT_IMPORT)
+    bn, bd, nw = _blocks(N, DOUT, 1, x.device.type != "cuda" or _INTERPRETED_AT_IMPORT, x.dtype == torch.float64)
     with device_guard(x.device):
         _fwd_kernel[(triton.cdiv(N, bn),)](x, y, t.fwd_cols, t.fwd_cst, N, DIN, DOUT, USED=t.used,
                                            ACC=_acc(x.dtype), BLOCK_N=bn, BLOCK_D=bd, num_warps=nw)
