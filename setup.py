@@ -6,9 +6,11 @@ optional extension ``mmea_kernels._C`` is compiled against the torch that will r
     pip install --no-build-isolation -e .
 
 The extension holds the C++/OpenMP CPU kernels of csrc/gate_ops.cpp, plus the CUDA kernels of
-csrc/gate_ops_cuda.cu when torch is a CUDA build and nvcc is found. It is optional: without a
-compiler, without torch at build time, with ``MMEA_NO_EXT=1``, or when compilation fails, the
-package installs without it (with a warning) and the ``cpp`` backend reports itself unavailable.
+csrc/gate_ops_cuda.cu when torch is a CUDA build and nvcc is found (for the visible GPU, or
+TORCH_CUDA_ARCH_LIST, or 8.0 and 9.0+PTX when neither is there). When the CUDA build fails, the
+CPU-only extension is built instead (with a warning). It is optional: without a compiler, without
+torch at build time, with ``MMEA_NO_EXT=1``, or when compilation fails, the package installs
+without it (with a warning) and the ``cpp`` backend reports itself unavailable.
 """
 import os
 import sys
@@ -20,6 +22,7 @@ from setuptools.command.build_ext import build_ext as _setuptools_build_ext
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXT_NAME = "mmea_kernels._C"
 HOW_TO_BUILD = "pip install --no-build-isolation -e ."
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset
 
 
 def _warn(msg: str) -> None:
@@ -31,8 +34,10 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-def _make_build_ext(base):
-    """A build_ext whose failure is a warning: the package then installs without the extension."""
+def _make_build_ext(base, cpu_fallback=None):
+    """A build_ext whose failure is a warning: the package then installs without the extension.
+    ``cpu_fallback``: for a CUDA build, a function giving the CPU-only extension, which is built
+    instead when the CUDA build fails (the C++ CPU kernels are not lost to a CUDA toolchain problem)."""
 
     class OptionalBuildExt(base):
         def finalize_options(self):
@@ -58,7 +63,29 @@ def _make_build_ext(base):
             except BaseException as exc:  # noqa: BLE001
                 if isinstance(exc, KeyboardInterrupt):
                     raise
-                self._skip(exc)
+                if cpu_fallback is None or getattr(self, "_cpu_only", False):
+                    return self._skip(exc)
+                traceback.print_exc()
+                _warn(
+                    f"building {EXT_NAME} with its CUDA kernels failed ({type(exc).__name__}: {exc}).\n"
+                    "Building it with the C++ CPU kernels only: the CUDA gate ops then run on the triton "
+                    "(or torch) backend.\nFix the error above (nvcc, TORCH_CUDA_ARCH_LIST) and rebuild "
+                    f"with `{HOW_TO_BUILD}` for the CUDA kernels, or set MMEA_NO_CUDA_EXT=1 to skip them."
+                )
+                self._cpu_only = True
+                self.build_temp = self.build_temp.rstrip(os.sep) + "_cpu"  # no object built with CUDA flags
+                self.extensions = [self._prepared(cpu_fallback(), old) for old in self.extensions]
+                self.build_extensions()
+
+        def _prepared(self, ext, like):
+            """``ext`` with the names setuptools' finalize_options gave ``like`` (same module name)."""
+            for attr in ("_full_name", "_links_to_dynamic", "_needs_stub", "_file_name"):
+                if hasattr(like, attr):
+                    setattr(ext, attr, getattr(like, attr))
+            for key, val in list(self.ext_map.items()):
+                if val is like:
+                    self.ext_map[key] = ext
+            return ext
 
         def _skip(self, exc):
             traceback.print_exc()
@@ -98,7 +125,19 @@ def _extensions():
         cand = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
         if os.path.exists(cand):
             nvcc = cand
+
+    def cpu_extension():
+        return cpp_extension.CppExtension(EXT_NAME, sources, extra_compile_args={"cxx": cxx_flags},
+                                          extra_link_args=link_flags)
+
+    build = cpp_extension.BuildExtension.with_options(use_ninja=True)
     if nvcc is not None and not _env_flag("MMEA_NO_CUDA_EXT"):
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # no GPU to read the architecture from (a login node, a container build): torch would
+            # fail on an empty list; build for A100 and H100/H200, with PTX for newer cards
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+            print(f"mmea_kernels: no GPU visible and TORCH_CUDA_ARCH_LIST unset: building the CUDA kernels "
+                  f"for {DEFAULT_CUDA_ARCHS} (set TORCH_CUDA_ARCH_LIST to choose)", file=sys.stderr)
         print(f"mmea_kernels: building {EXT_NAME} with CUDA kernels (nvcc: {nvcc}, torch CUDA "
               f"{torch.version.cuda})", file=sys.stderr)
         ext = cpp_extension.CUDAExtension(
@@ -112,13 +151,8 @@ def _extensions():
         why = ("torch is a CPU build" if torch.version.cuda is None
                else "no nvcc found (set CUDA_HOME)" if nvcc is None else "MMEA_NO_CUDA_EXT is set")
         print(f"mmea_kernels: building {EXT_NAME} with the C++ CPU kernels only ({why})", file=sys.stderr)
-        ext = cpp_extension.CppExtension(
-            EXT_NAME,
-            sources,
-            extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=link_flags,
-        )
-    return [ext], _make_build_ext(cpp_extension.BuildExtension.with_options(use_ninja=True))
+        return [cpu_extension()], _make_build_ext(build)
+    return [ext], _make_build_ext(build, cpu_fallback=cpu_extension)
 
 
 EXT_MODULES, BUILD_EXT = _extensions()

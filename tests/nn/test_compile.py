@@ -170,7 +170,7 @@ def test_compiled_adapted_linear_runs_the_fused_op(backend):
         torch.testing.assert_close(a_, w_, rtol=1e-10, atol=1e-10)
 
 
-def test_layers_compiled_one_by_one_share_compiled_code(monkeypatch):
+def test_layers_compiled_one_by_one_share_compiled_code():
     """Regional compilation (each layer compiled on its own): which fused kernels run is decided from
     constants (backend, device type, dtype, the spec's key), not from the layer object, so four
     layers of one shape reuse one compiled code (a recompile per layer would reach dynamo's limit and
@@ -180,16 +180,17 @@ def test_layers_compiled_one_by_one_share_compiled_code(monkeypatch):
     layers = [MMEALinear(make_linear(seed=s), rank=3, backend="cpp") for s in range(4)]
     x = torch.randn(5, layers[0].in_layout.dim, dtype=torch.float64)
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    # config.patch, not monkeypatch: with torch 2.11 (the device machine's), monkeypatch's undo
+    # leaves the config module without the attribute, and every later compile fails on it
     try:
-        for layer in layers:
-            randomise(layer)
-            with torch.profiler.profile() as prof:
-                y = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
-            # trainable gates: the saved-output form of the op
-            assert "mmea_kernels::gated_linear_u" in {e.name for e in prof.events()}
-            torch.testing.assert_close(y, layer(x), rtol=1e-12, atol=1e-12)
+        with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+            for layer in layers:
+                randomise(layer)
+                with torch.profiler.profile() as prof:
+                    y = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+                # trainable gates: the saved-output form of the op
+                assert "mmea_kernels::gated_linear_u" in {e.name for e in prof.events()}
+                torch.testing.assert_close(y, layer(x), rtol=1e-12, atol=1e-12)
     finally:
         torch._dynamo.reset()
 

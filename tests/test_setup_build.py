@@ -1,0 +1,114 @@
+"""setup.py's optional extension build: a failed CUDA build falls back to the CPU-only extension
+(the C++ kernels are not lost to a CUDA toolchain problem), a failed CPU build installs without
+the extension, and a CUDA build on a machine without a visible GPU gets an architecture list.
+
+The build classes are exercised with a stand-in for torch's BuildExtension (no compiler runs);
+setup.py is executed with ``setuptools.setup`` replaced, so nothing is installed."""
+import runpy
+import sys
+
+import pytest
+from setuptools import Extension
+
+from helpers import REPO
+
+
+def _setup_namespace(monkeypatch, **env):
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return runpy.run_path(str(REPO / "setup.py"))
+
+
+class _FakeBuild:
+    """torch's BuildExtension as far as OptionalBuildExt uses it: builds ``self.extensions`` and
+    fails on any with CUDA sources (or on every one, with ``fail_all``)."""
+    fail_all = False
+
+    def __init__(self, exts):
+        self.extensions = exts
+        self.ext_map = {}
+        for e in exts:
+            e._full_name, e._file_name, e._needs_stub, e._links_to_dynamic = e.name, "_C.so", False, False
+            self.ext_map[e.name] = self.ext_map[e.name.split(".")[-1]] = e
+        self.build_temp = "/tmp/build/temp"
+        self.built = []
+
+    def build_extensions(self):
+        for e in self.extensions:
+            if self.fail_all or any(s.endswith(".cu") for s in e.sources):
+                raise RuntimeError(f"ld: cannot find -lcudart (building {e.sources})")
+        self.built.append((list(self.extensions), self.build_temp))
+
+
+def _cuda_ext():
+    return Extension("mmea_kernels._C", ["csrc/gate_ops.cpp", "csrc/gate_ops_cuda.cu"])
+
+
+def _cpu_ext():
+    return Extension("mmea_kernels._C", ["csrc/gate_ops.cpp"])
+
+
+def test_failed_cuda_build_builds_the_cpu_extension(monkeypatch, capsys):
+    ns = _setup_namespace(monkeypatch, MMEA_NO_EXT="1")
+    cls = ns["_make_build_ext"](_FakeBuild, cpu_fallback=_cpu_ext)
+    b = cls([_cuda_ext()])
+    b.build_extensions()
+    assert len(b.built) == 1, "the CPU-only extension was not built after the CUDA build failed"
+    (exts, temp), = b.built
+    assert [e.sources for e in exts] == [["csrc/gate_ops.cpp"]]
+    assert temp == "/tmp/build/temp_cpu"  # objects compiled with CUDA flags are not reused
+    e = exts[0]
+    assert (e._full_name, e._file_name, e._needs_stub) == ("mmea_kernels._C", "_C.so", False)
+    assert b.ext_map["mmea_kernels._C"] is e and b.ext_map["_C"] is e
+    err = capsys.readouterr().err
+    assert "with its CUDA kernels failed" in err and "cannot find -lcudart" in err
+    assert "C++ CPU kernels only" in err and "MMEA_NO_CUDA_EXT" in err
+
+
+def test_failed_cpu_build_installs_without_the_extension(monkeypatch, capsys):
+    ns = _setup_namespace(monkeypatch, MMEA_NO_EXT="1")
+
+    class AlwaysFails(_FakeBuild):
+        fail_all = True
+
+    for fallback in (None, _cpu_ext):  # a CPU build, and a CUDA build whose fallback fails as well
+        b = ns["_make_build_ext"](AlwaysFails, cpu_fallback=fallback)([_cuda_ext() if fallback else _cpu_ext()])
+        b.build_extensions()
+        assert b.extensions == [] and b.built == []
+        assert "is installed without it" in capsys.readouterr().err
+
+
+def test_cuda_build_without_a_visible_gpu_gets_an_architecture_list(monkeypatch, tmp_path, capsys):
+    """With a CUDA torch and nvcc but no GPU and no TORCH_CUDA_ARCH_LIST, torch's own flag code
+    fails on an empty list (IndexError in _get_cuda_arch_flags, seen with torch 2.11.0+cu130):
+    setup.py sets a default list and says so. (A CUDA torch is stood in for: torch.version.cuda,
+    torch.cuda.is_available and CUDA_HOME with a bin/nvcc.)"""
+    import os
+
+    import torch
+    from torch.utils import cpp_extension
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    made = {}
+    monkeypatch.setattr(cpp_extension, "CUDAExtension", lambda name, sources, **kw: made.setdefault("cuda", sources))
+    for var in ("TORCH_CUDA_ARCH_LIST", "MMEA_NO_EXT", "MMEA_NO_CUDA_EXT"):
+        monkeypatch.delenv(var, raising=False)  # and restored (absent) after the test
+    ns = _setup_namespace(monkeypatch)
+    assert "csrc/gate_ops_cuda.cu" in made["cuda"]
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == ns["DEFAULT_CUDA_ARCHS"] == "8.0;9.0+PTX"
+    assert "no GPU visible and TORCH_CUDA_ARCH_LIST unset" in capsys.readouterr().err
+    # a list the user set is kept
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    _setup_namespace(monkeypatch)
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__]))
