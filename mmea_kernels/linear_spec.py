@@ -32,7 +32,7 @@ import math
 import sys
 from typing import List, Optional, Sequence, Tuple, Union
 
-from .layout import LAYOUTS, IrrepsLayout, parse_irreps
+from .layout import LAYOUTS, IrrepsLayout, column_span, parse_irreps
 
 __all__ = ["LinearInstruction", "LinearSpec", "tensor_product_blocks", "is_e3nn_linear", "is_cuet_linear"]
 
@@ -315,6 +315,11 @@ class LinearSpec:
             if f:
                 out.extend(range(b.offset, b.offset + b.dim))
         return tuple(out)
+
+    @functools.cached_property
+    def bias_span(self) -> Optional[Tuple[int, int]]:
+        """``(first, count)`` when :attr:`bias_columns` are one contiguous range, else None."""
+        return column_span(self.bias_columns)
 
     def weight_slices(self) -> Tuple[Tuple[int, int], ...]:
         """``(offset, numel)`` of every instruction's block in the flat weight."""

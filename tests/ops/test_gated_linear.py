@@ -214,14 +214,21 @@ def test_launch_grids_are_one_dimensional_for_5m_rows():
         check_grid((10, 70000), "gate_mul")
 
 
-def test_spec_key_and_tables_are_cached():
-    """The launch path asks for the spec's key and tables on every call: both are built once."""
+def test_spec_key_and_tables_are_cached(monkeypatch):
+    """The launch path asks for the spec's key and tables on every call: both are built once, and
+    the tile sizes are not recomputed per launch."""
+    from mmea_kernels.ops.gated_linear import triton_kernels
     from mmea_kernels.ops.gated_linear.triton_kernels import tables
     from mmea_kernels.ops.gated_linear.tables import G_IR_DIM
     spec = LinearSpec.e3nn_default("8x0e+4x1o", "8x0e+4x1o+2x2e")
     assert spec.key is spec.key and hash(spec) == hash(spec.key)
+    sizes = []
+    tile_sizes = triton_kernels.tile_sizes
+    monkeypatch.setattr(triton_kernels, "tile_sizes", lambda *a: sizes.append(a) or tile_sizes(*a))
     t = tables(spec, torch.device("cpu"))
-    assert tables(spec, torch.device("cpu")) is t
+    assert tables(spec, torch.device("cpu")) is t and len(sizes) == 1
+    t64 = tables(spec, torch.device("cpu"), torch.float64)  # per dtype (the GPU tiles differ by dtype)
+    assert tables(spec, torch.device("cpu"), torch.float64) is t64 and len(sizes) == 2
     assert t.max_ir_dim == 5 and t.num_tasks == 3  # one task per output block; the unfed 2e is written as 0
     ir_dims = t.wtasks[:, G_IR_DIM].tolist()  # heaviest weight-gradient tasks first
     assert ir_dims == sorted(ir_dims, reverse=True)

@@ -65,7 +65,6 @@ from .._utils import grad_needed, tensor_slots, traced
 from ..backends import resolve_backend
 from ..gate.function import gate_mul, seg_dot
 from ..tables import layout_tables
-from ...layout import column_span
 from ...linear_spec import LinearSpec
 from .cpp_kernels import CPP_DTYPES, cpp_built, cpp_forward, cpp_forward_u, cpp_tables, cpp_wgrad
 from .reference import gated_linear_reference, validate
@@ -244,18 +243,19 @@ def _affine_grads(dy, nb, nadd, add_shared, spec, be):
     """Gradients of the bias (column sums of dy) and of the additive (its 0e columns of dy)."""
     db = dadd = None
     if nb:
-        db = _columns(dy, spec.bias_columns, lambda: _tables(spec, dy, be).bias_columns).sum(0)
+        db = _columns(dy, spec.bias_columns, spec.bias_span, lambda: _tables(spec, dy, be).bias_columns).sum(0)
     if nadd:
-        dadd = _columns(dy, spec.out_layout.scalar_columns, lambda: _tables(spec, dy, be).scalar_columns)
+        lay = spec.out_layout
+        dadd = _columns(dy, lay.scalar_columns, lay.scalar_span, lambda: _tables(spec, dy, be).scalar_columns)
         if add_shared:
             dadd = dadd.sum(0)
     return db, dadd
 
 
-def _columns(dy, cols, table):
-    """``dy[:, cols]``: a column slice (a view, no gather pass) when ``cols`` are one range, else a
-    gather with the index tensor of the cached tables (built in the trace when traced)."""
-    span = column_span(cols)
+def _columns(dy, cols, span, table):
+    """``dy[:, cols]``: a column slice (a view, no gather pass) when ``cols`` are one range (``span``,
+    cached on the spec), else a gather with the index tensor of the cached tables (built in the
+    trace when traced)."""
     if span:
         return dy.narrow(1, *span)
     idx = torch.tensor(cols, dtype=torch.long, device=dy.device) if traced(dy) else table()

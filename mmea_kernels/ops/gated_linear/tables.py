@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Tuple
 
-from ...layout import column_span
 from ...linear_spec import LinearSpec
 
 __all__ = ["LinearTables", "linear_tables"]
@@ -137,6 +136,6 @@ def _build_tables(spec: LinearSpec, device, block_w: int, block_u: int) -> Linea
         bias_columns=torch.tensor(spec.bias_columns, dtype=torch.int64).to(device),
         scalar_columns=torch.tensor(spec.out_layout.scalar_columns, dtype=torch.int64).to(device),
         max_ir_dim=max((r[T_IR_DIM] for r in task_rows), default=1),
-        bias_span=column_span(spec.bias_columns),
+        bias_span=spec.bias_span,
         scalar_span=spec.out_layout.scalar_span,
     )

@@ -337,8 +337,17 @@ def _gate_strides(g: Optional[torch.Tensor]) -> Tuple[int, int]:
 
 
 def tables(spec: LinearSpec, device: torch.device, dtype: torch.dtype = torch.float32) -> LinearTables:
-    bw, bu = tile_sizes(spec, interpreting(device), dtype)
-    return linear_tables(spec, device, bw, bu)
+    """The task tables for launches on ``device`` in ``dtype``; cached on the spec per (device,
+    dtype) (every launch asks: the tile sizes cost ~6 µs of host time to recompute)."""
+    cache = spec.__dict__.setdefault("_launch_tables", {})
+    key = (device, dtype)
+    hit = cache.get(key)
+    if hit is None:
+        bw, bu = tile_sizes(spec, interpreting(device), dtype)
+        hit = linear_tables(spec, device, bw, bu)
+        if device.type != "cuda" or device.index is not None:  # "cuda" alone follows the current device
+            cache[key] = hit
+    return hit
 
 
 def _num_sms(device: torch.device) -> int:
