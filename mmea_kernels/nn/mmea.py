@@ -323,7 +323,11 @@ class MMEALinear(MMEAGating, AdapterLinear):
         if fused is None:
             add, gates = self.gate_parameters(x2)
             return self._gated(self.base(x2), add if self.num_additive > 0 else None, gates)
-        from ..ops.gated_linear.function import gated_linear_prepared, split_scalars
+        from ..ops.gated_linear.adapter import split_scalars
+        from ..ops.gated_linear.function import gated_linear_prepared
+        one = self._one_node(x2, fused)
+        if one is not None:
+            return one
         x0 = None
         if self.mmea_up is not None and self._scalar_span is not None and x2.requires_grad \
                 and torch.is_grad_enabled():
@@ -334,6 +338,27 @@ class MMEALinear(MMEAGating, AdapterLinear):
         add = add if self.num_additive > 0 else None
         weight, bias = self.view.fused_tensors(self.base)
         return gated_linear_prepared(x2, weight, bias, gates, add, fused[0], fused[1])
+
+    def _one_node(self, x2: torch.Tensor, fused) -> Optional[torch.Tensor]:
+        """The output of the whole adapter as one autograd node
+        (:func:`~mmea_kernels.ops.gated_linear.adapter.mmea_adapter_fused`) where a graph is built
+        and it covers the layer (a gate net on contiguous 0e columns, one dtype and
+        device, the backend's gate-net kernels), else None."""
+        up, down, span = self._modules.get("mmea_up"), self._modules.get("mmea_down"), self._scalar_span
+        if up is None or span is None or not torch.is_grad_enabled():
+            return None
+        params = (down.weight, down.bias, up.weight, up.bias)
+        if not (x2.requires_grad or any(p.requires_grad for p in params)):
+            return None  # frozen gates: the single-node fused linear of the no-gradient path
+        weight, bias = self.view.fused_tensors(self.base)
+        if any(t is not None and (t.dtype != x2.dtype or t.device != x2.device) for t in (weight, bias) + params):
+            return None  # the composition's checks name the mismatch
+        from ..ops.gate_net import gate_net_status
+        if not gate_net_status(fused[1], x2, self.rank)[0]:
+            return None
+        from ..ops.gated_linear.adapter import mmea_adapter_fused
+        return mmea_adapter_fused(x2, weight, bias, *params, self.num_additive, self.phi, span[0], span[1],
+                                  fused[0], fused[1])
 
     def _fused_spec(self):
         """The :class:`LinearSpec` of the fused kernels for this layer, or False where they do not

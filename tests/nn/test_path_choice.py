@@ -135,6 +135,7 @@ def test_auto_falls_back_to_the_unfused_path_when_the_fused_kernel_fails(monkeyp
     """A fused kernel that raises while auto times it (a compile or launch error on an untested
     card) is named in a warning; the layer then runs the unfused path, with the right output, and
     the report carries the error."""
+    import mmea_kernels.ops.gated_linear.adapter as adapter
     import mmea_kernels.ops.gated_linear.function as gl
     ad, kernels = fused_layer("cpu", monkeypatch)
     x = torch.randn(12, o3.Irreps(IN).dim, dtype=torch.float64, requires_grad=True)
@@ -146,6 +147,7 @@ def test_auto_falls_back_to_the_unfused_path_when_the_fused_kernel_fails(monkeyp
         raise RuntimeError("simulated launch failure")
 
     monkeypatch.setattr(gl, "gated_linear_prepared", broken)
+    monkeypatch.setattr(adapter, "mmea_adapter_fused", broken)  # the one-node form (a graph is built)
     with pytest.warns(UserWarning, match=f"fused {kernels} kernel failed.*simulated launch failure"):
         y = ad(x)
     torch.testing.assert_close(y, ref, rtol=0, atol=0)

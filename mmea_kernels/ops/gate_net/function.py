@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..gate.cpp import CPP_DTYPES, ext_op_status
 
 __all__ = ["gate_net", "gate_net_kernels", "gate_net_reference", "gate_net_cpp_status", "gate_net_status",
-           "PHI_CODES"]
+           "gate_net_grads", "PHI_CODES"]
 
 PHI_CODES = {"exp": 0, "residual": 1}
 
@@ -129,16 +129,26 @@ class _GateNetFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dadd, dgates):
         x0, w_down, b_down, w_up, gates = ctx.saved_tensors
-        nx, nwd, nbd, nwu, nbu = ctx.needs_input_grad[:5]
-        if (dadd is None and dgates is None) or not any((nx, nwd, nbd, nwu, nbu)):
-            return (None,) * 8
-        if torch.is_grad_enabled():  # create_graph: differentiable formulas
-            grads = _backward_formulas(x0, w_down, b_down, w_up, gates, dadd, dgates, ctx.num_additive, ctx.phi)
-        else:  # any row strides (dadd: a column slice of the linear's dy)
-            grads = _kernels(ctx.backend)[1](x0, w_down, b_down, w_up, gates, dadd, dgates, ctx.num_additive,
-                                             ctx.phi, nx, nwd or nbd or nwu or nbu)
-        dx0, dwd, dbd, dwu, dbu = (g if need else None for g, need in zip(grads, (nx, nwd, nbd, nwu, nbu)))
-        return dx0, dwd, dbd, dwu, dbu, None, None, None
+        grads = gate_net_grads(x0, w_down, b_down, w_up, gates, dadd, dgates, ctx.num_additive, ctx.phi,
+                               ctx.backend, ctx.needs_input_grad[:5])
+        return grads + (None, None, None)
+
+
+def gate_net_grads(x0, w_down, b_down, w_up, gates, dadd, dgates, num_additive: int, phi: str, backend: str, need):
+    """``(dx0, dW_down, db_down, dW_up, db_up)`` of the gate net for the output gradients ``dadd``,
+    ``dgates`` (either may be None; ``gates``: the forward's output), None where ``need`` (five
+    flags) says so. With grad mode off (no graph) one kernel call of ``backend``, any row strides
+    (``dadd`` may be a column slice of the linear's dy); with it on (create_graph) the
+    differentiable formulas."""
+    nx, nwd, nbd, nwu, nbu = need
+    if (dadd is None and dgates is None) or not any(need):
+        return (None,) * 5
+    if torch.is_grad_enabled():  # create_graph: differentiable formulas
+        grads = _backward_formulas(x0, w_down, b_down, w_up, gates, dadd, dgates, num_additive, phi)
+    else:
+        grads = _kernels(backend)[1](x0, w_down, b_down, w_up, gates, dadd, dgates, num_additive, phi, nx,
+                                     nwd or nbd or nwu or nbu)
+    return tuple(g if n else None for g, n in zip(grads, need))
 
 
 def gate_net(x0: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor, w_up: torch.Tensor,

@@ -3,10 +3,12 @@
 ``reference.py`` (plain torch, the numerical reference, and the argument checks),
 ``triton_kernels.py`` (Triton kernels and launchers), ``cpp_kernels.py`` (the C++ CPU kernels of
 the extension), ``function.py`` (the closed autograd over either kernel backend and
-:func:`gated_linear`)."""
+:func:`gated_linear`), ``adapter.py`` (the whole MMEA adapter as one autograd node, and
+:func:`split_scalars`)."""
 from ...linear_spec import LinearSpec
 from .cpp_kernels import cpp_status
-from .function import _core, gated_linear, kernel_backend, split_scalars
+from .adapter import mmea_adapter_fused, split_scalars
+from .function import _core, gated_linear, kernel_backend
 from .reference import gated_linear_reference
 from .triton_kernels import fp32_precision
 
@@ -19,4 +21,4 @@ def triton_status(device):
 
 
 __all__ = ["gated_linear", "gated_linear_reference", "LinearSpec", "triton_status", "cpp_status", "kernel_backend",
-           "fp32_precision", "split_scalars", "_core"]
+           "fp32_precision", "split_scalars", "mmea_adapter_fused", "_core"]

@@ -41,7 +41,7 @@ The pre-gate output ``u = L_W(G_pre ⊙ x)`` needed by ``dG_post``:
 
 Two costs that matter at MD sizes (a few hundred rows, where per-call overheads are a visible share):
 
-* :func:`split_scalars` gives :class:`~mmea_kernels.nn.MMEALinear` its kernel input and its gate
+* :func:`~.adapter.split_scalars` gives :class:`~mmea_kernels.nn.MMEALinear` its kernel input and its gate
   net's 0e input as two outputs of one node, so the gate net's ``[N, S]`` input gradient is added
   into the kernel's ``[N, D_in]`` input gradient in place, not through a zero-filled ``[N, D_in]``
   slice gradient and an add pass.
@@ -70,7 +70,7 @@ from .cpp_kernels import CPP_DTYPES, cpp_built, cpp_forward, cpp_forward_u, cpp_
 from .reference import gated_linear_reference, validate
 from .triton_kernels import tables, triton_forward, triton_forward_u, triton_wgrad
 
-__all__ = ["gated_linear", "gated_linear_prepared", "kernel_backend", "split_scalars", "_core"]
+__all__ = ["gated_linear", "gated_linear_prepared", "kernel_backend", "_core"]
 
 
 # ============================================================================ autograd
@@ -195,12 +195,20 @@ def _saved_output_setup(ctx, inputs, output):
 
 
 def _saved_output_backward(ctx, dy, du):
-    # the output z = L_W(x) gets dz = G ⊙ dy + du; du comes from a create_graph backward that used u
     x, weight, g_post, u = ctx.saved_tensors
-    spec: LinearSpec = ctx.spec
-    be = ctx.backend
-    nx, nw, npost = (grad_needed(ctx, i, ctx.slots[i]) for i in (0, 1, 3))
-    nb, nadd = ctx.needs_input_grad[2], ctx.needs_input_grad[4]
+    need = tuple(grad_needed(ctx, i, ctx.slots[i]) for i in (0, 1, 3)) + (ctx.needs_input_grad[2],
+                                                                          ctx.needs_input_grad[4])
+    dx, dw, db, dpost, dadd = saved_output_grads(x, weight, g_post, u, dy, du, need, ctx.add_shared, ctx.spec,
+                                                 ctx.backend)
+    return dx, dw, db, dpost, dadd, None, None
+
+
+def saved_output_grads(x, weight, g_post, u, dy, du, need, add_shared: bool, spec: LinearSpec, be: str):
+    """``(dx, dW, dbias, dG, dadditive)`` of ``y = G ⊙ u + bias + additive``, ``u = L_W(x)`` (saved),
+    for the output gradients ``dy`` and ``du`` (either may be None; ``du`` comes from a create_graph
+    backward that used ``u``: the output ``u`` then gets ``dz = G ⊙ dy + du``). ``need``: (x, W, G,
+    bias, additive) flags; None where not needed. Differentiable when grad mode is on."""
+    nx, nw, npost, nb, nadd = need
     dx = dw = dpost = db = dadd = None
     T = spec.transposed
     dz = du  # None: G ⊙ dy is applied inside the kernels (prologue gate), never materialised
@@ -217,8 +225,8 @@ def _saved_output_backward(ctx, dy, du):
     elif nw and dy is not None:
         dw = _wgrad(x, dy, None, g_post, spec, be)
     if dy is not None:
-        db, dadd = _affine_grads(dy, nb, nadd, ctx.add_shared, spec, be)
-    return dx, dw, db, dpost, dadd, None, None
+        db, dadd = _affine_grads(dy, nb, nadd, add_shared, spec, be)
+    return dx, dw, db, dpost, dadd
 
 
 class _SavedOutputFn(torch.autograd.Function):
@@ -347,47 +355,6 @@ def _seg_dot(a, b, layout, shared, backend):
         return resolve_backend(backend, a.device).seg_dot(a.contiguous(), b.contiguous(),
                                                           layout_tables(layout, a.device), bool(shared))
     return seg_dot(a, b, layout, shared=shared, backend=backend)
-
-
-class _SplitScalarsFn(torch.autograd.Function):
-    """``x -> (x, x[:, start:start + count])``: the kernel's input and the gate net's 0e input as two
-    outputs of one node, so their gradients meet in this node's backward. The gate net's ``[N, count]``
-    gradient is added into the kernel's ``[N, D_in]`` input gradient in place, instead of a
-    zero-filled ``[N, D_in]`` gradient for the slice plus an add pass over both (what ``narrow``'s
-    backward and autograd's accumulation cost). In a ``create_graph`` backward it adds out of place
-    (differentiable: the result is a function of both incoming gradients)."""
-
-    @staticmethod
-    def forward(ctx, x, start: int, count: int):
-        ctx.start, ctx.count, ctx.shape = start, count, x.shape
-        return x.view_as(x), x.narrow(1, start, count)
-
-    @staticmethod
-    def backward(ctx, dx, dx0):
-        if dx is None and dx0 is None:
-            return None, None, None
-        if dx0 is None:
-            return dx, None, None
-        if dx is None:
-            dx = dx0.new_zeros(ctx.shape)
-        elif torch.is_grad_enabled():  # create_graph: keep the sum on the graph
-            pad = (ctx.start, ctx.shape[1] - ctx.start - ctx.count)
-            return dx + torch.nn.functional.pad(dx0, pad), None, None
-        # dx is the kernel's freshly written input gradient (this node's output 0 feeds only the fused
-        # linear, possibly through a same-shape view): adding the slice in place touches N x count
-        # elements
-        dx.narrow(1, ctx.start, ctx.count).add_(dx0)
-        return dx, None, None
-
-
-def split_scalars(x: torch.Tensor, start: int, count: int):
-    """``(x, x[:, start:start + count])`` for 2-D ``x``, with one backward that adds the second
-    output's gradient into the first's in place (see :class:`_SplitScalarsFn`). For the fused MMEA
-    linear: the first output feeds :func:`gated_linear`, the second the gate network."""
-    if x.dim() != 2 or not 0 <= start <= start + count <= x.shape[1]:
-        raise ValueError(f"split_scalars: columns [{start}, {start + count}) of a 2-D tensor, got shape "
-                         f"{tuple(x.shape)}")
-    return _SplitScalarsFn.apply(x, start, count)
 
 
 def gated_linear_prepared(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
