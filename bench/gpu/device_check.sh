@@ -66,7 +66,8 @@ python3 -c "import mmea_kernels._C as C; print('WITH_CUDA =', C.WITH_CUDA); asse
 step "CUDA tests (every kernel against the float64 / torch references, gradcheck, gradgradcheck)"
 MMEA_TEST_CUDA=1 within ${TEST_LIMIT:-200} python3 -m pytest -q -p no:cacheprovider -k cuda -rs --timeout 120 \
   tests/ops/test_gate_ops.py tests/ops/test_triton_backend.py tests/ops/test_gated_linear.py \
-  tests/ops/test_cpp_backend.py tests/ops/test_gate_net_triton.py tests/nn/test_modules.py tests/nn/test_path_choice.py \
+  tests/ops/test_cpp_backend.py tests/ops/test_gate_net_triton.py tests/ops/test_adapter_node.py tests/nn/test_modules.py \
+  tests/nn/test_path_choice.py \
   $(ls tests/nn/test_fused_gate.py 2>/dev/null) 2>&1 | tail -40
 
 DTYPES=${MODEL_DTYPES:-float32 float64}

@@ -140,7 +140,8 @@ def _node_names(y):
 def test_mmea_linear_builds_one_node_where_a_graph_is_built():
     """The adapted layer on the C++ path: with trainable gates one custom node (no split, gate-net or
     saved-output nodes) and the unfused path's values, input gradient and force-training gradients;
-    without a graph, or with a frozen gate net on features without a gradient, no node of it."""
+    without a graph no node; with a frozen gate net on features without a gradient (a graph only for
+    a trainable base weight) the fused linear's own node, not this one."""
     _skip_unless("cpp", "cpu")
     lin = o3.Linear(IRR_IN, IRR_OUT).double()
     plain = MMEALinear(lin, rank=3, backend="torch")
@@ -160,5 +161,7 @@ def test_mmea_linear_builds_one_node_where_a_graph_is_built():
         torch.testing.assert_close(u, v, rtol=1e-11, atol=1e-11)
     with torch.no_grad():
         assert ad(x).grad_fn is None
-    ad.requires_grad_(False)
-    assert "_AdapterFnBackward" not in _node_names(ad(x.detach()))
+    ad.requires_grad_(False)  # frozen gates on constant features; a graph only for the base weight
+    lin.weight.requires_grad_(True)
+    names = _node_names(ad(x.detach()))
+    assert "_GatedLinearFnBackward" in names and "_AdapterFnBackward" not in names, names
