@@ -67,8 +67,8 @@ class _AdapterFn(torch.autograd.Function):
         nb = ctx.needs_input_grad[2]
         net_need = (nx, nwd, nbd, nwu, nbu)
         ngate = any(net_need)  # the gates and the additive feed only the gate net's inputs
-        dx, dw, db, dgates, dadd = saved_output_grads(x, weight, gates, u, dy, du, (nx, nw, ngate, nb, ngate),
-                                                      False, spec, be)
+        need = (nx, nw, ngate, nb, ngate and num_additive > 0)
+        dx, dw, db, dgates, dadd = saved_output_grads(x, weight, gates, u, dy, du, need, False, spec, be)
         if ngate:
             dadd = _add(dadd, dadd_out) if num_additive > 0 else None
             dgates = _add(dgates, dgates_out)
@@ -77,13 +77,21 @@ class _AdapterFn(torch.autograd.Function):
         else:
             dx0 = dwd = dbd = dwu = dbu = None
         if dx0 is not None:
-            if dx is None:
-                dx = F.pad(dx0, (start, x.shape[1] - start - count))
-            elif torch.is_grad_enabled():  # create_graph: keep the sum on the graph
-                dx = dx + F.pad(dx0, (start, x.shape[1] - start - count))
-            else:  # dx is the linear's freshly written input gradient: add the 0e slice in place
-                dx.narrow(1, start, count).add_(dx0)
+            dx = _join(dx, dx0, start, x.shape)
         return (dx, dw, db, dwd, dbd, dwu, dbu) + (None,) * 6
+
+
+def _join(dx: Optional[torch.Tensor], dx0: torch.Tensor, start: int, shape) -> torch.Tensor:
+    """The gradient of ``x`` from the linear's ``dx`` (a kernel's fresh output, or None) and the gate
+    net's ``dx0`` (of columns ``[start, start + count)``): added in place into ``dx``'s columns
+    (``N x count`` elements, no zero-filled ``[N, D_in]`` slice gradient), out of place in a
+    create_graph backward (the sum stays on the graph)."""
+    if dx is None:
+        return F.pad(dx0, (start, shape[1] - start - dx0.shape[1]))
+    if torch.is_grad_enabled():
+        return dx + F.pad(dx0, (start, shape[1] - start - dx0.shape[1]))
+    dx.narrow(1, start, dx0.shape[1]).add_(dx0)
+    return dx
 
 
 def _x0(x: torch.Tensor, start: int, count: int) -> torch.Tensor:
@@ -113,25 +121,14 @@ class _SplitScalarsFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, start: int, count: int):
-        ctx.start, ctx.count, ctx.shape = start, count, x.shape
+        ctx.start, ctx.shape = start, x.shape
         return x.view_as(x), x.narrow(1, start, count)
 
     @staticmethod
     def backward(ctx, dx, dx0):
-        if dx is None and dx0 is None:
-            return None, None, None
-        if dx0 is None:
-            return dx, None, None
-        if dx is None:
-            dx = dx0.new_zeros(ctx.shape)
-        elif torch.is_grad_enabled():  # create_graph: keep the sum on the graph
-            pad = (ctx.start, ctx.shape[1] - ctx.start - ctx.count)
-            return dx + torch.nn.functional.pad(dx0, pad), None, None
         # dx is the kernel's freshly written input gradient (this node's output 0 feeds only the fused
-        # linear, possibly through a same-shape view): adding the slice in place touches N x count
-        # elements
-        dx.narrow(1, ctx.start, ctx.count).add_(dx0)
-        return dx, None, None
+        # linear, possibly through a same-shape view), so the slice can be added in place
+        return (dx if dx0 is None else _join(dx, dx0, ctx.start, ctx.shape)), None, None
 
 
 def split_scalars(x: torch.Tensor, start: int, count: int):
