@@ -182,7 +182,8 @@ def machine(device):
                 break
     except OSError:
         pass
-    what = f"{cpu}, {os.cpu_count()} cores"
+    # the ISA torch's kernels use (this VM has been AVX2 one day and AVX-512 the next: ratios shift)
+    what = f"{cpu}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
     if device.type == "cuda":
         what = f"{torch.cuda.get_device_name(0)} (host: {what})"
     return what

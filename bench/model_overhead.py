@@ -85,7 +85,7 @@ def machine_label(device) -> str:
     """The card's name, or the CPU's architecture and intra-op threads, for a result row."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu-{platform.machine()} {torch.get_num_threads()} thread(s)"
+    return f"cpu-{platform.machine()} {torch.backends.cpu.get_cpu_capability()} {torch.get_num_threads()} thread(s)"
 
 
 def default_molecule(data_dir=None) -> str:
