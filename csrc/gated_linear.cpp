@@ -39,6 +39,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "interleave.h"
 #include "parallel.h"
 
 #include <algorithm>
@@ -93,6 +94,10 @@ template <typename T>
 void pack(const T* src, int64_t ld, int64_t n0, int64_t R, const Block& b, int64_t c0, int64_t C, int64_t d,
           const Rows<T>& g, T* __restrict__ dst) {
   const bool gated = g.ptr != nullptr && b.gate >= 0;
+  if (b.su == d && b.sm == 1 && d > 1 &&  // mul_ir, l = 1, 2, 3: the specialised transposes (interleave.h)
+      mmea_il::pack_interleaved<T>(d, src + n0 * ld + b.off + c0 * b.su, ld, R, C,
+                                   gated ? g.row(n0) + b.gate + c0 : nullptr, g.stride, dst))
+    return;
   for (int64_t r = 0; r < R; ++r) {
     const T* __restrict__ s = src + (n0 + r) * ld + b.off + c0 * b.su;
     const T* __restrict__ gr = gated ? g.row(n0 + r) + b.gate + c0 : nullptr;
@@ -126,6 +131,11 @@ void store(const T* acc, int64_t R, int64_t d, int64_t C, T* out, T* uo, int64_t
            int64_t c0, const Rows<T>& g, const T* bias, const Rows<T>& add, int64_t scal) {
   const bool gated = g.ptr != nullptr && b.gate >= 0;
   const bool added = add.ptr != nullptr && scal >= 0;
+  if (b.su == d && b.sm == 1 && d > 1 && bias == nullptr && !added &&  // mul_ir, l = 1, 2, 3 (interleave.h)
+      mmea_il::store_interleaved<T>(d, acc, R, C, out + n0 * ld + b.off + c0 * b.su,
+                                    uo != nullptr ? uo + n0 * ld + b.off + c0 * b.su : nullptr, ld,
+                                    gated ? g.row(n0) + b.gate + c0 : nullptr, g.stride))
+    return;
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = n0 + r;
     const T* __restrict__ a = acc + r * d * C;

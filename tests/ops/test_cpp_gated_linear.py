@@ -150,6 +150,30 @@ def test_core_float32_first_and_second_derivatives(layout, spy):
     assert spy["fwd"] > 0 and spy["wgrad"] > 0
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shared", [False, True], ids=["per-row", "shared"])
+@pytest.mark.parametrize("pre", [False, True], ids=["post", "pre+post"])
+def test_mul_ir_blocks_of_every_order_up_to_4(dtype, shared, pre, spy):
+    """mul_ir blocks of l = 1, 2, 3 (the kernels' specialised transposes, csrc/interleave.h: packing
+    x, dy and the weight gradient's operands, storing y and the saved pre-gate output u) and l = 4
+    (the generic loop): values, first gradients and second derivatives of the generalised op and of
+    the public call (which saves u) against the float64 reference, in float64 and float32."""
+    spec, leaves = core_inputs("mul_ir", shared, pre, n=6, seed=11, irr_in="3x0e+4x1o+3x2e+2x3o+2x4e",
+                               irr_out="2x0e+3x1o+4x2e+3x3o+1x4e")
+    cast = [None if t is None else t.detach().to(dtype).requires_grad_() for t in leaves]
+    calls = [(lambda *t: _core(*t, spec, "cpp"), lambda *t: core_reference(*t, spec), cast, leaves)]
+    if not pre:  # the public call: y and u from one forward kernel
+        drop = lambda t: t[:3] + t[4:]  # noqa: E731 - no prologue gate
+        calls.append((lambda *t: gated_linear(*t, spec, backend="cpp"),
+                      lambda *t: core_reference(t[0], t[1], t[2], None, *t[3:], spec), drop(cast), drop(leaves)))
+    for fn, ref_fn, args, ref_args in calls:
+        for p, q in zip(all_orders(fn, args), all_orders(ref_fn, ref_args)):
+            assert p.dtype == dtype
+            err = ((p.double() - q).abs().max() / q.abs().max().clamp_min(1.0)).item()
+            assert err <= (1e-12 if dtype == F64 else 2 * TOL[torch.float32]["rtol"]), err
+    assert spy["wgrad"] > 0 and (pre or spy["fwd_u"] > 0)
+
+
 @pytest.mark.parametrize("irr_in,irr_out,layout,shared", GL_GRAD_CASES)
 def test_gradcheck_gradgradcheck(irr_in, irr_out, layout, shared, spy):
     spec, (x, w, b, g, a) = grad_inputs(irr_in, irr_out, layout, shared)
