@@ -1,7 +1,7 @@
 """Paired-ratio timing of FusedGate against e3nn's Gate, and of SevenNet-0 with and without
 ``replace_gates``.
 
-    python bench/gate_speed.py                       # CPU, 1 thread, writes bench/results/gate-cpu-<date>.txt
+    python bench/gate_speed.py                       # CPU, 1 thread, writes bench/results/gate-cpu-<date>T<time>.txt
     python bench/gate_speed.py --device cuda         # on a GPU machine (Triton kernels)
     python bench/gate_speed.py --rounds 5 --n 500 --frames 1 --out -     # quick check (tests)
 
@@ -200,7 +200,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32,float64")
     p.add_argument("--no-model", action="store_true")
     p.add_argument("--note", default="", help="a line added to the header (e.g. 'machine shared with other jobs')")
-    p.add_argument("--out", default=None, help="output file ('-': stdout only); default bench/results/gate-<dev>-<date>.txt")
+    p.add_argument("--out", default=None, help="output file ('-': stdout only); default bench/results/gate-<dev>-<date>T<time>.txt")
     args = p.parse_args(argv)
     args.dtypes = [getattr(torch, d.strip()) for d in args.dtype.split(",")]
     torch.set_num_threads(args.threads)
@@ -222,7 +222,7 @@ def main(argv=None):
         bench_model(args, device, lines)
     text = "\n".join(lines) + "\n"
     if args.out != "-":
-        out = pathlib.Path(args.out) if args.out else HERE / "results" / f"gate-{device.type}-{now:%Y-%m-%d}.txt"
+        out = pathlib.Path(args.out) if args.out else HERE / "results" / f"gate-{device.type}-{now:%Y-%m-%dT%H%M}.txt"  # never an earlier run's file
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
         print(f"written to {out}")

@@ -97,11 +97,14 @@ void check_phi(int64_t phi, const char* op) {
 // their bias (at::mm_out), which is added here: addmm would first copy the expanded bias into its
 // output, a separate pass per tile.
 
-// The loops are compiled twice, for the baseline ISA and for AVX2 + FMA (8 floats a vector instead
-// of 4: the exp of the gate head is most of this op's arithmetic), and picked once at run time.
+// The loops are compiled three times, for the baseline ISA, for AVX2 + FMA (8 floats a vector
+// instead of 4: the exp of the gate head is most of this op's arithmetic) and for AVX-512 (16), and
+// picked once at run time (2000 rows, rank 16, 128 gates, 1 thread on an AVX-512 EPYC: 370 -> 316 us
+// for the whole op from AVX2 to AVX-512).
 #if defined(__GNUC__) && defined(__x86_64__)
 #define MMEA_GN_AVX2 1
 #define MMEA_GN_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define MMEA_GN_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma")))
 #else
 #define MMEA_GN_AVX2 0
 #define MMEA_GN_TARGET_AVX2
@@ -166,6 +169,17 @@ template <typename T>
 MMEA_GN_TARGET_AVX2 void silu_grad_avx2(T* h, T* z, const T* b, int64_t R, int64_t r) {
   silu_grad_body(h, z, b, R, r);
 }
+// AVX-512 (twice the lanes of AVX2; the same operations in the same order)
+template <typename T>
+MMEA_GN_TARGET_AVX512 void silu_bias_avx512(T* h, const T* b, int64_t R, int64_t r) { silu_bias_body(h, b, R, r); }
+template <typename T>
+MMEA_GN_TARGET_AVX512 void head_bias_avx512(T* g, const T* b, int64_t R, int64_t C, int64_t phi) {
+  head_bias_body(g, b, R, C, phi);
+}
+template <typename T>
+MMEA_GN_TARGET_AVX512 void silu_grad_avx512(T* h, T* z, const T* b, int64_t R, int64_t r) {
+  silu_grad_body(h, z, b, R, r);
+}
 #endif
 
 bool use_avx2() {
@@ -177,9 +191,20 @@ bool use_avx2() {
 #endif
 }
 
+bool use_avx512() {
+#if MMEA_GN_AVX2
+  static const bool yes = use_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512dq");
+  return yes;
+#else
+  return false;
+#endif
+}
+
 template <typename T>
 void silu_bias(T* h, const T* b, int64_t R, int64_t r) {
 #if MMEA_GN_AVX2
+  if (use_avx512()) return silu_bias_avx512(h, b, R, r);
   if (use_avx2()) return silu_bias_avx2(h, b, R, r);
 #endif
   silu_bias_base(h, b, R, r);
@@ -188,6 +213,7 @@ void silu_bias(T* h, const T* b, int64_t R, int64_t r) {
 template <typename T>
 void head_bias(T* g, const T* b, int64_t R, int64_t C, int64_t phi) {
 #if MMEA_GN_AVX2
+  if (use_avx512()) return head_bias_avx512(g, b, R, C, phi);
   if (use_avx2()) return head_bias_avx2(g, b, R, C, phi);
 #endif
   head_bias_base(g, b, R, C, phi);
@@ -196,6 +222,7 @@ void head_bias(T* g, const T* b, int64_t R, int64_t C, int64_t phi) {
 template <typename T>
 void silu_and_derivative(T* h, T* z, const T* b, int64_t R, int64_t r) {
 #if MMEA_GN_AVX2
+  if (use_avx512()) return silu_grad_avx512(h, z, b, R, r);
   if (use_avx2()) return silu_grad_avx2(h, z, b, R, r);
 #endif
   silu_grad_base(h, z, b, R, r);
