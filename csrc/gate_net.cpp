@@ -152,35 +152,23 @@ MMEA_GN_INLINE void silu_grad_body(T* __restrict__ h, T* __restrict__ z, const T
   }
 }
 
-template <typename T>
-void silu_bias_base(T* h, const T* b, int64_t R, int64_t r) { silu_bias_body(h, b, R, r); }
-template <typename T>
-void head_bias_base(T* g, const T* b, int64_t R, int64_t C, int64_t phi) { head_bias_body(g, b, R, C, phi); }
-template <typename T>
-void silu_grad_base(T* h, T* z, const T* b, int64_t R, int64_t r) { silu_grad_body(h, z, b, R, r); }
+// One clone of the three loops per ISA (ATTR: its target attribute).
+#define MMEA_GN_CLONES(SUFFIX, ATTR)                                                                      \
+  template <typename T>                                                                                   \
+  ATTR void silu_bias##SUFFIX(T* h, const T* b, int64_t R, int64_t r) { silu_bias_body(h, b, R, r); }     \
+  template <typename T>                                                                                   \
+  ATTR void head_bias##SUFFIX(T* g, const T* b, int64_t R, int64_t C, int64_t phi) {                      \
+    head_bias_body(g, b, R, C, phi);                                                                      \
+  }                                                                                                       \
+  template <typename T>                                                                                   \
+  ATTR void silu_grad##SUFFIX(T* h, T* z, const T* b, int64_t R, int64_t r) { silu_grad_body(h, z, b, R, r); }
+
+MMEA_GN_CLONES(_base, )
 #if MMEA_GN_AVX2
-template <typename T>
-MMEA_GN_TARGET_AVX2 void silu_bias_avx2(T* h, const T* b, int64_t R, int64_t r) { silu_bias_body(h, b, R, r); }
-template <typename T>
-MMEA_GN_TARGET_AVX2 void head_bias_avx2(T* g, const T* b, int64_t R, int64_t C, int64_t phi) {
-  head_bias_body(g, b, R, C, phi);
-}
-template <typename T>
-MMEA_GN_TARGET_AVX2 void silu_grad_avx2(T* h, T* z, const T* b, int64_t R, int64_t r) {
-  silu_grad_body(h, z, b, R, r);
-}
-// AVX-512 (twice the lanes of AVX2; the same operations in the same order)
-template <typename T>
-MMEA_GN_TARGET_AVX512 void silu_bias_avx512(T* h, const T* b, int64_t R, int64_t r) { silu_bias_body(h, b, R, r); }
-template <typename T>
-MMEA_GN_TARGET_AVX512 void head_bias_avx512(T* g, const T* b, int64_t R, int64_t C, int64_t phi) {
-  head_bias_body(g, b, R, C, phi);
-}
-template <typename T>
-MMEA_GN_TARGET_AVX512 void silu_grad_avx512(T* h, T* z, const T* b, int64_t R, int64_t r) {
-  silu_grad_body(h, z, b, R, r);
-}
+MMEA_GN_CLONES(_avx2, MMEA_GN_TARGET_AVX2)
+MMEA_GN_CLONES(_avx512, MMEA_GN_TARGET_AVX512)  // twice the lanes of AVX2; the same operations in the same order
 #endif
+#undef MMEA_GN_CLONES
 
 bool use_avx2() {
 #if MMEA_GN_AVX2
