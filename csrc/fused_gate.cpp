@@ -37,6 +37,7 @@
 #endif
 
 #include "activations.h"
+#include "isa.h"
 #include "blocks.h"
 
 namespace mmea_fg {
@@ -96,14 +97,12 @@ MMEA_FG_LOOPS(_avx2, __attribute__((target("avx2,fma"))))
 // AVX-512: twice the lanes of AVX2 for the exp polynomial (the activations are compute-bound); the
 // same operations in the same order as the AVX2 clone (IEEE, FMA contracted alike)
 MMEA_FG_LOOPS(_avx512, __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))))
-const bool kUseAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-const bool kUseAvx512 = kUseAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                        __builtin_cpu_supports("avx512dq");
 #else
 #define MMEA_FG_HAVE_AVX2 0
-const bool kUseAvx2 = false;
-const bool kUseAvx512 = false;
 #endif
+// the CPU's widest ISA, capped by MMEA_CPU_ISA (isa.h)
+inline bool use_avx2() { return ::mmea::isa_at_least(::mmea::Isa::kAvx2); }
+inline bool use_avx512() { return ::mmea::isa_at_least(::mmea::Isa::kAvx512); }
 
 #if !MMEA_FG_HAVE_AVX2
 #define val_loop_avx2 val_loop_base
@@ -117,20 +116,20 @@ const bool kUseAvx512 = false;
 // run-time choice of the ISA
 template <int A, typename scalar_t, typename out_t>
 inline void val_loop(const scalar_t* in, out_t* out, int64_t n, double cst) {
-  if (kUseAvx512) val_loop_avx512<A, scalar_t, out_t>(in, out, n, cst);
-  else if (kUseAvx2) val_loop_avx2<A, scalar_t, out_t>(in, out, n, cst);
+  if (use_avx512()) val_loop_avx512<A, scalar_t, out_t>(in, out, n, cst);
+  else if (use_avx2()) val_loop_avx2<A, scalar_t, out_t>(in, out, n, cst);
   else val_loop_base<A, scalar_t, out_t>(in, out, n, cst);
 }
 template <int A, typename scalar_t, typename acc_t>
 inline void val_der_loop(const scalar_t* in, acc_t* out, acc_t* der, int64_t n, double cst) {
-  if (kUseAvx512) val_der_loop_avx512<A, scalar_t, acc_t>(in, out, der, n, cst);
-  else if (kUseAvx2) val_der_loop_avx2<A, scalar_t, acc_t>(in, out, der, n, cst);
+  if (use_avx512()) val_der_loop_avx512<A, scalar_t, acc_t>(in, out, der, n, cst);
+  else if (use_avx2()) val_der_loop_avx2<A, scalar_t, acc_t>(in, out, der, n, cst);
   else val_der_loop_base<A, scalar_t, acc_t>(in, out, der, n, cst);
 }
 template <int A, typename scalar_t>
 inline void der_loop(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t n, double cst) {
-  if (kUseAvx512) der_loop_avx512<A, scalar_t>(x, dy, dx, n, cst);
-  else if (kUseAvx2) der_loop_avx2<A, scalar_t>(x, dy, dx, n, cst);
+  if (use_avx512()) der_loop_avx512<A, scalar_t>(x, dy, dx, n, cst);
+  else if (use_avx2()) der_loop_avx2<A, scalar_t>(x, dy, dx, n, cst);
   else der_loop_base<A, scalar_t>(x, dy, dx, n, cst);
 }
 

@@ -26,6 +26,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "isa.h"
 #include "activations.h"
 #include "checks.h"
 #include "parallel.h"
@@ -170,24 +171,9 @@ MMEA_GN_CLONES(_avx512, MMEA_GN_TARGET_AVX512)  // twice the lanes of AVX2; the 
 #endif
 #undef MMEA_GN_CLONES
 
-bool use_avx2() {
-#if MMEA_GN_AVX2
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-#else
-  return false;
-#endif
-}
-
-bool use_avx512() {
-#if MMEA_GN_AVX2
-  static const bool yes = use_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512dq");
-  return yes;
-#else
-  return false;
-#endif
-}
+// the CPU's widest ISA, capped by MMEA_CPU_ISA (isa.h)
+bool use_avx2() { return ::mmea::isa_at_least(::mmea::Isa::kAvx2); }
+bool use_avx512() { return ::mmea::isa_at_least(::mmea::Isa::kAvx512); }
 
 template <typename T>
 void silu_bias(T* h, const T* b, int64_t R, int64_t r) {

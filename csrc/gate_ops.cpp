@@ -36,6 +36,7 @@
 #include <torch/library.h>
 
 #include "blocks.h"
+#include "isa.h"
 #include "parallel.h"
 
 #include <algorithm>
@@ -403,10 +404,16 @@ PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
                                           "mmea_kernels C++/CUDA kernels (torch.ops.mmea_kernels_ext)", -1,
                                           nullptr};
+  const mmea::IsaChoice& isa = mmea::isa_choice();
+  if (!isa.error.empty()) {  // a bad MMEA_CPU_ISA: the import fails with its name
+    PyErr_SetString(PyExc_ValueError, isa.error.c_str());
+    return nullptr;
+  }
   PyObject* mod = PyModule_Create(&module_def);
   if (mod == nullptr) return nullptr;
   if (PyModule_AddIntConstant(mod, "WITH_CUDA", MMEA_WITH_CUDA) < 0 ||
-      PyModule_AddIntConstant(mod, "WITH_OPENMP", MMEA_WITH_OPENMP) < 0) {
+      PyModule_AddIntConstant(mod, "WITH_OPENMP", MMEA_WITH_OPENMP) < 0 ||
+      PyModule_AddStringConstant(mod, "CPU_ISA", mmea::isa_name(isa.isa)) < 0) {
     Py_DECREF(mod);
     return nullptr;
   }

@@ -16,6 +16,8 @@
 
 #include <cstdint>
 
+#include "isa.h"
+
 namespace mmea_il {
 
 template <typename T, int D>
@@ -76,10 +78,7 @@ __attribute__((always_inline)) inline void store_rows(const T* acc, int64_t R, i
 MMEA_IL_CLONES(_base, )
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 MMEA_IL_CLONES(_avx2, __attribute__((target("avx2"))))
-inline bool use_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2");
-  return yes;
-}
+inline bool use_avx2() { return ::mmea::isa_at_least(::mmea::Isa::kAvx2); }  // capped by MMEA_CPU_ISA
 #else
 inline bool use_avx2() { return false; }
 #define pack_rows_avx2 pack_rows_base
