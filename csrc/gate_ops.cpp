@@ -20,7 +20,8 @@
 //
 // * gate_mul with shared gates expands them once into a per-column scale: each row is then a
 //   single vectorised multiply. Ungated columns are copied, or set to exact zeros.
-// * seg_dot per row accumulates into a per-thread [G] buffer, in column order.
+// * seg_dot per row accumulates into a per-thread [G] buffer, in column order (mul_ir runs of
+//   2l+1 = 3, 5, 7: the row's products first, then the per-gate sums; per-ISA clones, isa.h).
 // * shared seg_dot is deterministic and independent of the thread count: every fixed chunk of
 //   kSharedChunkRows rows sums a*b column by column (four rows per sweep, vectorised), folds the
 //   column sums into its own row of gate partials, and the partials are added in chunk order.
@@ -215,7 +216,7 @@ at::Tensor gate_mul_cpu(const at::Tensor& x_in, const at::Tensor& gates_in, cons
 // ----------------------------------------------------------------------------- seg_dot
 // Adds one row's per-gate sums of a*b to acc[0..G).
 template <typename scalar_t>
-inline void seg_dot_row_accumulate(const scalar_t* __restrict__ ar, const scalar_t* __restrict__ br,
+__attribute__((always_inline)) inline void seg_dot_row_accumulate(const scalar_t* __restrict__ ar, const scalar_t* __restrict__ br,
                                    at::opmath_type<scalar_t>* __restrict__ acc, const std::vector<Run>& runs) {
   for (const Run& r : runs) {
     const scalar_t* __restrict__ as = ar + r.col;
@@ -319,26 +320,92 @@ void seg_dot_shared_kernel(const scalar_t* ap, const scalar_t* bp, at::opmath_ty
   }
 }
 
+// Rows [n0, n1) of per-row seg_dot (acc: the [G] sums, then a scratch row of D products), compiled
+// per ISA (isa.h). A mul_ir run of 2l+1 = 3, 5, 7 columns per gate is done in two vectorised passes
+// (the products, then each gate's sum of its 2l+1 consecutive products) instead of one gate at a
+// time. 2000 rows, float32, 1 thread on an AVX-512 EPYC, before -> after (three alternating runs):
+// 128x0e+128x1o 202-209 -> 144-153 us, 128x0e+128x1o+128x2e+128x3o 2.82-3.03 -> 1.91-2.02 ms
+// (a plain a*b of the same tensors: 0.1 and 0.9 ms).
+// One mul_ir run of a row: the products into p (one vectorised pass), then each gate's sum of its W
+// consecutive products.
+template <int W, typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void dot_block_run(const scalar_t* __restrict__ as,
+                                                         const scalar_t* __restrict__ bs, acc_t* __restrict__ acc,
+                                                         int64_t count, acc_t* __restrict__ p) {
+  for (int64_t k = 0; k < count * W; ++k) p[k] = static_cast<acc_t>(as[k]) * static_cast<acc_t>(bs[k]);
+  for (int64_t i = 0; i < count; ++i) {
+    acc_t s = p[i * W];
+    for (int m = 1; m < W; ++m) s += p[i * W + m];
+    acc[i] += s;
+  }
+}
+
+template <typename scalar_t>
+__attribute__((always_inline)) inline void seg_dot_rows_body(const scalar_t* ap, const scalar_t* bp, scalar_t* op,
+                                                             int64_t n0, int64_t n1, int64_t D, int64_t G,
+                                                             const std::vector<Run>& runs,
+                                                             at::opmath_type<scalar_t>* acc) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t* p = acc + G;  // scratch of D products after the G sums
+  for (int64_t n = n0; n < n1; ++n) {
+    const scalar_t* ar = ap + n * D;
+    const scalar_t* br = bp + n * D;
+    std::fill(acc, acc + G, acc_t(0));
+    for (const Run& r : runs) {
+      const scalar_t* as = ar + r.col;
+      const scalar_t* bs = br + r.col;
+      if (r.kind == RunKind::kUngated) continue;
+      if (r.kind == RunKind::kStep) {
+        dot_blocks(as, bs, acc + r.gate, std::integral_constant<int, 1>{}, r.len);
+      } else if (r.len == 3) {
+        dot_block_run<3>(as, bs, acc + r.gate, r.count, p);
+      } else if (r.len == 5) {
+        dot_block_run<5>(as, bs, acc + r.gate, r.count, p);
+      } else if (r.len == 7) {
+        dot_block_run<7>(as, bs, acc + r.gate, r.count, p);
+      } else {
+        with_width<1, 9>(r.len, [&](auto w) { dot_blocks(as, bs, acc + r.gate, w, r.count); });
+      }
+    }
+    scalar_t* orow = op + n * G;
+    for (int64_t j = 0; j < G; ++j) orow[j] = static_cast<scalar_t>(acc[j]);
+  }
+}
+
+#define MMEA_SEG_DOT_ROWS(SUFFIX, ATTR)                                                                       \
+  template <typename scalar_t>                                                                                \
+  ATTR void seg_dot_rows##SUFFIX(const scalar_t* ap, const scalar_t* bp, scalar_t* op, int64_t n0, int64_t n1, \
+                                 int64_t D, int64_t G, const std::vector<Run>& runs,                          \
+                                 at::opmath_type<scalar_t>* acc) {                                            \
+    seg_dot_rows_body<scalar_t>(ap, bp, op, n0, n1, D, G, runs, acc);                                         \
+  }
+MMEA_SEG_DOT_ROWS(_base, )
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+MMEA_SEG_DOT_ROWS(_avx2, __attribute__((target("avx2,fma"))))
+MMEA_SEG_DOT_ROWS(_avx512, __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))))
+#else
+#define seg_dot_rows_avx2 seg_dot_rows_base
+#define seg_dot_rows_avx512 seg_dot_rows_base
+#endif
+#undef MMEA_SEG_DOT_ROWS
+
 template <typename scalar_t>
 void seg_dot_rows_kernel(const scalar_t* ap, const scalar_t* bp, scalar_t* op, int64_t N, int64_t D, int64_t G,
                          const std::vector<Run>& runs) {
   using acc_t = at::opmath_type<scalar_t>;
+  auto rows = isa_at_least(Isa::kAvx512) ? &seg_dot_rows_avx512<scalar_t>
+              : isa_at_least(Isa::kAvx2) ? &seg_dot_rows_avx2<scalar_t>
+                                         : &seg_dot_rows_base<scalar_t>;
   const int64_t chunk = rows_per_chunk(D);
   const int64_t nchunks = (N + chunk - 1) / chunk;
   const int nt = num_threads_for(N * D);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    std::vector<acc_t> acc(static_cast<size_t>(G));
+    std::vector<acc_t> acc(static_cast<size_t>(G + D));  // the [G] sums, then a row of products
 #pragma omp for schedule(static)
     for (int64_t ch = 0; ch < nchunks; ++ch) {
       const int64_t n0 = ch * chunk;
-      const int64_t n1 = std::min(N, n0 + chunk);
-      for (int64_t n = n0; n < n1; ++n) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        seg_dot_row_accumulate<scalar_t>(ap + n * D, bp + n * D, acc.data(), runs);
-        scalar_t* orow = op + n * G;
-        for (int64_t j = 0; j < G; ++j) orow[j] = static_cast<scalar_t>(acc[j]);
-      }
+      rows(ap, bp, op, n0, std::min(N, n0 + chunk), D, G, runs, acc.data());
     }
   }
 }
