@@ -100,9 +100,8 @@ MMEA_FG_LOOPS(_avx512, __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma
 #else
 #define MMEA_FG_HAVE_AVX2 0
 #endif
-// the CPU's widest ISA, capped by MMEA_CPU_ISA (isa.h)
-inline bool use_avx2() { return ::mmea::isa_at_least(::mmea::Isa::kAvx2); }
-inline bool use_avx512() { return ::mmea::isa_at_least(::mmea::Isa::kAvx512); }
+using ::mmea::use_avx2;  // the CPU's widest ISA, capped by MMEA_CPU_ISA (isa.h)
+using ::mmea::use_avx512;
 
 #if !MMEA_FG_HAVE_AVX2
 #define val_loop_avx2 val_loop_base

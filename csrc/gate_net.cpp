@@ -171,9 +171,8 @@ MMEA_GN_CLONES(_avx512, MMEA_GN_TARGET_AVX512)  // twice the lanes of AVX2; the 
 #endif
 #undef MMEA_GN_CLONES
 
-// the CPU's widest ISA, capped by MMEA_CPU_ISA (isa.h)
-bool use_avx2() { return ::mmea::isa_at_least(::mmea::Isa::kAvx2); }
-bool use_avx512() { return ::mmea::isa_at_least(::mmea::Isa::kAvx512); }
+using ::mmea::use_avx2;  // the CPU's widest ISA, capped by MMEA_CPU_ISA (isa.h)
+using ::mmea::use_avx512;
 
 template <typename T>
 void silu_bias(T* h, const T* b, int64_t R, int64_t r) {

@@ -214,26 +214,6 @@ at::Tensor gate_mul_cpu(const at::Tensor& x_in, const at::Tensor& gates_in, cons
 }
 
 // ----------------------------------------------------------------------------- seg_dot
-// Adds one row's per-gate sums of a*b to acc[0..G).
-template <typename scalar_t>
-__attribute__((always_inline)) inline void seg_dot_row_accumulate(const scalar_t* __restrict__ ar, const scalar_t* __restrict__ br,
-                                   at::opmath_type<scalar_t>* __restrict__ acc, const std::vector<Run>& runs) {
-  for (const Run& r : runs) {
-    const scalar_t* __restrict__ as = ar + r.col;
-    const scalar_t* __restrict__ bs = br + r.col;
-    switch (r.kind) {
-      case RunKind::kUngated:
-        break;
-      case RunKind::kBlock:
-        with_width<1, 3, 5, 7, 9>(r.len, [&](auto w) { dot_blocks(as, bs, acc + r.gate, w, r.count); });
-        break;
-      case RunKind::kStep:
-        dot_blocks(as, bs, acc + r.gate, std::integral_constant<int, 1>{}, r.len);
-        break;
-    }
-  }
-}
-
 // acc[g] += sum of v over the columns of gate g (v: per-column values in the accumulation type).
 template <typename acc_t>
 void segment_sum_accumulate(const acc_t* __restrict__ v, acc_t* __restrict__ acc, const std::vector<Run>& runs) {
@@ -393,9 +373,9 @@ template <typename scalar_t>
 void seg_dot_rows_kernel(const scalar_t* ap, const scalar_t* bp, scalar_t* op, int64_t N, int64_t D, int64_t G,
                          const std::vector<Run>& runs) {
   using acc_t = at::opmath_type<scalar_t>;
-  auto rows = isa_at_least(Isa::kAvx512) ? &seg_dot_rows_avx512<scalar_t>
-              : isa_at_least(Isa::kAvx2) ? &seg_dot_rows_avx2<scalar_t>
-                                         : &seg_dot_rows_base<scalar_t>;
+  auto rows = use_avx512() ? &seg_dot_rows_avx512<scalar_t>
+              : use_avx2()  ? &seg_dot_rows_avx2<scalar_t>
+                            : &seg_dot_rows_base<scalar_t>;
   const int64_t chunk = rows_per_chunk(D);
   const int64_t nchunks = (N + chunk - 1) / chunk;
   const int nt = num_threads_for(N * D);

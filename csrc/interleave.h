@@ -78,9 +78,7 @@ __attribute__((always_inline)) inline void store_rows(const T* acc, int64_t R, i
 MMEA_IL_CLONES(_base, )
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 MMEA_IL_CLONES(_avx2, __attribute__((target("avx2"))))
-inline bool use_avx2() { return ::mmea::isa_at_least(::mmea::Isa::kAvx2); }  // capped by MMEA_CPU_ISA
 #else
-inline bool use_avx2() { return false; }
 #define pack_rows_avx2 pack_rows_base
 #define store_rows_avx2 store_rows_base
 #endif
@@ -88,13 +86,13 @@ inline bool use_avx2() { return false; }
 
 template <typename T, int D>
 void pack_d(const T* src, int64_t ld, int64_t R, int64_t C, const T* g, int64_t gld, T* dst) {
-  if (use_avx2()) return pack_rows_avx2<T, D>(src, ld, R, C, g, gld, dst);
+  if (::mmea::use_avx2()) return pack_rows_avx2<T, D>(src, ld, R, C, g, gld, dst);
   pack_rows_base<T, D>(src, ld, R, C, g, gld, dst);
 }
 
 template <typename T, int D>
 void store_d(const T* acc, int64_t R, int64_t C, T* out, T* uo, int64_t ld, const T* g, int64_t gld) {
-  if (use_avx2()) return store_rows_avx2<T, D>(acc, R, C, out, uo, ld, g, gld);
+  if (::mmea::use_avx2()) return store_rows_avx2<T, D>(acc, R, C, out, uo, ld, g, gld);
   store_rows_base<T, D>(acc, R, C, out, uo, ld, g, gld);
 }
 

@@ -56,5 +56,8 @@ inline const IsaChoice& isa_choice() {
 
 inline Isa cpu_isa() { return isa_choice().isa; }
 inline bool isa_at_least(Isa isa) { return static_cast<int>(cpu_isa()) >= static_cast<int>(isa); }
+// whether the AVX2 (AVX2 + FMA) / AVX-512 clones run
+inline bool use_avx2() { return isa_at_least(Isa::kAvx2); }
+inline bool use_avx512() { return isa_at_least(Isa::kAvx512); }
 
 }  // namespace mmea
