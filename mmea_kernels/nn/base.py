@@ -28,6 +28,18 @@ def is_equivariant_linear(module: nn.Module) -> bool:
     return is_e3nn_linear(module) or is_cuet_linear(module)
 
 
+def module_tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:
+    """``getattr(module, name, None)`` for a parameter or buffer, read from the module's own dicts
+    where it is registered there (what ``torch.func.functional_call`` swaps in place), which skips
+    ``nn.Module.__getattr__``: the adapters read their operands on every call, and at MD sizes that
+    host time shows. Anything else (a parametrization's property, the plain attribute that pruning
+    sets) through ``getattr``."""
+    t = module._parameters.get(name)
+    if t is None:
+        t = module._buffers.get(name)
+    return t if t is not None else getattr(module, name, None)
+
+
 class LayerView:
     """How adapters use one kind of base layer (stateless: every method takes the layer)."""
 
@@ -82,8 +94,8 @@ class E3nnLinearView(LayerView):
 
     @staticmethod
     def fused_tensors(base):
-        bias = base.bias if getattr(base, "bias", None) is not None and base.bias.numel() else None
-        return base.weight, bias
+        bias = module_tensor(base, "bias")
+        return module_tensor(base, "weight"), (bias if bias is not None and bias.numel() else None)
 
     @staticmethod
     def scriptable_class(method):
@@ -124,7 +136,7 @@ class CuetLinearView(LayerView):
 
     @staticmethod
     def fused_tensors(base):
-        return base.weight.reshape(-1), None
+        return module_tensor(base, "weight").reshape(-1), None
 
     @staticmethod
     def scriptable_class(method):

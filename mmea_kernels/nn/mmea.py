@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from typing import Optional
 
 import torch
@@ -17,7 +16,7 @@ from ..layout import IrrepsLayout
 from ..ops import gate_mul
 from ..ops.backends import cache_generation
 from . import path_choice
-from .base import AdapterLinear
+from .base import AdapterLinear, module_tensor
 
 __all__ = ["MMEALinear", "MMEATensorProduct", "MMEAGating"]
 
@@ -45,28 +44,42 @@ def fused_linear_mode() -> str:
                      f"0/false/no/off (unfused) or auto (each layer times both and keeps the faster)")
 
 
+# the environment variables an eager plan depends on (read on every call, so that a change takes
+# effect at the next call): straight from os.environ's own mapping where it has one (POSIX CPython),
+# which costs a dict lookup instead of three Python calls in os.py per variable
+_PLAN_VARS = ("MMEA_FUSED_LINEAR", "MMEA_BACKEND", "TRITON_INTERPRET")
+_ENV = os.environ
+_ENV_DATA = getattr(_ENV, "_data", None)
+_ENV_KEYS = tuple(_ENV.encodekey(k) for k in _PLAN_VARS) \
+    if type(_ENV_DATA) is dict and callable(getattr(_ENV, "encodekey", None)) else None
+
+
+def _plan_env() -> tuple:
+    """The values (or None) of ``_PLAN_VARS``, as raw as the platform keeps them (a cache key)."""
+    if _ENV_KEYS is not None and os.environ is _ENV:
+        get = _ENV_DATA.get
+        return get(_ENV_KEYS[0]), get(_ENV_KEYS[1]), get(_ENV_KEYS[2])
+    env = os.environ
+    return env.get(_PLAN_VARS[0]), env.get(_PLAN_VARS[1]), env.get(_PLAN_VARS[2])
+
+
 def fused_linear_enabled() -> bool:
     """False only for ``MMEA_FUSED_LINEAR=0`` (see :func:`fused_linear_mode`); "auto" compiles the
     fused op under torch.compile."""
     return fused_linear_mode() != "unfused"
 
 
-def _same(t):
-    return t
+_ADAPTER = []
 
 
-def _may_time(x: torch.Tensor) -> bool:
-    """Whether ``MMEA_FUSED_LINEAR=auto`` may time its two paths on ``x``: a plain eager tensor,
-    no ``TorchDispatchMode`` active (a tracer such as make_fx, or FlopCounterMode, would record the
-    timing runs as part of the call) and no CUDA-graph capture (no synchronising there)."""
-    if type(x) is not torch.Tensor or torch._is_functional_tensor(x) \
-            or torch._C._functorch.is_functorch_wrapped_tensor(x) or torch._C._len_torch_dispatch_stack():
-        return False
-    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
-class _FusedFailed(RuntimeError):
-    """The fused path raised while ``MMEA_FUSED_LINEAR=auto`` timed it."""
+def _adapter_module():
+    """:mod:`mmea_kernels.ops.gated_linear.adapter`, imported at first use (the fused kernels'
+    modules are loaded lazily, after TRITON_INTERPRET is settled) and then kept: an import
+    statement in the per-call path costs host time on every call."""
+    if not _ADAPTER:
+        from ..ops.gated_linear import adapter
+        _ADAPTER.append(adapter)
+    return _ADAPTER[0]
 
 
 @torch.compiler.assume_constant_result  # decided once while tracing, outside the graph
@@ -237,9 +250,7 @@ class MMEALinear(MMEAGating, AdapterLinear):
             return _compiled_plan(self.backend, x.device.type, x.dtype, getattr(self, "_kernel_key", None))
         # the decision depends only on these (and the installed kernels: cache_generation), so it is
         # made once per key: per call it is one dict lookup instead of tens of µs of host time
-        env = os.environ
-        key = (x.device, x.dtype, self.backend, env.get("MMEA_FUSED_LINEAR"), env.get("MMEA_BACKEND"),
-               env.get("TRITON_INTERPRET"), cache_generation())
+        key = (x.device, x.dtype, self.backend, _plan_env(), cache_generation())
         plans = self.__dict__.setdefault("_eager_plans", {})
         if key not in plans:
             plans.clear()  # one live entry: the key changes only when the setup does
@@ -266,12 +277,19 @@ class MMEALinear(MMEAGating, AdapterLinear):
         if kernels is None:
             return None
         spec = self._fused_spec()
-        return (spec, kernels) if spec else None
+        if not spec:
+            return None
+        # whether the whole adapter can be one autograd node (_one_node): fixed by the layer and
+        # this key, so decided here, not per call
+        from ..ops.gate_net import gate_net_status
+        one = self.mmea_up is not None and self._scalar_span is not None \
+            and gate_net_status(kernels, x, self.rank)[0]
+        return spec, kernels, one
 
     def _auto_plan(self, x: torch.Tensor, plan):
         """``plan`` or None (the unfused path), whichever ran faster on this layer the first time it
         saw a row count of this bucket with this gradient need (timed on a detached copy of ``x``)."""
-        if not _may_time(x):
+        if not path_choice.may_time(x):
             return plan  # the fused path, undecided: a capture, a tracer or a dispatch mode is active
         rows = x.numel() // self.in_layout.dim
         # read from the module dicts directly: this runs on every call, nn.Module.__getattr__ costs µs
@@ -284,50 +302,23 @@ class MMEALinear(MMEAGating, AdapterLinear):
         if choice is None:
             # own saved-tensor hooks: an outer pair (activation checkpointing, offloading) must not
             # see the timing runs' graphs, which the checkpoint's recompute would not repeat
-            with torch.autograd.graph.saved_tensors_hooks(_same, _same):
-                choice = choices[ckey] = self._timed_choice(x, plan, rows, grad)
+            with torch.autograd.graph.saved_tensors_hooks(path_choice.same, path_choice.same):
+                choice = choices[ckey] = path_choice.timed_choice(self, x, plan, rows, grad)
         return plan if choice.fused else None
 
-    def _timed_choice(self, x: torch.Tensor, plan, rows: int, grad: bool) -> "path_choice.PathChoice":
-        """Times the fused ``plan`` against the unfused path on a detached copy of ``x`` (with the
-        input gradient when ``grad``); a fused path that raises is named in a warning and loses."""
-        xs = x.detach().reshape(-1, self.in_layout.dim)
-        if grad:
-            xs = xs.clone().requires_grad_(True)
-
-        def runner(p):
-            def run():
-                try:
-                    y = self._eager_path(xs, p)
-                    if grad:
-                        torch.autograd.grad(y, xs, torch.ones_like(y))
-                except Exception as exc:  # noqa: BLE001 - the fused kernel's failure, named below
-                    if p is None:
-                        raise
-                    raise _FusedFailed(f"{type(exc).__name__}: {exc}") from exc
-            return run
-        try:
-            t_f, t_u = path_choice.time_paths(runner(plan), runner(None), x.device)
-            return path_choice.PathChoice(t_f <= t_u, t_f, t_u, rows, grad)
-        except _FusedFailed as exc:
-            error = str(exc)
-        warnings.warn(f"mmea_kernels: MMEA_FUSED_LINEAR=auto: the fused {plan[1]} kernel failed on "
-                      f"{self.in_layout.irreps_str} -> {self.out_layout.irreps_str} ({rows} rows, {x.dtype}, "
-                      f"{x.device}): {error}; this layer runs the unfused path at this size")
-        t_u = path_choice.time_paths(runner(None), runner(None), x.device, rounds=1, reps=1)[1]
-        return path_choice.PathChoice(False, math.inf, t_u, rows, grad, error[:300])
-
     def _eager_path(self, x2: torch.Tensor, fused) -> torch.Tensor:
-        """The eager output rows for flattened input rows ``x2``: the fused kernel for a plan
-        (LinearSpec, kernel backend), the base layer and then the gate for None."""
+        """The eager output rows for flattened input rows ``x2``: the fused kernels for a plan
+        (LinearSpec, kernel backend, whether one node may run the whole adapter), the base layer and
+        then the gate for None."""
         if fused is None:
             add, gates = self.gate_parameters(x2)
             return self._gated(self.base(x2), add if self.num_additive > 0 else None, gates)
+        if fused[2] and torch.is_grad_enabled():
+            one = self._one_node(x2, fused)
+            if one is not None:
+                return one
         from ..ops.gated_linear.adapter import split_scalars
         from ..ops.gated_linear.function import gated_linear_prepared
-        one = self._one_node(x2, fused)
-        if one is not None:
-            return one
         x0 = None
         if self.mmea_up is not None and self._scalar_span is not None and x2.requires_grad \
                 and torch.is_grad_enabled():
@@ -341,24 +332,25 @@ class MMEALinear(MMEAGating, AdapterLinear):
 
     def _one_node(self, x2: torch.Tensor, fused) -> Optional[torch.Tensor]:
         """The output of the whole adapter as one autograd node
-        (:func:`~mmea_kernels.ops.gated_linear.adapter.mmea_adapter_fused`) where a graph is built
-        and it covers the layer (a gate net on contiguous 0e columns, one dtype and
-        device, the backend's gate-net kernels), else None."""
-        up, down, span = self._modules.get("mmea_up"), self._modules.get("mmea_down"), self._scalar_span
-        if up is None or span is None or not torch.is_grad_enabled():
-            return None
-        params = (down.weight, down.bias, up.weight, up.bias)
-        if not (x2.requires_grad or any(p.requires_grad for p in params)):
+        (:func:`~mmea_kernels.ops.gated_linear.adapter.mmea_adapter_fused`) for a plan that allows it
+        (``fused[2]``: a gate net on contiguous 0e columns whose kernels run for this backend, dtype
+        and device) in grad mode, where a graph is built and all operands share ``x2``'s dtype and
+        device; else None. This runs on every training and force call: at MD sizes its host time is
+        a visible part of the layer's, so it reads the modules' dicts and checks inline."""
+        mods = self._modules
+        down, up = mods["mmea_down"], mods["mmea_up"]
+        wd, bd = module_tensor(down, "weight"), module_tensor(down, "bias")
+        wu, bu = module_tensor(up, "weight"), module_tensor(up, "bias")
+        if not (x2.requires_grad or wd.requires_grad or bd.requires_grad or wu.requires_grad or bu.requires_grad):
             return None  # frozen gates: the single-node fused linear of the no-gradient path
-        weight, bias = self.view.fused_tensors(self.base)
-        if any(t is not None and (t.dtype != x2.dtype or t.device != x2.device) for t in (weight, bias) + params):
-            return None  # the composition's checks name the mismatch
-        from ..ops.gate_net import gate_net_status
-        if not gate_net_status(fused[1], x2, self.rank)[0]:
-            return None
-        from ..ops.gated_linear.adapter import mmea_adapter_fused
-        return mmea_adapter_fused(x2, weight, bias, *params, self.num_additive, self.phi, span[0], span[1],
-                                  fused[0], fused[1])
+        weight, bias = self.view.fused_tensors(mods["base"])
+        dtype, device = x2.dtype, x2.device
+        for t in (weight, wd, bd, wu, bu) if bias is None else (weight, bias, wd, bd, wu, bu):
+            if t.dtype is not dtype or t.device != device:
+                return None  # the composition's checks name the mismatch
+        span = self._scalar_span
+        return _adapter_module().mmea_adapter_fused(x2, weight, bias, wd, bd, wu, bu, self.num_additive, self.phi,
+                                                    span[0], span[1], fused[0], fused[1])
 
     def _fused_spec(self):
         """The :class:`LinearSpec` of the fused kernels for this layer, or False where they do not
@@ -385,7 +377,8 @@ class MMEALinear(MMEAGating, AdapterLinear):
         self.check_input(x)
         if not self.adapter_enabled:
             return self.base(x, *args, **kwargs)
-        x2 = x.reshape(-1, self.in_layout.dim)
+        # rows of a 2-D input as they are: a reshape would add a view (and its backward node) per call
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_layout.dim)
         fused = self._fused(x, args, kwargs)
         if fused is not None and torch.compiler.is_compiling():
             # compiled: the fused linear as one custom op, the gate net as torch ops (for the compiler)
@@ -398,7 +391,8 @@ class MMEALinear(MMEAGating, AdapterLinear):
                 y2 = torch.ops.mmea_kernels.gated_linear(x2, weight, bias, None, gates, add, *fused)
             return y2.reshape(x.shape[:-1] + (self.out_layout.dim,))
         if fused is not None:  # one kernel: linear with the gate and additive terms in its epilogue
-            return self._eager_path(x2, fused).reshape(x.shape[:-1] + (self.out_layout.dim,))
+            y2 = self._eager_path(x2, fused)
+            return y2 if x2 is x else y2.reshape(x.shape[:-1] + (self.out_layout.dim,))
         add, gates = self.gate_parameters(x2)
         add = add if self.num_additive > 0 else None
         return self._gated(self.base(x, *args, **kwargs), add, gates)

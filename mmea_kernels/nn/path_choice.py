@@ -26,15 +26,17 @@ and under torch.compile (which always compiles the fused op).
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["PathChoice", "row_bucket", "time_paths", "auto_choices"]
+__all__ = ["PathChoice", "row_bucket", "time_paths", "timed_choice", "may_time", "auto_choices"]
 
 
 @dataclass(frozen=True)
@@ -89,3 +91,53 @@ def auto_choices(model: nn.Module) -> List[dict]:
                          "fused_us": None if c.error else round(c.t_fused * 1e6, 1),
                          "unfused_us": round(c.t_unfused * 1e6, 1), **({"error": c.error} if c.error else {})})
     return rows
+
+
+def same(t):
+    """The identity saved-tensor hook: the timing runs carry their own (see the module docstring)."""
+    return t
+
+
+def may_time(x: torch.Tensor) -> bool:
+    """Whether ``MMEA_FUSED_LINEAR=auto`` may time its two paths on ``x``: a plain eager tensor,
+    no ``TorchDispatchMode`` active (a tracer such as make_fx, or FlopCounterMode, would record the
+    timing runs as part of the call) and no CUDA-graph capture (no synchronising there)."""
+    if type(x) is not torch.Tensor or torch._is_functional_tensor(x) \
+            or torch._C._functorch.is_functorch_wrapped_tensor(x) or torch._C._len_torch_dispatch_stack():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+class _FusedFailed(RuntimeError):
+    """The fused path raised while ``MMEA_FUSED_LINEAR=auto`` timed it."""
+
+
+def timed_choice(layer: nn.Module, x: torch.Tensor, plan, rows: int, grad: bool) -> PathChoice:
+    """Times ``layer``'s (an :class:`~mmea_kernels.nn.MMEALinear`) fused ``plan`` against its unfused
+    path on a detached copy of ``x`` (with the input gradient when ``grad``); a fused path that
+    raises is named in a warning and loses."""
+    xs = x.detach().reshape(-1, layer.in_layout.dim)
+    if grad:
+        xs = xs.clone().requires_grad_(True)
+
+    def runner(p):
+        def run():
+            try:
+                y = layer._eager_path(xs, p)
+                if grad:
+                    torch.autograd.grad(y, xs, torch.ones_like(y))
+            except Exception as exc:  # noqa: BLE001 - the fused kernel's failure, named below
+                if p is None:
+                    raise
+                raise _FusedFailed(f"{type(exc).__name__}: {exc}") from exc
+        return run
+    try:
+        t_f, t_u = time_paths(runner(plan), runner(None), x.device)
+        return PathChoice(t_f <= t_u, t_f, t_u, rows, grad)
+    except _FusedFailed as exc:
+        error = str(exc)
+    warnings.warn(f"mmea_kernels: MMEA_FUSED_LINEAR=auto: the fused {plan[1]} kernel failed on "
+                  f"{layer.in_layout.irreps_str} -> {layer.out_layout.irreps_str} ({rows} rows, {x.dtype}, "
+                  f"{x.device}): {error}; this layer runs the unfused path at this size")
+    t_u = time_paths(runner(None), runner(None), x.device, rounds=1, reps=1)[1]
+    return PathChoice(False, math.inf, t_u, rows, grad, error[:300])

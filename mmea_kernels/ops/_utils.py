@@ -73,15 +73,33 @@ def grad_needed(ctx, i: int, slot: Optional[int] = None) -> bool:
     cost a seg_dot (and, in the fused linear, a recomputed linear or a weight-gradient kernel) per
     layer. Inside a pass traced by torch.compile, or where the engine cannot be asked, it counts
     as needed."""
-    if not ctx.needs_input_grad[i]:
-        return False
+    return grads_needed(ctx, (i,), {i: i if slot is None else slot})[0]
+
+
+def grads_needed(ctx, inputs, slots) -> tuple:
+    """:func:`grad_needed` for each input index in ``inputs`` (``slots[i]``: input ``i``'s position
+    among the tensor inputs, see :func:`tensor_slots`), reading ``ctx.next_functions`` (a fresh
+    tuple per access) once for all of them instead of once per input."""
+    needs = ctx.needs_input_grad
+    if not any(needs[i] for i in inputs):
+        return (False,) * len(inputs)
     if torch.compiler.is_compiling():
-        return True
+        return tuple(bool(needs[i]) for i in inputs)
     try:
-        node = ctx.next_functions[i if slot is None else slot][0]
-        return node is None or bool(torch._C._will_engine_execute_node(node))
-    except (AttributeError, IndexError, RuntimeError):  # not inside an engine-run backward
-        return True
+        nf = ctx.next_functions
+    except AttributeError:  # not inside an engine-run backward
+        return tuple(bool(needs[i]) for i in inputs)
+    out = []
+    for i in inputs:
+        need = bool(needs[i])
+        if need:
+            try:
+                node = nf[slots[i]][0]
+                need = node is None or bool(torch._C._will_engine_execute_node(node))
+            except (IndexError, RuntimeError):  # e.g. the leaf an autograd.grad() call asks for
+                need = True
+        out.append(need)
+    return tuple(out)
 
 
 from torch._subclasses.fake_tensor import is_fake as _is_fake  # noqa: E402  (per-call import costs µs)

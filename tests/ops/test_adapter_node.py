@@ -165,3 +165,52 @@ def test_mmea_linear_builds_one_node_where_a_graph_is_built():
     lin.weight.requires_grad_(True)
     names = _node_names(ad(x.detach()))
     assert "_GatedLinearFnBackward" in names and "_AdapterFnBackward" not in names, names
+
+
+def test_two_dimensional_input_has_no_view_nodes():
+    """Rows given as a 2-D tensor go into the node as they are: the output's grad_fn is the node
+    itself (no reshape views and their backward nodes around it, which cost host time per call at
+    MD sizes); other shapes come back in their own shape."""
+    _skip_unless("cpp", "cpu")
+    ad = MMEALinear(o3.Linear(IRR_IN, IRR_OUT).double(), rank=3, backend="cpp")
+    x = torch.randn(5, ad.base.irreps_in.dim, dtype=F64, requires_grad=True)
+    y = ad(x)
+    assert type(y.grad_fn).__name__ == "_AdapterFnBackward" and y.shape == (5, ad.base.irreps_out.dim)
+    y3 = ad(x.reshape(5, 1, -1))
+    assert y3.shape == (5, 1, ad.base.irreps_out.dim)
+    torch.testing.assert_close(y3.reshape(5, -1), y, rtol=0, atol=0)
+
+
+def test_swapped_and_parametrized_weights_are_read_on_every_call():
+    """The one-node path reads its operands from the modules on every call (no cached tensors):
+    ``torch.func.functional_call`` with other adapter and base weights gives what loading those
+    weights gives, and a parametrization of an adapter weight (a property, not an entry of the
+    module's parameter dict) is applied."""
+    _skip_unless("cpp", "cpu")
+    from torch.nn.utils import parametrize
+
+    lin = o3.Linear(IRR_IN, IRR_OUT).double()
+    ad = MMEALinear(lin, rank=3, backend="cpp")
+    randomise(ad)
+    x = torch.randn(4, lin.irreps_in.dim, dtype=F64, requires_grad=True)
+    ad(x)  # the plan is made and cached
+    gen = torch.Generator().manual_seed(7)
+    other = {n: torch.randn(p.shape, generator=gen, dtype=F64) for n, p in ad.named_parameters()}
+    got = torch.func.functional_call(ad, other, (x,))
+    ref = MMEALinear(o3.Linear(IRR_IN, IRR_OUT).double(), rank=3, backend="torch")
+    ref.load_state_dict(other, strict=False)
+    torch.testing.assert_close(got, ref(x), rtol=1e-12, atol=1e-12)
+    assert type(got.grad_fn).__name__ == "_AdapterFnBackward"
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2.0 * w
+
+    ref = MMEALinear(lin, rank=3, backend="torch")
+    ref.load_state_dict(ad.state_dict())
+    with torch.no_grad():
+        ref.mmea_up.weight.mul_(2.0)
+    parametrize.register_parametrization(ad.mmea_up, "weight", Doubled())
+    y = ad(x)
+    assert type(y.grad_fn).__name__ == "_AdapterFnBackward"
+    torch.testing.assert_close(y, ref(x), rtol=1e-12, atol=1e-12)

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._utils import grad_needed, tensor_slots
+from .._utils import grads_needed
 from ..gate_net.function import _kernels as _gate_net_kernels
 from ..gate_net.function import gate_net_grads
 from ...linear_spec import LinearSpec
@@ -40,6 +40,9 @@ def _add(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch
     return b if a is None else (a if b is None else a + b)
 
 
+_SLOTS, _SLOTS_NO_BIAS = (0, 1, 2, 3, 4, 5, 6), (0, 1, -1, 2, 3, 4, 5)
+
+
 class _AdapterFn(torch.autograd.Function):
     """``(y, add, G, u)``; see the module docstring. Inputs: ``x [N, D_in]``, the base layer's flat
     weight and bias, the gate net's four tensors, then the constants."""
@@ -48,7 +51,7 @@ class _AdapterFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, w_down, b_down, w_up, b_up, num_additive, phi, start, count, spec, backend):
         ctx.set_materialize_grads(False)
         ctx.consts = (num_additive, phi, start, count, spec, backend)
-        ctx.slots = tensor_slots(x, weight, bias, w_down, b_down, w_up, b_up)
+        ctx.slots = _SLOTS if bias is not None else _SLOTS_NO_BIAS  # positions among the tensor inputs
         add, gates = _gate_net_kernels(backend)[0](_x0(x, start, count), w_down, b_down, w_up, b_up, num_additive,
                                                    phi)
         add_in = add if num_additive > 0 else None
@@ -63,7 +66,7 @@ class _AdapterFn(torch.autograd.Function):
     def backward(ctx, dy, dadd_out, dgates_out, du):
         x, weight, w_down, b_down, w_up, gates, u = ctx.saved_tensors
         num_additive, phi, start, count, spec, be = ctx.consts
-        nx, nw, nwd, nbd, nwu, nbu = (grad_needed(ctx, i, ctx.slots[i]) for i in (0, 1, 3, 4, 5, 6))
+        nx, nw, nwd, nbd, nwu, nbu = grads_needed(ctx, (0, 1, 3, 4, 5, 6), ctx.slots)
         nb = ctx.needs_input_grad[2]
         net_need = (nx, nwd, nbd, nwu, nbu)
         ngate = any(net_need)  # the gates and the additive feed only the gate net's inputs
