@@ -292,9 +292,9 @@ class MMEALinear(MMEAGating, AdapterLinear):
         if not path_choice.may_time(x):
             return plan  # the fused path, undecided: a capture, a tracer or a dispatch mode is active
         rows = x.numel() // self.in_layout.dim
-        # read from the module dicts directly: this runs on every call, nn.Module.__getattr__ costs µs
+        # read from the module dicts (module_tensor): this runs on every call, nn.Module.__getattr__ costs µs
         up = self._modules.get("mmea_up")
-        head = up._parameters["weight"] if up is not None else self._parameters["mmea_static"]
+        head = module_tensor(up, "weight") if up is not None else module_tensor(self, "mmea_static")
         grad = torch.is_grad_enabled() and (x.requires_grad or head.requires_grad)
         choices = self.__dict__.setdefault("_auto_choices", {})
         ckey = (path_choice.row_bucket(rows), grad)
