@@ -17,9 +17,11 @@
 #      and MMEA_FUSED_LINEAR=0; what auto picks per layer at 4 and 64 molecules (bench/path_choices.py);
 #   5. bench/gpu/bench_gpu.py (gate kernels against copy bandwidth, the fused linear against
 #      o3.Linear and cuet, FusedGate against e3nn's Gate; rows stream to a .jsonl as they come);
-#   6. the whole model in float64; 7. registers and spills of the Triton kernels (ptxas -v).
+#   6. the fine-tuning workflow on the GPU (tests/train/test_device.py: train, evaluate, resume, checkpoint,
+#      ASE calculator, each against the same run on the CPU); 7. the whole model in float64;
+#   8. registers and spills of the Triton kernels (ptxas -v).
 #
-# Knobs (environment): BUDGET, TEST_LIMIT, BENCH_LIMIT (seconds), BENCH_SIZES (e.g. 2000,32000),
+# Knobs (environment): BUDGET, TEST_LIMIT, BENCH_LIMIT, WORKFLOW_LIMIT (seconds), BENCH_SIZES (e.g. 2000,32000),
 # BENCH_ARGS (e.g. "--sweep --no-cuet"), MODEL_DTYPES (default "float32 float64").
 # Writes to $OUT (default bench/results/device) seven files (the device tool returns at most 8):
 # device_check.log, model-overhead-gpu-<date>.json, path-choices-gpu-<date>.json, the benchmark's
@@ -91,6 +93,10 @@ within 45 python3 bench/path_choices.py --device cuda --molecule toluene --frame
 step "benchmark"
 within ${BENCH_LIMIT:-220} python3 bench/gpu/bench_gpu.py --out "$OUT" --sizes "${BENCH_SIZES:-2000,8000,32000}" \
   ${BENCH_ARGS:-} 2>&1 | tail -150
+
+step "the fine-tuning workflow on the GPU (train / evaluate / resume / checkpoint / calculator against the CPU run)"
+MMEA_TEST_CUDA=1 within ${WORKFLOW_LIMIT:-100} python3 -m pytest -q -p no:cacheprovider -rs --timeout 90 \
+  tests/train/test_device.py 2>&1 | tail -30
 
 step "whole model in the other dtypes"
 for dt in $DTYPES; do

@@ -20,15 +20,17 @@ def _make_calculator():
 
         ``MMEACalculator(checkpoint="run/checkpoint.pt")`` rebuilds the fine-tuned model (base model
         from the checkpoint, or ``model=`` to point at it elsewhere); ``MMEACalculator(module=net)``
-        wraps a model you already have. The checkpoint is read with ``weights_only=True``; a base
+        wraps a model you already have (on its own device). ``device`` (cpu, cuda, cuda:N, auto):
+        where a checkpoint's model runs. The checkpoint is read with ``weights_only=True``; a base
         model that is a whole pickled model needs ``trust_pickle=True`` (it runs code from the file)."""
 
         implemented_properties = ["energy", "free_energy", "forces"]
 
         def __init__(self, checkpoint: Optional[str] = None, module: Optional[torch.nn.Module] = None,
                      model: Optional[str] = None, dtype: Optional[str] = None, trust_pickle: bool = False,
-                     **kwargs):
+                     device: str = "cpu", **kwargs):
             super().__init__(**kwargs)
+            from ..train.device import module_device
             from ..train.foundation import model_info
 
             if (checkpoint is None) == (module is None):
@@ -36,10 +38,10 @@ def _make_calculator():
             if checkpoint is not None:
                 from ..train import load_finetuned
 
-                module, _ = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle)
+                module, _ = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle, device=device)
             self.net = module.eval()
             self.z, self.r_max = model_info(module)
-            self.dtype = next(module.parameters()).dtype
+            self.dtype, self.device = next(module.parameters()).dtype, module_device(module)
 
         def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
             from ..integrations.mace import atoms_to_batch
@@ -47,7 +49,8 @@ def _make_calculator():
             super().calculate(atoms, properties, system_changes)
             a = self.atoms.copy()
             a.calc = None
-            batch = atoms_to_batch([a], self.z, self.r_max, energy_key="__none__", forces_key="__none__", dtype=self.dtype)
+            batch = atoms_to_batch([a], self.z, self.r_max, energy_key="__none__", forces_key="__none__",
+                                   device=self.device, dtype=self.dtype)
             out = self.net(batch, training=False, compute_force=True)
             e = float(out["energy"].detach()[0])
             f = out["forces"].detach().to(torch.float64).cpu().numpy()

@@ -17,10 +17,14 @@ _USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, Permis
                 IsADirectoryError, NotADirectoryError)
 
 
-def _common(trust: bool = False, data: bool = False) -> argparse.ArgumentParser:
-    """Options several commands share: --debug; --trust-pickle; the data-check thresholds."""
+def _common(trust: bool = False, data: bool = False, device: bool = False) -> argparse.ArgumentParser:
+    """Options several commands share: --debug; --trust-pickle; the data-check thresholds; --device."""
+    from ..train.device import DEVICES_HELP
+
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    if device:
+        p.add_argument("--device", default="auto", help=f"where the model runs: {DEVICES_HELP}; default auto")
     if trust:
         p.add_argument("--trust-pickle", action="store_true",
                        help="allow a base model that is a whole pickled model (mace-torch *.model): unpickling runs "
@@ -45,7 +49,7 @@ def _finetune_parser(sub):
     from ..train.methods import METHODS
 
     d = FinetuneConfig(train="")
-    p = sub.add_parser("finetune", help="adapt a base model to labelled data", parents=[_common(True, True)],
+    p = sub.add_parser("finetune", help="adapt a base model to labelled data", parents=[_common(True, True, True)],
                        description="Fine-tune a base model on extended-XYZ data. Files take ASE index "
                                    "slices: train.xyz@:50, train.xyz@50:100.")
     p.add_argument("--train", required=True, help="training frames (path[@index])")
@@ -94,7 +98,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="fine-tune the built-in model to the shipped DFT data, compare methods, run MD",
-                          parents=[_common()])
+                          parents=[_common(device=True)])
     demo.add_argument("--epochs", type=int, default=60)
     demo.add_argument("--methods", default="mmea,elora,full")
     demo.add_argument("--out", default="runs/demo")
@@ -102,7 +106,7 @@ def main(argv=None) -> int:
     demo.add_argument("--md-steps", type=int, default=400)
     _finetune_parser(sub)
     ev = sub.add_parser("evaluate", help="errors of a fine-tuning checkpoint on labelled data",
-                        parents=[_common(True, True)])
+                        parents=[_common(True, True, True)])
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--data", required=True, help="path[@index]")
     ev.add_argument("--model", default=None, help="base model, if not where the checkpoint says")
@@ -110,7 +114,7 @@ def main(argv=None) -> int:
     ev.add_argument("--forces-key", default=None)
     ev.add_argument("--json", default=None, help="also write the result here")
     md = sub.add_parser("md", help="NVE molecular dynamics with a checkpoint; reports energy drift",
-                        parents=[_common(True, True)])
+                        parents=[_common(True, True, True)])
     md.add_argument("--checkpoint", required=True)
     md.add_argument("--structure", required=True, help="a structure file ASE reads (path[@index], first frame used)")
     md.add_argument("--model", default=None)
@@ -159,7 +163,8 @@ def _run(args) -> int:
     if args.command == "demo":
         from .demo import run
 
-        run(epochs=args.epochs, methods=args.methods.split(","), out=args.out, seed=args.seed, md_steps=args.md_steps)
+        run(epochs=args.epochs, methods=args.methods.split(","), out=args.out, seed=args.seed, md_steps=args.md_steps,
+            device=args.device)
     elif args.command == "finetune":
         from ..train import FinetuneConfig, finetune
 
@@ -174,7 +179,7 @@ def _run(args) -> int:
         from ..train import evaluate_checkpoint
 
         res = evaluate_checkpoint(args.checkpoint, args.data, args.model, args.energy_key, args.forces_key,
-                                  trust_pickle=args.trust_pickle, checks=_checks(args))
+                                  trust_pickle=args.trust_pickle, checks=_checks(args), device=args.device)
         print(f"{args.data}: {res['frames']} frames | E MAE {res['energy_mae_meV']:.3f} meV | "
               f"E RMSE {res['energy_rmse_meV']:.3f} meV | F MAE {res['forces_mae_meV_per_A']:.3f} meV/Å | "
               f"F RMSE {res['forces_rmse_meV_per_A']:.3f} meV/Å")
@@ -199,7 +204,8 @@ def _md(args) -> None:
 
     check_md_settings(args.steps, args.dt, args.temperature)
     atoms = read_structures(args.structure, "structure file")[0]
-    calc = MMEACalculator(checkpoint=args.checkpoint, model=args.model, trust_pickle=args.trust_pickle)
+    calc = MMEACalculator(checkpoint=args.checkpoint, model=args.model, trust_pickle=args.trust_pickle,
+                          device=args.device)
     check_structure(atoms, calc, args.structure, _checks(args))
     res = nve_drift(atoms, calc, args.steps, args.dt, args.temperature)
     print(json.dumps(res, indent=1))

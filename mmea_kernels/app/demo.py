@@ -14,40 +14,47 @@ from ..train.foundation import ASSETS, DEFAULT_MODEL
 DATA = ASSETS / "ethanol_pbe"
 
 
-def baseline(model_spec: str, train: str, test: str, dtype: str = "float64") -> dict:
-    """Errors of the base model with only its E0s re-fitted on ``train`` (no training)."""
+def baseline(model_spec: str, train: str, test: str, dtype: str = "float64", device: str = "cpu") -> dict:
+    """Errors of the base model with only its E0s re-fitted on ``train`` (no training), on ``device``."""
     from ..train import errors, make_batches, read_frames, refit_e0s, set_e0s
+    from ..train.device import resolve_device
     from ..train.foundation import load_model, model_info
     from ..integrations.mace import atoms_to_graphs
     import torch
 
     dt = {"float32": torch.float32, "float64": torch.float64}[dtype]
-    model = load_model(model_spec, dtype=dt)
+    dev = resolve_device(device)
+    model = load_model(model_spec, dtype=dt).to(dev)
     z, r_max = model_info(model)
     tr = read_frames(train, "REF_energy", "REF_forces")
     set_e0s(model, refit_e0s(model, tr, z, "lstsq", "REF_energy"))
     te = read_frames(test, "REF_energy", "REF_forces")
-    return dict(errors(model, make_batches(atoms_to_graphs(te, z, r_max, dtype=dt), 50)), frames=len(te))
+    return dict(errors(model, make_batches(atoms_to_graphs(te, z, r_max, dtype=dt), 50, device=dev)), frames=len(te))
 
 
 def run(epochs: int = 60, methods: Sequence[str] = ("mmea", "elora", "full"), out: str = "runs/demo", seed: int = 0,
-        md_steps: int = 400, data_dir=DATA, model: str = DEFAULT_MODEL, dtype: str = "float64") -> dict:
+        md_steps: int = 400, data_dir=DATA, model: str = DEFAULT_MODEL, dtype: str = "float64",
+        device: str = "auto") -> dict:
     from .calculator import MMEACalculator, nve_drift
     from ..train import FinetuneConfig, finetune, read_frames
 
     t_start = time.perf_counter()
     data_dir = pathlib.Path(data_dir)
     train, valid, test = (str(data_dir / f"{s}.xyz") for s in ("train", "valid", "test"))
-    print(f"base model {model}; data {data_dir} (PBE/def2-SVP ethanol, pyscf; "
+    from ..train.device import resolve_device
+
+    print(f"base model {model} on {resolve_device(device)}; data {data_dir} (PBE/def2-SVP ethanol, pyscf; "
           f"{len(read_frames(train, 'REF_energy', 'REF_forces'))} train / {len(read_frames(valid, 'REF_energy', 'REF_forces'))} valid / "
           f"{len(read_frames(test, 'REF_energy', 'REF_forces'))} test frames)")
-    rows = {"base, E0s re-fitted only": dict(baseline(model, train, test, dtype), trainable_parameters=0, train_seconds=0.0)}
+    rows = {"base, E0s re-fitted only": dict(baseline(model, train, test, dtype, device), trainable_parameters=0,
+                                             train_seconds=0.0)}
     outs = pathlib.Path(out)
     for method in methods:
         print(f"\n== {method} ==", flush=True)
         run_dir = outs / method
         cfg = FinetuneConfig(train=train, valid=valid, test=test, out_dir=str(run_dir), model=model, method=method,
-                             epochs=epochs, seed=seed, dtype=dtype, resume=True, lr=1e-2 if method != "full" else 5e-3)
+                             epochs=epochs, seed=seed, dtype=dtype, resume=True, lr=1e-2 if method != "full" else 5e-3,
+                             device=device)
         m = finetune(cfg)
         rows[method] = dict(m["test"], trainable_parameters=m["trainable_parameters"], train_seconds=m["train_seconds"])
     print(f"\nadapting {model} (GFN2-xTB) to PBE/def2-SVP ethanol, {epochs} epochs, {dtype}, seed {seed}; "
@@ -59,7 +66,8 @@ def run(epochs: int = 60, methods: Sequence[str] = ("mmea", "elora", "full"), ou
     result = {"rows": rows}
     if "mmea" in methods and md_steps > 0:
         atoms = read_frames(test, "REF_energy", "REF_forces")[0]
-        md = nve_drift(atoms, MMEACalculator(checkpoint=str(outs / "mmea" / "checkpoint.pt")), steps=md_steps)
+        md = nve_drift(atoms, MMEACalculator(checkpoint=str(outs / "mmea" / "checkpoint.pt"), device=device),
+                       steps=md_steps)
         print(f"\nNVE MD with the MMEA model (ASE velocity Verlet, {md['steps']} x {md['dt_fs']} fs, ~300 K start): "
               f"energy drift {md['drift_meV_per_atom_per_ps']:.3f} meV/atom/ps, max |E - E0| "
               f"{md['max_deviation_meV_per_atom']:.3f} meV/atom, mean T {md['mean_temperature_K']:.0f} K")

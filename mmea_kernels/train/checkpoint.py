@@ -18,6 +18,7 @@ import torch
 from .checks import DataChecks, checked_graphs
 from .config import DTYPES, FinetuneConfig, config_key
 from .data import make_batches, read_frames
+from .device import module_device, resolve_device
 from .e0s import set_e0s
 from .ema import ema_weights, load_ema_weights, weights_in
 from .foundation import fingerprint, load_model, model_info
@@ -58,7 +59,8 @@ def write_checkpoint(path, cfg: FinetuneConfig, r, metrics=None) -> None:
     """Trained tensors, E0s, method and base identity; for full/scratch every buffer too (scale/shift,
     E0s, ...), so that the checkpoint does not depend on the base model's other tensors; and a
     reference prediction (:mod:`.selfcheck`) that loading must reproduce. Plain types only
-    (``weights_only=True`` reads it)."""
+    (``weights_only=True`` reads it), tensors on the CPU (a run on a GPU gives a file that loads
+    anywhere)."""
     summary = None
     if metrics is not None:
         summary = {k: metrics[k] for k in SPLITS if k in metrics}
@@ -66,12 +68,13 @@ def write_checkpoint(path, cfg: FinetuneConfig, r, metrics=None) -> None:
         probe = make_probe(r.model, r.probe_atoms)
     extra = {"probe": probe}
     if cfg.method in ("full", "scratch"):
-        extra["buffers"] = {n: b.detach().clone() for n, b in r.model.named_buffers()}
+        extra["buffers"] = {n: b.detach().cpu().clone() for n, b in r.model.named_buffers()}
     atomic_save({"format": CHECKPOINT_FORMAT, "method": cfg.method, "rank": cfg.rank, "model": cfg.model,
                  "adapter_options": dict(cfg.adapter_options),
                  "model_config": cfg.model_config, "base_fingerprint": r.fp, "e0s": [float(v) for v in r.e0s],
                  "seed": cfg.seed, "dtype": cfg.dtype, "energy_key": cfg.energy_key, "forces_key": cfg.forces_key,
-                 "epoch": r.best["epoch"], "trainable": r.best["state"], "trainable_parameters": r.n_train,
+                 "epoch": r.best["epoch"], "trainable": {n: t.cpu() for n, t in r.best["state"].items()},
+                 "trainable_parameters": r.n_train,
                  "parameter_groups": dict(r.groups), "metrics": summary, **extra}, path)
 
 
@@ -157,12 +160,14 @@ def _load_tensors(net, ckpt: dict, path, spec: str) -> None:
 
 
 def load_finetuned(checkpoint, model: Optional[str] = None, model_config=None, dtype: Optional[str] = None,
-                   trust_pickle: bool = False):
+                   trust_pickle: bool = False, device: str = "cpu"):
     """(model, checkpoint dict): the base model (``model`` overrides the spec stored in the
-    checkpoint) set up with the checkpoint's method and loaded with its weights. Raises when the
-    base model is not the one the checkpoint was trained on (fingerprint, or the checkpoint's own
-    reference prediction), or the checkpoint is unreadable. The checkpoint is read with
-    ``weights_only=True``; ``trust_pickle`` only concerns a whole pickled base model."""
+    checkpoint) set up with the checkpoint's method and loaded with its weights, on ``device``
+    (:func:`~.device.resolve_device`: cpu, cuda, cuda:N or auto). Raises when the base model is not
+    the one the checkpoint was trained on (fingerprint, or the checkpoint's own reference
+    prediction, recomputed on ``device``), or the checkpoint is unreadable. The checkpoint is read
+    with ``weights_only=True``; ``trust_pickle`` only concerns a whole pickled base model."""
+    dev = resolve_device(device)
     path = pathlib.Path(checkpoint)
     ckpt = _read_checkpoint(path)
     spec = model or ckpt["model"]
@@ -175,6 +180,7 @@ def load_finetuned(checkpoint, model: Optional[str] = None, model_config=None, d
         raise ValueError(f"checkpoint {path} was trained on base model {ckpt['model']!r} (fingerprint "
                          f"{ckpt['base_fingerprint']}), but {spec!r} has fingerprint {fp}: not the same weights")
     _load_tensors(net, ckpt, path, spec)
+    net.to(dev)
     if "probe" in ckpt:
         verify_probe(net, ckpt["probe"], str(path), spec)
     return net.eval(), ckpt
@@ -182,16 +188,16 @@ def load_finetuned(checkpoint, model: Optional[str] = None, model_config=None, d
 
 def evaluate_checkpoint(checkpoint, data: str, model: Optional[str] = None, energy_key: Optional[str] = None,
                         forces_key: Optional[str] = None, batch_size: int = 50, dtype: Optional[str] = None,
-                        trust_pickle: bool = False, checks: Optional[DataChecks] = None) -> dict:
+                        trust_pickle: bool = False, checks: Optional[DataChecks] = None, device: str = "cpu") -> dict:
     """Errors of a fine-tuned checkpoint on a labelled data file (``path[@index]``), after the data
-    checks of :mod:`.checks`."""
+    checks of :mod:`.checks`, computed on ``device``."""
     ckpt = _read_checkpoint(pathlib.Path(checkpoint))
     ek, fk = energy_key or ckpt.get("energy_key", "REF_energy"), forces_key or ckpt.get("forces_key", "REF_forces")
     frames = read_frames(data, ek, fk)  # bad data is reported before the model is built
-    net, ckpt = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle)
+    net, ckpt = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle, device=device)
     z, r_max = model_info(net)
     graphs = checked_graphs(frames, z, r_max, str(data), ek, fk, dtype=next(net.parameters()).dtype,
                             checks=checks or DataChecks())
-    res = errors(net, make_batches(graphs, batch_size))
+    res = errors(net, make_batches(graphs, batch_size, device=module_device(net)))
     res["frames"] = len(frames)
     return res

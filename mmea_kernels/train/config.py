@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from .checks import DataChecks
+from .device import _FORM as _DEVICE_FORM, DEVICES_HELP
 from .foundation import DEFAULT_MODEL
 from .methods import ADAPTER_METHODS, METHODS
 
@@ -36,6 +37,7 @@ class FinetuneConfig:
     energy_key: str = "REF_energy"
     forces_key: str = "REF_forces"
     dtype: str = "float64"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (train.device; under torchrun each process its LOCAL_RANK's GPU)
     e0s: str = "lstsq"  # lstsq | average | keep | path to a JSON {Z: eV}
     refit_e0s_after: bool = False  # re-fit the E0s with the trained model (lstsq on the training frames)
     epochs: int = 100
@@ -72,6 +74,8 @@ class FinetuneConfig:
             raise ValueError(f"unknown method {self.method!r}; expected one of {list(METHODS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; expected float32 or float64")
+        if not _DEVICE_FORM.match(str(self.device).strip().lower()):
+            raise ValueError(f"unknown device {self.device!r}; expected {DEVICES_HELP}")
         for name in ("epochs", "batch_size", "rank", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -97,8 +101,9 @@ def config_key(cfg: FinetuneConfig) -> str:
     d = dataclasses.asdict(cfg)
     if not d["adapter_options"]:  # runs from before the option existed keep their key
         d.pop("adapter_options")
-    # settings that do not change the trajectory (and did not exist in earlier runs' state.pt) stay out
+    # settings that do not change the trajectory (and did not exist in earlier runs' state.pt) stay out; the
+    # device changes it only by rounding, and a run may resume on another one
     for k in ("resume", "progress", "stop_after", "out_dir", "epochs", "eval_batch_size", "trust_pickle",
-              "min_distance", "max_neighbors", "allow_small_cells", "fused_gate", "refit_e0s_after"):
+              "min_distance", "max_neighbors", "allow_small_cells", "fused_gate", "refit_e0s_after", "device"):
         d.pop(k)
     return json.dumps(d, sort_keys=True)

@@ -47,9 +47,9 @@ def split_graphs(cfg, frames: Dict[str, list], z, r_max: float, dtype) -> Dict[s
             for split, src in (("train", cfg.train), ("valid", cfg.valid or cfg.train), ("test", cfg.test))}
 
 
-def make_batches(graphs, size, order=None, rank: int = 0, world: int = 1):
-    """Batches of ``size`` graphs in ``order``; with ``world`` processes, process ``rank`` gets its
-    share (every ``world``-th graph) of each global batch."""
+def make_batches(graphs, size, order=None, rank: int = 0, world: int = 1, device="cpu"):
+    """Batches of ``size`` graphs in ``order``, on ``device``; with ``world`` processes, process
+    ``rank`` gets its share (every ``world``-th graph) of each global batch."""
     from ..integrations.mace import collate
 
     idx = list(range(len(graphs))) if order is None else list(order)
@@ -58,7 +58,7 @@ def make_batches(graphs, size, order=None, rank: int = 0, world: int = 1):
         full = idx[k:k + size]
         if len(full) < world:  # a last global batch too small to give every process a frame is dropped
             continue
-        b = collate([graphs[i] for i in full[rank::world]])
+        b = collate([graphs[i] for i in full[rank::world]], device)
         b["_global"] = (len(full), sum(int(graphs[i].num_nodes) for i in full))
         out.append(b)
     return out

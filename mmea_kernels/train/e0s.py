@@ -29,6 +29,7 @@ def refit_e0s(model, frames, z_table: Sequence[int], mode: str, energy_key: str,
     ``keep`` leaves them; a JSON file path gives ``{"Z": eV}`` explicitly. ``from_scratch``: fit the
     energies themselves (a randomly initialised model's interaction energy means nothing)."""
     from ..integrations.mace import atoms_to_batch
+    from .device import module_device
 
     e0_old = model.atomic_energies_fn.atomic_energies.detach().double().reshape(-1).cpu().numpy()
     if mode == "keep":
@@ -46,10 +47,10 @@ def refit_e0s(model, frames, z_table: Sequence[int], mode: str, energy_key: str,
     interaction = np.zeros(len(frames))
     if not from_scratch:
         r_max = float(model.r_max)
-        dtype = next(model.parameters()).dtype
+        dtype, device = next(model.parameters()).dtype, module_device(model)
         preds = []
         for i in range(0, len(frames), batch_size):
-            b = atoms_to_batch(frames[i:i + batch_size], z_table, r_max, dtype=dtype)
+            b = atoms_to_batch(frames[i:i + batch_size], z_table, r_max, device=device, dtype=dtype)
             out = model(b, training=False, compute_force=False)
             preds.append(out["energy"].detach().double().cpu().numpy())
         interaction = np.concatenate(preds) - counts @ e0_old

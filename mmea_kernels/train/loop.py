@@ -34,6 +34,7 @@ import torch
 from .checkpoint import check_writable, load_state, prepare, save_state, write_checkpoint
 from .config import DTYPES, FinetuneConfig
 from .data import make_batches, read_splits, split_graphs
+from .device import resolve_device
 from .e0s import refit_after_training, refit_e0s
 from .ema import ema_weights, make_ema, weights_in
 from .foundation import fingerprint, load_model, model_info
@@ -50,7 +51,8 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     files or settings raise before training; an output directory this call created is removed
     again when it fails before writing anything into it."""
     cfg.check()
-    rank, world = dist_setup()
+    device = resolve_device(cfg.device)  # a device that is not there is refused before anything is written
+    rank, world = dist_setup(device)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} (the global batch) must be a multiple of the {world} processes")
     if rank != 0:
@@ -60,26 +62,31 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     try:
         if rank == 0:
             check_writable(out)
-        return _run(cfg, log, rank, world, out)
+        return _run(cfg, log, rank, world, out, device)
     except BaseException:
         remove_created_dirs(made)
         raise
 
 
-def dist_setup():
-    """(rank, world size); initialises torch.distributed under torchrun (gloo on CPU, nccl on GPU)."""
+def dist_setup(device: torch.device = torch.device("cpu")):
+    """(rank, world size); initialises torch.distributed under torchrun: NCCL when the run's
+    ``device`` is a GPU (this process's, made current first), gloo on the CPU."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
-def setup(cfg: FinetuneConfig, world: int):
-    """Frames, base model, checked graphs, E0s and method: everything before the first step."""
+def setup(cfg: FinetuneConfig, world: int, device: torch.device = torch.device("cpu")):
+    """Frames, base model, checked graphs, E0s and method: everything before the first step. The
+    model is built, its E0s fitted and the method applied (seeded initial weights) on the CPU, so
+    the run starts from the same weights on every device; then it moves to ``device``."""
     dtype = DTYPES[cfg.dtype]
     frames = read_splits(cfg)
     model = load_model(cfg.model, cfg.model_config, dtype=dtype, trust_pickle=cfg.trust_pickle,
@@ -89,30 +96,32 @@ def setup(cfg: FinetuneConfig, world: int):
     fp = fingerprint(model)
     e0s = refit_e0s(model, frames["train"], z, cfg.e0s, cfg.energy_key, from_scratch=cfg.method == "scratch")
     groups = prepare(model, e0s, cfg.method, cfg.rank, cfg.seed, "the fitted E0s", cfg.adapter_options)  # as load_finetuned does
+    model.to(device)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     net = model
     if world > 1:  # gradients averaged over processes by DDP; each process holds batch_size / world frames
-        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                        find_unused_parameters=False)
     opt = torch.optim.Adam(params.values(), lr=cfg.lr, amsgrad=True)
     ema, ema_source = make_ema(params, cfg.ema_decay)
     return types.SimpleNamespace(
-        model=model, net=net, params=params, opt=opt, z=z, e0s=e0s, fp=fp, groups=groups, graphs=graphs,
+        model=model, net=net, params=params, device=device, opt=opt, z=z, e0s=e0s, fp=fp, groups=groups, graphs=graphs,
         probe_atoms=frames["train"][0], train_frames=frames["train"], n_train=sum(p.numel() for p in params.values()),
         sched=torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor, patience=cfg.plateau_patience),
         ema=ema, ema_source=ema_source, history=[], best={"loss": math.inf, "epoch": 0, "state": None},
         start_epoch=1, elapsed=0.0, saved_epoch=0)
 
 
-def _run(cfg: FinetuneConfig, log, rank: int, world: int, out: pathlib.Path) -> dict:
+def _run(cfg: FinetuneConfig, log, rank: int, world: int, out: pathlib.Path, device: torch.device) -> dict:
     state_path = out / "state.pt"
     if state_path.exists() and not cfg.resume:
         raise FileExistsError(f"{state_path} exists (an earlier run): pass resume=True (--resume) to continue it, "
                               "or choose another output directory")
-    r = setup(cfg, world)
+    r = setup(cfg, world, device)
     if cfg.resume and state_path.exists():
         load_state(cfg, r, state_path, log)
-    r.valid_b = make_batches(r.graphs["valid"], cfg.eval_batch_size)
-    log(f"{cfg.method}: {r.n_train:,} trainable parameters ({'; '.join(f'{k} {v:,}' for k, v in r.groups.items())}); "
+    r.valid_b = make_batches(r.graphs["valid"], cfg.eval_batch_size, device=device)
+    log(f"{cfg.method} on {device}: {r.n_train:,} trainable parameters ({'; '.join(f'{k} {v:,}' for k, v in r.groups.items())}); "
         f"{len(r.graphs['train'])} train / {len(r.graphs['valid'])} valid / {len(r.graphs['test'])} test frames; "
         f"E0s {dict(zip(r.z, (round(e, 4) for e in r.e0s)))}")
     bar = None
@@ -176,7 +185,7 @@ def train_one_epoch(cfg: FinetuneConfig, r, epoch: int, rank: int, world: int, s
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
     order = torch.randperm(len(r.graphs["train"]), generator=g).tolist()
     tot, nb = 0.0, 0
-    for k, b in enumerate(make_batches(r.graphs["train"], cfg.batch_size, order, rank, world)):
+    for k, b in enumerate(make_batches(r.graphs["train"], cfg.batch_size, order, rank, world, r.device)):
         tot, nb = tot + take_step(cfg, r, b, epoch, k + 1, world, state_path) / world, nb + 1
     return tot / nb
 

@@ -8,6 +8,7 @@ from typing import Dict, Optional
 import torch
 
 from .data import make_batches
+from .device import module_device
 
 __all__ = ["loss", "errors", "split_errors", "format_table"]
 
@@ -50,8 +51,10 @@ def errors(model, batches, w_energy: float = 1.0, w_forces: float = 1000.0) -> D
 
 
 def split_errors(model, graphs: dict, batch_size: int, w_energy: float = 1.0, w_forces: float = 1000.0) -> dict:
-    """``{split: errors + frames}`` for every non-empty split of ``graphs`` (train, valid, test)."""
-    return {split: dict(errors(model, make_batches(graphs[split], batch_size), w_energy, w_forces),
+    """``{split: errors + frames}`` for every non-empty split of ``graphs`` (train, valid, test), on
+    the model's device."""
+    dev = module_device(model)
+    return {split: dict(errors(model, make_batches(graphs[split], batch_size, device=dev), w_energy, w_forces),
                         frames=len(graphs[split]))
             for split in SPLITS if graphs[split]}
 

@@ -12,6 +12,7 @@ __all__ = ["make_probe", "verify_probe"]
 def _batch(model, probe: dict):
     import ase
 
+    from .device import module_device
     from .foundation import model_info
     from ..integrations.mace import atoms_to_batch
 
@@ -19,7 +20,7 @@ def _batch(model, probe: dict):
     atoms = ase.Atoms(numbers=probe["numbers"].tolist(), positions=probe["positions"].double().numpy(),
                       cell=probe["cell"].double().numpy(), pbc=probe["pbc"].tolist())
     return atoms_to_batch([atoms], z, r_max, energy_key="__none__", forces_key="__none__",
-                          dtype=next(model.parameters()).dtype)
+                          device=module_device(model), dtype=next(model.parameters()).dtype)
 
 
 def _predict(model, probe):

@@ -25,7 +25,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     ase.io.write(str(tmp_path / "train.xyz"), toy_molecules("ethanol", 5, "B", seed=1) + toy_molecules("toluene", 3, "B", seed=2))
     ase.io.write(str(tmp_path / "valid.xyz"), toy_molecules("ethanol", 3, "B", seed=3))
     args = dict(train=str(tmp_path / "train.xyz"), valid=str(tmp_path / "valid.xyz"), model=str(tmp_path / "base.pt"),
-                method="mmea", epochs=2, batch_size=4, dtype="float64", rank=4)
+                method="mmea", epochs=2, batch_size=4, dtype="float64", rank=4, device="cpu")
     single = finetune(FinetuneConfig(out_dir=str(tmp_path / "one"), progress=False, **args), log=lambda *_: None)
 
     out = tmp_path / "two"
@@ -54,6 +54,6 @@ def test_global_batch_must_split_evenly(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     import mmea_kernels.train.loop as loop
 
-    monkeypatch.setattr(loop, "dist_setup", lambda: (0, 3))
+    monkeypatch.setattr(loop, "dist_setup", lambda device: (0, 3))
     with pytest.raises(ValueError, match="multiple of the 3 processes"):
         finetune(FinetuneConfig(train="x.xyz", out_dir=str(tmp_path), batch_size=4, progress=False))

@@ -23,15 +23,9 @@ TINY = PRESETS["tiny"]  # H, C, O
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A tiny random 'pretrained' MACE file and Morse-labelled ethanol/toluene xyz files."""
-    d = tmp_path_factory.mktemp("ft")
-    torch.manual_seed(0)
-    save_model(build_mace(TINY), TINY, d / "base.pt")
-    ase.io.write(str(d / "train.xyz"), toy_molecules("ethanol", 8, "B", seed=1) + toy_molecules("toluene", 4, "B", seed=2))
-    ase.io.write(str(d / "valid.xyz"), toy_molecules("ethanol", 4, "B", seed=3))
-    ase.io.write(str(d / "test.xyz"), toy_molecules("ethanol", 6, "B", seed=4))
-    return d
+def files(train_files):
+    """The tiny base model and Morse-labelled xyz files (conftest's ``train_files``)."""
+    return train_files
 
 
 def _cli(files, out, *extra):
