@@ -12,8 +12,11 @@ PLATFORMS=()
 for p in manylinux_2_35 manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1; do
   PLATFORMS+=(--platform "${p}_x86_64")
 done
+# sevenn (43 MB: the wheel carries SevenNet-0's weights) and braceexpand, its one need the device lacks:
+# the device check times SevenNet-0 with e3nn's and the fused gates (bench/gate_speed.py). All of .whl
+# with the working tree stays under the device tool's 64 MiB (about 52 MB).
 for pkg in cuequivariance==0.13.0 cuequivariance-torch==0.13.0 ase==3.26.0 mace-torch==0.3.16 torch-ema==0.3 \
-           matscipy==1.3.1 prettytable==3.18.0 wcwidth==0.9.4 lmdb==3.0.0 orjson==3.11.4; do
+           matscipy==1.3.1 prettytable==3.18.0 wcwidth==0.9.4 lmdb==3.0.0 orjson==3.11.4 sevenn==0.13.0 braceexpand==0.1.7; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${PLATFORMS[@]}" -d .whl "$pkg"
 done

@@ -9,7 +9,9 @@
 # step's time limit is cut to what is left, a step with under 10 s left is skipped (said in the
 # log), so the command returns before the device tool's limit and everything under $OUT comes back. The steps, most needed first:
 #   1. versions, the extension built in place with its CUDA kernels;
-#   2. the CUDA tests (every kernel against the float64 / torch references, gradcheck, gradgradcheck);
+#   2. the CUDA tests (every kernel against the float64 / torch references, gradcheck, gradgradcheck;
+#      the fine-tuning workflow, tests/train/test_device.py: train, evaluate, resume, checkpoint and
+#      ASE calculator on the GPU, each against the same run on the CPU);
 #   3. the whole model (MACE-OFF23-medium architecture, 64 toluene, fp32; the open <= 3 % target):
 #      paired ratios with the default fused path and with MMEA_FUSED_LINEAR=auto (each MMEALinear
 #      times both paths and keeps the faster; the rows list the choices);
@@ -17,15 +19,15 @@
 #      and MMEA_FUSED_LINEAR=0; what auto picks per layer at 4 and 64 molecules (bench/path_choices.py);
 #   5. bench/gpu/bench_gpu.py (gate kernels against copy bandwidth, the fused linear against
 #      o3.Linear and cuet, FusedGate against e3nn's Gate; rows stream to a .jsonl as they come);
-#   6. the fine-tuning workflow on the GPU (tests/train/test_device.py: train, evaluate, resume, checkpoint,
-#      ASE calculator, each against the same run on the CPU); 7. the whole model in float64;
-#   8. registers and spills of the Triton kernels (ptxas -v).
+#   6. FusedGate against e3nn's Gate, per op and in SevenNet-0 (64 ethanol; float64 equality after
+#      replace_gates, then paired E+F timings; bench/gate_speed.py, sevenn from .whl);
+#   7. the whole model in float64; 8. registers and spills of the Triton kernels (ptxas -v).
 #
-# Knobs (environment): BUDGET, TEST_LIMIT, BENCH_LIMIT, WORKFLOW_LIMIT (seconds), BENCH_SIZES (e.g. 2000,32000),
+# Knobs (environment): BUDGET, TEST_LIMIT, BENCH_LIMIT, GATE_LIMIT (seconds), BENCH_SIZES (e.g. 2000,32000),
 # BENCH_ARGS (e.g. "--sweep --no-cuet"), MODEL_DTYPES (default "float32 float64").
-# Writes to $OUT (default bench/results/device) seven files (the device tool returns at most 8):
+# Writes to $OUT (default bench/results/device) eight files (the device tool returns at most 8):
 # device_check.log, model-overhead-gpu-<date>.json, path-choices-gpu-<date>.json, the benchmark's
-# .jsonl/.json/.txt, kernels-sm90.txt.
+# .jsonl/.json/.txt, gate-gpu.txt, kernels-sm90.txt.
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-bench/results/device}
@@ -54,7 +56,7 @@ python3 - <<'PY'
 import torch, triton, e3nn
 print("torch", torch.__version__, "cuda", torch.version.cuda, "| triton", triton.__version__, "| e3nn", e3nn.__version__)
 print("device", torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).multi_processor_count, "SMs")
-for m in ("cuequivariance_torch", "mace", "ase"):
+for m in ("cuequivariance_torch", "mace", "ase", "sevenn"):
     try:
         mod = __import__(m); print(m, getattr(mod, "__version__", "?"))
     except Exception as exc:
@@ -65,12 +67,11 @@ step "build the extension in place (CUDA kernels)"
 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 MMEA_FRESH_BUILD=1 within 300 python3 setup.py -q build_ext --inplace 2>&1 | tail -20
 python3 -c "import mmea_kernels._C as C; print('WITH_CUDA =', C.WITH_CUDA); assert C.WITH_CUDA"
 
-step "CUDA tests (every kernel against the float64 / torch references, gradcheck, gradgradcheck)"
-MMEA_TEST_CUDA=1 within ${TEST_LIMIT:-200} python3 -m pytest -q -p no:cacheprovider -k cuda -rs --timeout 120 \
+step "CUDA tests (every kernel against the float64 / torch references, gradcheck, gradgradcheck; the fine-tuning workflow on the GPU against the CPU run)"
+MMEA_TEST_CUDA=1 within ${TEST_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider -k cuda -rs --timeout 120 \
   tests/ops/test_gate_ops.py tests/ops/test_triton_backend.py tests/ops/test_gated_linear.py \
   tests/ops/test_cpp_backend.py tests/ops/test_gate_net_triton.py tests/ops/test_adapter_node.py tests/nn/test_modules.py \
-  tests/nn/test_path_choice.py \
-  $(ls tests/nn/test_fused_gate.py 2>/dev/null) 2>&1 | tail -40
+  tests/nn/test_path_choice.py tests/nn/test_fused_gate.py tests/train/test_device.py 2>&1 | tail -40
 
 DTYPES=${MODEL_DTYPES:-float32 float64}
 model() { within "$1" python3 bench/model_overhead.py --device cuda --frames 64 --out "$OUT" "${@:2}" 2>&1 \
@@ -94,9 +95,9 @@ step "benchmark"
 within ${BENCH_LIMIT:-220} python3 bench/gpu/bench_gpu.py --out "$OUT" --sizes "${BENCH_SIZES:-2000,8000,32000}" \
   ${BENCH_ARGS:-} 2>&1 | tail -150
 
-step "the fine-tuning workflow on the GPU (train / evaluate / resume / checkpoint / calculator against the CPU run)"
-MMEA_TEST_CUDA=1 within ${WORKFLOW_LIMIT:-100} python3 -m pytest -q -p no:cacheprovider -rs --timeout 90 \
-  tests/train/test_device.py 2>&1 | tail -30
+step "FusedGate against e3nn's Gate: per op (N = 4000) and in SevenNet-0 (64 ethanol; equality in float64 first)"
+within ${GATE_LIMIT:-90} python3 bench/gate_speed.py --device cuda --rounds 30 --frames 64 --out "$OUT/gate-gpu.txt" 2>&1 \
+  | grep -v USDT | tail -30
 
 step "whole model in the other dtypes"
 for dt in $DTYPES; do
