@@ -1,6 +1,7 @@
 """The fine-tuning workflow (needs ASE and a model library), one concern per module:
 
 - :mod:`.config`: :class:`FinetuneConfig`, the settings of a run;
+- :mod:`.device`: where a run runs (:func:`~.device.resolve_device`: auto, cpu, cuda, cuda:N);
 - :mod:`.data`: labelled frames (:func:`read_frames`), splits, batches;
 - :mod:`.e0s`: per-element reference energies (:func:`refit_e0s`);
 - :mod:`.loss`: the loss, error metrics (:func:`errors`) and their table (:func:`format_table`);
