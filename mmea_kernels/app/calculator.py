@@ -16,7 +16,9 @@ def _make_calculator():
     from ase.calculators.calculator import Calculator, all_changes
 
     class _Calc(Calculator):
-        """Energies (eV) and forces (eV/Å) from a MACE model, adapted or not.
+        """Energies (eV), forces (eV/Å) and, for a structure periodic in all three directions,
+        the stress (eV/Å³, ASE's Voigt order and sign: ``(1/V) dE/dε``) from a MACE (or SevenNet)
+        model, adapted or not.
 
         ``MMEACalculator(checkpoint="run/checkpoint.pt")`` rebuilds the fine-tuned model (base model
         from the checkpoint, or ``model=`` to point at it elsewhere); ``MMEACalculator(module=net)``
@@ -24,7 +26,7 @@ def _make_calculator():
         where a checkpoint's model runs. The checkpoint is read with ``weights_only=True``; a base
         model that is a whole pickled model needs ``trust_pickle=True`` (it runs code from the file)."""
 
-        implemented_properties = ["energy", "free_energy", "forces"]
+        implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
         def __init__(self, checkpoint: Optional[str] = None, module: Optional[torch.nn.Module] = None,
                      model: Optional[str] = None, dtype: Optional[str] = None, trust_pickle: bool = False,
@@ -49,15 +51,27 @@ def _make_calculator():
             super().calculate(atoms, properties, system_changes)
             a = self.atoms.copy()
             a.calc = None
+            periodic = bool(a.pbc.all()) and abs(a.cell.volume) > 1e-9  # stress with every evaluation there (NPT, relaxation)
+            if "stress" in properties and not periodic:
+                from ase.calculators.calculator import PropertyNotImplementedError
+
+                raise PropertyNotImplementedError(
+                    f"MMEACalculator: stress needs a structure periodic in all three directions with a 3-D cell; "
+                    f"this one has pbc={a.pbc.tolist()} and cell volume {abs(a.cell.volume):.3g} Å³")
             batch = atoms_to_batch([a], self.z, self.r_max, energy_key="__none__", forces_key="__none__",
                                    device=self.device, dtype=self.dtype)
-            out = self.net(batch, training=False, compute_force=True)
+            out = self.net(batch, training=False, compute_force=True, **({"compute_stress": True} if periodic else {}))
             e = float(out["energy"].detach()[0])
             f = out["forces"].detach().to(torch.float64).cpu().numpy()
-            if not (math.isfinite(e) and np.isfinite(f).all()):
-                raise ValueError(f"MMEACalculator: the model gives a non-finite energy ({e}) or forces for this "
-                                 f"structure; {_closest_pair(batch)}")
+            stress = out["stress"].detach().to(torch.float64).cpu().numpy()[0] if periodic else np.zeros(0)
+            if not (math.isfinite(e) and np.isfinite(f).all() and np.isfinite(stress).all()):
+                raise ValueError(f"MMEACalculator: the model gives a non-finite energy ({e}), forces or stress for "
+                                 f"this structure; {_closest_pair(batch)}")
             self.results = {"energy": e, "free_energy": e, "forces": f}
+            if periodic:
+                from ase.stress import full_3x3_to_voigt_6_stress
+
+                self.results["stress"] = full_3x3_to_voigt_6_stress(stress)
 
     return _Calc
 

@@ -131,7 +131,7 @@ class SevenNetAsMACE(nn.Module):
                         buf.copy_(torch.where(buf == 0, buf, sign * w))  # keep the stored (signed) zeros
                         break
 
-    def _energy(self, batch: dict, positions: torch.Tensor) -> torch.Tensor:
+    def _energy(self, batch: dict, positions: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
         import sevenn._keys as KEY
 
         edge_index = batch["edge_index"]
@@ -139,7 +139,7 @@ class SevenNetAsMACE(nn.Module):
         n_graphs = int(batch["ptr"].numel() - 1)
         idx = node_attrs.argmax(dim=-1)
         z = self.atomic_numbers[idx]
-        edge_vec = positions[edge_index[1]] - positions[edge_index[0]] + batch["shifts"].to(positions.dtype)
+        edge_vec = positions[edge_index[1]] - positions[edge_index[0]] + shifts
         counts = (batch["ptr"][1:] - batch["ptr"][:-1]).to(torch.int64)
         data = {
             KEY.NODE_FEATURE: z.clone(),  # replaced by the type index in SevenNet's _preprocess
@@ -157,21 +157,39 @@ class SevenNetAsMACE(nn.Module):
         energy = torch.zeros(n_graphs, dtype=atomic.dtype, device=atomic.device)
         return energy.index_add(0, batch["batch"], atomic + e0)
 
-    def forward(self, batch: dict, training: bool = False, compute_force: bool = True) -> dict:
+    def forward(self, batch: dict, training: bool = False, compute_force: bool = True,
+                compute_stress: bool = False) -> dict:
+        """``{"energy", "forces", "stress"}`` as mace-torch's models give them: forces ``-dE/dr``,
+        stress ``(1/V) dE/dε`` per graph ``[B, 3, 3]`` (eV/Å³, ASE's sign) from a symmetric strain
+        ``ε`` applied to positions and cell shifts (None unless ``compute_stress``)."""
         positions = batch["positions"]
         if compute_force and not positions.requires_grad:
             positions = positions.detach().requires_grad_(True)
-        with torch.enable_grad() if compute_force or training else torch.no_grad():
-            energy = self._energy(batch, positions)
-            forces = None
+        with torch.enable_grad() if compute_force or compute_stress or training else torch.no_grad():
+            shifts, strained, strain = batch["shifts"].to(positions.dtype), positions, None
+            if compute_stress:
+                strain = torch.zeros(int(batch["ptr"].numel() - 1), 3, 3, dtype=positions.dtype,
+                                     device=positions.device, requires_grad=True)
+                sym = 0.5 * (strain + strain.transpose(1, 2))
+                graph = batch["batch"]
+                strained = positions + torch.einsum("ni,nij->nj", positions, sym[graph])
+                shifts = shifts + torch.einsum("ei,eij->ej", shifts, sym[graph[batch["edge_index"][0]]])
+            energy = self._energy(batch, strained, shifts)
+            wrt = ([positions] if compute_force else []) + ([strain] if compute_stress else [])
+            grads = torch.autograd.grad(energy.sum(), wrt, create_graph=training, retain_graph=training,
+                                        allow_unused=True) if wrt else []
+            forces = stress = None
             if compute_force:
-                (grad,) = torch.autograd.grad(energy.sum(), positions, create_graph=training,
-                                              retain_graph=training, allow_unused=True)
-                forces = -grad if grad is not None else torch.zeros_like(positions)
+                forces = -grads[0] if grads[0] is not None else torch.zeros_like(positions)
+            if compute_stress:
+                d = grads[-1] if grads[-1] is not None else torch.zeros_like(strain)
+                volume = torch.linalg.det(batch["cell"].reshape(-1, 3, 3).to(d.dtype)).abs()
+                stress = d / volume.reshape(-1, 1, 1)
         if not training:
             energy = energy.detach()
             forces = forces.detach() if forces is not None else None
-        return {"energy": energy, "forces": forces}
+            stress = stress.detach() if stress is not None else None
+        return {"energy": energy, "forces": forces, "stress": stress}
 
 
 def load_sevennet(name: str = "7net-0", dtype: Optional[torch.dtype] = None,

@@ -210,6 +210,44 @@ def test_forces_are_minus_energy_gradient(base64, frames, method):
         assert abs(fd - float(f[atom, k])) < 1e-6 * max(1.0, abs(fd)), (atom, k, fd, float(f[atom, k]))
 
 
+def _strained_crystal():
+    a = _crystal()
+    a.set_cell(a.cell.array @ np.array([[1, 0.02, 0], [0, 1, 0.01], [0, 0, 0.98]]), scale_atoms=True)  # triclinic
+    return a
+
+
+def test_stress_matches_sevennet_calculator(base64):
+    """The stress of the periodic crystal (strained, triclinic) equals SevenNetCalculator's (a float32
+    model: 3e-8 eV/Å³ seen), through the FusedGate layers (load_sevennet's default) and through e3nn's."""
+    from sevenn.calculator import SevenNetCalculator
+
+    from mmea_kernels.app.calculator import MMEACalculator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_calc = SevenNetCalculator("7net-0", device="cpu")
+    a = _strained_crystal()
+    a.calc = ref_calc
+    ref = a.get_stress()
+    assert np.abs(ref).max() > 1e-3
+    for model in (base64, load_sevennet("7net-0", dtype=torch.float64, fused_gate=False), load_sevennet("7net-0")):
+        b = _strained_crystal()
+        b.calc = MMEACalculator(module=model)
+        np.testing.assert_allclose(b.get_stress(), ref, rtol=0, atol=2e-7)
+
+
+@pytest.mark.parametrize("method", ["mmea", "elora"])
+def test_stress_is_the_strain_derivative_with_adapters(base64, method):
+    """With random adapters (no reference calculator knows them): the stress equals ASE's central
+    differences of the energy under strain, in float64."""
+    from mmea_kernels.app.calculator import MMEACalculator
+
+    calc = MMEACalculator(module=_randomised(base64, method, seed=3))
+    a = _strained_crystal()
+    a.calc = calc
+    np.testing.assert_allclose(a.get_stress(), calc.calculate_numerical_stress(a, d=1e-5), rtol=1e-6, atol=1e-9)
+
+
 def test_double_backward(base64, frames):
     m = _randomised(base64, "mmea", seed=2)
     out = m(dict(_batch(m, frames)), training=True, compute_force=True)
