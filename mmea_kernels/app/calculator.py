@@ -65,8 +65,8 @@ def _make_calculator():
             f = out["forces"].detach().to(torch.float64).cpu().numpy()
             stress = out["stress"].detach().to(torch.float64).cpu().numpy()[0] if periodic else np.zeros(0)
             if not (math.isfinite(e) and np.isfinite(f).all() and np.isfinite(stress).all()):
-                raise ValueError(f"MMEACalculator: the model gives a non-finite energy ({e}), forces or stress for "
-                                 f"this structure; {_closest_pair(batch)}")
+                raise ValueError(f"MMEACalculator: the model gives a non-finite energy ({e}) or forces"
+                                 f"{' or stress' if periodic else ''} for this structure; {_closest_pair(batch)}")
             self.results = {"energy": e, "free_energy": e, "forces": f}
             if periodic:
                 from ase.stress import full_3x3_to_voigt_6_stress

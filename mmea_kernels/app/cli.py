@@ -68,6 +68,8 @@ def _finetune_parser(sub):
     p.add_argument("--alpha", type=float, default=None, help="ELoRA scale α (default: the rank)")
     p.add_argument("--energy-key", default=d.energy_key)
     p.add_argument("--forces-key", default=d.forces_key)
+    p.add_argument("--stress-key", default=d.stress_key,
+                   help="info key of the stress labels (eV/Å³; Voigt 6, 9 or 3 x 3), read with --w-stress > 0")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "float64"])
     p.add_argument("--e0s", default=d.e0s, help="lstsq | average | keep | JSON file {Z: eV}")
     p.add_argument("--refit-e0s-after", action="store_true",
@@ -80,6 +82,9 @@ def _finetune_parser(sub):
                    + ", 1e-2 for the other methods)")
     p.add_argument("--w-energy", type=float, default=d.w_energy)
     p.add_argument("--w-forces", type=float, default=d.w_forces)
+    p.add_argument("--w-stress", type=float, default=d.w_stress,
+                   help="weight of the stress MSE (eV/Å³) in the loss; > 0 needs periodic frames with stress "
+                        "labels (--stress-key) and reports stress errors; default 0: not used")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="0 turns the EMA off")
     p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="gradient-norm clip; 0 turns it off")
     p.add_argument("--patience", type=int, default=d.patience, help="early stopping (epochs without improvement)")
@@ -182,7 +187,8 @@ def _run(args) -> int:
                                   trust_pickle=args.trust_pickle, checks=_checks(args), device=args.device)
         print(f"{args.data}: {res['frames']} frames | E MAE {res['energy_mae_meV']:.3f} meV | "
               f"E RMSE {res['energy_rmse_meV']:.3f} meV | F MAE {res['forces_mae_meV_per_A']:.3f} meV/Å | "
-              f"F RMSE {res['forces_rmse_meV_per_A']:.3f} meV/Å")
+              f"F RMSE {res['forces_rmse_meV_per_A']:.3f} meV/Å"
+              + (f" | σ MAE {res['stress_mae_meV_per_A3']:.3f} meV/Å³" if "stress_mae_meV_per_A3" in res else ""))
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(res, fh, indent=1)

@@ -98,14 +98,17 @@ def check_elements(atoms_list: Sequence, atomic_numbers: Sequence[int], where: s
 
 def atoms_to_graphs(atoms_list: Sequence, atomic_numbers: Sequence[int], r_max: float,
                     energy_key: str = "REF_energy", forces_key: str = "REF_forces",
-                    dtype: Optional[torch.dtype] = None, where: str = "the data") -> list:
+                    dtype: Optional[torch.dtype] = None, where: str = "the data",
+                    stress_key: Optional[str] = None) -> list:
     """One mace ``AtomicData`` graph per ASE ``Atoms`` (labels read from ``info[energy_key]`` and
-    ``arrays[forces_key]`` when present). Raises naming the elements the model does not know."""
+    ``arrays[forces_key]``, and ``info[stress_key]`` when given, where present). Raises naming the
+    elements the model does not know."""
     from mace import data, tools
     from mace.data.utils import KeySpecification
 
     check_elements(atoms_list, atomic_numbers, where)
-    keys = KeySpecification(info_keys={"energy": energy_key}, arrays_keys={"forces": forces_key})
+    info = {"energy": energy_key} if stress_key is None else {"energy": energy_key, "stress": stress_key}
+    keys = KeySpecification(info_keys=info, arrays_keys={"forces": forces_key})
     z_table = tools.AtomicNumberTable([int(z) for z in atomic_numbers])
     prev = torch.get_default_dtype()
     if dtype is not None:

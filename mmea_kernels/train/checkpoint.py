@@ -73,6 +73,7 @@ def write_checkpoint(path, cfg: FinetuneConfig, r, metrics=None) -> None:
                  "adapter_options": dict(cfg.adapter_options),
                  "model_config": cfg.model_config, "base_fingerprint": r.fp, "e0s": [float(v) for v in r.e0s],
                  "seed": cfg.seed, "dtype": cfg.dtype, "energy_key": cfg.energy_key, "forces_key": cfg.forces_key,
+                 "stress_key": cfg.stress_key, "w_stress": float(cfg.w_stress),
                  "epoch": r.best["epoch"], "trainable": {n: t.cpu() for n, t in r.best["state"].items()},
                  "trainable_parameters": r.n_train,
                  "parameter_groups": dict(r.groups), "metrics": summary, **extra}, path)
@@ -190,14 +191,17 @@ def evaluate_checkpoint(checkpoint, data: str, model: Optional[str] = None, ener
                         forces_key: Optional[str] = None, batch_size: int = 50, dtype: Optional[str] = None,
                         trust_pickle: bool = False, checks: Optional[DataChecks] = None, device: str = "cpu") -> dict:
     """Errors of a fine-tuned checkpoint on a labelled data file (``path[@index]``), after the data
-    checks of :mod:`.checks`, computed on ``device``."""
+    checks of :mod:`.checks`, computed on ``device``; for a checkpoint trained on stresses the stress
+    errors too (the data then needs stress labels under the checkpoint's key)."""
     ckpt = _read_checkpoint(pathlib.Path(checkpoint))
     ek, fk = energy_key or ckpt.get("energy_key", "REF_energy"), forces_key or ckpt.get("forces_key", "REF_forces")
-    frames = read_frames(data, ek, fk)  # bad data is reported before the model is built
+    w_s = float(ckpt.get("w_stress", 0.0))
+    sk = ckpt.get("stress_key", "REF_stress") if w_s > 0 else None
+    frames = read_frames(data, ek, fk, stress_key=sk)  # bad data is reported before the model is built
     net, ckpt = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle, device=device)
     z, r_max = model_info(net)
     graphs = checked_graphs(frames, z, r_max, str(data), ek, fk, dtype=next(net.parameters()).dtype,
-                            checks=checks or DataChecks())
-    res = errors(net, make_batches(graphs, batch_size, device=module_device(net)))
+                            checks=checks or DataChecks(), stress_key=sk)
+    res = errors(net, make_batches(graphs, batch_size, device=module_device(net)), w_stress=w_s)
     res["frames"] = len(frames)
     return res

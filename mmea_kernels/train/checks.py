@@ -115,10 +115,30 @@ def _atoms_list(idx) -> str:
     return ", ".join(map(str, idx[:8])) + (f" … ({len(idx)} atoms)" if len(idx) > 8 else "")
 
 
-def check_labels(frames: Sequence, where: str, energy_key: str, forces_key: str) -> None:
+def check_stress_label(a, i: int, where: str, stress_key: str) -> None:
+    """Frame ``i`` has a finite stress under ``info[stress_key]`` (Voigt 6, 9 numbers or 3 x 3; eV/Å³)
+    and is periodic in all three directions with a 3-D cell (a stress needs a volume)."""
+    if stress_key not in a.info:
+        raise KeyError(f"{where}: frame {i} has no stress under info[{stress_key!r}] (info keys: {sorted(a.info)}); "
+                       "training on stresses (--w-stress > 0) needs one in every frame")
+    s = np.asarray(a.info[stress_key])
+    if s.shape not in ((6,), (9,), (3, 3)) or not np.issubdtype(s.dtype, np.number):
+        raise DataError(f"{where}: frame {i}: info[{stress_key!r}] has shape {s.shape} and type {s.dtype}, expected "
+                        "a stress as 6 (Voigt: xx yy zz yz xz xy), 9 or 3 x 3 numbers in eV/Å³")
+    if not np.isfinite(s.astype(float)).all():
+        raise DataError(f"{where}: frame {i}: non-finite stress info[{stress_key!r}] = {s.tolist()}")
+    if not (bool(np.all(a.pbc)) and abs(a.cell.volume) > 1e-9):
+        raise DataError(f"{where}: frame {i} has a stress label but is not periodic in all three directions with a "
+                        f"3-D cell (pbc={np.asarray(a.pbc).tolist()}, volume {abs(a.cell.volume):.3g} Å³)")
+
+
+def check_labels(frames: Sequence, where: str, energy_key: str, forces_key: str,
+                 stress_key: Optional[str] = None) -> None:
     """Every frame has a finite number under ``info[energy_key]`` and a finite ``[n_atoms, 3]``
-    array under ``arrays[forces_key]``."""
+    array under ``arrays[forces_key]``; with ``stress_key``, a stress too (:func:`check_stress_label`)."""
     for i, a in enumerate(frames):
+        if stress_key is not None:
+            check_stress_label(a, i, where, stress_key)
         if energy_key not in a.info:
             raise KeyError(f"{where}: frame {i} has no energy under info[{energy_key!r}] "
                            f"(info keys: {sorted(a.info)})")
@@ -215,13 +235,15 @@ def check_graphs(graphs: Sequence, where: str, checks: DataChecks = DataChecks()
 
 def checked_graphs(frames: Sequence, atomic_numbers, r_max: float, where: str, energy_key: str = "REF_energy",
                    forces_key: str = "REF_forces", dtype=None, checks: DataChecks = DataChecks(),
-                   labels: bool = True) -> list:
-    """:func:`models.mace.atoms_to_graphs` with every check of this module before and after it."""
+                   labels: bool = True, stress_key: Optional[str] = None) -> list:
+    """:func:`models.mace.atoms_to_graphs` with every check of this module before and after it
+    (``stress_key``: stress labels too, checked and put in the graphs)."""
     from ..integrations.mace import atoms_to_graphs
 
     if labels:
-        check_labels(frames, where, energy_key, forces_key)
+        check_labels(frames, where, energy_key, forces_key, stress_key)
     check_geometry(frames, where, r_max, checks)
-    graphs = atoms_to_graphs(frames, atomic_numbers, r_max, energy_key, forces_key, dtype=dtype, where=where)
+    graphs = atoms_to_graphs(frames, atomic_numbers, r_max, energy_key, forces_key, dtype=dtype, where=where,
+                             stress_key=stress_key)
     check_graphs(graphs, where, checks)
     return graphs

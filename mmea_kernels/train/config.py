@@ -36,6 +36,7 @@ class FinetuneConfig:
     adapter_options: dict = dataclasses.field(default_factory=dict)  # MMEA phi/init/init_std, ELoRA alpha
     energy_key: str = "REF_energy"
     forces_key: str = "REF_forces"
+    stress_key: str = "REF_stress"  # info key of the stress labels (eV/Å³), read when w_stress > 0
     dtype: str = "float64"
     device: str = "auto"  # auto | cpu | cuda | cuda:N (train.device; under torchrun each process its LOCAL_RANK's GPU)
     e0s: str = "lstsq"  # lstsq | average | keep | path to a JSON {Z: eV}
@@ -45,6 +46,7 @@ class FinetuneConfig:
     lr: Optional[float] = None  # None: DEFAULT_LR of the method, else 1e-2
     w_energy: float = 1.0
     w_forces: float = 1000.0
+    w_stress: float = 0.0  # > 0: stresses of periodic frames in the loss and the metrics
     ema_decay: float = 0.99
     clip_grad: float = 10.0
     patience: int = 30
@@ -66,6 +68,11 @@ class FinetuneConfig:
         if self.lr is None:
             self.lr = DEFAULT_LR.get(self.method, 1e-2)
 
+    @property
+    def stress(self) -> Optional[str]:
+        """The stress label key when the run trains on stresses, else None."""
+        return self.stress_key if self.w_stress > 0 else None
+
     def data_checks(self) -> DataChecks:
         return DataChecks(self.min_distance, self.max_neighbors, self.allow_small_cells)
 
@@ -81,6 +88,8 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not (self.w_stress >= 0 and math.isfinite(self.w_stress)):
+            raise ValueError(f"w_stress must be a finite number >= 0, got {self.w_stress}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if self.adapter_options:
@@ -101,6 +110,8 @@ def config_key(cfg: FinetuneConfig) -> str:
     d = dataclasses.asdict(cfg)
     if not d["adapter_options"]:  # runs from before the option existed keep their key
         d.pop("adapter_options")
+    if not d["w_stress"]:  # as do runs without stresses (the stress settings came later)
+        d.pop("w_stress"), d.pop("stress_key")
     # settings that do not change the trajectory (and did not exist in earlier runs' state.pt) stay out; the
     # device changes it only by rounding, and a run may resume on another one
     for k in ("resume", "progress", "stop_after", "out_dir", "epochs", "eval_batch_size", "trust_pickle",

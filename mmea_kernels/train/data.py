@@ -11,24 +11,25 @@ from .checks import checked_graphs
 __all__ = ["read_frames", "read_splits", "split_graphs", "make_batches"]
 
 
-def read_frames(spec: str, energy_key: str, forces_key: str, labels: bool = True) -> list:
+def read_frames(spec: str, energy_key: str, forces_key: str, labels: bool = True, stress_key=None) -> list:
     """Frames of an extended-XYZ file; ``path@index`` selects with ASE's index syntax
-    (``data.xyz@:50``, ``data.xyz@50:100``). Every frame must carry both labels, finite (named in
-    the error); an empty selection, a bad index or an unreadable file raise ``checks.DataError``."""
+    (``data.xyz@:50``, ``data.xyz@50:100``). Every frame must carry both labels (and a stress under
+    ``stress_key`` when given), finite (named in the error); an empty selection, a bad index or an
+    unreadable file raise ``checks.DataError``."""
     from .checks import check_labels, read_structures
 
     frames = read_structures(spec)
     if labels:
-        check_labels(frames, str(spec), energy_key, forces_key)
+        check_labels(frames, str(spec), energy_key, forces_key, stress_key)
     return frames
 
 
 def read_splits(cfg) -> Dict[str, list]:
     """``{"train", "valid", "test": frames}`` of a :class:`~.config.FinetuneConfig`; without a
     validation file, a seeded ``valid_fraction`` of the training frames."""
-    train_frames = read_frames(cfg.train, cfg.energy_key, cfg.forces_key)
+    train_frames = read_frames(cfg.train, cfg.energy_key, cfg.forces_key, stress_key=cfg.stress)
     if cfg.valid:
-        valid_frames = read_frames(cfg.valid, cfg.energy_key, cfg.forces_key)
+        valid_frames = read_frames(cfg.valid, cfg.energy_key, cfg.forces_key, stress_key=cfg.stress)
     else:
         perm = np.random.default_rng(cfg.seed).permutation(len(train_frames))
         n_va = max(1, int(round(cfg.valid_fraction * len(train_frames))))
@@ -36,14 +37,14 @@ def read_splits(cfg) -> Dict[str, list]:
             raise ValueError(f"{cfg.train} has {len(train_frames)} frames: too few to split off a validation set")
         valid_frames = [train_frames[i] for i in perm[:n_va]]
         train_frames = [train_frames[i] for i in perm[n_va:]]
-    test_frames = read_frames(cfg.test, cfg.energy_key, cfg.forces_key) if cfg.test else []
+    test_frames = read_frames(cfg.test, cfg.energy_key, cfg.forces_key, stress_key=cfg.stress) if cfg.test else []
     return {"train": train_frames, "valid": valid_frames, "test": test_frames}
 
 
 def split_graphs(cfg, frames: Dict[str, list], z, r_max: float, dtype) -> Dict[str, list]:
     """The graphs of every split, after the data checks (:mod:`.checks`)."""
     return {split: checked_graphs(frames[split], z, r_max, str(src), cfg.energy_key, cfg.forces_key, dtype=dtype,
-                                  checks=cfg.data_checks())
+                                  checks=cfg.data_checks(), stress_key=cfg.stress)
             for split, src in (("train", cfg.train), ("valid", cfg.valid or cfg.train), ("test", cfg.test))}
 
 

@@ -85,6 +85,6 @@ def refit_after_training(cfg, r, metrics: dict, log) -> None:
     new = refit_e0s(r.model, r.train_frames, r.z, "lstsq", cfg.energy_key)
     set_e0s(r.model, new, "the re-fitted E0s")
     r.e0s = new
-    metrics.update(split_errors(r.model, r.graphs, cfg.eval_batch_size, cfg.w_energy, cfg.w_forces))
+    metrics.update(split_errors(r.model, r.graphs, cfg.eval_batch_size, cfg.w_energy, cfg.w_forces, cfg.w_stress))
     metrics.update(e0s=new, e0s_before_refit=old, before_e0_refit=before)
     log("E0s re-fitted after training: " + ", ".join(f"Z={z}: {a:+.4f} -> {b:+.4f} eV" for z, a, b in zip(r.z, old, new)))

@@ -2,7 +2,7 @@
 
 It adapts a base model (:mod:`.foundation`) to labelled extended-XYZ data with one of the methods
 of :mod:`.methods`. Training: loss ``w_E·MSE(E/N_atoms) + w_F·MSE(F)`` (:mod:`.loss`; defaults 1
-and 1000, the MMEA paper's), Adam with amsgrad, ReduceLROnPlateau on the validation loss, an
+and 1000, the MMEA paper's; ``+ w_S·MSE(σ)`` on the stresses of periodic frames with ``w_stress > 0``), Adam with amsgrad, ReduceLROnPlateau on the validation loss, an
 exponential moving average (EMA, :mod:`.ema`) of the trainable weights (validation, checkpoints
 and the final model use the EMA weights), gradient-norm clipping, early stopping on the
 validation loss, all seeded. Every epoch writes ``state.pt`` (atomically); ``resume=True``
@@ -194,7 +194,7 @@ def take_step(cfg: FinetuneConfig, r, batch: dict, epoch: int, k: int, world: in
     """One optimizer step on batch ``k`` (and the EMA update); the global batch's loss. Stops on a
     non-finite loss or gradient norm before the step, so the weights of the last good step are
     never replaced by NaN."""
-    value = loss(r.net, batch, cfg.w_energy, cfg.w_forces, *batch["_global"], world=world)
+    value = loss(r.net, batch, cfg.w_energy, cfg.w_forces, *batch["_global"], world=world, w_stress=cfg.w_stress)
     r.opt.zero_grad(set_to_none=True)
     value.backward()
     v = value.detach().clone()
@@ -213,7 +213,7 @@ def evaluate(cfg: FinetuneConfig, r, epoch: int, state_path) -> dict:
     """Validation errors with the EMA weights; keeps them as the best state when the loss improved."""
     r.model.eval()
     with weights_in(r.params, ema_weights(r.ema, r.params)):
-        val = errors(r.model, r.valid_b, cfg.w_energy, cfg.w_forces)
+        val = errors(r.model, r.valid_b, cfg.w_energy, cfg.w_forces, cfg.w_stress)
         check_finite(val["loss"], "the validation loss", epoch, None, state_path, r.saved_epoch)
         if val["loss"] < r.best["loss"]:
             r.best = {"loss": val["loss"], "epoch": epoch, "state": trainable_state(r.model)}
@@ -229,7 +229,7 @@ def finish(cfg: FinetuneConfig, r, rank: int, world: int, out: pathlib.Path, sto
                "trainable_parameters": r.n_train, "parameter_groups": r.groups, "epochs_run": epoch,
                "best_epoch": r.best["epoch"], "stopped": stopped, "train_seconds": r.elapsed, "e0s": r.e0s,
                "seed": cfg.seed, "dtype": cfg.dtype, "config": dataclasses.asdict(cfg), "history": r.history}
-    metrics.update(split_errors(r.model, r.graphs, cfg.eval_batch_size, cfg.w_energy, cfg.w_forces))
+    metrics.update(split_errors(r.model, r.graphs, cfg.eval_batch_size, cfg.w_energy, cfg.w_forces, cfg.w_stress))
     if cfg.refit_e0s_after:
         refit_after_training(cfg, r, metrics, log)
     metrics["world_size"] = world

@@ -1,6 +1,6 @@
-"""The training loss and the error metrics: ``w_E·MSE(E/N_atoms) + w_F·MSE(F)`` (:func:`loss`),
-energy and force MAE / RMSE (:func:`errors`, :func:`split_errors`) and their table
-(:func:`format_table`)."""
+"""The training loss and the error metrics: ``w_E·MSE(E/N_atoms) + w_F·MSE(F)`` (+ ``w_S·MSE(σ)``
+for runs on stresses) (:func:`loss`), energy, force and stress MAE / RMSE (:func:`errors`,
+:func:`split_errors`) and their table (:func:`format_table`)."""
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -15,63 +15,85 @@ __all__ = ["loss", "errors", "split_errors", "format_table"]
 SPLITS = ("train", "valid", "test")
 
 
-def _loss_terms(model, batch, training: bool):
-    out = model({k: v for k, v in batch.items() if k != "_global"}, training=training, compute_force=True)
+def _loss_terms(model, batch, training: bool, stress: bool = False):
+    """(energies, forces, atoms per frame, stresses ``[B, 3, 3]`` or None)."""
+    inputs = {k: v for k, v in batch.items() if k != "_global"}
+    out = model(inputs, training=training, compute_force=True, **({"compute_stress": True} if stress else {}))
     n_atoms = (batch["ptr"][1:] - batch["ptr"][:-1]).to(out["energy"].dtype)
-    return out["energy"], out["forces"], n_atoms
+    return out["energy"], out["forces"], n_atoms, (out["stress"] if stress else None)
 
 
 def loss(model, batch: dict, w_energy: float = 1.0, w_forces: float = 1000.0, global_frames: Optional[int] = None,
-         global_atoms: Optional[int] = None, world: int = 1) -> torch.Tensor:
-    """``w_E·MSE(E/N_atoms) + w_F·MSE(F)`` on one batch, differentiable (forces with create_graph).
+         global_atoms: Optional[int] = None, world: int = 1, w_stress: float = 0.0) -> torch.Tensor:
+    """``w_E·MSE(E/N_atoms) + w_F·MSE(F) + w_S·MSE(σ)`` on one batch, differentiable (forces and
+    stresses with create_graph); the stress term (mean over the 9 components of every frame, eV/Å³)
+    only for ``w_stress > 0``.
 
     Data-parallel: ``batch`` is this process's share of a global batch of ``global_frames`` frames
     and ``global_atoms`` atoms; the sums are divided by the global counts and multiplied by
     ``world`` so that DDP's gradient average equals the single-process gradient of the global batch."""
-    e, f, n = _loss_terms(model, batch, training=True)
+    e, f, n, s = _loss_terms(model, batch, training=True, stress=w_stress > 0)
     nf = e.shape[0] if global_frames is None else global_frames
     na = f.shape[0] if global_atoms is None else global_atoms
-    return world * (w_energy * (((e - batch["energy"]) / n) ** 2).sum() / nf
-                    + w_forces * ((f - batch["forces"]) ** 2).sum() / (3 * na))
+    value = (w_energy * (((e - batch["energy"]) / n) ** 2).sum() / nf
+             + w_forces * ((f - batch["forces"]) ** 2).sum() / (3 * na))
+    if s is not None:
+        value = value + w_stress * ((s - batch["stress"].to(s.dtype)) ** 2).sum() / (9 * nf)
+    return world * value
 
 
-def errors(model, batches, w_energy: float = 1.0, w_forces: float = 1000.0) -> Dict[str, float]:
-    """Energy (total, meV) and force (meV/Å) MAE and RMSE, and the loss, over ``batches``."""
-    de, df, dea = [], [], []
+def errors(model, batches, w_energy: float = 1.0, w_forces: float = 1000.0, w_stress: float = 0.0) -> Dict[str, float]:
+    """Energy (total, meV) and force (meV/Å) MAE and RMSE, and the loss, over ``batches``; with
+    ``w_stress > 0`` the stress MAE and RMSE too (meV/Å³, per component) and its term in the loss."""
+    de, df, dea, ds = [], [], [], []
     for b in batches:
-        e, f, n = _loss_terms(model, b, training=False)
+        e, f, n, s = _loss_terms(model, b, training=False, stress=w_stress > 0)
         de.append((e.detach() - b["energy"]).double())
         dea.append(de[-1] / n.double())
         df.append((f.detach() - b["forces"]).double().reshape(-1))
+        if s is not None:
+            ds.append((s.detach().double() - b["stress"].double()).reshape(-1))
     de, df, dea = torch.cat(de), torch.cat(df), torch.cat(dea)
-    return {"energy_mae_meV": 1000 * float(de.abs().mean()), "energy_rmse_meV": 1000 * float(de.pow(2).mean().sqrt()),
-            "forces_mae_meV_per_A": 1000 * float(df.abs().mean()),
-            "forces_rmse_meV_per_A": 1000 * float(df.pow(2).mean().sqrt()),
-            "loss": w_energy * float(dea.pow(2).mean()) + w_forces * float(df.pow(2).mean())}
+    out = {"energy_mae_meV": 1000 * float(de.abs().mean()), "energy_rmse_meV": 1000 * float(de.pow(2).mean().sqrt()),
+           "forces_mae_meV_per_A": 1000 * float(df.abs().mean()),
+           "forces_rmse_meV_per_A": 1000 * float(df.pow(2).mean().sqrt()),
+           "loss": w_energy * float(dea.pow(2).mean()) + w_forces * float(df.pow(2).mean())}
+    if ds:
+        ds = torch.cat(ds)
+        out.update(stress_mae_meV_per_A3=1000 * float(ds.abs().mean()),
+                   stress_rmse_meV_per_A3=1000 * float(ds.pow(2).mean().sqrt()))
+        out["loss"] += w_stress * float(ds.pow(2).mean())
+    return out
 
 
-def split_errors(model, graphs: dict, batch_size: int, w_energy: float = 1.0, w_forces: float = 1000.0) -> dict:
+def split_errors(model, graphs: dict, batch_size: int, w_energy: float = 1.0, w_forces: float = 1000.0,
+                 w_stress: float = 0.0) -> dict:
     """``{split: errors + frames}`` for every non-empty split of ``graphs`` (train, valid, test), on
     the model's device."""
     dev = module_device(model)
-    return {split: dict(errors(model, make_batches(graphs[split], batch_size, device=dev), w_energy, w_forces),
-                        frames=len(graphs[split]))
+    return {split: dict(errors(model, make_batches(graphs[split], batch_size, device=dev), w_energy, w_forces,
+                               w_stress), frames=len(graphs[split]))
             for split in SPLITS if graphs[split]}
 
 
-def _row(label: str, m: dict) -> str:
-    return (f"| {label} | {m['frames']} | {m['energy_mae_meV']:.2f} | {m['energy_rmse_meV']:.2f} | "
-            f"{m['forces_mae_meV_per_A']:.2f} | {m['forces_rmse_meV_per_A']:.2f} |")
+def _row(label: str, m: dict, stress: bool) -> str:
+    row = (f"| {label} | {m['frames']} | {m['energy_mae_meV']:.2f} | {m['energy_rmse_meV']:.2f} | "
+           f"{m['forces_mae_meV_per_A']:.2f} | {m['forces_rmse_meV_per_A']:.2f} |")
+    return row + (f" {m['stress_mae_meV_per_A3']:.3f} | {m['stress_rmse_meV_per_A3']:.3f} |" if stress else "")
 
 
 def format_table(metrics: dict) -> str:
     """A markdown table of a run's errors per split (and, after ``refit_e0s_after``, the errors
-    with the E0s before the re-fit), under a line on the method, size and training time."""
-    rows = [_row(split, metrics[split]) for split in SPLITS if metrics.get(split)]
+    with the E0s before the re-fit), under a line on the method, size and training time; stress
+    columns for a run on stresses."""
+    stress = any("stress_mae_meV_per_A3" in (metrics.get(split) or {}) for split in SPLITS)
+    rows = [_row(split, metrics[split], stress) for split in SPLITS if metrics.get(split)]
     head = (f"method {metrics['method']}, {metrics['trainable_parameters']:,} trainable parameters, "
             f"{metrics['epochs_run']} epochs (best {metrics['best_epoch']}), {metrics['train_seconds']:.1f} s training\n"
-            "| split | frames | E MAE meV | E RMSE meV | F MAE meV/Å | F RMSE meV/Å |\n|---|---|---|---|---|---|")
+            "| split | frames | E MAE meV | E RMSE meV | F MAE meV/Å | F RMSE meV/Å |"
+            + (" σ MAE meV/Å³ | σ RMSE meV/Å³ |" if stress else "")
+            + "\n|---|---|---|---|---|---|" + ("---|---|" if stress else ""))
     before = metrics.get("before_e0_refit")
     if before:
-        rows += [_row(f"{split}, E0s before re-fit", before[split]) for split in SPLITS if before.get(split)]
+        rows += [_row(f"{split}, E0s before re-fit", before[split], stress) for split in SPLITS if before.get(split)]
     return head + "\n" + "\n".join(rows)

@@ -248,6 +248,17 @@ def test_stress_is_the_strain_derivative_with_adapters(base64, method):
     np.testing.assert_allclose(a.get_stress(), calc.calculate_numerical_stress(a, d=1e-5), rtol=1e-6, atol=1e-9)
 
 
+def test_stress_loss_reaches_the_adapters(base64):
+    """Training on stresses (create_graph through the strain): the stress loss has a finite, nonzero
+    gradient in the adapter weights."""
+    m = _randomised(base64, "mmea", seed=4)
+    out = m(dict(_batch(m, [_strained_crystal()])), training=True, compute_force=True, compute_stress=True)
+    (out["stress"] ** 2).sum().backward()
+    grads = [p.grad for p in m.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
 def test_double_backward(base64, frames):
     m = _randomised(base64, "mmea", seed=2)
     out = m(dict(_batch(m, frames)), training=True, compute_force=True)

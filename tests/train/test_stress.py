@@ -1,0 +1,164 @@
+"""Fine-tuning on stresses (``w_stress > 0``, periodic frames with stress labels): the loss term and
+the stress errors against the ASE calculator's stresses (an independent path: ASE's Voigt form,
+itself tested against finite differences), the term reaching the trained weights, the workflow
+end to end (metrics, checkpoint, evaluate), and bad stress data named."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("mace")
+import ase.io  # noqa: E402
+from ase.stress import voigt_6_to_full_3x3_stress  # noqa: E402
+
+import mmea_kernels as mk  # noqa: E402
+from mmea_kernels.app.calculator import MMEACalculator  # noqa: E402
+from mmea_kernels.app.cli import main  # noqa: E402
+from mmea_kernels.app.data import toy_molecules  # noqa: E402
+from mmea_kernels.integrations.mace import PRESETS, build_mace, collate  # noqa: E402
+from mmea_kernels.train import FinetuneConfig, evaluate_checkpoint, finetune  # noqa: E402
+from mmea_kernels.train.checks import DataError, checked_graphs  # noqa: E402
+from mmea_kernels.train.config import config_key  # noqa: E402
+from mmea_kernels.train.foundation import save_model  # noqa: E402
+from mmea_kernels.train.loss import errors, loss  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TINY = PRESETS["tiny"]
+QUIET = dict(log=lambda *_: None)
+
+
+def _boxes(n, seed):
+    """Rattled ethanol molecules in triclinic periodic cells wider than the cutoff, labelled with
+    the energy, forces and stress (Voigt) of a random 'teacher' MACE."""
+    torch.manual_seed(100)
+    teacher = MMEACalculator(module=build_mace(TINY).double())
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, a in enumerate(toy_molecules("ethanol", n, "B", seed=seed)):
+        a.positions += 1.5
+        a.cell = np.diag(rng.uniform(5.6, 6.4, 3)) + rng.uniform(-0.3, 0.3, (3, 3)) * (1 - np.eye(3))
+        a.pbc = True
+        a.calc = teacher
+        e, f, s = a.get_potential_energy(), a.get_forces(), a.get_stress()
+        a.calc = None
+        a.info["REF_energy"], a.info["REF_stress"] = e, s
+        a.arrays["REF_forces"] = f
+        out.append(a)
+    return out
+
+
+@pytest.fixture(scope="module")
+def stress_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stress")
+    torch.manual_seed(0)
+    save_model(build_mace(TINY), TINY, d / "base.pt")
+    ase.io.write(str(d / "train.xyz"), _boxes(6, 1))
+    ase.io.write(str(d / "valid.xyz"), _boxes(3, 2))
+    return d
+
+
+def _adapted():
+    torch.manual_seed(0)
+    net = build_mace(TINY).double()
+    mk.inject_adapters(net, method="mmea", rank=4)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.1)
+    return net
+
+
+def test_stress_loss_term_and_errors_match_the_calculator(stress_files):
+    frames = ase.io.read(str(stress_files / "train.xyz"), ":")
+    net = _adapted()
+    graphs = checked_graphs(frames, TINY.atomic_numbers, TINY.r_max, "train.xyz", dtype=torch.float64,
+                            stress_key="REF_stress")
+    batch = collate(graphs)
+    # the independent path: ASE's stress of every frame (Voigt -> 3 x 3) against the label
+    calc = MMEACalculator(module=net)
+    diffs = []
+    for a in frames:
+        b = a.copy()
+        b.calc = calc
+        diffs.append(voigt_6_to_full_3x3_stress(b.get_stress()) - voigt_6_to_full_3x3_stress(a.info["REF_stress"]))
+    diffs = np.array(diffs)
+    assert np.abs(diffs).max() > 1e-4  # the adapted model's stresses differ from the teacher's
+    w = 2.5
+    term = float(loss(net, batch, w_stress=w) - loss(net, batch, w_stress=0.0)) / w
+    assert math.isclose(term, float((diffs ** 2).mean()), rel_tol=1e-9)
+    m = errors(net, [batch], w_stress=w)
+    assert math.isclose(m["stress_mae_meV_per_A3"], 1000 * float(np.abs(diffs).mean()), rel_tol=1e-9)
+    assert math.isclose(m["stress_rmse_meV_per_A3"], 1000 * float(np.sqrt((diffs ** 2).mean())), rel_tol=1e-9)
+    assert math.isclose(m["loss"] - errors(net, [batch])["loss"], w * float((diffs ** 2).mean()), rel_tol=1e-9)
+    # the term reaches the trained weights: the stress loss alone has a gradient in the adapters
+    params = [p for p in net.parameters() if p.requires_grad]
+    g = torch.autograd.grad(loss(net, batch, w_energy=0.0, w_forces=0.0, w_stress=1.0), params)
+    assert sum(float(t.abs().sum()) for t in g) > 0
+
+
+def test_finetune_on_stresses_end_to_end(stress_files, tmp_path, capsys):
+    cfg = FinetuneConfig(train=str(stress_files / "train.xyz"), valid=str(stress_files / "valid.xyz"),
+                         test=str(stress_files / "valid.xyz"), model=str(stress_files / "base.pt"),
+                         out_dir=str(tmp_path / "r"), method="mmea", epochs=2, batch_size=3, progress=False,
+                         w_stress=10.0, allow_small_cells=True)
+    m = finetune(cfg, **QUIET)
+    for split in ("train", "valid", "test"):
+        assert m[split]["stress_mae_meV_per_A3"] > 0 and "stress_rmse_meV_per_A3" in m[split]
+    assert all("stress_mae_meV_per_A3" in h["valid"] for h in m["history"])
+    again = evaluate_checkpoint(tmp_path / "r" / "checkpoint.pt", str(stress_files / "valid.xyz"),
+                                checks=cfg.data_checks())
+    for k in ("stress_mae_meV_per_A3", "forces_mae_meV_per_A", "loss"):
+        assert math.isclose(again[k], m["test"][k], rel_tol=1e-9), k
+    js = tmp_path / "e.json"
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "r" / "checkpoint.pt"), "--data",
+                 str(stress_files / "valid.xyz"), "--allow-small-cells", "--device", "cpu", "--json", str(js)]) == 0
+    assert "σ MAE" in capsys.readouterr().out
+    assert math.isclose(json.loads(js.read_text())["stress_mae_meV_per_A3"], m["test"]["stress_mae_meV_per_A3"],
+                        rel_tol=1e-9)
+    # the training steps use the stress term: the same run without it starts from the same weights
+    # and batches, and its first epoch's training loss is lower by the stress term
+    plain_run = finetune(FinetuneConfig(**dict(vars(cfg), w_stress=0.0, out_dir=str(tmp_path / "p"), epochs=1)), **QUIET)
+    assert plain_run["history"][0]["train_loss"] < m["history"][0]["train_loss"]
+    assert "stress_mae_meV_per_A3" not in plain_run["valid"]
+    # the stress settings belong to the run's key (a resume must use them); runs without stresses keep
+    # the key they had before the settings existed
+    assert "w_stress" in config_key(cfg) and "stress_key" in config_key(cfg)
+    plain = FinetuneConfig(train="x.xyz")
+    assert "w_stress" not in config_key(plain) and "stress_key" not in config_key(plain)
+
+
+def test_bad_stress_data_is_named(stress_files, tmp_path, capsys):
+    frames = ase.io.read(str(stress_files / "train.xyz"), ":")
+    z, r = TINY.atomic_numbers, TINY.r_max
+    missing = [a.copy() for a in frames]
+    del missing[2].info["REF_stress"]
+    with pytest.raises(KeyError, match=r"frame 2 has no stress under info\['REF_stress'\]"):
+        checked_graphs(missing, z, r, "m.xyz", stress_key="REF_stress")
+    shaped = [a.copy() for a in frames]
+    shaped[1].info["REF_stress"] = np.zeros(4)
+    with pytest.raises(DataError, match=r"frame 1: info\['REF_stress'\] has shape \(4,\)"):
+        checked_graphs(shaped, z, r, "s.xyz", stress_key="REF_stress")
+    nan = [a.copy() for a in frames]
+    nan[0].info["REF_stress"] = np.array([0.0, np.nan, 0, 0, 0, 0])
+    with pytest.raises(DataError, match=r"frame 0: non-finite stress"):
+        checked_graphs(nan, z, r, "n.xyz", stress_key="REF_stress")
+    slab = [a.copy() for a in frames]
+    slab[3].pbc = [True, True, False]
+    with pytest.raises(DataError, match=r"frame 3 has a stress label but is not periodic in all three directions"):
+        checked_graphs(slab, z, r, "p.xyz", stress_key="REF_stress")
+    checked_graphs(slab, z, r, "p.xyz", checks=mk_checks())  # without stress training the slab is fine
+    args = ["finetune", "--train", str(stress_files / "train.xyz"), "--model", str(stress_files / "base.pt"),
+            "--out", str(tmp_path / "x"), "--no-progress", "--allow-small-cells"]
+    assert main(args + ["--w-stress", "1", "--stress-key", "DFT_stress"]) == 2
+    assert "no stress under info['DFT_stress']" in capsys.readouterr().err
+    assert main(args + ["--w-stress", "-1"]) == 2
+    assert "w_stress must be a finite number >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def mk_checks():
+    from mmea_kernels.train.checks import DataChecks
+
+    return DataChecks(allow_small_cells=True)
