@@ -71,7 +71,8 @@ step "CUDA tests (every kernel against the float64 / torch references, gradcheck
 MMEA_TEST_CUDA=1 within ${TEST_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider -k cuda -rs --timeout 120 \
   tests/ops/test_gate_ops.py tests/ops/test_triton_backend.py tests/ops/test_gated_linear.py \
   tests/ops/test_cpp_backend.py tests/ops/test_gate_net_triton.py tests/ops/test_adapter_node.py tests/nn/test_modules.py \
-  tests/nn/test_path_choice.py tests/nn/test_fused_gate.py tests/train/test_device.py 2>&1 | tail -40
+  tests/nn/test_path_choice.py tests/nn/test_fused_gate.py tests/train/test_device.py tests/train/test_stress.py \
+  2>&1 | tail -40
 
 DTYPES=${MODEL_DTYPES:-float32 float64}
 model() { within "$1" python3 bench/model_overhead.py --device cuda --frames 64 --out "$OUT" "${@:2}" 2>&1 \

@@ -129,6 +129,18 @@ def test_finetune_on_stresses_end_to_end(stress_files, tmp_path, capsys):
     assert "w_stress" not in config_key(plain) and "stress_key" not in config_key(plain)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_stress_run_on_cuda_matches_the_cpu_run(stress_files, tmp_path):
+    """The same run on stresses on the GPU and on the CPU (float64): the same errors."""
+    kw = dict(train=str(stress_files / "train.xyz"), valid=str(stress_files / "valid.xyz"),
+              model=str(stress_files / "base.pt"), method="mmea", epochs=2, batch_size=3, progress=False,
+              w_stress=10.0, allow_small_cells=True)
+    cpu = finetune(FinetuneConfig(out_dir=str(tmp_path / "c"), device="cpu", **kw), **QUIET)
+    gpu = finetune(FinetuneConfig(out_dir=str(tmp_path / "g"), device="cuda", **kw), **QUIET)
+    for k in ("stress_mae_meV_per_A3", "forces_mae_meV_per_A", "loss"):
+        assert math.isclose(gpu["valid"][k], cpu["valid"][k], rel_tol=1e-6), k
+
+
 def test_bad_stress_data_is_named(stress_files, tmp_path, capsys):
     frames = ase.io.read(str(stress_files / "train.xyz"), ":")
     z, r = TINY.atomic_numbers, TINY.r_max
