@@ -81,7 +81,7 @@ def test_missing_gpu_is_refused_before_anything_is_written(train_files, tmp_path
     assert "unknown device 'gpu'" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
-def test_evaluate_and_md_take_the_device(train_files, tmp_path, capsys):
+def test_evaluate_and_md_run_on_the_asked_device_cpu_or_cuda(train_files, tmp_path, capsys):
     """`evaluate` and `md` run where --device says (auto here: the GPU if there is one), and refuse
     an unknown device by name; a checkpoint evaluated on the CPU explicitly gives the run's errors."""
     run = tmp_path / "r"
@@ -100,7 +100,7 @@ def test_evaluate_and_md_take_the_device(train_files, tmp_path, capsys):
     assert "cuda:7" in capsys.readouterr().err
 
 
-def test_a_run_resumes_under_another_device_setting(train_files, tmp_path):
+def test_a_cpu_run_resumes_on_cuda_where_there_is_one(train_files, tmp_path):
     """The device is not part of a run's settings key: a run stopped with --device cpu resumes with
     --device auto (on a GPU machine: a CPU run continues on the GPU) and ends where an uninterrupted
     run ends (exactly, on the CPU)."""
