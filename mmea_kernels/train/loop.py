@@ -2,8 +2,9 @@
 
 It adapts a base model (:mod:`.foundation`) to labelled extended-XYZ data with one of the methods
 of :mod:`.methods`. Training: loss ``w_E·MSE(E/N_atoms) + w_F·MSE(F)`` (:mod:`.loss`; defaults 1
-and 1000, the MMEA paper's; ``+ w_S·MSE(σ)`` on the stresses of periodic frames with ``w_stress > 0``), Adam with amsgrad, ReduceLROnPlateau on the validation loss, an
-exponential moving average (EMA, :mod:`.ema`) of the trainable weights (validation, checkpoints
+and 1000, the MMEA paper's; ``+ w_S·MSE(σ)`` on the stresses of periodic frames with
+``w_stress > 0``), Adam with amsgrad, ReduceLROnPlateau on the validation loss, an exponential
+moving average (EMA, :mod:`.ema`) of the trainable weights (validation, checkpoints
 and the final model use the EMA weights), gradient-norm clipping, early stopping on the
 validation loss, all seeded. Every epoch writes ``state.pt`` (atomically); ``resume=True``
 continues from it and gives the same result as an uninterrupted run (the batch order of an epoch
