@@ -142,6 +142,35 @@ def test_lammps_export_as_create_lammps_model(adapted, batch, frames, tmp_path):
 
 
 @needs_mace
+@pytest.mark.parametrize("method", ["mmea", "elora"])
+def test_lammps_export_virials_match_the_calculator_stress(method):
+    """LAMMPS' NPT needs virials: the exported adapted model's ``virials`` of a periodic (triclinic)
+    frame equal ``-σ V`` of the eager model's stress (the ASE calculator's, itself tested against
+    finite differences of the energy under strain)."""
+    import numpy as np
+
+    from mmea_kernels.app.calculator import MMEACalculator
+    from mmea_kernels.app.data import toy_molecules
+    from mmea_kernels.integrations.mace import atoms_to_batch, build_mace
+
+    torch.manual_seed(0)
+    model = build_mace("tiny").double()
+    mk.inject_adapters(model, method=method, rank=4)
+    randomise_adapters(model, STD[method], seed=7)
+    atoms = toy_molecules("ethanol", 1, seed=3)[0]
+    atoms.positions += 1.0
+    atoms.cell = np.diag([6.5, 7.0, 7.5]) + 0.3 * np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0]])
+    atoms.pbc = True
+    atoms.calc = MMEACalculator(module=model)
+    want = -atoms.get_stress(voigt=False) * atoms.get_volume()
+    assert np.abs(want).max() > 1e-3
+    b = atoms_to_batch([atoms], [1, 6, 8], 5.0, energy_key="__none__", forces_key="__none__", dtype=torch.float64)
+    data, local = lammps_inputs(b)
+    out = export.lammps_model(model)(data, local, compute_virials=True)
+    np.testing.assert_allclose(out["virials"].detach().numpy().reshape(3, 3), want, rtol=1e-10, atol=1e-12)
+
+
+@needs_mace
 def test_saved_lammps_model_loads_without_mmea_kernels(frames, tmp_path):
     """The saved file holds aten ops only: a fresh interpreter with torch alone (no mmea_kernels, mace,
     e3nn importable) loads and runs it, as libtorch in LAMMPS would."""
