@@ -9,9 +9,7 @@
 # step's time limit is cut to what is left, a step with under 10 s left is skipped (said in the
 # log), so the command returns before the device tool's limit and everything under $OUT comes back. The steps, most needed first:
 #   1. versions, the extension built in place with its CUDA kernels;
-#   2. the CUDA tests (every kernel against the float64 / torch references, gradcheck, gradgradcheck;
-#      the fine-tuning workflow, tests/train/test_device.py: train, evaluate, resume, checkpoint and
-#      ASE calculator on the GPU, each against the same run on the CPU);
+#   2. the CUDA tests (every kernel against the float64 / torch references, gradcheck, gradgradcheck);
 #   3. the whole model (MACE-OFF23-medium architecture, 64 toluene, fp32; the open <= 3 % target):
 #      paired ratios with the default fused path and with MMEA_FUSED_LINEAR=auto (each MMEALinear
 #      times both paths and keeps the faster; the rows list the choices);
@@ -19,12 +17,18 @@
 #      and MMEA_FUSED_LINEAR=0; what auto picks per layer at 4 and 64 molecules (bench/path_choices.py);
 #   5. bench/gpu/bench_gpu.py (gate kernels against copy bandwidth, the fused linear against
 #      o3.Linear and cuet, FusedGate against e3nn's Gate; rows stream to a .jsonl as they come);
-#   6. FusedGate against e3nn's Gate, per op and in SevenNet-0 (64 ethanol; float64 equality after
+#   6. the fine-tuning workflow on the GPU (tests/train/test_device.py, test_stress.py: train, evaluate,
+#      resume, checkpoint, ASE calculator, stresses; each against the same run on the CPU; after the
+#      measurements of the open targets, since its first Triton compiles of the tiny MACE's layers cost time);
+#   7. FusedGate against e3nn's Gate, per op and in SevenNet-0 (64 ethanol; float64 equality after
 #      replace_gates, then paired E+F timings; bench/gate_speed.py, sevenn from .whl);
-#   7. the whole model in float64; 8. registers and spills of the Triton kernels (ptxas -v).
+#   8. the whole model in float64; 9. registers and spills of the Triton kernels (ptxas -v).
 #
-# Knobs (environment): BUDGET, TEST_LIMIT, BENCH_LIMIT, GATE_LIMIT (seconds), BENCH_SIZES (e.g. 2000,32000),
-# BENCH_ARGS (e.g. "--sweep --no-cuet"), MODEL_DTYPES (default "float32 float64").
+# Knobs (environment): BUDGET, TEST_LIMIT, BENCH_LIMIT, WORKFLOW_LIMIT, GATE_LIMIT (seconds), BENCH_SIZES (e.g. 2000,32000),
+# BENCH_ARGS (e.g. "--sweep --no-cuet"), MODEL_DTYPES (default "float32 float64"), ONLY (the steps to run,
+# of: tests model profile bench workflow gates float64 kernels; the machine line and the build always run).
+# A second call on the still-warm machine, for the steps the budget cut:
+#   run(command="ONLY='workflow gates' BUDGET=240 bash bench/gpu/device_check.sh", carry=[".whl"], timeout_s=270)
 # Writes to $OUT (default bench/results/device) eight files (the device tool returns at most 8):
 # device_check.log, model-overhead-gpu-<date>.json, path-choices-gpu-<date>.json, the benchmark's
 # .jsonl/.json/.txt, gate-gpu.txt, kernels-sm90.txt.
@@ -41,6 +45,8 @@ BUDGET=${BUDGET:-480}
 # lim S: S, or the seconds left before BUDGET (minus 3 for the shell) when fewer; 0 when under 10 are left
 lim() { local left=$(( BUDGET - 3 - ($(date +%s) - T0) )); if [ "$left" -lt 10 ]; then echo 0
         elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi; }
+# want NAME: whether step NAME runs (all of them, or those named in ONLY)
+want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]] || { echo "(not in ONLY=$ONLY: $1)"; return 1; }; }
 # within S cmd...: cmd under timeout `lim S`, or a line saying it was skipped
 within() { local t; t=$(lim "$1"); shift
            if [ "$t" -eq 0 ]; then echo "(skipped, budget of $BUDGET s spent: $*)"; else timeout "$t" "$@"; fi; }
@@ -67,45 +73,50 @@ step "build the extension in place (CUDA kernels)"
 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 MMEA_FRESH_BUILD=1 within 300 python3 setup.py -q build_ext --inplace 2>&1 | tail -20
 python3 -c "import mmea_kernels._C as C; print('WITH_CUDA =', C.WITH_CUDA); assert C.WITH_CUDA"
 
-step "CUDA tests (every kernel against the float64 / torch references, gradcheck, gradgradcheck; the fine-tuning workflow on the GPU against the CPU run)"
-MMEA_TEST_CUDA=1 within ${TEST_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider -k cuda -rs --timeout 120 \
+step "CUDA tests (every kernel against the float64 / torch references, gradcheck, gradgradcheck)"
+want tests && MMEA_TEST_CUDA=1 within ${TEST_LIMIT:-200} python3 -m pytest -q -p no:cacheprovider -k cuda -rs --timeout 120 \
   tests/ops/test_gate_ops.py tests/ops/test_triton_backend.py tests/ops/test_gated_linear.py \
   tests/ops/test_cpp_backend.py tests/ops/test_gate_net_triton.py tests/ops/test_adapter_node.py tests/nn/test_modules.py \
-  tests/nn/test_path_choice.py tests/nn/test_fused_gate.py tests/train/test_device.py tests/train/test_stress.py \
-  2>&1 | tail -40
+  tests/nn/test_path_choice.py tests/nn/test_fused_gate.py 2>&1 | tail -40
 
 DTYPES=${MODEL_DTYPES:-float32 float64}
 model() { within "$1" python3 bench/model_overhead.py --device cuda --frames 64 --out "$OUT" "${@:2}" 2>&1 \
           | grep -v USDT | tail -20; }
 step "whole model (MACE-OFF23-medium architecture, 64 toluene), energy+forces and a training step"
 for dt in $DTYPES; do
-  [ "$dt" = float32 ] || continue
+  [ "$dt" = float32 ] && want model || continue
   model 60 --rounds 40 --dtype float32
   echo "--- MMEA_FUSED_LINEAR=auto (each MMEALinear times its fused and unfused paths at its first size, keeps the faster)"
   MMEA_FUSED_LINEAR=auto model 60 --rounds 40 --dtype float32
 done
 
 step "whole model: where the time goes (host vs device, kernel counts; torch.profiler), fused vs unfused MMEA"
+if want profile; then
 model 90 --rounds 20 --modes inference --profile 5
 echo "--- MMEA_FUSED_LINEAR=0 (every MMEALinear: base layer, then the gate kernels)"
 MMEA_FUSED_LINEAR=0 model 90 --rounds 20 --modes inference --profile 5
 echo "--- what MMEA_FUSED_LINEAR=auto picks per layer at 4 and 64 toluene (each layer's fused and unfused time)"
-within 45 python3 bench/path_choices.py --device cuda --molecule toluene --frames 4,64 --out "$OUT" 2>&1 | tail -26
+fi
+want profile && within 45 python3 bench/path_choices.py --device cuda --molecule toluene --frames 4,64 --out "$OUT" 2>&1 | tail -26
 
 step "benchmark"
-within ${BENCH_LIMIT:-220} python3 bench/gpu/bench_gpu.py --out "$OUT" --sizes "${BENCH_SIZES:-2000,8000,32000}" \
+want bench && within ${BENCH_LIMIT:-220} python3 bench/gpu/bench_gpu.py --out "$OUT" --sizes "${BENCH_SIZES:-2000,8000,32000}" \
   ${BENCH_ARGS:-} 2>&1 | tail -150
 
+step "the fine-tuning workflow on the GPU (train, evaluate, resume, checkpoint, calculator, stresses; each against the CPU run)"
+want workflow && MMEA_TEST_CUDA=1 within ${WORKFLOW_LIMIT:-100} python3 -m pytest -q -p no:cacheprovider -k cuda -rs --timeout 90 \
+  tests/train/test_device.py tests/train/test_stress.py 2>&1 | tail -30
+
 step "FusedGate against e3nn's Gate: per op (N = 4000) and in SevenNet-0 (64 ethanol; equality in float64 first)"
-within ${GATE_LIMIT:-90} python3 bench/gate_speed.py --device cuda --rounds 30 --frames 64 --out "$OUT/gate-gpu.txt" 2>&1 \
+want gates && within ${GATE_LIMIT:-90} python3 bench/gate_speed.py --device cuda --rounds 30 --frames 64 --out "$OUT/gate-gpu.txt" 2>&1 \
   | grep -v USDT | tail -30
 
 step "whole model in the other dtypes"
 for dt in $DTYPES; do
-  [ "$dt" = float32 ] || model 60 --rounds 40 --dtype "$dt"
+  [ "$dt" = float32 ] || { want float64 && model 60 --rounds 40 --dtype "$dt"; }
 done
 
 step "registers and spills of the Triton kernels (sm_90, ptxas -v)"
-within 120 python3 bench/gpu/kernel_report.py --out "$OUT/kernels-sm90.txt" 2>&1 | tail -40
+want kernels && within 120 python3 bench/gpu/kernel_report.py --out "$OUT/kernels-sm90.txt" 2>&1 | tail -40
 
 step "done"
