@@ -124,7 +124,7 @@ def _run(cfg: FinetuneConfig, log, rank: int, world: int, out: pathlib.Path, dev
     r.valid_b = make_batches(r.graphs["valid"], cfg.eval_batch_size, device=device)
     log(f"{cfg.method} on {device}: {r.n_train:,} trainable parameters ({'; '.join(f'{k} {v:,}' for k, v in r.groups.items())}); "
         f"{len(r.graphs['train'])} train / {len(r.graphs['valid'])} valid / {len(r.graphs['test'])} test frames; "
-        f"E0s {dict(zip(r.z, (round(e, 4) for e in r.e0s)))}")
+        f"E0s {_e0_text(r.z, r.e0s, r.train_frames)}")
     bar = None
     if cfg.progress and rank == 0:
         from tqdm import tqdm
@@ -143,6 +143,13 @@ def _run(cfg: FinetuneConfig, log, rank: int, world: int, out: pathlib.Path, dev
         log(f"stopped after {ran} epochs as asked (stop_after); resume with --resume")
         return {"stopped": stopped, "epoch": epoch}
     return finish(cfg, r, rank, world, out, stopped, epoch, log)
+
+
+def _e0_text(z, e0s, frames) -> str:
+    """The E0s of the elements in the training data (a foundation model knows ~90 elements)."""
+    present = {int(n) for a in frames for n in a.numbers}
+    shown = {zi: round(e, 4) for zi, e in zip(z, e0s) if zi in present}
+    return f"{shown}" + (f" (and {len(z) - len(shown)} elements not in the training data)" if len(shown) < len(z) else "")
 
 
 def train(cfg: FinetuneConfig, r, rank: int, world: int, out: pathlib.Path, bar) -> tuple:
