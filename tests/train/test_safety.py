@@ -375,7 +375,8 @@ def test_load_adapter_state_dict_is_all_or_nothing():
     assert all(p.requires_grad for p in fresh.parameters())
 
 
-def test_rmd17_split_files_are_world_readable(tmp_path):
+def test_rmd17_split_files_are_world_readable(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1] / "app"))  # also when run alone
     from test_rmd17_fetch import FAKE, SIZES, _make_archive, _molecule_arrays
 
     from mmea_kernels.app.rmd17 import fetch_rmd17
