@@ -92,10 +92,22 @@ def test_stress_loss_term_and_errors_match_the_calculator(stress_files):
     assert math.isclose(m["stress_mae_meV_per_A3"], 1000 * float(np.abs(diffs).mean()), rel_tol=1e-9)
     assert math.isclose(m["stress_rmse_meV_per_A3"], 1000 * float(np.sqrt((diffs ** 2).mean())), rel_tol=1e-9)
     assert math.isclose(m["loss"] - errors(net, [batch])["loss"], w * float((diffs ** 2).mean()), rel_tol=1e-9)
-    # the term reaches the trained weights: the stress loss alone has a gradient in the adapters
-    params = [p for p in net.parameters() if p.requires_grad]
-    g = torch.autograd.grad(loss(net, batch, w_energy=0.0, w_forces=0.0, w_stress=1.0), params)
+    # the term reaches the trained weights: the stress loss alone has a gradient in the adapters, and
+    # it is the derivative (central differences on a few adapter weights, float64)
+    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    g = torch.autograd.grad(loss(net, batch, w_energy=0.0, w_forces=0.0, w_stress=1.0), [p for _, p in named])
     assert sum(float(t.abs().sum()) for t in g) > 0
+    h = 1e-6
+    for k in (0, len(named) // 2, len(named) - 1):
+        p, grad = named[k][1], g[k]
+        i = int(grad.abs().argmax())
+        vals = []
+        for step in (h, -2 * h, h):  # +h, -h, back
+            with torch.no_grad():
+                p.view(-1)[i] += step
+            vals.append(float(loss(net, batch, w_energy=0.0, w_forces=0.0, w_stress=1.0)))
+        fd = (vals[0] - vals[1]) / (2 * h)
+        assert abs(fd - float(grad.view(-1)[i])) <= 1e-5 * max(abs(fd), 1e-8), (named[k][0], fd, float(grad.view(-1)[i]))
 
 
 def test_finetune_on_stresses_end_to_end(stress_files, tmp_path, capsys):
