@@ -117,6 +117,9 @@ def main(argv=None) -> int:
     ev.add_argument("--model", default=None, help="base model, if not where the checkpoint says")
     ev.add_argument("--energy-key", default=None)
     ev.add_argument("--forces-key", default=None)
+    ev.add_argument("--stress-key", default=None,
+                    help="also the stress errors, against info[KEY] (periodic frames; automatic for a checkpoint "
+                         "trained on stresses)")
     ev.add_argument("--json", default=None, help="also write the result here")
     md = sub.add_parser("md", help="NVE molecular dynamics with a checkpoint; reports energy drift",
                         parents=[_common(True, True, True)])
@@ -184,7 +187,8 @@ def _run(args) -> int:
         from ..train import evaluate_checkpoint
 
         res = evaluate_checkpoint(args.checkpoint, args.data, args.model, args.energy_key, args.forces_key,
-                                  trust_pickle=args.trust_pickle, checks=_checks(args), device=args.device)
+                                  trust_pickle=args.trust_pickle, checks=_checks(args), device=args.device,
+                                  stress_key=args.stress_key)
         print(f"{args.data}: {res['frames']} frames | E MAE {res['energy_mae_meV']:.3f} meV | "
               f"E RMSE {res['energy_rmse_meV']:.3f} meV | F MAE {res['forces_mae_meV_per_A']:.3f} meV/Å | "
               f"F RMSE {res['forces_rmse_meV_per_A']:.3f} meV/Å"

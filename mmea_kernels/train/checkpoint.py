@@ -189,19 +189,21 @@ def load_finetuned(checkpoint, model: Optional[str] = None, model_config=None, d
 
 def evaluate_checkpoint(checkpoint, data: str, model: Optional[str] = None, energy_key: Optional[str] = None,
                         forces_key: Optional[str] = None, batch_size: int = 50, dtype: Optional[str] = None,
-                        trust_pickle: bool = False, checks: Optional[DataChecks] = None, device: str = "cpu") -> dict:
+                        trust_pickle: bool = False, checks: Optional[DataChecks] = None, device: str = "cpu",
+                        stress_key: Optional[str] = None) -> dict:
     """Errors of a fine-tuned checkpoint on a labelled data file (``path[@index]``), after the data
-    checks of :mod:`.checks`, computed on ``device``; for a checkpoint trained on stresses the stress
-    errors too (the data then needs stress labels under the checkpoint's key)."""
+    checks of :mod:`.checks`, computed on ``device``; stress errors too for a checkpoint trained on
+    stresses (labels under its key) or with ``stress_key`` (any checkpoint; periodic data with stress
+    labels under that key). The loss is the run's (its ``w_stress``)."""
     ckpt = _read_checkpoint(pathlib.Path(checkpoint))
     ek, fk = energy_key or ckpt.get("energy_key", "REF_energy"), forces_key or ckpt.get("forces_key", "REF_forces")
     w_s = float(ckpt.get("w_stress", 0.0))
-    sk = ckpt.get("stress_key", "REF_stress") if w_s > 0 else None
+    sk = stress_key or (ckpt.get("stress_key", "REF_stress") if w_s > 0 else None)
     frames = read_frames(data, ek, fk, stress_key=sk)  # bad data is reported before the model is built
     net, ckpt = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle, device=device)
     z, r_max = model_info(net)
     graphs = checked_graphs(frames, z, r_max, str(data), ek, fk, dtype=next(net.parameters()).dtype,
                             checks=checks or DataChecks(), stress_key=sk)
-    res = errors(net, make_batches(graphs, batch_size, device=module_device(net)), w_stress=w_s)
+    res = errors(net, make_batches(graphs, batch_size, device=module_device(net)), w_stress=w_s, stress=sk is not None)
     res["frames"] = len(frames)
     return res

@@ -42,12 +42,14 @@ def loss(model, batch: dict, w_energy: float = 1.0, w_forces: float = 1000.0, gl
     return world * value
 
 
-def errors(model, batches, w_energy: float = 1.0, w_forces: float = 1000.0, w_stress: float = 0.0) -> Dict[str, float]:
+def errors(model, batches, w_energy: float = 1.0, w_forces: float = 1000.0, w_stress: float = 0.0,
+           stress: Optional[bool] = None) -> Dict[str, float]:
     """Energy (total, meV) and force (meV/Å) MAE and RMSE, and the loss, over ``batches``; with
-    ``w_stress > 0`` the stress MAE and RMSE too (meV/Å³, per component) and its term in the loss."""
+    ``stress`` (default: ``w_stress > 0``; the batches then hold stress labels) the stress MAE and
+    RMSE too (meV/Å³, per component), and ``w_stress`` times its MSE in the loss."""
     de, df, dea, ds = [], [], [], []
     for b in batches:
-        e, f, n, s = _loss_terms(model, b, training=False, stress=w_stress > 0)
+        e, f, n, s = _loss_terms(model, b, training=False, stress=w_stress > 0 if stress is None else stress)
         de.append((e.detach() - b["energy"]).double())
         dea.append(de[-1] / n.double())
         df.append((f.detach() - b["forces"]).double().reshape(-1))

@@ -134,6 +134,19 @@ def test_finetune_on_stresses_end_to_end(stress_files, tmp_path, capsys):
     plain_run = finetune(FinetuneConfig(**dict(vars(cfg), w_stress=0.0, out_dir=str(tmp_path / "p"), epochs=1)), **QUIET)
     assert plain_run["history"][0]["train_loss"] < m["history"][0]["train_loss"]
     assert "stress_mae_meV_per_A3" not in plain_run["valid"]
+    # a checkpoint trained without stresses is evaluated on them on request (--stress-key), its loss unchanged
+    ck = str(tmp_path / "p" / "checkpoint.pt")
+    plain_eval = evaluate_checkpoint(ck, str(stress_files / "valid.xyz"), checks=cfg.data_checks())
+    with_stress = evaluate_checkpoint(ck, str(stress_files / "valid.xyz"), checks=cfg.data_checks(),
+                                      stress_key="REF_stress")
+    assert "stress_mae_meV_per_A3" not in plain_eval and with_stress["stress_mae_meV_per_A3"] > 0
+    assert with_stress["loss"] == plain_eval["loss"]
+    assert main(["evaluate", "--checkpoint", ck, "--data", str(stress_files / "valid.xyz"), "--allow-small-cells",
+                 "--device", "cpu", "--stress-key", "REF_stress"]) == 0
+    assert f"σ MAE {with_stress['stress_mae_meV_per_A3']:.3f} meV/Å³" in capsys.readouterr().out
+    assert main(["evaluate", "--checkpoint", ck, "--data", str(stress_files / "valid.xyz"), "--allow-small-cells",
+                 "--stress-key", "DFT_stress"]) == 2
+    assert "no stress under info['DFT_stress']" in capsys.readouterr().err
     # the stress settings belong to the run's key (a resume must use them); runs without stresses keep
     # the key they had before the settings existed
     assert "w_stress" in config_key(cfg) and "stress_key" in config_key(cfg)
