@@ -149,7 +149,8 @@ def _e0_text(z, e0s, frames) -> str:
     """The E0s of the elements in the training data (a foundation model knows ~90 elements)."""
     present = {int(n) for a in frames for n in a.numbers}
     shown = {zi: round(e, 4) for zi, e in zip(z, e0s) if zi in present}
-    return f"{shown}" + (f" (and {len(z) - len(shown)} elements not in the training data)" if len(shown) < len(z) else "")
+    rest = len(z) - len(shown)
+    return f"{shown}" + (f" (and {rest} element{'s' if rest > 1 else ''} not in the training data)" if rest else "")
 
 
 def train(cfg: FinetuneConfig, r, rank: int, world: int, out: pathlib.Path, bar) -> tuple:
