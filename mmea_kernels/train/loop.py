@@ -183,8 +183,9 @@ def train(cfg: FinetuneConfig, r, rank: int, world: int, out: pathlib.Path, bar)
         r.saved_epoch = epoch
         if bar is not None:
             bar.update(1)
+            stress = f"σ {val['stress_mae_meV_per_A3']:.2f} meV/Å³  " if "stress_mae_meV_per_A3" in val else ""
             bar.set_postfix_str(f"E {val['energy_mae_meV']:.1f} meV  F {val['forces_mae_meV_per_A']:.1f} meV/Å  "
-                                f"best {r.best['epoch']}")
+                                f"{stress}best {r.best['epoch']}")
     return stopped, epoch, ran
 
 
