@@ -38,7 +38,7 @@ class FinetuneConfig:
     forces_key: str = "REF_forces"
     stress_key: str = "REF_stress"  # info key of the stress labels (eV/Å³), read when w_stress > 0
     dtype: str = "float64"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (train.device; under torchrun each process its LOCAL_RANK's GPU)
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto (train.device; the command line defaults to auto)
     e0s: str = "lstsq"  # lstsq | average | keep | path to a JSON {Z: eV}
     refit_e0s_after: bool = False  # re-fit the E0s with the trained model (lstsq on the training frames)
     epochs: int = 100
