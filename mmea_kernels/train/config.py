@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from .checks import DataChecks
-from .device import _FORM as _DEVICE_FORM, DEVICES_HELP
+from .device import check_device_name
 from .foundation import DEFAULT_MODEL
 from .methods import ADAPTER_METHODS, METHODS
 
@@ -81,8 +81,7 @@ class FinetuneConfig:
             raise ValueError(f"unknown method {self.method!r}; expected one of {list(METHODS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; expected float32 or float64")
-        if not _DEVICE_FORM.match(str(self.device).strip().lower()):
-            raise ValueError(f"unknown device {self.device!r}; expected {DEVICES_HELP}")
+        check_device_name(self.device)
         for name in ("epochs", "batch_size", "rank", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["DEVICES_HELP", "resolve_device", "module_device"]
+__all__ = ["DEVICES_HELP", "check_device_name", "resolve_device", "module_device"]
 
 DEVICES_HELP = "auto (the GPU where there is one, else the CPU), cpu, cuda or cuda:N"
 _FORM = re.compile(r"^(?:auto|cpu|cuda(?::\d+)?)$")
@@ -27,14 +27,19 @@ def _no_cuda(spec: str) -> ValueError:
     return ValueError(f"device {spec!r} asked for, but {why}; use --device cpu (or auto)")
 
 
+def check_device_name(spec: str) -> str:
+    """``spec`` normalised (lower case, stripped); ``ValueError`` naming it when it is none of the forms."""
+    text = str(spec).strip().lower()
+    if not _FORM.match(text):
+        raise ValueError(f"unknown device {spec!r}; expected {DEVICES_HELP}")
+    return text
+
+
 def resolve_device(spec: str = "auto", local_rank: Optional[int] = None) -> torch.device:
     """The ``torch.device`` of ``spec`` (see the module docstring). ``local_rank``: this process's
     ``LOCAL_RANK`` under ``torchrun`` (read from the environment when ``WORLD_SIZE > 1`` and not
     given). Raises ``ValueError`` naming the problem."""
-    text = str(spec).strip().lower()
-    if not _FORM.match(text):
-        raise ValueError(f"unknown device {spec!r}; expected {DEVICES_HELP}")
-    kind, _, index = text.partition(":")
+    kind, _, index = check_device_name(spec).partition(":")
     if local_rank is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
