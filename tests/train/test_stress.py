@@ -166,6 +166,24 @@ def test_stress_run_on_cuda_matches_the_cpu_run(stress_files, tmp_path):
         assert math.isclose(gpu["valid"][k], cpu["valid"][k], rel_tol=1e-6), k
 
 
+def test_progress_bar_and_log_on_a_run_on_stresses(stress_files, tmp_path, capsys):
+    """The progress bar shows the validation stress MAE; the log line lists the E0s of the elements in
+    the training data only (the tiny model knows H, C, O; ethanol has all three, so none is left out)."""
+    from mmea_kernels.train.loop import _e0_text
+
+    assert main(["finetune", "--train", str(stress_files / "train.xyz"), "--valid", str(stress_files / "valid.xyz"),
+                 "--model", str(stress_files / "base.pt"), "--out", str(tmp_path / "r"), "--epochs", "1",
+                 "--batch-size", "3", "--w-stress", "1", "--allow-small-cells", "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert "σ " in out.err and "meV/Å³" in out.err  # the bar (tqdm) writes to stderr, the table to stdout
+    assert "E0s {1: " in out.out and "not in the training data" not in out.out
+    frames = ase.io.read(str(stress_files / "train.xyz"), ":")
+    for a in frames:
+        del a[[n != 1 for n in a.numbers]]  # hydrogen only
+    assert _e0_text([1, 6, 8], [0.5, 1.0, 2.0], frames) == "{1: 0.5} (and 2 elements not in the training data)"
+    assert _e0_text([1, 6], [0.5, 1.0], frames) == "{1: 0.5} (and 1 element not in the training data)"
+
+
 def test_bad_stress_data_is_named(stress_files, tmp_path, capsys):
     frames = ase.io.read(str(stress_files / "train.xyz"), ":")
     z, r = TINY.atomic_numbers, TINY.r_max
