@@ -1,4 +1,4 @@
-"""ASE calculator for a (fine-tuned) MACE model, and a short NVE check of energy conservation."""
+"""ASE calculator for a (fine-tuned) MACE or SevenNet model (molecular dynamics with it: :mod:`.md`)."""
 from __future__ import annotations
 
 import functools
@@ -7,6 +7,8 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+from .md import check_md_settings, nve_drift  # noqa: F401 - importable from here, their home before md.py
 
 __all__ = ["MMEACalculator", "nve_drift", "check_md_settings", "check_structure"]
 
@@ -91,16 +93,6 @@ def __getattr__(name):  # build the ASE subclass lazily (ase is imported only wh
     raise AttributeError(name)
 
 
-def check_md_settings(steps: int, dt_fs: float, temperature_K: float) -> None:
-    """``ValueError`` for fewer than one step, a step that is not positive, or a negative temperature."""
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"md needs at least 1 step, got --steps {steps}")
-    if not (math.isfinite(dt_fs) and dt_fs > 0):
-        raise ValueError(f"md needs a time step > 0 fs, got --dt {dt_fs}")
-    if not (math.isfinite(temperature_K) and temperature_K >= 0):
-        raise ValueError(f"md needs a temperature >= 0 K, got --temperature {temperature_K}")
-
-
 def check_structure(atoms, calculator, where: str, checks=None) -> None:
     """The geometry checks of :mod:`.checks` (finite positions, lattice, cell width, coincident atoms,
     neighbour count) and the element check, for the model behind ``calculator``."""
@@ -108,39 +100,3 @@ def check_structure(atoms, calculator, where: str, checks=None) -> None:
 
     checked_graphs([atoms], calculator.z, calculator.r_max, where, dtype=calculator.dtype,
                    checks=checks or DataChecks(), labels=False)
-
-
-def nve_drift(atoms, calculator, steps: int = 200, dt_fs: float = 0.5, temperature_K: float = 300.0,
-              seed: int = 0) -> dict:
-    """Velocity-Verlet NVE run; total-energy drift (linear fit, meV/atom/ps) and fluctuation. Raises
-    ``ValueError`` for bad settings (:func:`check_md_settings`) and stops with one when the energy
-    becomes non-finite."""
-    check_md_settings(steps, dt_fs, temperature_K)
-    from ase import units
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
-    from ase.md.verlet import VelocityVerlet
-
-    atoms = atoms.copy()
-    atoms.calc = calculator
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=np.random.default_rng(seed))
-    Stationary(atoms)
-    ZeroRotation(atoms)
-    dyn = VelocityVerlet(atoms, dt_fs * units.fs)
-    etot, temps = [], []
-
-    def record():
-        etot.append(atoms.get_potential_energy() + atoms.get_kinetic_energy())
-        temps.append(atoms.get_temperature())
-        if not math.isfinite(etot[-1]):
-            raise ValueError(f"md stopped: the total energy is {etot[-1]} at step {len(etot) - 1} "
-                             f"(t = {(len(etot) - 1) * dt_fs:g} fs); the structure or the model is unstable there")
-
-    dyn.attach(record, interval=1)
-    dyn.run(steps)
-    t_ps = np.arange(len(etot)) * dt_fs / 1000
-    e = np.asarray(etot)
-    slope = np.polyfit(t_ps, e, 1)[0]
-    n = len(atoms)
-    return {"steps": steps, "dt_fs": dt_fs, "drift_meV_per_atom_per_ps": 1000 * slope / n,
-            "max_deviation_meV_per_atom": 1000 * float(np.abs(e - e[0]).max()) / n,
-            "mean_temperature_K": float(np.mean(temps))}

@@ -3,7 +3,7 @@
   demo       fine-tune the built-in pretrained MACE to the shipped PBE data (MMEA vs ELoRA vs full), MD check
   finetune   adapt a base model to extended-XYZ data with one method; checkpoint, metrics, plot
   evaluate   errors of a fine-tuning checkpoint on a labelled file
-  md         short NVE run with a checkpoint (energy conservation)
+  md         molecular dynamics with a checkpoint: NVE (energy-drift check), NVT, NPT; trajectory, log
   data rmd17 download the public rMD17 archive and write train/valid/test splits
 """
 from __future__ import annotations
@@ -121,14 +121,7 @@ def main(argv=None) -> int:
                     help="also the stress errors, against info[KEY] (periodic frames; automatic for a checkpoint "
                          "trained on stresses)")
     ev.add_argument("--json", default=None, help="also write the result here")
-    md = sub.add_parser("md", help="NVE molecular dynamics with a checkpoint; reports energy drift",
-                        parents=[_common(True, True, True)])
-    md.add_argument("--checkpoint", required=True)
-    md.add_argument("--structure", required=True, help="a structure file ASE reads (path[@index], first frame used)")
-    md.add_argument("--model", default=None)
-    md.add_argument("--steps", type=int, default=400)
-    md.add_argument("--dt", type=float, default=0.5, help="fs")
-    md.add_argument("--temperature", type=float, default=300.0)
+    _md_parser(sub)
     data = sub.add_parser("data", help="datasets")
     dsub = data.add_subparsers(dest="dataset", required=True)
     rmd = dsub.add_parser("rmd17", help="fetch the public rMD17 archive and write <out>/<molecule>/{train,valid,test}.xyz",
@@ -146,6 +139,43 @@ def main(argv=None) -> int:
     if getattr(args, "debug", False):
         return _run(args)
     return _run_reporting(args)
+
+
+def _md_parser(sub):
+    from .md import ENSEMBLES, THERMOSTATS, MDSettings
+
+    d = MDSettings()
+    md = sub.add_parser("md", help="molecular dynamics with a checkpoint (NVE energy-drift check, NVT, NPT)",
+                        parents=[_common(True, True, True)],
+                        description="Molecular dynamics through ASE with a fine-tuning checkpoint; prints a JSON "
+                                    "summary (temperature, drift of the conserved quantity; NPT: volume, density, "
+                                    "pressure). Units: fs, K, bar.")
+    md.add_argument("--checkpoint", required=True)
+    md.add_argument("--structure", required=True, help="a structure file ASE reads (path[@index], first frame used)")
+    md.add_argument("--model", default=None)
+    md.add_argument("--steps", type=int, default=d.steps)
+    md.add_argument("--dt", type=float, default=d.dt_fs, help="time step, fs")
+    md.add_argument("--temperature", type=float, default=d.temperature_K,
+                    help="K: the thermostat's target, and the temperature of the starting velocities")
+    md.add_argument("--ensemble", choices=ENSEMBLES, default=d.ensemble,
+                    help="nve: velocity Verlet (reports the energy drift); nvt: see --thermostat; npt: isotropic "
+                         "MTK barostat with Nosé–Hoover chains (3-D periodic structures)")
+    md.add_argument("--thermostat", choices=THERMOSTATS, default=None,
+                    help="for nvt (default langevin); bussi: stochastic velocity rescaling; nose-hoover: chains")
+    md.add_argument("--tdamp", type=float, default=d.tdamp_fs, help="thermostat time constant, fs (Langevin "
+                                                                    "friction = 1/tdamp)")
+    md.add_argument("--pressure", type=float, default=d.pressure_bar, help="npt: target pressure, bar")
+    md.add_argument("--pdamp", type=float, default=d.pdamp_fs, help="npt: barostat time constant, fs")
+    md.add_argument("--velocities", choices=("maxwell", "file"), default=d.velocities,
+                    help="start from Maxwell–Boltzmann velocities at --temperature, or from the momenta in the "
+                         "structure file (continue from an md trajectory)")
+    md.add_argument("--seed", type=int, default=d.seed)
+    md.add_argument("--trajectory", default=None, help="write frames here (.traj, .xyz or .extxyz) every --interval "
+                                                       "steps and the last: positions, momenta, energy, forces, "
+                                                       "stress if periodic")
+    md.add_argument("--log", default=None, help="ASE's MD log every --interval steps ('-': standard output)")
+    md.add_argument("--interval", type=int, default=d.interval, help="steps between trajectory frames / log lines")
+    md.add_argument("--overwrite", action="store_true", help="replace an existing --trajectory / --log file")
 
 
 def _run_reporting(args) -> int:
@@ -209,16 +239,20 @@ def _run(args) -> int:
 
 
 def _md(args) -> None:
-    from .calculator import MMEACalculator, check_md_settings, check_structure, nve_drift
+    from .calculator import MMEACalculator, check_structure
+    from .md import MDSettings, run_md
     from ..train.checks import read_structures
 
-    check_md_settings(args.steps, args.dt, args.temperature)
+    settings = MDSettings(steps=args.steps, dt_fs=args.dt, temperature_K=args.temperature, ensemble=args.ensemble,
+                          thermostat=args.thermostat, tdamp_fs=args.tdamp, pressure_bar=args.pressure,
+                          pdamp_fs=args.pdamp, velocities=args.velocities, seed=args.seed,
+                          trajectory=args.trajectory, log=args.log, interval=args.interval, overwrite=args.overwrite)
+    settings.check()  # before the model is loaded: bad settings cost nothing
     atoms = read_structures(args.structure, "structure file")[0]
     calc = MMEACalculator(checkpoint=args.checkpoint, model=args.model, trust_pickle=args.trust_pickle,
                           device=args.device)
     check_structure(atoms, calc, args.structure, _checks(args))
-    res = nve_drift(atoms, calc, args.steps, args.dt, args.temperature)
-    print(json.dumps(res, indent=1))
+    print(json.dumps(run_md(atoms, calc, settings, where=args.structure), indent=1))
 
 
 if __name__ == "__main__":

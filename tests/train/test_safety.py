@@ -333,6 +333,34 @@ def test_md_refuses_bad_settings_and_structures(data, tmp_path, capsys):
         assert expect in err and err.count("\n") == 1, err
 
 
+def test_md_runs_nvt_with_a_trajectory_and_refuses_to_overwrite_it(data, tmp_path, capsys):
+    """The md command end to end (Bussi NVT): the JSON summary on standard output, the trajectory
+    (frames 0, 2, 4 with momenta and energies), ASE's log; a second run refuses to replace either,
+    and settings that contradict each other exit 2 with one line naming them."""
+    ck, test = str(data / "mmea" / "checkpoint.pt"), str(data / "test.xyz")
+    traj, log = tmp_path / "md.traj", tmp_path / "md.log"
+    args = ["md", "--checkpoint", ck, "--structure", test, "--steps", "4", "--interval", "2", "--ensemble", "nvt",
+            "--thermostat", "bussi", "--trajectory", str(traj), "--log", str(log), "--device", "cpu"]
+    capsys.readouterr()
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["integrator"] == "bussi" and res["steps"] == 4 and np.isfinite(res["drift_meV_per_atom_per_ps"])
+    frames = ase.io.read(str(traj), ":")
+    assert len(frames) == 3 and all(np.isfinite(f.get_potential_energy()) for f in frames)
+    assert np.abs(frames[-1].get_momenta()).max() > 0
+    assert len(log.read_text().splitlines()) == 1 + 3  # header + steps 0, 2, 4
+    before = traj.read_bytes()
+    for extra, expect in (([], "md.traj exists; pass --overwrite"),
+                          (["--trajectory", str(tmp_path / "new.traj")], "md.log exists; pass --overwrite"),
+                          (["--ensemble", "npt", "--thermostat", "nose-hoover", "--overwrite"],
+                           "npt needs a structure periodic in all three directions"),
+                          (["--ensemble", "nve", "--overwrite"], "--thermostat bussi needs --ensemble nvt or npt")):
+        assert main(args + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert expect in err and err.count("\n") == 1, err
+    assert traj.read_bytes() == before
+
+
 def test_md_stops_when_energy_turns_non_finite():
     from ase.calculators.calculator import Calculator, all_changes
 

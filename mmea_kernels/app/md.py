@@ -1,0 +1,271 @@
+"""Molecular dynamics with a (fine-tuned) model through ASE: NVE (the energy-conservation check), NVT
+(Langevin, Bussi's stochastic velocity rescaling, Nosé–Hoover chains) and NPT (isotropic
+Martyna–Tobias–Klein, Nosé–Hoover chains on particles and cell), with a trajectory, a log and a
+JSON summary.
+
+Units: time step and damping times in fs, temperature in K, pressure in bar. Each run starts from
+Maxwell–Boltzmann velocities at the temperature (``velocities="maxwell"``; the centre-of-mass motion
+and, for a molecule, the rotation removed) or from the momenta the structure file carries
+(``velocities="file"``: continue a run from the last frame of its trajectory)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Optional
+
+import numpy as np
+
+__all__ = ["MDSettings", "run_md", "nve_drift", "check_md_settings", "ENSEMBLES", "THERMOSTATS"]
+
+ENSEMBLES = ("nve", "nvt", "npt")
+THERMOSTATS = ("langevin", "bussi", "nose-hoover")
+TRAJECTORY_SUFFIXES = (".traj", ".xyz", ".extxyz")
+
+
+@dataclasses.dataclass
+class MDSettings:
+    """What :func:`run_md` runs. ``thermostat``: for ``nvt`` one of :data:`THERMOSTATS` (default
+    langevin); ``npt`` always uses Nosé–Hoover chains (MTK), ``nve`` none. ``tdamp_fs``: the
+    thermostat's time constant (Langevin friction = 1/tdamp); ``pdamp_fs``: the barostat's.
+    ``trajectory``: ``.traj`` or ``.xyz``/``.extxyz``, a frame (positions, momenta, energy, forces,
+    stress when periodic) every ``interval`` steps, the first and the last included; ``log``: ASE's MD log every
+    ``interval`` steps (``"-"``: standard output). Existing output files are refused unless
+    ``overwrite``."""
+
+    steps: int = 400
+    dt_fs: float = 0.5
+    temperature_K: float = 300.0
+    ensemble: str = "nve"
+    thermostat: Optional[str] = None
+    tdamp_fs: float = 100.0
+    pressure_bar: float = 1.01325
+    pdamp_fs: float = 1000.0
+    velocities: str = "maxwell"
+    seed: int = 0
+    trajectory: Optional[str] = None
+    log: Optional[str] = None
+    interval: int = 10
+    overwrite: bool = False
+
+    @property
+    def integrator(self) -> str:
+        if self.ensemble == "nve":
+            return "velocity-verlet"
+        if self.ensemble == "npt":
+            return "mtk-npt"
+        return self.thermostat or "langevin"
+
+    def check(self) -> None:
+        """``ValueError`` naming the setting (as its command-line option) that cannot be run."""
+        check_md_settings(self.steps, self.dt_fs, self.temperature_K)
+        if self.ensemble not in ENSEMBLES:
+            raise ValueError(f"md: unknown --ensemble {self.ensemble!r}; expected one of {', '.join(ENSEMBLES)}")
+        if self.thermostat is not None:
+            if self.thermostat not in THERMOSTATS:
+                raise ValueError(f"md: unknown --thermostat {self.thermostat!r}; expected one of {', '.join(THERMOSTATS)}")
+            if self.ensemble == "nve":
+                raise ValueError(f"md: --thermostat {self.thermostat} needs --ensemble nvt or npt (nve has none)")
+            if self.ensemble == "npt" and self.thermostat != "nose-hoover":
+                raise ValueError(f"md: --ensemble npt runs Nosé–Hoover chains (MTK); --thermostat {self.thermostat} "
+                                 "is for nvt")
+        if self.ensemble != "nve" and not self.temperature_K > 0:
+            raise ValueError(f"md: --ensemble {self.ensemble} needs a temperature > 0 K, got --temperature "
+                             f"{self.temperature_K}")
+        for name, v in (("--tdamp", self.tdamp_fs), ("--pdamp", self.pdamp_fs)):
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"md: {name} must be a time > 0 fs, got {v}")
+        if not math.isfinite(self.pressure_bar):
+            raise ValueError(f"md: --pressure must be finite, got {self.pressure_bar}")
+        if self.velocities not in ("maxwell", "file"):
+            raise ValueError(f"md: --velocities must be maxwell or file, got {self.velocities!r}")
+        if int(self.interval) != self.interval or self.interval < 1:
+            raise ValueError(f"md: --interval must be a whole number of steps >= 1, got {self.interval}")
+        if self.trajectory is not None and os.path.splitext(self.trajectory)[1].lower() not in TRAJECTORY_SUFFIXES:
+            raise ValueError(f"md: --trajectory {self.trajectory}: the name must end in one of "
+                             f"{', '.join(TRAJECTORY_SUFFIXES)} (the format is taken from it)")
+        for name, path in (("--trajectory", self.trajectory), ("--log", self.log)):
+            if path is None or path == "-":
+                continue
+            if os.path.exists(path) and not self.overwrite:
+                raise FileExistsError(f"md: {name} {path} exists; pass --overwrite to replace it")
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                raise FileNotFoundError(f"md: {name} {path}: the directory {parent} does not exist")
+
+
+def check_md_settings(steps: int, dt_fs: float, temperature_K: float) -> None:
+    """``ValueError`` for fewer than one step, a step that is not positive, or a negative temperature."""
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"md needs at least 1 step, got --steps {steps}")
+    if not (math.isfinite(dt_fs) and dt_fs > 0):
+        raise ValueError(f"md needs a time step > 0 fs, got --dt {dt_fs}")
+    if not (math.isfinite(temperature_K) and temperature_K >= 0):
+        raise ValueError(f"md needs a temperature >= 0 K, got --temperature {temperature_K}")
+
+
+def _periodic(atoms) -> bool:
+    return bool(np.all(atoms.pbc)) and abs(atoms.cell.volume) > 1e-9
+
+
+def _start_velocities(atoms, s: MDSettings, where: str) -> None:
+    from ase.md import velocitydistribution as vd
+
+    if s.velocities == "file":
+        p = atoms.get_momenta()
+        if not np.isfinite(p).all():
+            raise ValueError(f"md: {where}: the momenta in the file are not finite")
+        if not np.abs(p).max(initial=0.0) > 0:
+            raise ValueError(f"md: --velocities file, but {where} carries no momenta (all zero); "
+                             "use a frame of an md --trajectory, or --velocities maxwell")
+        return
+    rng = np.random.default_rng(s.seed)
+    if hasattr(vd, "thermalize_momenta"):  # ASE >= 3.29
+        vd.thermalize_momenta(atoms, s.temperature_K, rng=rng)
+    else:
+        vd.MaxwellBoltzmannDistribution(atoms, temperature_K=s.temperature_K, rng=rng)
+    vd.Stationary(atoms)
+    if not _periodic(atoms):
+        vd.ZeroRotation(atoms)
+
+
+def _ase(module: str, name: str):
+    """``name`` from ``ase.md.<module>``, or an ImportError that says which ASE has it."""
+    import importlib
+
+    import ase
+
+    try:
+        return getattr(importlib.import_module(f"ase.md.{module}"), name)
+    except (ImportError, AttributeError):
+        raise ImportError(f"md: this integrator needs ase.md.{module}.{name}, which ASE {ase.__version__} lacks; "
+                          "pip install 'ase>=3.26'") from None
+
+
+def _integrator(atoms, s: MDSettings):
+    from ase import units
+
+    dt, tdamp, T = s.dt_fs * units.fs, s.tdamp_fs * units.fs, s.temperature_K
+    rng = np.random.default_rng(s.seed + 1)
+    if s.ensemble == "nve":
+        return _ase("verlet", "VelocityVerlet")(atoms, dt)
+    if s.ensemble == "npt":
+        return _ase("nose_hoover_chain", "IsotropicMTKNPT")(
+            atoms, dt, temperature_K=T, pressure_au=s.pressure_bar * units.bar, tdamp=tdamp, pdamp=s.pdamp_fs * units.fs)
+    if s.integrator == "langevin":
+        from ase.constraints import FixCom
+
+        if not any(isinstance(c, FixCom) for c in atoms.constraints):  # the centre of mass stays (ASE >= 3.28 way)
+            atoms.set_constraint(list(atoms.constraints) + [FixCom()])
+        return _ase("langevin", "Langevin")(atoms, dt, temperature_K=T, friction=1.0 / tdamp, fixcm=False, rng=rng)
+    if s.integrator == "bussi":
+        return _ase("bussi", "Bussi")(atoms, dt, temperature_K=T, taut=tdamp, rng=rng)
+    return _ase("nose_hoover_chain", "NoseHooverChainNVT")(atoms, dt, temperature_K=T, tdamp=tdamp)
+
+
+def _conserved(dyn, atoms, s: MDSettings) -> Optional[float]:
+    """The quantity the integrator conserves (eV): the total energy (NVE), minus the energy the
+    thermostat put in (Bussi), the extended Hamiltonian (Nosé–Hoover, MTK); None for Langevin."""
+    if s.integrator == "velocity-verlet":
+        return atoms.get_potential_energy() + atoms.get_kinetic_energy()
+    if s.integrator == "bussi":
+        return atoms.get_potential_energy() + atoms.get_kinetic_energy() - dyn.transferred_energy
+    if s.integrator in ("nose-hoover", "mtk-npt"):
+        return float(dyn.get_conserved_energy())
+    return None
+
+
+def _writer(atoms, s: MDSettings):
+    """A function writing the current frame (with its energy, forces and, when periodic, stress), and
+    the file to close at the end (or None)."""
+    if s.trajectory is None:
+        return None, None
+    from ase.io import write
+
+    if os.path.exists(s.trajectory):
+        os.remove(s.trajectory)  # s.check() refused it unless overwrite
+    if s.trajectory.lower().endswith(".traj"):
+        from ase.io.trajectory import Trajectory
+
+        traj = Trajectory(s.trajectory, "w", atoms, properties=["energy", "forces"] + (["stress"] if _periodic(atoms) else []))
+        return traj.write, traj
+    return (lambda: write(s.trajectory, atoms, format="extxyz", append=True)), None
+
+
+def run_md(atoms, calculator, settings: Optional[MDSettings] = None, where: str = "the structure", **kw) -> dict:
+    """Run MD on a copy of ``atoms`` with ``calculator`` (settings: an :class:`MDSettings` or its
+    fields as keywords). Returns a summary: mean and spread of the temperature, the drift (linear fit,
+    meV/atom/ps) and largest deviation of the conserved quantity, and for NPT the mean volume,
+    density and pressure. Stops with a ``ValueError`` when the energy turns non-finite."""
+    s = dataclasses.replace(settings or MDSettings(), **kw)
+    s.check()
+    if s.ensemble == "npt" and not _periodic(atoms):
+        raise ValueError(f"md: --ensemble npt needs a structure periodic in all three directions with a 3-D cell; "
+                         f"{where} has pbc={np.asarray(atoms.pbc).tolist()} and cell volume "
+                         f"{abs(atoms.cell.volume):.3g} Å³")
+    atoms = atoms.copy()
+    atoms.calc = calculator
+    _start_velocities(atoms, s, where)
+    dyn = _integrator(atoms, s)
+    rec = {k: [] for k in ("temperature", "conserved", "volume", "pressure")}
+    npt = s.ensemble == "npt"
+
+    def record():
+        epot = atoms.get_potential_energy()
+        step = len(rec["temperature"])
+        if not math.isfinite(epot):
+            raise ValueError(f"md stopped: the total energy is {epot} at step {step} (t = {step * s.dt_fs:g} fs); "
+                             "the structure or the model is unstable there")
+        rec["temperature"].append(atoms.get_temperature())
+        rec["conserved"].append(_conserved(dyn, atoms, s))
+        if npt:
+            from ase import units
+
+            rec["volume"].append(atoms.get_volume())
+            rec["pressure"].append(-float(np.mean(atoms.get_stress(include_ideal_gas=True)[:3])) / units.bar)
+
+    dyn.attach(record, interval=1)
+    write, traj = _writer(atoms, s)
+    if write is not None:
+        dyn.attach(write, interval=s.interval)
+    if s.log is not None:
+        from ase.md import MDLogger
+
+        dyn.attach(MDLogger(dyn, atoms, s.log, header=True, stress=npt, peratom=True, mode="w"), interval=s.interval)
+    try:
+        dyn.run(s.steps)
+        if write is not None and s.steps % s.interval:
+            write()  # the last frame always (a run continues from it)
+    finally:
+        if traj is not None:
+            traj.close()
+    return _summary(atoms, s, rec)
+
+
+def _summary(atoms, s: MDSettings, rec: dict) -> dict:
+    n = len(atoms)
+    out = {"ensemble": s.ensemble, "integrator": s.integrator, "steps": s.steps, "dt_fs": s.dt_fs, "atoms": n,
+           "target_temperature_K": s.temperature_K, "mean_temperature_K": float(np.mean(rec["temperature"])),
+           "std_temperature_K": float(np.std(rec["temperature"]))}
+    if rec["conserved"][0] is not None:
+        e = np.asarray(rec["conserved"], dtype=float)
+        t_ps = np.arange(len(e)) * s.dt_fs / 1000
+        out["drift_meV_per_atom_per_ps"] = 1000 * float(np.polyfit(t_ps, e, 1)[0]) / n
+        out["max_deviation_meV_per_atom"] = 1000 * float(np.abs(e - e[0]).max()) / n
+    if s.ensemble == "npt":
+        from ase import units
+
+        v = float(np.mean(rec["volume"]))
+        out.update(target_pressure_bar=s.pressure_bar, mean_pressure_bar=float(np.mean(rec["pressure"])),
+                   mean_volume_A3=v, final_volume_A3=float(atoms.get_volume()),
+                   mean_density_g_per_cm3=float(atoms.get_masses().sum()) / units.mol / (v * 1e-24))
+    if s.trajectory is not None:
+        out["trajectory"] = s.trajectory
+    return out
+
+
+def nve_drift(atoms, calculator, steps: int = 200, dt_fs: float = 0.5, temperature_K: float = 300.0,
+              seed: int = 0) -> dict:
+    """Velocity-Verlet NVE run from Maxwell–Boltzmann velocities; total-energy drift (linear fit,
+    meV/atom/ps) and largest deviation (:func:`run_md` with ``ensemble="nve"``)."""
+    return run_md(atoms, calculator, steps=steps, dt_fs=dt_fs, temperature_K=temperature_K, seed=seed)
