@@ -4,6 +4,7 @@
   finetune   adapt a base model to extended-XYZ data with one method; checkpoint, metrics, plot
   evaluate   errors of a fine-tuning checkpoint on a labelled file
   md         molecular dynamics with a checkpoint: NVE (energy-drift check), NVT, NPT; trajectory, log
+  export     a checkpoint as TorchScript: LAMMPS pair_style mace, or the scripted model (verified)
   data rmd17 download the public rMD17 archive and write train/valid/test splits
 """
 from __future__ import annotations
@@ -122,6 +123,20 @@ def main(argv=None) -> int:
                          "trained on stresses)")
     ev.add_argument("--json", default=None, help="also write the result here")
     _md_parser(sub)
+    ex = sub.add_parser("export", help="a checkpoint as a TorchScript file (LAMMPS pair_style mace, or the model)",
+                        parents=[_common(trust=True)],
+                        description="Export a fine-tuning checkpoint for production MD. The file is loaded back "
+                                    "and checked against the checkpoint's model on its reference frame before it "
+                                    "is put in place.")
+    ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("--out", required=True, help="the file to write (mace-torch names LAMMPS files *-lammps.pt)")
+    ex.add_argument("--format", choices=("lammps", "torchscript"), default="lammps",
+                    help="lammps: LAMMPS_MACE for pair_style mace (float64 by default); torchscript: the model's "
+                         "own forward (mace-torch's input dict)")
+    ex.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                    help="default: float64 for lammps, the checkpoint's for torchscript")
+    ex.add_argument("--model", default=None, help="base model, if not where the checkpoint says")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     data = sub.add_parser("data", help="datasets")
     dsub = data.add_subparsers(dest="dataset", required=True)
     rmd = dsub.add_parser("rmd17", help="fetch the public rMD17 archive and write <out>/<molecule>/{train,valid,test}.xyz",
@@ -228,6 +243,8 @@ def _run(args) -> int:
                 json.dump(res, fh, indent=1)
     elif args.command == "md":
         _md(args)
+    elif args.command == "export":
+        _export(args)
     elif args.command == "data":
         from .rmd17 import DEFAULT_URL, fetch_rmd17
 
@@ -236,6 +253,14 @@ def _run(args) -> int:
         for mol, r in res.items():
             print(f"{mol}: {r['train']} train / {r['valid']} valid / {r['test']} test -> {r['dir']}")
     return 0
+
+
+def _export(args) -> None:
+    from .deploy import export_checkpoint
+
+    res = export_checkpoint(args.checkpoint, args.out, args.format, args.model, args.dtype,
+                            trust_pickle=args.trust_pickle, overwrite=args.overwrite)
+    print(json.dumps(res, indent=1))
 
 
 def _md(args) -> None:

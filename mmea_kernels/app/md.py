@@ -60,38 +60,38 @@ class MDSettings:
         """``ValueError`` naming the setting (as its command-line option) that cannot be run."""
         check_md_settings(self.steps, self.dt_fs, self.temperature_K)
         if self.ensemble not in ENSEMBLES:
-            raise ValueError(f"md: unknown --ensemble {self.ensemble!r}; expected one of {', '.join(ENSEMBLES)}")
+            raise ValueError(f"unknown --ensemble {self.ensemble!r}; expected one of {', '.join(ENSEMBLES)}")
         if self.thermostat is not None:
             if self.thermostat not in THERMOSTATS:
-                raise ValueError(f"md: unknown --thermostat {self.thermostat!r}; expected one of {', '.join(THERMOSTATS)}")
+                raise ValueError(f"unknown --thermostat {self.thermostat!r}; expected one of {', '.join(THERMOSTATS)}")
             if self.ensemble == "nve":
-                raise ValueError(f"md: --thermostat {self.thermostat} needs --ensemble nvt or npt (nve has none)")
+                raise ValueError(f"--thermostat {self.thermostat} needs --ensemble nvt or npt (nve has none)")
             if self.ensemble == "npt" and self.thermostat != "nose-hoover":
-                raise ValueError(f"md: --ensemble npt runs Nosé–Hoover chains (MTK); --thermostat {self.thermostat} "
+                raise ValueError(f"--ensemble npt runs Nosé–Hoover chains (MTK); --thermostat {self.thermostat} "
                                  "is for nvt")
         if self.ensemble != "nve" and not self.temperature_K > 0:
-            raise ValueError(f"md: --ensemble {self.ensemble} needs a temperature > 0 K, got --temperature "
+            raise ValueError(f"--ensemble {self.ensemble} needs a temperature > 0 K, got --temperature "
                              f"{self.temperature_K}")
         for name, v in (("--tdamp", self.tdamp_fs), ("--pdamp", self.pdamp_fs)):
             if not (math.isfinite(v) and v > 0):
-                raise ValueError(f"md: {name} must be a time > 0 fs, got {v}")
+                raise ValueError(f"{name} must be a time > 0 fs, got {v}")
         if not math.isfinite(self.pressure_bar):
-            raise ValueError(f"md: --pressure must be finite, got {self.pressure_bar}")
+            raise ValueError(f"--pressure must be finite, got {self.pressure_bar}")
         if self.velocities not in ("maxwell", "file"):
-            raise ValueError(f"md: --velocities must be maxwell or file, got {self.velocities!r}")
+            raise ValueError(f"--velocities must be maxwell or file, got {self.velocities!r}")
         if int(self.interval) != self.interval or self.interval < 1:
-            raise ValueError(f"md: --interval must be a whole number of steps >= 1, got {self.interval}")
+            raise ValueError(f"--interval must be a whole number of steps >= 1, got {self.interval}")
         if self.trajectory is not None and os.path.splitext(self.trajectory)[1].lower() not in TRAJECTORY_SUFFIXES:
-            raise ValueError(f"md: --trajectory {self.trajectory}: the name must end in one of "
+            raise ValueError(f"--trajectory {self.trajectory}: the name must end in one of "
                              f"{', '.join(TRAJECTORY_SUFFIXES)} (the format is taken from it)")
         for name, path in (("--trajectory", self.trajectory), ("--log", self.log)):
             if path is None or path == "-":
                 continue
             if os.path.exists(path) and not self.overwrite:
-                raise FileExistsError(f"md: {name} {path} exists; pass --overwrite to replace it")
+                raise FileExistsError(f"{name} {path} exists; pass --overwrite to replace it")
             parent = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(parent):
-                raise FileNotFoundError(f"md: {name} {path}: the directory {parent} does not exist")
+                raise FileNotFoundError(f"{name} {path}: the directory {parent} does not exist")
 
 
 def check_md_settings(steps: int, dt_fs: float, temperature_K: float) -> None:
@@ -114,9 +114,9 @@ def _start_velocities(atoms, s: MDSettings, where: str) -> None:
     if s.velocities == "file":
         p = atoms.get_momenta()
         if not np.isfinite(p).all():
-            raise ValueError(f"md: {where}: the momenta in the file are not finite")
+            raise ValueError(f"{where}: the momenta in the file are not finite")
         if not np.abs(p).max(initial=0.0) > 0:
-            raise ValueError(f"md: --velocities file, but {where} carries no momenta (all zero); "
+            raise ValueError(f"--velocities file, but {where} carries no momenta (all zero); "
                              "use a frame of an md --trajectory, or --velocities maxwell")
         return
     rng = np.random.default_rng(s.seed)
@@ -138,7 +138,7 @@ def _ase(module: str, name: str):
     try:
         return getattr(importlib.import_module(f"ase.md.{module}"), name)
     except (ImportError, AttributeError):
-        raise ImportError(f"md: this integrator needs ase.md.{module}.{name}, which ASE {ase.__version__} lacks; "
+        raise ImportError(f"this integrator needs ase.md.{module}.{name}, which ASE {ase.__version__} lacks; "
                           "pip install 'ase>=3.26'") from None
 
 
@@ -200,7 +200,7 @@ def run_md(atoms, calculator, settings: Optional[MDSettings] = None, where: str 
     s = dataclasses.replace(settings or MDSettings(), **kw)
     s.check()
     if s.ensemble == "npt" and not _periodic(atoms):
-        raise ValueError(f"md: --ensemble npt needs a structure periodic in all three directions with a 3-D cell; "
+        raise ValueError(f"--ensemble npt needs a structure periodic in all three directions with a 3-D cell; "
                          f"{where} has pbc={np.asarray(atoms.pbc).tolist()} and cell volume "
                          f"{abs(atoms.cell.volume):.3g} Å³")
     atoms = atoms.copy()

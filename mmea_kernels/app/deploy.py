@@ -1,0 +1,156 @@
+"""``mmea-kernels export``: a fine-tuning checkpoint as a TorchScript file for production MD.
+
+* ``lammps``: mace-torch's deployment (``LAMMPS_MACE`` + e3nn ``jit.compile``, float64 on the CPU),
+  the file ``pair_style mace`` loads (:func:`~mmea_kernels.integrations.export.export_lammps`);
+* ``torchscript``: the model itself scripted (its forward takes mace-torch's input dict), for
+  ``torch.jit.load`` in Python or libtorch.
+
+The file needs neither mmea_kernels nor mace-torch nor e3nn to load. Low-rank parametrizations
+(``mmea-paper``) are folded into their weights in the exported copy (exact: the weight the
+parametrization computes). Before the file is put at ``out`` it is loaded back and evaluated on the
+checkpoint's reference frame (one training frame; for checkpoints from before they held one, a small
+cluster of the model's elements); it replaces nothing unless it gives the eager model's energy and
+forces (float64: 1e-9 relative, float32: 1e-4), so a wrong or half-written file never takes the name."""
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+from typing import Optional
+
+import torch
+
+__all__ = ["export_checkpoint", "FORMATS"]
+
+FORMATS = ("lammps", "torchscript")
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _check_out(out: pathlib.Path, overwrite: bool) -> None:
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a directory; give a file name (e.g. model-lammps.pt)")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: the directory {out.parent} does not exist")
+
+
+def _fold_parametrizations(model: torch.nn.Module) -> int:
+    """Replace every parametrized tensor by the value its parametrization gives (in place); the count."""
+    from torch.nn.utils import parametrize
+
+    n = 0
+    for mod in list(model.modules()):
+        if parametrize.is_parametrized(mod):
+            for name in list(mod.parametrizations.keys()):
+                parametrize.remove_parametrizations(mod, name, leave_parametrized=True)
+                n += 1
+    return n
+
+
+def _is_mace(model) -> bool:
+    from mace.modules import MACE
+
+    return isinstance(model, MACE)
+
+
+def _script(model, fmt: str, dtype: torch.dtype):
+    from ..integrations.export import lammps_model, script_model
+
+    try:
+        if fmt == "lammps":
+            return lammps_model(model, dtype=dtype, device="cpu", in_place=True)
+        return script_model(model.to(dtype), in_place=True)
+    except (RuntimeError, torch.jit.Error, TypeError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"this model does not script for --format {fmt} ({type(exc).__name__}: "
+                         f"{first})") from exc
+
+
+def _run_exported(module, fmt: str, batch: dict):
+    data = {k: v.detach().clone() for k, v in batch.items() if torch.is_tensor(v)}
+    if fmt == "lammps":
+        local = torch.ones(data["positions"].shape[0], dtype=data["positions"].dtype)
+        out = module(data, local)
+        return out["total_energy_local"].detach().sum(), out["forces"].detach()
+    out = module(data, training=False, compute_force=True)
+    return out["energy"].detach().sum(), out["forces"].detach()
+
+
+def _cluster(atomic_numbers) -> dict:
+    """A reference frame for a checkpoint written before checkpoints held one: two atoms of each of
+    the model's elements in a zigzag 1.1 Å apart (every pair within any cutoff's reach of a neighbour)."""
+    numbers = [int(z) for z in atomic_numbers for _ in range(2)]
+    pos = [[1.1 * i, 0.4 * (i % 2), 0.1 * (i % 3)] for i in range(len(numbers))]
+    return {"numbers": torch.tensor(numbers), "positions": torch.tensor(pos, dtype=torch.float64),
+            "cell": torch.zeros(3, 3, dtype=torch.float64), "pbc": torch.zeros(3, dtype=torch.bool)}
+
+
+def _probe_batch(net, probe: dict, dtype: torch.dtype) -> dict:
+    import ase
+
+    from ..integrations.mace import atoms_to_batch
+    from ..train.foundation import model_info
+
+    z, r_max = model_info(net)
+    atoms = ase.Atoms(numbers=probe["numbers"].tolist(), positions=probe["positions"].double().numpy(),
+                      cell=probe["cell"].double().numpy(), pbc=probe["pbc"].tolist())
+    return atoms_to_batch([atoms], z, r_max, energy_key="__none__", forces_key="__none__", dtype=dtype)
+
+
+def _verify(module, fmt: str, batch: dict, ref, dtype: torch.dtype) -> float:
+    """The largest relative difference (energy, forces) between the exported ``module`` and the
+    eager model's ``ref`` on ``batch``; raises when above the tolerance of ``dtype``."""
+    (e0, f0), (e1, f1) = ref, _run_exported(module, fmt, batch)
+    rel = max(float((e1 - e0).abs()) / max(1.0, float(e0.abs())),
+              float((f1 - f0).abs().max()) / max(1e-3, float(f0.abs().max())))
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    if not rel <= tol:
+        raise ValueError(f"the exported {fmt} model does not reproduce the checkpoint's model on its "
+                         f"reference frame (relative difference {rel:.3g} > {tol:g}); nothing was written")
+    return rel
+
+
+def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str] = None, dtype: Optional[str] = None,
+                      trust_pickle: bool = False, overwrite: bool = False) -> dict:
+    """Write ``checkpoint``'s fine-tuned model to ``out`` as ``fmt`` (:data:`FORMATS`); ``dtype``:
+    float64 (default for lammps, as mace-torch's ``create_lammps_model``) or float32 (default for
+    torchscript: the checkpoint's). Returns what was written and the verified difference."""
+    from ..train import load_finetuned
+    from ..train.foundation import model_info
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown --format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(f"unknown --dtype {dtype!r}; expected float32 or float64")
+    out = pathlib.Path(out)
+    _check_out(out, overwrite)
+    net, ckpt = load_finetuned(checkpoint, model, trust_pickle=trust_pickle, device="cpu")
+    if fmt == "lammps" and not _is_mace(net):
+        raise ValueError(f"--format lammps is mace-torch's pair_style mace, for MACE models; checkpoint "
+                         f"{checkpoint} holds a {type(net).__name__} (base {ckpt['model']!r}): use --format "
+                         "torchscript")
+    want = _DTYPES[dtype or ("float64" if fmt == "lammps" else ckpt["dtype"])]
+    net = net.to(want).eval()
+    z, r_max = model_info(net)
+    batch = _probe_batch(net, ckpt.get("probe") or _cluster(z), want)
+    out_ref = net(dict(batch), training=False, compute_force=True)  # the eager model, before it is scripted
+    ref = (out_ref["energy"].detach().sum(), out_ref["forces"].detach())
+    folded = _fold_parametrizations(net)
+    module = _script(net, fmt, want)  # in place: net is this function's own copy
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=str(out.parent))
+    os.close(fd)
+    try:
+        module.save(tmp)
+        rel = _verify(torch.jit.load(tmp), fmt, batch, ref, want)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    from ase.data import chemical_symbols
+
+    return {"out": str(out), "format": fmt, "dtype": str(want).replace("torch.", ""), "method": ckpt["method"],
+            "base_model": ckpt["model"], "atomic_numbers": [int(v) for v in z], "r_max": float(r_max),
+            "folded_parametrizations": folded, "verified_max_rel_diff": rel,
+            **({"lammps": f"pair_style mace no_domain_decomposition; pair_coeff * * {out} <one element per atom "
+                          f"type, of {' '.join(chemical_symbols[int(v)] for v in z)}>"} if fmt == "lammps" else {})}

@@ -1,0 +1,127 @@
+"""``mmea-kernels export``: a fine-tuning checkpoint (tiny MACE, float64, trained adapters) as the
+LAMMPS file ``pair_style mace`` loads and as the scripted model. Each file, loaded back with
+``torch.jit.load``, gives the energies and forces of the checkpoint's eager model (rebuilt by
+``load_finetuned``) on frames it was not checked on (≤ 1e-10 relative), for adapters (mmea, elora),
+the low-rank parametrizations of mmea-paper (folded into their weights) and full fine-tuning. A file
+that would not reproduce the model is never put in place, an existing file is not replaced without
+--overwrite, and a model that cannot be exported (mmea-tp; a model LAMMPS' pair_style mace cannot
+run) is refused by name."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("mace")
+from mmea_kernels.app.cli import main  # noqa: E402
+from mmea_kernels.app.data import toy_molecules  # noqa: E402
+from mmea_kernels.integrations.mace import atoms_to_batch, energy_and_forces  # noqa: E402
+from mmea_kernels.train import FinetuneConfig, finetune, load_finetuned  # noqa: E402
+from mmea_kernels.train.foundation import model_info  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+QUIET = dict(log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(train_files, tmp_path_factory):
+    d = tmp_path_factory.mktemp("export")
+    out = {}
+    for method in ("mmea", "elora", "mmea-paper", "full", "mmea-tp"):
+        cfg = FinetuneConfig(train=str(train_files / "train.xyz"), valid=str(train_files / "valid.xyz"),
+                             model=str(train_files / "base.pt"), out_dir=str(d / method), method=method,
+                             epochs=1 if method == "mmea-tp" else 2, batch_size=4,
+                             lr=0.005 if method == "mmea-tp" else 0.05, progress=False, dtype="float64")
+        finetune(cfg, **QUIET)
+        out[method] = d / method / "checkpoint.pt"
+    return out
+
+
+def _frames(net):
+    z, r = model_info(net)
+    atoms = toy_molecules("toluene", 2, seed=11) + toy_molecules("ethanol", 1, seed=12)
+    return [atoms_to_batch([a], z, r, energy_key="__none__", forces_key="__none__", dtype=torch.float64)
+            for a in atoms]
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("method", ["mmea", "elora", "mmea-paper", "full"])
+def test_exported_files_give_the_checkpoints_energies_and_forces(checkpoints, method, tmp_path, capsys):
+    net, _ = load_finetuned(checkpoints[method], dtype="float64")
+    zero_init = {"mmea": "mmea_up", "elora": "elora_B", "mmea-paper": ".B."}.get(method)
+    if zero_init:  # trained away from the identity, so the adapters' path is what is exported
+        assert max(float(p.abs().max()) for n, p in net.named_parameters() if zero_init in n) > 1e-4
+    frames = _frames(net)
+    for fmt in ("lammps", "torchscript"):
+        path = tmp_path / f"{method}-{fmt}.pt"
+        capsys.readouterr()
+        assert main(["export", "--checkpoint", str(checkpoints[method]), "--out", str(path), "--format", fmt,
+                     "--dtype", "float64"]) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert res["method"] == method and res["verified_max_rel_diff"] <= 1e-9
+        loaded = torch.jit.load(str(path))
+        for b in frames:
+            e_ref, f_ref = energy_and_forces(net, dict(b))
+            data = {k: v.detach().clone() for k, v in b.items() if torch.is_tensor(v)}
+            if fmt == "lammps":
+                out = loaded(data, torch.ones(len(data["positions"]), dtype=torch.float64))
+                e, f = out["total_energy_local"].sum(), out["forces"]
+            else:
+                out = loaded(data, training=False, compute_force=True)
+                e, f = out["energy"], out["forces"]
+            assert _rel(e.detach().reshape(-1), e_ref.detach()) <= 1e-10
+            assert _rel(f.detach(), f_ref.detach()) <= 1e-10
+        assert not list(tmp_path.glob("*.part"))
+    assert (res["folded_parametrizations"] > 0) == (method == "mmea-paper")
+
+
+def test_export_refuses_to_replace_or_to_write_a_wrong_file(checkpoints, tmp_path, capsys, monkeypatch):
+    from mmea_kernels.app import deploy
+
+    ck = str(checkpoints["mmea"])
+    old = tmp_path / "old.pt"
+    old.write_text("keep")
+    for extra, expect in ((["--out", str(old)], "old.pt exists; pass --overwrite"),
+                          (["--out", str(tmp_path / "nodir" / "m.pt")], "nodir does not exist"),
+                          (["--out", str(tmp_path)], "is a directory")):
+        capsys.readouterr()
+        assert main(["export", "--checkpoint", ck, *extra]) == 2
+        err = capsys.readouterr().err
+        assert expect in err and err.count("\n") == 1, err
+    real = deploy._run_exported
+    monkeypatch.setattr(deploy, "_run_exported", lambda *a: (real(*a)[0] + 1e-6, real(*a)[1]))
+    assert main(["export", "--checkpoint", ck, "--out", str(old), "--overwrite"]) == 2
+    assert "does not reproduce the checkpoint's model" in capsys.readouterr().err
+    assert old.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["old.pt"]
+
+
+def test_export_of_a_checkpoint_without_a_reference_frame_checks_a_cluster(checkpoints, tmp_path):
+    """Checkpoints from before they held a reference frame: the export is checked on a small cluster
+    of the model's elements instead (the check still fails a wrong file, as above)."""
+    from mmea_kernels.app.deploy import export_checkpoint
+
+    ck = torch.load(str(checkpoints["elora"]), weights_only=True)
+    del ck["probe"]
+    torch.save(ck, str(tmp_path / "old.pt"))
+    res = export_checkpoint(tmp_path / "old.pt", tmp_path / "m.pt", "lammps")
+    assert res["verified_max_rel_diff"] <= 1e-9 and res["dtype"] == "float64"
+
+
+def test_a_method_without_a_torchscript_form_is_refused_by_name(checkpoints, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(checkpoints["mmea-tp"]), "--out", str(tmp_path / "m.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "does not script for --format lammps" in err and "(the mmea-tp method) has no TorchScript form" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_lammps_export_refuses_a_model_that_is_not_mace(checkpoints, tmp_path, monkeypatch):
+    from mmea_kernels.app import deploy
+
+    monkeypatch.setattr(deploy, "_is_mace", lambda net: False)  # what a SevenNet-0 checkpoint loads as
+    with pytest.raises(ValueError, match="--format lammps is mace-torch's pair_style mace, for MACE models.*use "
+                                         "--format torchscript"):
+        deploy.export_checkpoint(checkpoints["mmea"], tmp_path / "m.pt", "lammps")
+    assert not (tmp_path / "m.pt").exists()
