@@ -61,7 +61,7 @@ def _script(model, fmt: str, dtype: torch.dtype):
         if fmt == "lammps":
             return lammps_model(model, dtype=dtype, device="cpu", in_place=True)
         return script_model(model.to(dtype), in_place=True)
-    except (RuntimeError, torch.jit.Error, TypeError, AttributeError) as exc:
+    except (RuntimeError, torch.jit.Error, torch.jit.frontend.FrontendError, TypeError, AttributeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(f"this model does not script for --format {fmt} ({type(exc).__name__}: "
                          f"{first})") from exc
@@ -126,10 +126,10 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
     out = pathlib.Path(out)
     _check_out(out, overwrite)
     net, ckpt = load_finetuned(checkpoint, model, trust_pickle=trust_pickle, device="cpu")
-    if fmt == "lammps" and not _is_mace(net):
-        raise ValueError(f"--format lammps is mace-torch's pair_style mace, for MACE models; checkpoint "
-                         f"{checkpoint} holds a {type(net).__name__} (base {ckpt['model']!r}): use --format "
-                         "torchscript")
+    if not _is_mace(net):
+        raise ValueError(f"export is for MACE models (mace-torch's deployment path); checkpoint {checkpoint} holds a "
+                         f"{type(net).__name__} (base {ckpt['model']!r}), which has no TorchScript export here: "
+                         "run its MD through the ASE calculator (mmea-kernels md, MMEACalculator)")
     want = _DTYPES[dtype or ("float64" if fmt == "lammps" else ckpt["dtype"])]
     net = net.to(want).eval()
     z, r_max = model_info(net)

@@ -4,8 +4,8 @@ LAMMPS file ``pair_style mace`` loads and as the scripted model. Each file, load
 ``load_finetuned``) on frames it was not checked on (≤ 1e-10 relative), for adapters (mmea, elora),
 the low-rank parametrizations of mmea-paper (folded into their weights) and full fine-tuning. A file
 that would not reproduce the model is never put in place, an existing file is not replaced without
---overwrite, and a model that cannot be exported (mmea-tp; a model LAMMPS' pair_style mace cannot
-run) is refused by name."""
+--overwrite, and a model that cannot be exported (mmea-tp; a model that is not a MACE, as
+SevenNet-0's wrapper) is refused by name."""
 import json
 
 import pytest
@@ -117,11 +117,12 @@ def test_a_method_without_a_torchscript_form_is_refused_by_name(checkpoints, tmp
     assert not list(tmp_path.iterdir())
 
 
-def test_lammps_export_refuses_a_model_that_is_not_mace(checkpoints, tmp_path, monkeypatch):
+def test_export_refuses_a_model_that_is_not_mace(checkpoints, tmp_path, monkeypatch):
     from mmea_kernels.app import deploy
 
     monkeypatch.setattr(deploy, "_is_mace", lambda net: False)  # what a SevenNet-0 checkpoint loads as
-    with pytest.raises(ValueError, match="--format lammps is mace-torch's pair_style mace, for MACE models.*use "
-                                         "--format torchscript"):
-        deploy.export_checkpoint(checkpoints["mmea"], tmp_path / "m.pt", "lammps")
-    assert not (tmp_path / "m.pt").exists()
+    for fmt in ("lammps", "torchscript"):
+        with pytest.raises(ValueError, match="export is for MACE models .*holds a ScaleShiftMACE .*run its MD through "
+                                             "the ASE calculator"):
+            deploy.export_checkpoint(checkpoints["mmea"], tmp_path / "m.pt", fmt)
+    assert not list(tmp_path.iterdir())
