@@ -14,7 +14,7 @@ from ase import Atoms  # noqa: E402
 from ase.io import read  # noqa: E402
 
 import mmea_kernels as mk  # noqa: E402
-from helpers import REPO, randomise_adapters  # noqa: E402
+from helpers import CUDA_AVAILABLE, REPO, randomise_adapters  # noqa: E402
 from mmea_kernels.app.calculator import MMEACalculator  # noqa: E402
 from mmea_kernels.app.md import MDSettings, run_md  # noqa: E402
 from mmea_kernels.train.foundation import load_model  # noqa: E402
@@ -159,3 +159,24 @@ def test_md_settings_and_structures_it_refuses(calc, tmp_path):
     assert (tmp_path / "old.traj").read_text() == "keep"  # nothing overwritten
     run_md(mol, calc, steps=2, trajectory=str(tmp_path / "old.traj"), overwrite=True)
     assert len(read(str(tmp_path / "old.traj"), ":")) == 2  # steps 0 and 2: the last frame is always written
+
+
+@pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device on this machine")
+def test_md_on_cuda_follows_the_cpu_run(calc, tmp_path):
+    """The same NVE (molecule) and NPT (periodic box) runs with the model on the GPU: the same
+    frames as on the CPU (float64; short enough for the chaotic dynamics to stay within 1e-8 Å)."""
+    import copy
+
+    gpu = MMEACalculator(module=copy.deepcopy(calc.net).to("cuda"))
+    for i, (atoms, kw) in enumerate(((read(str(ETHANOL), 0), dict(steps=10)),
+                                     (_molecules(8, 5.0, cell=10.0),
+                                      dict(steps=5, ensemble="npt", pdamp_fs=50.0, tdamp_fs=25.0)))):
+        frames = {}
+        for name, c in (("cpu", calc), ("cuda", gpu)):
+            run_md(atoms, c, interval=1, trajectory=str(tmp_path / f"{i}-{name}.traj"), **kw)
+            frames[name] = read(str(tmp_path / f"{i}-{name}.traj"), ":")
+        assert len(frames["cuda"]) == len(frames["cpu"]) == kw["steps"] + 1
+        for a, b in zip(frames["cuda"], frames["cpu"]):
+            np.testing.assert_allclose(a.positions, b.positions, rtol=0, atol=1e-8)
+            np.testing.assert_allclose(a.cell.array, b.cell.array, rtol=0, atol=1e-8)
+            np.testing.assert_allclose(a.get_forces(), b.get_forces(), rtol=0, atol=1e-7)
