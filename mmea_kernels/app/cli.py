@@ -4,6 +4,7 @@
   finetune   adapt a base model to extended-XYZ data with one method; checkpoint, metrics, plot
   evaluate   errors of a fine-tuning checkpoint on a labelled file
   md         molecular dynamics with a checkpoint: NVE (energy-drift check), NVT, NPT; trajectory, log
+  relax      geometry optimisation with a checkpoint (positions, optionally the cell)
   export     a checkpoint as TorchScript: LAMMPS pair_style mace, or the scripted model (verified)
   data rmd17 download the public rMD17 archive and write train/valid/test splits
 """
@@ -123,6 +124,7 @@ def main(argv=None) -> int:
                          "trained on stresses)")
     ev.add_argument("--json", default=None, help="also write the result here")
     _md_parser(sub)
+    _relax_parser(sub)
     ex = sub.add_parser("export", help="a checkpoint as a TorchScript file (LAMMPS pair_style mace, or the model)",
                         parents=[_common(trust=True)],
                         description="Export a fine-tuning checkpoint for production MD. The file is loaded back "
@@ -156,18 +158,43 @@ def main(argv=None) -> int:
     return _run_reporting(args)
 
 
+def _structure_command(sub, name: str, help: str, description: str):
+    """A command that runs a checkpoint's model on one structure (md, relax)."""
+    p = sub.add_parser(name, help=help, parents=[_common(True, True, True)], description=description)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--structure", required=True, help="a structure file ASE reads (path[@index], first frame used)")
+    p.add_argument("--model", default=None, help="base model, if not where the checkpoint says")
+    return p
+
+
+def _relax_parser(sub):
+    from .relax import OPTIMIZERS, RelaxSettings
+
+    d = RelaxSettings()
+    rx = _structure_command(sub, "relax", "geometry optimisation with a checkpoint (positions; --cell: the cell too)",
+                            "Relax a structure with a fine-tuning checkpoint until every force is below --fmax; "
+                            "prints a JSON summary; exit code 3 when it did not converge within --steps (the "
+                            "structure is written all the same).")
+    rx.add_argument("--out", required=True, help="the relaxed structure (.xyz/.extxyz, with energy, forces, stress)")
+    rx.add_argument("--fmax", type=float, default=d.fmax, help="eV/Å: converged when every force is below this")
+    rx.add_argument("--steps", type=int, default=d.steps, help="the most optimiser steps")
+    rx.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    rx.add_argument("--cell", action="store_true", help="relax the cell too (3-D periodic structures; ASE's "
+                                                        "FrechetCellFilter on the model's stress)")
+    rx.add_argument("--pressure", type=float, default=d.pressure_bar, help="with --cell: target pressure, bar")
+    rx.add_argument("--trajectory", default=None, help="every step (.traj)")
+    rx.add_argument("--log", default=None, help="the optimiser's log ('-': standard output)")
+    rx.add_argument("--overwrite", action="store_true", help="replace existing --out / --trajectory / --log files")
+
+
 def _md_parser(sub):
     from .md import ENSEMBLES, THERMOSTATS, MDSettings
 
     d = MDSettings()
-    md = sub.add_parser("md", help="molecular dynamics with a checkpoint (NVE energy-drift check, NVT, NPT)",
-                        parents=[_common(True, True, True)],
-                        description="Molecular dynamics through ASE with a fine-tuning checkpoint; prints a JSON "
-                                    "summary (temperature, drift of the conserved quantity; NPT: volume, density, "
-                                    "pressure). Units: fs, K, bar.")
-    md.add_argument("--checkpoint", required=True)
-    md.add_argument("--structure", required=True, help="a structure file ASE reads (path[@index], first frame used)")
-    md.add_argument("--model", default=None)
+    md = _structure_command(sub, "md", "molecular dynamics with a checkpoint (NVE energy-drift check, NVT, NPT)",
+                            "Molecular dynamics through ASE with a fine-tuning checkpoint; prints a JSON summary "
+                            "(temperature, drift of the conserved quantity; NPT: volume, density, pressure). "
+                            "Units: fs, K, bar.")
     md.add_argument("--steps", type=int, default=d.steps)
     md.add_argument("--dt", type=float, default=d.dt_fs, help="time step, fs")
     md.add_argument("--temperature", type=float, default=d.temperature_K,
@@ -245,6 +272,8 @@ def _run(args) -> int:
         _md(args)
     elif args.command == "export":
         _export(args)
+    elif args.command == "relax":
+        return _relax(args)
     elif args.command == "data":
         from .rmd17 import DEFAULT_URL, fetch_rmd17
 
@@ -252,6 +281,35 @@ def _run(args) -> int:
                           args.seed, args.archive, args.overwrite)
         for mol, r in res.items():
             print(f"{mol}: {r['train']} train / {r['valid']} valid / {r['test']} test -> {r['dir']}")
+    return 0
+
+
+def _structure_and_calculator(args):
+    """(the first frame of --structure, the checkpoint's calculator), the frame checked for its model."""
+    from .calculator import MMEACalculator, check_structure
+    from ..train.checks import read_structures
+
+    atoms = read_structures(args.structure, "structure file")[0]
+    calc = MMEACalculator(checkpoint=args.checkpoint, model=args.model, trust_pickle=args.trust_pickle,
+                          device=args.device)
+    check_structure(atoms, calc, args.structure, _checks(args))
+    return atoms, calc
+
+
+def _relax(args) -> int:
+    from .relax import RelaxSettings, relax
+
+    settings = RelaxSettings(fmax=args.fmax, steps=args.steps, optimizer=args.optimizer, cell=args.cell,
+                             pressure_bar=args.pressure, out=args.out, trajectory=args.trajectory, log=args.log,
+                             overwrite=args.overwrite)
+    settings.check()  # before the model is loaded
+    _, res = relax(*_structure_and_calculator(args), settings, where=args.structure)
+    print(json.dumps(res, indent=1))
+    if not res["converged"]:
+        print(f"mmea-kernels relax: not converged within {res['steps']} steps (largest force "
+              f"{res['max_force_eV_per_A']:.3g} eV/Å, --fmax {args.fmax:g}); {args.out} holds the last structure",
+              file=sys.stderr)
+        return 3
     return 0
 
 
@@ -264,20 +322,14 @@ def _export(args) -> None:
 
 
 def _md(args) -> None:
-    from .calculator import MMEACalculator, check_structure
     from .md import MDSettings, run_md
-    from ..train.checks import read_structures
 
     settings = MDSettings(steps=args.steps, dt_fs=args.dt, temperature_K=args.temperature, ensemble=args.ensemble,
                           thermostat=args.thermostat, tdamp_fs=args.tdamp, pressure_bar=args.pressure,
                           pdamp_fs=args.pdamp, velocities=args.velocities, seed=args.seed,
                           trajectory=args.trajectory, log=args.log, interval=args.interval, overwrite=args.overwrite)
     settings.check()  # before the model is loaded: bad settings cost nothing
-    atoms = read_structures(args.structure, "structure file")[0]
-    calc = MMEACalculator(checkpoint=args.checkpoint, model=args.model, trust_pickle=args.trust_pickle,
-                          device=args.device)
-    check_structure(atoms, calc, args.structure, _checks(args))
-    print(json.dumps(run_md(atoms, calc, settings, where=args.structure), indent=1))
+    print(json.dumps(run_md(*_structure_and_calculator(args), settings, where=args.structure), indent=1))
 
 
 if __name__ == "__main__":

@@ -84,14 +84,20 @@ class MDSettings:
         if self.trajectory is not None and os.path.splitext(self.trajectory)[1].lower() not in TRAJECTORY_SUFFIXES:
             raise ValueError(f"--trajectory {self.trajectory}: the name must end in one of "
                              f"{', '.join(TRAJECTORY_SUFFIXES)} (the format is taken from it)")
-        for name, path in (("--trajectory", self.trajectory), ("--log", self.log)):
-            if path is None or path == "-":
-                continue
-            if os.path.exists(path) and not self.overwrite:
-                raise FileExistsError(f"{name} {path} exists; pass --overwrite to replace it")
-            parent = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(parent):
-                raise FileNotFoundError(f"{name} {path}: the directory {parent} does not exist")
+        check_outputs({"--trajectory": self.trajectory, "--log": self.log}, self.overwrite)
+
+
+def check_outputs(paths: dict, overwrite: bool) -> None:
+    """For each ``{option: path}`` (None and "-" skipped): ``FileExistsError`` if the file exists and
+    not ``overwrite``, ``FileNotFoundError`` if its directory does not exist."""
+    for name, path in paths.items():
+        if path is None or path == "-":
+            continue
+        if os.path.exists(path) and not overwrite:
+            raise FileExistsError(f"{name} {path} exists; pass --overwrite to replace it")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(f"{name} {path}: the directory {parent} does not exist")
 
 
 def check_md_settings(steps: int, dt_fs: float, temperature_K: float) -> None:

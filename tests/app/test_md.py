@@ -13,21 +13,12 @@ pytest.importorskip("mace")
 from ase import Atoms  # noqa: E402
 from ase.io import read  # noqa: E402
 
-import mmea_kernels as mk  # noqa: E402
-from helpers import CUDA_AVAILABLE, REPO, randomise_adapters  # noqa: E402
+from helpers import CUDA_AVAILABLE, REPO  # noqa: E402
 from mmea_kernels.app.calculator import MMEACalculator  # noqa: E402
 from mmea_kernels.app.md import MDSettings, run_md  # noqa: E402
-from mmea_kernels.train.foundation import load_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ETHANOL = REPO / "mmea_kernels" / "assets" / "ethanol_pbe" / "test.xyz"
-
-
-@pytest.fixture(scope="module")
-def calc():
-    net = load_model().double()
-    mk.inject_adapters(net, method="mmea", rank=4)
-    return MMEACalculator(module=randomise_adapters(net, 0.05, seed=0))
+ETHANOL = REPO / "mmea_kernels" / "assets" / "ethanol_pbe" / "test.xyz"  # ``calc``: tests/app/conftest.py
 
 
 def _molecules(n, spacing, cell=None):

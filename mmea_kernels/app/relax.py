@@ -1,0 +1,114 @@
+"""Geometry optimisation with a (fine-tuned) model through ASE: the positions, and for a structure
+periodic in all three directions optionally the cell (``cell=True``: ASE's ``FrechetCellFilter``,
+driven by the model's stress toward a target pressure), until every force (and the cell's
+generalised force) is below ``fmax``. What MD usually starts from."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Optional
+
+import numpy as np
+
+from .md import check_outputs
+
+__all__ = ["RelaxSettings", "relax", "OPTIMIZERS"]
+
+OPTIMIZERS = ("bfgs", "lbfgs", "fire")
+
+
+@dataclasses.dataclass
+class RelaxSettings:
+    """``fmax`` (eV/Å): the convergence threshold on the largest force; ``steps``: the most
+    optimiser steps; ``cell``: relax the cell too (3-D periodic structures); ``pressure_bar``: the
+    target pressure of a cell relaxation; ``out``: the final structure (extended XYZ, with energy,
+    forces and, when periodic, stress); ``trajectory``: every step (``.traj``); ``log``: the
+    optimiser's log (``"-"``: standard output). Existing files are refused unless ``overwrite``."""
+
+    fmax: float = 0.01
+    steps: int = 500
+    optimizer: str = "bfgs"
+    cell: bool = False
+    pressure_bar: float = 0.0
+    out: Optional[str] = None
+    trajectory: Optional[str] = None
+    log: Optional[str] = None
+    overwrite: bool = False
+
+    def check(self) -> None:
+        if not (math.isfinite(self.fmax) and self.fmax > 0):
+            raise ValueError(f"--fmax must be a force > 0 eV/Å, got {self.fmax}")
+        if int(self.steps) != self.steps or self.steps < 1:
+            raise ValueError(f"--steps must be a whole number >= 1, got {self.steps}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown --optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+        if not math.isfinite(self.pressure_bar):
+            raise ValueError(f"--pressure must be finite, got {self.pressure_bar}")
+        if self.pressure_bar != 0 and not self.cell:
+            raise ValueError("--pressure acts on the cell: it needs --cell")
+        if self.out is not None and os.path.splitext(self.out)[1].lower() not in (".xyz", ".extxyz"):
+            raise ValueError(f"--out {self.out}: the final structure is written as extended XYZ; name it *.xyz or "
+                             "*.extxyz")
+        if self.trajectory is not None and not self.trajectory.lower().endswith(".traj"):
+            raise ValueError(f"--trajectory {self.trajectory}: the name must end in .traj")
+        check_outputs({"--out": self.out, "--trajectory": self.trajectory, "--log": self.log}, self.overwrite)
+
+
+def _periodic(atoms) -> bool:
+    return bool(np.all(atoms.pbc)) and abs(atoms.cell.volume) > 1e-9
+
+
+def _optimizer(name: str):
+    from ase import optimize
+
+    return {"bfgs": optimize.BFGS, "lbfgs": optimize.LBFGS, "fire": optimize.FIRE}[name]
+
+
+def relax(atoms, calculator, settings: Optional[RelaxSettings] = None, where: str = "the structure", **kw):
+    """(relaxed copy of ``atoms``, summary). The summary: converged (every force below fmax, and
+    the cell's generalised force when ``cell``), steps taken, energies before and after (eV), the
+    largest force after (eV/Å), and for periodic structures the stress and volume after. Raises
+    ``ValueError`` for settings it cannot run and when the energy turns non-finite."""
+    from ase import units
+
+    s = dataclasses.replace(settings or RelaxSettings(), **kw)
+    s.check()
+    if s.cell and not _periodic(atoms):
+        raise ValueError(f"--cell needs a structure periodic in all three directions with a 3-D cell; {where} has "
+                         f"pbc={np.asarray(atoms.pbc).tolist()} and cell volume {abs(atoms.cell.volume):.3g} Å³")
+    atoms = atoms.copy()
+    atoms.calc = calculator
+    e0 = atoms.get_potential_energy()
+    target = atoms
+    if s.cell:
+        from ase.filters import FrechetCellFilter
+
+        target = FrechetCellFilter(atoms, scalar_pressure=s.pressure_bar * units.bar)
+    if s.trajectory and os.path.exists(s.trajectory):
+        os.remove(s.trajectory)  # s.check() refused it unless overwrite
+    opt = _optimizer(s.optimizer)(target, logfile=s.log, trajectory=s.trajectory)
+
+    def finite():
+        e = atoms.get_potential_energy()
+        if not math.isfinite(e):
+            raise ValueError(f"relax stopped: the energy is {e} at step {opt.nsteps}; the structure or the model is "
+                             "unstable there")
+
+    opt.attach(finite, interval=1)
+    converged = bool(opt.run(fmax=s.fmax, steps=s.steps))
+    forces = atoms.get_forces()
+    res = {"converged": converged, "steps": int(opt.nsteps), "optimizer": s.optimizer, "cell": s.cell,
+           "fmax": s.fmax, "atoms": len(atoms), "initial_energy_eV": float(e0),
+           "final_energy_eV": float(atoms.get_potential_energy()),
+           "max_force_eV_per_A": float(np.linalg.norm(forces, axis=1).max())}
+    if _periodic(atoms):
+        stress = atoms.get_stress()
+        res.update(volume_A3=float(atoms.get_volume()), pressure_bar=float(-stress[:3].mean() / units.bar),
+                   stress_eV_per_A3=[float(v) for v in stress])
+    if s.out is not None:
+        from ase.io import write
+
+        write(s.out, atoms, format="extxyz")
+        res["out"] = s.out
+    return atoms, res

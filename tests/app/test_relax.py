@@ -1,0 +1,92 @@
+"""Geometry optimisation (``mmea_kernels.app.relax``, ``mmea-kernels relax``) with the shipped MACE
+and random MMEA adapters (float64): the relaxed structure, re-evaluated by a fresh calculator from
+the written file, has every force below fmax and a lower energy, and three optimisers find the
+same minimum; a cell relaxation ends with the stress at the target pressure within what fmax
+allows (ASE's FrechetCellFilter: |σ + p|·V/N < fmax) and compresses under 20 kbar; refusals are
+named, and the command line exits 3, with the last structure written, when it does not converge."""
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mace")
+from ase import units  # noqa: E402
+from ase.io import read  # noqa: E402
+
+from helpers import REPO  # noqa: E402
+from mmea_kernels.app.relax import relax  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # ``calc``: tests/app/conftest.py
+ETHANOL = REPO / "mmea_kernels" / "assets" / "ethanol_pbe" / "test.xyz"
+
+
+def _fresh(path, calc):
+    """The written structure, evaluated anew (not the values stored in the file)."""
+    a = read(str(path))
+    stored = a.get_potential_energy()
+    a.calc = calc
+    assert a.get_potential_energy() == pytest.approx(stored, abs=1e-6)
+    return a
+
+
+def test_relaxed_molecule_has_every_force_below_fmax(calc, tmp_path):
+    mol = read(str(ETHANOL), 0)
+    energies = {}
+    for opt in ("bfgs", "lbfgs", "fire"):
+        out = tmp_path / f"{opt}.xyz"
+        _, res = relax(mol, calc, optimizer=opt, fmax=0.01, steps=1000, out=str(out))
+        a = _fresh(out, calc)
+        assert res["converged"] and np.linalg.norm(a.get_forces(), axis=1).max() < 0.01
+        assert a.get_potential_energy() < res["initial_energy_eV"] - 0.1  # a thermal frame relaxes by ~0.7 eV
+        np.testing.assert_allclose(a.get_positions(), read(str(out)).get_positions())
+        energies[opt] = a.get_potential_energy()
+    assert max(energies.values()) - min(energies.values()) < 1e-3, energies  # one minimum, three ways
+
+
+def test_cell_relaxation_reaches_the_target_pressure(calc, tmp_path):
+    box = read(str(ETHANOL), 0)
+    box.cell = np.array([[5.5, 0, 0], [0.4, 5.0, 0], [0.3, 0.2, 4.5]])
+    box.pbc = True
+    vols = {}
+    for p in (0.0, 20000.0):
+        out = tmp_path / f"p{p:g}.xyz"
+        _, res = relax(box, calc, cell=True, pressure_bar=p, fmax=0.05, steps=400, out=str(out))
+        a = _fresh(out, calc)
+        sigma = a.get_stress(voigt=False) + p * units.bar * np.eye(3)
+        assert res["converged"] and np.abs(sigma).max() * a.get_volume() / len(a) < 0.05, sigma
+        assert res["volume_A3"] == pytest.approx(a.get_volume(), rel=1e-6)
+        vols[p] = a.get_volume()
+    assert vols[20000.0] < 0.8 * box.get_volume() and vols[20000.0] < 0.8 * vols[0.0], vols
+
+
+def test_relax_refusals(calc, tmp_path):
+    mol = read(str(ETHANOL), 0)
+    (tmp_path / "old.xyz").write_text("keep")
+    cases = [(dict(cell=True), ValueError, r"--cell needs a structure periodic in all three directions.*pbc=\["),
+             (dict(pressure_bar=100.0), ValueError, "--pressure acts on the cell: it needs --cell"),
+             (dict(fmax=0.0), ValueError, "--fmax must be a force > 0"),
+             (dict(optimizer="cg"), ValueError, "unknown --optimizer 'cg'"),
+             (dict(out=str(tmp_path / "x.pdb")), ValueError, "name it \\*.xyz or \\*.extxyz"),
+             (dict(out=str(tmp_path / "old.xyz")), FileExistsError, "old.xyz exists; pass --overwrite"),
+             (dict(trajectory=str(tmp_path / "t.xyz")), ValueError, "must end in .traj")]
+    for kw, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            relax(mol, calc, steps=2, **kw)
+    assert (tmp_path / "old.xyz").read_text() == "keep"
+
+
+def test_relax_command_exits_3_when_it_does_not_converge(train_checkpoint, tmp_path, capsys):
+    out = tmp_path / "r.xyz"
+    args = ["relax", "--checkpoint", str(train_checkpoint), "--structure", f"{ETHANOL}@0", "--out", str(out),
+            "--device", "cpu"]
+    from mmea_kernels.app.cli import main
+
+    capsys.readouterr()
+    assert main(args + ["--steps", "2", "--fmax", "1e-4"]) == 3
+    cap = capsys.readouterr()
+    assert not json.loads(cap.out)["converged"] and "not converged within 2 steps" in cap.err
+    assert len(read(str(out), ":")) == 1
+    assert main(args + ["--fmax", "0.05"]) == 2 and "r.xyz exists; pass --overwrite" in capsys.readouterr().err
+    assert main(args + ["--fmax", "0.05", "--overwrite", "--trajectory", str(tmp_path / "r.traj")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["converged"] and len(read(str(tmp_path / "r.traj"), ":")) == res["steps"] + 1
