@@ -98,6 +98,25 @@ def test_crafted_pickle_is_refused_everywhere_and_never_runs(data, tmp_path, cap
     assert not (tmp_path / "m").exists()  # the refused finetune left no directory behind
 
 
+def test_an_old_pickle_trajectory_as_structure_is_refused_and_never_runs(data, tmp_path, capsys):
+    """ASE's pre-2015 trajectory format is a pickle; md and relax read --structure with ASE, which
+    reads .traj files as ULM only (no unpickling), so a crafted one is refused as unreadable."""
+    import pickle
+
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "evil.traj"
+    evil.write_bytes(b"PickleTrajectory" + pickle.dumps(_Payload(marker)) + pickle.dumps(_Payload(marker)))
+    ck = str(data / "mmea" / "checkpoint.pt")
+    for argv in (["md", "--checkpoint", ck, "--structure", str(evil), "--steps", "2"],
+                 ["relax", "--checkpoint", ck, "--structure", str(evil), "--out", str(tmp_path / "r.xyz")]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "evil.traj could not be read" in err and err.count("\n") == 1, err
+        assert not marker.exists()
+    assert not (tmp_path / "r.xyz").exists()
+
+
 def test_whole_pickled_model_needs_trust_pickle(tmp_path):
     base = load_model("builtin:mace-xtb-small")
     torch.save(base, str(tmp_path / "whole.model"))  # a whole-model pickle, as mace-torch writes them
