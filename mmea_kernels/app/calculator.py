@@ -46,10 +46,11 @@ def _make_calculator():
             self.net = module.eval()
             self.z, self.r_max = model_info(module)
             self.dtype, self.device = next(module.parameters()).dtype, module_device(module)
+            from ..integrations.mace import BatchCache
+
+            self._batches = BatchCache(self.z, self.r_max, self.device, self.dtype)  # MD: new geometry, same atoms
 
         def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-            from ..integrations.mace import atoms_to_batch
-
             super().calculate(atoms, properties, system_changes)
             a = self.atoms.copy()
             a.calc = None
@@ -60,8 +61,7 @@ def _make_calculator():
                 raise PropertyNotImplementedError(
                     f"MMEACalculator: stress needs a structure periodic in all three directions with a 3-D cell; "
                     f"this one has pbc={a.pbc.tolist()} and cell volume {abs(a.cell.volume):.3g} Å³")
-            batch = atoms_to_batch([a], self.z, self.r_max, energy_key="__none__", forces_key="__none__",
-                                   device=self.device, dtype=self.dtype)
+            batch = self._batches(a)
             out = self.net(batch, training=False, compute_force=True, **({"compute_stress": True} if periodic else {}))
             e = float(out["energy"].detach()[0])
             f = out["forces"].detach().to(torch.float64).cpu().numpy()

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 __all__ = ["MACEConfig", "PRESETS", "build_mace", "atoms_to_graphs", "collate", "atoms_to_batch",
-           "energy_and_forces"]
+           "energy_and_forces", "BatchCache"]
 
 
 @dataclasses.dataclass
@@ -133,6 +133,44 @@ def atoms_to_batch(atoms_list: Sequence, atomic_numbers: Sequence[int], r_max: f
                    device="cpu", dtype: Optional[torch.dtype] = None) -> dict:
     """One MACE input dict for a list of ASE ``Atoms`` (see :func:`atoms_to_graphs`)."""
     return collate(atoms_to_graphs(atoms_list, atomic_numbers, r_max, energy_key, forces_key, dtype), device)
+
+
+class BatchCache:
+    """The one-frame MACE input dict of each structure in a sequence with the same atoms (an MD run,
+    a relaxation), equal tensor for tensor to ``atoms_to_batch([atoms], ...)`` at a fraction of its
+    host cost: the first frame (and any frame whose elements or pbc differ from the one before) goes
+    through mace's ``AtomicData.from_config`` and ``Batch``; the others only get a new neighbour list
+    (mace's ``get_neighborhood``, which ``from_config`` calls) and the tensors that follow from the
+    geometry (positions, edges, shifts, cell, its volume and reciprocal), the label placeholders and
+    one-hot attributes being reused. Measured: 0.84 -> 0.15 ms per 21-atom frame (see README)."""
+
+    _GEOMETRY = ("positions", "edge_index", "shifts", "unit_shifts", "cell", "volume", "rcell")
+
+    def __init__(self, atomic_numbers: Sequence[int], r_max: float, device="cpu", dtype: Optional[torch.dtype] = None):
+        self.z, self.r_max, self.device, self.dtype = list(atomic_numbers), float(r_max), device, dtype
+        self._key, self._template = None, None
+
+    def __call__(self, atoms) -> dict:
+        from mace.data.neighborhood import get_neighborhood
+
+        key = (np.asarray(atoms.numbers).tobytes(), tuple(bool(p) for p in atoms.pbc))
+        if key != self._key:
+            self._template = atoms_to_batch([atoms], self.z, self.r_max, energy_key="__none__",
+                                            forces_key="__none__", device=self.device, dtype=self.dtype)
+            self._key = key
+        dt = self._template["positions"].dtype
+        positions = atoms.get_positions()
+        edge_index, shifts, unit_shifts, cell = get_neighborhood(
+            positions=positions, cutoff=self.r_max, pbc=key[1], cell=np.array(atoms.get_cell()))
+        cell_t = torch.tensor(cell, dtype=dt)
+        volume = torch.linalg.det(cell_t)
+        rcell = 2 * torch.pi * torch.linalg.inv(cell_t.mT) if torch.abs(volume) > 0 else torch.zeros(3, 3, dtype=dt)
+        geometry = (torch.tensor(positions, dtype=dt), torch.tensor(edge_index, dtype=torch.long),
+                    torch.tensor(shifts, dtype=dt), torch.tensor(unit_shifts, dtype=dt), cell_t, volume.reshape(1),
+                    rcell)
+        out = dict(self._template)
+        out.update({k: v.to(self.device) for k, v in zip(self._GEOMETRY, geometry)})
+        return out
 
 
 def energy_and_forces(model, batch: dict, training: bool = False):

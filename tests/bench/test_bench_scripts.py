@@ -138,6 +138,18 @@ def test_model_overhead_script(tmp_path):
     assert growth["kernels"] and any(n.startswith("mmea_kernels_ext::") for n in names) == ("'cpp'" in rows[0]["mmea_fused"])
 
 
+def test_md_step_script(tmp_path):
+    """bench/md_step.py: both calculators give the same energies and forces on its frames (it checks,
+    exactly), then a ratio with its quartiles."""
+    pytest.importorskip("mace")
+    res = subprocess.run([sys.executable, str(BENCH / "md_step.py"), "--rounds", "3", "--steps", "2", "--copies", "2",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (out,) = tmp_path.glob("md-step-cpu-*-2x.json")
+    row = json.loads(out.read_text())
+    assert row["rounds"] == 3 and row["ratio_q1"] <= row["ratio_median"] <= row["ratio_q3"] and row["a_ms"] > 0
+
+
 def test_model_overhead_script_records_the_auto_choices(tmp_path):
     """MMEA_FUSED_LINEAR=auto: every MMEALinear of the model chose a path at the size it saw (with
     the input gradient: forces), and the row lists each choice with both times."""

@@ -451,3 +451,39 @@ def test_force_loss_gradient_matches_finite_differences(small_base, mol_batch):
     numeric = (lp - lm) / (2 * eps)
     # central difference error here is ~1e-9 relative; a 1 % error in one backward term is ~1e-6
     assert abs(analytic - numeric) <= 1e-7 * max(1.0, abs(analytic)), (analytic, numeric)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batch_cache_equals_atoms_to_batch_frame_after_frame(dtype):
+    """The calculator's per-frame input (``BatchCache``) against mace's own path, tensor for tensor
+    (``torch.equal``, same dtype and shape): a molecule moving, a triclinic periodic cell whose
+    atoms cross its faces while the cell itself is strained (NPT), then other atoms and other pbc
+    (the cache must rebuild), then the first molecule again."""
+    from mmea_kernels.app.data import toy_molecules
+    from mmea_kernels.integrations.mace import BatchCache
+
+    rng = np.random.default_rng(0)
+    mol = toy_molecules("ethanol", 1, seed=1)[0]
+    box = toy_molecules("toluene", 1, seed=2)[0]
+    box.cell, box.pbc = np.diag([6.0, 6.5, 7.0]) + 0.4 * np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0]]), True
+    slab = box.copy()
+    slab.pbc = [True, True, False]
+    cache = BatchCache(Z, R_MAX, dtype=dtype)
+    frames = []
+    for atoms in (mol, box, slab, mol):
+        for _ in range(3):
+            atoms = atoms.copy()
+            atoms.positions += rng.normal(0, 0.3, atoms.positions.shape)
+            if atoms.pbc.all():
+                atoms.set_cell(atoms.cell.array @ (np.eye(3) + rng.normal(0, 0.02, (3, 3))), scale_atoms=True)
+            frames.append(atoms)
+    edges = set()
+    for atoms in frames:
+        got, ref = cache(atoms), atoms_to_batch([atoms], Z, R_MAX, energy_key="__none__", forces_key="__none__",
+                                                dtype=dtype)
+        assert got.keys() == ref.keys()
+        for k, v in ref.items():
+            if torch.is_tensor(v):
+                assert v.dtype == got[k].dtype and v.shape == got[k].shape and torch.equal(v, got[k]), k
+        edges.add(int(ref["edge_index"].shape[1]))
+    assert len(edges) > 4  # the neighbour lists really changed from frame to frame
