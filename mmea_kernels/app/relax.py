@@ -82,8 +82,13 @@ def relax(atoms, calculator, settings: Optional[RelaxSettings] = None, where: st
     e0 = atoms.get_potential_energy()
     target = atoms
     if s.cell:
-        from ase.filters import FrechetCellFilter
+        try:
+            from ase.filters import FrechetCellFilter
+        except ImportError:
+            import ase
 
+            raise ImportError(f"relax --cell needs ase.filters.FrechetCellFilter, which ASE {ase.__version__} "
+                              "lacks; pip install 'ase>=3.23'") from None
         target = FrechetCellFilter(atoms, scalar_pressure=s.pressure_bar * units.bar)
     if s.trajectory and os.path.exists(s.trajectory):
         os.remove(s.trajectory)  # s.check() refused it unless overwrite
