@@ -5,6 +5,7 @@
   evaluate   errors of a fine-tuning checkpoint on a labelled file
   md         molecular dynamics with a checkpoint: NVE (energy-drift check), NVT, NPT; trajectory, log
   relax      geometry optimisation with a checkpoint (positions, optionally the cell)
+  predict    a checkpoint's energies, forces (and stresses) on every frame of a file, as extended XYZ
   export     a checkpoint as TorchScript: LAMMPS pair_style mace, or the scripted model (verified)
   data rmd17 download the public rMD17 archive and write train/valid/test splits
 """
@@ -125,6 +126,18 @@ def main(argv=None) -> int:
     ev.add_argument("--json", default=None, help="also write the result here")
     _md_parser(sub)
     _relax_parser(sub)
+    pr = sub.add_parser("predict", help="a checkpoint's energies, forces, stresses on every frame, as extended XYZ",
+                        parents=[_common(True, True, True)],
+                        description="Evaluate a fine-tuning checkpoint on every frame of a structure file and write "
+                                    "the frames with <prefix>energy, <prefix>forces and, for 3-D periodic frames, "
+                                    "<prefix>stress (ASE Voigt, eV/Å³) added.")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--data", required=True, help="path[@index]")
+    pr.add_argument("--out", required=True, help="extended XYZ (.xyz/.extxyz)")
+    pr.add_argument("--model", default=None, help="base model, if not where the checkpoint says")
+    pr.add_argument("--batch-size", type=int, default=16)
+    pr.add_argument("--prefix", default="MMEA_", help="the keys' prefix (default MMEA_: MMEA_energy, ...)")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     ex = sub.add_parser("export", help="a checkpoint as a TorchScript file (LAMMPS pair_style mace, or the model)",
                         parents=[_common(trust=True)],
                         description="Export a fine-tuning checkpoint for production MD. The file is loaded back "
@@ -274,6 +287,13 @@ def _run(args) -> int:
         _export(args)
     elif args.command == "relax":
         return _relax(args)
+    elif args.command == "predict":
+        from .predict import predict
+
+        res = predict(args.checkpoint, args.data, args.out, args.model, args.batch_size, args.prefix,
+                      device=args.device, trust_pickle=args.trust_pickle, checks=_checks(args),
+                      overwrite=args.overwrite)
+        print(json.dumps(res, indent=1))
     elif args.command == "data":
         from .rmd17 import DEFAULT_URL, fetch_rmd17
 

@@ -1,0 +1,96 @@
+"""``mmea-kernels predict``: a fine-tuned model's energies, forces and (for frames periodic in all
+three directions) stresses on every frame of a structure file, written as extended XYZ next to
+whatever the frames already carry (mace-torch's ``mace_eval_configs`` does the same for MACE files).
+
+The frames are read, checked (as training data, without labels) and evaluated in batches of
+``batch_size``; the output is written under a temporary name and renamed at the end, so an error
+half-way leaves no partial file under the name asked for."""
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+from typing import Optional
+
+import numpy as np
+
+__all__ = ["predict"]
+
+
+def _evaluate(net, frames, where: str, batch_size: int, checks, start: int):
+    """(energies, forces per frame, stresses per frame or None) for ``frames`` (a chunk starting at
+    frame ``start`` of the file, for the messages)."""
+    import torch
+
+    from ..train.checks import checked_graphs
+    from ..train.data import make_batches
+    from ..train.device import module_device
+    from ..train.foundation import model_info
+
+    z, r_max = model_info(net)
+    graphs = checked_graphs(frames, z, r_max, f"{where} (frames {start}..{start + len(frames) - 1})",
+                            dtype=next(net.parameters()).dtype, checks=checks, labels=False)
+    periodic = [bool(np.all(a.pbc)) and abs(a.cell.volume) > 1e-9 for a in frames]
+    energies, forces, stresses = [], [], []
+    for batch in make_batches(graphs, batch_size, device=module_device(net)):
+        batch.pop("_global", None)
+        out = net(batch, training=False, compute_force=True, **({"compute_stress": True} if any(periodic) else {}))
+        ptr = batch["ptr"].tolist()
+        e = out["energy"].detach().to(torch.float64).cpu().numpy()
+        f = out["forces"].detach().to(torch.float64).cpu().numpy()
+        s = out["stress"].detach().to(torch.float64).cpu().numpy() if any(periodic) else None
+        for g in range(len(ptr) - 1):
+            energies.append(float(e[g]))
+            forces.append(f[ptr[g]:ptr[g + 1]])
+            stresses.append(None if s is None else s[g])
+    return energies, forces, [s if p else None for s, p in zip(stresses, periodic)]
+
+
+def predict(checkpoint, data: str, out, model: Optional[str] = None, batch_size: int = 16,
+            prefix: str = "MMEA_", dtype: Optional[str] = None, device: str = "cpu", trust_pickle: bool = False,
+            checks=None, overwrite: bool = False) -> dict:
+    """Write every frame of ``data`` (``path[@index]``) to ``out`` with ``info[prefix + "energy"]``
+    (eV), ``arrays[prefix + "forces"]`` (eV/Å) and, for 3-D periodic frames, ``info[prefix + "stress"]``
+    (eV/Å³, ASE's Voigt order and sign). Returns a summary."""
+    import ase.io
+    from ase.stress import full_3x3_to_voigt_6_stress
+
+    from ..train import load_finetuned
+    from ..train.checks import DataChecks, read_structures
+    from .md import check_outputs
+
+    out = pathlib.Path(out)
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"--batch-size must be a whole number >= 1, got {batch_size}")
+    if out.suffix.lower() not in (".xyz", ".extxyz"):
+        raise ValueError(f"--out {out}: predictions are written as extended XYZ; name it *.xyz or *.extxyz")
+    if not prefix or not prefix.replace("_", "").isalnum():
+        raise ValueError(f"--prefix {prefix!r}: letters, digits and underscores only (the keys are "
+                         f"{prefix}energy, {prefix}forces, {prefix}stress)")
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a directory; give a file name (e.g. predicted.xyz)")
+    check_outputs({"--out": str(out)}, overwrite)
+    frames = read_structures(data, "data file")
+    net, ckpt = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle, device=device)
+    checks = checks or DataChecks()
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=str(out.parent))
+    os.close(fd)
+    n_stress, chunk = 0, max(batch_size, 256)
+    try:
+        for start in range(0, len(frames), chunk):
+            part = frames[start:start + chunk]
+            energies, forces, stresses = _evaluate(net, part, str(data), batch_size, checks, start)
+            for a, e, f, s in zip(part, energies, forces, stresses):
+                a.info[f"{prefix}energy"] = e
+                a.arrays[f"{prefix}forces"] = f
+                if s is not None:
+                    a.info[f"{prefix}stress"] = full_3x3_to_voigt_6_stress(s)
+                    n_stress += 1
+            ase.io.write(tmp, part, format="extxyz", append=start > 0)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return {"out": str(out), "frames": len(frames), "with_stress": n_stress, "method": ckpt["method"],
+            "keys": [f"{prefix}energy", f"{prefix}forces"] + ([f"{prefix}stress"] if n_stress else []),
+            "dtype": str(next(net.parameters()).dtype).replace("torch.", "")}

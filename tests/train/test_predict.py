@@ -1,0 +1,103 @@
+"""``mmea-kernels predict``: a checkpoint's energies, forces and stresses on every frame of a file
+(molecules of two sizes and triclinic periodic frames mixed, batched) equal the ASE calculator's
+frame by frame (float64: energies and stresses ≤ 1e-10 relative, forces to the 8 decimals extended
+XYZ stores; an independent path: one frame at a time through ``BatchCache``), for any batch size and for a file larger than one chunk; the frames keep what they
+carried; a bad file, an unknown element or an existing output leave nothing under the name asked
+for."""
+import json
+
+import ase.io
+import numpy as np
+import pytest
+
+pytest.importorskip("mace")
+from mmea_kernels.app.calculator import MMEACalculator  # noqa: E402
+from mmea_kernels.app.cli import main  # noqa: E402
+from mmea_kernels.app.data import toy_molecules  # noqa: E402
+from mmea_kernels.app.predict import predict  # noqa: E402
+from mmea_kernels.train import FinetuneConfig, finetune  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(train_files, tmp_path_factory):
+    d = tmp_path_factory.mktemp("pred")
+    finetune(FinetuneConfig(train=str(train_files / "train.xyz"), valid=str(train_files / "valid.xyz"),
+                            model=str(train_files / "base.pt"), out_dir=str(d / "run"), method="mmea", epochs=1,
+                            batch_size=4, lr=0.05, progress=False, dtype="float64"), log=lambda *_: None)
+    return d / "run" / "checkpoint.pt"
+
+
+def _mixed(n_periodic=3):
+    frames = toy_molecules("ethanol", 3, seed=21) + toy_molecules("toluene", 2, seed=22)
+    rng = np.random.default_rng(0)
+    for a in toy_molecules("ethanol", n_periodic, seed=23):
+        a.positions += 1.5
+        a.cell = np.diag(rng.uniform(6.2, 7.0, 3)) + rng.uniform(-0.3, 0.3, (3, 3)) * (1 - np.eye(3))
+        a.pbc = True
+        frames.append(a)
+    for i, a in enumerate(frames):
+        a.info["tag"] = i
+    return frames
+
+
+def test_predictions_equal_the_calculator_frame_by_frame(checkpoint, tmp_path, capsys):
+    frames = _mixed()
+    ase.io.write(str(tmp_path / "in.xyz"), frames)
+    calc = MMEACalculator(checkpoint=str(checkpoint))
+    outs = {}
+    for bs in (1, 3, 16):
+        path = tmp_path / f"p{bs}.xyz"
+        capsys.readouterr()
+        assert main(["predict", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "in.xyz"), "--out", str(path),
+                     "--batch-size", str(bs), "--device", "cpu"]) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert res["frames"] == 8 and res["with_stress"] == 3
+        outs[bs] = ase.io.read(str(path), ":")
+    for i, (a, got) in enumerate(zip(frames, outs[3])):
+        assert got.info["tag"] == i and np.allclose(got.positions, a.positions)
+        a = a.copy()
+        a.calc = calc
+        assert got.info["MMEA_energy"] == pytest.approx(a.get_potential_energy(), rel=1e-10)
+        np.testing.assert_allclose(got.arrays["MMEA_forces"], a.get_forces(), rtol=0, atol=1e-8)  # 8 decimals
+        if a.pbc.all():
+            np.testing.assert_allclose(got.info["MMEA_stress"], a.get_stress(), rtol=0, atol=1e-10)
+        else:
+            assert "MMEA_stress" not in got.info
+        for bs in (1, 16):
+            assert outs[bs][i].info["MMEA_energy"] == pytest.approx(got.info["MMEA_energy"], rel=1e-12)
+
+
+def test_a_file_larger_than_a_chunk_and_a_prefix(checkpoint, tmp_path):
+    frames = toy_molecules("ethanol", 300, seed=5)
+    ase.io.write(str(tmp_path / "many.xyz"), frames)
+    res = predict(checkpoint, str(tmp_path / "many.xyz@10:"), tmp_path / "o.xyz", batch_size=64, prefix="FT_")
+    got = ase.io.read(str(tmp_path / "o.xyz"), ":")
+    assert res["frames"] == 290 == len(got) and res["keys"] == ["FT_energy", "FT_forces"]
+    calc = MMEACalculator(checkpoint=str(checkpoint))
+    for i in (0, 255, 256, 289):  # both sides of the 256-frame chunk boundary
+        a = frames[10 + i].copy()
+        a.calc = calc
+        assert got[i].info["FT_energy"] == pytest.approx(a.get_potential_energy(), rel=1e-10)
+
+
+def test_predict_refusals_leave_nothing_behind(checkpoint, tmp_path, capsys):
+    good = tmp_path / "in.xyz"
+    ase.io.write(str(good), _mixed(0))
+    bad = _mixed(0)
+    bad[4].numbers[0] = 14  # silicon: not in the model
+    ase.io.write(str(tmp_path / "si.xyz"), bad)
+    (tmp_path / "old.xyz").write_text("keep")
+    cases = [(["--data", str(good), "--out", str(tmp_path / "old.xyz")], "old.xyz exists; pass --overwrite"),
+             (["--data", str(good), "--out", str(tmp_path / "o.traj")], "name it *.xyz or *.extxyz"),
+             (["--data", str(good), "--out", str(tmp_path / "o.xyz"), "--batch-size", "0"], "--batch-size must be"),
+             (["--data", str(good), "--out", str(tmp_path / "o.xyz"), "--prefix", "a b"], "letters, digits"),
+             (["--data", str(tmp_path / "si.xyz"), "--out", str(tmp_path / "o.xyz")], "Si (Z=14)")]
+    for extra, expect in cases:
+        capsys.readouterr()
+        assert main(["predict", "--checkpoint", str(checkpoint), *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert expect in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.xyz", "old.xyz", "si.xyz"]
+    assert (tmp_path / "old.xyz").read_text() == "keep"
