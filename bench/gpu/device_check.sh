@@ -17,8 +17,9 @@
 #      and MMEA_FUSED_LINEAR=0; what auto picks per layer at 4 and 64 molecules (bench/path_choices.py);
 #   5. bench/gpu/bench_gpu.py (gate kernels against copy bandwidth, the fused linear against
 #      o3.Linear and cuet, FusedGate against e3nn's Gate; rows stream to a .jsonl as they come);
-#   6. the fine-tuning workflow on the GPU (tests/train/test_device.py, test_stress.py, tests/app/test_md.py: train, evaluate,
-#      resume, checkpoint, ASE calculator, stresses, MD; each against the same run on the CPU; then an MD
+#   6. the fine-tuning workflow on the GPU (tests/train/test_device.py, test_stress.py, test_predict.py,
+#      tests/app/test_md.py: train, evaluate, resume, checkpoint, ASE calculator, stresses, predictions,
+#      MD; each against the same run on the CPU; then an MD
 #      step through the calculator, cached input vs mace's full path (bench/md_step.py); after the
 #      measurements of the open targets, since its first Triton compiles of the tiny MACE's layers cost time);
 #   7. FusedGate against e3nn's Gate, per op and in SevenNet-0 (64 ethanol; float64 equality after
@@ -105,8 +106,8 @@ want bench && within ${BENCH_LIMIT:-220} python3 bench/gpu/bench_gpu.py --out "$
   ${BENCH_ARGS:-} 2>&1 | tail -150
 
 step "the fine-tuning workflow on the GPU (train, evaluate, resume, checkpoint, calculator, stresses, MD; each against the CPU run)"
-want workflow && MMEA_TEST_CUDA=1 within ${WORKFLOW_LIMIT:-100} python3 -m pytest -q -p no:cacheprovider -k cuda -rs --timeout 90 \
-  tests/train/test_device.py tests/train/test_stress.py tests/app/test_md.py 2>&1 | tail -30
+want workflow && MMEA_TEST_CUDA=1 within ${WORKFLOW_LIMIT:-150} python3 -m pytest -q -p no:cacheprovider -k cuda -rs --timeout 90 \
+  tests/train/test_device.py tests/train/test_stress.py tests/app/test_md.py tests/train/test_predict.py 2>&1 | tail -30
 want workflow && within 40 python3 bench/md_step.py --device cuda --rounds 21 2>&1 | grep -v Warning | tail -3
 
 step "FusedGate against e3nn's Gate: per op (N = 4000) and in SevenNet-0 (64 ethanol; equality in float64 first)"

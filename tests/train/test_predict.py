@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("mace")
+from helpers import CUDA_AVAILABLE  # noqa: E402
 from mmea_kernels.app.calculator import MMEACalculator  # noqa: E402
 from mmea_kernels.app.cli import main  # noqa: E402
 from mmea_kernels.app.data import toy_molecules  # noqa: E402
@@ -101,3 +102,18 @@ def test_predict_refusals_leave_nothing_behind(checkpoint, tmp_path, capsys):
         assert expect in err and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.xyz", "old.xyz", "si.xyz"]
     assert (tmp_path / "old.xyz").read_text() == "keep"
+
+
+@pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device on this machine")
+def test_predict_on_cuda_matches_the_cpu(checkpoint, tmp_path):
+    frames = _mixed()
+    ase.io.write(str(tmp_path / "in.xyz"), frames)
+    got = {}
+    for dev in ("cpu", "cuda"):
+        predict(checkpoint, str(tmp_path / "in.xyz"), tmp_path / f"{dev}.xyz", batch_size=4, device=dev)
+        got[dev] = ase.io.read(str(tmp_path / f"{dev}.xyz"), ":")
+    for a, b in zip(got["cuda"], got["cpu"]):
+        assert a.info["MMEA_energy"] == pytest.approx(b.info["MMEA_energy"], rel=1e-10)
+        np.testing.assert_allclose(a.arrays["MMEA_forces"], b.arrays["MMEA_forces"], rtol=0, atol=2e-8)
+        if "MMEA_stress" in b.info:
+            np.testing.assert_allclose(a.info["MMEA_stress"], b.info["MMEA_stress"], rtol=0, atol=1e-9)
