@@ -20,14 +20,19 @@ _USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, Permis
                 IsADirectoryError, NotADirectoryError)
 
 
-def _common(trust: bool = False, data: bool = False, device: bool = False) -> argparse.ArgumentParser:
-    """Options several commands share: --debug; --trust-pickle; the data-check thresholds; --device."""
+def _common(trust: bool = False, data: bool = False, device: bool = False,
+            dtype: bool = False) -> argparse.ArgumentParser:
+    """Options several commands share: --debug; --trust-pickle; the data-check thresholds; --device;
+    --dtype (a checkpoint's model in another precision)."""
     from ..train.device import DEVICES_HELP
 
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     if device:
         p.add_argument("--device", default="auto", help=f"where the model runs: {DEVICES_HELP}; default auto")
+    if dtype:
+        p.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                       help="run the checkpoint's model in this precision (default: the one it was trained in)")
     if trust:
         p.add_argument("--trust-pickle", action="store_true",
                        help="allow a base model that is a whole pickled model (mace-torch *.model): unpickling runs "
@@ -114,7 +119,7 @@ def main(argv=None) -> int:
     demo.add_argument("--md-steps", type=int, default=400)
     _finetune_parser(sub)
     ev = sub.add_parser("evaluate", help="errors of a fine-tuning checkpoint on labelled data",
-                        parents=[_common(True, True, True)])
+                        parents=[_common(True, True, True, dtype=True)])
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--data", required=True, help="path[@index]")
     ev.add_argument("--model", default=None, help="base model, if not where the checkpoint says")
@@ -127,7 +132,7 @@ def main(argv=None) -> int:
     _md_parser(sub)
     _relax_parser(sub)
     pr = sub.add_parser("predict", help="a checkpoint's energies, forces, stresses on every frame, as extended XYZ",
-                        parents=[_common(True, True, True)],
+                        parents=[_common(True, True, True, dtype=True)],
                         description="Evaluate a fine-tuning checkpoint on every frame of a structure file and write "
                                     "the frames with <prefix>energy, <prefix>forces and, for 3-D periodic frames, "
                                     "<prefix>stress (ASE Voigt, eV/Å³) added.")
@@ -173,7 +178,7 @@ def main(argv=None) -> int:
 
 def _structure_command(sub, name: str, help: str, description: str):
     """A command that runs a checkpoint's model on one structure (md, relax)."""
-    p = sub.add_parser(name, help=help, parents=[_common(True, True, True)], description=description)
+    p = sub.add_parser(name, help=help, parents=[_common(True, True, True, dtype=True)], description=description)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--structure", required=True, help="a structure file ASE reads (path[@index], first frame used)")
     p.add_argument("--model", default=None, help="base model, if not where the checkpoint says")
@@ -273,7 +278,7 @@ def _run(args) -> int:
 
         res = evaluate_checkpoint(args.checkpoint, args.data, args.model, args.energy_key, args.forces_key,
                                   trust_pickle=args.trust_pickle, checks=_checks(args), device=args.device,
-                                  stress_key=args.stress_key)
+                                  stress_key=args.stress_key, dtype=args.dtype)
         print(f"{args.data}: {res['frames']} frames | E MAE {res['energy_mae_meV']:.3f} meV | "
               f"E RMSE {res['energy_rmse_meV']:.3f} meV | F MAE {res['forces_mae_meV_per_A']:.3f} meV/Å | "
               f"F RMSE {res['forces_rmse_meV_per_A']:.3f} meV/Å"
@@ -291,7 +296,7 @@ def _run(args) -> int:
         from .predict import predict
 
         res = predict(args.checkpoint, args.data, args.out, args.model, args.batch_size, args.prefix,
-                      device=args.device, trust_pickle=args.trust_pickle, checks=_checks(args),
+                      dtype=args.dtype, device=args.device, trust_pickle=args.trust_pickle, checks=_checks(args),
                       overwrite=args.overwrite)
         print(json.dumps(res, indent=1))
     elif args.command == "data":
@@ -311,7 +316,7 @@ def _structure_and_calculator(args):
 
     atoms = read_structures(args.structure, "structure file")[0]
     calc = MMEACalculator(checkpoint=args.checkpoint, model=args.model, trust_pickle=args.trust_pickle,
-                          device=args.device)
+                          device=args.device, dtype=args.dtype)
     check_structure(atoms, calc, args.structure, _checks(args))
     return atoms, calc
 

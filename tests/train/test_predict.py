@@ -104,6 +104,30 @@ def test_predict_refusals_leave_nothing_behind(checkpoint, tmp_path, capsys):
     assert (tmp_path / "old.xyz").read_text() == "keep"
 
 
+def test_dtype_runs_a_float64_checkpoint_in_float32(checkpoint, train_files, tmp_path, capsys):
+    """--dtype on predict, evaluate and md: the checkpoint's model in float32 (the reference frame check
+    at float32 tolerance) gives what float64 gives to float32 precision."""
+    data = str(train_files / "test.xyz")
+    for dt in ("float64", "float32"):
+        capsys.readouterr()
+        assert main(["predict", "--checkpoint", str(checkpoint), "--data", data, "--out", str(tmp_path / f"{dt}.xyz"),
+                     "--dtype", dt]) == 0
+        assert json.loads(capsys.readouterr().out)["dtype"] == dt
+        assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", data, "--dtype", dt,
+                     "--json", str(tmp_path / f"{dt}.json")]) == 0
+    e64, e32 = (ase.io.read(str(tmp_path / f"{dt}.xyz"), ":") for dt in ("float64", "float32"))
+    assert any(abs(a.info["MMEA_energy"] - b.info["MMEA_energy"]) > 0 for a, b in zip(e64, e32))  # it did change
+    for a, b in zip(e64, e32):
+        assert b.info["MMEA_energy"] == pytest.approx(a.info["MMEA_energy"], rel=1e-6)
+        np.testing.assert_allclose(b.arrays["MMEA_forces"], a.arrays["MMEA_forces"], rtol=0, atol=1e-4)
+    m64, m32 = (json.loads((tmp_path / f"{dt}.json").read_text()) for dt in ("float64", "float32"))
+    assert m32["forces_mae_meV_per_A"] == pytest.approx(m64["forces_mae_meV_per_A"], rel=1e-3)
+    capsys.readouterr()
+    assert main(["md", "--checkpoint", str(checkpoint), "--structure", data, "--steps", "3", "--dtype", "float32",
+                 "--trajectory", str(tmp_path / "md.traj")]) == 0
+    assert np.isfinite(json.loads(capsys.readouterr().out)["max_deviation_meV_per_atom"])
+
+
 @pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device on this machine")
 def test_predict_on_cuda_matches_the_cpu(checkpoint, tmp_path):
     frames = _mixed()
