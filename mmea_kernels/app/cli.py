@@ -314,7 +314,12 @@ def _structure_and_calculator(args):
     from .calculator import MMEACalculator, check_structure
     from ..train.checks import read_structures
 
-    atoms = read_structures(args.structure, "structure file")[0]
+    frames = read_structures(args.structure, "structure file")
+    atoms = frames[0]
+    if len(frames) > 1:  # said after the run's output (an error stays one line)
+        args.frames_note = (f"mmea-kernels {args.command}: {args.structure} holds {len(frames)} frames; the first "
+                            f"was used (select one with path@index, e.g. {args.structure.partition('@')[0]}@-1 "
+                            "for the last)")
     calc = MMEACalculator(checkpoint=args.checkpoint, model=args.model, trust_pickle=args.trust_pickle,
                           device=args.device, dtype=args.dtype)
     check_structure(atoms, calc, args.structure, _checks(args))
@@ -330,6 +335,8 @@ def _relax(args) -> int:
     settings.check()  # before the model is loaded
     _, res = relax(*_structure_and_calculator(args), settings, where=args.structure)
     print(json.dumps(res, indent=1))
+    if getattr(args, "frames_note", None):
+        print(args.frames_note, file=sys.stderr)
     if not res["converged"]:
         print(f"mmea-kernels relax: not converged within {res['steps']} steps (largest force "
               f"{res['max_force_eV_per_A']:.3g} eV/Å, --fmax {args.fmax:g}); {args.out} holds the last structure",
@@ -355,6 +362,8 @@ def _md(args) -> None:
                           trajectory=args.trajectory, log=args.log, interval=args.interval, overwrite=args.overwrite)
     settings.check()  # before the model is loaded: bad settings cost nothing
     print(json.dumps(run_md(*_structure_and_calculator(args), settings, where=args.structure), indent=1))
+    if getattr(args, "frames_note", None):
+        print(args.frames_note, file=sys.stderr)
 
 
 if __name__ == "__main__":

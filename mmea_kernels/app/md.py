@@ -84,20 +84,9 @@ class MDSettings:
         if self.trajectory is not None and os.path.splitext(self.trajectory)[1].lower() not in TRAJECTORY_SUFFIXES:
             raise ValueError(f"--trajectory {self.trajectory}: the name must end in one of "
                              f"{', '.join(TRAJECTORY_SUFFIXES)} (the format is taken from it)")
+        from .files import check_outputs
+
         check_outputs({"--trajectory": self.trajectory, "--log": self.log}, self.overwrite)
-
-
-def check_outputs(paths: dict, overwrite: bool) -> None:
-    """For each ``{option: path}`` (None and "-" skipped): ``FileExistsError`` if the file exists and
-    not ``overwrite``, ``FileNotFoundError`` if its directory does not exist."""
-    for name, path in paths.items():
-        if path is None or path == "-":
-            continue
-        if os.path.exists(path) and not overwrite:
-            raise FileExistsError(f"{name} {path} exists; pass --overwrite to replace it")
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            raise FileNotFoundError(f"{name} {path}: the directory {parent} does not exist")
 
 
 def check_md_settings(steps: int, dt_fs: float, temperature_K: float) -> None:
@@ -114,7 +103,56 @@ def _periodic(atoms) -> bool:
     return bool(np.all(atoms.pbc)) and abs(atoms.cell.volume) > 1e-9
 
 
+def _pinned(atoms) -> bool:
+    """Whether constraints other than ``FixCom`` hold atoms (then the centre of mass and the rotation
+    are not free motions to remove)."""
+    from ase.constraints import FixCom
+
+    return any(not isinstance(c, FixCom) for c in atoms.constraints)
+
+
+def _clean_copy(atoms, keep_momenta: bool = True):
+    """A copy with only what a new frame is: numbers, positions, cell, pbc, masses, tags, constraints
+    other than ``FixCom`` (and the momenta); no labels of the input frame (``REF_energy``, ...), which
+    would stand beside new geometries as if they belonged to them."""
+    from ase import Atoms
+    from ase.constraints import FixCom
+
+    out = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    for key in ("masses", "tags") + (("momenta",) if keep_momenta else ()):
+        if key in atoms.arrays:
+            out.arrays[key] = atoms.arrays[key].copy()
+    out.set_constraint([c.copy() for c in atoms.constraints if not isinstance(c, FixCom)])
+    return out
+
+
+def degrees_of_freedom(atoms, integrator: str) -> int:
+    """The degrees of freedom the kinetic energy is shared among during a run of ``integrator`` on
+    ``atoms`` as :func:`run_md` sets it up: 3N less the centre of mass (always removed and then
+    conserved, or fixed by ``FixCom`` under Langevin) and, for a structure periodic in no direction
+    and a deterministic or global thermostat, the rotations (removed at the start and then conserved:
+    3, or 2 for a linear molecule). With other constraints: ASE's count (3N less what they fix)."""
+    if _pinned(atoms):
+        return int(atoms.get_number_of_degrees_of_freedom())
+    dof = 3 * len(atoms) - 3
+    if integrator != "langevin" and not np.any(atoms.pbc) and len(atoms) > 1:
+        moments = atoms.get_moments_of_inertia()
+        dof -= int(np.sum(moments > 1e-8 * max(float(moments.max()), 1e-30)))
+    return max(dof, 1)
+
+
+def temperature(atoms, dof: int) -> float:
+    """The kinetic temperature (K) over ``dof`` degrees of freedom."""
+    from ase import units
+
+    return 2.0 * atoms.get_kinetic_energy() / (dof * units.kB)
+
+
 def _start_velocities(atoms, s: MDSettings, where: str) -> None:
+    """Maxwell–Boltzmann momenta at the temperature (``maxwell``) or the file's (``file``); then,
+    unless constraints pin atoms, the centre-of-mass motion and (no periodic direction) the rotation
+    removed, without rescaling: what is left is a Maxwell–Boltzmann sample of the remaining degrees
+    of freedom, which :func:`degrees_of_freedom` counts."""
     from ase.md import velocitydistribution as vd
 
     if s.velocities == "file":
@@ -124,15 +162,16 @@ def _start_velocities(atoms, s: MDSettings, where: str) -> None:
         if not np.abs(p).max(initial=0.0) > 0:
             raise ValueError(f"--velocities file, but {where} carries no momenta (all zero); "
                              "use a frame of an md --trajectory, or --velocities maxwell")
-        return
-    rng = np.random.default_rng(s.seed)
-    if hasattr(vd, "thermalize_momenta"):  # ASE >= 3.29
-        vd.thermalize_momenta(atoms, s.temperature_K, rng=rng)
     else:
-        vd.MaxwellBoltzmannDistribution(atoms, temperature_K=s.temperature_K, rng=rng)
-    vd.Stationary(atoms)
-    if not _periodic(atoms):
-        vd.ZeroRotation(atoms)
+        rng = np.random.default_rng(s.seed)
+        if hasattr(vd, "thermalize_momenta"):  # ASE >= 3.29
+            vd.thermalize_momenta(atoms, s.temperature_K, rng=rng)
+        else:
+            vd.MaxwellBoltzmannDistribution(atoms, temperature_K=s.temperature_K, rng=rng)
+    if not _pinned(atoms):
+        vd.Stationary(atoms, preserve_temperature=False)
+        if not np.any(atoms.pbc):
+            vd.ZeroRotation(atoms, preserve_temperature=False)
 
 
 def _ase(module: str, name: str):
@@ -161,12 +200,20 @@ def _integrator(atoms, s: MDSettings):
     if s.integrator == "langevin":
         from ase.constraints import FixCom
 
-        if not any(isinstance(c, FixCom) for c in atoms.constraints):  # the centre of mass stays (ASE >= 3.28 way)
+        if not _pinned(atoms):  # the centre of mass stays (ASE >= 3.28's way); pinned atoms hold it already
             atoms.set_constraint(list(atoms.constraints) + [FixCom()])
         return _ase("langevin", "Langevin")(atoms, dt, temperature_K=T, friction=1.0 / tdamp, fixcm=False, rng=rng)
+    dof = degrees_of_freedom(atoms, s.integrator)
     if s.integrator == "bussi":
-        return _ase("bussi", "Bussi")(atoms, dt, temperature_K=T, taut=tdamp, rng=rng)
-    return _ase("nose_hoover_chain", "NoseHooverChainNVT")(atoms, dt, temperature_K=T, tdamp=tdamp)
+        dyn = _ase("bussi", "Bussi")(atoms, dt, temperature_K=T, taut=tdamp, rng=rng)
+        dyn.ndof, dyn.target_kinetic_energy = dof, 0.5 * dyn.temp * dof  # ASE counts 3N less constraints
+        return dyn
+    dyn = _ase("nose_hoover_chain", "NoseHooverChainNVT")(atoms, dt, temperature_K=T, tdamp=tdamp)
+    # ASE's chain couples to 3N degrees of freedom; the thermostat with the count that moves (its
+    # "number of atoms" enters only as 3 * n)
+    dyn._thermostat = _ase("nose_hoover_chain", "NoseHooverChainThermostat")(
+        num_atoms_global=dof / 3, masses=dyn.masses, temperature_K=T, tdamp=tdamp)
+    return dyn
 
 
 def _conserved(dyn, atoms, s: MDSettings) -> Optional[float]:
@@ -198,23 +245,60 @@ def _writer(atoms, s: MDSettings):
     return (lambda: write(s.trajectory, atoms, format="extxyz", append=True)), None
 
 
+class _Log:
+    """The run's log every ``interval`` steps (``"-"``: standard output): time, energies per atom,
+    the temperature over the degrees of freedom that move, the conserved quantity per atom, and for
+    NPT volume and pressure."""
+
+    def __init__(self, path: str, npt: bool):
+        import sys
+
+        self.fh = sys.stdout if path == "-" else open(path, "w")
+        self.npt = npt
+        cols = ["time_ps", "Etot/N_eV", "Epot/N_eV", "Ekin/N_eV", "T_K", "conserved/N_eV"]
+        self.fh.write(" ".join(f"{c:>14}" for c in cols + (["volume_A3", "pressure_bar"] if npt else [])) + "\n")
+
+    def line(self, t_ps, epot, ekin, temp, conserved, n, volume=None, pressure=None):
+        vals = [t_ps, (epot + ekin) / n, epot / n, ekin / n, temp]
+        text = " ".join(f"{v:14.6f}" for v in vals) + (f" {conserved / n:14.6f}" if conserved is not None else
+                                                        f" {'-':>14}")
+        if self.npt:
+            text += f" {volume:14.4f} {pressure:14.2f}"
+        self.fh.write(text + "\n")
+        self.fh.flush()
+
+    def close(self):
+        import sys
+
+        if self.fh is not sys.stdout:
+            self.fh.close()
+
+
 def run_md(atoms, calculator, settings: Optional[MDSettings] = None, where: str = "the structure", **kw) -> dict:
-    """Run MD on a copy of ``atoms`` with ``calculator`` (settings: an :class:`MDSettings` or its
-    fields as keywords). Returns a summary: mean and spread of the temperature, the drift (linear fit,
+    """Run MD on a copy of ``atoms`` (positions, cell, momenta, constraints; not its labels) with
+    ``calculator`` (settings: an :class:`MDSettings` or its fields as keywords). Returns a summary:
+    mean and spread of the temperature (over :func:`degrees_of_freedom`), the drift (linear fit,
     meV/atom/ps) and largest deviation of the conserved quantity, and for NPT the mean volume,
     density and pressure. Stops with a ``ValueError`` when the energy turns non-finite."""
+    from ase import units
+
     s = dataclasses.replace(settings or MDSettings(), **kw)
     s.check()
     if s.ensemble == "npt" and not _periodic(atoms):
         raise ValueError(f"--ensemble npt needs a structure periodic in all three directions with a 3-D cell; "
                          f"{where} has pbc={np.asarray(atoms.pbc).tolist()} and cell volume "
                          f"{abs(atoms.cell.volume):.3g} Å³")
-    atoms = atoms.copy()
+    atoms = _clean_copy(atoms)
+    if _pinned(atoms) and s.integrator in ("nose-hoover", "mtk-npt"):
+        raise ValueError(f"{where} has constraints ({', '.join(type(c).__name__ for c in atoms.constraints)}), which "
+                         f"ASE's Nosé–Hoover integrators ({s.integrator}) do not support; use --thermostat bussi "
+                         "or langevin, or remove them")
     atoms.calc = calculator
     _start_velocities(atoms, s, where)
     dyn = _integrator(atoms, s)
+    dof, npt, n = degrees_of_freedom(atoms, s.integrator), s.ensemble == "npt", len(atoms)
     rec = {k: [] for k in ("temperature", "conserved", "volume", "pressure")}
-    npt = s.ensemble == "npt"
+    log = _Log(s.log, npt) if s.log is not None else None
 
     def record():
         epot = atoms.get_potential_energy()
@@ -222,30 +306,28 @@ def run_md(atoms, calculator, settings: Optional[MDSettings] = None, where: str 
         if not math.isfinite(epot):
             raise ValueError(f"md stopped: the total energy is {epot} at step {step} (t = {step * s.dt_fs:g} fs); "
                              "the structure or the model is unstable there")
-        rec["temperature"].append(atoms.get_temperature())
+        rec["temperature"].append(temperature(atoms, dof))
         rec["conserved"].append(_conserved(dyn, atoms, s))
         if npt:
-            from ase import units
-
             rec["volume"].append(atoms.get_volume())
             rec["pressure"].append(-float(np.mean(atoms.get_stress(include_ideal_gas=True)[:3])) / units.bar)
+        if log is not None and (step % s.interval == 0 or step == s.steps):
+            log.line(step * s.dt_fs / 1000, epot, atoms.get_kinetic_energy(), rec["temperature"][-1],
+                     rec["conserved"][-1], n, *((rec["volume"][-1], rec["pressure"][-1]) if npt else ()))
 
     dyn.attach(record, interval=1)
     write, traj = _writer(atoms, s)
     if write is not None:
         dyn.attach(write, interval=s.interval)
-    if s.log is not None:
-        from ase.md import MDLogger
-
-        dyn.attach(MDLogger(dyn, atoms, s.log, header=True, stress=npt, peratom=True, mode="w"), interval=s.interval)
     try:
         dyn.run(s.steps)
         if write is not None and s.steps % s.interval:
             write()  # the last frame always (a run continues from it)
     finally:
-        if traj is not None:
-            traj.close()
-    return _summary(atoms, s, rec)
+        for f in (traj, log):
+            if f is not None:
+                f.close()
+    return dict(_summary(atoms, s, rec), degrees_of_freedom=dof)
 
 
 def _summary(atoms, s: MDSettings, rec: dict) -> dict:

@@ -28,7 +28,8 @@ def _evaluate(net, frames, where: str, batch_size: int, checks, start: int):
     from ..train.foundation import model_info
 
     z, r_max = model_info(net)
-    graphs = checked_graphs(frames, z, r_max, f"{where} (frames {start}..{start + len(frames) - 1})",
+    graphs = checked_graphs(frames, z, r_max, f"{where} [frame numbers below count from frame {start} of the "
+                                              "selection]" if start else where,
                             dtype=next(net.parameters()).dtype, checks=checks, labels=False)
     periodic = [bool(np.all(a.pbc)) and abs(a.cell.volume) > 1e-9 for a in frames]
     energies, forces, stresses = [], [], []
@@ -57,7 +58,7 @@ def predict(checkpoint, data: str, out, model: Optional[str] = None, batch_size:
 
     from ..train import load_finetuned
     from ..train.checks import DataChecks, read_structures
-    from .md import check_outputs
+    from .files import check_outputs, umask_mode
 
     out = pathlib.Path(out)
     if int(batch_size) != batch_size or batch_size < 1:
@@ -87,6 +88,7 @@ def predict(checkpoint, data: str, out, model: Optional[str] = None, batch_size:
                     a.info[f"{prefix}stress"] = full_3x3_to_voigt_6_stress(s)
                     n_stress += 1
             ase.io.write(tmp, part, format="extxyz", append=start > 0)
+        umask_mode(tmp)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -11,7 +11,8 @@ from typing import Optional
 
 import numpy as np
 
-from .md import check_outputs
+from .files import check_outputs
+from .md import _clean_copy
 
 __all__ = ["RelaxSettings", "relax", "OPTIMIZERS"]
 
@@ -66,7 +67,7 @@ def _optimizer(name: str):
 
 
 def relax(atoms, calculator, settings: Optional[RelaxSettings] = None, where: str = "the structure", **kw):
-    """(relaxed copy of ``atoms``, summary). The summary: converged (every force below fmax, and
+    """(relaxed copy of ``atoms`` (numbers, positions, cell, pbc, constraints; not its labels), summary). The summary: converged (every force below fmax, and
     the cell's generalised force when ``cell``), steps taken, energies before and after (eV), the
     largest force after (eV/Å), and for periodic structures the stress and volume after. Raises
     ``ValueError`` for settings it cannot run and when the energy turns non-finite."""
@@ -77,7 +78,7 @@ def relax(atoms, calculator, settings: Optional[RelaxSettings] = None, where: st
     if s.cell and not _periodic(atoms):
         raise ValueError(f"--cell needs a structure periodic in all three directions with a 3-D cell; {where} has "
                          f"pbc={np.asarray(atoms.pbc).tolist()} and cell volume {abs(atoms.cell.volume):.3g} Å³")
-    atoms = atoms.copy()
+    atoms = _clean_copy(atoms, keep_momenta=False)  # no labels of the input frame beside the relaxed one
     atoms.calc = calculator
     e0 = atoms.get_potential_energy()
     target = atoms
@@ -101,7 +102,11 @@ def relax(atoms, calculator, settings: Optional[RelaxSettings] = None, where: st
                              "unstable there")
 
     opt.attach(finite, interval=1)
-    converged = bool(opt.run(fmax=s.fmax, steps=s.steps))
+    try:
+        converged = bool(opt.run(fmax=s.fmax, steps=s.steps))
+    finally:
+        if hasattr(opt, "close"):
+            opt.close()  # its log and trajectory files
     forces = atoms.get_forces()
     res = {"converged": converged, "steps": int(opt.nsteps), "optimizer": s.optimizer, "cell": s.cell,
            "fmax": s.fmax, "atoms": len(atoms), "initial_energy_eV": float(e0),

@@ -362,7 +362,9 @@ def test_md_runs_nvt_with_a_trajectory_and_refuses_to_overwrite_it(data, tmp_pat
             "--thermostat", "bussi", "--trajectory", str(traj), "--log", str(log), "--device", "cpu"]
     capsys.readouterr()
     assert main(args) == 0
-    res = json.loads(capsys.readouterr().out)
+    cap = capsys.readouterr()
+    res = json.loads(cap.out)
+    assert "holds 2 frames; the first was used" in cap.err  # said, after the run
     assert res["integrator"] == "bussi" and res["steps"] == 4 and np.isfinite(res["drift_meV_per_atom_per_ps"])
     frames = ase.io.read(str(traj), ":")
     assert len(frames) == 3 and all(np.isfinite(f.get_potential_energy()) for f in frames)
