@@ -26,15 +26,6 @@ FORMATS = ("lammps", "torchscript")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def _check_out(out: pathlib.Path, overwrite: bool) -> None:
-    if out.is_dir():
-        raise IsADirectoryError(f"--out {out} is a directory; give a file name (e.g. model-lammps.pt)")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"--out {out}: the directory {out.parent} does not exist")
-
-
 def _fold_parametrizations(model: torch.nn.Module) -> int:
     """Replace every parametrized tensor by the value its parametrization gives (in place); the count."""
     from torch.nn.utils import parametrize
@@ -118,14 +109,14 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
     torchscript: the checkpoint's). Returns what was written and the verified difference."""
     from ..train import load_finetuned
     from ..train.foundation import model_info
-    from .files import umask_mode
+    from .files import check_outputs, umask_mode
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown --format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"unknown --dtype {dtype!r}; expected float32 or float64")
     out = pathlib.Path(out)
-    _check_out(out, overwrite)
+    check_outputs({"--out": str(out)}, overwrite)
     net, ckpt = load_finetuned(checkpoint, model, trust_pickle=trust_pickle, device="cpu")
     if not _is_mace(net):
         raise ValueError(f"export is for MACE models (mace-torch's deployment path); checkpoint {checkpoint} holds a "

@@ -8,8 +8,8 @@ __all__ = ["check_outputs", "umask_mode"]
 
 
 def check_outputs(paths: dict, overwrite: bool) -> None:
-    """For each ``{option: path}`` (None and "-" skipped): ``FileExistsError`` if the file exists and
-    not ``overwrite``, ``FileNotFoundError`` if its directory does not exist; ``ValueError`` if two
+    """For each ``{option: path}`` (None and "-" skipped): ``IsADirectoryError`` for a directory,
+    ``FileExistsError`` if the file exists and not ``overwrite``, ``FileNotFoundError`` if its directory does not exist; ``ValueError`` if two
     options name the same file."""
     given = [os.path.abspath(p) for p in paths.values() if p is not None and p != "-"]
     if len(set(given)) < len(given):
@@ -18,6 +18,8 @@ def check_outputs(paths: dict, overwrite: bool) -> None:
     for name, path in paths.items():
         if path is None or path == "-":
             continue
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{name} {path} is a directory; give a file name")
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{name} {path} exists; pass --overwrite to replace it")
         parent = os.path.dirname(os.path.abspath(path))

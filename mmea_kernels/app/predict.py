@@ -12,8 +12,6 @@ import pathlib
 import tempfile
 from typing import Optional
 
-import numpy as np
-
 __all__ = ["predict"]
 
 
@@ -26,12 +24,13 @@ def _evaluate(net, frames, where: str, batch_size: int, checks, start: int):
     from ..train.data import make_batches
     from ..train.device import module_device
     from ..train.foundation import model_info
+    from .md import _periodic
 
     z, r_max = model_info(net)
     graphs = checked_graphs(frames, z, r_max, f"{where} [frame numbers below count from frame {start} of the "
                                               "selection]" if start else where,
                             dtype=next(net.parameters()).dtype, checks=checks, labels=False)
-    periodic = [bool(np.all(a.pbc)) and abs(a.cell.volume) > 1e-9 for a in frames]
+    periodic = [_periodic(a) for a in frames]
     energies, forces, stresses = [], [], []
     for batch in make_batches(graphs, batch_size, device=module_device(net)):
         batch.pop("_global", None)
@@ -68,8 +67,6 @@ def predict(checkpoint, data: str, out, model: Optional[str] = None, batch_size:
     if not prefix or not prefix.replace("_", "").isalnum():
         raise ValueError(f"--prefix {prefix!r}: letters, digits and underscores only (the keys are "
                          f"{prefix}energy, {prefix}forces, {prefix}stress)")
-    if out.is_dir():
-        raise IsADirectoryError(f"--out {out} is a directory; give a file name (e.g. predicted.xyz)")
     check_outputs({"--out": str(out)}, overwrite)
     frames = read_structures(data, "data file")
     net, ckpt = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle, device=device)

@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 
 from .files import check_outputs
-from .md import _clean_copy
+from .md import _clean_copy, _periodic
 
 __all__ = ["RelaxSettings", "relax", "OPTIMIZERS"]
 
@@ -54,10 +54,6 @@ class RelaxSettings:
         if self.trajectory is not None and not self.trajectory.lower().endswith(".traj"):
             raise ValueError(f"--trajectory {self.trajectory}: the name must end in .traj")
         check_outputs({"--out": self.out, "--trajectory": self.trajectory, "--log": self.log}, self.overwrite)
-
-
-def _periodic(atoms) -> bool:
-    return bool(np.all(atoms.pbc)) and abs(atoms.cell.volume) > 1e-9
 
 
 def _optimizer(name: str):

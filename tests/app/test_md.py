@@ -185,12 +185,18 @@ def test_md_settings_and_structures_it_refuses(calc, tmp_path):
              (dict(trajectory=str(tmp_path / "old.traj")), FileExistsError, "exists; pass --overwrite"),
              (dict(log=str(tmp_path / "nodir" / "md.log")), FileNotFoundError, "nodir does not exist"),
              (dict(velocities="file"), ValueError, "carries no momenta"),
+             (dict(ensemble="npt", pressure_bar=float("nan")), ValueError, "--pressure must be finite"),
+             (dict(velocities="restart"), ValueError, "--velocities must be maxwell or file"),
              (dict(trajectory=str(tmp_path / "a.xyz"), log=str(tmp_path / "a.xyz")), ValueError,
               "two outputs are the same file"),
              (dict(ensemble="npt"), ValueError, r"npt needs a structure periodic in all three directions.*pbc=\[")]
     for kw, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             run_md(mol, calc, steps=2, **kw)
+    hot = mol.copy()
+    hot.set_momenta(np.full((len(mol), 3), np.nan))
+    with pytest.raises(ValueError, match="the momenta in the file are not finite"):
+        run_md(hot, calc, steps=2, velocities="file")
     assert (tmp_path / "old.traj").read_text() == "keep"  # nothing overwritten
     run_md(mol, calc, steps=2, trajectory=str(tmp_path / "old.traj"), overwrite=True)
     assert len(read(str(tmp_path / "old.traj"), ":")) == 2  # steps 0 and 2: the last frame is always written

@@ -71,11 +71,33 @@ def test_relax_refusals(calc, tmp_path):
              (dict(optimizer="cg"), ValueError, "unknown --optimizer 'cg'"),
              (dict(out=str(tmp_path / "x.pdb")), ValueError, "name it \\*.xyz or \\*.extxyz"),
              (dict(out=str(tmp_path / "old.xyz")), FileExistsError, "old.xyz exists; pass --overwrite"),
-             (dict(trajectory=str(tmp_path / "t.xyz")), ValueError, "must end in .traj")]
+             (dict(trajectory=str(tmp_path / "t.xyz")), ValueError, "must end in .traj"),
+             (dict(steps=0), ValueError, "--steps must be a whole number >= 1, got 0"),
+             (dict(cell=True, pressure_bar=float("inf")), ValueError, "--pressure must be finite"),
+             (dict(out=str(tmp_path / "d.xyz")), IsADirectoryError, "d.xyz is a directory")]
+    (tmp_path / "d.xyz").mkdir()
     for kw, exc, msg in cases:
         with pytest.raises(exc, match=msg):
-            relax(mol, calc, steps=2, **kw)
+            relax(mol, calc, **{"steps": 2, **kw})
     assert (tmp_path / "old.xyz").read_text() == "keep"
+
+
+def test_relax_stops_when_the_energy_turns_non_finite():
+    from ase import Atoms
+    from ase.calculators.calculator import Calculator, all_changes
+
+    class Blows(Calculator):
+        implemented_properties = ["energy", "forces"]
+
+        def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+            super().calculate(atoms, properties, system_changes)
+            far = float(np.linalg.norm(self.atoms.positions[1] - self.atoms.positions[0]))
+            f = np.zeros((2, 3))
+            f[0, 0], f[1, 0] = -1.0, 1.0  # pushes the atoms apart; past 1.5 Å the energy is NaN
+            self.results = {"energy": float("nan") if far > 1.5 else -far, "forces": f}
+
+    with pytest.raises(ValueError, match=r"relax stopped: the energy is nan at step \d+"):
+        relax(Atoms("H2", positions=[(0, 0, 0), (0.8, 0, 0)]), Blows(), fmax=1e-3, steps=200, optimizer="fire")
 
 
 def test_relax_command_exits_3_when_it_does_not_converge(train_checkpoint, tmp_path, capsys):

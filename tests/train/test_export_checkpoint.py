@@ -97,6 +97,16 @@ def test_export_refuses_to_replace_or_to_write_a_wrong_file(checkpoints, tmp_pat
     assert old.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["old.pt"]
 
 
+def test_unknown_format_and_dtype_are_named(checkpoints, tmp_path):
+    from mmea_kernels.app.deploy import export_checkpoint
+
+    with pytest.raises(ValueError, match="unknown --format 'onnx'; expected one of lammps, torchscript"):
+        export_checkpoint(checkpoints["mmea"], tmp_path / "m.pt", "onnx")
+    with pytest.raises(ValueError, match="unknown --dtype 'float16'"):
+        export_checkpoint(checkpoints["mmea"], tmp_path / "m.pt", "lammps", dtype="float16")
+    assert not list(tmp_path.iterdir())
+
+
 def test_export_of_a_checkpoint_without_a_reference_frame_checks_a_cluster(checkpoints, tmp_path):
     """Checkpoints from before they held a reference frame: the export is checked on a small cluster
     of the model's elements instead (the check still fails a wrong file, as above)."""

@@ -94,13 +94,15 @@ def test_predict_refusals_leave_nothing_behind(checkpoint, tmp_path, capsys):
              (["--data", str(good), "--out", str(tmp_path / "o.traj")], "name it *.xyz or *.extxyz"),
              (["--data", str(good), "--out", str(tmp_path / "o.xyz"), "--batch-size", "0"], "--batch-size must be"),
              (["--data", str(good), "--out", str(tmp_path / "o.xyz"), "--prefix", "a b"], "letters, digits"),
-             (["--data", str(tmp_path / "si.xyz"), "--out", str(tmp_path / "o.xyz")], "Si (Z=14)")]
+             (["--data", str(tmp_path / "si.xyz"), "--out", str(tmp_path / "o.xyz")], "Si (Z=14)"),
+             (["--data", str(good), "--out", str(tmp_path / "d.xyz")], "d.xyz is a directory")]
+    (tmp_path / "d.xyz").mkdir()
     for extra, expect in cases:
         capsys.readouterr()
         assert main(["predict", "--checkpoint", str(checkpoint), *extra]) == 2, extra
         err = capsys.readouterr().err
         assert expect in err and err.count("\n") == 1, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.xyz", "old.xyz", "si.xyz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.xyz", "in.xyz", "old.xyz", "si.xyz"]
     assert (tmp_path / "old.xyz").read_text() == "keep"
 
 
