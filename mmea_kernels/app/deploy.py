@@ -77,18 +77,6 @@ def _cluster(atomic_numbers) -> dict:
             "cell": torch.zeros(3, 3, dtype=torch.float64), "pbc": torch.zeros(3, dtype=torch.bool)}
 
 
-def _probe_batch(net, probe: dict, dtype: torch.dtype) -> dict:
-    import ase
-
-    from ..integrations.mace import atoms_to_batch
-    from ..train.foundation import model_info
-
-    z, r_max = model_info(net)
-    atoms = ase.Atoms(numbers=probe["numbers"].tolist(), positions=probe["positions"].double().numpy(),
-                      cell=probe["cell"].double().numpy(), pbc=probe["pbc"].tolist())
-    return atoms_to_batch([atoms], z, r_max, energy_key="__none__", forces_key="__none__", dtype=dtype)
-
-
 def _verify(module, fmt: str, batch: dict, ref, dtype: torch.dtype) -> float:
     """The largest relative difference (energy, forces) between the exported ``module`` and the
     eager model's ``ref`` on ``batch``; raises when above the tolerance of ``dtype``."""
@@ -109,6 +97,7 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
     torchscript: the checkpoint's). Returns what was written and the verified difference."""
     from ..train import load_finetuned
     from ..train.foundation import model_info
+    from ..train.selfcheck import probe_batch
     from .files import check_outputs, umask_mode
 
     if fmt not in FORMATS:
@@ -125,7 +114,7 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
     want = _DTYPES[dtype or ("float64" if fmt == "lammps" else ckpt["dtype"])]
     net = net.to(want).eval()
     z, r_max = model_info(net)
-    batch = _probe_batch(net, ckpt.get("probe") or _cluster(z), want)
+    batch = probe_batch(net, ckpt.get("probe") or _cluster(z))  # net is in `want` now, on the CPU
     out_ref = net(dict(batch), training=False, compute_force=True)  # the eager model, before it is scripted
     ref = (out_ref["energy"].detach().sum(), out_ref["forces"].detach())
     folded = _fold_parametrizations(net)

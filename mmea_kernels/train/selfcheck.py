@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["make_probe", "verify_probe"]
+__all__ = ["make_probe", "verify_probe", "probe_batch"]
 
 
-def _batch(model, probe: dict):
+def probe_batch(model, probe: dict):
+    """The model's input dict for a probe's frame, in the model's dtype and on its device."""
     import ase
 
     from .device import module_device
@@ -25,7 +26,7 @@ def _batch(model, probe: dict):
 
 def _predict(model, probe):
     model.eval()
-    out = model(_batch(model, probe), training=False, compute_force=True)
+    out = model(probe_batch(model, probe), training=False, compute_force=True)
     return float(out["energy"].detach()[0]), out["forces"].detach().double().cpu()
 
 
