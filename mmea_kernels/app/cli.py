@@ -176,11 +176,12 @@ def main(argv=None) -> int:
     return _run_reporting(args)
 
 
-def _structure_command(sub, name: str, help: str, description: str):
+def _structure_command(sub, name: str, help: str, description: str, structure_help: str = ""):
     """A command that runs a checkpoint's model on one structure (md, relax)."""
     p = sub.add_parser(name, help=help, parents=[_common(True, True, True, dtype=True)], description=description)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--structure", required=True, help="a structure file ASE reads (path[@index], first frame used)")
+    p.add_argument("--structure", required=not structure_help,
+                   help="a structure file ASE reads (path[@index], first frame used)" + structure_help)
     p.add_argument("--model", default=None, help="base model, if not where the checkpoint says")
     return p
 
@@ -212,30 +213,41 @@ def _md_parser(sub):
     md = _structure_command(sub, "md", "molecular dynamics with a checkpoint (NVE energy-drift check, NVT, NPT)",
                             "Molecular dynamics through ASE with a fine-tuning checkpoint; prints a JSON summary "
                             "(temperature, drift of the conserved quantity; NPT: volume, density, pressure). "
-                            "Units: fs, K, bar.")
-    md.add_argument("--steps", type=int, default=d.steps)
-    md.add_argument("--dt", type=float, default=d.dt_fs, help="time step, fs")
-    md.add_argument("--temperature", type=float, default=d.temperature_K,
-                    help="K: the thermostat's target, and the temperature of the starting velocities")
-    md.add_argument("--ensemble", choices=ENSEMBLES, default=d.ensemble,
-                    help="nve: velocity Verlet (reports the energy drift); nvt: see --thermostat; npt: isotropic "
-                         "MTK barostat with Nosé–Hoover chains (3-D periodic structures)")
+                            "Units: fs, K, bar. --save-state writes what --resume needs to go on exactly where "
+                            "the run stopped.", structure_help="; or --resume")
+    # the dynamics' options default to None here: a resumed run refuses those given that differ from its state
+    md.add_argument("--steps", type=int, default=d.steps, help="steps to run (a resumed run: steps more)")
+    md.add_argument("--dt", type=float, default=None, help=f"time step, fs (default {d.dt_fs:g})")
+    md.add_argument("--temperature", type=float, default=None, help="K: the thermostat's target, and the "
+                    f"temperature of the starting velocities (default {d.temperature_K:g})")
+    md.add_argument("--ensemble", choices=ENSEMBLES, default=None,
+                    help="nve (default): velocity Verlet (reports the energy drift); nvt: see --thermostat; npt: "
+                         "isotropic MTK barostat with Nosé–Hoover chains (3-D periodic structures)")
     md.add_argument("--thermostat", choices=THERMOSTATS, default=None,
                     help="for nvt (default langevin); bussi: stochastic velocity rescaling; nose-hoover: chains")
-    md.add_argument("--tdamp", type=float, default=d.tdamp_fs, help="thermostat time constant, fs (Langevin "
-                                                                    "friction = 1/tdamp)")
-    md.add_argument("--pressure", type=float, default=d.pressure_bar, help="npt: target pressure, bar")
-    md.add_argument("--pdamp", type=float, default=d.pdamp_fs, help="npt: barostat time constant, fs")
-    md.add_argument("--velocities", choices=("maxwell", "file"), default=d.velocities,
-                    help="start from Maxwell–Boltzmann velocities at --temperature, or from the momenta in the "
-                         "structure file (continue from an md trajectory)")
-    md.add_argument("--seed", type=int, default=d.seed)
+    md.add_argument("--tdamp", type=float, default=None, help="thermostat time constant, fs (Langevin friction = "
+                                                              f"1/tdamp; default {d.tdamp_fs:g})")
+    md.add_argument("--pressure", type=float, default=None, help=f"npt: target pressure, bar (default "
+                                                                 f"{d.pressure_bar:g})")
+    md.add_argument("--pdamp", type=float, default=None, help=f"npt: barostat time constant, fs (default "
+                                                              f"{d.pdamp_fs:g})")
+    md.add_argument("--velocities", choices=("maxwell", "file"), default=None,
+                    help="start from Maxwell–Boltzmann velocities at --temperature (default), or from the "
+                         "momenta in the structure file (continue from an md trajectory)")
+    md.add_argument("--seed", type=int, default=None, help=f"default {d.seed}")
     md.add_argument("--trajectory", default=None, help="write frames here (.traj, .xyz or .extxyz) every --interval "
                                                        "steps and the last: positions, momenta, energy, forces, "
-                                                       "stress if periodic")
+                                                       "stress if periodic, step and time")
     md.add_argument("--log", default=None, help="ASE's MD log every --interval steps ('-': standard output)")
     md.add_argument("--interval", type=int, default=d.interval, help="steps between trajectory frames / log lines")
-    md.add_argument("--overwrite", action="store_true", help="replace an existing --trajectory / --log file")
+    md.add_argument("--save-state", default=None, help="an MD state file (.npz) every --save-state-every steps and "
+                                                       "at the end: --resume goes on from it exactly")
+    md.add_argument("--save-state-every", type=int, default=d.save_state_every)
+    md.add_argument("--resume", default=None, help="go on from a --save-state file (its structure, momenta, step, "
+                                                   "thermostat and barostat state; the same dynamics)")
+    md.add_argument("--overwrite", action="store_true", help="replace existing --trajectory / --log / --save-state "
+                                                             "files (the --resume file may be the --save-state "
+                                                             "without it)")
 
 
 def _run_reporting(args) -> int:
@@ -311,7 +323,7 @@ def _run(args) -> int:
 
 def _structure_and_calculator(args):
     """(the first frame of --structure, the checkpoint's calculator), the frame checked for its model."""
-    from .calculator import MMEACalculator, check_structure
+    from .calculator import check_structure
     from ..train.checks import read_structures
 
     frames = read_structures(args.structure, "structure file")
@@ -320,10 +332,16 @@ def _structure_and_calculator(args):
         args.frames_note = (f"mmea-kernels {args.command}: {args.structure} holds {len(frames)} frames; the first "
                             f"was used (select one with path@index, e.g. {args.structure.partition('@')[0]}@-1 "
                             "for the last)")
-    calc = MMEACalculator(checkpoint=args.checkpoint, model=args.model, trust_pickle=args.trust_pickle,
-                          device=args.device, dtype=args.dtype)
+    calc = _calculator(args)
     check_structure(atoms, calc, args.structure, _checks(args))
     return atoms, calc
+
+
+def _calculator(args):
+    from .calculator import MMEACalculator
+
+    return MMEACalculator(checkpoint=args.checkpoint, model=args.model, trust_pickle=args.trust_pickle,
+                          device=args.device, dtype=args.dtype)
 
 
 def _relax(args) -> int:
@@ -353,17 +371,49 @@ def _export(args) -> None:
     print(json.dumps(res, indent=1))
 
 
-def _md(args) -> None:
-    from .md import MDSettings, run_md
+_MD_DYNAMICS = {"dt": "dt_fs", "temperature": "temperature_K", "ensemble": "ensemble", "thermostat": "thermostat",
+                "tdamp": "tdamp_fs", "pressure": "pressure_bar", "pdamp": "pdamp_fs", "velocities": "velocities",
+                "seed": "seed"}
 
-    settings = MDSettings(steps=args.steps, dt_fs=args.dt, temperature_K=args.temperature, ensemble=args.ensemble,
-                          thermostat=args.thermostat, tdamp_fs=args.tdamp, pressure_bar=args.pressure,
-                          pdamp_fs=args.pdamp, velocities=args.velocities, seed=args.seed,
-                          trajectory=args.trajectory, log=args.log, interval=args.interval, overwrite=args.overwrite)
-    settings.check()  # before the model is loaded: bad settings cost nothing
-    print(json.dumps(run_md(*_structure_and_calculator(args), settings, where=args.structure), indent=1))
+
+def _md(args) -> None:
+    from .md import MDSettings, resumed_settings, run_md
+
+    given = {field: getattr(args, opt) for opt, field in _MD_DYNAMICS.items() if getattr(args, opt) is not None}
+    settings = MDSettings(steps=args.steps, trajectory=args.trajectory, log=args.log, interval=args.interval,
+                          overwrite=args.overwrite, save_state=args.save_state,
+                          save_state_every=args.save_state_every, **given)
+    if (args.structure is None) == (args.resume is None):
+        raise ValueError("md needs one of --structure (a new run) and --resume (go on from a --save-state file)")
+    state = None
+    if args.resume is not None:
+        from .md_state import load_state
+
+        state = load_state(args.resume)
+        settings = resumed_settings(state, settings, given)
+    settings.check(args.resume)  # before the model is loaded: bad settings cost nothing
+    if state is None:
+        atoms, calc = _structure_and_calculator(args)
+    else:
+        from .calculator import check_structure
+
+        atoms, calc = None, _calculator(args)
+        check_structure(state.atoms, calc, args.resume, _checks(args))
+    print(json.dumps(run_md(atoms, calc, settings, where=args.structure or args.resume, resume=state,
+                            model=_model_id(args)), indent=1))
     if getattr(args, "frames_note", None):
         print(args.frames_note, file=sys.stderr)
+
+
+def _model_id(args) -> str:
+    """The checkpoint's SHA-256 (and the --model given), what a state file records of its model."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(args.checkpoint, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return f"checkpoint sha256 {h.hexdigest()[:16]}" + (f", --model {args.model}" if args.model else "")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["MDSettings", "run_md", "nve_drift", "check_md_settings", "ENSEMBLES", "THERMOSTATS"]
+__all__ = ["MDSettings", "run_md", "resumed_settings", "nve_drift", "check_md_settings", "ENSEMBLES", "THERMOSTATS"]
 
 ENSEMBLES = ("nve", "nvt", "npt")
 THERMOSTATS = ("langevin", "bussi", "nose-hoover")
@@ -30,8 +30,9 @@ class MDSettings:
     thermostat's time constant (Langevin friction = 1/tdamp); ``pdamp_fs``: the barostat's.
     ``trajectory``: ``.traj`` or ``.xyz``/``.extxyz``, a frame (positions, momenta, energy, forces,
     stress when periodic) every ``interval`` steps, the first and the last included; ``log``: ASE's MD log every
-    ``interval`` steps (``"-"``: standard output). Existing output files are refused unless
-    ``overwrite``."""
+    ``interval`` steps (``"-"``: standard output); ``save_state``: an MD state file (``app.md_state``)
+    every ``save_state_every`` steps and at the end, to resume from. Existing output files are refused
+    unless ``overwrite`` (the state file a run resumes from may be its ``save_state``)."""
 
     steps: int = 400
     dt_fs: float = 0.5
@@ -47,6 +48,8 @@ class MDSettings:
     log: Optional[str] = None
     interval: int = 10
     overwrite: bool = False
+    save_state: Optional[str] = None
+    save_state_every: int = 1000
 
     @property
     def integrator(self) -> str:
@@ -56,8 +59,9 @@ class MDSettings:
             return "mtk-npt"
         return self.thermostat or "langevin"
 
-    def check(self) -> None:
-        """``ValueError`` naming the setting (as its command-line option) that cannot be run."""
+    def check(self, resume: Optional[str] = None) -> None:
+        """``ValueError`` naming the setting (as its command-line option) that cannot be run;
+        ``resume``: the state file the run continues from."""
         check_md_settings(self.steps, self.dt_fs, self.temperature_K)
         if self.ensemble not in ENSEMBLES:
             raise ValueError(f"unknown --ensemble {self.ensemble!r}; expected one of {', '.join(ENSEMBLES)}")
@@ -79,14 +83,22 @@ class MDSettings:
             raise ValueError(f"--pressure must be finite, got {self.pressure_bar}")
         if self.velocities not in ("maxwell", "file"):
             raise ValueError(f"--velocities must be maxwell or file, got {self.velocities!r}")
-        if int(self.interval) != self.interval or self.interval < 1:
-            raise ValueError(f"--interval must be a whole number of steps >= 1, got {self.interval}")
+        for name, v in (("--interval", self.interval), ("--save-state-every", self.save_state_every)):
+            if int(v) != v or v < 1:
+                raise ValueError(f"{name} must be a whole number of steps >= 1, got {v}")
         if self.trajectory is not None and os.path.splitext(self.trajectory)[1].lower() not in TRAJECTORY_SUFFIXES:
             raise ValueError(f"--trajectory {self.trajectory}: the name must end in one of "
                              f"{', '.join(TRAJECTORY_SUFFIXES)} (the format is taken from it)")
         from .files import check_outputs
 
-        check_outputs({"--trajectory": self.trajectory, "--log": self.log}, self.overwrite)
+        outputs = {"--trajectory": self.trajectory, "--log": self.log, "--save-state": self.save_state}
+        if resume is not None and self.save_state is not None and \
+                os.path.abspath(resume) == os.path.abspath(self.save_state):  # updated in place: no --overwrite
+            if any(p not in (None, "-") and os.path.abspath(p) == os.path.abspath(resume)
+                   for k, p in outputs.items() if k != "--save-state"):
+                raise ValueError("--save-state and another output are the same file; give each its own name")
+            outputs["--save-state"] = None
+        check_outputs(outputs, self.overwrite)
 
 
 def check_md_settings(steps: int, dt_fs: float, temperature_K: float) -> None:
@@ -228,21 +240,26 @@ def _conserved(dyn, atoms, s: MDSettings) -> Optional[float]:
     return None
 
 
-def _writer(atoms, s: MDSettings):
-    """A function writing the current frame (with its energy, forces and, when periodic, stress), and
-    the file to close at the end (or None)."""
+def _writer(atoms, s: MDSettings, dyn):
+    """A function writing the current frame (with its energy, forces and, when periodic, stress; its
+    step and time in ``info["md_step"]``, ``info["time_fs"]``), and the file to close at the end (or
+    None)."""
     if s.trajectory is None:
         return None, None
     from ase.io import write
 
     if os.path.exists(s.trajectory):
         os.remove(s.trajectory)  # s.check() refused it unless overwrite
+
+    def stamp():
+        atoms.info.update(md_step=int(dyn.nsteps), time_fs=float(dyn.nsteps * s.dt_fs))
+
     if s.trajectory.lower().endswith(".traj"):
         from ase.io.trajectory import Trajectory
 
         traj = Trajectory(s.trajectory, "w", atoms, properties=["energy", "forces"] + (["stress"] if _periodic(atoms) else []))
-        return traj.write, traj
-    return (lambda: write(s.trajectory, atoms, format="extxyz", append=True)), None
+        return (lambda: (stamp(), traj.write())), traj
+    return (lambda: (stamp(), write(s.trajectory, atoms, format="extxyz", append=True))), None
 
 
 class _Log:
@@ -274,16 +291,30 @@ class _Log:
             self.fh.close()
 
 
-def run_md(atoms, calculator, settings: Optional[MDSettings] = None, where: str = "the structure", **kw) -> dict:
-    """Run MD on a copy of ``atoms`` (positions, cell, momenta, constraints; not its labels) with
-    ``calculator`` (settings: an :class:`MDSettings` or its fields as keywords). Returns a summary:
-    mean and spread of the temperature (over :func:`degrees_of_freedom`), the drift (linear fit,
-    meV/atom/ps) and largest deviation of the conserved quantity, and for NPT the mean volume,
-    density and pressure. Stops with a ``ValueError`` when the energy turns non-finite."""
-    from ase import units
+def resumed_settings(state, settings: MDSettings, given: dict) -> MDSettings:
+    """``settings`` with the dynamics of ``state`` (an ``app.md_state.MDState``); ``ValueError`` for
+    any of ``given`` (settings the caller chose) that would change them, or for
+    ``velocities="file"`` (a resumed run's momenta are the state's)."""
+    from .md_state import PHYSICS
 
-    s = dataclasses.replace(settings or MDSettings(), **kw)
-    s.check()
+    for key, value in given.items():
+        if key in PHYSICS and value != state.physics[key]:
+            raise ValueError(f"{PHYSICS[key]} {value} differs from the state file's {state.physics[key]}: a resumed "
+                             "run continues the same dynamics (to change them, start a new run from the last "
+                             "--trajectory frame with --velocities file)")
+    if given.get("velocities") == "file":
+        raise ValueError("--velocities file with --resume: a resumed run takes its momenta from the state file")
+    return dataclasses.replace(settings, **state.physics)
+
+
+def _prepare(atoms, s: MDSettings, where: str, resume, model: Optional[str]):
+    """A clean copy of the starting structure (of ``resume``'s when given), checked for ``s``."""
+    if resume is not None:
+        if resume.model is not None and model is not None and resume.model != model:
+            raise ValueError(f"{where} was written by a run of another model ({resume.model}; now {model}): a "
+                             "resumed run continues the same dynamics; resume with that model, or start a new run "
+                             "from the last --trajectory frame with --velocities file")
+        atoms = resume.atoms
     if s.ensemble == "npt" and not _periodic(atoms):
         raise ValueError(f"--ensemble npt needs a structure periodic in all three directions with a 3-D cell; "
                          f"{where} has pbc={np.asarray(atoms.pbc).tolist()} and cell volume "
@@ -293,16 +324,43 @@ def run_md(atoms, calculator, settings: Optional[MDSettings] = None, where: str 
         raise ValueError(f"{where} has constraints ({', '.join(type(c).__name__ for c in atoms.constraints)}), which "
                          f"ASE's Nosé–Hoover integrators ({s.integrator}) do not support; use --thermostat bussi "
                          "or langevin, or remove them")
+    return atoms
+
+
+def run_md(atoms, calculator, settings: Optional[MDSettings] = None, where: str = "the structure", resume=None,
+           model: Optional[str] = None, **kw) -> dict:
+    """Run MD on a copy of ``atoms`` (positions, cell, momenta, constraints; not its labels) with
+    ``calculator`` (settings: an :class:`MDSettings` or its fields as keywords). Returns a summary:
+    mean and spread of the temperature (over :func:`degrees_of_freedom`), the drift (linear fit,
+    meV/atom/ps) and largest deviation of the conserved quantity, and for NPT the mean volume,
+    density and pressure. Stops with a ``ValueError`` when the energy turns non-finite.
+
+    ``resume``: an ``app.md_state.MDState`` (``atoms`` is then unused): the run goes on from its
+    step with its dynamics for ``steps`` more steps; keywords, and fields of ``settings`` other than
+    their defaults, that would change the dynamics are refused (:func:`resumed_settings`). ``model``: a string
+    identifying the model, kept in state files; resuming a state of another model is refused."""
+    from ase import units
+
+    s = dataclasses.replace(settings or MDSettings(), **kw)
+    if resume is not None:
+        s = resumed_settings(resume, s, {k: getattr(s, k) for k, f in _FIELDS.items()  # keywords, other values
+                                         if k in kw or getattr(s, k) != f.default})
+    s.check(getattr(resume, "path", None))
+    atoms = _prepare(atoms, s, where, resume, model)
     atoms.calc = calculator
-    _start_velocities(atoms, s, where)
+    if resume is None:
+        _start_velocities(atoms, s, where)
     dyn = _integrator(atoms, s)
-    dof, npt, n = degrees_of_freedom(atoms, s.integrator), s.ensemble == "npt", len(atoms)
+    if resume is not None:
+        from .md_state import restore_state
+
+        restore_state(dyn, resume)
+    first, dof, npt, n = dyn.nsteps, degrees_of_freedom(atoms, s.integrator), s.ensemble == "npt", len(atoms)
     rec = {k: [] for k in ("temperature", "conserved", "volume", "pressure")}
     log = _Log(s.log, npt) if s.log is not None else None
 
     def record():
-        epot = atoms.get_potential_energy()
-        step = len(rec["temperature"])
+        epot, step = atoms.get_potential_energy(), dyn.nsteps
         if not math.isfinite(epot):
             raise ValueError(f"md stopped: the total energy is {epot} at step {step} (t = {step * s.dt_fs:g} fs); "
                              "the structure or the model is unstable there")
@@ -311,23 +369,41 @@ def run_md(atoms, calculator, settings: Optional[MDSettings] = None, where: str 
         if npt:
             rec["volume"].append(atoms.get_volume())
             rec["pressure"].append(-float(np.mean(atoms.get_stress(include_ideal_gas=True)[:3])) / units.bar)
-        if log is not None and (step % s.interval == 0 or step == s.steps):
+        if log is not None and (step % s.interval == 0 or step == first + s.steps):
             log.line(step * s.dt_fs / 1000, epot, atoms.get_kinetic_energy(), rec["temperature"][-1],
                      rec["conserved"][-1], n, *((rec["volume"][-1], rec["pressure"][-1]) if npt else ()))
 
-    dyn.attach(record, interval=1)
-    write, traj = _writer(atoms, s)
-    if write is not None:
-        dyn.attach(write, interval=s.interval)
+    write, traj = _writer(atoms, s, dyn)
+    outputs = [(f, every) for f, every in ((write, s.interval), (_saver(dyn, atoms, s, model), s.save_state_every))
+               if f is not None]
+    for f, every in [(record, 1)] + outputs:
+        dyn.attach(f, interval=every)
     try:
+        if first:  # ASE calls the observers at step 0 only; a resumed run records and writes its first frame
+            record()
+            if write is not None:
+                write()
         dyn.run(s.steps)
-        if write is not None and s.steps % s.interval:
-            write()  # the last frame always (a run continues from it)
+        for f, every in outputs:
+            if dyn.nsteps % every:
+                f()  # the last frame and state always (a run continues from them)
     finally:
         for f in (traj, log):
             if f is not None:
                 f.close()
-    return dict(_summary(atoms, s, rec), degrees_of_freedom=dof)
+    return dict(_summary(atoms, s, rec), degrees_of_freedom=dof, first_step=first, last_step=dyn.nsteps)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(MDSettings)}
+
+
+def _saver(dyn, atoms, s: MDSettings, model: Optional[str]):
+    """A function writing the run's state file (or None without ``save_state``)."""
+    if s.save_state is None:
+        return None
+    from .md_state import capture_state, save_state
+
+    return lambda: save_state(s.save_state, capture_state(dyn, atoms, s, model))
 
 
 def _summary(atoms, s: MDSettings, rec: dict) -> dict:
