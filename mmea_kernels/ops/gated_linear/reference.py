@@ -26,6 +26,7 @@ def gated_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     """Plain differentiable torch: one einsum per instruction (times its path weight), bias, gate,
     additive. The numerical reference of :func:`gated_linear` (any dtype, any device)."""
     validate(x, weight, bias, gates, additive, spec)
+    weight = weight.contiguous()  # read by offset below (a strided view would be read wrong)
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(-1, spec.dim_in)
     N = x2.shape[0]

@@ -387,6 +387,9 @@ def _forward(x, weight, bias, g_pre, g_post, additive, spec: LinearSpec, with_u:
     has_post = g_post is not None and g_post.shape[-1] > 0
     has_bias = bias is not None and bias.numel() > 0
     has_add = additive is not None and additive.shape[-1] > 0
+    # the kernel reads weight and bias by offset (a strided view would be read wrong); gates and
+    # additive terms go with their strides
+    weight, bias = weight.contiguous(), (None if bias is None else bias.contiguous())
     dummy = x
     with device_guard(x.device):
         _gl_fwd_kernel[grid](
