@@ -14,6 +14,7 @@ from torch import nn
 
 from ..layout import IrrepsLayout
 from ..ops import gate_mul
+from ..ops._utils import transform_active
 from ..ops.backends import cache_generation
 from . import path_choice
 from .base import AdapterLinear, module_tensor
@@ -310,6 +311,8 @@ class MMEALinear(MMEAGating, AdapterLinear):
         """The eager output rows for flattened input rows ``x2``: the fused kernels for a plan
         (LinearSpec, kernel backend, whether one node may run the whole adapter), the base layer and
         then the gate for None."""
+        if fused is not None and transform_active():
+            fused = None  # forward AD / torch.func: the fused kernels have no forward-mode formula
         if fused is None:
             add, gates = self.gate_parameters(x2)
             return self._gated(self.base(x2), add if self.num_additive > 0 else None, gates)

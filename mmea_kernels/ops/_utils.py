@@ -105,6 +105,29 @@ def grads_needed(ctx, inputs, slots) -> tuple:
 from torch._subclasses.fake_tensor import is_fake as _is_fake  # noqa: E402  (per-call import costs µs)
 
 
+def forward_mode(*ts) -> bool:
+    """Whether any of ``ts`` (tensors or None) carries a forward-mode tangent or is wrapped by a
+    torch.func transform (``jvp``, ``jacfwd``, ``grad``, ``jacrev``, ``vmap``): the compiled kernels
+    have no forward-mode formula and would drop the tangent, so callers run the differentiable torch
+    reference instead."""
+    if not transform_active():
+        return False
+    for t in ts:
+        if t is None:
+            continue
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return True
+        if torch.autograd.forward_ad._current_level >= 0 and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+            return True
+    return False
+
+
+def transform_active() -> bool:
+    """Whether a forward-AD dual level or a torch.func transform is active (0.1 µs; tensors with
+    tangents or transform wrappers exist only then)."""
+    return torch.autograd.forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
+
+
 def traced(t: torch.Tensor) -> bool:
     """Whether ``t`` is being traced (torch.compile, or fake tensors of another tracer): there only
     the ``torch.library`` custom ops can run; eager code calls their kernels directly."""

@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._utils import eager_function, traced
+from .._utils import eager_function, forward_mode, traced
 from . import reference
 from .spec import FusedGateSpec, spec_tables
 
@@ -186,6 +186,8 @@ def fused_gate_2d(x: torch.Tensor, key: str, backend: str) -> torch.Tensor:
     gradient recorded) or ``_FusedGateFn``."""
     if traced(x):
         return torch.ops.mmea_kernels.fused_gate(x, key, backend)
+    if forward_mode(x):  # the reference's torch ops carry tangents; the kernels would drop them
+        return reference.forward(x, spec_tables(key, x.device))
     if not (torch.is_grad_enabled() and x.requires_grad):
         return _forward_kernel(x, key, backend)
     return _FusedGateFn.apply(x, key, backend)
@@ -194,6 +196,8 @@ def fused_gate_2d(x: torch.Tensor, key: str, backend: str) -> torch.Tensor:
 def _fused_gate_backward_2d(x: torch.Tensor, dy: torch.Tensor, key: str, backend: str) -> torch.Tensor:
     if traced(x):
         return torch.ops.mmea_kernels.fused_gate_backward(x, dy, key, backend)
+    if forward_mode(x, dy):
+        return reference.backward(x, dy, spec_tables(key, x.device))
     if not (torch.is_grad_enabled() and (x.requires_grad or dy.requires_grad)):
         return _backward_kernel(x, dy, key, backend)
     return _FusedGateBackwardFn.apply(x, dy, key, backend)

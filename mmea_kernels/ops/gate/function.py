@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ...layout import IrrepsLayout
-from .._utils import eager_function, grad_needed, traced
+from .._utils import eager_function, forward_mode, grad_needed, traced
 from ..backends import resolve_backend
 from ..tables import layout_tables
 
@@ -131,6 +131,8 @@ def gate_mul_2d(x, gates, layout: IrrepsLayout, keep: bool, backend: str) -> tor
     when traced, else the kernel (no gradient recorded) or :class:`_GateMulFn`."""
     if traced(x):
         return torch.ops.mmea_kernels.gate_mul(x, gates, layout_key(layout), keep, backend)
+    if forward_mode(x, gates):  # the reference's torch ops carry tangents; the kernels would drop them
+        return _gate_mul_kernel(x, gates, layout, keep, "torch")
     if not _recording(x, gates):
         return _gate_mul_kernel(x, gates, layout, keep, backend)
     return _GateMulFn.apply(x, gates, layout, keep, backend)
@@ -140,6 +142,8 @@ def seg_dot_2d(a, b, layout: IrrepsLayout, shared: bool, backend: str) -> torch.
     """``seg_dot`` of 2-D ``a``, ``b`` (checked already); as :func:`gate_mul_2d`."""
     if traced(a):
         return torch.ops.mmea_kernels.seg_dot(a, b, layout_key(layout), shared, backend)
+    if forward_mode(a, b):
+        return _seg_dot_kernel(a, b, layout, shared, "torch")
     if not _recording(a, b):
         return _seg_dot_kernel(a, b, layout, shared, backend)
     return _SegDotFn.apply(a, b, layout, shared, backend)

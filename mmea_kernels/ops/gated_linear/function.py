@@ -61,7 +61,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._utils import grad_needed, tensor_slots, traced
+from .._utils import forward_mode, grad_needed, tensor_slots, traced
 from ..backends import resolve_backend
 from ..gate.function import gate_mul, seg_dot
 from ..tables import layout_tables
@@ -341,6 +341,8 @@ def _top(x, weight, bias, g_post, additive, spec, backend):
     """The public call (no prologue gate): with a gate that needs a gradient, the forward also writes
     the pre-gate output and saves it (:class:`_SavedOutputFn`); otherwise (inference, frozen or no
     gates) the single-output op. Traced (torch.compile), the custom ops of the same two cases."""
+    if not traced(x) and forward_mode(x, weight, bias, g_post, additive):  # the kernels would drop tangents
+        return gated_linear_reference(x, weight, bias, g_post, additive, spec)
     if g_post is not None and g_post.requires_grad and torch.is_grad_enabled() and spec.out_layout.num_gates > 0:
         if traced(x):
             return torch.ops.mmea_kernels.gated_linear_u(x, weight, bias, g_post, additive, spec.key_text, backend)[0]
