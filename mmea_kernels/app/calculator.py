@@ -54,6 +54,14 @@ def _make_calculator():
             super().calculate(atoms, properties, system_changes)
             a = self.atoms.copy()
             a.calc = None
+            lattice = (a.cell.array.tobytes(), a.pbc.tobytes())
+            if lattice != getattr(self, "_checked_lattice", None):
+                from ..train.checks import check_geometry
+
+                # a periodic direction without a lattice vector would be read (by mace's neighbour
+                # list) as a 1 Å period: atoms among dense images of themselves, finite nonsense
+                check_geometry([a], "MMEACalculator")
+                self._checked_lattice = lattice
             periodic = bool(a.pbc.all()) and abs(a.cell.volume) > 1e-9  # stress with every evaluation there (NPT, relaxation)
             if "stress" in properties and not periodic:
                 from ase.calculators.calculator import PropertyNotImplementedError

@@ -201,6 +201,8 @@ def _relax_parser(sub):
     rx.add_argument("--cell", action="store_true", help="relax the cell too (3-D periodic structures; ASE's "
                                                         "FrechetCellFilter on the model's stress)")
     rx.add_argument("--pressure", type=float, default=d.pressure_bar, help="with --cell: target pressure, bar")
+    rx.add_argument("--stress-tol", type=float, default=None, help="with --cell: converged also needs every stress "
+                    "component within this of the target, bar (default: ASE's cell criterion, fmax·N/V)")
     rx.add_argument("--trajectory", default=None, help="every step (.traj)")
     rx.add_argument("--log", default=None, help="the optimiser's log ('-': standard output)")
     rx.add_argument("--overwrite", action="store_true", help="replace existing --out / --trajectory / --log files")
@@ -348,7 +350,7 @@ def _relax(args) -> int:
     from .relax import RelaxSettings, relax
 
     settings = RelaxSettings(fmax=args.fmax, steps=args.steps, optimizer=args.optimizer, cell=args.cell,
-                             pressure_bar=args.pressure, out=args.out, trajectory=args.trajectory, log=args.log,
+                             pressure_bar=args.pressure, stress_tol_bar=args.stress_tol, out=args.out, trajectory=args.trajectory, log=args.log,
                              overwrite=args.overwrite)
     settings.check()  # before the model is loaded
     _, res = relax(*_structure_and_calculator(args), settings, where=args.structure)
