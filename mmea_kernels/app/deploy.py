@@ -9,8 +9,10 @@ The file needs neither mmea_kernels nor mace-torch nor e3nn to load. Low-rank pa
 (``mmea-paper``) are folded into their weights in the exported copy (exact: the weight the
 parametrization computes). Before the file is put at ``out`` it is loaded back and evaluated on the
 checkpoint's reference frame (one training frame; for checkpoints from before they held one, a small
-cluster of the model's elements); it replaces nothing unless it gives the eager model's energy and
-forces (float64: 1e-9 relative, float32: 5e-6), so a wrong or half-written file never takes the name."""
+cluster of the model's elements), and on the same atoms in a periodic box (the virials ``pair_style
+mace`` takes the pressure from); it replaces nothing unless it gives the eager model's energy,
+forces and virials (float64: 1e-9 relative, float32: 5e-6), so a wrong or half-written file never
+takes the name."""
 from __future__ import annotations
 
 import os
@@ -58,14 +60,32 @@ def _script(model, fmt: str, dtype: torch.dtype):
                          f"{first})") from exc
 
 
-def _run_exported(module, fmt: str, batch: dict):
+def _run_exported(module, fmt: str, batch: dict, virials: bool):
+    """(energy, forces, virials or None) of the exported ``module`` on ``batch``: what ``pair_style
+    mace`` asks of a LAMMPS file (``compute_virials`` for the pressure), or the scripted model's."""
     data = {k: v.detach().clone() for k, v in batch.items() if torch.is_tensor(v)}
     if fmt == "lammps":
         local = torch.ones(data["positions"].shape[0], dtype=data["positions"].dtype)
-        out = module(data, local)
-        return out["total_energy_local"].detach().sum(), out["forces"].detach()
-    out = module(data, training=False, compute_force=True)
-    return out["energy"].detach().sum(), out["forces"].detach()
+        out = module(data, local, virials)
+        e = out["total_energy_local"]
+    else:
+        out = module(data, training=False, compute_force=True, compute_virials=virials)
+        e = out["energy"]
+    return e.detach().sum(), out["forces"].detach(), (out["virials"].detach().reshape(3, 3) if virials else None)
+
+
+def _eager(net, batch: dict, virials: bool):
+    out = net(dict(batch), training=False, compute_force=True, compute_virials=virials)
+    return out["energy"].detach().sum(), out["forces"].detach(), (out["virials"].detach().reshape(3, 3) if virials
+                                                                  else None)
+
+
+def _boxed(probe: dict, r_max: float) -> dict:
+    """The probe's atoms periodic in a cubic box wider than their extent plus the cutoff (no atom
+    sees an image): the same energy and forces, and a virial to check (LAMMPS pressure)."""
+    pos = probe["positions"].double()
+    side = float((pos.max(0).values - pos.min(0).values).max()) + float(r_max) + 1.0
+    return {**probe, "cell": torch.eye(3, dtype=torch.float64) * side, "pbc": torch.ones(3, dtype=torch.bool)}
 
 
 def _cluster(atomic_numbers) -> dict:
@@ -77,12 +97,17 @@ def _cluster(atomic_numbers) -> dict:
             "cell": torch.zeros(3, 3, dtype=torch.float64), "pbc": torch.zeros(3, dtype=torch.bool)}
 
 
-def _verify(module, fmt: str, batch: dict, ref, dtype: torch.dtype) -> float:
-    """The largest relative difference (energy, forces) between the exported ``module`` and the
-    eager model's ``ref`` on ``batch``; raises when above the tolerance of ``dtype``."""
-    (e0, f0), (e1, f1) = ref, _run_exported(module, fmt, batch)
-    rel = max(float((e1 - e0).abs()) / max(1.0, float(e0.abs())),
-              float((f1 - f0).abs().max()) / max(1e-3, float(f0.abs().max())))
+def _verify(module, fmt: str, checks, dtype: torch.dtype) -> float:
+    """The largest relative difference (energy, forces, virials) between the exported ``module``
+    and the eager model on each ``(batch, eager result)`` of ``checks``; raises when above the
+    tolerance of ``dtype``."""
+    rel = 0.0
+    for batch, (e0, f0, v0) in checks:
+        e1, f1, v1 = _run_exported(module, fmt, batch, v0 is not None)
+        rel = max(rel, float((e1 - e0).abs()) / max(1.0, float(e0.abs())),
+                  float((f1 - f0).abs().max()) / max(1e-3, float(f0.abs().max())))
+        if v0 is not None:
+            rel = max(rel, float((v1 - v0).abs().max()) / max(1e-3, float(v0.abs().max())))
     tol = 1e-9 if dtype == torch.float64 else 5e-6  # float32: measured 2.3e-7 (ethanol, scripted vs eager)
     if not rel <= tol:
         raise ValueError(f"the exported {fmt} model does not reproduce the checkpoint's model on its "
@@ -114,16 +139,19 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
     want = _DTYPES[dtype or ("float64" if fmt == "lammps" else ckpt["dtype"])]
     net = net.to(want).eval()
     z, r_max = model_info(net)
-    batch = probe_batch(net, ckpt.get("probe") or _cluster(z))  # net is in `want` now, on the CPU
-    out_ref = net(dict(batch), training=False, compute_force=True)  # the eager model, before it is scripted
-    ref = (out_ref["energy"].detach().sum(), out_ref["forces"].detach())
+    probe = ckpt.get("probe") or _cluster(z)
+    frames = [probe] + ([] if bool(torch.as_tensor(probe["pbc"]).all()) else [_boxed(probe, r_max)])
+    checks = []
+    for frame in frames:  # the eager model, before it is scripted; net is in `want` now, on the CPU
+        batch = probe_batch(net, frame)
+        checks.append((batch, _eager(net, batch, bool(torch.as_tensor(frame["pbc"]).all()))))
     folded = _fold_parametrizations(net)
     module = _script(net, fmt, want)  # in place: net is this function's own copy
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=str(out.parent))
     os.close(fd)
     try:
         module.save(tmp)
-        rel = _verify(torch.jit.load(tmp), fmt, batch, ref, want)
+        rel = _verify(torch.jit.load(tmp), fmt, checks, want)
         umask_mode(tmp)
         os.replace(tmp, out)
     finally:

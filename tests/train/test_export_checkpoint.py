@@ -1,7 +1,8 @@
 """``mmea-kernels export``: a fine-tuning checkpoint (tiny MACE, float64, trained adapters) as the
 LAMMPS file ``pair_style mace`` loads and as the scripted model. Each file, loaded back with
 ``torch.jit.load``, gives the energies and forces of the checkpoint's eager model (rebuilt by
-``load_finetuned``) on frames it was not checked on (≤ 1e-10 relative), for adapters (mmea, elora),
+``load_finetuned``) on frames it was not checked on (≤ 1e-10 relative; the virials on a periodic
+one, which LAMMPS takes the pressure from; a file whose virials are off is refused), for adapters (mmea, elora),
 the low-rank parametrizations of mmea-paper (folded into their weights) and full fine-tuning. A file
 that would not reproduce the model is never put in place, an existing file is not replaced without
 --overwrite, and a model that cannot be exported (mmea-tp; a model that is not a MACE, as
@@ -37,10 +38,16 @@ def checkpoints(train_files, tmp_path_factory):
 
 
 def _frames(net):
+    """Two toluenes and an ethanol; the last toluene also periodic in a 7 Å box (images within the
+    cutoff: the virials LAMMPS takes the pressure from)."""
+    import numpy as np
+
     z, r = model_info(net)
     atoms = toy_molecules("toluene", 2, seed=11) + toy_molecules("ethanol", 1, seed=12)
+    box = atoms[1].copy()
+    box.cell, box.pbc = np.eye(3) * 7.0, True
     return [atoms_to_batch([a], z, r, energy_key="__none__", forces_key="__none__", dtype=torch.float64)
-            for a in atoms]
+            for a in atoms + [box]]
 
 
 def _rel(a, b):
@@ -64,15 +71,20 @@ def test_exported_files_give_the_checkpoints_energies_and_forces(checkpoints, me
         loaded = torch.jit.load(str(path))
         for b in frames:
             e_ref, f_ref = energy_and_forces(net, dict(b))
+            periodic = bool(b["pbc"].all()) if "pbc" in b else float(b["cell"].abs().sum()) > 0
             data = {k: v.detach().clone() for k, v in b.items() if torch.is_tensor(v)}
             if fmt == "lammps":
-                out = loaded(data, torch.ones(len(data["positions"]), dtype=torch.float64))
+                out = loaded(data, torch.ones(len(data["positions"]), dtype=torch.float64), periodic)
                 e, f = out["total_energy_local"].sum(), out["forces"]
             else:
-                out = loaded(data, training=False, compute_force=True)
+                out = loaded(data, training=False, compute_force=True, compute_virials=periodic)
                 e, f = out["energy"], out["forces"]
             assert _rel(e.detach().reshape(-1), e_ref.detach()) <= 1e-10
             assert _rel(f.detach(), f_ref.detach()) <= 1e-10
+            if periodic:
+                v_ref = net(dict(b), training=False, compute_force=True, compute_virials=True)["virials"]
+                assert float(v_ref.abs().max()) > 1e-2
+                assert _rel(out["virials"].detach().reshape(3, 3), v_ref.detach().reshape(3, 3)) <= 1e-10
         assert not list(tmp_path.glob("*.part"))
     assert (res["folded_parametrizations"] > 0) == (method == "mmea-paper")
 
@@ -91,9 +103,11 @@ def test_export_refuses_to_replace_or_to_write_a_wrong_file(checkpoints, tmp_pat
         err = capsys.readouterr().err
         assert expect in err and err.count("\n") == 1, err
     real = deploy._run_exported
-    monkeypatch.setattr(deploy, "_run_exported", lambda *a: (real(*a)[0] + 1e-6, real(*a)[1]))
-    assert main(["export", "--checkpoint", ck, "--out", str(old), "--overwrite"]) == 2
-    assert "does not reproduce the checkpoint's model" in capsys.readouterr().err
+    for wrong in (lambda *a: (real(*a)[0] + 1e-6, *real(*a)[1:]),  # the energy off
+                  lambda *a: real(*a)[:2] + ((real(*a)[2] * (1 + 1e-6)) if a[3] else None,)):  # the virials off
+        monkeypatch.setattr(deploy, "_run_exported", wrong)
+        assert main(["export", "--checkpoint", ck, "--out", str(old), "--overwrite"]) == 2
+        assert "does not reproduce the checkpoint's model" in capsys.readouterr().err
     assert old.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["old.pt"]
 
 
