@@ -401,10 +401,11 @@ def _md(args) -> None:
 
         atoms, calc = None, _calculator(args)
         check_structure(state.atoms, calc, args.resume, _checks(args))
-    print(json.dumps(run_md(atoms, calc, settings, where=args.structure or args.resume, resume=state,
-                            model=_model_id(args)), indent=1))
-    if getattr(args, "frames_note", None):
-        print(args.frames_note, file=sys.stderr)
+    res = run_md(atoms, calc, settings, where=args.structure or args.resume, resume=state, model=_model_id(args))
+    print(json.dumps(res, indent=1))
+    for note in (getattr(args, "frames_note", None), res.get("continuation_note")):
+        if note:
+            print(note if note.startswith("mmea-kernels") else f"mmea-kernels md: {note}", file=sys.stderr)
 
 
 def _model_id(args) -> str:

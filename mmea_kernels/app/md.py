@@ -52,6 +52,11 @@ class MDSettings:
     save_state_every: int = 1000
 
     @property
+    def effective_thermostat(self) -> Optional[str]:
+        """The thermostat that runs: None (nve), ``thermostat`` or langevin (nvt), nose-hoover (npt)."""
+        return {"nve": None, "npt": "nose-hoover"}.get(self.ensemble, self.thermostat or "langevin")
+
+    @property
     def integrator(self) -> str:
         if self.ensemble == "nve":
             return "velocity-verlet"
@@ -79,6 +84,7 @@ class MDSettings:
         for name, v in (("--tdamp", self.tdamp_fs), ("--pdamp", self.pdamp_fs)):
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a time > 0 fs, got {v}")
+        self._check_unused()
         if not math.isfinite(self.pressure_bar):
             raise ValueError(f"--pressure must be finite, got {self.pressure_bar}")
         if self.velocities not in ("maxwell", "file"):
@@ -99,6 +105,20 @@ class MDSettings:
                 raise ValueError("--save-state and another output are the same file; give each its own name")
             outputs["--save-state"] = None
         check_outputs(outputs, self.overwrite)
+
+
+    def _check_unused(self) -> None:
+        """``ValueError`` for a setting (other than its default) that this run would not use."""
+        d = MDSettings
+        unused = [(opt, "--ensemble npt") for opt, field in (("--pressure", "pressure_bar"), ("--pdamp", "pdamp_fs"))
+                  if self.ensemble != "npt" and getattr(self, field) != getattr(d, field)]
+        if self.ensemble == "nve" and self.tdamp_fs != d.tdamp_fs:
+            unused.append(("--tdamp", "a thermostat (--ensemble nvt or npt)"))
+        if self.save_state is None and self.save_state_every != d.save_state_every:
+            unused.append(("--save-state-every", "--save-state"))
+        if unused:
+            opt, needs = unused[0]
+            raise ValueError(f"{opt} is for {needs}; this run ({self.ensemble}) would not use it")
 
 
 def check_md_settings(steps: int, dt_fs: float, temperature_K: float) -> None:
@@ -207,8 +227,18 @@ def _integrator(atoms, s: MDSettings):
     if s.ensemble == "nve":
         return _ase("verlet", "VelocityVerlet")(atoms, dt)
     if s.ensemble == "npt":
-        return _ase("nose_hoover_chain", "IsotropicMTKNPT")(
+        dyn = _ase("nose_hoover_chain", "IsotropicMTKNPT")(
             atoms, dt, temperature_K=T, pressure_au=s.pressure_bar * units.bar, tdamp=tdamp, pdamp=s.pdamp_fs * units.fs)
+        # ASE's MTK counts 3N degrees of freedom (thermostat target, the barostat's 1 + d/N_f and
+        # kinetic terms, its mass); the centre of mass stays still, so 3N - 3 move: with 3N the
+        # box ran N/(N-1) hot (8 atoms: 683 K for 600 K, found in review)
+        n_eff = degrees_of_freedom(atoms, "mtk-npt") / 3
+        dyn._num_atoms_global = n_eff
+        dyn._thermostat = _ase("nose_hoover_chain", "NoseHooverChainThermostat")(
+            num_atoms_global=n_eff, masses=dyn.masses, temperature_K=T, tdamp=tdamp)
+        dyn._barostat = _ase("nose_hoover_chain", "IsotropicMTKBarostat")(
+            num_atoms_global=n_eff, temperature_K=T, pdamp=s.pdamp_fs * units.fs)
+        return dyn
     if s.integrator == "langevin":
         from ase.constraints import FixCom
 
@@ -240,57 +270,6 @@ def _conserved(dyn, atoms, s: MDSettings) -> Optional[float]:
     return None
 
 
-def _writer(atoms, s: MDSettings, dyn):
-    """A function writing the current frame (with its energy, forces and, when periodic, stress; its
-    step and time in ``info["md_step"]``, ``info["time_fs"]``), and the file to close at the end (or
-    None)."""
-    if s.trajectory is None:
-        return None, None
-    from ase.io import write
-
-    if os.path.exists(s.trajectory):
-        os.remove(s.trajectory)  # s.check() refused it unless overwrite
-
-    def stamp():
-        atoms.info.update(md_step=int(dyn.nsteps), time_fs=float(dyn.nsteps * s.dt_fs))
-
-    if s.trajectory.lower().endswith(".traj"):
-        from ase.io.trajectory import Trajectory
-
-        traj = Trajectory(s.trajectory, "w", atoms, properties=["energy", "forces"] + (["stress"] if _periodic(atoms) else []))
-        return (lambda: (stamp(), traj.write())), traj
-    return (lambda: (stamp(), write(s.trajectory, atoms, format="extxyz", append=True))), None
-
-
-class _Log:
-    """The run's log every ``interval`` steps (``"-"``: standard output): time, energies per atom,
-    the temperature over the degrees of freedom that move, the conserved quantity per atom, and for
-    NPT volume and pressure."""
-
-    def __init__(self, path: str, npt: bool):
-        import sys
-
-        self.fh = sys.stdout if path == "-" else open(path, "w")
-        self.npt = npt
-        cols = ["time_ps", "Etot/N_eV", "Epot/N_eV", "Ekin/N_eV", "T_K", "conserved/N_eV"]
-        self.fh.write(" ".join(f"{c:>14}" for c in cols + (["volume_A3", "pressure_bar"] if npt else [])) + "\n")
-
-    def line(self, t_ps, epot, ekin, temp, conserved, n, volume=None, pressure=None):
-        vals = [t_ps, (epot + ekin) / n, epot / n, ekin / n, temp]
-        text = " ".join(f"{v:14.6f}" for v in vals) + (f" {conserved / n:14.6f}" if conserved is not None else
-                                                        f" {'-':>14}")
-        if self.npt:
-            text += f" {volume:14.4f} {pressure:14.2f}"
-        self.fh.write(text + "\n")
-        self.fh.flush()
-
-    def close(self):
-        import sys
-
-        if self.fh is not sys.stdout:
-            self.fh.close()
-
-
 def resumed_settings(state, settings: MDSettings, given: dict) -> MDSettings:
     """``settings`` with the dynamics of ``state`` (an ``app.md_state.MDState``); ``ValueError`` for
     any of ``given`` (settings the caller chose) that would change them, or for
@@ -298,6 +277,9 @@ def resumed_settings(state, settings: MDSettings, given: dict) -> MDSettings:
     from .md_state import PHYSICS
 
     for key, value in given.items():
+        if key == "thermostat":  # as the state stores it: the one that runs (nvt's None is langevin)
+            value = dataclasses.replace(MDSettings(), ensemble=given.get("ensemble", state.physics["ensemble"]),
+                                        thermostat=value).effective_thermostat
         if key in PHYSICS and value != state.physics[key]:
             raise ValueError(f"{PHYSICS[key]} {value} differs from the state file's {state.physics[key]}: a resumed "
                              "run continues the same dynamics (to change them, start a new run from the last "
@@ -336,15 +318,24 @@ def run_md(atoms, calculator, settings: Optional[MDSettings] = None, where: str 
     density and pressure. Stops with a ``ValueError`` when the energy turns non-finite.
 
     ``resume``: an ``app.md_state.MDState`` (``atoms`` is then unused): the run goes on from its
-    step with its dynamics for ``steps`` more steps; keywords, and fields of ``settings`` other than
-    their defaults, that would change the dynamics are refused (:func:`resumed_settings`). ``model``: a string
+    step with its dynamics for ``steps`` more steps; keywords, the dynamics of a ``settings`` object
+    (all of them: pass ``settings=None`` and keywords to take the state's), and other values than the
+    defaults, that would change the dynamics are refused (:func:`resumed_settings`). A state of
+    another precision or device (``calculator.dtype``/``.device``) runs on, with
+    ``"bit_identical_continuation": false`` in the summary. ``model``: a string
     identifying the model, kept in state files; resuming a state of another model is refused."""
     from ase import units
 
+    from .md_output import Log, summary, writer
+
     s = dataclasses.replace(settings or MDSettings(), **kw)
-    if resume is not None:
-        s = resumed_settings(resume, s, {k: getattr(s, k) for k, f in _FIELDS.items()  # keywords, other values
-                                         if k in kw or getattr(s, k) != f.default})
+    runtime = _runtime(calculator)
+    if resume is not None:  # keywords, every field of a settings object given, other values than the defaults
+        from .md_state import PHYSICS
+
+        s = resumed_settings(resume, s, {k: getattr(s, k) for k, f in _FIELDS.items()
+                                         if k in kw or (settings is not None and k in PHYSICS)
+                                         or getattr(s, k) != f.default})
     s.check(getattr(resume, "path", None))
     atoms = _prepare(atoms, s, where, resume, model)
     atoms.calc = calculator
@@ -357,13 +348,13 @@ def run_md(atoms, calculator, settings: Optional[MDSettings] = None, where: str 
         restore_state(dyn, resume)
     first, dof, npt, n = dyn.nsteps, degrees_of_freedom(atoms, s.integrator), s.ensemble == "npt", len(atoms)
     rec = {k: [] for k in ("temperature", "conserved", "volume", "pressure")}
-    log = _Log(s.log, npt) if s.log is not None else None
+    log = Log(s.log, npt) if s.log is not None else None
 
     def record():
         epot, step = atoms.get_potential_energy(), dyn.nsteps
-        if not math.isfinite(epot):
-            raise ValueError(f"md stopped: the total energy is {epot} at step {step} (t = {step * s.dt_fs:g} fs); "
-                             "the structure or the model is unstable there")
+        if not (math.isfinite(epot) and math.isfinite(atoms.get_kinetic_energy())):
+            raise ValueError(f"md stopped: the total energy is {epot + atoms.get_kinetic_energy()} at step {step} "
+                             f"(t = {step * s.dt_fs:g} fs); the structure or the model is unstable there")
         rec["temperature"].append(temperature(atoms, dof))
         rec["conserved"].append(_conserved(dyn, atoms, s))
         if npt:
@@ -373,8 +364,9 @@ def run_md(atoms, calculator, settings: Optional[MDSettings] = None, where: str 
             log.line(step * s.dt_fs / 1000, epot, atoms.get_kinetic_energy(), rec["temperature"][-1],
                      rec["conserved"][-1], n, *((rec["volume"][-1], rec["pressure"][-1]) if npt else ()))
 
-    write, traj = _writer(atoms, s, dyn)
-    outputs = [(f, every) for f, every in ((write, s.interval), (_saver(dyn, atoms, s, model), s.save_state_every))
+    write, traj = writer(atoms, s, dyn)
+    outputs = [(f, every) for f, every in ((write, s.interval), (_saver(dyn, atoms, s, model, runtime),
+                                                                 s.save_state_every))
                if f is not None]
     for f, every in [(record, 1)] + outputs:
         dyn.attach(f, interval=every)
@@ -391,41 +383,39 @@ def run_md(atoms, calculator, settings: Optional[MDSettings] = None, where: str 
         for f in (traj, log):
             if f is not None:
                 f.close()
-    return dict(_summary(atoms, s, rec), degrees_of_freedom=dof, first_step=first, last_step=dyn.nsteps)
+    return dict(summary(atoms, s, rec), degrees_of_freedom=dof, first_step=first, last_step=dyn.nsteps,
+                **_continuation(resume, runtime))
+
+
+def _continuation(resume, runtime: Optional[str]) -> dict:
+    """For a resumed run: whether it goes on to the bit (the state's precision and device), and why not."""
+    if resume is None:
+        return {}
+    if resume.runtime is None or runtime is None or resume.runtime == runtime:
+        return {"bit_identical_continuation": True}
+    return {"bit_identical_continuation": False,
+            "continuation_note": f"the state was written by a run in {resume.runtime}, this one ran in {runtime}: "
+                                 "the same dynamics to round-off, not to the bit"}
+
+
+def _runtime(calculator) -> Optional[str]:
+    """The precision and device the calculator's model runs in ("float64 on cpu"), when it says."""
+    dtype, device = getattr(calculator, "dtype", None), getattr(calculator, "device", None)
+    if dtype is None or device is None:
+        return None
+    return f"{str(dtype).replace('torch.', '')} on {device}"
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(MDSettings)}
 
 
-def _saver(dyn, atoms, s: MDSettings, model: Optional[str]):
+def _saver(dyn, atoms, s: MDSettings, model: Optional[str], runtime: Optional[str]):
     """A function writing the run's state file (or None without ``save_state``)."""
     if s.save_state is None:
         return None
     from .md_state import capture_state, save_state
 
-    return lambda: save_state(s.save_state, capture_state(dyn, atoms, s, model))
-
-
-def _summary(atoms, s: MDSettings, rec: dict) -> dict:
-    n = len(atoms)
-    out = {"ensemble": s.ensemble, "integrator": s.integrator, "steps": s.steps, "dt_fs": s.dt_fs, "atoms": n,
-           "target_temperature_K": s.temperature_K, "mean_temperature_K": float(np.mean(rec["temperature"])),
-           "std_temperature_K": float(np.std(rec["temperature"]))}
-    if rec["conserved"][0] is not None:
-        e = np.asarray(rec["conserved"], dtype=float)
-        t_ps = np.arange(len(e)) * s.dt_fs / 1000
-        out["drift_meV_per_atom_per_ps"] = 1000 * float(np.polyfit(t_ps, e, 1)[0]) / n
-        out["max_deviation_meV_per_atom"] = 1000 * float(np.abs(e - e[0]).max()) / n
-    if s.ensemble == "npt":
-        from ase import units
-
-        v = float(np.mean(rec["volume"]))
-        out.update(target_pressure_bar=s.pressure_bar, mean_pressure_bar=float(np.mean(rec["pressure"])),
-                   mean_volume_A3=v, final_volume_A3=float(atoms.get_volume()),
-                   mean_density_g_per_cm3=float(atoms.get_masses().sum()) / units.mol / (v * 1e-24))
-    if s.trajectory is not None:
-        out["trajectory"] = s.trajectory
-    return out
+    return lambda: save_state(s.save_state, capture_state(dyn, atoms, s, model, runtime))
 
 
 def nve_drift(atoms, calculator, steps: int = 200, dt_fs: float = 0.5, temperature_K: float = 300.0,

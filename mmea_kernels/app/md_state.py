@@ -37,7 +37,7 @@ class MDState:
     which a Langevin run adds itself); ``step``: the steps run so far; ``physics``: the settings in
     :data:`PHYSICS`; ``variables``: the integrator's own; ``rng``: the generator state of a
     stochastic thermostat; ``model``: what identifies the model that ran (or None); ``path``: the
-    file it was read from."""
+    file it was read from; ``runtime``: the model's precision and device ("float64 on cpu")."""
 
     atoms: object
     step: int
@@ -46,6 +46,7 @@ class MDState:
     rng: Optional[dict] = None
     model: Optional[str] = None
     path: Optional[str] = None
+    runtime: Optional[str] = None
 
     @property
     def integrator(self) -> str:
@@ -53,11 +54,12 @@ class MDState:
         return {"nve": "velocity-verlet", "npt": "mtk-npt"}.get(e, t or "langevin")
 
 
-def capture_state(dyn, atoms, settings, model: Optional[str] = None) -> MDState:
+def capture_state(dyn, atoms, settings, model: Optional[str] = None, runtime: Optional[str] = None) -> MDState:
     """The state of ``dyn`` (built by ``app.md``) on ``atoms`` after ``dyn.nsteps`` steps."""
     from .md import _clean_copy
 
     physics = {k: getattr(settings, k) for k in PHYSICS}
+    physics["thermostat"] = settings.effective_thermostat  # as it runs: nvt's default is langevin
     kind = settings.integrator
     v: dict = {}
     if kind == "bussi":
@@ -68,7 +70,7 @@ def capture_state(dyn, atoms, settings, model: Optional[str] = None) -> MDState:
         v.update(xi=dyn._barostat._xi.copy(), p_xi=dyn._barostat._p_xi.copy(), eps=float(dyn._eps),
                  p_eps=float(dyn._p_eps), volume0=float(dyn._volume0), cell0=np.array(dyn._cell0, dtype=float))
     rng = dyn.rng.bit_generator.state if kind in _STOCHASTIC else None
-    return MDState(_clean_copy(atoms), int(dyn.nsteps), physics, v, rng, model)
+    return MDState(_clean_copy(atoms), int(dyn.nsteps), physics, v, rng, model, runtime=runtime)
 
 
 def restore_state(dyn, state: MDState) -> None:
@@ -107,7 +109,7 @@ def save_state(path: str, state: MDState) -> None:
               "tags": a.get_tags()}
     arrays.update({f"var_{k}": np.asarray(x, dtype=float) for k, x in state.variables.items()})
     meta = {"format": FORMAT, "version": VERSION, "step": state.step, "physics": state.physics, "model": state.model,
-            "rng": state.rng, "constraints": [json.loads(encode(c.todict())) for c in a.constraints]}
+            "runtime": state.runtime, "rng": state.rng, "constraints": [json.loads(encode(c.todict())) for c in a.constraints]}
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp.npz")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -142,7 +144,7 @@ def load_state(path: str) -> MDState:
         raise ValueError(f"--resume {path} is not a readable MD state file: {exc}") from None
     meta = _meta(arrays, path)
     return MDState(_atoms(arrays, meta, path), meta["step"], meta["physics"], _variables(arrays, meta, path),
-                   meta["rng"], meta["model"], path)
+                   meta["rng"], meta["model"], path, meta.get("runtime"))
 
 
 def _meta(arrays: dict, path: str) -> dict:
@@ -170,8 +172,9 @@ def _meta(arrays: dict, path: str) -> dict:
         MDSettings(**physics).check()
     except (TypeError, ValueError) as exc:
         raise bad(f"key 'physics': {exc}") from None
-    if not (meta.get("model") is None or isinstance(meta.get("model"), str)):
-        raise bad("key 'model' must be a string or null")
+    for key in ("model", "runtime"):
+        if not (meta.get(key) is None or isinstance(meta.get(key), str)):
+            raise bad(f"key {key!r} must be a string or null")
     stochastic = MDState(None, 0, physics, {}).integrator in _STOCHASTIC
     rng = meta.get("rng")
     if stochastic and not (isinstance(rng, dict) and rng.get("bit_generator") == "PCG64"):
@@ -201,6 +204,8 @@ def _atoms(arrays: dict, meta: dict, path: str):
     n = len(numbers)
     if n < 1 or numbers.min() < 1 or numbers.max() > 118:
         raise ValueError(f"--resume {path}: key 'numbers' must hold atomic numbers 1..118 for at least one atom")
+    if not (need("masses", (n,), "f") > 0).all():
+        raise ValueError(f"--resume {path}: key 'masses' must hold masses > 0")
     atoms = Atoms(numbers=numbers, positions=need("positions", (n, 3), "f"), cell=need("cell", (3, 3), "f"),
                   pbc=need("pbc", (3,), "b"), masses=need("masses", (n,), "f"), tags=need("tags", (n,), "iu"),
                   momenta=need("momenta", (n, 3), "f"))

@@ -38,11 +38,16 @@ def _box():
 CASES = [("nve", None), ("nvt", "langevin"), ("nvt", "bussi"), ("nvt", "nose-hoover"), ("npt", None)]
 
 
+def _settings(ensemble, thermostat, **kw):
+    """Settings of ``ensemble`` with short damping times where they apply."""
+    damp = {"nve": {}, "nvt": dict(tdamp_fs=20.0), "npt": dict(tdamp_fs=20.0, pdamp_fs=100.0)}[ensemble]
+    return MDSettings(ensemble=ensemble, thermostat=thermostat, **damp, **kw)
+
+
 @pytest.mark.parametrize("ensemble,thermostat", CASES)
 def test_a_resumed_run_ends_on_the_same_bits_as_one_run(calc, ensemble, thermostat, tmp_path):
     atoms = _box() if ensemble == "npt" else read(str(ETHANOL), 0)
-    s = MDSettings(steps=10, ensemble=ensemble, thermostat=thermostat, tdamp_fs=20.0, pdamp_fs=100.0, interval=5,
-                   seed=4)
+    s = _settings(ensemble, thermostat, steps=10, interval=5, seed=4)
     one = run_md(atoms, calc, s, steps=20, trajectory=str(tmp_path / "one.traj"))
     first = run_md(atoms, calc, s, save_state=str(tmp_path / "state.npz"), model="m1")
     state = load_state(str(tmp_path / "state.npz"))
@@ -76,7 +81,7 @@ def test_each_part_of_the_state_is_needed(calc, tmp_path):
             "nose-hoover": (read(str(ETHANOL), 0), "nvt", "nose-hoover", "p_eta"),
             "mtk-npt": (_box(), "npt", None, "p_eps")}
     for name, (atoms, ensemble, thermostat, part) in runs.items():
-        s = MDSettings(steps=5, ensemble=ensemble, thermostat=thermostat, tdamp_fs=20.0, pdamp_fs=100.0, seed=1)
+        s = _settings(ensemble, thermostat, steps=5, seed=1)
         one = run_md(atoms, calc, s, steps=10, save_state=str(tmp_path / f"{name}-one.npz"))
         run_md(atoms, calc, s, save_state=str(tmp_path / f"{name}.npz"))
         state = load_state(str(tmp_path / f"{name}.npz"))
@@ -103,6 +108,21 @@ def test_a_resumed_run_refuses_other_dynamics_and_another_model(calc, tmp_path):
             run_md(None, calc, resume=state, steps=2, **kw)
     with pytest.raises(ValueError, match=r"written by a run of another model \(m1; now m2\)"):
         run_md(None, calc, resume=state, steps=2, model="m2")
+    with pytest.raises(ValueError, match="--ensemble nve differs from the state file's nvt"):
+        run_md(None, calc, MDSettings(steps=2), resume=state)  # a settings object: all its dynamics count
+    assert run_md(None, calc, resume=state, steps=1, thermostat="bussi")["bit_identical_continuation"]
+    nvt = str(tmp_path / "nvt.npz")
+    run_md(mol, calc, steps=2, ensemble="nvt", save_state=nvt)  # thermostat not named: langevin runs
+    assert load_state(nvt).physics["thermostat"] == "langevin"
+    assert run_md(None, calc, resume=load_state(nvt), steps=1, thermostat="langevin")["last_step"] == 3
+    import copy
+
+    from mmea_kernels.app.calculator import MMEACalculator
+
+    single = MMEACalculator(module=copy.deepcopy(calc.net).float())
+    res = run_md(None, single, resume=state, steps=1)
+    assert not res["bit_identical_continuation"] and "float64 on cpu, this one ran in float32 on cpu" in \
+        res["continuation_note"]
     (tmp_path / "t.xyz").write_text("keep")
     with pytest.raises(FileExistsError, match="--save-state .* exists; pass --overwrite"):
         run_md(mol, calc, steps=2, save_state=path)
@@ -165,7 +185,8 @@ def test_files_that_are_not_states_are_refused_by_name_and_never_run(calc, tmp_p
              (variant("nan", momenta=np.full_like(base["momenta"], np.nan)), "key 'momenta' holds non-finite values"),
              (variant("missing", masses=None), "key 'masses' is missing"),
              (variant("chain", var_p_eta=None), r"key 'var_p_eta' \(nose-hoover's state\) is missing"),
-             (variant("z", numbers=np.full_like(base["numbers"], 200)), "atomic numbers 1..118")]
+             (variant("z", numbers=np.full_like(base["numbers"], 200)), "atomic numbers 1..118"),
+             (variant("mass", masses=np.zeros_like(base["masses"])), "key 'masses' must hold masses > 0")]
     for path, msg in cases:
         with pytest.raises(ValueError, match=msg):
             load_state(path)
