@@ -214,6 +214,14 @@ class AdapterLinear(nn.Module):
                 f"{self.in_layout.irreps_str} needs the last dimension to be {self.in_layout.dim}"
             )
 
+    def check_feature_channels(self, method: str) -> None:
+        """``ValueError`` for an ``o3.Linear`` with ``f_in`` != ``f_out`` feature channels (rows of
+        the input and the output then do not correspond one to one)."""
+        w = getattr(self.base, "weight", None)
+        if self.view.kind == "e3nn" and torch.is_tensor(w) and w.dim() == 3 and w.shape[0] != w.shape[1]:
+            raise ValueError(f"{method}: this o3.Linear maps f_in={w.shape[0]} feature channels to f_out={w.shape[1]}; "
+                             f"{method} needs f_in == f_out")
+
     def adapter_parameters(self):
         return [p for n, p in self.named_parameters() if not n.startswith("base.")]
 

@@ -47,7 +47,10 @@ class ELoRALinear(AdapterLinear):
                 raise ValueError(f"weight blocks of {type(base).__name__} are not contiguous in path order")
             off += p.numel
         if off != base.weight.numel():
-            raise ValueError(f"weight blocks cover {off} of the {base.weight.numel()} weight elements")
+            raise ValueError(f"weight blocks cover {off} of the {base.weight.numel()} weight elements (an o3.Linear with "
+                             f"f_in/f_out feature channels, weight shape {tuple(base.weight.shape)}, has a weight per "
+                             "channel pair; ELoRA adapts one)")
+        self.merged = False  # merge(): ΔW is in base.weight (the forward then adds nothing)
         self.path_shapes = [(p.mul_in, p.mul_out) for p in self.paths]
         self.elora_A = nn.ParameterList([nn.Parameter(torch.empty(m_in, rank, **fk)) for m_in, _ in self.path_shapes])
         self.elora_B = nn.ParameterList([nn.Parameter(torch.empty(rank, m_out, **fk)) for _, m_out in self.path_shapes])
@@ -76,13 +79,30 @@ class ELoRALinear(AdapterLinear):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.check_input(x)
+        if self.merged:  # the base weight holds ΔW already
+            if self.adapter_enabled:
+                return self.base(x, *args, **kwargs)
+            return self.view.call_with_weight(self.base, x, self.base.weight - self.delta_weight(), args, kwargs)
         if not self.adapter_enabled:
             return self.base(x, *args, **kwargs)
         return self.view.call_with_weight(self.base, x, self.base.weight + self.delta_weight(), args, kwargs)
 
     @torch.no_grad()
     def merge(self) -> nn.Module:
-        self.base.weight.add_(self.delta_weight())
+        """Add ``ΔW`` into the base weights (once: a second call changes nothing) and return the base
+        layer; this adapter then adds nothing in its forward (the same output as before), until
+        :meth:`unmerge` takes ``ΔW`` out again (to round-off)."""
+        if not self.merged:
+            self.base.weight.add_(self.delta_weight())
+            self.merged = True
+        return self.base
+
+    @torch.no_grad()
+    def unmerge(self) -> nn.Module:
+        """Undo :meth:`merge` (``W + ΔW − ΔW``: the original weights to round-off); the base layer."""
+        if self.merged:
+            self.base.weight.sub_(self.delta_weight())
+            self.merged = False
         return self.base
 
     def extra_repr(self) -> str:

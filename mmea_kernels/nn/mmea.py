@@ -235,6 +235,7 @@ class MMEALinear(MMEAGating, AdapterLinear):
     def __init__(self, base: nn.Module, rank: int = 16, phi: str = "exp", init: str = "identity",
                  init_std: Optional[float] = None, backend: Optional[str] = None):
         super().__init__(base)
+        self.check_feature_channels("MMEA")  # gates from each input row scale the output row beside it
         self._init_gating(rank, phi, init, init_std, backend, **self._factory())
         self._fused_spec()  # sets the spec key that a compiled call reads
 

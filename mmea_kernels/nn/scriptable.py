@@ -169,6 +169,7 @@ class ScriptableMMEACuetLinear(_ScriptableMMEA):
 class _ScriptableELoRA(nn.Module):
     scaling: float
     adapter_enabled: bool
+    merged: bool
     dim_in: int
     irreps_in_str: str
 
@@ -179,6 +180,7 @@ class _ScriptableELoRA(nn.Module):
         self.elora_B = adapter.elora_B
         self.scaling = float(adapter.scaling)
         self.adapter_enabled = bool(adapter.adapter_enabled)
+        self.merged = bool(getattr(adapter, "merged", False))  # ΔW in base.weight already (ELoRALinear.merge)
         self.dim_in = int(adapter.in_layout.dim)
         self.irreps_in_str = adapter.in_layout.irreps_str
 
@@ -188,13 +190,15 @@ class _ScriptableELoRA(nn.Module):
                              .format(x.shape, self.irreps_in_str, self.dim_in))
 
     def _weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """``W + ΔW`` (as ``ELoRALinear.delta_weight``: blocks row-major, concatenated, scaled)."""
+        """``W + ΔW`` (as ``ELoRALinear.delta_weight``: blocks row-major, concatenated, scaled), or
+        ``W − ΔW`` for a merged adapter that is disabled."""
         parts: List[torch.Tensor] = []
         for A, B in zip(self.elora_A, self.elora_B):
             parts.append((A @ B).reshape(-1))
         if len(parts) == 0:
             return weight + torch.zeros_like(weight)
-        return weight + (torch.cat(parts) * self.scaling).reshape(weight.shape)
+        sign = 1.0 if self.adapter_enabled else -1.0
+        return weight + sign * (torch.cat(parts) * self.scaling).reshape(weight.shape)
 
 
 class ScriptableELoRALinear(_ScriptableELoRA):
@@ -202,7 +206,7 @@ class ScriptableELoRALinear(_ScriptableELoRA):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if not self.adapter_enabled:
+        if self.adapter_enabled == self.merged:  # unmerged and off, or merged and on: the base weights as they are
             return self.base(x)
         return self.base(x, self._weight(self.base.weight))
 
@@ -213,7 +217,7 @@ class ScriptableELoRACuetLinear(_ScriptableELoRA):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if not self.adapter_enabled:
+        if self.adapter_enabled == self.merged:
             return self.base(x)
         no_indices: Dict[int, torch.Tensor] = {}
         out = self.base.f([self._weight(self.base.weight), self.base.transpose_in(x)], input_indices=no_indices)

@@ -55,6 +55,13 @@ def adapted_modules(model: nn.Module) -> Dict[str, AdapterLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLinear)}
 
 
+def tensor_product_gates(model: nn.Module) -> Dict[str, nn.Module]:
+    """Qualified name -> ``MMEATensorProduct``, the gates of the ``mmea-tp`` method in ``model``."""
+    from ..nn.mmea import MMEATensorProduct
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, MMEATensorProduct)}
+
+
 def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
 
@@ -123,6 +130,7 @@ def inject_adapters(model: nn.Module, method: Union[str, AdapterConfig] = "mmea"
         targets = [n for n in targets if n not in excluded]
     if not targets:
         raise ValueError("target_modules/exclude_modules leave no layer to adapt")
+    _refuse_shared(model, targets)
 
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     cls = config.adapter_class
@@ -134,6 +142,21 @@ def inject_adapters(model: nn.Module, method: Union[str, AdapterConfig] = "mmea"
             p.requires_grad_(True)
     object.__setattr__(model, _SAVED_GRAD_FLAGS, saved)
     return report(model)
+
+
+def _refuse_shared(model: nn.Module, targets: List[str]) -> None:
+    """``ValueError`` for a target layer that the model uses in more than one place (one module
+    object under two names): a wrapper put in at one name would adapt only that place, and an ELoRA
+    merge would change both."""
+    names: Dict[int, List[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(n)
+    for t in targets:
+        where = names[id(model.get_submodule(t))]
+        if len(where) > 1:
+            raise ValueError(f"layer {t!r} is one module used in {len(where)} places ({', '.join(where)}); adapters on "
+                             "it would act in one place only: give each place its own layer, or leave it out "
+                             f"(exclude_modules=[{t!r}])")
 
 
 def report(model: nn.Module) -> InjectionReport:
@@ -159,10 +182,11 @@ def _restore_grad_flags(model: nn.Module) -> None:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove every adapter, putting the original (unchanged) layers back; restores requires_grad."""
-    mods = adapted_modules(model)
+    """Remove every adapter (and the ``mmea-tp`` tensor-product gates), putting the original layers
+    back (a merged ELoRA adapter is unmerged first); restores requires_grad."""
+    mods = {**adapted_modules(model), **tensor_product_gates(model)}
     for name, m in mods.items():
-        _set_submodule(model, name, m.base)
+        _set_submodule(model, name, m.unmerge() if getattr(m, "merged", False) else m.base)
     _restore_grad_flags(model)
     return model
 
@@ -186,8 +210,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Context manager: run the base model (adapters bypassed) inside the block."""
-    mods = list(adapted_modules(model).values())
+    """Context manager: run the base model (adapters and ``mmea-tp`` gates bypassed) inside the block."""
+    mods = list(adapted_modules(model).values()) + list(tensor_product_gates(model).values())
     before = [m.adapter_enabled for m in mods]
     for m in mods:
         m.adapter_enabled = False

@@ -3,13 +3,15 @@
 they do not fit."""
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
 from ..layout import IrrepsLayout
 from ..linear_spec import LinearSpec
 from ..nn import ADAPTERS, AdapterLinear, is_equivariant_linear
-from .inject import adapted_modules, inject_adapters, report, unload, InjectionReport
+from .inject import adapted_modules, inject_adapters, report, tensor_product_gates, unload, InjectionReport
 
 __all__ = ["adapter_state_dict", "load_adapter_state_dict", "FORMAT"]
 
@@ -21,6 +23,7 @@ def adapter_state_dict(model: nn.Module) -> dict:
     mods = adapted_modules(model)
     if not mods:
         raise ValueError("model has no adapters to save")
+    _refuse_tensor_product_gates(model, "saved in an adapter state")
     first = next(iter(mods.values()))
     state = {}
     for name, m in mods.items():
@@ -69,8 +72,10 @@ def load_adapter_state_dict(model: nn.Module, adapter_state: dict, **options) ->
             if [list(p) for p in info["paths"]] != have_paths:
                 raise ValueError(f"module {name!r}: saved ELoRA blocks (i_in, i_out) {info['paths']} are not the "
                                  f"weight blocks of the model's layer {have_paths}")
+    _refuse_tensor_product_gates(model, "loaded from an adapter state")
     existing = adapted_modules(model)
     if existing:
+        _set_runtime_options(existing.values(), method, options)
         if set(existing) != set(targets):
             raise ValueError(f"model already has adapters on {sorted(set(existing) ^ set(targets))} that differ "
                              "from the saved ones; unload(model) first")
@@ -91,12 +96,21 @@ def load_adapter_state_dict(model: nn.Module, adapter_state: dict, **options) ->
         raise ValueError(f"{allowed} be chosen when loading {method} adapters; {bad} come from the saved state")
     saved_opts.update(options)
     try:
-        inject_adapters(model, method=method, rank=rank, target_modules=list(targets), **saved_opts)
+        exact = "|".join(re.escape(t) for t in targets)  # the saved names only (a list also matches suffixes)
+        inject_adapters(model, method=method, rank=rank, target_modules=exact, **saved_opts)
         _copy_adapter_state(model, adapter_state["state"])
     except BaseException:
         unload(model)  # all or nothing: the model is left as it was
         raise
     return report(model)
+
+
+def _refuse_tensor_product_gates(model: nn.Module, what: str) -> None:
+    tp = tensor_product_gates(model)
+    if tp:
+        raise ValueError(f"the model has mmea-tp gates on {len(tp)} tensor products ({next(iter(tp))}, ...), which "
+                         f"cannot be {what} (it holds linear-layer adapters only): keep the fine-tuning "
+                         "checkpoint (train.load_finetuned), or unload(model) first")
 
 
 def _copy_adapter_state(model: nn.Module, state: dict) -> None:
@@ -113,9 +127,26 @@ def _copy_adapter_state(model: nn.Module, state: dict) -> None:
         if not torch.is_tensor(v) or tuple(v.shape) != tuple(p.shape):
             got = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
             raise ValueError(f"adapter weight {k!r} has shape {got} in the state but {tuple(p.shape)} in the model")
+        if not v.is_floating_point():
+            raise ValueError(f"adapter weight {k!r} has dtype {v.dtype} in the state; adapter weights are floating point")
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"adapter weight {k!r} holds non-finite values (nan/inf) in the state")
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(state[k])
+
+
+def _set_runtime_options(mods, method: str, options: dict) -> None:
+    """Apply ``options`` (only the method's runtime options, such as MMEA's ``backend``) to adapters
+    that are already in the model; ``ValueError`` for any other."""
+    free = ADAPTERS[method].runtime_options if method in ADAPTERS else ()
+    bad = sorted(set(options) - set(free))
+    if bad:
+        allowed = f"only {', '.join(map(repr, free))} can" if free else "no option can"
+        raise ValueError(f"{allowed} be chosen when loading {method} adapters; {bad} come from the saved state")
+    for m in mods:
+        for k, v in options.items():
+            setattr(m, k, v)
 
 
 def _irreps_of(mod: nn.Module):

@@ -176,6 +176,120 @@ def test_load_only_lets_backend_be_chosen():
     fresh, _ = model_and_input()
     mk.load_adapter_state_dict(fresh, state, backend="torch")
     assert all(a.backend == "torch" and a.phi == "residual" for a in mk.adapted_modules(fresh).values())
+    mk.load_adapter_state_dict(fresh, state, backend="cpp")  # adapters there already: applied, not ignored
+    assert all(a.backend == "cpp" for a in mk.adapted_modules(fresh).values())
+    with pytest.raises(ValueError, match=r"only 'backend' can be chosen.*\['phi'\]"):
+        mk.load_adapter_state_dict(fresh, state, phi="exp")
+
+
+# ----------------------------------------------------------------------------- found in review
+class _Suffixed(nn.Module):
+    """Layers named ``linear`` and ``block.linear``: a saved target's name is a suffix of another's."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = o3.Linear(HID, HID)
+        self.block = nn.Module()
+        self.block.linear = o3.Linear(HID, HID)
+
+    def forward(self, x):
+        return self.block.linear(self.linear(x))
+
+
+def test_a_saved_state_loads_into_exactly_its_layers():
+    torch.manual_seed(0)
+    m = _Suffixed().double()
+    mk.inject_adapters(m, "mmea", target_modules="linear", rank=2)  # a regex: only the top-level layer
+    randomise_adapters(m)
+    x = torch.randn(5, HID.dim, dtype=torch.float64)
+    state = mk.adapter_state_dict(m)
+    fresh = _Suffixed().double()
+    fresh.load_state_dict({k: v for k, v in m.state_dict().items() if "mmea" not in k}, strict=False)
+    fresh.linear.weight.data.copy_(m.linear.base.weight)
+    fresh.block.linear.weight.data.copy_(m.block.linear.weight)
+    mk.load_adapter_state_dict(fresh, state)
+    assert sorted(mk.adapted_modules(fresh)) == ["linear"]
+    torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)
+
+
+def test_a_layer_used_in_two_places_is_refused_by_name():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = o3.Linear(HID, HID)
+            self.c = self.a
+
+        def forward(self, x):
+            return self.c(self.a(x))
+
+    with pytest.raises(ValueError, match=r"layer 'a' is one module used in 2 places \(a, c\)"):
+        mk.inject_adapters(Shared(), "elora", rank=2)
+
+
+def test_elora_merge_called_directly_adds_the_update_once():
+    m, x = model_and_input()
+    mk.inject_adapters(m, method="elora", rank=2)
+    randomise_adapters(m)
+    y = m(x)
+    with mk.disable_adapters(m):
+        y_base = m(x)
+    ad = m.blocks[0].linear
+    w0 = ad.base.weight.detach().clone()
+    for _ in range(2):
+        ad.merge()
+        torch.testing.assert_close(m(x), y, **TOL[torch.float64])  # the adapter adds nothing more
+    with mk.disable_adapters(m):
+        torch.testing.assert_close(m(x), y_base, **TOL[torch.float64])
+    from e3nn.util import jit
+
+    torch.testing.assert_close(jit.compile(ad)(h := torch.randn(4, ad.in_layout.dim, dtype=torch.float64)), ad(h),
+                               rtol=0, atol=0)  # TorchScript: the merged weights, no second ΔW
+    ad.adapter_enabled = False
+    torch.testing.assert_close(jit.compile(ad)(h), ad(h), rtol=0, atol=0)
+    ad.adapter_enabled = True
+    mk.unload(m)  # unmerges first: the original layer
+    torch.testing.assert_close(m.blocks[0].linear.weight, w0, rtol=0, atol=1e-14)
+    torch.testing.assert_close(m(x), y_base, **TOL[torch.float64])
+
+
+def test_mmea_tensor_product_gates_are_seen_by_the_peft_api():
+    pytest.importorskip("mace")
+    from mmea_kernels.train.foundation import load_model
+    from mmea_kernels.train.methods import apply_method
+
+    net = load_model().double()
+    base_state = {k: v.clone() for k, v in net.state_dict().items()}
+    apply_method(net, "mmea-tp", rank=2)
+    tp = mk.peft.inject.tensor_product_gates(net)
+    assert tp
+    with pytest.raises(ValueError, match="mmea-tp gates on .* tensor products"):
+        mk.adapter_state_dict(net)
+    for g in tp.values():
+        g.adapter_enabled = True
+    with mk.disable_adapters(net):
+        assert not any(g.adapter_enabled for g in tp.values())
+    assert all(g.adapter_enabled for g in tp.values())
+    mk.unload(net)
+    assert not mk.peft.inject.tensor_product_gates(net) and not mk.adapted_modules(net)
+    assert net.state_dict().keys() == base_state.keys()
+
+
+def test_mmea_refuses_a_linear_whose_feature_channels_change():
+    with pytest.raises(ValueError, match="f_in=2 feature channels to f_out=3"):
+        mk.MMEALinear(o3.Linear("4x0e+2x1o", "3x0e+2x1o", f_in=2, f_out=3), rank=2)
+
+
+def test_adapter_states_with_other_dtypes_or_non_finite_values_are_refused():
+    m, x = model_and_input()
+    mk.inject_adapters(m, rank=2)
+    state = mk.adapter_state_dict(m)
+    key = next(iter(state["state"]))
+    for bad, msg in ((state["state"][key].long(), "has dtype torch.int64"),
+                     (torch.full_like(state["state"][key], float("nan")), "holds non-finite values")):
+        fresh, _ = model_and_input()
+        with pytest.raises(ValueError, match=msg):
+            mk.load_adapter_state_dict(fresh, {**state, "state": {**state["state"], key: bad}})
+        assert not mk.adapted_modules(fresh)  # all or nothing
 
 
 # ----------------------------------------------------------------------------- AdapterConfig
