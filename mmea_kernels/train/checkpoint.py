@@ -73,15 +73,35 @@ def write_checkpoint(path, cfg: FinetuneConfig, r, metrics=None) -> None:
                  "adapter_options": dict(cfg.adapter_options),
                  "model_config": cfg.model_config, "base_fingerprint": r.fp, "e0s": [float(v) for v in r.e0s],
                  "seed": cfg.seed, "dtype": cfg.dtype, "energy_key": cfg.energy_key, "forces_key": cfg.forces_key,
-                 "stress_key": cfg.stress_key, "w_stress": float(cfg.w_stress),
+                 "stress_key": cfg.stress_key, "w_stress": float(cfg.w_stress), "w_energy": float(cfg.w_energy),
+                 "w_forces": float(cfg.w_forces),
                  "epoch": r.best["epoch"], "trainable": {n: t.cpu() for n, t in r.best["state"].items()},
                  "trainable_parameters": r.n_train,
                  "parameter_groups": dict(r.groups), "metrics": summary, **extra}, path)
 
 
 # ---------------------------------------------------------------------------------- training state
+def inputs_fingerprint(cfg: FinetuneConfig, r) -> dict:
+    """What a run's inputs are beyond its settings: the base model's weights (fingerprint) and the
+    SHA-256 of each data file, so that a resume refuses a file replaced under the same name."""
+    import hashlib
+
+    from .checks import split_spec
+
+    out = {"base model": r.fp}
+    for opt, spec in (("--train", cfg.train), ("--valid", cfg.valid), ("--test", cfg.test)):
+        if spec:
+            h = hashlib.sha256()
+            with open(split_spec(spec)[0], "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            out[opt] = h.hexdigest()[:16]
+    return out
+
+
 def save_state(cfg: FinetuneConfig, r, epoch: int, state_path: pathlib.Path) -> None:
-    atomic_save({"config_key": config_key(cfg), "params": {n: p.detach().clone() for n, p in r.params.items()},
+    atomic_save({"config_key": config_key(cfg), "inputs": inputs_fingerprint(cfg, r),
+                 "params": {n: p.detach().clone() for n, p in r.params.items()},
                  "ema": ema_weights(r.ema, r.params), "optimizer": r.opt.state_dict(),
                  "scheduler": r.sched.state_dict(), "history": r.history, "best": r.best, "epoch": epoch,
                  "elapsed": r.elapsed}, state_path)
@@ -95,6 +115,13 @@ def load_state(cfg: FinetuneConfig, r, state_path: pathlib.Path, log) -> None:
     if st.get("config_key") != config_key(cfg):
         raise ValueError(f"{state_path} belongs to a run with different settings ({st.get('config_key')}); "
                          f"this run is {config_key(cfg)}")
+    saved, now = st.get("inputs"), inputs_fingerprint(cfg, r)
+    if isinstance(saved, dict):  # states from before they held it: the settings check only
+        changed = [k for k in now if saved.get(k) != now[k]]
+        if changed:
+            raise ValueError(f"{state_path} was written with other inputs under the same names: {', '.join(changed)} "
+                             f"changed since (was {saved.get(changed[0])}, now {now[changed[0]]}); resuming would "
+                             "mix them: start a new run (another --out), or put the old file back")
     with torch.no_grad():
         for n, p in r.params.items():
             p.copy_(st["params"][n])
@@ -194,7 +221,8 @@ def evaluate_checkpoint(checkpoint, data: str, model: Optional[str] = None, ener
     """Errors of a fine-tuned checkpoint on a labelled data file (``path[@index]``), after the data
     checks of :mod:`.checks`, computed on ``device``; stress errors too for a checkpoint trained on
     stresses (labels under its key) or with ``stress_key`` (any checkpoint; periodic data with stress
-    labels under that key). The loss is the run's (its ``w_stress``)."""
+    labels under that key). The loss is the run's (its ``w_energy``, ``w_forces``, ``w_stress``;
+    checkpoints from before they held the first two: the defaults 1 and 1000)."""
     ckpt = _read_checkpoint(pathlib.Path(checkpoint))
     ek, fk = energy_key or ckpt.get("energy_key", "REF_energy"), forces_key or ckpt.get("forces_key", "REF_forces")
     w_s = float(ckpt.get("w_stress", 0.0))
@@ -204,6 +232,7 @@ def evaluate_checkpoint(checkpoint, data: str, model: Optional[str] = None, ener
     z, r_max = model_info(net)
     graphs = checked_graphs(frames, z, r_max, str(data), ek, fk, dtype=next(net.parameters()).dtype,
                             checks=checks or DataChecks(), stress_key=sk)
-    res = errors(net, make_batches(graphs, batch_size, device=module_device(net)), w_stress=w_s, stress=sk is not None)
+    res = errors(net, make_batches(graphs, batch_size, device=module_device(net)), float(ckpt.get("w_energy", 1.0)),
+                 float(ckpt.get("w_forces", 1000.0)), w_stress=w_s, stress=sk is not None)
     res["frames"] = len(frames)
     return res

@@ -60,13 +60,23 @@ def parse_index(index: str, spec: str) -> Union[int, slice]:
     return slice(*nums)
 
 
+def split_spec(spec) -> tuple:
+    """(path, selection) of ``path[@index]``: the whole string when it names a file (a path may hold
+    an ``@``), else split at the last ``@`` (a selection never holds one)."""
+    spec = str(spec)
+    if "@" not in spec or pathlib.Path(spec).is_file():
+        return spec, ""
+    path, _, index = spec.rpartition("@")
+    return path, index
+
+
 def read_structures(spec: str, what: str = "data file") -> list:
     """The frames ASE reads from ``path[@index]``; a clear error for a missing, empty, truncated or
     unreadable file, an unknown format, a bad selection, or a selection with no frame."""
     import ase.io
     from ase.io.formats import UnknownFileTypeError
 
-    path, _, index = str(spec).partition("@")
+    path, index = split_spec(spec)
     p = pathlib.Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{what} {p} does not exist")

@@ -50,16 +50,19 @@ def split_graphs(cfg, frames: Dict[str, list], z, r_max: float, dtype) -> Dict[s
 
 def make_batches(graphs, size, order=None, rank: int = 0, world: int = 1, device="cpu"):
     """Batches of ``size`` graphs in ``order``, on ``device``; with ``world`` processes, process
-    ``rank`` gets its share (every ``world``-th graph) of each global batch."""
+    ``rank`` gets its share (every ``world``-th graph) of each global batch. A process whose share
+    of a short last batch is empty gets the batch's first graph marked ``_dummy`` (its loss counts
+    zero; it still takes part in the gradient average), so no frame is left out."""
     from ..integrations.mace import collate
 
     idx = list(range(len(graphs))) if order is None else list(order)
     out = []
     for k in range(0, len(idx), size):
         full = idx[k:k + size]
-        if len(full) < world:  # a last global batch too small to give every process a frame is dropped
-            continue
-        b = collate([graphs[i] for i in full[rank::world]], device)
+        mine = full[rank::world]
+        b = collate([graphs[i] for i in (mine or full[:1])], device)
         b["_global"] = (len(full), sum(int(graphs[i].num_nodes) for i in full))
+        if not mine:
+            b["_dummy"] = True
         out.append(b)
     return out

@@ -24,8 +24,9 @@ def refit_e0s(model, frames, z_table: Sequence[int], mode: str, energy_key: str,
               from_scratch: bool = False) -> List[float]:
     """Per-element reference energies for a new level of theory, keeping the model's interaction
     energy: the residual ``E_ref - (E_model - Σ E0_old)`` of the training frames is fitted by
-    ``lstsq`` (least squares on element counts; minimum-norm when the compositions do not
-    determine every element) or ``average`` (one mean residual per atom for every element);
+    ``lstsq`` (least squares on element counts for the change from ``E0_old``, minimum-norm when
+    the compositions do not determine every element: an element absent from the data keeps its E0)
+    or ``average`` (one mean residual per atom for every element);
     ``keep`` leaves them; a JSON file path gives ``{"Z": eV}`` explicitly. ``from_scratch``: fit the
     energies themselves (a randomly initialised model's interaction energy means nothing)."""
     from ..integrations.mace import atoms_to_batch
@@ -58,8 +59,12 @@ def refit_e0s(model, frames, z_table: Sequence[int], mode: str, energy_key: str,
     if mode == "average":
         per_atom = float(np.mean(resid / counts.sum(1)))
         return [per_atom] * len(z_table)
-    e0, *_ = np.linalg.lstsq(counts, resid, rcond=None)
-    return [float(v) for v in e0]
+    # the correction to the model's E0s, minimum-norm where the compositions do not determine every
+    # element: an element absent from the data keeps its E0, and one composition (an rMD17
+    # molecule) spreads the correction over its elements instead of setting absolute E0s
+    # proportional to the atom counts (ethanol: H -616 eV, and N, absent, 0; found in review)
+    delta, *_ = np.linalg.lstsq(counts, resid - counts @ e0_old, rcond=None)
+    return [float(v) for v in e0_old + delta]
 
 
 def set_e0s(model, e0s, source: str = "the E0s") -> None:

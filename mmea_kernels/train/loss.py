@@ -17,7 +17,7 @@ SPLITS = ("train", "valid", "test")
 
 def _loss_terms(model, batch, training: bool, stress: bool = False):
     """(energies, forces, atoms per frame, stresses ``[B, 3, 3]`` or None)."""
-    inputs = {k: v for k, v in batch.items() if k != "_global"}
+    inputs = {k: v for k, v in batch.items() if k not in ("_global", "_dummy")}
     out = model(inputs, training=training, compute_force=True, **({"compute_stress": True} if stress else {}))
     n_atoms = (batch["ptr"][1:] - batch["ptr"][:-1]).to(out["energy"].dtype)
     return out["energy"], out["forces"], n_atoms, (out["stress"] if stress else None)
@@ -31,7 +31,8 @@ def loss(model, batch: dict, w_energy: float = 1.0, w_forces: float = 1000.0, gl
 
     Data-parallel: ``batch`` is this process's share of a global batch of ``global_frames`` frames
     and ``global_atoms`` atoms; the sums are divided by the global counts and multiplied by
-    ``world`` so that DDP's gradient average equals the single-process gradient of the global batch."""
+    ``world`` so that DDP's gradient average equals the single-process gradient of the global batch.
+    A ``_dummy`` batch (no frame of a short last batch for this process) contributes zero."""
     e, f, n, s = _loss_terms(model, batch, training=True, stress=w_stress > 0)
     nf = e.shape[0] if global_frames is None else global_frames
     na = f.shape[0] if global_atoms is None else global_atoms
@@ -39,6 +40,8 @@ def loss(model, batch: dict, w_energy: float = 1.0, w_forces: float = 1000.0, gl
              + w_forces * ((f - batch["forces"]) ** 2).sum() / (3 * na))
     if s is not None:
         value = value + w_stress * ((s - batch["stress"].to(s.dtype)) ** 2).sum() / (9 * nf)
+    if batch.get("_dummy"):  # a process without a frame of a short last batch: in the average, with 0
+        value = value * 0.0
     return world * value
 
 

@@ -36,7 +36,7 @@ def _cli(files, out, *extra):
 
 def test_cli_end_to_end_and_evaluate_reproduces(files, tmp_path, capsys):
     out = tmp_path / "run"
-    assert _cli(files, out, "--method", "mmea") == 0
+    assert _cli(files, out, "--method", "mmea", "--w-energy", "10", "--w-forces", "100") == 0
     for name in ("checkpoint.pt", "metrics.json", "learning_curve.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
@@ -48,8 +48,8 @@ def test_cli_end_to_end_and_evaluate_reproduces(files, tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(files / "test.xyz"),
                  "--json", str(js)]) == 0
     ev = json.loads(js.read_text())
-    for k in ("energy_mae_meV", "forces_mae_meV_per_A", "energy_rmse_meV", "forces_rmse_meV_per_A"):
-        assert math.isclose(ev[k], m["test"][k], rel_tol=1e-9), k
+    for k in ("energy_mae_meV", "forces_mae_meV_per_A", "energy_rmse_meV", "forces_rmse_meV_per_A", "loss"):
+        assert math.isclose(ev[k], m["test"][k], rel_tol=1e-9), k  # the loss with the run's weights (10, 100)
     assert f"{m['test']['forces_mae_meV_per_A']:.3f}" in capsys.readouterr().out
     # the adapter-only checkpoint holds adapter tensors only
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
@@ -83,6 +83,28 @@ def test_resume_gives_the_same_result(files, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="different settings"):
         finetune(FinetuneConfig(out_dir=str(tmp_path / "b"), resume=True, **dict(kw, lr=1e-3)), log=lambda *_: None)
+
+
+def test_resume_refuses_inputs_replaced_under_the_same_name(files, tmp_path):
+    """The base model or a data file replaced under the same path between the runs: a resume would
+    pair adapters trained on the old inputs with the new ones (found in review); refused by name."""
+    import shutil
+
+    for name in ("base.pt", "train.xyz", "valid.xyz"):
+        shutil.copy(files / name, tmp_path / name)
+    kw = dict(train=str(tmp_path / "train.xyz"), valid=str(tmp_path / "valid.xyz"), model=str(tmp_path / "base.pt"),
+              method="mmea", epochs=3, batch_size=4, progress=False, rank=2)
+    finetune(FinetuneConfig(out_dir=str(tmp_path / "r"), stop_after=1, **kw), log=lambda *_: None)
+    torch.manual_seed(1)
+    save_model(build_mace(TINY), TINY, tmp_path / "base.pt")  # other weights, same name
+    with pytest.raises(ValueError, match="other inputs under the same names: base model changed"):
+        finetune(FinetuneConfig(out_dir=str(tmp_path / "r"), resume=True, **kw), log=lambda *_: None)
+    shutil.copy(files / "base.pt", tmp_path / "base.pt")
+    ase.io.write(str(tmp_path / "train.xyz"), ase.io.read(str(files / "train.xyz"), ":")[:-1])
+    with pytest.raises(ValueError, match="other inputs under the same names: --train changed"):
+        finetune(FinetuneConfig(out_dir=str(tmp_path / "r"), resume=True, **kw), log=lambda *_: None)
+    shutil.copy(files / "train.xyz", tmp_path / "train.xyz")
+    assert finetune(FinetuneConfig(out_dir=str(tmp_path / "r"), resume=True, **kw), log=lambda *_: None)["best_epoch"]
 
 
 def test_checkpoint_from_a_preset_loads_back(files, tmp_path):
@@ -185,6 +207,30 @@ def test_e0_refit_recovers_known_offsets():
     np.testing.assert_allclose(got, [offsets[z] for z in TINY.atomic_numbers], rtol=0, atol=1e-8)
     avg = refit_e0s(model, frames, TINY.atomic_numbers, "average", "REF_energy")
     assert len(set(avg)) == 1
+
+
+def test_e0_refit_on_one_composition_changes_the_base_e0s_as_little_as_it_can():
+    """Ethanol only (its counts determine one combination of the E0s), 5 eV lower per molecule at
+    the new level of theory: the fit reproduces the training energies, changes the base E0s by the
+    least (the minimum-norm correction) and leaves N, absent from the data, alone. The old
+    minimum-norm fit of the absolute E0s gave H -616 eV and N 0 (found in review)."""
+    from mmea_kernels.train.e0s import set_e0s
+
+    torch.manual_seed(0)
+    model = build_mace(PRESETS["xtb-small"]).double()
+    zs = [int(z) for z in PRESETS["xtb-small"].atomic_numbers]
+    assert zs == [1, 6, 7, 8]
+    base_e0 = np.array([-13.0, -1030.0, -1480.0, -2040.0])
+    set_e0s(model, list(base_e0))
+    frames = toy_molecules("ethanol", 3, seed=6)
+    b = atoms_to_batch(frames, zs, float(model.r_max), dtype=torch.float64)
+    for a, e in zip(frames, energy_and_forces(model, b)[0].detach().numpy()):
+        a.info["REF_energy"] = float(e) - 5.0
+    delta = np.array(refit_e0s(model, frames, zs, "lstsq", "REF_energy")) - base_e0
+    counts = np.array([6.0, 2.0, 0.0, 1.0])  # C2H6O
+    assert counts @ delta == pytest.approx(-5.0, abs=1e-8)
+    np.testing.assert_allclose(delta, -5.0 * counts / (counts @ counts), atol=1e-8)
+    assert delta[2] == 0.0
 
 
 def test_ase_calculator_forces_are_minus_energy_gradient(files, tmp_path):

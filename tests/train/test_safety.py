@@ -212,6 +212,20 @@ def re_search(pattern, text):
     return True
 
 
+def test_a_path_with_an_at_sign_is_read_whole_or_with_a_selection(tmp_path):
+    """``runs@v2/train.xyz`` is a file, ``runs@v2/train.xyz@1:3`` a selection of it (the path was
+    once split at its first ``@``)."""
+    from mmea_kernels.app.data import toy_molecules
+    from mmea_kernels.train.checks import read_structures, split_spec
+
+    d = tmp_path / "runs@v2"
+    d.mkdir()
+    ase.io.write(str(d / "train.xyz"), toy_molecules("ethanol", 4, seed=1))
+    assert len(read_structures(str(d / "train.xyz"))) == 4
+    assert len(read_structures(f"{d / 'train.xyz'}@1:3")) == 2
+    assert split_spec("a@b/c.xyz@-1") == ("a@b/c.xyz", "-1")
+
+
 @pytest.mark.parametrize("spec, expect", [
     ("empty.xyz", r"empty\.xyz is empty"),
     ("trunc.xyz", r"trunc\.xyz could not be read \(XYZError: .*\); is it truncated"),
