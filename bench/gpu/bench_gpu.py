@@ -8,9 +8,15 @@ Every configuration is checked against a float64 reference first (tolerance per 
 on), and each row is appended to ``<out>/<card>-<date>-gpu.jsonl`` as soon as it is measured; the
 summary JSON and the table are written at the end.
 
-Timing: ``triton.testing.do_bench`` (median of CUDA-event timings over many calls, L2 flushed
-between calls). It includes the host-side launch cost, which is what an eager PyTorch user pays;
-forward rows also get ``graph_ms`` (``do_bench_cudagraph``: device time alone, no host overhead).
+Timing. Comparisons (the adapted linear against the base ``o3.Linear``, FusedGate against e3nn's
+``Gate``) are paired: every provider is timed once per round, the order rotated each round, over
+``--rounds`` rounds; each row carries the median of its per-round times and the median (and IQR) of
+its per-round ratios to the base. A round's time is wall time per call of back-to-back calls,
+synchronised once at the end (:meth:`Timer.wall_ms`): host launch cost and device time, whichever
+bounds, as an eager PyTorch user pays them. Forward rows also get ``graph_ms``
+(``do_bench_cudagraph``: device time alone, inputs left in L2). Gate kernels against copy
+bandwidth use ``triton.testing.do_bench`` (L2 flushed before each call: the bytes come from memory);
+sizes whose bytes are under 4x the card's L2 are marked ``l2_resident`` and not compared.
 
     python bench/gpu/bench_gpu.py --out $OUT          # on a CUDA machine
     TRITON_INTERPRET=1 python bench/gpu/bench_gpu.py --small --out /tmp/b   # the same code on CPU
@@ -65,9 +71,9 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y - ref).abs().max() / ref.abs().max().clamp_min(1.0)) if ref.numel() else 0.0
 
 
-def check(name: str, y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float:
+def check(name: str, y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, fp32_dot=None) -> float:
     err = rel_err(y, ref)
-    tol = tolerance(dtype, fp32_precision())
+    tol = tolerance(dtype, fp32_dot or fp32_precision())
     if not err <= tol:
         raise AssertionError(f"{name}: relative error {err:.3e} against the float64 reference exceeds {tol:.1e}")
     return err
@@ -95,6 +101,30 @@ class Timer:
             ts.append(1e3 * (time.perf_counter() - t))
         return statistics.median(ts)
 
+    def wall_ms(self, fn, calls: int = 10) -> float:
+        """Milliseconds per call of ``calls`` back-to-back calls, synchronised once at the end."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t = time.perf_counter()
+        for _ in range(calls if self.device.type == "cuda" else 1):
+            fn()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return 1e3 * (time.perf_counter() - t) / (calls if self.device.type == "cuda" else 1)
+
+    def paired(self, fns: dict, rounds: int) -> dict:
+        """``{name: per-round ms}``: each callable (after one warm-up call) timed once per round by
+        :meth:`wall_ms`, in an order rotated every round."""
+        names = list(fns)
+        for f in fns.values():
+            f()
+        times = {n: [] for n in names}
+        for r in range(rounds):
+            k = r % len(names)
+            for n in names[k:] + names[:k]:
+                times[n].append(self.wall_ms(fns[n]))
+        return times
+
     def graph_ms(self, fn):
         if self.device.type != "cuda":
             return None
@@ -102,6 +132,25 @@ class Timer:
             return float(self._tt.do_bench_cudagraph(fn, rep=20, return_mode="median"))
         except Exception:  # noqa: BLE001 - some callables do not capture; the eager time stands
             return None
+
+
+def paired_stats(times: dict, base: str) -> dict:
+    """``{name: {median_ms, ratio_vs_base, ratio_iqr}}`` from :meth:`Timer.paired`'s times: the
+    median of the per-round ratios to ``base`` (not a ratio of medians) and their quartiles."""
+    out = {}
+    for name, ts in times.items():
+        ratios = sorted(t / b for t, b in zip(ts, times[base]))
+        q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
+        out[name] = {"median_ms": statistics.median(ts), "ratio_vs_base": statistics.median(ratios),
+                     "ratio_iqr": [q[0], q[2]], "rounds": len(ts)}
+    return out
+
+
+def l2_bytes(device) -> int:
+    """The card's L2 cache in bytes (0 where unknown, or off CUDA)."""
+    if device.type != "cuda":
+        return 0
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0)
 
 
 def copy_bandwidth(device, numel, timer) -> float:
@@ -145,10 +194,11 @@ def gate_cases(layer, n, dtype, device, timer):
         for op, fn, ref in (("gate_mul", lambda: gate_mul(x, g, L, backend=be), ref_mul),
                             ("seg_dot", lambda: seg_dot(x, b, L, backend=be), ref_dot)):
             err = check(f"{op} {be}", fn(), ref.to(device), dtype)
-            ms = timer.ms(fn)
+            ms = timer.ms(fn)  # do_bench: L2 flushed before each call, the bytes come from memory
             yield {"op": op, "provider": be, "mode": "fwd", "layer": layer, "N": n, "dtype": DTYPE_NAMES[dtype],
                    "median_ms": ms, "graph_ms": timer.graph_ms(fn), "bytes": nbytes[op],
-                   "GB/s": nbytes[op] / (ms * 1e-3) / 1e9, "rel_err": err}
+                   "GB/s": nbytes[op] / (ms * 1e-3) / 1e9, "rel_err": err,
+                   "l2_resident": nbytes[op] < 4 * l2_bytes(device)}
 
 
 def _linear_variants(lin, x, g, add, irreps_in, irreps_out, device, dtype, cuet_too=True):
@@ -171,6 +221,7 @@ def _linear_variants(lin, x, g, add, irreps_in, irreps_out, device, dtype, cuet_
         import cuequivariance_torch as cuet
         clin = cuet.Linear(cue.Irreps("O3", irreps_in), cue.Irreps("O3", irreps_out), layout=cue.ir_mul,
                            device=device, dtype=dtype)
+        clin.requires_grad_(False)  # frozen, as the base o3.Linear: no weight gradient in fwd+bwd
         variants["cuet"] = lambda: clin(x)
         cad = MMEALinear(clin, rank=16).to(device=device, dtype=dtype)
         variants["cuet+MMEALinear"] = lambda: cad(x)
@@ -196,35 +247,47 @@ def layer_inputs(layer, n):
     return lin64, spec, Lout, x64, g64, a64, ref
 
 
-def linear_cases(layer, n, dtype, device, timer, cuet_too=True):
+def linear_cases(layer, n, dtype, device, timer, cuet_too=True, rounds=15):
+    """Every implementation of the adapted linear against the base ``o3.Linear``, each checked
+    first (the gated ones against the float64 gated layer; ``MMEALinear``, at its identity
+    initialisation, against the float64 base layer; ``cuet+MMEALinear`` against ``cuet``), then
+    timed in paired rounds, forward and forward + input gradient."""
     irreps_in, irreps_out = (LAYERS | SMALL_LAYERS)[layer]
-    lin64, _, Lout, x64, g64, a64, ref = layer_inputs(layer, n)
+    lin64, spec, Lout, x64, g64, a64, ref = layer_inputs(layer, n)
+    with torch.no_grad():  # the float64 base layer (no gate): MMEALinear's output at initialisation
+        ref_base = gated_linear(x64, lin64.weight.double(), None, None, None, spec, backend="torch")
     lin = lin64.to(device=device, dtype=dtype)
     lin.requires_grad_(False)
     x = x64.to(device=device, dtype=dtype).requires_grad_()
     g, add = g64.to(device=device, dtype=dtype), a64.to(device=device, dtype=dtype)
     gy = torch.randn(n, Lout.dim, device=device, dtype=dtype)
-    for name, fn in _linear_variants(lin, x, g, add, irreps_in, irreps_out, device, dtype, cuet_too).items():
-        err = None
-        if name == "fused" or name.startswith("linear+"):
-            with torch.no_grad():
-                err = check(name, fn(), ref.to(device), dtype)
-
-        def fwd(fn=fn):
-            with torch.no_grad():
-                fn()
-
-        def fwd_bwd(fn=fn):
-            x.grad = None
-            fn().backward(gy)
-
-        for mode, step in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+    variants = _linear_variants(lin, x, g, add, irreps_in, irreps_out, device, dtype, cuet_too)
+    errs = {}
+    with torch.no_grad():
+        for name, fn in variants.items():
+            want = {"MMEALinear": ref_base.to(device), "base": ref_base.to(device)}.get(name, ref.to(device))
+            if name == "cuet":
+                continue  # its own random weights: no float64 reference
+            if name == "cuet+MMEALinear":
+                want = variants["cuet"]().double()
+            errs[name] = check(name, fn(), want, dtype)
+    for mode in ("fwd", "fwd+bwd"):
+        def step(fn, mode=mode):
+            if mode == "fwd":
+                with torch.no_grad():
+                    fn()
+            else:
+                x.grad = None
+                fn().backward(gy)
+        fns = {name: (lambda fn=fn: step(fn)) for name, fn in variants.items()}
+        stats = paired_stats(timer.paired(fns, rounds), "base")
+        for name, fn in fns.items():
             yield {"op": "adapted_linear", "provider": name, "mode": mode, "layer": layer, "N": n,
-                   "dtype": DTYPE_NAMES[dtype], "median_ms": timer.ms(step),
-                   "graph_ms": timer.graph_ms(step) if mode == "fwd" else None, "rel_err": err}
+                   "dtype": DTYPE_NAMES[dtype], **stats[name],
+                   "graph_ms": timer.graph_ms(fn) if mode == "fwd" else None, "rel_err": errs.get(name)}
 
 
-def fused_gate_cases(n, dtype, device, timer):
+def fused_gate_cases(n, dtype, device, timer, rounds=15):
     """FusedGate against e3nn's Gate on SevenNet-0's gate shape (when FusedGate exists)."""
     try:
         from mmea_kernels.nn import FusedGate
@@ -239,21 +302,22 @@ def fused_gate_cases(n, dtype, device, timer):
     ref = eg(x64)
     x = x64.to(device=device, dtype=dtype).requires_grad_()
     gy = torch.randn(n, eg.irreps_out.dim, device=device, dtype=dtype)
-    for name, mod in (("e3nn-Gate", eg.to(device)), ("FusedGate", fg.to(device))):
-        err = check(name, mod(x).detach(), ref.to(device), dtype)
-
-        def fwd(mod=mod):
-            with torch.no_grad():
-                mod(x)
-
-        def fwd_bwd(mod=mod):
-            x.grad = None
-            mod(x).backward(gy)
-
-        for mode, step in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+    mods = {"e3nn-Gate": eg.to(device), "FusedGate": fg.to(device)}
+    errs = {name: check(name, mod(x).detach(), ref.to(device), dtype) for name, mod in mods.items()}
+    for mode in ("fwd", "fwd+bwd"):
+        def step(mod, mode=mode):
+            if mode == "fwd":
+                with torch.no_grad():
+                    mod(x)
+            else:
+                x.grad = None
+                mod(x).backward(gy)
+        fns = {name: (lambda mod=mod: step(mod)) for name, mod in mods.items()}
+        stats = paired_stats(timer.paired(fns, rounds), "e3nn-Gate")
+        for name, fn in fns.items():
             yield {"op": "gate_nonlinearity", "provider": name, "mode": mode, "layer": "sevennet-0", "N": n,
-                   "dtype": DTYPE_NAMES[dtype], "median_ms": timer.ms(step),
-                   "graph_ms": timer.graph_ms(step) if mode == "fwd" else None, "rel_err": err,
+                   "dtype": DTYPE_NAMES[dtype], **stats[name],
+                   "graph_ms": timer.graph_ms(fn) if mode == "fwd" else None, "rel_err": errs[name],
                    "bytes": (eg.irreps_in.dim + eg.irreps_out.dim) * n * x.element_size()}
 
 
@@ -374,7 +438,7 @@ def sweep_cases(layer, n, device, timer):
                     def fn():
                         with torch.no_grad():
                             return gated_linear(x, w, None, g, a, spec, backend="triton")
-                    row["rel_err"] = check("sweep", fn(), ref, dtype if prec != "tf32" else torch.bfloat16)
+                    row["rel_err"] = check("sweep", fn(), ref, dtype, prec if dtype == torch.float32 else None)
                     row["median_ms"], row["graph_ms"] = timer.ms(fn), timer.graph_ms(fn)
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: record, go on
                     row["error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -467,7 +531,11 @@ def table(rows, bw):
             continue
         b = base.get((r["op"], r["layer"], r["N"], r["dtype"], r["mode"]))
         if "GB/s" in r:
-            extra = f"{r['GB/s']:7.0f} GB/s ({100 * r['GB/s'] / bw:3.0f} % of copy)"
+            extra = (f"{r['GB/s']:7.0f} GB/s" + (" (L2-resident: not compared)" if r.get("l2_resident") else
+                                                   f" ({100 * r['GB/s'] / bw:3.0f} % of copy)"))
+        elif "ratio_vs_base" in r and r["provider"] not in ("base", "e3nn-Gate"):
+            q = r["ratio_iqr"]
+            extra = f"{100 * (r['ratio_vs_base'] - 1):+7.1f} % vs base (paired, IQR {100 * (q[0] - 1):+.0f}..{100 * (q[1] - 1):+.0f} %)"
         elif b and r["provider"] != "base":
             extra = f"{100 * (r['median_ms'] / b - 1):+7.1f} % vs base"
         else:
@@ -492,8 +560,8 @@ def markdown_summary(path) -> str:
     key = lambda r: (r["layer"], r["N"], r["dtype"], r["mode"])  # noqa: E731
     base = {key(r): r for r in ok if r["op"] == "adapted_linear" and r["provider"] == "base"}
     out = [f"{meta['card']}, torch {meta['torch']}, triton {meta.get('triton', '?')}, fp32 dot {meta['fp32_dot']}, "
-           f"{meta['date']}; copy bandwidth {meta['copy_GBps']:.0f} GB/s. Times: do_bench medians (eager, host "
-           "launch cost included) and, for forward, CUDA-graph replay (device time).", "",
+           f"{meta['date']}; copy bandwidth {meta['copy_GBps']:.0f} GB/s. Times: {meta.get('timing', 'do_bench')}; "
+           "for forward, also CUDA-graph replay (device time).", "",
            "| layer | N | dtype | mode | base ms (graph) | fused | MMEALinear | linear + triton gate |",
            "|---|---|---|---|---|---|---|---|"]
     for k, b in base.items():
@@ -503,7 +571,8 @@ def markdown_summary(path) -> str:
             if r is None:
                 cells.append("–")
                 continue
-            c = f"{100 * (r['median_ms'] / b['median_ms'] - 1):+.0f} %"
+            ratio = r.get("ratio_vs_base", r["median_ms"] / b["median_ms"])  # paired (files from 2026-11-30 on)
+            c = f"{100 * (ratio - 1):+.0f} %"
             if r.get("graph_ms") and b.get("graph_ms"):
                 c += f" ({100 * (r['graph_ms'] / b['graph_ms'] - 1):+.0f} %)"
             cells.append(c)
@@ -512,11 +581,14 @@ def markdown_summary(path) -> str:
     out += ["", "| kernel | layer | N | dtype | provider | graph ms | % of copy bandwidth |", "|---|---|---|---|---|---|---|"]
     for r in ok:
         if r["op"] in ("gate_mul", "seg_dot") and r.get("graph_ms") and r["provider"] != "torch":
-            # bytes from the layer (files of the first run counted seg_dot's 0e columns too)
+            # bytes from the layer (files of the first run counted seg_dot's 0e columns too); the time
+            # with L2 flushed where the file has the flag (graph replay keeps small inputs in L2)
+            ms = r["median_ms"] if "l2_resident" in r else r["graph_ms"]
             pct = 100 * gate_bytes(r["op"], r["layer"], r["N"], getattr(torch, r["dtype"])) / (
-                r["graph_ms"] * 1e-3) / 1e9 / meta["copy_GBps"]
+                ms * 1e-3) / 1e9 / meta["copy_GBps"]
+            cell = "L2-resident" if r.get("l2_resident") else f"{pct:.0f} %"
             out.append(f"| {r['op']} | {r['layer']} | {r['N']} | {r['dtype']} | {r['provider']} | "
-                       f"{r['graph_ms']:.4f} | {pct:.0f} % |")
+                       f"{r['graph_ms']:.4f} | {cell} |")
     net = [r for r in ok if r["op"] == "gate_net"]
     if net:
         out += ["", "| gate net (128 0e in, rank 16, 128 + 384 out) | N | dtype | mode | eager ms | graph ms |",
@@ -537,6 +609,19 @@ def markdown_summary(path) -> str:
     return "\n".join(out)
 
 
+def _host_cpu() -> str:
+    """The host CPU's model name (the timings of launch-bound rows depend on it)."""
+    import platform
+
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="tiny sizes (CPU interpreter check)")
@@ -544,6 +629,7 @@ def main(argv=None):
     ap.add_argument("--sizes", default=None, help="comma-separated N (default 2000,8000,32000)")
     ap.add_argument("--sweep", action="store_true", help="also time the fused forward under SWEEP's tiles")
     ap.add_argument("--no-cuet", action="store_true", help="leave cuEquivariance out")
+    ap.add_argument("--rounds", type=int, default=None, help="paired rounds per comparison (default 15; --small 2)")
     ap.add_argument("--summarize", default=None, metavar="FILE", help="print markdown tables of a results file")
     args = ap.parse_args(argv)
     if args.summarize:
@@ -560,7 +646,12 @@ def main(argv=None):
     stem = f"{card.replace(' ', '-')}-{datetime.date.today().isoformat()}-gpu"
     stream = (out / f"{stem}.jsonl").open("a")
     meta = {"card": card, "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "fp32_dot": fp32_precision(), "timing": "triton.testing.do_bench median (graph_ms: do_bench_cudagraph)"}
+            "fp32_dot": fp32_precision(),
+            "timing": "comparisons: paired rounds (order rotated), wall ms per call of 10 back-to-back calls synced at "
+                      "the end, median of per-round ratios to the base; gate kernels: do_bench (L2 flushed); graph_ms: "
+                      "do_bench_cudagraph", "host_cpu": _host_cpu()}
+    rounds = args.rounds or (2 if args.small else 15)
+    meta["rounds"] = rounds
     try:
         import triton
         meta["triton"] = triton.__version__
@@ -598,10 +689,11 @@ def main(argv=None):
         for n in sizes:
             for dtype in dtypes:
                 run(("gate", layer, n, dtype), gate_cases(layer, n, dtype, device, timer))
-                run(("adapted_linear", layer, n, dtype), linear_cases(layer, n, dtype, device, timer, not args.no_cuet))
+                run(("adapted_linear", layer, n, dtype), linear_cases(layer, n, dtype, device, timer, not args.no_cuet,
+                                                                      rounds))
     for n in ([9] if args.small else [4000, 32000]):
         for dtype in dtypes:
-            run(("gate_nonlinearity", "sevennet-0", n, dtype), fused_gate_cases(n, dtype, device, timer))
+            run(("gate_nonlinearity", "sevennet-0", n, dtype), fused_gate_cases(n, dtype, device, timer, rounds))
     for n in ([9] if args.small else [960, 32000]):
         for dtype in (torch.float32, torch.float64):
             run(("gate_net", "mace", n, dtype), gate_net_cases(n, dtype, device, timer))

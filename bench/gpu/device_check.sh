@@ -26,7 +26,9 @@
 #      replace_gates, then paired E+F timings; bench/gate_speed.py, sevenn from .whl);
 #   8. the whole model in float64; 9. registers and spills of the Triton kernels (ptxas -v).
 #
-# Knobs (environment): BUDGET, TEST_LIMIT, BENCH_LIMIT, WORKFLOW_LIMIT, GATE_LIMIT (seconds), BENCH_SIZES (e.g. 2000,32000),
+# Each step's end is recorded (ok, skipped, TIMEOUT, FAILED); the last lines list them and the
+# script exits 1 when one failed or timed out (pipefail: a failure inside `| tail` counts).
+# Knobs (environment): NO_BUILD (use the extension already built in this tree), BUDGET, TEST_LIMIT, BENCH_LIMIT, WORKFLOW_LIMIT, GATE_LIMIT (seconds), BENCH_SIZES (e.g. 2000,32000),
 # BENCH_ARGS (e.g. "--sweep --no-cuet"), MODEL_DTYPES (default "float32 float64"), ONLY (the steps to run,
 # of: tests model profile bench workflow gates float64 kernels; the machine line and the build always run).
 # A second call on the still-warm machine, for the steps the budget cut:
@@ -34,7 +36,7 @@
 # Writes to $OUT (default bench/results/device) eight files (the device tool returns at most 8):
 # device_check.log, model-overhead-gpu-<date>.json, path-choices-gpu-<date>.json, the benchmark's
 # .jsonl/.json/.txt, gate-gpu.txt, kernels-sm90.txt.
-set -u
+set -u -o pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-bench/results/device}
 mkdir -p "$OUT"
@@ -49,9 +51,21 @@ lim() { local left=$(( BUDGET - 3 - ($(date +%s) - T0) )); if [ "$left" -lt 10 ]
         elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi; }
 # want NAME: whether step NAME runs (all of them, or those named in ONLY)
 want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]] || { echo "(not in ONLY=$ONLY: $1)"; return 1; }; }
-# within S cmd...: cmd under timeout `lim S`, or a line saying it was skipped
+# within S cmd...: cmd under timeout `lim S` (killed 5 s after its TERM), or a line saying it was
+# skipped (status 125)
 within() { local t; t=$(lim "$1"); shift
-           if [ "$t" -eq 0 ]; then echo "(skipped, budget of $BUDGET s spent: $*)"; else timeout "$t" "$@"; fi; }
+           if [ "$t" -eq 0 ]; then echo "(skipped, budget of $BUDGET s spent: $*)"; return 125
+           else timeout -k 5 "$t" "$@"; fi; }
+# status RC NAME: record how a step ended (read RC from ${PIPESTATUS[0]} right after its pipeline);
+# the summary at the end lists every step that did not pass, and the script exits 1 if one failed
+RESULTS=()
+FAILED=0
+status() { case "$1" in
+  0) RESULTS+=("ok       $2") ;;
+  125) RESULTS+=("skipped  $2 (budget)") ;;
+  124|137) RESULTS+=("TIMEOUT  $2"); FAILED=1; echo "!!! $2: timed out" ;;
+  *) RESULTS+=("FAILED   $2 (exit $1)"); FAILED=1; echo "!!! $2: FAILED (exit $1)" ;;
+  esac; }
 
 step "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
@@ -72,54 +86,78 @@ for m in ("cuequivariance_torch", "mace", "ase", "sevenn"):
 PY
 
 step "build the extension in place (CUDA kernels)"
-TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 MMEA_FRESH_BUILD=1 within 300 python3 setup.py -q build_ext --inplace 2>&1 | tail -20
+if [ -n "${NO_BUILD:-}" ]; then echo "(NO_BUILD: the extension already built in this tree is used)"; else
+  TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 MMEA_FRESH_BUILD=1 within 300 python3 setup.py -q build_ext --inplace 2>&1 | tail -20
+  status "${PIPESTATUS[0]}" build
+fi
 python3 -c "import mmea_kernels._C as C; print('WITH_CUDA =', C.WITH_CUDA); assert C.WITH_CUDA"
+status $? "extension with CUDA kernels"
 
 step "CUDA tests (every kernel against the float64 / torch references, gradcheck, gradgradcheck)"
-want tests && MMEA_TEST_CUDA=1 within ${TEST_LIMIT:-200} python3 -m pytest -q -p no:cacheprovider -k cuda -rs --timeout 120 \
-  tests/ops/test_gate_ops.py tests/ops/test_triton_backend.py tests/ops/test_gated_linear.py \
-  tests/ops/test_cpp_backend.py tests/ops/test_gate_net_triton.py tests/ops/test_adapter_node.py tests/nn/test_modules.py \
-  tests/nn/test_path_choice.py tests/nn/test_fused_gate.py 2>&1 | tail -40
+if want tests; then
+  MMEA_TEST_CUDA=1 within ${TEST_LIMIT:-200} python3 -m pytest -q -p no:cacheprovider -k cuda -rs --timeout 120 \
+    tests/ops/test_gate_ops.py tests/ops/test_triton_backend.py tests/ops/test_gated_linear.py \
+    tests/ops/test_cpp_backend.py tests/ops/test_gate_net_triton.py tests/ops/test_adapter_node.py tests/nn/test_modules.py \
+    tests/nn/test_path_choice.py tests/nn/test_fused_gate.py 2>&1 | tail -40
+  status "${PIPESTATUS[0]}" "CUDA tests"
+fi
 
 DTYPES=${MODEL_DTYPES:-float32 float64}
-model() { within "$1" python3 bench/model_overhead.py --device cuda --frames 64 --out "$OUT" "${@:2}" 2>&1 \
-          | grep -v USDT | tail -20; }
+# model LIMIT NAME ARGS...: bench/model_overhead.py on 64 toluene, its status recorded under NAME
+model() { within "$1" python3 bench/model_overhead.py --device cuda --frames 64 --out "$OUT" "${@:3}" 2>&1 \
+          | grep -v USDT | tail -20; status "${PIPESTATUS[0]}" "$2"; }
 step "whole model (MACE-OFF23-medium architecture, 64 toluene), energy+forces and a training step"
 for dt in $DTYPES; do
   [ "$dt" = float32 ] && want model || continue
-  model 60 --rounds 40 --dtype float32
+  model 60 "whole model float32" --rounds 40 --dtype float32
   echo "--- MMEA_FUSED_LINEAR=auto (each MMEALinear times its fused and unfused paths at its first size, keeps the faster)"
-  MMEA_FUSED_LINEAR=auto model 60 --rounds 40 --dtype float32
+  MMEA_FUSED_LINEAR=auto model 60 "whole model float32, auto" --rounds 40 --dtype float32
 done
 
 step "whole model: where the time goes (host vs device, kernel counts; torch.profiler), fused vs unfused MMEA"
 if want profile; then
-model 90 --rounds 20 --modes inference --profile 5
-echo "--- MMEA_FUSED_LINEAR=0 (every MMEALinear: base layer, then the gate kernels)"
-MMEA_FUSED_LINEAR=0 model 90 --rounds 20 --modes inference --profile 5
-echo "--- what MMEA_FUSED_LINEAR=auto picks per layer at 4 and 64 toluene (each layer's fused and unfused time)"
+  model 90 "profile fused" --rounds 20 --modes inference --profile 5
+  echo "--- MMEA_FUSED_LINEAR=0 (every MMEALinear: base layer, then the gate kernels)"
+  MMEA_FUSED_LINEAR=0 model 90 "profile unfused" --rounds 20 --modes inference --profile 5
+  echo "--- what MMEA_FUSED_LINEAR=auto picks per layer at 4 and 64 toluene (each layer's fused and unfused time)"
+  within 45 python3 bench/path_choices.py --device cuda --molecule toluene --frames 4,64 --out "$OUT" 2>&1 | tail -26
+  status "${PIPESTATUS[0]}" "path choices"
 fi
-want profile && within 45 python3 bench/path_choices.py --device cuda --molecule toluene --frames 4,64 --out "$OUT" 2>&1 | tail -26
 
 step "benchmark"
-want bench && within ${BENCH_LIMIT:-220} python3 bench/gpu/bench_gpu.py --out "$OUT" --sizes "${BENCH_SIZES:-2000,8000,32000}" \
-  ${BENCH_ARGS:-} 2>&1 | tail -150
+if want bench; then
+  within ${BENCH_LIMIT:-220} python3 bench/gpu/bench_gpu.py --out "$OUT" --sizes "${BENCH_SIZES:-2000,8000,32000}" \
+    ${BENCH_ARGS:-} 2>&1 | tail -150
+  status "${PIPESTATUS[0]}" "bench_gpu"
+fi
 
 step "the fine-tuning workflow on the GPU (train, evaluate, resume, checkpoint, calculator, stresses, MD; each against the CPU run)"
-want workflow && MMEA_TEST_CUDA=1 within ${WORKFLOW_LIMIT:-150} python3 -m pytest -q -p no:cacheprovider -k cuda -rs --timeout 90 \
-  tests/train/test_device.py tests/train/test_stress.py tests/app/test_md.py tests/train/test_predict.py 2>&1 | tail -30
-want workflow && within 40 python3 bench/md_step.py --device cuda --rounds 21 2>&1 | grep -v Warning | tail -3
+if want workflow; then
+  MMEA_TEST_CUDA=1 within ${WORKFLOW_LIMIT:-150} python3 -m pytest -q -p no:cacheprovider -k cuda -rs --timeout 90 \
+    tests/train/test_device.py tests/train/test_stress.py tests/app/test_md.py tests/train/test_predict.py 2>&1 | tail -30
+  status "${PIPESTATUS[0]}" "workflow tests"
+  within 40 python3 bench/md_step.py --device cuda --rounds 21 2>&1 | grep -v Warning | tail -3
+  status "${PIPESTATUS[0]}" "md step"
+fi
 
 step "FusedGate against e3nn's Gate: per op (N = 4000) and in SevenNet-0 (64 ethanol; equality in float64 first)"
-want gates && within ${GATE_LIMIT:-90} python3 bench/gate_speed.py --device cuda --rounds 30 --frames 64 --out "$OUT/gate-gpu.txt" 2>&1 \
-  | grep -v USDT | tail -30
+if want gates; then
+  within ${GATE_LIMIT:-90} python3 bench/gate_speed.py --device cuda --rounds 30 --frames 64 --out "$OUT/gate-gpu.txt" 2>&1 \
+    | grep -v USDT | tail -30
+  status "${PIPESTATUS[0]}" "gate speed"
+fi
 
 step "whole model in the other dtypes"
 for dt in $DTYPES; do
-  [ "$dt" = float32 ] || { want float64 && model 60 --rounds 40 --dtype "$dt"; }
+  [ "$dt" = float32 ] || { want float64 && model 60 "whole model $dt" --rounds 40 --dtype "$dt"; }
 done
 
 step "registers and spills of the Triton kernels (sm_90, ptxas -v)"
-want kernels && within 120 python3 bench/gpu/kernel_report.py --out "$OUT/kernels-sm90.txt" 2>&1 | tail -40
+if want kernels; then
+  within 120 python3 bench/gpu/kernel_report.py --out "$OUT/kernels-sm90.txt" 2>&1 | tail -40
+  status "${PIPESTATUS[0]}" "kernel report"
+fi
 
-step "done"
+step "done: how each step ended"
+printf '  %s\n' "${RESULTS[@]}"
+[ "$FAILED" -eq 0 ] || { echo "!!! at least one step failed or timed out (above)"; exit 1; }
