@@ -90,6 +90,14 @@ def transfer_adapters(source: nn.Module, target: nn.Module) -> InjectionReport:
 
 def _convert(model: nn.Module, runner: Callable[[nn.Module], nn.Module]) -> nn.Module:
     _check_mace(model)
+    from torch.nn.utils import parametrize
+
+    tied = sorted(n for n, m in model.named_modules() if parametrize.is_parametrized(m))
+    if tied:  # mace-torch's conversion reads the state dict by name and does not know these
+        raise ValueError(f"the model has parametrized weights (the low-rank updates of mmea-paper) on {len(tied)} modules "
+                         f"({tied[0]}, ...), which mace-torch's conversion cannot read: fold them into their weights "
+                         "first (torch.nn.utils.parametrize.remove_parametrizations(module, name, "
+                         "leave_parametrized=True), as `mmea-kernels export` does)")
     if not adapted_modules(model):
         raise ValueError("model has no adapters; convert it with mace-torch's own conversion "
                          "(mace.cli.convert_e3nn_cueq.run / convert_cueq_e3nn.run)")

@@ -503,6 +503,12 @@ def test_inject_directly_into_cueq_mace_and_errors(e3nn_base, cueq_base, batch):
         convert_adapted_to_e3nn(adapted(e3nn_base, "mmea", {}, 0.1))
     with pytest.raises(TypeError, match="expected a mace-torch MACE model"):
         convert_adapted_to_cueq(torch.nn.Sequential(MMEALinear(o3.Linear("2x0e", "2x0e"))))
+    from mmea_kernels.train.methods import apply_method
+
+    paper = copy.deepcopy(e3nn_base)
+    apply_method(paper, "mmea-paper", rank=2, seed=0)  # low-rank parametrizations: a KeyError deep in mace before
+    with pytest.raises(ValueError, match="parametrized weights .* fold them into their weights first"):
+        convert_adapted_to_cueq(paper)
 
 
 @needs_mace
