@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # Installs mmea_kernels with its test, MACE, cuEquivariance (CPU) and SevenNet dependencies into the
 # current Python environment.
-# torch is pinned in the same pip command, so no dependency can pull a multi-GB CUDA build.
+# torch is pinned in the same pip command, so no dependency can pull another torch. The pin fixes
+# the version, not the build: from PyPI alone torch 2.13.0 is the CUDA build (a 527 MB wheel plus
+# several GB of nvidia-* packages). TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU
+# build from PyTorch's index instead (an extra index: everything else still comes from PyPI or the
+# machine's configured wheels); the development VM's pip config serves the CPU wheel locally.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 MACE_VERSION=${MACE_VERSION:-0.3.16}
+INDEX=()
+if [ -n "${TORCH_INDEX:-}" ]; then INDEX=(--extra-index-url "$TORCH_INDEX"); fi
 # The package is built without build isolation so that its optional C++ extension
 # (mmea_kernels._C, see setup.py) is compiled against this pinned torch, which is installed first.
-$PY -m pip install -q --disable-pip-version-check "torch==${TORCH_VERSION}" "setuptools>=64" wheel
-$PY -m pip install -q --disable-pip-version-check --no-build-isolation "torch==${TORCH_VERSION}" -e ".[test,mace,cueq,sevenn]"
+$PY -m pip install -q --disable-pip-version-check "${INDEX[@]}" "torch==${TORCH_VERSION}" "setuptools>=64" wheel
+$PY -m pip install -q --disable-pip-version-check "${INDEX[@]}" --no-build-isolation "torch==${TORCH_VERSION}" \
+  -e ".[test,mace,cueq,sevenn]"
 # mace-torch pins e3nn==0.4.4, which does not import under torch>=2.6 without a global
 # weights_only override; it runs fine with e3nn 0.6, so it is installed without its pins.
 $PY -m pip install -q --disable-pip-version-check --no-deps "mace-torch==${MACE_VERSION}"
