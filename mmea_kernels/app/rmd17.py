@@ -214,14 +214,22 @@ def _extract_npz(archive: pathlib.Path, molecules: List[str], dest: pathlib.Path
 
 
 def _load_molecule(mol: str, npz_path: pathlib.Path, label: str, sizes, seed: int) -> dict:
+    import zipfile
+
+    if not zipfile.is_zipfile(npz_path):
+        raise ValueError(f"{label} is not an .npz archive (a corrupt or foreign member)")
     with np.load(npz_path, allow_pickle=False) as z:
         for key in REQUIRED_KEYS:
             if key not in z.files:
                 raise ValueError(f"{label} has no array {key!r} (arrays: {', '.join(z.files)})")
-        z_nuc = np.asarray(z["nuclear_charges"])
-        coords = np.asarray(z["coords"], dtype=np.float64)
-        energies = np.asarray(z["energies"], dtype=np.float64)
-        forces = np.asarray(z["forces"], dtype=np.float64)
+        arrays = {}
+        for key in ("nuclear_charges", "coords", "energies", "forces"):
+            try:
+                arrays[key] = np.asarray(z[key], dtype=None if key == "nuclear_charges" else np.float64)
+            except ValueError as exc:  # an object array (never unpickled), or not numbers
+                why = "holds pickled objects, which are never loaded" if "allow_pickle" in str(exc) else str(exc)
+                raise ValueError(f"{label}: array {key!r} {why}") from None
+        z_nuc, coords, energies, forces = (arrays[k] for k in ("nuclear_charges", "coords", "energies", "forces"))
     z_nuc = z_nuc.reshape(-1)
     n_atoms = z_nuc.shape[0]
     if coords.ndim != 3 or coords.shape[1:] != (n_atoms, 3):

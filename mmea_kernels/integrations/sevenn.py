@@ -33,15 +33,23 @@ PRETRAINED = {
 }
 
 
-def _checkpoint_path(name: str) -> str:
-    """A local checkpoint file for ``name`` (a path, or a pretrained name found on disk); never downloads."""
-    if os.path.isfile(name):
-        return name
+def _checkpoint_path(name: str, trust_pickle: bool = False) -> str:
+    """A local checkpoint file for ``name`` (a pretrained name, looked up first and found in the
+    sevenn wheel; or a path, with ``trust_pickle``); never downloads. sevenn reads a checkpoint by
+    full unpickling, which runs whatever code the file names: a path is read only when the user
+    vouches for it, and a bare name never means a file of that name in the current directory."""
     from sevenn import _const
 
     key = PRETRAINED.get(name.lower())
     if key is None:
-        raise ValueError(f"unknown SevenNet model {name!r}: give a checkpoint path or one of {sorted(PRETRAINED)}")
+        if not os.path.isfile(name):
+            raise ValueError(f"unknown SevenNet model {name!r}: give one of {sorted(PRETRAINED)} or a checkpoint path")
+        if not trust_pickle:
+            raise ValueError(f"SevenNet checkpoint {name} is read by sevenn with full unpickling, which runs whatever "
+                             "code the file names: if you trust where the file comes from, pass --trust-pickle "
+                             f"(API: trust_pickle=True); the pretrained models ({', '.join(sorted(PRETRAINED))}) "
+                             "need no such step")
+        return name
     path = getattr(_const, key)
     for cand in (path, path.replace(_const._prefix, os.path.expanduser("~/.cache/sevennet"))):
         if os.path.isfile(cand):
@@ -193,9 +201,10 @@ class SevenNetAsMACE(nn.Module):
 
 
 def load_sevennet(name: str = "7net-0", dtype: Optional[torch.dtype] = None,
-                  fused_gate: bool = True) -> SevenNetAsMACE:
+                  fused_gate: bool = True, trust_pickle: bool = False) -> SevenNetAsMACE:
     """The pretrained SevenNet ``name`` (``7net-0`` = SevenNet-0, 11 Jul 2024, shipped with the
-    sevenn wheel; or a checkpoint path) as a :class:`SevenNetAsMACE`, in eval mode, on the CPU.
+    sevenn wheel; or a checkpoint path, which sevenn unpickles: only with ``trust_pickle``) as a
+    :class:`SevenNetAsMACE`, in eval mode, on the CPU.
     Built by ``sevenn.checkpoint.SevenNetCheckpoint.build_model`` (plain e3nn backend).
 
     ``fused_gate=True`` (default) swaps SevenNet's e3nn ``Gate`` modules for
@@ -208,7 +217,7 @@ def load_sevennet(name: str = "7net-0", dtype: Optional[torch.dtype] = None,
             from sevenn.checkpoint import SevenNetCheckpoint
         except ImportError:
             raise ImportError("the sevenn package is needed for SevenNet models (pip install sevenn)") from None
-        cp = SevenNetCheckpoint(_checkpoint_path(str(name)))
+        cp = SevenNetCheckpoint(_checkpoint_path(str(name), trust_pickle))
         net = cp.build_model(enable_cueq=False, enable_flash=False, enable_oeq=False)
     model = SevenNetAsMACE(net, cp.config[KEY.TYPE_MAP], float(cp.config[KEY.CUTOFF]), name=str(name))
     if dtype is not None:

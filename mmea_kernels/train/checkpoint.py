@@ -24,7 +24,7 @@ from .ema import ema_weights, load_ema_weights, weights_in
 from .foundation import fingerprint, load_model, model_info
 from .loss import SPLITS, errors
 from .methods import apply_method
-from .safe_load import safe_load
+from .safe_load import UnsafeFileError, safe_load
 from .selfcheck import make_probe, verify_probe
 
 __all__ = ["CHECKPOINT_FORMAT", "atomic_save", "check_writable", "prepare", "load_finetuned", "evaluate_checkpoint",
@@ -194,13 +194,23 @@ def load_finetuned(checkpoint, model: Optional[str] = None, model_config=None, d
     (:func:`~.device.resolve_device`: cpu, cuda, cuda:N or auto). Raises when the base model is not
     the one the checkpoint was trained on (fingerprint, or the checkpoint's own reference
     prediction, recomputed on ``device``), or the checkpoint is unreadable. The checkpoint is read
-    with ``weights_only=True``; ``trust_pickle`` only concerns a whole pickled base model."""
+    with ``weights_only=True``; ``trust_pickle`` only concerns a whole pickled base model that the
+    caller names (``model``): the base the checkpoint names is read weights-only, whatever
+    ``trust_pickle`` says."""
     dev = resolve_device(device)
     path = pathlib.Path(checkpoint)
     ckpt = _read_checkpoint(path)
     spec = model or ckpt["model"]
-    net = load_model(spec, model_config if model else ckpt.get("model_config"), dtype=DTYPES[dtype or ckpt["dtype"]],
-                     trust_pickle=trust_pickle)
+    try:  # a base the checkpoint names is never unpickled: a checkpoint cannot vouch for another file
+        net = load_model(spec, model_config if model else ckpt.get("model_config"),
+                         dtype=DTYPES[dtype or ckpt["dtype"]], trust_pickle=trust_pickle and model is not None)
+    except ValueError as exc:
+        if model is not None or "full unpickling" not in str(exc):
+            raise
+        raise UnsafeFileError(f"checkpoint {path} names the base model {spec!r}, which only full unpickling reads "
+                              "(it runs whatever code the file names); a base named by a checkpoint is never "
+                              f"unpickled: if you trust that file, name it yourself: --model {spec} --trust-pickle "
+                              "(API: model=..., trust_pickle=True)") from None
     fp = fingerprint(net)
     prepare(net, ckpt["e0s"], ckpt["method"], ckpt["rank"], ckpt["seed"], source=f"checkpoint {path}",
             adapter_options=ckpt.get("adapter_options"))

@@ -39,7 +39,14 @@ def refit_e0s(model, frames, z_table: Sequence[int], mode: str, energy_key: str,
         p = pathlib.Path(mode)
         if not p.is_file():
             raise ValueError(f"e0s must be lstsq, average, keep or a JSON file; {mode!r} is none of these")
-        given = {int(k): float(v) for k, v in json.loads(p.read_text()).items()}
+        try:
+            raw = json.loads(p.read_text())
+            if not isinstance(raw, dict):
+                raise ValueError(f"a JSON {type(raw).__name__}, not an object")
+            given = {int(k): float(v) for k, v in raw.items()}
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"E0 file {p}: expected a JSON object {{\"<atomic number>\": <eV>, ...}} such as "
+                             f'{{"1": -13.6, "8": -2041.2}} ({exc})') from None
         missing = [z for z in z_table if z not in given]
         if missing:
             raise KeyError(f"{p}: no E0 for elements {missing}")

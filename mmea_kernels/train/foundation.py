@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
+import re
 from typing import Optional, Tuple, Union
 
 import torch
@@ -86,6 +88,11 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
             model = build_mace(spec.split(":", 1)[1])
     elif spec.startswith(("mace-off:", "mace-mp:")):
         family, size = spec.split(":", 1)
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", size) or os.path.exists(size) or size in (".", ".."):
+            # mace-torch's loaders take a path or URL too and unpickle it whole (code the file names)
+            raise ValueError(f"{spec}: after {family}: give a model size name (small, medium, large, ...), not a path "
+                             "or URL; a model file goes in as --model PATH (read weights-only; a whole pickled "
+                             "model needs --trust-pickle)")
         from mace import calculators
 
         loader = calculators.mace_off if family == "mace-off" else calculators.mace_mp
@@ -98,7 +105,7 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
     elif spec.startswith("sevenn:"):
         from ..integrations.sevenn import load_sevennet
 
-        model = load_sevennet(spec.split(":", 1)[1], fused_gate=fused_gate)
+        model = load_sevennet(spec.split(":", 1)[1], fused_gate=fused_gate, trust_pickle=trust_pickle)
     else:
         path = pathlib.Path(spec)
         obj = safe_load(path, "model file", trust_pickle=trust_pickle, allow_pickle=True)

@@ -153,6 +153,18 @@ def test_npz_missing_key(tmp_path):
     assert not list((tmp_path / "o").rglob("*.xyz"))
 
 
+def test_npz_with_pickled_objects_is_refused_by_name(tmp_path):
+    """An object array in a member is never unpickled; the error names the archive member and the
+    array (it was numpy's text, which invites loading the file unsafely; found in review)."""
+    arrays = {mol: _molecule_arrays(z, seed=i) for i, (mol, z) in enumerate(FAKE.items())}
+    bad = np.empty(3, dtype=object)
+    bad[:] = [1, "x", None]
+    arrays["benzene"]["energies"] = bad
+    archive = _make_archive(tmp_path / "bad.tar.bz2", arrays)
+    with pytest.raises(ValueError, match=r"rmd17_benzene\.npz.*array 'energies' holds pickled objects, which are never"):
+        fetch_rmd17(tmp_path / "o", molecules=["benzene"], archive=archive, **SIZES)
+
+
 def test_too_few_frames(fake, tmp_path):
     archive, _ = fake
     with pytest.raises(ValueError, match="'ethanol' has 12 frames"):

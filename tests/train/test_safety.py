@@ -1,6 +1,7 @@
 """Issue #9: untrusted files never run code, bad data is refused before training with a message that
 names it, training that turns non-finite keeps the last good state, checkpoints are self-contained
 or refused, nothing half-done is left behind. Small: the shipped model and a few shipped frames."""
+import importlib.util
 import json
 import math
 import os
@@ -96,6 +97,63 @@ def test_crafted_pickle_is_refused_everywhere_and_never_runs(data, tmp_path, cap
         MMEACalculator(checkpoint=str(evil))
     assert not marker.exists()
     assert not (tmp_path / "m").exists()  # the refused finetune left no directory behind
+
+
+def test_base_model_specs_never_unpickle_an_untrusted_file(data, tmp_path, capsys, monkeypatch):
+    """Found in review, each with a payload that ran: a plain (weights-only-safe) checkpoint naming
+    ``sevenn:<path>`` as its base made sevenn unpickle that file in evaluate/md/...; ``sevenn:7net-0``
+    read a file called ``7net-0`` from the current directory; ``mace-mp:<path>`` went to
+    mace-torch, which unpickles paths. Now: a pretrained name is looked up first, a SevenNet path
+    needs --trust-pickle, mace-mp/mace-off take size names only, and a base the checkpoint names is
+    never unpickled, even with --trust-pickle (the user names it with --model to vouch for it)."""
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "evil.pt"
+    torch.save(_Payload(marker), str(evil))
+    whole = tmp_path / "whole.model"
+    torch.save(_Payload(marker), str(whole))
+    test = str(data / "test.xyz")
+
+    def crafted(spec):
+        path = tmp_path / f"ck-{abs(hash(spec))}.pt"
+        torch.save({"format": "mmea_kernels.finetune/1", "method": "mmea", "rank": 4, "model": spec,
+                    "base_fingerprint": "0", "e0s": [0.0], "trainable": {}, "seed": 0, "dtype": "float64"}, str(path))
+        return str(path)
+
+    cases = [(["evaluate", "--checkpoint", crafted(f"sevenn:{evil}"), "--data", test],
+              "a base named by a checkpoint is never unpickled"),
+             (["evaluate", "--checkpoint", crafted(f"sevenn:{evil}"), "--data", test, "--trust-pickle"],
+              "a base named by a checkpoint is never unpickled"),
+             (["md", "--checkpoint", crafted(str(whole)), "--structure", f"{test}@0", "--steps", "1", "--trust-pickle"],
+              "a base named by a checkpoint is never unpickled"),
+             (["evaluate", "--checkpoint", crafted(f"mace-mp:{whole}"), "--data", test], "not a path"),
+             (["finetune", "--train", str(data / "train.xyz"), "--model", f"mace-off:{whole}", "--out",
+               str(tmp_path / "m1"), "--epochs", "1", "--no-progress"], "give a model size name"),
+             (["finetune", "--train", str(data / "train.xyz"), "--model", f"sevenn:{evil}", "--out",
+               str(tmp_path / "m2"), "--epochs", "1", "--no-progress"], "pass --trust-pickle")]
+    for argv, msg in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, (argv, err)
+        assert not marker.exists(), argv
+    if importlib.util.find_spec("sevenn") is not None:  # a file named like a pretrained model is not read
+        from mmea_kernels.integrations.sevenn import _checkpoint_path
+
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "7net-0").write_bytes(evil.read_bytes())
+        assert pathlib.Path(_checkpoint_path("7net-0")).resolve() != (tmp_path / "7net-0").resolve()
+    assert not marker.exists()
+
+
+def test_unreadable_e0_files_are_named(tmp_path):
+    from mmea_kernels.train.e0s import refit_e0s
+    from mmea_kernels.train.foundation import load_model
+
+    m = load_model("preset:tiny")
+    for text, why in (("[1, 2]", "a JSON list"), ('{"H": 1}', "invalid literal"), ("{", "Expecting")):
+        (tmp_path / "e0.json").write_text(text)
+        with pytest.raises(ValueError, match=rf"E0 file .*e0\.json: expected a JSON object .*{why}"):
+            refit_e0s(m, [], [1, 6, 8], str(tmp_path / "e0.json"), "REF_energy")
 
 
 def test_an_old_pickle_trajectory_as_structure_is_refused_and_never_runs(data, tmp_path, capsys):
