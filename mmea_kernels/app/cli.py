@@ -401,22 +401,25 @@ def _md(args) -> None:
 
         atoms, calc = None, _calculator(args)
         check_structure(state.atoms, calc, args.resume, _checks(args))
-    res = run_md(atoms, calc, settings, where=args.structure or args.resume, resume=state, model=_model_id(args))
+    res = run_md(atoms, calc, settings, where=args.structure or args.resume, resume=state, model=_model_id(args, calc))
     print(json.dumps(res, indent=1))
     for note in (getattr(args, "frames_note", None), res.get("continuation_note")):
         if note:
             print(note if note.startswith("mmea-kernels") else f"mmea-kernels md: {note}", file=sys.stderr)
 
 
-def _model_id(args) -> str:
-    """The checkpoint's SHA-256 (and the --model given), what a state file records of its model."""
+def _model_id(args, calc) -> str:
+    """What a state file records of its model: the checkpoint's SHA-256 and the fingerprint of the
+    model's weights as loaded (not the --model text: ./x.model and x.model are one model)."""
     import hashlib
+
+    from ..train.foundation import fingerprint
 
     h = hashlib.sha256()
     with open(args.checkpoint, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
-    return f"checkpoint sha256 {h.hexdigest()[:16]}" + (f", --model {args.model}" if args.model else "")
+    return f"checkpoint sha256 {h.hexdigest()[:16]}, weights {fingerprint(calc.net)}"
 
 
 if __name__ == "__main__":

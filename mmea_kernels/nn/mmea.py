@@ -254,11 +254,12 @@ class MMEALinear(MMEAGating, AdapterLinear):
         # made once per key: per call it is one dict lookup instead of tens of µs of host time
         key = (x.device, x.dtype, self.backend, _plan_env(), cache_generation())
         plans = self.__dict__.setdefault("_eager_plans", {})
-        if key not in plans:
+        entry = plans.get(key)
+        if entry is None:  # the entry built here is the one used (another thread may clear the dict)
             plans.clear()  # one live entry: the key changes only when the setup does
             self.__dict__.pop("_auto_choices", None)  # and the timed choices belong to the old setup
-            plans[key] = (self._eager_plan(x), fused_linear_mode() == "auto")
-        plan, auto = plans[key]
+            entry = plans[key] = (self._eager_plan(x), fused_linear_mode() == "auto")
+        plan, auto = entry
         return self._auto_plan(x, plan) if auto and plan is not None else plan
 
     def __getstate__(self):

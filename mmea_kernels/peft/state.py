@@ -24,6 +24,10 @@ def adapter_state_dict(model: nn.Module) -> dict:
     if not mods:
         raise ValueError("model has no adapters to save")
     _refuse_tensor_product_gates(model, "saved in an adapter state")
+    merged = [n for n, m in mods.items() if getattr(m, "merged", False)]
+    if merged:  # its factors would be added once more by whoever loads them into an unmerged base
+        raise ValueError(f"ELoRA adapters on {merged[0]} ({len(merged)} in all) are merged into their base weights: "
+                         "unmerge() them before saving the adapter state")
     first = next(iter(mods.values()))
     state = {}
     for name, m in mods.items():
@@ -84,7 +88,14 @@ def load_adapter_state_dict(model: nn.Module, adapter_state: dict, **options) ->
             shaping = ADAPTERS[method].shaping_options if method in ADAPTERS else ()
             if m.method != method or any(have.get(k) != v for k, v in saved_opts.items() if k in shaping):
                 raise ValueError(f"module {n!r} has {m.method} adapters {have}, the state holds {method} {saved_opts}")
-        _copy_adapter_state(model, adapter_state["state"])
+        remerge = [m for m in existing.values() if getattr(m, "merged", False)]
+        for m in remerge:  # the base weights hold the old ΔW: take it out, load, put the new one in
+            m.unmerge()
+        try:
+            _copy_adapter_state(model, adapter_state["state"])
+        finally:
+            for m in remerge:
+                m.merge()
         return report(model)
     if method not in ADAPTERS:
         raise ValueError(f"adapter state has unknown method {method!r}; expected one of {sorted(ADAPTERS)}")

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
-import re
 from typing import Optional, Tuple, Union
 
 import torch
@@ -88,11 +86,15 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
             model = build_mace(spec.split(":", 1)[1])
     elif spec.startswith(("mace-off:", "mace-mp:")):
         family, size = spec.split(":", 1)
-        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", size) or os.path.exists(size) or size in (".", ".."):
+        from mace.calculators import foundations_models as fm
+
+        names = getattr(fm, "mace_off_urls", {}) if family == "mace-off" else \
+            set(getattr(fm, "mace_mp_names", [])) | set(getattr(fm, "mace_mp_urls", {}))
+        if size not in names:
             # mace-torch's loaders take a path or URL too and unpickle it whole (code the file names)
-            raise ValueError(f"{spec}: after {family}: give a model size name (small, medium, large, ...), not a path "
-                             "or URL; a model file goes in as --model PATH (read weights-only; a whole pickled "
-                             "model needs --trust-pickle)")
+            raise ValueError(f"{spec}: after {family}: give one of mace-torch's model names "
+                             f"({', '.join(sorted(str(n) for n in names if n))}), not a path or URL; a model file "
+                             "goes in as --model PATH (read weights-only; a whole pickled model needs --trust-pickle)")
         from mace import calculators
 
         loader = calculators.mace_off if family == "mace-off" else calculators.mace_mp

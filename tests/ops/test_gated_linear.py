@@ -115,6 +115,31 @@ def test_leading_dims_and_noncontiguous_input():
     torch.testing.assert_close(y.reshape(6, -1), ref, rtol=1e-13, atol=1e-13)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_irreps_larger_than_the_gpu_row_tile(dtype, monkeypatch):
+    """l = 16 (33 components) in float64 and l = 32 (65) in float32, with the GPU's row tile
+    (interpreter on, its tile sizes off): the forward once wrote none of those columns (rows per
+    program 0; found in review), the output and the input gradient equal the reference."""
+    from mmea_kernels.ops.gated_linear import triton_kernels as tk
+
+    l = 16 if dtype == torch.float64 else 32
+    assert 2 * l + 1 > tk.GPU_TILES[dtype]["block_m"]
+    monkeypatch.setattr(tk, "interpreting", lambda device: False)
+    lin, x, gates, add = make_inputs(f"2x0e+1x{l}e", f"2x0e+1x{l}e", 3, torch.float64, "row", "row", False, 3)
+    spec = LinearSpec.from_e3nn(lin)
+    x, w, gates, add = (t.to(dtype) for t in (x, lin.weight.detach(), gates, add))
+    x.requires_grad_()
+    y = gated_linear(x, w, None, gates, add, spec, backend="triton")
+    xr = x.detach().double().requires_grad_()
+    ref = gated_linear_reference(xr, w.double(), None, gates.double(), add.double(), spec)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y.double(), ref, **tol)
+    dy = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(y, x, dy.to(dtype))[0].double(), torch.autograd.grad(ref, xr, dy)[0],
+                               **tol)
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch", "cpp", "cpp-bf16"])
 def test_weight_and_bias_as_strided_views(backend):
     """A weight or bias that is a strided view (every other element of a longer tensor) gives what

@@ -247,6 +247,14 @@ def test_elora_merge_called_directly_adds_the_update_once():
     ad.adapter_enabled = False
     torch.testing.assert_close(jit.compile(ad)(h), ad(h), rtol=0, atol=0)
     ad.adapter_enabled = True
+    with pytest.raises(ValueError, match="merged into their base weights: unmerge"):
+        mk.adapter_state_dict(m)
+    other, _ = model_and_input()
+    mk.inject_adapters(other, method="elora", rank=2)
+    randomise_adapters(other, seed=9)
+    y_other = other(x)
+    mk.load_adapter_state_dict(m, mk.adapter_state_dict(other))  # into a merged model: the new ΔW, once
+    torch.testing.assert_close(m(x), y_other, **TOL[torch.float64])
     mk.unload(m)  # unmerges first: the original layer
     torch.testing.assert_close(m.blocks[0].linear.weight, w0, rtol=0, atol=1e-14)
     torch.testing.assert_close(m(x), y_base, **TOL[torch.float64])

@@ -127,7 +127,7 @@ def test_base_model_specs_never_unpickle_an_untrusted_file(data, tmp_path, capsy
               "a base named by a checkpoint is never unpickled"),
              (["evaluate", "--checkpoint", crafted(f"mace-mp:{whole}"), "--data", test], "not a path"),
              (["finetune", "--train", str(data / "train.xyz"), "--model", f"mace-off:{whole}", "--out",
-               str(tmp_path / "m1"), "--epochs", "1", "--no-progress"], "give a model size name"),
+               str(tmp_path / "m1"), "--epochs", "1", "--no-progress"], "give one of mace-torch's model names"),
              (["finetune", "--train", str(data / "train.xyz"), "--model", f"sevenn:{evil}", "--out",
                str(tmp_path / "m2"), "--epochs", "1", "--no-progress"], "pass --trust-pickle")]
     for argv, msg in cases:

@@ -75,10 +75,12 @@ def tile_sizes(spec: LinearSpec, interpret: bool, dtype: torch.dtype = torch.flo
 
 
 def block_m(n: int, max_ir_dim: int, dtype: torch.dtype, interpret: bool) -> int:
-    """GEMM rows (pairs (n, m)) per forward program."""
+    """GEMM rows (pairs (n, m)) per forward program: at least the largest irrep's 2l+1 (a program
+    holds whole rows; with fewer, l >= 16 in fp64 or >= 32 in fp32 left its columns unwritten,
+    found in review)."""
     if interpret:
-        return min(max(pow2(n * max_ir_dim), 16), 512)
-    return GPU_TILES[dtype]["block_m"]
+        return max(min(max(pow2(n * max_ir_dim), 16), 512), pow2(max_ir_dim))
+    return max(GPU_TILES[dtype]["block_m"], pow2(max_ir_dim))
 
 
 def block_n_wgrad(n: int, dtype: torch.dtype, interpret: bool) -> int:
