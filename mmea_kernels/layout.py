@@ -17,6 +17,34 @@ LAYOUTS = ("mul_ir", "ir_mul")
 _IRREP_RE = re.compile(r"^\s*(?:(\d+)\s*x\s*)?(\d+)\s*([eo])\s*$")
 
 
+class cached_property:  # noqa: N801 - the name of what it replaces
+    """``functools.cached_property`` without its lock: computed once per instance and kept in the
+    instance's ``__dict__``. Python 3.11's version enters an ``RLock``, which torch.compile cannot
+    trace (fullgraph fails on the first access inside a compiled function)."""
+
+    def __init__(self, fn):
+        self.fn, self.name, self.__doc__ = fn, fn.__name__, fn.__doc__
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
+
+
+def warm_cached(obj, skip=()) -> None:
+    """Compute every :class:`cached_property` of ``obj`` now (all but ``skip``): under
+    torch.compile, a first access inside a traced function writes the instance ``__dict__``,
+    which dynamo guards on and then fails its own guard (fullgraph; found when a spec's layout
+    was first read inside ``torch.compile(gated_linear)``)."""
+    for name in dir(type(obj)):
+        if name not in skip and isinstance(getattr(type(obj), name, None), cached_property):
+            getattr(obj, name)
+
+
 @dataclasses.dataclass(frozen=True)
 class IrrepBlock:
     """One ``mul x (l, p)`` block of an irreps, placed at ``offset`` in the feature vector."""
@@ -129,9 +157,10 @@ class IrrepsLayout:
         self.dim = offset
         self.num_gates = gate
         self.irreps_str = "+".join(b.name for b in blocks)
+        warm_cached(self)
 
     # ------------------------------------------------------------------ derived tables
-    @functools.cached_property
+    @cached_property
     def gate_of_column(self) -> Tuple[int, ...]:
         """Gate index of every column, -1 for 0e columns."""
         out = [-1] * self.dim
@@ -143,17 +172,17 @@ class IrrepsLayout:
                     out[self._column(b, k, m)] = b.first_gate + k
         return tuple(out)
 
-    @functools.cached_property
+    @cached_property
     def scalar_columns(self) -> Tuple[int, ...]:
         """Columns of all 0e blocks, in irreps order (the adapter's input and additive channels)."""
         return tuple(c for b in self.blocks if b.is_scalar for c in range(b.offset, b.offset + b.mul))
 
-    @functools.cached_property
+    @cached_property
     def scalar_span(self) -> Optional[Tuple[int, int]]:
         """``(first, count)`` when :attr:`scalar_columns` are one contiguous range, else None."""
         return column_span(self.scalar_columns)
 
-    @functools.cached_property
+    @cached_property
     def gate_columns(self) -> Tuple[Tuple[int, ...], ...]:
         """For each gate, its columns in order of the component m."""
         out: List[Tuple[int, ...]] = []
@@ -164,7 +193,7 @@ class IrrepsLayout:
                 out.append(tuple(self._column(b, k, m) for m in range(b.ir_dim)))
         return tuple(out)
 
-    @functools.cached_property
+    @cached_property
     def gate_ptr(self) -> Tuple[int, ...]:
         """CSR offsets into the gate-sorted column list (``len == num_gates + 1``)."""
         ptr = [0]

@@ -32,7 +32,7 @@ import math
 import sys
 from typing import List, Optional, Sequence, Tuple, Union
 
-from .layout import LAYOUTS, IrrepsLayout, column_span, parse_irreps
+from .layout import LAYOUTS, IrrepsLayout, cached_property, column_span, parse_irreps, warm_cached
 
 __all__ = ["LinearInstruction", "LinearSpec", "tensor_product_blocks", "is_e3nn_linear", "is_cuet_linear"]
 
@@ -140,6 +140,7 @@ class LinearSpec:
             n += b.dim if f else 0
         self.bias_offsets: Tuple[int, ...] = tuple(bias_offsets)  # per output block, -1 without bias
         self.bias_numel = n
+        warm_cached(self, skip=("transposed",))  # the transposed spec is built where it is needed
 
     # ------------------------------------------------------------------ constructors
     @property
@@ -283,7 +284,7 @@ class LinearSpec:
         return tuple((i.weight_offset, i.mul_in, i.mul_out) for i in self.instructions)
 
     # ------------------------------------------------------------------ derived specs
-    @functools.cached_property
+    @cached_property
     def transposed(self) -> "LinearSpec":
         """``L^T``: irreps swapped, each block reads ``W_i^T`` from the same flat weight; no biases."""
         ins = [LinearInstruction(i.i_out, i.i_in, i.mul_out, i.mul_in, i.path_weight, i.weight_offset,
@@ -307,7 +308,7 @@ class LinearSpec:
     def dim_out(self) -> int:
         return self.out_layout.dim
 
-    @functools.cached_property
+    @cached_property
     def bias_columns(self) -> Tuple[int, ...]:
         """Output column of every bias element, in bias order."""
         out = []
@@ -316,7 +317,7 @@ class LinearSpec:
                 out.extend(range(b.offset, b.offset + b.dim))
         return tuple(out)
 
-    @functools.cached_property
+    @cached_property
     def bias_span(self) -> Optional[Tuple[int, int]]:
         """``(first, count)`` when :attr:`bias_columns` are one contiguous range, else None."""
         return column_span(self.bias_columns)

@@ -254,3 +254,26 @@ def check_compiled_mace():
     torch.testing.assert_close(compiled["energy"], eager["energy"], rtol=MODEL_RTOL, atol=MODEL_RTOL)
     torch.testing.assert_close(compiled["forces"], eager["forces"], rtol=MODEL_RTOL, atol=MODEL_RTOL)
     print("COMPILED-MACE-OK")
+
+
+def test_a_spec_first_read_inside_torch_compile_compiles_fullgraph():
+    """A layout and spec never used before, first read inside ``torch.compile(..., fullgraph=True)``:
+    Python 3.11's ``functools.cached_property`` took an RLock (dynamo cannot trace it), and a
+    lock-free lazy property failed dynamo's own guard; the cached values are now computed when the
+    spec is built (found when one test of this file ran alone)."""
+    from mmea_kernels.linear_spec import LinearSpec
+    from mmea_kernels.ops.gated_linear import gated_linear
+
+    spec = LinearSpec.of("3x0e+1x2o+2x1e", "1x0e+3x2o+1x1e", [(0, 0, 3, 1, 1.0), (1, 1, 1, 3, 1.0), (2, 2, 2, 1, 1.0)])
+    x = torch.randn(4, spec.dim_in, dtype=torch.float64)
+    w = torch.randn(spec.weight_numel, dtype=torch.float64)
+    g = torch.rand(4, 4, dtype=torch.float64) + 0.5  # 3x2o + 1x1e: 4 gates (no property read out here)
+    a = torch.randn(4, 1, dtype=torch.float64)
+    _need_kernels("cpp")
+    torch._dynamo.reset()
+    try:
+        f = torch.compile(lambda *t: gated_linear(*t, spec, backend="cpp"), backend="aot_eager", fullgraph=True)
+        y = f(x, w, None, g, a)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(y, gated_linear(x, w, None, g, a, spec, backend="torch"), rtol=0, atol=0)
