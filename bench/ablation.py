@@ -2,8 +2,9 @@
 protocol (``bench/adapt.py``: 50 train / 50 validation frames of rMD17, EMA, plateau schedule, E0
 re-fit after training), one setting changed at a time from the MMEA default.
 
-Settings are CHOSEN ON VALIDATION ERROR ONLY: the best validation force MAE over training (what
-early stopping keeps) decides; test errors are reported beside it, never used to choose.
+Settings are CHOSEN ON VALIDATION ERROR ONLY: the best validation force MAE over training decides
+(the kept checkpoint is the epoch of lowest validation loss, w_E·MSE(E/N) + w_F·MSE(F), which need
+not be that epoch); test errors are reported beside it, never used to choose.
 
     python bench/ablation.py --workers 2                   # the grid below, ethanol + toluene, seed 0
     python bench/ablation.py --mode fast                   # CI-sized: 2 settings, 1 epoch, 20 test frames
