@@ -65,7 +65,8 @@ struct Net {
 // The checks shared by both ops; returns the sizes.
 Net check_net(const at::Tensor& x0, const at::Tensor& wd, const at::Tensor& bd, const at::Tensor& wu, int64_t A,
               const char* op) {
-  TORCH_CHECK(x0.dim() == 2 && (x0.size(1) <= 1 || x0.stride(1) == 1), "mmea_kernels_ext::", op,
+  // no rows: nothing is read (an empty column-strided view is "contiguous" to torch, so it arrives as is)
+  TORCH_CHECK(x0.dim() == 2 && (x0.size(0) == 0 || x0.size(1) <= 1 || x0.stride(1) == 1), "mmea_kernels_ext::", op,
               ": x0 must be 2-D [N, S] with unit column stride, got shape ", x0.sizes(), " and strides ",
               x0.strides());
   TORCH_CHECK(x0.scalar_type() == at::kFloat || x0.scalar_type() == at::kDouble, "mmea_kernels_ext::", op,

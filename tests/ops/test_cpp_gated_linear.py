@@ -288,6 +288,23 @@ def test_noncontiguous_input_leading_dims_and_empty_batch(spy):
     assert spy["fwd"] >= 2
 
 
+def test_mmea_linear_on_no_rows_of_a_column_strided_input(spy):
+    """Zero rows of a column-strided view (torch calls an empty tensor contiguous and keeps its
+    strides): the C++ gate net refused it while the torch path ran (found by fuzzing); now both
+    give [0, D_out] and an empty input gradient."""
+    from e3nn import o3
+
+    from mmea_kernels import MMEALinear
+
+    for fused in ("cpp", "torch"):
+        ad = MMEALinear(o3.Linear("2x0e", "2x0e+1x1o").double(), rank=2, backend=fused)
+        x = torch.randn(0, 4, dtype=F64)[:, ::2].requires_grad_()
+        y = ad(x)
+        assert y.shape == (0, 5), fused
+        (gx,) = torch.autograd.grad(y.sum(), x)
+        assert gx.shape == (0, 2)
+
+
 # ---------------------------------------------------------------------------- selection and errors
 def test_backend_selection(monkeypatch, spy):
     """MMEA_BACKEND / backend= pick the fused kernels: cpp for float32/float64 CPU tensors; other
