@@ -411,15 +411,10 @@ def _md(args) -> None:
 def _model_id(args, calc) -> str:
     """What a state file records of its model: the checkpoint's SHA-256 and the fingerprint of the
     model's weights as loaded (not the --model text: ./x.model and x.model are one model)."""
-    import hashlib
-
+    from ..integrations.files import file_sha256
     from ..train.foundation import fingerprint
 
-    h = hashlib.sha256()
-    with open(args.checkpoint, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return f"checkpoint sha256 {h.hexdigest()[:16]}, weights {fingerprint(calc.net)}"
+    return f"checkpoint sha256 {file_sha256(args.checkpoint)}, weights {fingerprint(calc.net)}"
 
 
 if __name__ == "__main__":

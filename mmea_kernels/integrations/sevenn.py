@@ -40,12 +40,14 @@ def _checkpoint_path(name: str, trust_pickle: bool = False) -> str:
     vouches for it, and a bare name never means a file of that name in the current directory."""
     from sevenn import _const
 
+    from .files import UnsafeFileError
+
     key = PRETRAINED.get(name.lower())
     if key is None:
         if not os.path.isfile(name):
             raise ValueError(f"unknown SevenNet model {name!r}: give one of {sorted(PRETRAINED)} or a checkpoint path")
         if not trust_pickle:
-            raise ValueError(f"SevenNet checkpoint {name} is read by sevenn with full unpickling, which runs whatever "
+            raise UnsafeFileError(f"SevenNet checkpoint {name} is read by sevenn with full unpickling, which runs whatever "
                              "code the file names: if you trust where the file comes from, pass --trust-pickle "
                              f"(API: trust_pickle=True); the pretrained models ({', '.join(sorted(PRETRAINED))}) "
                              "need no such step")

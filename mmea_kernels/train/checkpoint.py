@@ -84,18 +84,13 @@ def write_checkpoint(path, cfg: FinetuneConfig, r, metrics=None) -> None:
 def inputs_fingerprint(cfg: FinetuneConfig, r) -> dict:
     """What a run's inputs are beyond its settings: the base model's weights (fingerprint) and the
     SHA-256 of each data file, so that a resume refuses a file replaced under the same name."""
-    import hashlib
-
+    from ..integrations.files import file_sha256
     from .checks import split_spec
 
     out = {"base model": r.fp}
     for opt, spec in (("--train", cfg.train), ("--valid", cfg.valid), ("--test", cfg.test)):
         if spec:
-            h = hashlib.sha256()
-            with open(split_spec(spec)[0], "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-            out[opt] = h.hexdigest()[:16]
+            out[opt] = file_sha256(split_spec(spec)[0])
     return out
 
 
@@ -204,8 +199,8 @@ def load_finetuned(checkpoint, model: Optional[str] = None, model_config=None, d
     try:  # a base the checkpoint names is never unpickled: a checkpoint cannot vouch for another file
         net = load_model(spec, model_config if model else ckpt.get("model_config"),
                          dtype=DTYPES[dtype or ckpt["dtype"]], trust_pickle=trust_pickle and model is not None)
-    except ValueError as exc:
-        if model is not None or "full unpickling" not in str(exc):
+    except UnsafeFileError:
+        if model is not None:
             raise
         raise UnsafeFileError(f"checkpoint {path} names the base model {spec!r}, which only full unpickling reads "
                               "(it runs whatever code the file names); a base named by a checkpoint is never "

@@ -15,11 +15,9 @@ import re
 
 import torch
 
+from ..integrations.files import UnsafeFileError
+
 __all__ = ["UnsafeFileError", "safe_load"]
-
-
-class UnsafeFileError(ValueError):
-    """A file that only full unpickling (which can run code from it) would read."""
 
 
 def _needs_pickle(exc: Exception) -> str:
