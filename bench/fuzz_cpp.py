@@ -1,7 +1,7 @@
 """Randomized differential test of the C++ kernels: backend="cpp" vs backend="torch" (the reference), float64/float32, values and first/second derivatives, 1 vs 2 threads (bitwise). Written by a review on 2026-11-30. Usage:
   python bench/fuzz_cpp.py FAMILY SEED START SECONDS   (one family; prints CASE/FAIL/DONE lines)
   python bench/fuzz_cpp.py [SECONDS]                    (every family, each in its own subprocess)"""
-import copy, json, math, os, random, subprocess, sys, time
+import copy, json, math, os, random, subprocess, sys, tempfile, time
 import torch
 
 RTOL = {torch.float64: 1e-10, torch.float32: 2e-4}
@@ -111,9 +111,11 @@ def run_threads(f):
 
 
 def check_family_results(names, cpp2, cpp1, ref, dtype, fails, ctx, det=True):
-    for nm, a, b, r in zip(names, cpp2, cpp1, ref):
+    """``det``: check 1 vs 2 threads bitwise (True, or one flag per name)."""
+    dets = det if isinstance(det, (list, tuple)) else [det] * len(names)
+    for nm, a, b, r, d_ in zip(names, cpp2, cpp1, ref, dets):
         cmp(nm, a, r, dtype, fails, ctx)
-        if det and not same_bits(a, b):
+        if d_ and not same_bits(a, b):
             d = (a.detach().double() - b.detach().double()).abs().max().item() if a is not None and b is not None and a.numel() else None
             fails.append(dict(ctx, what=nm + " threads1!=threads2", abs=d))
 
@@ -178,11 +180,9 @@ def case_gl(rng, i):
     try:
         torch.manual_seed(rng.randint(0, 2**31))
         lin = o3.Linear(o3.Irreps(irr_in), o3.Irreps(irr_out), biases=biases).double()
-        spec = LinearSpec.from_e3nn(lin, lay)
-    except Exception as e:  # noqa
-        return [("skip", f"{type(e).__name__}: {str(e)[:100]}")]
-    if spec.dim_in == 0:
-        return [("skip", "gated_linear dim_in == 0 (reshape(-1, 0) error, both backends)")]
+    except Exception as e:  # noqa  (e3nn's own construction; e.g. biases without a 0e input)
+        return [("skip", f"e3nn o3.Linear: {type(e).__name__}: {str(e)[:100]}")]
+    spec = LinearSpec.from_e3nn(lin, lay)
     Go, So = spec.out_layout.num_gates, spec.out_layout.num_scalars
     x, mx = mk(rng, (N, spec.dim_in), dtype)
     w = lin.weight.detach().to(dtype).clone()
@@ -262,8 +262,6 @@ def case_fg(rng, i):
             e3 = None
             ctx["e3nn_gate_error"] = str(e)[:80]
     D = fc.irreps_in.dim
-    if D == 0:
-        return [("skip", "FusedGate with irreps_in.dim == 0 (reshape(-1, 0) error in both backends)")]
     x, mx = mk(rng, (N, D), dtype)
     x = x * 2
     grads = N <= 257 and rng.random() < 0.8
@@ -303,15 +301,13 @@ def case_mmea(rng, i):
     try:
         torch.manual_seed(rng.randint(0, 2**31))
         lin = o3.Linear(o3.Irreps(irr_in), o3.Irreps(irr_out), biases=biases).to(dtype)
-        m = MMEALinear(lin, rank=rank, phi=phi, backend="cpp").to(dtype)  # base w/o params: adapter made in default dtype
-    except Exception as e:  # noqa
-        return [("skip", f"{type(e).__name__}: {str(e)[:100]}")]
+    except Exception as e:  # noqa  (e3nn's own construction; e.g. biases without a 0e input)
+        return [("skip", f"e3nn o3.Linear: {type(e).__name__}: {str(e)[:100]}")]
+    m = MMEALinear(lin, rank=rank, phi=phi, backend="cpp")
     gen = torch.Generator().manual_seed(rng.randint(0, 2**31))
     with torch.no_grad():
         for p in m.adapter_parameters():
             p.copy_((torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3).to(p.dtype))
-    if lin.irreps_in.dim == 0 or lin.irreps_out.dim == 0:
-        return [("skip", "MMEALinear dim_in or dim_out == 0")]
     r = copy.deepcopy(m)
     r.backend = "torch"
     x, mx = mk(rng, (N, lin.irreps_in.dim), dtype)
@@ -337,11 +333,15 @@ def case_mmea(rng, i):
         return run
     ref, ref1 = run_threads(fn(r))
     c2, c1 = run_threads(fn(m))
-    ctx["torch_ref_threads_bitwise"] = all(same_bits(a, b) for a, b in zip(ref, ref1))
+    ref_bitwise = [same_bits(a, b) for a, b in zip(ref, ref1)]
+    ctx["torch_ref_threads_bitwise"] = all(ref_bitwise)
     pn = [n for n, p in m.named_parameters() if not n.startswith("base.")]
     names = ["y", "dx"] + [f"d/d{n}" for n in pn] + ["d2 dx"] + [f"d2/d{n}" for n in pn]
     fails = []
-    check_family_results(names, c2, c1, ref, dtype, fails, ctx)
+    # a result the torch reference itself gives with other bits on 2 threads comes from ATen ops (the
+    # create_graph backward runs the torch formulas; MKL's GEMM depends on the thread count): the
+    # thread check is for the C++ kernels' own results
+    check_family_results(names, c2, c1, ref, dtype, fails, ctx, det=ref_bitwise)
     return fails
 
 
@@ -372,6 +372,8 @@ def child(family, seed, start, seconds):
 
 def parent(seconds_per_family, seed=15):
     fams = sys.argv[2].split(",") if len(sys.argv) > 2 else list(FAMILIES)
+    out_dir = os.environ.get("FUZZ_OUT", os.path.join(tempfile.gettempdir(), "mmea_fuzz"))
+    os.makedirs(out_dir, exist_ok=True)  # the children run there (the installed package, not ./) and the summaries go there
     procs = {}
     for fam in fams:
         procs[fam] = (0, time.time())
@@ -382,7 +384,7 @@ def parent(seconds_per_family, seed=15):
         while left > 5:
             t = time.time()
             p = subprocess.run([sys.executable, __file__, fam, str(seed), str(start), str(int(left))],
-                               capture_output=True, text=True, cwd="/tmp/review15")
+                               capture_output=True, text=True, cwd=out_dir)
             left -= time.time() - t
             last = None
             for line in p.stdout.splitlines():
@@ -402,7 +404,7 @@ def parent(seconds_per_family, seed=15):
             break
         print(fam, json.dumps(dict(cases=summary[fam]["cases"], n_fails=len(summary[fam]["fails"]),
                                    crashes=len(summary[fam]["crashes"]), skips=summary[fam].get("skips"))), flush=True)
-        with open(f"/tmp/review15/summary_{fam}.json", "w") as fh:
+        with open(os.path.join(out_dir, f"summary_{fam}.json"), "w") as fh:
             json.dump(summary[fam], fh, indent=1)
 
 

@@ -44,11 +44,15 @@ using mmea::num_threads_for;
 using mmea::run_items;
 using mmea_fg::fast_exp;
 
-// Rows per work item: few large GEMMs beat many small ones here (each BLAS call costs ~15 µs on top of
-// its arithmetic at these sizes), so a forward item is up to kMaxTileRows rows, at least one per
-// thread; the backward works on tiles of kTileRows. The weight gradients' partial sums are over
-// splits of at least kTileRows rows and at most kMaxSplits of them (the partials stay small for any N):
-// a function of N only, so the result is the same for any thread count.
+// Rows per work item, a function of N only (never of the thread count: MKL's GEMM gives a row other
+// bits in a GEMM of another height, measured 7e-15 at N = 1025 when the forward cut rows per thread).
+// The forward cuts N into kFwdItems items of kMinFwdRows to kMaxTileRows rows (8 items: 16 threads
+// stay busy at N = 2000; on one thread 8 items cost the same as 1 within noise, 2026-11-30: N = 2000,
+// 128 scalars, rank 16, 512 outputs, 560 us); the backward works on tiles of kTileRows. The weight
+// gradients' partial sums are over splits of at least kTileRows rows and at most kMaxSplits of them
+// (the partials stay small for any N), added in split order.
+constexpr int64_t kFwdItems = 8;
+constexpr int64_t kMinFwdRows = 64;
 constexpr int64_t kMaxTileRows = 1024;
 constexpr int64_t kTileRows = 512;
 constexpr int64_t kMaxSplits = 64;
@@ -219,7 +223,8 @@ std::tuple<at::Tensor, at::Tensor> gate_net_fwd_cpu(const at::Tensor& x0, const 
   at::AutoDispatchBelowADInplaceOrView guard;
   const at::Tensor wd_t = wd.t(), wu_a = wu.narrow(0, 0, n.A).t(), wu_g = wu.narrow(0, n.A, n.G).t();
   const int nt = num_threads_for(n.N * (n.S + n.A + n.G));
-  const int64_t rows = std::clamp<int64_t>((n.N + nt - 1) / nt, 1, kMaxTileRows);  // >= 1 tile per thread
+  // rows per item from N alone: MKL's GEMM gives a row other bits in a GEMM of another height
+  const int64_t rows = std::clamp<int64_t>((n.N + kFwdItems - 1) / kFwdItems, kMinFwdRows, kMaxTileRows);
   const int64_t tiles = (n.N + rows - 1) / rows;
   AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "mmea_gate_net_fwd_cpu", [&] {
     const scalar_t* bdp = bd.const_data_ptr<scalar_t>();

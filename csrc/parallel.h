@@ -28,14 +28,31 @@ inline int num_threads_for(int64_t elements) {
 inline int64_t rows_per_chunk(int64_t D) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(D, 1)); }
 
 // work(k, scratch) for k < n on up to nt threads taking items from a shared counter; scratch is
-// the per-thread buffer make() returns. BLAS and ATen calls inside skip the autograd layers.
+// the per-thread buffer make() returns. BLAS and ATen calls inside skip the autograd layers, and BLAS
+// always runs on one thread, so the bits of a result depend on how the items are cut, never on the
+// number of threads: MKL's GEMM gives rows other bits on two threads than on one (measured:
+// [5, 7] x [7, 23], float64, 7e-16), and it runs on one thread inside an active OpenMP region. The
+// serial case therefore runs on thread 0 of a two-thread region when more than one thread is set
+// (one fork and join, about a microsecond; mkl_set_num_threads_local, the direct way, crashes in
+// the MKL that torch links).
 template <typename Make, typename Work>
 void run_items(int64_t n, int nt, Make&& make, Work&& work) {
   if (n == 0) return;
   if (nt <= 1 || n == 1) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto scratch = make();
-    for (int64_t k = 0; k < n; ++k) work(k, scratch);
+    auto serial = [&] {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      auto scratch = make();
+      for (int64_t k = 0; k < n; ++k) work(k, scratch);
+    };
+#ifdef _OPENMP
+    if (!at::in_parallel_region() && at::get_num_threads() > 1) {
+      at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t) {
+        if (begin == 0) serial();
+      });
+      return;
+    }
+#endif
+    serial();
     return;
   }
   std::atomic<int64_t> next{0};

@@ -202,7 +202,11 @@ class AdapterLinear(nn.Module):
         return self.view.kind
 
     def _factory(self):
+        """dtype and device of the adapter's weights: the base's parameters', else (an o3.Linear
+        without paths has none) its floating buffers' (they follow ``.to()``), else the defaults."""
         p = next(self.base.parameters(), None)
+        if p is None:
+            p = next((b for b in self.base.buffers() if b.is_floating_point()), None)
         if p is None:
             return {"dtype": torch.get_default_dtype(), "device": torch.device("cpu")}
         return {"dtype": p.dtype, "device": p.device}

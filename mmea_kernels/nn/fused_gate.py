@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..ops.fused_gate import FusedGateSpec, activation_code
+from ..ops._utils import rows2d
 from ..ops.fused_gate.function import check_backend, fused_gate_2d
 
 __all__ = ["FusedGate", "ScriptableFusedGate"]
@@ -163,9 +164,11 @@ class FusedGate(nn.Module):
         if compat not in ("e3nn", "mace"):
             raise ValueError(f"compat must be 'e3nn' or 'mace', got {compat!r}")
         S, Gi, Dd = (o3.Irreps(v) for v in (irreps_scalars, irreps_gates, irreps_gated))
-        if len(Gi) > 0 and Gi.lmax > 0:
+        # not Irreps.lmax: it fails on entries of multiplicity 0 (e3nn's Gate fails there with
+        # "max() arg is an empty sequence"; here they are empty blocks)
+        if any(ir.l > 0 for _, ir in Gi):
             raise ValueError(f"Gate scalars must be scalars, instead got irreps_gates = {Gi}")
-        if len(S) > 0 and S.lmax > 0:
+        if any(ir.l > 0 for _, ir in S):
             raise ValueError(f"Scalars must be scalars, instead got irreps_scalars = {S}")
         if Gi.num_irreps != Dd.num_irreps:
             raise ValueError(f"There are {Dd.num_irreps} irreps in irreps_gated, but a different number "
@@ -301,7 +304,7 @@ class FusedGate(nn.Module):
         if self._key is None:
             return self._torch_forward(features)
         lead = features.shape[:-1]
-        y = fused_gate_2d(features.reshape(-1, self._d_in), self._key, check_backend(self.backend, features.device))
+        y = fused_gate_2d(rows2d(features, self._d_in), self._key, check_backend(self.backend, features.device))
         return y.reshape(lead + (self._d_out,))
 
     def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..layout import IrrepsLayout
 from ..ops import gate_mul
-from ..ops._utils import transform_active
+from ..ops._utils import rows2d, transform_active
 from ..ops.backends import cache_generation
 from . import path_choice
 from .base import AdapterLinear, module_tensor
@@ -189,7 +189,7 @@ class MMEAGating:
     def _gated(self, y: torch.Tensor, add, gates) -> torch.Tensor:
         """``y`` (the base output) with its gates and additive terms applied."""
         D = self.out_layout.dim
-        y2 = gate_mul(y.reshape(-1, D), gates, self.out_layout, backend=self.backend)
+        y2 = gate_mul(rows2d(y, D), gates, self.out_layout, backend=self.backend)
         if add is not None:
             if add.dim() == 1:
                 add = add.expand(y2.shape[0], self.num_additive)
@@ -383,7 +383,7 @@ class MMEALinear(MMEAGating, AdapterLinear):
         if not self.adapter_enabled:
             return self.base(x, *args, **kwargs)
         # rows of a 2-D input as they are: a reshape would add a view (and its backward node) per call
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_layout.dim)
+        x2 = x if x.dim() == 2 else rows2d(x, self.in_layout.dim)
         fused = self._fused(x, args, kwargs)
         if fused is not None and torch.compiler.is_compiling():
             # compiled: the fused linear as one custom op, the gate net as torch ops (for the compiler)
@@ -444,7 +444,7 @@ class MMEATensorProduct(MMEAGating, nn.Module):
         y = self.base(x, *args, **kwargs)
         if not self.adapter_enabled:
             return y
-        x2 = x.reshape(-1, self.in_layout.dim)
+        x2 = rows2d(x, self.in_layout.dim)
         # the gate net as one op where the fused kernels run (as on MMEALinear's fused path)
         from ..ops.gated_linear import kernel_backend
         fused_net = None if torch.compiler.is_compiling() else kernel_backend(self.backend, x2)

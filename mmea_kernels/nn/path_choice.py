@@ -36,6 +36,8 @@ from typing import Callable, List, Tuple
 import torch
 from torch import nn
 
+from ..ops._utils import rows2d
+
 __all__ = ["PathChoice", "row_bucket", "time_paths", "timed_choice", "may_time", "auto_choices"]
 
 
@@ -116,7 +118,7 @@ def timed_choice(layer: nn.Module, x: torch.Tensor, plan, rows: int, grad: bool)
     """Times ``layer``'s (an :class:`~mmea_kernels.nn.MMEALinear`) fused ``plan`` against its unfused
     path on a detached copy of ``x`` (with the input gradient when ``grad``); a fused path that
     raises is named in a warning and loses."""
-    xs = x.detach().reshape(-1, layer.in_layout.dim)
+    xs = rows2d(x.detach(), layer.in_layout.dim)
     if grad:
         xs = xs.clone().requires_grad_(True)
 

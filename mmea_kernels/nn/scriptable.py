@@ -34,6 +34,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from ..ops._utils import rows2d
+
 __all__ = ["ScriptableMMEALinear", "ScriptableMMEACuetLinear", "ScriptableELoRALinear",
            "ScriptableELoRACuetLinear", "scriptable_adapter", "check_scriptable"]
 
@@ -118,12 +120,12 @@ class _ScriptableMMEA(nn.Module):
 
     def _adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The gated output for input ``x`` and base output ``y``."""
-        x2 = x.reshape(-1, self.dim_in)
+        x2 = rows2d(x, self.dim_in)
         gamma = self._gamma(x2)
         add = gamma[..., : self.num_additive]
         logits = gamma[..., self.num_additive:]
         gates = torch.exp(logits) if self.phi_exp else 1.0 + logits
-        y2 = y.reshape(-1, self.dim_out)
+        y2 = rows2d(y, self.dim_out)
         n = y2.size(0)
         if gates.dim() == 1:
             scale = torch.cat([gates, gates.new_ones(1)]).index_select(0, self.gate_index_ext)

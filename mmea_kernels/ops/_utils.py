@@ -25,6 +25,17 @@ INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_GRID_DIM0 = 2**31 - 1
 
 
+def rows2d(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t [..., dim]`` as ``[rows, dim]``; also for ``dim == 0``, where ``reshape(-1, 0)`` is ambiguous
+    (TorchScript compiles it: the exported adapters call it)."""
+    if dim > 0:
+        return t.reshape(-1, dim)
+    rows = 1
+    for s in t.shape[:-1]:
+        rows *= s
+    return t.reshape(rows, 0)
+
+
 def pow2(n: int) -> int:
     """The smallest power of two >= max(n, 1)."""
     n = max(int(n), 1)

@@ -77,6 +77,35 @@ def test_parity_with_e3nn_gate(case, backend, device):
         torch.testing.assert_close(fg(x.detach().reshape(37, 1, -1)), y0.detach().reshape(37, 1, -1), **F64)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_empty_irreps_give_what_e3nn_gives(backend):
+    """A gate with no irreps at all (e3nn's Gate returns [..., 0]) used to fail on reshape(-1, 0)."""
+    _need(backend, "cpu")
+    ref = Gate("", [], "", [], "")
+    fg = FusedGate.from_module(ref, backend=backend)
+    for shape in [(3, 0), (0, 0), (2, 5, 0)]:
+        x = torch.zeros(shape, dtype=torch.float64)
+        assert fg(x).shape == ref(x).shape == shape
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_entries_of_multiplicity_zero_are_empty_blocks(backend):
+    """Irreps.lmax fails on "0x0e" (e3nn's Gate: "max() arg is an empty sequence"): the checks read
+    the entries instead, and the result is e3nn's Gate on the same irreps without those entries."""
+    _need(backend, "cpu")
+    args = ("0x0e+2x0o", [F.silu, torch.tanh], "2x0e+0x0o", [torch.sigmoid, torch.tanh], "1x1o+0x2e+1x2e")
+    ref = Gate("2x0o", [torch.tanh], "2x0e", [torch.sigmoid], "1x1o+1x2e")
+    x = _x(ref, 9, "cpu").requires_grad_(True)
+    fg = FusedGate(*args, backend=backend)
+    y, y0 = fg(x), ref(x)
+    torch.testing.assert_close(y, y0, **F64)
+    dy = torch.randn_like(y0)
+    torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(y0, x, dy)[0], **F64)
+    assert FusedGate("", [], "0x0e", [torch.sigmoid], "0x1o", backend=backend)(torch.zeros(3, 0)).shape == (3, 0)
+    with pytest.raises(ValueError, match="Gate scalars must be scalars"):
+        FusedGate("", [], "0x0e+1x1o", [torch.sigmoid, None], "1x1o", backend=backend)
+
+
 ACTS = {"silu": F.silu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "abs": torch.abs, "identity": None,
         "softplus": F.softplus, "ssp": ssp, "SiLU()": torch.nn.SiLU()}
 

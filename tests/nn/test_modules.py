@@ -22,6 +22,14 @@ def check_identity_at_init(ad, lin, x):
         ad.backend = backend
 
 
+def _need_backend(backend):
+    if backend == "cpp":
+        from mmea_kernels.ops.gated_linear import cpp_status
+        ok, why = cpp_status("cpu")
+        if not ok:
+            pytest.skip(why)
+
+
 def mmea_by_hand(lin, ad, x, phi="exp"):
     """y' from DEVELOPERS.md: z = SiLU(W_down x0 + b_down), γ = W_up z + b_up (column by column)."""
     return naive_mmea(ad, lin(x), x, IN, OUT, phi=phi)
@@ -97,6 +105,40 @@ def test_static_gates_when_input_has_no_scalar():
     torch.testing.assert_close(y[:, 6:9], y0[:, 6:9] * e(0.3))
     torch.testing.assert_close(y[:, 9:14], y0[:, 9:14] * e(0.4))
     assert_equivariant(ad, args_in=[x], irreps_in=[lin.irreps_in], irreps_out=[lin.irreps_out], tolerance=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_layers_without_output_or_input_columns(backend):
+    """No output columns: an empty output (the torch path failed on reshape(-1, 0)). No input columns
+    (an o3.Linear from "" gives zeros): the static gates and additive terms alone, by hand."""
+    _need_backend(backend)
+    lin = make_linear("2x0e+1x1o", "")
+    ad = MMEALinear(lin, backend=backend)
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    y = ad(x)
+    assert y.shape == (4, 0)
+    (gx,) = torch.autograd.grad(y.sum(), x, allow_unused=True, materialize_grads=True)
+    assert torch.equal(gx, torch.zeros_like(x))
+    lin = o3.Linear("", "2x0e+1x1o").double()
+    ad = MMEALinear(lin, backend=backend)
+    static = torch.tensor([0.5, -1.0, 0.3], dtype=torch.float64)
+    with torch.no_grad():
+        ad.mmea_static.copy_(static)
+    y = ad(torch.zeros(3, 0, dtype=torch.float64))
+    torch.testing.assert_close(y, torch.cat([static[:2], torch.zeros(3, dtype=torch.float64)]).expand(3, 5),
+                               rtol=0, atol=0)
+
+
+def test_adapter_on_a_base_without_parameters_follows_its_dtype():
+    """An o3.Linear without paths has no parameters; the adapter took the default dtype (float32)
+    under a float64 model and failed at the first call. Its floating buffers carry the dtype."""
+    lin = o3.Linear("4x0e", "2x1o")
+    assert not list(lin.parameters())
+    lin = lin.double() if torch.get_default_dtype() != torch.float64 else lin.float()
+    ad = MMEALinear(lin, rank=3)
+    dtype = next(lin.buffers()).dtype
+    assert {p.dtype for p in ad.adapter_parameters()} == {dtype}
+    assert ad(torch.randn(5, 4, dtype=dtype)).dtype == dtype
 
 
 def test_paper_init_random_additive_zero_gates():

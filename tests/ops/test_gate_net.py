@@ -117,6 +117,26 @@ def test_weight_gradients_do_not_depend_on_threads():
         assert torch.equal(u, v)
 
 
+@pytest.mark.parametrize("n", [5, 17, 1025, 3000])
+def test_values_and_gradients_are_bitwise_the_same_on_one_and_two_threads(n):
+    """MKL's GEMM gives rows other bits on two threads than on one, and in a GEMM of another height:
+    small inputs (run serially) at n = 5, 17 differed by 7e-16 when BLAS ran on the session's
+    threads, and n = 1025 by 7e-15 when the forward cut its rows per thread."""
+    x0, params, a = make(n, s=6, r=7, a=4, g=23, seed=11)
+    out = []
+    prev = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            add, gates = gate_net(x0, *params, a, backend="cpp", phi="residual")
+            loss = (add.sin() * add).sum() + (gates * gates.cos()).sum()
+            out.append((add, gates) + torch.autograd.grad(loss, [x0] + params))
+    finally:
+        torch.set_num_threads(prev)
+    for name, u, v in zip(["add", "gates", "dx0", "dw_down", "db_down", "dw_up", "db_up"], *out):
+        assert torch.equal(u, v), (name, (u - v).abs().max().item())
+
+
 def test_bad_input_is_named():
     x0, params, a = make(4)
     with pytest.raises(RuntimeError, match="w_down must be"):

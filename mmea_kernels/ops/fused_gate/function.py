@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._utils import eager_function, forward_mode, traced
+from .._utils import eager_function, forward_mode, rows2d, traced
 from . import reference
 from .spec import FusedGateSpec, spec_tables
 
@@ -212,5 +212,5 @@ def fused_gate(x: torch.Tensor, spec: FusedGateSpec, backend: Optional[str] = No
     if x.shape[-1] != spec.d_in:
         raise ValueError(f"the input has shape {tuple(x.shape)}: its last dimension must be {spec.d_in}")
     lead = x.shape[:-1]
-    y = fused_gate_2d(x.reshape(-1, spec.d_in), spec.key(), check_backend(backend, x.device))
+    y = fused_gate_2d(rows2d(x, spec.d_in), spec.key(), check_backend(backend, x.device))
     return y.reshape(lead + (spec.d_out,))

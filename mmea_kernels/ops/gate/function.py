@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ...layout import IrrepsLayout
-from .._utils import eager_function, forward_mode, grad_needed, traced
+from .._utils import eager_function, forward_mode, grad_needed, rows2d, traced
 from ..backends import resolve_backend
 from ..tables import layout_tables
 
@@ -190,10 +190,6 @@ def _check_backend(backend: Optional[str], device) -> str:
     return backend
 
 
-def _rows(t: torch.Tensor, dim: int) -> torch.Tensor:
-    return t.reshape(-1, dim) if dim > 0 else t.reshape(int(torch.Size(t.shape[:-1]).numel()), 0)
-
-
 # ----------------------------------------------------------------------------- public API
 def gate_mul(x: torch.Tensor, gates: torch.Tensor, layout, backend: Optional[str] = None) -> torch.Tensor:
     """Multiply every gated column of ``x`` by its gate.
@@ -218,7 +214,7 @@ def gate_mul(x: torch.Tensor, gates: torch.Tensor, layout, backend: Optional[str
             f"for x of shape {tuple(x.shape)} and irreps {layout.irreps_str}"
         )
     backend = _check_backend(backend, x.device)
-    x2 = _rows(x, layout.dim)
+    x2 = rows2d(x, layout.dim)
     g2 = gates if gates.dim() == 1 else gates.reshape(x2.shape[0], G)
     y = gate_mul_2d(x2, g2, layout, True, backend)
     return y.reshape(x.shape)
@@ -238,5 +234,5 @@ def seg_dot(a: torch.Tensor, b: torch.Tensor, layout, shared: bool = False,
     if a.shape != b.shape:
         raise ValueError(f"a has shape {tuple(a.shape)} but b has shape {tuple(b.shape)}; they must match")
     backend = _check_backend(backend, a.device)
-    out = seg_dot_2d(_rows(a, layout.dim), _rows(b, layout.dim), layout, bool(shared), backend)
+    out = seg_dot_2d(rows2d(a, layout.dim), rows2d(b, layout.dim), layout, bool(shared), backend)
     return out if shared else out.reshape(tuple(a.shape[:-1]) + (layout.num_gates,))

@@ -61,7 +61,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._utils import forward_mode, grad_needed, tensor_slots, traced
+from .._utils import forward_mode, grad_needed, rows2d, tensor_slots, traced
 from ..backends import resolve_backend
 from ..gate.function import gate_mul, seg_dot
 from ..tables import layout_tables
@@ -418,7 +418,7 @@ def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     kernels = kernel_backend(backend, x)
     if kernels is None:
         return gated_linear_reference(x, weight, bias, gates, additive, spec)
-    x2 = x.reshape(-1, spec.dim_in)
+    x2 = rows2d(x, spec.dim_in)
     N = x2.shape[0]
     g2 = None if gates is None else (gates if gates.dim() == 1 else gates.reshape(N, gates.shape[-1]))
     a2 = None if additive is None else (additive if additive.dim() == 1 else additive.reshape(N, additive.shape[-1]))

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from ...linear_spec import LinearSpec
+from .._utils import rows2d
 
 __all__ = ["gated_linear_reference", "validate"]
 
@@ -28,7 +29,7 @@ def gated_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     validate(x, weight, bias, gates, additive, spec)
     weight = weight.contiguous()  # read by offset below (a strided view would be read wrong)
     lead = tuple(x.shape[:-1])
-    x2 = x.reshape(-1, spec.dim_in)
+    x2 = rows2d(x, spec.dim_in)
     N = x2.shape[0]
     gates2 = None if gates is None else (gates if gates.dim() == 1 else gates.reshape(N, gates.shape[-1]))
     add2 = None if additive is None else (additive if additive.dim() == 1 else additive.reshape(N, additive.shape[-1]))
