@@ -155,6 +155,23 @@ def randomise(module, std=0.5, seed=1):
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
 
 
+def adapted_copy(base, method, seed=0, std=0.02):
+    """A copy of ``base`` with ``method``'s adapters injected and every trainable parameter moved by
+    N(0, std²) from ``seed`` (so the adapters change the model)."""
+    import copy
+
+    import mmea_kernels as mk
+
+    m = copy.deepcopy(base)
+    mk.inject_adapters(m, method=method)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return m
+
+
 @torch.no_grad()
 def randomise_adapters(model, std, seed):
     """Every adapter parameter of an adapted model, module by module: N(0, std²) from ``seed``

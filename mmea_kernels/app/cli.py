@@ -6,7 +6,7 @@
   md         molecular dynamics with a checkpoint: NVE (energy-drift check), NVT, NPT; trajectory, log
   relax      geometry optimisation with a checkpoint (positions, optionally the cell)
   predict    a checkpoint's energies, forces (and stresses) on every frame of a file, as extended XYZ
-  export     a checkpoint as TorchScript: LAMMPS pair_style mace, or the scripted model (verified)
+  export     a checkpoint as TorchScript: LAMMPS pair_style mace / e3gnn (SevenNet), or the scripted model (verified)
   data rmd17 download the public rMD17 archive and write train/valid/test splits
 """
 from __future__ import annotations
@@ -143,7 +143,8 @@ def main(argv=None) -> int:
     pr.add_argument("--batch-size", type=int, default=16)
     pr.add_argument("--prefix", default="MMEA_", help="the keys' prefix (default MMEA_: MMEA_energy, ...)")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    ex = sub.add_parser("export", help="a checkpoint as a TorchScript file (LAMMPS pair_style mace, or the model)",
+    ex = sub.add_parser("export", help="a checkpoint as a TorchScript file (LAMMPS pair_style mace or e3gnn, or the "
+                                       "model)",
                         parents=[_common(trust=True)],
                         description="Export a fine-tuning checkpoint for production MD. The file is loaded back "
                                     "and checked against the checkpoint's model on its reference frame before it "
@@ -151,10 +152,12 @@ def main(argv=None) -> int:
     ex.add_argument("--checkpoint", required=True)
     ex.add_argument("--out", required=True, help="the file to write (mace-torch names LAMMPS files *-lammps.pt)")
     ex.add_argument("--format", choices=("lammps", "torchscript"), default="lammps",
-                    help="lammps: LAMMPS_MACE for pair_style mace (float64 by default); torchscript: the model's "
+                    help="lammps: LAMMPS_MACE for pair_style mace (float64 by default), or for a SevenNet "
+                         "checkpoint SevenNet's pair_style e3gnn (float32); torchscript (MACE only): the model's "
                          "own forward (mace-torch's input dict)")
     ex.add_argument("--dtype", choices=("float32", "float64"), default=None,
-                    help="default: float64 for lammps, the checkpoint's for torchscript")
+                    help="default: float64 for lammps (SevenNet: float32, the only one), the checkpoint's for "
+                         "torchscript")
     ex.add_argument("--model", default=None, help="base model, if not where the checkpoint says")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     data = sub.add_parser("data", help="datasets")

@@ -5,6 +5,12 @@
 * ``torchscript``: the model itself scripted (its forward takes mace-torch's input dict), for
   ``torch.jit.load`` in Python or libtorch.
 
+A SevenNet checkpoint (``--model sevenn:...``) exports as ``lammps`` only: the file of SevenNet's
+``pair_style e3gnn`` (float32), built as ``sevenn``'s own deploy builds it, with the adapters,
+FusedGates and re-fitted reference energies inside
+(:mod:`~mmea_kernels.integrations.sevenn_deploy`); it is checked by running it as
+``pair_e3gnn.cpp`` does.
+
 The file needs neither mmea_kernels nor mace-torch nor e3nn to load. Low-rank parametrizations
 (``mmea-paper``) are folded into their weights in the exported copy (exact: the weight the
 parametrization computes). Before the file is put at ``out`` it is loaded back and evaluated on the
@@ -115,6 +121,83 @@ def _verify(module, fmt: str, checks, dtype: torch.dtype) -> float:
     return rel
 
 
+def _write_verified(out: pathlib.Path, save, verify) -> float:
+    """``save(tmp)`` to a temporary name beside ``out``, ``verify(tmp)`` (raises when the file is
+    wrong), then the file takes the name ``out``; nothing is left behind when either fails."""
+    from .files import umask_mode
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=str(out.parent))
+    os.close(fd)
+    try:
+        save(tmp)
+        rel = verify(tmp)
+        umask_mode(tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return rel
+
+
+def _is_sevennet(model) -> bool:
+    from ..integrations.sevenn import SevenNetAsMACE
+
+    return isinstance(model, SevenNetAsMACE)
+
+
+def _export_sevennet(net, ckpt: dict, out: pathlib.Path, fmt: str, dtype: Optional[str]) -> dict:
+    """A SevenNet checkpoint as the file of SevenNet's LAMMPS pair style (``pair_style e3gnn``,
+    float32: the pair passes float32 edge vectors), checked as the pair runs it
+    (:func:`~mmea_kernels.integrations.sevenn_deploy.run_like_pair_e3gnn`) against the eager model
+    on the reference frame and, for a molecule, on the same atoms in a periodic box (the virial)."""
+    import ase
+
+    from ..integrations.sevenn_deploy import PAIR_STYLE, run_like_pair_e3gnn, sevennet_lammps_model
+    from ..train.foundation import model_info
+    from ..train.selfcheck import probe_batch
+
+    if fmt != "lammps":
+        raise ValueError(f"a SevenNet checkpoint (base {ckpt['model']!r}) exports as --format lammps: the file of "
+                         f"SevenNet's pair_style {PAIR_STYLE} (itself TorchScript); --format {fmt} is for MACE models")
+    if dtype not in (None, "float32"):
+        raise ValueError(f"SevenNet's pair_style {PAIR_STYLE} runs float32 (its edge vectors are float32); "
+                         f"--dtype {dtype} cannot be exported for it")
+    net = net.to(torch.float32).eval()
+    z, r_max = model_info(net)
+    probe = ckpt.get("probe") or _cluster(z)
+    frames = [probe] + ([] if bool(torch.as_tensor(probe["pbc"]).all()) else [_boxed(probe, r_max)])
+    checks = []
+    for frame in frames:
+        atoms = ase.Atoms(numbers=frame["numbers"].tolist(), positions=frame["positions"].double().numpy(),
+                          cell=frame["cell"].double().numpy(), pbc=torch.as_tensor(frame["pbc"]).tolist())
+        pbc = bool(atoms.pbc.all())
+        res = net(probe_batch(net, frame), training=False, compute_force=True, compute_stress=pbc)
+        virial = -res["stress"][0].double() * atoms.get_volume() if pbc else None  # LAMMPS: W = -V σ
+        checks.append((atoms, (res["energy"].double().sum(), res["forces"].double(), virial)))
+    folded = _fold_parametrizations(net)
+    module, metadata = sevennet_lammps_model(net)
+
+    def verify(tmp):
+        loaded, rel = torch.jit.load(tmp), 0.0
+        for atoms, (e0, f0, w0) in checks:
+            e1, f1, w1 = run_like_pair_e3gnn(loaded, atoms, metadata, virial=w0 is not None)
+            rel = max(rel, float((e1 - e0).abs()) / max(1.0, float(e0.abs())),
+                      float((f1 - f0).abs().max()) / max(1e-3, float(f0.abs().max())))
+            if w0 is not None:
+                rel = max(rel, float((w1 - w0).abs().max()) / max(1e-3, float(w0.abs().max())))
+        if not rel <= 5e-6:  # float32; measured 6e-7 (SevenNet-0 with random adapters, ethanol and NaCl)
+            raise ValueError(f"the exported pair_style {PAIR_STYLE} file does not reproduce the checkpoint's model on "
+                             f"its reference frame (relative difference {rel:.3g} > 5e-06); nothing was written")
+        return rel
+
+    rel = _write_verified(out, lambda tmp: module.save(tmp, _extra_files=metadata), verify)
+    return {"out": str(out), "format": fmt, "dtype": "float32", "method": ckpt["method"], "base_model": ckpt["model"],
+            "atomic_numbers": [int(v) for v in z], "r_max": float(r_max), "folded_parametrizations": folded,
+            "verified_max_rel_diff": rel,
+            "lammps": f"pair_style {PAIR_STYLE}; pair_coeff * * {out} <one element per atom type, of "
+                      f"{metadata['chemical_symbols_to_index']}> (SevenNet's patched LAMMPS: sevenn_patch_lammps)"}
+
+
 def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str] = None, dtype: Optional[str] = None,
                       trust_pickle: bool = False, overwrite: bool = False) -> dict:
     """Write ``checkpoint``'s fine-tuned model to ``out`` as ``fmt`` (:data:`FORMATS`); ``dtype``:
@@ -123,7 +206,7 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
     from ..train import load_finetuned
     from ..train.foundation import model_info
     from ..train.selfcheck import probe_batch
-    from .files import check_outputs, umask_mode
+    from .files import check_outputs
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown --format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -132,8 +215,10 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
     out = pathlib.Path(out)
     check_outputs({"--out": str(out)}, overwrite)
     net, ckpt = load_finetuned(checkpoint, model, trust_pickle=trust_pickle, device="cpu")
+    if _is_sevennet(net):
+        return _export_sevennet(net, ckpt, out, fmt, dtype)
     if not _is_mace(net):
-        raise ValueError(f"export is for MACE models (mace-torch's deployment path); checkpoint {checkpoint} holds a "
+        raise ValueError(f"export is for MACE and SevenNet models; checkpoint {checkpoint} holds a "
                          f"{type(net).__name__} (base {ckpt['model']!r}), which has no TorchScript export here: "
                          "run its MD through the ASE calculator (mmea-kernels md, MMEACalculator)")
     want = _DTYPES[dtype or ("float64" if fmt == "lammps" else ckpt["dtype"])]
@@ -147,16 +232,7 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
         checks.append((batch, _eager(net, batch, bool(torch.as_tensor(frame["pbc"]).all()))))
     folded = _fold_parametrizations(net)
     module = _script(net, fmt, want)  # in place: net is this function's own copy
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=str(out.parent))
-    os.close(fd)
-    try:
-        module.save(tmp)
-        rel = _verify(torch.jit.load(tmp), fmt, checks, want)
-        umask_mode(tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    rel = _write_verified(out, lambda tmp: module.save(tmp), lambda tmp: _verify(torch.jit.load(tmp), fmt, checks, want))
     from ase.data import chemical_symbols
 
     return {"out": str(out), "format": fmt, "dtype": str(want).replace("torch.", ""), "method": ckpt["method"],

@@ -16,7 +16,7 @@ from mmea_kernels.app.data import toy_molecules  # noqa: E402
 from mmea_kernels.integrations.mace import atoms_to_batch  # noqa: E402
 from mmea_kernels.integrations.sevenn import SevenNetAsMACE, load_sevennet  # noqa: E402
 
-from helpers import TOL  # noqa: E402
+from helpers import TOL, adapted_copy  # noqa: E402
 
 N_LINEAR = 18  # onehot_to_feature_x, 5 x (self_connection_intro, self_interaction_1, self_interaction_2), 2 readout
 
@@ -148,14 +148,7 @@ def test_identity_at_init(base64, frames, method):
 
 
 def _randomised(base, method, seed=0):
-    m = copy.deepcopy(base)
-    mk.inject_adapters(m, method=method)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.requires_grad:
-                p.add_(0.02 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return m
+    return adapted_copy(base, method, seed)
 
 
 def _rotation(seed):
@@ -294,6 +287,44 @@ def test_finetune_smoke(tmp_path):
     again = errors(net, make_batches(graphs, 50))
     for k in ("energy_mae_meV", "forces_mae_meV_per_A", "loss"):
         assert again[k] == pytest.approx(metrics["valid"][k], rel=1e-9, abs=1e-9)
+    _export_for_pair_e3gnn(out / "checkpoint.pt", valid, tmp_path)
+
+
+def _export_for_pair_e3gnn(checkpoint, frames, tmp_path):
+    """`mmea-kernels export` of the fine-tuned SevenNet: the pair_style e3gnn file (float32), checked
+    before it takes its name, gives the checkpoint's model on frames it was not checked on; the
+    formats and dtypes the pair style cannot run are refused by name, writing nothing."""
+    import contextlib
+    import io
+    import json
+
+    from mmea_kernels.app.cli import main
+    from mmea_kernels.integrations.sevenn_deploy import run_like_pair_e3gnn
+    from mmea_kernels.train import load_finetuned
+
+    path = tmp_path / "deployed.pt"
+    for extra, expect in ((["--format", "torchscript"], "exports as --format lammps"),
+                          (["--dtype", "float64"], "runs float32")):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert main(["export", "--checkpoint", str(checkpoint), "--out", str(path), *extra]) == 2
+        assert expect in err.getvalue(), err.getvalue()
+    assert not list(tmp_path.glob("deployed*")) and not list(tmp_path.glob(".deployed*"))
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["export", "--checkpoint", str(checkpoint), "--out", str(path)]) == 0
+    res = json.loads(buf.getvalue())
+    assert res["dtype"] == "float32" and res["verified_max_rel_diff"] <= 5e-6 and "pair_style e3gnn" in res["lammps"]
+    meta = {"chemical_symbols_to_index": "", "cutoff": ""}
+    module = torch.jit.load(str(path), _extra_files=meta)
+    meta = {k: v.decode() for k, v in meta.items()}
+    net, _ = load_finetuned(checkpoint, dtype="float32")
+    for atoms in frames:
+        batch = atoms_to_batch([atoms], net.atomic_numbers.tolist(), float(net.r_max), dtype=torch.float32)
+        e0, f0 = _eval(net, batch)
+        e, f, _ = run_like_pair_e3gnn(module, atoms, meta)
+        assert abs(float(e - e0.sum())) <= 2e-6 * max(1.0, abs(float(e0.sum())))
+        assert float((f - f0).abs().max()) <= 5e-6 * max(1.0, float(f0.abs().max()))
 
 
 def test_fused_gate_is_the_default_and_no_fused_gate_opts_out(monkeypatch):

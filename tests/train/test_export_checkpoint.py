@@ -5,8 +5,8 @@ LAMMPS file ``pair_style mace`` loads and as the scripted model. Each file, load
 one, which LAMMPS takes the pressure from; a file whose virials are off is refused), for adapters (mmea, elora),
 the low-rank parametrizations of mmea-paper (folded into their weights) and full fine-tuning. A file
 that would not reproduce the model is never put in place, an existing file is not replaced without
---overwrite, and a model that cannot be exported (mmea-tp; a model that is not a MACE, as
-SevenNet-0's wrapper) is refused by name."""
+--overwrite, and a model that cannot be exported (mmea-tp; a model that is neither a MACE nor a
+SevenNet) is refused by name (SevenNet checkpoints: tests/integrations/test_sevenn_deploy.py)."""
 import json
 
 import pytest
@@ -144,9 +144,9 @@ def test_a_method_without_a_torchscript_form_is_refused_by_name(checkpoints, tmp
 def test_export_refuses_a_model_that_is_not_mace(checkpoints, tmp_path, monkeypatch):
     from mmea_kernels.app import deploy
 
-    monkeypatch.setattr(deploy, "_is_mace", lambda net: False)  # what a SevenNet-0 checkpoint loads as
+    monkeypatch.setattr(deploy, "_is_mace", lambda net: False)  # a model of another kind
     for fmt in ("lammps", "torchscript"):
-        with pytest.raises(ValueError, match="export is for MACE models .*holds a ScaleShiftMACE .*run its MD through "
-                                             "the ASE calculator"):
+        with pytest.raises(ValueError, match="export is for MACE and SevenNet models; .*holds a ScaleShiftMACE .*run "
+                                             "its MD through the ASE calculator"):
             deploy.export_checkpoint(checkpoints["mmea"], tmp_path / "m.pt", fmt)
     assert not list(tmp_path.iterdir())

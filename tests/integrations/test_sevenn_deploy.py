@@ -1,0 +1,122 @@
+"""A fine-tuned SevenNet as the file of SevenNet's LAMMPS pair style (``pair_style e3gnn``), run as
+``pair_e3gnn.cpp`` runs it (:func:`run_like_pair_e3gnn`): the unadapted model gives what
+``sevenn``'s own deploy of the SevenNet-0 checkpoint gives; adapted models with re-fitted
+reference energies give the eager model's energy, forces and virial (float32); the checkpoint-level
+``export`` writes a verified file and refuses what the pair style cannot run."""
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sevenn")
+pytest.importorskip("mace")
+
+from mmea_kernels.app.data import toy_molecules  # noqa: E402
+from mmea_kernels.integrations.mace import atoms_to_batch  # noqa: E402
+from mmea_kernels.integrations.sevenn import _checkpoint_path, load_sevennet  # noqa: E402
+from mmea_kernels.integrations.sevenn_deploy import run_like_pair_e3gnn, sevennet_lammps_model  # noqa: E402
+
+from helpers import adapted_copy  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _atoms():
+    import ase.build
+
+    crystal = ase.build.bulk("NaCl", "rocksalt", a=5.64) * (1, 1, 2)
+    crystal.rattle(0.05, seed=3)
+    return [toy_molecules("ethanol", 1, seed=5)[0], crystal]
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_sevennet("7net-0")  # float32, FusedGate (the fine-tuning default)
+
+
+def _close(a, b, rel):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    assert float((a - b).abs().max()) <= rel * max(1.0, float(b.abs().max())), (a, b)
+
+
+def test_unadapted_file_gives_what_sevenns_own_deploy_gives(base, tmp_path):
+    from sevenn.scripts.deploy import deploy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        deploy(_checkpoint_path("7net-0"), str(tmp_path / "ref.pt"))
+    meta_ref = {"chemical_symbols_to_index": "", "cutoff": ""}
+    ref = torch.jit.load(str(tmp_path / "ref.pt"), _extra_files=meta_ref)
+    meta_ref = {k: v.decode() for k, v in meta_ref.items()}
+    module, meta = sevennet_lammps_model(base)
+    assert meta["chemical_symbols_to_index"].split() == meta_ref["chemical_symbols_to_index"].split()
+    assert float(meta["cutoff"]) == float(meta_ref["cutoff"])
+    for atoms in _atoms():
+        got = run_like_pair_e3gnn(module, atoms, meta, virial=True)
+        want = run_like_pair_e3gnn(ref, atoms, meta_ref, virial=True)
+        for g, w in zip(got, want):
+            _close(g, w, 2e-6)
+
+
+def _adapted(base, method, seed):
+    """Random adapters and random per-element reference energies (a few eV)."""
+    m = adapted_copy(base, method, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        e0 = m.atomic_energies_fn.atomic_energies
+        e0.copy_(3.0 * torch.randn(e0.shape, generator=g, dtype=e0.dtype))
+    return m
+
+
+@pytest.mark.parametrize("method", ["mmea", "elora"])
+def test_adapted_file_gives_the_eager_energy_forces_and_virial(base, method):
+    """Random adapters and reference energies: a file without the adapters, without the energies, or
+    with the virial's sign flipped fails this."""
+    m = _adapted(base, method, seed=1)
+    module, meta = sevennet_lammps_model(m)
+    assert any(n.endswith("mmea_up.weight") or n.endswith("elora_B.0") for n, _ in m.named_parameters())
+    for atoms in _atoms():
+        batch = atoms_to_batch([atoms], m.atomic_numbers.tolist(), float(m.r_max), dtype=torch.float32)
+        pbc = bool(atoms.pbc.all())
+        out = m(dict(batch), training=False, compute_force=True, compute_stress=pbc)
+        e, f, w = run_like_pair_e3gnn(module, atoms, meta, virial=pbc)
+        _close(e, out["energy"].sum(), 2e-6)
+        _close(f, out["forces"], 5e-6)
+        if pbc:
+            _close(w, -out["stress"][0] * atoms.get_volume(), 5e-6)
+    # the model it was made from is untouched (still batched, still maps atomic numbers)
+    assert m.sevennet.is_batch_data and m.sevennet.eval_type_map
+
+
+def test_atomic_energies_add_up_and_include_the_reference_energies(base):
+    m = _adapted(base, "mmea", seed=2)
+    module, meta = sevennet_lammps_model(m)
+    atoms = _atoms()[0]
+    symbols = meta["chemical_symbols_to_index"].split()
+    from ase.neighborlist import neighbor_list
+
+    i, j, d = neighbor_list("ijD", atoms, float(meta["cutoff"]))
+    x = torch.tensor([symbols.index(s) for s in atoms.get_chemical_symbols()])
+    n = torch.tensor([len(atoms)])
+    out = module({"x": x, "edge_index": torch.tensor(np.stack([i, j])), "edge_vec": torch.tensor(d, dtype=torch.float32),
+                  "num_atoms": n, "nlocal": n})
+    atomic = out["atomic_energy"].reshape(-1).double()
+    _close(atomic.sum(), out["inferred_total_energy"].double(), 1e-6)
+    zs = m.atomic_numbers.tolist()
+    e0 = torch.tensor([float(m.atomic_energies_fn.atomic_energies[zs.index(z)]) for z in atoms.numbers])
+    m0 = copy.deepcopy(m)
+    m0.atomic_energies_fn.atomic_energies.zero_()
+    module0, _ = sevennet_lammps_model(m0)
+    out0 = module0({"x": x, "edge_index": torch.tensor(np.stack([i, j])),
+                    "edge_vec": torch.tensor(d, dtype=torch.float32), "num_atoms": n, "nlocal": n})
+    _close(atomic - out0["atomic_energy"].reshape(-1).double(), e0, 1e-6)
+
+
+def test_a_file_refuses_elements_it_does_not_know(base):
+    import ase
+
+    module, meta = sevennet_lammps_model(base)
+    with pytest.raises(ValueError, match=r"not \['Og'\]"):
+        run_like_pair_e3gnn(module, ase.Atoms("OgH", positions=[[0, 0, 0], [0, 0, 1.0]]), meta)
