@@ -70,11 +70,28 @@ def _adapted(base, method, seed):
     return m
 
 
-@pytest.mark.parametrize("method", ["mmea", "elora"])
+def _paper(base, seed):
+    """mmea-paper's SevenNet recipe (MMEA on every linear, low-rank radial MLPs, dense Bessel
+    weights), moved from its initialisation, with its parametrizations folded as export folds them."""
+    from mmea_kernels.app.deploy import _fold_parametrizations
+    from mmea_kernels.train.methods import apply_method
+
+    m = copy.deepcopy(base)
+    apply_method(m, "mmea-paper")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    assert _fold_parametrizations(m) > 0
+    return m
+
+
+@pytest.mark.parametrize("method", ["mmea", "elora", "mmea-paper"])
 def test_adapted_file_gives_the_eager_energy_forces_and_virial(base, method):
     """Random adapters and reference energies: a file without the adapters, without the energies, or
     with the virial's sign flipped fails this."""
-    m = _adapted(base, method, seed=1)
+    m = _paper(base, seed=1) if method == "mmea-paper" else _adapted(base, method, seed=1)
     module, meta = sevennet_lammps_model(m)
     assert any(n.endswith("mmea_up.weight") or n.endswith("elora_B.0") for n, _ in m.named_parameters())
     for atoms in _atoms():
