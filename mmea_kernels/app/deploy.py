@@ -53,6 +53,14 @@ def _is_mace(model) -> bool:
     return isinstance(model, MACE)
 
 
+_SCRIPT_ERRORS = (RuntimeError, torch.jit.Error, torch.jit.frontend.FrontendError, TypeError, AttributeError)
+
+
+def _not_scriptable(exc: Exception, fmt: str) -> ValueError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ValueError(f"this model does not script for --format {fmt} ({type(exc).__name__}: {first})")
+
+
 def _script(model, fmt: str, dtype: torch.dtype):
     from ..integrations.export import lammps_model, script_model
 
@@ -60,10 +68,8 @@ def _script(model, fmt: str, dtype: torch.dtype):
         if fmt == "lammps":
             return lammps_model(model, dtype=dtype, device="cpu", in_place=True)
         return script_model(model.to(dtype), in_place=True)
-    except (RuntimeError, torch.jit.Error, torch.jit.frontend.FrontendError, TypeError, AttributeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"this model does not script for --format {fmt} ({type(exc).__name__}: "
-                         f"{first})") from exc
+    except _SCRIPT_ERRORS as exc:  # NotImplementedError (mmea-tp) is a RuntimeError
+        raise _not_scriptable(exc, fmt) from exc
 
 
 def _run_exported(module, fmt: str, batch: dict, virials: bool):
@@ -162,6 +168,15 @@ def _export_sevennet(net, ckpt: dict, out: pathlib.Path, fmt: str, dtype: Option
     if dtype not in (None, "float32"):
         raise ValueError(f"SevenNet's pair_style {PAIR_STYLE} runs float32 (its edge vectors are float32); "
                          f"--dtype {dtype} cannot be exported for it")
+    from ..integrations.export import check_scriptable_model
+    from ..peft.inject import tensor_product_gates
+
+    try:  # before the reference runs: what cannot be scripted is refused at once
+        check_scriptable_model(net)
+        for gate in tensor_product_gates(net).values():
+            gate.__prepare_scriptable__()  # raises: mmea-tp has no TorchScript form
+    except _SCRIPT_ERRORS as exc:
+        raise _not_scriptable(exc, fmt) from exc
     net = net.to(torch.float32).eval()
     z, r_max = model_info(net)
     probe = ckpt.get("probe") or _cluster(z)
@@ -175,7 +190,10 @@ def _export_sevennet(net, ckpt: dict, out: pathlib.Path, fmt: str, dtype: Option
         virial = -res["stress"][0].double() * atoms.get_volume() if pbc else None  # LAMMPS: W = -V σ
         checks.append((atoms, (res["energy"].double().sum(), res["forces"].double(), virial)))
     folded = _fold_parametrizations(net)
-    module, metadata = sevennet_lammps_model(net)
+    try:
+        module, metadata = sevennet_lammps_model(net)
+    except _SCRIPT_ERRORS as exc:
+        raise _not_scriptable(exc, fmt) from exc
 
     def verify(tmp):
         loaded, rel = torch.jit.load(tmp), 0.0

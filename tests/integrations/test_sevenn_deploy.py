@@ -137,3 +137,23 @@ def test_a_file_refuses_elements_it_does_not_know(base):
     module, meta = sevennet_lammps_model(base)
     with pytest.raises(ValueError, match=r"not \['Og'\]"):
         run_like_pair_e3gnn(module, ase.Atoms("OgH", positions=[[0, 0, 0], [0, 0, 1.0]]), meta)
+
+
+def test_export_refuses_what_does_not_script_by_name_before_running_it(base, tmp_path, monkeypatch):
+    """mmea-tp's tensor-product gates have no TorchScript form: refused with the MACE path's message
+    (it escaped as an internal error), before the reference runs, writing nothing."""
+    from mmea_kernels.app import deploy
+    from mmea_kernels.train.methods import apply_method
+
+    m = copy.deepcopy(base)
+    apply_method(m, "mmea-tp")
+    from mmea_kernels.train import selfcheck
+
+    def no_reference_run(*a, **k):
+        raise AssertionError("the reference ran before the model was found unscriptable")
+
+    monkeypatch.setattr(selfcheck, "probe_batch", no_reference_run)
+    with pytest.raises(ValueError, match=r"does not script for --format lammps \(NotImplementedError: "
+                                         r"MMEATensorProduct \(the mmea-tp method\) has no TorchScript form\)"):
+        deploy._export_sevennet(m, {"model": "sevenn:7net-0", "method": "mmea-tp"}, tmp_path / "m.pt", "lammps", None)
+    assert not list(tmp_path.iterdir())
