@@ -3,7 +3,7 @@ PY ?= python3
 # the suite in parallel worker processes, one per core (at most 4), a test file per worker at a time
 PYTEST_ARGS ?= -n auto --maxprocesses 4 --dist loadfile --durations=15
 
-.PHONY: install test demo bench bench-adapt bench-adapt-fast bench-adapt-sevenn bench-ablation
+.PHONY: install test demo bench bench-adapt bench-adapt-fast bench-adapt-sevenn bench-ablation bench-adapt-lr
 
 install:
 	PYTHON=$(PY) bash scripts/install.sh
@@ -31,3 +31,7 @@ bench-adapt-sevenn: install
 # why MMEA trails ELoRA on forces: one setting at a time, chosen on validation (bench/ablation.py)
 bench-ablation: install
 	$(PY) bench/ablation.py --workers 2
+
+# the same validation-chosen learning-rate grid for every method (bench/adapt_lr.py; ~35 min on 2 cores)
+bench-adapt-lr: install
+	$(PY) bench/adapt_lr.py --molecules ethanol,toluene --seeds 0,1 --lrs 2e-3,5e-3,1e-2,2e-2 --workers 2

@@ -40,3 +40,37 @@ def test_adapt_fast_mode(rmd17, tmp_path):
 
     assert res["meta"]["lr"]["mmea"] == DEFAULT_LR["mmea"]  # the package default since the ablation
     assert by["readout"]["trainable"] < by["mmea"]["trainable"] < by["full"]["trainable"] == by["scratch"]["trainable"]
+
+
+def test_adapt_lr_grid_chooses_on_validation(rmd17, tmp_path):
+    """bench/adapt_lr.py on a CI-sized grid (ethanol, two methods, two rates, one seed, one epoch, 20
+    test frames): each chosen rate is the one with the lowest best-validation force MAE among its
+    runs, and the reported test errors are that run's."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MMEA_RMD17_DIR=str(rmd17))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "adapt_lr.py"), "--molecules", "ethanol", "--methods",
+                           "mmea,full", "--lrs", "5e-3,2e-2", "--seeds", "0", "--epochs", "1", "--test", ":20",
+                           "--work", str(tmp_path / "work"), "--results", str(tmp_path / "res"), "--name", "grid"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "res" / "grid.json").read_text())
+    md = (tmp_path / "res" / "grid.md").read_text()
+    assert len(res["runs"]) == 4 and {r["method"] for r in res["rows"]} == {"mmea", "full"}
+    for row in res["rows"]:
+        runs = {}
+        for lr in (5e-3, 2e-2):
+            m = json.loads((tmp_path / "work" / f"lr{lr:g}" / "ethanol" / row["method"] / "s0" / "metrics.json")
+                           .read_text())
+            assert m["config"]["lr"] == lr and m["test"]["frames"] == 20
+            runs[lr] = m
+        valid = {lr: min(h["valid"]["forces_mae_meV_per_A"] for h in m["history"]) for lr, m in runs.items()}
+        assert row["lr"] == min(valid, key=valid.get) and row["valid_F"] == valid[row["lr"]]
+        assert row["test_F"][0] == runs[row["lr"]]["test"]["forces_mae_meV_per_A"]
+        assert row["test_E"][0] == runs[row["lr"]]["test"]["energy_mae_meV"]
+        assert row["edge_of_grid"]  # a two-rate grid has only edges
+        assert f"| ethanol | {row['method']} | {row['lr']:g} (edge) |" in md
