@@ -32,12 +32,23 @@ METHODS = ("full", "elora", "mmea", "mmea-paper")
 
 
 def _job(job):
+    """One run's metrics, or ``{"diverged": why}`` when its training stopped on a non-finite loss or
+    gradient (a rate too high for the method: it loses the choice, the grid goes on)."""
+    from mmea_kernels.train.guard import TrainingDiverged
+
     mol, method, seed, a, lr = job
-    return adapt._one((mol, method, seed, dict(a, work=f"{a['work']}/lr{lr:g}", lr={method: lr})))
+    try:
+        return adapt._one((mol, method, seed, dict(a, work=f"{a['work']}/lr{lr:g}", lr={method: lr})))
+    except TrainingDiverged as exc:
+        print(f"{mol:>14} {method:>10} seed {seed} lr {lr:g}: diverged ({str(exc)[:120]})", flush=True)
+        return {"diverged": str(exc)}
 
 
 def best_valid_f(m: dict) -> float:
-    """The best validation force MAE of a run (the EMA weights kept are the best-validation ones)."""
+    """The best validation force MAE of a run (the EMA weights kept are the best-validation ones);
+    infinite for a run that diverged."""
+    if "diverged" in m:
+        return float("inf")
     return min(h["valid"]["forces_mae_meV_per_A"] for h in m["history"])
 
 
@@ -56,15 +67,18 @@ def choose(runs: dict, mols, methods, seeds, grid) -> list:
                 continue
             score = {lr: float(np.mean([best_valid_f(m) for m in ms])) for lr, ms in cells.items()}
             pick = min(score, key=score.get)
+            if not np.isfinite(score[pick]):
+                continue  # every rate diverged
             ms = cells[pick]
             stat = lambda k: (float(np.mean([m["test"][k] for m in ms])),  # noqa: E731
                               float(np.std([m["test"][k] for m in ms], ddof=1)) if len(ms) > 1 else 0.0)
             rows.append({"molecule": mol, "method": method, "lr": pick, "seeds": len(ms),
                          "edge_of_grid": pick in (min(grid), max(grid)),
                          "valid_F": score[pick], "test_E": stat("energy_mae_meV"), "test_F": stat("forces_mae_meV_per_A"),
-                         "grid": {f"{lr:g}": {"valid_F": score[lr],
-                                              "test_F": float(np.mean([m["test"]["forces_mae_meV_per_A"] for m in c])),
-                                              "test_E": float(np.mean([m["test"]["energy_mae_meV"] for m in c]))}
+                         "grid": {f"{lr:g}": ({"valid_F": score[lr],
+                                               "test_F": float(np.mean([m["test"]["forces_mae_meV_per_A"] for m in c])),
+                                               "test_E": float(np.mean([m["test"]["energy_mae_meV"] for m in c]))}
+                                              if np.isfinite(score[lr]) else {"diverged": sum("diverged" in m for m in c)})
                                   for lr, c in cells.items()}})
     return rows
 
@@ -80,7 +94,9 @@ def markdown(rows, meta) -> str:
            + " | ".join(f"valid / test F at {g}" for g in grid) + " |",
            "|---|---|---|---|---|---|" + "---|" * len(grid)]
     for r in rows:
-        cells = [f"{r['grid'][g]['valid_F']:.1f} / {r['grid'][g]['test_F']:.1f}" if g in r["grid"] else "-" for g in grid]
+        cells = [("-" if g not in r["grid"] else f"diverged ({r['grid'][g]['diverged']} of {r['seeds']})"
+                  if "diverged" in r["grid"][g] else f"{r['grid'][g]['valid_F']:.1f} / {r['grid'][g]['test_F']:.1f}")
+                 for g in grid]
         edge = " (edge)" if r["edge_of_grid"] else ""
         out.append(f"| {r['molecule']} | {r['method']} | {r['lr']:g}{edge} | {r['valid_F']:.1f} | "
                    f"{r['test_E'][0]:.1f} ± {r['test_E'][1]:.1f} | {r['test_F'][0]:.1f} ± {r['test_F'][1]:.1f} | "
@@ -130,8 +146,9 @@ def main(argv=None) -> int:
     rows = choose(runs, mols, methods, seeds, grid)
     stem = pathlib.Path(args.results) / args.name
     stem.parent.mkdir(parents=True, exist_ok=True)
-    every = [{"molecule": k[0], "method": k[1], "seed": k[2], "lr": k[3], "best_valid_F": best_valid_f(m),
-              "test": m["test"], "epochs_run": m["epochs_run"]} for k, m in runs.items()]
+    every = [{"molecule": k[0], "method": k[1], "seed": k[2], "lr": k[3], "diverged": m["diverged"]} if "diverged" in m
+             else {"molecule": k[0], "method": k[1], "seed": k[2], "lr": k[3], "best_valid_F": best_valid_f(m),
+                   "test": m["test"], "epochs_run": m["epochs_run"]} for k, m in runs.items()]
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": every}, indent=1))
     md = markdown(rows, meta)
     stem.with_suffix(".md").write_text(md + "\n")

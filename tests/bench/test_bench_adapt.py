@@ -74,3 +74,30 @@ def test_adapt_lr_grid_chooses_on_validation(rmd17, tmp_path):
         assert row["test_E"][0] == runs[row["lr"]]["test"]["energy_mae_meV"]
         assert row["edge_of_grid"]  # a two-rate grid has only edges
         assert f"| ethanol | {row['method']} | {row['lr']:g} (edge) |" in md
+
+
+def test_adapt_lr_grid_a_diverged_rate_loses_the_choice():
+    """A run whose training diverged (a rate too high for the method) is a result, not a crash: its
+    rate is never chosen and the table says so (mmea-paper at 5e-2 stopped the whole grid once)."""
+    import importlib.util
+
+    from helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("adapt_lr", REPO / "bench" / "adapt_lr.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def run(valid_f, test_f):
+        return {"history": [{"valid": {"forces_mae_meV_per_A": v}} for v in valid_f],
+                "test": {"forces_mae_meV_per_A": test_f, "energy_mae_meV": 1.0}}
+
+    runs = {("eth", "m", 0, 1e-2): run([9.0, 7.0], 6.5), ("eth", "m", 1, 1e-2): run([8.0, 9.0], 7.5),
+            ("eth", "m", 0, 5e-2): {"diverged": "inf gradient"}, ("eth", "m", 1, 5e-2): run([1.0], 1.0)}
+    (row,) = mod.choose(runs, ["eth"], ["m"], [0, 1], (1e-2, 5e-2))
+    assert row["lr"] == 1e-2 and row["valid_F"] == 7.5 and row["test_F"][0] == 7.0
+    assert row["grid"]["0.05"] == {"diverged": 1}
+    md = mod.markdown([row], {"grid": (1e-2, 5e-2), "test_desc": "t", "epochs": 1, "dtype": "float32", "model": "x",
+                              "seeds": (0, 1), "machine": "m", "date": "d"})
+    assert "| eth | m | 0.01 (edge) | 7.5 |" in md and "diverged (1 of 2)" in md
+    runs[("eth", "m", 0, 1e-2)] = {"diverged": "nan loss"}
+    assert mod.choose(runs, ["eth"], ["m"], [0, 1], (1e-2, 5e-2)) == []  # every rate diverged: no row
