@@ -164,14 +164,18 @@ def case_gate(rng, i):
     return fails
 
 
+def draw_linear(rng):
+    """(dtype, irreps_in, irreps_out, biases) of a random linear layer (the draws in this order)."""
+    dtype = torch.float64 if rng.random() < 0.7 else torch.float32
+    bi, bo = rand_blocks(rng, 4), rand_blocks(rng, 4)
+    return dtype, irreps_str(bi), irreps_str(bo), rng.random() < 0.5
+
+
 def case_gl(rng, i):
     from e3nn import o3
     from mmea_kernels.linear_spec import LinearSpec
     from mmea_kernels.ops.gated_linear import gated_linear
-    dtype = torch.float64 if rng.random() < 0.7 else torch.float32
-    bi, bo = rand_blocks(rng, 4), rand_blocks(rng, 4)
-    irr_in, irr_out = irreps_str(bi), irreps_str(bo)
-    biases = rng.random() < 0.5
+    dtype, irr_in, irr_out, biases = draw_linear(rng)
     lay = rng.choice(["mul_ir", "ir_mul"])
     N = rand_N(rng)
     gmode, amode = rng.choice([None, "row", "shared"]), rng.choice([None, "row", "shared"])
@@ -289,10 +293,7 @@ def case_fg(rng, i):
 def case_mmea(rng, i):
     from e3nn import o3
     from mmea_kernels import MMEALinear
-    dtype = torch.float64 if rng.random() < 0.7 else torch.float32
-    bi, bo = rand_blocks(rng, 4), rand_blocks(rng, 4)
-    irr_in, irr_out = irreps_str(bi), irreps_str(bo)
-    biases = rng.random() < 0.5
+    dtype, irr_in, irr_out, biases = draw_linear(rng)
     rank = rng.randint(1, 8)
     phi = rng.choice(["exp", "residual"])
     N = rand_N(rng)
