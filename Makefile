@@ -32,6 +32,6 @@ bench-adapt-sevenn: install
 bench-ablation: install
 	$(PY) bench/ablation.py --workers 2
 
-# the same validation-chosen learning-rate grid for every method (bench/adapt_lr.py; 80 runs, ~70 min on 2 cores)
+# the same validation-chosen learning-rate grid for every method (bench/adapt_lr.py; 120 runs, ~100 min on 2 cores)
 bench-adapt-lr: install
-	$(PY) bench/adapt_lr.py --molecules ethanol,toluene --seeds 0,1 --lrs 2e-3,5e-3,1e-2,2e-2,5e-2 --workers 2
+	$(PY) bench/adapt_lr.py --molecules ethanol,toluene,malonaldehyde --seeds 0,1 --lrs 2e-3,5e-3,1e-2,2e-2,5e-2 --workers 2
