@@ -164,12 +164,17 @@ def adapted_copy(base, method, seed=0, std=0.02):
 
     m = copy.deepcopy(base)
     mk.inject_adapters(m, method=method)
+    return perturb_trainable(m, seed, std)
+
+
+@torch.no_grad()
+def perturb_trainable(model, seed=0, std=0.02):
+    """``model`` with every trainable parameter moved by N(0, std²) from ``seed`` (in place)."""
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.requires_grad:
-                p.add_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return m
+    for p in model.parameters():
+        if p.requires_grad:
+            p.add_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
 
 
 @torch.no_grad()

@@ -160,11 +160,9 @@ def _export_sevennet(net, ckpt: dict, out: pathlib.Path, fmt: str, dtype: Option
     float32: the pair passes float32 edge vectors), checked as the pair runs it
     (:func:`~mmea_kernels.integrations.sevenn_deploy.run_like_pair_e3gnn`) against the eager model
     on the reference frame and, for a molecule, on the same atoms in a periodic box (the virial)."""
-    import ase
-
     from ..integrations.sevenn_deploy import PAIR_STYLE, run_like_pair_e3gnn, sevennet_lammps_model
     from ..train.foundation import model_info
-    from ..train.selfcheck import probe_batch
+    from ..train.selfcheck import probe_atoms, probe_batch
 
     if fmt != "lammps":
         raise ValueError(f"a SevenNet checkpoint (base {ckpt['model']!r}) exports as --format lammps: the file of "
@@ -187,8 +185,7 @@ def _export_sevennet(net, ckpt: dict, out: pathlib.Path, fmt: str, dtype: Option
     frames = [probe] + ([] if bool(torch.as_tensor(probe["pbc"]).all()) else [_boxed(probe, r_max)])
     checks = []
     for frame in frames:
-        atoms = ase.Atoms(numbers=frame["numbers"].tolist(), positions=frame["positions"].double().numpy(),
-                          cell=frame["cell"].double().numpy(), pbc=torch.as_tensor(frame["pbc"]).tolist())
+        atoms = probe_atoms(frame)
         pbc = bool(atoms.pbc.all())
         res = net(probe_batch(net, frame), training=False, compute_force=True, compute_stress=pbc)
         virial = -res["stress"][0].double() * atoms.get_volume() if pbc else None  # LAMMPS: W = -V σ

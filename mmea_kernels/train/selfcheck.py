@@ -9,18 +9,22 @@ import torch
 __all__ = ["make_probe", "verify_probe", "probe_batch"]
 
 
-def probe_batch(model, probe: dict):
-    """The model's input dict for a probe's frame, in the model's dtype and on its device."""
+def probe_atoms(probe: dict):
+    """A probe's frame as ASE atoms."""
     import ase
 
+    return ase.Atoms(numbers=probe["numbers"].tolist(), positions=probe["positions"].double().numpy(),
+                     cell=probe["cell"].double().numpy(), pbc=torch.as_tensor(probe["pbc"]).tolist())
+
+
+def probe_batch(model, probe: dict):
+    """The model's input dict for a probe's frame, in the model's dtype and on its device."""
     from .device import module_device
     from .foundation import model_info
     from ..integrations.mace import atoms_to_batch
 
     z, r_max = model_info(model)
-    atoms = ase.Atoms(numbers=probe["numbers"].tolist(), positions=probe["positions"].double().numpy(),
-                      cell=probe["cell"].double().numpy(), pbc=probe["pbc"].tolist())
-    return atoms_to_batch([atoms], z, r_max, energy_key="__none__", forces_key="__none__",
+    return atoms_to_batch([probe_atoms(probe)], z, r_max, energy_key="__none__", forces_key="__none__",
                           device=module_device(model), dtype=next(model.parameters()).dtype)
 
 

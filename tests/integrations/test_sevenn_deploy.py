@@ -18,7 +18,7 @@ from mmea_kernels.integrations.mace import atoms_to_batch  # noqa: E402
 from mmea_kernels.integrations.sevenn import _checkpoint_path, load_sevennet  # noqa: E402
 from mmea_kernels.integrations.sevenn_deploy import run_like_pair_e3gnn, sevennet_lammps_model  # noqa: E402
 
-from helpers import adapted_copy  # noqa: E402
+from helpers import adapted_copy, perturb_trainable  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,11 +78,7 @@ def _paper(base, seed):
 
     m = copy.deepcopy(base)
     apply_method(m, "mmea-paper")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.requires_grad:
-                p.add_(0.02 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    perturb_trainable(m, seed)
     assert _fold_parametrizations(m) > 0
     return m
 
@@ -115,10 +111,11 @@ def test_atomic_energies_add_up_and_include_the_reference_energies(base):
     from ase.neighborlist import neighbor_list
 
     i, j, d = neighbor_list("ijD", atoms, float(meta["cutoff"]))
-    x = torch.tensor([symbols.index(s) for s in atoms.get_chemical_symbols()])
     n = torch.tensor([len(atoms)])
-    out = module({"x": x, "edge_index": torch.tensor(np.stack([i, j])), "edge_vec": torch.tensor(d, dtype=torch.float32),
-                  "num_atoms": n, "nlocal": n})
+    data = {"x": torch.tensor([symbols.index(s) for s in atoms.get_chemical_symbols()]),
+            "edge_index": torch.tensor(np.stack([i, j])), "edge_vec": torch.tensor(d, dtype=torch.float32),
+            "num_atoms": n, "nlocal": n}
+    out = module(dict(data))
     atomic = out["atomic_energy"].reshape(-1).double()
     _close(atomic.sum(), out["inferred_total_energy"].double(), 1e-6)
     zs = m.atomic_numbers.tolist()
@@ -126,8 +123,7 @@ def test_atomic_energies_add_up_and_include_the_reference_energies(base):
     m0 = copy.deepcopy(m)
     m0.atomic_energies_fn.atomic_energies.zero_()
     module0, _ = sevennet_lammps_model(m0)
-    out0 = module0({"x": x, "edge_index": torch.tensor(np.stack([i, j])),
-                    "edge_vec": torch.tensor(d, dtype=torch.float32), "num_atoms": n, "nlocal": n})
+    out0 = module0(dict(data))
     _close(atomic - out0["atomic_energy"].reshape(-1).double(), e0, 1e-6)
 
 
