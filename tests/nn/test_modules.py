@@ -129,6 +129,17 @@ def test_layers_without_output_or_input_columns(backend):
                                rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("irreps_in,irreps_out,rows", [("2x0e+1x1o", "", 4), ("", "2x0e+1x1o", 3)])
+def test_scripted_layers_without_columns_match_eager(irreps_in, irreps_out, rows):
+    """The TorchScript form reshapes with rows2d too (reshape(-1, 0) failed there as well)."""
+    ad = MMEALinear(o3.Linear(irreps_in, irreps_out).double(), backend="torch")
+    randomise(ad)
+    x = torch.randn(rows, ad.in_layout.dim, dtype=torch.float64)
+    y = torch.jit.script(ad)(x)
+    assert y.shape == (rows, ad.out_layout.dim)
+    torch.testing.assert_close(y, ad(x), rtol=0, atol=0)
+
+
 def test_adapter_on_a_base_without_parameters_follows_its_dtype():
     """An o3.Linear without paths has no parameters; the adapter took the default dtype (float32)
     under a float64 model and failed at the first call. Its floating buffers carry the dtype."""
