@@ -150,11 +150,13 @@ def main(argv=None) -> int:
                                     "and checked against the checkpoint's model on its reference frame before it "
                                     "is put in place.")
     ex.add_argument("--checkpoint", required=True)
-    ex.add_argument("--out", required=True, help="the file to write (mace-torch names LAMMPS files *-lammps.pt)")
-    ex.add_argument("--format", choices=("lammps", "torchscript"), default="lammps",
+    ex.add_argument("--out", required=True,
+                    help="the file to write (mace-torch names LAMMPS files *-lammps.pt); lammps-parallel: a directory")
+    ex.add_argument("--format", choices=("lammps", "lammps-parallel", "torchscript"), default="lammps",
                     help="lammps: LAMMPS_MACE for pair_style mace (float64 by default), or for a SevenNet "
-                         "checkpoint SevenNet's pair_style e3gnn (float32); torchscript (MACE only): the model's "
-                         "own forward (mace-torch's input dict)")
+                         "checkpoint SevenNet's pair_style e3gnn (float32); lammps-parallel (SevenNet only): "
+                         "--out is a directory of the segment files of pair_style e3gnn/parallel (domain "
+                         "decomposition); torchscript (MACE only): the model's own forward (mace-torch's input dict)")
     ex.add_argument("--dtype", choices=("float32", "float64"), default=None,
                     help="default: float64 for lammps (SevenNet: float32, the only one), the checkpoint's for "
                          "torchscript")

@@ -5,11 +5,13 @@
 * ``torchscript``: the model itself scripted (its forward takes mace-torch's input dict), for
   ``torch.jit.load`` in Python or libtorch.
 
-A SevenNet checkpoint (``--model sevenn:...``) exports as ``lammps`` only: the file of SevenNet's
-``pair_style e3gnn`` (float32), built as ``sevenn``'s own deploy builds it, with the adapters,
-FusedGates and re-fitted reference energies inside
-(:mod:`~mmea_kernels.integrations.sevenn_deploy`); it is checked by running it as
-``pair_e3gnn.cpp`` does.
+A SevenNet checkpoint (``--model sevenn:...``) exports as ``lammps``, the file of SevenNet's
+``pair_style e3gnn`` (float32), or ``lammps-parallel``, the directory of segment files
+(``deployed_parallel_<i>.pt``) of ``pair_style e3gnn/parallel`` (LAMMPS with domain decomposition),
+each built as ``sevenn``'s own deploy builds it, with the adapters, FusedGates and re-fitted
+reference energies inside (:mod:`~mmea_kernels.integrations.sevenn_deploy`); they are checked by
+running them as ``pair_e3gnn.cpp`` / ``pair_e3gnn_parallel.cpp`` do, the parallel files also on a
+periodic copy of the reference frame where atoms see images of each other (ghost atoms).
 
 The file needs neither mmea_kernels nor mace-torch nor e3nn to load. Low-rank parametrizations
 (``mmea-paper``) are folded into their weights in the exported copy (exact: the weight the
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import tempfile
 from typing import Optional
 
@@ -30,7 +33,8 @@ import torch
 
 __all__ = ["export_checkpoint", "FORMATS"]
 
-FORMATS = ("lammps", "torchscript")
+FORMATS = ("lammps", "lammps-parallel", "torchscript")
+PARALLEL = "lammps-parallel"  # SevenNet only: a directory of segment files
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -100,6 +104,17 @@ def _boxed(probe: dict, r_max: float) -> dict:
     return {**probe, "cell": torch.eye(3, dtype=torch.float64) * side, "pbc": torch.ones(3, dtype=torch.bool)}
 
 
+def _crowded(probe: dict, r_max: float) -> dict:
+    """The probe's atoms periodic in a cubic box half a cutoff wider than their extent: atoms see
+    periodic images of each other (ghost atoms for the parallel pair style) no closer than
+    ``r_max / 2``."""
+    pos = probe["positions"].double()
+    lo = pos.min(0).values
+    side = float((pos.max(0).values - lo).max()) + 0.5 * float(r_max)
+    return {**probe, "positions": pos - lo + 0.25 * float(r_max), "cell": torch.eye(3, dtype=torch.float64) * side,
+            "pbc": torch.ones(3, dtype=torch.bool)}
+
+
 def _cluster(atomic_numbers) -> dict:
     """A reference frame for a checkpoint written before checkpoints held one: two atoms of each of
     the model's elements in a zigzag 1.1 Å apart (every pair within any cutoff's reach of a neighbour)."""
@@ -155,20 +170,95 @@ def _is_sevennet(model) -> bool:
     return isinstance(model, SevenNetAsMACE)
 
 
-def _export_sevennet(net, ckpt: dict, out: pathlib.Path, fmt: str, dtype: Optional[str]) -> dict:
-    """A SevenNet checkpoint as the file of SevenNet's LAMMPS pair style (``pair_style e3gnn``,
-    float32: the pair passes float32 edge vectors), checked as the pair runs it
-    (:func:`~mmea_kernels.integrations.sevenn_deploy.run_like_pair_e3gnn`) against the eager model
-    on the reference frame and, for a molecule, on the same atoms in a periodic box (the virial)."""
-    from ..integrations.sevenn_deploy import PAIR_STYLE, run_like_pair_e3gnn, sevennet_lammps_model
-    from ..train.foundation import model_info
+def _check_parallel_out(out: pathlib.Path, overwrite: bool) -> None:
+    """``--out`` of ``lammps-parallel`` is a directory: new, or with ``overwrite`` one that holds
+    nothing but segment files (``deployed_parallel_<i>.pt``), so no other file is deleted."""
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or out.is_symlink():
+            raise FileExistsError(f"--out {out} exists and is not a directory; --format {PARALLEL} writes a directory "
+                                  "of segment files")
+        if not overwrite:
+            raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it")
+        stray = sorted(p.name for p in out.iterdir() if not _SEGMENT.fullmatch(p.name))
+        if stray:
+            raise FileExistsError(f"--out {out} holds files that are not segment files ({', '.join(stray[:5])}); "
+                                  "give a new directory, nothing was replaced")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: the directory {out.parent} does not exist")
+
+
+_SEGMENT = re.compile(r"deployed_parallel_\d+\.pt")
+
+
+def _write_verified_dir(out: pathlib.Path, save, verify) -> float:
+    """:func:`_write_verified` for a directory: ``save(tmp)`` fills a temporary directory beside
+    ``out``, ``verify(tmp)`` checks it, then it takes the name ``out`` (an old ``out`` is removed
+    only after that)."""
+    import shutil
+
+    from .files import umask_mode
+
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=str(out.parent)))
+    old = tmp.with_suffix(".old")
+    try:
+        save(tmp)
+        rel = verify(tmp)
+        for f in tmp.iterdir():
+            umask_mode(f)
+        os.chmod(tmp, 0o777 & ~_umask())
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        if old.exists():
+            shutil.rmtree(old)
+    return rel
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _sevennet_checks(net, probe: dict, r_max: float, fmt: str):
+    """``(atoms, eager (energy, forces, virial or None))`` on the reference frame and periodic
+    copies: for ``lammps``, in a box where no atom sees an image (the virial); for the parallel
+    files, in a box where atoms see images (ghost atoms, the virial)."""
     from ..train.selfcheck import probe_atoms, probe_batch
 
-    if fmt != "lammps":
-        raise ValueError(f"a SevenNet checkpoint (base {ckpt['model']!r}) exports as --format lammps: the file of "
-                         f"SevenNet's pair_style {PAIR_STYLE} (itself TorchScript); --format {fmt} is for MACE models")
+    if fmt == PARALLEL:
+        frames = [probe, _crowded(probe, r_max)]
+    else:
+        frames = [probe] + ([] if bool(torch.as_tensor(probe["pbc"]).all()) else [_boxed(probe, r_max)])
+    checks = []
+    for frame in frames:
+        atoms = probe_atoms(frame)
+        pbc = bool(atoms.pbc.all())
+        res = net(probe_batch(net, frame), training=False, compute_force=True, compute_stress=pbc)
+        virial = -res["stress"][0].double() * atoms.get_volume() if pbc else None  # LAMMPS: W = -V σ
+        checks.append((atoms, (res["energy"].double().sum(), res["forces"].double(), virial)))
+    return checks
+
+
+def _export_sevennet(net, ckpt: dict, out: pathlib.Path, fmt: str, dtype: Optional[str]) -> dict:
+    """A SevenNet checkpoint as the file of SevenNet's LAMMPS pair style (``pair_style e3gnn``,
+    float32: the pair passes float32 edge vectors), or for ``lammps-parallel`` the directory of
+    segment files of ``pair_style e3gnn/parallel``, checked as the pair runs them
+    (:mod:`~mmea_kernels.integrations.sevenn_deploy`) against the eager model on the reference
+    frame and periodic copies of it (:func:`_sevennet_checks`)."""
+    from ..integrations import sevenn_deploy as sd
+    from ..train.foundation import model_info
+
+    style = sd.PAIR_STYLE_PARALLEL if fmt == PARALLEL else sd.PAIR_STYLE
+    if fmt not in ("lammps", PARALLEL):
+        raise ValueError(f"a SevenNet checkpoint (base {ckpt['model']!r}) exports as --format lammps (the file of "
+                         f"SevenNet's pair_style {sd.PAIR_STYLE}) or {PARALLEL} (pair_style {sd.PAIR_STYLE_PARALLEL}); "
+                         f"--format {fmt} is for MACE models")
     if dtype not in (None, "float32"):
-        raise ValueError(f"SevenNet's pair_style {PAIR_STYLE} runs float32 (its edge vectors are float32); "
+        raise ValueError(f"SevenNet's pair_style {style} runs float32 (its edge vectors are float32); "
                          f"--dtype {dtype} cannot be exported for it")
     from ..integrations.export import check_scriptable_model
     from ..peft.inject import tensor_product_gates
@@ -181,36 +271,45 @@ def _export_sevennet(net, ckpt: dict, out: pathlib.Path, fmt: str, dtype: Option
         raise _not_scriptable(exc, fmt) from exc
     net = net.to(torch.float32).eval()
     z, r_max = model_info(net)
-    probe = ckpt.get("probe") or _cluster(z)
-    frames = [probe] + ([] if bool(torch.as_tensor(probe["pbc"]).all()) else [_boxed(probe, r_max)])
-    checks = []
-    for frame in frames:
-        atoms = probe_atoms(frame)
-        pbc = bool(atoms.pbc.all())
-        res = net(probe_batch(net, frame), training=False, compute_force=True, compute_stress=pbc)
-        virial = -res["stress"][0].double() * atoms.get_volume() if pbc else None  # LAMMPS: W = -V σ
-        checks.append((atoms, (res["energy"].double().sum(), res["forces"].double(), virial)))
+    checks = _sevennet_checks(net, ckpt.get("probe") or _cluster(z), r_max, fmt)
     folded = _fold_parametrizations(net)
     try:
-        module, metadata = sevennet_lammps_model(net)
+        if fmt == PARALLEL:
+            modules, metadata = sd.sevennet_lammps_parallel_models(net)
+        else:
+            module, metadata = sd.sevennet_lammps_model(net)
+            modules = [module]
     except _SCRIPT_ERRORS as exc:
         raise _not_scriptable(exc, fmt) from exc
 
-    def verify(tmp):
-        loaded = torch.jit.load(tmp)
-        rel = max(_rel_diff(run_like_pair_e3gnn(loaded, atoms, metadata, virial=want[2] is not None), want)
-                  for atoms, want in checks)
+    def verify(paths):
+        loaded = [torch.jit.load(str(p)) for p in paths]
+        run = ((lambda a, v: sd.run_like_pair_e3gnn_parallel(loaded, a, metadata, v)) if fmt == PARALLEL else
+               (lambda a, v: sd.run_like_pair_e3gnn(loaded[0], a, metadata, v)))
+        rel = max(_rel_diff(run(atoms, want[2] is not None), want) for atoms, want in checks)
         if not rel <= 5e-6:  # float32; measured 6e-7 (SevenNet-0 with random adapters, ethanol and NaCl)
-            raise ValueError(f"the exported pair_style {PAIR_STYLE} file does not reproduce the checkpoint's model on "
+            raise ValueError(f"the exported pair_style {style} file does not reproduce the checkpoint's model on "
                              f"its reference frame (relative difference {rel:.3g} > 5e-06); nothing was written")
         return rel
 
-    rel = _write_verified(out, lambda tmp: module.save(tmp, _extra_files=metadata), verify)
+    symbols = metadata["chemical_symbols_to_index"]
+    if fmt == PARALLEL:
+        names = [f"deployed_parallel_{i}.pt" for i in range(len(modules))]
+
+        def save(tmp):
+            for name, module in zip(names, modules):
+                module.save(str(tmp / name), _extra_files=metadata)
+
+        rel = _write_verified_dir(out, save, lambda tmp: verify([tmp / name for name in names]))
+        pair = (f"pair_style {style}; pair_coeff * * {len(names)} {out} <one element per atom type, of {symbols}> "
+                "(SevenNet's patched LAMMPS: sevenn_patch_lammps; newton on, comm_style brick)")
+    else:
+        rel = _write_verified(out, lambda tmp: modules[0].save(tmp, _extra_files=metadata), lambda tmp: verify([tmp]))
+        pair = (f"pair_style {style}; pair_coeff * * {out} <one element per atom type, of {symbols}> "
+                "(SevenNet's patched LAMMPS: sevenn_patch_lammps)")
     return {"out": str(out), "format": fmt, "dtype": "float32", "method": ckpt["method"], "base_model": ckpt["model"],
             "atomic_numbers": [int(v) for v in z], "r_max": float(r_max), "folded_parametrizations": folded,
-            "verified_max_rel_diff": rel,
-            "lammps": f"pair_style {PAIR_STYLE}; pair_coeff * * {out} <one element per atom type, of "
-                      f"{metadata['chemical_symbols_to_index']}> (SevenNet's patched LAMMPS: sevenn_patch_lammps)"}
+            "verified_max_rel_diff": rel, "lammps": pair}
 
 
 def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str] = None, dtype: Optional[str] = None,
@@ -228,10 +327,16 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"unknown --dtype {dtype!r}; expected float32 or float64")
     out = pathlib.Path(out)
-    check_outputs({"--out": str(out)}, overwrite)
+    if fmt == PARALLEL:
+        _check_parallel_out(out, overwrite)
+    else:
+        check_outputs({"--out": str(out)}, overwrite)
     net, ckpt = load_finetuned(checkpoint, model, trust_pickle=trust_pickle, device="cpu")
     if _is_sevennet(net):
         return _export_sevennet(net, ckpt, out, fmt, dtype)
+    if fmt == PARALLEL:
+        raise ValueError(f"--format {PARALLEL} is SevenNet's pair_style e3gnn/parallel; checkpoint {checkpoint} holds "
+                         f"a {type(net).__name__} (base {ckpt['model']!r}): use --format lammps")
     if not _is_mace(net):
         raise ValueError(f"export is for MACE and SevenNet models; checkpoint {checkpoint} holds a "
                          f"{type(net).__name__} (base {ckpt['model']!r}), which has no TorchScript export here: "

@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import copy
 import datetime
-from typing import Dict, Tuple
+from collections import OrderedDict
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["AddReferenceEnergies", "sevennet_lammps_model", "run_like_pair_e3gnn", "PAIR_STYLE"]
+__all__ = ["AddReferenceEnergies", "sevennet_lammps_model", "sevennet_lammps_parallel_models", "run_like_pair_e3gnn",
+           "run_like_pair_e3gnn_parallel", "PAIR_STYLE", "PAIR_STYLE_PARALLEL"]
 
 PAIR_STYLE = "e3gnn"
+PAIR_STYLE_PARALLEL = "e3gnn/parallel"
 
 
 class AddReferenceEnergies(nn.Module):
@@ -60,12 +63,11 @@ def _type_order(type_map: Dict[int, int]) -> list:
     return [int(z) for z, _ in order]
 
 
-def sevennet_lammps_model(model: nn.Module) -> Tuple[torch.jit.ScriptModule, Dict[str, str]]:
-    """``(module, metadata)``: the frozen TorchScript of a copy of ``model`` (a
-    :class:`~mmea_kernels.integrations.sevenn.SevenNetAsMACE`, adapted or not) for ``pair_style
-    e3gnn``, and the extra files to save with it (``module.save(path, _extra_files=metadata)``;
-    :func:`torch.jit.save` takes them the same way). ``model`` itself is left as it was."""
-    import e3nn.util.jit
+def _deploy_net(model: nn.Module):
+    """``(net, types, metadata)``: the SevenNet network of a float32 copy of ``model`` as the pair
+    styles run it (no force module, type indices in "x", one graph, frozen weights, the fine-tuned
+    reference energies added after the rescale), its atomic numbers in type-index order, and the
+    metadata both pair styles read."""
     import sevenn
     import sevenn._keys as KEY
     from ase.data import chemical_symbols
@@ -74,7 +76,7 @@ def sevennet_lammps_model(model: nn.Module) -> Tuple[torch.jit.ScriptModule, Dic
     from .sevenn import SevenNetAsMACE, _OnehotInDtype
 
     if not isinstance(model, SevenNetAsMACE):
-        raise TypeError(f"sevennet_lammps_model takes a SevenNetAsMACE, got {type(model).__name__}")
+        raise TypeError(f"SevenNet's LAMMPS export takes a SevenNetAsMACE, got {type(model).__name__}")
     check_scriptable_model(model)
     model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
     net = model.sevennet
@@ -98,7 +100,6 @@ def sevennet_lammps_model(model: nn.Module) -> Tuple[torch.jit.ScriptModule, Dic
                                                                      KEY.ATOM_TYPE)
     for p in net.parameters():
         p.requires_grad_(False)
-    module = torch.jit.freeze(e3nn.util.jit.script(net.eval()))
     metadata = {
         "chemical_symbols_to_index": " ".join(chemical_symbols[z] for z in types),
         "cutoff": str(float(model.r_max)),
@@ -110,7 +111,159 @@ def sevennet_lammps_model(model: nn.Module) -> Tuple[torch.jit.ScriptModule, Dic
         "dtype": "single",
         "time": datetime.date.today().isoformat(),
     }
-    return module, metadata
+    return net.eval(), types, metadata
+
+
+def _script(net: nn.Module) -> torch.jit.ScriptModule:
+    import e3nn.util.jit
+
+    return torch.jit.freeze(e3nn.util.jit.script(net.eval()))
+
+
+def sevennet_lammps_model(model: nn.Module) -> Tuple[torch.jit.ScriptModule, Dict[str, str]]:
+    """``(module, metadata)``: the frozen TorchScript of a copy of ``model`` (a
+    :class:`~mmea_kernels.integrations.sevenn.SevenNetAsMACE`, adapted or not) for ``pair_style
+    e3gnn``, and the extra files to save with it (``module.save(path, _extra_files=metadata)``;
+    :func:`torch.jit.save` takes them the same way). ``model`` itself is left as it was."""
+    net, _, metadata = _deploy_net(model)
+    return _script(net), metadata
+
+
+_GHOST_LAYERS = ("onehot_to_feature_x", "0_self_interaction_1")  # as sevenn's deploy_parallel
+
+
+def _ghost_copy(layer: nn.Module) -> nn.Module:
+    """``layer`` (a linear of the node features, adapted or not) on the ghost atoms' features."""
+    import sevenn._keys as KEY
+
+    ghost = copy.deepcopy(layer)
+    ghost.key_input = ghost.key_output = KEY.NODE_FEATURE_GHOST
+    return ghost
+
+
+def _segments(net: nn.Module) -> list:
+    """The deploy-ready ``net`` cut as ``sevenn``'s parallel model builder cuts a SevenNet network
+    (``model_build._to_parallel_model``): ghost copies of the first embedding and self-interaction
+    after their originals, the convolutions in parallel mode (they take the ghosts' features from
+    "x_ghost" and keep the local rows), and a new segment before each ``{i}_self_interaction_1``
+    (i >= 1), each after the first starting with a copy of the edge embedding. Every layer is a copy
+    of ``net``'s own, adapters and FusedGates included."""
+    import sevenn._keys as KEY
+    from sevenn.nn.node_embedding import OnehotEmbedding
+    from sevenn.nn.sequential import AtomGraphSequential
+
+    layers = net._modules
+    convs = sorted(int(n.split("_")[0]) for n in layers if n.split("_", 1)[-1] == "convolution" and n[0].isdigit())
+    need = ["edge_embedding", "onehot_idx_to_onehot", *_GHOST_LAYERS] + [f"{i}_self_interaction_1" for i in convs]
+    missing = [n for n in need if n not in layers]
+    if not convs or missing:
+        raise ValueError(f"this SevenNet network cannot be cut as sevenn's parallel model: it lacks {missing or 'convolutions'}")
+    cuts = {f"{i}_self_interaction_1" for i in convs[1:]}
+    segments, current = [], []
+    for name, layer in layers.items():
+        layer = copy.deepcopy(layer)
+        if name.endswith("_convolution"):
+            layer.is_parallel = True
+        current.append((name, layer))
+        if name == "onehot_to_feature_x":
+            current.append(("one_hot_ghost", OnehotEmbedding(num_classes=layers["onehot_idx_to_onehot"].num_classes,
+                                                             data_key_x=KEY.NODE_FEATURE_GHOST)))
+        if name in _GHOST_LAYERS:
+            current.append((f"ghost_{name}", _ghost_copy(layer)))
+        if name in cuts:
+            segments.append(current)
+            current = [("edge_embedding", copy.deepcopy(layers["edge_embedding"]))]
+    segments.append(current)
+    out = []
+    for seg in segments:
+        part = AtomGraphSequential(OrderedDict(seg), cutoff=net.cutoff, type_map=net.type_map,
+                                   modal_map=getattr(net, "modal_map", None), eval_type_map=False)
+        part.set_is_batch_data(False)
+        out.append(part.eval())
+    return out
+
+
+def sevennet_lammps_parallel_models(model: nn.Module) -> Tuple[List[torch.jit.ScriptModule], Dict[str, str]]:
+    """``(modules, metadata)``: the files of ``pair_style e3gnn/parallel`` (LAMMPS with domain
+    decomposition, one segment per message-passing layer) for a copy of ``model``, built as
+    ``sevenn.scripts.deploy.deploy_parallel`` builds them, adapters, FusedGates and reference
+    energies inside; save ``modules[i]`` as ``<dir>/deployed_parallel_<i>.pt`` with ``metadata``
+    (it adds ``comm_size``, the widest node feature the pair communicates)."""
+    net, _, metadata = _deploy_net(model)
+    parts = _segments(net)
+    comm = max(int(part._modules[f"{t}_convolution"]._comm_size) for t, part in enumerate(parts))
+    return [_script(part) for part in parts], dict(metadata, comm_size=str(comm))
+
+
+def _local_and_ghost_graph(atoms, cutoff: float):
+    """The graph ``pair_e3gnn_parallel.cpp`` builds on one process owning every atom: edges from
+    each atom i to every neighbour within the cutoff, a neighbour in another periodic image being
+    a ghost atom (one graph node per image, numbered after the local atoms in order of first
+    appearance). Returns ``(src, dst, edge_vec float32, owner of each ghost)``."""
+    from ase.neighborlist import neighbor_list
+
+    i, j, shift = neighbor_list("ijS", atoms, cutoff)
+    pos = np.asarray(atoms.get_positions(), dtype=np.float64)
+    vec = pos[j] + shift @ np.asarray(atoms.get_cell(), dtype=np.float64) - pos[i]
+    n = len(atoms)
+    ghost_index: Dict[tuple, int] = {}
+    owner = []
+    dst = np.empty(len(i), dtype=np.int64)
+    for e, (jj, s) in enumerate(zip(j, map(tuple, shift))):
+        if not any(s):
+            dst[e] = jj
+            continue
+        key = (int(jj), s)
+        if key not in ghost_index:
+            ghost_index[key] = n + len(owner)
+            owner.append(int(jj))
+        dst[e] = ghost_index[key]
+    return (torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(dst), torch.as_tensor(vec, dtype=torch.float32),
+            torch.as_tensor(owner, dtype=torch.int64))
+
+
+def run_like_pair_e3gnn_parallel(modules, atoms, metadata: Dict[str, str], virial: bool = False):
+    """``(energy, forces [N, 3], virial [3, 3] or None)`` of the ``pair_style e3gnn/parallel``
+    files ``modules`` on ASE ``atoms``, computed as ``pair_e3gnn_parallel.cpp`` computes them on
+    one process: the segments run in turn, the ghosts' features of each ("x_ghost") copied from
+    their owners' (the forward communication), the backward run segment by segment from
+    ``dE/d(x, self_cont_tmp, x_ghost)``, the ghosts' gradients added to their owners' (the reverse
+    communication), ``dE/d edge_vec`` summed over the segments and scattered to forces on local
+    and ghost atoms, which LAMMPS adds to their owners."""
+    symbols = metadata["chemical_symbols_to_index"].split()
+    index = {s: k for k, s in enumerate(symbols)}
+    missing = sorted(set(atoms.get_chemical_symbols()) - set(index))
+    if missing:
+        raise ValueError(f"the files know the elements {symbols}, not {missing}")
+    n = len(atoms)
+    src, dst, vec, owner = _local_and_ghost_graph(atoms, float(metadata["cutoff"]))
+    types = torch.tensor([index[s] for s in atoms.get_chemical_symbols()], dtype=torch.int64)
+    vec.requires_grad_(True)
+    count = torch.tensor([n], dtype=torch.int64)
+    data = {"x": types, "x_ghost": types[owner], "edge_index": torch.stack([src, dst]), "edge_vec": vec,
+            "num_atoms": count, "nlocal": count}
+    wrt = [[vec]]
+    out = modules[0](data)
+    for part in modules[1:]:
+        x_ghost = out["x"].detach()[owner].requires_grad_(True)  # forward communication
+        out["x_ghost"] = x_ghost
+        out["edge_vec"] = out["edge_vec"].clone()
+        wrt.append([out["edge_vec"], out["x"], out["self_cont_tmp"], x_ghost])
+        out = part(out)
+    energy = out["inferred_total_energy"].squeeze()
+    de_dr = torch.zeros_like(vec)
+    of, grad_out = [energy], None
+    for k in range(len(wrt) - 1, -1, -1):
+        grads = torch.autograd.grad(of, wrt[k], grad_out)
+        de_dr = de_dr + grads[0]
+        if k == 0:
+            break
+        dx = grads[1].clone().index_add_(0, owner, grads[3])  # reverse communication
+        of, grad_out = [wrt[k][1], wrt[k][2]], [dx, grads[2]]
+    forces = torch.zeros(n + len(owner), 3, dtype=torch.float32).index_add_(0, src, de_dr).index_add_(0, dst, -de_dr)
+    forces = forces[:n].index_add_(0, owner, forces[n:])
+    w = -(vec.detach().unsqueeze(2) * de_dr.unsqueeze(1)).sum(0) if virial else None
+    return (energy.detach().double(), forces.double(), None if w is None else w.double())
 
 
 def run_like_pair_e3gnn(module, atoms, metadata: Dict[str, str], virial: bool = False):

@@ -319,12 +319,62 @@ def _export_for_pair_e3gnn(checkpoint, frames, tmp_path):
     module = torch.jit.load(str(path), _extra_files=meta)
     meta = {k: v.decode() for k, v in meta.items()}
     net, _ = load_finetuned(checkpoint, dtype="float32")
+    _gives_the_eager_model(net, frames, lambda atoms: run_like_pair_e3gnn(module, atoms, meta))
+    _export_for_pair_e3gnn_parallel(checkpoint, net, frames, tmp_path)
+
+
+def _gives_the_eager_model(net, frames, run):
+    """``run(atoms)`` (energy, forces, _) equals ``net``'s energy and forces on ``frames`` (float32)."""
     for atoms in frames:
         batch = atoms_to_batch([atoms], net.atomic_numbers.tolist(), float(net.r_max), dtype=torch.float32)
         e0, f0 = _eval(net, batch)
-        e, f, _ = run_like_pair_e3gnn(module, atoms, meta)
+        e, f, _ = run(atoms)
         assert abs(float(e - e0.sum())) <= 2e-6 * max(1.0, abs(float(e0.sum())))
         assert float((f - f0).abs().max()) <= 5e-6 * max(1.0, float(f0.abs().max()))
+
+
+def _export_for_pair_e3gnn_parallel(checkpoint, net, frames, tmp_path):
+    """`--format lammps-parallel`: a directory of segment files for pair_style e3gnn/parallel that
+    gives the checkpoint's model; an existing directory is replaced only with --overwrite and only
+    when it holds nothing but segment files."""
+    import contextlib
+    import io
+    import json
+
+    from mmea_kernels.app.cli import main
+    from mmea_kernels.integrations.sevenn_deploy import run_like_pair_e3gnn_parallel
+
+    out = tmp_path / "parallel"
+
+    def export(*extra):
+        buf, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(err):
+            rc = main(["export", "--checkpoint", str(checkpoint), "--out", str(out), "--format", "lammps-parallel",
+                       *extra])
+        return rc, buf.getvalue(), err.getvalue()
+
+    rc, text, _ = export()
+    assert rc == 0
+    res = json.loads(text)
+    assert res["verified_max_rel_diff"] <= 5e-6 and "pair_style e3gnn/parallel; pair_coeff * * 5 " in res["lammps"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [f"deployed_parallel_{i}.pt" for i in range(5)]
+    keys = ("chemical_symbols_to_index", "cutoff", "comm_size")
+    metas = [{k: "" for k in keys} for _ in names]
+    modules = [torch.jit.load(str(out / n), _extra_files=m) for n, m in zip(names, metas)]
+    meta = {k: v.decode() for k, v in metas[0].items()}
+    assert meta["comm_size"] == "480"
+    _gives_the_eager_model(net, frames, lambda atoms: run_like_pair_e3gnn_parallel(modules, atoms, meta))
+    rc, _, err = export()
+    assert rc == 2 and "exists; pass --overwrite" in err
+    (out / "notes.txt").write_text("mine")
+    rc, _, err = export("--overwrite")
+    assert rc == 2 and "not segment files (notes.txt)" in err and (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    stamp = (out / names[0]).stat().st_mtime_ns
+    assert export("--overwrite")[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == names and (out / names[0]).stat().st_mtime_ns != stamp
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".parallel")]
 
 
 def test_fused_gate_is_the_default_and_no_fused_gate_opts_out(monkeypatch):

@@ -16,7 +16,9 @@ pytest.importorskip("mace")
 from mmea_kernels.app.data import toy_molecules  # noqa: E402
 from mmea_kernels.integrations.mace import atoms_to_batch  # noqa: E402
 from mmea_kernels.integrations.sevenn import _checkpoint_path, load_sevennet  # noqa: E402
-from mmea_kernels.integrations.sevenn_deploy import run_like_pair_e3gnn, sevennet_lammps_model  # noqa: E402
+from mmea_kernels.integrations.sevenn_deploy import (  # noqa: E402
+    _local_and_ghost_graph, run_like_pair_e3gnn, run_like_pair_e3gnn_parallel, sevennet_lammps_model,
+    sevennet_lammps_parallel_models)
 
 from helpers import adapted_copy, perturb_trainable  # noqa: E402
 
@@ -60,6 +62,44 @@ def test_unadapted_file_gives_what_sevenns_own_deploy_gives(base, tmp_path):
             _close(g, w, 2e-6)
 
 
+def _load_with_meta(path, keys):
+    meta = {k: "" for k in keys}
+    module = torch.jit.load(str(path), _extra_files=meta)
+    return module, {k: v.decode() for k, v in meta.items()}
+
+
+def test_unadapted_parallel_files_give_what_sevenns_own_deploy_parallel_gives(base, tmp_path):
+    """Against sevenn's deploy_parallel of the checkpoint, both run as pair_e3gnn_parallel.cpp runs
+    them; and sevenn's parallel files give what its serial file gives (the emulation of the
+    parallel pair checked on sevenn's own files). NaCl's cell is small: atoms see periodic images
+    (ghost atoms), ethanol has none."""
+    from sevenn.scripts.deploy import deploy, deploy_parallel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        deploy_parallel(_checkpoint_path("7net-0"), str(tmp_path / "par"))
+        deploy(_checkpoint_path("7net-0"), str(tmp_path / "ref.pt"))
+    keys = ("chemical_symbols_to_index", "cutoff", "comm_size", "num_species")
+    modules, meta = sevennet_lammps_parallel_models(base)
+    assert len(modules) == 5  # SevenNet-0: five message-passing layers
+    refs, meta_ref = zip(*[_load_with_meta(tmp_path / "par" / f"deployed_parallel_{i}.pt", keys) for i in range(5)])
+    assert not (tmp_path / "par" / "deployed_parallel_5.pt").exists()
+    assert meta["chemical_symbols_to_index"].split() == meta_ref[0]["chemical_symbols_to_index"].split()
+    assert (meta["comm_size"], meta["num_species"]) == (meta_ref[0]["comm_size"], meta_ref[0]["num_species"])
+    assert float(meta["cutoff"]) == float(meta_ref[0]["cutoff"])
+    serial, meta_serial = _load_with_meta(tmp_path / "ref.pt", keys[:2])
+    crystal = _atoms()[1]
+    assert len(_local_and_ghost_graph(crystal, float(meta["cutoff"]))[3]) > len(crystal)  # ghosts
+    for atoms in _atoms():
+        pbc = bool(atoms.pbc.all())
+        got = run_like_pair_e3gnn_parallel(modules, atoms, meta, virial=pbc)
+        want = run_like_pair_e3gnn_parallel(list(refs), atoms, meta_ref[0], virial=pbc)
+        one = run_like_pair_e3gnn(serial, atoms, meta_serial, virial=pbc)
+        for g, w, s in zip(got[:2 + pbc], want, one):
+            _close(g, w, 2e-6)
+            _close(w, s, 5e-6)
+
+
 def _adapted(base, method, seed):
     """Random adapters and random per-element reference energies (a few eV)."""
     m = adapted_copy(base, method, seed)
@@ -83,18 +123,30 @@ def _paper(base, seed):
     return m
 
 
+def _pair(m, form):
+    """``run(atoms, virial)`` of ``m``'s files for pair_style e3gnn (``serial``) or e3gnn/parallel."""
+    if form == "serial":
+        module, meta = sevennet_lammps_model(m)
+        return lambda atoms, virial: run_like_pair_e3gnn(module, atoms, meta, virial=virial)
+    modules, meta = sevennet_lammps_parallel_models(m)
+    return lambda atoms, virial: run_like_pair_e3gnn_parallel(modules, atoms, meta, virial=virial)
+
+
+@pytest.mark.parametrize("form", ["serial", "parallel"])
 @pytest.mark.parametrize("method", ["mmea", "elora", "mmea-paper"])
-def test_adapted_file_gives_the_eager_energy_forces_and_virial(base, method):
+def test_adapted_files_give_the_eager_energy_forces_and_virial(base, method, form):
     """Random adapters and reference energies: a file without the adapters, without the energies, or
-    with the virial's sign flipped fails this."""
+    with the virial's sign flipped fails this; the parallel files carry the adapters in every
+    segment and in the ghost atoms' copies of the first layers (NaCl's ghosts go through them), and
+    fail this with plain ghost copies."""
     m = _paper(base, seed=1) if method == "mmea-paper" else _adapted(base, method, seed=1)
-    module, meta = sevennet_lammps_model(m)
+    run = _pair(m, form)
     assert any(n.endswith("mmea_up.weight") or n.endswith("elora_B.0") for n, _ in m.named_parameters())
     for atoms in _atoms():
         batch = atoms_to_batch([atoms], m.atomic_numbers.tolist(), float(m.r_max), dtype=torch.float32)
         pbc = bool(atoms.pbc.all())
         out = m(dict(batch), training=False, compute_force=True, compute_stress=pbc)
-        e, f, w = run_like_pair_e3gnn(module, atoms, meta, virial=pbc)
+        e, f, w = run(atoms, pbc)
         _close(e, out["energy"].sum(), 2e-6)
         _close(f, out["forces"], 5e-6)
         if pbc:

@@ -114,10 +114,20 @@ def test_export_refuses_to_replace_or_to_write_a_wrong_file(checkpoints, tmp_pat
 def test_unknown_format_and_dtype_are_named(checkpoints, tmp_path):
     from mmea_kernels.app.deploy import export_checkpoint
 
-    with pytest.raises(ValueError, match="unknown --format 'onnx'; expected one of lammps, torchscript"):
+    with pytest.raises(ValueError, match="unknown --format 'onnx'; expected one of lammps, lammps-parallel, torchscript"):
         export_checkpoint(checkpoints["mmea"], tmp_path / "m.pt", "onnx")
     with pytest.raises(ValueError, match="unknown --dtype 'float16'"):
         export_checkpoint(checkpoints["mmea"], tmp_path / "m.pt", "lammps", dtype="float16")
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_parallel_format_is_refused_for_mace_by_name(checkpoints, tmp_path):
+    """--format lammps-parallel is SevenNet's pair style: a MACE checkpoint is pointed to lammps."""
+    from mmea_kernels.app.deploy import export_checkpoint
+
+    with pytest.raises(ValueError, match="lammps-parallel is SevenNet's pair_style e3gnn/parallel; .*holds a "
+                                         "ScaleShiftMACE .*use --format lammps"):
+        export_checkpoint(checkpoints["mmea"], tmp_path / "m", "lammps-parallel")
     assert not list(tmp_path.iterdir())
 
 
