@@ -152,11 +152,17 @@ def main(argv=None) -> int:
     ex.add_argument("--checkpoint", required=True)
     ex.add_argument("--out", required=True,
                     help="the file to write (mace-torch names LAMMPS files *-lammps.pt); lammps-parallel: a directory")
-    ex.add_argument("--format", choices=("lammps", "lammps-parallel", "torchscript"), default="lammps",
+    ex.add_argument("--format", choices=("lammps", "lammps-parallel", "lammps-mliap", "torchscript"),
+                    default="lammps",
                     help="lammps: LAMMPS_MACE for pair_style mace (float64 by default), or for a SevenNet "
                          "checkpoint SevenNet's pair_style e3gnn (float32); lammps-parallel (SevenNet only): "
                          "--out is a directory of the segment files of pair_style e3gnn/parallel (domain "
-                         "decomposition); torchscript (MACE only): the model's own forward (mace-torch's input dict)")
+                         "decomposition); lammps-mliap (MACE only): mace-torch's ML-IAP file for pair_style mliap "
+                         "unified (domain decomposition, GPUs; a pickle LAMMPS' Python loads); torchscript (MACE "
+                         "only): the model's own forward (mace-torch's input dict)")
+    ex.add_argument("--mliap-backend", choices=("cueq", "e3nn"), default=None,
+                    help="lammps-mliap: the model's form, cuEquivariance (default, as mace-torch's; needs "
+                         "cuequivariance-torch) or e3nn")
     ex.add_argument("--dtype", choices=("float32", "float64"), default=None,
                     help="default: float64 for lammps (SevenNet: float32, the only one), the checkpoint's for "
                          "torchscript")
@@ -374,7 +380,7 @@ def _export(args) -> None:
     from .deploy import export_checkpoint
 
     res = export_checkpoint(args.checkpoint, args.out, args.format, args.model, args.dtype,
-                            trust_pickle=args.trust_pickle, overwrite=args.overwrite)
+                            trust_pickle=args.trust_pickle, overwrite=args.overwrite, mliap_backend=args.mliap_backend)
     print(json.dumps(res, indent=1))
 
 

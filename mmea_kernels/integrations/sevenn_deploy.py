@@ -145,8 +145,8 @@ def _segments(net: nn.Module) -> list:
     """The deploy-ready ``net`` cut as ``sevenn``'s parallel model builder cuts a SevenNet network
     (``model_build._to_parallel_model``): ghost copies of the first embedding and self-interaction
     after their originals, the convolutions in parallel mode (they take the ghosts' features from
-    "x_ghost" and keep the local rows), and a new segment before each ``{i}_self_interaction_1``
-    (i >= 1), each after the first starting with a copy of the edge embedding. Every layer is a copy
+    "x_ghost" and keep the local rows), and a cut after each ``{i}_self_interaction_1``
+    (i >= 1), each segment after the first starting with a copy of the edge embedding. Every layer is a copy
     of ``net``'s own, adapters and FusedGates included."""
     import sevenn._keys as KEY
     from sevenn.nn.node_embedding import OnehotEmbedding
@@ -196,40 +196,25 @@ def sevennet_lammps_parallel_models(model: nn.Module) -> Tuple[List[torch.jit.Sc
 
 
 def _local_and_ghost_graph(atoms, cutoff: float):
-    """The graph ``pair_e3gnn_parallel.cpp`` builds on one process owning every atom: edges from
-    each atom i to every neighbour within the cutoff, a neighbour in another periodic image being
-    a ghost atom (one graph node per image, numbered after the local atoms in order of first
-    appearance). Returns ``(src, dst, edge_vec float32, owner of each ghost)``."""
-    from ase.neighborlist import neighbor_list
+    """:func:`~mmea_kernels.integrations.ghosts.one_process_graph` with float32 edge vectors (as
+    ``pair_e3gnn_parallel.cpp`` passes them): ``(src, dst, edge_vec, owner of each ghost)``."""
+    from .ghosts import one_process_graph
 
-    i, j, shift = neighbor_list("ijS", atoms, cutoff)
-    pos = np.asarray(atoms.get_positions(), dtype=np.float64)
-    vec = pos[j] + shift @ np.asarray(atoms.get_cell(), dtype=np.float64) - pos[i]
-    n = len(atoms)
-    ghost_index: Dict[tuple, int] = {}
-    owner = []
-    dst = np.empty(len(i), dtype=np.int64)
-    for e, (jj, s) in enumerate(zip(j, map(tuple, shift))):
-        if not any(s):
-            dst[e] = jj
-            continue
-        key = (int(jj), s)
-        if key not in ghost_index:
-            ghost_index[key] = n + len(owner)
-            owner.append(int(jj))
-        dst[e] = ghost_index[key]
-    return (torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(dst), torch.as_tensor(vec, dtype=torch.float32),
-            torch.as_tensor(owner, dtype=torch.int64))
+    src, dst, vec, owner = one_process_graph(atoms, cutoff)
+    return src, dst, torch.as_tensor(vec, dtype=torch.float32), owner
 
 
 def run_like_pair_e3gnn_parallel(modules, atoms, metadata: Dict[str, str], virial: bool = False):
     """``(energy, forces [N, 3], virial [3, 3] or None)`` of the ``pair_style e3gnn/parallel``
-    files ``modules`` on ASE ``atoms``, computed as ``pair_e3gnn_parallel.cpp`` computes them on
-    one process: the segments run in turn, the ghosts' features of each ("x_ghost") copied from
-    their owners' (the forward communication), the backward run segment by segment from
-    ``dE/d(x, self_cont_tmp, x_ghost)``, the ghosts' gradients added to their owners' (the reverse
-    communication), ``dE/d edge_vec`` summed over the segments and scattered to forces on local
-    and ghost atoms, which LAMMPS adds to their owners."""
+    files ``modules`` on ASE ``atoms``, computed as ``pair_e3gnn_parallel.cpp`` computes them
+    for a process whose neighbours in other periodic images are ghost atoms owned elsewhere (as
+    neighbours owned by other processes are): the segments run in turn, the ghosts' features of
+    each ("x_ghost") copied from their owners' (the forward communication), the backward run segment
+    by segment from ``dE/d(x, self_cont_tmp, x_ghost)``, the ghosts' gradients added to their
+    owners' (the reverse communication), ``dE/d edge_vec`` summed over the segments and scattered
+    to forces on local and ghost atoms, which LAMMPS adds to their owners. (On one real process the
+    pair maps every image to its local atom by tag and has no ghosts: the serial graph, which
+    :func:`run_like_pair_e3gnn` gives; the same numbers, without exercising the communication.)"""
     symbols = metadata["chemical_symbols_to_index"].split()
     index = {s: k for k, s in enumerate(symbols)}
     missing = sorted(set(atoms.get_chemical_symbols()) - set(index))

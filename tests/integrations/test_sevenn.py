@@ -304,6 +304,7 @@ def _export_for_pair_e3gnn(checkpoint, frames, tmp_path):
 
     path = tmp_path / "deployed.pt"
     for extra, expect in ((["--format", "torchscript"], "exports as --format lammps"),
+                          (["--format", "lammps-mliap"], "--format lammps-mliap is for MACE models"),
                           (["--dtype", "float64"], "runs float32")):
         err = io.StringIO()
         with contextlib.redirect_stderr(err):

@@ -205,3 +205,21 @@ def test_export_refuses_what_does_not_script_by_name_before_running_it(base, tmp
                                          r"MMEATensorProduct \(the mmea-tp method\) has no TorchScript form\)"):
         deploy._export_sevennet(m, {"model": "sevenn:7net-0", "method": "mmea-tp"}, tmp_path / "m.pt", "lammps", None)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("fmt", ["lammps", "lammps-parallel"])
+def test_export_accepts_a_reference_crystal_whose_forces_vanish(base, fmt, tmp_path):
+    """Float32 files round to a few 1e-6 eV/Å whatever the forces: a reference frame whose forces
+    vanish by symmetry (perfect diamond Si) must not make the check refuse a correct file (with the
+    force scale floored at 1e-3 it did: relative 3e-3; found by a review)."""
+    import ase.build
+
+    from mmea_kernels.app import deploy
+
+    si = ase.build.bulk("Si", "diamond", a=5.43)
+    probe = {"numbers": torch.tensor(si.numbers), "positions": torch.tensor(si.positions),
+             "cell": torch.tensor(np.asarray(si.cell)), "pbc": torch.ones(3, dtype=torch.bool)}
+    m = _adapted(base, "mmea", seed=4)
+    res = deploy._export_sevennet(m, {"model": "sevenn:7net-0", "method": "mmea", "probe": probe}, tmp_path / "out",
+                                  fmt, None)
+    assert 0 < res["verified_max_rel_diff"] <= 2e-5 and (tmp_path / "out").exists()

@@ -114,7 +114,7 @@ def test_export_refuses_to_replace_or_to_write_a_wrong_file(checkpoints, tmp_pat
 def test_unknown_format_and_dtype_are_named(checkpoints, tmp_path):
     from mmea_kernels.app.deploy import export_checkpoint
 
-    with pytest.raises(ValueError, match="unknown --format 'onnx'; expected one of lammps, lammps-parallel, torchscript"):
+    with pytest.raises(ValueError, match="unknown --format 'onnx'; expected one of lammps, lammps-parallel, lammps-mliap, torchscript"):
         export_checkpoint(checkpoints["mmea"], tmp_path / "m.pt", "onnx")
     with pytest.raises(ValueError, match="unknown --dtype 'float16'"):
         export_checkpoint(checkpoints["mmea"], tmp_path / "m.pt", "lammps", dtype="float16")
@@ -160,3 +160,111 @@ def test_export_refuses_a_model_that_is_not_mace(checkpoints, tmp_path, monkeypa
                                              "its MD through the ASE calculator"):
             deploy.export_checkpoint(checkpoints["mmea"], tmp_path / "m.pt", fmt)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("method", ["mmea", "mmea-paper"])
+def test_mliap_files_give_the_checkpoints_energies_forces_and_virials(checkpoints, method, tmp_path, capsys):
+    """--format lammps-mliap (mace-torch's ML-IAP pickle for pair_style mliap unified), both forms,
+    loaded back and run as LAMMPS runs it (ghost atoms in the periodic frames) on frames the export
+    did not check: the e3nn form equals the eager checkpoint model to round-off, the cuEquivariance
+    form to the reported conversion difference."""
+    import numpy as np
+
+    from mmea_kernels.integrations.mace_mliap import run_like_mliap
+
+    net, _ = load_finetuned(checkpoints[method], dtype="float64")
+    z, r = model_info(net)
+    atoms = toy_molecules("toluene", 1, seed=11) + toy_molecules("ethanol", 1, seed=12)
+    box = atoms[0].copy()
+    box.cell, box.pbc = np.eye(3) * 7.0, True
+    for backend, tol in (("e3nn", 1e-10), ("cueq", 1e-6)):
+        path = tmp_path / f"{method}-{backend}-mliap.pt"
+        capsys.readouterr()
+        assert main(["export", "--checkpoint", str(checkpoints[method]), "--out", str(path), "--format",
+                     "lammps-mliap", "--mliap-backend", backend]) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert res["backend"] == backend and res["dtype"] == "float64" and res["verified_max_rel_diff"] <= 1e-9
+        assert res["conversion_max_rel_diff"] <= (1e-12 if backend == "e3nn" else 1e-6)
+        assert res["lammps"].startswith(f"pair_style mliap unified {path} 0")
+        loaded = torch.load(str(path), weights_only=False)
+        for a in atoms + [box]:
+            pbc = bool(a.pbc.all())
+            b = atoms_to_batch([a], z, r, energy_key="__none__", forces_key="__none__", dtype=torch.float64)
+            ref = net(dict(b), training=False, compute_force=True, compute_virials=pbc)
+            e, f, w = run_like_mliap(loaded, a, virial=pbc)
+            assert _rel(e.reshape(-1), ref["energy"].detach()) <= tol
+            assert _rel(f, ref["forces"].detach()) <= tol
+            if pbc:
+                assert _rel(w, ref["virials"].detach().reshape(3, 3)) <= tol
+    assert not list(tmp_path.glob(".*part"))
+
+
+def test_mliap_export_refuses_a_wrong_file_and_misplaced_options(checkpoints, tmp_path, capsys, monkeypatch):
+    from mmea_kernels.integrations import mace_mliap
+
+    ck = str(checkpoints["elora"])
+    out = tmp_path / "m.pt"
+    for extra, expect in ((["--mliap-backend", "e3nn"], "--mliap-backend is for --format lammps-mliap, not "
+                                                         "--format lammps"),):
+        capsys.readouterr()
+        assert main(["export", "--checkpoint", ck, "--out", str(out), *extra]) == 2
+        assert expect in capsys.readouterr().err
+    real = mace_mliap.run_like_mliap
+    monkeypatch.setattr(mace_mliap, "run_like_mliap", lambda *a, **k: (real(*a, **k)[0] + 1e-6, *real(*a, **k)[1:]))
+    assert main(["export", "--checkpoint", ck, "--out", str(out), "--format", "lammps-mliap",
+                 "--mliap-backend", "e3nn"]) == 2
+    assert "the exported lammps-mliap file does not reproduce" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def _segments_dir(path, text):
+    path.mkdir()
+    for i in range(2):
+        (path / f"deployed_parallel_{i}.pt").write_text(text)
+
+
+def test_a_segment_directory_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """`_write_verified_dir` (--format lammps-parallel --overwrite): the new directory takes the
+    name and the old one's mode; interrupted between moving the old one aside and naming the new
+    one, the old one is put back; a file that appeared in it after the first check is not deleted
+    (the replacement is refused); nothing temporary is left behind."""
+    import os
+
+    from mmea_kernels.app import deploy
+
+    def save(tmp):
+        for i in range(3):
+            (tmp / f"deployed_parallel_{i}.pt").write_text("new")
+
+    out = tmp_path / "par"
+    _segments_dir(out, "old")
+    os.chmod(out, 0o750)
+    deploy._check_parallel_out(out, overwrite=True)
+    assert deploy._write_verified_dir(out, save, lambda tmp: 0.5) == 0.5
+    assert sorted(p.name for p in out.iterdir()) == [f"deployed_parallel_{i}.pt" for i in range(3)]
+    assert (out / "deployed_parallel_0.pt").read_text() == "new" and (os.stat(out).st_mode & 0o777) == 0o750
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["par"]
+
+    real, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the new directory would take the name now
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(deploy.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        deploy._write_verified_dir(out, lambda tmp: (tmp / "deployed_parallel_0.pt").write_text("newer"), lambda t: 0)
+    monkeypatch.setattr(deploy.os, "replace", real)
+    assert (out / "deployed_parallel_0.pt").read_text() == "new" and len(list(out.iterdir())) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["par"]
+
+    (out / "notes.txt").write_text("mine")  # after the command's first check
+    with pytest.raises(FileExistsError, match=r"not segment files \(notes.txt\)"):
+        deploy._write_verified_dir(out, save, lambda tmp: 0)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "deployed_parallel_0.pt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["par"]
+    (tmp_path / "link").symlink_to(out)
+    with pytest.raises(FileExistsError, match="link exists and is a symbolic link"):
+        deploy._check_parallel_out(tmp_path / "link", overwrite=True)

@@ -1,0 +1,94 @@
+"""``mmea-kernels export --format lammps-mliap``: a MACE checkpoint for LAMMPS' ML-IAP interface
+(``pair_style mliap unified``; several processes or GPUs), as mace-torch's ``create_lammps_model
+--format mliap`` makes it (:mod:`mmea_kernels.integrations.mace_mliap`).
+
+The file is a pickle of ``LAMMPS_MLIAP_MACE`` (mace-torch's format): LAMMPS' Python loads it, with
+mace-torch and mmea_kernels importable there. Before it takes the name it is loaded back and run as
+LAMMPS runs it (:func:`~mmea_kernels.integrations.mace_mliap.run_like_mliap`) on the checkpoint's
+reference frame and on a periodic copy where atoms see images of each other (ghost atoms, exchanged
+between the layers; the virial), against the eager model it wraps (float64: 1e-9 relative, float32:
+2e-5; ``deploy.TOLERANCE``). In the cuEquivariance form (the default, as mace-torch's) that model is mace-torch's
+conversion of the checkpoint's model with the adapters carried over; its difference from the
+checkpoint's e3nn model is reported (``conversion_max_rel_diff``) and bounded (float64: 1e-6,
+float32: 5e-5): mace-torch's own conversion of the shipped model differs by ~1e-8 relative in
+float64.
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Optional
+
+import torch
+
+from .deploy import TOLERANCE, _SCRIPT_ERRORS, _cluster, _crowded, _fold_parametrizations, _rel_diff, _write_verified
+
+FORMAT = "lammps-mliap"
+
+
+def _eager(net, frames):
+    """``(atoms, (energy, forces, virial or None))`` of ``net`` on each frame (float64 copies)."""
+    from ..train.selfcheck import probe_atoms, probe_batch
+
+    out = []
+    for frame in frames:
+        atoms = probe_atoms(frame)
+        pbc = bool(atoms.pbc.all())
+        res = net(probe_batch(net, frame), training=False, compute_force=True, compute_virials=pbc)
+        out.append((atoms, (res["energy"].detach().double().sum(), res["forces"].detach().double(),
+                            res["virials"].detach().double().reshape(3, 3) if pbc else None)))
+    return out
+
+
+def _largest(got, want, floor: float) -> float:
+    return max(_rel_diff(g, w, floor) for (_, g), (_, w) in zip(got, want))
+
+
+def export_mliap(net, ckpt: dict, out: pathlib.Path, dtype: torch.dtype, backend: Optional[str]) -> dict:
+    """Write the ML-IAP file of the fine-tuned MACE ``net`` to ``out`` (checked; see the module)."""
+    from ase.data import chemical_symbols
+
+    from ..integrations.mace_mliap import BACKENDS, mliap_model, run_like_mliap
+    from ..train.foundation import model_info
+
+    backend = backend or "cueq"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown --mliap-backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    net = net.to(dtype).eval()
+    z, r_max = model_info(net)
+    probe = ckpt.get("probe") or _cluster(z)
+    frames = [probe, _crowded(probe, r_max)]
+    reference = _eager(net, frames)  # the checkpoint's model, before anything is folded or converted
+    folded = _fold_parametrizations(net)
+    try:
+        obj = mliap_model(net, dtype=dtype, backend=backend)
+    except ImportError as exc:
+        raise ValueError(f"--format {FORMAT} with --mliap-backend cueq needs cuequivariance-torch "
+                         f"(pip install 'mmea_kernels[cueq]'), or pass --mliap-backend e3nn ({exc})") from exc
+    except _SCRIPT_ERRORS as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"this model does not convert for --format {FORMAT} ({type(exc).__name__}: {first})") from exc
+    tol, floor = TOLERANCE[dtype]
+    wrapped = _eager(obj.model.model, frames)
+    conversion = _largest(wrapped, reference, floor)
+    limit = 1e-6 if dtype == torch.float64 else 5e-5
+    if not conversion <= limit:
+        raise ValueError(f"the {backend} form of the checkpoint's model differs from it by {conversion:.3g} "
+                         f"(relative, > {limit:g}); nothing was written")
+
+    def verify(tmp):
+        loaded = torch.load(tmp, weights_only=False)  # the file just written here, not a user's file
+        got = [(atoms, run_like_mliap(loaded, atoms, virial=want[2] is not None)) for atoms, want in wrapped]
+        rel = _largest(got, wrapped, floor)
+        if not rel <= tol:
+            raise ValueError(f"the exported {FORMAT} file does not reproduce the checkpoint's model on its reference "
+                             f"frame (relative difference {rel:.3g} > {tol:g}); nothing was written")
+        return rel
+
+    rel = _write_verified(out, lambda tmp: torch.save(obj, tmp), verify)
+    elements = " ".join(chemical_symbols[int(v)] for v in z)
+    return {"out": str(out), "format": FORMAT, "dtype": str(dtype).replace("torch.", ""), "backend": backend,
+            "method": ckpt["method"], "base_model": ckpt["model"], "atomic_numbers": [int(v) for v in z],
+            "r_max": float(r_max), "folded_parametrizations": folded, "conversion_max_rel_diff": conversion,
+            "verified_max_rel_diff": rel,
+            "lammps": f"pair_style mliap unified {out} 0; pair_coeff * * <one element per atom type, of {elements}> "
+                      "(LAMMPS with ML-IAP and Python; mace-torch and mmea_kernels importable by LAMMPS' Python)"}
