@@ -38,11 +38,28 @@ def mliap_model(model: nn.Module, dtype: torch.dtype = torch.float64, backend: s
         raise ValueError(f"unknown ML-IAP backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     net = copy.deepcopy(model).to(device="cpu", dtype=dtype).eval()
     if backend == "cueq":
-        from .cueq import convert_adapted_to_cueq
-
-        net = convert_adapted_to_cueq(net, layout="ir_mul", device="cpu").to(dtype).eval()
+        net = _to_cueq(net).to(dtype).eval()
     net.lammps_mliap = True
     return LAMMPS_MLIAP_MACE(net) if head is None else LAMMPS_MLIAP_MACE(net, head=head)
+
+
+def _to_cueq(net: nn.Module) -> nn.Module:
+    """The cuEquivariance form (``ir_mul``) of an e3nn MACE: with its adapters carried over
+    (:func:`~mmea_kernels.integrations.cueq.convert_adapted_to_cueq`), or mace-torch's own conversion
+    for a model without adapters (full fine-tuning, a readout refit)."""
+    from ..peft.inject import adapted_modules, tensor_product_gates
+
+    if tensor_product_gates(net):
+        raise ValueError("the mmea-tp method's tensor-product gates have no cuEquivariance form: export it with "
+                         "--mliap-backend e3nn")
+    if adapted_modules(net):
+        from .cueq import convert_adapted_to_cueq
+
+        return convert_adapted_to_cueq(net, layout="ir_mul", device="cpu")
+    import cuequivariance_torch  # noqa: F401  (an ImportError names what is missing)
+    from mace.cli.convert_e3nn_cueq import run
+
+    return run(net, device="cpu", return_model=True, layout="ir_mul")
 
 
 class _OneProcessData:
@@ -96,5 +113,6 @@ def run_like_mliap(obj, atoms, virial: bool = False):
     forces = torch.zeros(data.ntotal, 3, dtype=torch.float64)
     forces.index_add_(0, data.pair_i, data.fij).index_add_(0, data.pair_j, -data.fij)
     forces = forces[:n].index_add_(0, data.owner, forces[n:])
-    w = -(data.rij.unsqueeze(2) * data.fij.unsqueeze(1)).sum(0) if virial else None
+    rij = data.rij.detach()  # mace-torch marks it requires_grad in place
+    w = -(rij.unsqueeze(2) * data.fij.unsqueeze(1)).sum(0) if virial else None
     return torch.tensor(float(data.energy), dtype=torch.float64), forces, w

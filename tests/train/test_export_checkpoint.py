@@ -268,3 +268,42 @@ def test_a_segment_directory_is_replaced_whole_or_not_at_all(tmp_path, monkeypat
     (tmp_path / "link").symlink_to(out)
     with pytest.raises(FileExistsError, match="link exists and is a symbolic link"):
         deploy._check_parallel_out(tmp_path / "link", overwrite=True)
+
+
+def _with_probe(checkpoint, atoms, path):
+    """A copy of ``checkpoint`` whose reference frame is ``atoms``."""
+    from mmea_kernels.train.selfcheck import make_probe
+
+    net, _ = load_finetuned(checkpoint, dtype="float64")
+    ck = torch.load(str(checkpoint), weights_only=True)
+    ck["probe"] = make_probe(net, atoms)
+    torch.save(ck, str(path))
+    return path
+
+
+def test_mliap_export_of_other_methods_and_awkward_reference_frames(checkpoints, tmp_path, capsys):
+    """Found by a review: full fine-tuning (no adapters) converts to the cuEquivariance form with
+    mace-torch's own conversion; mmea-tp, which has none, is pointed to the e3nn form (which works);
+    a reference frame of one isolated atom (no pairs: mace-torch skips it) is replaced by a cluster of
+    the model's elements; a perfect 64-atom crystal in float32 (virial rounding over many pair terms)
+    is not refused."""
+    import ase
+    from ase.build import bulk
+
+    from mmea_kernels.app.deploy import export_checkpoint
+
+    res = export_checkpoint(checkpoints["full"], tmp_path / "full.pt", "lammps-mliap")
+    assert res["backend"] == "cueq" and res["verified_max_rel_diff"] <= 1e-9
+    with pytest.raises(ValueError, match="mmea-tp method's tensor-product gates have no cuEquivariance form: export "
+                                         "it with --mliap-backend e3nn"):
+        export_checkpoint(checkpoints["mmea-tp"], tmp_path / "tp.pt", "lammps-mliap")
+    assert not (tmp_path / "tp.pt").exists()
+    res = export_checkpoint(checkpoints["mmea-tp"], tmp_path / "tp.pt", "lammps-mliap", mliap_backend="e3nn")
+    assert res["verified_max_rel_diff"] <= 1e-9
+    lone = _with_probe(checkpoints["elora"], ase.Atoms("H", positions=[[0.0, 0.0, 0.0]]), tmp_path / "lone.ckpt")
+    assert export_checkpoint(lone, tmp_path / "lone.pt", "lammps-mliap", mliap_backend="e3nn")[
+        "verified_max_rel_diff"] <= 1e-9
+    crystal = _with_probe(checkpoints["mmea"], bulk("C", "diamond", a=3.57, cubic=True).repeat(2),
+                          tmp_path / "crystal.ckpt")
+    res = export_checkpoint(crystal, tmp_path / "crystal.pt", "lammps-mliap", dtype="float32", mliap_backend="e3nn")
+    assert res["dtype"] == "float32" and res["verified_max_rel_diff"] <= 2e-5
