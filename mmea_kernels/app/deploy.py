@@ -15,7 +15,8 @@ reference energies inside (:mod:`~mmea_kernels.integrations.sevenn_deploy`); the
 running them as ``pair_e3gnn.cpp`` / ``pair_e3gnn_parallel.cpp`` do, the parallel files also on a
 periodic copy of the reference frame where atoms see images of each other (ghost atoms).
 
-The file needs neither mmea_kernels nor mace-torch nor e3nn to load. Low-rank parametrizations
+The TorchScript files need neither mmea_kernels nor mace-torch nor e3nn to load (the ML-IAP file,
+a pickle as mace-torch makes it, needs mace-torch and mmea_kernels). Low-rank parametrizations
 (``mmea-paper``) are folded into their weights in the exported copy (exact: the weight the
 parametrization computes). Before the file is put at ``out`` it is loaded back and evaluated on the
 checkpoint's reference frame (one training frame; for checkpoints from before they held one, a small
@@ -211,7 +212,7 @@ def _write_verified_dir(out: pathlib.Path, save, verify) -> float:
     renames, the old one is put back."""
     import shutil
 
-    from .files import umask_mode
+    from .files import current_umask, umask_mode
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=str(out.parent)))
     old = tmp.with_suffix(".old")
@@ -220,7 +221,7 @@ def _write_verified_dir(out: pathlib.Path, save, verify) -> float:
         rel = verify(tmp)
         for f in tmp.iterdir():
             umask_mode(f)
-        os.chmod(tmp, stat.S_IMODE(out.stat().st_mode) if out.is_dir() else 0o777 & ~_umask())
+        os.chmod(tmp, stat.S_IMODE(out.stat().st_mode) if out.is_dir() else 0o777 & ~current_umask())
         try:
             if out.exists():
                 os.replace(out, old)
@@ -243,12 +244,6 @@ def _only_segments(directory: pathlib.Path, name: pathlib.Path) -> None:
     if stray:
         raise FileExistsError(f"--out {name} holds files that are not segment files ({', '.join(stray[:5])}); "
                               "give a new directory, nothing was replaced")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _sevennet_checks(net, probe: dict, r_max: float, fmt: str):

@@ -27,8 +27,12 @@ def check_outputs(paths: dict, overwrite: bool) -> None:
             raise FileNotFoundError(f"{name} {path}: the directory {parent} does not exist")
 
 
-def umask_mode(path) -> None:
-    """Give ``path`` the mode open() would (``tempfile.mkstemp`` creates files 0600)."""
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    return mask
+
+
+def umask_mode(path) -> None:
+    """Give ``path`` the mode open() would (``tempfile.mkstemp`` creates files 0600)."""
+    os.chmod(path, 0o666 & ~current_umask())
