@@ -164,10 +164,11 @@ def main(argv=None) -> int:
                     help="lammps-mliap: the model's form, cuEquivariance (default, as mace-torch's; needs "
                          "cuequivariance-torch) or e3nn")
     ex.add_argument("--dtype", choices=("float32", "float64"), default=None,
-                    help="default: float64 for lammps (SevenNet: float32, the only one), the checkpoint's for "
-                         "torchscript")
+                    help="default: float64 for lammps and lammps-mliap (SevenNet's formats: float32, the only "
+                         "one), the checkpoint's for torchscript")
     ex.add_argument("--model", default=None, help="base model, if not where the checkpoint says")
-    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file (lammps-parallel: a "
+                                                              "directory holding only segment files)")
     data = sub.add_parser("data", help="datasets")
     dsub = data.add_subparsers(dest="dataset", required=True)
     rmd = dsub.add_parser("rmd17", help="fetch the public rMD17 archive and write <out>/<molecule>/{train,valid,test}.xyz",
