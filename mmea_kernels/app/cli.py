@@ -6,7 +6,7 @@
   md         molecular dynamics with a checkpoint: NVE (energy-drift check), NVT, NPT; trajectory, log
   relax      geometry optimisation with a checkpoint (positions, optionally the cell)
   predict    a checkpoint's energies, forces (and stresses) on every frame of a file, as extended XYZ
-  export     a checkpoint as TorchScript: LAMMPS pair_style mace / e3gnn (SevenNet), or the scripted model (verified)
+  export     a checkpoint for LAMMPS (pair_style mace, ML-IAP; SevenNet: e3gnn, e3gnn/parallel) or TorchScript (verified)
   data rmd17 download the public rMD17 archive and write train/valid/test splits
 """
 from __future__ import annotations
@@ -143,8 +143,8 @@ def main(argv=None) -> int:
     pr.add_argument("--batch-size", type=int, default=16)
     pr.add_argument("--prefix", default="MMEA_", help="the keys' prefix (default MMEA_: MMEA_energy, ...)")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    ex = sub.add_parser("export", help="a checkpoint as a TorchScript file (LAMMPS pair_style mace or e3gnn, or the "
-                                       "model)",
+    ex = sub.add_parser("export", help="a checkpoint for LAMMPS (pair_style mace, ML-IAP; SevenNet's e3gnn, "
+                                       "e3gnn/parallel) or as the scripted model",
                         parents=[_common(trust=True)],
                         description="Export a fine-tuning checkpoint for production MD. The file is loaded back "
                                     "and checked against the checkpoint's model on its reference frame before it "
