@@ -11,7 +11,8 @@ between the layers; the virial), against the eager model it wraps (float64: 1e-9
 conversion of the checkpoint's model with the adapters carried over; its difference from the
 checkpoint's e3nn model is reported (``conversion_max_rel_diff``) and bounded (float64: 1e-6,
 float32: 5e-5): mace-torch's own conversion of the shipped model differs by ~1e-8 relative in
-float64.
+float64 (that file stores the symmetric contractions' U matrices in float32; cuEquivariance computes
+its own).
 """
 from __future__ import annotations
 
