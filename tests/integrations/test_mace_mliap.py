@@ -108,3 +108,18 @@ def test_unknown_elements_and_backends_are_named(base):
         run_like_mliap(obj, ase.Atoms("OgH", positions=[[0, 0, 0], [0, 0, 1.0]]))
     with pytest.raises(ValueError, match="unknown ML-IAP backend 'openequivariance'; expected one of cueq, e3nn"):
         mliap_model(base, backend="openequivariance")
+
+
+def test_the_ghosts_features_matter_to_the_check(base, monkeypatch):
+    """The check exercises the exchange: with ghosts' rows left as mace pads them (no forward
+    exchange), an adapted model's file no longer gives the eager forces on a frame with ghosts."""
+    from mmea_kernels.integrations import mace_mliap
+
+    m = _adapted(base, "mmea", seed=7)
+    boxed = _atoms(float(m.r_max))[1]
+    obj = mliap_model(m, backend="e3nn")
+    want = _eager(m, boxed)
+    _close(run_like_mliap(obj, boxed, virial=True), want, 1e-10)
+    monkeypatch.setattr(mace_mliap._OneProcessData, "forward_exchange", lambda self, feats, out, n: out.copy_(feats))
+    _, f, _ = run_like_mliap(obj, boxed, virial=True)
+    assert float((f - want[1]).abs().max()) > 1e-4

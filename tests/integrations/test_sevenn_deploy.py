@@ -223,3 +223,29 @@ def test_export_accepts_a_reference_crystal_whose_forces_vanish(base, fmt, tmp_p
     res = deploy._export_sevennet(m, {"model": "sevenn:7net-0", "method": "mmea", "probe": probe}, tmp_path / "out",
                                   fmt, None)
     assert 0 < res["verified_max_rel_diff"] <= 2e-5 and (tmp_path / "out").exists()
+
+
+def test_the_ghost_copies_carry_the_adapters(base, monkeypatch):
+    """Parallel files whose ghost copies of the first layers lack the adapters (plain copies of the
+    base layers) give other forces on a frame with ghosts: the emulation and the export's check see
+    them."""
+    from mmea_kernels import adapted_modules
+    from mmea_kernels.integrations import sevenn_deploy
+
+    m = _adapted(base, "mmea", seed=5)
+    crystal = _atoms()[1]
+    batch = atoms_to_batch([crystal], m.atomic_numbers.tolist(), float(m.r_max), dtype=torch.float32)
+    want = m(dict(batch), training=False, compute_force=True)["forces"]
+    real = sevenn_deploy._ghost_copy
+
+    def plain(layer):
+        ghost = real(layer)
+        for name, mod in list(adapted_modules(ghost).items()):
+            parent = ghost.get_submodule(name.rsplit(".", 1)[0]) if "." in name else ghost
+            setattr(parent, name.rsplit(".", 1)[-1], mod.base)
+        return ghost
+
+    monkeypatch.setattr(sevenn_deploy, "_ghost_copy", plain)
+    modules, meta = sevennet_lammps_parallel_models(m)
+    _, f, _ = run_like_pair_e3gnn_parallel(modules, crystal, meta)
+    assert float((f - want).abs().max()) > 1e-3
