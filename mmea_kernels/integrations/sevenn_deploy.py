@@ -64,10 +64,9 @@ def _type_order(type_map: Dict[int, int]) -> list:
 
 
 def _deploy_net(model: nn.Module):
-    """``(net, types, metadata)``: the SevenNet network of a float32 copy of ``model`` as the pair
-    styles run it (no force module, type indices in "x", one graph, frozen weights, the fine-tuned
-    reference energies added after the rescale), its atomic numbers in type-index order, and the
-    metadata both pair styles read."""
+    """``(net, metadata)``: the SevenNet network of a float32 copy of ``model`` as the pair styles
+    run it (no force module, type indices in "x", one graph, frozen weights, the fine-tuned reference
+    energies added after the rescale), and the metadata both pair styles read."""
     import sevenn
     import sevenn._keys as KEY
     from ase.data import chemical_symbols
@@ -111,7 +110,7 @@ def _deploy_net(model: nn.Module):
         "dtype": "single",
         "time": datetime.date.today().isoformat(),
     }
-    return net.eval(), types, metadata
+    return net.eval(), metadata
 
 
 def _script(net: nn.Module) -> torch.jit.ScriptModule:
@@ -125,7 +124,7 @@ def sevennet_lammps_model(model: nn.Module) -> Tuple[torch.jit.ScriptModule, Dic
     :class:`~mmea_kernels.integrations.sevenn.SevenNetAsMACE`, adapted or not) for ``pair_style
     e3gnn``, and the extra files to save with it (``module.save(path, _extra_files=metadata)``;
     :func:`torch.jit.save` takes them the same way). ``model`` itself is left as it was."""
-    net, _, metadata = _deploy_net(model)
+    net, metadata = _deploy_net(model)
     return _script(net), metadata
 
 
@@ -157,11 +156,11 @@ def _segments(net: nn.Module) -> list:
     need = ["edge_embedding", "onehot_idx_to_onehot", *_GHOST_LAYERS] + [f"{i}_self_interaction_1" for i in convs]
     missing = [n for n in need if n not in layers]
     if not convs or missing:
-        raise ValueError(f"this SevenNet network cannot be cut as sevenn's parallel model: it lacks {missing or 'convolutions'}")
+        raise ValueError("this SevenNet network cannot be cut as sevenn's parallel model: it lacks "
+                         f"{missing or 'convolutions'}")
     cuts = {f"{i}_self_interaction_1" for i in convs[1:]}
     segments, current = [], []
-    for name, layer in layers.items():
-        layer = copy.deepcopy(layer)
+    for name, layer in layers.items():  # net is _deploy_net's own copy: its layers can be used as they are
         if name.endswith("_convolution"):
             layer.is_parallel = True
         current.append((name, layer))
@@ -189,7 +188,7 @@ def sevennet_lammps_parallel_models(model: nn.Module) -> Tuple[List[torch.jit.Sc
     ``sevenn.scripts.deploy.deploy_parallel`` builds them, adapters, FusedGates and reference
     energies inside; save ``modules[i]`` as ``<dir>/deployed_parallel_<i>.pt`` with ``metadata``
     (it adds ``comm_size``, the widest node feature the pair communicates)."""
-    net, _, metadata = _deploy_net(model)
+    net, metadata = _deploy_net(model)
     parts = _segments(net)
     comm = max(int(part._modules[f"{t}_convolution"]._comm_size) for t, part in enumerate(parts))
     return [_script(part) for part in parts], dict(metadata, comm_size=str(comm))
