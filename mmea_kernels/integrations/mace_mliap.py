@@ -51,7 +51,7 @@ def _to_cueq(net: nn.Module) -> nn.Module:
 
     if tensor_product_gates(net):
         raise ValueError("the mmea-tp method's tensor-product gates have no cuEquivariance form: export it with "
-                         "--mliap-backend e3nn")
+                         "--mliap-backend e3nn (backend='e3nn')")
     if adapted_modules(net):
         from .cueq import convert_adapted_to_cueq
 
