@@ -2,8 +2,8 @@
 MMEA_TEST_CUDA=1 (the GPU run: kernels on CUDA tensors, see helpers.TRITON_DEVICES and the
 ``device`` fixture), under pytest-xdist each worker takes its share of the cores
 (intra-op threads), the rMD17 data directory is found from MMEA_RMD17_DIR or
-../shared/data/rmd17, and the fixtures several test files use: ``one_thread`` (per module) and
-``keep_default_dtype``. The helpers (references, TOL, builders) are in helpers.py."""
+../shared/data/rmd17, and the fixtures several test files use: ``one_thread`` (per module), and ``keep_default_dtype``
+(every test). The helpers (references, TOL, builders) are in helpers.py."""
 import os
 import pathlib
 
@@ -57,9 +57,10 @@ def one_thread():
     torch.set_num_threads(prev)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def keep_default_dtype():
-    """No test may leak a changed default dtype (mace-torch's builds and conversions set it)."""
+    """No test may leak a changed default dtype (mace-torch's builds and conversions set it): one that
+    leaked from the ML-IAP export made a later test build its model in float64 (every test, since)."""
     import torch
 
     prev = torch.get_default_dtype()

@@ -88,6 +88,30 @@ def transfer_adapters(source: nn.Module, target: nn.Module) -> InjectionReport:
     return rep
 
 
+def _keeping_default_dtype(runner: Callable[[nn.Module], nn.Module], model: nn.Module) -> nn.Module:
+    """``runner(model)`` with torch's default dtype put back afterwards: mace-torch's conversions read
+    the model (state_dict, config) and set the default dtype to its dtype, for the whole process."""
+    prev = torch.get_default_dtype()
+    try:
+        return runner(model)
+    finally:
+        torch.set_default_dtype(prev)
+
+
+def convert_to_cueq(model: nn.Module, layout: str = "ir_mul", device: Optional[str] = None) -> nn.Module:
+    """The cuEquivariance form of an e3nn MACE, adapted or not: :func:`convert_adapted_to_cueq`, or
+    for a model without adapters (full fine-tuning, a readout refit) mace-torch's own conversion;
+    either way the default dtype is left as it was."""
+    if adapted_modules(model):
+        return convert_adapted_to_cueq(model, layout=layout, device=device)
+    _check_mace(model)
+    import cuequivariance_torch  # noqa: F401  (an ImportError names what is missing)
+    from mace.cli.convert_e3nn_cueq import run
+
+    dev = device or _device_of(model)
+    return _keeping_default_dtype(lambda m: run(m, device=dev, return_model=True, layout=layout), model)
+
+
 def _convert(model: nn.Module, runner: Callable[[nn.Module], nn.Module]) -> nn.Module:
     _check_mace(model)
     from torch.nn.utils import parametrize
@@ -101,12 +125,8 @@ def _convert(model: nn.Module, runner: Callable[[nn.Module], nn.Module]) -> nn.M
     if not adapted_modules(model):
         raise ValueError("model has no adapters; convert it with mace-torch's own conversion "
                          "(mace.cli.convert_e3nn_cueq.run / convert_cueq_e3nn.run)")
-    prev = torch.get_default_dtype()
-    try:  # mace-torch's run() reads the model (state_dict, config) and sets the default dtype to its dtype
-        with _base_layers_in_place(model) as base:
-            target = runner(base)
-    finally:
-        torch.set_default_dtype(prev)
+    with _base_layers_in_place(model) as base:
+        target = _keeping_default_dtype(runner, base)
     transfer_adapters(model, target)
     saved = getattr(model, _SAVED_GRAD_FLAGS, None)  # requires_grad to restore on unload(), where names agree
     if saved is not None:

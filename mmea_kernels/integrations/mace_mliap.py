@@ -44,22 +44,16 @@ def mliap_model(model: nn.Module, dtype: torch.dtype = torch.float64, backend: s
 
 
 def _to_cueq(net: nn.Module) -> nn.Module:
-    """The cuEquivariance form (``ir_mul``) of an e3nn MACE: with its adapters carried over
-    (:func:`~mmea_kernels.integrations.cueq.convert_adapted_to_cueq`), or mace-torch's own conversion
-    for a model without adapters (full fine-tuning, a readout refit)."""
-    from ..peft.inject import adapted_modules, tensor_product_gates
+    """The cuEquivariance form (``ir_mul``) of an e3nn MACE, adapters carried over
+    (:func:`~mmea_kernels.integrations.cueq.convert_to_cueq`; mace-torch's own conversion for a
+    model without adapters)."""
+    from ..peft.inject import tensor_product_gates
+    from .cueq import convert_to_cueq
 
     if tensor_product_gates(net):
         raise ValueError("the mmea-tp method's tensor-product gates have no cuEquivariance form: export it with "
                          "--mliap-backend e3nn (backend='e3nn')")
-    if adapted_modules(net):
-        from .cueq import convert_adapted_to_cueq
-
-        return convert_adapted_to_cueq(net, layout="ir_mul", device="cpu")
-    import cuequivariance_torch  # noqa: F401  (an ImportError names what is missing)
-    from mace.cli.convert_e3nn_cueq import run
-
-    return run(net, device="cpu", return_model=True, layout="ir_mul")
+    return convert_to_cueq(net, layout="ir_mul", device="cpu")
 
 
 class _OneProcessData:

@@ -31,7 +31,7 @@ LAYOUTS = {  # id -> (layout_in, layout_out)
     "mul_ir": ("mul_ir", "mul_ir"),
     "mul_ir->ir_mul": ("mul_ir", "ir_mul"),
 }
-pytestmark = pytest.mark.usefixtures("one_thread", "keep_default_dtype")  # mace-torch's conversion sets it
+pytestmark = pytest.mark.usefixtures("one_thread")  # keep_default_dtype is autouse (conftest)
 
 
 def make_cuet(irreps_in=IN, irreps_out=OUT, layouts=("ir_mul", "ir_mul"), seed=0, **kw):

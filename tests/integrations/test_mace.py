@@ -38,7 +38,7 @@ METHODS = [
     pytest.param("mmea", {"phi": "residual"}, id="mmea-residual"),
     pytest.param("elora", {}, id="elora"),
 ]
-pytestmark = pytest.mark.usefixtures("one_thread", "keep_default_dtype")
+pytestmark = pytest.mark.usefixtures("one_thread")  # keep_default_dtype is autouse (conftest)
 
 
 # ----------------------------------------------------------------------------------- helpers

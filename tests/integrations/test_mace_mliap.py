@@ -123,3 +123,14 @@ def test_the_ghosts_features_matter_to_the_check(base, monkeypatch):
     monkeypatch.setattr(mace_mliap._OneProcessData, "forward_exchange", lambda self, feats, out, n: out.copy_(feats))
     _, f, _ = run_like_mliap(obj, boxed, virial=True)
     assert float((f - want[1]).abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("adapted", [False, True])
+def test_the_cueq_form_leaves_the_default_dtype(base, adapted):
+    """mace-torch's conversion sets torch's default dtype to the model's for the whole process; the
+    export puts it back (it leaked once and made a later test build its model in float64)."""
+    m = _adapted(base, "mmea", seed=1) if adapted else base
+    before = torch.get_default_dtype()
+    assert before == torch.float32 and m.r_max.dtype == torch.float64
+    mliap_model(m, backend="cueq")
+    assert torch.get_default_dtype() == before

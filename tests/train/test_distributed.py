@@ -17,8 +17,11 @@ from mmea_kernels.train.foundation import save_model  # noqa: E402
 from mmea_kernels.integrations.mace import PRESETS, build_mace  # noqa: E402
 
 
-@pytest.mark.usefixtures("one_thread")  # as the two processes (OMP_NUM_THREADS=1): MKL's results depend on its
-def test_torchrun_two_processes_match_one(tmp_path):  # thread count, and Adam amplifies that (failed once at 9e-10)
+@pytest.mark.usefixtures("one_thread")  # as the two processes (OMP_NUM_THREADS=1)
+def test_torchrun_two_processes_match_one(tmp_path):
+    # the processes build the model under torch's default dtype; a default leaked by an earlier test
+    # (float64, from mace-torch's conversion) once made this one differ by 9e-10 after training
+    assert torch.get_default_dtype() == torch.float32
     tiny = PRESETS["tiny"]
     torch.manual_seed(0)
     save_model(build_mace(tiny), tiny, tmp_path / "base.pt")
