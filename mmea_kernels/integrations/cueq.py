@@ -31,7 +31,7 @@ from ..linear_spec import is_cuet_linear
 from ..peft.inject import _SAVED_GRAD_FLAGS, InjectionReport, _set_submodule, adapted_modules
 from ..peft.state import adapter_state_dict, load_adapter_state_dict
 
-__all__ = ["convert_adapted_to_cueq", "convert_adapted_to_e3nn", "transfer_adapters"]
+__all__ = ["convert_adapted_to_cueq", "convert_adapted_to_e3nn", "convert_to_cueq", "transfer_adapters"]
 
 
 def _device_of(model: nn.Module) -> str:
