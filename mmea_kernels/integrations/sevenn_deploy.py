@@ -153,7 +153,8 @@ def _segments(net: nn.Module) -> list:
 
     layers = net._modules
     convs = sorted(int(n.split("_")[0]) for n in layers if n.split("_", 1)[-1] == "convolution" and n[0].isdigit())
-    need = ["edge_embedding", "onehot_idx_to_onehot", *_GHOST_LAYERS] + [f"{i}_self_interaction_1" for i in convs]
+    need = dict.fromkeys(["edge_embedding", "onehot_idx_to_onehot", *_GHOST_LAYERS]
+                         + [f"{i}_self_interaction_1" for i in convs])  # in order, once each
     missing = [n for n in need if n not in layers]
     if not convs or missing:
         raise ValueError("this SevenNet network cannot be cut as sevenn's parallel model: it lacks "

@@ -249,3 +249,12 @@ def test_the_ghost_copies_carry_the_adapters(base, monkeypatch):
     modules, meta = sevennet_lammps_parallel_models(m)
     _, f, _ = run_like_pair_e3gnn_parallel(modules, crystal, meta)
     assert float((f - want).abs().max()) > 1e-3
+
+
+def test_a_network_that_cannot_be_cut_is_refused_by_name(base):
+    from mmea_kernels.integrations.sevenn_deploy import _deploy_net, _segments
+
+    net, _ = _deploy_net(base)
+    del net._modules["0_self_interaction_1"]
+    with pytest.raises(ValueError, match=r"cannot be cut as sevenn's parallel model: it lacks \['0_self_interaction_1'\]"):
+        _segments(net)

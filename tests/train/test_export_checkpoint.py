@@ -307,3 +307,49 @@ def test_mliap_export_of_other_methods_and_awkward_reference_frames(checkpoints,
                           tmp_path / "crystal.ckpt")
     res = export_checkpoint(crystal, tmp_path / "crystal.pt", "lammps-mliap", dtype="float32", mliap_backend="e3nn")
     assert res["dtype"] == "float32" and res["verified_max_rel_diff"] <= 2e-5
+
+
+def test_mliap_and_parallel_error_paths_name_the_problem(checkpoints, tmp_path, monkeypatch):
+    """What the new formats refuse, by name, writing nothing: --out for the parallel directory that
+    is a file or lacks its parent; an unknown backend; no cuequivariance-torch for the cueq form; a
+    cueq form that differs from the checkpoint's model; a frame the ML-IAP file computes nothing for."""
+    import ase
+
+    from mmea_kernels.app import deploy, deploy_mliap
+    from mmea_kernels.integrations import mace_mliap
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match="afile exists and is not a directory; --format lammps-parallel"):
+        deploy._check_parallel_out(tmp_path / "afile", overwrite=True)
+    with pytest.raises(FileNotFoundError, match="nodir does not exist"):
+        deploy._check_parallel_out(tmp_path / "nodir" / "par", overwrite=False)
+    ck, out = checkpoints["elora"], tmp_path / "m.pt"
+    net, ckpt = load_finetuned(ck, dtype="float64")
+    with pytest.raises(ValueError, match="unknown --mliap-backend 'cuda'; expected one of cueq, e3nn"):
+        deploy_mliap.export_mliap(net, ckpt, out, torch.float64, "cuda")
+
+    def no_cueq(net):
+        raise ImportError("No module named 'cuequivariance_torch'")
+
+    monkeypatch.setattr(mace_mliap, "_to_cueq", no_cueq)
+    with pytest.raises(ValueError, match=r"needs cuequivariance-torch \(pip install 'mmea_kernels\[cueq\]'\), or pass "
+                                         "--mliap-backend e3nn"):
+        deploy_mliap.export_mliap(net, ckpt, out, torch.float64, "cueq")
+    monkeypatch.undo()
+    real = mace_mliap.mliap_model
+
+    def drifted(*a, **k):  # a conversion that changed the model
+        obj = real(*a, **k)
+        with torch.no_grad():
+            next(p for p in obj.model.model.parameters() if p.dim() == 2).add_(1e-3)
+        return obj
+
+    monkeypatch.setattr(mace_mliap, "mliap_model", drifted)
+    with pytest.raises(ValueError, match="the cueq form of the checkpoint's model differs from it by .* nothing was "
+                                         "written"):
+        deploy_mliap.export_mliap(net, ckpt, out, torch.float64, "cueq")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    obj = mace_mliap.mliap_model(net, backend="e3nn")
+    with pytest.raises(ValueError, match="computed nothing for H .0 pairs within the cutoff"):
+        mace_mliap.run_like_mliap(obj, ase.Atoms("H", positions=[[0.0, 0.0, 0.0]]))
