@@ -34,5 +34,5 @@ bench-ablation: install
 
 # the same validation-chosen learning-rate grid for every method (bench/adapt_lr.py; 120 runs, ~100 min on 2 cores)
 bench-adapt-lr: install
-	$(PY) bench/adapt_lr.py --molecules ethanol,toluene,malonaldehyde,benzene,naphthalene --seeds 0,1 --lrs 2e-3,5e-3,1e-2,2e-2,5e-2 --workers 2
+	$(PY) bench/adapt_lr.py --molecules ethanol,toluene,malonaldehyde,benzene,naphthalene,aspirin --seeds 0,1 --lrs 2e-3,5e-3,1e-2,2e-2,5e-2 --workers 2
 	$(PY) bench/adapt_lr.py --molecules benzene,naphthalene --methods elora --seeds 0,1 --lrs 2e-2,5e-2,1e-1 --workers 2 --name adapt-lr-grid-elora-edge
