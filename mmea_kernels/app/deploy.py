@@ -246,24 +246,28 @@ def _only_segments(directory: pathlib.Path, name: pathlib.Path) -> None:
                               "give a new directory, nothing was replaced")
 
 
-def _sevennet_checks(net, probe: dict, r_max: float, fmt: str):
-    """``(atoms, eager (energy, forces, virial or None))`` on the reference frame and periodic
-    copies: for ``lammps``, in a box where no atom sees an image (the virial); for the parallel
-    files, in a box where atoms see images (ghost atoms, the virial)."""
+def _eager_frames(net, frames):
+    """``(atoms, (energy, forces, virial or None))`` of the eager ``net`` (MACE or SevenNet) on each
+    frame, float64 copies; the virial ``W = -V σ`` (LAMMPS's) on periodic frames."""
     from ..train.selfcheck import probe_atoms, probe_batch
 
-    if fmt == PARALLEL:
-        frames = [probe, _crowded(probe, r_max)]
-    else:
-        frames = [probe] + ([] if bool(torch.as_tensor(probe["pbc"]).all()) else [_boxed(probe, r_max)])
-    checks = []
+    out = []
     for frame in frames:
         atoms = probe_atoms(frame)
         pbc = bool(atoms.pbc.all())
         res = net(probe_batch(net, frame), training=False, compute_force=True, compute_stress=pbc)
-        virial = -res["stress"][0].double() * atoms.get_volume() if pbc else None  # LAMMPS: W = -V σ
-        checks.append((atoms, (res["energy"].double().sum(), res["forces"].double(), virial)))
-    return checks
+        virial = -res["stress"][0].detach().double() * atoms.get_volume() if pbc else None
+        out.append((atoms, (res["energy"].detach().double().sum(), res["forces"].detach().double(), virial)))
+    return out
+
+
+def _sevennet_checks(net, probe: dict, r_max: float, fmt: str):
+    """The eager model on the reference frame and periodic copies (:func:`_eager_frames`): for
+    ``lammps``, in a box where no atom sees an image (the virial); for the parallel files, in a box
+    where atoms see images (ghost atoms, the virial)."""
+    if fmt == PARALLEL:
+        return _eager_frames(net, [probe, _crowded(probe, r_max)])
+    return _eager_frames(net, [probe] + ([] if bool(torch.as_tensor(probe["pbc"]).all()) else [_boxed(probe, r_max)]))
 
 
 def _export_sevennet(net, ckpt: dict, out: pathlib.Path, fmt: str, dtype: Optional[str]) -> dict:

@@ -21,23 +21,10 @@ from typing import Optional
 
 import torch
 
-from .deploy import TOLERANCE, _SCRIPT_ERRORS, _cluster, _crowded, _fold_parametrizations, _rel_diff, _write_verified
+from .deploy import (TOLERANCE, _SCRIPT_ERRORS, _cluster, _crowded, _eager_frames, _fold_parametrizations, _rel_diff,
+                     _write_verified)
 
 FORMAT = "lammps-mliap"
-
-
-def _eager(net, frames):
-    """``(atoms, (energy, forces, virial or None))`` of ``net`` on each frame (float64 copies)."""
-    from ..train.selfcheck import probe_atoms, probe_batch
-
-    out = []
-    for frame in frames:
-        atoms = probe_atoms(frame)
-        pbc = bool(atoms.pbc.all())
-        res = net(probe_batch(net, frame), training=False, compute_force=True, compute_virials=pbc)
-        out.append((atoms, (res["energy"].detach().double().sum(), res["forces"].detach().double(),
-                            res["virials"].detach().double().reshape(3, 3) if pbc else None)))
-    return out
 
 
 def _pairs(frame: dict, r_max: float) -> int:
@@ -67,7 +54,7 @@ def export_mliap(net, ckpt: dict, out: pathlib.Path, dtype: torch.dtype, backend
     if _pairs(probe, r_max) < 2:  # e.g. an isolated atom first in the training set: mace-torch skips such frames
         probe = _cluster(z)
     frames = [probe, _crowded(probe, r_max)]
-    reference = _eager(net, frames)  # the checkpoint's model, before anything is folded or converted
+    reference = _eager_frames(net, frames)  # the checkpoint's model, before anything is folded or converted
     folded = _fold_parametrizations(net)
     try:
         obj = mliap_model(net, dtype=dtype, backend=backend)
@@ -78,7 +65,7 @@ def export_mliap(net, ckpt: dict, out: pathlib.Path, dtype: torch.dtype, backend
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(f"this model does not convert for --format {FORMAT} ({type(exc).__name__}: {first})") from exc
     tol = TOLERANCE[dtype][0]
-    wrapped = _eager(obj.model.model, frames)
+    wrapped = _eager_frames(obj.model.model, frames)
     conversion = _largest(wrapped, reference, dtype)
     limit = 1e-6 if dtype == torch.float64 else 5e-5
     if not conversion <= limit:
