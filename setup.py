@@ -164,7 +164,8 @@ setup(
     packages=find_packages(include=["mmea_kernels", "mmea_kernels.*"]),
     python_requires=">=3.10",
     # the project's own pretrained model, its log and the small DFT set (scripts/pretrain.py, scripts/data/)
-    package_data={"mmea_kernels": ["assets/*.pt", "assets/*.log", "assets/*/*.xyz", "assets/*/*.md"]},
+    package_data={"mmea_kernels": ["assets/*.pt", "assets/*.log", "assets/*/*.xyz", "assets/*/*.md",
+                                   "integrations/lammps_plugin/*"]},
     install_requires=[
         "torch>=2.2",  # pin the build in the same pip command (scripts/install.sh) to keep a CPU wheel
         "e3nn>=0.5,<0.7",

