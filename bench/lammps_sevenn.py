@@ -6,7 +6,7 @@
   molecules;
 - an NVE run in LAMMPS: the drift of the total energy;
 - cost per MD step in LAMMPS: the fine-tuned file against SevenNet-0's own file (sevenn's deploy of
-  the shipped checkpoint), one process, one thread, LAMMPS' own loop time (start-up excluded), in
+  the shipped checkpoint), one process, 1 and 2 torch threads (``--threads``), LAMMPS' own loop time (start-up excluded), in
   alternating rounds (the order flips every round), reported as the median of the per-round ratios
   with its interquartile range.
 
@@ -21,6 +21,7 @@ import contextlib
 import datetime
 import io
 import json
+import os
 import pathlib
 import platform
 import re
@@ -76,13 +77,15 @@ def _files(args, work: pathlib.Path):
     from mmea_kernels.integrations.sevenn import _checkpoint_path
 
     ckpt = args.checkpoint
+    if ckpt is None and (work / "finetune" / "checkpoint.pt").is_file():  # an earlier run's (same settings)
+        ckpt = str(work / "finetune" / "checkpoint.pt")
     if ckpt is None:
         rmd17 = find_rmd17(args.rmd17)
         if rmd17 is None:
             raise SystemExit("no rMD17 data (../shared/data/rmd17 or --rmd17): give --checkpoint instead")
         _cli("finetune", "--model", "sevenn:7net-0", "--method", "mmea", "--train", f"{rmd17}/ethanol/train.xyz@:20",
              "--valid", f"{rmd17}/ethanol/valid.xyz@:5", "--epochs", "4", "--lr", "1e-2", "--no-progress",
-             "--out", str(work / "finetune"))
+             "--out", str(work / "finetune"), *(["--resume"] if (work / "finetune" / "state.pt").is_file() else []))
         ckpt = str(work / "finetune" / "checkpoint.pt")
     serial, parallel = work / "7net-mmea.pt", work / "7net-mmea-parallel"
     _cli("export", "--checkpoint", ckpt, "--out", str(serial), "--format", "lammps", "--overwrite")
@@ -107,6 +110,26 @@ def _loop_time(work: pathlib.Path) -> float:
     return float(m[-1])
 
 
+def _timing(atoms, setup, work, serial, base, steps, rounds, threads):
+    """Per-step cost of the fine-tuned file over SevenNet-0's own, ``threads`` torch threads, one process."""
+    from mmea_kernels.integrations.lammps import run_lammps
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    times = {"mmea": [], "sevennet-0": []}
+    for r in range(rounds):
+        order = [("mmea", serial), ("sevennet-0", base)]
+        for name, path in (order if r % 2 == 0 else order[::-1]):
+            run_lammps(atoms, "e3gnn", f"* * {path} {{species}}", setup, work / f"time-{name}", steps=steps,
+                       velocities=True)
+            times[name].append(_loop_time(work / f"time-{name}") / steps)
+    ratios = [a / b for a, b in zip(times["mmea"], times["sevennet-0"])]
+    q = statistics.quantiles(ratios, n=4)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    return dict(rounds=rounds, steps_per_run=steps, threads=threads, processes=1,
+                ms_per_step_median={k: 1e3 * statistics.median(v) for k, v in times.items()},
+                ratio_median=statistics.median(ratios), ratio_iqr=[q[0], q[2]], ratios=ratios)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None, help="a SevenNet fine-tuning checkpoint (default: fine-tune one)")
@@ -115,6 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/mmea_lammps_sevenn")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--steps", type=int, default=20, help="MD steps per timed run")
+    p.add_argument("--threads", default="1,2", help="torch threads of the timed runs (comma-separated)")
     p.add_argument("--nve-steps", type=int, default=400)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "lammps-sevenn"))
     args = p.parse_args(argv)
@@ -152,23 +176,12 @@ def main(argv=None) -> int:
     drift = dict(steps=args.nve_steps, dt_fs=0.5, start_K=300, etotal_max_minus_min_meV=1e3 * float(etot.max() - etot.min()),
                  etotal_end_minus_start_meV=1e3 * float(etot[-1] - etot[0]), atoms=len(hot))
 
-    times = {"mmea": [], "sevennet-0": []}
-    for r in range(args.rounds):
-        order = [("mmea", serial), ("sevennet-0", base)]
-        for name, path in (order if r % 2 == 0 else order[::-1]):
-            run_lammps(hot, "e3gnn", f"* * {path} {{species}}", setup, work / f"time-{name}", steps=args.steps,
-                       velocities=True)
-            times[name].append(_loop_time(work / f"time-{name}") / args.steps)
-    ratios = [a / b for a, b in zip(times["mmea"], times["sevennet-0"])]
-    q1, med, q3 = statistics.quantiles(ratios, n=4)[0], statistics.median(ratios), statistics.quantiles(ratios, n=4)[2]
+    timing = [_timing(hot, setup, work, serial, base, args.steps, args.rounds, int(t)) for t in args.threads.split(",")]
     result = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-        machine=f"{platform.machine()}, {__import__('os').cpu_count()} cores, {platform.processor() or platform.platform()}",
+        machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
         lammps=open(pathlib.Path(args.lammps_dir) / "stamp").read().strip(), torch=torch.__version__,
-        checkpoint=ckpt, atoms=len(box), parity=parity, nve=drift,
-        timing=dict(rounds=args.rounds, steps_per_run=args.steps, threads=1, processes=1,
-                    ms_per_step_median={k: 1e3 * statistics.median(v) for k, v in times.items()},
-                    ratio_median=med, ratio_iqr=[q1, q3], ratios=ratios))
+        checkpoint=ckpt, atoms=len(box), parity=parity, nve=drift, timing=timing)
     out = pathlib.Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     out.with_suffix(".md").write_text(_markdown(result))
@@ -184,16 +197,19 @@ def _markdown(r) -> str:
              "| pair style | processes | energy | forces | virial |", "|---|---|---|---|---|"]
     lines += [f"| {p['pair']} | {p['processes']} | {p['energy']:.1e} | {p['forces']:.1e} | {p['virial']:.1e} |"
               for p in r["parity"]]
-    n, t = r["nve"], r["timing"]
+    n = r["nve"]
     lines += ["", f"## NVE in LAMMPS: {n['steps']} steps of {n['dt_fs']} fs from {n['start_K']} K, {n['atoms']} atoms",
               "", f"Total energy: max − min {n['etotal_max_minus_min_meV']:.2f} meV, end − start "
               f"{n['etotal_end_minus_start_meV']:.2f} meV.", "",
-              f"## Cost per MD step, pair_style e3gnn, {t['processes']} process, {t['threads']} thread", "",
-              f"Fine-tuned (MMEA) file / SevenNet-0's own file: median of {t['rounds']} paired rounds "
-              f"**{t['ratio_median']:.3f}×** (IQR {t['ratio_iqr'][0]:.3f}–{t['ratio_iqr'][1]:.3f}); "
-              f"medians {t['ms_per_step_median']['mmea']:.1f} ms vs {t['ms_per_step_median']['sevennet-0']:.1f} ms "
-              f"per step ({t['steps_per_run']} steps per run, LAMMPS' loop time).", ""]
-    return "\n".join(lines)
+              "## Cost per MD step, pair_style e3gnn, one process", "",
+              "Fine-tuned (MMEA) file / SevenNet-0's own file (sevenn's deploy), rounds alternating (the order "
+              "flips every round), LAMMPS' loop time (start-up excluded).", "",
+              "| torch threads | rounds × steps | ratio (median of paired) | IQR | ms per step (MMEA / SevenNet-0) |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {t['threads']} | {t['rounds']} × {t['steps_per_run']} | **{t['ratio_median']:.3f}×** | "
+              f"{t['ratio_iqr'][0]:.3f}–{t['ratio_iqr'][1]:.3f} | {t['ms_per_step_median']['mmea']:.1f} / "
+              f"{t['ms_per_step_median']['sevennet-0']:.1f} |" for t in r["timing"]]
+    return "\n".join(lines + [""])
 
 
 if __name__ == "__main__":

@@ -339,11 +339,15 @@ def _run(args) -> int:
                       overwrite=args.overwrite)
         print(json.dumps(res, indent=1))
     elif args.command == "lammps-build":
-        from ..integrations.lammps import build_lammps
+        from ..integrations.lammps import LammpsBuildError, build_lammps
 
-        setup = build_lammps(args.dir)
-        print(json.dumps({"lmp": setup.lmp, "mpirun": setup.mpirun, "plugins": dict(setup.plugins),
-                          "input": [f"plugin load {path}" for _, path in setup.plugins]}, indent=1))
+        try:
+            setup, status = build_lammps(args.dir)
+        except LammpsBuildError as exc:  # no PyPI, no compiler, an unsuitable torch: not a bug here
+            print(f"mmea-kernels lammps-build: error: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps({"status": status, "lmp": setup.lmp, "mpirun": setup.mpirun, "plugins": dict(setup.plugins),
+                          "input": [f'plugin load "{path}"' for _, path in setup.plugins]}, indent=1))
     elif args.command == "data":
         from .rmd17 import DEFAULT_URL, fetch_rmd17
 

