@@ -114,7 +114,8 @@ def _timing(atoms, setup, work, serial, base, steps, rounds, threads):
     """Per-step cost of the fine-tuned file over SevenNet-0's own, ``threads`` torch threads, one process."""
     from mmea_kernels.integrations.lammps import run_lammps
 
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # run_lammps passes it on to LAMMPS (torch's threads)
     times = {"mmea": [], "sevennet-0": []}
     for r in range(rounds):
         order = [("mmea", serial), ("sevennet-0", base)]
@@ -124,7 +125,10 @@ def _timing(atoms, setup, work, serial, base, steps, rounds, threads):
             times[name].append(_loop_time(work / f"time-{name}") / steps)
     ratios = [a / b for a, b in zip(times["mmea"], times["sevennet-0"])]
     q = statistics.quantiles(ratios, n=4)
-    os.environ["OMP_NUM_THREADS"] = "1"
+    if before is None:
+        os.environ.pop("OMP_NUM_THREADS")
+    else:
+        os.environ["OMP_NUM_THREADS"] = before
     return dict(rounds=rounds, steps_per_run=steps, threads=threads, processes=1,
                 ms_per_step_median={k: 1e3 * statistics.median(v) for k, v in times.items()},
                 ratio_median=statistics.median(ratios), ratio_iqr=[q[0], q[2]], ratios=ratios)

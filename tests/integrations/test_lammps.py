@@ -94,9 +94,7 @@ def _fine_tune_and_export(tmp, method):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    if NOT_BUILT is not None:
-        pytest.skip(f"no LAMMPS: {NOT_BUILT}")
+def exported(tmp_path_factory):  # requested only by @needs_lammps tests
     return _fine_tune_and_export(tmp_path_factory.mktemp("lammps"), "mmea")
 
 
@@ -247,7 +245,11 @@ def _any_lammps():
         return None
 
 
-@pytest.mark.skipif(_any_lammps() is None, reason="no LAMMPS built (mmea-kernels lammps-build)")
+ANY_LAMMPS = _any_lammps()  # lmp alone, plugins or not
+needs_lmp = pytest.mark.skipif(ANY_LAMMPS is None, reason="no LAMMPS built (mmea-kernels lammps-build)")
+
+
+@needs_lmp
 def test_run_lammps_frames_units_and_nve_against_ase_on_a_triclinic_cell(tmp_path):
     """run_lammps' conventions, without SevenNet: Lennard-Jones argon (LAMMPS' lj/cut, energy shifted
     at the cutoff, as ASE's LennardJones) in a rattled primitive fcc cell, which LAMMPS stores
@@ -259,7 +261,7 @@ def test_run_lammps_frames_units_and_nve_against_ase_on_a_triclinic_cell(tmp_pat
     from ase.md import velocitydistribution as vd
     from ase.md.verlet import VelocityVerlet
 
-    setup = LammpsSetup(_any_lammps().lmp)  # no plugins
+    setup = LammpsSetup(ANY_LAMMPS.lmp)  # no plugins
     argon = ase.build.bulk("Ar", "fcc", a=5.26) * (3, 3, 3)
     argon.rattle(0.1, seed=2)
     (getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution)(
@@ -281,10 +283,10 @@ def test_run_lammps_frames_units_and_nve_against_ase_on_a_triclinic_cell(tmp_pat
     assert np.abs(md["thermo"][:, [1, 3]] - np.array(energies)).max() < 1e-7
 
 
-@pytest.mark.skipif(_any_lammps() is None, reason="no LAMMPS built (mmea-kernels lammps-build)")
+@needs_lmp
 def test_a_plugin_that_does_not_load_is_named(tmp_path):
     """A failed plugin load is no LAMMPS error (only the pair style is then unknown): its reason is in the message."""
-    setup = LammpsSetup(_any_lammps().lmp, None, (("e3gnn", str(tmp_path / "missing.so")),))
+    setup = LammpsSetup(ANY_LAMMPS.lmp, None, (("e3gnn", str(tmp_path / "missing.so")),))
     box = _structures()["ethanol"]
     with pytest.raises(RuntimeError, match=r"Open of file .*missing.so failed.*\| ERROR: Unrecognized pair style"):
         run_lammps(box, "e3gnn", "* * x.pt {species}", setup, tmp_path / "w")
