@@ -110,9 +110,11 @@ def _loop_time(work: pathlib.Path) -> float:
     return float(m[-1])
 
 
-def _timing(atoms, setup, work, serial, base, steps, rounds, threads, style="e3gnn", names=("mmea", "sevennet-0")):
+def _timing(atoms, setup, work, serial, base, steps, rounds, threads, style="e3gnn", names=("mmea", "sevennet-0"),
+            warmup=0):
     """Per-step cost of the fine-tuned file (``serial``) over the base model's (``base``) with
-    ``pair_style style``, ``threads`` torch threads, one process; ``names``: theirs in the result."""
+    ``pair_style style``, ``threads`` torch threads, one process; ``names``: theirs in the result;
+    ``warmup`` > 0: that many force evaluations (no integration) before the timed run, outside its time."""
     from mmea_kernels.integrations.lammps import run_lammps
 
     before = os.environ.get("OMP_NUM_THREADS")
@@ -122,7 +124,7 @@ def _timing(atoms, setup, work, serial, base, steps, rounds, threads, style="e3g
         order = [(names[0], serial), (names[1], base)]
         for name, path in (order if r % 2 == 0 else order[::-1]):
             run_lammps(atoms, style, f"* * {path} {{species}}", setup, work / f"time-{name}", steps=steps,
-                       velocities=True)
+                       velocities=True, extra=[f"run {warmup} post no"] if warmup else ())
             times[name].append(_loop_time(work / f"time-{name}") / steps)
     ratios = [a / b for a, b in zip(times[names[0]], times[names[1]])]
     q = statistics.quantiles(ratios, n=4)
@@ -130,7 +132,7 @@ def _timing(atoms, setup, work, serial, base, steps, rounds, threads, style="e3g
         os.environ.pop("OMP_NUM_THREADS")
     else:
         os.environ["OMP_NUM_THREADS"] = before
-    return dict(rounds=rounds, steps_per_run=steps, threads=threads, processes=1,
+    return dict(rounds=rounds, steps_per_run=steps, threads=threads, processes=1, warmup_evaluations=warmup,
                 ms_per_step_median={k: 1e3 * statistics.median(v) for k, v in times.items()},
                 ratio_median=statistics.median(ratios), ratio_iqr=[q[0], q[2]], ratios=ratios)
 

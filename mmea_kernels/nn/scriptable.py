@@ -80,6 +80,9 @@ class _ScriptableMMEA(nn.Module):
     phi_exp: bool
     adapter_enabled: bool
     irreps_in_str: str
+    scalar_first: int
+    scalar_count: int
+    all_scalar_out: bool
 
     def __init__(self, adapter):
         super().__init__()
@@ -93,6 +96,12 @@ class _ScriptableMMEA(nn.Module):
         self.phi_exp = adapter.phi == "exp"
         self.adapter_enabled = bool(adapter.adapter_enabled)
         self.irreps_in_str = adapter.in_layout.irreps_str
+        # as the eager adapter: the 0e input columns as a view when they are one range; an output of
+        # 0e columns only has no gate to multiply by and takes the additive terms as one add
+        span = adapter.in_layout.scalar_span
+        self.scalar_first, self.scalar_count = (int(span[0]), int(span[1])) if span is not None else (-1, 0)
+        scalars = tuple(adapter.out_layout.scalar_columns)
+        self.all_scalar_out = self.num_gates == 0 and scalars == tuple(range(self.dim_out))
         self.mmea_down = adapter.mmea_down
         self.mmea_up = adapter.mmea_up
         self.mmea_static = getattr(adapter, "mmea_static", None) if adapter.mmea_up is None else None
@@ -112,7 +121,10 @@ class _ScriptableMMEA(nn.Module):
         down = self.mmea_down
         up = self.mmea_up
         if down is not None and up is not None:
-            x0 = x2.index_select(1, self.in_scalar_columns)
+            if self.scalar_first >= 0:
+                x0 = x2.narrow(1, self.scalar_first, self.scalar_count)
+            else:
+                x0 = x2.index_select(1, self.in_scalar_columns)
             return up(torch.nn.functional.silu(down(x0)))
         static = self.mmea_static
         assert static is not None
@@ -127,6 +139,8 @@ class _ScriptableMMEA(nn.Module):
         gates = torch.exp(logits) if self.phi_exp else 1.0 + logits
         y2 = rows2d(y, self.dim_out)
         n = y2.size(0)
+        if self.all_scalar_out:  # out_scalar_columns is 0..dim_out-1
+            return (y2 + add).reshape(y.shape)
         if gates.dim() == 1:
             scale = torch.cat([gates, gates.new_ones(1)]).index_select(0, self.gate_index_ext)
         else:

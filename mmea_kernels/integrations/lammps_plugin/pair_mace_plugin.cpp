@@ -15,7 +15,8 @@
 //   pair_coeff * * model.pt H C O             one element per atom type
 //
 // The energy, the forces and the global virial (from the model's strain derivative) are computed;
-// per-atom energies too; per-atom virials are refused. Built by build.sh in this directory.
+// per-atom energies too; per-atom virials are refused. The model runs on the CPU, with TorchScript's
+// graph optimisation off (for the whole process). Built by build.sh in this directory.
 #include <torch/script.h>
 
 #include <cmath>
@@ -87,6 +88,9 @@ class PairMACEPlugin : public Pair {
     } catch (const std::exception &e) {
       error->all(FLERR, "pair_style mace: cannot load the model file {}: {}", arg[2], e.what());
     }
+    // As SevenNet's pair styles: TorchScript's profiling executor costs ~1 s over the first three
+    // calls and then runs this model ~20 % slower on the CPU than the plain interpreter (measured).
+    torch::jit::setGraphExecutorOptimize(false);
     for (const char *name : {"r_max", "num_interactions", "atomic_numbers"})
       if (!model.hasattr(name))
         error->all(FLERR, "pair_style mace: {} has no {} (not a LAMMPS_MACE file: mmea-kernels export "
