@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+from typing import Dict, Optional
 
 import numpy as np
 import pytest
@@ -175,23 +176,72 @@ def test_nve_trajectories_follow_the_eager_model(exported):
         assert got["thermo"].shape == (21, 4) and np.abs(got["thermo"][:, 1] - pe).max() <= 1e-9 * abs(pe[0]), style
 
 
+class _Failing(torch.nn.Module):
+    """LAMMPS_MACE's attributes and forward signature; the forward raises."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("r_max", torch.tensor(5.0, dtype=torch.float64))
+        self.register_buffer("num_interactions", torch.tensor(2))
+        self.register_buffer("atomic_numbers", torch.tensor([1, 6, 8]))
+
+    def forward(self, data: Dict[str, torch.Tensor], local_or_ghost: torch.Tensor,
+                compute_virials: bool = False) -> Dict[str, Optional[torch.Tensor]]:
+        raise RuntimeError("deliberately broken model")
+
+
+def _raw_lammps(setup, work, head, tail):
+    """LAMMPS' output for an input of: plugin load, ``head``, a box with an H, a C and an O atom, ``tail``, run 0."""
+    import subprocess
+
+    work.mkdir(parents=True, exist_ok=True)
+    lines = [f'plugin load "{setup.plugin("mace")}"', *head, "create_atoms 1 single 1 1 1",
+             "create_atoms 2 single 2 1 1", "create_atoms 3 single 1 2 1", "mass * 1.0", *tail, "run 0"]
+    (work / "in.lmp").write_text("\n".join(lines) + "\n")
+    r = subprocess.run([setup.lmp, "-in", str(work / "in.lmp"), "-log", "none", "-nocite"], capture_output=True,
+                       text=True, timeout=300)
+    return r.stdout + r.stderr
+
+
 def test_bad_input_is_a_lammps_error_that_names_it(exported, tmp_path):
+    from mmea_kernels.app.cli import main
+
     setup = find_lammps(LAMMPS_DIR)
     box = _structures()["ethanol"]
-    f = exported["file"]
+    f, tmp = exported["file"], exported["tmp"]
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp / "plain.pt"))
+    torch.jit.script(_Failing()).save(str(tmp / "failing.pt"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["export", "--checkpoint", str(tmp / "run" / "checkpoint.pt"), "--out", str(tmp / "scripted.pt"),
+                     "--format", "torchscript", "--overwrite"]) == 0
     cases = [
         (SERIAL, f"* * {f} H C N", 1, "the model .* has no element N .*its elements: H C O"),
         (SERIAL, f"* * {f} H C Xx", 1, "Xx .*atom type 3.* is not an element symbol"),
         (SERIAL, f"* * {f} H C", 1, "3 atom types, 5 arguments"),
         (SERIAL, f"* * {tmp_path / 'none.pt'} {{species}}", 1, "cannot load the model file .*none.pt"),
-        (SERIAL, f"* * {exported['tmp'] / 'plain.pt'} {{species}}", 1, "has no r_max .*not a LAMMPS_MACE file"),
+        (SERIAL, f"* * {tmp / 'plain.pt'} {{species}}", 1, "has no r_max .*not a LAMMPS_MACE file"),
+        (SERIAL, f"* * {tmp / 'scripted.pt'} {{species}}", 1,
+         "is a MACE model but not a LAMMPS_MACE file .*--format torchscript"),
+        (DECOMPOSED, f"* * {tmp / 'failing.pt'} {{species}}", 1, "the model failed: .*deliberately broken model"),
         ("mace domains", f"* * {f} {{species}}", 1, "unknown argument domains"),
         (SERIAL, f"* * {f} {{species}}", 2, "no_domain_decomposition runs on one process \\(2 here\\)"),
     ]
-    torch.jit.script(torch.nn.Linear(2, 2)).save(str(exported["tmp"] / "plain.pt"))
     for k, (style, coeff, n, message) in enumerate(cases):
         with pytest.raises(RuntimeError, match=message):
             run_lammps(box, style, coeff, setup, tmp_path / f"w{k}", nprocs=n, specorder=["H", "C", "O"])
     with pytest.raises(RuntimeError, match="does not compute per-atom virials"):
         run_lammps(box, SERIAL, f"* * {f} {{species}}", setup, tmp_path / "virial",
                    extra=["compute sa all stress/atom NULL", f'dump sa all custom 1 "{tmp_path / "sa.dump"}" c_sa[1]'])
+    box_cmds = ["region b block 0 10 0 10 0 10"]
+    mace = ["pair_style mace", f"pair_coeff * * {f} H C O"]
+    log = _raw_lammps(setup, tmp_path / "real", ["units real", *box_cmds, "create_box 3 b"], mace)
+    assert "ERROR: pair_style mace requires units metal (eV, Å), not units real" in log, log[-2000:]
+    # atom_style bond with special_bonds' default (0 0 0): LAMMPS would drop bonded pairs from the list
+    log = _raw_lammps(setup, tmp_path / "bonds", ["units metal", "atom_style bond", *box_cmds,
+                                                  "create_box 3 b bond/types 1 extra/bond/per/atom 1"],
+                      ["bond_style zero", "bond_coeff 1", *mace])
+    assert "set special_bonds lj/coul 1.0 1.0 1.0" in log, log[-2000:]
+    # a pair_style re-issued without no_domain_decomposition is back to decomposition (ghost cutoff 2 × 5 + 2)
+    log = _raw_lammps(setup, tmp_path / "reissued", ["units metal", "atom_modify map yes", *box_cmds, "create_box 3 b"],
+                      [f"pair_style {SERIAL}", f"pair_coeff * * {f} H C O", "run 0", *mace])
+    assert log.count("ghost atom cutoff = 12") == 1 and "ghost atom cutoff = 7" in log and "ERROR" not in log, log[-2000:]

@@ -20,6 +20,7 @@
 #include <torch/script.h>
 
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -33,6 +34,7 @@
 #include "neighbor.h"
 #include "pair.h"
 #include "plugin_record.h"
+#include "update.h"
 
 using namespace LAMMPS_NS;
 
@@ -69,6 +71,7 @@ class PairMACEPlugin : public Pair {
   }
 
   void settings(int narg, char **arg) override {
+    decomposition = true;  // a re-issued pair_style keeps this object: start from the default
     if (narg > 1) error->all(FLERR, "pair_style mace takes one optional argument: no_domain_decomposition");
     if (narg == 1 && std::string(arg[0]) == "no_domain_decomposition") decomposition = false;
     else if (narg == 1 && std::string(arg[0]) != "domain_decomposition")
@@ -95,6 +98,11 @@ class PairMACEPlugin : public Pair {
       if (!model.hasattr(name))
         error->all(FLERR, "pair_style mace: {} has no {} (not a LAMMPS_MACE file: mmea-kernels export "
                           "--format lammps, or mace's create_lammps_model)", arg[2], name);
+    const auto &args = model.get_method("forward").function().getSchema().arguments();  // self first
+    if (args.size() != 4 || args[2].name() != "local_or_ghost")
+      error->all(FLERR, "pair_style mace: {} is a MACE model but not a LAMMPS_MACE file (its forward does not "
+                        "take (data, local_or_ghost, compute_virials): --format torchscript? export with "
+                        "mmea-kernels export --format lammps)", arg[2]);
     torch::Tensor r = model.attr("r_max").toTensor();
     dtype = r.scalar_type();
     r_max = r.item<double>();
@@ -126,6 +134,12 @@ class PairMACEPlugin : public Pair {
 
   void init_style() override {
     if (force->newton_pair == 0) error->all(FLERR, "pair_style mace requires newton pair on");
+    if (strcmp(update->unit_style, "metal") != 0)
+      error->all(FLERR, "pair_style mace requires units metal (eV, Å), not units {}", update->unit_style);
+    for (int k = 1; k <= 3 && atom->molecular != Atom::ATOMIC; k++)
+      if (force->special_lj[k] == 0.0 && force->special_coul[k] == 0.0)  // LAMMPS then drops bonded pairs
+        error->all(FLERR, "pair_style mace needs every pair in its neighbour list: with bonds in the data, "
+                          "set special_bonds lj/coul 1.0 1.0 1.0");
     if (decomposition) {
       neighbor->add_request(this, NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
       // a local energy sees num_interactions hops of r_max; the ghosts must reach that far
@@ -229,7 +243,19 @@ void PairMACEPlugin::compute(int eflag, int vflag) {
   data.insert("batch", torch::zeros({nodes}, torch::kLong));
   data.insert("ptr", torch::tensor({(int64_t) 0, (int64_t) nodes}, torch::kLong));
   data.insert("weight", torch::ones({1}, f64).to(dtype));
-  c10::impl::GenericDict out = model.forward({data, local.to(dtype), (bool) vflag_global}).toGenericDict();
+  c10::impl::GenericDict out = c10::impl::GenericDict(c10::StringType::get(), c10::AnyType::get());
+  try {
+    out = model.forward({data, local.to(dtype), (bool) vflag_global}).toGenericDict();
+  } catch (const std::exception &e) {
+    // TorchScript's message is its traceback, the error last: that line, on LAMMPS' one ERROR line
+    std::string what(e.what()), last;
+    for (size_t a = 0, b; a < what.size(); a = b + 1) {
+      b = what.find('\n', a);
+      if (b == std::string::npos) b = what.size();
+      if (what.find_first_not_of(" \t\r", a) < b) last = what.substr(a, b - a);
+    }
+    error->one(FLERR, "pair_style mace: the model failed: {}", last.substr(0, 2000));
+  }
   if (out.at("total_energy_local").isNone()) error->one(FLERR, "pair_style mace: the model returned no energy");
   torch::Tensor forces = out.at("forces").toTensor().to(torch::kFloat64).contiguous();
   auto fa = forces.accessor<double, 2>();
