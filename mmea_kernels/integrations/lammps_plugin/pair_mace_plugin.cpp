@@ -7,11 +7,12 @@
 //
 //   pair_style mace no_domain_decomposition   one process; the nodes are the owned atoms, edges to
 //                                             ghost atoms become periodic shifts (unit_shifts @ cell)
-//   pair_style mace [domain_decomposition]    any number of processes; the nodes are owned + ghost
-//                                             atoms, the energy is that of the owned atoms, forces on
-//                                             ghosts go back to their owners (newton on). The ghost
-//                                             cutoff is raised to num_interactions * r_max + skin,
-//                                             the reach of a message-passing model.
+//   pair_style mace [domain_decomposition]    any number of processes; the nodes are the owned atoms
+//                                             and the ghosts within num_interactions hops of them, the
+//                                             energy is that of the owned atoms, forces on ghosts go
+//                                             back to their owners (newton on). The ghost cutoff is
+//                                             raised to num_interactions * r_max + skin, the reach of
+//                                             a message-passing model.
 //   pair_coeff * * model.pt H C O             one element per atom type
 //
 // The energy, the forces and the global virial (from the model's strain derivative) are computed;
@@ -167,14 +168,14 @@ class PairMACEPlugin : public Pair {
   std::vector<int64_t> type_index;
   torch::ScalarType dtype = torch::kFloat64;
 
-  void edges(int nodes, std::vector<int64_t> &index, std::vector<double> &shift, std::vector<double> &unit);
+  void edges(std::vector<int64_t> &index, std::vector<double> &shift, std::vector<double> &unit);
+  std::vector<int> prune(std::vector<int64_t> &index, std::vector<double> &shift, std::vector<double> &unit);
 };
 
-// The graph's edges (sender = i, receiver = j: the vector from i to j is x[j] - x[i] + shift) from the
-// full neighbour list, within r_max. Without decomposition, a ghost j stands for its owned atom
-// plus a lattice translation (shift, in cell vectors: unit).
-void PairMACEPlugin::edges(int nodes, std::vector<int64_t> &index, std::vector<double> &shift,
-                           std::vector<double> &unit) {
+// The graph's edges (sender = i, receiver = j, atom indices: the vector from i to j is x[j] - x[i] +
+// shift) from the full neighbour list, within r_max. Without decomposition, a ghost j stands for its
+// owned atom plus a lattice translation (shift, in cell vectors: unit).
+void PairMACEPlugin::edges(std::vector<int64_t> &index, std::vector<double> &shift, std::vector<double> &unit) {
   double **x = atom->x;
   const int nlocal = atom->nlocal;
   const double cut2 = r_max * r_max;
@@ -196,7 +197,6 @@ void PairMACEPlugin::edges(int nodes, std::vector<int64_t> &index, std::vector<d
           error->one(FLERR, "pair_style mace: ghost atom {} has no owned copy", atom->tag[j]);
         for (int k = 0; k < 3; k++) s[k] = x[j][k] - x[owner][k];
       }
-      if (owner >= nodes) error->one(FLERR, "pair_style mace: neighbour {} outside the graph", j);
       const double nc = std::round(s[2] / h[2]);
       const double nb = std::round((s[1] - nc * h[3]) / h[1]);
       const double na = std::round((s[0] - nb * h[5] - nc * h[4]) / h[0]);
@@ -210,15 +210,63 @@ void PairMACEPlugin::edges(int nodes, std::vector<int64_t> &index, std::vector<d
   index.insert(index.end(), receivers.begin(), receivers.end());
 }
 
+// With decomposition, the part of the owned + ghost graph the owned atoms' energies depend on: a
+// receiver's features after layer t read its senders' after layer t - 1, so the atoms within
+// num_interactions hops of an owned atom are the nodes, and only the edges into atoms within
+// num_interactions - 1 hops carry a message that reaches an owned energy (the outer ghosts' own
+// features never matter beyond layer 0, the species embedding). The same numbers, fewer edges and
+// nodes than the whole ghost shell. Renumbers the edges to the nodes (owned atoms first, as they
+// are) and returns the atom of each node.
+std::vector<int> PairMACEPlugin::prune(std::vector<int64_t> &index, std::vector<double> &shift,
+                                       std::vector<double> &unit) {
+  const int nlocal = atom->nlocal, nall = nlocal + atom->nghost;
+  const int64_t n_edges = (int64_t) shift.size() / 3;
+  const int64_t *snd = index.data(), *rcv = index.data() + n_edges;
+  const int far = num_interactions + 1;
+  std::vector<int> hop(nall, far);
+  for (int i = 0; i < nlocal; i++) hop[i] = 0;
+  for (int t = 1; t <= num_interactions; t++)  // breadth-first, one layer of edges per pass
+    for (int64_t e = 0; e < n_edges; e++)
+      if (hop[snd[e]] == t - 1 && hop[rcv[e]] > t) hop[rcv[e]] = t;
+  std::vector<int> node(nall, -1), atom_of;
+  for (int i = 0; i < nall; i++)
+    if (hop[i] < far) {
+      node[i] = (int) atom_of.size();
+      atom_of.push_back(i);
+    }
+  std::vector<int64_t> s2, r2;
+  std::vector<double> shift2, unit2;
+  for (int64_t e = 0; e < n_edges; e++) {
+    if (hop[rcv[e]] >= num_interactions) continue;
+    if (node[snd[e]] < 0)
+      error->one(FLERR, "pair_style mace: an edge from outside the graph (an asymmetric neighbour list)");
+    s2.push_back(node[snd[e]]);
+    r2.push_back(node[rcv[e]]);
+    shift2.insert(shift2.end(), &shift[3 * e], &shift[3 * e] + 3);
+    unit2.insert(unit2.end(), &unit[3 * e], &unit[3 * e] + 3);
+  }
+  index = s2;
+  index.insert(index.end(), r2.begin(), r2.end());
+  shift.swap(shift2);
+  unit.swap(unit2);
+  return atom_of;
+}
+
 void PairMACEPlugin::compute(int eflag, int vflag) {
   ev_init(eflag, vflag);
   if (vflag_atom) error->all(FLERR, "pair_style mace does not compute per-atom virials");
   const int nlocal = atom->nlocal;
-  const int nodes = decomposition ? nlocal + atom->nghost : nlocal;
   if (nlocal == 0) return;
   std::vector<int64_t> index;
   std::vector<double> shift, unit;
-  edges(nodes, index, shift, unit);
+  edges(index, shift, unit);
+  std::vector<int> atom_of;  // the atom of each graph node: the owned atoms, then the ghosts it needs
+  if (decomposition) {
+    atom_of = prune(index, shift, unit);
+  } else {
+    for (int i = 0; i < nlocal; i++) atom_of.push_back(i);
+  }
+  const int nodes = (int) atom_of.size();
   const int64_t n_edges = (int64_t) shift.size() / 3;
 
   const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
@@ -226,9 +274,9 @@ void PairMACEPlugin::compute(int eflag, int vflag) {
   auto p = pos.accessor<double, 2>();
   torch::Tensor species = torch::empty({nodes}, torch::kLong);
   int64_t *sp = species.data_ptr<int64_t>();
-  for (int i = 0; i < nodes; i++) {
-    for (int k = 0; k < 3; k++) p[i][k] = atom->x[i][k];
-    sp[i] = type_index[atom->type[i]];
+  for (int n = 0; n < nodes; n++) {
+    for (int k = 0; k < 3; k++) p[n][k] = atom->x[atom_of[n]][k];
+    sp[n] = type_index[atom->type[atom_of[n]]];
   }
   torch::Tensor local = (torch::arange(nodes, torch::kLong) < nlocal).to(torch::kFloat64);
   const double *h = domain->h;
@@ -259,8 +307,8 @@ void PairMACEPlugin::compute(int eflag, int vflag) {
   if (out.at("total_energy_local").isNone()) error->one(FLERR, "pair_style mace: the model returned no energy");
   torch::Tensor forces = out.at("forces").toTensor().to(torch::kFloat64).contiguous();
   auto fa = forces.accessor<double, 2>();
-  for (int i = 0; i < nodes; i++)
-    for (int k = 0; k < 3; k++) atom->f[i][k] += fa[i][k];
+  for (int n = 0; n < nodes; n++)
+    for (int k = 0; k < 3; k++) atom->f[atom_of[n]][k] += fa[n][k];
   if (eflag_global) eng_vdwl += out.at("total_energy_local").toTensor().sum().item<double>();
   if (eflag_atom) {
     torch::Tensor e = out.at("node_energy").toTensor().to(torch::kFloat64).contiguous();
