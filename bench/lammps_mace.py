@@ -23,7 +23,8 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from lammps_sevenn import _cli, _loop_time, _rel, _timing, eager, nve_drift, parser, setup_and_box, write_result  # noqa: E402,E501
+from lammps_sevenn import (_cli, _loop_time, _rel, _timing, eager, nve_drift, parser,  # noqa: E402
+                           setup_and_box, write_result)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SERIAL, DECOMPOSED = "mace no_domain_decomposition", "mace"
@@ -67,7 +68,8 @@ def main(argv=None) -> int:
     net, meta = load_finetuned(ckpt, dtype="float64")
     want = eager(net, box)
     coeff = f"* * {tuned} {{species}}"
-    parity = [dict(pair=SERIAL, processes=1, **_rel(run_lammps(box, SERIAL, coeff, setup, work / "parity-serial"), want))]
+    got = run_lammps(box, SERIAL, coeff, setup, work / "parity-serial")
+    parity = [dict(pair=SERIAL, processes=1, **_rel(got, want))]
     for n in (1, 2, 4):
         got = run_lammps(box, DECOMPOSED, coeff, setup, work / f"parity-{n}", nprocs=n)
         parity.append(dict(pair=DECOMPOSED, processes=n, **_rel(got, want)))

@@ -186,8 +186,9 @@ def write_result(args, **fields) -> dict:
     """The result with the date, machine, LAMMPS build and torch, written as ``--out``.json / .md."""
     import torch
 
+    cpu = platform.processor() or platform.platform()
     result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-                  machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
+                  machine=f"{platform.machine()}, {os.cpu_count()} cores, {cpu}",
                   lammps=open(pathlib.Path(args.lammps_dir) / "stamp").read().strip(), torch=torch.__version__,
                   **fields)
     out = pathlib.Path(args.out)

@@ -73,8 +73,8 @@ def build_lammps(directory=None, python: Optional[str] = None) -> Tuple[LammpsSe
     env = dict(os.environ, PYTHON=python or sys.executable)
     r = subprocess.run(["bash", str(BUILD_SCRIPT), str(d)], env=env, capture_output=True, text=True)
     if r.returncode != 0:
-        raise LammpsBuildError(f"building LAMMPS with the MACE and SevenNet pair styles in {d} failed (exit {r.returncode}): "
-                               + (r.stderr.strip()[-3000:] or r.stdout.strip()[-3000:]))
+        raise LammpsBuildError(f"building LAMMPS with the MACE and SevenNet pair styles in {d} failed "
+                               f"(exit {r.returncode}): " + (r.stderr.strip()[-3000:] or r.stdout.strip()[-3000:]))
     return find_lammps(d), (r.stdout.strip().splitlines() or [""])[-1]
 
 
