@@ -11,7 +11,7 @@ export --format lammps`` (mace-torch's LAMMPS_MACE, float64), in a real LAMMPS w
   time after 3 untimed force evaluations (``--warmup``), alternating rounds, the median of the
   per-round ratios with its interquartile range;
 - what a step costs in each mode and process count (one short run each; with domain decomposition
-  every ghost atom, out to num_interactions × r_max + skin, is a node of the graph).
+  the owned atoms and the ghosts within num_interactions hops of them are the graph's nodes).
 
     python bench/lammps_mace.py        # fine-tunes on 20 rMD17 ethanol frames first (reused from --work later)
 

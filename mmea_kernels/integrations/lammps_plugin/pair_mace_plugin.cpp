@@ -7,13 +7,15 @@
 //
 //   pair_style mace no_domain_decomposition   one process; the nodes are the owned atoms, edges to
 //                                             ghost atoms become periodic shifts (unit_shifts @ cell)
-//   pair_style mace [domain_decomposition]    any number of processes; the nodes are the owned atoms
+//   pair_style mace                           any number of processes; the nodes are the owned atoms
 //                                             and the ghosts within num_interactions hops of them, the
 //                                             energy is that of the owned atoms, forces on ghosts go
 //                                             back to their owners (newton on). The ghost cutoff is
 //                                             raised to num_interactions * r_max + skin, the reach of
 //                                             a message-passing model.
 //   pair_coeff * * model.pt H C O             one element per atom type
+//
+// (`pair_style mace domain_decomposition` is accepted too; the fork takes no argument but the first.)
 //
 // The energy, the forces and the global virial (from the model's strain derivative) are computed;
 // per-atom energies too; per-atom virials are refused. The model runs on the CPU, with TorchScript's
