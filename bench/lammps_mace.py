@@ -23,8 +23,8 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from lammps_sevenn import (_cli, _loop_time, _rel, _timing, eager, nve_drift, parser,  # noqa: E402
-                           setup_and_box, write_result)
+from lammps_sevenn import (_cli, _loop_time, _rel, _timing, checkpoint, eager, nve_drift,  # noqa: E402
+                           parser, setup_and_box, write_result)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SERIAL, DECOMPOSED = "mace no_domain_decomposition", "mace"
@@ -32,22 +32,11 @@ SERIAL, DECOMPOSED = "mace no_domain_decomposition", "mace"
 
 def _files(args, work: pathlib.Path):
     """The checkpoint (fine-tuned here unless given), its LAMMPS file and the base model's."""
-    from mmea_kernels.app.data import find_rmd17
     from mmea_kernels.integrations.export import export_lammps
     from mmea_kernels.train import load_finetuned
     from mmea_kernels.train.foundation import load_model
 
-    ckpt = args.checkpoint
-    if ckpt is None and (work / "finetune" / "checkpoint.pt").is_file():  # an earlier run's (same settings)
-        ckpt = str(work / "finetune" / "checkpoint.pt")
-    if ckpt is None:
-        rmd17 = find_rmd17(args.rmd17)
-        if rmd17 is None:
-            raise SystemExit("no rMD17 data (../shared/data/rmd17 or --rmd17): give --checkpoint instead")
-        _cli("finetune", "--method", "mmea", "--train", f"{rmd17}/ethanol/train.xyz@:20",
-             "--valid", f"{rmd17}/ethanol/valid.xyz@:5", "--epochs", "20", "--no-progress",
-             "--out", str(work / "finetune"))
-        ckpt = str(work / "finetune" / "checkpoint.pt")
+    ckpt = checkpoint(args, work, "--epochs", "20")
     _cli("export", "--checkpoint", ckpt, "--out", str(work / "mace-mmea.pt"), "--overwrite")
     _, meta = load_finetuned(ckpt, dtype="float64")
     export_lammps(load_model(meta.get("model") or "builtin:mace-xtb-small"), work / "mace-base.pt")

@@ -71,22 +71,30 @@ def _cli(*argv):
     return out.getvalue()
 
 
-def _files(args, work: pathlib.Path):
-    """The checkpoint (fine-tuned here unless given), its two exports, and SevenNet-0's own file."""
+def checkpoint(args, work: pathlib.Path, *settings) -> str:
+    """``--checkpoint``, else an earlier run's in ``work`` (same settings), else MMEA fine-tuned here on
+    20 rMD17 ethanol frames with ``settings`` (resumed if interrupted)."""
     from mmea_kernels.app.data import find_rmd17
-    from mmea_kernels.integrations.sevenn import _checkpoint_path
 
-    ckpt = args.checkpoint
-    if ckpt is None and (work / "finetune" / "checkpoint.pt").is_file():  # an earlier run's (same settings)
-        ckpt = str(work / "finetune" / "checkpoint.pt")
+    ckpt, run = args.checkpoint, work / "finetune"
+    if ckpt is None and (run / "checkpoint.pt").is_file():
+        ckpt = str(run / "checkpoint.pt")
     if ckpt is None:
         rmd17 = find_rmd17(args.rmd17)
         if rmd17 is None:
             raise SystemExit("no rMD17 data (../shared/data/rmd17 or --rmd17): give --checkpoint instead")
-        _cli("finetune", "--model", "sevenn:7net-0", "--method", "mmea", "--train", f"{rmd17}/ethanol/train.xyz@:20",
-             "--valid", f"{rmd17}/ethanol/valid.xyz@:5", "--epochs", "4", "--lr", "1e-2", "--no-progress",
-             "--out", str(work / "finetune"), *(["--resume"] if (work / "finetune" / "state.pt").is_file() else []))
-        ckpt = str(work / "finetune" / "checkpoint.pt")
+        _cli("finetune", *settings, "--method", "mmea", "--train", f"{rmd17}/ethanol/train.xyz@:20",
+             "--valid", f"{rmd17}/ethanol/valid.xyz@:5", "--no-progress", "--out", str(run),
+             *(["--resume"] if (run / "state.pt").is_file() else []))
+        ckpt = str(run / "checkpoint.pt")
+    return ckpt
+
+
+def _files(args, work: pathlib.Path):
+    """The checkpoint (fine-tuned here unless given), its two exports, and SevenNet-0's own file."""
+    from mmea_kernels.integrations.sevenn import _checkpoint_path
+
+    ckpt = checkpoint(args, work, "--model", "sevenn:7net-0", "--epochs", "4", "--lr", "1e-2")
     serial, parallel = work / "7net-mmea.pt", work / "7net-mmea-parallel"
     _cli("export", "--checkpoint", ckpt, "--out", str(serial), "--format", "lammps", "--overwrite")
     _cli("export", "--checkpoint", ckpt, "--out", str(parallel), "--format", "lammps-parallel", "--overwrite")
