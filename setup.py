@@ -119,7 +119,8 @@ def _extensions():
 
     cxx_flags = ["-O3", "-fopenmp"]
     link_flags = ["-fopenmp"]
-    sources = ["csrc/gate_ops.cpp", "csrc/fused_gate.cpp", "csrc/gated_linear.cpp", "csrc/gate_net.cpp"]
+    sources = ["csrc/gate_ops.cpp", "csrc/fused_gate.cpp", "csrc/gated_linear.cpp", "csrc/gate_net.cpp",
+               "csrc/adapter_op.cpp"]
     nvcc = None
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
         cand = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")

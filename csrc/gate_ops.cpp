@@ -26,7 +26,9 @@
 //   kSharedChunkRows rows sums a*b column by column (four rows per sweep, vectorised), folds the
 //   column sums into its own row of gate partials, and the partials are added in chunk order.
 //   No atomics.
+#ifndef MMEA_NO_PYTHON  // the LAMMPS plugins' copy of the kernels (lammps_plugin/build.sh) has no Python
 #include <Python.h>
+#endif
 
 #include "checks.h"
 
@@ -446,6 +448,7 @@ TORCH_LIBRARY_IMPL(mmea_kernels_ext, CPU, m) {
 #define MMEA_WITH_OPENMP 0
 #endif
 
+#ifndef MMEA_NO_PYTHON
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
@@ -467,3 +470,4 @@ PyMODINIT_FUNC PyInit__C(void) {
   return mod;
 }
 }
+#endif  // MMEA_NO_PYTHON

@@ -188,6 +188,9 @@ def _export_parsers(sub):
     ex.add_argument("--dtype", choices=("float32", "float64"), default=None,
                     help="default: float64 for lammps and lammps-mliap (SevenNet's formats: float32, the only "
                          "one), the checkpoint's for torchscript")
+    ex.add_argument("--kernels", choices=("aten", "cpp"), default="aten", help="MACE: aten (portable) or cpp (MMEA "
+                    "adapters as one C++ op: CPU, first derivatives; loads after mmea_kernels.load_kernels() and in "
+                    "the LAMMPS of lammps-build, not in ACEsuit's)")
     ex.add_argument("--model", default=None, help="base model, if not where the checkpoint says")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file (lammps-parallel: a "
                                                               "directory holding only segment files)")
@@ -405,14 +408,13 @@ def _relax(args) -> int:
 def _export(args) -> None:
     from .deploy import export_checkpoint
 
-    res = export_checkpoint(args.checkpoint, args.out, args.format, args.model, args.dtype,
-                            trust_pickle=args.trust_pickle, overwrite=args.overwrite, mliap_backend=args.mliap_backend)
-    print(json.dumps(res, indent=1))
+    print(json.dumps(export_checkpoint(args.checkpoint, args.out, args.format, args.model, args.dtype,
+                                       trust_pickle=args.trust_pickle, overwrite=args.overwrite,
+                                       mliap_backend=args.mliap_backend, kernels=args.kernels), indent=1))
 
 
-_MD_DYNAMICS = {"dt": "dt_fs", "temperature": "temperature_K", "ensemble": "ensemble", "thermostat": "thermostat",
-                "tdamp": "tdamp_fs", "pressure": "pressure_bar", "pdamp": "pdamp_fs", "velocities": "velocities",
-                "seed": "seed"}
+_MD_DYNAMICS = {"dt": "dt_fs", "temperature": "temperature_K", "ensemble": "ensemble", "thermostat": "thermostat", "tdamp":
+                "tdamp_fs", "pressure": "pressure_bar", "pdamp": "pdamp_fs", "velocities": "velocities", "seed": "seed"}
 
 
 def _md(args) -> None:

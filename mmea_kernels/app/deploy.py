@@ -69,15 +69,44 @@ def _not_scriptable(exc: Exception, fmt: str) -> ValueError:
     return ValueError(f"this model does not script for --format {fmt} ({type(exc).__name__}: {first})")
 
 
-def _script(model, fmt: str, dtype: torch.dtype):
+def _script(model, fmt: str, dtype: torch.dtype, kernels: str = "aten"):
     from ..integrations.export import lammps_model, script_model
 
     try:
         if fmt == "lammps":
-            return lammps_model(model, dtype=dtype, device="cpu", in_place=True)
-        return script_model(model.to(dtype), in_place=True)
+            return lammps_model(model, dtype=dtype, device="cpu", in_place=True, kernels=kernels)
+        return script_model(model.to(dtype), in_place=True, kernels=kernels)
     except _SCRIPT_ERRORS as exc:  # NotImplementedError (mmea-tp) is a RuntimeError
         raise _not_scriptable(exc, fmt) from exc
+
+
+def _check_kernels(kernels: str, fmt: str) -> None:
+    from ..nn.scriptable import KERNELS
+
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown --kernels {kernels!r}; expected one of {', '.join(KERNELS)}")
+    if kernels == "cpp" and fmt not in ("lammps", "torchscript"):
+        raise ValueError(f"--kernels cpp is for --format lammps or torchscript (MACE), not --format {fmt}")
+    if kernels == "cpp":
+        from ..ops.gated_linear.cpp_kernels import cpp_status
+
+        ok, why = cpp_status("cpu")
+        if not ok:
+            raise ValueError(f"--kernels cpp needs this package's C++ extension: {why}")
+
+
+def _fused_count(net) -> dict:
+    """How many of ``net``'s adapters the fused op takes, and why the others keep the aten form."""
+    from ..nn.scriptable import fused_form_reason
+    from ..peft.inject import adapted_modules
+
+    mods = adapted_modules(net)
+    for m in mods.values():
+        if getattr(m, "method", None) == "mmea":
+            m._fused_spec()
+    why = {name: fused_form_reason(m) for name, m in mods.items()}
+    return {"fused": sum(r is None for r in why.values()), "adapters": len(why),
+            "aten": {name: r for name, r in why.items() if r is not None}}
 
 
 def _run_exported(module, fmt: str, batch: dict, virials: bool):
@@ -344,10 +373,14 @@ def _export_sevennet(net, ckpt: dict, out: pathlib.Path, fmt: str, dtype: Option
 
 
 def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str] = None, dtype: Optional[str] = None,
-                      trust_pickle: bool = False, overwrite: bool = False, mliap_backend: Optional[str] = None) -> dict:
+                      trust_pickle: bool = False, overwrite: bool = False, mliap_backend: Optional[str] = None,
+                      kernels: str = "aten") -> dict:
     """Write ``checkpoint``'s fine-tuned model to ``out`` as ``fmt`` (:data:`FORMATS`); ``dtype``:
     float64 (default for lammps, as mace-torch's ``create_lammps_model``) or float32 (default for
-    torchscript: the checkpoint's). Returns what was written and the verified difference."""
+    torchscript: the checkpoint's). ``kernels``: "aten" (portable) or "cpp" (MACE, lammps /
+    torchscript: the MMEA adapters as one op of this package's C++ extension; see
+    :func:`~mmea_kernels.nn.scriptable.script_kernels`). Returns what was written and the verified
+    difference."""
     from ..train import load_finetuned
     from ..train.foundation import model_info
     from ..train.selfcheck import probe_batch
@@ -359,6 +392,7 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
         raise ValueError(f"unknown --dtype {dtype!r}; expected float32 or float64")
     if mliap_backend is not None and fmt != "lammps-mliap":
         raise ValueError(f"--mliap-backend is for --format lammps-mliap, not --format {fmt}")
+    _check_kernels(kernels, fmt)
     out = pathlib.Path(out)
     if fmt == PARALLEL:
         _check_parallel_out(out, overwrite)
@@ -366,6 +400,9 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
         check_outputs({"--out": str(out)}, overwrite)
     net, ckpt = load_finetuned(checkpoint, model, trust_pickle=trust_pickle, device="cpu")
     if _is_sevennet(net):
+        if kernels != "aten":
+            raise ValueError("--kernels cpp is for MACE files (pair_style mace, torchscript); SevenNet's files "
+                             "run the portable aten form")
         return _export_sevennet(net, ckpt, out, fmt, dtype)
     if fmt == PARALLEL:
         raise ValueError(f"--format {PARALLEL} is SevenNet's pair_style e3gnn/parallel; checkpoint {checkpoint} holds "
@@ -389,15 +426,18 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
         batch = probe_batch(net, frame)
         checks.append((batch, _eager(net, batch, bool(torch.as_tensor(frame["pbc"]).all()))))
     folded = _fold_parametrizations(net)
-    module = _script(net, fmt, want)  # in place: net is this function's own copy
+    fused = _fused_count(net) if kernels == "cpp" else None
+    module = _script(net, fmt, want, kernels)  # in place: net is this function's own copy
     rel = _write_verified(out, lambda tmp: module.save(tmp), lambda tmp: _verify(torch.jit.load(tmp), fmt, checks, want))
     from ase.data import chemical_symbols
 
     return {"out": str(out), "format": fmt, "dtype": str(want).replace("torch.", ""), "method": ckpt["method"],
             "base_model": ckpt["model"], "atomic_numbers": [int(v) for v in z], "r_max": float(r_max),
-            "folded_parametrizations": folded, "verified_max_rel_diff": rel,
-            **({"lammps": f"plugin load DIR/mace.so (the LAMMPS of mmea-kernels lammps-build --dir DIR; or "
-                          f"ACEsuit's LAMMPS); pair_style mace no_domain_decomposition (one process; needs "
+            "folded_parametrizations": folded, "verified_max_rel_diff": rel, "kernels": kernels,
+            **({"fused_adapters": fused} if fused is not None else {}),
+            **({"lammps": f"plugin load DIR/mace.so (the LAMMPS of mmea-kernels lammps-build --dir DIR; "
+                          + ("the file needs its kernels: not ACEsuit's LAMMPS" if kernels == "cpp" else
+                             "or ACEsuit's LAMMPS") + f"); pair_style mace no_domain_decomposition (one process; needs "
                           f"atom_modify map yes) or pair_style mace (domain decomposition, any number of "
                           f"processes); pair_coeff * * {out} <one element per atom type, of "
                           f"{' '.join(chemical_symbols[int(v)] for v in z)}>"} if fmt == "lammps" else {})}

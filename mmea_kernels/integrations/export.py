@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..peft.inject import adapted_modules
-from ..nn.scriptable import check_scriptable
+from ..nn.scriptable import check_scriptable, script_kernels
 
 __all__ = ["check_scriptable_model", "script_model", "lammps_model", "export_lammps"]
 
@@ -60,21 +60,29 @@ def _copy(model: nn.Module, in_place: bool) -> nn.Module:
                            "compiled ones, as e3nn's jit.compile does)") from exc
 
 
-def script_model(model: nn.Module, in_place: bool = False) -> torch.jit.ScriptModule:
+def script_model(model: nn.Module, in_place: bool = False, kernels: str = "aten") -> torch.jit.ScriptModule:
     """TorchScript of an adapted model with e3nn's ``jit.compile`` (mace-torch's compile step).
 
     Works on a deep copy unless ``in_place`` (then ``model``'s submodules are replaced by compiled
-    ones, as ``jit.compile`` does). The result's forward has the model's signature.
+    ones, as ``jit.compile`` does). The result's forward has the model's signature. ``kernels``:
+    ``"aten"`` (portable: loads in any libtorch) or ``"cpp"`` (MMEA adapters on e3nn linears as one
+    op of this package's C++ extension, first derivatives only; see
+    :func:`~mmea_kernels.nn.scriptable.script_kernels`).
     """
     from e3nn.util import jit
 
-    return jit.compile(_copy(model, in_place))
+    model = _copy(model, in_place)
+    with script_kernels(kernels, model):
+        return jit.compile(model)
 
 
 def lammps_model(model: nn.Module, head: Optional[str] = None, dtype: Optional[torch.dtype] = torch.float64,
-                 device: Union[str, torch.device, None] = "cpu", in_place: bool = False) -> torch.jit.ScriptModule:
+                 device: Union[str, torch.device, None] = "cpu", in_place: bool = False,
+                 kernels: str = "aten") -> torch.jit.ScriptModule:
     """``jit.compile(LAMMPS_MACE(model))`` as mace-torch's ``create_lammps_model`` builds it (float64 on
     CPU by default, as its ``--dtype float64``; ``dtype=None`` / ``device=None`` keep the model's).
+    ``kernels`` as in :func:`script_model` (``"cpp"``: the file loads only where this package's
+    kernels are loaded, e.g. the ``pair_style mace`` of ``mmea-kernels lammps-build``).
 
     ``LAMMPS_MACE`` freezes the parameters (``requires_grad=False``) of the copy it wraps.
     """
@@ -87,14 +95,15 @@ def lammps_model(model: nn.Module, head: Optional[str] = None, dtype: Optional[t
     if device is not None:
         model = model.to(device)
     wrapped = LAMMPS_MACE(model, head=head) if head is not None else LAMMPS_MACE(model)
-    return jit.compile(wrapped)
+    with script_kernels(kernels, wrapped):
+        return jit.compile(wrapped)
 
 
 def export_lammps(model: nn.Module, path: Union[str, os.PathLike], head: Optional[str] = None,
                   dtype: Optional[torch.dtype] = torch.float64,
-                  device: Union[str, torch.device, None] = "cpu") -> torch.jit.ScriptModule:
+                  device: Union[str, torch.device, None] = "cpu", kernels: str = "aten") -> torch.jit.ScriptModule:
     """Save :func:`lammps_model` of ``model`` to ``path`` (what ``pair_style mace`` loads; mace-torch
     names it ``<model>-lammps.pt``) and return the compiled module."""
-    compiled = lammps_model(model, head=head, dtype=dtype, device=device)
+    compiled = lammps_model(model, head=head, dtype=dtype, device=device, kernels=kernels)
     compiled.save(os.fspath(path))
     return compiled

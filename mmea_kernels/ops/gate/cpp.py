@@ -89,6 +89,15 @@ def available(device: torch.device) -> Tuple[bool, str]:
 CPP_DTYPES = (torch.float32, torch.float64)
 
 
+def load_kernels() -> None:
+    """Load this package's C++ kernels (``mmea_kernels._C``), which registers their ops
+    (``torch.ops.mmea_kernels_ext.*``): needed before ``torch.jit.load`` of a file exported with
+    ``--kernels cpp``. Raises ``RuntimeError`` with the reason when the extension is not built."""
+    ok, why = ext_op_status("mmea_linear", "scripted fused adapter", "csrc/adapter_op.cpp")
+    if not ok:
+        raise RuntimeError(f"cannot load the C++ kernels: {why}")
+
+
 def ext_op_status(op: str, what: str, source: str) -> Tuple[bool, str]:
     """(available, reason) of the extension's CPU op ``op`` (``what``, compiled from ``source``): the
     extension loads and was built with that op."""
