@@ -102,7 +102,9 @@ void check_args(const Tensor& x, const Tensor& w, const OptT& bias, const Tensor
     TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(), kOp,
                 ": weights must match x's dtype and device (", x.scalar_type(), ", ", x.device(), "), got ",
                 t->scalar_type(), " on ", t->device());
-  if (bias) TORCH_CHECK(bias->scalar_type() == x.scalar_type(), kOp, ": bias must have x's dtype");
+  if (bias)
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(), kOp,
+                ": bias must match x's dtype and device");
   TORCH_CHECK(c.start >= 0 && c.count > 0 && c.start + c.count <= x.size(1), kOp, ": 0e input columns [", c.start,
               ", ", c.start + c.count, ") outside x's ", x.size(1), " columns");
 }
@@ -194,6 +196,10 @@ Tensor mmea_linear_cpu(MMEA_LINEAR_ARGS) {  // below autograd: no graph, nothing
 }
 
 Tensor mmea_linear_autograd(MMEA_LINEAR_ARGS) {
+  for (const Tensor* t : {&x, &w, &wd, &bd, &wu, &bu})
+    TORCH_CHECK(!t->_fw_grad(/*level=*/0).defined(), kOp,
+                ": forward-mode derivatives (dual tensors) are not implemented for this scripted adapter (export "
+                "--kernels cpp); use the eager model or a file exported with the default --kernels aten");
   bool graph = at::GradMode::is_enabled();
   if (graph) {
     graph = false;

@@ -16,7 +16,8 @@ running them as ``pair_e3gnn.cpp`` / ``pair_e3gnn_parallel.cpp`` do, the paralle
 periodic copy of the reference frame where atoms see images of each other (ghost atoms).
 
 The TorchScript files need neither mmea_kernels nor mace-torch nor e3nn to load (the ML-IAP file,
-a pickle as mace-torch makes it, needs mace-torch and mmea_kernels). Low-rank parametrizations
+a pickle as mace-torch makes it, needs mace-torch and mmea_kernels), except with ``--kernels cpp``
+(MACE: the adapters as one op of this package's C++ extension, which must then be loaded). Low-rank parametrizations
 (``mmea-paper``) are folded into their weights in the exported copy (exact: the weight the
 parametrization computes). Before the file is put at ``out`` it is loaded back and evaluated on the
 checkpoint's reference frame (one training frame; for checkpoints from before they held one, a small

@@ -12,6 +12,9 @@ scriptable form of themselves (``__prepare_scriptable__``, :mod:`mmea_kernels.nn
 parameters, same function, aten ops only. The saved file thus needs neither ``mmea_kernels`` nor
 mace-torch nor e3nn to load (``torch.jit.load`` / libtorch), and gives the eager adapted model's
 energies and forces (float64: equal to round-off, checked ≤ 1e-10 relative in tests/integrations/test_export.py).
+With ``kernels="cpp"`` (opt-in) MMEA adapters on e3nn linears are one op of this package's C++
+extension instead, and the file needs those kernels to load (``mmea_kernels.load_kernels()``; in
+LAMMPS the ``mmea_ops.so`` of ``mmea-kernels lammps-build``).
 
 Like e3nn's in-place ``jit.compile``, scripting rewrites the module tree it compiles (each adapter is
 replaced by its scriptable form, sharing parameters). The helpers here work on a copy instead, so

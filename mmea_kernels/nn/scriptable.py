@@ -16,7 +16,10 @@ with plain aten ops only:
   own ``transpose_in`` -> segmented polynomial ``f`` -> ``transpose_out`` with the updated weight).
 
 A scripted model therefore contains no ``mmea_kernels`` op and loads with ``torch.jit.load`` (or
-libtorch, e.g. LAMMPS' ``pair_style mace``) without this package. Eager behaviour of the adapters is
+libtorch, e.g. LAMMPS' ``pair_style mace``) without this package. The exception is opt-in: scripted
+inside :func:`script_kernels` ``("cpp")`` (``export --kernels cpp``), MMEA adapters on e3nn linears
+become :class:`ScriptableMMEAFusedLinear`, one op of this package's C++ extension, and the file then
+needs those kernels loaded (``mmea_kernels.load_kernels()``; the LAMMPS plugins' ``mmea_ops.so``). Eager behaviour of the adapters is
 unchanged: the scriptable forms are only built when scripting.
 
 Scripting replaces each adapter by its scriptable form in the module tree it compiles (torch's
@@ -58,7 +61,8 @@ def check_scriptable(adapter, name: str = "") -> None:
                 f"{where} has its gate backend pinned to {adapter.backend!r}: a TorchScript model runs the gate "
                 "in plain aten ops (the torch backend's gather-multiply, so that the saved model loads in "
                 "libtorch / LAMMPS without mmea_kernels) and cannot honour that choice. Unpin it before "
-                "scripting (adapter.backend = None, or 'torch'); the numbers are the same.")
+                "scripting (adapter.backend = None, or 'torch'); the numbers are the same. For the C++ kernels in "
+                "the file, unpin it and script with script_kernels('cpp') (export --kernels cpp).")
     adapter.view.check_scriptable(adapter.base, adapter.method, where)
 
 
@@ -95,7 +99,7 @@ def script_kernels(kernels: str, model: Optional[nn.Module] = None):
 def fused_form_reason(adapter) -> Optional[str]:
     """None when the fused op (:class:`ScriptableMMEAFusedLinear`) covers ``adapter``, else why not."""
     if adapter.method != "mmea" or adapter.view.kind != "e3nn":
-        return f"a {adapter.method} adapter on a {adapter.view.kind} layer (the fused op: MMEA on e3nn o3.Linear)"
+        return f"{adapter.method} adapter on a {adapter.view.kind} layer (the fused op: MMEA on e3nn o3.Linear)"
     if adapter.mmea_up is None or adapter.mmea_down is None:
         return "no gate network (a static gate)"
     if adapter.in_layout.scalar_span is None:
@@ -232,9 +236,10 @@ class ScriptableMMEAFusedLinear(ScriptableMMEALinear):
     with it loads where the extension is loaded: Python after ``import mmea_kernels``, LAMMPS
     through the plugins of ``mmea-kernels lammps-build``."""
 
-    num_additive_arg: int
     phi_code: int
     out_first: int
+    k_path_weights: torch.Tensor
+    k_t_path_weights: torch.Tensor
     block_w: int
     t_block_w: int
 
@@ -247,11 +252,14 @@ class ScriptableMMEAFusedLinear(ScriptableMMEALinear):
         spec = adapter._kernel_spec
         t, tt = cpp_tables(spec, "cpu"), cpp_tables(spec.transposed, "cpu")
         lt = layout_tables(adapter.out_layout, "cpu")
-        for name, value in (("k_tasks", t.tasks), ("k_instructions", t.instructions), ("k_path_weights", t.path_weights),
-                            ("k_t_tasks", tt.tasks), ("k_t_instructions", tt.instructions),
-                            ("k_t_path_weights", tt.path_weights), ("k_gate_of_column", lt.gate_of_column),
+        for name, value in (("k_tasks", t.tasks), ("k_instructions", t.instructions), ("k_t_tasks", tt.tasks),
+                            ("k_t_instructions", tt.instructions), ("k_gate_of_column", lt.gate_of_column),
                             ("k_gate_cols", lt.gate_cols_padded)):
             self.register_buffer(name, value.clone(), persistent=False)
+        # the float64 path weights the kernels read, as plain attributes, not buffers: Module.to(dtype)
+        # converts floating buffers (a float32 round trip would round them), never plain attributes
+        self.k_path_weights = t.path_weights.clone()
+        self.k_t_path_weights = tt.path_weights.clone()
         self.phi_code = int(PHI_CODES[adapter.phi])
         span = adapter.out_layout.scalar_span
         self.out_first = int(span[0]) if span is not None and self.num_additive > 0 else -1

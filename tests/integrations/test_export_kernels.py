@@ -110,6 +110,25 @@ def test_fused_op_gradcheck_strided_input_and_refusals():
     with pytest.raises(RuntimeError, match="must match x's dtype"):  # the op itself, called with mixed dtypes
         op_args = _op_args(scripted.m)
         torch.ops.mmea_kernels_ext.mmea_linear(x.float(), *op_args)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode derivatives"):
+        scripted(fwAD.make_dual(x.detach(), torch.ones_like(x)))
+
+
+def test_fused_scripted_adapter_changes_dtype_after_scripting():
+    """``.to(float32)`` after scripting runs float32 kernels; back to float64 gives the numbers of the
+    eager layer taken through the same round trip (its weights rounded, the kernels' float64 path
+    weights not)."""
+    ad = _adapter("mixed")
+    for p in ad.parameters():
+        p.requires_grad_(False)
+    scripted = _scripted(ad)
+    x = torch.randn(6, ad.in_layout.dim, dtype=torch.float64)
+    want = _reference(ad, x)[0].detach()
+    torch.testing.assert_close(scripted.to(torch.float32)(x.float()).double(), want, **TOL[torch.float32])
+    round_trip = _reference(copy.deepcopy(ad).float().double(), x)[0].detach()
+    torch.testing.assert_close(scripted.to(torch.float64)(x), round_trip, **TOL[torch.float64])
 
 
 def _op_args(m):

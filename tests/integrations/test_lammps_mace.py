@@ -147,6 +147,20 @@ def test_file_with_the_fused_cpp_adapters(exported, tmp_path):
     bare = LammpsSetup(setup.lmp, setup.mpirun, (("mace", str(alone / "mace.so")),))
     with pytest.raises(RuntimeError, match="exported with --kernels cpp and needs this package's kernels.*mmea_ops.so"):
         run_lammps(_structures()["crowded"], SERIAL, f"* * {exported['file_cpp']} {{species}}", bare, tmp_path / "bare")
+    # a Python process holding LAMMPS' copy of the kernels (the plugin loaded mmea_ops.so): the package
+    # does not load mmea_kernels._C on top (the same ops twice abort the process) and the file runs
+    import subprocess
+    import sys
+
+    script = ("import ctypes, torch\n"
+              f"ctypes.CDLL({str(pathlib.Path(LAMMPS_DIR) / 'mmea_ops.so')!r}, mode=ctypes.RTLD_GLOBAL)\n"
+              "import mmea_kernels\nfrom mmea_kernels.ops.gate import cpp\nmmea_kernels.load_kernels()\n"
+              f"m = torch.jit.load({exported['file_cpp']!r})\n"
+              "print('OK', cpp.available(torch.device('cpu'))[1])\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0 and "OK" in proc.stdout and "registered in this process by another library" in \
+        proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 def _per_atom_energies(work, n):

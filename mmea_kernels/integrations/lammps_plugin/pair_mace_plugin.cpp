@@ -22,8 +22,10 @@
 // graph optimisation off (for the whole process). Built by build.sh in this directory.
 //
 // Files exported with `--kernels cpp` call this package's fused adapter op
-// (mmea_kernels_ext::mmea_linear): before loading a model, the plugin loads mmea_ops.so from its own
-// directory (build.sh compiles it from csrc/ next to mace.so) unless that op is registered already.
+// (mmea_kernels_ext::mmea_linear): when a model does not load for want of it, the plugin loads
+// mmea_ops.so from its own directory (build.sh compiles it from csrc/ next to mace.so) and tries
+// again; never for other files, and never when any op of that namespace is registered already (in
+// a Python process by mmea_kernels._C: a second registration would abort the process).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <dlfcn.h>
 #include <torch/script.h>
@@ -88,10 +90,13 @@ class PairMACEPlugin : public Pair {
                         "domain_decomposition)", arg[0]);
   }
 
-  // mmea_ops.so beside this plugin, unless the fused adapter op is registered already (e.g. by
-  // mmea_kernels._C in a Python process): "" when the op is there now, else why not
+  // mmea_ops.so beside this plugin, unless the kernels' ops are registered already (e.g. by
+  // mmea_kernels._C in a Python process): "" when the fused adapter op is there now, else why not
   static std::string load_kernels() {
-    if (c10::Dispatcher::singleton().findSchema({"mmea_kernels_ext::mmea_linear", ""})) return "";
+    auto &dispatcher = c10::Dispatcher::singleton();
+    if (dispatcher.findSchema({"mmea_kernels_ext::mmea_linear", ""})) return "";
+    if (dispatcher.findSchema({"mmea_kernels_ext::gate_mul", ""}))
+      return "an older build of the kernels without it is loaded in this process (mmea_kernels._C?)";
     Dl_info info;
     if (dladdr(reinterpret_cast<void *>(&load_kernels), &info) == 0 || info.dli_fname == nullptr)
       return "cannot find this plugin's directory";
@@ -109,16 +114,20 @@ class PairMACEPlugin : public Pair {
                  ntypes, narg);
     if (std::string(arg[0]) != "*" || std::string(arg[1]) != "*")
       error->all(FLERR, "pair_style mace needs pair_coeff * * <model file> <elements>");
-    const std::string kernels = load_kernels();
-    try {
-      model = torch::jit::load(arg[2], torch::kCPU);
-    } catch (const std::exception &e) {
-      const std::string what = e.what();
-      if (what.find("mmea_kernels_ext::") != std::string::npos)
-        error->all(FLERR, "pair_style mace: {} was exported with --kernels cpp and needs this package's kernels, "
-                   "which did not load ({}); rebuild with mmea-kernels lammps-build from a source checkout, or "
-                   "export with the default --kernels aten", arg[2], kernels);
-      error->all(FLERR, "pair_style mace: cannot load the model file {}: {}", arg[2], what);
+    for (int attempt = 0;; ++attempt) {
+      try {
+        model = torch::jit::load(arg[2], torch::kCPU);
+        break;
+      } catch (const std::exception &e) {
+        const std::string what = e.what();
+        if (what.find("mmea_kernels_ext::") == std::string::npos)
+          error->all(FLERR, "pair_style mace: cannot load the model file {}: {}", arg[2], what);
+        const std::string why = attempt == 0 ? load_kernels() : "they are loaded, but the file still fails: " + what;
+        if (!why.empty())
+          error->all(FLERR, "pair_style mace: {} was exported with --kernels cpp and needs this package's kernels "
+                     "(mmea_ops.so beside this plugin), which did not load: {}; rebuild with mmea-kernels "
+                     "lammps-build from a source checkout, or export with the default --kernels aten", arg[2], why);
+      }
     }
     // As SevenNet's pair styles: TorchScript's profiling executor costs ~1 s over the first three
     // calls and then runs this model ~20 % slower on the CPU than the plain interpreter (measured).

@@ -27,8 +27,32 @@ BUILD_HINT = (
 )
 
 
+def _registered_elsewhere() -> bool:
+    """Whether another library in this process registered the kernels' ops (LAMMPS' ``mmea_ops.so``,
+    which ``pair_style mace`` loads for ``--kernels cpp`` files): loading ``_C`` too would register
+    them twice, which aborts the process."""
+    import sys
+
+    if __name__.rsplit(".", 3)[0] + "._C" in sys.modules:  # ours, imported already: nothing to guard
+        return False
+    try:
+        torch.ops.mmea_kernels_ext.gate_mul
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+class _RegisteredElsewhere(RuntimeError):
+    pass
+
+
 def _import_ext():
     """(module, None) or (None, the import error)."""
+    if _registered_elsewhere():
+        return None, _RegisteredElsewhere(
+            "this package's kernels were registered in this process by another library (LAMMPS' mmea_ops.so, "
+            "loaded by pair_style mace for a --kernels cpp file?); loading mmea_kernels._C as well would abort "
+            "the process, so the cpp backend is off here (the scripted files still run on those kernels)")
     try:
         from ... import _C  # noqa: WPS433 - optional compiled extension
     except Exception as exc:  # ImportError, or OSError/undefined symbols for a stale build
@@ -67,6 +91,8 @@ if _EXT is not None:
 
 
 def available(device: torch.device) -> Tuple[bool, str]:
+    if isinstance(_EXT_ERROR, _RegisteredElsewhere):
+        return False, str(_EXT_ERROR)
     if _EXT is None:
         return False, (
             f"the C++ extension mmea_kernels._C is not built or failed to import "
@@ -93,6 +119,8 @@ def load_kernels() -> None:
     """Load this package's C++ kernels (``mmea_kernels._C``), which registers their ops
     (``torch.ops.mmea_kernels_ext.*``): needed before ``torch.jit.load`` of a file exported with
     ``--kernels cpp``. Raises ``RuntimeError`` with the reason when the extension is not built."""
+    if hasattr(torch.ops.mmea_kernels_ext, "mmea_linear"):  # loaded already (here, or LAMMPS' mmea_ops.so)
+        return
     ok, why = ext_op_status("mmea_linear", "scripted fused adapter", "csrc/adapter_op.cpp")
     if not ok:
         raise RuntimeError(f"cannot load the C++ kernels: {why}")
