@@ -188,9 +188,9 @@ def _export_parsers(sub):
     ex.add_argument("--dtype", choices=("float32", "float64"), default=None,
                     help="default: float64 for lammps and lammps-mliap (SevenNet's formats: float32, the only "
                          "one), the checkpoint's for torchscript")
-    ex.add_argument("--kernels", choices=("aten", "cpp"), default="aten", help="MACE: aten (portable) or cpp (MMEA "
+    ex.add_argument("--kernels", choices=("aten", "cpp"), default="aten", help="aten (portable) or cpp (MMEA "
                     "adapters as one C++ op: CPU, first derivatives; loads after mmea_kernels.load_kernels() and in "
-                    "the LAMMPS of lammps-build, not in ACEsuit's)")
+                    "the LAMMPS of lammps-build, not in ACEsuit's or SevenNet's)")
     ex.add_argument("--model", default=None, help="base model, if not where the checkpoint says")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file (lammps-parallel: a "
                                                               "directory holding only segment files)")

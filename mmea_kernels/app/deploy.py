@@ -17,7 +17,7 @@ periodic copy of the reference frame where atoms see images of each other (ghost
 
 The TorchScript files need neither mmea_kernels nor mace-torch nor e3nn to load (the ML-IAP file,
 a pickle as mace-torch makes it, needs mace-torch and mmea_kernels), except with ``--kernels cpp``
-(MACE: the adapters as one op of this package's C++ extension, which must then be loaded). Low-rank parametrizations
+(the adapters as one op of this package's C++ extension, which must then be loaded). Low-rank parametrizations
 (``mmea-paper``) are folded into their weights in the exported copy (exact: the weight the
 parametrization computes). Before the file is put at ``out`` it is loaded back and evaluated on the
 checkpoint's reference frame (one training frame; for checkpoints from before they held one, a small
@@ -86,8 +86,8 @@ def _check_kernels(kernels: str, fmt: str) -> None:
 
     if kernels not in KERNELS:
         raise ValueError(f"unknown --kernels {kernels!r}; expected one of {', '.join(KERNELS)}")
-    if kernels == "cpp" and fmt not in ("lammps", "torchscript"):
-        raise ValueError(f"--kernels cpp is for --format lammps or torchscript (MACE), not --format {fmt}")
+    if kernels == "cpp" and fmt not in ("lammps", "torchscript", PARALLEL):
+        raise ValueError(f"--kernels cpp is for --format lammps, {PARALLEL} or torchscript, not --format {fmt}")
     if kernels == "cpp":
         from ..ops.gated_linear.cpp_kernels import cpp_status
 
@@ -300,7 +300,7 @@ def _sevennet_checks(net, probe: dict, r_max: float, fmt: str):
     return _eager_frames(net, [probe] + ([] if bool(torch.as_tensor(probe["pbc"]).all()) else [_boxed(probe, r_max)]))
 
 
-def _export_sevennet(net, ckpt: dict, out: pathlib.Path, fmt: str, dtype: Optional[str]) -> dict:
+def _export_sevennet(net, ckpt: dict, out: pathlib.Path, fmt: str, dtype: Optional[str], kernels: str = "aten") -> dict:
     """A SevenNet checkpoint as the file of SevenNet's LAMMPS pair style (``pair_style e3gnn``,
     float32: the pair passes float32 edge vectors), or for ``lammps-parallel`` the directory of
     segment files of ``pair_style e3gnn/parallel``, checked as the pair runs them
@@ -330,11 +330,12 @@ def _export_sevennet(net, ckpt: dict, out: pathlib.Path, fmt: str, dtype: Option
     z, r_max = model_info(net)
     checks = _sevennet_checks(net, ckpt.get("probe") or _cluster(z), r_max, fmt)
     folded = _fold_parametrizations(net)
+    fused = _fused_count(net) if kernels == "cpp" else None
     try:
         if fmt == PARALLEL:
-            modules, metadata = sd.sevennet_lammps_parallel_models(net)
+            modules, metadata = sd.sevennet_lammps_parallel_models(net, kernels)
         else:
-            module, metadata = sd.sevennet_lammps_model(net)
+            module, metadata = sd.sevennet_lammps_model(net, kernels)
             modules = [module]
     except _SCRIPT_ERRORS as exc:
         raise _not_scriptable(exc, fmt) from exc
@@ -368,9 +369,12 @@ def _export_sevennet(net, ckpt: dict, out: pathlib.Path, fmt: str, dtype: Option
         pair = (f"pair_style {style}; pair_coeff * * {out} <one element per atom type, of {symbols}> "
                 "(SevenNet's patched LAMMPS: sevenn_patch_lammps; or DIR/lmp of mmea-kernels lammps-build --dir DIR "
                 "after plugin load DIR/e3gnn.so)")
+    if kernels == "cpp":
+        pair += "; --kernels cpp: only the plugins of mmea-kernels lammps-build load it (with DIR/mmea_ops.so)"
     return {"out": str(out), "format": fmt, "dtype": "float32", "method": ckpt["method"], "base_model": ckpt["model"],
             "atomic_numbers": [int(v) for v in z], "r_max": float(r_max), "folded_parametrizations": folded,
-            "verified_max_rel_diff": rel, "lammps": pair}
+            "verified_max_rel_diff": rel, "kernels": kernels, **({"fused_adapters": fused} if fused else {}),
+            "lammps": pair}
 
 
 def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str] = None, dtype: Optional[str] = None,
@@ -378,7 +382,7 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
                       kernels: str = "aten") -> dict:
     """Write ``checkpoint``'s fine-tuned model to ``out`` as ``fmt`` (:data:`FORMATS`); ``dtype``:
     float64 (default for lammps, as mace-torch's ``create_lammps_model``) or float32 (default for
-    torchscript: the checkpoint's). ``kernels``: "aten" (portable) or "cpp" (MACE, lammps /
+    torchscript: the checkpoint's). ``kernels``: "aten" (portable) or "cpp" (lammps, lammps-parallel,
     torchscript: the MMEA adapters as one op of this package's C++ extension; see
     :func:`~mmea_kernels.nn.scriptable.script_kernels`). Returns what was written and the verified
     difference."""
@@ -401,10 +405,7 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
         check_outputs({"--out": str(out)}, overwrite)
     net, ckpt = load_finetuned(checkpoint, model, trust_pickle=trust_pickle, device="cpu")
     if _is_sevennet(net):
-        if kernels != "aten":
-            raise ValueError("--kernels cpp is for MACE files (pair_style mace, torchscript); SevenNet's files "
-                             "run the portable aten form")
-        return _export_sevennet(net, ckpt, out, fmt, dtype)
+        return _export_sevennet(net, ckpt, out, fmt, dtype, kernels)
     if fmt == PARALLEL:
         raise ValueError(f"--format {PARALLEL} is SevenNet's pair_style e3gnn/parallel; checkpoint {checkpoint} holds "
                          f"a {type(net).__name__} (base {ckpt['model']!r}): use --format lammps (pair_style mace, one or "

@@ -113,19 +113,24 @@ def _deploy_net(model: nn.Module):
     return net.eval(), metadata
 
 
-def _script(net: nn.Module) -> torch.jit.ScriptModule:
+def _script(net: nn.Module, kernels: str = "aten") -> torch.jit.ScriptModule:
     import e3nn.util.jit
 
-    return torch.jit.freeze(e3nn.util.jit.script(net.eval()))
+    from ..nn.scriptable import script_kernels
+
+    with script_kernels(kernels, net):
+        return torch.jit.freeze(e3nn.util.jit.script(net.eval()))
 
 
-def sevennet_lammps_model(model: nn.Module) -> Tuple[torch.jit.ScriptModule, Dict[str, str]]:
+def sevennet_lammps_model(model: nn.Module, kernels: str = "aten") -> Tuple[torch.jit.ScriptModule, Dict[str, str]]:
     """``(module, metadata)``: the frozen TorchScript of a copy of ``model`` (a
     :class:`~mmea_kernels.integrations.sevenn.SevenNetAsMACE`, adapted or not) for ``pair_style
     e3gnn``, and the extra files to save with it (``module.save(path, _extra_files=metadata)``;
-    :func:`torch.jit.save` takes them the same way). ``model`` itself is left as it was."""
+    :func:`torch.jit.save` takes them the same way). ``model`` itself is left as it was.
+    ``kernels="cpp"``: MMEA adapters as one op of this package's C++ extension
+    (:func:`~mmea_kernels.nn.scriptable.script_kernels`; the e3gnn plugins of ``lammps-build`` load it)."""
     net, metadata = _deploy_net(model)
-    return _script(net), metadata
+    return _script(net, kernels), metadata
 
 
 _GHOST_LAYERS = ("onehot_to_feature_x", "0_self_interaction_1")  # as sevenn's deploy_parallel
@@ -183,7 +188,8 @@ def _segments(net: nn.Module) -> list:
     return out
 
 
-def sevennet_lammps_parallel_models(model: nn.Module) -> Tuple[List[torch.jit.ScriptModule], Dict[str, str]]:
+def sevennet_lammps_parallel_models(model: nn.Module,
+                                    kernels: str = "aten") -> Tuple[List[torch.jit.ScriptModule], Dict[str, str]]:
     """``(modules, metadata)``: the files of ``pair_style e3gnn/parallel`` (LAMMPS with domain
     decomposition, one segment per message-passing layer) for a copy of ``model``, built as
     ``sevenn.scripts.deploy.deploy_parallel`` builds them, adapters, FusedGates and reference
@@ -192,7 +198,7 @@ def sevennet_lammps_parallel_models(model: nn.Module) -> Tuple[List[torch.jit.Sc
     net, metadata = _deploy_net(model)
     parts = _segments(net)
     comm = max(int(part._modules[f"{t}_convolution"]._comm_size) for t, part in enumerate(parts))
-    return [_script(part) for part in parts], dict(metadata, comm_size=str(comm))
+    return [_script(part, kernels) for part in parts], dict(metadata, comm_size=str(comm))
 
 
 def _local_and_ghost_graph(atoms, cutoff: float):

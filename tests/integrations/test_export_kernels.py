@@ -234,7 +234,7 @@ def test_export_command_kernels_and_a_fresh_interpreter(tmp_path):
     res = json.loads(s.getvalue())
     assert res["kernels"] == "cpp" and res["fused_adapters"]["fused"] == res["fused_adapters"]["adapters"] > 0
     assert "not ACEsuit's LAMMPS" in res["lammps"] and res["verified_max_rel_diff"] <= 1e-10
-    with pytest.raises(ValueError, match="--kernels cpp is for --format lammps or torchscript"):
+    with pytest.raises(ValueError, match="--kernels cpp is for --format lammps, lammps-parallel or torchscript"):
         export_checkpoint(ckpt, tmp_path / "x", "lammps-mliap", kernels="cpp")
     script = ("import sys, torch\n"
               f"path = {str(tmp_path / 'm.pt')!r}\n"

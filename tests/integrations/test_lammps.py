@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -119,6 +120,31 @@ def test_pair_e3gnn_runs_the_exported_file_as_the_eager_model(exported):
         _assert_matches(got, want, name)
         if name == "ethanol":
             assert np.abs(_eager(base, atoms)[1] - want[1]).max() > 1e-2
+
+
+@needs_lammps
+def test_files_with_the_fused_cpp_adapters(exported):
+    """``--kernels cpp`` (the adapters as one op of this package's kernels, which the e3gnn plugins
+    load from mmea_ops.so beside them): the serial file and the parallel files on 2 processes give
+    the eager model's numbers, as the portable files do."""
+    if not (pathlib.Path(LAMMPS_DIR) / "mmea_ops.so").is_file():
+        pytest.skip(f"{LAMMPS_DIR} has no mmea_ops.so (built without csrc/)")
+    from mmea_kernels.app.cli import main
+
+    tmp, setup = exported["tmp"], find_lammps(LAMMPS_DIR)
+    for fmt, out in (("lammps", tmp / "7net-cpp.pt"), ("lammps-parallel", tmp / "7net-cpp-parallel")):
+        with contextlib.redirect_stdout(io.StringIO()) as s:
+            assert main(["export", "--checkpoint", str(tmp / "run" / "checkpoint.pt"), "--out", str(out),
+                         "--format", fmt, "--kernels", "cpp"]) == 0
+        res = json.loads(s.getvalue())
+        assert res["fused_adapters"]["fused"] == res["fused_adapters"]["adapters"] > 0, res["fused_adapters"]
+    crowded = _structures()["crowded"]
+    got = run_lammps(crowded, "e3gnn", f"* * {tmp / '7net-cpp.pt'} {{species}}", setup, tmp / "cpp-serial")
+    _assert_matches(got, _eager(exported["net"], crowded), "cpp, serial")
+    liquid = _liquid()
+    got = run_lammps(liquid, "e3gnn/parallel", f"* * 5 {tmp / '7net-cpp-parallel'} {{species}}", setup,
+                     tmp / "cpp-parallel", nprocs=2, extra=["neighbor 1.0 bin"])
+    _assert_matches(got, _eager(exported["net"], liquid), "cpp, 2 processes")
 
 
 @needs_lammps

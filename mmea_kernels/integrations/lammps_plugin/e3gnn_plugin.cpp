@@ -12,10 +12,17 @@
 #define E3GNN_CLASS LAMMPS_NS::PairE3GNN
 #define E3GNN_NAME "e3gnn"
 #endif
+#include "kernels_loader.h"
 #include "plugin_record.h"
 
 namespace {
-LAMMPS_NS::Pair *create_pair(LAMMPS_NS::LAMMPS *lmp) { return new E3GNN_CLASS(lmp); }
+// SevenNet's pair loads the model in its own coeff(), so this package's kernels (for files exported
+// with --kernels cpp) are loaded when the pair is created, where mmea_ops.so exists; without it a
+// --kernels cpp file fails in SevenNet's coeff() with torch's "Unknown builtin op: mmea_kernels_ext::..."
+LAMMPS_NS::Pair *create_pair(LAMMPS_NS::LAMMPS *lmp) {
+  mmea_lammps_plugin::load_kernels();
+  return new E3GNN_CLASS(lmp);
+}
 }  // namespace
 
 extern "C" void lammpsplugin_init(void *lmp, void *handle, void *regfunc) {

@@ -26,8 +26,6 @@
 // mmea_ops.so from its own directory (build.sh compiles it from csrc/ next to mace.so) and tries
 // again; never for other files, and never when any op of that namespace is registered already (in
 // a Python process by mmea_kernels._C: a second registration would abort the process).
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <dlfcn.h>
 #include <torch/script.h>
 
 #include <cmath>
@@ -44,6 +42,7 @@
 #include "neigh_list.h"
 #include "neighbor.h"
 #include "pair.h"
+#include "kernels_loader.h"
 #include "plugin_record.h"
 #include "update.h"
 
@@ -90,23 +89,6 @@ class PairMACEPlugin : public Pair {
                         "domain_decomposition)", arg[0]);
   }
 
-  // mmea_ops.so beside this plugin, unless the kernels' ops are registered already (e.g. by
-  // mmea_kernels._C in a Python process): "" when the fused adapter op is there now, else why not
-  static std::string load_kernels() {
-    auto &dispatcher = c10::Dispatcher::singleton();
-    if (dispatcher.findSchema({"mmea_kernels_ext::mmea_linear", ""})) return "";
-    if (dispatcher.findSchema({"mmea_kernels_ext::gate_mul", ""}))
-      return "an older build of the kernels without it is loaded in this process (mmea_kernels._C?)";
-    Dl_info info;
-    if (dladdr(reinterpret_cast<void *>(&load_kernels), &info) == 0 || info.dli_fname == nullptr)
-      return "cannot find this plugin's directory";
-    std::string path(info.dli_fname);
-    path = path.substr(0, path.find_last_of('/') + 1) + "mmea_ops.so";
-    if (dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL) == nullptr) return std::string(dlerror());
-    return c10::Dispatcher::singleton().findSchema({"mmea_kernels_ext::mmea_linear", ""}) ? ""
-                                                                                          : path + " has no mmea_linear";
-  }
-
   void coeff(int narg, char **arg) override {
     const int ntypes = atom->ntypes;
     if (narg != 3 + ntypes)
@@ -122,7 +104,7 @@ class PairMACEPlugin : public Pair {
         const std::string what = e.what();
         if (what.find("mmea_kernels_ext::") == std::string::npos)
           error->all(FLERR, "pair_style mace: cannot load the model file {}: {}", arg[2], what);
-        const std::string why = attempt == 0 ? load_kernels() : "they are loaded, but the file still fails: " + what;
+        const std::string why = attempt == 0 ? mmea_lammps_plugin::load_kernels() : "they are loaded, but the file still fails: " + what;
         if (!why.empty())
           error->all(FLERR, "pair_style mace: {} was exported with --kernels cpp and needs this package's kernels "
                      "(mmea_ops.so beside this plugin), which did not load: {}; rebuild with mmea-kernels "
