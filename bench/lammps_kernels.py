@@ -1,8 +1,9 @@
 """Cost per MD step in LAMMPS of a fine-tuned file exported both ways, the portable one
 (``export``'s default, ``--kernels aten``) and the fused one (``--kernels cpp``), each against the
 base model's file in its own alternating rounds (median of paired ratios, IQR), one process, on the
-benches' 162-atom box of rMD17 ethanol molecules. For SevenNet, whose full bench
-(``lammps_sevenn.py``) takes ~25 min, this is the shorter check of the two file kinds; for MACE
+benches' 162-atom box of rMD17 ethanol molecules, starting at rest (the full benches start at 300 K).
+For SevenNet, whose full bench (``lammps_sevenn.py``: parity at 1, 2, 4 processes, 400 NVE steps, two
+thread counts) takes far longer, this is the shorter check of the two file kinds; for MACE
 ``lammps_mace.py`` times both already.
 
     python bench/lammps_kernels.py --model sevenn --checkpoint /tmp/mmea_lammps_sevenn/finetune/checkpoint.pt \\

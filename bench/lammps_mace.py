@@ -4,7 +4,8 @@ export --format lammps`` (mace-torch's LAMMPS_MACE, float64), in a real LAMMPS w
 
 - parity: ``pair_style mace no_domain_decomposition`` (one process) and ``pair_style mace`` (domain
   decomposition) at 1, 2 and 4 MPI processes against the checkpoint's eager model in float64 (energy,
-  forces, virial), on a periodic box of rMD17 ethanol molecules;
+  forces, virial), on a periodic box of rMD17 ethanol molecules; the ``--kernels cpp`` file too
+  (without decomposition, and with it on 2 processes) where the kernels are built;
 - an NVE run in LAMMPS: the drift of the total energy;
 - cost per MD step in LAMMPS: the fine-tuned file against the base model's file (the same export
   without adapters), ``no_domain_decomposition``, one process, 1 and 2 torch threads, LAMMPS' loop

@@ -7,7 +7,7 @@
 //
 // The same kernels as the eager one-node adapter (mmea_kernels/ops/gated_linear/adapter.py), reached
 // through the dispatcher: forward gate_net_fwd + gated_linear_fwd_u (gated_linear_fwd without gated
-// columns); backward the transposed op with G as its prologue gate (dx), seg_dot(dy, u) (dG), the 0e
+// columns, or when no graph is recorded); backward the transposed op with G as its prologue gate (dx), seg_dot(dy, u) (dG), the 0e
 // columns of dy (dadd), gate_net_bwd (dx0, added into dx's columns in place).
 //
 // First derivatives with respect to x only: what molecular dynamics needs (forces, virials). The

@@ -46,7 +46,8 @@ if [ "$TORCH_CUDA" = 1 ] && [ ! -f "$CUDA_HOME/include/cuda_runtime.h" ]; then
   exit 1
 fi
 # this package's C++ kernels (csrc/, in a source checkout) as DIR/mmea_ops.so, which pair_style mace
-# loads for files exported with --kernels cpp; without csrc/ (an installed wheel) it is not built
+# (for files exported with --kernels cpp) and the e3gnn pair styles (when created) load, through
+# kernels_loader.h; without csrc/ (an installed wheel) it is not built
 CSRC=$(cd "${MMEA_CSRC:-$HERE/../../../csrc}" 2> /dev/null && pwd || true)
 CSRC_FILES=(gate_ops.cpp fused_gate.cpp gated_linear.cpp gate_net.cpp adapter_op.cpp)
 if [ -n "$CSRC" ] && [ ! -f "$CSRC/adapter_op.cpp" ]; then CSRC=""; fi

@@ -29,8 +29,8 @@ BUILD_HINT = (
 
 def _registered_elsewhere() -> bool:
     """Whether another library in this process registered the kernels' ops (LAMMPS' ``mmea_ops.so``,
-    which ``pair_style mace`` loads for ``--kernels cpp`` files): loading ``_C`` too would register
-    them twice, which aborts the process."""
+    which ``pair_style mace`` loads for ``--kernels cpp`` files and the e3gnn pair styles when
+    created): loading ``_C`` too would register them twice, which aborts the process."""
     import sys
 
     if __name__.rsplit(".", 3)[0] + "._C" in sys.modules:  # ours, imported already: nothing to guard
@@ -51,7 +51,7 @@ def _import_ext():
     if _registered_elsewhere():
         return None, _RegisteredElsewhere(
             "this package's kernels were registered in this process by another library (LAMMPS' mmea_ops.so, "
-            "loaded by pair_style mace for a --kernels cpp file?); loading mmea_kernels._C as well would abort "
+            "loaded by pair_style mace or e3gnn?); loading mmea_kernels._C as well would abort "
             "the process, so the cpp backend is off here (the scripted files still run on those kernels)")
     try:
         from ... import _C  # noqa: WPS433 - optional compiled extension
