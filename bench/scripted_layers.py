@@ -21,7 +21,9 @@ import torch
 LAYERS = ("32x0e+32x1o+32x2e", "32x0e+32x1o", "32x0e")
 
 
-class _Holder(torch.nn.Module):
+class Holder(torch.nn.Module):
+    """A model holding one layer (what scripting compiles around it)."""
+
     def __init__(self, m):
         super().__init__()
         self.m = m
@@ -43,9 +45,9 @@ def _modules(irreps: str) -> dict:
     torch.nn.init.normal_(ad.mmea_up.bias, std=0.1)
     for p in ad.parameters():
         p.requires_grad_(False)
-    mods = {"base": jit.compile(_Holder(copy.deepcopy(lin))), "aten": jit.compile(_Holder(copy.deepcopy(ad)))}
+    mods = {"base": jit.compile(Holder(copy.deepcopy(lin))), "aten": jit.compile(Holder(copy.deepcopy(ad)))}
     with script_kernels("cpp", ad):
-        mods["cpp"] = jit.compile(_Holder(copy.deepcopy(ad)))
+        mods["cpp"] = jit.compile(Holder(copy.deepcopy(ad)))
     return mods
 
 
@@ -64,6 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=31)
     p.add_argument("--reps", type=int, default=50, help="calls per timed block")
     args = p.parse_args(argv)
+    if args.rounds < 2:
+        p.error("--rounds must be at least 2 (the ratios' quartiles)")
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     torch._C._set_graph_executor_optimize(False)

@@ -20,7 +20,7 @@ import mmea_kernels as mk
 from mmea_kernels import MMEALinear
 from mmea_kernels.nn.scriptable import fused_form_reason, script_kernels
 
-from helpers import IN, OUT, TOL, assert_rel, make_linear, naive_mmea, randomise_adapters
+from helpers import IN, OUT, TOL, assert_rel, load_bench, make_linear, naive_mmea, randomise_adapters
 
 pytest.importorskip("mmea_kernels._C", reason="the C++ extension is not built")
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -53,19 +53,11 @@ def _reference(ad, x):
     return y, x64
 
 
-class _Holder(torch.nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.m(x)
-
-
 def _scripted(ad):
-    """The model holding (a copy of) ``ad``, scripted with the fused form; ``.m``: the adapter's."""
+    """The model holding (a copy of) ``ad`` (bench/scripted_layers.py's holder), scripted with the
+    fused form; ``.m``: the adapter's."""
     with script_kernels("cpp", ad):
-        return torch.jit.script(_Holder(copy.deepcopy(ad)))
+        return torch.jit.script(load_bench("scripted_layers").Holder(copy.deepcopy(ad)))
 
 
 @pytest.mark.parametrize("layer", list(LAYERS))
