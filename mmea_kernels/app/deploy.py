@@ -98,14 +98,9 @@ def _check_kernels(kernels: str, fmt: str) -> None:
 
 def _fused_count(net) -> dict:
     """How many of ``net``'s adapters the fused op takes, and why the others keep the aten form."""
-    from ..nn.scriptable import fused_form_reason
-    from ..peft.inject import adapted_modules
+    from ..nn.scriptable import fused_forms
 
-    mods = adapted_modules(net)
-    for m in mods.values():
-        if getattr(m, "method", None) == "mmea":
-            m._fused_spec()
-    why = {name: fused_form_reason(m) for name, m in mods.items()}
+    why = fused_forms(net)
     return {"fused": sum(r is None for r in why.values()), "adapters": len(why),
             "aten": {name: r for name, r in why.items() if r is not None}}
 

@@ -42,7 +42,7 @@ from ..ops._utils import rows2d
 
 __all__ = ["ScriptableMMEALinear", "ScriptableMMEAFusedLinear", "ScriptableMMEACuetLinear", "ScriptableELoRALinear",
            "ScriptableELoRACuetLinear", "scriptable_adapter", "check_scriptable", "script_kernels",
-           "fused_form_reason"]
+           "fused_form_reason", "fused_forms"]
 
 # e3nn's @compile_mode("script") sets this class attribute; set it directly so that this module
 # does not import e3nn. e3nn.util.jit.compile then scripts these modules (and the adapters).
@@ -86,14 +86,25 @@ def script_kernels(kernels: str, model: Optional[nn.Module] = None):
         ok, why = cpp_status("cpu")
         if not ok:
             raise RuntimeError(f"kernels='cpp' needs this package's C++ extension: {why}")
-        for m in (model.modules() if model is not None else ()):
-            if getattr(m, "method", None) == "mmea" and hasattr(m, "_fused_spec"):
-                m._fused_spec()  # the layer's spec, from the eager base, before scripting replaces it
+        if model is not None:
+            fused_forms(model)  # the layers' specs, from the eager bases, before scripting replaces them
     _kernels.append(kernels)
     try:
         yield
     finally:
         _kernels.pop()
+
+
+def fused_forms(model: nn.Module) -> Dict[str, Optional[str]]:
+    """:func:`fused_form_reason` of every adapter of ``model`` (by module name), after building the
+    layer specs the fused form reads (from the eager base layers: call it before scripting)."""
+    out: Dict[str, Optional[str]] = {}
+    for name, m in model.named_modules():
+        if hasattr(m, "adapter_enabled") and hasattr(m, "method"):
+            if m.method == "mmea" and hasattr(m, "_fused_spec"):
+                m._fused_spec()
+            out[name] = fused_form_reason(m)
+    return out
 
 
 def fused_form_reason(adapter) -> Optional[str]:
