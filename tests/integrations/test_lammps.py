@@ -126,7 +126,8 @@ def test_pair_e3gnn_runs_the_exported_file_as_the_eager_model(exported):
 def test_files_with_the_fused_cpp_adapters(exported):
     """``--kernels cpp`` (the adapters as one op of this package's kernels, which the e3gnn plugins
     load from mmea_ops.so beside them): the serial file and the parallel files on 2 processes give
-    the eager model's numbers, as the portable files do."""
+    the eager model's numbers, as the portable files do; plugins without mmea_ops.so refuse them with
+    an error that says what to do, and still run the portable files."""
     if not (pathlib.Path(LAMMPS_DIR) / "mmea_ops.so").is_file():
         pytest.skip(f"{LAMMPS_DIR} has no mmea_ops.so (built without csrc/)")
     from mmea_kernels.app.cli import main
@@ -145,6 +146,25 @@ def test_files_with_the_fused_cpp_adapters(exported):
     got = run_lammps(liquid, "e3gnn/parallel", f"* * 5 {tmp / '7net-cpp-parallel'} {{species}}", setup,
                      tmp / "cpp-parallel", nprocs=2, extra=["neighbor 1.0 bin"])
     _assert_matches(got, _eager(exported["net"], liquid), "cpp, 2 processes")
+    # plugins without mmea_ops.so beside them: an error that names the file and what to do (SevenNet's
+    # own coeff() fails with torch's "Unknown builtin op")
+    import shutil
+
+    alone = tmp / "plugins-alone"
+    alone.mkdir()
+    for name in ("e3gnn", "e3gnn_parallel"):
+        shutil.copy(pathlib.Path(LAMMPS_DIR) / f"{name}.so", alone / f"{name}.so")
+    bare = LammpsSetup(setup.lmp, setup.mpirun, (("e3gnn", str(alone / "e3gnn.so")),
+                                                 ("e3gnn/parallel", str(alone / "e3gnn_parallel.so"))))
+    want = "exported with --kernels cpp and needs this package's kernels.*mmea_ops.so"
+    with pytest.raises(RuntimeError, match=f"7net-cpp.pt was {want}"):
+        run_lammps(crowded, "e3gnn", f"* * {tmp / '7net-cpp.pt'} {{species}}", bare, tmp / "bare-serial")
+    with pytest.raises(RuntimeError, match=f"deployed_parallel_0.pt was {want}"):
+        run_lammps(liquid, "e3gnn/parallel", f"* * 5 {tmp / '7net-cpp-parallel'} {{species}}", bare,
+                   tmp / "bare-parallel", extra=["neighbor 1.0 bin"])
+    # the portable files still run with those plugins (the check only reads files that need the kernels)
+    got = run_lammps(crowded, "e3gnn", f"* * {exported['serial']} {{species}}", bare, tmp / "bare-portable")
+    _assert_matches(got, _eager(exported["net"], crowded), "portable file, plugins without mmea_ops.so")
 
 
 @needs_lammps
