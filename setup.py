@@ -18,6 +18,7 @@ import traceback
 
 from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext as _setuptools_build_ext
+from setuptools.command.build_py import build_py as _setuptools_build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXT_NAME = "mmea_kernels._C"
@@ -157,6 +158,24 @@ def _extensions():
 
 
 EXT_MODULES, BUILD_EXT = _extensions()
+CSRC_COPY = os.path.join("mmea_kernels", "integrations", "lammps_plugin", "csrc")
+
+
+class BuildPyWithKernelSources(_setuptools_build_py):
+    """Also copies csrc/'s C++ sources into the built package (``CSRC_COPY``), so that an installed
+    wheel's ``mmea-kernels lammps-build`` compiles the LAMMPS plugins' mmea_ops.so as a checkout does."""
+
+    def run(self):
+        super().run()
+        src = os.path.join(HERE, "csrc")
+        if self.editable_mode or not os.path.isdir(src):  # an editable install's build.sh finds csrc/ itself
+            return
+        dest = os.path.join(self.build_lib, CSRC_COPY)
+        self.mkpath(dest)
+        for name in sorted(os.listdir(src)):
+            if name.endswith((".cpp", ".h")):
+                self.copy_file(os.path.join(src, name), os.path.join(dest, name))
+
 
 setup(
     name="mmea_kernels",
@@ -191,6 +210,6 @@ setup(
         "sevenn": ["sevenn==0.13.0"],
     },
     ext_modules=EXT_MODULES,
-    cmdclass={"build_ext": BUILD_EXT},
+    cmdclass={"build_ext": BUILD_EXT, "build_py": BuildPyWithKernelSources},
     entry_points={"console_scripts": ["mmea-kernels=mmea_kernels.app.cli:main"]},
 )

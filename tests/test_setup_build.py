@@ -112,3 +112,21 @@ def test_cuda_build_without_a_visible_gpu_gets_an_architecture_list(monkeypatch,
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def test_built_package_carries_the_kernel_sources_for_the_lammps_build(tmp_path):
+    """``setup.py build_py`` (what a wheel is built from) copies csrc/'s C++ sources beside the LAMMPS
+    build script, where an installed package's ``lammps-build`` finds them; the LAMMPS plugin's
+    mmea_ops.so is compiled from exactly the files the extension is built from."""
+    import os
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "-d", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, MMEA_NO_EXT="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    copied = tmp_path / "mmea_kernels" / "integrations" / "lammps_plugin" / "csrc"
+    want = sorted(p.name for p in (REPO / "csrc").iterdir() if p.suffix in (".cpp", ".h"))
+    assert "adapter_op.cpp" in want and sorted(p.name for p in copied.iterdir()) == want
+    for name in want:
+        assert (copied / name).read_bytes() == (REPO / "csrc" / name).read_bytes(), name
+    assert (tmp_path / "mmea_kernels" / "integrations" / "lammps_plugin" / "build.sh").is_file()

@@ -352,7 +352,7 @@ def _run(args) -> int:
             print(f"mmea-kernels lammps-build: error: {exc}", file=sys.stderr)
             return 2
         print(json.dumps({"status": status, "lmp": setup.lmp, "mpirun": setup.mpirun, "plugins": dict(setup.plugins),
-                          "input": [f'plugin load "{path}"' for _, path in setup.plugins]}, indent=1))
+                          "kernels": setup.kernels, "input": [f'plugin load "{path}"' for _, path in setup.plugins]}, indent=1))
     elif args.command == "data":
         from .rmd17 import DEFAULT_URL, fetch_rmd17
 

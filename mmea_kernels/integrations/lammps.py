@@ -34,10 +34,13 @@ class LammpsBuildError(RuntimeError):
 @dataclass(frozen=True)
 class LammpsSetup:
     """``lmp`` (the LAMMPS executable or a wrapper that sets its library path), ``mpirun`` (None:
-    one process only) and the plugin files to load, by pair style."""
+    one process only), the plugin files to load, by pair style, and ``kernels``, this package's
+    kernels for ``--kernels cpp`` files (``mmea_ops.so``, which the plugins load from their own
+    directory; None where the build has none)."""
     lmp: str
     mpirun: Optional[str] = None
     plugins: tuple = ()
+    kernels: Optional[str] = None
 
     def plugin(self, style: str) -> Optional[str]:
         return dict(self.plugins).get(style)
@@ -55,7 +58,9 @@ def find_lammps(directory=None) -> LammpsSetup:
     if not (d / "stamp").is_file():
         raise FileNotFoundError(f"the LAMMPS build in {d} did not complete (no {d / 'stamp'}): {BUILD_HINT}")
     plugins = tuple((style, str(d / f"{name}.so")) for style, name in PLUGINS if (d / f"{name}.so").is_file())
-    return LammpsSetup(str(lmp), str(mpirun) if mpirun.is_file() else None, plugins)
+    kernels = d / "mmea_ops.so"
+    return LammpsSetup(str(lmp), str(mpirun) if mpirun.is_file() else None, plugins,
+                       str(kernels) if kernels.is_file() else None)
 
 
 def build_lammps(directory=None, python: Optional[str] = None) -> Tuple[LammpsSetup, str]:

