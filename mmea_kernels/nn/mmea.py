@@ -294,7 +294,7 @@ class MMEALinear(MMEAGating, AdapterLinear):
         saw a row count of this bucket with this gradient need (timed on a detached copy of ``x``)."""
         if not path_choice.may_time(x):
             return plan  # the fused path, undecided: a capture, a tracer or a dispatch mode is active
-        rows = x.numel() // self.in_layout.dim
+        rows = math.prod(x.shape[:-1])  # not numel // dim: a layer without input columns has dim 0
         # read from the module dicts (module_tensor): this runs on every call, nn.Module.__getattr__ costs µs
         up = self._modules.get("mmea_up")
         head = module_tensor(up, "weight") if up is not None else module_tensor(self, "mmea_static")

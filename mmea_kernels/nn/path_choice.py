@@ -126,8 +126,8 @@ def timed_choice(layer: nn.Module, x: torch.Tensor, plan, rows: int, grad: bool)
         def run():
             try:
                 y = layer._eager_path(xs, p)
-                if grad:
-                    torch.autograd.grad(y, xs, torch.ones_like(y))
+                if grad and y.requires_grad:  # a layer without paths (static gates) has none to time
+                    torch.autograd.grad(y, xs, torch.ones_like(y), allow_unused=True)
             except Exception as exc:  # noqa: BLE001 - the fused kernel's failure, named below
                 if p is None:
                     raise

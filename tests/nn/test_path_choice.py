@@ -131,6 +131,33 @@ def test_auto_on_a_layer_without_0e_input(monkeypatch):
     assert [r["grad"] for r in auto_choices(ad)] == [False, True]
 
 
+@pytest.mark.parametrize("irreps_in,irreps_out", [("2x1o", "3x1e"), ("0x0e", "3x1o")],
+                         ids=["no-paths", "no-input-columns"])
+def test_auto_on_layers_whose_output_does_not_depend_on_the_input(irreps_in, irreps_out, monkeypatch):
+    """Found by bench/fuzz_triton.py: no path from the input to the output (the gates static), or an
+    input of no columns: the output has no graph to the input, and timing its input gradient, or
+    counting the rows by numel / 0, must not fail the call; it equals the unfused path, with the
+    static gates trainable, frozen, and an input that needs a gradient or not."""
+    monkeypatch.delenv("MMEA_BACKEND", raising=False)
+    ad = MMEALinear(o3.Linear(irreps_in, irreps_out).double(), rank=2)
+    randomise(ad)
+    dim = o3.Irreps(irreps_in).dim
+    for frozen in (False, True):
+        ad.mmea_static.requires_grad_(not frozen)
+        for needs_grad in (False, True):
+            x = torch.randn(5, dim, dtype=torch.float64, requires_grad=needs_grad)
+            monkeypatch.setenv("MMEA_FUSED_LINEAR", "0")
+            ref = ad(x)
+            monkeypatch.setenv("MMEA_FUSED_LINEAR", "auto")
+            got = ad(x)
+            assert got.shape == (5, o3.Irreps(irreps_out).dim)
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+            if not frozen:
+                (g_ref,) = torch.autograd.grad(ref.square().sum(), [ad.mmea_static])
+                (g_got,) = torch.autograd.grad(got.square().sum(), [ad.mmea_static])
+                torch.testing.assert_close(g_got, g_ref, rtol=1e-12, atol=1e-12)
+
+
 def test_auto_falls_back_to_the_unfused_path_when_the_fused_kernel_fails(monkeypatch):
     """A fused kernel that raises while auto times it (a compile or launch error on an untested
     card) is named in a warning; the layer then runs the unfused path, with the right output, and
