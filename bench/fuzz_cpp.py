@@ -230,21 +230,27 @@ def _act(name):
             None: None}[name]
 
 
-def case_fg(rng, i):
-    from e3nn import o3
-    from e3nn.nn import Gate
-    from mmea_kernels.nn import FusedGate
-    dtype = torch.float64 if rng.random() < 0.7 else torch.float32
+def draw_gate_irreps(rng):
+    """(scalars, gated, gates) blocks of a random e3nn-style gate: the gates split into random pieces,
+    sometimes with an entry of multiplicity 0."""
     sc = [(rng.randint(0, 9), 0, rng.choice("eo")) for _ in range(rng.randint(0, 3))]
     gated = rand_blocks(rng, 4, ls=[1, 2, 3, 4]) if rng.random() < 0.85 else rand_blocks(rng, 4)
-    n_g = sum(m for m, _, _ in gated)
-    gates, left = [], n_g
+    gates, left = [], sum(m for m, _, _ in gated)
     while left > 0:
         m = rng.randint(1, left)
         gates.append((m, 0, rng.choice("eo")))
         left -= m
     if rng.random() < 0.2:
         gates.insert(rng.randint(0, len(gates)), (0, 0, "e"))
+    return sc, gated, gates
+
+
+def case_fg(rng, i):
+    from e3nn import o3
+    from e3nn.nn import Gate
+    from mmea_kernels.nn import FusedGate
+    dtype = torch.float64 if rng.random() < 0.7 else torch.float32
+    sc, gated, gates = draw_gate_irreps(rng)
     act_s = [rng.choice(ACT_E if p == "e" else ACT_O) for _, _, p in sc]
     act_g = [rng.choice(ACT_E[:-1] if p == "e" else ACT_O[:-1]) for _, _, p in gates]
     lay = rng.choice(["mul_ir", "ir_mul"])

@@ -30,9 +30,12 @@
 # script exits 1 when one failed or timed out (pipefail: a failure inside `| tail` counts).
 # Knobs (environment): NO_BUILD (use the extension already built in this tree), BUDGET, TEST_LIMIT, BENCH_LIMIT, WORKFLOW_LIMIT, GATE_LIMIT (seconds), BENCH_SIZES (e.g. 2000,32000),
 # BENCH_ARGS (e.g. "--sweep --no-cuet"), MODEL_DTYPES (default "float32 float64"), ONLY (the steps to run,
-# of: tests model profile bench workflow gates float64 kernels; the machine line and the build always run).
+# of: tests model profile bench workflow gates float64 kernels fuzz; the machine line and the build always
+# run; fuzz, bench/fuzz_triton.py on CUDA for FUZZ_SECONDS (30) per family, runs only when named).
 # A second call on the still-warm machine, for the steps the budget cut:
 #   run(command="ONLY='workflow gates' BUDGET=240 bash bench/gpu/device_check.sh", carry=[".whl"], timeout_s=270)
+# and, time left, the randomized kernel comparison:
+#   run(command="NO_BUILD=1 ONLY=fuzz BUDGET=200 bash bench/gpu/device_check.sh", carry=[".whl"], timeout_s=230)
 # Writes to $OUT (default bench/results/device) eight files (the device tool returns at most 8):
 # device_check.log, model-overhead-gpu-<date>.json, path-choices-gpu-<date>.json, the benchmark's
 # .jsonl/.json/.txt, gate-gpu.txt, kernels-sm90.txt.
@@ -156,6 +159,25 @@ step "registers and spills of the Triton kernels (sm_90, ptxas -v)"
 if want kernels; then
   within 120 python3 bench/gpu/kernel_report.py --out "$OUT/kernels-sm90.txt" 2>&1 | tail -40
   status "${PIPESTATUS[0]}" "kernel report"
+fi
+
+step "randomized triton-vs-torch fuzz on CUDA (bench/fuzz_triton.py; runs only when ONLY names fuzz)"
+if [[ " ${ONLY:-} " == *" fuzz "* ]]; then
+  rm -rf /tmp/fuzz_triton
+  FUZZ_OUT=/tmp/fuzz_triton within ${FUZZ_LIMIT:-170} python3 bench/fuzz_triton.py --device cuda "${FUZZ_SECONDS:-30}" 2>&1 | tail -8
+  status "${PIPESTATUS[0]}" "fuzz run"
+  python3 - <<'PY'
+import glob, json, sys
+bad = 0
+for f in sorted(glob.glob("/tmp/fuzz_triton/summary_*.json")):
+    s = json.load(open(f))
+    bad += len(s["fails"]) + len(s["crashes"])
+    for kind in ("fails", "crashes"):
+        for r in s[kind][:3]:
+            print(kind[:-1].upper() if kind == "fails" else "CRASH", json.dumps(r, default=str)[:1200])
+sys.exit(1 if bad else 0)
+PY
+  status $? "fuzz: no mismatch or crash"
 fi
 
 step "done: how each step ended"

@@ -1,7 +1,7 @@
 """The GPU benchmark and the device check stay correct: the benchmark runs at small sizes on CPU
 (Triton interpreter), checks each implementation against the float64 reference with a tolerance
 per dtype, records a failing configuration instead of crashing, and writes its files as it goes;
-the model-overhead and per-layer scripts run their paired rounds."""
+the model-overhead and per-layer scripts run their paired rounds; the Triton fuzzer runs clean."""
 import json
 import os
 import re
@@ -288,3 +288,23 @@ def test_linear_speed_script(tmp_path):
                                                       for w in ("MMEA/base", "fused/unfused")]
     assert all(r["rounds"] == 2 and r["ratio_q1"] <= r["ratio_median"] <= r["ratio_q3"] for r in rows)
     assert "| 128x0e+128x1o | 16 | 1 | fwd | MMEA/base |" in next(tmp_path.glob("linear-speed-cpu-*.md")).read_text()
+
+
+@pytest.mark.parametrize("family", ["gated_linear", "mmea"])
+def test_triton_fuzzer_runs_its_cases_without_a_mismatch(family, tmp_path):
+    """bench/fuzz_triton.py (Triton kernels against the torch backend, through the interpreter here):
+    a few seconds of one family run cases, each compared, with no mismatch and no crash; an unknown
+    family is refused by name."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", FUZZ_OUT=str(tmp_path))
+    proc = subprocess.run([sys.executable, str(BENCH / "fuzz_triton.py"), "--device", "cpu", family, "15", "0", "6"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    done = json.loads(next(line for line in lines if line.startswith("DONE "))[5:])
+    bad = [line[:500] for line in lines if line.startswith(("FAIL ", "CRASH "))]
+    assert not bad, bad
+    assert sum(line.startswith("CASE ") for line in lines) >= 3, proc.stdout[-2000:]
+    assert done["fails"] == 0, done
+    proc = subprocess.run([sys.executable, str(BENCH / "fuzz_triton.py"), "1", "gate,nonsense"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode != 0 and "unknown family" in proc.stderr
