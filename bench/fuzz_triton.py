@@ -430,20 +430,28 @@ def run_family(fam, seconds, seed, out_dir):
 def parent(seconds_per_family, fams, seed=15):
     out_dir = os.environ.get("FUZZ_OUT") or os.path.join(tempfile.gettempdir(), "mmea_fuzz_triton")
     os.makedirs(out_dir, exist_ok=True)  # the children run there (the installed package, not ./)
+    bad = 0  # fails and crashes, and families that compared nothing
     for fam in fams:
         s = run_family(fam, seconds_per_family, seed, out_dir)
+        bad += len(s["fails"]) + len(s["crashes"]) + (s["cases"] == 0)
         print(fam, json.dumps(dict(cases=s["cases"], fails=len(s["fails"]), crashes=len(s["crashes"]),
                                    skips=sum(s["skips"].values()), wall_s=s["wall_s"])), flush=True)
         with open(os.path.join(out_dir, f"summary_{fam}.json"), "w") as fh:
             json.dump(s, fh, indent=1, default=str)
     print("summaries in", out_dir, flush=True)
+    return bad
 
 
 if __name__ == "__main__":
     if len(sys.argv) >= 5:
         child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+    elif len(sys.argv) > 3:
+        raise SystemExit("usage: fuzz_triton.py [--device D] [SECONDS [FAMILY,FAMILY,...]]  (families as one comma list)")
     else:
         fams = sys.argv[2].split(",") if len(sys.argv) > 2 else list(FAMILIES)
         if any(f not in FAMILIES for f in fams):
             raise SystemExit(f"unknown family in {fams}; expected some of {list(FAMILIES)}")
-        parent(float(sys.argv[1]) if len(sys.argv) > 1 else 200, fams)
+        seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 200
+        if seconds <= 5:
+            raise SystemExit(f"SECONDS per family must be over 5 (got {seconds:g}): each child needs time for a case")
+        sys.exit(1 if parent(seconds, fams) else 0)

@@ -294,7 +294,7 @@ def test_linear_speed_script(tmp_path):
 def test_triton_fuzzer_runs_its_cases_without_a_mismatch(family, tmp_path):
     """bench/fuzz_triton.py (Triton kernels against the torch backend, through the interpreter here):
     a few seconds of one family run cases, each compared, with no mismatch and no crash; an unknown
-    family is refused by name."""
+    family, extra arguments and a budget too short to run a case are refused by name."""
     env = dict(os.environ, OMP_NUM_THREADS="1", FUZZ_OUT=str(tmp_path))
     proc = subprocess.run([sys.executable, str(BENCH / "fuzz_triton.py"), "--device", "cpu", family, "15", "0", "6"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
@@ -308,3 +308,7 @@ def test_triton_fuzzer_runs_its_cases_without_a_mismatch(family, tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / "fuzz_triton.py"), "1", "gate,nonsense"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode != 0 and "unknown family" in proc.stderr
+    for args, words in ((["3", "gate"], "must be over 5"), (["10", "gate", "mmea"], "one comma list")):
+        proc = subprocess.run([sys.executable, str(BENCH / "fuzz_triton.py"), *args], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path, env=env)
+        assert proc.returncode != 0 and words in proc.stderr, (args, proc.stderr[-1000:])

@@ -23,6 +23,7 @@
 # the wheel does not install and the pair includes without using anything of it, is a comment line. With a CPU build of
 # torch, cuda_runtime.h is a stand-in (this directory) and no CUDA toolkit is needed.
 set -euo pipefail
+unset CDPATH  # a relative cd must not land elsewhere (and print the path)
 HERE=$(cd "$(dirname "$0")" && pwd)
 PY=${PYTHON:-python3}
 DIR=$(mkdir -p "${1:-.lammps}" && cd "${1:-.lammps}" && pwd)
@@ -60,7 +61,7 @@ for cand in ${MMEA_CSRC:+"$MMEA_CSRC"} "$HERE/../../../csrc" "$HERE/csrc"; do
 done
 STAMP="lammps=$LAMMPS_VERSION mpich=$MPICH_VERSION $("$PY" -c "import torch, sevenn; print('torch=' + torch.__version__, 'sevenn=' + sevenn.__version__)") dir=$DIR torch_lib=$TORCH_LIB kernels=${CSRC:-none} $(cat "$HERE/build.sh" "$HERE/e3gnn_plugin.cpp" "$HERE/pair_mace_plugin.cpp" "$HERE/plugin_record.h" "$HERE/kernels_loader.h" "$HERE/cuda_runtime.h" "$SEVENN_PAIR"/*.cpp "$SEVENN_PAIR"/*.h ${CSRC:+"$CSRC"/*.cpp "$CSRC"/*.h} | sha256sum | cut -c1-16)"
 if [ -f "$DIR/stamp" ] && [ "$(cat "$DIR/stamp")" = "$STAMP" ] && [ -f "$DIR/e3gnn.so" ] && [ -f "$DIR/e3gnn_parallel.so" ] && [ -f "$DIR/mace.so" ] \
-   && "$DIR/lmp" -h > /dev/null 2>&1; then
+   && { [ -z "$CSRC" ] || [ -f "$DIR/mmea_ops.so" ]; } && "$DIR/lmp" -h > /dev/null 2>&1; then
   echo "LAMMPS with MACE and SevenNet plugins in $DIR: up to date"
   exit 0
 fi

@@ -41,7 +41,7 @@ class PairWithKernels : public E3GNN_CLASS {
           if (std::string(e.what()).find("mmea_kernels_ext::") != std::string::npos)
             error->all(FLERR, "pair_style " E3GNN_NAME ": {} was exported with --kernels cpp and needs this package's "
                        "kernels (mmea_ops.so beside this plugin), which did not load: {}; rebuild with mmea-kernels "
-                       "lammps-build from a source checkout, or export with the default --kernels aten",
+                       "lammps-build (its output's kernels must not be null), or export with the default --kernels aten",
                        file, kernels_missing);
         }  // anything else: SevenNet's coeff() reports it as before
       }

@@ -108,7 +108,7 @@ class PairMACEPlugin : public Pair {
         if (!why.empty())
           error->all(FLERR, "pair_style mace: {} was exported with --kernels cpp and needs this package's kernels "
                      "(mmea_ops.so beside this plugin), which did not load: {}; rebuild with mmea-kernels "
-                     "lammps-build from a source checkout, or export with the default --kernels aten", arg[2], why);
+                     "lammps-build (its output's kernels must not be null), or export with the default --kernels aten", arg[2], why);
       }
     }
     // As SevenNet's pair styles: TorchScript's profiling executor costs ~1 s over the first three
