@@ -130,3 +130,6 @@ def test_built_package_carries_the_kernel_sources_for_the_lammps_build(tmp_path)
     for name in want:
         assert (copied / name).read_bytes() == (REPO / "csrc" / name).read_bytes(), name
     assert (tmp_path / "mmea_kernels" / "integrations" / "lammps_plugin" / "build.sh").is_file()
+    # build.sh compiles every csrc/*.cpp into mmea_ops.so: the extension's C++ sources, all of them
+    setup_text = (REPO / "setup.py").read_text()
+    assert all(f'"csrc/{name}"' in setup_text for name in want if name.endswith(".cpp"))

@@ -50,7 +50,6 @@ fi
 # --kernels cpp) and the e3gnn pair styles (when created) load, through kernels_loader.h; from
 # $MMEA_CSRC, else the source checkout's csrc/, else the copy of it that an installed package carries
 # here (setup.py's build_py puts it in csrc/ beside this script); without any it is not built
-CSRC_FILES=(gate_ops.cpp fused_gate.cpp gated_linear.cpp gate_net.cpp adapter_op.cpp)
 if [ -n "${MMEA_CSRC:-}" ] && [ ! -f "$MMEA_CSRC/adapter_op.cpp" ]; then
   echo "error: MMEA_CSRC=$MMEA_CSRC is not this package's csrc/ (no adapter_op.cpp there)" >&2
   exit 1
@@ -108,7 +107,8 @@ for src in pair_e3gnn pair_e3gnn_parallel comm_e3gnn pair_e3gnn_oeq_autograd pai
   g++ "${CXXFLAGS[@]}" -c "$src.cpp" -o "$src.o" & pids+=($!)
 done
 if [ -n "$CSRC" ]; then  # the extension's flags (setup.py), without Python
-  for src in "${CSRC_FILES[@]}"; do
+  for path in "$CSRC"/*.cpp; do  # the extension's C++ sources (setup.py), not the .cu
+    src=$(basename "$path")
     g++ -O3 -std=c++17 -fPIC -w -fopenmp -DMMEA_NO_PYTHON -D_GLIBCXX_USE_CXX11_ABI=1 -I"$CSRC" "${TORCH_INC[@]}" \
       -c "$CSRC/$src" -o "mmea_${src%.cpp}.o" & pids+=($!)
   done

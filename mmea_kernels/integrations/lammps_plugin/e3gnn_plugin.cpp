@@ -39,10 +39,7 @@ class PairWithKernels : public E3GNN_CLASS {
           torch::jit::load(file, torch::kCPU);
         } catch (const std::exception &e) {  // torch::jit::ErrorReport (unknown op) is not a c10::Error
           if (std::string(e.what()).find("mmea_kernels_ext::") != std::string::npos)
-            error->all(FLERR, "pair_style " E3GNN_NAME ": {} was exported with --kernels cpp and needs this package's "
-                       "kernels (mmea_ops.so beside this plugin), which did not load: {}; rebuild with mmea-kernels "
-                       "lammps-build (its output's kernels must not be null), or export with the default --kernels aten",
-                       file, kernels_missing);
+            error->all(FLERR, "{}", mmea_lammps_plugin::needs_kernels(E3GNN_NAME, file, kernels_missing));
         }  // anything else: SevenNet's coeff() reports it as before
       }
     }

@@ -27,4 +27,11 @@ inline std::string load_kernels() {
   return dispatcher.findSchema({"mmea_kernels_ext::mmea_linear", ""}) ? "" : path + " has no mmea_linear";
 }
 
+// the error of a pair style whose model file needs the kernels when they did not load (why)
+inline std::string needs_kernels(const std::string &style, const std::string &file, const std::string &why) {
+  return "pair_style " + style + ": " + file + " was exported with --kernels cpp and needs this package's kernels "
+         "(mmea_ops.so beside this plugin), which did not load: " + why + "; rebuild with mmea-kernels "
+         "lammps-build (its output's kernels must not be null), or export with the default --kernels aten";
+}
+
 }  // namespace mmea_lammps_plugin

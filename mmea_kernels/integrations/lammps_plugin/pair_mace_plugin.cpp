@@ -106,9 +106,7 @@ class PairMACEPlugin : public Pair {
           error->all(FLERR, "pair_style mace: cannot load the model file {}: {}", arg[2], what);
         const std::string why = attempt == 0 ? mmea_lammps_plugin::load_kernels() : "they are loaded, but the file still fails: " + what;
         if (!why.empty())
-          error->all(FLERR, "pair_style mace: {} was exported with --kernels cpp and needs this package's kernels "
-                     "(mmea_ops.so beside this plugin), which did not load: {}; rebuild with mmea-kernels "
-                     "lammps-build (its output's kernels must not be null), or export with the default --kernels aten", arg[2], why);
+          error->all(FLERR, "{}", mmea_lammps_plugin::needs_kernels("mace", arg[2], why));
       }
     }
     // As SevenNet's pair styles: TorchScript's profiling executor costs ~1 s over the first three
