@@ -133,3 +133,31 @@ def test_built_package_carries_the_kernel_sources_for_the_lammps_build(tmp_path)
     # build.sh compiles every csrc/*.cpp into mmea_ops.so: the extension's C++ sources, all of them
     setup_text = (REPO / "setup.py").read_text()
     assert all(f'"csrc/{name}"' in setup_text for name in want if name.endswith(".cpp"))
+
+
+def test_sdist_carries_every_kernel_source(tmp_path):
+    """An sdist (``pip install mmea_kernels-*.tar.gz``, or what pip downloads when no wheel fits)
+    builds the extension from csrc/: it must carry every source and header there (MANIFEST.in;
+    setuptools alone packs only the .cpp files an extension names, not its headers or the .cu)."""
+    import os
+    import subprocess
+    import tarfile
+
+    # a fresh egg-info: setuptools would otherwise re-read the checkout's SOURCES.txt (an editable
+    # install's), which lists whatever an earlier MANIFEST.in put there
+    egg = tmp_path / "egg"
+    egg.mkdir()
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(egg), "sdist", "-d",
+                           str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, MMEA_NO_EXT="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (archive,) = tmp_path.glob("mmea_kernels-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        packed = {m.name.split("/", 1)[1]: m for m in tar.getmembers() if "/" in m.name and m.isfile()}
+        want = sorted(p.name for p in (REPO / "csrc").iterdir() if p.suffix in (".cpp", ".h", ".cu"))
+        assert {"adapter_op.cpp", "checks.h", "gate_ops_cuda.cu"} <= set(want)
+        for name in want:
+            assert f"csrc/{name}" in packed, f"the sdist lacks csrc/{name}"
+            assert tar.extractfile(packed[f"csrc/{name}"]).read() == (REPO / "csrc" / name).read_bytes(), name
+        assert "scripts/install.sh" in packed and "setup.py" in packed
+        assert not [n for n in packed if n.endswith((".so", ".o"))], "the sdist carries built objects"
