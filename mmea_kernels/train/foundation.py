@@ -49,12 +49,34 @@ def _from_config(cfg: dict, state_dict: Optional[dict], source: str) -> nn.Modul
         raise ValueError(f"{source}: unknown MACE config keys {unknown}; expected a subset of {sorted(fields)}")
     model = build_mace(MACEConfig(**cfg))
     if state_dict is not None:
+        own = model.state_dict()
+        shapes = [f"{k}: {tuple(v.shape)} in the file, {tuple(own[k].shape)} for the config"
+                  for k, v in state_dict.items() if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
+        if shapes:
+            raise ValueError(f"{source}: the state dict does not fit the config: {len(shapes)} tensor(s) of "
+                             f"another shape ({'; '.join(shapes[:3])}{'; ...' if len(shapes) > 3 else ''})")
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         if missing or unexpected:
             raise ValueError(f"{source}: the state dict does not fit the config "
                              f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})")
     return model
+
+
+def _model_config(config) -> dict:
+    """The MACEConfig fields of ``--model-config``: a dict, or the path of a JSON object."""
+    if isinstance(config, (str, pathlib.Path)):
+        path = pathlib.Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"model config {path} does not exist")
+        try:
+            config = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"model config {path} is not JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"model config {path} holds a JSON {type(config).__name__}, not an object of "
+                             "MACEConfig fields")
+    return dict(config)
 
 
 def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
@@ -122,8 +144,7 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
             if config is None:
                 raise ValueError(f"{path} holds a bare state dict: give its architecture with --model-config "
                                  "(JSON of MACEConfig fields)")
-            cfg = json.loads(pathlib.Path(config).read_text()) if isinstance(config, (str, pathlib.Path)) else config
-            model = _from_config(cfg, obj, str(path))
+            model = _from_config(_model_config(config), obj, str(path))
         else:
             raise ValueError(f"{path} holds a {type(obj).__name__}, not a model or state dict")
     if dtype is not None:

@@ -41,6 +41,12 @@ def safe_load(path, what: str, trust_pickle: bool = False, allow_pickle: bool = 
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        # neither torch's zip format nor a (legacy-format) pickle: a text file, an .xyz, ... The weights-only
+        # unpickler would call it 'Unsupported operand N', which reads as a pickle to trust: it is not one
+        raise _unreadable(path, what, ValueError(f"it starts with {head!r}, not a zip archive or a pickle"))
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -183,6 +183,48 @@ def test_whole_pickled_model_needs_trust_pickle(tmp_path):
     assert fingerprint(load_model(str(tmp_path / "whole.model"), trust_pickle=True)) == fingerprint(base)
 
 
+def test_a_text_file_as_model_or_checkpoint_is_unreadable_not_a_pickle_to_trust(data, tmp_path, capsys):
+    """An .xyz passed where a .pt belongs: torch's weights-only unpickler calls it 'Unsupported
+    operand', which once read as a pickle to trust (and --trust-pickle then failed anyway)."""
+    xyz = data / "train.xyz"
+    for kwargs in ({}, {"trust_pickle": True}):
+        with pytest.raises(ValueError, match=r"train\.xyz could not be read as a torch file .*not a zip archive or a "
+                                             r"pickle.*is it truncated or not a checkpoint") as info:
+            load_model(str(xyz), **kwargs)
+        assert "trust" not in str(info.value)
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(xyz), "--data", str(xyz)]) == 2
+    err = capsys.readouterr().err
+    assert "could not be read as a torch file" in err and "--trust-pickle" not in err
+    assert _cli(data, tmp_path / "r", "--model", str(xyz)) == 2
+    err = capsys.readouterr().err
+    assert "could not be read as a torch file" in err and "--trust-pickle" not in err
+
+
+def test_bare_state_dict_with_model_config(data, tmp_path, capsys):
+    """--model-config: the right config gives the same model; a wrong one, a missing file, bad JSON or a
+    non-object are named (a wrong architecture once escaped as an 'internal error')."""
+    shipped = torch.load(str(ASSETS / "mace-xtb-small.pt"), weights_only=True)
+    torch.save(shipped["state_dict"], str(tmp_path / "bare.pt"))
+    (tmp_path / "cfg.json").write_text(json.dumps(shipped["config"]))
+    base = load_model("builtin:mace-xtb-small")
+    assert fingerprint(load_model(str(tmp_path / "bare.pt"), config=str(tmp_path / "cfg.json"))) == fingerprint(base)
+    (tmp_path / "narrow.json").write_text(json.dumps(dict(shipped["config"], hidden_irreps="16x0e")))
+    (tmp_path / "bad.json").write_text("{hidden_irreps: 16x0e")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for cfg, expect in [("narrow.json", r"bare\.pt: the state dict does not fit the config: \d+ tensor\(s\) of another "
+                                        r"shape \([\w.]+: \([\d, ]+\) in the file, \([\d, ]+\) for the config"),
+                        ("nothere.json", r"model config .*nothere\.json does not exist"),
+                        ("bad.json", r"model config .*bad\.json is not JSON \(Expecting"),
+                        ("list.json", r"model config .*list\.json holds a JSON list, not an object")]:
+        capsys.readouterr()
+        assert _cli(data, tmp_path / "r", "--model", str(tmp_path / "bare.pt"),
+                    "--model-config", str(tmp_path / cfg)) == 2, cfg
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re_search(expect, err) and "internal error" not in err, err
+    assert not (tmp_path / "r").exists()
+
+
 def test_package_files_load_weights_only_including_the_old_format(data, tmp_path, capsys):
     run = data / "mmea"
     for name in ("checkpoint.pt", "state.pt"):
