@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from .cli_common import common_options, data_checks
@@ -210,6 +211,10 @@ def _run(args) -> int:
         kw = {k: v for k, v in vars(args).items() if k in fields}  # incl. trust_pickle and the data checks
         opts = {k: getattr(args, k) for k in ("phi", "init", "alpha") if getattr(args, k) is not None}
         cfg = FinetuneConfig(out_dir=args.out, progress=not args.no_progress, adapter_options=opts, **kw)
+        if args.resume and not os.path.isfile(os.path.join(args.out, "state.pt")):
+            # (the API's resume=True starts a new run then: the demo and benchmarks go on wherever they are)
+            raise FileNotFoundError(f"--resume: no {os.path.join(args.out, 'state.pt')}, so no run in --out "
+                                    f"{args.out} to continue; leave out --resume to start one")
         res = finetune(cfg)
         if res.get("stopped") == "stop_after":
             return 3

@@ -9,6 +9,7 @@ adapted model from it, checking that the base model is the one it was trained on
 by rank 0 only."""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 from typing import Optional
@@ -102,14 +103,26 @@ def save_state(cfg: FinetuneConfig, r, epoch: int, state_path: pathlib.Path) -> 
                  "elapsed": r.elapsed}, state_path)
 
 
+def _settings_diff(saved_key, cfg: FinetuneConfig) -> str:
+    """The settings (as command-line options) that differ between a state's ``config_key`` and ``cfg``."""
+    try:
+        saved = json.loads(saved_key)
+    except (TypeError, ValueError):
+        return f"its settings key is {saved_key!r}"
+    now = json.loads(config_key(cfg))
+    diff = [f"--{k.replace('_', '-')} {saved.get(k, '(unset)')!r} there, {now.get(k, '(unset)')!r} now"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    return "; ".join(diff) or "the same values, keyed differently"
+
+
 def load_state(cfg: FinetuneConfig, r, state_path: pathlib.Path, log) -> None:
     """Continue the run ``r`` from ``state.pt``, which must come from a run with the same settings."""
     st = safe_load(state_path, "training state")
     if not isinstance(st, dict) or not _STATE_KEYS <= set(st):
         raise ValueError(f"{state_path} is not a training state of this package (corrupt, or another file)")
     if st.get("config_key") != config_key(cfg):
-        raise ValueError(f"{state_path} belongs to a run with different settings ({st.get('config_key')}); "
-                         f"this run is {config_key(cfg)}")
+        raise ValueError(f"{state_path} belongs to a run with other settings: {_settings_diff(st.get('config_key'), cfg)}; "
+                         "resume with the run's settings, or start a new run (another --out)")
     saved, now = st.get("inputs"), inputs_fingerprint(cfg, r)
     if isinstance(saved, dict):  # states from before they held it: the settings check only
         changed = [k for k in now if saved.get(k) != now[k]]

@@ -76,6 +76,25 @@ class FinetuneConfig:
     def data_checks(self) -> DataChecks:
         return DataChecks(self.min_distance, self.max_neighbors, self.allow_small_cells)
 
+    def _check_numbers(self) -> None:
+        """The loss weights and the schedule's numbers (as the command line names them)."""
+        for name in ("w_energy", "w_forces", "w_stress", "clip_grad"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}"
+                                 + (" (0 turns clipping off)" if name == "clip_grad" else ""))
+        if self.w_energy == 0 and self.w_forces == 0 and self.w_stress == 0:
+            raise ValueError("--w-energy, --w-forces and --w-stress are all 0: the loss would have no term")
+        for name in ("patience", "plateau_patience"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 epochs, got {getattr(self, name)}")
+        if not 0 < self.plateau_factor < 1:
+            raise ValueError(f"--plateau-factor must be in (0, 1) (the learning rate is multiplied by it on a "
+                             f"plateau), got {self.plateau_factor}")
+        if not 0 < self.valid_fraction < 1:
+            raise ValueError(f"--valid-fraction must be in (0, 1) (the share of the training frames held out "
+                             f"for validation when there is no --valid), got {self.valid_fraction}")
+
     def check(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {list(METHODS)}")
@@ -87,8 +106,7 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not (self.w_stress >= 0 and math.isfinite(self.w_stress)):
-            raise ValueError(f"w_stress must be a finite number >= 0, got {self.w_stress}")
+        self._check_numbers()
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if self.adapter_options:

@@ -90,6 +90,9 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
     Files are read with ``weights_only=True``; a whole pickled model (mace-torch ``*.model``) needs
     ``trust_pickle=True``, since unpickling runs code named by the file (:mod:`.safe_load`)."""
     spec = str(spec)
+    if config is not None and spec.startswith(("builtin:", "preset:", "mace-off:", "mace-mp:", "sevenn:")):
+        raise ValueError(f"--model-config is for a base model file that holds a bare state dict; {spec} brings its "
+                         "own architecture")
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         path = ASSETS / f"{name}.pt"
@@ -133,6 +136,9 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
     else:
         path = pathlib.Path(spec)
         obj = safe_load(path, "model file", trust_pickle=trust_pickle, allow_pickle=True)
+        if config is not None and not (isinstance(obj, dict) and not obj.get("format")):
+            raise ValueError(f"--model-config is for a base model file that holds a bare state dict; {path} holds "
+                             "a whole model (its architecture is in the file)")
         if isinstance(obj, nn.Module):
             model = obj
         elif isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:

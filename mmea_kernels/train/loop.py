@@ -118,6 +118,10 @@ def _run(cfg: FinetuneConfig, log, rank: int, world: int, out: pathlib.Path, dev
     if state_path.exists() and not cfg.resume:
         raise FileExistsError(f"{state_path} exists (an earlier run): pass resume=True (--resume) to continue it, "
                               "or choose another output directory")
+    done = [p.name for p in (out / "checkpoint.pt", out / "metrics.json") if not state_path.exists() and p.exists()]
+    if done:  # a run's results without the state to continue it from: a new run would replace them
+        raise FileExistsError(f"{out} holds {' and '.join(done)} of an earlier run but no state.pt to continue it "
+                              "from; a new run would replace them: choose another output directory")
     r = setup(cfg, world, device)
     if cfg.resume and state_path.exists():
         load_state(cfg, r, state_path, log)

@@ -81,8 +81,21 @@ def test_resume_gives_the_same_result(files, tmp_path):
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["trainable"]
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["trainable"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(ValueError, match=r"belongs to a run with other settings: --lr 0\.01 there, 0\.001 now; "
+                                         r"resume with the run's settings") as info:
         finetune(FinetuneConfig(out_dir=str(tmp_path / "b"), resume=True, **dict(kw, lr=1e-3)), log=lambda *_: None)
+    assert "{" not in str(info.value)  # the settings that differ, not both whole settings dicts
+    with pytest.raises(ValueError, match=r"--method 'mmea-paper' there, 'mmea' now; --rank 4 there, 2 now"):
+        finetune(FinetuneConfig(out_dir=str(tmp_path / "b"), resume=True, **dict(kw, method="mmea", rank=2)),
+                 log=lambda *_: None)
+    # the results of a run whose state.pt is gone are not overwritten by a new run (resumed or not)
+    (tmp_path / "b" / "state.pt").unlink()
+    before = (tmp_path / "b" / "checkpoint.pt").read_bytes()
+    for resume in (False, True):
+        with pytest.raises(FileExistsError, match=r"holds checkpoint\.pt and metrics\.json of an earlier run but no "
+                                                  r"state\.pt"):
+            finetune(FinetuneConfig(out_dir=str(tmp_path / "b"), resume=resume, **kw), log=lambda *_: None)
+    assert (tmp_path / "b" / "checkpoint.pt").read_bytes() == before
 
 
 def test_resume_refuses_inputs_replaced_under_the_same_name(files, tmp_path):

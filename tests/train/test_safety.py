@@ -225,6 +225,31 @@ def test_bare_state_dict_with_model_config(data, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("extra, expect", [
+    (["--w-forces=-1000"], r"--w-forces must be a finite number >= 0, got -1000"),
+    (["--w-energy", "nan"], r"--w-energy must be a finite number >= 0, got nan"),
+    (["--w-energy", "0", "--w-forces", "0"], r"are all 0: the loss would have no term"),
+    (["--clip-grad=-1"], r"--clip-grad must be a finite number >= 0, got -1.0 \(0 turns clipping off\)"),
+    (["--patience=-1"], r"--patience must be >= 0 epochs, got -1"),
+    (["--plateau-factor", "2"], r"--plateau-factor must be in \(0, 1\)"),
+    (["--valid-fraction", "0"], r"--valid-fraction must be in \(0, 1\)"),
+    (["--model-config", "x.json"], r"--model-config is for a base model file that holds a bare state dict; "
+                                   r"builtin:mace-xtb-small brings its own architecture"),
+    (["--model", str(ASSETS / "mace-xtb-small.pt"), "--model-config", "x.json"],
+     r"--model-config is for .*mace-xtb-small\.pt holds a whole model"),
+    (["--resume"], r"--resume: no .*state\.pt, so no run in --out .* to continue; leave out --resume"),
+])
+def test_settings_that_cannot_be_meant_are_refused(data, tmp_path, capsys, extra, expect):
+    """Settings a reviewer passed that trained anyway (a negative force weight trains away from the labels, a
+    zero loss, a negative patience stopped after one epoch, a --model-config nothing read, --resume of
+    nothing started a new run): refused before anything is written."""
+    capsys.readouterr()
+    assert _cli(data, tmp_path / "r", *extra) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re_search(expect, err), err
+    assert not (tmp_path / "r").exists()
+
+
 def test_package_files_load_weights_only_including_the_old_format(data, tmp_path, capsys):
     run = data / "mmea"
     for name in ("checkpoint.pt", "state.pt"):
