@@ -23,7 +23,7 @@ from torch import nn
 
 from ..ops.fused_gate import FusedGateSpec, activation_code
 from ..ops._utils import rows2d
-from ..ops.fused_gate.function import check_backend, fused_gate_2d
+from ..ops.fused_gate.function import FUSED_GATE_BACKENDS, check_backend, fused_gate_2d
 
 __all__ = ["FusedGate", "ScriptableFusedGate"]
 
@@ -201,6 +201,10 @@ class FusedGate(nn.Module):
             src, dst, n, a = s
             return (src, dst, n, a.code if a.code is not None else -1, a.cst)
 
+        if backend is not None and (not isinstance(backend, str) or
+                                    backend.strip().lower() not in FUSED_GATE_BACKENDS + ("auto",)):
+            raise ValueError(f"unknown backend {backend!r}; expected None or one of "
+                             f"{sorted(FUSED_GATE_BACKENDS + ('auto',))}")
         self.layout = layout
         self.backend = backend
         self._acts: List[Tuple[str, int, int, int, _Act]] = (
