@@ -1,8 +1,13 @@
-"""Pretrain the project's own MACE (``builtin:mace-xtb-small``) on GFN2-xTB data and write it to
-``mmea_kernels/assets/mace-xtb-small.pt`` with its recipe and training log.
+"""Pretrain the project's own MACE (``builtin:mace-xtb-small``) on GFN2-xTB data and write it with its
+recipe and training log (default ``/tmp/mmea_pretrain/mace-xtb-small.pt``).
 
     OMP_NUM_THREADS=1 python scripts/data/xtb_md.py --out /tmp/mmea_xtb/pretrain.xyz   # ~5 min
     OMP_NUM_THREADS=1 python scripts/pretrain.py --data /tmp/mmea_xtb/pretrain.xyz      # see --epochs
+
+Replacing the shipped model (``--out mmea_kernels/assets/mace-xtb-small.pt --overwrite``) makes every
+checkpoint fine-tuned from ``builtin:mace-xtb-small`` refer to weights that are gone: they are then
+refused (their base-model fingerprint no longer matches), so an existing file is never replaced
+without ``--overwrite``.
 
 Architecture: the ``xtb-small`` preset (models/mace.py) with ``avg_num_neighbors`` measured on the
 data and the ScaleShift block set to the data's RMS force (scale) and mean per-atom interaction
@@ -33,7 +38,8 @@ from mmea_kernels.integrations.mace import PRESETS, atoms_to_graphs, build_mace 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="/tmp/mmea_xtb/pretrain.xyz")
-    p.add_argument("--out", default=str(ROOT / "mmea_kernels" / "assets" / "mace-xtb-small.pt"))
+    p.add_argument("--out", default="/tmp/mmea_pretrain/mace-xtb-small.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its .log)")
     p.add_argument("--work", default="/tmp/mmea_pretrain")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=10)
@@ -42,6 +48,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
+    if pathlib.Path(args.out).exists() and not args.overwrite:
+        p.error(f"--out {args.out} exists; pass --overwrite to replace it (for the shipped model: every checkpoint "
+                "fine-tuned from builtin:mace-xtb-small is then refused, its base fingerprint gone)")
     import ase.io
 
     torch.manual_seed(args.seed)
@@ -83,6 +92,7 @@ def main(argv=None) -> int:
               "valid": metrics["valid"], "train": metrics["train"], "epochs_run": metrics["epochs_run"],
               "wall_seconds": time.perf_counter() - t0, "trainable_parameters": metrics["trainable_parameters"]}
     out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, cfg, out, recipe=recipe)
     hist = ["epoch train_loss valid_loss valid_E_MAE_meV valid_F_MAE_meV/A lr seconds"]
     hist += [f"{h['epoch']} {h['train_loss']:.5f} {h['valid']['loss']:.5f} {h['valid']['energy_mae_meV']:.2f} "

@@ -312,3 +312,17 @@ def test_triton_fuzzer_runs_its_cases_without_a_mismatch(family, tmp_path):
         proc = subprocess.run([sys.executable, str(BENCH / "fuzz_triton.py"), *args], capture_output=True, text=True,
                               timeout=300, cwd=tmp_path, env=env)
         assert proc.returncode != 0 and words in proc.stderr, (args, proc.stderr[-1000:])
+
+
+def test_pretrain_script_never_replaces_a_model_unasked(tmp_path):
+    """scripts/pretrain.py once wrote over the shipped model by default, orphaning every checkpoint
+    fine-tuned from builtin:mace-xtb-small: its default is now under /tmp, and an existing --out
+    (the shipped model here) is refused before any data is read."""
+    shipped = REPO / "mmea_kernels" / "assets" / "mace-xtb-small.pt"
+    before = shipped.read_bytes()
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "pretrain.py"), "--out", str(shipped),
+                           "--data", str(tmp_path / "absent.xyz")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr and "exists" in proc.stderr, proc.stderr[-1000:]
+    assert shipped.read_bytes() == before
+    src = (REPO / "scripts" / "pretrain.py").read_text()
+    assert re.search(r'"--out", default="/tmp/', src), "the default --out must not be the shipped model"
