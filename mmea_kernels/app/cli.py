@@ -45,7 +45,7 @@ def _finetune_parser(sub):
     p.add_argument("--no-fused-gate", dest="fused_gate", action="store_false",
                    help="keep e3nn's Gate layers of a SevenNet base model (default: FusedGate, same numbers)")
     p.add_argument("--method", default=d.method, choices=METHODS)
-    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--rank", type=int, default=None, help=f"adapter rank (default {d.rank}; adapter methods only)")
     p.add_argument("--phi", default=None, choices=["exp", "residual"], help="MMEA gate map (default exp)")
     p.add_argument("--init", default=None, choices=["identity", "paper"], help="MMEA initialisation (default identity)")
     p.add_argument("--alpha", type=float, default=None, help="ELoRA scale α (default: the rank)")
@@ -208,9 +208,12 @@ def _run(args) -> int:
             device=args.device)
     elif args.command == "finetune":
         from ..train import FinetuneConfig, finetune
+        from ..train.methods import ADAPTER_METHODS
 
         fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
-        kw = {k: v for k, v in vars(args).items() if k in fields}  # incl. trust_pickle and the data checks
+        kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}  # incl. the data checks
+        if args.rank is not None and args.method not in ADAPTER_METHODS:
+            raise ValueError(f"--rank is the adapters' rank; --method {args.method} has none")
         opts = {k: getattr(args, k) for k in ("phi", "init", "alpha") if getattr(args, k) is not None}
         cfg = FinetuneConfig(out_dir=args.out, progress=not args.no_progress, adapter_options=opts, **kw)
         if args.resume and not os.path.isfile(os.path.join(args.out, "state.pt")):

@@ -238,6 +238,7 @@ def test_bare_state_dict_with_model_config(data, tmp_path, capsys):
     (["--model", str(ASSETS / "mace-xtb-small.pt"), "--model-config", "x.json"],
      r"--model-config is for .*mace-xtb-small\.pt holds a whole model"),
     (["--resume"], r"--resume: no .*state\.pt, so no run in --out .* to continue; leave out --resume"),
+    (["--method", "full", "--rank", "4"], r"--rank is the adapters' rank; --method full has none"),
 ])
 def test_settings_that_cannot_be_meant_are_refused(data, tmp_path, capsys, extra, expect):
     """Settings a reviewer passed that trained anyway (a negative force weight trains away from the labels, a
