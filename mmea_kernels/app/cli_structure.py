@@ -76,7 +76,8 @@ def add_md_parser(sub):
     md.add_argument("--interval", type=int, default=d.interval, help="steps between trajectory frames / log lines")
     md.add_argument("--save-state", default=None, help="an MD state file (.npz) every --save-state-every steps and "
                                                        "at the end: --resume goes on from it exactly")
-    md.add_argument("--save-state-every", type=int, default=d.save_state_every)
+    md.add_argument("--save-state-every", type=int, default=None, help=f"with --save-state (default "
+                                                                       f"{d.save_state_every})")
     md.add_argument("--resume", default=None, help="go on from a --save-state file (its structure, momenta, step, "
                                                    "thermostat and barostat state; the same dynamics)")
     md.add_argument("--overwrite", action="store_true", help="replace existing --trajectory / --log / --save-state "
@@ -100,6 +101,12 @@ def _structure_and_calculator(args):
     return atoms, calc
 
 
+def _inputs(args) -> dict:
+    """The files the command reads (no output may be one of them)."""
+    return {"--checkpoint": args.checkpoint, "--structure": args.structure, "--model": args.model,
+            **({"--resume": args.resume} if getattr(args, "resume", None) is not None else {})}
+
+
 def _calculator(args):
     from .calculator import MMEACalculator
 
@@ -113,7 +120,7 @@ def run_relax_command(args) -> int:
     settings = RelaxSettings(fmax=args.fmax, steps=args.steps, optimizer=args.optimizer, cell=args.cell,
                              pressure_bar=args.pressure, stress_tol_bar=args.stress_tol, out=args.out, trajectory=args.trajectory, log=args.log,
                              overwrite=args.overwrite)
-    settings.check()  # before the model is loaded
+    settings.check(_inputs(args))  # before the model is loaded
     _, res = relax(*_structure_and_calculator(args), settings, where=args.structure)
     print(json.dumps(res, indent=1))
     if getattr(args, "frames_note", None):
@@ -134,9 +141,9 @@ def run_md_command(args) -> None:
     from .md import MDSettings, resumed_settings, run_md
 
     given = {field: getattr(args, opt) for opt, field in _MD_DYNAMICS.items() if getattr(args, opt) is not None}
+    every = {} if args.save_state_every is None else {"save_state_every": args.save_state_every}
     settings = MDSettings(steps=args.steps, trajectory=args.trajectory, log=args.log, interval=args.interval,
-                          overwrite=args.overwrite, save_state=args.save_state,
-                          save_state_every=args.save_state_every, **given)
+                          overwrite=args.overwrite, save_state=args.save_state, **every, **given)
     if (args.structure is None) == (args.resume is None):
         raise ValueError("md needs one of --structure (a new run) and --resume (go on from a --save-state file)")
     state = None
@@ -145,7 +152,8 @@ def run_md_command(args) -> None:
 
         state = load_state(args.resume)
         settings = resumed_settings(state, settings, given)
-    settings.check(args.resume)  # before the model is loaded: bad settings cost nothing
+    # before the model is loaded: bad settings cost nothing
+    settings.check(args.resume, _inputs(args), given={*given, *every})
     if state is None:
         atoms, calc = _structure_and_calculator(args)
     else:

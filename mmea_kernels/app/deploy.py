@@ -397,7 +397,7 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
     if fmt == PARALLEL:
         _check_parallel_out(out, overwrite)
     else:
-        check_outputs({"--out": str(out)}, overwrite)
+        check_outputs({"--out": str(out)}, overwrite, {"--checkpoint": checkpoint, "--model": model})
     net, ckpt = load_finetuned(checkpoint, model, trust_pickle=trust_pickle, device="cpu")
     if _is_sevennet(net):
         return _export_sevennet(net, ckpt, out, fmt, dtype, kernels)

@@ -1,23 +1,51 @@
 """Output files of the commands that write them (md, relax, predict, export): checked before any
-work starts, and given the permissions a file created with open() gets."""
+work starts (never a directory, an existing file only with ``overwrite``, never one of the command's
+input files), and given the permissions a file created with open() gets."""
 from __future__ import annotations
 
 import os
+from typing import Optional
 
-__all__ = ["check_outputs", "umask_mode"]
+__all__ = ["check_outputs", "same_file", "input_path", "umask_mode"]
 
 
-def check_outputs(paths: dict, overwrite: bool) -> None:
-    """For each ``{option: path}`` (None and "-" skipped): ``IsADirectoryError`` for a directory,
-    ``FileExistsError`` if the file exists and not ``overwrite``, ``FileNotFoundError`` if its directory does not exist; ``ValueError`` if two
-    options name the same file."""
-    given = [os.path.abspath(p) for p in paths.values() if p is not None and p != "-"]
-    if len(set(given)) < len(given):
-        raise ValueError(f"{', '.join(k for k, p in paths.items() if p is not None and p != '-')}: two outputs "
-                         "are the same file; give each its own name")
-    for name, path in paths.items():
-        if path is None or path == "-":
-            continue
+def input_path(spec: str) -> str:
+    """The file of an input ``path[@selection]`` (the whole string when it names a file)."""
+    from ..train.checks import split_spec
+
+    return split_spec(spec)[0]
+
+
+def same_file(a, b) -> bool:
+    """Whether ``a`` and ``b`` name one file: :func:`os.path.samefile` when both exist (links, hard
+    links), else their resolved absolute paths."""
+    a, b = os.fspath(a), os.fspath(b)
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
+
+
+def check_outputs(paths: dict, overwrite: bool, inputs: Optional[dict] = None) -> None:
+    """For each ``{option: path}`` (None and "-" skipped): ``ValueError`` if it is the same file
+    as one of ``inputs`` (``{option: path or path@selection}``, None skipped), with ``overwrite`` or
+    without: an output never replaces an input; ``ValueError`` if two options name the same file;
+    ``IsADirectoryError`` for a directory, ``FileExistsError`` if the file exists and not
+    ``overwrite``, ``FileNotFoundError`` if its directory does not exist."""
+    given = [(k, os.fspath(p)) for k, p in paths.items() if p is not None and p != "-"]
+    read = [(k, input_path(os.fspath(p))) for k, p in (inputs or {}).items() if p is not None and p != "-"]
+    for name, path in given:
+        for src, file in read:
+            if same_file(path, file):
+                raise ValueError(f"{name} {path} is the {src} file: an output never replaces an input; "
+                                 f"give {name} another name")
+    for i, (name, path) in enumerate(given):
+        twin = next((k for k, p in given[i + 1:] if same_file(path, p)), None)
+        if twin is not None:
+            raise ValueError(f"{name}, {twin}: two outputs are the same file ({path}); give each its own name")
+    for name, path in given:
         if os.path.isdir(path):
             raise IsADirectoryError(f"{name} {path} is a directory; give a file name")
         if os.path.exists(path) and not overwrite:

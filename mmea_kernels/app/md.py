@@ -32,7 +32,9 @@ class MDSettings:
     stress when periodic) every ``interval`` steps, the first and the last included; ``log``: ASE's MD log every
     ``interval`` steps (``"-"``: standard output); ``save_state``: an MD state file (``app.md_state``)
     every ``save_state_every`` steps and at the end, to resume from. Existing output files are refused
-    unless ``overwrite`` (the state file a run resumes from may be its ``save_state``)."""
+    unless ``overwrite`` (the state file a run resumes from may be its ``save_state``), an input file
+    always; a setting the run would not use (``tdamp_fs`` for nve, ``pressure_bar``/``pdamp_fs`` but
+    for npt, ``save_state_every`` without ``save_state``) when other than its default."""
 
     steps: int = 400
     dt_fs: float = 0.5
@@ -64,9 +66,11 @@ class MDSettings:
             return "mtk-npt"
         return self.thermostat or "langevin"
 
-    def check(self, resume: Optional[str] = None) -> None:
+    def check(self, resume: Optional[str] = None, inputs: Optional[dict] = None, given=()) -> None:
         """``ValueError`` naming the setting (as its command-line option) that cannot be run;
-        ``resume``: the state file the run continues from."""
+        ``resume``: the state file the run continues from; ``inputs``: the run's other input files
+        (``{option: path}``), which no output may be; ``given``: the fields the caller chose (a
+        field this run would not use is refused when given or other than its default)."""
         check_md_settings(self.steps, self.dt_fs, self.temperature_K)
         if self.ensemble not in ENSEMBLES:
             raise ValueError(f"unknown --ensemble {self.ensemble!r}; expected one of {', '.join(ENSEMBLES)}")
@@ -84,7 +88,7 @@ class MDSettings:
         for name, v in (("--tdamp", self.tdamp_fs), ("--pdamp", self.pdamp_fs)):
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a time > 0 fs, got {v}")
-        self._check_unused()
+        self._check_unused(given)
         if not math.isfinite(self.pressure_bar):
             raise ValueError(f"--pressure must be finite, got {self.pressure_bar}")
         if self.velocities not in ("maxwell", "file"):
@@ -95,26 +99,29 @@ class MDSettings:
         if self.trajectory is not None and os.path.splitext(self.trajectory)[1].lower() not in TRAJECTORY_SUFFIXES:
             raise ValueError(f"--trajectory {self.trajectory}: the name must end in one of "
                              f"{', '.join(TRAJECTORY_SUFFIXES)} (the format is taken from it)")
-        from .files import check_outputs
+        from .files import check_outputs, same_file
 
         outputs = {"--trajectory": self.trajectory, "--log": self.log, "--save-state": self.save_state}
-        if resume is not None and self.save_state is not None and \
-                os.path.abspath(resume) == os.path.abspath(self.save_state):  # updated in place: no --overwrite
-            if any(p not in (None, "-") and os.path.abspath(p) == os.path.abspath(resume)
+        inputs = dict(inputs or {}, **({"--resume": resume} if resume is not None else {}))
+        if resume is not None and self.save_state is not None and same_file(resume, self.save_state):
+            if any(p not in (None, "-") and same_file(p, resume)  # --save-state is updated in place: no --overwrite
                    for k, p in outputs.items() if k != "--save-state"):
                 raise ValueError("--save-state and another output are the same file; give each its own name")
             outputs["--save-state"] = None
-        check_outputs(outputs, self.overwrite)
+        check_outputs(outputs, self.overwrite, inputs)
 
 
-    def _check_unused(self) -> None:
-        """``ValueError`` for a setting (other than its default) that this run would not use."""
-        d = MDSettings
+    def _check_unused(self, given=()) -> None:
+        """``ValueError`` for a setting this run would not use that was ``given`` or is other than
+        its default."""
+        def chosen(field):
+            return field in given or getattr(self, field) != getattr(MDSettings, field)
+
         unused = [(opt, "--ensemble npt") for opt, field in (("--pressure", "pressure_bar"), ("--pdamp", "pdamp_fs"))
-                  if self.ensemble != "npt" and getattr(self, field) != getattr(d, field)]
-        if self.ensemble == "nve" and self.tdamp_fs != d.tdamp_fs:
+                  if self.ensemble != "npt" and chosen(field)]
+        if self.ensemble == "nve" and chosen("tdamp_fs"):
             unused.append(("--tdamp", "a thermostat (--ensemble nvt or npt)"))
-        if self.save_state is None and self.save_state_every != d.save_state_every:
+        if self.save_state is None and chosen("save_state_every"):
             unused.append(("--save-state-every", "--save-state"))
         if unused:
             opt, needs = unused[0]
@@ -328,7 +335,7 @@ def run_md(atoms, calculator, settings: Optional[MDSettings] = None, where: str 
 
     from .md_output import Log, summary, writer
 
-    s = dataclasses.replace(settings or MDSettings(), **kw)
+    s = dataclasses.replace(settings or MDSettings(), **_known(kw))
     runtime = _runtime(calculator)
     if resume is not None:  # keywords, every field of a settings object given, other values than the defaults
         from .md_state import PHYSICS
@@ -336,7 +343,7 @@ def run_md(atoms, calculator, settings: Optional[MDSettings] = None, where: str 
         s = resumed_settings(resume, s, {k: getattr(s, k) for k, f in _FIELDS.items()
                                          if k in kw or (settings is not None and k in PHYSICS)
                                          or getattr(s, k) != f.default})
-    s.check(getattr(resume, "path", None))
+    s.check(getattr(resume, "path", None), given=set(kw))
     atoms = _prepare(atoms, s, where, resume, model)
     atoms.calc = calculator
     if resume is None:
@@ -407,6 +414,22 @@ def _runtime(calculator) -> Optional[str]:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(MDSettings)}
+# the command-line options whose MDSettings field carries a unit
+OPTION_FIELDS = {"dt": "dt_fs", "temperature": "temperature_K", "tdamp": "tdamp_fs", "pressure": "pressure_bar",
+                 "pdamp": "pdamp_fs"}
+
+
+def _known(kw: dict) -> dict:
+    """``kw``, or a ``TypeError`` naming a keyword that is no :class:`MDSettings` field (and the
+    field a command-line option name stands for)."""
+    for key in kw:
+        if key not in _FIELDS:
+            name = key.lstrip("-").replace("-", "_")
+            field = OPTION_FIELDS.get(name, name if name in _FIELDS else None)
+            hint = f" (md's --{name.replace('_', '-')} is the field {field}: {field}={kw[key]!r})" if field else ""
+            raise TypeError(f"run_md() got an unknown keyword {key!r}{hint}; the MDSettings fields (units in "
+                            f"their names) are {', '.join(_FIELDS)}")
+    return kw
 
 
 def _saver(dyn, atoms, s: MDSettings, model: Optional[str], runtime: Optional[str]):

@@ -46,6 +46,22 @@ def _evaluate(net, frames, where: str, batch_size: int, checks, start: int):
     return energies, forces, [s if p else None for s, p in zip(stresses, periodic)]
 
 
+def _keys(prefix: str) -> list:
+    return [f"{prefix}{k}" for k in ("energy", "forces", "stress")]
+
+
+def _check_prefix(frames, prefix: str, data: str) -> None:
+    """``ValueError`` when a frame already holds a key the predictions would be written under (a
+    label such as REF_energy would be replaced by the prediction), suggesting a free prefix."""
+    held = [(i, k) for i, a in enumerate(frames) for k in _keys(prefix) if k in a.info or k in a.arrays]
+    if held:
+        free = next((p for p in ("MMEA_", "PRED_", "MMEA_PRED_") if not any(
+            k in a.info or k in a.arrays for a in frames for k in _keys(p))), None)
+        i, key = held[0]
+        raise ValueError(f"--prefix {prefix}: {data} frame {i} already holds {key}, which the predictions would "
+                         f"replace; choose another --prefix" + (f" (e.g. --prefix {free})" if free else ""))
+
+
 def predict(checkpoint, data: str, out, model: Optional[str] = None, batch_size: int = 16,
             prefix: str = "MMEA_", dtype: Optional[str] = None, device: str = "cpu", trust_pickle: bool = False,
             checks=None, overwrite: bool = False) -> dict:
@@ -67,8 +83,9 @@ def predict(checkpoint, data: str, out, model: Optional[str] = None, batch_size:
     if not prefix or not prefix.replace("_", "").isalnum():
         raise ValueError(f"--prefix {prefix!r}: letters, digits and underscores only (the keys are "
                          f"{prefix}energy, {prefix}forces, {prefix}stress)")
-    check_outputs({"--out": str(out)}, overwrite)
+    check_outputs({"--out": str(out)}, overwrite, {"--checkpoint": checkpoint, "--data": data, "--model": model})
     frames = read_structures(data, "data file")
+    _check_prefix(frames, prefix, data)
     net, ckpt = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle, device=device)
     checks = checks or DataChecks()
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=str(out.parent))

@@ -40,7 +40,9 @@ class RelaxSettings:
     log: Optional[str] = None
     overwrite: bool = False
 
-    def check(self) -> None:
+    def check(self, inputs: Optional[dict] = None) -> None:
+        """``ValueError`` for a setting that cannot be run, an output file refused (exists without
+        ``overwrite``, or is one of ``inputs``, ``{option: path}``: the files the run reads)."""
         if not (math.isfinite(self.fmax) and self.fmax > 0):
             raise ValueError(f"--fmax must be a force > 0 eV/Å, got {self.fmax}")
         if int(self.steps) != self.steps or self.steps < 1:
@@ -61,7 +63,8 @@ class RelaxSettings:
                              "*.extxyz")
         if self.trajectory is not None and not self.trajectory.lower().endswith(".traj"):
             raise ValueError(f"--trajectory {self.trajectory}: the name must end in .traj")
-        check_outputs({"--out": self.out, "--trajectory": self.trajectory, "--log": self.log}, self.overwrite)
+        check_outputs({"--out": self.out, "--trajectory": self.trajectory, "--log": self.log}, self.overwrite,
+                      inputs)
 
 
 def _optimizer(name: str):
