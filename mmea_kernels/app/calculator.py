@@ -26,7 +26,12 @@ def _make_calculator():
         from the checkpoint, or ``model=`` to point at it elsewhere); ``MMEACalculator(module=net)``
         wraps a model you already have (on its own device). ``device`` (cpu, cuda, cuda:N, auto):
         where a checkpoint's model runs. The checkpoint is read with ``weights_only=True``; a base
-        model that is a whole pickled model needs ``trust_pickle=True`` (it runs code from the file)."""
+        model that is a whole pickled model needs ``trust_pickle=True`` (it runs code from the file).
+
+        A checkpoint whose E0s were fitted on the training compositions holds their span
+        (``e0_span``; ``None`` for ``module=``, given E0s and older checkpoints): the first structure
+        with a composition outside it gets an :class:`~mmea_kernels.train.e0s.E0OffsetWarning`
+        (once per calculator): its energy carries an unknown per-element offset, its forces do not."""
 
         implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
@@ -39,10 +44,12 @@ def _make_calculator():
 
             if (checkpoint is None) == (module is None):
                 raise ValueError("give exactly one of checkpoint= (a fine-tuning checkpoint) or module= (a model)")
+            self.e0_span, self._e0_seen, self._e0_warned = None, None, False
             if checkpoint is not None:
                 from ..train import load_finetuned
 
-                module, _ = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle, device=device)
+                module, ckpt = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle, device=device)
+                self.e0_span = ckpt.get("e0_span")
             self.net = module.eval()
             self.z, self.r_max = model_info(module)
             self.dtype, self.device = next(module.parameters()).dtype, module_device(module)
@@ -69,6 +76,7 @@ def _make_calculator():
                 raise PropertyNotImplementedError(
                     f"MMEACalculator: stress needs a structure periodic in all three directions with a 3-D cell; "
                     f"this one has pbc={a.pbc.tolist()} and cell volume {abs(a.cell.volume):.3g} Å³")
+            _check_composition(self, a)
             batch = self._batches(a)
             out = self.net(batch, training=False, compute_force=True, **({"compute_stress": True} if periodic else {}))
             e = float(out["energy"].detach()[0])
@@ -84,6 +92,18 @@ def _make_calculator():
                 self.results["stress"] = full_3x3_to_voigt_6_stress(stress)
 
     return _Calc
+
+
+def _check_composition(calc, a) -> None:
+    """Warn once per calculator when ``a``'s composition lies outside the span the checkpoint's E0s
+    were fitted on (``calc.e0_span``; checked when the atoms change)."""
+    key = a.numbers.tobytes()
+    if calc.e0_span is None or calc._e0_warned or key == calc._e0_seen:
+        return
+    calc._e0_seen = key
+    from ..train.e0s import warn_outside_span
+
+    calc._e0_warned = bool(warn_outside_span(calc.e0_span, [a], "MMEACalculator", stacklevel=4))
 
 
 def _closest_pair(batch) -> str:

@@ -73,6 +73,7 @@ def predict(checkpoint, data: str, out, model: Optional[str] = None, batch_size:
 
     from ..train import load_finetuned
     from ..train.checks import DataChecks, read_structures
+    from ..train.e0s import warn_outside_span
     from .files import check_outputs, umask_mode
 
     out = pathlib.Path(out)
@@ -87,6 +88,7 @@ def predict(checkpoint, data: str, out, model: Optional[str] = None, batch_size:
     frames = read_structures(data, "data file")
     _check_prefix(frames, prefix, data)
     net, ckpt = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle, device=device)
+    warn_outside_span(ckpt.get("e0_span"), frames, str(data))  # energies there carry an unknown offset
     checks = checks or DataChecks()
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=str(out.parent))
     os.close(fd)

@@ -61,7 +61,10 @@ def write_checkpoint(path, cfg: FinetuneConfig, r, metrics=None) -> None:
     E0s, ...), so that the checkpoint does not depend on the base model's other tensors; and a
     reference prediction (:mod:`.selfcheck`) that loading must reproduce. Plain types only
     (``weights_only=True`` reads it), tensors on the CPU (a run on a GPU gives a file that loads
-    anywhere)."""
+    anywhere). ``e0_span``: the span of the training compositions when the E0s were fitted on them
+    (:func:`.e0s.fitted_span`; evaluating outside it warns), else None."""
+    from .e0s import fitted_span
+
     summary = None
     if metrics is not None:
         summary = {k: metrics[k] for k in SPLITS if k in metrics}
@@ -78,7 +81,7 @@ def write_checkpoint(path, cfg: FinetuneConfig, r, metrics=None) -> None:
                  "w_forces": float(cfg.w_forces),
                  "epoch": r.best["epoch"], "trainable": {n: t.cpu() for n, t in r.best["state"].items()},
                  "trainable_parameters": r.n_train,
-                 "parameter_groups": dict(r.groups), "metrics": summary, **extra}, path)
+                 "parameter_groups": dict(r.groups), "metrics": summary, "e0_span": fitted_span(cfg, r), **extra}, path)
 
 
 # ---------------------------------------------------------------------------------- training state
@@ -240,12 +243,17 @@ def evaluate_checkpoint(checkpoint, data: str, model: Optional[str] = None, ener
     checks of :mod:`.checks`, computed on ``device``; stress errors too for a checkpoint trained on
     stresses (labels under its key) or with ``stress_key`` (any checkpoint; periodic data with stress
     labels under that key). The loss is the run's (its ``w_energy``, ``w_forces``, ``w_stress``;
-    checkpoints from before they held the first two: the defaults 1 and 1000)."""
+    checkpoints from before they held the first two: the defaults 1 and 1000). Warns
+    (:class:`.e0s.E0OffsetWarning`) when frames have a composition outside the span of those the
+    checkpoint's E0s were fitted on: their energy errors then include an unknown per-element offset."""
+    from .e0s import warn_outside_span
+
     ckpt = _read_checkpoint(pathlib.Path(checkpoint))
     ek, fk = energy_key or ckpt.get("energy_key", "REF_energy"), forces_key or ckpt.get("forces_key", "REF_forces")
     w_s = float(ckpt.get("w_stress", 0.0))
     sk = stress_key or (ckpt.get("stress_key", "REF_stress") if w_s > 0 else None)
     frames = read_frames(data, ek, fk, stress_key=sk)  # bad data is reported before the model is built
+    warn_outside_span(ckpt.get("e0_span"), frames, str(data))
     net, ckpt = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle, device=device)
     z, r_max = model_info(net)
     graphs = checked_graphs(frames, z, r_max, str(data), ek, fk, dtype=next(net.parameters()).dtype,

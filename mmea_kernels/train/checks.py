@@ -4,7 +4,13 @@ wide enough for the cutoff, no coincident atoms, a sane number of neighbours per
 
 Every failure raises :class:`DataError` (a ``ValueError``, so the command line exits 2) with a
 message naming the file (and selection), the frame, the atoms and the key. Frame numbers count
-within the selection (``frame 0`` of ``data.xyz@50:`` is the file's frame 50).
+within the selection (``frame 0`` of ``data.xyz@50:`` is the file's frame 50), also after the
+training frames are shuffled to split off a validation set (``frame_numbers``).
+
+Labels are read from ``info`` (energy, stress) and ``arrays`` (forces) under the keys given, or,
+where a frame has none there, from ``atoms.calc.results`` under the same name: ``ase.io.read`` moves
+extended-XYZ ``energy=``, ``forces`` and ``stress=`` (ASE's standard names, as written from atoms
+with a ``SinglePointCalculator``) there (:func:`read_label`, :func:`with_labels`).
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 __all__ = ["DataError", "DataChecks", "parse_index", "read_structures", "check_positions", "check_labels", "check_geometry",
-           "check_graphs", "checked_graphs"]
+           "check_graphs", "checked_graphs", "read_label", "with_labels"]
 
 
 class DataError(ValueError):
@@ -103,9 +109,19 @@ def read_structures(spec: str, what: str = "data file") -> list:
     return frames
 
 
-def check_positions(frames: Sequence, where: str) -> None:
+def _numbered(frames: Sequence, frame_numbers: Optional[Sequence[int]] = None):
+    """(frame number for messages, frame): ``frame_numbers`` (the frames' places in the selection
+    they were read from, when they were reordered) or their position."""
+    if frame_numbers is None:
+        return enumerate(frames)
+    if len(frame_numbers) != len(frames):
+        raise ValueError(f"{len(frame_numbers)} frame numbers for {len(frames)} frames")
+    return zip((int(n) for n in frame_numbers), frames)
+
+
+def check_positions(frames: Sequence, where: str, frame_numbers: Optional[Sequence[int]] = None) -> None:
     """Every position is a finite number."""
-    for i, a in enumerate(frames):
+    for i, a in _numbered(frames, frame_numbers):
         bad = np.flatnonzero(~np.isfinite(np.asarray(a.positions, dtype=float)).all(axis=1))
         if bad.size:
             raise DataError(f"{where}: frame {i}: non-finite positions on atoms {_atoms_list(bad)}")
@@ -125,48 +141,100 @@ def _atoms_list(idx) -> str:
     return ", ".join(map(str, idx[:8])) + (f" … ({len(idx)} atoms)" if len(idx) > 8 else "")
 
 
+_HOME = {"energy": "info", "stress": "info", "forces": "arrays"}
+
+
+def _calc_results(a) -> dict:
+    results = getattr(getattr(a, "calc", None), "results", None)
+    return results if isinstance(results, dict) else {}
+
+
+def read_label(a, kind: str, key: str):
+    """(value, its name for messages) of the ``kind`` label (energy, forces, stress) of frame ``a``:
+    ``info[key]`` (``arrays[key]`` for forces), else ``atoms.calc.results[key]`` (where ``ase.io.read``
+    puts extended-XYZ ``energy``, ``forces``, ``stress``); ``(None, None)`` when neither has it."""
+    home = _HOME[kind]
+    store = a.arrays if home == "arrays" else a.info
+    if key in store:
+        return store[key], f"{home}[{key!r}]"
+    results = _calc_results(a)
+    if key in results and results[key] is not None:
+        return results[key], f"calc.results[{key!r}]"
+    return None, None
+
+
+def _missing(a, i: int, where: str, kind: str, key: str) -> str:
+    home = _HOME[kind]
+    keys = sorted(a.arrays if home == "arrays" else a.info)
+    results = sorted(_calc_results(a))
+    return (f"{where}: frame {i} has no {kind} under {home}[{key!r}] ({'array' if home == 'arrays' else 'info'} keys: "
+            f"{keys}{f'; ASE calculator results (calc.results): {results}' if results else ''})")
+
+
+def with_labels(frames: Sequence, energy_key: str, forces_key: str, stress_key: Optional[str] = None) -> list:
+    """``frames`` with every label that :func:`read_label` finds only in ``atoms.calc.results`` put
+    under its key in ``info`` / ``arrays`` (on a copy of that frame; the others as they are), for
+    readers that look there only (mace-torch's ``config_from_atoms``)."""
+    out = []
+    for a in frames:
+        moved = {}
+        for kind, key in (("energy", energy_key), ("forces", forces_key), ("stress", stress_key)):
+            if key is not None:
+                value, name = read_label(a, kind, key)
+                if name is not None and name.startswith("calc."):
+                    moved[(kind, key)] = np.array(value, copy=True) if kind != "energy" else value
+        if moved:
+            a = a.copy()  # Atoms.copy() keeps info and arrays, not the calculator
+            for (kind, key), value in moved.items():
+                (a.arrays if _HOME[kind] == "arrays" else a.info)[key] = value
+        out.append(a)
+    return out
+
+
 def check_stress_label(a, i: int, where: str, stress_key: str) -> None:
-    """Frame ``i`` has a finite stress under ``info[stress_key]`` (Voigt 6, 9 numbers or 3 x 3; eV/Å³)
-    and is periodic in all three directions with a 3-D cell (a stress needs a volume)."""
-    if stress_key not in a.info:
-        raise KeyError(f"{where}: frame {i} has no stress under info[{stress_key!r}] (info keys: {sorted(a.info)}); "
-                       "training on stresses (--w-stress > 0) needs one in every frame")
-    s = np.asarray(a.info[stress_key])
+    """Frame ``i`` has a finite stress under ``info[stress_key]`` (or ``calc.results``; Voigt 6, 9
+    numbers or 3 x 3; eV/Å³) and is periodic in all three directions with a 3-D cell (a stress needs a
+    volume)."""
+    value, name = read_label(a, "stress", stress_key)
+    if name is None:
+        raise KeyError(_missing(a, i, where, "stress", stress_key) +
+                       "; training on stresses (--w-stress > 0) needs one in every frame")
+    s = np.asarray(value)
     if s.shape not in ((6,), (9,), (3, 3)) or not np.issubdtype(s.dtype, np.number):
-        raise DataError(f"{where}: frame {i}: info[{stress_key!r}] has shape {s.shape} and type {s.dtype}, expected "
+        raise DataError(f"{where}: frame {i}: {name} has shape {s.shape} and type {s.dtype}, expected "
                         "a stress as 6 (Voigt: xx yy zz yz xz xy), 9 or 3 x 3 numbers in eV/Å³")
     if not np.isfinite(s.astype(float)).all():
-        raise DataError(f"{where}: frame {i}: non-finite stress info[{stress_key!r}] = {s.tolist()}")
+        raise DataError(f"{where}: frame {i}: non-finite stress {name} = {s.tolist()}")
     if not (bool(np.all(a.pbc)) and abs(a.cell.volume) > 1e-9):
         raise DataError(f"{where}: frame {i} has a stress label but is not periodic in all three directions with a "
                         f"3-D cell (pbc={np.asarray(a.pbc).tolist()}, volume {abs(a.cell.volume):.3g} Å³)")
 
 
 def check_labels(frames: Sequence, where: str, energy_key: str, forces_key: str,
-                 stress_key: Optional[str] = None) -> None:
+                 stress_key: Optional[str] = None, frame_numbers: Optional[Sequence[int]] = None) -> None:
     """Every frame has a finite number under ``info[energy_key]`` and a finite ``[n_atoms, 3]``
-    array under ``arrays[forces_key]``; with ``stress_key``, a stress too (:func:`check_stress_label`)."""
-    for i, a in enumerate(frames):
+    array under ``arrays[forces_key]`` (either also under ``atoms.calc.results``, :func:`read_label`);
+    with ``stress_key``, a stress too (:func:`check_stress_label`)."""
+    for i, a in _numbered(frames, frame_numbers):
         if stress_key is not None:
             check_stress_label(a, i, where, stress_key)
-        if energy_key not in a.info:
-            raise KeyError(f"{where}: frame {i} has no energy under info[{energy_key!r}] "
-                           f"(info keys: {sorted(a.info)})")
-        if forces_key not in a.arrays:
-            raise KeyError(f"{where}: frame {i} has no forces under arrays[{forces_key!r}] "
-                           f"(array keys: {sorted(a.arrays)})")
-        e = a.info[energy_key]
+        e, e_name = read_label(a, "energy", energy_key)
+        if e_name is None:
+            raise KeyError(_missing(a, i, where, "energy", energy_key))
+        f, f_name = read_label(a, "forces", forces_key)
+        if f_name is None:
+            raise KeyError(_missing(a, i, where, "forces", forces_key))
         if isinstance(e, (bool, np.bool_)) or not isinstance(e, (int, float, np.integer, np.floating)):
-            raise DataError(f"{where}: frame {i}: info[{energy_key!r}] is {e!r}, not a number")
+            raise DataError(f"{where}: frame {i}: {e_name} is {e!r}, not a number")
         if not math.isfinite(float(e)):
-            raise DataError(f"{where}: frame {i}: the energy info[{energy_key!r}] is {float(e)}")
-        f = np.asarray(a.arrays[forces_key])
+            raise DataError(f"{where}: frame {i}: the energy {e_name} is {float(e)}")
+        f = np.asarray(f)
         if f.shape != (len(a), 3) or not np.issubdtype(f.dtype, np.number):
-            raise DataError(f"{where}: frame {i}: arrays[{forces_key!r}] has shape {f.shape} and type {f.dtype}, "
+            raise DataError(f"{where}: frame {i}: {f_name} has shape {f.shape} and type {f.dtype}, "
                             f"expected {len(a)} x 3 numbers")
         bad = np.flatnonzero(~np.isfinite(f).all(axis=1))
         if bad.size:
-            raise DataError(f"{where}: frame {i}: non-finite forces arrays[{forces_key!r}] on atoms {_atoms_list(bad)}")
+            raise DataError(f"{where}: frame {i}: non-finite forces {f_name} on atoms {_atoms_list(bad)}")
 
 
 def _widths(cell: np.ndarray, periodic: np.ndarray) -> np.ndarray:
@@ -183,12 +251,12 @@ def _widths(cell: np.ndarray, periodic: np.ndarray) -> np.ndarray:
 
 
 def check_geometry(frames: Sequence, where: str, r_max: Optional[float] = None,
-                   checks: DataChecks = DataChecks()) -> None:
+                   checks: DataChecks = DataChecks(), frame_numbers: Optional[Sequence[int]] = None) -> None:
     """Finite positions; for periodic directions a lattice vector that is not degenerate, a cell at
     least ``r_max`` wide (unless ``checks.allow_small_cells``) and a neighbour estimate under
     ``checks.max_neighbors``. Runs before any neighbour list is built."""
-    check_positions(frames, where)
-    for i, a in enumerate(frames):
+    check_positions(frames, where, frame_numbers)
+    for i, a in _numbered(frames, frame_numbers):
         periodic = np.asarray(a.pbc, dtype=bool)
         if not periodic.any():
             continue
@@ -220,12 +288,13 @@ def _neighbour_estimate(n: int, cell: np.ndarray, periodic: np.ndarray, w: np.nd
     return n * float(np.prod([1 + 2 * r_max / w[k] for k in np.flatnonzero(periodic)]))
 
 
-def check_graphs(graphs: Sequence, where: str, checks: DataChecks = DataChecks()) -> None:
+def check_graphs(graphs: Sequence, where: str, checks: DataChecks = DataChecks(),
+                 frame_numbers: Optional[Sequence[int]] = None) -> None:
     """On built MACE graphs: no two atoms (or images) closer than ``checks.min_distance``, at most
     ``checks.max_neighbors`` neighbours per atom."""
     import torch
 
-    for i, g in enumerate(graphs):
+    for i, g in _numbered(graphs, frame_numbers):
         snd, rcv = g.edge_index
         if snd.numel() == 0:
             continue
@@ -245,15 +314,19 @@ def check_graphs(graphs: Sequence, where: str, checks: DataChecks = DataChecks()
 
 def checked_graphs(frames: Sequence, atomic_numbers, r_max: float, where: str, energy_key: str = "REF_energy",
                    forces_key: str = "REF_forces", dtype=None, checks: DataChecks = DataChecks(),
-                   labels: bool = True, stress_key: Optional[str] = None) -> list:
+                   labels: bool = True, stress_key: Optional[str] = None,
+                   frame_numbers: Optional[Sequence[int]] = None) -> list:
     """:func:`models.mace.atoms_to_graphs` with every check of this module before and after it
-    (``stress_key``: stress labels too, checked and put in the graphs)."""
+    (labels from ``info`` / ``arrays`` or ``atoms.calc.results``: :func:`with_labels`;
+    ``stress_key``: stress labels too, checked and put in the graphs; ``frame_numbers``: the
+    frames' numbers in the selection they came from, for the messages, when they were reordered)."""
     from ..integrations.mace import atoms_to_graphs
 
     if labels:
-        check_labels(frames, where, energy_key, forces_key, stress_key)
-    check_geometry(frames, where, r_max, checks)
+        check_labels(frames, where, energy_key, forces_key, stress_key, frame_numbers)
+        frames = with_labels(frames, energy_key, forces_key, stress_key)  # mace reads info / arrays only
+    check_geometry(frames, where, r_max, checks, frame_numbers)
     graphs = atoms_to_graphs(frames, atomic_numbers, r_max, energy_key, forces_key, dtype=dtype, where=where,
                              stress_key=stress_key)
-    check_graphs(graphs, where, checks)
+    check_graphs(graphs, where, checks, frame_numbers)
     return graphs

@@ -24,6 +24,16 @@ def read_frames(spec: str, energy_key: str, forces_key: str, labels: bool = True
     return frames
 
 
+def _split_order(cfg, n: int):
+    """(valid, train): the places in the training file's selection of the frames that go to each,
+    when ``valid_fraction`` of them is split off (seeded)."""
+    perm = np.random.default_rng(cfg.seed).permutation(n)
+    n_va = max(1, int(round(cfg.valid_fraction * n)))
+    if n_va >= n:
+        raise ValueError(f"{cfg.train} has {n} frames: too few to split off a validation set")
+    return [int(i) for i in perm[:n_va]], [int(i) for i in perm[n_va:]]
+
+
 def read_splits(cfg) -> Dict[str, list]:
     """``{"train", "valid", "test": frames}`` of a :class:`~.config.FinetuneConfig`; without a
     validation file, a seeded ``valid_fraction`` of the training frames."""
@@ -31,20 +41,21 @@ def read_splits(cfg) -> Dict[str, list]:
     if cfg.valid:
         valid_frames = read_frames(cfg.valid, cfg.energy_key, cfg.forces_key, stress_key=cfg.stress)
     else:
-        perm = np.random.default_rng(cfg.seed).permutation(len(train_frames))
-        n_va = max(1, int(round(cfg.valid_fraction * len(train_frames))))
-        if n_va >= len(train_frames):
-            raise ValueError(f"{cfg.train} has {len(train_frames)} frames: too few to split off a validation set")
-        valid_frames = [train_frames[i] for i in perm[:n_va]]
-        train_frames = [train_frames[i] for i in perm[n_va:]]
+        va, tr = _split_order(cfg, len(train_frames))
+        valid_frames = [train_frames[i] for i in va]
+        train_frames = [train_frames[i] for i in tr]
     test_frames = read_frames(cfg.test, cfg.energy_key, cfg.forces_key, stress_key=cfg.stress) if cfg.test else []
     return {"train": train_frames, "valid": valid_frames, "test": test_frames}
 
 
 def split_graphs(cfg, frames: Dict[str, list], z, r_max: float, dtype) -> Dict[str, list]:
-    """The graphs of every split, after the data checks (:mod:`.checks`)."""
+    """The graphs of every split, after the data checks (:mod:`.checks`); their messages number the
+    frames as in the file (selection) they came from, also those of a split-off validation set."""
+    numbers = {"train": None, "valid": None, "test": None}
+    if not cfg.valid:  # frames["train"] and ["valid"] are the training file's, shuffled (read_splits)
+        numbers["valid"], numbers["train"] = _split_order(cfg, len(frames["train"]) + len(frames["valid"]))
     return {split: checked_graphs(frames[split], z, r_max, str(src), cfg.energy_key, cfg.forces_key, dtype=dtype,
-                                  checks=cfg.data_checks(), stress_key=cfg.stress)
+                                  checks=cfg.data_checks(), stress_key=cfg.stress, frame_numbers=numbers[split])
             for split, src in (("train", cfg.train), ("valid", cfg.valid or cfg.train), ("test", cfg.test))}
 
 

@@ -1,34 +1,101 @@
 """Per-element reference energies (E0s): fitted to the training data before training
-(:func:`refit_e0s`, :func:`set_e0s`) and, with ``refit_e0s_after``, again with the trained model
-(:func:`refit_after_training`)."""
+(:func:`refit_e0s`, :func:`set_e0s`) or given in a JSON file, and, with ``refit_e0s_after``, fitted
+again with the trained model (:func:`refit_after_training`).
+
+A fit determines the E0s only along the span of the training compositions (element-count
+vectors); elsewhere they keep the base model's values (minimum-norm correction). A checkpoint whose
+E0s were fitted stores that span (:func:`fitted_span`); :func:`warn_outside_span` warns when frames
+to evaluate have a composition outside it: their energies then carry an unknown per-element offset
+(forces do not)."""
 from __future__ import annotations
 
 import json
 import math
 import pathlib
-from typing import List, Sequence
+import warnings
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .loss import SPLITS, split_errors
 
-__all__ = ["refit_e0s", "set_e0s", "refit_after_training"]
+__all__ = ["refit_e0s", "set_e0s", "refit_after_training", "E0OffsetWarning", "composition_span", "fitted_span",
+           "outside_span", "warn_outside_span"]
 
 
 def _energies(frames, key):
-    return np.array([a.info[key] for a in frames], dtype=float)
+    from .checks import read_label
+
+    return np.array([read_label(a, "energy", key)[0] for a in frames], dtype=float)
+
+
+def _names(zs) -> str:
+    from ase.data import chemical_symbols
+
+    names = [f"{chemical_symbols[z] if 0 < z < len(chemical_symbols) else '?'} (Z={z})" for z in zs]
+    return ", ".join(names[:12]) + (f" … ({len(names)} elements)" if len(names) > 12 else "")
+
+
+def _log_rank0(log, text: str) -> None:
+    import torch.distributed as dist
+
+    if log is not None:
+        log(text)
+    elif not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+        print(text)
+
+
+def _given_e0s(p: pathlib.Path, z_table: Sequence[int], e0_old, frames, log) -> List[float]:
+    """The E0s of a JSON file ``{"Z": eV}``: every key an element of the model, every value finite;
+    an element the file leaves out keeps the base model's E0 (said in one log line), unless the
+    training data contain it."""
+    try:
+        raw = json.loads(p.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError(f"a JSON {type(raw).__name__}, not an object")
+        pairs = [(int(k), float(v)) for k, v in raw.items()]
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"E0 file {p}: expected a JSON object {{\"<atomic number>\": <eV>, ...}} such as "
+                         f'{{"1": -13.6, "8": -2041.2}} ({exc})') from None
+    given = dict(pairs)
+    z_model = [int(z) for z in z_table]
+    twice = sorted({z for z, _ in pairs if sum(1 for y, _ in pairs if y == z) > 1})
+    if twice:
+        raise ValueError(f"E0 file {p} gives elements {_names(twice)} more than once")
+    unknown = sorted(set(given) - set(z_model))
+    if unknown:
+        raise ValueError(f"E0 file {p}: {_names(unknown)} {'is not an element' if len(unknown) == 1 else 'are not elements'} "
+                         f"of the base model (it knows {_names(z_model)}); remove {'it' if len(unknown) == 1 else 'them'}")
+    bad = {z: v for z, v in given.items() if not math.isfinite(v)}
+    if bad:
+        raise ValueError(f"E0 file {p}: non-finite given E0s {', '.join(f'Z={z}: {v}' for z, v in sorted(bad.items()))}")
+    missing = [z for z in z_model if z not in given]
+    present = sorted({int(n) for a in frames for n in a.numbers})
+    needed = [z for z in missing if z in present]
+    if needed:
+        raise KeyError(f"{p}: no E0 for elements {needed} ({_names(needed)}), which the training data contain; "
+                       "give them too (elements absent from the data may be left out: they keep the base model's E0s)")
+    if missing:
+        from ase.data import chemical_symbols
+
+        listed = _names(missing) if len(missing) <= 12 else " ".join(chemical_symbols[z] for z in missing)
+        _log_rank0(log, f"E0 file {p} leaves out {len(missing)} of the base model's {len(z_model)} elements, absent from "
+                        f"the training data; they keep the base model's E0s: {listed}")
+    return [given[z] if z in given else float(e0_old[k]) for k, z in enumerate(z_model)]
 
 
 def refit_e0s(model, frames, z_table: Sequence[int], mode: str, energy_key: str, batch_size: int = 50,
-              from_scratch: bool = False) -> List[float]:
+              from_scratch: bool = False, log=None) -> List[float]:
     """Per-element reference energies for a new level of theory, keeping the model's interaction
     energy: the residual ``E_ref - (E_model - Σ E0_old)`` of the training frames is fitted by
     ``lstsq`` (least squares on element counts for the change from ``E0_old``, minimum-norm when
     the compositions do not determine every element: an element absent from the data keeps its E0)
     or ``average`` (one mean residual per atom for every element);
-    ``keep`` leaves them; a JSON file path gives ``{"Z": eV}`` explicitly. ``from_scratch``: fit the
-    energies themselves (a randomly initialised model's interaction energy means nothing)."""
+    ``keep`` leaves them; a JSON file path gives ``{"Z": eV}`` explicitly (:func:`_given_e0s`: an
+    element of the model it leaves out, absent from ``frames``, keeps its E0, said through ``log``,
+    default ``print`` on rank 0). ``from_scratch``: fit the energies themselves (a randomly
+    initialised model's interaction energy means nothing)."""
     from ..integrations.mace import atoms_to_batch
     from .device import module_device
 
@@ -39,18 +106,7 @@ def refit_e0s(model, frames, z_table: Sequence[int], mode: str, energy_key: str,
         p = pathlib.Path(mode)
         if not p.is_file():
             raise ValueError(f"e0s must be lstsq, average, keep or a JSON file; {mode!r} is none of these")
-        try:
-            raw = json.loads(p.read_text())
-            if not isinstance(raw, dict):
-                raise ValueError(f"a JSON {type(raw).__name__}, not an object")
-            given = {int(k): float(v) for k, v in raw.items()}
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"E0 file {p}: expected a JSON object {{\"<atomic number>\": <eV>, ...}} such as "
-                             f'{{"1": -13.6, "8": -2041.2}} ({exc})') from None
-        missing = [z for z in z_table if z not in given]
-        if missing:
-            raise KeyError(f"{p}: no E0 for elements {missing}")
-        return [given[int(z)] for z in z_table]
+        return _given_e0s(p, z_table, e0_old, frames, log)
     counts = np.array([[int((a.numbers == z).sum()) for z in z_table] for a in frames], dtype=float)
     interaction = np.zeros(len(frames))
     if not from_scratch:
@@ -100,3 +156,76 @@ def refit_after_training(cfg, r, metrics: dict, log) -> None:
     metrics.update(split_errors(r.model, r.graphs, cfg.eval_batch_size, cfg.w_energy, cfg.w_forces, cfg.w_stress))
     metrics.update(e0s=new, e0s_before_refit=old, before_e0_refit=before)
     log("E0s re-fitted after training: " + ", ".join(f"Z={z}: {a:+.4f} -> {b:+.4f} eV" for z, a, b in zip(r.z, old, new)))
+
+
+# ------------------------------------------------------------------ where fitted E0s are determined
+class E0OffsetWarning(UserWarning):
+    """Energies of a composition outside the span of the compositions the E0s were fitted on."""
+
+
+def _formula(counts: dict) -> str:
+    from ase.data import chemical_symbols
+    from ase.formula import Formula
+
+    return Formula.from_dict({chemical_symbols[z]: int(n) for z, n in counts.items() if n}).format("hill")
+
+
+def _counts(frames, z: Sequence[int]) -> np.ndarray:
+    return np.array([[int((np.asarray(a.numbers) == zi).sum()) for zi in z] for a in frames], dtype=float).reshape(-1, len(z))
+
+
+def composition_span(frames, z_table: Sequence[int], shown: int = 5) -> dict:
+    """What tells whether a composition is one a fit of E0s on ``frames`` determines: the elements,
+    an orthonormal basis of the span of the frames' element-count vectors and (for messages) up to
+    ``shown`` of their distinct formulas. Plain types (a checkpoint stores it)."""
+    z = [int(v) for v in z_table]
+    counts = np.unique(_counts(frames, z), axis=0)
+    basis = np.zeros((0, len(z)))
+    if counts.size:
+        _, sv, vt = np.linalg.svd(counts, full_matrices=False)
+        basis = vt[: int((sv > sv.max() * max(counts.shape) * 1e-12).sum())]
+    formulas = [_formula(dict(zip(z, c))) for c in counts]
+    return {"elements": z, "basis": basis.tolist(), "compositions": formulas[:shown],
+            "n_compositions": len(formulas)}
+
+
+def fitted_span(cfg, r) -> Optional[dict]:
+    """The span (:func:`composition_span`) of the training compositions of run ``r`` when its E0s
+    were fitted on them (``lstsq``, ``average`` or ``refit_e0s_after``); None for E0s given or kept."""
+    if cfg.refit_e0s_after or cfg.e0s in ("lstsq", "average"):
+        return composition_span(r.train_frames, r.z)
+    return None
+
+
+def outside_span(span: Optional[dict], frames) -> List[int]:
+    """The indices of ``frames`` whose composition lies outside ``span`` (none without a span, and
+    none for a frame with an element the span does not list: the model refuses those anyway)."""
+    if not span or not len(frames):
+        return []
+    z = [int(v) for v in span["elements"]]
+    basis = np.asarray(span["basis"], dtype=float).reshape(-1, len(z))
+    c = _counts(frames, z)
+    known = c.sum(1) == np.array([len(a) for a in frames])
+    resid = np.linalg.norm(c - (c @ basis.T) @ basis, axis=1)
+    return [int(i) for i in np.flatnonzero(known & (resid > 1e-6 * np.maximum(1.0, np.linalg.norm(c, axis=1))))]
+
+
+def span_message(span: dict, frames, idx: Sequence[int], where: str) -> str:
+    formulas = list(dict.fromkeys(frames[i].get_chemical_formula("hill") for i in idx))
+    fitted = ", ".join(span.get("compositions", [])) + (" …" if span.get("n_compositions", 0) > len(span.get("compositions", [])) else "")
+    which = "the structure" if len(frames) == 1 else f"{len(idx)} of {len(frames)} frames (first: frame {idx[0]})"
+    return (f"{where}: {which} {'has' if len(frames) == 1 else 'have'} a composition ({', '.join(formulas[:5])}"
+            f"{' …' if len(formulas) > 5 else ''}) outside the span of the training compositions the checkpoint's E0s "
+            f"were fitted on ({fitted}): energies there carry an unknown per-element offset (the fit does not determine "
+            "it; it can be keV); forces are unaffected. To avoid it, fine-tune on several compositions that span the ones "
+            "you evaluate, or give isolated-atom energies with --e0s FILE.json")
+
+
+def warn_outside_span(span: Optional[dict], frames, where: str, stacklevel: int = 2) -> List[int]:
+    """Warn once (:class:`E0OffsetWarning`) when frames have a composition outside ``span`` (a
+    checkpoint's ``e0_span``; None, as in checkpoints from before it was stored: no warning);
+    returns their indices."""
+    idx = outside_span(span, frames)
+    if idx:
+        warnings.warn(span_message(span, frames, idx, where), E0OffsetWarning, stacklevel=stacklevel + 1)
+    return idx

@@ -209,7 +209,7 @@ def test_bad_stress_data_is_named(stress_files, tmp_path, capsys):
     assert main(args + ["--w-stress", "1", "--stress-key", "DFT_stress"]) == 2
     assert "no stress under info['DFT_stress']" in capsys.readouterr().err
     assert main(args + ["--w-stress", "-1"]) == 2
-    assert "w_stress must be a finite number >= 0" in capsys.readouterr().err
+    assert "--w-stress must be a finite number >= 0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
