@@ -2,6 +2,9 @@
   python bench/fuzz_cpp.py FAMILY SEED START SECONDS   (one family; prints CASE/FAIL/DONE lines)
   python bench/fuzz_cpp.py [SECONDS]                    (every family, each in its own subprocess)"""
 import copy, json, math, os, random, subprocess, sys, tempfile, time
+# the 1-vs-2-thread check is of the kernels' own summation order: MKL's GEMMs, in its default mode, give
+# other bits on another calling thread on some CPUs (an AVX-512 Xeon), so they run reproducibly here
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 import torch
 
 RTOL = {torch.float64: 1e-10, torch.float32: 2e-4}

@@ -276,4 +276,6 @@ def test_a_spec_first_read_inside_torch_compile_compiles_fullgraph():
         y = f(x, w, None, g, a)
     finally:
         torch._dynamo.reset()
-    torch.testing.assert_close(y, gated_linear(x, w, None, g, a, spec, backend="torch"), rtol=0, atol=0)
+    # the compiled op is the eager cpp op bit for bit; the torch backend sums in another order (BLAS)
+    torch.testing.assert_close(y, gated_linear(x, w, None, g, a, spec, backend="cpp"), rtol=0, atol=0)
+    torch.testing.assert_close(y, gated_linear(x, w, None, g, a, spec, backend="torch"), rtol=1e-13, atol=1e-13)
