@@ -198,7 +198,7 @@ def check_stress_label(a, i: int, where: str, stress_key: str) -> None:
     value, name = read_label(a, "stress", stress_key)
     if name is None:
         raise KeyError(_missing(a, i, where, "stress", stress_key) +
-                       "; training on stresses (--w-stress > 0) needs one in every frame")
+                       "; stress training (--w-stress > 0) and stress errors (--stress-key) need one in every frame")
     s = np.asarray(value)
     if s.shape not in ((6,), (9,), (3, 3)) or not np.issubdtype(s.dtype, np.number):
         raise DataError(f"{where}: frame {i}: {name} has shape {s.shape} and type {s.dtype}, expected "

@@ -105,7 +105,8 @@ def refit_e0s(model, frames, z_table: Sequence[int], mode: str, energy_key: str,
     if mode not in ("lstsq", "average"):
         p = pathlib.Path(mode)
         if not p.is_file():
-            raise ValueError(f"e0s must be lstsq, average, keep or a JSON file; {mode!r} is none of these")
+            what = "no such file" if mode.lower().endswith(".json") or "/" in mode else "none of these"
+            raise ValueError(f"--e0s must be lstsq, average, keep or a JSON file of E0s; {mode!r}: {what}")
         return _given_e0s(p, z_table, e0_old, frames, log)
     counts = np.array([[int((a.numbers == z).sum()) for z in z_table] for a in frames], dtype=float)
     interaction = np.zeros(len(frames))

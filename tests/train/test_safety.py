@@ -239,6 +239,8 @@ def test_bare_state_dict_with_model_config(data, tmp_path, capsys):
      r"--model-config is for .*mace-xtb-small\.pt holds a whole model"),
     (["--resume"], r"--resume: no .*state\.pt, so no run in --out .* to continue; leave out --resume"),
     (["--method", "full", "--rank", "4"], r"--rank is the adapters' rank; --method full has none"),
+    (["--e0s", "nothere.json"], r"--e0s must be lstsq, average, keep or a JSON file of E0s; 'nothere\.json': no such file"),
+    (["--e0s", "lsq"], r"--e0s must be .*; 'lsq': none of these"),
 ])
 def test_settings_that_cannot_be_meant_are_refused(data, tmp_path, capsys, extra, expect):
     """Settings a reviewer passed that trained anyway (a negative force weight trains away from the labels, a
