@@ -8,7 +8,7 @@ import numpy as np
 
 from .checks import checked_graphs
 
-__all__ = ["read_frames", "read_splits", "split_graphs", "make_batches"]
+__all__ = ["read_frames", "read_splits", "split_graphs", "make_batches", "overlap_note"]
 
 
 def read_frames(spec: str, energy_key: str, forces_key: str, labels: bool = True, stress_key=None) -> list:
@@ -46,6 +46,28 @@ def read_splits(cfg) -> Dict[str, list]:
         train_frames = [train_frames[i] for i in tr]
     test_frames = read_frames(cfg.test, cfg.energy_key, cfg.forces_key, stress_key=cfg.stress) if cfg.test else []
     return {"train": train_frames, "valid": valid_frames, "test": test_frames}
+
+
+def _frame_key(a) -> bytes:
+    """Atoms and positions (to 1e-6 Å) of a frame: equal for the same geometry written twice."""
+    return a.numbers.astype(np.int64).tobytes() + np.round(a.positions, 6).astype(np.float64).tobytes()
+
+
+def overlap_note(cfg, frames: Dict[str, list]) -> str:
+    """A line naming the validation / test frames that are training frames too (same atoms and
+    positions): their errors are then not held-out errors. '' when there are none."""
+    train = {_frame_key(a) for a in frames["train"]}
+    parts = []
+    for split, src in (("valid", cfg.valid), ("test", cfg.test)):
+        if src is None and split == "test":
+            continue
+        same = sum(_frame_key(a) in train for a in frames[split])
+        if same:
+            parts.append(f"{same} of {len(frames[split])} {split} frames ({src or cfg.train})")
+    if not parts:
+        return ""
+    return (f"note: {' and '.join(parts)} are also training frames (same atoms and positions): their errors "
+            "are not held-out errors")
 
 
 def split_graphs(cfg, frames: Dict[str, list], z, r_max: float, dtype) -> Dict[str, list]:

@@ -34,7 +34,7 @@ import torch
 
 from .checkpoint import check_writable, load_state, prepare, save_state, write_checkpoint
 from .config import DTYPES, FinetuneConfig
-from .data import make_batches, read_splits, split_graphs
+from .data import make_batches, overlap_note, read_splits, split_graphs
 from .device import resolve_device
 from .e0s import refit_after_training, refit_e0s
 from .ema import ema_weights, make_ema, weights_in
@@ -107,7 +107,7 @@ def setup(cfg: FinetuneConfig, world: int, device: torch.device = torch.device("
     ema, ema_source = make_ema(params, cfg.ema_decay)
     return types.SimpleNamespace(
         model=model, net=net, params=params, device=device, opt=opt, z=z, e0s=e0s, fp=fp, groups=groups, graphs=graphs,
-        probe_atoms=frames["train"][0], train_frames=frames["train"], n_train=sum(p.numel() for p in params.values()),
+        probe_atoms=frames["train"][0], train_frames=frames["train"], overlap=overlap_note(cfg, frames), n_train=sum(p.numel() for p in params.values()),
         sched=torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor, patience=cfg.plateau_patience),
         ema=ema, ema_source=ema_source, history=[], best={"loss": math.inf, "epoch": 0, "state": None},
         start_epoch=1, elapsed=0.0, saved_epoch=0)
@@ -129,6 +129,8 @@ def _run(cfg: FinetuneConfig, log, rank: int, world: int, out: pathlib.Path, dev
     log(f"{cfg.method} on {device}: {r.n_train:,} trainable parameters ({'; '.join(f'{k} {v:,}' for k, v in r.groups.items())}); "
         f"{len(r.graphs['train'])} train / {len(r.graphs['valid'])} valid / {len(r.graphs['test'])} test frames; "
         f"E0s {_e0_text(r.z, r.e0s, r.train_frames)}")
+    if r.overlap:
+        log(r.overlap)
     bar = None
     if cfg.progress and rank == 0:
         from tqdm import tqdm

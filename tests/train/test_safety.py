@@ -253,6 +253,22 @@ def test_settings_that_cannot_be_meant_are_refused(data, tmp_path, capsys, extra
     assert not (tmp_path / "r").exists()
 
 
+def test_validation_or_test_frames_that_are_training_frames_are_named(data, tmp_path, capsys):
+    """The training frames given again as --test (or some of them as --valid): trained on, so their
+    errors are not held-out errors; the run says so (a reviewer's test MAE equalled the valid MAE)."""
+    frames = _frames(data)
+    _write(tmp_path / "valid.xyz", [frames[1]] + _frames(data, "valid.xyz"))
+    capsys.readouterr()
+    assert main(["finetune", "--train", str(data / "train.xyz"), "--valid", str(tmp_path / "valid.xyz"), "--test",
+                 str(data / "train.xyz"), "--out", str(tmp_path / "r"), "--epochs", "1", "--batch-size", "2",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert re_search(r"note: 1 of 3 valid frames \(.*valid\.xyz\) and 4 of 4 test frames \(.*train\.xyz\) are also "
+                     r"training frames \(same atoms and positions\): their errors are not held-out errors", out), out
+    assert _cli(data, tmp_path / "r2") == 0  # held-out files: no note
+    assert "are also training frames" not in capsys.readouterr().out
+
+
 def test_package_files_load_weights_only_including_the_old_format(data, tmp_path, capsys):
     run = data / "mmea"
     for name in ("checkpoint.pt", "state.pt"):
