@@ -214,7 +214,8 @@ def load_finetuned(checkpoint, model: Optional[str] = None, model_config=None, d
     spec = model or ckpt["model"]
     try:  # a base the checkpoint names is never unpickled: a checkpoint cannot vouch for another file
         net = load_model(spec, model_config if model else ckpt.get("model_config"),
-                         dtype=DTYPES[dtype or ckpt["dtype"]], trust_pickle=trust_pickle and model is not None)
+                         dtype=DTYPES[dtype or ckpt["dtype"]], trust_pickle=trust_pickle and model is not None,
+                         unused_config="ignore")  # older checkpoints kept a --model-config that nothing read
     except UnsafeFileError:
         if model is not None:
             raise

@@ -81,8 +81,12 @@ def _model_config(config) -> dict:
 
 def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
                dtype: Optional[torch.dtype] = None, trust_pickle: bool = False,
-               fused_gate: bool = True) -> nn.Module:
+               fused_gate: bool = True, unused_config: str = "refuse") -> nn.Module:
     """The base model named by ``spec`` (see the module docstring), in eval mode, on the CPU.
+
+    ``config`` (``--model-config``) is for a file holding a bare state dict; given with a model that
+    brings its own architecture it is refused (``unused_config="refuse"``) or ignored (``"ignore"``:
+    checkpoints from before this check kept such a config, which was ignored then too).
 
     ``fused_gate``: a SevenNet model gets :class:`~mmea_kernels.nn.FusedGate` in place of its e3nn
     ``Gate`` layers (same state dict, same numbers, faster); ``False`` keeps e3nn's.
@@ -90,7 +94,11 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
     Files are read with ``weights_only=True``; a whole pickled model (mace-torch ``*.model``) needs
     ``trust_pickle=True``, since unpickling runs code named by the file (:mod:`.safe_load`)."""
     spec = str(spec)
+    if unused_config not in ("refuse", "ignore"):
+        raise ValueError(f"unused_config must be 'refuse' or 'ignore', got {unused_config!r}")
     if config is not None and spec.startswith(("builtin:", "preset:", "mace-off:", "mace-mp:", "sevenn:")):
+        if unused_config == "ignore":
+            return load_model(spec, None, dtype, trust_pickle, fused_gate)
         raise ValueError(f"--model-config is for a base model file that holds a bare state dict; {spec} brings its "
                          "own architecture")
     if spec.startswith("builtin:"):
@@ -136,7 +144,7 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
     else:
         path = pathlib.Path(spec)
         obj = safe_load(path, "model file", trust_pickle=trust_pickle, allow_pickle=True)
-        if config is not None and not (isinstance(obj, dict) and not obj.get("format")):
+        if config is not None and not (isinstance(obj, dict) and not obj.get("format")) and unused_config == "refuse":
             raise ValueError(f"--model-config is for a base model file that holds a bare state dict; {path} holds "
                              "a whole model (its architecture is in the file)")
         if isinstance(obj, nn.Module):

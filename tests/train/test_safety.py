@@ -253,6 +253,21 @@ def test_settings_that_cannot_be_meant_are_refused(data, tmp_path, capsys, extra
     assert not (tmp_path / "r").exists()
 
 
+def test_checkpoints_that_kept_an_unused_model_config_still_load(data, tmp_path, capsys):
+    """Before --model-config was checked, one given with a model that has its own architecture was
+    ignored but saved in the checkpoint: such checkpoints still load (it is ignored again)."""
+    ck = torch.load(str(data / "mmea" / "checkpoint.pt"), weights_only=True)
+    torch.save(dict(ck, model_config=str(tmp_path / "cfg.json")), str(tmp_path / "old.pt"))
+    js = tmp_path / "e.json"
+    for c in ("mmea/checkpoint.pt", "old.pt"):
+        assert main(["evaluate", "--checkpoint", str(data / c if c.startswith("mmea") else tmp_path / c),
+                     "--data", str(data / "valid.xyz"), "--json", str(js)]) == 0
+        capsys.readouterr()
+        if c == "mmea/checkpoint.pt":
+            want = json.loads(js.read_text())
+    assert json.loads(js.read_text()) == want
+
+
 def test_validation_or_test_frames_that_are_training_frames_are_named(data, tmp_path, capsys):
     """The training frames given again as --test (or some of them as --valid): trained on, so their
     errors are not held-out errors; the run says so (a reviewer's test MAE equalled the valid MAE)."""
