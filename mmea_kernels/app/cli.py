@@ -226,6 +226,10 @@ def _run(args) -> int:
     elif args.command == "evaluate":
         from ..train import evaluate_checkpoint
 
+        from .files import check_outputs, checkpoint_inputs
+
+        # --json is rewritten on each call (no --overwrite), but never one of the files evaluate reads
+        check_outputs({"--json": args.json}, True, {**checkpoint_inputs(args.checkpoint, args.model), "--data": args.data})
         res = evaluate_checkpoint(args.checkpoint, args.data, args.model, args.energy_key, args.forces_key,
                                   trust_pickle=args.trust_pickle, checks=data_checks(args), device=args.device,
                                   stress_key=args.stress_key, dtype=args.dtype)

@@ -103,7 +103,9 @@ def _structure_and_calculator(args):
 
 def _inputs(args) -> dict:
     """The files the command reads (no output may be one of them)."""
-    return {"--checkpoint": args.checkpoint, "--structure": args.structure, "--model": args.model,
+    from .files import checkpoint_inputs
+
+    return {**checkpoint_inputs(args.checkpoint, args.model), "--structure": args.structure,
             **({"--resume": args.resume} if getattr(args, "resume", None) is not None else {})}
 
 

@@ -384,7 +384,7 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
     from ..train import load_finetuned
     from ..train.foundation import model_info
     from ..train.selfcheck import probe_batch
-    from .files import check_outputs
+    from .files import check_outputs, checkpoint_inputs
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown --format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -397,7 +397,7 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
     if fmt == PARALLEL:
         _check_parallel_out(out, overwrite)
     else:
-        check_outputs({"--out": str(out)}, overwrite, {"--checkpoint": checkpoint, "--model": model})
+        check_outputs({"--out": str(out)}, overwrite, checkpoint_inputs(checkpoint, model))
     net, ckpt = load_finetuned(checkpoint, model, trust_pickle=trust_pickle, device="cpu")
     if _is_sevennet(net):
         return _export_sevennet(net, ckpt, out, fmt, dtype, kernels)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-__all__ = ["check_outputs", "same_file", "input_path", "umask_mode"]
+__all__ = ["check_outputs", "checkpoint_inputs", "same_file", "input_path", "umask_mode"]
 
 
 def input_path(spec: str) -> str:
@@ -26,6 +26,23 @@ def same_file(a, b) -> bool:
     except OSError:
         pass
     return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
+
+
+def checkpoint_inputs(checkpoint, model=None) -> dict:
+    """The files a command that runs a checkpoint reads: the checkpoint and the base model, which is
+    ``model`` or, when that is None, the file the checkpoint names (an unreadable checkpoint adds
+    nothing: loading it reports the problem)."""
+    inputs = {"--checkpoint": checkpoint, "--model": model}
+    if model is None and checkpoint is not None:
+        from ..train.safe_load import safe_load
+
+        try:
+            named = safe_load(checkpoint, "checkpoint").get("model")
+        except Exception:  # noqa: BLE001
+            named = None
+        if isinstance(named, str) and os.path.isfile(named):
+            inputs["checkpoint's base model"] = named
+    return inputs
 
 
 def check_outputs(paths: dict, overwrite: bool, inputs: Optional[dict] = None) -> None:

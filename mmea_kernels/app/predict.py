@@ -74,7 +74,7 @@ def predict(checkpoint, data: str, out, model: Optional[str] = None, batch_size:
     from ..train import load_finetuned
     from ..train.checks import DataChecks, read_structures
     from ..train.e0s import warn_outside_span
-    from .files import check_outputs, umask_mode
+    from .files import check_outputs, checkpoint_inputs, umask_mode
 
     out = pathlib.Path(out)
     if int(batch_size) != batch_size or batch_size < 1:
@@ -84,7 +84,7 @@ def predict(checkpoint, data: str, out, model: Optional[str] = None, batch_size:
     if not prefix or not prefix.replace("_", "").isalnum():
         raise ValueError(f"--prefix {prefix!r}: letters, digits and underscores only (the keys are "
                          f"{prefix}energy, {prefix}forces, {prefix}stress)")
-    check_outputs({"--out": str(out)}, overwrite, {"--checkpoint": checkpoint, "--data": data, "--model": model})
+    check_outputs({"--out": str(out)}, overwrite, {**checkpoint_inputs(checkpoint, model), "--data": data})
     frames = read_structures(data, "data file")
     _check_prefix(frames, prefix, data)
     net, ckpt = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle, device=device)

@@ -63,6 +63,27 @@ def test_an_output_is_never_an_input(files, tmp_path, capsys):
     assert not (tmp_path / "r.xyz").exists()
 
 
+def test_the_base_model_a_checkpoint_names_and_evaluate_json_are_inputs_too(files, tmp_path, capsys):
+    """Without --model, the base model is the file the checkpoint names: no output may replace it
+    (an md --log did, and the checkpoint was unusable after); evaluate's --json (rewritten on each call)
+    is never one of its inputs either (it replaced the checkpoint)."""
+    import torch
+
+    ck, s, model, before = files
+    named = tmp_path / "named.pt"
+    torch.save(dict(torch.load(str(ck), weights_only=True), model=str(model)), str(named))
+    before[named] = named.read_bytes()
+    for argv, out in [(["md", "--checkpoint", named, "--structure", f"{s}@0", "--steps", "1", "--log", model,
+                        "--overwrite"], "--log"),
+                      (["export", "--checkpoint", named, "--out", model, "--overwrite"], "--out"),
+                      (["relax", "--checkpoint", named, "--structure", s, "--out", tmp_path / "r.xyz", "--log", model,
+                        "--overwrite"], "--log")]:
+        _refused(capsys, argv, f"{out} {model} is the checkpoint's base model file")
+    for path, src in ((named, "--checkpoint"), (s, "--data"), (model, "checkpoint's base model")):
+        _refused(capsys, ["evaluate", "--checkpoint", named, "--data", s, "--json", path], f"--json {path} is the {src}")
+    assert {p: p.read_bytes() for p in before} == before
+
+
 def test_md_save_state_may_be_its_resume_file_but_no_other_output(files, tmp_path, capsys):
     ck, s, _, _ = files
     state = tmp_path / "state.npz"
