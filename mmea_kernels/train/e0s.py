@@ -47,14 +47,14 @@ def _log_rank0(log, text: str) -> None:
 
 
 def _given_e0s(p: pathlib.Path, z_table: Sequence[int], e0_old, frames, log) -> List[float]:
-    """The E0s of a JSON file ``{"Z": eV}``: every key an element of the model, every value finite;
-    an element the file leaves out keeps the base model's E0 (said in one log line), unless the
-    training data contain it."""
+    """The E0s of a JSON file ``{"Z": eV}``: every key an atomic number given once, every value finite;
+    elements the base model does not have are not used, and an element of the model the file leaves
+    out keeps the base model's E0 (each said in one log line), unless the training data contain it."""
     try:
-        raw = json.loads(p.read_text())
-        if not isinstance(raw, dict):
-            raise ValueError(f"a JSON {type(raw).__name__}, not an object")
-        pairs = [(int(k), float(v)) for k, v in raw.items()]
+        raw = json.loads(p.read_text(), object_pairs_hook=lambda kv: kv)  # every pair, repeated keys too
+        if not isinstance(raw, list) or (raw and not isinstance(raw[0], tuple)):
+            raise ValueError(f"a JSON {type(json.loads(p.read_text())).__name__}, not an object")
+        pairs = [(int(k), float(v)) for k, v in raw]
     except (ValueError, TypeError) as exc:
         raise ValueError(f"E0 file {p}: expected a JSON object {{\"<atomic number>\": <eV>, ...}} such as "
                          f'{{"1": -13.6, "8": -2041.2}} ({exc})') from None
@@ -63,10 +63,12 @@ def _given_e0s(p: pathlib.Path, z_table: Sequence[int], e0_old, frames, log) -> 
     twice = sorted({z for z, _ in pairs if sum(1 for y, _ in pairs if y == z) > 1})
     if twice:
         raise ValueError(f"E0 file {p} gives elements {_names(twice)} more than once")
+    not_elements = sorted(z for z in given if not 1 <= z <= 118)
+    if not_elements:
+        raise ValueError(f"E0 file {p}: {not_elements} {'is not an atomic number' if len(not_elements) == 1 else 'are not atomic numbers'}")
     unknown = sorted(set(given) - set(z_model))
-    if unknown:
-        raise ValueError(f"E0 file {p}: {_names(unknown)} {'is not an element' if len(unknown) == 1 else 'are not elements'} "
-                         f"of the base model (it knows {_names(z_model)}); remove {'it' if len(unknown) == 1 else 'them'}")
+    if unknown:  # a periodic-table file serves several base models: the others' elements are not used
+        _log_rank0(log, f"E0 file {p}: {_names(unknown)} not used (not elements of the base model)")
     bad = {z: v for z, v in given.items() if not math.isfinite(v)}
     if bad:
         raise ValueError(f"E0 file {p}: non-finite given E0s {', '.join(f'Z={z}: {v}' for z, v in sorted(bad.items()))}")

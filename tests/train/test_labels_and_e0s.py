@@ -4,6 +4,7 @@ elements absent from the data, and the warning for compositions outside the span
 were fitted on. Small: the shipped model and a few shipped PBE ethanol frames, 1 epoch."""
 import json
 import math
+import re
 import warnings
 
 import numpy as np
@@ -141,8 +142,9 @@ def test_frame_numbers_are_the_files_without_valid(tmp_path, capsys):
 # ------------------------------------------------------------------ 3. --e0s FILE.json
 def test_e0_file_may_leave_out_elements_absent_from_the_data(tmp_path):
     """Elements the file leaves out that the data do not contain keep the base model's E0 (one log
-    line names them); one the data contain is refused; keys that are no element of the model and
-    non-finite values are refused naming the file (given, not fitted, E0s)."""
+    line names them); one the data contain is refused; keys that are no atomic number, repeated keys
+    and non-finite values are refused naming the file (given, not fitted, E0s); elements the base
+    model lacks are not used, and said so."""
     model = build_mace(TINY, atomic_numbers=(1, 6, 7, 8), atomic_energies=[-1.0, -2.0, -3.0, -4.0]).double()
     frames = toy_molecules("ethanol", 2, seed=1)
     f = tmp_path / "e0.json"
@@ -152,16 +154,22 @@ def test_e0_file_may_leave_out_elements_absent_from_the_data(tmp_path):
     assert got == [-13.6, -1030.0, -3.0, -2040.0]
     assert len(lines) == 1 and "keep the base model's E0s: N (Z=7)" in lines[0] and "e0.json" in lines[0]
     for text, err, why in (
-            ({"1": -13.6, "6": -1030.0, "7": -1.0, "8": -2040.0, "99": 5.0}, ValueError,
-             r"E0 file .*e0\.json: Es \(Z=99\) is not an element of the base model"),
-            ({"1": -13.6, "6": -1030.0}, KeyError, r"no E0 for elements \[8\] \(O \(Z=8\)\), which the training data contain"),
-            ({"1": float("nan"), "6": -1030.0, "8": -2040.0}, ValueError, r"E0 file .*e0\.json: non-finite given E0s Z=1: nan")):
-        f.write_text(json.dumps(text))
+            ('{"1": -13.6, "6": -1030.0, "7": -1.0, "8": -2040.0, "0": 5.0}', ValueError,
+             r"E0 file .*e0\.json: \[0\] is not an atomic number"),
+            ('{"1": -13.6, "6": -1030.0, "8": -2040.0, "1": -99.0}', ValueError,  # json.loads keeps the last one
+             r"E0 file .*e0\.json gives elements H \(Z=1\) more than once"),
+            ('{"1": -13.6, "6": -1030.0}', KeyError, r"no E0 for elements \[8\] \(O \(Z=8\)\), which the training data contain"),
+            ('{"1": NaN, "6": -1030.0, "8": -2040.0}', ValueError, r"E0 file .*e0\.json: non-finite given E0s Z=1: nan")):
+        f.write_text(text)
         with pytest.raises(err, match=why):
             refit_e0s(model, frames, [1, 6, 7, 8], str(f), "REF_energy", log=lines.append)
-    f.write_text(json.dumps({"1": -13.6, "6": -1030.0, "7": -1.0, "8": -2040.0}))  # N: not in the tiny model
-    with pytest.raises(ValueError, match=r"N \(Z=7\) is not an element of the base model \(it knows H \(Z=1\), C "):
-        refit_e0s(build_mace(TINY).double(), frames, TINY.atomic_numbers, str(f), "REF_energy")
+    # a periodic-table file serves several base models: the elements this one lacks are not used (said)
+    f.write_text(json.dumps({"1": -13.6, "6": -1030.0, "7": -1.0, "8": -2040.0, "14": -7.0, "99": 5.0}))
+    lines.clear()
+    got = refit_e0s(build_mace(TINY).double(), frames, TINY.atomic_numbers, str(f), "REF_energy", log=lines.append)
+    assert got == [{1: -13.6, 6: -1030.0, 8: -2040.0}[z] for z in TINY.atomic_numbers]
+    assert any(re.search(r"e0\.json: N \(Z=7\), Si \(Z=14\), Es \(Z=99\) not used \(not elements of the base "
+                         r"model\)", line) for line in lines), lines
 
 
 def test_e0_file_without_absent_elements_trains(data, tmp_path, capsys):
