@@ -113,8 +113,12 @@ def _settings_diff(saved_key, cfg: FinetuneConfig) -> str:
     except (TypeError, ValueError):
         return f"its settings key is {saved_key!r}"
     now = json.loads(config_key(cfg))
-    diff = [f"--{k.replace('_', '-')} {saved.get(k, '(unset)')!r} there, {now.get(k, '(unset)')!r} now"
-            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    # config_key leaves out these settings at their defaults (keys of runs from before they existed)
+    default = {"adapter_options": {}, "w_stress": 0.0, "stress_key": FinetuneConfig.stress_key}
+    names = {"adapter_options": "adapter options (--phi, --init, --alpha)"}
+    diff = [f"{names.get(k, '--' + k.replace('_', '-'))} {saved.get(k, default.get(k))!r} there, "
+            f"{now.get(k, default.get(k))!r} now" for k in sorted(set(saved) | set(now))
+            if saved.get(k, default.get(k)) != now.get(k, default.get(k))]
     return "; ".join(diff) or "the same values, keyed differently"
 
 

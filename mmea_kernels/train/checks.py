@@ -145,8 +145,18 @@ _HOME = {"energy": "info", "stress": "info", "forces": "arrays"}
 
 
 def _calc_results(a) -> dict:
-    results = getattr(getattr(a, "calc", None), "results", None)
-    return results if isinstance(results, dict) else {}
+    """The results of the frame's calculator while they are still those of its geometry (a
+    calculator run before the atoms moved holds stale results: none then)."""
+    calc = getattr(a, "calc", None)
+    results = getattr(calc, "results", None)
+    if not isinstance(results, dict) or not results:
+        return {}
+    try:
+        if calc.check_state(a):  # positions, numbers, cell or pbc changed since the results were computed
+            return {}
+    except Exception:  # noqa: BLE001  (a calculator without the usual state check)
+        return {}
+    return results
 
 
 def read_label(a, kind: str, key: str):

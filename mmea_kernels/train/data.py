@@ -49,8 +49,9 @@ def read_splits(cfg) -> Dict[str, list]:
 
 
 def _frame_key(a) -> bytes:
-    """Atoms and positions (to 1e-6 Å) of a frame: equal for the same geometry written twice."""
-    return a.numbers.astype(np.int64).tobytes() + np.round(a.positions, 6).astype(np.float64).tobytes()
+    """Atoms and positions (rounded to 1e-6 Å) of a frame: equal for the same geometry written twice."""
+    pos = np.round(np.asarray(a.positions, dtype=np.float64), 6) + 0.0  # + 0.0: -0.0 and 0.0 are one position
+    return a.numbers.astype(np.int64).tobytes() + pos.tobytes()
 
 
 def overlap_note(cfg, frames: Dict[str, list]) -> str:

@@ -79,6 +79,29 @@ def _model_config(config) -> dict:
     return dict(config)
 
 
+def _mace_foundation(spec: str) -> nn.Module:
+    """``mace-off:<size>`` / ``mace-mp:<size>`` through mace-torch's own loaders (they download)."""
+    family, size = spec.split(":", 1)
+    from mace.calculators import foundations_models as fm
+
+    names = getattr(fm, "mace_off_urls", {}) if family == "mace-off" else \
+        set(getattr(fm, "mace_mp_names", [])) | set(getattr(fm, "mace_mp_urls", {}))
+    if size not in names:
+        # mace-torch's loaders take a path or URL too and unpickle it whole (code the file names)
+        raise ValueError(f"{spec}: after {family}: give one of mace-torch's model names "
+                         f"({', '.join(sorted(str(n) for n in names if n))}), not a path or URL; a model file "
+                         "goes in as --model PATH (read weights-only; a whole pickled model needs --trust-pickle)")
+    from mace import calculators
+
+    loader = calculators.mace_off if family == "mace-off" else calculators.mace_mp
+    try:
+        calc = loader(model=size, device="cpu", default_dtype="float64", return_raw_model=False)
+    except Exception as exc:
+        raise RuntimeError(f"could not load {spec} through mace-torch ({type(exc).__name__}: {exc}); "
+                           "the foundation models are downloaded, so this needs internet") from None
+    return calc.models[0]
+
+
 def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
                dtype: Optional[torch.dtype] = None, trust_pickle: bool = False,
                fused_gate: bool = True, unused_config: str = "refuse") -> nn.Module:
@@ -118,25 +141,7 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
             torch.manual_seed(PRESET_SEED)
             model = build_mace(spec.split(":", 1)[1])
     elif spec.startswith(("mace-off:", "mace-mp:")):
-        family, size = spec.split(":", 1)
-        from mace.calculators import foundations_models as fm
-
-        names = getattr(fm, "mace_off_urls", {}) if family == "mace-off" else \
-            set(getattr(fm, "mace_mp_names", [])) | set(getattr(fm, "mace_mp_urls", {}))
-        if size not in names:
-            # mace-torch's loaders take a path or URL too and unpickle it whole (code the file names)
-            raise ValueError(f"{spec}: after {family}: give one of mace-torch's model names "
-                             f"({', '.join(sorted(str(n) for n in names if n))}), not a path or URL; a model file "
-                             "goes in as --model PATH (read weights-only; a whole pickled model needs --trust-pickle)")
-        from mace import calculators
-
-        loader = calculators.mace_off if family == "mace-off" else calculators.mace_mp
-        try:
-            calc = loader(model=size, device="cpu", default_dtype="float64", return_raw_model=False)
-        except Exception as exc:
-            raise RuntimeError(f"could not load {spec} through mace-torch ({type(exc).__name__}: {exc}); "
-                               "the foundation models are downloaded, so this needs internet") from None
-        model = calc.models[0]
+        model = _mace_foundation(spec)
     elif spec.startswith("sevenn:"):
         from ..integrations.sevenn import load_sevennet
 

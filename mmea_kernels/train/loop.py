@@ -84,7 +84,7 @@ def dist_setup(device: torch.device = torch.device("cpu")):
     return dist.get_rank(), dist.get_world_size()
 
 
-def setup(cfg: FinetuneConfig, world: int, device: torch.device = torch.device("cpu")):
+def setup(cfg: FinetuneConfig, world: int, device: torch.device = torch.device("cpu"), log=None):
     """Frames, base model, checked graphs, E0s and method: everything before the first step. The
     model is built, its E0s fitted and the method applied (seeded initial weights) on the CPU, so
     the run starts from the same weights on every device; then it moves to ``device``."""
@@ -95,7 +95,7 @@ def setup(cfg: FinetuneConfig, world: int, device: torch.device = torch.device("
     z, r_max = model_info(model)
     graphs = split_graphs(cfg, frames, z, r_max, dtype)
     fp = fingerprint(model)
-    e0s = refit_e0s(model, frames["train"], z, cfg.e0s, cfg.energy_key, from_scratch=cfg.method == "scratch")
+    e0s = refit_e0s(model, frames["train"], z, cfg.e0s, cfg.energy_key, from_scratch=cfg.method == "scratch", log=log)
     groups = prepare(model, e0s, cfg.method, cfg.rank, cfg.seed, "the fitted E0s", cfg.adapter_options)  # as load_finetuned does
     model.to(device)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -122,7 +122,7 @@ def _run(cfg: FinetuneConfig, log, rank: int, world: int, out: pathlib.Path, dev
     if done:  # a run's results without the state to continue it from: a new run would replace them
         raise FileExistsError(f"{out} holds {' and '.join(done)} of an earlier run but no state.pt to continue it "
                               "from; a new run would replace them: choose another output directory")
-    r = setup(cfg, world, device)
+    r = setup(cfg, world, device, log)
     if cfg.resume and state_path.exists():
         load_state(cfg, r, state_path, log)
     r.valid_b = make_batches(r.graphs["valid"], cfg.eval_batch_size, device=device)

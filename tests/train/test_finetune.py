@@ -407,3 +407,16 @@ def test_refit_e0s_after_training(files, tmp_path, capsys):
     counts = np.array([[int((a.numbers == z).sum()) for z in TINY.atomic_numbers] for a in frames], dtype=float)
     resid = np.array([a.info["REF_energy"] for a in frames]) - e_pred
     assert np.abs(counts.T @ resid).max() < 1e-6 * np.abs(counts.T @ np.abs(resid)).max() + 1e-9
+
+
+def test_resume_settings_diff_names_options_as_given():
+    """The settings a refused resume names: defaults config_key leaves out (w_stress 0, no adapter
+    options) are shown as those values, not '(unset)', and adapter options under their options."""
+    from mmea_kernels.train.checkpoint import _settings_diff
+    from mmea_kernels.train.config import config_key
+
+    base = FinetuneConfig(train="t.xyz")
+    assert _settings_diff(config_key(base), FinetuneConfig(train="t.xyz", w_stress=1.0)) == \
+        "--w-stress 0.0 there, 1.0 now"
+    assert _settings_diff(config_key(base), FinetuneConfig(train="t.xyz", adapter_options={"phi": "residual"})) == \
+        "adapter options (--phi, --init, --alpha) {} there, {'phi': 'residual'} now"

@@ -82,6 +82,11 @@ def test_standard_ase_keys_are_read_from_calc_results(data):
     for a, g in zip(ref, graphs):
         assert float(g.energy) == a.info["REF_energy"]
         np.testing.assert_array_equal(g.forces.numpy(), a.arrays["REF_forces"])
+    moved = std[0].copy()
+    moved.calc = std[0].calc
+    moved.positions[0] += 0.1  # the calculator's results are of the old geometry: not labels of this one
+    assert read_label(moved, "energy", "energy") == (None, None)
+    assert read_label(std[0], "energy", "energy")[0] == ref[0].info["REF_energy"]
     ck = data / "run" / "checkpoint.pt"
     on_std = evaluate_checkpoint(ck, str(data / "std_valid.xyz"), energy_key="energy", forces_key="forces")
     on_ref = evaluate_checkpoint(ck, str(data / "ref_valid.xyz"), energy_key="REF_energy", forces_key="REF_forces")

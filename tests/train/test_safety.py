@@ -253,6 +253,23 @@ def test_settings_that_cannot_be_meant_are_refused(data, tmp_path, capsys, extra
     assert not (tmp_path / "r").exists()
 
 
+def test_a_finished_run_without_its_state_is_neither_resumed_nor_replaced(data, tmp_path, capsys):
+    """Its checkpoint and metrics without state.pt: --resume says there is nothing to resume and that
+    a new run goes elsewhere (not 'leave out --resume', which is refused next); without --resume too."""
+    import shutil
+
+    shutil.copytree(data / "mmea", tmp_path / "r")
+    (tmp_path / "r" / "state.pt").unlink()
+    before = (tmp_path / "r" / "checkpoint.pt").read_bytes()
+    for extra, expect in ((["--resume"], r"--resume: no .*state\.pt, so no run .* to continue; it holds a finished "
+                                         r"run's results without it: start a new run in another --out"),
+                          ([], r"holds checkpoint\.pt and metrics\.json of an earlier run but no state\.pt")):
+        capsys.readouterr()
+        assert _cli(data, tmp_path / "r", *extra) == 2
+        assert re_search(expect, capsys.readouterr().err)
+    assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == before
+
+
 def test_checkpoints_that_kept_an_unused_model_config_still_load(data, tmp_path, capsys):
     """Before --model-config was checked, one given with a model that has its own architecture was
     ignored but saved in the checkpoint: such checkpoints still load (it is ignored again)."""
