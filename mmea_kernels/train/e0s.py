@@ -51,9 +51,10 @@ def _given_e0s(p: pathlib.Path, z_table: Sequence[int], e0_old, frames, log) -> 
     elements the base model does not have are not used, and an element of the model the file leaves
     out keeps the base model's E0 (each said in one log line), unless the training data contain it."""
     try:
-        raw = json.loads(p.read_text(), object_pairs_hook=lambda kv: kv)  # every pair, repeated keys too
-        if not isinstance(raw, list) or (raw and not isinstance(raw[0], tuple)):
-            raise ValueError(f"a JSON {type(json.loads(p.read_text())).__name__}, not an object")
+        raw = json.loads(p.read_text(), object_pairs_hook=lambda kv: ("object", kv))  # repeated keys kept
+        if not (isinstance(raw, tuple) and raw[0] == "object"):
+            raise ValueError(f"a JSON {type(raw).__name__}, not an object")
+        raw = raw[1]
         pairs = [(int(k), float(v)) for k, v in raw]
     except (ValueError, TypeError) as exc:
         raise ValueError(f"E0 file {p}: expected a JSON object {{\"<atomic number>\": <eV>, ...}} such as "
@@ -110,7 +111,7 @@ def refit_e0s(model, frames, z_table: Sequence[int], mode: str, energy_key: str,
             what = "no such file" if mode.lower().endswith(".json") or "/" in mode else "none of these"
             raise ValueError(f"--e0s must be lstsq, average, keep or a JSON file of E0s; {mode!r}: {what}")
         return _given_e0s(p, z_table, e0_old, frames, log)
-    counts = np.array([[int((a.numbers == z).sum()) for z in z_table] for a in frames], dtype=float)
+    counts = _counts(frames, z_table)
     interaction = np.zeros(len(frames))
     if not from_scratch:
         r_max = float(model.r_max)
