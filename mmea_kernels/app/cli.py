@@ -218,7 +218,9 @@ def _run(args) -> int:
         cfg = FinetuneConfig(out_dir=args.out, progress=not args.no_progress, adapter_options=opts, **kw)
         if args.resume and not os.path.isfile(os.path.join(args.out, "state.pt")):
             # (the API's resume=True starts a new run then: the demo and benchmarks go on wherever they are)
-            done = any(os.path.exists(os.path.join(args.out, f)) for f in ("checkpoint.pt", "metrics.json"))
+            from ..train.loop import results_without_state
+
+            done = results_without_state(args.out)
             raise FileNotFoundError(f"--resume: no {os.path.join(args.out, 'state.pt')}, so no run in --out "
                                     f"{args.out} to continue; " + ("it holds a finished run's results without it: "
                                                                    "start a new run in another --out" if done else

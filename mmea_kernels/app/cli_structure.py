@@ -135,14 +135,10 @@ def run_relax_command(args) -> int:
     return 0
 
 
-_MD_DYNAMICS = {"dt": "dt_fs", "temperature": "temperature_K", "ensemble": "ensemble", "thermostat": "thermostat", "tdamp":
-                "tdamp_fs", "pressure": "pressure_bar", "pdamp": "pdamp_fs", "velocities": "velocities", "seed": "seed"}
-
-
 def run_md_command(args) -> None:
-    from .md import MDSettings, resumed_settings, run_md
+    from .md import OPTION_FIELDS, MDSettings, resumed_settings, run_md
 
-    given = {field: getattr(args, opt) for opt, field in _MD_DYNAMICS.items() if getattr(args, opt) is not None}
+    given = {field: getattr(args, opt) for opt, field in OPTION_FIELDS.items() if getattr(args, opt) is not None}
     every = {} if args.save_state_every is None else {"save_state_every": args.save_state_every}
     settings = MDSettings(steps=args.steps, trajectory=args.trajectory, log=args.log, interval=args.interval,
                           overwrite=args.overwrite, save_state=args.save_state, **every, **given)

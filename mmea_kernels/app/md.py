@@ -34,7 +34,7 @@ class MDSettings:
     every ``save_state_every`` steps and at the end, to resume from. Existing output files are refused
     unless ``overwrite`` (the state file a run resumes from may be its ``save_state``), an input file
     always; a setting the run would not use (``tdamp_fs`` for nve, ``pressure_bar``/``pdamp_fs`` but
-    for npt, ``save_state_every`` without ``save_state``) when other than its default."""
+    for npt, ``save_state_every`` without ``save_state``) when given or other than its default."""
 
     steps: int = 400
     dt_fs: float = 0.5
@@ -414,9 +414,10 @@ def _runtime(calculator) -> Optional[str]:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(MDSettings)}
-# the command-line options whose MDSettings field carries a unit
-OPTION_FIELDS = {"dt": "dt_fs", "temperature": "temperature_K", "tdamp": "tdamp_fs", "pressure": "pressure_bar",
-                 "pdamp": "pdamp_fs"}
+# the md command's dynamics options (argparse names) and the MDSettings fields they set
+OPTION_FIELDS = {"dt": "dt_fs", "temperature": "temperature_K", "ensemble": "ensemble", "thermostat": "thermostat",
+                 "tdamp": "tdamp_fs", "pressure": "pressure_bar", "pdamp": "pdamp_fs", "velocities": "velocities",
+                 "seed": "seed"}
 
 
 def _known(kw: dict) -> dict:

@@ -9,6 +9,7 @@ adapted model from it, checking that the base model is the one it was trained on
 by rank 0 only."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -113,8 +114,8 @@ def _settings_diff(saved_key, cfg: FinetuneConfig) -> str:
     except (TypeError, ValueError):
         return f"its settings key is {saved_key!r}"
     now = json.loads(config_key(cfg))
-    # config_key leaves out these settings at their defaults (keys of runs from before they existed)
-    default = {"adapter_options": {}, "w_stress": 0.0, "stress_key": FinetuneConfig.stress_key}
+    # config_key leaves some settings out at their defaults (keys of runs from before they existed)
+    default = dataclasses.asdict(FinetuneConfig(train=""))
     names = {"adapter_options": "adapter options (--phi, --init, --alpha)"}
     diff = [f"{names.get(k, '--' + k.replace('_', '-'))} {saved.get(k, default.get(k))!r} there, "
             f"{now.get(k, default.get(k))!r} now" for k in sorted(set(saved) | set(now))

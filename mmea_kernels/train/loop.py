@@ -113,13 +113,22 @@ def setup(cfg: FinetuneConfig, world: int, device: torch.device = torch.device("
         start_epoch=1, elapsed=0.0, saved_epoch=0)
 
 
+def results_without_state(out) -> list:
+    """The names of a finished run's results in ``out`` (checkpoint.pt, metrics.json) when its
+    state.pt, which a run continues from, is not there; [] otherwise."""
+    out = pathlib.Path(out)
+    if (out / "state.pt").exists():
+        return []
+    return [name for name in ("checkpoint.pt", "metrics.json") if (out / name).exists()]
+
+
 def _run(cfg: FinetuneConfig, log, rank: int, world: int, out: pathlib.Path, device: torch.device) -> dict:
     state_path = out / "state.pt"
     if state_path.exists() and not cfg.resume:
         raise FileExistsError(f"{state_path} exists (an earlier run): pass resume=True (--resume) to continue it, "
                               "or choose another output directory")
-    done = [p.name for p in (out / "checkpoint.pt", out / "metrics.json") if not state_path.exists() and p.exists()]
-    if done:  # a run's results without the state to continue it from: a new run would replace them
+    done = results_without_state(out)
+    if done:  # a new run would replace them
         raise FileExistsError(f"{out} holds {' and '.join(done)} of an earlier run but no state.pt to continue it "
                               "from; a new run would replace them: choose another output directory")
     r = setup(cfg, world, device, log)
