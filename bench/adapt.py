@@ -9,7 +9,7 @@ method needs to reach a fixed validation force MAE (per molecule: the worst best
 force MAE among full / elora / mmea, so all three reach it; "-" = never reached).
 
     python bench/adapt.py --mode fast              # CI-sized: ethanol, 2 epochs, 2 seeds, 50 test frames
-    python bench/adapt.py --mode full --workers 2  # the README table (~75 min on 2 cores, ~2 h on one)
+    python bench/adapt.py --mode full --workers 2  # the table in docs/adaptation.md (~75 min on 2 cores, ~2 h on one)
     python bench/adapt.py --mode sevenn --workers 2  # SevenNet-0 as the base (~90 min on 2 cores)
 
 Runs are independent processes' work; each writes ``<work>/<molecule>/<method>/s<seed>/metrics.json``

@@ -10,7 +10,7 @@ pytest.importorskip("mace")
 
 
 def test_adapt_fast_mode(rmd17, tmp_path):
-    # two worker processes (the README's `make bench-adapt` runs that way): the pool path is
+    # two worker processes (`make bench-adapt` runs that way, docs/adaptation.md): the pool path is
     # exercised, and the run takes about half the time on CI's two cores
     run_rmd17_bench("adapt.py", "fast", rmd17, tmp_path, extra=("--workers", "2"))
     res = json.loads((tmp_path / "res" / "adapt-fast.json").read_text())
