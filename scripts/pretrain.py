@@ -30,9 +30,10 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mmea_kernels.train import FinetuneConfig, finetune, load_finetuned  # noqa: E402
+from mmea_kernels.train import FinetuneConfig, finetune, load_finetuned, read_frames  # noqa: E402
+from mmea_kernels.train.checks import checked_graphs, read_label  # noqa: E402
 from mmea_kernels.train.foundation import save_model  # noqa: E402
-from mmea_kernels.integrations.mace import PRESETS, atoms_to_graphs, build_mace  # noqa: E402
+from mmea_kernels.integrations.mace import PRESETS, build_mace  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -47,24 +48,31 @@ def main(argv=None) -> int:
     p.add_argument("--w-forces", type=float, default=100.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--energy-key", default="REF_energy",
+                   help="info key of the energies (as finetune's; also read from ASE's calculator results, "
+                        "where ase.io.read puts extended-XYZ energy=)")
+    p.add_argument("--forces-key", default="REF_forces", help="arrays key of the forces (as --energy-key)")
     args = p.parse_args(argv)
     if pathlib.Path(args.out).exists() and not args.overwrite:
         p.error(f"--out {args.out} exists; pass --overwrite to replace it (for the shipped model: every checkpoint "
                 "fine-tuned from builtin:mace-xtb-small is then refused, its base fingerprint gone)")
-    import ase.io
-
     torch.manual_seed(args.seed)
+    ek, fk = args.energy_key, args.forces_key
+    # the labels as finetune reads them: checked (named in the error), from info/arrays or calc.results
+    try:
+        frames = read_frames(args.data, ek, fk)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        p.error(f"--data {args.data}: {exc.args[0] if isinstance(exc, KeyError) else exc}")
     work = pathlib.Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    frames = ase.io.read(args.data, ":")
     cfg = PRESETS["xtb-small"]
     z = list(cfg.atomic_numbers)
     counts = np.array([[int((a.numbers == zz).sum()) for zz in z] for a in frames], dtype=float)
-    energies = np.array([a.info["REF_energy"] for a in frames])
+    energies = np.array([read_label(a, "energy", ek)[0] for a in frames], dtype=float)
     e0, *_ = np.linalg.lstsq(counts, energies, rcond=None)
     inter = (energies - counts @ e0) / counts.sum(1)
-    forces = np.concatenate([a.arrays["REF_forces"].reshape(-1) for a in frames])
-    graphs = atoms_to_graphs(frames[::10], z, cfg.r_max)
+    forces = np.concatenate([np.asarray(read_label(a, "forces", fk)[0], dtype=float).reshape(-1) for a in frames])
+    graphs = checked_graphs(frames[::10], z, cfg.r_max, args.data, ek, fk)
     avg_nb = float(np.mean([g.edge_index.shape[1] / g.num_nodes for g in graphs]))
     cfg = dataclasses.replace(cfg, avg_num_neighbors=avg_nb, atomic_energies=[float(v) for v in e0],
                               scale=float(np.sqrt(np.mean(forces ** 2))), shift=float(inter.mean()))
@@ -75,7 +83,7 @@ def main(argv=None) -> int:
     ft = FinetuneConfig(train=args.data, out_dir=str(work / "run"), model=str(init), method="full", dtype="float32",
                         e0s=str(e0_json), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                         w_forces=args.w_forces, patience=10, plateau_patience=3, valid_fraction=0.1,
-                        seed=args.seed, resume=args.resume, eval_batch_size=100)
+                        seed=args.seed, resume=args.resume, eval_batch_size=100, energy_key=ek, forces_key=fk)
     t0 = time.perf_counter()
     log_lines = []
 

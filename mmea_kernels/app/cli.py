@@ -75,7 +75,13 @@ def _finetune_parser(sub):
     p.add_argument("--plateau-factor", type=float, default=d.plateau_factor)
     p.add_argument("--valid-fraction", type=float, default=d.valid_fraction)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt")
+    p.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"], metavar="auto",
+                   help="--resume: continue the run in --out from its state.pt, which must be there (a finished run "
+                        "is finished again: final evaluation and files redone; a larger --epochs trains on). "
+                        "--resume auto, for job scripts that are requeued: continue if --out has a state.pt, else "
+                        "start a new run; a finished run with no epoch left to train is left as it is (exit 0). "
+                        "API: resume='auto'; resume=True continues or starts as auto does but finishes a finished "
+                        "run again")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -216,15 +222,16 @@ def _run(args) -> int:
             raise ValueError(f"--rank is the adapters' rank; --method {args.method} has none")
         opts = {k: getattr(args, k) for k in ("phi", "init", "alpha") if getattr(args, k) is not None}
         cfg = FinetuneConfig(out_dir=args.out, progress=not args.no_progress, adapter_options=opts, **kw)
-        if args.resume and not os.path.isfile(os.path.join(args.out, "state.pt")):
-            # (the API's resume=True starts a new run then: the demo and benchmarks go on wherever they are)
+        if args.resume is True and not os.path.isfile(os.path.join(args.out, "state.pt")):
+            # plain --resume must continue; --resume auto (the API's resume=True too) starts a new run then
             from ..train.loop import results_without_state
 
             done = results_without_state(args.out)
             raise FileNotFoundError(f"--resume: no {os.path.join(args.out, 'state.pt')}, so no run in --out "
                                     f"{args.out} to continue; " + ("it holds a finished run's results without it: "
                                                                    "start a new run in another --out" if done else
-                                                                   "leave out --resume to start one"))
+                                                                   "leave out --resume to start one (--resume auto: "
+                                                                   "continue if there is a state.pt, else start)"))
         res = finetune(cfg)
         if res.get("stopped") == "stop_after":
             return 3

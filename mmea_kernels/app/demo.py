@@ -15,11 +15,13 @@ DATA = ASSETS / "ethanol_pbe"
 
 
 def baseline(model_spec: str, train: str, test: str, dtype: str = "float64", device: str = "cpu") -> dict:
-    """Errors of the base model with only its E0s re-fitted on ``train`` (no training), on ``device``."""
+    """Errors of the base model with only its E0s re-fitted on ``train`` (no training), on ``device``;
+    labels read and checked as ``evaluate`` reads them (``train.checks``: ``info``/``arrays`` or
+    ``atoms.calc.results``)."""
     from ..train import errors, make_batches, read_frames, refit_e0s, set_e0s
+    from ..train.checks import checked_graphs
     from ..train.device import resolve_device
     from ..train.foundation import load_model, model_info
-    from ..integrations.mace import atoms_to_graphs
     import torch
 
     dt = {"float32": torch.float32, "float64": torch.float64}[dtype]
@@ -29,7 +31,8 @@ def baseline(model_spec: str, train: str, test: str, dtype: str = "float64", dev
     tr = read_frames(train, "REF_energy", "REF_forces")
     set_e0s(model, refit_e0s(model, tr, z, "lstsq", "REF_energy"))
     te = read_frames(test, "REF_energy", "REF_forces")
-    return dict(errors(model, make_batches(atoms_to_graphs(te, z, r_max, dtype=dt), 50, device=dev)), frames=len(te))
+    graphs = checked_graphs(te, z, r_max, str(test), "REF_energy", "REF_forces", dtype=dt)
+    return dict(errors(model, make_batches(graphs, 50, device=dev)), frames=len(te))
 
 
 def run(epochs: int = 60, methods: Sequence[str] = ("mmea", "elora", "full"), out: str = "runs/demo", seed: int = 0,

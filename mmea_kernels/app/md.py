@@ -66,11 +66,12 @@ class MDSettings:
             return "mtk-npt"
         return self.thermostat or "langevin"
 
-    def check(self, resume: Optional[str] = None, inputs: Optional[dict] = None, given=()) -> None:
+    def check(self, resume: Optional[str] = None, inputs: Optional[dict] = None, given=(), api: bool = False) -> None:
         """``ValueError`` naming the setting (as its command-line option) that cannot be run;
         ``resume``: the state file the run continues from; ``inputs``: the run's other input files
         (``{option: path}``), which no output may be; ``given``: the fields the caller chose (a
-        field this run would not use is refused when given or other than its default)."""
+        field this run would not use is refused when given or other than its default, named as
+        the field with ``api``: :func:`run_md`'s keywords)."""
         check_md_settings(self.steps, self.dt_fs, self.temperature_K)
         if self.ensemble not in ENSEMBLES:
             raise ValueError(f"unknown --ensemble {self.ensemble!r}; expected one of {', '.join(ENSEMBLES)}")
@@ -88,7 +89,7 @@ class MDSettings:
         for name, v in (("--tdamp", self.tdamp_fs), ("--pdamp", self.pdamp_fs)):
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a time > 0 fs, got {v}")
-        self._check_unused(given)
+        self._check_unused(given, api)
         if not math.isfinite(self.pressure_bar):
             raise ValueError(f"--pressure must be finite, got {self.pressure_bar}")
         if self.velocities not in ("maxwell", "file"):
@@ -110,22 +111,22 @@ class MDSettings:
             outputs["--save-state"] = None
         check_outputs(outputs, self.overwrite, inputs)
 
-
-    def _check_unused(self, given=()) -> None:
+    def _check_unused(self, given=(), api: bool = False) -> None:
         """``ValueError`` for a setting this run would not use that was ``given`` or is other than
-        its default."""
+        its default, named as md's option (as the field with ``api``)."""
         def chosen(field):
             return field in given or getattr(self, field) != getattr(MDSettings, field)
 
-        unused = [(opt, "--ensemble npt") for opt, field in (("--pressure", "pressure_bar"), ("--pdamp", "pdamp_fs"))
+        name = lambda field, value=None: _setting_name(field, api, value)  # noqa: E731
+        unused = [(field, name("ensemble", "npt")) for field in ("pressure_bar", "pdamp_fs")
                   if self.ensemble != "npt" and chosen(field)]
         if self.ensemble == "nve" and chosen("tdamp_fs"):
-            unused.append(("--tdamp", "a thermostat (--ensemble nvt or npt)"))
+            unused.append(("tdamp_fs", f"a thermostat ({name('ensemble', 'nvt')} or {repr('npt') if api else 'npt'})"))
         if self.save_state is None and chosen("save_state_every"):
-            unused.append(("--save-state-every", "--save-state"))
+            unused.append(("save_state_every", name("save_state")))
         if unused:
-            opt, needs = unused[0]
-            raise ValueError(f"{opt} is for {needs}; this run ({self.ensemble}) would not use it")
+            field, needs = unused[0]
+            raise ValueError(f"{name(field)} is for {needs}; this run ({self.ensemble}) would not use it")
 
 
 def check_md_settings(steps: int, dt_fs: float, temperature_K: float) -> None:
@@ -343,7 +344,7 @@ def run_md(atoms, calculator, settings: Optional[MDSettings] = None, where: str 
         s = resumed_settings(resume, s, {k: getattr(s, k) for k, f in _FIELDS.items()
                                          if k in kw or (settings is not None and k in PHYSICS)
                                          or getattr(s, k) != f.default})
-    s.check(getattr(resume, "path", None), given=set(kw))
+    s.check(getattr(resume, "path", None), given=set(kw), api=True)
     atoms = _prepare(atoms, s, where, resume, model)
     atoms.calc = calculator
     if resume is None:
@@ -418,6 +419,15 @@ _FIELDS = {f.name: f for f in dataclasses.fields(MDSettings)}
 OPTION_FIELDS = {"dt": "dt_fs", "temperature": "temperature_K", "ensemble": "ensemble", "thermostat": "thermostat",
                  "tdamp": "tdamp_fs", "pressure": "pressure_bar", "pdamp": "pdamp_fs", "velocities": "velocities",
                  "seed": "seed"}
+
+
+def _setting_name(field: str, api: bool, value=None) -> str:
+    """An :class:`MDSettings` field as the caller named it: the field, :func:`run_md`'s keyword
+    (``api``), or md's command-line option (:data:`OPTION_FIELDS`); with ``value``, as it is given."""
+    if api:
+        return field if value is None else f"{field}={value!r}"
+    option = "--" + next((opt for opt, f in OPTION_FIELDS.items() if f == field), field).replace("_", "-")
+    return option if value is None else f"{option} {value}"
 
 
 def _known(kw: dict) -> dict:

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .checks import DataChecks, checked_graphs
-from .config import DTYPES, FinetuneConfig, config_key
+from .config import DTYPES, FinetuneConfig, config_key, real_paths
 from .data import make_batches, read_frames
 from .device import module_device, resolve_device
 from .e0s import set_e0s
@@ -74,9 +74,11 @@ def write_checkpoint(path, cfg: FinetuneConfig, r, metrics=None) -> None:
     extra = {"probe": probe}
     if cfg.method in ("full", "scratch"):
         extra["buffers"] = {n: b.detach().cpu().clone() for n, b in r.model.named_buffers()}
-    atomic_save({"format": CHECKPOINT_FORMAT, "method": cfg.method, "rank": cfg.rank, "model": cfg.model,
+    # the base model's file (and config) as real paths: evaluate/md/export run from any directory
+    base = real_paths({"model": cfg.model, "model_config": cfg.model_config})
+    atomic_save({"format": CHECKPOINT_FORMAT, "method": cfg.method, "rank": cfg.rank, "model": base["model"],
                  "adapter_options": dict(cfg.adapter_options),
-                 "model_config": cfg.model_config, "base_fingerprint": r.fp, "e0s": [float(v) for v in r.e0s],
+                 "model_config": base["model_config"], "base_fingerprint": r.fp, "e0s": [float(v) for v in r.e0s],
                  "seed": cfg.seed, "dtype": cfg.dtype, "energy_key": cfg.energy_key, "forces_key": cfg.forces_key,
                  "stress_key": cfg.stress_key, "w_stress": float(cfg.w_stress), "w_energy": float(cfg.w_energy),
                  "w_forces": float(cfg.w_forces),
@@ -107,11 +109,25 @@ def save_state(cfg: FinetuneConfig, r, epoch: int, state_path: pathlib.Path) -> 
                  "elapsed": r.elapsed}, state_path)
 
 
-def _settings_diff(saved_key, cfg: FinetuneConfig) -> str:
-    """The settings (as command-line options) that differ between a state's ``config_key`` and ``cfg``."""
+def _saved_settings(saved_key):
+    """A state's ``config_key`` as a dict, its files as real paths (the relative ones of states written
+    before keys held real paths resolved against this working directory); None when unreadable."""
     try:
         saved = json.loads(saved_key)
     except (TypeError, ValueError):
+        return None
+    return real_paths(saved) if isinstance(saved, dict) else None
+
+
+def _same_settings(saved_key, cfg: FinetuneConfig) -> bool:
+    saved = _saved_settings(saved_key)
+    return saved is not None and json.dumps(saved, sort_keys=True) == config_key(cfg)
+
+
+def _settings_diff(saved_key, cfg: FinetuneConfig) -> str:
+    """The settings (as command-line options) that differ between a state's ``config_key`` and ``cfg``."""
+    saved = _saved_settings(saved_key)
+    if saved is None:
         return f"its settings key is {saved_key!r}"
     now = json.loads(config_key(cfg))
     # config_key leaves some settings out at their defaults (keys of runs from before they existed)
@@ -128,7 +144,7 @@ def load_state(cfg: FinetuneConfig, r, state_path: pathlib.Path, log) -> None:
     st = safe_load(state_path, "training state")
     if not isinstance(st, dict) or not _STATE_KEYS <= set(st):
         raise ValueError(f"{state_path} is not a training state of this package (corrupt, or another file)")
-    if st.get("config_key") != config_key(cfg):
+    if not _same_settings(st.get("config_key"), cfg):
         raise ValueError(f"{state_path} belongs to a run with other settings: {_settings_diff(st.get('config_key'), cfg)}; "
                          "resume with the run's settings, or start a new run (another --out)")
     saved, now = st.get("inputs"), inputs_fingerprint(cfg, r)
@@ -221,6 +237,12 @@ def load_finetuned(checkpoint, model: Optional[str] = None, model_config=None, d
         net = load_model(spec, model_config if model else ckpt.get("model_config"),
                          dtype=DTYPES[dtype or ckpt["dtype"]], trust_pickle=trust_pickle and model is not None,
                          unused_config="ignore")  # older checkpoints kept a --model-config that nothing read
+    except FileNotFoundError as exc:
+        if model is not None:
+            raise
+        raise FileNotFoundError(f"checkpoint {path} names the base model {spec!r}, which is not there ({exc}); "
+                                "if it was moved, name it: --model PATH (API: model=...); its weights are checked "
+                                "against the checkpoint's fingerprint") from None
     except UnsafeFileError:
         if model is not None:
             raise

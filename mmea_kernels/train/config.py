@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Optional
+import os
+from typing import Optional, Union
 
 import torch
 
@@ -14,7 +15,7 @@ from .device import check_device_name
 from .foundation import DEFAULT_MODEL
 from .methods import ADAPTER_METHODS, METHODS
 
-__all__ = ["FinetuneConfig", "DTYPES", "DEFAULT_LR", "config_key"]
+__all__ = ["FinetuneConfig", "DTYPES", "DEFAULT_LR", "config_key", "real_paths"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # learning rate when none is given: 1e-2 (mace-torch's), except plain MMEA, whose ablation
@@ -54,7 +55,11 @@ class FinetuneConfig:
     plateau_factor: float = 0.8
     valid_fraction: float = 0.1
     seed: int = 0
-    resume: bool = False
+    # False: a new run (an existing state.pt is refused); True: continue from state.pt when out_dir has one,
+    # else start (a finished run is finished again); "auto": the same, but a finished run with no epoch left
+    # to train is left as it is (its metrics.json returned); the command line's plain --resume is True and
+    # needs the state.pt, its --resume auto is "auto"
+    resume: Union[bool, str] = False
     progress: bool = True
     eval_batch_size: int = 50
     stop_after: Optional[int] = None  # stop (resumably) after this many epochs in this call
@@ -101,6 +106,8 @@ class FinetuneConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; expected float32 or float64")
         check_device_name(self.device)
+        if not (isinstance(self.resume, bool) or self.resume == "auto"):
+            raise ValueError(f"resume must be False, True or 'auto' (--resume auto), got {self.resume!r}")
         for name in ("epochs", "batch_size", "rank", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -121,6 +128,30 @@ class FinetuneConfig:
         self.data_checks()
 
 
+_NAMED_MODELS = ("builtin:", "preset:", "mace-off:", "mace-mp:", "sevenn:")  # foundation.load_model's names
+_E0_MODES = ("lstsq", "average", "keep")
+
+
+def _real_path(spec, kind: str):
+    """``spec`` with its file path made real (absolute, ``./`` and trailing slashes gone, symbolic
+    links followed; a relative path resolved against the working directory); a data selection
+    (``path@:50``), a named model (``builtin:``, ``mace-off:``, ...) and an E0 mode kept as they are."""
+    if not isinstance(spec, str) or not spec or (kind == "model" and spec.startswith(_NAMED_MODELS)) \
+            or (kind == "e0s" and spec in _E0_MODES):
+        return spec
+    from .checks import split_spec
+
+    path = split_spec(spec)[0] if kind == "data" else spec
+    return os.path.realpath(path) + spec[len(path):]
+
+
+def real_paths(settings: dict) -> dict:
+    """``settings`` (:func:`config_key`'s fields) with the files named as real paths (:func:`_real_path`),
+    so that one file named relative in one run and absolute (or with ``./``) in the other is one setting."""
+    kinds = {"train": "data", "valid": "data", "test": "data", "model": "model", "model_config": "file", "e0s": "e0s"}
+    return {k: _real_path(v, kinds[k]) if k in kinds else v for k, v in settings.items()}
+
+
 def config_key(cfg: FinetuneConfig) -> str:
     """The settings that decide the training trajectory, as a string stored in ``state.pt``: a
     resumed run must have the same key."""
@@ -134,4 +165,6 @@ def config_key(cfg: FinetuneConfig) -> str:
     for k in ("resume", "progress", "stop_after", "out_dir", "epochs", "eval_batch_size", "trust_pickle",
               "min_distance", "max_neighbors", "allow_small_cells", "fused_gate", "refit_e0s_after", "device"):
         d.pop(k)
-    return json.dumps(d, sort_keys=True)
+    # the files as real paths: only compared (a resume reads the files it is given and checks their SHA-256),
+    # so a run resumed from another working directory, naming the same files, has the same key
+    return json.dumps(real_paths(d), sort_keys=True)

@@ -8,8 +8,8 @@ moving average (EMA, :mod:`.ema`) of the trainable weights (validation, checkpoi
 and the final model use the EMA weights), gradient-norm clipping, early stopping on the
 validation loss, all seeded. Every epoch writes ``state.pt`` (atomically); ``resume=True``
 continues from it and gives the same result as an uninterrupted run (the batch order of an epoch
-depends only on the seed and the epoch). Under ``torchrun`` the global batch is shared out
-between the processes (DDP), with the same result.
+depends only on the seed and the epoch); ``resume="auto"`` too, but leaves a finished run as it is.
+Under ``torchrun`` the global batch is shared out between the processes (DDP), with the same result.
 
 The steps: :func:`setup` (data, base model, E0s, method, optimizer), :func:`train` (the epochs),
 :func:`train_one_epoch`, :func:`take_step`, :func:`evaluate` (validation with the EMA weights),
@@ -134,6 +134,10 @@ def _run(cfg: FinetuneConfig, log, rank: int, world: int, out: pathlib.Path, dev
     r = setup(cfg, world, device, log)
     if cfg.resume and state_path.exists():
         load_state(cfg, r, state_path, log)
+        if cfg.resume == "auto" and (out / "metrics.json").exists() and _nothing_left(cfg, r):
+            log(f"{out} holds a finished run (epoch {r.start_epoch - 1}, best {r.best['epoch']}; metrics.json) with no "
+                "epoch left to train: left as it is (resume='auto', --resume auto); a larger --epochs trains on")
+            return json.loads((out / "metrics.json").read_text())
     r.valid_b = make_batches(r.graphs["valid"], cfg.eval_batch_size, device=device)
     log(f"{cfg.method} on {device}: {r.n_train:,} trainable parameters ({'; '.join(f'{k} {v:,}' for k, v in r.groups.items())}); "
         f"{len(r.graphs['train'])} train / {len(r.graphs['valid'])} valid / {len(r.graphs['test'])} test frames; "
@@ -160,6 +164,16 @@ def _run(cfg: FinetuneConfig, log, rank: int, world: int, out: pathlib.Path, dev
     return finish(cfg, r, rank, world, out, stopped, epoch, log)
 
 
+def _early_stop(cfg: FinetuneConfig, r, epoch: int) -> bool:
+    """Whether early stopping ends the run before ``epoch`` (no validation improvement for ``patience`` epochs)."""
+    return epoch - r.best["epoch"] > cfg.patience and r.best["epoch"] > 0
+
+
+def _nothing_left(cfg: FinetuneConfig, r) -> bool:
+    """Whether a run continued from its state would train no epoch: the last one done, or early stopping."""
+    return r.start_epoch > cfg.epochs or _early_stop(cfg, r, r.start_epoch)
+
+
 def _e0_text(z, e0s, frames) -> str:
     """The E0s of the elements in the training data (a foundation model knows ~90 elements)."""
     present = {int(n) for a in frames for n in a.numbers}
@@ -175,7 +189,7 @@ def train(cfg: FinetuneConfig, r, rank: int, world: int, out: pathlib.Path, bar)
     state_path, ckpt_path = out / "state.pt", out / "checkpoint.pt"
     stopped, epoch, ran = "epochs", r.start_epoch - 1, 0
     for epoch in range(r.start_epoch, cfg.epochs + 1):
-        if epoch - r.best["epoch"] > cfg.patience and r.best["epoch"] > 0:
+        if _early_stop(cfg, r, epoch):
             return f"early stopping (no validation improvement for {cfg.patience} epochs)", epoch - 1, ran
         if cfg.stop_after is not None and ran >= cfg.stop_after:
             return "stop_after", epoch - 1, ran

@@ -42,3 +42,32 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert rows["mmea"]["trainable_parameters"] > 0 and rows["mmea"]["frames"] == 75
     assert json.loads((tmp_path / "demo.json").read_text())["md"]["steps"] == 10
     assert (tmp_path / "mmea" / "checkpoint.pt").is_file()
+
+
+def test_baseline_reads_labels_as_evaluate_does(tmp_path, monkeypatch):
+    """demo.baseline (public) built its graphs from info/arrays only, while the frames' labels were
+    checked (and evaluate reads them) also from ``atoms.calc.results``: frames labelled there only were
+    scored against no labels. No extended-XYZ file puts REF_* keys there (ASE moves only its own
+    names), so frames from Python stand in: the errors must equal those of the same labels in info."""
+    import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    import mmea_kernels.train as train
+    from mmea_kernels.app.data import toy_molecules
+
+    frames = {"train.xyz": toy_molecules("ethanol", 6, "B", seed=1), "test.xyz": toy_molecules("ethanol", 4, "B", seed=2)}
+    for name, fs in frames.items():
+        ase.io.write(str(tmp_path / name), fs)
+    want = demo.baseline("preset:tiny", str(tmp_path / "train.xyz"), str(tmp_path / "test.xyz"))
+
+    def in_results(a):
+        b = a.copy()
+        e, f = b.info.pop("REF_energy"), b.arrays.pop("REF_forces")
+        b.calc = SinglePointCalculator(b)
+        b.calc.results = {"REF_energy": e, "REF_forces": f}
+        return b
+
+    read = train.read_frames
+    monkeypatch.setattr(train, "read_frames", lambda spec, *a, **k: [in_results(x) for x in read(spec, *a, **k)])
+    got = demo.baseline("preset:tiny", str(tmp_path / "train.xyz"), str(tmp_path / "test.xyz"))
+    assert got == pytest.approx(want, rel=1e-12)

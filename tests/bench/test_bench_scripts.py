@@ -326,3 +326,45 @@ def test_pretrain_script_never_replaces_a_model_unasked(tmp_path):
     assert shipped.read_bytes() == before
     src = (REPO / "scripts" / "pretrain.py").read_text()
     assert re.search(r'"--out", default="/tmp/', src), "the default --out must not be the shipped model"
+
+
+def test_pretrain_script_reads_labels_as_finetune_does(tmp_path, capsys):
+    """scripts/pretrain.py read user files with ``info[...]`` / ``arrays[...]`` only: labels that ASE
+    puts in ``atoms.calc.results`` (extended-XYZ ``energy=`` and ``forces``, as ASE writes a labelled
+    frame) were a bare KeyError, though its own fine-tuning step reads them. Now it reads them as
+    finetune does (``--energy-key energy --forces-key forces``), and missing labels are one error
+    line naming the key."""
+    pytest.importorskip("mace")
+    import importlib.util
+
+    import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from mmea_kernels.app.data import toy_molecules
+
+    frames = []
+    for a in toy_molecules("ethanol", 10, "B", seed=1):
+        e, f = a.info.pop("REF_energy"), a.arrays.pop("REF_forces")
+        a.calc = SinglePointCalculator(a, energy=e, forces=f)
+        frames.append(a)
+    ase.io.write(str(tmp_path / "data.xyz"), frames)
+    assert "energy" in ase.io.read(str(tmp_path / "data.xyz"), 0).calc.results  # where a user's labels are
+    spec = importlib.util.spec_from_file_location("pretrain_script", REPO / "scripts" / "pretrain.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    common = ["--data", str(tmp_path / "data.xyz"), "--work", str(tmp_path / "work"), "--epochs", "1",
+              "--batch-size", "5"]
+    with pytest.raises(SystemExit) as info:
+        script.main(common + ["--out", str(tmp_path / "m.pt")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "no energy under info['REF_energy']" in err and "calc.results" in err, err
+    assert not (tmp_path / "work").exists()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert script.main(common + ["--out", str(tmp_path / "m.pt"), "--energy-key", "energy",
+                                     "--forces-key", "forces"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    recipe = torch.load(tmp_path / "m.pt", weights_only=False)["meta"]["recipe"]
+    assert recipe["training"]["energy_key"] == "energy" and recipe["epochs_run"] == 1

@@ -98,6 +98,42 @@ def test_resume_gives_the_same_result(files, tmp_path):
     assert (tmp_path / "b" / "checkpoint.pt").read_bytes() == before
 
 
+def test_resume_auto_starts_continues_and_leaves_a_finished_run(files, tmp_path, capsys):
+    """``--resume auto`` (requeued job scripts): a fresh --out starts a run, the same command after an
+    interruption continues it, and after the run finished neither trains nor rewrites anything; plain
+    --resume still needs a state.pt, and another value is refused."""
+    out = tmp_path / "r"
+    assert _cli(files, out, "--resume", "auto", "--stop-after", "1") == 3  # started, then 'interrupted'
+    assert torch.load(out / "state.pt", weights_only=False)["epoch"] == 1
+    assert not (out / "metrics.json").exists()
+    capsys.readouterr()
+    assert _cli(files, out, "--resume", "auto") == 0
+    assert "resuming" in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in m["history"]] == [1, 2] and m["config"]["resume"] == "auto"
+    files_before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    assert _cli(files, out, "--resume", "auto") == 0
+    assert "holds a finished run" in capsys.readouterr().out
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == files_before
+    # the API's form: the stored metrics back, nothing written
+    kw = dict(train=str(files / "train.xyz"), valid=str(files / "valid.xyz"), test=str(files / "test.xyz"),
+              model=str(files / "base.pt"), epochs=2, batch_size=4, progress=False)
+    assert finetune(FinetuneConfig(out_dir=str(out), resume="auto", **kw), log=lambda *_: None) == m
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == files_before
+    assert _cli(files, tmp_path / "new", "--resume") == 2  # plain --resume: there must be a run to continue
+    assert "--resume auto" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    with pytest.raises(SystemExit):
+        _cli(files, tmp_path / "new", "--resume", "yes")
+    with pytest.raises(ValueError, match=r"resume must be False, True or 'auto'.*'yes'"):
+        finetune(FinetuneConfig(out_dir=str(tmp_path / "new"), resume="yes", **kw), log=lambda *_: None)
+    from types import SimpleNamespace as NS
+
+    from mmea_kernels.train.loop import _nothing_left
+
+    cfg = FinetuneConfig(train="t.xyz", epochs=9, patience=1)  # an early-stopped run is finished too
+    assert _nothing_left(cfg, NS(start_epoch=4, best={"epoch": 2})) and not _nothing_left(cfg, NS(start_epoch=3, best={"epoch": 2}))
+
+
 def test_resume_refuses_inputs_replaced_under_the_same_name(files, tmp_path):
     """The base model or a data file replaced under the same path between the runs: a resume would
     pair adapters trained on the old inputs with the new ones (found in review); refused by name."""
@@ -118,6 +154,63 @@ def test_resume_refuses_inputs_replaced_under_the_same_name(files, tmp_path):
         finetune(FinetuneConfig(out_dir=str(tmp_path / "r"), resume=True, **kw), log=lambda *_: None)
     shutil.copy(files / "train.xyz", tmp_path / "train.xyz")
     assert finetune(FinetuneConfig(out_dir=str(tmp_path / "r"), resume=True, **kw), log=lambda *_: None)["best_epoch"]
+
+
+def test_resume_takes_one_file_named_relative_or_absolute_as_one_setting(files, tmp_path, monkeypatch):
+    """--train, --valid, --test, --model, --model-config and --e0s name the same file relative, absolute,
+    with ./ or a trailing slash: the same setting (a resume was refused for it); the selection of a
+    data file and named models stay as given; another file, even with the same content, is refused.
+    A run started with relative paths resumes from another working directory naming the same files."""
+    import shutil
+
+    from mmea_kernels.train.config import config_key
+
+    for name in ("base.pt", "train.xyz", "valid.xyz", "test.xyz"):
+        shutil.copy(files / name, tmp_path / name)
+    (tmp_path / "e0s.json").write_text("{}")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    rel = dict(train="train.xyz@:10", valid="./valid.xyz", test="test.xyz", model="base.pt", model_config="e0s.json",
+               e0s="sub/../e0s.json")
+    forms = [dict(train=str(tmp_path / "train.xyz") + "@:10", valid=str(tmp_path / "valid.xyz"),
+                  test=f"{tmp_path}/./test.xyz", model=str(tmp_path / "base.pt"), model_config=f"{tmp_path}//e0s.json",
+                  e0s="./e0s.json/")]
+    assert all(config_key(FinetuneConfig(**f)) == config_key(FinetuneConfig(**rel)) for f in forms)
+    for other in (dict(train="train.xyz@:9"), dict(train="valid.xyz@:10"), dict(model="preset:tiny"),
+                  dict(e0s="keep"), dict(test=None)):
+        assert config_key(FinetuneConfig(**dict(rel, **other))) != config_key(FinetuneConfig(**rel)), other
+    assert json.loads(config_key(FinetuneConfig(train="t.xyz", model="builtin:mace-xtb-small", e0s="average"))) \
+        ["model"] == "builtin:mace-xtb-small"
+    # end to end: started here with relative paths, resumed from sub/ with ../ paths, then absolute ones
+    kw = dict(method="mmea", rank=2, epochs=3, batch_size=4, progress=False)
+    quiet = dict(log=lambda *_: None)
+    finetune(FinetuneConfig(train="train.xyz", valid="./valid.xyz", model="base.pt", out_dir="r", stop_after=1, **kw),
+             **quiet)
+    monkeypatch.chdir(tmp_path / "sub")
+    res = finetune(FinetuneConfig(train="../train.xyz", valid="../valid.xyz", model="./../base.pt", out_dir="../r",
+                                  stop_after=1, resume=True, **kw), **quiet)
+    assert res == {"stopped": "stop_after", "epoch": 2}
+    shutil.copy(tmp_path / "train.xyz", tmp_path / "copy.xyz")
+    with pytest.raises(ValueError, match=r"other settings: --train '/.*/train\.xyz' there, '/.*/copy\.xyz' now;"):
+        finetune(FinetuneConfig(train=str(tmp_path / "copy.xyz"), valid=str(tmp_path / "valid.xyz"),
+                                model=str(tmp_path / "base.pt"), out_dir=str(tmp_path / "r"), resume=True, **kw), **quiet)
+    res = finetune(FinetuneConfig(train=str(tmp_path / "train.xyz"), valid=str(tmp_path / "valid.xyz"),
+                                  model=str(tmp_path / "base.pt"), out_dir=str(tmp_path / "r"), resume=True, **kw), **quiet)
+    assert [h["epoch"] for h in res["history"]] == [1, 2, 3]
+    monkeypatch.chdir(tmp_path)  # one more epoch, with relative paths: the checkpoint is written again
+    res = finetune(FinetuneConfig(train="train.xyz", valid="valid.xyz", model="base.pt", out_dir="r", resume=True,
+                                  **dict(kw, epochs=4)), **quiet)
+    assert [h["epoch"] for h in res["history"]] == [1, 2, 3, 4]
+    # the checkpoint names its base model by real path: it loads from any working directory ...
+    monkeypatch.chdir(tmp_path / "sub")
+    ckpt_path = tmp_path / "r" / "checkpoint.pt"
+    assert torch.load(ckpt_path, weights_only=True)["model"] == str(tmp_path.resolve() / "base.pt")
+    load_finetuned(ckpt_path)
+    # ... and a base model moved away is named, with the way to name it again (weights still checked)
+    (tmp_path / "base.pt").rename(tmp_path / "moved.pt")
+    with pytest.raises(FileNotFoundError, match=r"names the base model '/.*/base\.pt', which is not there .*--model PATH"):
+        load_finetuned(ckpt_path)
+    load_finetuned(ckpt_path, model=str(tmp_path / "moved.pt"))
 
 
 def test_checkpoint_from_a_preset_loads_back(files, tmp_path):
