@@ -38,6 +38,9 @@ class ELoRALinear(AdapterLinear):
         self.view.check_weight_update(base, "ELoRA")
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)
+        if not (math.isfinite(self.alpha) and self.alpha != 0):
+            raise ValueError(f"ELoRA alpha must be finite and non-zero (the update is (alpha/rank)·A·B; 0 would "
+                             f"train nothing), got {alpha!r}")
         self.scaling = self.alpha / rank
         fk = self._factory()
         self.paths = self.spec.instructions

@@ -331,7 +331,10 @@ class FusedGate(nn.Module):
         return f"{self.__class__.__name__} ({self.extra_repr()})"
 
     def __prepare_scriptable__(self) -> nn.Module:
-        return ScriptableFusedGate(self)
+        from .scriptable import keep_eager_form
+        form = ScriptableFusedGate(self)
+        keep_eager_form(form, self)  # restore_eager_forms puts this module back after torch.jit.script(model)
+        return form
 
 
 def _gated_cat(x: torch.Tensor, ys: torch.Tensor, g: torch.Tensor,
@@ -374,6 +377,7 @@ class ScriptableFusedGate(nn.Module):
     codes (aten ops only: the scripted model needs neither mmea_kernels nor e3nn to load), the same
     parameters and buffers."""
 
+    __jit_ignored_attributes__ = ["_eager_form"]  # scriptable.EAGER_FORM: the FusedGate it stands for
     scalar_segs: List[Tuple[int, int, int, float]]  # (input column, count, activation code, cst)
     gate_segs: List[Tuple[int, int, int, float]]
     blocks: List[Tuple[int, int, int, int, bool]]  # (input column, mul, dim, first gate, ir_mul)

@@ -8,6 +8,7 @@ from typing import List, Optional, Tuple
 from torch import nn
 
 from .fused_gate import FusedGate, _gate_kind
+from .scriptable import restore_eager_forms
 
 __all__ = ["GateSwapReport", "replace_gates", "restore_gates"]
 
@@ -52,6 +53,7 @@ def replace_gates(model: nn.Module, backend: Optional[str] = None, verbose: bool
     if _gate_kind(model) is not None:
         raise ValueError("replace_gates swaps gates inside a model in place; for a bare gate module use "
                          "FusedGate.from_module(gate)")
+    restore_eager_forms(model)  # the FusedGates / adapters that torch.jit.script(model) replaced
     swapped, not_fused = [], []
     for parent, child_name, full, child in list(_named_children_of(model)):
         if _gate_kind(child) is None:
@@ -74,6 +76,7 @@ def replace_gates(model: nn.Module, backend: Optional[str] = None, verbose: bool
 def restore_gates(model: nn.Module, verbose: bool = False) -> GateSwapReport:
     """Undo :func:`replace_gates`: put the original gate modules back (they share the parameters
     and buffers the FusedGate held, including any ``.to()`` applied meanwhile)."""
+    restore_eager_forms(model)
     swapped = []
     for parent, child_name, full, child in list(_named_children_of(model)):
         if isinstance(child, FusedGate):

@@ -15,7 +15,7 @@ from torch import nn
 from ..layout import IrrepsLayout
 from ..ops import gate_mul
 from ..ops._utils import rows2d, transform_active
-from ..ops.backends import cache_generation
+from ..ops.backends import cache_generation, check_backend_name
 from . import path_choice
 from .base import AdapterLinear, module_tensor
 
@@ -108,6 +108,7 @@ class MMEAGating:
             raise ValueError(f"unknown phi {phi!r}; expected one of {PHIS}")
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
+        check_backend_name(backend)
         self.rank, self.phi, self.init, self.init_std, self.backend = rank, phi, init, init_std, backend
         self.num_scalars_in = self.in_layout.num_scalars
         self.num_additive = self.out_layout.num_scalars

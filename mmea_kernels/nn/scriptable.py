@@ -25,7 +25,11 @@ unchanged: the scriptable forms are only built when scripting.
 Scripting replaces each adapter by its scriptable form in the module tree it compiles (torch's
 ``__prepare_scriptable__`` protocol edits ``_modules`` in place, as e3nn's in-place
 ``jit.compile`` does with every submodule it compiles); :mod:`mmea_kernels.integrations.export` scripts a copy
-and leaves the eager model alone.
+and leaves the eager model alone. After ``torch.jit.script(model)`` the eager ``model`` computes the
+same function through the scriptable forms; each form keeps the eager module it was made from
+(``_eager_form``, not compiled), and :func:`restore_eager_forms` puts those back: the peft functions
+(``inject_adapters``, ``unload``, ``disable_adapters``, ``adapter_state_dict``, ...) and
+``replace_gates`` / ``restore_gates`` call it first, so they act on the eager adapters and gates.
 
 Not supported (a clear error when scripting): an MMEA adapter whose gate backend is pinned to
 ``"cpp"`` or ``"triton"`` (a scripted model runs the gate in aten ops; unpin it with
@@ -42,13 +46,30 @@ from ..ops._utils import rows2d
 
 __all__ = ["ScriptableMMEALinear", "ScriptableMMEAFusedLinear", "ScriptableMMEACuetLinear", "ScriptableELoRALinear",
            "ScriptableELoRACuetLinear", "scriptable_adapter", "check_scriptable", "script_kernels",
-           "fused_form_reason", "fused_forms"]
+           "fused_form_reason", "fused_forms", "restore_eager_forms", "keep_eager_form"]
 
 # e3nn's @compile_mode("script") sets this class attribute; set it directly so that this module
 # does not import e3nn. e3nn.util.jit.compile then scripts these modules (and the adapters).
 E3NN_COMPILE_MODE = "__e3nn_compile_mode__"
 
 SCRIPTABLE_BACKENDS = (None, "auto", "torch")
+EAGER_FORM = "_eager_form"  # on a scriptable form: [the eager module it was made from]; not compiled
+
+
+def keep_eager_form(form: nn.Module, eager: nn.Module) -> None:
+    """Record on ``form`` (a scriptable form) the eager module it stands for (in a list: no submodule,
+    no state-dict entry; ``__jit_ignored_attributes__`` keeps TorchScript off it)."""
+    form.__dict__[EAGER_FORM] = [eager]
+
+
+def restore_eager_forms(model: nn.Module) -> int:
+    """Put back, in place, the eager module of every scriptable form inside ``model`` (the adapters and
+    FusedGates that ``torch.jit.script(model)`` replaced in ``model``'s own tree); returns how many."""
+    found = [(parent, name, child.__dict__[EAGER_FORM][0]) for parent in model.modules()
+             for name, child in parent._modules.items() if child is not None and EAGER_FORM in child.__dict__]
+    for parent, name, eager in found:
+        parent._modules[name] = eager
+    return len(found)
 
 
 def check_scriptable(adapter, name: str = "") -> None:
@@ -130,16 +151,22 @@ def scriptable_adapter(adapter) -> nn.Module:
     """The TorchScript form of an ``MMEALinear`` / ``ELoRALinear`` (shares its parameters)."""
     check_scriptable(adapter)
     if _kernels[-1] == "cpp" and fused_form_reason(adapter) is None:
-        return ScriptableMMEAFusedLinear(adapter)
-    try:
-        cls = adapter.view.scriptable_class(adapter.method)
-    except KeyError:
-        raise NotImplementedError(f"no TorchScript form for {type(adapter).__name__} (method {adapter.method!r})") from None
-    return cls(adapter)
+        form = ScriptableMMEAFusedLinear(adapter)
+    else:
+        try:
+            cls = adapter.view.scriptable_class(adapter.method)
+        except KeyError:
+            raise NotImplementedError(f"no TorchScript form for {type(adapter).__name__} (method {adapter.method!r})") \
+                from None
+        form = cls(adapter)
+    keep_eager_form(form, adapter)
+    return form
 
 
 class _ScriptableMMEA(nn.Module):
     """MMEA in aten ops; subclasses call the base layer with its own signature."""
+
+    __jit_ignored_attributes__ = [EAGER_FORM]
 
     dim_in: int
     dim_out: int
@@ -313,6 +340,7 @@ class ScriptableMMEACuetLinear(_ScriptableMMEA):
 
 
 class _ScriptableELoRA(nn.Module):
+    __jit_ignored_attributes__ = [EAGER_FORM]
     scaling: float
     adapter_enabled: bool
     merged: bool

@@ -18,7 +18,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["BACKENDS", "resolve_backend", "backend_status", "clear_backend_cache", "cache_generation"]
+__all__ = ["BACKENDS", "resolve_backend", "backend_status", "clear_backend_cache", "cache_generation",
+           "check_backend_name"]
 
 # name -> module path; modules are imported lazily so that TRITON_INTERPRET can be set first.
 BACKENDS: Dict[str, str] = {
@@ -32,6 +33,13 @@ _AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}
 
 def _load(name: str):
     return importlib.import_module(BACKENDS[name])
+
+
+def check_backend_name(backend) -> None:
+    """``ValueError`` unless ``backend`` is None, "auto" or a backend name (checked when a module is built,
+    not at its first call)."""
+    if backend is not None and (not isinstance(backend, str) or backend.strip().lower() not in (*BACKENDS, "auto")):
+        raise ValueError(f"unknown backend {backend!r}; expected None or one of {sorted([*BACKENDS, 'auto'])}")
 
 
 def backend_status(name: str, device) -> Tuple[bool, str]:

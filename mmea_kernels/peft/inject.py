@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..nn import AdapterLinear, is_equivariant_linear
+from ..nn.scriptable import restore_eager_forms
 from .config import AdapterConfig, Patterns
 
 __all__ = ["inject_adapters", "InjectionReport", "merge_and_unload", "unload", "disable_adapters", "adapted_modules",
@@ -51,7 +52,9 @@ class InjectionReport:
 
 
 def adapted_modules(model: nn.Module) -> Dict[str, AdapterLinear]:
-    """Qualified name -> adapter wrapper, for every adapter in ``model``."""
+    """Qualified name -> adapter wrapper, for every adapter in ``model`` (the eager adapters first put
+    back where ``torch.jit.script(model)`` left their TorchScript forms: :func:`restore_eager_forms`)."""
+    restore_eager_forms(model)
     return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLinear)}
 
 
@@ -66,7 +69,9 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
 
 
-def _select(candidates: List[str], patterns: Patterns, what: str) -> List[str]:
+def _select(candidates: List[str], patterns: Patterns, what: str, aliases=None) -> List[str]:
+    """The candidates that ``patterns`` pick; ``aliases`` (other names of a candidate) named when a
+    pattern matches only such a name."""
     if patterns is None:
         return list(candidates)
     if isinstance(patterns, str):  # a single string is a regular expression (full match), as in peft
@@ -78,6 +83,10 @@ def _select(candidates: List[str], patterns: Patterns, what: str) -> List[str]:
     picked = []
     for p in patterns:
         hit = [n for n in candidates if _matches(n, p)]
+        alias = next((a for a in (aliases or {}) if _matches(a, p)), None)
+        if not hit and alias is not None:
+            raise ValueError(f"{what} pattern {p!r} names {alias!r}, which is the layer {aliases[alias]!r} used in a "
+                             f"second place (one module under two names): name it {aliases[alias]!r}")
         if not hit:
             raise ValueError(f"{what} pattern {p!r} matches none of the linear layers: {candidates}")
         picked += hit
@@ -124,9 +133,10 @@ def inject_adapters(model: nn.Module, method: Union[str, AdapterConfig] = "mmea"
                          "(or cuequivariance_torch Linear); wrap it directly with MMEALinear/ELoRALinear")
     if not candidates:
         raise ValueError("model contains no o3.Linear (or cuequivariance_torch Linear) layer to adapt")
-    targets = _select(candidates, config.target_modules, "target_modules")
+    aliases = _aliases(model)
+    targets = _select(candidates, config.target_modules, "target_modules", aliases)
     if config.exclude_modules is not None:
-        excluded = set(_select(candidates, config.exclude_modules, "exclude_modules"))
+        excluded = set(_select(candidates, config.exclude_modules, "exclude_modules", aliases))
         targets = [n for n in targets if n not in excluded]
     if not targets:
         raise ValueError("target_modules/exclude_modules leave no layer to adapt")
@@ -134,7 +144,7 @@ def inject_adapters(model: nn.Module, method: Union[str, AdapterConfig] = "mmea"
 
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     cls = config.adapter_class
-    built = {name: cls(model.get_submodule(name), rank=config.rank, **config.options) for name in targets}
+    built = {name: _build(cls, model.get_submodule(name), name, config) for name in targets}
     model.requires_grad_(False)
     for name, wrapper in built.items():
         _set_submodule(model, name, wrapper)
@@ -142,6 +152,26 @@ def inject_adapters(model: nn.Module, method: Union[str, AdapterConfig] = "mmea"
             p.requires_grad_(True)
     object.__setattr__(model, _SAVED_GRAD_FLAGS, saved)
     return report(model)
+
+
+def _build(cls, base: nn.Module, name: str, config: AdapterConfig) -> nn.Module:
+    """``cls`` around ``base``; an error the adapter raises names the layer and how to leave it out."""
+    try:
+        return cls(base, rank=config.rank, **config.options)
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        raise type(exc)(f"cannot put {config.method} adapters on layer {name!r} ({type(base).__name__}): {exc}; "
+                        f"leave it out with exclude_modules=[{name!r}]") from None
+
+
+def _aliases(model: nn.Module) -> Dict[str, str]:
+    """Second and later names of a linear layer used in more than one place -> its first name."""
+    first: Dict[int, str] = {}
+    out = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if is_equivariant_linear(m) and n:
+            out.update({n: first[id(m)]} if id(m) in first else {})
+            first.setdefault(id(m), n)
+    return out
 
 
 def _refuse_shared(model: nn.Module, targets: List[str]) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 from ..layout import IrrepsLayout
 from ..linear_spec import LinearSpec
 from ..nn import ADAPTERS, AdapterLinear, is_equivariant_linear
+from ..ops.backends import check_backend_name
 from .inject import adapted_modules, inject_adapters, report, tensor_product_gates, unload, InjectionReport
 
 __all__ = ["adapter_state_dict", "load_adapter_state_dict", "FORMAT"]
@@ -61,8 +62,10 @@ def load_adapter_state_dict(model: nn.Module, adapter_state: dict, **options) ->
     linears = {n: m for n, m in model.named_modules() if is_equivariant_linear(m) or isinstance(m, AdapterLinear)}
     for name, info in targets.items():
         if name not in linears:
+            shown = sorted(linears)[:12]
             raise ValueError(f"saved adapter targets module {name!r}, which the model does not have "
-                             f"(or which is not an o3.Linear or cuequivariance_torch Linear)")
+                             f"(or which is not an o3.Linear or cuequivariance_torch Linear); its linear layers: "
+                             f"{shown}{' ...' if len(linears) > len(shown) else ''}")
         mod = linears[name]
         have_in, have_out = _irreps_of(mod)
         if (have_in, have_out) != (info["irreps_in"], info["irreps_out"]):
@@ -79,7 +82,6 @@ def load_adapter_state_dict(model: nn.Module, adapter_state: dict, **options) ->
     _refuse_tensor_product_gates(model, "loaded from an adapter state")
     existing = adapted_modules(model)
     if existing:
-        _set_runtime_options(existing.values(), method, options)
         if set(existing) != set(targets):
             raise ValueError(f"model already has adapters on {sorted(set(existing) ^ set(targets))} that differ "
                              "from the saved ones; unload(model) first")
@@ -88,6 +90,7 @@ def load_adapter_state_dict(model: nn.Module, adapter_state: dict, **options) ->
             shaping = ADAPTERS[method].shaping_options if method in ADAPTERS else ()
             if m.method != method or any(have.get(k) != v for k, v in saved_opts.items() if k in shaping):
                 raise ValueError(f"module {n!r} has {m.method} adapters {have}, the state holds {method} {saved_opts}")
+        _set_runtime_options(existing.values(), method, options)  # after the checks: all or nothing
         remerge = [m for m in existing.values() if getattr(m, "merged", False)]
         for m in remerge:  # the base weights hold the old ΔW: take it out, load, put the new one in
             m.unmerge()
@@ -155,6 +158,8 @@ def _set_runtime_options(mods, method: str, options: dict) -> None:
     if bad:
         allowed = f"only {', '.join(map(repr, free))} can" if free else "no option can"
         raise ValueError(f"{allowed} be chosen when loading {method} adapters; {bad} come from the saved state")
+    if "backend" in options:
+        check_backend_name(options["backend"])
     for m in mods:
         for k, v in options.items():
             setattr(m, k, v)

@@ -1,4 +1,6 @@
 """The injection API on a small pure-e3nn model: targeting, freezing, report, save/load, unload, merge."""
+import math
+
 import pytest
 import torch
 from e3nn import nn as enn
@@ -345,3 +347,77 @@ def test_adapter_classes_own_their_options():
     state = mk.adapter_state_dict(m)
     with pytest.raises(ValueError, match=r"no option can be chosen when loading elora adapters; \['backend'\]"):
         mk.load_adapter_state_dict(model_and_input()[0], state, backend="torch")
+
+
+@pytest.mark.parametrize("method", ["mmea", "elora"])
+def test_scripting_the_model_itself_leaves_the_peft_api_working(method):
+    """torch.jit.script(model) replaces each adapter and FusedGate by its TorchScript form in the model's
+    own tree (torch's __prepare_scriptable__ protocol); the peft functions and restore_gates put the
+    eager modules back first, so they act on the adapters (they were silent no-ops: disable_adapters
+    left the adapted output, unload left the adapters in, adapter_state_dict found none)."""
+    model, x = model_and_input()
+    base = model(x).detach()
+    mk.inject_adapters(model, method=method, rank=3)
+    randomise_adapters(model)
+    mk.replace_gates(model)
+    adapted = model(x).detach()
+    assert (adapted - base).abs().max() > 1e-3
+    scripted = torch.jit.script(model)
+    assert "Scriptable" in type(model.embed).__name__  # what torch did to the eager tree
+    torch.testing.assert_close(model(x), adapted, **TOL[torch.float64])  # its forms compute the same
+    with mk.disable_adapters(model):
+        torch.testing.assert_close(model(x), base, **TOL[torch.float64])
+    assert type(model.embed).__name__ == ("MMEALinear" if method == "mmea" else "ELoRALinear")
+    state = mk.adapter_state_dict(model)
+    assert state["targets"].keys() == mk.adapted_modules(model).keys() and len(state["targets"]) == 6
+    assert mk.restore_gates(model).swapped and isinstance(model.blocks[0].gate, enn.Gate)
+    torch.testing.assert_close(model(x), adapted, **TOL[torch.float64])
+    torch.testing.assert_close(scripted(x), adapted, **TOL[torch.float64])  # the scripted model is its own
+    mk.unload(model)
+    assert isinstance(model.embed, o3.Linear)
+    torch.testing.assert_close(model(x), base, **TOL[torch.float64])
+
+
+def test_injection_and_loading_errors_name_the_layer_and_the_way_out():
+    """An adapter that cannot wrap a layer names it and how to leave it out; a layer's second name
+    (one module in two places) is named as such; a saved state for another model lists this model's
+    layers; options are checked at injection; a failed load changes nothing."""
+    class External(nn.Module):  # weights from elsewhere (a radial MLP in NequIP-style models)
+        def __init__(self):
+            super().__init__()
+            self.inner = o3.Linear("4x0e+2x1o", "4x0e+2x1o")
+            self.ext = o3.Linear("4x0e+2x1o", "4x0e+2x1o", internal_weights=False, shared_weights=False)
+
+    with pytest.raises(TypeError, match=r"cannot put elora adapters on layer 'ext' .*exclude_modules=\['ext'\]"):
+        mk.inject_adapters(External(), method="elora", rank=2)
+    assert mk.inject_adapters(External(), method="elora", rank=2, exclude_modules=["ext"]).modules[0].name == "inner"
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            lin = o3.Linear("4x0e+2x1o", "4x0e+2x1o")
+            self.layers = nn.ModuleList([lin, lin])
+            self.out = o3.Linear("4x0e+2x1o", "1x0e")
+
+    for key in ("target_modules", "exclude_modules"):
+        with pytest.raises(ValueError, match=r"names 'layers\.1', which is the layer 'layers\.0' used in a second place"):
+            mk.inject_adapters(Shared(), method="mmea", rank=2, **{key: ["layers.1"]})
+    for bad in (dict(method="mmea", backend="cuda"), dict(method="elora", alpha=0.0), dict(method="elora", alpha=math.nan)):
+        with pytest.raises(ValueError, match=r"cannot put .* on layer 'embed'.*(unknown backend 'cuda'|alpha must be)"):
+            mk.inject_adapters(model_and_input()[0], rank=2, **bad)
+
+    model, x = model_and_input()
+    mk.inject_adapters(model, method="mmea", rank=2)
+    state = mk.adapter_state_dict(model)
+    wrapped = nn.Module()
+    wrapped.net = model_and_input()[0]
+    with pytest.raises(ValueError, match=r"targets module 'embed', which the model does not have .*its linear "
+                                         r"layers: \['net\.blocks\.0\.linear'"):
+        mk.load_adapter_state_dict(wrapped, state)
+    other, _ = model_and_input()
+    mk.inject_adapters(other, method="mmea", rank=2, target_modules=["embed"], backend="torch")
+    with pytest.raises(ValueError, match="differ from the saved ones"):
+        mk.load_adapter_state_dict(other, state, backend="cpp")
+    assert other.embed.backend == "torch"  # all or nothing: the runtime option was not set either
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):  # checked when set on loaded adapters too
+        mk.load_adapter_state_dict(model, state, backend="gpu")
