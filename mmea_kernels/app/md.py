@@ -278,10 +278,10 @@ def _conserved(dyn, atoms, s: MDSettings) -> Optional[float]:
     return None
 
 
-def resumed_settings(state, settings: MDSettings, given: dict) -> MDSettings:
-    """``settings`` with the dynamics of ``state`` (an ``app.md_state.MDState``); ``ValueError`` for
-    any of ``given`` (settings the caller chose) that would change them, or for
-    ``velocities="file"`` (a resumed run's momenta are the state's)."""
+def resumed_settings(state, settings: MDSettings, given: dict, api: bool = False) -> MDSettings:
+    """``settings`` with the dynamics of ``state`` (an ``app.md_state.MDState``); ``ValueError`` for any of
+    ``given`` (settings the caller chose) that would change them, or for ``velocities="file"`` (a resumed
+    run's momenta are the state's), named as md's options (as :func:`run_md`'s keywords with ``api``)."""
     from .md_state import PHYSICS
 
     for key, value in given.items():
@@ -289,11 +289,12 @@ def resumed_settings(state, settings: MDSettings, given: dict) -> MDSettings:
             value = dataclasses.replace(MDSettings(), ensemble=given.get("ensemble", state.physics["ensemble"]),
                                         thermostat=value).effective_thermostat
         if key in PHYSICS and value != state.physics[key]:
-            raise ValueError(f"{PHYSICS[key]} {value} differs from the state file's {state.physics[key]}: a resumed "
-                             "run continues the same dynamics (to change them, start a new run from the last "
-                             "--trajectory frame with --velocities file)")
+            raise ValueError(f"{f'{key}={value!r}' if api else f'{PHYSICS[key]} {value}'} differs from the state file's "
+                             f"{state.physics[key]}: a resumed run continues the same dynamics (to change them, start "
+                             "a new run from the last --trajectory frame with --velocities file)")
     if given.get("velocities") == "file":
-        raise ValueError("--velocities file with --resume: a resumed run takes its momenta from the state file")
+        raise ValueError(("velocities='file' with resume" if api else "--velocities file with --resume")
+                         + ": a resumed run takes its momenta from the state file")
     return dataclasses.replace(settings, **state.physics)
 
 
@@ -343,7 +344,7 @@ def run_md(atoms, calculator, settings: Optional[MDSettings] = None, where: str 
 
         s = resumed_settings(resume, s, {k: getattr(s, k) for k, f in _FIELDS.items()
                                          if k in kw or (settings is not None and k in PHYSICS)
-                                         or getattr(s, k) != f.default})
+                                         or getattr(s, k) != f.default}, api=True)
     s.check(getattr(resume, "path", None), given=set(kw), api=True)
     atoms = _prepare(atoms, s, where, resume, model)
     atoms.calc = calculator

@@ -101,14 +101,15 @@ def test_a_resumed_run_refuses_other_dynamics_and_another_model(calc, tmp_path):
     path = str(tmp_path / "s.npz")
     run_md(mol, calc, steps=3, ensemble="nvt", thermostat="bussi", save_state=path, model="m1")
     state = load_state(path)
-    for kw, msg in [(dict(temperature_K=400.0), "--temperature 400.0 differs from the state file's 300.0"),
-                    (dict(ensemble="nve"), "--ensemble nve differs"), (dict(dt_fs=1.0), "--dt 1.0 differs"),
-                    (dict(velocities="file"), "takes its momenta from the state file")]:
+    # the API names its keywords (the command line its options: test_the_command_line_resumes_in_place)
+    for kw, msg in [(dict(temperature_K=400.0), "^temperature_K=400.0 differs from the state file's 300.0"),
+                    (dict(ensemble="nve"), "^ensemble='nve' differs"), (dict(dt_fs=1.0), "^dt_fs=1.0 differs"),
+                    (dict(velocities="file"), "^velocities='file' with resume: .*takes its momenta from the state")]:
         with pytest.raises(ValueError, match=msg):
             run_md(None, calc, resume=state, steps=2, **kw)
     with pytest.raises(ValueError, match=r"written by a run of another model \(m1; now m2\)"):
         run_md(None, calc, resume=state, steps=2, model="m2")
-    with pytest.raises(ValueError, match="--ensemble nve differs from the state file's nvt"):
+    with pytest.raises(ValueError, match="^ensemble='nve' differs from the state file's nvt"):
         run_md(None, calc, MDSettings(steps=2), resume=state)  # a settings object: all its dynamics count
     assert run_md(None, calc, resume=state, steps=1, thermostat="bussi")["bit_identical_continuation"]
     nvt = str(tmp_path / "nvt.npz")
