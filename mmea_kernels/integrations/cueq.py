@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..linear_spec import is_cuet_linear
-from ..peft.inject import _SAVED_GRAD_FLAGS, InjectionReport, _set_submodule, adapted_modules
+from ..peft.inject import _SAVED_GRAD_FLAGS, InjectionReport, _set_submodule, adapted_modules, tensor_product_gates
 from ..peft.state import adapter_state_dict, load_adapter_state_dict
 
 __all__ = ["convert_adapted_to_cueq", "convert_adapted_to_e3nn", "convert_to_cueq", "transfer_adapters"]
@@ -122,9 +122,17 @@ def _convert(model: nn.Module, runner: Callable[[nn.Module], nn.Module]) -> nn.M
                          f"({tied[0]}, ...), which mace-torch's conversion cannot read: fold them into their weights "
                          "first (torch.nn.utils.parametrize.remove_parametrizations(module, name, "
                          "leave_parametrized=True), as `mmea-kernels export` does)")
-    if not adapted_modules(model):
+    mods = adapted_modules(model)
+    if not mods:
         raise ValueError("model has no adapters; convert it with mace-torch's own conversion "
                          "(mace.cli.convert_e3nn_cueq.run / convert_cueq_e3nn.run)")
+    merged = [n for n, m in mods.items() if getattr(m, "merged", False)]
+    gated = list(tensor_product_gates(model))
+    if merged or gated:  # found before mace-torch's conversion runs, named as what they are
+        raise ValueError(f"cannot convert: ELoRA adapters on {merged[0]} ({len(merged)} in all) are merged into their "
+                         "base weights; unmerge() them first" if merged else
+                         f"cannot convert: mmea-tp gates on tensor products ({gated[0]}, {len(gated)} in all) have "
+                         "no cuEquivariance form here; convert a model without them (methods mmea, elora)")
     with _base_layers_in_place(model) as base:
         target = _keeping_default_dtype(runner, base)
     transfer_adapters(model, target)

@@ -203,10 +203,13 @@ class AdapterLinear(nn.Module):
 
     def _factory(self):
         """dtype and device of the adapter's weights: the base's parameters', else (an o3.Linear
-        without paths has none) its floating buffers' (they follow ``.to()``), else the defaults."""
+        without paths has none) its floating buffers' (they follow ``.to()``), else the defaults (a
+        cuet.Linear taking its weight at forward: its constant buffers are float64 whatever its dtype;
+        :meth:`check_input` then names a mismatch with the input)."""
         p = next(self.base.parameters(), None)
-        if p is None:
+        if p is None and self.view.kind != "cuet":
             p = next((b for b in self.base.buffers() if b.is_floating_point()), None)
+        self._dtype_guessed = p is None
         if p is None:
             return {"dtype": torch.get_default_dtype(), "device": torch.device("cpu")}
         return {"dtype": p.dtype, "device": p.device}
@@ -217,6 +220,11 @@ class AdapterLinear(nn.Module):
                 f"{type(self).__name__}: input has shape {tuple(x.shape)}, but irreps_in "
                 f"{self.in_layout.irreps_str} needs the last dimension to be {self.in_layout.dim}"
             )
+        w = next(iter(self.adapter_parameters()), None) if self.__dict__.get("_dtype_guessed") else None
+        if w is not None and x.is_floating_point() and w.dtype != x.dtype:
+            raise TypeError(f"{type(self).__name__} ({self.in_layout.irreps_str}): its base layer has no weights to "
+                            f"take a dtype from, so the adapter's weights are {w.dtype} (the default dtype), but the "
+                            f"input is {x.dtype}: bring the model to the input's dtype, model.to({x.dtype})")
 
     def check_feature_channels(self, method: str) -> None:
         """``ValueError`` for an ``o3.Linear`` with ``f_in`` != ``f_out`` feature channels (rows of

@@ -67,7 +67,12 @@ def load_adapter_state_dict(model: nn.Module, adapter_state: dict, **options) ->
                              f"(or which is not an o3.Linear or cuequivariance_torch Linear); its linear layers: "
                              f"{shown}{' ...' if len(linears) > len(shown) else ''}")
         mod = linears[name]
-        have_in, have_out = _irreps_of(mod)
+        try:  # what injection refuses (a cuet.Linear of SO(3) irreps, ...), refused by name here too
+            if not isinstance(mod, AdapterLinear):
+                LinearSpec.from_module(mod)
+            have_in, have_out = _irreps_of(mod)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"module {name!r} cannot take the saved adapters: {exc}") from None
         if (have_in, have_out) != (info["irreps_in"], info["irreps_out"]):
             raise ValueError(
                 f"module {name!r}: saved adapter has irreps {info['irreps_in']} -> {info['irreps_out']} "

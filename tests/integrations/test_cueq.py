@@ -345,6 +345,34 @@ def test_rejects_non_o3_groups(cls):
     assert is_equivariant_linear(lin)
     with pytest.raises(TypeError, match=r"need O\(3\) irreps .* group SO3"):
         cls(lin)
+    src = torch.nn.Sequential(o3.Linear("2x0e+1x1o", "1x0e+1x1o"))  # a saved state: the same reason, named
+    inject_adapters(src, cls.method, rank=2)
+    with pytest.raises(TypeError, match=r"module '0' cannot take the saved adapters: .*need O\(3\) irreps"):
+        load_adapter_state_dict(torch.nn.Sequential(lin), adapter_state_dict(src))
+
+
+@pytest.mark.parametrize("layer_dtype", [torch.float32, torch.float64])
+def test_mmea_on_external_weights_takes_the_default_dtype_and_names_a_mismatch(layer_dtype):
+    """A cuet.Linear that takes its weight at forward has no weight to take a dtype from, and its
+    constant buffers are float64 whatever its dtype (the adapter was float64 on a float32 layer and
+    failed with 'mat1 and mat2 must have the same dtype'): the adapter takes the default dtype, and
+    an input of another dtype is named with the fix."""
+    torch.manual_seed(0)
+    lin = cuet.Linear(cue.Irreps("O3", IN), cue.Irreps("O3", OUT), layout=cue.ir_mul, dtype=layer_dtype,
+                      shared_weights=False)
+    x = torch.randn(4, dim(IN), dtype=layer_dtype)
+    w = torch.randn(4, lin.weight_numel, dtype=layer_dtype)
+    with default_dtype(torch.float32):
+        ad = MMEALinear(lin, rank=3)
+    assert ad.mmea_down.weight.dtype == torch.float32
+    if layer_dtype == torch.float32:
+        torch.testing.assert_close(ad(x, w), lin(x, w))  # identity at init
+    else:
+        with pytest.raises(TypeError, match=r"adapter's weights are torch.float32 .* input is torch.float64: .*"
+                                            r"model.to\(torch.float64\)"):
+            ad(x, w)
+        ad.double()
+        torch.testing.assert_close(ad(x, w), lin(x, w))
 
 
 # ----------------------------------------------------------------------------- MACE: e3nn vs cuEquivariance
@@ -509,6 +537,16 @@ def test_inject_directly_into_cueq_mace_and_errors(e3nn_base, cueq_base, batch):
     apply_method(paper, "mmea-paper", rank=2, seed=0)  # low-rank parametrizations: a KeyError deep in mace before
     with pytest.raises(ValueError, match="parametrized weights .* fold them into their weights first"):
         convert_adapted_to_cueq(paper)
+    merged = adapted(e3nn_base, "elora", {}, 0.1)  # refused before mace-torch converts, as what they are
+    for m in adapted_modules(merged).values():
+        m.merge()
+    with pytest.raises(ValueError, match=r"cannot convert: ELoRA adapters on node_embedding\.linear \(10 in all\) are "
+                                         "merged"):
+        convert_adapted_to_cueq(merged)
+    tp = copy.deepcopy(e3nn_base)
+    apply_method(tp, "mmea-tp", rank=2, seed=0)
+    with pytest.raises(ValueError, match=r"cannot convert: mmea-tp gates on tensor products \(interactions\.0"):
+        convert_adapted_to_cueq(tp)
 
 
 @needs_mace
