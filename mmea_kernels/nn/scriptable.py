@@ -65,8 +65,15 @@ def keep_eager_form(form: nn.Module, eager: nn.Module) -> None:
 def restore_eager_forms(model: nn.Module) -> int:
     """Put back, in place, the eager module of every scriptable form inside ``model`` (the adapters and
     FusedGates that ``torch.jit.script(model)`` replaced in ``model``'s own tree); returns how many."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return 0
+    # not inside a model compiled in place (e3nn's jit.compile, mace's LAMMPS path): its modules and the
+    # forms' bases are ScriptModules there, which take no reassignment and no eager call
     found = [(parent, name, child.__dict__[EAGER_FORM][0]) for parent in model.modules()
-             for name, child in parent._modules.items() if child is not None and EAGER_FORM in child.__dict__]
+             if not isinstance(parent, torch.jit.ScriptModule)
+             for name, child in parent._modules.items() if child is not None and EAGER_FORM in child.__dict__
+             and not isinstance(child, torch.jit.ScriptModule)
+             and not any(isinstance(m, torch.jit.ScriptModule) for m in child.__dict__[EAGER_FORM][0].modules())]
     for parent, name, eager in found:
         parent._modules[name] = eager
     return len(found)
@@ -119,6 +126,7 @@ def script_kernels(kernels: str, model: Optional[nn.Module] = None):
 def fused_forms(model: nn.Module) -> Dict[str, Optional[str]]:
     """:func:`fused_form_reason` of every adapter of ``model`` (by module name), after building the
     layer specs the fused form reads (from the eager base layers: call it before scripting)."""
+    restore_eager_forms(model)  # the adapters an earlier torch.jit.script(model) replaced
     out: Dict[str, Optional[str]] = {}
     for name, m in model.named_modules():
         if hasattr(m, "adapter_enabled") and hasattr(m, "method"):

@@ -155,10 +155,17 @@ def inject_adapters(model: nn.Module, method: Union[str, AdapterConfig] = "mmea"
 
 
 def _build(cls, base: nn.Module, name: str, config: AdapterConfig) -> nn.Module:
-    """``cls`` around ``base``; an error the adapter raises names the layer and how to leave it out."""
+    """``cls`` around ``base``; an error about this layer names it and how to leave it out (an error
+    about the settings, which any layer would raise, as it is)."""
     try:
         return cls(base, rank=config.rank, **config.options)
     except (TypeError, ValueError, NotImplementedError) as exc:
+        from e3nn import o3
+
+        try:  # the same settings on a plain layer: an error there is the settings', not this layer's
+            cls(o3.Linear("2x0e+1x1o", "2x0e+1x1o"), rank=config.rank, **config.options)
+        except (TypeError, ValueError, NotImplementedError):
+            raise exc from None
         raise type(exc)(f"cannot put {config.method} adapters on layer {name!r} ({type(base).__name__}): {exc}; "
                         f"leave it out with exclude_modules=[{name!r}]") from None
 

@@ -11,6 +11,7 @@ from torch import nn
 from ..layout import IrrepsLayout
 from ..linear_spec import LinearSpec
 from ..nn import ADAPTERS, AdapterLinear, is_equivariant_linear
+from ..nn.scriptable import restore_eager_forms
 from ..ops.backends import check_backend_name
 from .inject import adapted_modules, inject_adapters, report, tensor_product_gates, unload, InjectionReport
 
@@ -59,6 +60,7 @@ def load_adapter_state_dict(model: nn.Module, adapter_state: dict, **options) ->
         if key not in adapter_state:
             raise KeyError(f"adapter state is missing the key {key!r}")
     method, saved_opts, targets = adapter_state["method"], dict(adapter_state["options"]), adapter_state["targets"]
+    restore_eager_forms(model)  # the adapters an earlier torch.jit.script(model) replaced by their TorchScript forms
     linears = {n: m for n, m in model.named_modules() if is_equivariant_linear(m) or isinstance(m, AdapterLinear)}
     for name, info in targets.items():
         if name not in linears:

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .checks import DataChecks, checked_graphs
-from .config import DTYPES, FinetuneConfig, config_key, real_paths
+from .config import _NAMED_MODELS, DTYPES, FinetuneConfig, absolute_paths, config_key
 from .data import make_batches, read_frames
 from .device import module_device, resolve_device
 from .e0s import set_e0s
@@ -74,9 +74,11 @@ def write_checkpoint(path, cfg: FinetuneConfig, r, metrics=None) -> None:
     extra = {"probe": probe}
     if cfg.method in ("full", "scratch"):
         extra["buffers"] = {n: b.detach().cpu().clone() for n, b in r.model.named_buffers()}
-    # the base model's file (and config) as real paths: evaluate/md/export run from any directory
-    base = real_paths({"model": cfg.model, "model_config": cfg.model_config})
+    # the base model's file (and config) by absolute path: evaluate/md/export run from any directory; as
+    # given too: a project moved elsewhere loads from its own directory (_base_files)
+    base = absolute_paths({"model": cfg.model, "model_config": cfg.model_config})
     atomic_save({"format": CHECKPOINT_FORMAT, "method": cfg.method, "rank": cfg.rank, "model": base["model"],
+                 "model_as_given": cfg.model, "model_config_as_given": cfg.model_config,
                  "adapter_options": dict(cfg.adapter_options),
                  "model_config": base["model_config"], "base_fingerprint": r.fp, "e0s": [float(v) for v in r.e0s],
                  "seed": cfg.seed, "dtype": cfg.dtype, "energy_key": cfg.energy_key, "forces_key": cfg.forces_key,
@@ -110,13 +112,13 @@ def save_state(cfg: FinetuneConfig, r, epoch: int, state_path: pathlib.Path) -> 
 
 
 def _saved_settings(saved_key):
-    """A state's ``config_key`` as a dict, its files as real paths (the relative ones of states written
-    before keys held real paths resolved against this working directory); None when unreadable."""
+    """A state's ``config_key`` as a dict, its files by absolute path (the relative ones of states written
+    before keys held absolute paths resolved against this working directory); None when unreadable."""
     try:
         saved = json.loads(saved_key)
     except (TypeError, ValueError):
         return None
-    return real_paths(saved) if isinstance(saved, dict) else None
+    return absolute_paths(saved) if isinstance(saved, dict) else None
 
 
 def _same_settings(saved_key, cfg: FinetuneConfig) -> bool:
@@ -219,6 +221,22 @@ def _load_tensors(net, ckpt: dict, path, spec: str) -> None:
             dst.copy_(t)
 
 
+def _is_missing_file(spec) -> bool:
+    return isinstance(spec, str) and not spec.startswith(_NAMED_MODELS) and not os.path.exists(spec)
+
+
+def _base_files(ckpt: dict) -> tuple:
+    """(model spec, model config) a checkpoint names: by absolute path, or where that file is gone (the
+    project moved) as given at training, if that names a file from here."""
+    spec, config = ckpt["model"], ckpt.get("model_config")
+    given, given_config = ckpt.get("model_as_given"), ckpt.get("model_config_as_given")
+    if _is_missing_file(spec) and given is not None and not _is_missing_file(given):
+        spec = given
+    if _is_missing_file(config) and given_config is not None and not _is_missing_file(given_config):
+        config = given_config
+    return spec, config
+
+
 def load_finetuned(checkpoint, model: Optional[str] = None, model_config=None, dtype: Optional[str] = None,
                    trust_pickle: bool = False, device: str = "cpu"):
     """(model, checkpoint dict): the base model (``model`` overrides the spec stored in the
@@ -232,17 +250,18 @@ def load_finetuned(checkpoint, model: Optional[str] = None, model_config=None, d
     dev = resolve_device(device)
     path = pathlib.Path(checkpoint)
     ckpt = _read_checkpoint(path)
-    spec = model or ckpt["model"]
+    spec, config = (model, model_config) if model else _base_files(ckpt)
     try:  # a base the checkpoint names is never unpickled: a checkpoint cannot vouch for another file
-        net = load_model(spec, model_config if model else ckpt.get("model_config"),
+        net = load_model(spec, config,
                          dtype=DTYPES[dtype or ckpt["dtype"]], trust_pickle=trust_pickle and model is not None,
                          unused_config="ignore")  # older checkpoints kept a --model-config that nothing read
     except FileNotFoundError as exc:
         if model is not None:
             raise
-        raise FileNotFoundError(f"checkpoint {path} names the base model {spec!r}, which is not there ({exc}); "
-                                "if it was moved, name it: --model PATH (API: model=...); its weights are checked "
-                                "against the checkpoint's fingerprint") from None
+        what = (f"the base model {spec!r}" if _is_missing_file(spec) else f"the base model's config {config!r}")
+        raise FileNotFoundError(f"checkpoint {path} names {what}, which is not there ({exc}); if it was moved, name "
+                                "it: --model PATH (and --model-config PATH for a bare state dict; API: model=..., "
+                                "model_config=...); the weights are checked against the checkpoint's fingerprint") from None
     except UnsafeFileError:
         if model is not None:
             raise

@@ -15,7 +15,7 @@ from .device import check_device_name
 from .foundation import DEFAULT_MODEL
 from .methods import ADAPTER_METHODS, METHODS
 
-__all__ = ["FinetuneConfig", "DTYPES", "DEFAULT_LR", "config_key", "real_paths"]
+__all__ = ["FinetuneConfig", "DTYPES", "DEFAULT_LR", "config_key", "absolute_paths"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # learning rate when none is given: 1e-2 (mace-torch's), except plain MMEA, whose ablation
@@ -132,24 +132,26 @@ _NAMED_MODELS = ("builtin:", "preset:", "mace-off:", "mace-mp:", "sevenn:")  # f
 _E0_MODES = ("lstsq", "average", "keep")
 
 
-def _real_path(spec, kind: str):
-    """``spec`` with its file path made real (absolute, ``./`` and trailing slashes gone, symbolic
-    links followed; a relative path resolved against the working directory); a data selection
-    (``path@:50``), a named model (``builtin:``, ``mace-off:``, ...) and an E0 mode kept as they are."""
+def _absolute_path(spec, kind: str):
+    """``spec`` with its file path made absolute (resolved against the working directory; ``./``,
+    ``..``, repeated and trailing slashes normalised; symbolic links *not* followed: a requeued job
+    whose data link points at a new scratch copy names the same setting, the files' SHA-256 being
+    checked anyway); a data selection (``path@:50``), a named model (``builtin:``, ``mace-off:``, ...)
+    and an E0 mode kept as they are."""
     if not isinstance(spec, str) or not spec or (kind == "model" and spec.startswith(_NAMED_MODELS)) \
             or (kind == "e0s" and spec in _E0_MODES):
         return spec
     from .checks import split_spec
 
     path = split_spec(spec)[0] if kind == "data" else spec
-    return os.path.realpath(path) + spec[len(path):]
+    return os.path.normpath(os.path.abspath(path)) + spec[len(path):]
 
 
-def real_paths(settings: dict) -> dict:
-    """``settings`` (:func:`config_key`'s fields) with the files named as real paths (:func:`_real_path`),
+def absolute_paths(settings: dict) -> dict:
+    """``settings`` (:func:`config_key`'s fields) with the files named by absolute path (:func:`_absolute_path`),
     so that one file named relative in one run and absolute (or with ``./``) in the other is one setting."""
     kinds = {"train": "data", "valid": "data", "test": "data", "model": "model", "model_config": "file", "e0s": "e0s"}
-    return {k: _real_path(v, kinds[k]) if k in kinds else v for k, v in settings.items()}
+    return {k: _absolute_path(v, kinds[k]) if k in kinds else v for k, v in settings.items()}
 
 
 def config_key(cfg: FinetuneConfig) -> str:
@@ -165,6 +167,6 @@ def config_key(cfg: FinetuneConfig) -> str:
     for k in ("resume", "progress", "stop_after", "out_dir", "epochs", "eval_batch_size", "trust_pickle",
               "min_distance", "max_neighbors", "allow_small_cells", "fused_gate", "refit_e0s_after", "device"):
         d.pop(k)
-    # the files as real paths: only compared (a resume reads the files it is given and checks their SHA-256),
+    # the files by absolute path: only compared (a resume reads the files it is given and checks their SHA-256),
     # so a run resumed from another working directory, naming the same files, has the same key
-    return json.dumps(real_paths(d), sort_keys=True)
+    return json.dumps(absolute_paths(d), sort_keys=True)

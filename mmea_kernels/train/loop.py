@@ -135,8 +135,10 @@ def _run(cfg: FinetuneConfig, log, rank: int, world: int, out: pathlib.Path, dev
     if cfg.resume and state_path.exists():
         load_state(cfg, r, state_path, log)
         if cfg.resume == "auto" and (out / "metrics.json").exists() and _nothing_left(cfg, r):
-            log(f"{out} holds a finished run (epoch {r.start_epoch - 1}, best {r.best['epoch']}; metrics.json) with no "
-                "epoch left to train: left as it is (resume='auto', --resume auto); a larger --epochs trains on")
+            why = ("early stopping ended it" if _early_stop(cfg, r, r.start_epoch) else
+                   f"all {cfg.epochs} epochs done; a larger --epochs trains on")
+            log(f"{out} holds a finished run (epoch {r.start_epoch - 1}, best {r.best['epoch']}; metrics.json): {why}; "
+                "left as it is (resume='auto', --resume auto)")
             return json.loads((out / "metrics.json").read_text())
     r.valid_b = make_batches(r.graphs["valid"], cfg.eval_batch_size, device=device)
     log(f"{cfg.method} on {device}: {r.n_train:,} trainable parameters ({'; '.join(f'{k} {v:,}' for k, v in r.groups.items())}); "

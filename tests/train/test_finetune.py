@@ -2,6 +2,7 @@
 the same result, methods train what they say, E0 re-fit, ASE calculator, bad input."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -113,7 +114,8 @@ def test_resume_auto_starts_continues_and_leaves_a_finished_run(files, tmp_path,
     assert [h["epoch"] for h in m["history"]] == [1, 2] and m["config"]["resume"] == "auto"
     files_before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
     assert _cli(files, out, "--resume", "auto") == 0
-    assert "holds a finished run" in capsys.readouterr().out
+    assert "holds a finished run (epoch 2, best 2; metrics.json): all 2 epochs done; a larger --epochs trains on" \
+        in capsys.readouterr().out
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == files_before
     # the API's form: the stored metrics back, nothing written
     kw = dict(train=str(files / "train.xyz"), valid=str(files / "valid.xyz"), test=str(files / "test.xyz"),
@@ -201,16 +203,44 @@ def test_resume_takes_one_file_named_relative_or_absolute_as_one_setting(files, 
     res = finetune(FinetuneConfig(train="train.xyz", valid="valid.xyz", model="base.pt", out_dir="r", resume=True,
                                   **dict(kw, epochs=4)), **quiet)
     assert [h["epoch"] for h in res["history"]] == [1, 2, 3, 4]
-    # the checkpoint names its base model by real path: it loads from any working directory ...
+    # the checkpoint names its base model by absolute path: it loads from any working directory ...
     monkeypatch.chdir(tmp_path / "sub")
     ckpt_path = tmp_path / "r" / "checkpoint.pt"
-    assert torch.load(ckpt_path, weights_only=True)["model"] == str(tmp_path.resolve() / "base.pt")
+    assert torch.load(ckpt_path, weights_only=True)["model"] == os.path.join(os.path.abspath(tmp_path), "base.pt")
     load_finetuned(ckpt_path)
-    # ... and a base model moved away is named, with the way to name it again (weights still checked)
-    (tmp_path / "base.pt").rename(tmp_path / "moved.pt")
+    # ... a project moved elsewhere loads from its own directory (the path as given at training) ...
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("base.pt", "r"):
+        (tmp_path / name).rename(moved / name)
+    monkeypatch.chdir(moved)
+    load_finetuned("r/checkpoint.pt")
+    # ... and a base model gone from both is named, with the way to name it again (weights still checked)
+    monkeypatch.chdir(tmp_path / "sub")
     with pytest.raises(FileNotFoundError, match=r"names the base model '/.*/base\.pt', which is not there .*--model PATH"):
-        load_finetuned(ckpt_path)
-    load_finetuned(ckpt_path, model=str(tmp_path / "moved.pt"))
+        load_finetuned(moved / "r" / "checkpoint.pt")
+    load_finetuned(moved / "r" / "checkpoint.pt", model=str(moved / "base.pt"))
+
+
+def test_resume_follows_a_data_link_to_a_new_copy_of_the_same_files(files, tmp_path, monkeypatch):
+    """A requeued job stages its data anew and points a stable link at the copy: the same setting
+    (the files' SHA-256 are checked anyway); the path is not resolved through the link."""
+    import shutil
+
+    for job in ("scratch1", "scratch2"):
+        (tmp_path / job).mkdir()
+        for name in ("base.pt", "train.xyz", "valid.xyz"):
+            shutil.copy(files / name, tmp_path / job / name)
+    monkeypatch.chdir(tmp_path)
+    os.symlink("scratch1", "data")
+    kw = dict(train="data/train.xyz", valid="data/valid.xyz", model="data/base.pt", out_dir="r", method="mmea", rank=2,
+              epochs=2, batch_size=4, progress=False)
+    finetune(FinetuneConfig(stop_after=1, **kw), log=lambda *_: None)
+    os.remove("data")
+    os.symlink("scratch2", "data")
+    shutil.rmtree("scratch1")
+    res = finetune(FinetuneConfig(resume="auto", **kw), log=lambda *_: None)
+    assert [h["epoch"] for h in res["history"]] == [1, 2]
 
 
 def test_checkpoint_from_a_preset_loads_back(files, tmp_path):

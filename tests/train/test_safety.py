@@ -18,6 +18,7 @@ import ase.io  # noqa: E402
 from mmea_kernels.train import loop as ft  # noqa: E402  (patched: loss, errors, train_one_epoch)
 from mmea_kernels.app.cli import main  # noqa: E402
 from mmea_kernels.train.foundation import ASSETS, fingerprint, load_model, save_model  # noqa: E402
+from mmea_kernels.train.checkpoint import load_finetuned  # noqa: E402
 
 from helpers import REPO  # noqa: E402
 
@@ -223,6 +224,14 @@ def test_bare_state_dict_with_model_config(data, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and re_search(expect, err) and "internal error" not in err, err
     assert not (tmp_path / "r").exists()
+    # a checkpoint of that base whose config file is gone names the config, not the (present) model
+    assert _cli(data, tmp_path / "ok", "--model", str(tmp_path / "bare.pt"), "--model-config", str(tmp_path / "cfg.json"),
+                "--method", "mmea") == 0
+    (tmp_path / "cfg.json").rename(tmp_path / "cfg-moved.json")
+    with pytest.raises(FileNotFoundError, match=r"names the base model's config '/.*/cfg\.json', which is not there"):
+        load_finetuned(tmp_path / "ok" / "checkpoint.pt")
+    load_finetuned(tmp_path / "ok" / "checkpoint.pt", model=str(tmp_path / "bare.pt"),
+                   model_config=str(tmp_path / "cfg-moved.json"))
 
 
 @pytest.mark.parametrize("extra, expect", [
