@@ -229,6 +229,40 @@ def test_nve_trajectories_follow_the_eager_model(exported):
 
 
 @needs_lammps
+def test_e3gnn_file_mixups_are_lammps_errors_and_an_element_order_off_the_masses_is_warned(exported, monkeypatch):
+    """What SevenNet's own coeff() let through as 'Exception: stod', 'basic_string: construction from
+    null', 'Argument passed to at() was not in the map', a KeyError at the first step or a segfault
+    (found in a user review) is a LAMMPS error that names it; elements listed in another order than
+    the atom types ran with wrong numbers and no message: now a warning naming the type and masses."""
+    import mmea_kernels.integrations.lammps as lmp_mod
+
+    setup, tmp, crowded = find_lammps(LAMMPS_DIR), exported["tmp"], _structures()["crowded"]
+    other = tmp / "not-sevenn.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(1, 1)), str(other))
+    layer0 = f"{exported['parallel']}/deployed_parallel_0.pt"
+    cases = [("e3gnn", f"* * {layer0} {{species}}", 1, r"deployed_parallel_0\.pt is one layer of a SevenNet parallel"),
+             ("e3gnn", f"* * {other} {{species}}", 1, r"not-sevenn\.pt is no SevenNet deployment"),
+             ("e3gnn", f"* * {tmp / 'missing.pt'} {{species}}", 1, r"pair_style e3gnn: no file .*missing\.pt"),
+             ("e3gnn/parallel", f"* * 4 {exported['parallel']} {{species}}", 1, r"holds 5 layer files .* but pair_coeff "
+              r"gives N = 4"),
+             ("e3gnn/parallel", f"* * 1 {exported['serial']} {{species}}", 1, r"7net\.pt is no layer of a SevenNet "
+              r"parallel export \(a serial e3gnn file"),
+             ("e3gnn", f"* * {exported['serial']} {{species}}", 2, r"pair_style e3gnn runs on one process \(2 here\)")]
+    monkeypatch.setattr(lmp_mod, "_check", lambda *a: None)  # run_lammps' own refusal of e3gnn under MPI, off
+    for k, (style, coeff, n, expect) in enumerate(cases):
+        with pytest.raises(RuntimeError, match=expect):
+            run_lammps(crowded, style, coeff, setup, tmp / f"mixup-{k}", nprocs=n)
+    species = sorted(set(crowded.get_chemical_symbols()))  # C H O: types in this order ...
+    run_lammps(crowded, "e3gnn", f"* * {exported['serial']} {' '.join(reversed(species))}", setup, tmp / "order",
+               specorder=species)  # ... named O H C
+    log = (tmp / "order" / "log.lammps").read_text()
+    assert "WARNING: atom type 1 has mass 12.011 but pair_coeff maps it to O (standard mass 15.999)" in log, log[-2000:]
+    run_lammps(crowded, "e3gnn", f"* * {exported['serial']} {' '.join(species)}", setup, tmp / "order-ok",
+               specorder=species)
+    assert "WARNING: atom type" not in (tmp / "order-ok" / "log.lammps").read_text()
+
+
+@needs_lammps
 def test_a_sub_domain_thinner_than_the_cutoff_is_lammps_error(exported):
     """The limit the export's message names: pair_style e3gnn/parallel stops ("Cell size is too
     small") when a process's sub-domain is thinner than the cutoff + skin."""

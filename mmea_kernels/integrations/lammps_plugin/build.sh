@@ -58,7 +58,7 @@ CSRC=""
 for cand in ${MMEA_CSRC:+"$MMEA_CSRC"} "$HERE/../../../csrc" "$HERE/csrc"; do
   if [ -f "$cand/adapter_op.cpp" ]; then CSRC=$(cd "$cand" && pwd); break; fi
 done
-STAMP="lammps=$LAMMPS_VERSION mpich=$MPICH_VERSION $("$PY" -c "import torch, sevenn; print('torch=' + torch.__version__, 'sevenn=' + sevenn.__version__)") dir=$DIR torch_lib=$TORCH_LIB kernels=${CSRC:-none} $(cat "$HERE/build.sh" "$HERE/e3gnn_plugin.cpp" "$HERE/pair_mace_plugin.cpp" "$HERE/plugin_record.h" "$HERE/kernels_loader.h" "$HERE/cuda_runtime.h" "$SEVENN_PAIR"/*.cpp "$SEVENN_PAIR"/*.h ${CSRC:+"$CSRC"/*.cpp "$CSRC"/*.h} | sha256sum | cut -c1-16)"
+STAMP="lammps=$LAMMPS_VERSION mpich=$MPICH_VERSION $("$PY" -c "import torch, sevenn; print('torch=' + torch.__version__, 'sevenn=' + sevenn.__version__)") dir=$DIR torch_lib=$TORCH_LIB kernels=${CSRC:-none} $(cat "$HERE/build.sh" "$HERE/e3gnn_plugin.cpp" "$HERE/pair_mace_plugin.cpp" "$HERE/plugin_record.h" "$HERE/kernels_loader.h" "$HERE/element_masses.h" "$HERE/cuda_runtime.h" "$SEVENN_PAIR"/*.cpp "$SEVENN_PAIR"/*.h ${CSRC:+"$CSRC"/*.cpp "$CSRC"/*.h} | sha256sum | cut -c1-16)"
 if [ -f "$DIR/stamp" ] && [ "$(cat "$DIR/stamp")" = "$STAMP" ] && [ -f "$DIR/e3gnn.so" ] && [ -f "$DIR/e3gnn_parallel.so" ] && [ -f "$DIR/mace.so" ] \
    && { [ -z "$CSRC" ] || [ -f "$DIR/mmea_ops.so" ]; } && "$DIR/lmp" -h > /dev/null 2>&1; then
   echo "LAMMPS with MACE and SevenNet plugins in $DIR: up to date"
@@ -79,7 +79,7 @@ done
 B="$DIR/build"
 rm -rf "$B" && mkdir -p "$B"
 cp "$SEVENN_PAIR"/{pair_e3gnn,pair_e3gnn_parallel}.{cpp,h} "$SEVENN_PAIR/pair_e3gnn_oeq_autograd.cpp" "$HERE/e3gnn_plugin.cpp" \
-  "$HERE/pair_mace_plugin.cpp" "$HERE/plugin_record.h" "$HERE/kernels_loader.h" "$B/"
+  "$HERE/pair_mace_plugin.cpp" "$HERE/plugin_record.h" "$HERE/kernels_loader.h" "$HERE/element_masses.h" "$B/"
 echo "// stand-in: the pair styles use only NeighConst, from neighbor.h" > "$B/neigh_request.h"
 sed -E 's/void (forward|reverse)_comm\(class (Pair|Bond|Compute|Dump) \*\) override;/void \1_comm(class \2 *, int size = 0) override;/' \
   "$SEVENN_PAIR/comm_brick.h" > "$B/comm_brick.h"
