@@ -84,16 +84,22 @@ def build_mace(config="tiny", **overrides):
     )
 
 
-def check_elements(atoms_list: Sequence, atomic_numbers: Sequence[int], where: str = "the data") -> None:
-    """Raise, listing them, if ``atoms_list`` holds elements outside ``atomic_numbers``."""
+def check_elements(atoms_list: Sequence, atomic_numbers: Sequence[int], where: str = "the data",
+                   frame_numbers: Optional[Sequence[int]] = None) -> None:
+    """Raise, listing them and the first frame and atom with one (``frame_numbers``: the frames' numbers
+    in the user's selection), if ``atoms_list`` holds elements outside ``atomic_numbers``."""
     from ase.data import chemical_symbols
 
     known = set(int(z) for z in atomic_numbers)
     unknown = sorted({int(z) for a in atoms_list for z in a.numbers} - known)
     if unknown:
-        names = lambda zs: ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in zs)
-        raise ValueError(f"the model knows elements {names(sorted(known))} but {where} contains "
-                         f"{names(unknown)}")
+        names = lambda zs: ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in zs)  # noqa: E731
+        frame, atom = next((i, j) for i, a in enumerate(atoms_list) for j, z in enumerate(a.numbers) if z in unknown)
+        told = (f"knows elements {names(sorted(known))}" if len(known) <= 20 else
+                f"knows {len(known)} elements (Z {min(known)}..{max(known)}), not these")
+        n = frame if frame_numbers is None else frame_numbers[frame]
+        raise ValueError(f"{where}: frame {n}: atom {atom} is {names([int(atoms_list[frame].numbers[atom])])}; the data "
+                         f"contains {names(unknown)}, which the model has no weights for (it {told})")
 
 
 def atoms_to_graphs(atoms_list: Sequence, atomic_numbers: Sequence[int], r_max: float,

@@ -330,8 +330,9 @@ def checked_graphs(frames: Sequence, atomic_numbers, r_max: float, where: str, e
     (labels from ``info`` / ``arrays`` or ``atoms.calc.results``: :func:`with_labels`;
     ``stress_key``: stress labels too, checked and put in the graphs; ``frame_numbers``: the
     frames' numbers in the selection they came from, for the messages, when they were reordered)."""
-    from ..integrations.mace import atoms_to_graphs
+    from ..integrations.mace import atoms_to_graphs, check_elements
 
+    check_elements(frames, atomic_numbers, where, frame_numbers)
     if labels:
         check_labels(frames, where, energy_key, forces_key, stress_key, frame_numbers)
         frames = with_labels(frames, energy_key, forces_key, stress_key)  # mace reads info / arrays only

@@ -412,15 +412,26 @@ def test_missing_keys_named(files, tmp_path, capsys):
 
 
 def test_unknown_elements_listed(files, tmp_path, capsys):
-    mol = ase.Atoms("NH3", positions=[(0, 0, 0), (1.0, 0, 0), (0, 1.0, 0), (0, 0, 1.0)])
-    mol.info["REF_energy"] = -1.0
-    mol.arrays["REF_forces"] = np.zeros((4, 3))
-    ase.io.write(str(tmp_path / "n.xyz"), [mol] * 3)
+    """The first frame and atom with an element the model lacks are named as numbered in the file
+    (the validation frames are split off in shuffled order); a model with many elements is summarised
+    (SevenNet-0's 89 made a 1.5 kB line)."""
+    from mmea_kernels.integrations.mace import check_elements
+
+    frames = []
+    for formula in ("CH4", "OH2", "CH4", "NH3", "CH4", "OH2"):
+        mol = ase.Atoms(formula)
+        mol.positions = [(0, 0, 0), (1.0, 0, 0), (0, 1.0, 0), (0, 0, 1.0), (1, 1, 1)][:len(mol)]
+        mol.info["REF_energy"] = -1.0
+        mol.arrays["REF_forces"] = np.zeros((len(mol), 3))
+        frames.append(mol)
+    ase.io.write(str(tmp_path / "n.xyz"), frames)
     rc = main(["finetune", "--train", str(tmp_path / "n.xyz"), "--model", str(files / "base.pt"),
-               "--out", str(tmp_path / "r"), "--epochs", "1", "--no-progress"])
+               "--out", str(tmp_path / "r"), "--epochs", "1", "--no-progress", "--valid-fraction", "0.5"])
     assert rc == 2
     err = _err(capsys)
-    assert "N (Z=7)" in err and "H (Z=1)" in err and "n.xyz" in err
+    assert "n.xyz: frame 3: atom 0 is N (Z=7)" in err and "the data contains N (Z=7)" in err and "H (Z=1)" in err, err
+    with pytest.raises(ValueError, match=r"^x: frame 0: atom 0 is N \(Z=7\); .* \(it knows 88 elements \(Z 1\.\.89\), not"):
+        check_elements(frames[3:], [z for z in range(1, 90) if z != 7], "x")
 
 
 def test_mismatched_checkpoint_and_model(files, tmp_path, capsys):
