@@ -40,7 +40,7 @@ from .e0s import refit_after_training, refit_e0s
 from .ema import ema_weights, make_ema, weights_in
 from .foundation import fingerprint, load_model, model_info
 from .guard import check_finite, check_finite_tensors, created_dirs, interrupt_message, remove_created_dirs
-from .loss import errors, format_table, loss, split_errors
+from .loss import errors, format_table, label_scale_note, loss, split_errors
 from .methods import trainable_state
 from .plot import plot_history
 
@@ -96,6 +96,8 @@ def setup(cfg: FinetuneConfig, world: int, device: torch.device = torch.device("
     graphs = split_graphs(cfg, frames, z, r_max, dtype)
     fp = fingerprint(model)
     e0s = refit_e0s(model, frames["train"], z, cfg.e0s, cfg.energy_key, from_scratch=cfg.method == "scratch", log=log)
+    scale = "" if cfg.method == "scratch" or str(cfg.model).startswith("preset:") else \
+        label_scale_note(model, graphs["train"])  # a trained base only: a random one says nothing of the units
     groups = prepare(model, e0s, cfg.method, cfg.rank, cfg.seed, "the fitted E0s", cfg.adapter_options)  # as load_finetuned does
     model.to(device)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -107,7 +109,7 @@ def setup(cfg: FinetuneConfig, world: int, device: torch.device = torch.device("
     ema, ema_source = make_ema(params, cfg.ema_decay)
     return types.SimpleNamespace(
         model=model, net=net, params=params, device=device, opt=opt, z=z, e0s=e0s, fp=fp, groups=groups, graphs=graphs,
-        probe_atoms=frames["train"][0], train_frames=frames["train"], overlap=overlap_note(cfg, frames), n_train=sum(p.numel() for p in params.values()),
+        probe_atoms=frames["train"][0], train_frames=frames["train"], overlap=overlap_note(cfg, frames), scale=scale, n_train=sum(p.numel() for p in params.values()),
         sched=torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor, patience=cfg.plateau_patience),
         ema=ema, ema_source=ema_source, history=[], best={"loss": math.inf, "epoch": 0, "state": None},
         start_epoch=1, elapsed=0.0, saved_epoch=0)
@@ -144,8 +146,9 @@ def _run(cfg: FinetuneConfig, log, rank: int, world: int, out: pathlib.Path, dev
     log(f"{cfg.method} on {device}: {r.n_train:,} trainable parameters ({'; '.join(f'{k} {v:,}' for k, v in r.groups.items())}); "
         f"{len(r.graphs['train'])} train / {len(r.graphs['valid'])} valid / {len(r.graphs['test'])} test frames; "
         f"E0s {_e0_text(r.z, r.e0s, r.train_frames)}")
-    if r.overlap:
-        log(r.overlap)
+    for note in (r.overlap, r.scale):
+        if note:
+            log(note)
     bar = None
     if cfg.progress and rank == 0:
         from tqdm import tqdm

@@ -102,3 +102,19 @@ def format_table(metrics: dict) -> str:
     if before:
         rows += [_row(f"{split}, E0s before re-fit", before[split], stress) for split in SPLITS if before.get(split)]
     return head + "\n" + "\n".join(rows)
+
+
+def label_scale_note(model, graphs, frames: int = 8) -> str:
+    """A ``note:`` line when the label forces of (up to ``frames``) training graphs are more than 5×
+    larger or smaller than the base ``model``'s forces on them, as labels in other units look
+    (kcal/mol/Å is 23× eV/Å, Hartree/Bohr 1/51); '' otherwise (nothing is changed either way)."""
+    if not graphs:
+        return ""
+    (batch,) = make_batches(list(graphs[:frames]), frames, device=module_device(model))
+    _, f, _, _ = _loss_terms(model, batch, training=False)
+    label, base = (float(t.detach().double().pow(2).mean().sqrt()) for t in (batch["forces"], f))
+    if base <= 0 or 0.2 <= label / base <= 5:
+        return ""
+    return (f"note: the training labels' forces (RMS {label:.3g} eV/Å over {min(frames, len(graphs))} frames) are "
+            f"{label / base:.3g}x the base model's on the same frames (RMS {base:.3g} eV/Å): labels in other units "
+            "look like this (kcal/mol/Å: 23x, Hartree/Bohr: 1/51); energies and forces must be eV and eV/Å")

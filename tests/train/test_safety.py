@@ -699,3 +699,24 @@ def test_bench_adapt_data_dir_needs_only_the_molecules_asked_for(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ok = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]  # (the refusal's message: test_rmd17_dir_without_ethanol)
+
+
+def test_labels_in_other_units_get_a_note(tmp_path):
+    """Forces in kcal/mol/Å (23x eV/Å) trained to an 18 eV/Å MAE without a word (a user review): the
+    run now says the labels are far off the base model's scale; eV labels get no such line."""
+    frames = ase.io.read(str(DATA / "train.xyz"), ":6")
+    for name, factor in (("ev", 1.0), ("kcal", 23.06)):
+        scaled = [a.copy() for a in frames]
+        for a in scaled:
+            a.info["REF_energy"] = a.info["REF_energy"] * factor
+            a.arrays["REF_forces"] = a.arrays["REF_forces"] * factor
+        ase.io.write(str(tmp_path / f"{name}.xyz"), scaled)
+        lines = []
+        ft.finetune(ft.FinetuneConfig(train=f"{tmp_path / name}.xyz@:4", valid=f"{tmp_path / name}.xyz@4:", epochs=1,
+                                   batch_size=2, out_dir=str(tmp_path / name), progress=False), log=lines.append)
+        note = [line for line in lines if "x the base model's on the same frames" in line]
+        if factor == 1.0:
+            assert not note, note
+        else:
+            assert len(note) == 1 and re_search(r"^note: the training labels' forces \(RMS [\d.]+ eV/Å over 4 frames\) "
+                                                r"are (1[5-9]|2\d|3\d)\.?\d*x the base model's", note[0]), note
