@@ -170,24 +170,25 @@ def _build(cls, base: nn.Module, name: str, config: AdapterConfig) -> nn.Module:
                         f"leave it out with exclude_modules=[{name!r}]") from None
 
 
+def _linear_names(model: nn.Module) -> Dict[int, List[str]]:
+    """Every name of each equivariant linear layer (several when one module is used in several places)."""
+    names: Dict[int, List[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if n and is_equivariant_linear(m):
+            names.setdefault(id(m), []).append(n)
+    return names
+
+
 def _aliases(model: nn.Module) -> Dict[str, str]:
     """Second and later names of a linear layer used in more than one place -> its first name."""
-    first: Dict[int, str] = {}
-    out = {}
-    for n, m in model.named_modules(remove_duplicate=False):
-        if is_equivariant_linear(m) and n:
-            out.update({n: first[id(m)]} if id(m) in first else {})
-            first.setdefault(id(m), n)
-    return out
+    return {n: names[0] for names in _linear_names(model).values() for n in names[1:]}
 
 
 def _refuse_shared(model: nn.Module, targets: List[str]) -> None:
     """``ValueError`` for a target layer that the model uses in more than one place (one module
     object under two names): a wrapper put in at one name would adapt only that place, and an ELoRA
     merge would change both."""
-    names: Dict[int, List[str]] = {}
-    for n, m in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(m), []).append(n)
+    names = _linear_names(model)
     for t in targets:
         where = names[id(model.get_submodule(t))]
         if len(where) > 1:
