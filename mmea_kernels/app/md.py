@@ -131,8 +131,8 @@ class MDSettings:
 
 def check_md_settings(steps: int, dt_fs: float, temperature_K: float) -> None:
     """``ValueError`` for fewer than one step, a step that is not positive, or a negative temperature."""
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"md needs at least 1 step, got --steps {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:  # 2.5, "3", True
+        raise ValueError(f"md needs at least 1 step, a whole number, got --steps {steps!r}")
     if not (math.isfinite(dt_fs) and dt_fs > 0):
         raise ValueError(f"md needs a time step > 0 fs, got --dt {dt_fs}")
     if not (math.isfinite(temperature_K) and temperature_K >= 0):
@@ -441,7 +441,7 @@ def _known(kw: dict) -> dict:
             hint = f" (md's --{name.replace('_', '-')} is the field {field}: {field}={kw[key]!r})" if field else ""
             raise TypeError(f"run_md() got an unknown keyword {key!r}{hint}; the MDSettings fields (units in "
                             f"their names) are {', '.join(_FIELDS)}")
-    return kw
+    return {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in kw.items()}  # output files as str
 
 
 def _saver(dyn, atoms, s: MDSettings, model: Optional[str], runtime: Optional[str]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from typing import Optional, Union
 
@@ -72,6 +73,25 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.lr is None:
             self.lr = DEFAULT_LR.get(self.method, 1e-2)
+        for name in _PATH_FIELDS:  # pathlib.Path and other os.PathLike as their str (settings are stored as JSON)
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+
+    def _check_types(self) -> None:
+        """``TypeError`` naming a setting of the wrong type (a string for a number, Atoms for a file)."""
+        for name in _PATH_FIELDS:
+            v = getattr(self, name)
+            if not (v is None and name not in ("train", "out_dir") or isinstance(v, str)
+                    or name == "model_config" and isinstance(v, dict)):
+                raise TypeError(f"{name} must be a file path (str or pathlib.Path; data as 'path' or 'path@index'), "
+                                f"got {type(v).__name__}" + ("; frames in memory: write them first with "
+                                                             "ase.io.write(path, frames)" if isinstance(v, (list, tuple)) else ""))
+        for name, kind in _NUMBER_FIELDS.items():
+            v = getattr(self, name)
+            ok = isinstance(v, numbers.Integral if kind is int else numbers.Real) and not isinstance(v, bool)
+            if not ok and not (v is None and name == "stop_after"):
+                raise TypeError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {v!r} "
+                                f"({type(v).__name__})")
 
     @property
     def stress(self) -> Optional[str]:
@@ -101,6 +121,7 @@ class FinetuneConfig:
                              f"for validation when there is no --valid), got {self.valid_fraction}")
 
     def check(self) -> None:
+        self._check_types()
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {list(METHODS)}")
         if self.dtype not in DTYPES:
@@ -128,6 +149,11 @@ class FinetuneConfig:
         self.data_checks()
 
 
+_PATH_FIELDS = ("train", "valid", "test", "out_dir", "model", "model_config", "e0s")
+_NUMBER_FIELDS = {**dict.fromkeys(("epochs", "batch_size", "rank", "eval_batch_size", "patience", "plateau_patience",
+                                   "seed", "max_neighbors", "stop_after"), int),
+                  **dict.fromkeys(("lr", "w_energy", "w_forces", "w_stress", "clip_grad", "ema_decay", "plateau_factor",
+                                   "valid_fraction", "min_distance"), float)}
 _NAMED_MODELS = ("builtin:", "preset:", "mace-off:", "mace-mp:", "sevenn:")  # foundation.load_model's names
 _E0_MODES = ("lstsq", "average", "keep")
 

@@ -112,10 +112,17 @@ def reinitialize(model: nn.Module, seed: int) -> None:
 
 def apply_method(model: nn.Module, method: str, rank: int = 16, seed: int = 0, **adapter_options) -> Dict[str, int]:
     """Set up ``model`` in place for ``method`` (see the module docstring) and return
-    ``{parameter group: trainable count}``. Deterministic given ``seed``."""
+    ``{parameter group: trainable count}``. Deterministic given ``seed``; the caller's random state
+    is left as it was (it was reset to ``seed``: a notebook's later draws repeated)."""
     if method not in METHODS:
         raise ValueError(f"unknown fine-tuning method {method!r}; expected one of {list(METHODS)}")
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _set_up(model, method, rank, seed, adapter_options)
+
+
+def _set_up(model: nn.Module, method: str, rank: int, seed: int, adapter_options: dict) -> Dict[str, int]:
+    """:func:`apply_method`'s work, under its seed."""
     groups: Dict[str, int] = {}
     if method in ("full", "scratch"):
         if method == "scratch":

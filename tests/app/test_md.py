@@ -218,6 +218,11 @@ def test_md_settings_and_structures_it_refuses(calc, tmp_path):
     assert (tmp_path / "old.traj").read_text() == "keep"  # nothing overwritten
     run_md(mol, calc, steps=2, trajectory=str(tmp_path / "old.traj"), overwrite=True)
     assert len(read(str(tmp_path / "old.traj"), ":")) == 2  # steps 0 and 2: the last frame is always written
+    run_md(mol, calc, steps=2, trajectory=tmp_path / "path.traj", log=tmp_path / "md.log")  # pathlib.Path outputs
+    assert len(read(str(tmp_path / "path.traj"), ":")) == 2 and (tmp_path / "md.log").is_file()
+    for steps in (2.5, "3", True, 0):  # a float, a string, a bool: named as they are
+        with pytest.raises(ValueError, match=rf"md needs at least 1 step, a whole number, got --steps {steps!r}"):
+            run_md(mol, calc, steps=steps)
 
 
 @pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device on this machine")

@@ -554,3 +554,36 @@ def test_resume_settings_diff_names_options_as_given():
         "--w-stress 0.0 there, 1.0 now"
     assert _settings_diff(config_key(base), FinetuneConfig(train="t.xyz", adapter_options={"phi": "residual"})) == \
         "adapter options (--phi, --init, --alpha) {} there, {'phi': 'residual'} now"
+
+
+def test_python_api_takes_paths_checks_types_and_leaves_the_random_state(files, tmp_path):
+    """From a notebook (a user review): pathlib.Path settings crashed writing metrics.json after the
+    whole run (and the directory left then blocked the re-run); wrong types gave bare Python errors;
+    finetune / load_finetuned reset torch's global random state to the run's seed."""
+    import pathlib
+
+    kw = dict(train=files / "train.xyz", valid=files / "valid.xyz", model=files / "base.pt", method="mmea", rank=2,
+              epochs=1, batch_size=4, progress=False)
+    draws = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        m = finetune(FinetuneConfig(out_dir=tmp_path / f"r{seed}", **kw), log=lambda *_: None)
+        draws.append(torch.rand(3))
+        assert m["config"]["train"] == str(files / "train.xyz") and (tmp_path / f"r{seed}" / "metrics.json").is_file()
+    assert not torch.equal(*draws)  # both were the draws after torch.manual_seed(0)
+    torch.manual_seed(1)
+    load_finetuned(pathlib.Path(tmp_path / "r1" / "checkpoint.pt"))
+    after_load = torch.rand(3)
+    torch.manual_seed(2)
+    load_finetuned(tmp_path / "r1" / "checkpoint.pt")
+    assert not torch.equal(after_load, torch.rand(3))
+    frames = ase.io.read(str(files / "train.xyz"), ":2")
+    for bad, expect in [(dict(epochs="10"), r"epochs must be an integer, got '10' \(str\)"),
+                        (dict(lr="1e-3"), r"lr must be a number, got '1e-3' \(str\)"),
+                        (dict(batch_size=2.5), r"batch_size must be an integer, got 2\.5"),
+                        (dict(train=frames), r"train must be a file path .*got list; frames in memory: write them "
+                                             r"first with ase\.io\.write"),
+                        (dict(train=None), r"train must be a file path .*got NoneType")]:
+        with pytest.raises(TypeError, match=expect):
+            finetune(FinetuneConfig(out_dir=tmp_path / "bad", **dict(kw, **bad)), log=lambda *_: None)
+    assert not (tmp_path / "bad").exists()

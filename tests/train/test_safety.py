@@ -539,7 +539,7 @@ def test_base_model_with_other_elements(data, capsys):
 def test_md_refuses_bad_settings_and_structures(data, tmp_path, capsys):
     ck = str(data / "mmea" / "checkpoint.pt")
     coincident = _corrupt(data, tmp_path, lambda f: f[0].positions.__setitem__(2, f[0].positions[0]), "co.xyz")
-    cases = [(["--structure", str(data / "test.xyz"), "--steps", "0"], "md needs at least 1 step, got --steps 0"),
+    cases = [(["--structure", str(data / "test.xyz"), "--steps", "0"], "md needs at least 1 step, a whole number, got --steps 0"),
              (["--structure", str(data / "test.xyz"), "--steps", "-1"], "got --steps -1"),
              (["--structure", str(data / "test.xyz"), "--temperature", "-5"], "temperature >= 0 K, got --temperature -5"),
              (["--structure", str(data / "test.xyz") + "@7"], "test.xyz@7: frame 7 does not exist"),
