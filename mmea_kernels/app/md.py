@@ -289,7 +289,7 @@ def resumed_settings(state, settings: MDSettings, given: dict, api: bool = False
             value = dataclasses.replace(MDSettings(), ensemble=given.get("ensemble", state.physics["ensemble"]),
                                         thermostat=value).effective_thermostat
         if key in PHYSICS and value != state.physics[key]:
-            raise ValueError(f"{f'{key}={value!r}' if api else f'{PHYSICS[key]} {value}'} differs from the state file's "
+            raise ValueError(f"{_setting_name(key, api, value)} differs from the state file's "
                              f"{state.physics[key]}: a resumed run continues the same dynamics (to change them, start "
                              "a new run from the last --trajectory frame with --velocities file)")
     if given.get("velocities") == "file":

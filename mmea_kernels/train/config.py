@@ -149,7 +149,9 @@ class FinetuneConfig:
         self.data_checks()
 
 
-_PATH_FIELDS = ("train", "valid", "test", "out_dir", "model", "model_config", "e0s")
+# the settings that name files, and how absolute_paths reads each (out_dir is no setting of a run's key)
+_PATH_KINDS = {"train": "data", "valid": "data", "test": "data", "model": "model", "model_config": "file", "e0s": "e0s"}
+_PATH_FIELDS = (*_PATH_KINDS, "out_dir")
 _NUMBER_FIELDS = {**dict.fromkeys(("epochs", "batch_size", "rank", "eval_batch_size", "patience", "plateau_patience",
                                    "seed", "max_neighbors", "stop_after"), int),
                   **dict.fromkeys(("lr", "w_energy", "w_forces", "w_stress", "clip_grad", "ema_decay", "plateau_factor",
@@ -176,8 +178,7 @@ def _absolute_path(spec, kind: str):
 def absolute_paths(settings: dict) -> dict:
     """``settings`` (:func:`config_key`'s fields) with the files named by absolute path (:func:`_absolute_path`),
     so that one file named relative in one run and absolute (or with ``./``) in the other is one setting."""
-    kinds = {"train": "data", "valid": "data", "test": "data", "model": "model", "model_config": "file", "e0s": "e0s"}
-    return {k: _absolute_path(v, kinds[k]) if k in kinds else v for k, v in settings.items()}
+    return {k: _absolute_path(v, _PATH_KINDS[k]) if k in _PATH_KINDS else v for k, v in settings.items()}
 
 
 def config_key(cfg: FinetuneConfig) -> str:
