@@ -22,10 +22,10 @@ def _make_calculator():
         the stress (eV/Å³, ASE's Voigt order and sign: ``(1/V) dE/dε``) from a MACE (or SevenNet)
         model, adapted or not.
 
-        ``MMEACalculator(checkpoint="run/checkpoint.pt")`` rebuilds the fine-tuned model (base model
-        from the checkpoint, or ``model=`` to point at it elsewhere); ``MMEACalculator(module=net)``
-        wraps a model you already have (on its own device). ``device`` (cpu, cuda, cuda:N, auto):
-        where a checkpoint's model runs. The checkpoint is read with ``weights_only=True``; a base
+        ``MMEACalculator(checkpoint="run/checkpoint.pt")`` rebuilds the fine-tuned model (base from the
+        checkpoint, or ``model=`` to point at it elsewhere); ``MMEACalculator(module=net)`` wraps a model
+        you have (on its device; multi-head: its head chosen, ``use_head``). ``device`` (cpu, cuda, cuda:N,
+        auto): where a checkpoint's model runs. The checkpoint is read with ``weights_only=True``; a base
         model that is a whole pickled model needs ``trust_pickle=True`` (it runs code from the file).
 
         A checkpoint whose E0s were fitted on the training compositions holds their span
@@ -50,6 +50,8 @@ def _make_calculator():
 
                 module, ckpt = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle, device=device)
                 self.e0_span = ckpt.get("e0_span")
+            from ..integrations.heads import head_chosen
+            head_chosen(module, "MMEACalculator(module=...)")
             self.net = module.eval()
             self.z, self.r_max = model_info(module)
             self.dtype, self.device = next(module.parameters()).dtype, module_device(module)

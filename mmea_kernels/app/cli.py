@@ -42,6 +42,9 @@ def _finetune_parser(sub):
                    help="base model: builtin:<name>, preset:<name>, a model/state-dict file, mace-off:<size>, mace-mp:<size>, "
                         "sevenn:7net-0")
     p.add_argument("--model-config", default=None, help="JSON MACEConfig for a bare state dict")
+    p.add_argument("--head", default=None,
+                   help="a multi-head MACE base (mace-mp:mh-1, a multi-head fine-tuned model): the head to fine-tune "
+                        "(default: its only head, or the one named Default)")
     p.add_argument("--no-fused-gate", dest="fused_gate", action="store_false",
                    help="keep e3nn's Gate layers of a SevenNet base model (default: FusedGate, same numbers)")
     p.add_argument("--method", default=d.method, choices=METHODS)

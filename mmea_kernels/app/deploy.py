@@ -96,6 +96,19 @@ def _check_kernels(kernels: str, fmt: str) -> None:
             raise ValueError(f"--kernels cpp needs this package's C++ extension: {why}")
 
 
+def head_summary(net, fmt: str) -> dict:
+    """For a multi-head model: the head the file runs (a TorchScript file: the head its input names)."""
+    from ..integrations.heads import head_index, model_heads
+
+    heads = model_heads(net)
+    if len(heads) == 1:
+        return {}
+    name = heads[head_index(net)]
+    return {"head": name, **({"head_note": f"the file runs the head its input names (batch['head']); this model was "
+                                           f"fine-tuned for {name!r} (index {head_index(net)}): mace's MACECalculator "
+                                           f"needs head={name!r}"} if fmt == "torchscript" else {})}
+
+
 def _fused_count(net) -> dict:
     """How many of ``net``'s adapters the fused op takes, and why the others keep the aten form."""
     from ..nn.scriptable import fused_forms
@@ -422,7 +435,7 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
     for frame in frames:  # the eager model, before it is scripted; net is in `want` now, on the CPU
         batch = probe_batch(net, frame)
         checks.append((batch, _eager(net, batch, bool(torch.as_tensor(frame["pbc"]).all()))))
-    folded = _fold_parametrizations(net)
+    folded, head = _fold_parametrizations(net), head_summary(net, fmt)  # before scripting takes the HeadHook
     fused = _fused_count(net) if kernels == "cpp" else None
     module = _script(net, fmt, want, kernels)  # in place: net is this function's own copy
     rel = _write_verified(out, lambda tmp: module.save(tmp), lambda tmp: _verify(torch.jit.load(tmp), fmt, checks, want))
@@ -430,7 +443,7 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
 
     return {"out": str(out), "format": fmt, "dtype": str(want).replace("torch.", ""), "method": ckpt["method"],
             "base_model": ckpt["model"], "atomic_numbers": [int(v) for v in z], "r_max": float(r_max),
-            "folded_parametrizations": folded, "verified_max_rel_diff": rel, "kernels": kernels,
+            "folded_parametrizations": folded, "verified_max_rel_diff": rel, "kernels": kernels, **head,
             **({"fused_adapters": fused} if fused is not None else {}),
             **({"lammps": f"plugin load DIR/mace.so (the LAMMPS of mmea-kernels lammps-build --dir DIR; "
                           + ("the file needs its kernels: not ACEsuit's LAMMPS" if kernels == "cpp" else

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from .deploy import (TOLERANCE, _SCRIPT_ERRORS, _cluster, _crowded, _eager_frames, _fold_parametrizations, _rel_diff,
-                     _write_verified)
+                     _write_verified, head_summary)
 
 FORMAT = "lammps-mliap"
 
@@ -86,7 +86,7 @@ def export_mliap(net, ckpt: dict, out: pathlib.Path, dtype: torch.dtype, backend
     return {"out": str(out), "format": FORMAT, "dtype": str(dtype).replace("torch.", ""), "backend": backend,
             "method": ckpt["method"], "base_model": ckpt["model"], "atomic_numbers": [int(v) for v in z],
             "r_max": float(r_max), "folded_parametrizations": folded, "conversion_max_rel_diff": conversion,
-            "verified_max_rel_diff": rel,
+            "verified_max_rel_diff": rel, **head_summary(net, FORMAT),
             "lammps": f"pair_style mliap unified {out} 0; pair_coeff * * <one element per atom type, of {elements}> "
                       "(LAMMPS with KOKKOS, ML-IAP and Python, as mace-torch's ML-IAP wrapper needs; mace-torch and "
                       "mmea_kernels importable by LAMMPS' Python)"}

@@ -1,3 +1,3 @@
 """Bridges to other libraries, each imported only when used: ``cueq`` (cuEquivariance),
-``export`` (TorchScript / LAMMPS), ``mace`` (mace-torch models and ASE batches), ``sevenn``
-(SevenNet-0)."""
+``export`` (TorchScript / LAMMPS), ``heads`` (the head a multi-head mace model runs), ``mace``
+(mace-torch models and ASE batches), ``sevenn`` (SevenNet-0)."""

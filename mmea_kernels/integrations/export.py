@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..peft.inject import adapted_modules
+from .heads import model_heads, without_head_hook
 from ..nn.scriptable import check_scriptable, script_kernels
 
 __all__ = ["check_scriptable_model", "script_model", "lammps_model", "export_lammps"]
@@ -75,6 +76,7 @@ def script_model(model: nn.Module, in_place: bool = False, kernels: str = "aten"
     from e3nn.util import jit
 
     model = _copy(model, in_place)
+    without_head_hook(model)  # a multi-head model's file runs the head its input names (batch["head"])
     with script_kernels(kernels, model):
         return jit.compile(model)
 
@@ -85,7 +87,8 @@ def lammps_model(model: nn.Module, head: Optional[str] = None, dtype: Optional[t
     """``jit.compile(LAMMPS_MACE(model))`` as mace-torch's ``create_lammps_model`` builds it (float64 on
     CPU by default, as its ``--dtype float64``; ``dtype=None`` / ``device=None`` keep the model's).
     ``kernels`` as in :func:`script_model` (``"cpp"``: the file loads only where this package's
-    kernels are loaded, e.g. the ``pair_style mace`` of ``mmea-kernels lammps-build``).
+    kernels are loaded, e.g. the ``pair_style mace`` of ``mmea-kernels lammps-build``). ``head``: the
+    head of a multi-head model the file runs (default: the one ``model`` runs, :mod:`.heads`).
 
     ``LAMMPS_MACE`` freezes the parameters (``requires_grad=False``) of the copy it wraps.
     """
@@ -93,6 +96,9 @@ def lammps_model(model: nn.Module, head: Optional[str] = None, dtype: Optional[t
     from mace.calculators import LAMMPS_MACE
 
     model = _copy(model, in_place)
+    hook = without_head_hook(model)  # TorchScript compiles no Python hooks; LAMMPS_MACE holds the head
+    if head is None and len(model_heads(model)) > 1:  # the head the eager model runs (LAMMPS_MACE's default: the last)
+        head = hook.name if hook is not None else model_heads(model)[0]
     if dtype is not None:
         model = model.to(dtype)
     if device is not None:

@@ -31,15 +31,23 @@ def mliap_model(model: nn.Module, dtype: torch.dtype = torch.float64, backend: s
                 head: Optional[str] = None):
     """``LAMMPS_MLIAP_MACE`` of a copy of the (adapted) MACE ``model`` in ``dtype`` on the CPU, in
     the cuEquivariance form (``backend="cueq"``, mace-torch's choice for ML-IAP; layout ``ir_mul``) or
-    the e3nn form. ``model`` is left as it was. Save it with ``torch.save(obj, path)``."""
+    the e3nn form; ``head``: the head of a multi-head model it runs (default: the one ``model`` runs,
+    :mod:`.heads`). ``model`` is left as it was. Save it with ``torch.save(obj, path)``."""
     from mace.calculators.lammps_mliap_mace import LAMMPS_MLIAP_MACE
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown ML-IAP backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    from .heads import model_heads, use_head, without_head_hook
+
     net = copy.deepcopy(model).to(device="cpu", dtype=dtype).eval()
+    hook = without_head_hook(net)  # the wrapper holds the head (its default would be the last)
+    if head is None and len(model_heads(net)) > 1:
+        head = hook.name if hook is not None else model_heads(net)[0]  # the head the eager model runs
     if backend == "cueq":
         net = _to_cueq(net).to(dtype).eval()
     net.lammps_mliap = True
+    if head is not None and len(model_heads(net)) > 1:  # the wrapped model run on its own takes the head too
+        use_head(net, head)
     return LAMMPS_MLIAP_MACE(net) if head is None else LAMMPS_MLIAP_MACE(net, head=head)
 
 

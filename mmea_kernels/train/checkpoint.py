@@ -79,6 +79,7 @@ def write_checkpoint(path, cfg: FinetuneConfig, r, metrics=None) -> None:
     base = absolute_paths({"model": cfg.model, "model_config": cfg.model_config})
     atomic_save({"format": CHECKPOINT_FORMAT, "method": cfg.method, "rank": cfg.rank, "model": base["model"],
                  "model_as_given": cfg.model, "model_config_as_given": cfg.model_config,
+                 "head": getattr(r.model, "mmea_head", None),  # the head of a multi-head base it was trained on
                  "adapter_options": dict(cfg.adapter_options),
                  "model_config": base["model_config"], "base_fingerprint": r.fp, "e0s": [float(v) for v in r.e0s],
                  "seed": cfg.seed, "dtype": cfg.dtype, "energy_key": cfg.energy_key, "forces_key": cfg.forces_key,
@@ -254,7 +255,8 @@ def load_finetuned(checkpoint, model: Optional[str] = None, model_config=None, d
     try:  # a base the checkpoint names is never unpickled: a checkpoint cannot vouch for another file
         net = load_model(spec, config,
                          dtype=DTYPES[dtype or ckpt["dtype"]], trust_pickle=trust_pickle and model is not None,
-                         unused_config="ignore")  # older checkpoints kept a --model-config that nothing read
+                         unused_config="ignore",  # older checkpoints kept a --model-config that nothing read
+                         head=ckpt.get("head"))
     except FileNotFoundError as exc:
         if model is not None:
             raise

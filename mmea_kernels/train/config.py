@@ -33,6 +33,7 @@ class FinetuneConfig:
     out_dir: str = "runs/finetune"
     model: str = DEFAULT_MODEL
     model_config: Optional[str] = None
+    head: Optional[str] = None  # a multi-head mace base: the head to fine-tune (None: its only one, or Default)
     method: str = "mmea"
     rank: int = 16
     adapter_options: dict = dataclasses.field(default_factory=dict)  # MMEA phi/init/init_std, ELoRA alpha
@@ -86,6 +87,8 @@ class FinetuneConfig:
                 raise TypeError(f"{name} must be a file path (str or pathlib.Path; data as 'path' or 'path@index'), "
                                 f"got {type(v).__name__}" + ("; frames in memory: write them first with "
                                                              "ase.io.write(path, frames)" if isinstance(v, (list, tuple)) else ""))
+        if not (self.head is None or isinstance(self.head, str)):
+            raise TypeError(f"head must be the name of a head of the base model (str), got {self.head!r}")
         for name, kind in _NUMBER_FIELDS.items():
             v = getattr(self, name)
             ok = isinstance(v, numbers.Integral if kind is int else numbers.Real) and not isinstance(v, bool)
@@ -187,6 +190,8 @@ def config_key(cfg: FinetuneConfig) -> str:
     d = dataclasses.asdict(cfg)
     if not d["adapter_options"]:  # runs from before the option existed keep their key
         d.pop("adapter_options")
+    if d["head"] is None:  # and runs that chose no head (the setting came later)
+        d.pop("head")
     if not d["w_stress"]:  # as do runs without stresses (the stress settings came later)
         d.pop("w_stress"), d.pop("stress_key")
     # settings that do not change the trajectory (and did not exist in earlier runs' state.pt) stay out; the

@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..integrations.heads import head_e0s
 from .loss import SPLITS, split_errors
 
 __all__ = ["refit_e0s", "set_e0s", "refit_after_training", "E0OffsetWarning", "composition_span", "fitted_span",
@@ -102,7 +103,7 @@ def refit_e0s(model, frames, z_table: Sequence[int], mode: str, energy_key: str,
     from ..integrations.mace import atoms_to_batch
     from .device import module_device
 
-    e0_old = model.atomic_energies_fn.atomic_energies.detach().double().reshape(-1).cpu().numpy()
+    e0_old = head_e0s(model).detach().double().reshape(-1).cpu().numpy()  # a multi-head model: its head's
     if mode == "keep":
         return [float(v) for v in e0_old]
     if mode not in ("lstsq", "average"):
@@ -135,8 +136,9 @@ def refit_e0s(model, frames, z_table: Sequence[int], mode: str, energy_key: str,
 
 
 def set_e0s(model, e0s, source: str = "the E0s") -> None:
-    """Put ``e0s`` (one per element of the model) into the model; ``source`` names them in errors."""
-    buf = model.atomic_energies_fn.atomic_energies
+    """Put ``e0s`` (one per element of the model) into the model (a multi-head model: into the head it
+    runs, :func:`~mmea_kernels.integrations.heads.head_e0s`); ``source`` names them in errors."""
+    buf = head_e0s(model)
     if len(e0s) != buf.numel():
         z = [int(v) for v in getattr(model, "atomic_numbers", [])]
         raise ValueError(f"{source} holds {len(e0s)} reference energies (E0s), but the base model has {buf.numel()} "

@@ -24,6 +24,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ..integrations.heads import use_head
 from .safe_load import safe_load
 
 __all__ = ["MODEL_FORMAT", "DEFAULT_MODEL", "ASSETS", "load_model", "save_model", "fingerprint", "model_info"]
@@ -79,7 +80,7 @@ def _model_config(config) -> dict:
     return dict(config)
 
 
-def _mace_foundation(spec: str) -> nn.Module:
+def _mace_foundation(spec: str, head: Optional[str] = None) -> nn.Module:
     """``mace-off:<size>`` / ``mace-mp:<size>`` through mace-torch's own loaders (they download)."""
     family, size = spec.split(":", 1)
     from mace.calculators import foundations_models as fm
@@ -94,9 +95,12 @@ def _mace_foundation(spec: str) -> nn.Module:
     from mace import calculators
 
     loader = calculators.mace_off if family == "mace-off" else calculators.mace_mp
-    try:
-        calc = loader(model=size, device="cpu", default_dtype="float64", return_raw_model=False)
+    try:  # mace's calculator wants a head for a multi-head model without a Default one
+        calc = loader(model=size, device="cpu", default_dtype="float64", return_raw_model=False,
+                      **({"head": head} if head is not None else {}))
     except Exception as exc:
+        if "head" in str(exc).lower():
+            raise ValueError(f"{spec}: {exc} (choose one with --head NAME; API: head=...)") from None
         raise RuntimeError(f"could not load {spec} through mace-torch ({type(exc).__name__}: {exc}); "
                            "the foundation models are downloaded, so this needs internet") from None
     return calc.models[0]
@@ -104,12 +108,15 @@ def _mace_foundation(spec: str) -> nn.Module:
 
 def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
                dtype: Optional[torch.dtype] = None, trust_pickle: bool = False,
-               fused_gate: bool = True, unused_config: str = "refuse") -> nn.Module:
+               fused_gate: bool = True, unused_config: str = "refuse", head: Optional[str] = None) -> nn.Module:
     """The base model named by ``spec`` (see the module docstring), in eval mode, on the CPU.
 
     ``config`` (``--model-config``) is for a file holding a bare state dict; given with a model that
     brings its own architecture it is refused (``unused_config="refuse"``) or ignored (``"ignore"``:
     checkpoints from before this check kept such a config, which was ignored then too).
+
+    ``head``: the head a multi-head mace model runs from now on (default: its only head, or the one
+    named Default; see :mod:`~mmea_kernels.integrations.heads`), kept as ``model.mmea_head``.
 
     ``fused_gate``: a SevenNet model gets :class:`~mmea_kernels.nn.FusedGate` in place of its e3nn
     ``Gate`` layers (same state dict, same numbers, faster); ``False`` keeps e3nn's.
@@ -121,7 +128,7 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
         raise ValueError(f"unused_config must be 'refuse' or 'ignore', got {unused_config!r}")
     if config is not None and spec.startswith(("builtin:", "preset:", "mace-off:", "mace-mp:", "sevenn:")):
         if unused_config == "ignore":
-            return load_model(spec, None, dtype, trust_pickle, fused_gate)
+            return load_model(spec, None, dtype, trust_pickle, fused_gate, head=head)
         raise ValueError(f"--model-config is for a base model file that holds a bare state dict; {spec} brings its "
                          "own architecture")
     if spec.startswith("builtin:"):
@@ -141,7 +148,7 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
             torch.manual_seed(PRESET_SEED)
             model = build_mace(spec.split(":", 1)[1])
     elif spec.startswith(("mace-off:", "mace-mp:")):
-        model = _mace_foundation(spec)
+        model = _mace_foundation(spec, head)
     elif spec.startswith("sevenn:"):
         from ..integrations.sevenn import load_sevennet
 
@@ -168,6 +175,7 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
             raise ValueError(f"{path} holds a {type(obj).__name__}, not a model or state dict")
     if dtype is not None:
         model = model.to(dtype)
+    use_head(model, head, where=spec)
     return model.eval()
 
 

@@ -91,7 +91,7 @@ def setup(cfg: FinetuneConfig, world: int, device: torch.device = torch.device("
     dtype = DTYPES[cfg.dtype]
     frames = read_splits(cfg)
     model = load_model(cfg.model, cfg.model_config, dtype=dtype, trust_pickle=cfg.trust_pickle,
-                       fused_gate=cfg.fused_gate)
+                       fused_gate=cfg.fused_gate, head=cfg.head)
     z, r_max = model_info(model)
     graphs = split_graphs(cfg, frames, z, r_max, dtype)
     fp = fingerprint(model)

@@ -21,11 +21,14 @@ def probe_batch(model, probe: dict):
     """The model's input dict for a probe's frame, in the model's dtype and on its device."""
     from .device import module_device
     from .foundation import model_info
+    from ..integrations.heads import head_index
     from ..integrations.mace import atoms_to_batch
 
     z, r_max = model_info(model)
-    return atoms_to_batch([probe_atoms(probe)], z, r_max, energy_key="__none__", forces_key="__none__",
-                          device=module_device(model), dtype=next(model.parameters()).dtype)
+    batch = atoms_to_batch([probe_atoms(probe)], z, r_max, energy_key="__none__", forces_key="__none__",
+                           device=module_device(model), dtype=next(model.parameters()).dtype)
+    batch["head"] = torch.full_like(batch["head"], head_index(model))  # a scripted copy has no HeadHook
+    return batch
 
 
 def _predict(model, probe):

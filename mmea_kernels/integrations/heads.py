@@ -1,0 +1,112 @@
+"""Multi-head mace-torch models (mace's multi-head fine-tuning, the ``mace-mp:mh-*`` foundation
+models): one set of interaction layers, several readouts, per-element reference energies and
+scale/shift, one per head (a dataset / level of theory). A batch says which head each structure
+takes (``batch["head"]``), and mace's data tools put 0 there unless told otherwise.
+
+This package runs a multi-head model with one chosen head everywhere, whatever a batch says:
+:func:`use_head` picks it (``--head``; by default the only head, or the one named ``default`` in any
+case, as mace-torch's ``MACECalculator`` picks it; otherwise an error that lists them) and installs
+a forward pre-hook (:class:`HeadHook`) that sets ``batch["head"]`` to it; fine-tuning, E0 fitting,
+evaluation, prediction, MD and the exported files then all use the same head. A one-head model gets
+no hook and runs as before."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["model_heads", "choose_head", "use_head", "head_index", "head_chosen", "head_e0s", "without_head_hook",
+           "HeadHook"]
+
+
+def model_heads(model: nn.Module) -> List[str]:
+    """The names of a mace-torch model's heads (``model.heads``); ``["Default"]`` for a model without
+    (older mace models, SevenNet)."""
+    heads = getattr(model, "heads", None)
+    if not heads or list(heads) == [None]:  # mace's LAMMPS_MACE sets [None] on a model without
+        return ["Default"]
+    return [str(h) for h in heads]
+
+
+def choose_head(heads: List[str], head: Optional[str] = None, where: str = "the model") -> str:
+    """``head`` when ``heads`` has it; without one the only head, or the one named ``default`` (any
+    case); otherwise a ``ValueError`` that lists the heads."""
+    if head is not None:
+        if head not in heads:
+            raise ValueError(f"--head {head!r}: {where} has no such head; its heads are {', '.join(heads)}")
+        return head
+    if len(heads) == 1:
+        return heads[0]
+    default = [h for h in heads if h.lower() == "default"]
+    if default:
+        return default[0]
+    raise ValueError(f"{where} has {len(heads)} heads ({', '.join(heads)}) and none is named Default: choose the one "
+                     "to use with --head NAME (API: head=...), e.g. the one whose level of theory is closest to "
+                     "your labels")
+
+
+class HeadHook:
+    """Forward pre-hook of a multi-head mace model: every batch runs head ``index``."""
+
+    def __init__(self, index: int, name: str):
+        self.index, self.name = int(index), str(name)
+
+    def __call__(self, module, args, kwargs):
+        data = args[0] if args else kwargs.get("data")
+        if isinstance(data, dict) and "ptr" in data:
+            ptr = data["ptr"]
+            data["head"] = torch.full((ptr.numel() - 1,), self.index, dtype=torch.long, device=ptr.device)
+        return None
+
+
+def _hooks(model: nn.Module) -> list:
+    return [k for k, h in model._forward_pre_hooks.items() if isinstance(h, HeadHook)]
+
+
+def use_head(model: nn.Module, head: Optional[str] = None, where: str = "the model") -> str:
+    """Run ``model`` with one head (:func:`choose_head`) from now on: a multi-head model gets a
+    :class:`HeadHook` (replacing an earlier one); returns the head's name, also kept as
+    ``model.mmea_head``."""
+    heads = model_heads(model)
+    name = choose_head(heads, head, where)
+    for key in _hooks(model):
+        model._forward_pre_hooks.pop(key)
+        model._forward_pre_hooks_with_kwargs.pop(key, None)
+    if len(heads) > 1:
+        model.register_forward_pre_hook(HeadHook(heads.index(name), name), with_kwargs=True)
+    model.mmea_head = name
+    return name
+
+
+def head_index(model: nn.Module) -> int:
+    """The index of the head ``model`` runs: the one :func:`use_head` chose, else 0 (what mace's data
+    tools put in a batch)."""
+    keys = _hooks(model)
+    return model._forward_pre_hooks[keys[-1]].index if keys else 0
+
+
+def head_chosen(model: nn.Module, where: str = "the model") -> None:
+    """``ValueError`` for a multi-head model that has no head chosen (:func:`use_head`): it would run
+    whatever head each batch names, mace's data tools' 0 unless told otherwise."""
+    heads = model_heads(model)
+    if len(heads) > 1 and not _hooks(model):
+        raise ValueError(f"{where}: a multi-head model (heads {', '.join(heads)}) with no head chosen; choose one "
+                         "first: mmea_kernels.integrations.heads.use_head(model, NAME)")
+
+
+def head_e0s(model: nn.Module) -> torch.Tensor:
+    """The per-element reference energies (E0s) of the head ``model`` runs: a view of
+    ``atomic_energies_fn.atomic_energies`` (one row of it for a multi-head model)."""
+    buf = model.atomic_energies_fn.atomic_energies
+    return buf[head_index(model)] if buf.dim() == 2 else buf
+
+
+def without_head_hook(model: nn.Module) -> Optional[HeadHook]:
+    """Remove ``model``'s :class:`HeadHook` (TorchScript compiles no Python hooks) and return it."""
+    keys = _hooks(model)
+    hook = model._forward_pre_hooks[keys[-1]] if keys else None
+    for key in keys:
+        model._forward_pre_hooks.pop(key)
+        model._forward_pre_hooks_with_kwargs.pop(key, None)
+    return hook

@@ -1,0 +1,118 @@
+"""Multi-head mace models (mace's multi-head fine-tuning, ``mace-mp:mh-*``): the chosen head is the
+one mace-torch's own calculator runs for that head, and fine-tuning, E0 fitting, evaluation, the ASE
+calculator and every export use it. Before this, training used head 0 (mace's data default), the
+E0 fit crashed on the per-head E0 table, and the LAMMPS files ran the last head."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("mace")
+import ase.io  # noqa: E402
+
+from mmea_kernels.app.calculator import MMEACalculator  # noqa: E402
+from mmea_kernels.integrations.heads import choose_head, head_e0s, model_heads, use_head  # noqa: E402
+from mmea_kernels.train import FinetuneConfig, evaluate_checkpoint, finetune, load_finetuned  # noqa: E402
+from mmea_kernels.train.foundation import load_model  # noqa: E402
+
+from helpers import default_dtype  # noqa: E402
+
+E0 = [[-13.6, -1029.0, -2041.0], [-10.0, -1000.0, -2000.0]]  # per head: H, C, O
+
+
+def _two_heads(heads=("pt_head", "Default")):
+    from e3nn import o3
+    from mace import modules
+
+    with torch.random.fork_rng(devices=[]), default_dtype(torch.float64):
+        torch.manual_seed(3)
+        model = modules.ScaleShiftMACE(
+            r_max=5.0, num_bessel=6, num_polynomial_cutoff=5, max_ell=2,
+            interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
+            interaction_cls_first=modules.interaction_classes["RealAgnosticInteractionBlock"],
+            num_interactions=2, num_elements=3, hidden_irreps=o3.Irreps("8x0e+8x1o"), MLP_irreps=o3.Irreps("8x0e"),
+            atomic_energies=np.array(E0), avg_num_neighbors=8.0, atomic_numbers=[1, 6, 8], correlation=2,
+            gate=torch.nn.functional.silu, radial_MLP=[16, 16], radial_type="bessel", atomic_inter_scale=[1.0, 3.0],
+            atomic_inter_shift=[0.0, 0.2], heads=list(heads), use_reduced_cg=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def two_heads(tmp_path_factory):
+    path = tmp_path_factory.mktemp("heads") / "mh.model"
+    torch.save(_two_heads(), path)  # a whole pickled model, as mace's multi-head fine-tuning writes
+    return path
+
+
+def _mace_reference(path, head, atoms):
+    """Energy and forces of mace-torch's own calculator with ``head``."""
+    from mace.calculators import MACECalculator
+
+    a = atoms.copy()
+    a.calc = MACECalculator(model_paths=str(path), device="cpu", default_dtype="float64", head=head)
+    return a.get_potential_energy(), a.get_forces()
+
+
+@pytest.mark.parametrize("head", [None, "pt_head", "Default"])
+def test_chosen_head_is_the_one_mace_runs(two_heads, train_files, head):
+    atoms = ase.io.read(train_files / "valid.xyz", 0)
+    model = load_model(str(two_heads), trust_pickle=True, head=head)
+    name = head or "Default"  # without --head: the one named Default, as mace's calculator picks it
+    assert model.mmea_head == name
+    assert head_e0s(model).tolist() == E0[model_heads(model).index(name)]
+    a = atoms.copy()
+    a.calc = MMEACalculator(module=model)
+    e_ref, f_ref = _mace_reference(two_heads, name, atoms)
+    other_e, _ = _mace_reference(two_heads, "pt_head" if name == "Default" else "Default", atoms)
+    assert abs(e_ref - other_e) > 1.0  # the heads differ, so the comparison can fail
+    assert a.get_potential_energy() == pytest.approx(e_ref, rel=1e-12)
+    np.testing.assert_allclose(a.get_forces(), f_ref, rtol=1e-9, atol=1e-10)
+
+
+def test_head_choice_errors(two_heads):
+    with pytest.raises(ValueError, match=r"--head 'nope'.*heads are pt_head, Default"):
+        load_model(str(two_heads), trust_pickle=True, head="nope")
+    with pytest.raises(ValueError, match=r"2 heads \(omat, spice\) and none is named Default.*--head NAME"):
+        choose_head(["omat", "spice"])
+    assert choose_head(["omat", "DEFAULT"]) == "DEFAULT" and choose_head(["one"]) == "one"
+    with pytest.raises(ValueError, match="--head 'x'.*heads are Default"):  # a one-head model has one name
+        load_model("preset:tiny", head="x")
+    with pytest.raises(ValueError, match=r"multi-head model \(heads pt_head, Default\) with no head chosen"):
+        MMEACalculator(module=_two_heads())  # a model the user built: run no head silently
+
+
+@pytest.mark.parametrize("head", ["pt_head", "Default"])
+def test_finetune_trains_evaluates_and_exports_the_chosen_head(two_heads, train_files, tmp_path, head):
+    out = tmp_path / "run"
+    res = finetune(FinetuneConfig(train=str(train_files / "train.xyz"), valid=str(train_files / "valid.xyz"),
+                                  model=str(two_heads), trust_pickle=True, head=head, out_dir=str(out), epochs=2,
+                                  batch_size=4, progress=False, device="cpu"))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["head"] == head
+    net, _ = load_finetuned(out / "checkpoint.pt", str(two_heads), trust_pickle=True)
+    table = net.atomic_energies_fn.atomic_energies
+    i = model_heads(net).index(head)
+    assert table[i].tolist() == pytest.approx(ckpt["e0s"], abs=1e-12)  # the fitted E0s went to this head's row
+    assert ckpt["e0s"] != pytest.approx(E0[i], abs=1e-3)
+    assert table[1 - i].tolist() == E0[1 - i]  # the other head's are untouched
+    again = evaluate_checkpoint(out / "checkpoint.pt", str(train_files / "valid.xyz"), model=str(two_heads),
+                                trust_pickle=True)
+    assert again["loss"] == pytest.approx(res["valid"]["loss"], rel=1e-9)
+
+    from mmea_kernels.app.deploy import export_checkpoint as export
+
+    for fmt in ("lammps", "torchscript", "lammps-mliap"):  # each verified against the eager model on its frames
+        summary = export(out / "checkpoint.pt", tmp_path / f"m.{fmt}.pt", fmt=fmt, model=str(two_heads),
+                         trust_pickle=True)
+        assert summary["head"] == head
+    lammps = torch.jit.load(str(tmp_path / "m.lammps.pt"))
+    assert int(lammps.head) == i  # mace's LAMMPS_MACE would otherwise run its last head
+
+
+def test_resume_refuses_another_head(two_heads, train_files, tmp_path):
+    cfg = dict(train=str(train_files / "train.xyz@:4"), model=str(two_heads), trust_pickle=True, out_dir=str(tmp_path),
+               epochs=2, batch_size=4, progress=False, device="cpu", stop_after=1, valid_fraction=0.25)
+    finetune(FinetuneConfig(head="Default", **cfg))
+    with pytest.raises(ValueError, match="--head 'Default' there, 'pt_head' now"):
+        finetune(FinetuneConfig(head="pt_head", resume=True, **cfg))
