@@ -54,8 +54,9 @@ def _finetune_parser(sub):
     p.add_argument("--alpha", type=float, default=None, help="ELoRA scale α (default: the rank)")
     p.add_argument("--energy-key", default=d.energy_key)
     p.add_argument("--forces-key", default=d.forces_key)
-    p.add_argument("--stress-key", default=d.stress_key,
-                   help="info key of the stress labels (eV/Å³; Voigt 6, 9 or 3 x 3), read with --w-stress > 0")
+    p.add_argument("--stress-key", default=None,
+                   help=f"info key of the stress labels (eV/Å³; Voigt 6, 9 or 3 x 3; default {d.stress_key}), read "
+                        "with --w-stress > 0")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "float64"])
     p.add_argument("--e0s", default=d.e0s, help="lstsq | average | keep | JSON file {Z: eV}")
     p.add_argument("--refit-e0s-after", action="store_true",
@@ -112,6 +113,9 @@ def main(argv=None) -> int:
     ev.add_argument("--stress-key", default=None,
                     help="also the stress errors, against info[KEY] (periodic frames; automatic for a checkpoint "
                          "trained on stresses)")
+    ev.add_argument("--no-stress", action="store_true",
+                    help="no stress errors, also for a checkpoint trained on stresses (molecules, frames without "
+                         "stress labels)")
     ev.add_argument("--json", default=None, help="also write the result here")
     add_md_parser(sub)
     add_relax_parser(sub)
@@ -217,10 +221,13 @@ def _run(args) -> int:
             device=args.device)
     elif args.command == "finetune":
         from ..train import FinetuneConfig, finetune
+        from ..train.config import check_stress_key
         from ..train.methods import ADAPTER_METHODS
 
         fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
         kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}  # incl. the data checks
+        if args.stress_key is not None:
+            check_stress_key(args.stress_key, args.w_stress)
         if args.rank is not None and args.method not in ADAPTER_METHODS:
             raise ValueError(f"--rank is the adapters' rank; --method {args.method} has none")
         opts = {k: getattr(args, k) for k in ("phi", "init", "alpha") if getattr(args, k) is not None}
@@ -247,7 +254,7 @@ def _run(args) -> int:
         check_outputs({"--json": args.json}, True, {**checkpoint_inputs(args.checkpoint, args.model), "--data": args.data})
         res = evaluate_checkpoint(args.checkpoint, args.data, args.model, args.energy_key, args.forces_key,
                                   trust_pickle=args.trust_pickle, checks=data_checks(args), device=args.device,
-                                  stress_key=args.stress_key, dtype=args.dtype)
+                                  stress_key=args.stress_key, dtype=args.dtype, stress=not args.no_stress)
         print(f"{args.data}: {res['frames']} frames | E MAE {res['energy_mae_meV']:.3f} meV | "
               f"E RMSE {res['energy_rmse_meV']:.3f} meV | F MAE {res['forces_mae_meV_per_A']:.3f} meV/Å | "
               f"F RMSE {res['forces_rmse_meV_per_A']:.3f} meV/Å"

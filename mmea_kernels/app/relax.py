@@ -25,7 +25,7 @@ class RelaxSettings:
     optimiser steps; ``cell``: relax the cell too (3-D periodic structures); ``pressure_bar``: the
     target pressure of a cell relaxation; ``stress_tol_bar``: with ``cell``, converged also needs
     every component of stress + pressure within this (default: ASE's cell criterion, the virial over
-    N below ``fmax``, i.e. within ``fmax·N/V``, which the summary reports); ``out``: the final structure (extended XYZ, with energy,
+    N below ``fmax``, i.e. within ``fmax·N/V``; a looser value keeps ASE's; the summary reports the one applied); ``out``: the final structure (extended XYZ, with energy,
     forces and, when periodic, stress); ``trajectory``: every step (``.traj``); ``log``: the
     optimiser's log (``"-"``: standard output). Existing files are refused unless ``overwrite``."""
 
@@ -138,6 +138,15 @@ def _target(atoms, s: RelaxSettings):
     return FrechetCellFilter(atoms, exp_cell_factor=factor, scalar_pressure=s.pressure_bar * units.bar)
 
 
+def _stress_tol_bar(atoms, s: RelaxSettings) -> float:
+    """The cell criterion the run applied (bar): ``stress_tol_bar`` or ASE's ``fmax·N/V``, whichever is
+    tighter (:func:`_target` never loosens ASE's)."""
+    from ase import units
+
+    ase_tol = float(s.fmax * len(atoms) / atoms.get_volume() / units.bar)
+    return ase_tol if s.stress_tol_bar is None else min(float(s.stress_tol_bar), ase_tol)
+
+
 def _converged(atoms, s: RelaxSettings) -> bool:
     """The optimiser's own test on the structure as it is now (a fresh filter: no deformation)."""
     g = _target(atoms, s).get_forces()
@@ -168,8 +177,7 @@ def _relax_summary(atoms, s: RelaxSettings, converged: bool, steps: int, rounds:
     if s.cell:
         residual = atoms.get_stress(voigt=False) + s.pressure_bar * units.bar * np.eye(3)
         res.update(max_stress_residual_bar=float(np.abs(residual).max() / units.bar), optimizer_rounds=rounds,
-                   stress_tol_bar=s.stress_tol_bar if s.stress_tol_bar is not None else
-                   float(s.fmax * len(atoms) / atoms.get_volume() / units.bar))
+                   stress_tol_bar=_stress_tol_bar(atoms, s))
     if s.out is not None:
         from ase.io import write
 

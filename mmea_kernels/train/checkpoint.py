@@ -287,20 +287,24 @@ def load_finetuned(checkpoint, model: Optional[str] = None, model_config=None, d
 def evaluate_checkpoint(checkpoint, data: str, model: Optional[str] = None, energy_key: Optional[str] = None,
                         forces_key: Optional[str] = None, batch_size: int = 50, dtype: Optional[str] = None,
                         trust_pickle: bool = False, checks: Optional[DataChecks] = None, device: str = "cpu",
-                        stress_key: Optional[str] = None) -> dict:
+                        stress_key: Optional[str] = None, stress: bool = True) -> dict:
     """Errors of a fine-tuned checkpoint on a labelled data file (``path[@index]``), after the data
     checks of :mod:`.checks`, computed on ``device``; stress errors too for a checkpoint trained on
     stresses (labels under its key) or with ``stress_key`` (any checkpoint; periodic data with stress
     labels under that key). The loss is the run's (its ``w_energy``, ``w_forces``, ``w_stress``;
     checkpoints from before they held the first two: the defaults 1 and 1000). Warns
     (:class:`.e0s.E0OffsetWarning`) when frames have a composition outside the span of those the
-    checkpoint's E0s were fitted on: their energy errors then include an unknown per-element offset."""
+    checkpoint's E0s were fitted on: their energy errors then include an unknown per-element offset.
+    ``stress=False`` (``--no-stress``): no stress errors, also for a checkpoint trained on stresses
+    (molecules, frames without stress labels)."""
     from .e0s import warn_outside_span
 
     ckpt = _read_checkpoint(pathlib.Path(checkpoint))
     ek, fk = energy_key or ckpt.get("energy_key", "REF_energy"), forces_key or ckpt.get("forces_key", "REF_forces")
     w_s = float(ckpt.get("w_stress", 0.0))
-    sk = stress_key or (ckpt.get("stress_key", "REF_stress") if w_s > 0 else None)
+    if not stress and stress_key is not None:
+        raise ValueError(f"--stress-key {stress_key} asks for stress errors, --no-stress (stress=False) for none")
+    sk = (stress_key or (ckpt.get("stress_key", "REF_stress") if w_s > 0 else None)) if stress else None
     frames = read_frames(data, ek, fk, stress_key=sk)  # bad data is reported before the model is built
     warn_outside_span(ckpt.get("e0_span"), frames, str(data))
     net, ckpt = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle, device=device)

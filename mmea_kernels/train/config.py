@@ -138,6 +138,8 @@ class FinetuneConfig:
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         self._check_numbers()
+        if self.stress_key != _DEFAULT_STRESS_KEY:  # given (the API cannot tell the default given)
+            check_stress_key(self.stress_key, self.w_stress)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if self.adapter_options:
@@ -182,6 +184,16 @@ def absolute_paths(settings: dict) -> dict:
     """``settings`` (:func:`config_key`'s fields) with the files named by absolute path (:func:`_absolute_path`),
     so that one file named relative in one run and absolute (or with ``./``) in the other is one setting."""
     return {k: _absolute_path(v, _PATH_KINDS[k]) if k in _PATH_KINDS else v for k, v in settings.items()}
+
+
+_DEFAULT_STRESS_KEY = FinetuneConfig.stress_key
+
+
+def check_stress_key(stress_key: str, w_stress: float) -> None:
+    """``ValueError`` for a stress key given to a run that reads no stresses (a setting it would not use)."""
+    if not w_stress > 0:
+        raise ValueError(f"--stress-key {stress_key} names the stress labels of a run on stresses; with --w-stress "
+                         f"{w_stress:g} stresses are not read: give --w-stress > 0, or leave it out")
 
 
 def config_key(cfg: FinetuneConfig) -> str:

@@ -97,7 +97,7 @@ def setup(cfg: FinetuneConfig, world: int, device: torch.device = torch.device("
     fp = fingerprint(model)
     e0s = refit_e0s(model, frames["train"], z, cfg.e0s, cfg.energy_key, from_scratch=cfg.method == "scratch", log=log)
     scale = "" if cfg.method == "scratch" or str(cfg.model).startswith("preset:") else \
-        label_scale_note(model, graphs["train"])  # a trained base only: a random one says nothing of the units
+        label_scale_note(model, graphs["train"], stress=cfg.w_stress > 0)  # a trained base only: a random one says nothing of the units
     groups = prepare(model, e0s, cfg.method, cfg.rank, cfg.seed, "the fitted E0s", cfg.adapter_options)  # as load_finetuned does
     model.to(device)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -104,17 +104,29 @@ def format_table(metrics: dict) -> str:
     return head + "\n" + "\n".join(rows)
 
 
-def label_scale_note(model, graphs, frames: int = 8) -> str:
+def label_scale_note(model, graphs, frames: int = 8, stress: bool = False) -> str:
     """A ``note:`` line when the label forces of (up to ``frames``) training graphs are more than 5×
     larger or smaller than the base ``model``'s forces on them, as labels in other units look
-    (kcal/mol/Å is 23× eV/Å, Hartree/Bohr 1/51); '' otherwise (nothing is changed either way)."""
+    (kcal/mol/Å is 23× eV/Å, Hartree/Bohr 1/51); with ``stress``, one more when the label stresses are
+    more than 20× off the model's (kbar is 1602× eV/Å³, GPa 160×) or point against them (VASP's and
+    LAMMPS' pressure sign); '' otherwise (nothing is changed either way)."""
     if not graphs:
         return ""
     (batch,) = make_batches(list(graphs[:frames]), frames, device=module_device(model))
-    _, f, _, _ = _loss_terms(model, batch, training=False)
+    _, f, _, s = _loss_terms(model, batch, training=False, stress=stress)
+    n, notes = min(frames, len(graphs)), []
     label, base = (float(t.detach().double().pow(2).mean().sqrt()) for t in (batch["forces"], f))
-    if base <= 0 or 0.2 <= label / base <= 5:
-        return ""
-    return (f"note: the training labels' forces (RMS {label:.3g} eV/Å over {min(frames, len(graphs))} frames) are "
-            f"{label / base:.3g}x the base model's on the same frames (RMS {base:.3g} eV/Å): labels in other units "
-            "look like this (kcal/mol/Å: 23x, Hartree/Bohr: 1/51); energies and forces must be eV and eV/Å")
+    if base > 0 and not 0.2 <= label / base <= 5:
+        notes.append(f"note: the training labels' forces (RMS {label:.3g} eV/Å over {n} frames) are {label / base:.3g}x "
+                     f"the base model's on the same frames (RMS {base:.3g} eV/Å): labels in other units look like this "
+                     "(kcal/mol/Å: 23x, Hartree/Bohr: 1/51); energies and forces must be eV and eV/Å")
+    if s is not None:
+        a, b = batch["stress"].detach().double().reshape(-1), s.detach().double().reshape(-1)
+        label, base = float(a.norm()), float(b.norm())
+        cos = float(a @ b) / (label * base) if label > 0 and base > 0 else 0.0
+        if base > 0 and (not 0.05 <= label / base <= 20 or cos < -0.5):
+            notes.append(f"note: the training labels' stresses (RMS {label / a.numel() ** 0.5:.3g} eV/Å³ over {n} frames) "
+                         f"are {label / base:.3g}x the base model's, with cosine {cos:.2f} to them: stresses must be "
+                         "eV/Å³ with ASE's sign (positive under tension; 1 eV/Å³ = 1602 kbar = 160 GPa; VASP's and "
+                         "LAMMPS' pressure tensors have the opposite sign)")
+    return "\n".join(notes)

@@ -72,7 +72,7 @@ def test_a_shrinking_cell_is_converged_on_its_own_forces_and_stress(calc, tmp_pa
     box = read(str(ETHANOL), 0)
     box.cell, box.pbc = np.eye(3) * 6.5, True
     box.center()
-    for tol in (None, 200.0):
+    for tol in (None, 200.0, 1e6):  # 1e6: looser than ASE's criterion, which the run keeps (and reports)
         out = tmp_path / f"tol{tol}.xyz"
         _, res = relax(box, calc, cell=True, pressure_bar=5000.0, fmax=0.02, steps=300, stress_tol_bar=tol,
                        out=str(out))
@@ -81,9 +81,9 @@ def test_a_shrinking_cell_is_converged_on_its_own_forces_and_stress(calc, tmp_pa
         assert np.linalg.norm(a.get_forces(), axis=1).max() <= 0.02
         residual = np.abs(a.get_stress(voigt=False) + 5000.0 * units.bar * np.eye(3)).max() / units.bar
         assert residual == pytest.approx(res["max_stress_residual_bar"], abs=0.1)  # the file: 8 decimals
-        if tol is None:
+        if tol != 200.0:
             assert res["stress_tol_bar"] == pytest.approx(0.02 * len(a) / a.get_volume() / units.bar)
-            assert res["stress_tol_bar"] > 15 * 200.0
+            assert 15 * 200.0 < res["stress_tol_bar"] < 1e5 and residual <= res["stress_tol_bar"]
         else:
             assert residual <= tol and res["stress_tol_bar"] == tol
 

@@ -4,6 +4,7 @@ itself tested against finite differences), the term reaching the trained weights
 end to end (metrics, checkpoint, evaluate), and bad stress data named."""
 import json
 import math
+from re import search as re_search
 
 import numpy as np
 import pytest
@@ -129,6 +130,29 @@ def test_finetune_on_stresses_end_to_end(stress_files, tmp_path, capsys):
     assert "σ MAE" in capsys.readouterr().out
     assert math.isclose(json.loads(js.read_text())["stress_mae_meV_per_A3"], m["test"]["stress_mae_meV_per_A3"],
                         rel_tol=1e-9)
+    # --no-stress: the same energies and forces without stress errors; molecules (no stress labels, not
+    # periodic) were refused for a checkpoint trained on stresses, with no way to turn them off
+    ck_s = str(tmp_path / "r" / "checkpoint.pt")
+    no_stress = evaluate_checkpoint(ck_s, str(stress_files / "valid.xyz"), checks=cfg.data_checks(), stress=False)
+    assert "stress_mae_meV_per_A3" not in no_stress and no_stress["forces_mae_meV_per_A"] == again["forces_mae_meV_per_A"]
+    molecules = ase.io.read(str(stress_files / "valid.xyz"), ":")
+    for a in molecules:
+        a.pbc, a.cell = False, None
+        del a.info["REF_stress"]
+    ase.io.write(str(tmp_path / "mol.xyz"), molecules)
+    assert main(["evaluate", "--checkpoint", ck_s, "--data", str(tmp_path / "mol.xyz"), "--device", "cpu"]) == 2
+    assert "no stress under info['REF_stress']" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", ck_s, "--data", str(tmp_path / "mol.xyz"), "--device", "cpu",
+                 "--no-stress"]) == 0
+    assert "F MAE" in capsys.readouterr().out
+    # a stress key for a run that reads no stresses is refused, not ignored
+    with pytest.raises(ValueError, match="--stress-key DFT_stress names the stress labels of a run on stresses; with "
+                                         "--w-stress 0 stresses are not read"):
+        finetune(FinetuneConfig(**dict(vars(cfg), w_stress=0.0, stress_key="DFT_stress")), **QUIET)
+    assert main(["finetune", "--train", str(stress_files / "train.xyz"), "--stress-key", "REF_stress",
+                 "--out", str(tmp_path / "k")]) == 2
+    assert "--stress-key REF_stress names the stress labels" in capsys.readouterr().err
+    assert not (tmp_path / "k").exists()
     # the training steps use the stress term: the same run without it starts from the same weights
     # and batches, and its first epoch's training loss is lower by the stress term
     plain_run = finetune(FinetuneConfig(**dict(vars(cfg), w_stress=0.0, out_dir=str(tmp_path / "p"), epochs=1)), **QUIET)
@@ -152,6 +176,31 @@ def test_finetune_on_stresses_end_to_end(stress_files, tmp_path, capsys):
     assert "w_stress" in config_key(cfg) and "stress_key" in config_key(cfg)
     plain = FinetuneConfig(train="x.xyz")
     assert "w_stress" not in config_key(plain) and "stress_key" not in config_key(plain)
+
+
+def test_stress_labels_in_other_units_or_sign_get_a_note(stress_files):
+    """Stresses in kbar or with VASP's sign trained without a word (a bulk user's review): labels
+    equal to the model's get no note; negated, or in kbar, they do (forces untouched: no force note)."""
+    from mmea_kernels.train.loss import label_scale_note
+
+    torch.manual_seed(100)
+    teacher = build_mace(TINY).double()  # the model that made the labels (_boxes)
+    frames = ase.io.read(str(stress_files / "train.xyz"), ":")
+    for factor, expect in ((1.0, None), (-1.0, r"1x the base model's, with cosine -1.00"),
+                           (1602.0, r"1.6e\+03x the base model's, with cosine 1.00")):
+        scaled = [a.copy() for a in frames]
+        for a in scaled:
+            a.info["REF_stress"] = a.info["REF_stress"] * factor
+        graphs = checked_graphs(scaled, TINY.atomic_numbers, TINY.r_max, "train.xyz", dtype=torch.float64,
+                                stress_key="REF_stress", checks=mk_checks())
+        note = label_scale_note(teacher, graphs, stress=True)
+        assert "forces" not in note
+        if expect is None:
+            assert note == "" and label_scale_note(teacher, graphs) == ""
+        else:
+            assert re_search(r"^note: the training labels' stresses \(RMS [\d.e-]+ eV/Å³ over 6 frames\) are "
+                             + expect + ".*VASP's and LAMMPS' pressure tensors have the opposite sign", note), note
+            assert label_scale_note(teacher, graphs) == ""  # without stresses in the loss: no stress note
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
