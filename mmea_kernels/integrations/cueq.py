@@ -30,6 +30,7 @@ from torch import nn
 from ..linear_spec import is_cuet_linear
 from ..peft.inject import _SAVED_GRAD_FLAGS, InjectionReport, _set_submodule, adapted_modules, tensor_product_gates
 from ..peft.state import adapter_state_dict, load_adapter_state_dict
+from .heads import copy_head
 
 __all__ = ["convert_adapted_to_cueq", "convert_adapted_to_e3nn", "convert_to_cueq", "transfer_adapters"]
 
@@ -92,8 +93,8 @@ def _keeping_default_dtype(runner: Callable[[nn.Module], nn.Module], model: nn.M
     """``runner(model)`` with torch's default dtype put back afterwards: mace-torch's conversions read
     the model (state_dict, config) and set the default dtype to its dtype, for the whole process."""
     prev = torch.get_default_dtype()
-    try:
-        return runner(model)
+    try:  # a multi-head model's chosen head goes with it (the conversions build a new model, without the hook)
+        return copy_head(model, runner(model))
     finally:
         torch.set_default_dtype(prev)
 

@@ -12,6 +12,9 @@ scriptable form of themselves (``__prepare_scriptable__``, :mod:`mmea_kernels.nn
 parameters, same function, aten ops only. The saved file thus needs neither ``mmea_kernels`` nor
 mace-torch nor e3nn to load (``torch.jit.load`` / libtorch), and gives the eager adapted model's
 energies and forces (float64: equal to round-off, checked ≤ 1e-10 relative in tests/integrations/test_export.py).
+A multi-head MACE with its head chosen (:mod:`.heads`) carries a Python forward pre-hook, which
+TorchScript cannot compile: the three calls above then fail; :func:`script_model` and
+:func:`lammps_model` take it off what they compile (``LAMMPS_MACE`` holds the head).
 With ``kernels="cpp"`` (opt-in) MMEA adapters on e3nn linears are one op of this package's C++
 extension instead, and the file needs those kernels to load (``mmea_kernels.load_kernels()``; in
 LAMMPS the ``mmea_ops.so`` of ``mmea-kernels lammps-build``).
@@ -40,7 +43,7 @@ import torch
 from torch import nn
 
 from ..peft.inject import adapted_modules
-from .heads import model_heads, without_head_hook
+from .heads import model_heads, restore_head_hook, without_head_hook
 from ..nn.scriptable import check_scriptable, script_kernels
 
 __all__ = ["check_scriptable_model", "script_model", "lammps_model", "export_lammps"]
@@ -76,9 +79,12 @@ def script_model(model: nn.Module, in_place: bool = False, kernels: str = "aten"
     from e3nn.util import jit
 
     model = _copy(model, in_place)
-    without_head_hook(model)  # a multi-head model's file runs the head its input names (batch["head"])
-    with script_kernels(kernels, model):
-        return jit.compile(model)
+    hook = without_head_hook(model)  # a multi-head model's file runs the head its input names (batch["head"])
+    try:
+        with script_kernels(kernels, model):
+            return jit.compile(model)
+    finally:  # in place: the eager model keeps its head
+        restore_head_hook(model, hook if in_place else None)
 
 
 def lammps_model(model: nn.Module, head: Optional[str] = None, dtype: Optional[torch.dtype] = torch.float64,
@@ -104,8 +110,11 @@ def lammps_model(model: nn.Module, head: Optional[str] = None, dtype: Optional[t
     if device is not None:
         model = model.to(device)
     wrapped = LAMMPS_MACE(model, head=head) if head is not None else LAMMPS_MACE(model)
-    with script_kernels(kernels, wrapped):
-        return jit.compile(wrapped)
+    try:
+        with script_kernels(kernels, wrapped):
+            return jit.compile(wrapped)
+    finally:  # in place: the eager model keeps its head
+        restore_head_hook(model, hook if in_place else None)
 
 
 def export_lammps(model: nn.Module, path: Union[str, os.PathLike], head: Optional[str] = None,

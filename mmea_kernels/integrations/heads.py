@@ -7,8 +7,14 @@ This package runs a multi-head model with one chosen head everywhere, whatever a
 :func:`use_head` picks it (``--head``; by default the only head, or the one named ``default`` in any
 case, as mace-torch's ``MACECalculator`` picks it; otherwise an error that lists them) and installs
 a forward pre-hook (:class:`HeadHook`) that sets ``batch["head"]`` to it; fine-tuning, E0 fitting,
-evaluation, prediction, MD and the exported files then all use the same head. A one-head model gets
-no hook and runs as before."""
+evaluation, prediction, MD, the cuEquivariance conversions and the exported files then all use the
+same head. A one-head model gets no hook and runs as before.
+
+TorchScript compiles no Python hooks: ``torch.jit.script`` / e3nn's ``jit.compile`` of a model with
+one fail (``'HeadHook' object has no attribute '__name__'``). Script it with
+:func:`~mmea_kernels.integrations.export.script_model` / ``lammps_model`` (they take the hook off the
+copy they compile and keep the head: ``LAMMPS_MACE`` holds it), or take it off first with
+:func:`without_head_hook` (the scripted model then runs the head its input names)."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -17,7 +23,7 @@ import torch
 from torch import nn
 
 __all__ = ["model_heads", "choose_head", "use_head", "head_index", "head_chosen", "head_e0s", "without_head_hook",
-           "HeadHook"]
+           "restore_head_hook", "copy_head", "HeadHook"]
 
 
 def model_heads(model: nn.Module) -> List[str]:
@@ -34,7 +40,7 @@ def choose_head(heads: List[str], head: Optional[str] = None, where: str = "the 
     case); otherwise a ``ValueError`` that lists the heads."""
     if head is not None:
         if head not in heads:
-            raise ValueError(f"--head {head!r}: {where} has no such head; its heads are {', '.join(heads)}")
+            raise ValueError(f"{where} has no head {head!r}; its heads are {', '.join(heads)}")
         return head
     if len(heads) == 1:
         return heads[0]
@@ -100,6 +106,23 @@ def head_e0s(model: nn.Module) -> torch.Tensor:
     ``atomic_energies_fn.atomic_energies`` (one row of it for a multi-head model)."""
     buf = model.atomic_energies_fn.atomic_energies
     return buf[head_index(model)] if buf.dim() == 2 else buf
+
+
+def copy_head(source: nn.Module, target: nn.Module) -> nn.Module:
+    """``target`` (a converted copy of ``source``: cuEquivariance, e3nn) set to run the head ``source``
+    runs, when ``source`` has one chosen (conversions build new models, without the hook)."""
+    keys = _hooks(source)
+    if keys:
+        use_head(target, source._forward_pre_hooks[keys[-1]].name)
+    elif getattr(source, "mmea_head", None) is not None and len(model_heads(target)) == 1:
+        target.mmea_head = source.mmea_head
+    return target
+
+
+def restore_head_hook(model: nn.Module, hook: Optional[HeadHook]) -> None:
+    """Put back a hook :func:`without_head_hook` took (after scripting a model in place)."""
+    if hook is not None:
+        model.register_forward_pre_hook(HeadHook(hook.index, hook.name), with_kwargs=True)
 
 
 def without_head_hook(model: nn.Module) -> Optional[HeadHook]:

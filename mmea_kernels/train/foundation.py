@@ -99,7 +99,7 @@ def _mace_foundation(spec: str, head: Optional[str] = None) -> nn.Module:
         calc = loader(model=size, device="cpu", default_dtype="float64", return_raw_model=False,
                       **({"head": head} if head is not None else {}))
     except Exception as exc:
-        if "head" in str(exc).lower():
+        if isinstance(exc, ValueError) and "head" in str(exc).lower():
             raise ValueError(f"{spec}: {exc} (choose one with --head NAME; API: head=...)") from None
         raise RuntimeError(f"could not load {spec} through mace-torch ({type(exc).__name__}: {exc}); "
                            "the foundation models are downloaded, so this needs internet") from None

@@ -108,8 +108,9 @@ def label_scale_note(model, graphs, frames: int = 8, stress: bool = False) -> st
     """A ``note:`` line when the label forces of (up to ``frames``) training graphs are more than 5×
     larger or smaller than the base ``model``'s forces on them, as labels in other units look
     (kcal/mol/Å is 23× eV/Å, Hartree/Bohr 1/51); with ``stress``, one more when the label stresses are
-    more than 20× off the model's (kbar is 1602× eV/Å³, GPa 160×) or point against them (VASP's and
-    LAMMPS' pressure sign); '' otherwise (nothing is changed either way)."""
+    more than 20× off the model's (kbar is 1602× eV/Å³, GPa 160×; either side counted as at least an RMS
+    of 1e-3 eV/Å³) or, both above that, point against them (VASP's and LAMMPS' pressure sign); ''
+    otherwise (nothing is changed either way)."""
     if not graphs:
         return ""
     (batch,) = make_batches(list(graphs[:frames]), frames, device=module_device(model))
@@ -124,7 +125,8 @@ def label_scale_note(model, graphs, frames: int = 8, stress: bool = False) -> st
         a, b = batch["stress"].detach().double().reshape(-1), s.detach().double().reshape(-1)
         label, base = float(a.norm()), float(b.norm())
         cos = float(a @ b) / (label * base) if label > 0 and base > 0 else 0.0
-        if base > 0 and (not 0.05 <= label / base <= 20 or cos < -0.5):
+        floor = 1e-3 * a.numel() ** 0.5  # RMS 1e-3 eV/Å³ (1.6 kbar): below it, near zero pressure says nothing
+        if label > 20 * max(base, floor) or base > 20 * max(label, floor) or (min(label, base) > floor and cos < -0.5):
             notes.append(f"note: the training labels' stresses (RMS {label / a.numel() ** 0.5:.3g} eV/Å³ over {n} frames) "
                          f"are {label / base:.3g}x the base model's, with cosine {cos:.2f} to them: stresses must be "
                          "eV/Å³ with ASE's sign (positive under tension; 1 eV/Å³ = 1602 kbar = 160 GPa; VASP's and "

@@ -71,12 +71,12 @@ def test_chosen_head_is_the_one_mace_runs(two_heads, train_files, head):
 
 
 def test_head_choice_errors(two_heads):
-    with pytest.raises(ValueError, match=r"--head 'nope'.*heads are pt_head, Default"):
+    with pytest.raises(ValueError, match=r"has no head 'nope'; its heads are pt_head, Default"):
         load_model(str(two_heads), trust_pickle=True, head="nope")
     with pytest.raises(ValueError, match=r"2 heads \(omat, spice\) and none is named Default.*--head NAME"):
         choose_head(["omat", "spice"])
     assert choose_head(["omat", "DEFAULT"]) == "DEFAULT" and choose_head(["one"]) == "one"
-    with pytest.raises(ValueError, match="--head 'x'.*heads are Default"):  # a one-head model has one name
+    with pytest.raises(ValueError, match="preset:tiny has no head 'x'; its heads are Default"):  # one head, one name
         load_model("preset:tiny", head="x")
     with pytest.raises(ValueError, match=r"multi-head model \(heads pt_head, Default\) with no head chosen"):
         MMEACalculator(module=_two_heads())  # a model the user built: run no head silently
@@ -116,3 +116,32 @@ def test_resume_refuses_another_head(two_heads, train_files, tmp_path):
     finetune(FinetuneConfig(head="Default", **cfg))
     with pytest.raises(ValueError, match="--head 'Default' there, 'pt_head' now"):
         finetune(FinetuneConfig(head="pt_head", resume=True, **cfg))
+
+
+def test_conversions_and_in_place_scripting_keep_the_head(two_heads, train_files):
+    """cuEquivariance conversions build new models (found in review: they ran head 0), and scripting
+    in place took the hook off the caller's model; both keep the chosen head now."""
+    pytest.importorskip("cuequivariance_torch")
+    import mmea_kernels as mk
+    from mmea_kernels.integrations.cueq import convert_adapted_to_cueq, convert_adapted_to_e3nn, convert_to_cueq
+    from mmea_kernels.integrations.export import lammps_model, script_model
+    from mmea_kernels.integrations.mace import atoms_to_batch
+
+    atoms = ase.io.read(train_files / "valid.xyz", 0)
+    batch = atoms_to_batch([atoms], [1, 6, 8], 5.0, dtype=torch.float64)
+
+    def energy(m):
+        return float(m(dict(batch), compute_force=False)["energy"][0])
+
+    model = load_model(str(two_heads), trust_pickle=True)  # Default
+    want = energy(model)
+    assert abs(want - energy(_two_heads())) > 1.0  # head 0 differs
+    assert energy(convert_to_cueq(model, layout="mul_ir")) == pytest.approx(want, rel=1e-9)
+    mk.inject_adapters(model, method="mmea", rank=2)
+    cueq = convert_adapted_to_cueq(model, layout="mul_ir")
+    assert energy(cueq) == pytest.approx(want, rel=1e-9)
+    assert energy(convert_adapted_to_e3nn(cueq)) == pytest.approx(want, rel=1e-9)
+    for script in (script_model, lammps_model):
+        copy = load_model(str(two_heads), trust_pickle=True)
+        script(copy, in_place=True)
+        assert energy(copy) == pytest.approx(want, rel=1e-12)

@@ -180,17 +180,19 @@ def test_finetune_on_stresses_end_to_end(stress_files, tmp_path, capsys):
 
 def test_stress_labels_in_other_units_or_sign_get_a_note(stress_files):
     """Stresses in kbar or with VASP's sign trained without a word (a bulk user's review): labels
-    equal to the model's get no note; negated, or in kbar, they do (forces untouched: no force note)."""
+    equal to the model's get no note; negated, or in kbar, they do (forces untouched: no force note);
+    near zero pressure (both below an RMS of 1e-3 eV/Å³) a sign says nothing and gets no note."""
     from mmea_kernels.train.loss import label_scale_note
 
-    torch.manual_seed(100)
-    teacher = build_mace(TINY).double()  # the model that made the labels (_boxes)
     frames = ase.io.read(str(stress_files / "train.xyz"), ":")
-    for factor, expect in ((1.0, None), (-1.0, r"1x the base model's, with cosine -1.00"),
-                           (1602.0, r"1.6e\+03x the base model's, with cosine 1.00")):
+    for k, factor, expect in ((20.0, 1.0, None), (20.0, -1.0, r"1x the base model's, with cosine -1.00"),
+                              (20.0, 1602.0, r"1.6e\+03x the base model's, with cosine 1.00"), (1.0, -1.0, None)):
+        torch.manual_seed(100)
+        teacher = build_mace(TINY, scale=k).double()  # the labels' model (_boxes) with stresses k times larger
         scaled = [a.copy() for a in frames]
         for a in scaled:
-            a.info["REF_stress"] = a.info["REF_stress"] * factor
+            a.info["REF_stress"] = a.info["REF_stress"] * k * factor
+            a.arrays["REF_forces"] = a.arrays["REF_forces"] * k
         graphs = checked_graphs(scaled, TINY.atomic_numbers, TINY.r_max, "train.xyz", dtype=torch.float64,
                                 stress_key="REF_stress", checks=mk_checks())
         note = label_scale_note(teacher, graphs, stress=True)
