@@ -13,10 +13,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import json
 import os
+import signal
 import sys
+import threading
 
 from .cli_common import common_options, data_checks
 from .cli_structure import add_md_parser, add_relax_parser, run_md_command, run_relax_command
@@ -146,9 +150,41 @@ def main(argv=None) -> int:
     rmd.add_argument("--seed", type=int, default=123)
     rmd.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    if getattr(args, "debug", False):
-        return _run(args)
-    return _run_reporting(args)
+    with _sigterm_as_interrupt():
+        if getattr(args, "debug", False):
+            return _run(args)
+        return _run_reporting(args)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a scheduler sends a job it stops), raised as an interrupt: the command cleans up as for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises :class:`Terminated` in the main thread while a command runs (once: a repeat is
+    ignored until the cleanup is done); the previous handler back afterwards. Not in other threads, not
+    where SIGTERM is ignored, not in the processes of torchrun other than rank 0 (they write nothing)."""
+    if threading.current_thread() is not threading.main_thread() or os.environ.get("RANK", "0") != "0":
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):
+        old = None
+    if old is signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, old)
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 def _export_parsers(sub):
@@ -195,22 +231,46 @@ def _export_parsers(sub):
 
 
 def _run_reporting(args) -> int:
-    """``_run`` with errors as one line on stderr: bad input exits 2, an interrupt 130, an
-    unexpected error 1 (``--debug`` shows the traceback instead)."""
+    """``_run`` with errors as one line on stderr: bad input (and a full disk, a busy output directory)
+    exits 2, an interrupt 130 (SIGTERM 143), an unexpected error 1 (``--debug`` shows the traceback instead)."""
     try:
         return _run(args)
     except _USER_ERRORS as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"mmea-kernels {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"mmea-kernels {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        term = isinstance(exc, Terminated)
+        print(f"mmea-kernels {args.command}: {'terminated (SIGTERM)' if term else 'interrupted'}", file=sys.stderr)
+        return 128 + int(signal.SIGTERM) if term else 130
     except Exception as exc:  # a bug, not bad input: one line, the traceback with --debug
+        msg = _environment_error(exc, args.command)
+        if msg:
+            print(f"mmea-kernels {args.command}: error: {msg}", file=sys.stderr)
+            return 2
         first = (str(exc).strip().splitlines() or [""])[0]
         print(f"mmea-kernels {args.command}: internal error: {type(exc).__name__}: {first} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _environment_error(exc: Exception, command: str):
+    """The message of an error that is the machine's, not a bug (exit 2): a full disk or quota (naming
+    the file), another run in the output directory; None for any other error."""
+    ckpt, loop = sys.modules.get("mmea_kernels.train.checkpoint"), sys.modules.get("mmea_kernels.train.loop")
+    if loop is not None and isinstance(exc, loop.DirectoryInUse):
+        return str(exc)
+    if not isinstance(exc, OSError):
+        return None
+    if ckpt is not None and isinstance(exc, ckpt.WriteFailed):
+        msg = str(exc)
+    elif exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EFBIG):
+        msg = (f"could not write {exc.filename}: " if exc.filename else "") + f"{exc.strerror} (the disk may be full)"
+    else:
+        return None
+    if command == "finetune" and "--resume" not in msg:
+        msg += "; free space, then run again with --resume to continue from the last saved state (state.pt)"
+    return msg
 
 
 def _run(args) -> int:
@@ -246,7 +306,7 @@ def _run(args) -> int:
         if res.get("stopped") == "stop_after":
             return 3
     elif args.command == "evaluate":
-        from ..train import evaluate_checkpoint
+        from ..train.checkpoint import atomic_write_text, evaluate_checkpoint
 
         from .files import check_outputs, checkpoint_inputs
 
@@ -259,9 +319,8 @@ def _run(args) -> int:
               f"E RMSE {res['energy_rmse_meV']:.3f} meV | F MAE {res['forces_mae_meV_per_A']:.3f} meV/Å | "
               f"F RMSE {res['forces_rmse_meV_per_A']:.3f} meV/Å"
               + (f" | σ MAE {res['stress_mae_meV_per_A3']:.3f} meV/Å³" if "stress_mae_meV_per_A3" in res else ""))
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(res, fh, indent=1)
+        if args.json:  # whole or not at all: an interrupt or a full disk leaves the old file
+            atomic_write_text(args.json, json.dumps(res, indent=1))
     elif args.command == "md":
         run_md_command(args)
     elif args.command == "export":

@@ -33,8 +33,9 @@ class MDSettings:
     ``interval`` steps (``"-"``: standard output); ``save_state``: an MD state file (``app.md_state``)
     every ``save_state_every`` steps and at the end, to resume from. Existing output files are refused
     unless ``overwrite`` (the state file a run resumes from may be its ``save_state``), an input file
-    always; a setting the run would not use (``tdamp_fs`` for nve, ``pressure_bar``/``pdamp_fs`` but
-    for npt, ``save_state_every`` without ``save_state``) when given or other than its default."""
+    always, and a file another run is writing (each is locked for the run: ``app.locks``); a setting
+    the run would not use (``tdamp_fs`` for nve, ``pressure_bar``/``pdamp_fs`` but for npt,
+    ``save_state_every`` without ``save_state``) when given or other than its default."""
 
     steps: int = 400
     dt_fs: float = 0.5
@@ -332,10 +333,12 @@ def run_md(atoms, calculator, settings: Optional[MDSettings] = None, where: str 
     defaults, that would change the dynamics are refused (:func:`resumed_settings`). A state of
     another precision or device (``calculator.dtype``/``.device``) runs on, with
     ``"bit_identical_continuation": false`` in the summary. ``model``: a string
-    identifying the model, kept in state files; resuming a state of another model is refused."""
+    identifying the model, kept in state files; resuming a state of another model is refused.
+    Interrupted (``KeyboardInterrupt``), the trajectory, log and state file end on the last completed
+    step, whatever the integrator was in the middle of (``md_output.Outputs.end_on_last``)."""
     from ase import units
 
-    from .md_output import Log, summary, writer
+    from .md_output import Outputs, summary
 
     s = dataclasses.replace(settings or MDSettings(), **_known(kw))
     runtime = _runtime(calculator)
@@ -357,7 +360,7 @@ def run_md(atoms, calculator, settings: Optional[MDSettings] = None, where: str 
         restore_state(dyn, resume)
     first, dof, npt, n = dyn.nsteps, degrees_of_freedom(atoms, s.integrator), s.ensemble == "npt", len(atoms)
     rec = {k: [] for k in ("temperature", "conserved", "volume", "pressure")}
-    log = Log(s.log, npt) if s.log is not None else None
+    out = Outputs(atoms, s, dyn, model, runtime, getattr(resume, "path", None))  # locks the files, or refuses
 
     def record():
         epot, step = atoms.get_potential_energy(), dyn.nsteps
@@ -369,29 +372,10 @@ def run_md(atoms, calculator, settings: Optional[MDSettings] = None, where: str 
         if npt:
             rec["volume"].append(atoms.get_volume())
             rec["pressure"].append(-float(np.mean(atoms.get_stress(include_ideal_gas=True)[:3])) / units.bar)
-        if log is not None and (step % s.interval == 0 or step == first + s.steps):
-            log.line(step * s.dt_fs / 1000, epot, atoms.get_kinetic_energy(), rec["temperature"][-1],
-                     rec["conserved"][-1], n, *((rec["volume"][-1], rec["pressure"][-1]) if npt else ()))
+        out.observe(step * s.dt_fs / 1000, epot, atoms.get_kinetic_energy(), rec["temperature"][-1],
+                    rec["conserved"][-1], n, *((rec["volume"][-1], rec["pressure"][-1]) if npt else ()))
 
-    write, traj = writer(atoms, s, dyn)
-    outputs = [(f, every) for f, every in ((write, s.interval), (_saver(dyn, atoms, s, model, runtime),
-                                                                 s.save_state_every))
-               if f is not None]
-    for f, every in [(record, 1)] + outputs:
-        dyn.attach(f, interval=every)
-    try:
-        if first:  # ASE calls the observers at step 0 only; a resumed run records and writes its first frame
-            record()
-            if write is not None:
-                write()
-        dyn.run(s.steps)
-        for f, every in outputs:
-            if dyn.nsteps % every:
-                f()  # the last frame and state always (a run continues from them)
-    finally:
-        for f in (traj, log):
-            if f is not None:
-                f.close()
+    out.run(record)  # interrupted: the files end on the last completed step (md_output.Outputs.end_on_last)
     return dict(summary(atoms, s, rec), degrees_of_freedom=dof, first_step=first, last_step=dyn.nsteps,
                 **_continuation(resume, runtime))
 
@@ -442,15 +426,6 @@ def _known(kw: dict) -> dict:
             raise TypeError(f"run_md() got an unknown keyword {key!r}{hint}; the MDSettings fields (units in "
                             f"their names) are {', '.join(_FIELDS)}")
     return {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in kw.items()}  # output files as str
-
-
-def _saver(dyn, atoms, s: MDSettings, model: Optional[str], runtime: Optional[str]):
-    """A function writing the run's state file (or None without ``save_state``)."""
-    if s.save_state is None:
-        return None
-    from .md_state import capture_state, save_state
-
-    return lambda: save_state(s.save_state, capture_state(dyn, atoms, s, model, runtime))
 
 
 def nve_drift(atoms, calculator, steps: int = 200, dt_fs: float = 0.5, temperature_K: float = 300.0,

@@ -106,7 +106,13 @@ def predict(checkpoint, data: str, out, model: Optional[str] = None, batch_size:
             ase.io.write(tmp, part, format="extxyz", append=start > 0)
         umask_mode(tmp)
         os.replace(tmp, out)
-    finally:
+    except OSError as exc:  # a full disk: named, not an internal error (the partial file goes below)
+        from ..train.checkpoint import DISK_ERRNOS, write_failed
+
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        raise write_failed(out, exc) from exc
+    finally:  # an error or an interrupt (Ctrl-C, SIGTERM) half-way: no partial file left
         if os.path.exists(tmp):
             os.remove(tmp)
     return {"out": str(out), "frames": len(frames), "with_stress": n_stress, "method": ckpt["method"],

@@ -179,8 +179,27 @@ def _relax_summary(atoms, s: RelaxSettings, converged: bool, steps: int, rounds:
         res.update(max_stress_residual_bar=float(np.abs(residual).max() / units.bar), optimizer_rounds=rounds,
                    stress_tol_bar=_stress_tol_bar(atoms, s))
     if s.out is not None:
-        from ase.io import write
-
-        write(s.out, atoms, format="extxyz")
+        _write_atomically(s.out, atoms)
         res["out"] = s.out
     return res
+
+
+def _write_atomically(path: str, atoms) -> None:
+    """Write ``atoms`` (extended XYZ) to a temporary file beside ``path``, then rename it over ``path``:
+    a kill or a full disk mid-write leaves the previous file (or none), never half a structure."""
+    import tempfile
+
+    from ase.io import write
+
+    from .files import umask_mode
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            write(fh, atoms, format="extxyz")
+        umask_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -138,7 +138,11 @@ def refit_e0s(model, frames, z_table: Sequence[int], mode: str, energy_key: str,
 def set_e0s(model, e0s, source: str = "the E0s") -> None:
     """Put ``e0s`` (one per element of the model) into the model (a multi-head model: into the head it
     runs, :func:`~mmea_kernels.integrations.heads.head_e0s`); ``source`` names them in errors."""
-    buf = head_e0s(model)
+    buf, table = head_e0s(model), model.atomic_energies_fn.atomic_energies
+    if table.dim() == 2 and len(e0s) == table.numel() != buf.numel():
+        raise ValueError(f"{source} holds the E0s of all {table.shape[0]} heads of a multi-head base: it was trained "
+                         "before this package chose a head (it trained head 0, whatever the base's default); "
+                         "fine-tune again (--head chooses the head)")
     if len(e0s) != buf.numel():
         z = [int(v) for v in getattr(model, "atomic_numbers", [])]
         raise ValueError(f"{source} holds {len(e0s)} reference energies (E0s), but the base model has {buf.numel()} "

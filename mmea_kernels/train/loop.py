@@ -17,22 +17,28 @@ The steps: :func:`setup` (data, base model, E0s, method, optimizer), :func:`trai
 
 Outputs in ``out_dir``: ``checkpoint.pt`` (best validation epoch; trainable tensors only, plus the
 re-fitted E0s: an adapter-only checkpoint for adapter methods, every weight for full/scratch;
-:mod:`.checkpoint`), ``metrics.json``, ``learning_curve.png``, ``state.pt`` (to resume).
+:mod:`.checkpoint`), ``metrics.json``, ``learning_curve.png``, ``state.pt`` (to resume); each file is
+written atomically, ``metrics.json`` last (a run is finished when it is there and of ``state.pt``'s
+epoch). While a run works in ``out_dir`` it holds ``out_dir/.lock`` (:func:`lock_run_dir`): a second
+run there is refused.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
 import pathlib
+import socket
 import sys
 import time
 import types
 
 import torch
 
-from .checkpoint import check_writable, load_state, prepare, save_state, write_checkpoint
+from .checkpoint import (DISK_ERRNOS, WriteFailed, atomic_write_text, check_writable, load_state, prepare, save_state,
+                         write_checkpoint)
 from .config import DTYPES, FinetuneConfig
 from .data import make_batches, overlap_note, read_splits, split_graphs
 from .device import resolve_device
@@ -44,13 +50,15 @@ from .loss import errors, format_table, label_scale_note, loss, split_errors
 from .methods import trainable_state
 from .plot import plot_history
 
-__all__ = ["finetune", "setup", "train", "train_one_epoch", "take_step", "evaluate", "finish", "dist_setup"]
+__all__ = ["finetune", "setup", "train", "train_one_epoch", "take_step", "evaluate", "finish", "dist_setup",
+           "DirectoryInUse", "lock_run_dir", "unlock_run_dir"]
 
 
 def finetune(cfg: FinetuneConfig, log=print) -> dict:
     """Run the workflow described in the module docstring; returns the metrics dict. Bad data,
     files or settings raise before training; an output directory this call created is removed
-    again when it fails before writing anything into it."""
+    again when it fails before writing anything into it; :class:`DirectoryInUse` when another process
+    runs in it."""
     cfg.check()
     device = resolve_device(cfg.device)  # a device that is not there is refused before anything is written
     rank, world = dist_setup(device)
@@ -61,12 +69,87 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     out = pathlib.Path(cfg.out_dir)
     made = created_dirs(out) if rank == 0 else []
     try:
-        if rank == 0:
+        lock = None
+        if rank == 0:  # the process that writes the files holds the directory for the whole run
             check_writable(out)
-        return _run(cfg, log, rank, world, out, device)
+            lock = lock_run_dir(out)
+            if lock is not None:
+                _remove_orphans(out, log)
+        try:
+            return _run(cfg, log, rank, world, out, device)
+        finally:
+            unlock_run_dir(lock)
     except BaseException:
         remove_created_dirs(made)
         raise
+
+
+class DirectoryInUse(RuntimeError):
+    """Another process holds the lock of a run's output directory (:func:`lock_run_dir`)."""
+
+
+def lock_run_dir(out: pathlib.Path):
+    """Lock the output directory ``out`` for this process (``flock`` on ``out/.lock``, released when the
+    process ends, however it ends); :class:`DirectoryInUse` when another process holds it. Returns the
+    lock for :func:`unlock_run_dir`, or None where there is no ``fcntl`` or the file system has no locks."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        return None
+    path = pathlib.Path(out) / ".lock"
+    for _ in range(20):  # the file removed by the holder between open and flock: lock the new one
+        fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise DirectoryInUse(f"output directory {out} (--out) is in use by another process{holder}: two runs "
+                                     "in one directory would overwrite each other's files; wait for that run to end, "
+                                     "or choose another --out") from None
+            return None  # no locks on this file system (ENOLCK, ...)
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(str(path)))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            return fd, path
+        os.close(fd)
+    return None
+
+
+def _remove_orphans(out: pathlib.Path, log) -> None:
+    """Remove the temporary files of a run in ``out`` that was killed (SIGKILL, a crash) while writing:
+    with the directory's lock held, no other run writes them."""
+    orphans = [p for name in ("state.pt", "checkpoint.pt", "metrics.json") for p in out.glob(f".{name}.*.tmp")]
+    for p in orphans:
+        p.unlink(missing_ok=True)
+    if orphans:
+        log(f"removed {len(orphans)} temporary file(s) of a run that was killed while writing: "
+            f"{', '.join(p.name for p in orphans)}")
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        pid, host = os.pread(fd, 200, 0).decode().split()[:2]
+        return f" (process {int(pid)} on {host})"
+    except (OSError, ValueError):
+        return ""
+
+
+def unlock_run_dir(lock) -> None:
+    """Release a :func:`lock_run_dir` lock, removing its file (while still holding it)."""
+    if lock is None:
+        return
+    fd, path = lock
+    try:
+        os.remove(str(path))
+    except OSError:
+        pass
+    os.close(fd)
 
 
 def dist_setup(device: torch.device = torch.device("cpu")):
@@ -136,12 +219,17 @@ def _run(cfg: FinetuneConfig, log, rank: int, world: int, out: pathlib.Path, dev
     r = setup(cfg, world, device, log)
     if cfg.resume and state_path.exists():
         load_state(cfg, r, state_path, log)
-        if cfg.resume == "auto" and (out / "metrics.json").exists() and _nothing_left(cfg, r):
-            why = ("early stopping ended it" if _early_stop(cfg, r, r.start_epoch) else
-                   f"all {cfg.epochs} epochs done; a larger --epochs trains on")
-            log(f"{out} holds a finished run (epoch {r.start_epoch - 1}, best {r.best['epoch']}; metrics.json): {why}; "
-                "left as it is (resume='auto', --resume auto)")
-            return json.loads((out / "metrics.json").read_text())
+        if not _nothing_left(cfg, r):
+            if rank == 0:  # training on: a finished run's metrics.json is no longer this directory's result
+                _drop_stale_metrics(out, r, cfg, log)
+        elif cfg.resume == "auto":
+            metrics = _finished_metrics(out, r, log)
+            if metrics is not None:
+                why = ("early stopping ended it" if _early_stop(cfg, r, r.start_epoch) else
+                       f"all {cfg.epochs} epochs done; a larger --epochs trains on")
+                log(f"{out} holds a finished run (epoch {r.start_epoch - 1}, best {r.best['epoch']}; metrics.json): "
+                    f"{why}; left as it is (resume='auto', --resume auto)")
+                return metrics
     r.valid_b = make_batches(r.graphs["valid"], cfg.eval_batch_size, device=device)
     log(f"{cfg.method} on {device}: {r.n_train:,} trainable parameters ({'; '.join(f'{k} {v:,}' for k, v in r.groups.items())}); "
         f"{len(r.graphs['train'])} train / {len(r.graphs['valid'])} valid / {len(r.graphs['test'])} test frames; "
@@ -154,19 +242,73 @@ def _run(cfg: FinetuneConfig, log, rank: int, world: int, out: pathlib.Path, dev
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.epochs, initial=r.start_epoch - 1, desc=cfg.method, file=sys.stderr, dynamic_ncols=True)
+    return _train_and_finish(cfg, r, log, rank, world, out, bar)
+
+
+def _train_and_finish(cfg: FinetuneConfig, r, log, rank: int, world: int, out: pathlib.Path, bar) -> dict:
+    """:func:`train`, then :func:`finish`; an interrupt (Ctrl-C, SIGTERM in the CLI) or a full disk
+    says which epoch ``state.pt`` holds."""
+    state_path, phase = out / "state.pt", "train"
     r.epoch = r.start_epoch
     try:
-        stopped, epoch, ran = train(cfg, r, rank, world, out, bar)
+        try:
+            stopped, epoch, ran = train(cfg, r, rank, world, out, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        if stopped == "stop_after":
+            log(f"stopped after {ran} epochs as asked (stop_after); resume with --resume")
+            return {"stopped": stopped, "epoch": epoch}
+        phase = "finish"
+        return finish(cfg, r, rank, world, out, stopped, epoch, log)
     except KeyboardInterrupt:
-        log(interrupt_message(r.epoch, state_path, r.saved_epoch))
+        if phase == "finish" and r.saved_epoch > 0 and state_path.exists():
+            log(f"interrupted in the final evaluation, after the last epoch; {state_path} holds epoch {r.saved_epoch}: "
+                "run again with --resume to finish (final evaluation and files)")
+        else:
+            log(interrupt_message(r.epoch, state_path, r.saved_epoch))
         raise
-    finally:
-        if bar is not None:
-            bar.close()
-    if stopped == "stop_after":
-        log(f"stopped after {ran} epochs as asked (stop_after); resume with --resume")
-        return {"stopped": stopped, "epoch": epoch}
-    return finish(cfg, r, rank, world, out, stopped, epoch, log)
+    except OSError as exc:
+        if not (isinstance(exc, WriteFailed) or exc.errno in DISK_ERRNOS):
+            raise
+        if r.saved_epoch > 0 and state_path.exists():
+            kept = f"{state_path} holds epoch {r.saved_epoch}: free space, then run again with --resume " + (
+                "to finish the run (final evaluation and files)" if phase == "finish" else "to continue from it")
+        else:
+            kept = "no training state was saved: free space, then start the run again"
+        err = WriteFailed(f"{exc}; {kept}")
+        err.errno = exc.errno
+        raise err from exc
+
+
+def _finished_metrics(out: pathlib.Path, r, log):
+    """The metrics.json of the finished run whose state ``r`` was loaded from; None (the run is finished
+    again) when there is none, or it is unreadable (a write cut short) or of another epoch."""
+    path = out / "metrics.json"
+    if not path.exists():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+        ok = isinstance(metrics, dict) and (metrics.get("epochs_run"), metrics.get("best_epoch")) == \
+            (r.start_epoch - 1, r.best["epoch"])
+        why = "" if ok else (f"it is of epoch {metrics.get('epochs_run')}, state.pt of epoch {r.start_epoch - 1}"
+                             if isinstance(metrics, dict) else "it holds no run's metrics")
+    except (OSError, ValueError) as exc:
+        ok, why = False, f"it is unreadable ({exc})"
+    if ok:
+        return metrics
+    log(f"{path} is not the finished run's result ({why}): finishing the run again (final evaluation and files)")
+    return None
+
+
+def _drop_stale_metrics(out: pathlib.Path, r, cfg: FinetuneConfig, log) -> None:
+    """Remove the metrics.json of a finished run that now trains on (a larger --epochs): killed before
+    it finishes again, the directory would claim a result that is not its checkpoint's or state's."""
+    path = out / "metrics.json"
+    if path.exists():
+        path.unlink()
+        log(f"{path} of the run finished at epoch {r.start_epoch - 1} removed: training on to epoch {cfg.epochs} "
+            "(written again when the run finishes)")
 
 
 def _early_stop(cfg: FinetuneConfig, r, epoch: int) -> bool:
@@ -279,7 +421,8 @@ def finish(cfg: FinetuneConfig, r, rank: int, world: int, out: pathlib.Path, sto
     metrics["world_size"] = world
     if rank == 0:
         write_checkpoint(out / "checkpoint.pt", cfg, r, metrics)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
         plot_history(r.history, out / "learning_curve.png", f"{cfg.method} on {cfg.train} (base {cfg.model})")
+        # last, whole or not at all: a metrics.json that --resume auto reads back marks the run finished
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     log(format_table(metrics))
     return metrics

@@ -145,3 +145,15 @@ def test_conversions_and_in_place_scripting_keep_the_head(two_heads, train_files
         copy = load_model(str(two_heads), trust_pickle=True)
         script(copy, in_place=True)
         assert energy(copy) == pytest.approx(want, rel=1e-12)
+
+
+def test_a_checkpoint_from_before_heads_were_chosen_is_refused_by_name(two_heads):
+    """Such a checkpoint (--e0s keep was its only way to run) holds the flattened E0 table of every
+    head; it was refused as made 'for a base model with other elements' (found in review)."""
+    from mmea_kernels.train.e0s import set_e0s
+
+    model = load_model(str(two_heads), trust_pickle=True)
+    with pytest.raises(ValueError, match="holds the E0s of all 2 heads of a multi-head base: it was trained before"):
+        set_e0s(model, [v for row in E0 for v in row], "checkpoint old.pt")
+    set_e0s(model, E0[0], "the fitted E0s")  # one head's: into the Default row
+    assert model.atomic_energies_fn.atomic_energies.tolist() == [E0[0], E0[0]]

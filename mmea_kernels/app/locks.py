@@ -1,0 +1,112 @@
+"""Exclusive locks on the files a run writes (md's trajectory, log and state), held from before a
+file is emptied to the end of the run: two runs given the same output both pass the "exists unless
+--overwrite" check when they start together, and would then interleave their frames in one file.
+With the lock the second run stops, before it writes anything, naming the file. ``fcntl.flock``
+(advisory, released by the system when the process ends, a kill included); where there is no
+``fcntl`` (Windows) files are opened without a lock."""
+from __future__ import annotations
+
+import os
+import stat
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+__all__ = ["OutputInUseError", "open_output", "empty", "SiblingLock"]
+
+_FLAGS = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+
+
+class OutputInUseError(FileExistsError):
+    """Another process holds the lock on an output file (it is writing it)."""
+
+
+def _busy(option: str, path: str) -> OutputInUseError:
+    return OutputInUseError(f"{option} {path}: another process is writing it (it holds the file's lock); wait for "
+                            f"it to finish or give {option} another name")
+
+
+def _lock(fd: int) -> bool:
+    """Take the exclusive lock on ``fd`` without waiting: False when another open file holds it (a file
+    system without locks, ENOLCK/EOPNOTSUPP, counts as taken: nothing to hold there)."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        import errno
+
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            return True
+        raise
+    return True
+
+
+def open_output(path: str, option: str, overwrite: bool) -> tuple:
+    """``(fd, created)``: ``path`` opened for writing under an exclusive lock, and whether
+    this call created it. The open neither empties nor replaces the file: the caller empties it
+    (:func:`empty`) once it holds every lock it needs. :class:`OutputInUseError` when another
+    process holds the lock; ``FileExistsError`` when the file appeared since the run checked its
+    outputs (another run that has finished wrote it) and not ``overwrite``."""
+    created = not overwrite
+    try:
+        fd = os.open(path, _FLAGS | (os.O_EXCL if created else 0), 0o666)
+    except FileExistsError:
+        created, fd = False, os.open(path, _FLAGS, 0o666)
+    if not _lock(fd):
+        os.close(fd)
+        raise _busy(option, path)
+    if not (created or overwrite):
+        os.close(fd)
+        raise FileExistsError(f"{option} {path} exists (written since this run checked its outputs); pass "
+                              "--overwrite to replace it")
+    return fd, created
+
+
+def empty(fd: int) -> None:
+    """Empty the file open as ``fd`` (a regular file; /dev/null and the like stay as they are)."""
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        os.ftruncate(fd, 0)
+
+
+class SiblingLock:
+    """An exclusive lock for a file that is replaced rather than written in place (md's state file:
+    a temporary file renamed over it, so a lock on the file would stay on the old one and the
+    directory would stop unrelated runs writing beside it): ``.NAME.lock`` in the same directory,
+    removed by :meth:`release`. A run that opened the lock file just before its removal finds, once
+    it holds the lock, that the name is another file (or none), and takes the lock anew."""
+
+    def __init__(self, path: str, option: str):
+        self.fd = None
+        if fcntl is None:  # pragma: no cover - no locks here: no lock file either
+            return
+        folder, name = os.path.split(os.path.abspath(path))
+        self.path = os.path.join(folder, f".{name}.lock")
+        while True:
+            fd = os.open(self.path, _FLAGS, 0o666)
+            if not _lock(fd):
+                os.close(fd)
+                raise _busy(option, path)
+            try:
+                held = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                held = False
+            if held:
+                self.fd = fd
+                return
+            os.close(fd)
+
+    def release(self) -> None:
+        """Remove the lock file (while holding it) and let go."""
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
