@@ -36,6 +36,10 @@ from typing import Optional
 
 import torch
 
+from ..integrations.heads import head_summary
+from ..linear_spec import is_cuet_linear
+from ..nn.gate_swap import replace_gates
+
 __all__ = ["export_checkpoint", "FORMATS"]
 
 FORMATS = ("lammps", "lammps-parallel", "lammps-mliap", "torchscript")
@@ -94,19 +98,6 @@ def _check_kernels(kernels: str, fmt: str) -> None:
         ok, why = cpp_status("cpu")
         if not ok:
             raise ValueError(f"--kernels cpp needs this package's C++ extension: {why}")
-
-
-def head_summary(net, fmt: str) -> dict:
-    """For a multi-head model: the head the file runs (a TorchScript file: the head its input names)."""
-    from ..integrations.heads import head_index, model_heads
-
-    heads = model_heads(net)
-    if len(heads) == 1:
-        return {}
-    name = heads[head_index(net)]
-    return {"head": name, **({"head_note": f"the file runs the head its input names (batch['head']); this model was "
-                                           f"fine-tuned for {name!r} (index {head_index(net)}): mace's MACECalculator "
-                                           f"needs head={name!r}"} if fmt == "torchscript" else {})}
 
 
 def _fused_count(net) -> dict:
@@ -427,6 +418,10 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
         from .deploy_mliap import export_mliap
 
         return export_mliap(net, ckpt, out, want, mliap_backend)
+    if any(is_cuet_linear(m) for m in net.modules()):
+        raise ValueError(f"checkpoint {checkpoint} holds a cuEquivariance-form MACE, which does not script "
+                         "(cuequivariance's naive path fails under TorchScript): export it as --format lammps-mliap, "
+                         "or fine-tune the e3nn form")
     net = net.to(want).eval()
     z, r_max = model_info(net)
     probe = ckpt.get("probe") or _cluster(z)
@@ -436,6 +431,7 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
         batch = probe_batch(net, frame)
         checks.append((batch, _eager(net, batch, bool(torch.as_tensor(frame["pbc"]).all()))))
     folded, head = _fold_parametrizations(net), head_summary(net, fmt)  # before scripting takes the HeadHook
+    gates = len(replace_gates(net))  # mace's GatedEquivariantBlock (non-linear blocks) does not script; FusedGate does
     fused = _fused_count(net) if kernels == "cpp" else None
     module = _script(net, fmt, want, kernels)  # in place: net is this function's own copy
     rel = _write_verified(out, lambda tmp: module.save(tmp), lambda tmp: _verify(torch.jit.load(tmp), fmt, checks, want))
@@ -444,6 +440,7 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
     return {"out": str(out), "format": fmt, "dtype": str(want).replace("torch.", ""), "method": ckpt["method"],
             "base_model": ckpt["model"], "atomic_numbers": [int(v) for v in z], "r_max": float(r_max),
             "folded_parametrizations": folded, "verified_max_rel_diff": rel, "kernels": kernels, **head,
+            **({"fused_gates": gates} if gates else {}),
             **({"fused_adapters": fused} if fused is not None else {}),
             **({"lammps": f"plugin load DIR/mace.so (the LAMMPS of mmea-kernels lammps-build --dir DIR; "
                           + ("the file needs its kernels: not ACEsuit's LAMMPS" if kernels == "cpp" else

@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 
 from .deploy import (TOLERANCE, _SCRIPT_ERRORS, _cluster, _crowded, _eager_frames, _fold_parametrizations, _rel_diff,
-                     _write_verified, head_summary)
+                     _write_verified)
+from ..integrations.heads import head_summary
 
 FORMAT = "lammps-mliap"
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 __all__ = ["model_heads", "choose_head", "use_head", "head_index", "head_chosen", "head_e0s", "without_head_hook",
-           "restore_head_hook", "copy_head", "HeadHook"]
+           "restore_head_hook", "copy_head", "head_summary", "HeadHook"]
 
 
 def model_heads(model: nn.Module) -> List[str]:
@@ -133,3 +133,15 @@ def without_head_hook(model: nn.Module) -> Optional[HeadHook]:
         model._forward_pre_hooks.pop(key)
         model._forward_pre_hooks_with_kwargs.pop(key, None)
     return hook
+
+
+def head_summary(net: nn.Module, fmt: str) -> dict:
+    """For an export summary of a multi-head model: the head the file runs (a TorchScript file: the
+    head its input names); {} for a one-head model."""
+    heads = model_heads(net)
+    if len(heads) == 1:
+        return {}
+    name = heads[head_index(net)]
+    return {"head": name, **({"head_note": f"the file runs the head its input names (batch['head']); this model was "
+                                           f"fine-tuned for {name!r} (index {head_index(net)}): mace's MACECalculator "
+                                           f"needs head={name!r}"} if fmt == "torchscript" else {})}

@@ -173,10 +173,27 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
             model = _from_config(_model_config(config), obj, str(path))
         else:
             raise ValueError(f"{path} holds a {type(obj).__name__}, not a model or state dict")
+    _check_supported(model, spec)
     if dtype is not None:
         model = model.to(dtype)
     use_head(model, head, where=spec)
     return model.eval()
+
+
+def _check_supported(model: nn.Module, where: str) -> None:
+    """``ValueError`` for a mace-torch model this package would run wrongly: one without per-element
+    energies (dipole-only models), or one that takes more inputs than the structure (``embedding_specs``:
+    total charge and spin as MACE-OMOL, which the batches here do not carry: every structure would run
+    as charge 0, spin 1)."""
+    name = type(model).__name__
+    if hasattr(model, "r_max") and not hasattr(model, "atomic_energies_fn"):
+        raise ValueError(f"{where} is a {name}, which has no per-element energies (atomic_energies_fn): this package "
+                         "fine-tunes models of energies and forces (MACE, ScaleShiftMACE, SevenNet)")
+    specs = getattr(model, "embedding_specs", None)
+    if specs:
+        raise ValueError(f"{where} is a {name} that takes {', '.join(map(str, specs))} as inputs besides the structure "
+                         "(embedding_specs, e.g. total charge and spin): this package does not pass them, so every "
+                         "structure would run as charge 0, spin 1; it is not supported")
 
 
 def model_info(model: nn.Module) -> Tuple[list, float]:
