@@ -44,6 +44,10 @@ def _make_calculator():
 
             if (checkpoint is None) == (module is None):
                 raise ValueError("give exactly one of checkpoint= (a fine-tuning checkpoint) or module= (a model)")
+            unused = [k for k, v in (("model", model), ("dtype", dtype), ("trust_pickle", trust_pickle)) if v]
+            if module is not None and (unused or device != "cpu"):
+                raise ValueError(f"{', '.join(unused + (['device'] if device != 'cpu' else []))}= are for checkpoint=; "
+                                 "module= runs as it is (its own dtype and device: move it with .to() first)")
             self.e0_span, self._e0_seen, self._e0_warned = None, None, False
             if checkpoint is not None:
                 from ..train import load_finetuned
@@ -61,23 +65,7 @@ def _make_calculator():
 
         def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
             super().calculate(atoms, properties, system_changes)
-            a = self.atoms.copy()
-            a.calc = None
-            lattice = (a.cell.array.tobytes(), a.pbc.tobytes())
-            if lattice != getattr(self, "_checked_lattice", None):
-                from ..train.checks import check_geometry
-
-                # a periodic direction without a lattice vector would be read (by mace's neighbour
-                # list) as a 1 Å period: atoms among dense images of themselves, finite nonsense
-                check_geometry([a], "MMEACalculator")
-                self._checked_lattice = lattice
-            periodic = bool(a.pbc.all()) and abs(a.cell.volume) > 1e-9  # stress with every evaluation there (NPT, relaxation)
-            if "stress" in properties and not periodic:
-                from ase.calculators.calculator import PropertyNotImplementedError
-
-                raise PropertyNotImplementedError(
-                    f"MMEACalculator: stress needs a structure periodic in all three directions with a 3-D cell; "
-                    f"this one has pbc={a.pbc.tolist()} and cell volume {abs(a.cell.volume):.3g} Å³")
+            a, periodic = _checked_copy(self, properties)
             _check_composition(self, a)
             batch = self._batches(a)
             out = self.net(batch, training=False, compute_force=True, **({"compute_stress": True} if periodic else {}))
@@ -93,7 +81,40 @@ def _make_calculator():
 
                 self.results["stress"] = full_3x3_to_voigt_6_stress(stress)
 
+    # picklable (multiprocessing, ASE's .traj name): found as the module's MMEACalculator
+    _Calc.__name__ = _Calc.__qualname__ = "MMEACalculator"
     return _Calc
+
+
+def _checked_copy(calc, properties):
+    """(a copy of the calculator's atoms without calculator, whether it is 3-D periodic), checked:
+    atoms, finite positions and the model's elements on every call (an MD run that blows up must
+    stop, not run on an empty neighbour list); the lattice when it changes (a periodic direction
+    without a lattice vector would be read by mace's neighbour list as a 1 Å period)."""
+    from ..train.checks import check_geometry, check_positions
+
+    a = calc.atoms.copy()
+    a.calc = None
+    if len(a) == 0:
+        raise ValueError("MMEACalculator: the structure has no atoms")
+    check_positions([a], "MMEACalculator")
+    if a.numbers.tobytes() != getattr(calc, "_checked_numbers", None):
+        from ..integrations.mace import check_elements
+
+        check_elements([a], calc.z, "MMEACalculator")
+        calc._checked_numbers = a.numbers.tobytes()
+    lattice = (a.cell.array.tobytes(), a.pbc.tobytes())
+    if lattice != getattr(calc, "_checked_lattice", None):
+        check_geometry([a], "MMEACalculator")
+        calc._checked_lattice = lattice
+    periodic = bool(a.pbc.all()) and abs(a.cell.volume) > 1e-9  # stress with every evaluation there (NPT, relaxation)
+    if "stress" in properties and not periodic:
+        from ase.calculators.calculator import PropertyNotImplementedError
+
+        raise PropertyNotImplementedError(
+            f"MMEACalculator: stress needs a structure periodic in all three directions with a 3-D cell; "
+            f"this one has pbc={a.pbc.tolist()} and cell volume {abs(a.cell.volume):.3g} Å³")
+    return a, periodic
 
 
 def _check_composition(calc, a) -> None:

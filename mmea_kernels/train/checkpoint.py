@@ -353,6 +353,8 @@ def load_finetuned(checkpoint, model: Optional[str] = None, model_config=None, d
     with ``weights_only=True``; ``trust_pickle`` only concerns a whole pickled base model that the
     caller names (``model``): the base the checkpoint names is read weights-only, whatever
     ``trust_pickle`` says."""
+    if dtype is not None and dtype not in DTYPES:  # torch.float32, "double", ...: the names the checkpoint stores
+        raise ValueError(f"dtype (--dtype) must be one of {', '.join(DTYPES)}, got {dtype!r}")
     dev = resolve_device(device)
     path = pathlib.Path(checkpoint)
     ckpt = _read_checkpoint(path)

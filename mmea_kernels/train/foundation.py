@@ -48,7 +48,8 @@ def _from_config(cfg: dict, state_dict: Optional[dict], source: str) -> nn.Modul
     unknown = sorted(set(cfg) - fields)
     if unknown:
         raise ValueError(f"{source}: unknown MACE config keys {unknown}; expected a subset of {sorted(fields)}")
-    model = build_mace(MACEConfig(**cfg))
+    with torch.random.fork_rng(devices=[]):  # random initial weights, replaced below: the caller's RNG untouched
+        model = build_mace(MACEConfig(**cfg))
     if state_dict is not None:
         own = model.state_dict()
         shapes = [f"{k}: {tuple(v.shape)} in the file, {tuple(own[k].shape)} for the config"
