@@ -15,7 +15,14 @@ method         what trains (everything else is frozen)
                have no weights of their own (their per-path weights are the radial MLP's output),
                so the low-rank update of the radial MLP's last layer is the update of the
                tensor-product weights; its Bessel frequencies (``basis_function.coeffs``) train
-               densely
+               densely. MACE variants: in mace's non-linear blocks
+               (``RealAgnosticResidualNonLinearInteractionBlock``, MACE-MPA/OMAT) the radial MLP
+               is a mace ``RadialMLP`` (A·B on each ``nn.Linear``; biases, LayerNorms frozen) and
+               the skip connection is an ``o3.Linear`` (no weighted tensor product there: MMEA);
+               the same for the attention block's ``skip_linear``. ``density_fn`` (and ``alpha``,
+               ``beta``) stay frozen. Gaussian and Chebyshev radial bases have no Bessel
+               frequencies. What a MACE lacks is reported as a zero ``none: ...`` group. A MACE in
+               cuEquivariance form is refused: convert it to e3nn first
 ``mmea-tp``    MMEA adapters on every ``o3.Linear`` and MMEA gates on the output of every e3nn
                ``TensorProduct`` (:class:`~mmea_kernels.nn.mmea.MMEATensorProduct`: the gate net
                reads the first input's 0e channels; the convolutions' messages and MACE's skip
@@ -29,14 +36,14 @@ method         what trains (everything else is frozen)
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from ..linear_spec import tensor_product_blocks
-from ..peft.inject import inject_adapters
+from ..peft.inject import adapted_modules, inject_adapters
 
 __all__ = ["METHODS", "apply_method", "LowRankDelta", "trainable_state", "reinitialize"]
 
@@ -84,11 +91,15 @@ def _low_rank(module: nn.Module, name: str, blocks, rank: int) -> None:
 
 
 def _bessel_to_parameter(model: nn.Module) -> List[str]:
+    """Make every ``bessel_weights`` a trainable parameter (mace-torch keeps it as a buffer unless
+    built with ``trainable=True``); their names."""
     names = []
     for mname, mod in model.named_modules():
         if "bessel_weights" in getattr(mod, "_buffers", {}):
             w = mod._buffers.pop("bessel_weights")
             mod.bessel_weights = nn.Parameter(w.detach().clone())
+        if isinstance(mod._parameters.get("bessel_weights"), nn.Parameter):
+            mod.bessel_weights.requires_grad_(True)
             names.append(f"{mname}.bessel_weights")
     return names
 
@@ -138,13 +149,48 @@ def _set_up(model: nn.Module, method: str, rank: int, seed: int, adapter_options
         readouts.requires_grad_(True)
         groups["readouts"] = sum(p.numel() for p in readouts.parameters())
         return groups
+    is_mace = _paper_target(model) if method == "mmea-paper" else False  # refusals before any change
     adapter = "elora" if method == "elora" else "mmea"
     rep = inject_adapters(model, method=adapter, rank=rank, **adapter_options)
     groups[f"{adapter.upper()} adapters on {len(rep.modules)} o3.Linear"] = rep.trainable_parameters
     if method == "mmea-tp":
         groups.update(_gate_tensor_products(model, rank, adapter_options))
-    if method != "mmea-paper":
-        return groups
+    if method == "mmea-paper":
+        groups.update(_paper_updates(model, rank, is_mace))
+    return groups
+
+
+def _is_mace(model: nn.Module) -> bool:
+    try:
+        from mace.modules.models import MACE
+    except ImportError:  # pragma: no cover - mace-torch not installed
+        MACE = ()
+    if MACE and isinstance(model, MACE):
+        return True
+    return all(isinstance(getattr(model, a, None), nn.ModuleList) for a in ("interactions", "products", "readouts"))
+
+
+def _paper_target(model: nn.Module) -> bool:
+    """Whether ``model`` is a MACE (else the SevenNet recipe applies); refuses a MACE in
+    cuEquivariance form, whose weighted tensor products and symmetric contractions are
+    ``cuequivariance_torch`` modules that the low-rank updates do not know."""
+    if not _is_mace(model):
+        return False
+    from ..linear_spec import is_cuet_linear
+
+    cuet = [n for n, m in model.named_modules() if type(m).__module__.startswith("cuequivariance_torch")
+            and not is_cuet_linear(m) and any(True for _ in m.parameters(recurse=False))]
+    if cuet:
+        shown = ", ".join(cuet[:3]) + (f" and {len(cuet) - 3} more" if len(cuet) > 3 else "")
+        raise ValueError(f"mmea-paper: this {type(model).__name__} is in cuEquivariance form ({shown} are "
+                         "cuequivariance_torch modules, whose weights the recipe's low-rank updates do not cover); "
+                         "convert it to e3nn first (mace's mace.cli.convert_cueq_e3nn, or "
+                         "mmea_kernels.integrations.cueq.convert_adapted_to_e3nn for a model with adapters)")
+    return True
+
+
+def _paper_updates(model: nn.Module, rank: int, is_mace: bool) -> Dict[str, int]:
+    """mmea-paper's low-rank and dense groups (the MMEA adapters are already on)."""
     from e3nn import o3
 
     counts = {"low-rank: weighted tensor products": 0, "low-rank: radial MLPs": 0,
@@ -171,25 +217,69 @@ def _set_up(model: nn.Module, method: str, rank: int, seed: int, adapter_options
         if type(mod).__name__ == "BesselBasis" and isinstance(coeffs, nn.Parameter):
             coeffs.requires_grad_(True)
             counts["dense: Bessel weights"] += coeffs.numel()
-    mace = counts["low-rank: top-order symmetric contraction"] > 0
-    required = list(counts) if mace else ["low-rank: radial MLPs", "dense: Bessel weights"]
+    if is_mace:
+        return _mace_coverage(model, counts)
+    required = ["low-rank: radial MLPs", "dense: Bessel weights"]
     for n in required:
         if counts[n] == 0:
             raise ValueError(f"mmea-paper: found nothing for '{n}' in {type(model).__name__} "
                              "(the recipe knows MACE and SevenNet models)")
-    counts = {n: c for n, c in counts.items() if c or n in required}
-    groups.update(counts)
-    return groups
+    return {n: c for n, c in counts.items() if c or n in required}
+
+
+def _all_parametrized(mod: Optional[nn.Module], name: str) -> bool:
+    """``mod`` has at least one submodule with a 2-D ``name`` tensor, and all of them are parametrized."""
+    found = [m for m in (mod.modules() if mod is not None else ())
+             if parametrize.is_parametrized(m, name) or getattr(getattr(m, name, None), "ndim", 0) >= 2]
+    return bool(found) and all(parametrize.is_parametrized(m, name) for m in found)
+
+
+def _mace_coverage(model: nn.Module, counts: Dict[str, int]) -> Dict[str, int]:
+    """Check, block by block, that the recipe reached every part of this MACE it promises; the
+    groups (non-empty ones) plus a zero-count ``none: ...`` entry for each part this MACE lacks."""
+    adapted, missing, linear_skip, notes = set(adapted_modules(model)), [], [], {}
+    for i, block in enumerate(model.interactions):
+        skip_name = "skip_linear" if hasattr(block, "skip_linear") else "skip_tp"  # the attention block's
+        skip, radial = getattr(block, skip_name, None), getattr(block, "conv_tp_weights", None)
+        if f"interactions.{i}.{skip_name}" in adapted:  # the non-linear and attention blocks: an o3.Linear
+            linear_skip.append(str(i))
+        elif skip is None or not parametrize.is_parametrized(skip, "weight"):
+            missing.append(f"interactions.{i}.{skip_name} ({type(skip).__name__}: not a weighted e3nn tensor product "
+                           "or an adapted o3.Linear)")
+        if not _all_parametrized(radial, "weight"):
+            missing.append(f"interactions.{i}.conv_tp_weights ({type(radial).__name__}: not an e3nn FullyConnectedNet "
+                           "or a mace RadialMLP)")
+    for i, prod in enumerate(model.products):
+        sc = getattr(prod, "symmetric_contractions", None)
+        if not _all_parametrized(sc, "weights_max"):
+            missing.append(f"products.{i}.symmetric_contractions ({type(sc).__name__}: no top-order weights_max)")
+    basis = getattr(getattr(model, "radial_embedding", None), "bessel_fn", None)
+    if counts["dense: Bessel weights"] == 0:
+        if isinstance(getattr(basis, "bessel_weights", None), torch.Tensor):
+            missing.append("radial_embedding.bessel_fn.bessel_weights")
+        else:
+            notes[f"none: Bessel weights (the {type(basis).__name__} radial basis has no frequencies)"] = 0
+    if missing:
+        raise ValueError(f"mmea-paper: in this {type(model).__name__} the recipe found nothing to train for: "
+                         + "; ".join(missing))
+    if linear_skip:
+        notes[f"none: weighted tensor product in interactions {', '.join(linear_skip)} (the skip connection is an "
+              "o3.Linear, under MMEA)"] = 0
+    return {**{n: c for n, c in counts.items() if c}, **notes}
 
 
 _RADIAL_PARENTS = (".conv_tp_weights.", ".weight_nn.")  # mace-torch, SevenNet
 
 
 def _is_radial_layer(mname: str, mod: nn.Module) -> bool:
-    """A layer ``layerK`` of a radial MLP (e3nn ``FullyConnectedNet``) that makes the per-edge
-    tensor-product weights."""
-    return (mname.split(".")[-1].startswith("layer") and any(p in f".{mname}." for p in _RADIAL_PARENTS)
-            and isinstance(getattr(mod, "weight", None), torch.Tensor) and mod.weight.dim() == 2)
+    """A layer of a radial MLP that makes the per-edge tensor-product weights: ``layerK`` of an e3nn
+    ``FullyConnectedNet`` (mace-torch's classic blocks, SevenNet) or an ``nn.Linear`` ``net.K`` of a
+    mace ``RadialMLP`` (``RealAgnosticResidualNonLinearInteractionBlock``)."""
+    parts = mname.split(".")
+    if not (any(p in f".{mname}." for p in _RADIAL_PARENTS)
+            and isinstance(getattr(mod, "weight", None), torch.Tensor) and mod.weight.dim() == 2):
+        return False
+    return parts[-1].startswith("layer") or (isinstance(mod, nn.Linear) and parts[-3:-1] == ["conv_tp_weights", "net"])
 
 
 def _gate_tensor_products(model: nn.Module, rank: int, options: dict) -> Dict[str, int]:
