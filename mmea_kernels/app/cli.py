@@ -268,7 +268,7 @@ def _environment_error(exc: Exception, command: str):
         msg = (f"could not write {exc.filename}: " if exc.filename else "") + f"{exc.strerror} (the disk may be full)"
     else:
         return None
-    if command == "finetune" and "--resume" not in msg:
+    if command == "finetune" and "--resume" not in msg and "start the run again" not in msg:
         msg += "; free space, then run again with --resume to continue from the last saved state (state.pt)"
     return msg
 

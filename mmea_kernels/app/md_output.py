@@ -17,25 +17,31 @@ from .md import MDSettings, _periodic
 __all__ = ["Outputs", "Frames", "Log", "append_frame", "summary"]
 
 
-def append_frame(fd: int, data: bytes, then=None) -> None:
+def append_frame(fd: int, data: bytes, then=None, path: Optional[str] = None) -> None:
     """Append ``data`` (one whole frame) to the file open as ``fd``, all or nothing: one write() of the
     formatted frame (a loop only if the system writes part of it), then ``then()`` (the frame noted as
     written), and on any exception in either (a full disk's ENOSPC, an interrupt) the file cut back to
     its length before the frame, then the exception raised.
     A SIGKILL inside the write() cannot be caught; with one write() of a small buffer it is very
     unlikely to leave a partial frame (the system copies the buffer at once)."""
-    start = os.lseek(fd, 0, os.SEEK_END)
+    import stat
+
+    regular = stat.S_ISREG(os.fstat(fd).st_mode)  # a FIFO or a device (/dev/stdout) neither seeks nor cuts back
+    start = os.lseek(fd, 0, os.SEEK_END) if regular else None
     view = memoryview(data)
     try:
         while view:
             view = view[os.write(fd, view):]
         if then is not None:
             then()
-    except BaseException:
-        try:
-            os.ftruncate(fd, start)
-        except OSError:
-            pass
+    except BaseException as exc:
+        if regular:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+        if isinstance(exc, OSError) and exc.filename is None and path is not None:  # a full disk names the file
+            raise OSError(exc.errno, exc.strerror, path) from exc
         raise
 
 
@@ -60,7 +66,7 @@ class Frames:
 
             buf = io.StringIO()  # the whole frame first, then one write (append_frame)
             write(buf, frame, format="extxyz")
-            append_frame(self.fd, buf.getvalue().encode(), lambda: setattr(self, "last_step", step))
+            append_frame(self.fd, buf.getvalue().encode(), lambda: setattr(self, "last_step", step), self.path)
         else:  # energy, forces and stress (when there)
             frame.calc.results = {k: v for k, v in frame.calc.results.items() if k in ("energy", "forces", "stress")}
             self.traj.write(frame)

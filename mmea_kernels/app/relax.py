@@ -185,21 +185,14 @@ def _relax_summary(atoms, s: RelaxSettings, converged: bool, steps: int, rounds:
 
 
 def _write_atomically(path: str, atoms) -> None:
-    """Write ``atoms`` (extended XYZ) to a temporary file beside ``path``, then rename it over ``path``:
-    a kill or a full disk mid-write leaves the previous file (or none), never half a structure."""
-    import tempfile
+    """Write ``atoms`` (extended XYZ) to ``path`` whole or not at all (a temporary file renamed over
+    it: a kill or a full disk mid-write leaves the previous file, or none; a symlink is written through)."""
+    import io
 
     from ase.io import write
 
-    from .files import umask_mode
+    from ..train.checkpoint import atomic_write_text
 
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            write(fh, atoms, format="extxyz")
-        umask_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    text = io.StringIO()
+    write(text, atoms, format="extxyz")
+    atomic_write_text(path, text.getvalue())

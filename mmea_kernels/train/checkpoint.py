@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import pathlib
+import stat
 import tempfile
 from typing import Optional
 
@@ -100,8 +101,16 @@ def _umask_mode(path) -> None:
 def _atomic_write(path, write) -> None:
     """``write(sink)`` into a new temporary file beside ``path`` (a name unique to this call), fsync,
     then rename it to ``path``: ``path`` is either the old file or the whole new one. On any failure
-    (an interrupt too) the temporary file is removed; a failed write raises :class:`WriteFailed`."""
-    path = pathlib.Path(path)
+    (an interrupt too) the temporary file is removed; a failed write raises :class:`WriteFailed`.
+    A symlink is written through (the file it names is replaced; the link stays), an existing file
+    keeps its mode, and what is not a regular file (a FIFO, a device: ``--json /dev/stdout``) is
+    written into directly, as ``open(path, "wb")`` would."""
+    path = pathlib.Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        with open(path, "wb") as fh:
+            write(_Sink(fh, str(path)))
+        return
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     except OSError as exc:
@@ -116,7 +125,10 @@ def _atomic_write(path, write) -> None:
             write(sink)
             fh.flush()
             os.fsync(fh.fileno())
-        _umask_mode(tmp)
+        if mode is None:
+            _umask_mode(tmp)
+        else:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException as exc:
         try:

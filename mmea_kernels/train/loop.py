@@ -19,7 +19,7 @@ Outputs in ``out_dir``: ``checkpoint.pt`` (best validation epoch; trainable tens
 re-fitted E0s: an adapter-only checkpoint for adapter methods, every weight for full/scratch;
 :mod:`.checkpoint`), ``metrics.json``, ``learning_curve.png``, ``state.pt`` (to resume); each file is
 written atomically, ``metrics.json`` last (a run is finished when it is there and of ``state.pt``'s
-epoch). While a run works in ``out_dir`` it holds ``out_dir/.lock`` (:func:`lock_run_dir`): a second
+epoch). While a run works in ``out_dir`` it holds ``out_dir/.mmea-kernels.lock`` (:func:`lock_run_dir`): a second
 run there is refused.
 """
 from __future__ import annotations
@@ -84,20 +84,24 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
         raise
 
 
+LOCK_NAME = ".mmea-kernels.lock"  # in --out while a run works there (a name no user file has)
+
+
 class DirectoryInUse(RuntimeError):
     """Another process holds the lock of a run's output directory (:func:`lock_run_dir`)."""
 
 
 def lock_run_dir(out: pathlib.Path):
-    """Lock the output directory ``out`` for this process (``flock`` on ``out/.lock``, released when the
+    """Lock the output directory ``out`` for this process (``flock`` on ``out/`` :data:`LOCK_NAME`, released when the
     process ends, however it ends); :class:`DirectoryInUse` when another process holds it. Returns the
     lock for :func:`unlock_run_dir`, or None where there is no ``fcntl`` or the file system has no locks."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no locking
         return None
-    path = pathlib.Path(out) / ".lock"
+    path = pathlib.Path(out) / LOCK_NAME
     for _ in range(20):  # the file removed by the holder between open and flock: lock the new one
+        existed = path.exists()
         fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -108,6 +112,8 @@ def lock_run_dir(out: pathlib.Path):
                 raise DirectoryInUse(f"output directory {out} (--out) is in use by another process{holder}: two runs "
                                      "in one directory would overwrite each other's files; wait for that run to end, "
                                      "or choose another --out") from None
+            if not existed:
+                path.unlink(missing_ok=True)
             return None  # no locks on this file system (ENOLCK, ...)
         try:
             same = os.path.samestat(os.fstat(fd), os.stat(str(path)))
@@ -274,8 +280,11 @@ def _train_and_finish(cfg: FinetuneConfig, r, log, rank: int, world: int, out: p
         if r.saved_epoch > 0 and state_path.exists():
             kept = f"{state_path} holds epoch {r.saved_epoch}: free space, then run again with --resume " + (
                 "to finish the run (final evaluation and files)" if phase == "finish" else "to continue from it")
-        else:
-            kept = "no training state was saved: free space, then start the run again"
+        else:  # what this run wrote would block a new run in --out (results without a state): removed
+            if rank == 0:
+                for name in ("checkpoint.pt", "metrics.json"):
+                    (out / name).unlink(missing_ok=True)
+            kept = "no training state was saved (nothing of this run is left in --out): free space, then start the run again"
         err = WriteFailed(f"{exc}; {kept}")
         err.errno = exc.errno
         raise err from exc

@@ -132,14 +132,32 @@ def test_a_full_disk_mid_frame_leaves_the_trajectory_on_its_last_whole_frame(tmp
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, ((starts[2] + starts[3]) // 2, hard))
     try:
-        with pytest.raises(OSError):
+        with pytest.raises(OSError) as err:
             run_md(_cu(), _EMT(), s, trajectory=str(tmp_path / "t.xyz"))
+        assert err.value.filename == str(tmp_path / "t.xyz")  # the CLI's message names the file
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert (tmp_path / "t.xyz").read_bytes() == text[:starts[2]]
     assert [f.info["md_step"] for f in read(str(tmp_path / "t.xyz"), ":")] == [0, 5]
     res = run_md(read(str(tmp_path / "t.xyz"), -1), _EMT(), _settings(steps=2, velocities="file"))
     assert res["last_step"] == 2
+
+
+def test_a_trajectory_on_a_fifo_is_streamed(tmp_path):
+    """A FIFO (or /dev/stdout) as --trajectory: an internal 'Illegal seek' error after the whole-frame
+    writes came (a review); each frame is written in one piece there too, unseekable."""
+    import threading
+
+    fifo = tmp_path / "t.xyz"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    s = _settings(steps=12)
+    run_md(_cu(), _EMT(), s, trajectory=str(fifo), overwrite=True)
+    reader.join(20)
+    run_md(_cu(), _EMT(), s, trajectory=str(tmp_path / "file.xyz"))
+    assert got == [(tmp_path / "file.xyz").read_bytes()] and got[0].count(b"md_step") == 4
 
 
 # --- 3: an interrupt ends the files on the last completed step -------------------------------------

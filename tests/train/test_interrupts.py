@@ -7,8 +7,10 @@ import io
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -182,6 +184,47 @@ def test_a_full_disk_is_named_leaves_no_temporary_file_and_resumes(data, tmp_pat
     assert _cli(data, out, "--resume", "auto", epochs=2) == 0 and json.loads((out / "metrics.json").read_text())
 
 
+def test_a_full_disk_before_any_state_leaves_a_directory_a_new_run_can_use(data, tmp_path, capsys, monkeypatch):
+    """The first state.pt on a full disk (a review): the message said both "start the run again" and
+    "--resume", and neither worked (checkpoint.pt without state.pt blocked a new run)."""
+    real = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if "state.pt" in str(f):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real(obj, f, *a, **k)
+
+    out = tmp_path / "r"
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", full_disk)
+        assert _cli(data, out) == 2
+    err = capsys.readouterr().err
+    assert "no training state was saved (nothing of this run is left in --out): free space, then start the run " \
+           "again" in err and "--resume" not in err
+    assert not out.exists()  # the directory it made, empty again, removed as for any failed start
+    assert _cli(data, out) == 0  # the same command, once there is room
+
+
+def test_atomic_writes_go_through_symlinks_keep_modes_and_write_into_devices(tmp_path):
+    """evaluate --json and relax --out write atomically (a review): a symlink was replaced by a file
+    (its target kept the old content), a shared file lost its mode, and --json /dev/stdout replaced
+    the system's /dev/stdout link (as root)."""
+    real, link = tmp_path / "real.json", tmp_path / "link.json"
+    real.write_text("old")
+    os.chmod(real, 0o664)
+    link.symlink_to(real)
+    ck.atomic_write_text(link, "new")
+    assert link.is_symlink() and real.read_text() == "new" and stat.S_IMODE(real.stat().st_mode) == 0o664
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    ck.atomic_write_text(fifo, "streamed")
+    reader.join(10)
+    assert got == ["streamed"] and stat.S_ISFIFO(fifo.stat().st_mode) and not _hidden(tmp_path)
+
+
 def test_atomic_save_on_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
     (tmp_path / "x.pt").write_bytes(b"old")
     with monkeypatch.context() as m:
@@ -199,13 +242,13 @@ def test_a_second_run_in_the_same_directory_is_refused(data, tmp_path, capsys):
     holder = subprocess.Popen(  # another process holding the directory's lock, as a running finetune does
         [sys.executable, "-c", "import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
          "fcntl.flock(fd, fcntl.LOCK_EX)\nos.write(fd, b'4242 elsewhere')\nprint('locked', flush=True)\ntime.sleep(60)",
-         str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+         str(out / ".mmea-kernels.lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert _cli(data, out) == 2
         err = capsys.readouterr().err
         assert f"output directory {out} (--out) is in use by another process (process 4242 on elsewhere)" in err
-        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
+        assert sorted(p.name for p in out.iterdir()) == [".mmea-kernels.lock"]  # nothing written
         with pytest.raises(ft.DirectoryInUse):
             ft.finetune(ft.FinetuneConfig(train=str(data / "train.xyz"), out_dir=str(out), progress=False))
     finally:
