@@ -322,7 +322,8 @@ def _prepare(atoms, s: MDSettings, where: str, resume, model: Optional[str]):
 def run_md(atoms, calculator, settings: Optional[MDSettings] = None, where: str = "the structure", resume=None,
            model: Optional[str] = None, **kw) -> dict:
     """Run MD on a copy of ``atoms`` (positions, cell, momenta, constraints; not its labels) with
-    ``calculator`` (settings: an :class:`MDSettings` or its fields as keywords). Returns a summary:
+    ``calculator`` (settings: an :class:`MDSettings` or its fields as keywords; a keyword
+    overrides the settings object's field). Returns a summary:
     mean and spread of the temperature (over :func:`degrees_of_freedom`), the drift (linear fit,
     meV/atom/ps) and largest deviation of the conserved quantity, and for NPT the mean volume,
     density and pressure. Stops with a ``ValueError`` when the energy turns non-finite.
