@@ -76,37 +76,22 @@ def empty(fd: int) -> None:
 class SiblingLock:
     """An exclusive lock for a file that is replaced rather than written in place (md's state file:
     a temporary file renamed over it, so a lock on the file would stay on the old one and the
-    directory would stop unrelated runs writing beside it): ``.NAME.lock`` in the same directory,
-    removed by :meth:`release`. A run that opened the lock file just before its removal finds, once
-    it holds the lock, that the name is another file (or none), and takes the lock anew."""
+    directory would stop unrelated runs writing beside it): ``.NAME.lock`` in the same directory
+    (:func:`~mmea_kernels.train.lockfile.hold`), removed by :meth:`release`."""
 
     def __init__(self, path: str, option: str):
-        self.fd = None
-        if fcntl is None:  # pragma: no cover - no locks here: no lock file either
-            return
+        from ..train import lockfile
+
         folder, name = os.path.split(os.path.abspath(path))
         self.path = os.path.join(folder, f".{name}.lock")
-        while True:
-            fd = os.open(self.path, _FLAGS, 0o666)
-            if not _lock(fd):
-                os.close(fd)
-                raise _busy(option, path)
-            try:
-                held = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                held = False
-            if held:
-                self.fd = fd
-                return
-            os.close(fd)
+        try:
+            self.fd = lockfile.hold(self.path)
+        except lockfile.LockHeld:
+            raise _busy(option, path) from None
 
     def release(self) -> None:
         """Remove the lock file (while holding it) and let go."""
-        if self.fd is None:
-            return
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-        os.close(self.fd)
+        from ..train import lockfile
+
+        lockfile.release(self.fd, self.path)
         self.fd = None

@@ -25,12 +25,10 @@ run there is refused.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import math
 import os
 import pathlib
-import socket
 import sys
 import time
 import types
@@ -39,6 +37,7 @@ import torch
 
 from .checkpoint import (DISK_ERRNOS, WriteFailed, atomic_write_text, check_writable, load_state, prepare, save_state,
                          write_checkpoint)
+from . import lockfile
 from .config import DTYPES, FinetuneConfig
 from .data import make_batches, overlap_note, read_splits, split_graphs
 from .device import resolve_device
@@ -92,39 +91,18 @@ class DirectoryInUse(RuntimeError):
 
 
 def lock_run_dir(out: pathlib.Path):
-    """Lock the output directory ``out`` for this process (``flock`` on ``out/`` :data:`LOCK_NAME`, released when the
-    process ends, however it ends); :class:`DirectoryInUse` when another process holds it. Returns the
-    lock for :func:`unlock_run_dir`, or None where there is no ``fcntl`` or the file system has no locks."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no locking
-        return None
+    """Lock the output directory ``out`` for this process (:func:`.lockfile.hold` on ``out/``
+    :data:`LOCK_NAME`, released when the process ends, however it ends); :class:`DirectoryInUse` when
+    another process holds it. Returns the lock for :func:`unlock_run_dir`, or None where there is no
+    ``fcntl`` or the file system has no locks."""
     path = pathlib.Path(out) / LOCK_NAME
-    for _ in range(20):  # the file removed by the holder between open and flock: lock the new one
-        existed = path.exists()
-        fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = _lock_holder(fd)
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise DirectoryInUse(f"output directory {out} (--out) is in use by another process{holder}: two runs "
-                                     "in one directory would overwrite each other's files; wait for that run to end, "
-                                     "or choose another --out") from None
-            if not existed:
-                path.unlink(missing_ok=True)
-            return None  # no locks on this file system (ENOLCK, ...)
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(str(path)))
-        except FileNotFoundError:
-            same = False
-        if same:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-            return fd, path
-        os.close(fd)
-    return None
+    try:
+        fd = lockfile.hold(path)
+    except lockfile.LockHeld as exc:
+        raise DirectoryInUse(f"output directory {out} (--out) is in use by another process{exc.holder}: two runs "
+                             "in one directory would overwrite each other's files; wait for that run to end, "
+                             "or choose another --out") from None
+    return None if fd is None else (fd, path)
 
 
 def _remove_orphans(out: pathlib.Path, log) -> None:
@@ -138,24 +116,10 @@ def _remove_orphans(out: pathlib.Path, log) -> None:
             f"{', '.join(p.name for p in orphans)}")
 
 
-def _lock_holder(fd: int) -> str:
-    try:
-        pid, host = os.pread(fd, 200, 0).decode().split()[:2]
-        return f" (process {int(pid)} on {host})"
-    except (OSError, ValueError):
-        return ""
-
-
 def unlock_run_dir(lock) -> None:
     """Release a :func:`lock_run_dir` lock, removing its file (while still holding it)."""
-    if lock is None:
-        return
-    fd, path = lock
-    try:
-        os.remove(str(path))
-    except OSError:
-        pass
-    os.close(fd)
+    if lock is not None:
+        lockfile.release(*lock)
 
 
 def dist_setup(device: torch.device = torch.device("cpu")):

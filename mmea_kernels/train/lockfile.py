@@ -1,0 +1,80 @@
+"""A lock file held for the length of a run: ``fcntl.flock`` (advisory, released by the system
+however the process ends) on a file that names the holder and is removed by its holder when done.
+A fine-tuning run holds one in its ``--out`` (:func:`~.loop.lock_run_dir`), an md run one beside its
+state file (:class:`~mmea_kernels.app.locks.SiblingLock`)."""
+from __future__ import annotations
+
+import errno
+import os
+import pathlib
+import socket
+from typing import Optional
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no locks
+    fcntl = None
+
+__all__ = ["LockHeld", "hold", "release"]
+
+
+class LockHeld(BlockingIOError):
+    """Another process holds the lock; ``holder``: " (process PID on HOST)" when the file says, else ""."""
+
+    def __init__(self, path, holder: str):
+        super().__init__(errno.EWOULDBLOCK, "held by another process", str(path))
+        self.holder = holder
+
+
+def hold(path) -> Optional[int]:
+    """The open descriptor of the lock file ``path`` (created if missing) under an exclusive lock taken
+    without waiting, the file holding ``PID HOST``; :class:`LockHeld` when another process holds it;
+    None where there is no ``fcntl`` or the file system has no locks (a file this call made is removed
+    again). A holder that removes the file between our open and our lock leaves us a name that is
+    another file (or none): the lock is taken anew on what the name is now."""
+    if fcntl is None:
+        return None
+    path = pathlib.Path(path)
+    for _ in range(20):
+        existed = path.exists()
+        fd = os.open(str(path), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _holder(fd)
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise LockHeld(path, holder) from None
+            if not existed:
+                path.unlink(missing_ok=True)
+            return None  # no locks on this file system (ENOLCK, EOPNOTSUPP, ...)
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(str(path)))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            return fd
+        os.close(fd)
+    return None
+
+
+def _holder(fd: int) -> str:
+    try:
+        pid, host = os.pread(fd, 200, 0).decode().split()[:2]
+        return f" (process {int(pid)} on {host})"
+    except (OSError, ValueError):
+        return ""
+
+
+def release(fd: Optional[int], path) -> None:
+    """Remove the lock file ``path`` (while still holding it: a run that opens it meanwhile finds the
+    name gone, :func:`hold`) and let go of ``fd``; nothing for ``fd`` None."""
+    if fd is None:
+        return
+    try:
+        os.remove(str(path))
+    except OSError:
+        pass
+    os.close(fd)
