@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import errno
 import json
 import os
 import signal
@@ -257,14 +256,16 @@ def _run_reporting(args) -> int:
 def _environment_error(exc: Exception, command: str):
     """The message of an error that is the machine's, not a bug (exit 2): a full disk or quota (naming
     the file), another run in the output directory; None for any other error."""
-    ckpt, loop = sys.modules.get("mmea_kernels.train.checkpoint"), sys.modules.get("mmea_kernels.train.loop")
-    if loop is not None and isinstance(exc, loop.DirectoryInUse):
+    from ..train.atomic import DISK_ERRNOS, WriteFailed
+    from ..train.lockfile import DirectoryInUse
+
+    if isinstance(exc, DirectoryInUse):
         return str(exc)
     if not isinstance(exc, OSError):
         return None
-    if ckpt is not None and isinstance(exc, ckpt.WriteFailed):
+    if isinstance(exc, WriteFailed):
         msg = str(exc)
-    elif exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EFBIG):
+    elif exc.errno in DISK_ERRNOS:
         msg = (f"could not write {exc.filename}: " if exc.filename else "") + f"{exc.strerror} (the disk may be full)"
     else:
         return None

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from ..train.atomic import current_umask, umask_mode  # noqa: F401 - importable from here
+
 __all__ = ["check_outputs", "checkpoint_inputs", "same_file", "input_path", "umask_mode"]
 
 
@@ -70,14 +72,3 @@ def check_outputs(paths: dict, overwrite: bool, inputs: Optional[dict] = None) -
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"{name} {path}: the directory {parent} does not exist")
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def umask_mode(path) -> None:
-    """Give ``path`` the mode open() would (``tempfile.mkstemp`` creates files 0600)."""
-    os.chmod(path, 0o666 & ~current_umask())

@@ -9,11 +9,6 @@ from __future__ import annotations
 import os
 import stat
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
-
 __all__ = ["OutputInUseError", "open_output", "empty", "SiblingLock"]
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
@@ -30,20 +25,10 @@ def _busy(option: str, path: str) -> OutputInUseError:
 
 def _lock(fd: int) -> bool:
     """Take the exclusive lock on ``fd`` without waiting: False when another open file holds it (a file
-    system without locks, ENOLCK/EOPNOTSUPP, counts as taken: nothing to hold there)."""
-    if fcntl is None:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError as exc:
-        import errno
+    system without locks counts as taken: nothing to hold there)."""
+    from ..train.lockfile import try_flock
 
-        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-            return True
-        raise
-    return True
+    return try_flock(fd) is not False
 
 
 def open_output(path: str, option: str, overwrite: bool) -> tuple:

@@ -263,9 +263,9 @@ def _r(x: float) -> str:
 
 def _file_mode() -> int:
     """0666 minus the process umask (0644 under the usual umask 022), as ``open()`` creates files."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    from .files import current_umask
+
+    return 0o666 & ~current_umask()
 
 
 def _write_xyz(path: pathlib.Path, symbols: List[str], split) -> None:

@@ -76,9 +76,7 @@ def use_head(model: nn.Module, head: Optional[str] = None, where: str = "the mod
     ``model.mmea_head``."""
     heads = model_heads(model)
     name = choose_head(heads, head, where)
-    for key in _hooks(model):
-        model._forward_pre_hooks.pop(key)
-        model._forward_pre_hooks_with_kwargs.pop(key, None)
+    without_head_hook(model)
     if len(heads) > 1:
         model.register_forward_pre_hook(HeadHook(heads.index(name), name), with_kwargs=True)
     model.mmea_head = name

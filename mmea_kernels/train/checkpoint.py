@@ -10,16 +10,15 @@ by rank 0 only."""
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import pathlib
-import stat
 import tempfile
 from typing import Optional
 
 import torch
 
+from .atomic import DISK_ERRNOS, WriteFailed, atomic_write, atomic_write_text, write_failed  # noqa: F401 - here too
 from .checks import DataChecks, checked_graphs
 from .config import _NAMED_MODELS, DTYPES, FinetuneConfig, absolute_paths, config_key
 from .data import make_batches, read_frames
@@ -41,127 +40,13 @@ _STATE_KEYS = {"config_key", "params", "ema", "optimizer", "scheduler", "history
 
 
 # --------------------------------------------------------------------------------------- writing
-class WriteFailed(OSError):
-    """A file could not be written (the disk full, a quota, an I/O error); its temporary file is removed
-    and a file already under that name is left as it was. ``errno`` is the underlying error's."""
-
-
-DISK_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EFBIG) if e is not None)
-
-
-def write_failed(path, exc: OSError) -> WriteFailed:
-    """A :class:`WriteFailed` naming ``path``, with the cause and what it may mean."""
-    why = exc.strerror or str(exc)
-    hint = "the disk, or your quota, is full" if exc.errno in DISK_ERRNOS else "the disk may be full or failing"
-    err = WriteFailed(f"could not write {path}: {why} ({hint}); the partial file was removed, "
-                      f"{pathlib.Path(path).name} is as it was")
-    err.errno = exc.errno
-    return err
-
-
-class _Sink:
-    """The file torch.save writes to: keeps the first OSError of a write (torch reports it as a
-    RuntimeError 'unexpected pos ...'); ``str()`` is the file's name."""
-
-    def __init__(self, fh, name: str):
-        self.fh, self.name, self.error = fh, name, None
-
-    def write(self, data):
-        try:
-            return self.fh.write(data)
-        except OSError as exc:
-            self.error = self.error or exc
-            raise
-
-    def flush(self):
-        self.fh.flush()
-
-    def __str__(self):
-        return self.name
-
-
-def _os_cause(exc: BaseException, sink: Optional[_Sink]):
-    """The OSError behind a failed write: ``exc`` itself, the one the sink saw, or one in its chain."""
-    if isinstance(exc, OSError) or (sink is not None and sink.error is not None):
-        return exc if isinstance(exc, OSError) else sink.error
-    for _ in range(10):
-        exc = exc.__cause__ or exc.__context__
-        if exc is None or isinstance(exc, OSError):
-            return exc
-    return None
-
-
-def _umask_mode(path) -> None:
-    """The mode open() gives a new file (mkstemp's files are 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def _atomic_write(path, write) -> None:
-    """``write(sink)`` into a new temporary file beside ``path`` (a name unique to this call), fsync,
-    then rename it to ``path``: ``path`` is either the old file or the whole new one. On any failure
-    (an interrupt too) the temporary file is removed; a failed write raises :class:`WriteFailed`.
-    A symlink is written through (the file it names is replaced; the link stays), an existing file
-    keeps its mode, and what is not a regular file (a FIFO, a device: ``--json /dev/stdout``) is
-    written into directly, as ``open(path, "wb")`` would."""
-    path = pathlib.Path(os.path.realpath(path))
-    if path.exists() and not path.is_file():
-        with open(path, "wb") as fh:
-            write(_Sink(fh, str(path)))
-        return
-    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    except OSError as exc:
-        if isinstance(exc, (FileNotFoundError, PermissionError)):
-            raise
-        raise write_failed(path, exc) from exc
-    os.close(fd)
-    sink = None
-    try:
-        with open(tmp, "wb") as fh:
-            sink = _Sink(fh, tmp)
-            write(sink)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if mode is None:
-            _umask_mode(tmp)
-        else:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        cause = _os_cause(exc, sink) if isinstance(exc, (OSError, RuntimeError)) else None
-        if cause is None or isinstance(cause, (FileNotFoundError, PermissionError)):
-            raise
-        raise write_failed(path, cause) from exc
-    try:  # the rename itself durable (best effort: not every file system opens directories)
-        dfd = os.open(str(path.parent), os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
 def atomic_save(obj, path: pathlib.Path) -> None:
-    """``torch.save(obj)`` to ``path`` atomically (:func:`_atomic_write`), by rank 0 only."""
+    """``torch.save(obj)`` to ``path`` atomically (:func:`.atomic.atomic_write`), by rank 0 only."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         raise RuntimeError(f"process {dist.get_rank()} tried to write {path}: only rank 0 writes files")
-    _atomic_write(path, lambda sink: torch.save(obj, sink))
-
-
-def atomic_write_text(path, text: str) -> None:
-    """``text`` (UTF-8) to ``path`` atomically (:func:`_atomic_write`)."""
-    data = text.encode("utf-8")
-    _atomic_write(path, lambda sink: sink.write(data))
+    atomic_write(path, lambda sink: torch.save(obj, sink))
 
 
 def check_writable(out: pathlib.Path) -> None:

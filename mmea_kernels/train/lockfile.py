@@ -15,7 +15,11 @@ try:
 except ImportError:  # pragma: no cover - Windows: no locks
     fcntl = None
 
-__all__ = ["LockHeld", "hold", "release"]
+__all__ = ["LockHeld", "DirectoryInUse", "try_flock", "hold", "release"]
+
+
+class DirectoryInUse(RuntimeError):
+    """Another process holds the lock of a run's output directory (:func:`~.loop.lock_run_dir`)."""
 
 
 class LockHeld(BlockingIOError):
@@ -24,6 +28,22 @@ class LockHeld(BlockingIOError):
     def __init__(self, path, holder: str):
         super().__init__(errno.EWOULDBLOCK, "held by another process", str(path))
         self.holder = holder
+
+
+def try_flock(fd: int) -> Optional[bool]:
+    """An exclusive ``flock`` on ``fd`` without waiting: True taken, False held by another open file,
+    None where there are no locks (no ``fcntl``; a file system without them: ENOLCK, EOPNOTSUPP)."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            return None
+        raise
+    return True
 
 
 def hold(path) -> Optional[int]:
@@ -38,13 +58,12 @@ def hold(path) -> Optional[int]:
     for _ in range(20):
         existed = path.exists()
         fd = os.open(str(path), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = _holder(fd)
+        taken = try_flock(fd)
+        if not taken:
+            holder = _holder(fd) if taken is False else ""
             os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise LockHeld(path, holder) from None
+            if taken is False:
+                raise LockHeld(path, holder)
             if not existed:
                 path.unlink(missing_ok=True)
             return None  # no locks on this file system (ENOLCK, EOPNOTSUPP, ...)

@@ -38,6 +38,7 @@ import torch
 from .checkpoint import (DISK_ERRNOS, WriteFailed, atomic_write_text, check_writable, load_state, prepare, save_state,
                          write_checkpoint)
 from . import lockfile
+from .lockfile import DirectoryInUse
 from .config import DTYPES, FinetuneConfig
 from .data import make_batches, overlap_note, read_splits, split_graphs
 from .device import resolve_device
@@ -84,10 +85,6 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
 
 
 LOCK_NAME = ".mmea-kernels.lock"  # in --out while a run works there (a name no user file has)
-
-
-class DirectoryInUse(RuntimeError):
-    """Another process holds the lock of a run's output directory (:func:`lock_run_dir`)."""
 
 
 def lock_run_dir(out: pathlib.Path):
