@@ -380,3 +380,17 @@ def check_parity(irr_in, irr_out, layout, n, dtype, gate_mode, add_mode, bias, s
             assert not torch.isnan(yy).any(), f"{backend}: unwritten output elements"
             err = (yy - ref).abs().max().item() if ref.numel() else 0.0
             assert err <= rtol * scale, f"{backend} {layout}: error {err:.3e} (scale {scale:.3e})"
+
+
+def linked_file(tmp_path, name: str, content: str = "old", mode: int = 0o640):
+    """``(real, link)``: ``tmp_path/store/name`` holding ``content`` with ``mode``, and a symlink to it
+    at ``tmp_path/name`` (an output kept elsewhere, linked from the job directory)."""
+    import os
+
+    store = tmp_path / "store"
+    store.mkdir(exist_ok=True)
+    real, link = store / name, tmp_path / name
+    real.write_text(content)
+    os.chmod(real, mode)
+    link.symlink_to(real)
+    return real, link

@@ -31,9 +31,13 @@ def _make_calculator():
         A checkpoint whose E0s were fitted on the training compositions holds their span
         (``e0_span``; ``None`` for ``module=``, given E0s and older checkpoints): the first structure
         with a composition outside it gets an :class:`~mmea_kernels.train.e0s.E0OffsetWarning`
-        (once per calculator): its energy carries an unknown per-element offset, its forces do not."""
+        (once per calculator): its energy carries an unknown per-element offset, its forces do not.
 
-        implemented_properties = ["energy", "free_energy", "forces", "stress"]
+        Per-atom energies as mace-torch's calculator gives them: ``energies`` (eV, summing to the
+        energy; ``atoms.get_potential_energies()``) and ``node_energy`` (the same less each atom's E0).
+        They are a partition of the energy, not an observable: another model splits it otherwise."""
+
+        implemented_properties = ["energy", "free_energy", "energies", "node_energy", "forces", "stress"]
 
         def __init__(self, checkpoint: Optional[str] = None, module: Optional[torch.nn.Module] = None,
                      model: Optional[str] = None, dtype: Optional[str] = None, trust_pickle: bool = False,
@@ -75,7 +79,7 @@ def _make_calculator():
             if not (math.isfinite(e) and np.isfinite(f).all() and np.isfinite(stress).all()):
                 raise ValueError(f"MMEACalculator: the model gives a non-finite energy ({e}) or forces"
                                  f"{' or stress' if periodic else ''} for this structure; {_closest_pair(batch)}")
-            self.results = {"energy": e, "free_energy": e, "forces": f}
+            self.results = {"energy": e, "free_energy": e, "forces": f, **_per_atom(self, out, batch)}
             if periodic:
                 from ase.stress import full_3x3_to_voigt_6_stress
 
@@ -84,6 +88,19 @@ def _make_calculator():
     # picklable (multiprocessing, ASE's .traj name): found as the module's MMEACalculator
     _Calc.__name__ = _Calc.__qualname__ = "MMEACalculator"
     return _Calc
+
+
+def _per_atom(calc, out: dict, batch: dict) -> dict:
+    """``energies`` and ``node_energy`` (float64 arrays) from a model output with ``node_energy``
+    (E0 included, as mace-torch's models and the SevenNet wrapper give it); empty otherwise."""
+    node = out.get("node_energy")
+    if node is None:
+        return {}
+    from ..integrations.heads import head_e0s
+
+    node = node.detach().to(torch.float64)
+    e0 = batch["node_attrs"].to(torch.float64) @ head_e0s(calc.net).detach().to(torch.float64)
+    return {"energies": node.cpu().numpy(), "node_energy": (node - e0).cpu().numpy()}
 
 
 def _checked_copy(calc, properties):

@@ -193,19 +193,16 @@ def _verify(module, fmt: str, checks, dtype: torch.dtype) -> float:
 
 def _write_verified(out: pathlib.Path, save, verify) -> float:
     """``save(tmp)`` to a temporary name beside ``out``, ``verify(tmp)`` (raises when the file is
-    wrong), then the file takes the name ``out``; nothing is left behind when either fails."""
-    from .files import umask_mode
+    wrong), then the file takes the name ``out`` (a symlink is written through, an old file's mode
+    kept); nothing is left behind when either fails."""
+    from ..train.atomic import atomic_path
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=str(out.parent))
-    os.close(fd)
-    try:
+    if out.exists() and not out.is_file():  # a FIFO or a device: the file is read back to be checked
+        raise ValueError(f"--out {out} exists and is not a regular file; an exported model is written to "
+                         f"a file and read back to be checked: give a file path")
+    with atomic_path(out, suffix=".part") as tmp:
         save(tmp)
         rel = verify(tmp)
-        umask_mode(tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return rel
 
 

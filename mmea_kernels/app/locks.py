@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import Optional
 
 __all__ = ["OutputInUseError", "open_output", "empty", "SiblingLock"]
 
@@ -61,18 +62,28 @@ def empty(fd: int) -> None:
 class SiblingLock:
     """An exclusive lock for a file that is replaced rather than written in place (md's state file:
     a temporary file renamed over it, so a lock on the file would stay on the old one and the
-    directory would stop unrelated runs writing beside it): ``.NAME.lock`` in the same directory
-    (:func:`~mmea_kernels.train.lockfile.hold`), removed by :meth:`release`."""
+    directory would stop unrelated runs writing beside it): ``.NAME.lock`` beside the file (beside the
+    file a symlink names: :func:`~mmea_kernels.train.lockfile.hold`), removed by :meth:`release`.
+    With the lock held, temporary files a killed run left (``.NAME.*<temp_suffix>``, the names
+    :func:`~mmea_kernels.train.atomic.atomic_path` gives) are removed: no other run can be writing them."""
 
-    def __init__(self, path: str, option: str):
+    def __init__(self, path: str, option: str, temp_suffix: Optional[str] = None):
+        import glob
+
         from ..train import lockfile
 
-        folder, name = os.path.split(os.path.abspath(path))
+        folder, name = os.path.split(os.path.realpath(path))
         self.path = os.path.join(folder, f".{name}.lock")
         try:
             self.fd = lockfile.hold(self.path)
         except lockfile.LockHeld:
             raise _busy(option, path) from None
+        for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*{temp_suffix}")
+                               if temp_suffix else []):
+            try:
+                os.remove(stale)
+            except OSError:
+                pass
 
     def release(self) -> None:
         """Remove the lock file (while holding it) and let go."""

@@ -134,7 +134,7 @@ class Outputs:
         opened = {}  # option -> (fd, created, path)
         try:  # every lock first, then the files emptied: a run that cannot have them all changes none
             if s.save_state is not None:
-                self.state_lock = SiblingLock(s.save_state, "--save-state")
+                self.state_lock = SiblingLock(s.save_state, "--save-state", temp_suffix=".tmp.npz")
                 self._check_state_file(resume)
             for option, path in (("--trajectory", s.trajectory), ("--log", s.log)):
                 if path not in (None, "-"):

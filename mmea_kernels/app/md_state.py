@@ -96,12 +96,10 @@ def restore_state(dyn, state: MDState) -> None:
 
 def save_state(path: str, state: MDState) -> None:
     """Write ``state`` to ``path`` (``.npz``): a temporary file in the same directory, then renamed
-    over it, so that an interrupted run leaves the previous state whole."""
-    import tempfile
-
+    over it, so that an interrupted run leaves the previous state whole (a symlink is written through)."""
     from ase.io.jsonio import encode
 
-    from .files import umask_mode
+    from ..train.atomic import atomic_path
 
     a = state.atoms
     arrays = {"numbers": a.numbers, "positions": a.positions, "momenta": a.get_momenta(),
@@ -110,17 +108,8 @@ def save_state(path: str, state: MDState) -> None:
     arrays.update({f"var_{k}": np.asarray(x, dtype=float) for k, x in state.variables.items()})
     meta = {"format": FORMAT, "version": VERSION, "step": state.step, "physics": state.physics, "model": state.model,
             "runtime": state.runtime, "rng": state.rng, "constraints": [json.loads(encode(c.todict())) for c in a.constraints]}
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp.npz")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, meta=np.array(json.dumps(meta)), **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path, suffix=".tmp.npz") as tmp:
+        np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
 
 
 def load_state(path: str) -> MDState:

@@ -4,12 +4,10 @@ whatever the frames already carry (mace-torch's ``mace_eval_configs`` does the s
 
 The frames are read, checked (as training data, without labels) and evaluated in batches of
 ``batch_size``; the output is written under a temporary name and renamed at the end, so an error
-half-way leaves no partial file under the name asked for."""
+half-way leaves no partial file under the name asked for (a symlink is written through)."""
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 from typing import Optional
 
 __all__ = ["predict"]
@@ -74,7 +72,8 @@ def predict(checkpoint, data: str, out, model: Optional[str] = None, batch_size:
     from ..train import load_finetuned
     from ..train.checks import DataChecks, read_structures
     from ..train.e0s import warn_outside_span
-    from .files import check_outputs, checkpoint_inputs, umask_mode
+    from ..train.atomic import atomic_path
+    from .files import check_outputs, checkpoint_inputs
 
     out = pathlib.Path(out)
     if int(batch_size) != batch_size or batch_size < 1:
@@ -90,10 +89,8 @@ def predict(checkpoint, data: str, out, model: Optional[str] = None, batch_size:
     net, ckpt = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle, device=device)
     warn_outside_span(ckpt.get("e0_span"), frames, str(data))  # energies there carry an unknown offset
     checks = checks or DataChecks()
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=str(out.parent))
-    os.close(fd)
     n_stress, chunk = 0, max(batch_size, 256)
-    try:
+    with atomic_path(out, suffix=".part") as tmp:  # an error or an interrupt half-way: no partial file left
         for start in range(0, len(frames), chunk):
             part = frames[start:start + chunk]
             energies, forces, stresses = _evaluate(net, part, str(data), batch_size, checks, start)
@@ -104,17 +101,6 @@ def predict(checkpoint, data: str, out, model: Optional[str] = None, batch_size:
                     a.info[f"{prefix}stress"] = full_3x3_to_voigt_6_stress(s)
                     n_stress += 1
             ase.io.write(tmp, part, format="extxyz", append=start > 0)
-        umask_mode(tmp)
-        os.replace(tmp, out)
-    except OSError as exc:  # a full disk: named, not an internal error (the partial file goes below)
-        from ..train.checkpoint import DISK_ERRNOS, write_failed
-
-        if exc.errno not in DISK_ERRNOS:
-            raise
-        raise write_failed(out, exc) from exc
-    finally:  # an error or an interrupt (Ctrl-C, SIGTERM) half-way: no partial file left
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return {"out": str(out), "frames": len(frames), "with_stress": n_stress, "method": ckpt["method"],
             "keys": [f"{prefix}energy", f"{prefix}forces"] + ([f"{prefix}stress"] if n_stress else []),
             "dtype": str(next(net.parameters()).dtype).replace("torch.", "")}

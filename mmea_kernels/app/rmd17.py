@@ -277,15 +277,9 @@ def _write_xyz(path: pathlib.Path, symbols: List[str], split) -> None:
                      f"rmd17_index={int(i)} pbc=\"F F F\"\n")
         for s, pa, fa in zip(symbols, p, f):
             lines.append(f"{s:<2} " + " ".join(f"{_r(v):>22}" for v in (*pa, *fa)) + "\n")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.writelines(lines)
-        os.chmod(tmp, _file_mode())  # mkstemp makes 0600; a data file is as readable as open() would make it
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from ..train.atomic import atomic_write_text
+
+    atomic_write_text(path, "".join(lines))  # whole or not at all; a symlink is written through
 
 
 def fetch_rmd17(out_dir: Union[str, os.PathLike], molecules: Optional[Iterable[str]] = None,

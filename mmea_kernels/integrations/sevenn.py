@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -141,7 +141,7 @@ class SevenNetAsMACE(nn.Module):
                         buf.copy_(torch.where(buf == 0, buf, sign * w))  # keep the stored (signed) zeros
                         break
 
-    def _energy(self, batch: dict, positions: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    def _energy(self, batch: dict, positions: torch.Tensor, shifts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         import sevenn._keys as KEY
 
         edge_index = batch["edge_index"]
@@ -165,11 +165,12 @@ class SevenNetAsMACE(nn.Module):
         atomic = out[KEY.ATOMIC_ENERGY].reshape(-1)
         e0 = node_attrs.to(atomic.dtype) @ self.atomic_energies_fn.atomic_energies.to(atomic.dtype)
         energy = torch.zeros(n_graphs, dtype=atomic.dtype, device=atomic.device)
-        return energy.index_add(0, batch["batch"], atomic + e0)
+        return energy.index_add(0, batch["batch"], atomic + e0), atomic + e0
 
     def forward(self, batch: dict, training: bool = False, compute_force: bool = True,
                 compute_stress: bool = False) -> dict:
-        """``{"energy", "forces", "stress"}`` as mace-torch's models give them: forces ``-dE/dr``,
+        """``{"energy", "node_energy", "forces", "stress"}`` as mace-torch's models give them (per-atom
+        energies with E0s, forces ``-dE/dr``,
         stress ``(1/V) dE/dε`` per graph ``[B, 3, 3]`` (eV/Å³, ASE's sign) from a symmetric strain
         ``ε`` applied to positions and cell shifts (None unless ``compute_stress``)."""
         positions = batch["positions"]
@@ -184,7 +185,7 @@ class SevenNetAsMACE(nn.Module):
                 graph = batch["batch"]
                 strained = positions + torch.einsum("ni,nij->nj", positions, sym[graph])
                 shifts = shifts + torch.einsum("ei,eij->ej", shifts, sym[graph[batch["edge_index"][0]]])
-            energy = self._energy(batch, strained, shifts)
+            energy, node_energy = self._energy(batch, strained, shifts)
             wrt = ([positions] if compute_force else []) + ([strain] if compute_stress else [])
             grads = torch.autograd.grad(energy.sum(), wrt, create_graph=training, retain_graph=training,
                                         allow_unused=True) if wrt else []
@@ -196,10 +197,10 @@ class SevenNetAsMACE(nn.Module):
                 volume = torch.linalg.det(batch["cell"].reshape(-1, 3, 3).to(d.dtype)).abs()
                 stress = d / volume.reshape(-1, 1, 1)
         if not training:
-            energy = energy.detach()
+            energy, node_energy = energy.detach(), node_energy.detach()
             forces = forces.detach() if forces is not None else None
             stress = stress.detach() if stress is not None else None
-        return {"energy": energy, "forces": forces, "stress": stress}
+        return {"energy": energy, "node_energy": node_energy, "forces": forces, "stress": stress}
 
 
 def load_sevennet(name: str = "7net-0", dtype: Optional[torch.dtype] = None,

@@ -1,9 +1,11 @@
 """Files written whole or not at all (a temporary file beside the target, fsync, rename): a kill, an
 interrupt or a full disk leaves the old file or the whole new one, never half of one; a failed write
 is a :class:`WriteFailed` that names the file. Used for the run's files (state, checkpoint, metrics),
-``evaluate --json`` and ``relax --out``."""
+``evaluate --json``, ``relax --out``; :func:`atomic_path` for files a library writes by name (``predict``,
+``export``, md's state file, the rMD17 files)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pathlib
@@ -11,8 +13,8 @@ import stat
 import tempfile
 from typing import Optional
 
-__all__ = ["WriteFailed", "DISK_ERRNOS", "write_failed", "atomic_write", "atomic_write_text", "umask_mode",
-           "current_umask"]
+__all__ = ["WriteFailed", "DISK_ERRNOS", "write_failed", "atomic_write", "atomic_write_text", "atomic_path",
+           "umask_mode", "current_umask"]
 
 
 class WriteFailed(OSError):
@@ -82,43 +84,33 @@ def atomic_write(path, write) -> None:
     (an interrupt too) the temporary file is removed; a failed write raises :class:`WriteFailed`.
     A symlink is written through (the file it names is replaced; the link stays), an existing file
     keeps its mode, and what is not a regular file (a FIFO, a device: ``--json /dev/stdout``) is
-    written into directly, as ``open(path, "wb")`` would."""
-    path = pathlib.Path(os.path.realpath(path))
-    if path.exists() and not path.is_file():
-        with open(path, "wb") as fh:
-            write(_Sink(fh, str(path)))
-        return
-    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    except OSError as exc:
-        if isinstance(exc, (FileNotFoundError, PermissionError)):
-            raise
-        raise write_failed(path, exc) from exc
-    os.close(fd)
+    written into directly, as ``open(path, "wb")`` would (:func:`atomic_path`)."""
+    real = pathlib.Path(os.path.realpath(path))
     sink = None
     try:
-        with open(tmp, "wb") as fh:
-            sink = _Sink(fh, tmp)
-            write(sink)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if mode is None:
-            umask_mode(tmp)
-        else:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        cause = _os_cause(exc, sink) if isinstance(exc, (OSError, RuntimeError)) else None
+        with atomic_path(real) as tmp:
+            with open(tmp, "wb") as fh:
+                sink = _Sink(fh, tmp)
+                write(sink)
+    except WriteFailed:
+        raise
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
+        cause = _os_cause(exc, sink)
         if cause is None or isinstance(cause, (FileNotFoundError, PermissionError)):
             raise
-        raise write_failed(path, cause) from exc
-    try:  # the rename itself durable (best effort: not every file system opens directories)
-        dfd = os.open(str(path.parent), os.O_RDONLY)
+        raise write_failed(real, cause) from exc
+
+
+def atomic_write_text(path, text: str) -> None:
+    """``text`` (UTF-8) to ``path`` atomically (:func:`atomic_write`)."""
+    data = text.encode("utf-8")
+    atomic_write(path, lambda sink: sink.write(data))
+
+
+def _fsync_dir(directory) -> None:
+    """The rename itself durable (best effort: not every file system opens directories)."""
+    try:
+        dfd = os.open(str(directory), os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
@@ -127,7 +119,42 @@ def atomic_write(path, write) -> None:
         pass
 
 
-def atomic_write_text(path, text: str) -> None:
-    """``text`` (UTF-8) to ``path`` atomically (:func:`atomic_write`)."""
-    data = text.encode("utf-8")
-    atomic_write(path, lambda sink: sink.write(data))
+@contextlib.contextmanager
+def atomic_path(path, suffix: str = ".tmp"):
+    """Yield a temporary file name beside ``path`` for code that writes files by name (ASE, numpy,
+    ``torch.jit.save``); when the block ends without an error the file is fsynced and takes the name
+    ``path``, as in :func:`atomic_write`: a symlink is written through (the file it names is replaced,
+    the link stays), an existing file keeps its mode, a new one gets the umask's; on any error or
+    interrupt the temporary file is removed and ``path`` is as it was, and a full disk is a
+    :class:`WriteFailed` naming ``path``. A target that is not a regular file (a FIFO, a device) is
+    yielded as it is, to be written directly. ``suffix`` ends the temporary name (``.npz``: numpy
+    adds none)."""
+    real = pathlib.Path(os.path.realpath(path))
+    if real.exists() and not real.is_file():
+        yield str(real)
+        return
+    mode = stat.S_IMODE(real.stat().st_mode) if real.exists() else None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=suffix, dir=str(real.parent))
+    except OSError as exc:
+        if isinstance(exc, (FileNotFoundError, PermissionError)):
+            raise
+        raise write_failed(path, exc) from exc
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        if mode is None:
+            umask_mode(tmp)
+        else:
+            os.chmod(tmp, mode)
+        os.replace(tmp, real)
+    except OSError as exc:
+        if exc.errno in DISK_ERRNOS and not isinstance(exc, WriteFailed):
+            raise write_failed(path, exc) from exc
+        raise
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(real.parent)

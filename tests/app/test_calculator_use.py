@@ -64,3 +64,40 @@ def test_loading_a_model_file_leaves_the_random_state_alone():
     state = torch.get_rng_state()
     load_model("builtin:mace-xtb-small")  # built with random weights, then loaded
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_per_atom_energies_are_mace_calculators_and_local(calc, tmp_path):
+    """``energies`` / ``node_energy`` (ASE's ``get_potential_energies``; a user asked for them to
+    analyse where a fine-tuned model changes the energy): equal to mace-torch's own calculator on
+    the base model (float64); with MMEA adapters they sum to the energy, ``node_energy`` is each less
+    its element's E0, and two molecules farther apart than the cutoff get the per-atom energies each
+    has alone (the adapters' gates are per atom)."""
+    from ase import Atoms
+    from mace.calculators import MACECalculator
+
+    a = toy_molecules("ethanol", 1, seed=3)[0]
+    base = load_model("builtin:mace-xtb-small").double()
+    torch.save(base, str(tmp_path / "base.model"))
+    ours, ref = a.copy(), a.copy()
+    ours.calc = MMEACalculator(module=base)
+    ref.calc = MACECalculator(model_paths=str(tmp_path / "base.model"), device="cpu", default_dtype="float64")
+    np.testing.assert_allclose(ours.get_potential_energies(), ref.get_potential_energies(), rtol=0, atol=1e-10)
+    ref.get_potential_energy()
+    np.testing.assert_allclose(ours.calc.results["node_energy"], ref.calc.results["node_energy"], rtol=0, atol=1e-10)
+
+    b = toy_molecules("toluene", 1, seed=4)[0]
+    b.positions += np.array([30.0, 0.0, 0.0])
+    both = Atoms(a) + Atoms(b)
+    parts = []
+    for m in (a, b, both):
+        m = m.copy()
+        m.calc = calc
+        parts.append((m.get_potential_energies(), m.get_potential_energy(), m.calc.results["node_energy"], m))
+    (ea, _, _, _), (eb, _, _, _), (eab, e, node, m) = parts
+    np.testing.assert_allclose(eab, np.concatenate([ea, eb]), rtol=0, atol=1e-10)
+    assert abs(eab.sum() - e) < 1e-9
+    from mmea_kernels.integrations.heads import head_e0s
+
+    table = dict(zip(calc.z, head_e0s(calc.net).tolist()))
+    np.testing.assert_allclose(eab - node, [table[int(z)] for z in m.numbers], rtol=0, atol=1e-12)
+    assert np.abs(node).max() > 1e-3  # not all E0

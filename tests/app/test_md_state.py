@@ -224,3 +224,28 @@ def test_the_command_line_resumes_in_place(train_checkpoint, tmp_path):
     assert r.returncode == 2 and "--thermostat langevin differs from the state file's bussi" in r.stderr
     r = md("--resume", state, "--structure", str(ETHANOL))
     assert r.returncode == 2 and "md needs one of --structure (a new run) and --resume" in r.stderr
+
+
+def test_a_symlinked_state_file_is_written_through_and_a_killed_runs_temp_files_go(calc, tmp_path):
+    """``--save-state`` given as a symlink (a state kept on scratch, linked from the job directory):
+    the link stays and the file it names gets the new state (the rename replaced the link with a plain
+    file, and the next run's state went beside the link's target no more); the temporary files of a
+    run killed mid-write (SIGKILL: nothing cleans up) are removed by the next run that holds the
+    file's lock, and nobody else's files are."""
+    import os
+
+    mol = read(str(ETHANOL), 0)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    real, link = scratch / "state.npz", tmp_path / "state.npz"
+    run_md(mol, calc, steps=2, ensemble="nvt", thermostat="bussi", save_state=str(real))
+    os.chmod(real, 0o640)
+    link.symlink_to(real)
+    stale = scratch / ".state.npz.abc123.tmp.npz"  # what atomic_path names a state being written
+    stale.write_bytes(b"half a state")
+    other = scratch / ".other.npz.abc123.tmp.npz"  # another file's temporary: not this run's to remove
+    other.write_bytes(b"x")
+    run_md(None, calc, resume=load_state(str(link)), steps=3, save_state=str(link), overwrite=True)
+    assert link.is_symlink() and load_state(str(real)).step == 5
+    assert oct(real.stat().st_mode & 0o777) == oct(0o640)
+    assert sorted(p.name for p in scratch.iterdir()) == [".other.npz.abc123.tmp.npz", "state.npz"]

@@ -99,6 +99,30 @@ def test_parity_with_sevennet_calculator(base64, frames, reference, dtype, tol_e
     torch.testing.assert_close(f2, f, rtol=0, atol=TOL[dtype]["atol"])
 
 
+def test_per_atom_energies_equal_sevennet_calculators(base64, frames):
+    """The wrapper's ``node_energy`` and the ASE calculator's ``energies`` equal SevenNetCalculator's
+    per-atom energies (SevenNet-0's E0s are zero); with E0s set, ``node_energy`` excludes them."""
+    from sevenn.calculator import SevenNetCalculator
+
+    from mmea_kernels.app.calculator import MMEACalculator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = SevenNetCalculator("7net-0", device="cpu")
+    a, b = frames[0].copy(), frames[0].copy()
+    a.calc, b.calc = ref, MMEACalculator(module=base64)
+    np.testing.assert_allclose(b.get_potential_energies(), a.get_potential_energies(), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(b.calc.results["node_energy"], b.get_potential_energies(), rtol=0, atol=0)
+    m = copy.deepcopy(base64)
+    m.atomic_energies_fn.atomic_energies.copy_(torch.arange(89, dtype=torch.float64) * 0.5)
+    c = frames[0].copy()
+    c.calc = MMEACalculator(module=m)
+    zi = {z: i for i, z in enumerate(m.atomic_numbers.tolist())}
+    shift = np.array([0.5 * zi[int(z)] for z in c.numbers])
+    np.testing.assert_allclose(c.get_potential_energies() - shift, b.get_potential_energies(), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(c.calc.results["node_energy"], b.calc.results["node_energy"], rtol=0, atol=1e-10)
+
+
 def test_adapter_targets(base64):
     m = copy.deepcopy(base64)
     rep = mk.inject_adapters(m, method="mmea")

@@ -8,6 +8,7 @@ that would not reproduce the model is never put in place, an existing file is no
 --overwrite, and a model that cannot be exported (mmea-tp; a model that is neither a MACE nor a
 SevenNet) is refused by name (SevenNet checkpoints: tests/integrations/test_sevenn_deploy.py)."""
 import json
+import pathlib
 
 import pytest
 import torch
@@ -221,6 +222,33 @@ def _segments_dir(path, text):
     path.mkdir()
     for i in range(2):
         (path / f"deployed_parallel_{i}.pt").write_text(text)
+
+
+def test_an_exported_file_is_written_through_a_symlink_and_never_into_a_fifo(tmp_path):
+    """`_write_verified` (every single-file export): ``--out`` a symlink gets the file it names
+    replaced, mode kept, the link kept (the rename replaced the link by a file); a file that fails
+    its check leaves the old one and no temporary file; a FIFO is refused by name (the file is read
+    back to be checked: reading a FIFO it had just written would hang)."""
+    import os
+
+    from helpers import linked_file
+    from mmea_kernels.app import deploy
+
+    real, link = linked_file(tmp_path, "m.pt")
+    store = real.parent
+    assert deploy._write_verified(link, lambda tmp: pathlib.Path(tmp).write_text("new"), lambda tmp: 0.25) == 0.25
+    assert link.is_symlink() and real.read_text() == "new" and (real.stat().st_mode & 0o777) == 0o640
+
+    def wrong(tmp):
+        raise ValueError("the exported file disagrees")
+
+    with pytest.raises(ValueError, match="disagrees"):
+        deploy._write_verified(link, lambda tmp: pathlib.Path(tmp).write_text("newer"), wrong)
+    assert real.read_text() == "new" and sorted(os.listdir(store)) == ["m.pt"]
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="fifo.pt exists and is not a regular file"):
+        deploy._write_verified(fifo, lambda tmp: None, lambda tmp: 0.0)
 
 
 def test_a_segment_directory_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import pathlib
 import signal
 import stat
 import subprocess
@@ -312,3 +313,26 @@ def test_sigterm_is_an_interrupt_that_cleans_up(data, tmp_path, capsys, monkeypa
         assert main(["predict", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(data / "valid.xyz"),
                      "--out", str(tmp_path / "p.xyz")]) == 143
     assert not (tmp_path / "p.xyz").exists() and _hidden(tmp_path) == []
+
+
+def test_atomic_path_keeps_the_old_file_on_a_full_disk_and_streams_into_a_fifo(tmp_path):
+    """``atomic_path`` (predict, export, md's state, the rMD17 files): a full disk inside the block is
+    a WriteFailed naming the file, the old file stays and no temporary file is left; an interrupt
+    likewise; a FIFO is handed out as it is (written directly, never renamed over)."""
+    from mmea_kernels.train.atomic import WriteFailed, atomic_path
+
+    old = tmp_path / "p.xyz"
+    old.write_text("old")
+    for exc in (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), KeyboardInterrupt()):
+        with pytest.raises((WriteFailed, KeyboardInterrupt)) as got:
+            with atomic_path(old, suffix=".part") as tmp:
+                pathlib.Path(tmp).write_text("half")
+                raise exc
+        if isinstance(exc, OSError):
+            assert isinstance(got.value, WriteFailed) and "could not write" in str(got.value) and "p.xyz" in str(got.value)
+        assert old.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["p.xyz"]
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with atomic_path(fifo) as name:
+        assert name == str(fifo)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)

@@ -143,3 +143,18 @@ def test_predict_on_cuda_matches_the_cpu(checkpoint, tmp_path):
         np.testing.assert_allclose(a.arrays["MMEA_forces"], b.arrays["MMEA_forces"], rtol=0, atol=2e-8)
         if "MMEA_stress" in b.info:
             np.testing.assert_allclose(a.info["MMEA_stress"], b.info["MMEA_stress"], rtol=0, atol=1e-9)
+
+
+def test_a_symlinked_out_is_written_through(checkpoint, tmp_path):
+    """``--out`` a symlink (results kept elsewhere, linked): the file it names gets the predictions and
+    keeps its mode; the link stays (the rename replaced the link by a file, leaving the target old)."""
+    import os
+
+    from helpers import linked_file
+
+    good = tmp_path / "in.xyz"
+    ase.io.write(str(good), _mixed(0))
+    real, link = linked_file(tmp_path, "p.xyz")
+    predict(checkpoint, str(good), link, overwrite=True)
+    assert link.is_symlink() and oct(real.stat().st_mode & 0o777) == oct(0o640)
+    assert len(ase.io.read(str(real), ":")) == len(_mixed(0)) and sorted(os.listdir(real.parent)) == ["p.xyz"]
