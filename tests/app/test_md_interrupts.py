@@ -143,6 +143,69 @@ def test_a_full_disk_mid_frame_leaves_the_trajectory_on_its_last_whole_frame(tmp
     assert res["last_step"] == 2
 
 
+@pytest.mark.parametrize("cut", ["full disk", "interrupt"])
+def test_an_ase_traj_cut_mid_frame_reads_as_its_whole_frames(cut, tmp_path, monkeypatch):
+    """``--trajectory x.traj`` (ASE's format) cut in the third frame: ASE's close() completed the half
+    frame with whatever the file held (forces of 1e-321) or failed an assertion. Now
+    an interrupt (Ctrl-C; SIGTERM from the command line) waits for the frame to end, and a full disk
+    (RLIMIT_FSIZE, EFBIG for ENOSPC) leaves the file on its whole frames, naming it: every frame read
+    back equals the uninterrupted run's."""
+    import signal
+
+    import ase.io.ulm as ulm
+
+    s = _settings(steps=12)
+    whole = read(str(_run_whole(s, tmp_path / "whole.traj")), ":")
+    assert [f.info.get("md_step", i * 5) for i, f in enumerate(whole)][:3] == [0, 5, 10]
+    two = _run_whole(_settings(steps=5), tmp_path / "two.traj").stat().st_size  # where frame 3 starts
+    path = tmp_path / "t.traj"
+    if cut == "full disk":
+        resource = pytest.importorskip("resource")
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (two + 200, hard))
+        try:
+            with pytest.raises(OSError) as err:
+                run_md(_cu(), _EMT(), s, trajectory=str(path))
+            assert err.value.filename == str(path)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        kept = 2
+    else:
+        from ase.io.trajectory import TrajectoryWriter
+
+        fill, write, frames, sent = ulm.Writer.fill, TrajectoryWriter.write, [], []
+
+        def counted(self, *a, **k):
+            frames.append(1)
+            return write(self, *a, **k)
+
+        def fill_and_interrupt(self, a):
+            if len(frames) == 3 and not sent:  # inside the third frame, after its first array
+                sent.append(1)
+                os.kill(os.getpid(), signal.SIGINT)
+            return fill(self, a)
+
+        monkeypatch.setattr(TrajectoryWriter, "write", counted)
+        monkeypatch.setattr(ulm.Writer, "fill", fill_and_interrupt)
+        old = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run_md(_cu(), _EMT(), s, trajectory=str(path))
+        finally:
+            signal.signal(signal.SIGINT, old)
+        kept = 3
+    got = read(str(path), ":")
+    assert len(got) == kept
+    for a, b in zip(got, whole):
+        np.testing.assert_array_equal(a.positions, b.positions)
+        np.testing.assert_array_equal(a.get_forces(), b.get_forces())
+
+
+def _run_whole(s, path):
+    run_md(_cu(), _EMT(), s, trajectory=str(path))
+    return path
+
+
 def test_a_trajectory_on_a_fifo_is_streamed(tmp_path):
     """A FIFO (or /dev/stdout) as --trajectory: an internal 'Illegal seek' error after the whole-frame
     writes came (a review); each frame is written in one piece there too, unseekable."""
