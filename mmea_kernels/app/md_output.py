@@ -6,7 +6,6 @@ interrupted (``KeyboardInterrupt``: Ctrl-C, and SIGTERM as the command line turn
 its last completed step (:meth:`Outputs.run`)."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from typing import Optional
@@ -46,45 +45,17 @@ def append_frame(fd: int, data: bytes, then=None, path: Optional[str] = None) ->
         raise
 
 
-@contextlib.contextmanager
-def deferred_interrupts():
-    """Hold Ctrl-C and SIGTERM (when Python handles them: the command line's SIGTERM is Ctrl-C) until
-    the block ends, then raise them: a write that must not be cut (an ASE ``.traj`` frame) is never
-    interrupted half-way. Outside the main thread, and for signals Python does not handle, nothing
-    changes."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held, old = [], {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(sig)
-        if callable(handler):
-            old[sig] = handler
-            signal.signal(sig, lambda signum, frame: held.append((signum, frame)))
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        if held:
-            signum, frame = held[0]
-            old[signum](signum, frame)  # raises (KeyboardInterrupt) as the signal would have
-
-
 class Frames:
     """The trajectory: ``.traj`` (ASE's, which stays readable when cut short) or extended XYZ written
     through :func:`append_frame` to ``fd`` (the locked file)."""
 
     def __init__(self, path: str, fd: int, atoms, dt_fs: float):
         self.path, self.fd, self.dt_fs, self.last_step, self.traj = path, fd, dt_fs, None, None
-        self.broken, self.is_traj = False, path.lower().endswith(".traj")
+        self.is_traj = path.lower().endswith(".traj")
         if self.is_traj:
-            from ase.io.trajectory import Trajectory
+            from .trajfile import WholeFrameTrajectory
 
-            self.traj = Trajectory(path, "w", atoms)
+            self.traj = WholeFrameTrajectory(path, "w", atoms)
 
     def write(self, frame, step: int) -> None:
         """Write ``frame`` (an :class:`Outputs` snapshot's) as step ``step``."""
@@ -99,30 +70,7 @@ class Frames:
             append_frame(self.fd, buf.getvalue().encode(), lambda: setattr(self, "last_step", step), self.path)
         else:  # energy, forces and stress (when there)
             frame.calc.results = {k: v for k, v in frame.calc.results.items() if k in ("energy", "forces", "stress")}
-            if self.broken:
-                raise RuntimeError(f"--trajectory {self.path}: a frame failed to write; the file ends on step "
-                                   f"{self.last_step}")
-            with deferred_interrupts():  # a .traj frame cut half-way would be completed with garbage at close
-                try:
-                    self.traj.write(frame)
-                except BaseException as exc:
-                    self._abandon()
-                    if isinstance(exc, OSError) and exc.filename is None:  # a full disk names the file
-                        raise OSError(exc.errno, exc.strerror, self.path) from exc
-                    raise
-                self.last_step = step  # before a held interrupt is raised: this frame is whole
-
-    def _abandon(self) -> None:
-        """After a failed ``.traj`` frame (a full disk): close the file without ASE's final sync, which
-        would write the half frame (its missing arrays as whatever the file held); ASE's header still
-        counts the complete frames, so the file reads as those."""
-        self.broken, traj, self.traj = True, self.traj, None
-        fd = getattr(getattr(traj, "backend", None), "fd", None)
-        try:
-            if fd is not None:
-                fd.close()  # the half frame's buffered bytes may fail to flush again: they are not wanted
-        except OSError:
-            pass
+            self.traj.write(frame, then=lambda: setattr(self, "last_step", step))  # whole or not at all (app.trajfile)
 
     def close(self) -> None:
         if self.traj is not None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from .files import check_outputs
 from .md import _clean_copy, _periodic
+from .trajfile import WholeFrameTrajectory
 
 __all__ = ["RelaxSettings", "relax", "OPTIMIZERS"]
 
@@ -100,14 +101,14 @@ def relax(atoms, calculator, settings: Optional[RelaxSettings] = None, where: st
     steps, rounds = 0, 0
     try:
         while True:
-            opt = _optimizer(s.optimizer)(_target(atoms, s), logfile=log, trajectory=s.trajectory,
-                                          append_trajectory=rounds > 0)
+            traj = WholeFrameTrajectory(s.trajectory, "a" if rounds else "w") if s.trajectory else None
+            opt = _optimizer(s.optimizer)(_target(atoms, s), logfile=log, trajectory=traj)
             opt.attach(_finite(atoms, opt), interval=1)
             try:
                 opt.run(fmax=s.fmax, steps=s.steps - steps)
             finally:
-                if s.trajectory and hasattr(opt, "close"):
-                    opt.close()  # its trajectory file (the log is ours)
+                if traj is not None:
+                    traj.close()  # each frame whole: an interrupt waits for it (app.trajfile)
             steps, rounds = steps + int(opt.nsteps), rounds + 1
             converged = _converged(atoms, s)
             if converged or steps >= s.steps or opt.nsteps == 0:
