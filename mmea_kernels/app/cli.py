@@ -94,6 +94,20 @@ def _finetune_parser(sub):
     return p
 
 
+def _batch_options(parser, frames: int) -> None:
+    """``--batch-size`` and ``--max-batch-atoms`` of the commands that evaluate a file in batches."""
+    parser.add_argument("--batch-size", type=int, default=frames, help=f"frames per batch (default {frames})")
+    parser.add_argument("--max-batch-atoms", type=int, default=None,
+                        help="atoms per batch at most (a larger frame alone; default 4096: memory grows with the "
+                             "atoms of a batch, about a megabyte each for MACE in float64); 0: no limit")
+
+
+def _max_atoms(args):
+    from ..train.data import EVAL_MAX_ATOMS
+
+    return EVAL_MAX_ATOMS if args.max_batch_atoms is None else (args.max_batch_atoms or None)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mmea-kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,6 +134,7 @@ def main(argv=None) -> int:
                     help="no stress errors, also for a checkpoint trained on stresses (molecules, frames without "
                          "stress labels)")
     ev.add_argument("--json", default=None, help="also write the result here")
+    _batch_options(ev, 50)
     add_md_parser(sub)
     add_relax_parser(sub)
     pr = sub.add_parser("predict", help="a checkpoint's energies, forces, stresses on every frame, as extended XYZ",
@@ -131,7 +146,7 @@ def main(argv=None) -> int:
     pr.add_argument("--data", required=True, help="path[@index]")
     pr.add_argument("--out", required=True, help="extended XYZ (.xyz/.extxyz)")
     pr.add_argument("--model", default=None, help="base model, if not where the checkpoint says")
-    pr.add_argument("--batch-size", type=int, default=16)
+    _batch_options(pr, 16)
     pr.add_argument("--prefix", default="MMEA_", help="the keys' prefix (default MMEA_: MMEA_energy, ...)")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _export_parsers(sub)
@@ -315,7 +330,8 @@ def _run(args) -> int:
         check_outputs({"--json": args.json}, True, {**checkpoint_inputs(args.checkpoint, args.model), "--data": args.data})
         res = evaluate_checkpoint(args.checkpoint, args.data, args.model, args.energy_key, args.forces_key,
                                   trust_pickle=args.trust_pickle, checks=data_checks(args), device=args.device,
-                                  stress_key=args.stress_key, dtype=args.dtype, stress=not args.no_stress)
+                                  stress_key=args.stress_key, dtype=args.dtype, stress=not args.no_stress,
+                                  batch_size=args.batch_size, max_atoms=_max_atoms(args))
         print(f"{args.data}: {res['frames']} frames | E MAE {res['energy_mae_meV']:.3f} meV | "
               f"E RMSE {res['energy_rmse_meV']:.3f} meV | F MAE {res['forces_mae_meV_per_A']:.3f} meV/Å | "
               f"F RMSE {res['forces_rmse_meV_per_A']:.3f} meV/Å"
@@ -333,7 +349,7 @@ def _run(args) -> int:
 
         res = predict(args.checkpoint, args.data, args.out, args.model, args.batch_size, args.prefix,
                       dtype=args.dtype, device=args.device, trust_pickle=args.trust_pickle, checks=data_checks(args),
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, max_atoms=_max_atoms(args))
         print(json.dumps(res, indent=1))
     elif args.command == "lammps-build":
         from ..integrations.lammps import LammpsBuildError, build_lammps

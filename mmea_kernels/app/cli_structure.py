@@ -29,7 +29,9 @@ def add_relax_parser(sub):
     rx.add_argument("--out", required=True, help="the relaxed structure (.xyz/.extxyz, with energy, forces, stress)")
     rx.add_argument("--fmax", type=float, default=d.fmax, help="eV/Å: converged when every force is below this")
     rx.add_argument("--steps", type=int, default=d.steps, help="the most optimiser steps")
-    rx.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    rx.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                    help="ASE's optimiser; auto (default): bfgs up to 300 atoms, lbfgs above (bfgs's dense Hessian "
+                         "costs O(N^3) time a step)")
     rx.add_argument("--cell", action="store_true", help="relax the cell too (3-D periodic structures; ASE's "
                                                         "FrechetCellFilter on the model's stress)")
     rx.add_argument("--pressure", type=float, default=d.pressure_bar, help="with --cell: target pressure, bar")

@@ -10,16 +10,18 @@ from __future__ import annotations
 import pathlib
 from typing import Optional
 
+from ..train.data import EVAL_MAX_ATOMS
+
 __all__ = ["predict"]
 
 
-def _evaluate(net, frames, where: str, batch_size: int, checks, start: int):
+def _evaluate(net, frames, where: str, batch_size: int, checks, start: int, max_atoms: Optional[int]):
     """(energies, forces per frame, stresses per frame or None) for ``frames`` (a chunk starting at
     frame ``start`` of the file, for the messages)."""
     import torch
 
     from ..train.checks import checked_graphs
-    from ..train.data import make_batches
+    from ..train.data import iter_batches
     from ..train.device import module_device
     from ..train.foundation import model_info
     from .md import _periodic
@@ -30,8 +32,7 @@ def _evaluate(net, frames, where: str, batch_size: int, checks, start: int):
                             dtype=next(net.parameters()).dtype, checks=checks, labels=False)
     periodic = [_periodic(a) for a in frames]
     energies, forces, stresses = [], [], []
-    for batch in make_batches(graphs, batch_size, device=module_device(net)):
-        batch.pop("_global", None)
+    for batch in iter_batches(graphs, batch_size, module_device(net), max_atoms):
         out = net(batch, training=False, compute_force=True, **({"compute_stress": True} if any(periodic) else {}))
         ptr = batch["ptr"].tolist()
         e = out["energy"].detach().to(torch.float64).cpu().numpy()
@@ -60,24 +61,38 @@ def _check_prefix(frames, prefix: str, data: str) -> None:
                          f"replace; choose another --prefix" + (f" (e.g. --prefix {free})" if free else ""))
 
 
+def _chunks(frames, max_frames: int = 256, max_atoms: int = 65536):
+    """``(start, frames)``: consecutive pieces of at most ``max_frames`` frames and ``max_atoms`` atoms
+    (a larger frame alone), whose graphs are built, evaluated and written before the next's."""
+    start, atoms = 0, 0
+    for i, a in enumerate(frames):
+        if i > start and (i - start == max_frames or atoms + len(a) > max_atoms):
+            yield start, frames[start:i]
+            start, atoms = i, 0
+        atoms += len(a)
+    if start < len(frames):
+        yield start, frames[start:]
+
+
 def predict(checkpoint, data: str, out, model: Optional[str] = None, batch_size: int = 16,
             prefix: str = "MMEA_", dtype: Optional[str] = None, device: str = "cpu", trust_pickle: bool = False,
-            checks=None, overwrite: bool = False) -> dict:
+            checks=None, overwrite: bool = False, max_atoms: Optional[int] = EVAL_MAX_ATOMS) -> dict:
     """Write every frame of ``data`` (``path[@index]``) to ``out`` with ``info[prefix + "energy"]``
     (eV), ``arrays[prefix + "forces"]`` (eV/Å) and, for 3-D periodic frames, ``info[prefix + "stress"]``
-    (eV/Å³, ASE's Voigt order and sign). Returns a summary."""
+    (eV/Å³, ASE's Voigt order and sign). Batches of ``batch_size`` frames and at most ``max_atoms``
+    atoms (a larger frame alone; None: no limit). Returns a summary."""
     import ase.io
     from ase.stress import full_3x3_to_voigt_6_stress
 
     from ..train import load_finetuned
-    from ..train.checks import DataChecks, read_structures
-    from ..train.e0s import warn_outside_span
     from ..train.atomic import atomic_path
+    from ..train.checks import DataChecks, read_structures
+    from ..train.data import check_batch_size
+    from ..train.e0s import warn_outside_span
     from .files import check_outputs, checkpoint_inputs
 
     out = pathlib.Path(out)
-    if int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"--batch-size must be a whole number >= 1, got {batch_size}")
+    check_batch_size(batch_size, max_atoms)
     if out.suffix.lower() not in (".xyz", ".extxyz"):
         raise ValueError(f"--out {out}: predictions are written as extended XYZ; name it *.xyz or *.extxyz")
     if not prefix or not prefix.replace("_", "").isalnum():
@@ -89,11 +104,10 @@ def predict(checkpoint, data: str, out, model: Optional[str] = None, batch_size:
     net, ckpt = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle, device=device)
     warn_outside_span(ckpt.get("e0_span"), frames, str(data))  # energies there carry an unknown offset
     checks = checks or DataChecks()
-    n_stress, chunk = 0, max(batch_size, 256)
+    n_stress = 0
     with atomic_path(out, suffix=".part") as tmp:  # an error or an interrupt half-way: no partial file left
-        for start in range(0, len(frames), chunk):
-            part = frames[start:start + chunk]
-            energies, forces, stresses = _evaluate(net, part, str(data), batch_size, checks, start)
+        for start, part in _chunks(frames, max(batch_size, 256), 16 * (max_atoms or EVAL_MAX_ATOMS)):
+            energies, forces, stresses = _evaluate(net, part, str(data), batch_size, checks, start, max_atoms)
             for a, e, f, s in zip(part, energies, forces, stresses):
                 a.info[f"{prefix}energy"] = e
                 a.arrays[f"{prefix}forces"] = f

@@ -17,7 +17,8 @@ from .trajfile import WholeFrameTrajectory
 
 __all__ = ["RelaxSettings", "relax", "OPTIMIZERS"]
 
-OPTIMIZERS = ("bfgs", "lbfgs", "fire")
+OPTIMIZERS = ("auto", "bfgs", "lbfgs", "fire")
+BFGS_MAX_ATOMS = 300  # "auto": BFGS up to here, LBFGS above (BFGS keeps a dense 3N x 3N Hessian, eigh each step)
 
 
 @dataclasses.dataclass
@@ -28,11 +29,14 @@ class RelaxSettings:
     every component of stress + pressure within this (default: ASE's cell criterion, the virial over
     N below ``fmax``, i.e. within ``fmax·N/V``; a looser value keeps ASE's; the summary reports the one applied); ``out``: the final structure (extended XYZ, with energy,
     forces and, when periodic, stress); ``trajectory``: every step (``.traj``); ``log``: the
-    optimiser's log (``"-"``: standard output). Existing files are refused unless ``overwrite``."""
+    optimiser's log (``"-"``: standard output). Existing files are refused unless ``overwrite``.
+    ``optimizer``: ASE's BFGS, LBFGS or FIRE; ``"auto"`` (default) BFGS up to ``BFGS_MAX_ATOMS`` atoms and
+    LBFGS above (BFGS's dense Hessian costs O(N²) memory and an O(N³) eigendecomposition every step:
+    15 s a step at 1,536 atoms on a 2-core CPU, where the model took 5 s)."""
 
     fmax: float = 0.01
     steps: int = 500
-    optimizer: str = "bfgs"
+    optimizer: str = "auto"
     cell: bool = False
     pressure_bar: float = 0.0
     stress_tol_bar: Optional[float] = None
@@ -66,6 +70,13 @@ class RelaxSettings:
             raise ValueError(f"--trajectory {self.trajectory}: the name must end in .traj")
         check_outputs({"--out": self.out, "--trajectory": self.trajectory, "--log": self.log}, self.overwrite,
                       inputs)
+
+
+def _chosen(s: RelaxSettings, atoms) -> str:
+    """The optimiser that runs: ``s.optimizer``, or for "auto" BFGS up to ``BFGS_MAX_ATOMS`` atoms, LBFGS above."""
+    if s.optimizer != "auto":
+        return s.optimizer
+    return "bfgs" if len(atoms) <= BFGS_MAX_ATOMS else "lbfgs"
 
 
 def _optimizer(name: str):
@@ -102,7 +113,7 @@ def relax(atoms, calculator, settings: Optional[RelaxSettings] = None, where: st
     try:
         while True:
             traj = WholeFrameTrajectory(s.trajectory, "a" if rounds else "w") if s.trajectory else None
-            opt = _optimizer(s.optimizer)(_target(atoms, s), logfile=log, trajectory=traj)
+            opt = _optimizer(_chosen(s, atoms))(_target(atoms, s), logfile=log, trajectory=traj)
             opt.attach(_finite(atoms, opt), interval=1)
             try:
                 opt.run(fmax=s.fmax, steps=s.steps - steps)
@@ -167,7 +178,7 @@ def _relax_summary(atoms, s: RelaxSettings, converged: bool, steps: int, rounds:
     from ase import units
 
     forces = atoms.get_forces()
-    res = {"converged": converged, "steps": steps, "optimizer": s.optimizer, "cell": s.cell,
+    res = {"converged": converged, "steps": steps, "optimizer": _chosen(s, atoms), "cell": s.cell,
            "fmax": s.fmax, "atoms": len(atoms), "initial_energy_eV": float(e0),
            "final_energy_eV": float(atoms.get_potential_energy()),
            "max_force_eV_per_A": float(np.linalg.norm(forces, axis=1).max())}

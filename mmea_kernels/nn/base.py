@@ -40,6 +40,26 @@ def module_tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:
     return t if t is not None else getattr(module, name, None)
 
 
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
+    lambda: any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")))
+
+
+def modules_bypassed(base: nn.Module, down: Optional[nn.Module], up: Optional[nn.Module]) -> bool:
+    """Whether a call must run through these modules' own forward rather than kernels that read their
+    tensors: a hook is registered on one of them (forward, pre-forward or backward: a feature
+    capture, ``torch.nn.utils.prune`` or hook-based ``weight_norm``, which recompute the weight in a
+    pre-hook), or autocast is on (the layers then compute in its dtype, as the unadapted model
+    would). Global module hooks do not count: the tools that set them (``ModuleTracker``,
+    ``FlopCounterMode``) observe the module tree, and switching paths under them would change what
+    they measure. About 0.5 µs a call."""
+    if _any_autocast():
+        return True
+    for m in (base, down, up):
+        if m is not None and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks):
+            return True
+    return False
+
+
 class LayerView:
     """How adapters use one kind of base layer (stateless: every method takes the layer)."""
 

@@ -47,7 +47,9 @@ def replace_gates(model: nn.Module, backend: Optional[str] = None, verbose: bool
     """Swap every ``e3nn.nn.Gate`` and mace-torch ``GatedEquivariantBlock`` in ``model`` for a
     :class:`FusedGate`, in place (same parameters and buffers: the state dict is unchanged).
     Returns a report (``str(report)`` lists what was swapped, or says the model had no gate).
-    The original modules are kept on the FusedGate (``restore_gates`` puts them back)."""
+    The original modules are kept on the FusedGate (``restore_gates`` puts them back); hooks
+    registered on a gate run on its FusedGate (not those on the gate's own submodules, which the
+    fused kernels do not call)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"replace_gates expects a torch.nn.Module, got {type(model).__name__}")
     if _gate_kind(model) is not None:
@@ -63,6 +65,7 @@ def replace_gates(model: nn.Module, backend: Optional[str] = None, verbose: bool
         except ValueError as exc:
             raise ValueError(f"replace_gates: cannot fuse {full} ({child!r}): {exc}") from None
         fg.__dict__["_original"] = child  # not a submodule: no state_dict entries, not moved by .to()
+        _share_hooks(child, fg)
         parent._modules[child_name] = fg
         swapped.append((full, repr(fg)))
         if not fg.fused:
@@ -90,6 +93,20 @@ def restore_gates(model: nn.Module, verbose: bool = False) -> GateSwapReport:
     if verbose:
         print(report)
     return report
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _share_hooks(gate: nn.Module, fused: nn.Module) -> None:
+    """``fused`` runs the hooks registered on ``gate`` (feature captures, a profiler's): the same hook
+    dicts, so a handle's ``remove()`` and a hook added to either reach both, before and after
+    :func:`restore_gates`. A hook gets the FusedGate as its module; inputs and outputs are the gate's."""
+    for name in _HOOK_DICTS:
+        if name in gate.__dict__:
+            fused.__dict__[name] = gate.__dict__[name]
+    fused.__dict__["_is_full_backward_hook"] = gate.__dict__.get("_is_full_backward_hook")
 
 
 def _retarget_state(orig: nn.Module, fused: nn.Module) -> None:

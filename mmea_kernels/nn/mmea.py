@@ -17,57 +17,13 @@ from ..ops import gate_mul
 from ..ops._utils import rows2d, transform_active
 from ..ops.backends import cache_generation, check_backend_name
 from . import path_choice
-from .base import AdapterLinear, module_tensor
+from .path_choice import _plan_env, fused_linear_enabled, fused_linear_mode  # noqa: F401 (public here too)
+from .base import AdapterLinear, module_tensor, modules_bypassed
 
 __all__ = ["MMEALinear", "MMEATensorProduct", "MMEAGating"]
 
 PHIS = ("exp", "residual")
 INITS = ("identity", "paper")
-
-
-_ON, _OFF = ("", "1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
-def fused_linear_mode() -> str:
-    """``MMEA_FUSED_LINEAR``: ``1``/``true``/``yes``/``on`` or unset -> "fused" (the default: every
-    :class:`MMEALinear` the fused kernels cover runs them); ``0``/``false``/``no``/``off`` ->
-    "unfused" (the base layer, then the gate kernels); ``auto`` -> "auto" (each layer times both
-    paths once per row-count bucket and keeps the faster, :mod:`mmea_kernels.nn.path_choice`). Any
-    other value is an error that names the variable."""
-    v = os.environ.get("MMEA_FUSED_LINEAR", "1").strip().lower()
-    if v in _ON:
-        return "fused"
-    if v in _OFF:
-        return "unfused"
-    if v == "auto":
-        return "auto"
-    raise ValueError(f"MMEA_FUSED_LINEAR={v!r}; expected one of 1/true/yes/on (fused, the default), "
-                     f"0/false/no/off (unfused) or auto (each layer times both and keeps the faster)")
-
-
-# the environment variables an eager plan depends on (read on every call, so that a change takes
-# effect at the next call): straight from os.environ's own mapping where it has one (POSIX CPython),
-# which costs a dict lookup instead of three Python calls in os.py per variable
-_PLAN_VARS = ("MMEA_FUSED_LINEAR", "MMEA_BACKEND", "TRITON_INTERPRET")
-_ENV = os.environ
-_ENV_DATA = getattr(_ENV, "_data", None)
-_ENV_KEYS = tuple(_ENV.encodekey(k) for k in _PLAN_VARS) \
-    if type(_ENV_DATA) is dict and callable(getattr(_ENV, "encodekey", None)) else None
-
-
-def _plan_env() -> tuple:
-    """The values (or None) of ``_PLAN_VARS``, as raw as the platform keeps them (a cache key)."""
-    if _ENV_KEYS is not None and os.environ is _ENV:
-        get = _ENV_DATA.get
-        return get(_ENV_KEYS[0]), get(_ENV_KEYS[1]), get(_ENV_KEYS[2])
-    env = os.environ
-    return env.get(_PLAN_VARS[0]), env.get(_PLAN_VARS[1]), env.get(_PLAN_VARS[2])
-
-
-def fused_linear_enabled() -> bool:
-    """False only for ``MMEA_FUSED_LINEAR=0`` (see :func:`fused_linear_mode`); "auto" compiles the
-    fused op under torch.compile."""
-    return fused_linear_mode() != "unfused"
 
 
 _ADAPTER = []
@@ -115,11 +71,7 @@ class MMEAGating:
         self.num_gates = self.out_layout.num_gates
         fk = {"dtype": dtype, "device": device}
         n_out = self.num_additive + self.num_gates
-        # index buffers (not saved in state_dict; they follow .to(device))
-        self.register_buffer("in_scalar_columns", torch.tensor(self.in_layout.scalar_columns, dtype=torch.long,
-                                                                device=device), persistent=False)
-        self.register_buffer("out_scalar_columns", torch.tensor(self.out_layout.scalar_columns, dtype=torch.long,
-                                                                 device=device), persistent=False)
+        self._index_buffers(device)
         # (first, count) when the 0e input columns are one contiguous range: the gate net then reads a
         # view of them (no gather), and their gradient is a slice instead of an index_add
         self._scalar_span = self.in_layout.scalar_span
@@ -131,6 +83,21 @@ class MMEAGating:
             self.mmea_up = None
             self.mmea_static = nn.Parameter(torch.zeros(n_out, **fk))
         self.reset_adapter_parameters()
+
+    def _index_buffers(self, device) -> None:
+        """The 0e column indices (buffers not saved in the state dict; they follow ``.to(device)``)."""
+        for name, layout in (("in_scalar_columns", self.in_layout), ("out_scalar_columns", self.out_layout)):
+            self.register_buffer(name, torch.tensor(layout.scalar_columns, dtype=torch.long, device=device),
+                                 persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """``nn.Module._apply``; a layer built on the meta device gets its index buffers rebuilt when it
+        is given storage (``to_empty``: no state dict holds them, and empty storage is garbage)."""
+        was_meta = self.in_scalar_columns.is_meta
+        super()._apply(fn, recurse)
+        if was_meta and not self.in_scalar_columns.is_meta:
+            self._index_buffers(self.in_scalar_columns.device)
+        return self
 
     @torch.no_grad()
     def reset_adapter_parameters(self) -> None:
@@ -190,6 +157,10 @@ class MMEAGating:
     def _gated(self, y: torch.Tensor, add, gates) -> torch.Tensor:
         """``y`` (the base output) with its gates and additive terms applied."""
         D = self.out_layout.dim
+        if gates.dtype != y.dtype and torch.is_autocast_enabled(y.device.type):
+            # the gate net's nn.Linear ran in autocast's dtype, the base layer maybe not: promote, as y * g would
+            dt = torch.promote_types(y.dtype, gates.dtype)
+            y, gates, add = y.to(dt), gates.to(dt), (add.to(dt) if add is not None else None)
         y2 = gate_mul(rows2d(y, D), gates, self.out_layout, backend=self.backend)
         if add is not None:
             if add.dim() == 1:
@@ -244,11 +215,12 @@ class MMEALinear(MMEAGating, AdapterLinear):
         """(LinearSpec, kernel backend) when a fused linear+gate kernel should run (triton; cpp for
         float32/float64 CPU tensors), else None; under torch.compile (spec key, kernel backend), for
         the fused linear's custom op. For a call with extra arguments, and with
-        ``MMEA_FUSED_LINEAR=0`` in the environment (for comparing the two paths on a device), the
-        unfused path runs; with ``MMEA_FUSED_LINEAR=auto`` the faster of the two for this row count
+        ``MMEA_FUSED_LINEAR=0`` in the environment (for comparing the two paths on a device), with a
+        hook on the base layer or the gate net's layers, and under autocast, the unfused path runs; with ``MMEA_FUSED_LINEAR=auto`` the faster of the two for this row count
         (:meth:`_auto_plan`)."""
-        if args or kwargs:
-            return None
+        mods = self._modules
+        if args or kwargs or modules_bypassed(mods["base"], mods.get("mmea_down"), mods.get("mmea_up")):
+            return None  # hooks on the layers or autocast: the unfused path calls the layers
         if torch.compiler.is_compiling():
             return _compiled_plan(self.backend, x.device.type, x.dtype, getattr(self, "_kernel_key", None))
         # the decision depends only on these (and the installed kernels: cache_generation), so it is

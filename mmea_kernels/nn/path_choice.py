@@ -27,6 +27,7 @@ and under torch.compile (which always compiles the fused op).
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 import warnings
@@ -38,7 +39,52 @@ from torch import nn
 
 from ..ops._utils import rows2d
 
-__all__ = ["PathChoice", "row_bucket", "time_paths", "timed_choice", "may_time", "auto_choices"]
+_ON, _OFF = ("", "1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def fused_linear_mode() -> str:
+    """``MMEA_FUSED_LINEAR``: ``1``/``true``/``yes``/``on`` or unset -> "fused" (the default: every
+    :class:`MMEALinear` the fused kernels cover runs them); ``0``/``false``/``no``/``off`` ->
+    "unfused" (the base layer, then the gate kernels); ``auto`` -> "auto" (each layer times both
+    paths once per row-count bucket and keeps the faster, :mod:`mmea_kernels.nn.path_choice`). Any
+    other value is an error that names the variable."""
+    v = os.environ.get("MMEA_FUSED_LINEAR", "1").strip().lower()
+    if v in _ON:
+        return "fused"
+    if v in _OFF:
+        return "unfused"
+    if v == "auto":
+        return "auto"
+    raise ValueError(f"MMEA_FUSED_LINEAR={v!r}; expected one of 1/true/yes/on (fused, the default), "
+                     f"0/false/no/off (unfused) or auto (each layer times both and keeps the faster)")
+
+
+# the environment variables an eager plan depends on (read on every call, so that a change takes
+# effect at the next call): straight from os.environ's own mapping where it has one (POSIX CPython),
+# which costs a dict lookup instead of three Python calls in os.py per variable
+_PLAN_VARS = ("MMEA_FUSED_LINEAR", "MMEA_BACKEND", "TRITON_INTERPRET")
+_ENV = os.environ
+_ENV_DATA = getattr(_ENV, "_data", None)
+_ENV_KEYS = tuple(_ENV.encodekey(k) for k in _PLAN_VARS) \
+    if type(_ENV_DATA) is dict and callable(getattr(_ENV, "encodekey", None)) else None
+
+
+def _plan_env() -> tuple:
+    """The values (or None) of ``_PLAN_VARS``, as raw as the platform keeps them (a cache key)."""
+    if _ENV_KEYS is not None and os.environ is _ENV:
+        get = _ENV_DATA.get
+        return get(_ENV_KEYS[0]), get(_ENV_KEYS[1]), get(_ENV_KEYS[2])
+    env = os.environ
+    return env.get(_PLAN_VARS[0]), env.get(_PLAN_VARS[1]), env.get(_PLAN_VARS[2])
+
+
+def fused_linear_enabled() -> bool:
+    """False only for ``MMEA_FUSED_LINEAR=0`` (see :func:`fused_linear_mode`); "auto" compiles the
+    fused op under torch.compile."""
+    return fused_linear_mode() != "unfused"
+
+__all__ = ["PathChoice", "row_bucket", "time_paths", "timed_choice", "may_time", "auto_choices", "fused_linear_mode",
+           "fused_linear_enabled"]
 
 
 @dataclass(frozen=True)

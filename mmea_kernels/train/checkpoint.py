@@ -21,7 +21,7 @@ import torch
 from .atomic import DISK_ERRNOS, WriteFailed, atomic_write, atomic_write_text, write_failed  # noqa: F401 - here too
 from .checks import DataChecks, checked_graphs
 from .config import _NAMED_MODELS, DTYPES, FinetuneConfig, absolute_paths, config_key
-from .data import make_batches, read_frames
+from .data import EVAL_MAX_ATOMS, check_batch_size, iter_batches, read_frames
 from .device import module_device, resolve_device
 from .e0s import set_e0s
 from .ema import ema_weights, load_ema_weights, weights_in
@@ -291,7 +291,8 @@ def load_finetuned(checkpoint, model: Optional[str] = None, model_config=None, d
 def evaluate_checkpoint(checkpoint, data: str, model: Optional[str] = None, energy_key: Optional[str] = None,
                         forces_key: Optional[str] = None, batch_size: int = 50, dtype: Optional[str] = None,
                         trust_pickle: bool = False, checks: Optional[DataChecks] = None, device: str = "cpu",
-                        stress_key: Optional[str] = None, stress: bool = True) -> dict:
+                        stress_key: Optional[str] = None, stress: bool = True,
+                        max_atoms: Optional[int] = EVAL_MAX_ATOMS) -> dict:
     """Errors of a fine-tuned checkpoint on a labelled data file (``path[@index]``), after the data
     checks of :mod:`.checks`, computed on ``device``; stress errors too for a checkpoint trained on
     stresses (labels under its key) or with ``stress_key`` (any checkpoint; periodic data with stress
@@ -300,7 +301,8 @@ def evaluate_checkpoint(checkpoint, data: str, model: Optional[str] = None, ener
     (:class:`.e0s.E0OffsetWarning`) when frames have a composition outside the span of those the
     checkpoint's E0s were fitted on: their energy errors then include an unknown per-element offset.
     ``stress=False`` (``--no-stress``): no stress errors, also for a checkpoint trained on stresses
-    (molecules, frames without stress labels)."""
+    (molecules, frames without stress labels). Batches of ``batch_size`` frames and at most
+    ``max_atoms`` atoms (a larger frame alone; None: no limit), collated one at a time."""
     from .e0s import warn_outside_span
 
     ckpt = _read_checkpoint(pathlib.Path(checkpoint))
@@ -315,7 +317,8 @@ def evaluate_checkpoint(checkpoint, data: str, model: Optional[str] = None, ener
     z, r_max = model_info(net)
     graphs = checked_graphs(frames, z, r_max, str(data), ek, fk, dtype=next(net.parameters()).dtype,
                             checks=checks or DataChecks(), stress_key=sk)
-    res = errors(net, make_batches(graphs, batch_size, device=module_device(net)), float(ckpt.get("w_energy", 1.0)),
+    check_batch_size(batch_size, max_atoms)
+    res = errors(net, iter_batches(graphs, batch_size, module_device(net), max_atoms), float(ckpt.get("w_energy", 1.0)),
                  float(ckpt.get("w_forces", 1000.0)), w_stress=w_s, stress=sk is not None)
     res["frames"] = len(frames)
     return res

@@ -2,13 +2,14 @@
 splits and their checked graphs, and batches (shared out between data-parallel processes)."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
 from .checks import checked_graphs
 
-__all__ = ["read_frames", "read_splits", "split_graphs", "make_batches", "overlap_note"]
+__all__ = ["read_frames", "read_splits", "split_graphs", "make_batches", "iter_batches", "overlap_note",
+           "EVAL_MAX_ATOMS", "check_batch_size"]
 
 
 def read_frames(spec: str, energy_key: str, forces_key: str, labels: bool = True, stress_key=None) -> list:
@@ -100,3 +101,35 @@ def make_batches(graphs, size, order=None, rank: int = 0, world: int = 1, device
             b["_dummy"] = True
         out.append(b)
     return out
+
+
+# atoms in one evaluation batch (evaluate, predict): a MACE forward + force backward holds of the order of
+# a megabyte per atom in float64, so 50 frames of a 2,000-atom cell in one batch would need ~100 GB
+EVAL_MAX_ATOMS = 4096
+
+
+def check_batch_size(batch_size, max_atoms) -> None:
+    """``ValueError`` naming ``--batch-size`` / ``--max-batch-atoms`` unless whole numbers >= 1 (the
+    latter may be None: no limit)."""
+    for option, v in (("--batch-size", batch_size), ("--max-batch-atoms", max_atoms)):
+        if v is None and option == "--max-batch-atoms":
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{option} must be a whole number >= 1, got {v!r}")
+
+
+def iter_batches(graphs, size: int, device="cpu", max_atoms: Optional[int] = EVAL_MAX_ATOMS):
+    """Batches of consecutive ``graphs`` for evaluation, collated one at a time (never all held): at most
+    ``size`` graphs and, with ``max_atoms``, at most that many atoms (a graph larger than that alone)."""
+    from ..integrations.mace import collate
+
+    group, atoms = [], 0
+    for g in graphs:
+        n = int(g.num_nodes)
+        if group and (len(group) == size or (max_atoms is not None and atoms + n > max_atoms)):
+            yield collate(group, device)
+            group, atoms = [], 0
+        group.append(g)
+        atoms += n
+    if group:
+        yield collate(group, device)

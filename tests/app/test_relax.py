@@ -196,3 +196,27 @@ def test_a_trajectory_frame_interrupted_half_way_is_finished_first(calc, tmp_pat
     for a, b in zip(got, whole):
         np.testing.assert_array_equal(a.positions, b.positions)
         np.testing.assert_array_equal(a.get_forces(), b.get_forces())
+
+
+def test_the_default_optimizer_is_bfgs_for_small_structures_and_lbfgs_for_large_ones(calc):
+    """``--optimizer auto`` (default): ASE's BFGS keeps a dense 3N x 3N Hessian and diagonalises it every
+    step (15 s a step at 1,536 atoms, a review: three times the model's time), so above 300 atoms
+    LBFGS runs; the summary names the optimiser that ran. Each takes its step as ASE's own would."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.optimize import LBFGS
+
+    from mmea_kernels.app.relax import BFGS_MAX_ATOMS
+
+    mol = read(str(ETHANOL), 0)
+    assert relax(mol, calc, steps=1)[1]["optimizer"] == "bfgs"
+    big = bulk("Cu", cubic=True).repeat((5, 4, 4))  # 320 atoms
+    assert len(big) > BFGS_MAX_ATOMS
+    big.rattle(0.05, seed=1)
+    got, res = relax(big, EMT(), steps=2)
+    assert res["optimizer"] == "lbfgs"
+    ref = big.copy()
+    ref.calc = EMT()
+    LBFGS(ref, logfile=None).run(fmax=0.01, steps=2)
+    np.testing.assert_allclose(got.positions, ref.positions, rtol=0, atol=1e-12)
+    assert relax(big, EMT(), steps=1, optimizer="bfgs")[1]["optimizer"] == "bfgs"  # asked for: as asked

@@ -52,6 +52,16 @@ def test_cli_end_to_end_and_evaluate_reproduces(files, tmp_path, capsys):
     for k in ("energy_mae_meV", "forces_mae_meV_per_A", "energy_rmse_meV", "forces_rmse_meV_per_A", "loss"):
         assert math.isclose(ev[k], m["test"][k], rel_tol=1e-9), k  # the loss with the run's weights (10, 100)
     assert f"{m['test']['forces_mae_meV_per_A']:.3f}" in capsys.readouterr().out
+    for extra in (["--batch-size", "1"], ["--max-batch-atoms", "10"], ["--max-batch-atoms", "0"]):  # other batches
+        assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(files / "test.xyz"),
+                     "--json", str(js), *extra]) == 0
+        other = json.loads(js.read_text())
+        for k in ("energy_mae_meV", "forces_mae_meV_per_A", "energy_rmse_meV", "forces_rmse_meV_per_A", "loss"):
+            assert math.isclose(other[k], ev[k], rel_tol=1e-9), (extra, k)
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(files / "test.xyz"),
+                 "--max-batch-atoms", "-2"]) == 2
+    assert "--max-batch-atoms must be a whole number >= 1, got -2" in capsys.readouterr().err
     # the adapter-only checkpoint holds adapter tensors only
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ck["trainable"] and all(".mmea_" in n for n in ck["trainable"])

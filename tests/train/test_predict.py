@@ -48,11 +48,11 @@ def test_predictions_equal_the_calculator_frame_by_frame(checkpoint, tmp_path, c
     ase.io.write(str(tmp_path / "in.xyz"), frames)
     calc = MMEACalculator(checkpoint=str(checkpoint))
     outs = {}
-    for bs in (1, 3, 16):
+    for bs, extra in ((1, []), (3, []), (16, []), ("atoms", ["--max-batch-atoms", "20"])):  # ~2 frames a batch
         path = tmp_path / f"p{bs}.xyz"
         capsys.readouterr()
         assert main(["predict", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "in.xyz"), "--out", str(path),
-                     "--batch-size", str(bs), "--device", "cpu"]) == 0
+                     "--batch-size", str(16 if bs == "atoms" else bs), "--device", "cpu", *extra]) == 0
         res = json.loads(capsys.readouterr().out)
         assert res["frames"] == 8 and res["with_stress"] == 3
         outs[bs] = ase.io.read(str(path), ":")
@@ -66,7 +66,7 @@ def test_predictions_equal_the_calculator_frame_by_frame(checkpoint, tmp_path, c
             np.testing.assert_allclose(got.info["MMEA_stress"], a.get_stress(), rtol=0, atol=1e-10)
         else:
             assert "MMEA_stress" not in got.info
-        for bs in (1, 16):
+        for bs in (1, 16, "atoms"):
             assert outs[bs][i].info["MMEA_energy"] == pytest.approx(got.info["MMEA_energy"], rel=1e-12)
 
 
@@ -158,3 +158,32 @@ def test_a_symlinked_out_is_written_through(checkpoint, tmp_path):
     predict(checkpoint, str(good), link, overwrite=True)
     assert link.is_symlink() and oct(real.stat().st_mode & 0o777) == oct(0o640)
     assert len(ase.io.read(str(real), ":")) == len(_mixed(0)) and sorted(os.listdir(real.parent)) == ["p.xyz"]
+
+
+def test_batches_and_chunks_keep_to_their_frame_and_atom_limits(monkeypatch):
+    """Evaluation batches (evaluate, predict) and predict's chunks: consecutive frames, at most the
+    frames and atoms asked for, a frame larger than the atom limit alone, every frame once."""
+    from types import SimpleNamespace
+
+    from mmea_kernels.app.predict import _chunks
+    from mmea_kernels.train import data
+
+    import mmea_kernels.integrations.mace as mace_mod
+
+    sizes = [5, 9, 3, 40, 2, 2, 2, 2, 7]
+    seen = []
+    monkeypatch.setattr(mace_mod, "collate", lambda group, device: [g.num_nodes for g in group])
+    graphs = [SimpleNamespace(num_nodes=n) for n in sizes]
+    for size, cap in ((3, 10), (100, None), (2, 1)):
+        got = list(data.iter_batches(graphs, size, "cpu", cap))
+        seen.append(got)
+        assert [n for b in got for n in b] == sizes
+        assert all(len(b) <= size and (cap is None or sum(b) <= cap or len(b) == 1) for b in got)
+    assert seen[0] == [[5], [9], [3], [40], [2, 2, 2], [2, 7]] and seen[1] == [sizes]
+    frames = [list(range(n)) for n in sizes]  # len() is all _chunks reads
+    parts = list(_chunks(frames, max_frames=3, max_atoms=12))
+    assert [(s, [len(f) for f in p]) for s, p in parts] == [(0, [5]), (1, [9, 3]), (3, [40]), (4, [2, 2, 2]),
+                                                            (7, [2, 7])]
+    for option, value in (("--batch-size", 0), ("--max-batch-atoms", -1), ("--batch-size", 2.5)):
+        with pytest.raises(ValueError, match=f"{option} must be a whole number >= 1"):
+            data.check_batch_size(*((value, None) if option == "--batch-size" else (4, value)))
