@@ -61,19 +61,6 @@ def _check_prefix(frames, prefix: str, data: str) -> None:
                          f"replace; choose another --prefix" + (f" (e.g. --prefix {free})" if free else ""))
 
 
-def _chunks(frames, max_frames: int = 256, max_atoms: int = 65536):
-    """``(start, frames)``: consecutive pieces of at most ``max_frames`` frames and ``max_atoms`` atoms
-    (a larger frame alone), whose graphs are built, evaluated and written before the next's."""
-    start, atoms = 0, 0
-    for i, a in enumerate(frames):
-        if i > start and (i - start == max_frames or atoms + len(a) > max_atoms):
-            yield start, frames[start:i]
-            start, atoms = i, 0
-        atoms += len(a)
-    if start < len(frames):
-        yield start, frames[start:]
-
-
 def predict(checkpoint, data: str, out, model: Optional[str] = None, batch_size: int = 16,
             prefix: str = "MMEA_", dtype: Optional[str] = None, device: str = "cpu", trust_pickle: bool = False,
             checks=None, overwrite: bool = False, max_atoms: Optional[int] = EVAL_MAX_ATOMS) -> dict:
@@ -87,7 +74,7 @@ def predict(checkpoint, data: str, out, model: Optional[str] = None, batch_size:
     from ..train import load_finetuned
     from ..train.atomic import atomic_path
     from ..train.checks import DataChecks, read_structures
-    from ..train.data import check_batch_size
+    from ..train.data import check_batch_size, frame_chunks
     from ..train.e0s import warn_outside_span
     from .files import check_outputs, checkpoint_inputs
 
@@ -106,7 +93,7 @@ def predict(checkpoint, data: str, out, model: Optional[str] = None, batch_size:
     checks = checks or DataChecks()
     n_stress = 0
     with atomic_path(out, suffix=".part") as tmp:  # an error or an interrupt half-way: no partial file left
-        for start, part in _chunks(frames, max(batch_size, 256), 16 * (max_atoms or EVAL_MAX_ATOMS)):
+        for start, part in frame_chunks(frames, max(batch_size, 256), 16 * (max_atoms or EVAL_MAX_ATOMS)):
             energies, forces, stresses = _evaluate(net, part, str(data), batch_size, checks, start, max_atoms)
             for a, e, f, s in zip(part, energies, forces, stresses):
                 a.info[f"{prefix}energy"] = e

@@ -19,9 +19,9 @@ from typing import Optional
 import torch
 
 from .atomic import DISK_ERRNOS, WriteFailed, atomic_write, atomic_write_text, write_failed  # noqa: F401 - here too
-from .checks import DataChecks, checked_graphs
+from .checks import DataChecks, check_geometry, check_labels, checked_graphs
 from .config import _NAMED_MODELS, DTYPES, FinetuneConfig, absolute_paths, config_key
-from .data import EVAL_MAX_ATOMS, check_batch_size, iter_batches, read_frames
+from .data import EVAL_MAX_ATOMS, check_batch_size, frame_chunks, iter_batches, read_frames
 from .device import module_device, resolve_device
 from .e0s import set_e0s
 from .ema import ema_weights, load_ema_weights, weights_in
@@ -315,10 +315,21 @@ def evaluate_checkpoint(checkpoint, data: str, model: Optional[str] = None, ener
     warn_outside_span(ckpt.get("e0_span"), frames, str(data))
     net, ckpt = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle, device=device)
     z, r_max = model_info(net)
-    graphs = checked_graphs(frames, z, r_max, str(data), ek, fk, dtype=next(net.parameters()).dtype,
-                            checks=checks or DataChecks(), stress_key=sk)
+    checks, where, dtype, dev = checks or DataChecks(), str(data), next(net.parameters()).dtype, module_device(net)
     check_batch_size(batch_size, max_atoms)
-    res = errors(net, iter_batches(graphs, batch_size, module_device(net), max_atoms), float(ckpt.get("w_energy", 1.0)),
+    from ..integrations.mace import check_elements
+
+    check_elements(frames, z, where)  # every frame's data first, so a bad frame stops the run before any evaluation
+    check_labels(frames, where, ek, fk, sk)
+    check_geometry(frames, where, r_max, checks)
+
+    def batches():  # the graphs of one chunk at a time (frame_chunks), numbered as in the file
+        for start, part in frame_chunks(frames, max(batch_size, 256), 16 * (max_atoms or EVAL_MAX_ATOMS)):
+            graphs = checked_graphs(part, z, r_max, where, ek, fk, dtype=dtype, checks=checks, stress_key=sk,
+                                    frame_numbers=range(start, start + len(part)))
+            yield from iter_batches(graphs, batch_size, dev, max_atoms)
+
+    res = errors(net, batches(), float(ckpt.get("w_energy", 1.0)),
                  float(ckpt.get("w_forces", 1000.0)), w_stress=w_s, stress=sk is not None)
     res["frames"] = len(frames)
     return res

@@ -9,7 +9,7 @@ import numpy as np
 from .checks import checked_graphs
 
 __all__ = ["read_frames", "read_splits", "split_graphs", "make_batches", "iter_batches", "overlap_note",
-           "EVAL_MAX_ATOMS", "check_batch_size"]
+           "EVAL_MAX_ATOMS", "check_batch_size", "frame_chunks"]
 
 
 def read_frames(spec: str, energy_key: str, forces_key: str, labels: bool = True, stress_key=None) -> list:
@@ -133,3 +133,17 @@ def iter_batches(graphs, size: int, device="cpu", max_atoms: Optional[int] = EVA
         atoms += n
     if group:
         yield collate(group, device)
+
+
+def frame_chunks(frames, max_frames: int = 256, max_atoms: int = 16 * EVAL_MAX_ATOMS):
+    """``(start, frames)``: consecutive pieces of at most ``max_frames`` frames and ``max_atoms`` atoms
+    (a larger frame alone), whose graphs are built and evaluated before the next's (``evaluate``,
+    ``predict``: a file's graphs are never all held, about 5 KB per atom)."""
+    start, atoms = 0, 0
+    for i, a in enumerate(frames):
+        if i > start and (i - start == max_frames or atoms + len(a) > max_atoms):
+            yield start, frames[start:i]
+            start, atoms = i, 0
+        atoms += len(a)
+    if start < len(frames):
+        yield start, frames[start:]

@@ -62,6 +62,12 @@ def test_cli_end_to_end_and_evaluate_reproduces(files, tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(files / "test.xyz"),
                  "--max-batch-atoms", "-2"]) == 2
     assert "--max-batch-atoms must be a whole number >= 1, got -2" in capsys.readouterr().err
+    many = [a.copy() for a in ase.io.read(str(files / "test.xyz"), ":")] * 50  # 300 frames: two graph chunks
+    many = [a.copy() for a in many]
+    many[280].positions[1] = many[280].positions[0] + [0.1, 0.0, 0.0]
+    ase.io.write(str(tmp_path / "many.xyz"), many)
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(tmp_path / "many.xyz")]) == 2
+    assert "frame 280: atoms 0 and 1 are 0.1 Å apart" in capsys.readouterr().err  # numbered as in the file
     # the adapter-only checkpoint holds adapter tensors only
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ck["trainable"] and all(".mmea_" in n for n in ck["trainable"])

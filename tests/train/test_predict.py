@@ -165,7 +165,6 @@ def test_batches_and_chunks_keep_to_their_frame_and_atom_limits(monkeypatch):
     frames and atoms asked for, a frame larger than the atom limit alone, every frame once."""
     from types import SimpleNamespace
 
-    from mmea_kernels.app.predict import _chunks
     from mmea_kernels.train import data
 
     import mmea_kernels.integrations.mace as mace_mod
@@ -180,8 +179,8 @@ def test_batches_and_chunks_keep_to_their_frame_and_atom_limits(monkeypatch):
         assert [n for b in got for n in b] == sizes
         assert all(len(b) <= size and (cap is None or sum(b) <= cap or len(b) == 1) for b in got)
     assert seen[0] == [[5], [9], [3], [40], [2, 2, 2], [2, 7]] and seen[1] == [sizes]
-    frames = [list(range(n)) for n in sizes]  # len() is all _chunks reads
-    parts = list(_chunks(frames, max_frames=3, max_atoms=12))
+    frames = [list(range(n)) for n in sizes]  # len() is all frame_chunks reads
+    parts = list(data.frame_chunks(frames, max_frames=3, max_atoms=12))
     assert [(s, [len(f) for f in p]) for s, p in parts] == [(0, [5]), (1, [9, 3]), (3, [40]), (4, [2, 2, 2]),
                                                             (7, [2, 7])]
     for option, value in (("--batch-size", 0), ("--max-batch-atoms", -1), ("--batch-size", 2.5)):
