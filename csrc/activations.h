@@ -24,16 +24,19 @@ inline T horner(T r, T p, C... cs) {
 
 // exp without libm calls, branch-free, so that the activation loops auto-vectorise (plain -O3,
 // no -ffast-math): Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, Taylor polynomial of exp(r)
-// (degree 13 for double, 7 for float: truncation below half an ulp), times 2^n built in the
-// exponent bits. Accurate to a few ulp (tested against torch to 1e-12 relative in float64).
-// Inputs are clamped to the normal range (exp(-745) and below would be denormal or 0: the
-// activations built on it differ from torch's by < 1e-300 absolute there).
+// (degree 13 for double, 7 for float: truncation below half an ulp), times 2^n as two factors
+// 2^(n/2) built in the exponent bits (each a normal number, so the product rounds as exp does:
+// inf above log(max), denormals, then 0, below). Accurate to a few ulp (tested against torch to
+// 1e-12 relative in float64), inf/0/NaN where torch's exp gives them: inputs are clamped only
+// beyond those limits (a review found the gate exp(γ) stuck at exp(88) ≈ 1.7e38 in float32, finite
+// where the exact gate overflows).
 template <typename T>
 inline T fast_exp(T x) {
   static_assert(std::is_same_v<T, double> || std::is_same_v<T, float>, "fast_exp: double or float");
   constexpr bool kDouble = std::is_same_v<T, double>;
   using Bits = std::conditional_t<kDouble, int64_t, int32_t>;
-  constexpr T kLo = kDouble ? T(-708.0) : T(-87.0f), kHi = kDouble ? T(709.0) : T(88.0f);
+  // exp(kHi) overflows, exp(kLo) rounds to 0: |n| <= 1076 (150), halves within the normal exponents
+  constexpr T kLo = kDouble ? T(-746.0) : T(-104.0f), kHi = kDouble ? T(710.0) : T(89.0f);
   constexpr T kMagic = kDouble ? T(6755399441055744.0) : T(12582912.0f);  // 1.5 * 2^52, 1.5 * 2^23
   constexpr T kLog2e = kDouble ? T(1.4426950408889634074) : T(1.44269504088896341f);
   constexpr T kLn2Hi = kDouble ? T(6.93147180369123816490e-01) : T(0.693359375f);
@@ -52,7 +55,10 @@ inline T fast_exp(T x) {
     p = horner(r, 1.0f / 5040.0f, 1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f);
   }
   const Bits ni = __builtin_bit_cast(Bits, t) - __builtin_bit_cast(Bits, kMagic);
-  return p * __builtin_bit_cast(T, (ni + kBias) << kMantissa);
+  // 2^n = 2^n1 * 2^n2, each factor normal; n1 = round(n / 2) by the same magic-number rounding (a 64-bit
+  // arithmetic shift would not vectorise without AVX-512)
+  const Bits n1 = __builtin_bit_cast(Bits, n * T(0.5) + kMagic) - __builtin_bit_cast(Bits, kMagic), n2 = ni - n1;
+  return (p * __builtin_bit_cast(T, (n1 + kBias) << kMantissa)) * __builtin_bit_cast(T, (n2 + kBias) << kMantissa);
 }
 
 // f(x) and f'(x) as torch computes them (silu: x / (1 + exp(-x)); softplus: threshold 20).

@@ -295,11 +295,14 @@ void seg_dot_shared_kernel(const scalar_t* ap, const scalar_t* bp, at::opmath_ty
       segment_sum_accumulate<acc_t>(cs, pp + ch * G, runs);
     }
   }
-  for (int64_t j = 0; j < G; ++j) res[j] = pp[j];
-  for (int64_t ch = 1; ch < nchunks; ++ch) {
+  // the chunk partials added in double: in float32 a running sum over N/64 partials drifted to ~30 ulp
+  // at 16M rows (a review), where torch's pairwise sum stays at ~1
+  std::vector<double> total(static_cast<size_t>(G), 0.0);
+  for (int64_t ch = 0; ch < nchunks; ++ch) {
     const acc_t* src = pp + ch * G;
-    for (int64_t j = 0; j < G; ++j) res[j] += src[j];
+    for (int64_t j = 0; j < G; ++j) total[j] += static_cast<double>(src[j]);
   }
+  for (int64_t j = 0; j < G; ++j) res[j] = static_cast<acc_t>(total[j]);
 }
 
 // Rows [n0, n1) of per-row seg_dot (acc: the [G] sums, then a scratch row of D products), compiled

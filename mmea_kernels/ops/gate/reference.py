@@ -29,7 +29,10 @@ def gate_mul(x: torch.Tensor, gates: torch.Tensor, t: LayoutTables, keep_ungated
     else:
         g = torch.cat([gates.to(acc), gates.new_full((gates.shape[0], 1), fill, dtype=acc)], dim=1)
         scale = g.index_select(1, t.gate_index_ext)
-    return (x.to(acc) * scale).to(x.dtype)
+    y = x.to(acc) * scale
+    if not keep_ungated and t.scalar_columns.numel():  # zeroed, not times 0: an inf or nan there stays out
+        y.index_fill_(-1, t.scalar_columns, 0.0)
+    return y.to(x.dtype)
 
 
 def seg_dot(a: torch.Tensor, b: torch.Tensor, t: LayoutTables, shared: bool) -> torch.Tensor:
