@@ -105,6 +105,8 @@ def _batch_options(parser, frames: int) -> None:
 def _max_atoms(args):
     from ..train.data import EVAL_MAX_ATOMS
 
+    if args.max_batch_atoms is not None and args.max_batch_atoms < 0:
+        raise ValueError(f"--max-batch-atoms must be a whole number >= 0 (0: no limit), got {args.max_batch_atoms}")
     return EVAL_MAX_ATOMS if args.max_batch_atoms is None else (args.max_batch_atoms or None)
 
 

@@ -64,11 +64,11 @@ class SiblingLock:
     a temporary file renamed over it, so a lock on the file would stay on the old one and the
     directory would stop unrelated runs writing beside it): ``.NAME.lock`` beside the file (beside the
     file a symlink names: :func:`~mmea_kernels.train.lockfile.hold`), removed by :meth:`release`.
-    With the lock held, temporary files a killed run left (``.NAME.*<temp_suffix>``, the names
+    With the lock held, temporary files a killed run left (``.NAME.XXXXXXXX<temp_suffix>``, the names
     :func:`~mmea_kernels.train.atomic.atomic_path` gives) are removed: no other run can be writing them."""
 
     def __init__(self, path: str, option: str, temp_suffix: Optional[str] = None):
-        import glob
+        import re
 
         from ..train import lockfile
 
@@ -78,12 +78,14 @@ class SiblingLock:
             self.fd = lockfile.hold(self.path)
         except lockfile.LockHeld:
             raise _busy(option, path) from None
-        for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*{temp_suffix}")
-                               if temp_suffix else []):
-            try:
-                os.remove(stale)
-            except OSError:
-                pass
+        # mkstemp's names: ".NAME." + 8 random characters + suffix (not another file's, ".NAME.old...")
+        own = re.compile(re.escape(f".{name}.") + r"[a-z0-9_]{8}" + re.escape(temp_suffix or ""))
+        for stale in (os.listdir(folder) if temp_suffix else []):
+            if own.fullmatch(stale):
+                try:
+                    os.remove(os.path.join(folder, stale))
+                except OSError:
+                    pass
 
     def release(self) -> None:
         """Remove the lock file (while holding it) and let go."""

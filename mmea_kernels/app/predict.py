@@ -72,7 +72,7 @@ def predict(checkpoint, data: str, out, model: Optional[str] = None, batch_size:
     from ase.stress import full_3x3_to_voigt_6_stress
 
     from ..train import load_finetuned
-    from ..train.atomic import atomic_path
+    from ..train.atomic import atomic_path, is_stream
     from ..train.checks import DataChecks, read_structures
     from ..train.data import check_batch_size, frame_chunks
     from ..train.e0s import warn_outside_span
@@ -92,7 +92,9 @@ def predict(checkpoint, data: str, out, model: Optional[str] = None, batch_size:
     warn_outside_span(ckpt.get("e0_span"), frames, str(data))  # energies there carry an unknown offset
     checks = checks or DataChecks()
     n_stress = 0
-    with atomic_path(out, suffix=".part") as tmp:  # an error or an interrupt half-way: no partial file left
+    # one open file for every chunk (a FIFO's reader sees one stream); an error or an interrupt half-way:
+    # no partial file left (a stream such as /dev/stdout is appended to)
+    with atomic_path(out, suffix=".part") as tmp, open(tmp, "a" if is_stream(out) else "w") as fh:
         for start, part in frame_chunks(frames, max(batch_size, 256), 16 * (max_atoms or EVAL_MAX_ATOMS)):
             energies, forces, stresses = _evaluate(net, part, str(data), batch_size, checks, start, max_atoms)
             for a, e, f, s in zip(part, energies, forces, stresses):
@@ -101,7 +103,8 @@ def predict(checkpoint, data: str, out, model: Optional[str] = None, batch_size:
                 if s is not None:
                     a.info[f"{prefix}stress"] = full_3x3_to_voigt_6_stress(s)
                     n_stress += 1
-            ase.io.write(tmp, part, format="extxyz", append=start > 0)
+            ase.io.write(fh, part, format="extxyz")
+            fh.flush()
     return {"out": str(out), "frames": len(frames), "with_stress": n_stress, "method": ckpt["method"],
             "keys": [f"{prefix}energy", f"{prefix}forces"] + ([f"{prefix}stress"] if n_stress else []),
             "dtype": str(next(net.parameters()).dtype).replace("torch.", "")}

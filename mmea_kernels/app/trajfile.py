@@ -14,8 +14,11 @@ __all__ = ["deferred_interrupts", "WholeFrameTrajectory"]
 @contextlib.contextmanager
 def deferred_interrupts():
     """Hold Ctrl-C and SIGTERM (when Python handles them: the command line's SIGTERM is Ctrl-C) until
-    the block ends, then raise them: a write that must not be cut is never interrupted half-way.
-    Outside the main thread, and for signals Python does not handle, nothing changes."""
+    the block ends, then hand each signal that came, once and in order, to its handler (which raises
+    KeyboardInterrupt for Ctrl-C): a write that must not be cut is never interrupted half-way. When
+    the block itself fails (a full disk), its error goes on and the held signals are dropped: the
+    run stops either way, and the error says why. Outside the main thread, and for signals Python
+    does not handle, nothing changes."""
     import signal
     import threading
 
@@ -30,12 +33,14 @@ def deferred_interrupts():
             signal.signal(sig, lambda signum, frame: held.append((signum, frame)))
     try:
         yield
+    except BaseException:
+        held.clear()
+        raise
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-        if held:
-            signum, frame = held[0]
-            old[signum](signum, frame)  # raises (KeyboardInterrupt) as the signal would have
+    for signum in dict.fromkeys(s for s, _ in held):  # each signal once, in the order they came
+        old[signum](signum, next(f for s, f in held if s == signum))  # may raise, as the signal would have
 
 
 class WholeFrameTrajectory:

@@ -44,7 +44,7 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
     lambda: any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")))
 
 
-def modules_bypassed(base: nn.Module, down: Optional[nn.Module], up: Optional[nn.Module]) -> bool:
+def modules_bypassed(base: Optional[nn.Module], down: Optional[nn.Module], up: Optional[nn.Module]) -> bool:
     """Whether a call must run through these modules' own forward rather than kernels that read their
     tensors: a hook is registered on one of them (forward, pre-forward or backward: a feature
     capture, ``torch.nn.utils.prune`` or hook-based ``weight_norm``, which recompute the weight in a

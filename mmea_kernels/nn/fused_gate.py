@@ -154,6 +154,25 @@ class FusedGate(nn.Module):
 
     __e3nn_compile_mode__ = "script"  # e3nn.util.jit.compile scripts __prepare_scriptable__'s module
 
+    # nn.Module's flag for full backward hooks, which share the replaced gate's hook dicts
+    # (replace_gates): kept on that gate, so registering on either module sets it for both
+    @property
+    def _is_full_backward_hook(self):
+        orig = self.__dict__.get("_original")
+        return orig._is_full_backward_hook if orig is not None else self.__dict__.get("_own_full_backward_hook")
+
+    @_is_full_backward_hook.setter
+    def _is_full_backward_hook(self, value):
+        orig = self.__dict__.get("_original")
+        if orig is not None:
+            orig._is_full_backward_hook = value
+        else:
+            self.__dict__["_own_full_backward_hook"] = value
+
+    def __setstate__(self, state):  # nn.Module's would reset the flag (not in __dict__) on the gate's copy
+        super().__setstate__({**state, "_is_full_backward_hook": None})
+        self.__dict__.pop("_is_full_backward_hook", None)
+
     def __init__(self, irreps_scalars, act_scalars, irreps_gates, act_gates, irreps_gated, layout: str = "mul_ir",
                  *, backend: Optional[str] = None, compat: str = "e3nn"):
         super().__init__()

@@ -106,7 +106,7 @@ def _share_hooks(gate: nn.Module, fused: nn.Module) -> None:
     for name in _HOOK_DICTS:
         if name in gate.__dict__:
             fused.__dict__[name] = gate.__dict__[name]
-    fused.__dict__["_is_full_backward_hook"] = gate.__dict__.get("_is_full_backward_hook")
+    # the full-backward-hook flag is the gate's own (FusedGate._is_full_backward_hook reads _original's)
 
 
 def _retarget_state(orig: nn.Module, fused: nn.Module) -> None:

@@ -51,6 +51,15 @@ def _compiled_plan(backend: Optional[str], device_type: str, dtype: torch.dtype,
     return (key, kernels) if kernels else None
 
 
+def _indices_after_load(module, incompatible_keys) -> None:
+    """``load_state_dict(..., assign=True)`` into a layer built on the meta device gives it the loaded
+    tensors but not the 0e indices (no state dict holds them): build them where the tensors are."""
+    if module.in_scalar_columns.is_meta:
+        p = next((t for t in module.parameters() if not t.is_meta), None)
+        if p is not None:
+            module._index_buffers(p.device)
+
+
 class MMEAGating:
     """The MMEA gate network and gating, shared by the adapters of a linear layer
     (:class:`MMEALinear`) and of a tensor product (:class:`MMEATensorProduct`): the subclass sets
@@ -72,6 +81,7 @@ class MMEAGating:
         fk = {"dtype": dtype, "device": device}
         n_out = self.num_additive + self.num_gates
         self._index_buffers(device)
+        self.register_load_state_dict_post_hook(_indices_after_load)
         # (first, count) when the 0e input columns are one contiguous range: the gate net then reads a
         # view of them (no gather), and their gradient is a slice instead of an index_add
         self._scalar_span = self.in_layout.scalar_span
@@ -420,7 +430,10 @@ class MMEATensorProduct(MMEAGating, nn.Module):
         x2 = rows2d(x, self.in_layout.dim)
         # the gate net as one op where the fused kernels run (as on MMEALinear's fused path)
         from ..ops.gated_linear import kernel_backend
-        fused_net = None if torch.compiler.is_compiling() else kernel_backend(self.backend, x2)
+        mods = self._modules  # hooks on the gate net or autocast: its layers are called (modules_bypassed)
+        fused_net = None if torch.compiler.is_compiling() or modules_bypassed(None, mods.get("mmea_down"),
+                                                                                mods.get("mmea_up")) \
+            else kernel_backend(self.backend, x2)
         add, gates = self.gate_parameters(x2, fused_net=fused_net)
         return self._gated(y, add if self.num_additive > 0 else None, gates)
 

@@ -14,7 +14,7 @@ import tempfile
 from typing import Optional
 
 __all__ = ["WriteFailed", "DISK_ERRNOS", "write_failed", "atomic_write", "atomic_write_text", "atomic_path",
-           "umask_mode", "current_umask"]
+           "is_stream", "umask_mode", "current_umask"]
 
 
 class WriteFailed(OSError):
@@ -83,13 +83,13 @@ def atomic_write(path, write) -> None:
     then rename it to ``path``: ``path`` is either the old file or the whole new one. On any failure
     (an interrupt too) the temporary file is removed; a failed write raises :class:`WriteFailed`.
     A symlink is written through (the file it names is replaced; the link stays), an existing file
-    keeps its mode, and what is not a regular file (a FIFO, a device: ``--json /dev/stdout``) is
-    written into directly, as ``open(path, "wb")`` would (:func:`atomic_path`)."""
+    keeps its mode, and a stream (:func:`is_stream`: a FIFO, a device, ``--json /dev/stdout``) is
+    written into directly, appended to (:func:`atomic_path`)."""
     real = pathlib.Path(os.path.realpath(path))
     sink = None
     try:
-        with atomic_path(real) as tmp:
-            with open(tmp, "wb") as fh:
+        with atomic_path(path) as tmp:
+            with open(tmp, "ab" if is_stream(path) else "wb") as fh:
                 sink = _Sink(fh, tmp)
                 write(sink)
     except WriteFailed:
@@ -105,6 +105,17 @@ def atomic_write_text(path, text: str) -> None:
     """``text`` (UTF-8) to ``path`` atomically (:func:`atomic_write`)."""
     data = text.encode("utf-8")
     atomic_write(path, lambda sink: sink.write(data))
+
+
+def is_stream(path) -> bool:
+    """Whether ``path`` is written into as it is, never replaced: a FIFO, a device or another file that
+    is not a regular one, and any name under ``/dev`` or ``/proc`` (``/dev/stdout`` names whatever the
+    shell connected: a file renamed over there would replace the user's file, a pipe has no directory)."""
+    given = os.path.abspath(path)
+    if given.startswith(("/dev/", "/proc/")):
+        return True
+    real = os.path.realpath(path)
+    return os.path.exists(real) and not os.path.isfile(real)
 
 
 def _fsync_dir(directory) -> None:
@@ -126,13 +137,16 @@ def atomic_path(path, suffix: str = ".tmp"):
     ``path``, as in :func:`atomic_write`: a symlink is written through (the file it names is replaced,
     the link stays), an existing file keeps its mode, a new one gets the umask's; on any error or
     interrupt the temporary file is removed and ``path`` is as it was, and a full disk is a
-    :class:`WriteFailed` naming ``path``. A target that is not a regular file (a FIFO, a device) is
-    yielded as it is, to be written directly. ``suffix`` ends the temporary name (``.npz``: numpy
-    adds none)."""
-    real = pathlib.Path(os.path.realpath(path))
-    if real.exists() and not real.is_file():
-        yield str(real)
+    :class:`WriteFailed` naming ``path``. A stream (:func:`is_stream`) is yielded as given, to be
+    written directly (opened to append: ``/dev/stdout`` may be a file the shell appends to).
+    ``suffix`` ends the temporary name (``.npz``: numpy adds none)."""
+    if is_stream(path):
+        yield str(path)
         return
+    real = pathlib.Path(os.path.realpath(path))
+    if not real.parent.is_dir():
+        link = f" (where the symlink {path} points)" if os.path.islink(path) else ""
+        raise FileNotFoundError(errno.ENOENT, f"cannot write {path}: the directory {real.parent} does not exist{link}")
     mode = stat.S_IMODE(real.stat().st_mode) if real.exists() else None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=suffix, dir=str(real.parent))

@@ -305,6 +305,7 @@ def evaluate_checkpoint(checkpoint, data: str, model: Optional[str] = None, ener
     ``max_atoms`` atoms (a larger frame alone; None: no limit), collated one at a time."""
     from .e0s import warn_outside_span
 
+    check_batch_size(batch_size, max_atoms)
     ckpt = _read_checkpoint(pathlib.Path(checkpoint))
     ek, fk = energy_key or ckpt.get("energy_key", "REF_energy"), forces_key or ckpt.get("forces_key", "REF_forces")
     w_s = float(ckpt.get("w_stress", 0.0))
@@ -316,7 +317,6 @@ def evaluate_checkpoint(checkpoint, data: str, model: Optional[str] = None, ener
     net, ckpt = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle, device=device)
     z, r_max = model_info(net)
     checks, where, dtype, dev = checks or DataChecks(), str(data), next(net.parameters()).dtype, module_device(net)
-    check_batch_size(batch_size, max_atoms)
     from ..integrations.mace import check_elements
 
     check_elements(frames, z, where)  # every frame's data first, so a bad frame stops the run before any evaluation

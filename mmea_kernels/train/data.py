@@ -114,7 +114,8 @@ def check_batch_size(batch_size, max_atoms) -> None:
     for option, v in (("--batch-size", batch_size), ("--max-batch-atoms", max_atoms)):
         if v is None and option == "--max-batch-atoms":
             continue
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        whole = isinstance(v, (int, np.integer)) or (isinstance(v, (float, np.floating)) and float(v).is_integer())
+        if isinstance(v, bool) or not whole or v < 1:
             raise ValueError(f"{option} must be a whole number >= 1, got {v!r}")
 
 

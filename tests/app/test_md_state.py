@@ -241,11 +241,12 @@ def test_a_symlinked_state_file_is_written_through_and_a_killed_runs_temp_files_
     run_md(mol, calc, steps=2, ensemble="nvt", thermostat="bussi", save_state=str(real))
     os.chmod(real, 0o640)
     link.symlink_to(real)
-    stale = scratch / ".state.npz.abc123.tmp.npz"  # what atomic_path names a state being written
+    stale = scratch / ".state.npz.abc_1234.tmp.npz"  # what atomic_path (mkstemp) names a state being written
     stale.write_bytes(b"half a state")
-    other = scratch / ".other.npz.abc123.tmp.npz"  # another file's temporary: not this run's to remove
-    other.write_bytes(b"x")
+    others = [".other.npz.abc_1234.tmp.npz", ".state.npz.old.npz.k2j4x9qa.tmp.npz"]  # other files' temporaries
+    for name in others:
+        (scratch / name).write_bytes(b"x")
     run_md(None, calc, resume=load_state(str(link)), steps=3, save_state=str(link), overwrite=True)
     assert link.is_symlink() and load_state(str(real)).step == 5
     assert oct(real.stat().st_mode & 0o777) == oct(0o640)
-    assert sorted(p.name for p in scratch.iterdir()) == [".other.npz.abc123.tmp.npz", "state.npz"]
+    assert sorted(p.name for p in scratch.iterdir()) == sorted(others + ["state.npz"])

@@ -102,16 +102,39 @@ def test_autocast_runs_the_gate_net_in_its_dtype_as_the_unfused_path_does():
 
 
 @pytest.mark.parametrize("backend", [None, "torch"])
-def test_a_layer_built_on_the_meta_device_gets_its_indices_with_storage(backend):
+@pytest.mark.parametrize("how", ["to_empty", "assign"])
+def test_a_layer_built_on_the_meta_device_gets_its_indices_with_storage(backend, how):
+    """``to_empty()`` then ``load_state_dict``, or ``load_state_dict(..., assign=True)`` (PyTorch's two
+    ways to fill a model built on the meta device)."""
     fused, _ = _pair(SPLIT_IN, OUT)
     with torch.device("meta"):
         ad = MMEALinear(make_linear(SPLIT_IN, OUT).to("meta"), rank=4, backend=backend)
-    ad = ad.to_empty(device="cpu")
-    ad.load_state_dict(fused.state_dict(), strict=True)
+    if how == "to_empty":
+        ad = ad.to_empty(device="cpu")
+    ad.load_state_dict(fused.state_dict(), strict=True, assign=how == "assign")
     assert ad.in_scalar_columns.tolist() == fused.in_scalar_columns.tolist() == [0, 1, 5, 6, 7]
     assert ad.out_scalar_columns.tolist() == fused.out_scalar_columns.tolist()
     x = _x(ad)
     torch.testing.assert_close(ad(x), naive_mmea(fused, fused.base(x), x, SPLIT_IN, OUT), rtol=1e-12, atol=1e-12)
+
+
+def test_hooks_on_the_gate_net_of_a_tensor_product_adapter_run():
+    """MMEATensorProduct (the mmea-tp method) read its gate net's weights into the fused gate-net
+    kernel as MMEALinear did: a hook on ``mmea_up`` zeroing γ must give the base output."""
+    from e3nn import o3
+
+    from mmea_kernels.nn.mmea import MMEATensorProduct
+
+    torch.manual_seed(0)
+    tp = o3.FullyConnectedTensorProduct("4x0e+2x1o", "1x0e+1x1o", "3x0e+2x1o").double()
+    ad = MMEATensorProduct(tp, rank=4)
+    randomise(ad, 0.3, seed=2)
+    x1, x2 = torch.randn(5, 10, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    assert (ad(x1, x2) - tp(x1, x2)).abs().max() > 1e-3
+    calls = []
+    ad.mmea_up.register_forward_hook(lambda m, i, o: calls.append(1) or torch.zeros_like(o))
+    torch.testing.assert_close(ad(x1, x2), tp(x1, x2), rtol=0, atol=0)
+    assert calls == [1]
 
 
 def test_replace_gates_keeps_the_hooks_of_the_gates_it_replaces():
@@ -140,3 +163,18 @@ def test_replace_gates_keeps_the_hooks_of_the_gates_it_replaces():
     later.remove()
     model(x)
     assert len(seen) == 4
+    # full backward hooks: registered on the FusedGate (or on the original) alone, they fire on both modules
+    back = []
+    for where in ("fused", "gate"):
+        mk.replace_gates(model)
+        on = model[1] if where == "fused" else model[1].__dict__["_original"]
+        h = on.register_full_backward_hook(lambda m, gi, go, where=where: back.append(where))
+        model(x.clone().requires_grad_()).sum().backward()
+        mk.restore_gates(model)
+        model(x.clone().requires_grad_()).sum().backward()
+        h.remove()
+    assert back == ["fused", "fused", "gate", "gate"]
+    mk.replace_gates(model)
+    model[1].register_full_backward_hook(lambda m, gi, go: back.append("copied"))
+    copy.deepcopy(model)(x.clone().requires_grad_()).sum().backward()  # a copy keeps the flag (nn.Module's
+    assert back[4:] == ["copied"]                                       # __setstate__ would reset it)

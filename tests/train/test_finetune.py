@@ -61,7 +61,7 @@ def test_cli_end_to_end_and_evaluate_reproduces(files, tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(files / "test.xyz"),
                  "--max-batch-atoms", "-2"]) == 2
-    assert "--max-batch-atoms must be a whole number >= 1, got -2" in capsys.readouterr().err
+    assert "--max-batch-atoms must be a whole number >= 0 (0: no limit), got -2" in capsys.readouterr().err
     many = [a.copy() for a in ase.io.read(str(files / "test.xyz"), ":")] * 50  # 300 frames: two graph chunks
     many = [a.copy() for a in many]
     many[280].positions[1] = many[280].positions[0] + [0.1, 0.0, 0.0]

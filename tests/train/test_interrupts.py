@@ -336,3 +336,51 @@ def test_atomic_path_keeps_the_old_file_on_a_full_disk_and_streams_into_a_fifo(t
     with atomic_path(fifo) as name:
         assert name == str(fifo)
     assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_dev_stdout_is_appended_to_not_replaced_and_a_pipe_works(tmp_path):
+    """``--json /dev/stdout`` (a review): /dev/stdout resolves to whatever the shell connected, so the
+    atomic rename replaced the user's log file (``>> results.log``: its earlier lines gone) and failed
+    on a pipe (no directory to put a temporary file in). It is written into, appended to."""
+    code = "from mmea_kernels.train.atomic import atomic_write_text; atomic_write_text('/dev/stdout', 'json\\n')"
+    log = tmp_path / "results.log"
+    log.write_text("earlier\n")
+    with open(log, "a") as fh:
+        assert subprocess.run([sys.executable, "-c", code], stdout=fh).returncode == 0
+    assert log.read_text() == "earlier\njson\n"
+    piped = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert piped.returncode == 0 and piped.stdout == "json\n", piped.stderr
+
+
+def test_a_symlink_into_a_missing_directory_is_named(tmp_path):
+    from mmea_kernels.train.atomic import atomic_path
+
+    (tmp_path / "dl.xyz").symlink_to(tmp_path / "gone" / "out.xyz")
+    with pytest.raises(FileNotFoundError, match=r"cannot write .*dl.xyz: the directory .*gone does not exist "
+                                                r"\(where the symlink .*dl.xyz points\)"):
+        with atomic_path(tmp_path / "dl.xyz"):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dl.xyz"]
+
+
+def test_held_signals_are_replayed_in_order_and_an_error_in_the_block_wins():
+    from mmea_kernels.app.trajfile import deferred_interrupts
+
+    seen = []
+    old_term = signal.signal(signal.SIGTERM, lambda s, f: seen.append("term"))  # a handler that does not raise
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with deferred_interrupts():
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGTERM)
+                seen.append("block done")
+        assert seen == ["block done", "term"]  # SIGTERM once, then Ctrl-C's KeyboardInterrupt: none lost
+        with pytest.raises(OSError, match="No space left"):  # the write's own error, not the held Ctrl-C
+            with deferred_interrupts():
+                os.kill(os.getpid(), signal.SIGINT)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)

@@ -183,6 +183,39 @@ def test_batches_and_chunks_keep_to_their_frame_and_atom_limits(monkeypatch):
     parts = list(data.frame_chunks(frames, max_frames=3, max_atoms=12))
     assert [(s, [len(f) for f in p]) for s, p in parts] == [(0, [5]), (1, [9, 3]), (3, [40]), (4, [2, 2, 2]),
                                                             (7, [2, 7])]
+    data.check_batch_size(16.0, None)  # a whole number as a float: as before
     for option, value in (("--batch-size", 0), ("--max-batch-atoms", -1), ("--batch-size", 2.5)):
         with pytest.raises(ValueError, match=f"{option} must be a whole number >= 1"):
             data.check_batch_size(*((value, None) if option == "--batch-size" else (4, value)))
+
+
+def test_predictions_stream_whole_into_a_fifo(checkpoint, tmp_path):
+    """``--out`` a FIFO (a reader downstream): one open file for all chunks. Each 256-frame chunk was
+    written with its own open and close, so the reader saw the end of the file after the first chunk
+    and the second open blocked forever."""
+    import os
+    import threading
+
+    frames = toy_molecules("ethanol", 270, seed=7)
+    ase.io.write(str(tmp_path / "in.xyz"), frames)
+    fifo = tmp_path / "pipe.xyz"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    done = []
+    worker = threading.Thread(target=lambda: done.append(predict(checkpoint, str(tmp_path / "in.xyz"), fifo,
+                                                                 batch_size=64, overwrite=True)), daemon=True)
+    worker.start()
+    worker.join(120)
+    reader.join(10)
+    assert done and done[0]["frames"] == 270, "predict did not finish"
+    (tmp_path / "got.xyz").write_text(got[0])
+    out = ase.io.read(str(tmp_path / "got.xyz"), ":")
+    assert len(out) == 270 and out[269].info["MMEA_energy"] == pytest.approx(predict_one(checkpoint, frames[269]))
+
+
+def predict_one(checkpoint, atoms):
+    a = atoms.copy()
+    a.calc = MMEACalculator(checkpoint=str(checkpoint))
+    return a.get_potential_energy()
