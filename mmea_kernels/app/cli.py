@@ -37,9 +37,10 @@ def _finetune_parser(sub):
     p = sub.add_parser("finetune", help="adapt a base model to labelled data", parents=[common_options(True, True, True)],
                        description="Fine-tune a base model on extended-XYZ data. Files take ASE index "
                                    "slices: train.xyz@:50, train.xyz@50:100.")
-    p.add_argument("--train", required=True, help="training frames (path[@index])")
-    p.add_argument("--valid", default=None, help="validation frames (default: valid_fraction of --train)")
-    p.add_argument("--test", default=None, help="test frames, evaluated once at the end")
+    p.add_argument("--train", required=True, action=_Once, help="training frames (path[@index])")
+    p.add_argument("--valid", default=None, action=_Once,
+                   help="validation frames (default: --valid-fraction of --train)")
+    p.add_argument("--test", default=None, action=_Once, help="test frames, evaluated once at the end")
     p.add_argument("--out", default=d.out_dir, help="output directory (checkpoint.pt, metrics.json, learning_curve.png)")
     p.add_argument("--model", default=d.model,
                    help="base model: builtin:<name>, preset:<name>, a model/state-dict file, mace-off:<size>, mace-mp:<size>, "
@@ -92,6 +93,19 @@ def _finetune_parser(sub):
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     return p
+
+
+class _Once(argparse.Action):
+    """A file option given at most once: argparse keeps the last of a repeated option without a word,
+    and ``--train a.xyz --train b.xyz`` would train on b.xyz alone."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = namespace.__dict__.setdefault("_given_once", set())
+        if self.dest in seen:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)}, {values}): one file each; "
+                         "put the frames of several files in one (ase.io.write) or select with path@index")
+        seen.add(self.dest)
+        setattr(namespace, self.dest, values)
 
 
 def _batch_options(parser, frames: int) -> None:
@@ -166,6 +180,7 @@ def main(argv=None) -> int:
     rmd.add_argument("--seed", type=int, default=123)
     rmd.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
+    args.__dict__.pop("_given_once", None)
     with _sigterm_as_interrupt():
         if getattr(args, "debug", False):
             return _run(args)

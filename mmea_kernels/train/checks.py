@@ -85,7 +85,13 @@ def read_structures(spec: str, what: str = "data file") -> list:
     path, index = split_spec(spec)
     p = pathlib.Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{what} {p} does not exist")
+        hint = ""
+        try:
+            if 0 < float(path) < 1 and not index:  # mace's --valid_fraction habit: --valid 0.1
+                hint = f" (a fraction of the training frames is --valid-fraction {path})"
+        except ValueError:
+            pass
+        raise FileNotFoundError(f"{what} {p} does not exist{hint}")
     if p.stat().st_size == 0:
         raise DataError(f"{what} {p} is empty")
     sel = parse_index(index, spec)
@@ -204,7 +210,12 @@ def with_labels(frames: Sequence, energy_key: str, forces_key: str, stress_key: 
 def check_stress_label(a, i: int, where: str, stress_key: str) -> None:
     """Frame ``i`` has a finite stress under ``info[stress_key]`` (or ``calc.results``; Voigt 6, 9
     numbers or 3 x 3; eV/Å³) and is periodic in all three directions with a 3-D cell (a stress needs a
-    volume)."""
+    volume). A key named for virials is refused: mace-torch reads those apart (``--virials_key``), as
+    ``W = -σ V`` in eV, and trained as stresses they would be wrong in sign and by the volume."""
+    if "virial" in stress_key.lower():
+        raise DataError(f"--stress-key {stress_key}: virials are not stresses (σ = -W / V, in eV/Å³, for a virial W "
+                        f"in eV); convert them, e.g. atoms.info['REF_stress'] = -atoms.info['{stress_key}'] / "
+                        f"atoms.get_volume(), and give that key")
     value, name = read_label(a, "stress", stress_key)
     if name is None:
         raise KeyError(_missing(a, i, where, "stress", stress_key) +

@@ -8,7 +8,8 @@ import numpy as np
 
 from .checks import checked_graphs
 
-__all__ = ["read_frames", "read_splits", "split_graphs", "make_batches", "iter_batches", "overlap_note",
+__all__ = ["read_frames", "read_splits", "split_graphs", "make_batches", "iter_batches", "overlap_note", "weights_note",
+           "check_mace_conventions",
            "EVAL_MAX_ATOMS", "check_batch_size", "frame_chunks"]
 
 
@@ -35,17 +36,61 @@ def _split_order(cfg, n: int):
     return [int(i) for i in perm[:n_va]], [int(i) for i in perm[n_va:]]
 
 
+WEIGHT_KEYS = ("config_weight", "config_energy_weight", "config_forces_weight", "config_stress_weight")
+
+
+def check_mace_conventions(frames, where: str, energy_key: str) -> None:
+    """mace-torch's per-frame conventions that change what a frame means, checked before training:
+    weights (:data:`WEIGHT_KEYS`, used by the loss as mace uses them) must be finite numbers >= 0;
+    isolated-atom frames (one atom, ``config_type=IsolatedAtom``), which mace takes as E0s and does
+    not train on, are refused with the ``--e0s`` file that says the same."""
+    import json
+    import math
+
+    from .checks import DataError, read_label
+
+    for i, a in enumerate(frames):
+        for key in WEIGHT_KEYS:
+            v = a.info.get(key)
+            if v is not None and (isinstance(v, (bool, str)) or not isinstance(v, (int, float, np.number))
+                                  or not math.isfinite(float(v)) or float(v) < 0):
+                raise DataError(f"{where}: frame {i}: {key}={v!r}; a weight must be a finite number >= 0")
+    iso = [(i, a) for i, a in enumerate(frames) if len(a) == 1 and a.info.get("config_type") == "IsolatedAtom"]
+    if iso:
+        e0s = {str(int(a.numbers[0])): read_label(a, "energy", energy_key)[0] for _, a in iso}
+        raise DataError(
+            f"{where}: frames {', '.join(str(i) for i, _ in iso[:8])}{' ...' if len(iso) > 8 else ''} are isolated atoms "
+            f"(config_type=IsolatedAtom): mace-torch takes their energies as E0s and does not train on them. Take "
+            f"them out of the file and give the energies with --e0s FILE.json, the file holding "
+            f"{json.dumps(e0s)} (or mark them with another config_type to train on them as frames)")
+
+
+def weights_note(frames: Dict[str, list]) -> str:
+    """A line on the frames whose loss weights (:data:`WEIGHT_KEYS`) are not all 1; '' when none."""
+    parts = []
+    for split, fr in frames.items():
+        n = sum(any(float(a.info.get(k, 1.0)) != 1.0 for k in WEIGHT_KEYS) for a in fr)
+        if n:
+            parts.append(f"{n} of {len(fr)} {split} frames")
+    return (f"note: {' and '.join(parts)} carry loss weights other than 1 ({', '.join(WEIGHT_KEYS)}): the loss "
+            "weighs their terms as mace-torch does; the errors count every frame alike") if parts else ""
+
+
 def read_splits(cfg) -> Dict[str, list]:
     """``{"train", "valid", "test": frames}`` of a :class:`~.config.FinetuneConfig`; without a
-    validation file, a seeded ``valid_fraction`` of the training frames."""
+    validation file, a seeded ``valid_fraction`` of the training frames. Each file is checked for
+    mace-torch's per-frame conventions (:func:`check_mace_conventions`)."""
     train_frames = read_frames(cfg.train, cfg.energy_key, cfg.forces_key, stress_key=cfg.stress)
+    check_mace_conventions(train_frames, str(cfg.train), cfg.energy_key)
     if cfg.valid:
         valid_frames = read_frames(cfg.valid, cfg.energy_key, cfg.forces_key, stress_key=cfg.stress)
+        check_mace_conventions(valid_frames, str(cfg.valid), cfg.energy_key)
     else:
         va, tr = _split_order(cfg, len(train_frames))
         valid_frames = [train_frames[i] for i in va]
         train_frames = [train_frames[i] for i in tr]
     test_frames = read_frames(cfg.test, cfg.energy_key, cfg.forces_key, stress_key=cfg.stress) if cfg.test else []
+    check_mace_conventions(test_frames, str(cfg.test), cfg.energy_key)
     return {"train": train_frames, "valid": valid_frames, "test": test_frames}
 
 

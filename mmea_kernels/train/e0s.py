@@ -95,7 +95,9 @@ def refit_e0s(model, frames, z_table: Sequence[int], mode: str, energy_key: str,
     energy: the residual ``E_ref - (E_model - Σ E0_old)`` of the training frames is fitted by
     ``lstsq`` (least squares on element counts for the change from ``E0_old``, minimum-norm when
     the compositions do not determine every element: an element absent from the data keeps its E0)
-    or ``average`` (one mean residual per atom for every element);
+    or ``average`` (the same: mace-torch's name for a per-element least-squares fit; it once meant one
+    mean per atom for every element here, which gave elements absent from the data that value and
+    mixed compositions errors of keV);
     ``keep`` leaves them; a JSON file path gives ``{"Z": eV}`` explicitly (:func:`_given_e0s`: an
     element of the model it leaves out, absent from ``frames``, keeps its E0, said through ``log``,
     default ``print`` on rank 0). ``from_scratch``: fit the energies themselves (a randomly
@@ -124,9 +126,6 @@ def refit_e0s(model, frames, z_table: Sequence[int], mode: str, energy_key: str,
             preds.append(out["energy"].detach().double().cpu().numpy())
         interaction = np.concatenate(preds) - counts @ e0_old
     resid = _energies(frames, energy_key) - interaction
-    if mode == "average":
-        per_atom = float(np.mean(resid / counts.sum(1)))
-        return [per_atom] * len(z_table)
     # the correction to the model's E0s, minimum-norm where the compositions do not determine every
     # element: an element absent from the data keeps its E0, and one composition (an rMD17
     # molecule) spreads the correction over its elements instead of setting absolute E0s

@@ -40,7 +40,7 @@ from .checkpoint import (DISK_ERRNOS, WriteFailed, atomic_write_text, check_writ
 from . import lockfile
 from .lockfile import DirectoryInUse
 from .config import DTYPES, FinetuneConfig
-from .data import make_batches, overlap_note, read_splits, split_graphs
+from .data import make_batches, overlap_note, read_splits, split_graphs, weights_note
 from .device import resolve_device
 from .e0s import refit_after_training, refit_e0s
 from .ema import ema_weights, make_ema, weights_in
@@ -159,7 +159,7 @@ def setup(cfg: FinetuneConfig, world: int, device: torch.device = torch.device("
     ema, ema_source = make_ema(params, cfg.ema_decay)
     return types.SimpleNamespace(
         model=model, net=net, params=params, device=device, opt=opt, z=z, e0s=e0s, fp=fp, groups=groups, graphs=graphs,
-        probe_atoms=frames["train"][0], train_frames=frames["train"], overlap=overlap_note(cfg, frames), scale=scale, n_train=sum(p.numel() for p in params.values()),
+        probe_atoms=frames["train"][0], train_frames=frames["train"], overlap="\n".join(n for n in (overlap_note(cfg, frames), weights_note(frames)) if n), scale=scale, n_train=sum(p.numel() for p in params.values()),
         sched=torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor, patience=cfg.plateau_patience),
         ema=ema, ema_source=ema_source, history=[], best={"loss": math.inf, "epoch": 0, "state": None},
         start_epoch=1, elapsed=0.0, saved_epoch=0)

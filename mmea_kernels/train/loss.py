@@ -1,6 +1,7 @@
 """The training loss and the error metrics: ``w_E·MSE(E/N_atoms) + w_F·MSE(F)`` (+ ``w_S·MSE(σ)``
-for runs on stresses) (:func:`loss`), energy, force and stress MAE / RMSE (:func:`errors`,
-:func:`split_errors`) and their table (:func:`format_table`)."""
+for runs on stresses), each frame's terms times its weights as mace-torch reads them
+(:func:`frame_weights`) (:func:`loss`), energy, force and stress MAE / RMSE over every frame,
+unweighted as mace-torch's (:func:`errors`, :func:`split_errors`) and their table (:func:`format_table`)."""
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -10,9 +11,19 @@ import torch
 from .data import make_batches
 from .device import module_device
 
-__all__ = ["loss", "errors", "split_errors", "format_table"]
+__all__ = ["loss", "errors", "split_errors", "format_table", "frame_weights"]
 
 SPLITS = ("train", "valid", "test")
+
+
+def frame_weights(batch: dict, dtype) -> tuple:
+    """Per-frame loss weights as mace-torch reads them from a frame's info (``config_weight`` times
+    ``config_energy_weight`` / ``config_forces_weight`` / ``config_stress_weight``; 1 where not given):
+    (energy ``[B]``, forces per atom ``[N, 1]``, stress ``[B]``)."""
+    ones = torch.ones(batch["ptr"].numel() - 1, dtype=dtype, device=batch["ptr"].device)
+    w = batch.get("weight", ones).to(dtype)
+    per_atom = (w * batch.get("forces_weight", ones).to(dtype))[batch["batch"]].unsqueeze(-1)
+    return w * batch.get("energy_weight", ones).to(dtype), per_atom, w * batch.get("stress_weight", ones).to(dtype)
 
 
 def _loss_terms(model, batch, training: bool, stress: bool = False):
@@ -36,10 +47,11 @@ def loss(model, batch: dict, w_energy: float = 1.0, w_forces: float = 1000.0, gl
     e, f, n, s = _loss_terms(model, batch, training=True, stress=w_stress > 0)
     nf = e.shape[0] if global_frames is None else global_frames
     na = f.shape[0] if global_atoms is None else global_atoms
-    value = (w_energy * (((e - batch["energy"]) / n) ** 2).sum() / nf
-             + w_forces * ((f - batch["forces"]) ** 2).sum() / (3 * na))
+    we, wf, ws = frame_weights(batch, e.dtype)
+    value = (w_energy * (we * ((e - batch["energy"]) / n) ** 2).sum() / nf
+             + w_forces * (wf * (f - batch["forces"]) ** 2).sum() / (3 * na))
     if s is not None:
-        value = value + w_stress * ((s - batch["stress"].to(s.dtype)) ** 2).sum() / (9 * nf)
+        value = value + w_stress * (ws.reshape(-1, 1, 1) * (s - batch["stress"].to(s.dtype)) ** 2).sum() / (9 * nf)
     if batch.get("_dummy"):  # a process without a frame of a short last batch: in the average, with 0
         value = value * 0.0
     return world * value
@@ -50,24 +62,28 @@ def errors(model, batches, w_energy: float = 1.0, w_forces: float = 1000.0, w_st
     """Energy (total, meV) and force (meV/Å) MAE and RMSE, and the loss, over ``batches``; with
     ``stress`` (default: ``w_stress > 0``; the batches then hold stress labels) the stress MAE and
     RMSE too (meV/Å³, per component), and ``w_stress`` times its MSE in the loss."""
-    de, df, dea, ds = [], [], [], []
+    de, df, dea, ds, we, wf, ws = [], [], [], [], [], [], []
     for b in batches:
         e, f, n, s = _loss_terms(model, b, training=False, stress=w_stress > 0 if stress is None else stress)
         de.append((e.detach() - b["energy"]).double())
         dea.append(de[-1] / n.double())
         df.append((f.detach() - b["forces"]).double().reshape(-1))
+        w = frame_weights(b, torch.float64)
+        we.append(w[0])
+        wf.append(w[1].expand(-1, 3).reshape(-1))
         if s is not None:
             ds.append((s.detach().double() - b["stress"].double()).reshape(-1))
-    de, df, dea = torch.cat(de), torch.cat(df), torch.cat(dea)
+            ws.append(w[2].repeat_interleave(9))
+    de, df, dea, we, wf = torch.cat(de), torch.cat(df), torch.cat(dea), torch.cat(we), torch.cat(wf)
     out = {"energy_mae_meV": 1000 * float(de.abs().mean()), "energy_rmse_meV": 1000 * float(de.pow(2).mean().sqrt()),
            "forces_mae_meV_per_A": 1000 * float(df.abs().mean()),
            "forces_rmse_meV_per_A": 1000 * float(df.pow(2).mean().sqrt()),
-           "loss": w_energy * float(dea.pow(2).mean()) + w_forces * float(df.pow(2).mean())}
+           "loss": w_energy * float((we * dea.pow(2)).mean()) + w_forces * float((wf * df.pow(2)).mean())}
     if ds:
-        ds = torch.cat(ds)
+        ds, ws = torch.cat(ds), torch.cat(ws)
         out.update(stress_mae_meV_per_A3=1000 * float(ds.abs().mean()),
                    stress_rmse_meV_per_A3=1000 * float(ds.pow(2).mean().sqrt()))
-        out["loss"] += w_stress * float(ds.pow(2).mean())
+        out["loss"] += w_stress * float((ws * ds.pow(2)).mean())
     return out
 
 
