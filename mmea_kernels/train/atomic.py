@@ -9,6 +9,7 @@ import contextlib
 import errno
 import os
 import pathlib
+import re
 import stat
 import tempfile
 from typing import Optional
@@ -107,12 +108,16 @@ def atomic_write_text(path, text: str) -> None:
     atomic_write(path, lambda sink: sink.write(data))
 
 
+_FD_ALIAS = re.compile(r"/dev/(stdout|stderr|fd/\d+)|/proc/(self|thread-self|\d+)/fd/\d+")
+
+
 def is_stream(path) -> bool:
     """Whether ``path`` is written into as it is, never replaced: a FIFO, a device or another file that
-    is not a regular one, and any name under ``/dev`` or ``/proc`` (``/dev/stdout`` names whatever the
-    shell connected: a file renamed over there would replace the user's file, a pipe has no directory)."""
-    given = os.path.abspath(path)
-    if given.startswith(("/dev/", "/proc/")):
+    is not a regular one, and a name for an open file descriptor (``/dev/stdout``, ``/dev/fd/N``,
+    ``/proc/self/fd/N``: whatever the shell connected; a file renamed over there would replace the
+    user's file, and a pipe has no directory). A regular file elsewhere under /dev (``/dev/shm``) is
+    a file like any other."""
+    if _FD_ALIAS.fullmatch(os.path.abspath(path)):
         return True
     real = os.path.realpath(path)
     return os.path.exists(real) and not os.path.isfile(real)

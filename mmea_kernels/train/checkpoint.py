@@ -21,7 +21,7 @@ import torch
 from .atomic import DISK_ERRNOS, WriteFailed, atomic_write, atomic_write_text, write_failed  # noqa: F401 - here too
 from .checks import DataChecks, check_geometry, check_labels, checked_graphs
 from .config import _NAMED_MODELS, DTYPES, FinetuneConfig, absolute_paths, config_key
-from .data import EVAL_MAX_ATOMS, check_batch_size, frame_chunks, iter_batches, read_frames
+from .data import EVAL_MAX_ATOMS, check_batch_size, check_mace_conventions, frame_chunks, iter_batches, read_frames
 from .device import module_device, resolve_device
 from .e0s import set_e0s
 from .ema import ema_weights, load_ema_weights, weights_in
@@ -106,8 +106,32 @@ def inputs_fingerprint(cfg: FinetuneConfig, r) -> dict:
     return out
 
 
+# what the loss and the E0 modes mean, stored in state.pt: 2 = per-frame loss weights (mace-torch's) in the loss
+# and the E0 fit, --e0s average = lstsq; states without it (1) had neither
+SEMANTICS = 2
+
+
+def _weighted(r) -> bool:
+    """Whether any training or validation frame carries a loss weight other than 1."""
+    keys = ("weight", "energy_weight", "forces_weight", "stress_weight")
+    return any(float(getattr(g, k, 1.0)) != 1.0 for split in ("train", "valid") for g in r.graphs[split]
+               for k in keys if getattr(g, k, None) is not None)
+
+
+def _check_semantics(st: dict, cfg: FinetuneConfig, r, state_path) -> None:
+    """``ValueError`` for a state of an older version whose objective differs for this run's data or E0s."""
+    if st.get("semantics", 1) >= SEMANTICS:
+        return
+    changed = (["its loss ignored per-frame weights (config_weight, config_*_weight), which this run's frames "
+                "carry"] if _weighted(r) else []) + \
+        (["its --e0s average was one mean per atom for every element (now a least-squares fit)"] if cfg.e0s == "average" else [])
+    if changed:
+        raise ValueError(f"{state_path} was written by an older version of this package: {'; '.join(changed)}; "
+                         "resuming would change the objective mid-run: start a new run (another --out)")
+
+
 def save_state(cfg: FinetuneConfig, r, epoch: int, state_path: pathlib.Path) -> None:
-    atomic_save({"config_key": config_key(cfg), "inputs": inputs_fingerprint(cfg, r),
+    atomic_save({"config_key": config_key(cfg), "semantics": SEMANTICS, "inputs": inputs_fingerprint(cfg, r),
                  "params": {n: p.detach().clone() for n, p in r.params.items()},
                  "ema": ema_weights(r.ema, r.params), "optimizer": r.opt.state_dict(),
                  "scheduler": r.sched.state_dict(), "history": r.history, "best": r.best, "epoch": epoch,
@@ -152,6 +176,7 @@ def load_state(cfg: FinetuneConfig, r, state_path: pathlib.Path, log) -> None:
     if not _same_settings(st.get("config_key"), cfg):
         raise ValueError(f"{state_path} belongs to a run with other settings: {_settings_diff(st.get('config_key'), cfg)}; "
                          "resume with the run's settings, or start a new run (another --out)")
+    _check_semantics(st, cfg, r, state_path)
     saved, now = st.get("inputs"), inputs_fingerprint(cfg, r)
     if isinstance(saved, dict):  # states from before they held it: the settings check only
         changed = [k for k in now if saved.get(k) != now[k]]
@@ -313,6 +338,7 @@ def evaluate_checkpoint(checkpoint, data: str, model: Optional[str] = None, ener
         raise ValueError(f"--stress-key {stress_key} asks for stress errors, --no-stress (stress=False) for none")
     sk = (stress_key or (ckpt.get("stress_key", "REF_stress") if w_s > 0 else None)) if stress else None
     frames = read_frames(data, ek, fk, stress_key=sk)  # bad data is reported before the model is built
+    check_mace_conventions(frames, str(data), ek, isolated=False)  # the loss it reports weighs frames
     warn_outside_span(ckpt.get("e0_span"), frames, str(data))
     net, ckpt = load_finetuned(checkpoint, model, dtype=dtype, trust_pickle=trust_pickle, device=device)
     z, r_max = model_info(net)

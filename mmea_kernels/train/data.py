@@ -39,11 +39,12 @@ def _split_order(cfg, n: int):
 WEIGHT_KEYS = ("config_weight", "config_energy_weight", "config_forces_weight", "config_stress_weight")
 
 
-def check_mace_conventions(frames, where: str, energy_key: str) -> None:
+def check_mace_conventions(frames, where: str, energy_key: str, isolated: bool = True) -> None:
     """mace-torch's per-frame conventions that change what a frame means, checked before training:
     weights (:data:`WEIGHT_KEYS`, used by the loss as mace uses them) must be finite numbers >= 0;
     isolated-atom frames (one atom, ``config_type=IsolatedAtom``), which mace takes as E0s and does
-    not train on, are refused with the ``--e0s`` file that says the same."""
+    not train on, are refused with the ``--e0s`` file that says the same (``isolated``: training data;
+    an evaluation evaluates them as frames)."""
     import json
     import math
 
@@ -54,8 +55,9 @@ def check_mace_conventions(frames, where: str, energy_key: str) -> None:
             v = a.info.get(key)
             if v is not None and (isinstance(v, (bool, str)) or not isinstance(v, (int, float, np.number))
                                   or not math.isfinite(float(v)) or float(v) < 0):
-                raise DataError(f"{where}: frame {i}: {key}={v!r}; a weight must be a finite number >= 0")
-    iso = [(i, a) for i, a in enumerate(frames) if len(a) == 1 and a.info.get("config_type") == "IsolatedAtom"]
+                shown = float(v) if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) else repr(v)
+                raise DataError(f"{where}: frame {i}: {key}={shown}; a weight must be a finite number >= 0")
+    iso = [(i, a) for i, a in enumerate(frames) if isolated and len(a) == 1 and a.info.get("config_type") == "IsolatedAtom"]
     if iso:
         e0s = {str(int(a.numbers[0])): read_label(a, "energy", energy_key)[0] for _, a in iso}
         raise DataError(

@@ -101,7 +101,9 @@ def refit_e0s(model, frames, z_table: Sequence[int], mode: str, energy_key: str,
     ``keep`` leaves them; a JSON file path gives ``{"Z": eV}`` explicitly (:func:`_given_e0s`: an
     element of the model it leaves out, absent from ``frames``, keeps its E0, said through ``log``,
     default ``print`` on rank 0). ``from_scratch``: fit the energies themselves (a randomly
-    initialised model's interaction energy means nothing)."""
+    initialised model's interaction energy means nothing). A fit weighs each frame by its energy loss
+    weight (``config_weight`` x ``config_energy_weight``, mace-torch's; 1 by default): a frame the
+    loss ignores sets no E0."""
     from ..integrations.mace import atoms_to_batch
     from .device import module_device
 
@@ -114,6 +116,15 @@ def refit_e0s(model, frames, z_table: Sequence[int], mode: str, energy_key: str,
             what = "no such file" if mode.lower().endswith(".json") or "/" in mode else "none of these"
             raise ValueError(f"--e0s must be lstsq, average, keep or a JSON file of E0s; {mode!r}: {what}")
         return _given_e0s(p, z_table, e0_old, frames, log)
+    # frames the loss gives no energy weight (config_weight x config_energy_weight = 0) set no E0 either,
+    # and the others count by that weight (mace-torch's own fit counts every frame alike)
+    w = np.array([float(a.info.get("config_weight", 1.0)) * float(a.info.get("config_energy_weight", 1.0))
+                  for a in frames])
+    if len(frames) and not (w > 0).any():
+        raise ValueError("--e0s: every training frame has energy weight 0 (config_weight x config_energy_weight), "
+                         "so the E0s cannot be fitted: give them (--e0s FILE.json) or keep the base model's (keep)")
+    frames = [a for a, wi in zip(frames, w) if wi > 0]
+    w = np.sqrt(w[w > 0])
     counts = _counts(frames, z_table)
     interaction = np.zeros(len(frames))
     if not from_scratch:
@@ -130,7 +141,7 @@ def refit_e0s(model, frames, z_table: Sequence[int], mode: str, energy_key: str,
     # element: an element absent from the data keeps its E0, and one composition (an rMD17
     # molecule) spreads the correction over its elements instead of setting absolute E0s
     # proportional to the atom counts (ethanol: H -616 eV, and N, absent, 0; found in review)
-    delta, *_ = np.linalg.lstsq(counts, resid - counts @ e0_old, rcond=None)
+    delta, *_ = np.linalg.lstsq(counts * w[:, None], (resid - counts @ e0_old) * w, rcond=None)
     return [float(v) for v in e0_old + delta]
 
 

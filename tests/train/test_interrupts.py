@@ -384,3 +384,25 @@ def test_held_signals_are_replayed_in_order_and_an_error_in_the_block_wins():
     finally:
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
+
+
+def test_a_regular_file_under_dev_shm_is_replaced_whole_not_appended_to():
+    """/dev/shm is a tmpfs used as scratch: its files are files (the first stream rule took any name under
+    /dev for a stream, and state.pt, checkpoint.pt and metrics.json there grew by appending)."""
+    import tempfile
+
+    from mmea_kernels.train.atomic import atomic_write_text, is_stream
+
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm here")
+    d = tempfile.mkdtemp(dir="/dev/shm")
+    try:
+        path = os.path.join(d, "m.json")
+        atomic_write_text(path, '{"epoch": 1}')
+        atomic_write_text(path, '{"epoch": 2}')
+        assert open(path).read() == '{"epoch": 2}' and not is_stream(path)
+        assert is_stream("/dev/stdout") and is_stream("/proc/self/fd/1") and is_stream("/dev/null")
+    finally:
+        import shutil
+
+        shutil.rmtree(d)

@@ -54,7 +54,9 @@ def test_the_loss_weighs_frames_as_mace_torchs_weighted_loss():
 
 def test_a_zero_weight_frame_changes_nothing_in_training(tmp_path, capsys):
     """Garbage frames (+50 eV, forces x -20) with config_weight=0 next to clean frames: the run trains as
-    on the clean frames alone (same final errors on the clean validation frames), and says so."""
+    on the clean frames alone (the E0 fit, by default, leaves them out too: same final errors on the
+    clean validation frames), and says so. Its state.pt, made to look as an older version's, is not
+    resumed (that loss ignored the weights), while an unweighted run's is."""
     clean = _frames(6)
     junk = [a.copy() for a in _frames(3)]
     for a in junk:
@@ -68,12 +70,30 @@ def test_a_zero_weight_frame_changes_nothing_in_training(tmp_path, capsys):
     for name in ("clean", "mixed"):
         capsys.readouterr()
         assert main(["finetune", "--train", str(tmp_path / f"{name}.xyz"), "--valid", str(tmp_path / "valid.xyz"),
-                     "--e0s", "keep", "--epochs", "2", "--batch-size", "9", "--out", str(tmp_path / name),
+                     "--epochs", "2", "--batch-size", "9", "--out", str(tmp_path / name),
                      "--no-progress", "--dtype", "float64"]) == 0
         res[name] = (json.loads((tmp_path / name / "metrics.json").read_text()), capsys.readouterr().out)
     for k in ("energy_mae_meV", "forces_mae_meV_per_A"):
         assert res["mixed"][0]["valid"][k] == pytest.approx(res["clean"][0]["valid"][k], rel=1e-9), k
     assert "3 of 9 train frames carry loss weights other than 1" in res["mixed"][1]
+    for name, refused in (("mixed", True), ("clean", False)):
+        st = torch.load(str(tmp_path / name / "state.pt"), weights_only=True)
+        del st["semantics"]
+        torch.save(st, str(tmp_path / name / "state.pt"))
+        capsys.readouterr()
+        rc = main(["finetune", "--train", str(tmp_path / f"{name}.xyz"), "--valid", str(tmp_path / "valid.xyz"),
+                   "--epochs", "3", "--batch-size", "9", "--out", str(tmp_path / name), "--no-progress",
+                   "--dtype", "float64", "--resume"])
+        assert rc == (2 if refused else 0), name
+        if refused:
+            assert "was written by an older version of this package: its loss ignored per-frame weights" in \
+                capsys.readouterr().err
+    bad = ase.io.read(str(tmp_path / "valid.xyz"), ":")
+    bad[0].info["config_weight"] = -1.0
+    ase.io.write(str(tmp_path / "bad.xyz"), bad)
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "clean" / "checkpoint.pt"), "--data",
+                 str(tmp_path / "bad.xyz")]) == 2
+    assert "frame 0: config_weight=-1.0; a weight must be a finite number >= 0" in capsys.readouterr().err
 
 
 def test_isolated_atoms_bad_weights_and_virials_are_refused_by_name(tmp_path, capsys):
