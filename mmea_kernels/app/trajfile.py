@@ -36,9 +36,14 @@ def deferred_interrupts():
     except BaseException:
         held.clear()
         raise
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+    finally:  # restored with both signals blocked: one arriving meanwhile waits for its own handler
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, list(old)) if hasattr(signal, "pthread_sigmask") else None
+        try:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        finally:
+            if mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     for signum in dict.fromkeys(s for s, _ in held):  # each signal once, in the order they came
         old[signum](signum, next(f for s, f in held if s == signum))  # may raise, as the signal would have
 

@@ -108,7 +108,7 @@ def atomic_write_text(path, text: str) -> None:
     atomic_write(path, lambda sink: sink.write(data))
 
 
-_FD_ALIAS = re.compile(r"/dev/(stdout|stderr|fd/\d+)|/proc/(self|thread-self|\d+)/fd/\d+")
+_FD_ALIAS = re.compile(r"/dev/(stdin|stdout|stderr|fd/\d+)|/proc/(self|thread-self|\d+)/fd/\d+")
 
 
 def is_stream(path) -> bool:

@@ -111,19 +111,21 @@ def inputs_fingerprint(cfg: FinetuneConfig, r) -> dict:
 SEMANTICS = 2
 
 
-def _weighted(r) -> bool:
-    """Whether any training or validation frame carries a loss weight other than 1."""
-    keys = ("weight", "energy_weight", "forces_weight", "stress_weight")
+def _weighted(cfg: FinetuneConfig, r) -> bool:
+    """Whether a training or validation frame carries a loss weight other than 1 on a term the loss has."""
+    keys = ["weight"] + [k for k, w in (("energy_weight", cfg.w_energy), ("forces_weight", cfg.w_forces),
+                                        ("stress_weight", cfg.w_stress)) if w > 0]
     return any(float(getattr(g, k, 1.0)) != 1.0 for split in ("train", "valid") for g in r.graphs[split]
                for k in keys if getattr(g, k, None) is not None)
 
 
-def _check_semantics(st: dict, cfg: FinetuneConfig, r, state_path) -> None:
-    """``ValueError`` for a state of an older version whose objective differs for this run's data or E0s."""
-    if st.get("semantics", 1) >= SEMANTICS:
+def check_semantics(cfg: FinetuneConfig, r, state_path) -> None:
+    """Before training on from a loaded state (``r.semantics``): ``ValueError`` for a state of an older
+    version whose objective differs for this run's data or E0s (a finished run is left as it is)."""
+    if getattr(r, "semantics", SEMANTICS) >= SEMANTICS:
         return
     changed = (["its loss ignored per-frame weights (config_weight, config_*_weight), which this run's frames "
-                "carry"] if _weighted(r) else []) + \
+                "carry"] if _weighted(cfg, r) else []) + \
         (["its --e0s average was one mean per atom for every element (now a least-squares fit)"] if cfg.e0s == "average" else [])
     if changed:
         raise ValueError(f"{state_path} was written by an older version of this package: {'; '.join(changed)}; "
@@ -176,7 +178,7 @@ def load_state(cfg: FinetuneConfig, r, state_path: pathlib.Path, log) -> None:
     if not _same_settings(st.get("config_key"), cfg):
         raise ValueError(f"{state_path} belongs to a run with other settings: {_settings_diff(st.get('config_key'), cfg)}; "
                          "resume with the run's settings, or start a new run (another --out)")
-    _check_semantics(st, cfg, r, state_path)
+    r.semantics = st.get("semantics", 1)  # checked before training on (check_semantics)
     saved, now = st.get("inputs"), inputs_fingerprint(cfg, r)
     if isinstance(saved, dict):  # states from before they held it: the settings check only
         changed = [k for k in now if saved.get(k) != now[k]]

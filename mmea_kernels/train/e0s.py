@@ -89,6 +89,11 @@ def _given_e0s(p: pathlib.Path, z_table: Sequence[int], e0_old, frames, log) -> 
     return [given[z] if z in given else float(e0_old[k]) for k, z in enumerate(z_model)]
 
 
+def energy_weight(atoms) -> float:
+    """A frame's energy loss weight as mace-torch reads it: ``config_weight`` x ``config_energy_weight``."""
+    return float(atoms.info.get("config_weight", 1.0)) * float(atoms.info.get("config_energy_weight", 1.0))
+
+
 def refit_e0s(model, frames, z_table: Sequence[int], mode: str, energy_key: str, batch_size: int = 50,
               from_scratch: bool = False, log=None) -> List[float]:
     """Per-element reference energies for a new level of theory, keeping the model's interaction
@@ -118,8 +123,7 @@ def refit_e0s(model, frames, z_table: Sequence[int], mode: str, energy_key: str,
         return _given_e0s(p, z_table, e0_old, frames, log)
     # frames the loss gives no energy weight (config_weight x config_energy_weight = 0) set no E0 either,
     # and the others count by that weight (mace-torch's own fit counts every frame alike)
-    w = np.array([float(a.info.get("config_weight", 1.0)) * float(a.info.get("config_energy_weight", 1.0))
-                  for a in frames])
+    w = np.array([energy_weight(a) for a in frames])
     if len(frames) and not (w > 0).any():
         raise ValueError("--e0s: every training frame has energy weight 0 (config_weight x config_energy_weight), "
                          "so the E0s cannot be fitted: give them (--e0s FILE.json) or keep the base model's (keep)")
@@ -168,6 +172,10 @@ def refit_after_training(cfg, r, metrics: dict, log) -> None:
     model (its interaction energy kept), so that a constant offset left by training does not count
     as model error. The new E0s go into the model and the checkpoint; the metrics before the re-fit
     stay in ``metrics["before_e0_refit"]``, side by side."""
+    if not any(energy_weight(a) > 0 for a in r.train_frames):
+        log("note: --refit-e0s-after: every training frame has energy weight 0 (config_weight x "
+            "config_energy_weight): nothing to fit the E0s on; they stay as trained")
+        return
     before = {split: metrics[split] for split in SPLITS if split in metrics}
     old = list(r.e0s)
     new = refit_e0s(r.model, r.train_frames, r.z, "lstsq", cfg.energy_key)
@@ -213,7 +221,8 @@ def fitted_span(cfg, r) -> Optional[dict]:
     """The span (:func:`composition_span`) of the training compositions of run ``r`` when its E0s
     were fitted on them (``lstsq``, ``average`` or ``refit_e0s_after``); None for E0s given or kept."""
     if cfg.refit_e0s_after or cfg.e0s in ("lstsq", "average"):
-        return composition_span(r.train_frames, r.z)
+        fitted = [a for a in r.train_frames if energy_weight(a) > 0]  # the frames the E0s were fitted on
+        return composition_span(fitted, r.z) if fitted else None
     return None
 
 

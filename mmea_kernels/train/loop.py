@@ -35,8 +35,8 @@ import types
 
 import torch
 
-from .checkpoint import (DISK_ERRNOS, WriteFailed, atomic_write_text, check_writable, load_state, prepare, save_state,
-                         write_checkpoint)
+from .checkpoint import (DISK_ERRNOS, WriteFailed, atomic_write_text, check_semantics, check_writable, load_state,
+                         prepare, save_state, write_checkpoint)
 from . import lockfile
 from .lockfile import DirectoryInUse
 from .config import DTYPES, FinetuneConfig
@@ -187,6 +187,7 @@ def _run(cfg: FinetuneConfig, log, rank: int, world: int, out: pathlib.Path, dev
     if cfg.resume and state_path.exists():
         load_state(cfg, r, state_path, log)
         if not _nothing_left(cfg, r):
+            check_semantics(cfg, r, state_path)  # an older version's objective: not trained on
             if rank == 0:  # training on: a finished run's metrics.json is no longer this directory's result
                 _drop_stale_metrics(out, r, cfg, log)
         elif cfg.resume == "auto":

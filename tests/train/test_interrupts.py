@@ -402,6 +402,7 @@ def test_a_regular_file_under_dev_shm_is_replaced_whole_not_appended_to():
         atomic_write_text(path, '{"epoch": 2}')
         assert open(path).read() == '{"epoch": 2}' and not is_stream(path)
         assert is_stream("/dev/stdout") and is_stream("/proc/self/fd/1") and is_stream("/dev/null")
+        assert is_stream("/dev/stdin") and is_stream("/dev/fd/2") and not is_stream(os.path.join(d, "x.xyz"))
     finally:
         import shutil
 
