@@ -394,3 +394,35 @@ def linked_file(tmp_path, name: str, content: str = "old", mode: int = 0o640):
     os.chmod(real, mode)
     link.symlink_to(real)
     return real, link
+
+
+def interrupted_in_third_traj_frame(monkeypatch, run) -> list:
+    """``run()`` with Ctrl-C (a real SIGINT, Python's default handler) sent while ASE writes the third
+    frame of a ``.traj`` file, after that frame's first array; asserts that ``run`` ends in
+    KeyboardInterrupt. Returns ``[1]`` once the signal was sent."""
+    import signal
+
+    import ase.io.ulm as ulm
+    from ase.io.trajectory import TrajectoryWriter
+
+    fill, write, frames, sent = ulm.Writer.fill, TrajectoryWriter.write, [], []
+
+    def counted(self, *a, **k):
+        frames.append(1)
+        return write(self, *a, **k)
+
+    def fill_and_interrupt(self, a):
+        if len(frames) == 3 and not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+        return fill(self, a)
+
+    monkeypatch.setattr(TrajectoryWriter, "write", counted)
+    monkeypatch.setattr(ulm.Writer, "fill", fill_and_interrupt)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    finally:
+        signal.signal(signal.SIGINT, old)
+    return sent

@@ -150,10 +150,6 @@ def test_an_ase_traj_cut_mid_frame_reads_as_its_whole_frames(cut, tmp_path, monk
     an interrupt (Ctrl-C; SIGTERM from the command line) waits for the frame to end, and a full disk
     (RLIMIT_FSIZE, EFBIG for ENOSPC) leaves the file on its whole frames, naming it: every frame read
     back equals the uninterrupted run's."""
-    import signal
-
-    import ase.io.ulm as ulm
-
     s = _settings(steps=12)
     whole = read(str(_run_whole(s, tmp_path / "whole.traj")), ":")
     assert [f.info.get("md_step", i * 5) for i, f in enumerate(whole)][:3] == [0, 5, 10]
@@ -171,28 +167,9 @@ def test_an_ase_traj_cut_mid_frame_reads_as_its_whole_frames(cut, tmp_path, monk
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         kept = 2
     else:
-        from ase.io.trajectory import TrajectoryWriter
+        from helpers import interrupted_in_third_traj_frame
 
-        fill, write, frames, sent = ulm.Writer.fill, TrajectoryWriter.write, [], []
-
-        def counted(self, *a, **k):
-            frames.append(1)
-            return write(self, *a, **k)
-
-        def fill_and_interrupt(self, a):
-            if len(frames) == 3 and not sent:  # inside the third frame, after its first array
-                sent.append(1)
-                os.kill(os.getpid(), signal.SIGINT)
-            return fill(self, a)
-
-        monkeypatch.setattr(TrajectoryWriter, "write", counted)
-        monkeypatch.setattr(ulm.Writer, "fill", fill_and_interrupt)
-        old = signal.signal(signal.SIGINT, signal.default_int_handler)
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                run_md(_cu(), _EMT(), s, trajectory=str(path))
-        finally:
-            signal.signal(signal.SIGINT, old)
+        assert interrupted_in_third_traj_frame(monkeypatch, lambda: run_md(_cu(), _EMT(), s, trajectory=str(path)))
         kept = 3
     got = read(str(path), ":")
     assert len(got) == kept

@@ -162,35 +162,13 @@ def test_a_trajectory_frame_interrupted_half_way_is_finished_first(calc, tmp_pat
     """Ctrl-C (or the command line's SIGTERM) inside a ``--trajectory`` frame: ASE's optimisers open the
     file for every frame and closing it completes a half frame with whatever the file held. Now the
     interrupt waits for the frame to end: every frame read back equals the uninterrupted run's."""
-    import os
-    import signal
-
-    import ase.io.ulm as ulm
-    from ase.io.trajectory import TrajectoryWriter
+    from helpers import interrupted_in_third_traj_frame
 
     mol = read(str(ETHANOL), 0)
     relax(mol, calc, optimizer="bfgs", fmax=0.01, steps=6, trajectory=str(tmp_path / "whole.traj"))
     whole = read(str(tmp_path / "whole.traj"), ":")
-    fill, write, frames, sent = ulm.Writer.fill, TrajectoryWriter.write, [], []
-
-    def counted(self, *a, **k):
-        frames.append(1)
-        return write(self, *a, **k)
-
-    def fill_and_interrupt(self, a):
-        if len(frames) == 3 and not sent:  # inside the third frame, after its first array
-            sent.append(1)
-            os.kill(os.getpid(), signal.SIGINT)
-        return fill(self, a)
-
-    monkeypatch.setattr(TrajectoryWriter, "write", counted)
-    monkeypatch.setattr(ulm.Writer, "fill", fill_and_interrupt)
-    old = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            relax(mol, calc, optimizer="bfgs", fmax=0.01, steps=6, trajectory=str(tmp_path / "t.traj"))
-    finally:
-        signal.signal(signal.SIGINT, old)
+    sent = interrupted_in_third_traj_frame(monkeypatch, lambda: relax(mol, calc, optimizer="bfgs", fmax=0.01, steps=6,
+                                                                      trajectory=str(tmp_path / "t.traj")))
     got = read(str(tmp_path / "t.traj"), ":")
     assert sent and len(got) == 3 and len(whole) > 3
     for a, b in zip(got, whole):
