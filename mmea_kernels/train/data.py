@@ -9,7 +9,7 @@ import numpy as np
 from .checks import checked_graphs
 
 __all__ = ["read_frames", "read_splits", "split_graphs", "make_batches", "iter_batches", "overlap_note", "weights_note",
-           "check_mace_conventions",
+           "check_mace_conventions", "energy_weight",
            "EVAL_MAX_ATOMS", "check_batch_size", "frame_chunks"]
 
 
@@ -37,6 +37,11 @@ def _split_order(cfg, n: int):
 
 
 WEIGHT_KEYS = ("config_weight", "config_energy_weight", "config_forces_weight", "config_stress_weight")
+
+
+def energy_weight(atoms) -> float:
+    """A frame's energy loss weight as mace-torch reads it: ``config_weight`` x ``config_energy_weight``."""
+    return float(atoms.info.get(WEIGHT_KEYS[0], 1.0)) * float(atoms.info.get(WEIGHT_KEYS[1], 1.0))
 
 
 def check_mace_conventions(frames, where: str, energy_key: str, isolated: bool = True) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..integrations.heads import head_e0s
+from .data import energy_weight
 from .loss import SPLITS, split_errors
 
 __all__ = ["refit_e0s", "set_e0s", "refit_after_training", "E0OffsetWarning", "composition_span", "fitted_span",
@@ -87,11 +88,6 @@ def _given_e0s(p: pathlib.Path, z_table: Sequence[int], e0_old, frames, log) -> 
         _log_rank0(log, f"E0 file {p} leaves out {len(missing)} of the base model's {len(z_model)} elements, absent from "
                         f"the training data; they keep the base model's E0s: {listed}")
     return [given[z] if z in given else float(e0_old[k]) for k, z in enumerate(z_model)]
-
-
-def energy_weight(atoms) -> float:
-    """A frame's energy loss weight as mace-torch reads it: ``config_weight`` x ``config_energy_weight``."""
-    return float(atoms.info.get("config_weight", 1.0)) * float(atoms.info.get("config_energy_weight", 1.0))
 
 
 def refit_e0s(model, frames, z_table: Sequence[int], mode: str, energy_key: str, batch_size: int = 50,

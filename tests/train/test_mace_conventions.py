@@ -116,6 +116,9 @@ def test_a_zero_weight_frame_changes_nothing_in_training(tmp_path, capsys):
                  "--e0s", "keep", "--refit-e0s-after", "--epochs", "1", "--out", str(tmp_path / "z"),
                  "--no-progress"]) == 0
     assert "nothing to fit the E0s on; they stay as trained" in capsys.readouterr().out
+    assert main(["finetune", "--train", str(tmp_path / "zero.xyz"), "--valid", str(tmp_path / "valid.xyz"),
+                 "--epochs", "1", "--out", str(tmp_path / "z2"), "--no-progress"]) == 2  # the default fit: nothing to fit
+    assert "--e0s: every training frame has energy weight 0" in capsys.readouterr().err
     bad = ase.io.read(str(tmp_path / "valid.xyz"), ":")
     bad[0].info["config_weight"] = -1.0
     ase.io.write(str(tmp_path / "bad.xyz"), bad)
