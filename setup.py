@@ -187,7 +187,7 @@ setup(
     package_data={"mmea_kernels": ["assets/*.pt", "assets/*.log", "assets/*/*.xyz", "assets/*/*.md",
                                    "integrations/lammps_plugin/*"]},
     install_requires=[
-        "torch>=2.2",  # pin the build in the same pip command (scripts/install.sh) to keep a CPU wheel
+        "torch>=2.6",  # weights_only=True is a safe unpickler from 2.6 on (CVE-2025-32434); pin the build in the same pip command (scripts/install.sh) to keep a CPU wheel
         "e3nn>=0.5,<0.7",
         "numpy",
         "ase>=3.22",

@@ -73,8 +73,13 @@ def export_mliap(net, ckpt: dict, out: pathlib.Path, dtype: torch.dtype, backend
         raise ValueError(f"the {backend} form of the checkpoint's model differs from it by {conversion:.3g} "
                          f"(relative, > {limit:g}); nothing was written")
 
-    def verify(tmp):
-        loaded = torch.load(tmp, weights_only=False)  # the file just written here, not a user's file
+    import io
+
+    data = io.BytesIO()  # pickled and checked in memory: a file is never unpickled by name (the directory
+    torch.save(obj, data)  # may be writable by others, who could swap the temporary file meanwhile)
+
+    def verify(_tmp):
+        loaded = torch.load(io.BytesIO(data.getvalue()), weights_only=False)  # the bytes this process made
         got = [(atoms, run_like_mliap(loaded, atoms, virial=want[2] is not None)) for atoms, want in wrapped]
         rel = _largest(got, wrapped, dtype)
         if not rel <= tol:
@@ -82,7 +87,7 @@ def export_mliap(net, ckpt: dict, out: pathlib.Path, dtype: torch.dtype, backend
                              f"frame (relative difference {rel:.3g} > {tol:g}); nothing was written")
         return rel
 
-    rel = _write_verified(out, lambda tmp: torch.save(obj, tmp), verify)
+    rel = _write_verified(out, lambda tmp: pathlib.Path(tmp).write_bytes(data.getvalue()), verify)
     elements = " ".join(chemical_symbols[int(v)] for v in z)
     return {"out": str(out), "format": FORMAT, "dtype": str(dtype).replace("torch.", ""), "backend": backend,
             "method": ckpt["method"], "base_model": ckpt["model"], "atomic_numbers": [int(v) for v in z],

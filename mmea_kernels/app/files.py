@@ -32,18 +32,22 @@ def same_file(a, b) -> bool:
 
 def checkpoint_inputs(checkpoint, model=None) -> dict:
     """The files a command that runs a checkpoint reads: the checkpoint and the base model, which is
-    ``model`` or, when that is None, the file the checkpoint names (an unreadable checkpoint adds
-    nothing: loading it reports the problem)."""
+    ``model`` or, when that is None, the file the checkpoint names and its model config (where the
+    absolute paths are gone, the ones given at training that loading falls back to:
+    :func:`~mmea_kernels.train.checkpoint.base_files`). An unreadable checkpoint adds nothing: loading
+    it reports the problem."""
     inputs = {"--checkpoint": checkpoint, "--model": model}
     if model is None and checkpoint is not None:
+        from ..train.checkpoint import base_files
         from ..train.safe_load import safe_load
 
         try:
-            named = safe_load(checkpoint, "checkpoint").get("model")
+            named = base_files(safe_load(checkpoint, "checkpoint"))
         except Exception:  # noqa: BLE001
-            named = None
-        if isinstance(named, str) and os.path.isfile(named):
-            inputs["checkpoint's base model"] = named
+            named = (None, None)
+        for what, file in zip(("checkpoint's base model", "checkpoint's base model config"), named):
+            if isinstance(file, str) and os.path.isfile(file):
+                inputs[what] = file
     return inputs
 
 

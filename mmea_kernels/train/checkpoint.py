@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from .atomic import DISK_ERRNOS, WriteFailed, atomic_write, atomic_write_text, write_failed  # noqa: F401 - here too
+from .checkpoint_fields import check_fields
 from .checks import DataChecks, check_geometry, check_labels, checked_graphs
 from .config import _NAMED_MODELS, DTYPES, FinetuneConfig, absolute_paths, config_key
 from .data import EVAL_MAX_ATOMS, check_batch_size, check_mace_conventions, frame_chunks, iter_batches, read_frames
@@ -33,7 +34,7 @@ from .selfcheck import make_probe, verify_probe
 
 __all__ = ["CHECKPOINT_FORMAT", "WriteFailed", "atomic_save", "atomic_write_text", "check_writable", "write_failed",
            "prepare", "load_finetuned", "evaluate_checkpoint",
-           "write_checkpoint", "save_state", "load_state"]
+           "write_checkpoint", "save_state", "load_state", "base_files"]
 
 CHECKPOINT_FORMAT = "mmea_kernels.finetune/1"  # the name of the module that wrote it first: old checkpoints load
 _STATE_KEYS = {"config_key", "params", "ema", "optimizer", "scheduler", "history", "best", "epoch", "elapsed"}
@@ -77,7 +78,7 @@ def write_checkpoint(path, cfg: FinetuneConfig, r, metrics=None) -> None:
     if cfg.method in ("full", "scratch"):
         extra["buffers"] = {n: b.detach().cpu().clone() for n, b in r.model.named_buffers()}
     # the base model's file (and config) by absolute path: evaluate/md/export run from any directory; as
-    # given too: a project moved elsewhere loads from its own directory (_base_files)
+    # given too: a project moved elsewhere loads from its own directory (base_files)
     base = absolute_paths({"model": cfg.model, "model_config": cfg.model_config})
     atomic_save({"format": CHECKPOINT_FORMAT, "method": cfg.method, "rank": cfg.rank, "model": base["model"],
                  "model_as_given": cfg.model, "model_config_as_given": cfg.model_config,
@@ -215,6 +216,7 @@ def _read_checkpoint(path: pathlib.Path) -> dict:
             raise ValueError(f"checkpoint {path} is missing the key {key!r} (corrupt or truncated)")
     if ckpt["dtype"] not in DTYPES:
         raise ValueError(f"checkpoint {path}: unknown dtype {ckpt['dtype']!r}")
+    check_fields(ckpt, path)
     return ckpt
 
 
@@ -255,7 +257,7 @@ def _is_missing_file(spec) -> bool:
     return isinstance(spec, str) and not spec.startswith(_NAMED_MODELS) and not os.path.exists(spec)
 
 
-def _base_files(ckpt: dict) -> tuple:
+def base_files(ckpt: dict) -> tuple:
     """(model spec, model config) a checkpoint names: by absolute path, or where that file is gone (the
     project moved) as given at training, if that names a file from here."""
     spec, config = ckpt["model"], ckpt.get("model_config")
@@ -282,7 +284,7 @@ def load_finetuned(checkpoint, model: Optional[str] = None, model_config=None, d
     dev = resolve_device(device)
     path = pathlib.Path(checkpoint)
     ckpt = _read_checkpoint(path)
-    spec, config = (model, model_config) if model else _base_files(ckpt)
+    spec, config = (model, model_config) if model else base_files(ckpt)
     try:  # a base the checkpoint names is never unpickled: a checkpoint cannot vouch for another file
         net = load_model(spec, config,
                          dtype=DTYPES[dtype or ckpt["dtype"]], trust_pickle=trust_pickle and model is not None,
@@ -291,6 +293,8 @@ def load_finetuned(checkpoint, model: Optional[str] = None, model_config=None, d
     except FileNotFoundError as exc:
         if model is not None:
             raise
+        if not _is_missing_file(spec) and not _is_missing_file(config):  # a name that names nothing (builtin:x)
+            raise FileNotFoundError(f"checkpoint {path} names the base model {spec!r}: {exc}") from None
         what = (f"the base model {spec!r}" if _is_missing_file(spec) else f"the base model's config {config!r}")
         raise FileNotFoundError(f"checkpoint {path} names {what}, which is not there ({exc}); if it was moved, name "
                                 "it: --model PATH (and --model-config PATH for a bare state dict; API: model=..., "

@@ -134,10 +134,11 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
                          "own architecture")
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
+        have = sorted(p.stem for p in ASSETS.glob("*.pt"))
+        if name not in have:  # a name, never a path (builtin:../x, builtin:/abs): those are files, --model PATH
+            raise FileNotFoundError(f"no built-in model {name!r} (have {have}); a file is named without "
+                                    "'builtin:': --model PATH")
         path = ASSETS / f"{name}.pt"
-        if not path.is_file():
-            have = sorted(p.stem for p in ASSETS.glob("*.pt"))
-            raise FileNotFoundError(f"no built-in model {name!r} (have {have})")
         model = load_model(str(path))
     elif spec.startswith("preset:"):
         from ..integrations.mace import build_mace

@@ -8,6 +8,7 @@ import errno
 import os
 import pathlib
 import socket
+import stat
 from typing import Optional
 
 try:
@@ -15,7 +16,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: no locks
     fcntl = None
 
-__all__ = ["LockHeld", "DirectoryInUse", "try_flock", "hold", "release"]
+__all__ = ["LockHeld", "DirectoryInUse", "LockIsLink", "try_flock", "hold", "release"]
 
 
 class DirectoryInUse(RuntimeError):
@@ -28,6 +29,12 @@ class LockHeld(BlockingIOError):
     def __init__(self, path, holder: str):
         super().__init__(errno.EWOULDBLOCK, "held by another process", str(path))
         self.holder = holder
+
+
+class LockIsLink(FileExistsError):
+    """The lock file's name is a symbolic link (or another non-regular file): it is never opened, since
+    taking the lock writes into the file (a link planted in a run directory would have a file the user
+    never named emptied and overwritten)."""
 
 
 def try_flock(fd: int) -> Optional[bool]:
@@ -50,14 +57,25 @@ def hold(path) -> Optional[int]:
     """The open descriptor of the lock file ``path`` (created if missing) under an exclusive lock taken
     without waiting, the file holding ``PID HOST``; :class:`LockHeld` when another process holds it;
     None where there is no ``fcntl`` or the file system has no locks (a file this call made is removed
-    again). A holder that removes the file between our open and our lock leaves us a name that is
-    another file (or none): the lock is taken anew on what the name is now."""
+    again); :class:`LockIsLink` when ``path`` is a symbolic link or not a regular file (opened with
+    ``O_NOFOLLOW``, checked after opening). A holder that removes the file between our open and our
+    lock leaves us a name that is another file (or none): the lock is taken anew on what the name is now."""
     if fcntl is None:
         return None
     path = pathlib.Path(path)
     for _ in range(20):
         existed = path.exists()
-        fd = os.open(str(path), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        flags = os.O_RDWR | os.O_CREAT
+        flags |= getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        try:
+            fd = os.open(str(path), flags, 0o666)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP or os.path.islink(str(path)):
+                raise _not_a_lock(path, "a symbolic link") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise _not_a_lock(path, "not a regular file")
         taken = try_flock(fd)
         if not taken:
             holder = _holder(fd) if taken is False else ""
@@ -77,6 +95,12 @@ def hold(path) -> Optional[int]:
             return fd
         os.close(fd)
     return None
+
+
+def _not_a_lock(path, what: str) -> LockIsLink:
+    target = f" (to {os.readlink(str(path))})" if os.path.islink(str(path)) else ""
+    return LockIsLink(f"the lock file {path} is {what}{target}: a lock file is written when taken, so it is never "
+                      "followed or opened; remove it (this package only ever makes it a plain file) and run again")
 
 
 def _holder(fd: int) -> str:

@@ -73,6 +73,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
         if rank == 0:  # the process that writes the files holds the directory for the whole run
             check_writable(out)
             lock = lock_run_dir(out)
+            refuse_linked_results(out)
             if lock is not None:
                 _remove_orphans(out, log)
         try:
@@ -100,6 +101,21 @@ def lock_run_dir(out: pathlib.Path):
                              "in one directory would overwrite each other's files; wait for that run to end, "
                              "or choose another --out") from None
     return None if fd is None else (fd, path)
+
+
+RUN_FILES = ("state.pt", "checkpoint.pt", "metrics.json", "learning_curve.png")  # what a run writes in --out
+
+
+def refuse_linked_results(out: pathlib.Path) -> None:
+    """A run writes its own files in ``out`` (:data:`RUN_FILES`); one that is a symbolic link there (a run
+    directory copied from someone else, say) is refused by name rather than written through: the file
+    it names was never given to the run. (A symlinked ``--out`` directory itself is fine.)"""
+    for name in RUN_FILES:
+        path = pathlib.Path(out) / name
+        if path.is_symlink():
+            raise FileExistsError(f"{path} is a symbolic link (to {os.readlink(path)}): a run writes its own files in "
+                                  f"--out and never through a link to a file it was not given; remove the link, or "
+                                  "choose another output directory")
 
 
 def _remove_orphans(out: pathlib.Path, log) -> None:
@@ -171,7 +187,7 @@ def results_without_state(out) -> list:
     out = pathlib.Path(out)
     if (out / "state.pt").exists():
         return []
-    return [name for name in ("checkpoint.pt", "metrics.json") if (out / name).exists()]
+    return [name for name in ("checkpoint.pt", "metrics.json") if os.path.lexists(out / name)]
 
 
 def _run(cfg: FinetuneConfig, log, rank: int, world: int, out: pathlib.Path, device: torch.device) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pathlib
 
+from .atomic import atomic_path
+
 __all__ = ["plot_history"]
 
 
@@ -23,5 +25,8 @@ def plot_history(history, path: pathlib.Path, title: str) -> None:
     ax[1].set_xlabel("epoch"); ax[1].set_title("validation"); ax[1].legend()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(str(path), dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:  # whole or not at all, like the run's other files
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)

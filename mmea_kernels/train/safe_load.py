@@ -20,6 +20,9 @@ from ..integrations.files import UnsafeFileError
 __all__ = ["UnsafeFileError", "safe_load"]
 
 
+_TORCH = tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2])
+
+
 def _needs_pickle(exc: Exception) -> str:
     """What the weights-only unpickler refused (a class or function name), or '' for another error."""
     msg = str(exc)
@@ -39,6 +42,9 @@ def safe_load(path, what: str, trust_pickle: bool = False, allow_pickle: bool = 
     (the user vouches for it) are both true. A missing file raises ``FileNotFoundError``; a
     truncated or foreign file ``ValueError``."""
     path = pathlib.Path(path)
+    if _TORCH < (2, 6):  # installed past setup.py's torch>=2.6 (--no-deps): not a safe reader there
+        raise ValueError(f"torch {torch.__version__}'s weights-only loader can be made to run code (CVE-2025-32434, "
+                           f"fixed in torch 2.6): {what} {path} is not read; install torch >= 2.6")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     with open(path, "rb") as f:
@@ -47,6 +53,10 @@ def safe_load(path, what: str, trust_pickle: bool = False, allow_pickle: bool = 
         # neither torch's zip format nor a (legacy-format) pickle: a text file, an .xyz, ... The weights-only
         # unpickler would call it 'Unsupported operand N', which reads as a pickle to trust: it is not one
         raise _unreadable(path, what, ValueError(f"it starts with {head!r}, not a zip archive or a pickle"))
+    if head.startswith(b"PK") and _is_torchscript(path):
+        raise ValueError(f"{what} {path} is a TorchScript file (an exported model: torch.jit.save, mmea-kernels "
+                         f"export), not a {what}: give the file that was exported from (a fine-tuning checkpoint.pt, "
+                         "or the base model)")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -58,6 +68,17 @@ def safe_load(path, what: str, trust_pickle: bool = False, allow_pickle: bool = 
         raise UnsafeFileError(_refusal(path, what, refused, allow_pickle)) from None
     except Exception as exc:  # zip / pickle errors: a truncated or foreign file
         raise _unreadable(path, what, exc) from None
+
+
+def _is_torchscript(path: pathlib.Path) -> bool:
+    """Whether the zip archive ``path`` is a TorchScript one (``<name>/code/`` or ``constants.pkl``)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for n in zf.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False  # torch.load reports it
 
 
 def _full_load(path: pathlib.Path, what: str):

@@ -218,6 +218,26 @@ def test_mliap_export_refuses_a_wrong_file_and_misplaced_options(checkpoints, tm
     assert not list(tmp_path.iterdir())
 
 
+def test_mliap_export_never_unpickles_a_file_by_name(checkpoints, tmp_path, monkeypatch):
+    """(security review) the ML-IAP check read the temporary file back by name with full unpickling:
+    another user who can write to --out's directory could swap it for a payload meanwhile (reproduced
+    with a racing process). Now the pickle is made and checked in memory; every file is read weights-only."""
+    import io
+
+    from mmea_kernels.app import deploy
+
+    real, loads = torch.load, []
+
+    def spy(f, *a, **k):
+        loads.append((isinstance(f, io.BytesIO), k.get("weights_only")))
+        return real(f, *a, **k)
+
+    monkeypatch.setattr(torch, "load", spy)
+    deploy.export_checkpoint(checkpoints["elora"], tmp_path / "m.pt", "lammps-mliap")
+    assert (True, False) in loads and all(in_memory or weights_only for in_memory, weights_only in loads), loads
+    assert not list(tmp_path.glob(".*part"))
+
+
 def _segments_dir(path, text):
     path.mkdir()
     for i in range(2):
