@@ -1,6 +1,7 @@
 """Benchmark plumbing: every benchmark adds a row (op, provider, mode, size, median, p20, p80,
 device, date); at the end the rows go to bench/results/<device>-<date>.json and an overhead
-table (each provider against the base linear of the same size, same run) is printed."""
+table (each provider against the base linear of the same size, same run; unpaired, so its header
+says it is an indication only) is printed."""
 import datetime
 import json
 import os
@@ -58,7 +59,10 @@ BASELINE = {"mace_energy_forces": "frozen", "mace_adapter_step": "elora"}
 def overhead_table(rows):
     base = {(r["op"], r["mode"], r["size"]): r["median_ms"] for r in rows
             if r["provider"] == BASELINE.get(r["op"], "base")}
-    lines = [f"{'op':<20}{'size':<44}{'mode':<8}{'provider':<11}{'median ms':>11}{'overhead':>10}"]
+    lines = ["# UNPAIRED: each provider is its own pytest-benchmark test, not alternated with its baseline,",
+             "# so 'overhead' is a ratio of medians from different moments of a drifting machine: an indication,",
+             "# not a claim. Quote the paired ratios of bench/linear_speed.py and bench/model_overhead.py.",
+             f"{'op':<20}{'size':<44}{'mode':<8}{'provider':<11}{'median ms':>11}{'overhead':>10}"]
     for r in rows:
         b = base.get((r["op"], r["mode"], r["size"]))
         ov = "" if b is None or r["provider"] == BASELINE.get(r["op"], "base") else f"{100 * (r['median_ms'] / b - 1):+.0f} %"

@@ -14,15 +14,16 @@ grad) and forward+backward (input gradient). Model: SevenNet-0 energy + forces (
 Every round times both providers back to back (order alternating between rounds) in one process;
 the reported number is the median over rounds of the per-round ratio ``e3nn / fused`` (> 1: fused
 is faster), with its interquartile range, next to the median times. Before timing, the outputs
-are checked to agree (gate: float64 1e-12; model: float64 energies/forces 1e-10 relative).
+are checked to agree (gate: float64 1e-12; model: float64 energies/forces 1e-10 relative). Next to
+the .txt a .json keeps every row's per-round times and ratios, the CPU model and the git commit.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+from provenance import cpu_model, provenance  # noqa: E402
 
 
 def _quantile(xs, q):
@@ -60,6 +63,14 @@ def paired(fn_a, fn_b, rounds, device, warmup=3):
             _sync(device)
             acc.append(time.perf_counter() - t0)
     return ta, tb, [a / b for a, b in zip(ta, tb)]
+
+
+def raw_row(label, ta, tb, ratios):
+    """A JSON row: the summary's numbers and every round's times (ms) and ratio."""
+    return {"case": label, "ratio_median": statistics.median(ratios), "ratio_q1": _quantile(ratios, 0.25),
+            "ratio_q3": _quantile(ratios, 0.75), "a_ms": 1e3 * statistics.median(ta),
+            "b_ms": 1e3 * statistics.median(tb), "rounds": len(ratios), "a_round_ms": [1e3 * t for t in ta],
+            "b_round_ms": [1e3 * t for t in tb], "ratios": ratios}
 
 
 def summary(label, ta, tb, ratios):
@@ -119,6 +130,7 @@ def bench_gate(args, device, lines):
         for mode, make in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
             ta, tb, ratios = paired(make(ref), make(fused), args.rounds, device)
             lines.append(summary(f"gate {mode} {name}", ta, tb, ratios))
+            args.rows.append(raw_row(f"gate {mode} {name}", ta, tb, ratios))
             print(lines[-1], flush=True)
 
 
@@ -170,18 +182,12 @@ def bench_model(args, device, lines):
 
         ta, tb, ratios = paired(run(plain), run(fused), args.model_rounds or args.rounds, device)
         lines.append(summary(f"SevenNet-0 E+F {str(dtype).split('.')[-1]}", ta, tb, ratios))
+        args.rows.append(raw_row(f"SevenNet-0 E+F {str(dtype).split('.')[-1]}", ta, tb, ratios))
         print(lines[-1], flush=True)
 
 
 def machine(device):
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     # the ISA torch's kernels use (this VM has been AVX2 one day and AVX-512 the next: ratios shift)
     what = f"{cpu}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
     if device.type == "cuda":
@@ -203,6 +209,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="output file ('-': stdout only); default bench/results/gate-<dev>-<date>T<time>.txt")
     args = p.parse_args(argv)
     args.dtypes = [getattr(torch, d.strip()) for d in args.dtype.split(",")]
+    args.rows = []  # per-round times and ratios, for the .json
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     from mmea_kernels.ops.fused_gate import fused_gate_backend_status
@@ -225,7 +232,11 @@ def main(argv=None):
         out = pathlib.Path(args.out) if args.out else HERE / "results" / f"gate-{device.type}-{now:%Y-%m-%dT%H%M}.txt"  # never an earlier run's file
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
-        print(f"written to {out}")
+        meta = dict(date=now.isoformat(timespec="seconds"), machine=machine(device), device=str(device),
+                    torch=torch.__version__, threads=torch.get_num_threads(), backend=backend, n=args.n,
+                    note=args.note, **provenance())
+        out.with_suffix(".json").write_text(json.dumps(dict(meta, rows=args.rows), indent=1))
+        print(f"written to {out} and {out.with_suffix('.json')}")
     return text
 
 

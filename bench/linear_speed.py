@@ -14,7 +14,8 @@ adapter, as in test_bench_cpu.py). Before timing, the fused output is checked ag
 unfused one. Single timings on a shared machine drift by tens of percent: read the ratios.
 ``--compiled`` times every side under ``torch.compile`` (inductor, static shapes): the fused side
 is then the fused linear's custom op with the gate net as compiled torch ops, the unfused side the
-compiled ``o3.Linear`` with the compiled gate.
+compiled ``o3.Linear`` with the compiled gate. Each JSON row also keeps every round's times
+(``a_round_ms``, ``b_round_ms``) and ratio, the CPU model and the git commit.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ sys.path.insert(0, str(HERE.parent))  # runs from a checkout, installed or not
 sys.path.insert(0, str(HERE))
 
 from gate_speed import _quantile, machine, paired  # noqa: E402
+from provenance import provenance  # noqa: E402
 from providers import CPU_LAYERS, Variant, make_run  # noqa: E402
 
 
@@ -39,7 +41,8 @@ def _row(what, ta, tb, ratios):
     """ta, tb: the times of the two sides; ratios: per round, time(b) / time(a)."""
     return {"what": what, "ratio_median": statistics.median(ratios), "ratio_q1": _quantile(ratios, 0.25),
             "ratio_q3": _quantile(ratios, 0.75), "a_ms": 1e3 * statistics.median(ta),
-            "b_ms": 1e3 * statistics.median(tb), "rounds": len(ratios)}
+            "b_ms": 1e3 * statistics.median(tb), "rounds": len(ratios), "a_round_ms": [1e3 * t for t in ta],
+            "b_round_ms": [1e3 * t for t in tb], "ratios": ratios}
 
 
 def bench_layer(layer, n, dtype, mode, rounds, compiled=False):
@@ -103,6 +106,7 @@ def main(argv=None):
     for line in lines:
         print(line, flush=True)
     rows = []
+    prov = provenance()
     prev = torch.get_num_threads()
     try:
         for threads in (int(t) for t in args.threads.split(",")):
@@ -112,7 +116,7 @@ def main(argv=None):
                     for mode in args.modes.split(","):
                         for r in bench_layer(layer, n, dtype, mode, args.rounds, args.compiled):
                             r.update(layer=layer, n=n, threads=threads, mode=mode, dtype=args.dtype, compiled=args.compiled,
-                                     date=now.isoformat(timespec="seconds"), torch=torch.__version__)
+                                     date=now.isoformat(timespec="seconds"), torch=torch.__version__, **prov)
                             rows.append(r)
                             lines.append(f"| {layer} | {n} | {threads} | {mode} | {r['what']} | "
                                          f"{r['ratio_median']:.3f} | {r['ratio_q1']:.3f}-{r['ratio_q3']:.3f} | "

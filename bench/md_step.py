@@ -3,7 +3,9 @@ periodic box), with the calculator's cached input (``BatchCache``: a new neighbo
 the rest reused) against mace's full ``atoms_to_batch`` per frame, the way the calculator built its
 input before. Both calculators wrap the same model and see the same frames, timed in alternating
 rounds in one process; the result is the median of the per-round ratios (cached / full) with its
-interquartile range.
+interquartile range; the JSON also keeps every round's times (ms per round of ``--steps`` frames)
+and ratio, the CPU model and the git commit. An odd ``--rounds`` is raised by one (each side first
+equally often).
 
     python bench/md_step.py                       # shipped model, 1 aspirin (21 atoms), CPU, 1 thread
     python bench/md_step.py --copies 8 --threads 2 --out bench/results
@@ -22,8 +24,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from model_overhead import paired  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 
 def _frames(copies: int, data_dir: str, n: int):
@@ -97,10 +101,10 @@ def main(argv=None) -> dict:
                size=f"shipped mace-xtb-small, {args.copies}x {molecule} ({len(frames[0])} atoms), {args.steps} "
                     "frames per round", device=(torch.cuda.get_device_name(device) if device.type == "cuda" else
                                              f"cpu-{platform.machine()}") + f" {args.threads} thread(s)",
-               torch=torch.__version__, date=datetime.datetime.now().isoformat(timespec="seconds"))
+               torch=torch.__version__, date=datetime.datetime.now().isoformat(timespec="seconds"), **provenance())
     res["a_ms"], res["b_ms"] = res["a_ms"] / args.steps, res["b_ms"] / args.steps  # per step
     print(f"{res['what']}  {res['size']}  {res['device']}: ratio {res['ratio_median']:.3f} (IQR "
-          f"{res['ratio_q1']:.3f}..{res['ratio_q3']:.3f}, {args.rounds} rounds; {res['a_ms']:.2f} -> "
+          f"{res['ratio_q1']:.3f}..{res['ratio_q3']:.3f}, {res['rounds']} rounds; {res['a_ms']:.2f} -> "
           f"{res['b_ms']:.2f} ms per step)")
     if args.out:
         path = pathlib.Path(args.out) / f"md-step-{device.type}-{datetime.date.today()}-{args.copies}x.json"

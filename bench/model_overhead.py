@@ -1,9 +1,11 @@
 """Whole-model cost of MMEA: an adapted MACE against the same frozen MACE (energy + forces, what
 every MD step pays), and one force-training step of MMEA against ELoRA at the same rank.
 
-Both models are timed in the same process in alternating rounds (the order flips every round);
-the result is the median of the per-round ratios with its interquartile range, because single
-timings on a shared machine drift by tens of percent.
+Both models are timed in the same process in alternating rounds (the order flips every round; an
+odd ``--rounds`` is raised by one so each side goes first equally often); the result is the median
+of the per-round ratios with its interquartile range, because single timings on a shared machine
+drift by tens of percent. Each JSON row also keeps every round's times and ratio, the CPU model and
+the git commit.
 
     python bench/model_overhead.py                                   # CPU, 1 thread, 4 aspirin frames
     python bench/model_overhead.py --device cuda --frames 64 --rounds 50 --out $OUT
@@ -43,6 +45,8 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from provenance import provenance  # noqa: E402
 
 
 def _quartiles(xs):
@@ -63,7 +67,10 @@ def _timer(device):
 
 
 def paired(fa, fb, rounds: int, device, warmup: int = 3) -> dict:
-    """Median and IQR of time(fb)/time(fa) over alternating rounds, plus each side's median."""
+    """Median and IQR of time(fb)/time(fa) over alternating rounds (an even count: ``rounds`` + 1
+    when odd, so each side goes first in half of them), each side's median, and every round's times
+    and ratio."""
+    rounds += rounds % 2
     t = _timer(device)
     for _ in range(warmup):
         fa(), fb()
@@ -78,7 +85,8 @@ def paired(fa, fb, rounds: int, device, warmup: int = 3) -> dict:
         ratios.append(b / a)
     q1, med, q3 = _quartiles(ratios)
     return {"ratio_median": med, "ratio_q1": q1, "ratio_q3": q3, "a_ms": 1e3 * statistics.median(ra),
-            "b_ms": 1e3 * statistics.median(rb), "rounds": rounds}
+            "b_ms": 1e3 * statistics.median(rb), "rounds": rounds, "a_round_ms": [1e3 * x for x in ra],
+            "b_round_ms": [1e3 * x for x in rb], "ratios": ratios}
 
 
 def machine_label(device) -> str:
@@ -362,8 +370,9 @@ def main(argv=None):
         fused = (f"auto: {sum(c['path'] == 'fused' for c in choices)}/{len(choices)} choices fused (one per layer "
                  f"and row-count bucket), {len(adapters)} MMEALinear")
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    prov = provenance()
     for r in rows:
-        r.update({"size": size, "device": where, "torch": torch.__version__, "date": stamp, "rank": args.rank,
+        r.update({"size": size, "device": where, "torch": torch.__version__, "date": stamp, "rank": args.rank, **prov,
                   "mmea_fused": fused, **({"mmea_auto_choices": choices} if choices else {})})
         if r["what"].startswith("profile"):
             _print_profile(r)

@@ -1,8 +1,9 @@
 """One adapted layer as a scripted (TorchScript) file runs it: the portable form (``--kernels
 aten``) and the fused op (``--kernels cpp``) against the bare scripted e3nn ``o3.Linear``, forward
 plus the input gradient (what forces need), float64, one thread, TorchScript's graph optimisation off
-(as the LAMMPS plugins run files), rows = atoms of the LAMMPS benches' box; rounds alternate and the
-order flips each round; median of the per-round ratios with the IQR.
+(as the LAMMPS plugins run files), rows = atoms of the LAMMPS benches' box; in each round the three
+are timed back to back, the order rotated each round so each one takes each position equally often
+(``--rounds`` is raised to a multiple of 3); median of the per-round ratios with the IQR.
 
     python bench/scripted_layers.py [--rows 162] [--rounds 31]
 """
@@ -68,6 +69,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.rounds < 2:
         p.error("--rounds must be at least 2 (the ratios' quartiles)")
+    args.rounds += -args.rounds % 3  # each of the three sides in each position equally often
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     torch._C._set_graph_executor_optimize(False)
@@ -82,8 +84,9 @@ def main(argv=None) -> int:
         for m in mods.values():
             _time(m, x, 20)
         ts = {k: [] for k in mods}
+        names = list(mods)
         for r in range(args.rounds):
-            for k in (list(mods) if r % 2 else list(mods)[::-1]):
+            for k in names[r % len(names):] + names[:r % len(names)]:  # rotated: base, aten, cpp each in every position
                 ts[k].append(_time(mods[k], x, args.reps))
         cells = []
         for k in ("aten", "cpp"):

@@ -46,7 +46,9 @@ LAYERS = {
                            "128x0e+128x1o+128x2e+128x3o"),
 }
 SMALL_LAYERS = {"small": ("4x0e+4x0e+3x1o+2x2e", "4x0e+3x1o+2x2e+1x3o")}
-GATE_SHAPES = {"sevennet-0": ("128x0e", "96x0e", "64x1e+32x2e")}  # scalars, gates, gated (SevenNet-0)
+# scalars, gates, gated, as in SevenNet-0's checkpoint (bench/gate_speed.py reads them from it): silu on
+# the scalars and on both gate blocks (not sigmoid)
+GATE_SHAPES = {"sevennet-0": ("128x0e", "64x0e+32x0e", "64x1e+32x2e")}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 
 
@@ -112,12 +114,16 @@ class Timer:
             torch.cuda.synchronize(self.device)
         return 1e3 * (time.perf_counter() - t) / (calls if self.device.type == "cuda" else 1)
 
-    def paired(self, fns: dict, rounds: int) -> dict:
-        """``{name: per-round ms}``: each callable (after one warm-up call) timed once per round by
-        :meth:`wall_ms`, in an order rotated every round."""
+    def paired(self, fns: dict, rounds: int, warmup: int = 3) -> dict:
+        """``{name: per-round ms}``: each callable (after ``warmup`` untimed calls: autotuning,
+        compilation, allocator) timed once per round by :meth:`wall_ms`, in an order rotated every
+        round."""
         names = list(fns)
         for f in fns.values():
-            f()
+            for _ in range(warmup):
+                f()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         times = {n: [] for n in names}
         for r in range(rounds):
             k = r % len(names)
@@ -296,8 +302,10 @@ def fused_gate_cases(n, dtype, device, timer, rounds=15):
     from e3nn import nn as enn
     scalars, gates, gated = GATE_SHAPES["sevennet-0"]
     torch.manual_seed(0)
-    eg = enn.Gate(scalars, [torch.nn.functional.silu], gates, [torch.sigmoid], gated)
-    fg = FusedGate(scalars, [torch.nn.functional.silu], gates, [torch.sigmoid], gated)
+    silu = torch.nn.functional.silu
+    acts_g = [silu] * len(o3.Irreps(gates))  # SevenNet-0 gates with silu (its checkpoint's act_gates)
+    eg = enn.Gate(scalars, [silu], gates, acts_g, gated)
+    fg = FusedGate(scalars, [silu], gates, acts_g, gated)
     x64 = torch.randn(n, eg.irreps_in.dim, dtype=torch.float64)
     ref = eg(x64)
     x = x64.to(device=device, dtype=dtype).requires_grad_()

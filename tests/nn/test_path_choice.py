@@ -35,20 +35,22 @@ def test_row_buckets():
     assert [row_bucket(n) for n in (0, 1, 2, 3, 4, 31, 32, 63, 64)] == [0, 1, 2, 2, 3, 5, 6, 6, 7]
 
 
-def test_time_paths_alternates_and_returns_per_call_medians():
-    import time
-    calls = []
+def test_time_paths_alternates_and_returns_per_call_medians(monkeypatch):
+    """The call order (one warm-up each, then rounds of ``reps`` calls, the order swapped every
+    round) and the arithmetic (per-call time, median over rounds, warm-up excluded), on a fake clock
+    that each call advances by its own cost: no wall time is asserted (timings belong in bench/)."""
+    clock, calls = [0.0], []
+    cost = {"f": iter([9.0, 3e-3, 5e-3, 6e-3, 6e-3, 1e-3, 1e-3]),  # warm-up, then rounds: 4, 6, 1 ms per call
+            "u": iter([9.0, 1e-3, 1e-3, 2e-3, 2e-3, 0.0, 0.0])}  # warm-up, then rounds: 1, 2, 0 ms per call
 
-    def slow():
-        calls.append("f")
-        time.sleep(0.004)
+    def call(name):
+        calls.append(name)
+        clock[0] += next(cost[name])
 
-    def fast():
-        calls.append("u")
-
-    t_f, t_u = path_choice.time_paths(slow, fast, torch.device("cpu"), rounds=3, reps=2)
+    monkeypatch.setattr(path_choice.time, "perf_counter", lambda: clock[0])
+    t_f, t_u = path_choice.time_paths(lambda: call("f"), lambda: call("u"), torch.device("cpu"), rounds=3, reps=2)
     assert calls == ["f", "u"] + ["f", "f", "u", "u"] + ["u", "u", "f", "f"] + ["f", "f", "u", "u"]
-    assert 0.004 <= t_f < 0.1 and 0 < t_u < 0.002
+    assert t_f == pytest.approx(4e-3) and t_u == pytest.approx(1e-3)
 
 
 @pytest.mark.parametrize("device", DEVICES)
