@@ -693,18 +693,19 @@ def main(argv=None):
             gate_sweep_cases(layer, 33 if args.small else 32000, device, timer, dtypes))
     run(("host_overhead", "small" if args.small else "128x0e+128x1o+128x2e+128x3o", 16, torch.float32),
         host_overhead_cases("small" if args.small else "128x0e+128x1o+128x2e+128x3o", device, args.small))
-    for layer in layers:
-        for n in sizes:
-            for dtype in dtypes:
-                run(("gate", layer, n, dtype), gate_cases(layer, n, dtype, device, timer))
-                run(("adapted_linear", layer, n, dtype), linear_cases(layer, n, dtype, device, timer, not args.no_cuet,
-                                                                      rounds))
+    # then the kernels that never ran on a GPU (FusedGate, the gate net), before the long size sweep
     for n in ([9] if args.small else [4000, 32000]):
         for dtype in dtypes:
             run(("gate_nonlinearity", "sevennet-0", n, dtype), fused_gate_cases(n, dtype, device, timer, rounds))
     for n in ([9] if args.small else [960, 32000]):
         for dtype in (torch.float32, torch.float64):
             run(("gate_net", "mace", n, dtype), gate_net_cases(n, dtype, device, timer))
+    for layer in layers:
+        for n in sizes:
+            for dtype in dtypes:
+                run(("gate", layer, n, dtype), gate_cases(layer, n, dtype, device, timer))
+                run(("adapted_linear", layer, n, dtype), linear_cases(layer, n, dtype, device, timer, not args.no_cuet,
+                                                                      rounds))
     if args.sweep:
         layer = "small" if args.small else "mace-interaction-1"
         for n in ([33] if args.small else [8000, 32000]):
