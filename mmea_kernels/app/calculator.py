@@ -35,13 +35,18 @@ def _make_calculator():
 
         Per-atom energies as mace-torch's calculator gives them: ``energies`` (eV, summing to the
         energy; ``atoms.get_potential_energies()``) and ``node_energy`` (the same less each atom's E0).
-        They are a partition of the energy, not an observable: another model splits it otherwise."""
+        They are a partition of the energy, not an observable: another model splits it otherwise.
+
+        ``checks`` (:class:`~mmea_kernels.train.checks.DataChecks`): each new lattice is checked against the
+        cutoff before a neighbour list is built (a tiny or shrinking cell ran out of memory or hung). The
+        default bounds the neighbours per atom (500) and accepts cells narrower than the cutoff (primitive
+        bulk cells, as in ASE); md and relax pass ``--max-neighbors``/``--allow-small-cells``."""
 
         implemented_properties = ["energy", "free_energy", "energies", "node_energy", "forces", "stress"]
 
         def __init__(self, checkpoint: Optional[str] = None, module: Optional[torch.nn.Module] = None,
                      model: Optional[str] = None, dtype: Optional[str] = None, trust_pickle: bool = False,
-                     device: str = "cpu", **kwargs):
+                     device: str = "cpu", checks=None, **kwargs):
             super().__init__(**kwargs)
             from ..train.device import module_device
             from ..train.foundation import model_info
@@ -52,6 +57,7 @@ def _make_calculator():
             if module is not None and (unused or device != "cpu"):
                 raise ValueError(f"{', '.join(unused + (['device'] if device != 'cpu' else []))}= are for checkpoint=; "
                                  "module= runs as it is (its own dtype and device: move it with .to() first)")
+            self.checks = _lattice_checks(checks)
             self.e0_span, self._e0_seen, self._e0_warned = None, None, False
             if checkpoint is not None:
                 from ..train import load_finetuned
@@ -90,6 +96,14 @@ def _make_calculator():
     return _Calc
 
 
+def _lattice_checks(checks):
+    from ..train.checks import DataChecks
+
+    if checks is not None and not isinstance(checks, DataChecks):
+        raise TypeError(f"checks= must be a DataChecks, got {type(checks).__name__}")
+    return checks if checks is not None else DataChecks(allow_small_cells=True)
+
+
 def _per_atom(calc, out: dict, batch: dict) -> dict:
     """``energies`` and ``node_energy`` (float64 arrays) from a model output with ``node_energy``
     (E0 included, as mace-torch's models and the SevenNet wrapper give it); empty otherwise."""
@@ -122,7 +136,7 @@ def _checked_copy(calc, properties):
         calc._checked_numbers = a.numbers.tobytes()
     lattice = (a.cell.array.tobytes(), a.pbc.tobytes())
     if lattice != getattr(calc, "_checked_lattice", None):
-        check_geometry([a], "MMEACalculator")
+        check_geometry([a], "MMEACalculator", calc.r_max, calc.checks)
         calc._checked_lattice = lattice
     periodic = bool(a.pbc.all()) and abs(a.cell.volume) > 1e-9  # stress with every evaluation there (NPT, relaxation)
     if "stress" in properties and not periodic:

@@ -115,7 +115,7 @@ def _calculator(args):
     from .calculator import MMEACalculator
 
     return MMEACalculator(checkpoint=args.checkpoint, model=args.model, trust_pickle=args.trust_pickle,
-                          device=args.device, dtype=args.dtype)
+                          device=args.device, dtype=args.dtype, checks=data_checks(args))
 
 
 def run_relax_command(args) -> int:

@@ -332,7 +332,7 @@ def run_md(atoms, calculator, settings: Optional[MDSettings] = None, where: str 
     step with its dynamics for ``steps`` more steps; keywords, the dynamics of a ``settings`` object
     (all of them: pass ``settings=None`` and keywords to take the state's), and other values than the
     defaults, that would change the dynamics are refused (:func:`resumed_settings`). A state of
-    another precision or device (``calculator.dtype``/``.device``) runs on, with
+    another precision, device or CPU thread count (``calculator.dtype``/``.device``) runs on, with
     ``"bit_identical_continuation": false`` in the summary. ``model``: a string
     identifying the model, kept in state files; resuming a state of another model is refused.
     Interrupted (``KeyboardInterrupt``), the trajectory, log and state file end on the last completed
@@ -385,7 +385,10 @@ def _continuation(resume, runtime: Optional[str]) -> dict:
     """For a resumed run: whether it goes on to the bit (the state's precision and device), and why not."""
     if resume is None:
         return {}
-    if resume.runtime is None or runtime is None or resume.runtime == runtime:
+    was = resume.runtime
+    if was is not None and runtime is not None and " threads)" not in was:  # a state from before threads were kept
+        runtime = runtime.split(" (")[0]
+    if was is None or runtime is None or was == runtime:
         return {"bit_identical_continuation": True}
     return {"bit_identical_continuation": False,
             "continuation_note": f"the state was written by a run in {resume.runtime}, this one ran in {runtime}: "
@@ -393,11 +396,15 @@ def _continuation(resume, runtime: Optional[str]) -> dict:
 
 
 def _runtime(calculator) -> Optional[str]:
-    """The precision and device the calculator's model runs in ("float64 on cpu"), when it says."""
+    """The precision and device the calculator's model runs in, and on the CPU its intra-op threads (sums
+    group by thread): "float64 on cpu (2 threads)", when the calculator says."""
+    import torch
+
     dtype, device = getattr(calculator, "dtype", None), getattr(calculator, "device", None)
     if dtype is None or device is None:
         return None
-    return f"{str(dtype).replace('torch.', '')} on {device}"
+    threads = f" ({torch.get_num_threads()} threads)" if torch.device(device).type == "cpu" else ""
+    return f"{str(dtype).replace('torch.', '')} on {device}{threads}"
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(MDSettings)}

@@ -92,11 +92,10 @@ def transfer_adapters(source: nn.Module, target: nn.Module) -> InjectionReport:
 def _keeping_default_dtype(runner: Callable[[nn.Module], nn.Module], model: nn.Module) -> nn.Module:
     """``runner(model)`` with torch's default dtype put back afterwards: mace-torch's conversions read
     the model (state_dict, config) and set the default dtype to its dtype, for the whole process."""
-    prev = torch.get_default_dtype()
-    try:  # a multi-head model's chosen head goes with it (the conversions build a new model, without the hook)
+    from .default_dtype import default_dtype
+
+    with default_dtype():  # a multi-head model's chosen head goes with it (the conversions build a new model)
         return copy_head(model, runner(model))
-    finally:
-        torch.set_default_dtype(prev)
 
 
 def convert_to_cueq(model: nn.Module, layout: str = "ir_mul", device: Optional[str] = None) -> nn.Module:

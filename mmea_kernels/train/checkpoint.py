@@ -90,7 +90,8 @@ def write_checkpoint(path, cfg: FinetuneConfig, r, metrics=None) -> None:
                  "w_forces": float(cfg.w_forces),
                  "epoch": r.best["epoch"], "trainable": {n: t.cpu() for n, t in r.best["state"].items()},
                  "trainable_parameters": r.n_train,
-                 "parameter_groups": dict(r.groups), "metrics": summary, "e0_span": fitted_span(cfg, r), **extra}, path)
+                 "parameter_groups": dict(r.groups), "metrics": summary, "e0_span": fitted_span(cfg, r),
+                 "config": dataclasses.asdict(cfg), "provenance": getattr(r, "record", None), **extra}, path)
 
 
 # ---------------------------------------------------------------------------------- training state
@@ -138,7 +139,7 @@ def save_state(cfg: FinetuneConfig, r, epoch: int, state_path: pathlib.Path) -> 
                  "params": {n: p.detach().clone() for n, p in r.params.items()},
                  "ema": ema_weights(r.ema, r.params), "optimizer": r.opt.state_dict(),
                  "scheduler": r.sched.state_dict(), "history": r.history, "best": r.best, "epoch": epoch,
-                 "elapsed": r.elapsed}, state_path)
+                 "elapsed": r.elapsed, "intra_op_threads": torch.get_num_threads()}, state_path)
 
 
 def _saved_settings(saved_key):
@@ -196,6 +197,11 @@ def load_state(cfg: FinetuneConfig, r, state_path: pathlib.Path, log) -> None:
     r.history, r.best, r.start_epoch, r.elapsed = st["history"], st["best"], st["epoch"] + 1, st["elapsed"]
     r.saved_epoch = st["epoch"]
     log(f"resuming {state_path.parent} at epoch {r.start_epoch}")
+    threads = st.get("intra_op_threads")
+    if threads is not None and threads != torch.get_num_threads():
+        log(f"note: {state_path} was written with {threads} intra-op threads, this process has "
+            f"{torch.get_num_threads()}: float sums group differently, so the result can differ from an "
+            f"uninterrupted run in the last bits (set OMP_NUM_THREADS={threads} to continue it to the bit)")
 
 
 # --------------------------------------------------------------------------------------- reading

@@ -18,7 +18,7 @@ _STR_OR_NONE = ("model_as_given", "model_config", "model_config_as_given", "head
 _INT = ("rank", "seed")
 _INT_OR_NONE = ("epoch", "trainable_parameters")
 _WEIGHTS = ("w_stress", "w_energy", "w_forces")
-_DICT_OR_NONE = ("metrics", "parameter_groups")
+_DICT_OR_NONE = ("metrics", "parameter_groups", "config", "provenance")
 
 
 def _bad(path, key: str, want: str, value) -> ValueError:

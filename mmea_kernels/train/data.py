@@ -9,6 +9,7 @@ import numpy as np
 from .checks import checked_graphs
 
 __all__ = ["read_frames", "read_splits", "split_graphs", "make_batches", "iter_batches", "overlap_note", "weights_note",
+           "validation_split",
            "check_mace_conventions", "energy_weight",
            "EVAL_MAX_ATOMS", "check_batch_size", "frame_chunks"]
 
@@ -101,27 +102,38 @@ def read_splits(cfg) -> Dict[str, list]:
     return {"train": train_frames, "valid": valid_frames, "test": test_frames}
 
 
-def _frame_key(a) -> bytes:
+def frame_key(a) -> bytes:
     """Atoms and positions (rounded to 1e-6 Å) of a frame: equal for the same geometry written twice."""
     pos = np.round(np.asarray(a.positions, dtype=np.float64), 6) + 0.0  # + 0.0: -0.0 and 0.0 are one position
     return a.numbers.astype(np.int64).tobytes() + pos.tobytes()
 
 
 def overlap_note(cfg, frames: Dict[str, list]) -> str:
-    """A line naming the validation / test frames that are training frames too (same atoms and
-    positions): their errors are then not held-out errors. '' when there are none."""
-    train = {_frame_key(a) for a in frames["train"]}
-    parts = []
-    for split, src in (("valid", cfg.valid), ("test", cfg.test)):
-        if src is None and split == "test":
-            continue
-        same = sum(_frame_key(a) in train for a in frames[split])
-        if same:
-            parts.append(f"{same} of {len(frames[split])} {split} frames ({src or cfg.train})")
-    if not parts:
+    """A line naming the validation / test frames that are training frames too, and the test frames
+    that are validation frames (same atoms and positions): their errors are then not held-out errors
+    (validation picks the best epoch). '' when there are none."""
+    from .provenance import overlap_counts
+
+    counts = overlap_counts(frames, frame_key)
+    src = {"valid": cfg.valid or f"split off {cfg.train}", "test": cfg.test}
+    clauses = []
+    for other, what in (("train", "training"), ("valid", "validation")):
+        parts = [f"{counts[f'{split}_in_{other}']} of {len(frames[split])} {split} frames ({src[split]})"
+                 for split in ("valid", "test") if counts.get(f"{split}_in_{other}")]
+        if parts:
+            clauses.append(f"{' and '.join(parts)} are also {what} frames")
+    if not clauses:
         return ""
-    return (f"note: {' and '.join(parts)} are also training frames (same atoms and positions): their errors "
-            "are not held-out errors")
+    return f"note: {'; '.join(clauses)} (same atoms and positions): their errors are not held-out errors"
+
+
+def validation_split(cfg, frames: Dict[str, list]):
+    """The places within ``--train``'s selection of the frames split off for validation (seeded; they
+    depend on the order of the frames in the file), or None with a validation file."""
+    if cfg.valid:
+        return None
+    return {"from": str(cfg.train), "seed": cfg.seed, "valid_fraction": cfg.valid_fraction,
+            "positions": sorted(_split_order(cfg, len(frames["train"]) + len(frames["valid"]))[0])}
 
 
 def split_graphs(cfg, frames: Dict[str, list], z, r_max: float, dtype) -> Dict[str, list]:

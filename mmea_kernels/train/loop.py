@@ -40,7 +40,7 @@ from .checkpoint import (DISK_ERRNOS, WriteFailed, atomic_write_text, check_sema
 from . import lockfile
 from .lockfile import DirectoryInUse
 from .config import DTYPES, FinetuneConfig
-from .data import make_batches, overlap_note, read_splits, split_graphs, weights_note
+from .data import frame_key, make_batches, overlap_note, read_splits, split_graphs, validation_split, weights_note
 from .device import resolve_device
 from .e0s import refit_after_training, refit_e0s
 from .ema import ema_weights, make_ema, weights_in
@@ -49,6 +49,7 @@ from .guard import check_finite, check_finite_tensors, created_dirs, interrupt_m
 from .loss import errors, format_table, label_scale_note, loss, split_errors
 from .methods import trainable_state
 from .plot import plot_history
+from .provenance import overlap_counts, provenance
 
 __all__ = ["finetune", "setup", "train", "train_one_epoch", "take_step", "evaluate", "finish", "dist_setup",
            "DirectoryInUse", "lock_run_dir", "unlock_run_dir"]
@@ -175,7 +176,9 @@ def setup(cfg: FinetuneConfig, world: int, device: torch.device = torch.device("
     ema, ema_source = make_ema(params, cfg.ema_decay)
     return types.SimpleNamespace(
         model=model, net=net, params=params, device=device, opt=opt, z=z, e0s=e0s, fp=fp, groups=groups, graphs=graphs,
-        probe_atoms=frames["train"][0], train_frames=frames["train"], overlap="\n".join(n for n in (overlap_note(cfg, frames), weights_note(frames)) if n), scale=scale, n_train=sum(p.numel() for p in params.values()),
+        probe_atoms=frames["train"][0], train_frames=frames["train"], scale=scale, n_train=sum(p.numel() for p in params.values()),
+        overlap="\n".join(n for n in (overlap_note(cfg, frames), weights_note(frames)) if n),
+        record=provenance(cfg, validation_split(cfg, frames), overlap_counts(frames, frame_key)),
         sched=torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor, patience=cfg.plateau_patience),
         ema=ema, ema_source=ema_source, history=[], best={"loss": math.inf, "epoch": 0, "state": None},
         start_epoch=1, elapsed=0.0, saved_epoch=0)
@@ -406,6 +409,7 @@ def finish(cfg: FinetuneConfig, r, rank: int, world: int, out: pathlib.Path, sto
     if cfg.refit_e0s_after:
         refit_after_training(cfg, r, metrics, log)
     metrics["world_size"] = world
+    metrics["provenance"] = r.record  # versions, threads, command, data files' SHA-256, the split, overlaps
     if rank == 0:
         write_checkpoint(out / "checkpoint.pt", cfg, r, metrics)
         plot_history(r.history, out / "learning_curve.png", f"{cfg.method} on {cfg.train} (base {cfg.model})")

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("mace")
 from ase import Atoms  # noqa: E402
@@ -122,8 +123,16 @@ def test_a_resumed_run_refuses_other_dynamics_and_another_model(calc, tmp_path):
 
     single = MMEACalculator(module=copy.deepcopy(calc.net).float())
     res = run_md(None, single, resume=state, steps=1)
-    assert not res["bit_identical_continuation"] and "float64 on cpu, this one ran in float32 on cpu" in \
-        res["continuation_note"]
+    n = torch.get_num_threads()
+    assert not res["bit_identical_continuation"] and \
+        f"float64 on cpu ({n} threads), this one ran in float32 on cpu ({n} threads)" in res["continuation_note"]
+    torch.set_num_threads(n + 1)  # sums group by thread: not claimed to the bit (a reproducibility review)
+    try:
+        res = run_md(None, calc, resume=state, steps=1)
+    finally:
+        torch.set_num_threads(n)
+    assert not res["bit_identical_continuation"] and f"({n} threads), this one ran in float64 on cpu ({n + 1} " \
+        "threads)" in res["continuation_note"]
     (tmp_path / "t.xyz").write_text("keep")
     with pytest.raises(FileExistsError, match="--save-state .* exists; pass --overwrite"):
         run_md(mol, calc, steps=2, save_state=path)

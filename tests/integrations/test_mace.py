@@ -458,7 +458,8 @@ def test_batch_cache_equals_atoms_to_batch_frame_after_frame(dtype):
     """The calculator's per-frame input (``BatchCache``) against mace's own path, tensor for tensor
     (``torch.equal``, same dtype and shape): a molecule moving, a triclinic periodic cell whose
     atoms cross its faces while the cell itself is strained (NPT), then other atoms and other pbc
-    (the cache must rebuild), then the first molecule again."""
+    (the cache must rebuild), then the first molecule again, one flying apart and one 1e4 Å from the
+    origin (a molecule's neighbour list is a k-d tree's, not mace's: the same edges in the same order)."""
     from mmea_kernels.app.data import toy_molecules
     from mmea_kernels.integrations.mace import BatchCache
 
@@ -468,9 +469,13 @@ def test_batch_cache_equals_atoms_to_batch_frame_after_frame(dtype):
     box.cell, box.pbc = np.diag([6.0, 6.5, 7.0]) + 0.4 * np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0]]), True
     slab = box.copy()
     slab.pbc = [True, True, False]
+    spread = mol.copy()  # a molecule flying apart (MD at too high a temperature), then far from the origin
+    spread.positions[0] += [40.0, -25.0, 10.0]
+    far = mol.copy()
+    far.positions += 1e4
     cache = BatchCache(Z, R_MAX, dtype=dtype)
     frames = []
-    for atoms in (mol, box, slab, mol):
+    for atoms in (mol, box, slab, mol, spread, far):
         for _ in range(3):
             atoms = atoms.copy()
             atoms.positions += rng.normal(0, 0.3, atoms.positions.shape)

@@ -305,7 +305,8 @@ def test_validation_or_test_frames_that_are_training_frames_are_named(data, tmp_
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert re_search(r"note: 1 of 3 valid frames \(.*valid\.xyz\) and 4 of 4 test frames \(.*train\.xyz\) are also "
-                     r"training frames \(same atoms and positions\): their errors are not held-out errors", out), out
+                     r"training frames; 1 of 4 test frames \(.*train\.xyz\) are also validation frames \(same atoms "
+                     r"and positions\): their errors are not held-out errors", out), out  # (frame 1 is in all three)
     assert _cli(data, tmp_path / "r2") == 0  # held-out files: no note
     assert "are also training frames" not in capsys.readouterr().out
 
