@@ -62,8 +62,8 @@ lim() { local left=$(( BUDGET - 3 - ($(date +%s) - T0) )) need=$(( $1 / 2 > 10 ?
 want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]] || { echo "(not in ONLY=$ONLY: $1)"; return 1; }; }
 # within S cmd...: cmd under timeout `lim S` (killed 5 s after its TERM), or a line saying it was
 # skipped (status 125)
-within() { local t; t=$(lim "$1"); shift
-           if [ "$t" -eq 0 ]; then echo "(skipped, less than half of its $1 s left of the budget of $BUDGET s: $*)"; return 125
+within() { local t s=$1; t=$(lim "$1"); shift
+           if [ "$t" -eq 0 ]; then echo "(skipped, less than half of its $s s left of the budget of $BUDGET s: $*)"; return 125
            else timeout -k 5 "$t" "$@"; fi; }
 # status RC NAME: record how a step ended (read RC from ${PIPESTATUS[0]} right after its pipeline);
 # the summary at the end lists every step that did not pass, and the script exits 1 if one failed

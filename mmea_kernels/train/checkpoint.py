@@ -91,7 +91,13 @@ def write_checkpoint(path, cfg: FinetuneConfig, r, metrics=None) -> None:
                  "epoch": r.best["epoch"], "trainable": {n: t.cpu() for n, t in r.best["state"].items()},
                  "trainable_parameters": r.n_train,
                  "parameter_groups": dict(r.groups), "metrics": summary, "e0_span": fitted_span(cfg, r),
-                 "config": dataclasses.asdict(cfg), "provenance": getattr(r, "record", None), **extra}, path)
+                 **_plain({"config": dataclasses.asdict(cfg), "provenance": getattr(r, "record", None)}), **extra}, path)
+
+
+def _plain(obj):
+    """``obj`` as JSON's plain types (numpy scalars given as settings from Python become floats/ints):
+    weights-only loading reads nothing else."""
+    return json.loads(json.dumps(obj, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
 
 
 # ---------------------------------------------------------------------------------- training state

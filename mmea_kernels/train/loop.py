@@ -74,7 +74,11 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
         if rank == 0:  # the process that writes the files holds the directory for the whole run
             check_writable(out)
             lock = lock_run_dir(out)
-            refuse_linked_results(out)
+            try:
+                refuse_linked_results(out)
+            except BaseException:
+                unlock_run_dir(lock)  # a refused run lets go of the directory (a retry in one process)
+                raise
             if lock is not None:
                 _remove_orphans(out, log)
         try:

@@ -63,3 +63,17 @@ def test_a_resume_at_another_thread_count_says_so(train_files, tmp_path):
     finetune(FinetuneConfig(epochs=2, resume=True, **cfg), log=lambda *a: lines.append(" ".join(map(str, a))))
     assert any(f"written with {torch.get_num_threads() + 3} intra-op threads, this process has "
                f"{torch.get_num_threads()}" in line for line in lines), lines
+
+
+def test_numpy_settings_from_python_give_a_loadable_checkpoint(train_files, tmp_path):
+    """(diff review) the checkpoint's new ``config`` kept numpy scalars given from Python
+    (``lr=np.float64(...)``): weights-only loading then refused the run's own checkpoint."""
+    import numpy as np
+
+    from mmea_kernels.train import load_finetuned
+
+    finetune(FinetuneConfig(train=str(train_files / "train.xyz"), valid=str(train_files / "valid.xyz"),
+                            model=str(train_files / "base.pt"), out_dir=str(tmp_path / "r"), batch_size=4,
+                            epochs=1, lr=np.float64(1e-3), progress=False), log=lambda *a: None)
+    _, ck = load_finetuned(str(tmp_path / "r" / "checkpoint.pt"))
+    assert type(ck["config"]["lr"]) is float and ck["config"]["lr"] == 1e-3
