@@ -173,7 +173,7 @@ def atoms_to_batch(atoms_list: Sequence, atomic_numbers: Sequence[int], r_max: f
 
 class BatchCache:
     """The one-frame MACE input dict of each structure in a sequence with the same atoms (an MD run,
-    a relaxation), equal tensor for tensor to ``atoms_to_batch([atoms], ...)`` at a fraction of its
+    a relaxation), equal tensor for tensor to ``atoms_to_batch([atoms], ...)`` (a molecule: its edges possibly in another order) at a fraction of its
     host cost: the first frame (and any frame whose elements or pbc differ from the one before) goes
     through mace's ``AtomicData.from_config`` and ``Batch``; the others only get a new neighbour list
     (mace's ``get_neighborhood``, which ``from_config`` calls; a k-d tree for a molecule,

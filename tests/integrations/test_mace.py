@@ -459,7 +459,7 @@ def test_batch_cache_equals_atoms_to_batch_frame_after_frame(dtype):
     (``torch.equal``, same dtype and shape): a molecule moving, a triclinic periodic cell whose
     atoms cross its faces while the cell itself is strained (NPT), then other atoms and other pbc
     (the cache must rebuild), then the first molecule again, one flying apart and one 1e4 Å from the
-    origin (a molecule's neighbour list is a k-d tree's, not mace's: the same edges in the same order)."""
+    origin (a molecule's neighbour list is a k-d tree's, not mace's: the same edges; in the same order for these small ones, not in general: tests/app/test_calculator_use.py)."""
     from mmea_kernels.app.data import toy_molecules
     from mmea_kernels.integrations.mace import BatchCache
 
