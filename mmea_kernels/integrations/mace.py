@@ -144,9 +144,8 @@ def molecule_neighbourhood(positions: np.ndarray, cutoff: float):
     molecule flying apart in MD, 5 s for 9 atoms spread over 500 Å) and is 3-20x a k-d tree's anyway."""
     from scipy.spatial import cKDTree
 
-    pairs = cKDTree(positions).query_pairs(cutoff, output_type="ndarray")
-    i = pairs[:, 0] if len(pairs) else np.zeros(0, dtype=np.int64)
-    j = pairs[:, 1] if len(pairs) else np.zeros(0, dtype=np.int64)
+    pairs = cKDTree(positions).query_pairs(cutoff, output_type="ndarray")  # (P, 2) int64, i < j, distance <= cutoff
+    i, j = pairs[:, 0], pairs[:, 1]
     keep = np.linalg.norm(positions[j] - positions[i], axis=1) < cutoff  # matscipy's strict bound
     sender, receiver = np.concatenate([i[keep], j[keep]]), np.concatenate([j[keep], i[keep]])
     order = np.lexsort((receiver, sender))
@@ -198,12 +197,11 @@ class BatchCache:
             self._key = key
         dt = self._template["positions"].dtype
         positions = atoms.get_positions()
-        if not any(key[1]):
-            positions = positions - positions.mean(axis=0)  # as centred(): float32 keeps its precision
         if any(key[1]):
             edge_index, shifts, unit_shifts, cell = get_neighborhood(
                 positions=positions, cutoff=self.r_max, pbc=key[1], cell=np.array(atoms.get_cell()))
-        else:
+        else:  # a molecule: centred as atoms_to_graphs does (centred()), so float32 keeps its precision
+            positions = positions - positions.mean(axis=0)
             edge_index, shifts, unit_shifts, cell = molecule_neighbourhood(positions, self.r_max)
         cell_t = torch.tensor(cell, dtype=dt)
         volume = torch.linalg.det(cell_t)

@@ -100,9 +100,9 @@ def _check_span(span, path) -> None:
 
 
 def _check_probe(probe, path) -> None:
-    shapes = {"numbers": None, "positions": 3, "forces": 3, "cell": (3, 3), "pbc": (3,)}
-    if not isinstance(probe, dict) or not all(isinstance(probe.get(k), torch.Tensor) for k in shapes):
-        raise _bad(path, "probe", f"the reference frame (tensors {', '.join(shapes)}, energy, dtype)", probe)
+    tensors = ("numbers", "positions", "forces", "cell", "pbc")
+    if not isinstance(probe, dict) or not all(isinstance(probe.get(k), torch.Tensor) for k in tensors):
+        raise _bad(path, "probe", f"the reference frame (tensors {', '.join(tensors)}, energy, dtype)", probe)
     n = probe["numbers"].shape
     ok = (len(n) == 1 and n[0] >= 1 and tuple(probe["positions"].shape) == (n[0], 3)
           and tuple(probe["forces"].shape) == (n[0], 3) and tuple(probe["cell"].shape) == (3, 3)

@@ -108,13 +108,10 @@ def frame_key(a) -> bytes:
     return a.numbers.astype(np.int64).tobytes() + pos.tobytes()
 
 
-def overlap_note(cfg, frames: Dict[str, list]) -> str:
+def overlap_note(cfg, frames: Dict[str, list], counts: Dict[str, int]) -> str:
     """A line naming the validation / test frames that are training frames too, and the test frames
-    that are validation frames (same atoms and positions): their errors are then not held-out errors
-    (validation picks the best epoch). '' when there are none."""
-    from .provenance import overlap_counts
-
-    counts = overlap_counts(frames, frame_key)
+    that are validation frames (same atoms and positions; ``counts``: :func:`.provenance.overlap_counts`):
+    their errors are then not held-out errors (validation picks the best epoch). '' when there are none."""
     src = {"valid": cfg.valid or f"split off {cfg.train}", "test": cfg.test}
     clauses = []
     for other, what in (("train", "training"), ("valid", "validation")):

@@ -178,11 +178,12 @@ def setup(cfg: FinetuneConfig, world: int, device: torch.device = torch.device("
                                                         find_unused_parameters=False)
     opt = torch.optim.Adam(params.values(), lr=cfg.lr, amsgrad=True)
     ema, ema_source = make_ema(params, cfg.ema_decay)
+    overlaps = overlap_counts(frames, frame_key)
     return types.SimpleNamespace(
         model=model, net=net, params=params, device=device, opt=opt, z=z, e0s=e0s, fp=fp, groups=groups, graphs=graphs,
         probe_atoms=frames["train"][0], train_frames=frames["train"], scale=scale, n_train=sum(p.numel() for p in params.values()),
-        overlap="\n".join(n for n in (overlap_note(cfg, frames), weights_note(frames)) if n),
-        record=provenance(cfg, validation_split(cfg, frames), overlap_counts(frames, frame_key)),
+        overlap="\n".join(n for n in (overlap_note(cfg, frames, overlaps), weights_note(frames)) if n),
+        record=provenance(cfg, validation_split(cfg, frames), overlaps),
         sched=torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor, patience=cfg.plateau_patience),
         ema=ema, ema_source=ema_source, history=[], best={"loss": math.inf, "epoch": 0, "state": None},
         start_epoch=1, elapsed=0.0, saved_epoch=0)
