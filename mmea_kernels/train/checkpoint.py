@@ -103,15 +103,12 @@ def _plain(obj):
 # ---------------------------------------------------------------------------------- training state
 def inputs_fingerprint(cfg: FinetuneConfig, r) -> dict:
     """What a run's inputs are beyond its settings: the base model's weights (fingerprint) and the
-    SHA-256 of each data file, so that a resume refuses a file replaced under the same name."""
-    from ..integrations.files import file_sha256
-    from .checks import split_spec
+    SHA-256 of each data file (its first 16 digits; ``r.data_sha``, read once when the run set up), so
+    that a resume refuses a file replaced under the same name."""
+    from .provenance import data_hashes
 
-    out = {"base model": r.fp}
-    for opt, spec in (("--train", cfg.train), ("--valid", cfg.valid), ("--test", cfg.test)):
-        if spec:
-            out[opt] = file_sha256(split_spec(spec)[0])
-    return out
+    hashes = getattr(r, "data_sha", None) or data_hashes(cfg)
+    return {"base model": r.fp, **{opt: h[:16] for opt, h in hashes.items()}}
 
 
 # what the loss and the E0 modes mean, stored in state.pt: 2 = per-frame loss weights (mace-torch's) in the loss

@@ -49,7 +49,7 @@ from .guard import check_finite, check_finite_tensors, created_dirs, interrupt_m
 from .loss import errors, format_table, label_scale_note, loss, split_errors
 from .methods import trainable_state
 from .plot import plot_history
-from .provenance import overlap_counts, provenance
+from .provenance import data_hashes, overlap_counts, provenance
 
 __all__ = ["finetune", "setup", "train", "train_one_epoch", "take_step", "evaluate", "finish", "dist_setup",
            "DirectoryInUse", "lock_run_dir", "unlock_run_dir"]
@@ -161,6 +161,7 @@ def setup(cfg: FinetuneConfig, world: int, device: torch.device = torch.device("
     the run starts from the same weights on every device; then it moves to ``device``."""
     dtype = DTYPES[cfg.dtype]
     frames = read_splits(cfg)
+    data_sha = data_hashes(cfg)  # once a run: its record and every saved state take theirs from it
     model = load_model(cfg.model, cfg.model_config, dtype=dtype, trust_pickle=cfg.trust_pickle,
                        fused_gate=cfg.fused_gate, head=cfg.head)
     z, r_max = model_info(model)
@@ -183,7 +184,7 @@ def setup(cfg: FinetuneConfig, world: int, device: torch.device = torch.device("
         model=model, net=net, params=params, device=device, opt=opt, z=z, e0s=e0s, fp=fp, groups=groups, graphs=graphs,
         probe_atoms=frames["train"][0], train_frames=frames["train"], scale=scale, n_train=sum(p.numel() for p in params.values()),
         overlap="\n".join(n for n in (overlap_note(cfg, frames, overlaps), weights_note(frames)) if n),
-        record=provenance(cfg, validation_split(cfg, frames), overlaps),
+        record=provenance(cfg, validation_split(cfg, frames), overlaps, data_sha), data_sha=data_sha,
         sched=torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor, patience=cfg.plateau_patience),
         ema=ema, ema_source=ema_source, history=[], best={"loss": math.inf, "epoch": 0, "state": None},
         start_epoch=1, elapsed=0.0, saved_epoch=0)

@@ -12,7 +12,7 @@ from typing import Dict, Optional
 
 import torch
 
-__all__ = ["provenance", "overlap_counts"]
+__all__ = ["provenance", "overlap_counts", "data_hashes"]
 
 
 def _versions() -> Dict[str, Optional[str]]:
@@ -31,18 +31,30 @@ def _versions() -> Dict[str, Optional[str]]:
     return out
 
 
-def provenance(cfg, split: Optional[dict] = None, overlap: Optional[dict] = None) -> dict:
-    """The record of a run of ``cfg`` (:class:`~.config.FinetuneConfig`): versions, threads, command,
-    data files, ``split`` (the places of the validation frames within ``--train``'s selection, when
-    they were split off it) and ``overlap`` (:func:`overlap_counts`)."""
+def data_hashes(cfg) -> Dict[str, str]:
+    """The full SHA-256 of each data file of ``cfg`` (``--train``, ``--valid``, ``--test``), read once
+    per run: the record and every saved training state take theirs from it."""
     from ..integrations.files import file_sha256
     from .checks import split_spec
 
+    return {opt: file_sha256(split_spec(spec)[0], 64)
+            for opt, spec in (("--train", cfg.train), ("--valid", cfg.valid), ("--test", cfg.test)) if spec}
+
+
+def provenance(cfg, split: Optional[dict] = None, overlap: Optional[dict] = None,
+               hashes: Optional[Dict[str, str]] = None) -> dict:
+    """The record of a run of ``cfg`` (:class:`~.config.FinetuneConfig`): versions, threads, command,
+    data files (``hashes``: :func:`data_hashes`, read here when not given), ``split`` (the places of
+    the validation frames within ``--train``'s selection, when they were split off it) and ``overlap``
+    (:func:`overlap_counts`)."""
+    from .checks import split_spec
+
+    hashes = data_hashes(cfg) if hashes is None else hashes
     data = {}
     for opt, spec in (("--train", cfg.train), ("--valid", cfg.valid), ("--test", cfg.test)):
         if spec:
             path, selection = split_spec(spec)
-            data[opt] = {"path": os.path.abspath(path), "selection": selection, "sha256": file_sha256(path, 64)}
+            data[opt] = {"path": os.path.abspath(path), "selection": selection, "sha256": hashes[opt]}
     return {"versions": _versions(), "intra_op_threads": torch.get_num_threads(), "command": list(sys.argv),
             "data": data, "validation_split": split, "overlap": overlap or {}}
 

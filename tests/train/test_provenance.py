@@ -77,3 +77,22 @@ def test_numpy_settings_from_python_give_a_loadable_checkpoint(train_files, tmp_
                             epochs=1, lr=np.float64(1e-3), progress=False), log=lambda *a: None)
     _, ck = load_finetuned(str(tmp_path / "r" / "checkpoint.pt"))
     assert type(ck["config"]["lr"]) is float and ck["config"]["lr"] == 1e-3
+
+
+def test_each_data_file_is_hashed_once_a_run(train_files, tmp_path, monkeypatch):
+    """(long runs) the data files' SHA-256 was read for the record and again for every saved state:
+    a multi-GB training set paid a full read per epoch. Once a run now, and the state's inputs are
+    the same hash's first 16 digits, so a resume still refuses a file replaced under its name."""
+    import mmea_kernels.integrations.files as files
+
+    seen = []
+    real = files.file_sha256
+    monkeypatch.setattr(files, "file_sha256", lambda path, digits=16: seen.append(str(path)) or real(path, digits))
+    train, valid = train_files / "train.xyz", train_files / "valid.xyz"
+    finetune(FinetuneConfig(train=str(train), valid=str(valid), model=str(train_files / "base.pt"),
+                            out_dir=str(tmp_path / "r"), batch_size=4, epochs=3, progress=False), log=lambda *a: None)
+    assert sorted(seen) == sorted([str(train), str(valid)]), seen
+    state = torch.load(str(tmp_path / "r" / "state.pt"), weights_only=True)
+    assert state["epoch"] == 3 and state["inputs"]["--train"] == hashlib.sha256(train.read_bytes()).hexdigest()[:16]
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["provenance"]["data"]["--valid"]["sha256"] == hashlib.sha256(valid.read_bytes()).hexdigest()
