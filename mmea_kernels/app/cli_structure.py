@@ -34,7 +34,8 @@ def add_relax_parser(sub):
                          "costs O(N^3) time a step)")
     rx.add_argument("--cell", action="store_true", help="relax the cell too (3-D periodic structures; ASE's "
                                                         "FrechetCellFilter on the model's stress)")
-    rx.add_argument("--pressure", type=float, default=d.pressure_bar, help="with --cell: target pressure, bar")
+    rx.add_argument("--pressure", type=float, default=None, help="with --cell: target pressure, bar (default 0; "
+                    "refused without --cell)")
     rx.add_argument("--stress-tol", type=float, default=None, help="with --cell: converged also needs every stress "
                     "component within this of the target, bar (default: ASE's cell criterion, fmax·N/V)")
     rx.add_argument("--trajectory", default=None, help="every step (.traj)")

@@ -25,7 +25,7 @@ BFGS_MAX_ATOMS = 300  # "auto": BFGS up to here, LBFGS above (BFGS keeps a dense
 class RelaxSettings:
     """``fmax`` (eV/Å): the convergence threshold on the largest force; ``steps``: the most
     optimiser steps; ``cell``: relax the cell too (3-D periodic structures); ``pressure_bar``: the
-    target pressure of a cell relaxation; ``stress_tol_bar``: with ``cell``, converged also needs
+    target pressure of a cell relaxation (default 0; given without ``cell``: refused, like md's); ``stress_tol_bar``: with ``cell``, converged also needs
     every component of stress + pressure within this (default: ASE's cell criterion, the virial over
     N below ``fmax``, i.e. within ``fmax·N/V``; a looser value keeps ASE's; the summary reports the one applied); ``out``: the final structure (extended XYZ, with energy,
     forces and, when periodic, stress); ``trajectory``: every step (``.traj``); ``log``: the
@@ -38,7 +38,7 @@ class RelaxSettings:
     steps: int = 500
     optimizer: str = "auto"
     cell: bool = False
-    pressure_bar: float = 0.0
+    pressure_bar: Optional[float] = None
     stress_tol_bar: Optional[float] = None
     out: Optional[str] = None
     trajectory: Optional[str] = None
@@ -54,10 +54,11 @@ class RelaxSettings:
             raise ValueError(f"--steps must be a whole number >= 1, got {self.steps}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown --optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
-        if not math.isfinite(self.pressure_bar):
-            raise ValueError(f"--pressure must be finite, got {self.pressure_bar}")
-        if self.pressure_bar != 0 and not self.cell:
-            raise ValueError("--pressure acts on the cell: it needs --cell")
+        if self.pressure_bar is not None:
+            if not math.isfinite(self.pressure_bar):
+                raise ValueError(f"--pressure must be finite, got {self.pressure_bar}")
+            if not self.cell:
+                raise ValueError("--pressure acts on the cell: it needs --cell")
         if self.stress_tol_bar is not None:
             if not (math.isfinite(self.stress_tol_bar) and self.stress_tol_bar > 0):
                 raise ValueError(f"--stress-tol must be a stress > 0 bar, got {self.stress_tol_bar}")
@@ -147,7 +148,7 @@ def _target(atoms, s: RelaxSettings):
     factor = None  # ASE's: the number of atoms
     if s.stress_tol_bar is not None:  # the cell rows are (σ + p)·V / factor: below fmax when |σ + p| < tol
         factor = min(float(len(atoms)), s.stress_tol_bar * units.bar * atoms.get_volume() / s.fmax)
-    return FrechetCellFilter(atoms, exp_cell_factor=factor, scalar_pressure=s.pressure_bar * units.bar)
+    return FrechetCellFilter(atoms, exp_cell_factor=factor, scalar_pressure=(s.pressure_bar or 0.0) * units.bar)
 
 
 def _stress_tol_bar(atoms, s: RelaxSettings) -> float:
@@ -187,7 +188,7 @@ def _relax_summary(atoms, s: RelaxSettings, converged: bool, steps: int, rounds:
         res.update(volume_A3=float(atoms.get_volume()), pressure_bar=float(-stress[:3].mean() / units.bar),
                    stress_eV_per_A3=[float(v) for v in stress])
     if s.cell:
-        residual = atoms.get_stress(voigt=False) + s.pressure_bar * units.bar * np.eye(3)
+        residual = atoms.get_stress(voigt=False) + (s.pressure_bar or 0.0) * units.bar * np.eye(3)
         res.update(max_stress_residual_bar=float(np.abs(residual).max() / units.bar), optimizer_rounds=rounds,
                    stress_tol_bar=_stress_tol_bar(atoms, s))
     if s.out is not None:

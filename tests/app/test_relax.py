@@ -106,6 +106,7 @@ def test_relax_refusals(calc, tmp_path):
     (tmp_path / "old.xyz").write_text("keep")
     cases = [(dict(cell=True), ValueError, r"--cell needs a structure periodic in all three directions.*pbc=\["),
              (dict(pressure_bar=100.0), ValueError, "--pressure acts on the cell: it needs --cell"),
+             (dict(pressure_bar=0.0), ValueError, "--pressure acts on the cell: it needs --cell"),
              (dict(fmax=0.0), ValueError, "--fmax must be a force > 0"),
              (dict(optimizer="cg"), ValueError, "unknown --optimizer 'cg'"),
              (dict(out=str(tmp_path / "x.pdb")), ValueError, "name it \\*.xyz or \\*.extxyz"),
