@@ -224,7 +224,7 @@ class IrrepsLayout:
     def __repr__(self) -> str:
         return (
             f"IrrepsLayout({self.irreps_str!r}, layout={self.layout!r}, dim={self.dim}, "
-            f"gates={self.num_gates}, scalars={self.num_scalars})"
+            f"num_gates={self.num_gates}, num_scalars={self.num_scalars})"
         )
 
     def __eq__(self, other) -> bool:
