@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     args.__dict__.pop("_given_once", None)
     with _sigterm_as_interrupt():
         if getattr(args, "debug", False):
-            return _run(args)
+            return _run_debug(args)
         return _run_reporting(args)
 
 
@@ -261,6 +261,23 @@ def _export_parsers(sub):
                                                      "DIR/e3gnn.so, DIR/e3gnn_parallel.so, DIR/mmea_ops.so")
 
 
+def _run_debug(args) -> int:
+    """``_run`` with any error's traceback; an interrupt still exits 130 (SIGTERM 143) after its traceback."""
+    try:
+        return _run(args)
+    except KeyboardInterrupt as exc:
+        import traceback
+
+        traceback.print_exc()
+        return _interrupted(args, exc)
+
+
+def _interrupted(args, exc: KeyboardInterrupt) -> int:
+    term = isinstance(exc, Terminated)
+    print(f"mmea-kernels {args.command}: {'terminated (SIGTERM)' if term else 'interrupted'}", file=sys.stderr)
+    return 128 + int(signal.SIGTERM) if term else 130
+
+
 def _run_reporting(args) -> int:
     """``_run`` with errors as one line on stderr: bad input (and a full disk, a busy output directory)
     exits 2, an interrupt 130 (SIGTERM 143), an unexpected error 1 (``--debug`` shows the traceback instead)."""
@@ -271,9 +288,7 @@ def _run_reporting(args) -> int:
         print(f"mmea-kernels {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        term = isinstance(exc, Terminated)
-        print(f"mmea-kernels {args.command}: {'terminated (SIGTERM)' if term else 'interrupted'}", file=sys.stderr)
-        return 128 + int(signal.SIGTERM) if term else 130
+        return _interrupted(args, exc)
     except Exception as exc:  # a bug, not bad input: one line, the traceback with --debug
         msg = _environment_error(exc, args.command)
         if msg:

@@ -657,6 +657,23 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
         main(argv + ["--debug"])
 
 
+@pytest.mark.parametrize("signal_name, code", [(None, 130), ("SIGTERM", 143)])
+def test_debug_keeps_the_exit_code_of_an_interrupt(tmp_path, capsys, monkeypatch, signal_name, code):
+    """With --debug an interrupt shows its traceback and still exits 130 (SIGTERM 143), not Python's 1."""
+    from mmea_kernels.app import cli
+
+    def stopped(args):
+        raise cli.Terminated() if signal_name else KeyboardInterrupt()
+
+    monkeypatch.setattr(cli, "_run", stopped)
+    argv = ["evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(tmp_path / "x.xyz")]
+    for extra in ([], ["--debug"]):
+        assert main(argv + extra) == code
+        err = capsys.readouterr().err
+        assert ("Traceback" in err) == bool(extra)
+        assert ("terminated (SIGTERM)" if signal_name else "interrupted") in err
+
+
 def test_calculator_refuses_non_finite_results(data):
     from mmea_kernels.app.calculator import MMEACalculator
 
