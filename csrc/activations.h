@@ -111,5 +111,30 @@ inline void act_val_der(T x, T& f, T& d) {
   }
 }
 
+// f, f' and f'' together (the double backward; f'' as reference.act_d2 writes it)
+template <int A, typename T>
+inline void act_val_der2(T x, T& f, T& d, T& dd) {
+  if constexpr (A == kSilu || A == kSigmoid) {
+    const T s = T(1) / (T(1) + fast_exp(-x));
+    const T ds = s * (T(1) - s);
+    f = A == kSilu ? x * s : s;
+    d = A == kSilu ? s * (T(1) + x * (T(1) - s)) : ds;
+    dd = A == kSilu ? ds * (T(2) + x * (T(1) - T(2) * s)) : ds * (T(1) - T(2) * s);
+  } else if constexpr (A == kTanh) {
+    const T t = std::tanh(x);
+    f = t;
+    d = T(1) - t * t;
+    dd = T(-2) * t * d;
+  } else if constexpr (A == kSoftplus || A == kSsp) {
+    f = act_val<A, T>(x);
+    d = act_der<A, T>(x);
+    dd = x > T(20) ? T(0) : d * (T(1) - d);
+  } else {  // identity, abs: f'' = 0
+    f = act_val<A, T>(x);
+    d = act_der<A, T>(x);
+    dd = T(0);
+  }
+}
+
 }  // namespace
 }  // namespace mmea_fg

@@ -3,6 +3,9 @@
 //
 //   fused_gate_fwd(x [N, Din], segs int64 [R, 8], csts float64 [R], d_out, num_gates) -> y [N, Dout]
 //   fused_gate_bwd(x [N, Din], dy [N, Dout], segs, csts, num_gates) -> dx [N, Din]
+//   fused_gate_dbwd(x, dy, v [N, Din], segs, csts, num_gates) -> (gx [N, Din], gdy [N, Dout]): the
+//     gradients of <fused_gate_bwd(x, dy), v> (second derivatives, the step of force training that
+//     differentiates the forces; reference.double_backward is the same in torch ops)
 //
 // segs rows (kind, src, dst, n, dim, act, gate0, ir_mul) (mmea_kernels/ops/fused_gate/spec.py):
 //   kind 0 scalars:  y[dst + i] = cst * act(x[src + i]),               i < n
@@ -26,6 +29,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -300,6 +304,92 @@ void bwd_kernel(const scalar_t* xp, const scalar_t* dyp, scalar_t* dxp, int64_t 
   }
 }
 
+// double backward of one gated block (either layout: copy u's columns step by su, its components
+// by sm), with a = cst f'(x_gate) * v_gate per gate: gdy = v g[u] + x a[u], gx = a[u] dy, and the
+// per-gate sums s1 += dy x, s2 += v dy (for the gates' own gx)
+template <typename scalar_t, typename acc_t>
+void gated_block_dbwd(const Seg& s, const scalar_t* __restrict__ xr, const scalar_t* __restrict__ dyr,
+                      const scalar_t* __restrict__ vr, const acc_t* __restrict__ g, const acc_t* __restrict__ a,
+                      scalar_t* __restrict__ gxr, scalar_t* __restrict__ gdyr, acc_t* __restrict__ s1,
+                      acc_t* __restrict__ s2) {
+  const int64_t mul = s.n, dim = s.dim, su = s.ir_mul ? 1 : dim, sm = s.ir_mul ? mul : 1;
+  for (int64_t u = 0; u < mul; ++u) {
+    const acc_t gu = g[s.gate0 + u], au = a[s.gate0 + u];
+    acc_t t1 = 0, t2 = 0;
+    for (int64_t m = 0; m < dim; ++m) {
+      const int64_t o = u * su + m * sm;
+      const acc_t xv = static_cast<acc_t>(xr[s.src + o]), dv = static_cast<acc_t>(dyr[s.dst + o]),
+                  vv = static_cast<acc_t>(vr[s.src + o]);
+      gdyr[s.dst + o] = static_cast<scalar_t>(vv * gu + xv * au);
+      gxr[s.src + o] = static_cast<scalar_t>(au * dv);
+      t1 += dv * xv;
+      t2 += vv * dv;
+    }
+    s1[s.gate0 + u] += t1;
+    s2[s.gate0 + u] += t2;
+  }
+}
+
+// the scalars' and the gates' own columns of one row: scalars gdy = v cst f', gx = v dy cst f'';
+// gates: g, dg, ddg = cst (f, f', f'') and a = dg v into the row's buffers
+template <int A, typename scalar_t, typename acc_t>
+void dbwd_elementwise(const Seg& s, const scalar_t* __restrict__ xr, const scalar_t* __restrict__ dyr,
+                      const scalar_t* __restrict__ vr, scalar_t* __restrict__ gxr, scalar_t* __restrict__ gdyr,
+                      acc_t* __restrict__ g, acc_t* __restrict__ dg, acc_t* __restrict__ ddg, acc_t* __restrict__ a) {
+  const acc_t cst = static_cast<acc_t>(s.cst);
+  for (int64_t i = 0; i < s.n; ++i) {
+    acc_t f, d, dd;
+    act_val_der2<A, acc_t>(static_cast<acc_t>(xr[s.src + i]), f, d, dd);
+    const acc_t vv = static_cast<acc_t>(vr[s.src + i]);
+    if (s.kind == 0) {
+      gdyr[s.dst + i] = static_cast<scalar_t>(vv * (cst * d));
+      gxr[s.src + i] = static_cast<scalar_t>(vv * static_cast<acc_t>(dyr[s.dst + i]) * (cst * dd));
+    } else {
+      const int64_t j = s.dst + i;
+      g[j] = cst * f;
+      dg[j] = cst * d;
+      ddg[j] = cst * dd;
+      a[j] = dg[j] * vv;
+    }
+  }
+}
+
+template <typename scalar_t>
+void dbwd_kernel(const scalar_t* xp, const scalar_t* dyp, const scalar_t* vp, scalar_t* gxp, scalar_t* gdyp,
+                 int64_t N, int64_t Din, int64_t Dout, int64_t G, const std::vector<Seg>& segs) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t chunk = rows_per_chunk(Din);
+  const int64_t nchunks = (N + chunk - 1) / chunk;
+  const int nt = num_threads_for(N * Din);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const size_t g1 = static_cast<size_t>(std::max<int64_t>(G, 1));
+    std::vector<acc_t> buf(6 * g1);
+    acc_t *g = buf.data(), *dg = g + g1, *ddg = dg + g1, *a = ddg + g1, *s1 = a + g1, *s2 = s1 + g1;
+#pragma omp for schedule(static)
+    for (int64_t ch = 0; ch < nchunks; ++ch) {
+      const int64_t n1 = std::min(N, (ch + 1) * chunk);
+      for (int64_t n = ch * chunk; n < n1; ++n) {
+        const scalar_t *xr = xp + n * Din, *dyr = dyp + n * Dout, *vr = vp + n * Din;
+        scalar_t *gxr = gxp + n * Din, *gdyr = gdyp + n * Dout;
+        std::fill(s1, s1 + G, acc_t(0));
+        std::fill(s2, s2 + G, acc_t(0));
+        for (const Seg& s : segs)
+          if (s.kind != 2)
+            MMEA_FG_ACT_SWITCH(s.act, (dbwd_elementwise<A, scalar_t, acc_t>(s, xr, dyr, vr, gxr, gdyr, g, dg, ddg, a)));
+        for (const Seg& s : segs)
+          if (s.kind == 2) gated_block_dbwd<scalar_t, acc_t>(s, xr, dyr, vr, g, a, gxr, gdyr, s1, s2);
+        for (const Seg& s : segs)
+          if (s.kind == 1)
+            for (int64_t i = 0; i < s.n; ++i) {
+              const int64_t j = s.dst + i;
+              gxr[s.src + i] = static_cast<scalar_t>(ddg[j] * static_cast<acc_t>(vr[s.src + i]) * s1[j] + dg[j] * s2[j]);
+            }
+      }
+    }
+  }
+}
+
 void check_x(const at::Tensor& t, const char* name, const char* op) {
   check_features(t, name, op);
   check_device(t, name, op, at::kCPU);
@@ -342,15 +432,44 @@ at::Tensor fused_gate_bwd_cpu(const at::Tensor& x_in, const at::Tensor& dy_in, c
   return dx;
 }
 
+std::tuple<at::Tensor, at::Tensor> fused_gate_dbwd_cpu(const at::Tensor& x_in, const at::Tensor& dy_in,
+                                                       const at::Tensor& v_in, const at::Tensor& segs_t,
+                                                       const at::Tensor& csts_t, int64_t num_gates) {
+  const char* op = "fused_gate_dbwd";
+  check_x(x_in, "x", op);
+  check_x(dy_in, "dy", op);
+  check_x(v_in, "v", op);
+  TORCH_CHECK(dy_in.scalar_type() == x_in.scalar_type() && v_in.scalar_type() == x_in.scalar_type(),
+              "mmea_kernels_ext::", op, ": x, dy and v must share a dtype, got ", x_in.scalar_type(), ", ",
+              dy_in.scalar_type(), ", ", v_in.scalar_type());
+  TORCH_CHECK(dy_in.size(0) == x_in.size(0) && v_in.sizes() == x_in.sizes(), "mmea_kernels_ext::", op,
+              ": x ", x_in.sizes(), ", dy ", dy_in.sizes(), ", v ", v_in.sizes(),
+              ": dy needs x's rows and v x's shape");
+  const int64_t N = x_in.size(0), Din = x_in.size(1), Dout = dy_in.size(1);
+  const std::vector<Seg> segs = read_segs(segs_t, csts_t, Din, Dout, num_gates, op);
+  const at::Tensor x = x_in.contiguous(), dy = dy_in.contiguous(), v = v_in.contiguous();
+  at::Tensor gx = at::empty({N, Din}, x.options());
+  at::Tensor gdy = at::empty({N, Dout}, x.options());
+  if (N == 0 || (Din == 0 && Dout == 0)) return {gx, gdy};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmea_fused_gate_dbwd", [&] {
+    dbwd_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                          gx.mutable_data_ptr<scalar_t>(), gdy.mutable_data_ptr<scalar_t>(), N, Din, Dout, num_gates,
+                          segs);
+  });
+  return {gx, gdy};
+}
+
 }  // namespace
 }  // namespace mmea_fg
 
 TORCH_LIBRARY_FRAGMENT(mmea_kernels_ext, m) {
   m.def("fused_gate_fwd(Tensor x, Tensor segs, Tensor csts, int d_out, int num_gates) -> Tensor");
   m.def("fused_gate_bwd(Tensor x, Tensor dy, Tensor segs, Tensor csts, int num_gates) -> Tensor");
+  m.def("fused_gate_dbwd(Tensor x, Tensor dy, Tensor v, Tensor segs, Tensor csts, int num_gates) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mmea_kernels_ext, CPU, m) {
   m.impl("fused_gate_fwd", &mmea_fg::fused_gate_fwd_cpu);
   m.impl("fused_gate_bwd", &mmea_fg::fused_gate_bwd_cpu);
+  m.impl("fused_gate_dbwd", &mmea_fg::fused_gate_dbwd_cpu);
 }
