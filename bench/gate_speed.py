@@ -7,14 +7,16 @@
 
 Gate: SevenNet-0's shape (``128x0e`` scalars, ``64x0e+32x0e`` gates, gated ``64x1e+32x2e``, silu
 for both, read from the SevenNet-0 checkpoint when sevenn is installed) at N rows, forward (no
-grad) and forward+backward (input gradient). Model: SevenNet-0 energy + forces (inference,
-``training=False``) on ``--frames`` aspirin frames of rMD17 (``../shared/data/rmd17`` or
+grad), forward+backward (input gradient) and a force step (forward, input gradient with
+``create_graph``, the gradient of a scalar of it: the second derivatives force training takes). Model: SevenNet-0 energy + forces (inference,
+``training=False``) and a force-training step (E and F with ``create_graph``, the gradient of a
+loss on both with respect to every parameter) on ``--frames`` aspirin frames of rMD17 (``../shared/data/rmd17`` or
 ``MMEA_RMD17_DIR``; toy molecules otherwise), plain against ``replace_gates``.
 
 Every round times both providers back to back (order alternating between rounds) in one process;
 the reported number is the median over rounds of the per-round ratio ``e3nn / fused`` (> 1: fused
 is faster), with its interquartile range, next to the median times. Before timing, the outputs
-are checked to agree (gate: float64 1e-12; model: float64 energies/forces 1e-10 relative). Next to
+are checked to agree (gate: float64 1e-12, its second derivatives 1e-10; model: float64 energies/forces 1e-10 relative). Next to
 the .txt a .json keeps every row's per-round times and ratios, the CPU model and the git commit.
 """
 from __future__ import annotations
@@ -95,6 +97,17 @@ def sevennet_gate_args():
         return ("128x0e", [F.silu], "64x0e+32x0e", [F.silu, F.silu], "64x1e+32x2e"), f"built-in ({exc})"
 
 
+def _second(m, x, dy=None, w=None):
+    """What force training asks of a gate: forward, the input gradient with ``create_graph`` (the
+    forces' step), then the gradient of a scalar of that (the loss's step): second derivatives."""
+    gen = torch.Generator(device=x.device).manual_seed(0)
+    y = m(x)
+    dy = torch.randn(y.shape, dtype=y.dtype, device=y.device, generator=gen) if dy is None else dy
+    w = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=gen) if w is None else w
+    (g,) = torch.autograd.grad(y, x, dy, create_graph=True)
+    return torch.autograd.grad((g * w).sum(), x)[0]
+
+
 def bench_gate(args, device, lines):
     from e3nn.nn import Gate
 
@@ -112,6 +125,9 @@ def bench_gate(args, device, lines):
         x64 = torch.randn(64, ref.irreps_in.dim, dtype=torch.float64, device=device)
         ref64 = Gate(*gate_args).to(device=device, dtype=torch.float64)
         torch.testing.assert_close(FusedGate.from_module(ref64)(x64), ref64(x64), rtol=1e-12, atol=1e-12)
+        x64.requires_grad_(True)
+        torch.testing.assert_close(_second(FusedGate.from_module(ref64), x64), _second(ref64, x64),
+                                   rtol=1e-10, atol=1e-10)  # what the force-step case times
         x = torch.randn(args.n, ref.irreps_in.dim, dtype=dtype, device=device, requires_grad=True)
         dy = torch.randn(args.n, ref.irreps_out.dim, dtype=dtype, device=device)
 
@@ -126,8 +142,14 @@ def bench_gate(args, device, lines):
                 torch.autograd.grad(m(x), x, dy)
             return run
 
+        def force_step(m):
+            def run():
+                _second(m, x, dy, w)
+            return run
+
+        w = torch.randn_like(x)
         name = str(dtype).split(".")[-1]
-        for mode, make in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        for mode, make in (("fwd", fwd), ("fwd+bwd", fwd_bwd), ("force step", force_step)):
             ta, tb, ratios = paired(make(ref), make(fused), args.rounds, device)
             lines.append(summary(f"gate {mode} {name}", ta, tb, ratios))
             args.rows.append(raw_row(f"gate {mode} {name}", ta, tb, ratios))
@@ -146,6 +168,14 @@ def _frames(n):
     return toy_molecules("ethanol", n), f"toy ethanol x{n} (rMD17 not found at {root})"
 
 
+def _loss_grads(m, batch):
+    """What fine-tuning on forces does per batch: E and F (``create_graph``), a loss on both, its
+    gradient with respect to every parameter."""
+    out = m(dict(batch), training=True, compute_force=True)
+    loss = out["energy"].square().mean() + out["forces"].square().mean()
+    return torch.autograd.grad(loss, [p for p in m.parameters() if p.requires_grad])
+
+
 def bench_model(args, device, lines):
     from mmea_kernels import replace_gates
     from mmea_kernels.integrations.mace import atoms_to_batch
@@ -153,20 +183,25 @@ def bench_model(args, device, lines):
 
     frames, what = _frames(args.frames)
     lines.append("")
-    lines.append(f"SevenNet-0 energy + forces (inference) on {what}, {sum(len(a) for a in frames)} atoms")
+    lines.append(f"SevenNet-0 energy + forces (inference) and a force-training step on {what}, "
+                 f"{sum(len(a) for a in frames)} atoms")
     # equality first, in float64
     plain64 = load_sevennet("7net-0", dtype=torch.float64, fused_gate=False).to(device)
     batch64 = {k: v.to(device) if torch.is_tensor(v) else v for k, v in
                atoms_to_batch(frames, plain64.atomic_numbers.tolist(), float(plain64.r_max),
                               dtype=torch.float64).items()}
     o0 = plain64(dict(batch64), training=False, compute_force=True)
+    g0 = _loss_grads(plain64, batch64)
     rep = replace_gates(plain64)
     o1 = plain64(dict(batch64), training=False, compute_force=True)
+    g1 = _loss_grads(plain64, batch64)
     rel_e = ((o1["energy"] - o0["energy"]).abs() / o0["energy"].abs()).max().item()
     rel_f = ((o1["forces"] - o0["forces"]).abs().max() / o0["forces"].abs().max()).item()
+    rel_g = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item() for a, b in zip(g1, g0))
     lines.append(f"float64 check after replace_gates ({len(rep)} gates): max relative energy difference {rel_e:.1e}, "
-                 f"max force difference / max |force| {rel_f:.1e}")
-    assert rel_e <= 1e-10 and rel_f <= 1e-10, (rel_e, rel_f)
+                 f"max force difference / max |force| {rel_f:.1e}, force-training step's parameter gradients "
+                 f"{rel_g:.1e} (max difference / max |gradient|, worst parameter)")
+    assert rel_e <= 1e-10 and rel_f <= 1e-10 and rel_g <= 1e-10, (rel_e, rel_f, rel_g)
     lines.append("")
     lines.append("| case | e3nn gates ms | fused gates ms | speed-up (median of paired ratios) | IQR | rounds |")
     lines.append("|---|---|---|---|---|---|")
@@ -180,10 +215,15 @@ def bench_model(args, device, lines):
         def run(m):
             return lambda: m(dict(batch), training=False, compute_force=True)
 
-        ta, tb, ratios = paired(run(plain), run(fused), args.model_rounds or args.rounds, device)
-        lines.append(summary(f"SevenNet-0 E+F {str(dtype).split('.')[-1]}", ta, tb, ratios))
-        args.rows.append(raw_row(f"SevenNet-0 E+F {str(dtype).split('.')[-1]}", ta, tb, ratios))
-        print(lines[-1], flush=True)
+        def train_step(m):
+            return lambda: _loss_grads(m, batch)
+
+        name = str(dtype).split('.')[-1]
+        for case, make in ((f"SevenNet-0 E+F {name}", run), (f"SevenNet-0 force-training step {name}", train_step)):
+            ta, tb, ratios = paired(make(plain), make(fused), args.model_rounds or args.rounds, device)
+            lines.append(summary(case, ta, tb, ratios))
+            args.rows.append(raw_row(case, ta, tb, ratios))
+            print(lines[-1], flush=True)
 
 
 def machine(device):
