@@ -233,75 +233,68 @@ std::vector<Seg> read_segs(const at::Tensor& segs_in, const at::Tensor& csts_in,
   return out;
 }
 
-template <typename scalar_t>
-void fwd_kernel(const scalar_t* xp, scalar_t* yp, int64_t N, int64_t Din, int64_t Dout, int64_t G,
-                const std::vector<Seg>& segs) {
-  using acc_t = at::opmath_type<scalar_t>;
+// body(n, scratch) for every row n: chunks of rows over the threads (serial for small inputs or
+// inside a parallel region); scratch is a per-thread buffer of `scratch` acc_t values
+template <typename acc_t, typename Body>
+void for_rows(int64_t N, int64_t Din, size_t scratch, const Body& body) {
   const int64_t chunk = rows_per_chunk(Din);
   const int64_t nchunks = (N + chunk - 1) / chunk;
   const int nt = num_threads_for(N * Din);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    std::vector<acc_t> gbuf(static_cast<size_t>(std::max<int64_t>(G, 1)));
-    acc_t* g = gbuf.data();
+    std::vector<acc_t> buf(std::max<size_t>(scratch, 1));
 #pragma omp for schedule(static)
     for (int64_t ch = 0; ch < nchunks; ++ch) {
       const int64_t n1 = std::min(N, (ch + 1) * chunk);
-      for (int64_t n = ch * chunk; n < n1; ++n) {
-        const scalar_t* xr = xp + n * Din;
-        scalar_t* yr = yp + n * Dout;
-        for (const Seg& s : segs) {
-          if (s.kind == 0) {
-            MMEA_FG_ACT_SWITCH(s.act, (val_loop<A, scalar_t, scalar_t>(xr + s.src, yr + s.dst, s.n, s.cst)));
-          } else if (s.kind == 1) {
-            MMEA_FG_ACT_SWITCH(s.act, (val_loop<A, scalar_t, acc_t>(xr + s.src, g + s.dst, s.n, s.cst)));
-          }
-        }
-        for (const Seg& s : segs)
-          if (s.kind == 2) gated_block_fwd<scalar_t, acc_t>(s, xr, g, yr);
-      }
+      for (int64_t n = ch * chunk; n < n1; ++n) body(n, buf.data());
     }
   }
+}
+
+template <typename scalar_t>
+void fwd_kernel(const scalar_t* xp, scalar_t* yp, int64_t N, int64_t Din, int64_t Dout, int64_t G,
+                const std::vector<Seg>& segs) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for_rows<acc_t>(N, Din, static_cast<size_t>(G), [&](int64_t n, acc_t* g) {  // g: the row's gate values
+    const scalar_t* xr = xp + n * Din;
+    scalar_t* yr = yp + n * Dout;
+    for (const Seg& s : segs) {
+      if (s.kind == 0) {
+        MMEA_FG_ACT_SWITCH(s.act, (val_loop<A, scalar_t, scalar_t>(xr + s.src, yr + s.dst, s.n, s.cst)));
+      } else if (s.kind == 1) {
+        MMEA_FG_ACT_SWITCH(s.act, (val_loop<A, scalar_t, acc_t>(xr + s.src, g + s.dst, s.n, s.cst)));
+      }
+    }
+    for (const Seg& s : segs)
+      if (s.kind == 2) gated_block_fwd<scalar_t, acc_t>(s, xr, g, yr);
+  });
 }
 
 template <typename scalar_t>
 void bwd_kernel(const scalar_t* xp, const scalar_t* dyp, scalar_t* dxp, int64_t N, int64_t Din, int64_t Dout,
                 int64_t G, const std::vector<Seg>& segs) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t chunk = rows_per_chunk(Din);
-  const int64_t nchunks = (N + chunk - 1) / chunk;
-  const int nt = num_threads_for(N * Din);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    const size_t g1 = static_cast<size_t>(std::max<int64_t>(G, 1));
-    std::vector<acc_t> buf(3 * g1);
-    acc_t* g = buf.data();       // cst * f(x_gate)
-    acc_t* dg = g + g1;          // cst * f'(x_gate)
-    acc_t* sg = dg + g1;         // sum over the gate's columns of dy * x
-#pragma omp for schedule(static)
-    for (int64_t ch = 0; ch < nchunks; ++ch) {
-      const int64_t n1 = std::min(N, (ch + 1) * chunk);
-      for (int64_t n = ch * chunk; n < n1; ++n) {
-        const scalar_t* xr = xp + n * Din;
-        const scalar_t* dyr = dyp + n * Dout;
-        scalar_t* dxr = dxp + n * Din;
-        std::fill(sg, sg + G, acc_t(0));
-        for (const Seg& s : segs) {
-          if (s.kind == 0) {
-            MMEA_FG_ACT_SWITCH(s.act, (der_loop<A, scalar_t>(xr + s.src, dyr + s.dst, dxr + s.src, s.n, s.cst)));
-          } else if (s.kind == 1) {
-            MMEA_FG_ACT_SWITCH(s.act, (val_der_loop<A, scalar_t, acc_t>(xr + s.src, g + s.dst, dg + s.dst, s.n, s.cst)));
-          }
-        }
-        for (const Seg& s : segs)
-          if (s.kind == 2) gated_block_bwd<scalar_t, acc_t>(s, xr, dyr, g, dxr, sg);
-        for (const Seg& s : segs)
-          if (s.kind == 1)
-            for (int64_t i = 0; i < s.n; ++i)
-              dxr[s.src + i] = static_cast<scalar_t>(dg[s.dst + i] * sg[s.dst + i]);
+  for_rows<acc_t>(N, Din, 3 * static_cast<size_t>(G), [&](int64_t n, acc_t* g) {
+    acc_t* dg = g + G;  // g = cst * f(x_gate), dg = cst * f'(x_gate)
+    acc_t* sg = dg + G;  // sum over the gate's columns of dy * x
+    const scalar_t* xr = xp + n * Din;
+    const scalar_t* dyr = dyp + n * Dout;
+    scalar_t* dxr = dxp + n * Din;
+    std::fill(sg, sg + G, acc_t(0));
+    for (const Seg& s : segs) {
+      if (s.kind == 0) {
+        MMEA_FG_ACT_SWITCH(s.act, (der_loop<A, scalar_t>(xr + s.src, dyr + s.dst, dxr + s.src, s.n, s.cst)));
+      } else if (s.kind == 1) {
+        MMEA_FG_ACT_SWITCH(s.act, (val_der_loop<A, scalar_t, acc_t>(xr + s.src, g + s.dst, dg + s.dst, s.n, s.cst)));
       }
     }
-  }
+    for (const Seg& s : segs)
+      if (s.kind == 2) gated_block_bwd<scalar_t, acc_t>(s, xr, dyr, g, dxr, sg);
+    for (const Seg& s : segs)
+      if (s.kind == 1)
+        for (int64_t i = 0; i < s.n; ++i)
+          dxr[s.src + i] = static_cast<scalar_t>(dg[s.dst + i] * sg[s.dst + i]);
+  });
 }
 
 // double backward of one gated block (either layout: copy u's columns step by su, its components
@@ -358,36 +351,24 @@ template <typename scalar_t>
 void dbwd_kernel(const scalar_t* xp, const scalar_t* dyp, const scalar_t* vp, scalar_t* gxp, scalar_t* gdyp,
                  int64_t N, int64_t Din, int64_t Dout, int64_t G, const std::vector<Seg>& segs) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t chunk = rows_per_chunk(Din);
-  const int64_t nchunks = (N + chunk - 1) / chunk;
-  const int nt = num_threads_for(N * Din);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    const size_t g1 = static_cast<size_t>(std::max<int64_t>(G, 1));
-    std::vector<acc_t> buf(6 * g1);
-    acc_t *g = buf.data(), *dg = g + g1, *ddg = dg + g1, *a = ddg + g1, *s1 = a + g1, *s2 = s1 + g1;
-#pragma omp for schedule(static)
-    for (int64_t ch = 0; ch < nchunks; ++ch) {
-      const int64_t n1 = std::min(N, (ch + 1) * chunk);
-      for (int64_t n = ch * chunk; n < n1; ++n) {
-        const scalar_t *xr = xp + n * Din, *dyr = dyp + n * Dout, *vr = vp + n * Din;
-        scalar_t *gxr = gxp + n * Din, *gdyr = gdyp + n * Dout;
-        std::fill(s1, s1 + G, acc_t(0));
-        std::fill(s2, s2 + G, acc_t(0));
-        for (const Seg& s : segs)
-          if (s.kind != 2)
-            MMEA_FG_ACT_SWITCH(s.act, (dbwd_elementwise<A, scalar_t, acc_t>(s, xr, dyr, vr, gxr, gdyr, g, dg, ddg, a)));
-        for (const Seg& s : segs)
-          if (s.kind == 2) gated_block_dbwd<scalar_t, acc_t>(s, xr, dyr, vr, g, a, gxr, gdyr, s1, s2);
-        for (const Seg& s : segs)
-          if (s.kind == 1)
-            for (int64_t i = 0; i < s.n; ++i) {
-              const int64_t j = s.dst + i;
-              gxr[s.src + i] = static_cast<scalar_t>(ddg[j] * static_cast<acc_t>(vr[s.src + i]) * s1[j] + dg[j] * s2[j]);
-            }
-      }
-    }
-  }
+  for_rows<acc_t>(N, Din, 6 * static_cast<size_t>(G), [&](int64_t n, acc_t* g) {
+    acc_t *dg = g + G, *ddg = dg + G, *a = ddg + G, *s1 = a + G, *s2 = s1 + G;
+    const scalar_t *xr = xp + n * Din, *dyr = dyp + n * Dout, *vr = vp + n * Din;
+    scalar_t *gxr = gxp + n * Din, *gdyr = gdyp + n * Dout;
+    std::fill(s1, s1 + G, acc_t(0));
+    std::fill(s2, s2 + G, acc_t(0));
+    for (const Seg& s : segs)
+      if (s.kind != 2)
+        MMEA_FG_ACT_SWITCH(s.act, (dbwd_elementwise<A, scalar_t, acc_t>(s, xr, dyr, vr, gxr, gdyr, g, dg, ddg, a)));
+    for (const Seg& s : segs)
+      if (s.kind == 2) gated_block_dbwd<scalar_t, acc_t>(s, xr, dyr, vr, g, a, gxr, gdyr, s1, s2);
+    for (const Seg& s : segs)
+      if (s.kind == 1)
+        for (int64_t i = 0; i < s.n; ++i) {
+          const int64_t j = s.dst + i;
+          gxr[s.src + i] = static_cast<scalar_t>(ddg[j] * static_cast<acc_t>(vr[s.src + i]) * s1[j] + dg[j] * s2[j]);
+        }
+  });
 }
 
 void check_x(const at::Tensor& t, const char* name, const char* op) {
