@@ -112,7 +112,7 @@ if want tests; then
   MMEA_TEST_CUDA=1 within ${TEST_LIMIT:-200} python3 -m pytest -q -p no:cacheprovider -k cuda -rfEs --tb=short \
     --timeout 120 tests/ops/test_gate_ops.py tests/ops/test_triton_backend.py tests/ops/test_gated_linear.py \
     tests/ops/test_cpp_backend.py tests/ops/test_gate_net_triton.py tests/ops/test_adapter_node.py tests/nn/test_modules.py \
-    tests/nn/test_path_choice.py tests/nn/test_fused_gate.py 2>&1
+    tests/nn/test_path_choice.py tests/nn/test_fused_gate.py tests/ops/test_fused_gate_dbwd.py 2>&1
   status "${PIPESTATUS[0]}" "CUDA tests"
 fi
 

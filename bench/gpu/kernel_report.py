@@ -107,7 +107,7 @@ def gate_cases():
 
 
 def fused_gate_cases():
-    """FusedGate's kernels at the tiles its launcher picks for SevenNet-0's gate (scalars and gates
+    """FusedGate's kernels (forward, backward, double backward) at the tiles its launcher picks for SevenNet-0's gate (scalars and gates
     256 columns in, 416 out; gated width 5 -> 8), with SevenNet's activations (silu, sigmoid) and
     with every fused activation compiled in (the worst case)."""
     try:
@@ -126,6 +126,11 @@ def fused_gate_cases():
             yield (f"fused_gate bwd {NAMES[dtype]} {what} n{bn} d{bd}", fgt._bwd_kernel,
                    dict({"x_ptr": p, "dy_ptr": p, "dx_ptr": p, "mem_ptr": "*i64"}, **common),
                    dict(USED=used, ACC=acc, W=8, BLOCK_N=bn, BLOCK_D=bd), nw, 3)
+            bn, bd, nw = fgt._blocks(32000, 544, 8, False)  # max(d_in, d_out), as double_backward picks
+            yield (f"fused_gate dbwd {NAMES[dtype]} {what} n{bn} d{bd}", fgt._dbwd_kernel,
+                   {"x_ptr": p, "dy_ptr": p, "v_ptr": p, "gx_ptr": p, "gdy_ptr": p, "fcols_ptr": "*i64",
+                    "fcst_ptr": "*fp64", "bcols_ptr": "*i64", "bcst_ptr": "*fp64", "mem_ptr": "*i64", "N": "i64",
+                    "DIN": "i64", "DOUT": "i64"}, dict(USED=used, ACC=acc, W=8, BLOCK_N=bn, BLOCK_D=bd), nw, 3)
 
 
 def gate_net_cases():

@@ -412,8 +412,13 @@ for dt, acc in (("fp32", tl.float32), ("fp64", tl.float64)):
               "ACC": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
     fwd = dict({"x_ptr": "*" + dt, "y_ptr": "*" + dt}, **common)
     bwd = dict({"x_ptr": "*" + dt, "dy_ptr": "*" + dt, "dx_ptr": "*" + dt, "mem_ptr": "*i64", "W": "constexpr"}, **common)
+    dbwd = {"x_ptr": "*" + dt, "dy_ptr": "*" + dt, "v_ptr": "*" + dt, "gx_ptr": "*" + dt, "gdy_ptr": "*" + dt,
+            "fcols_ptr": "*i64", "fcst_ptr": "*fp64", "bcols_ptr": "*i64", "bcst_ptr": "*fp64", "mem_ptr": "*i64",
+            "N": "i64", "DIN": "i64", "DOUT": "i64", "USED": "constexpr", "ACC": "constexpr", "W": "constexpr",
+            "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
     for fn, sig, cx in ((fgt._fwd_kernel, fwd, {"BLOCK_N": 32, "BLOCK_D": 128}),
-                        (fgt._bwd_kernel, bwd, {"W": 8, "BLOCK_N": 4, "BLOCK_D": 64})):
+                        (fgt._bwd_kernel, bwd, {"W": 8, "BLOCK_N": 4, "BLOCK_D": 64}),
+                        (fgt._dbwd_kernel, dbwd, {"W": 8, "BLOCK_N": 4, "BLOCK_D": 64})):
         sig = {k: sig[k] for k in fn.arg_names}
         cx.update(USED=0b1111111, ACC=acc)
         k = triton.compile(ASTSource(fn, sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
@@ -424,8 +429,9 @@ print("compiled")
 
 
 def test_triton_kernels_compile_for_sm90():
-    """Without a GPU: the Triton kernels (every activation, fp32 and fp64) compile to PTX and a cubin
-    for sm_90 (H100/H200), as they would on the device; run in a process without TRITON_INTERPRET."""
+    """Without a GPU: the Triton kernels (forward, backward, double backward; every activation, fp32
+    and fp64) compile to PTX and a cubin for sm_90 (H100/H200), as they would on the device; run in a
+    process without TRITON_INTERPRET."""
     import subprocess
     import sys
 

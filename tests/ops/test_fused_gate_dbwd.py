@@ -1,8 +1,9 @@
-"""The C++ double backward of the fused gate (``fused_gate_dbwd``, the force step's second
-derivatives) against :func:`reference.double_backward` (float64 1e-12, float32, fp16/bf16 against
-float32), both layouts, every activation, many rows (the threaded path); that FusedGate's autograd
-uses it when no graph is recorded and the differentiable reference when one is (third derivatives
-against e3nn's Gate); bad input named."""
+"""The one-pass double backward of the fused gate (the force step's second derivatives: C++
+``fused_gate_dbwd`` on CPU, Triton ``double_backward``: CUDA, or the interpreter on CPU) against
+:func:`reference.double_backward` (float64 1e-12, float32, fp16/bf16 against float32), both layouts,
+every activation, many rows (the threaded C++ path); that FusedGate's autograd uses it when no graph
+is recorded and the differentiable reference when one is (third derivatives against e3nn's Gate);
+bad input named."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,55 +15,70 @@ from mmea_kernels.nn.fused_gate import FusedGate  # noqa: E402
 from mmea_kernels.ops.fused_gate import fused_gate_backend_status, reference, ssp  # noqa: E402
 from mmea_kernels.ops.fused_gate.spec import spec_tables  # noqa: E402
 
-ok, why = fused_gate_backend_status("cpp", "cpu")
-pytestmark = pytest.mark.skipif(not ok, reason=f"cpp backend: {why}")
-
 ACTS = [[F.silu, torch.sigmoid], [torch.tanh, torch.abs], [F.softplus, ssp], [None, F.silu]]
+CASES = [("cpp", "cpu"), ("triton", "cpu"), pytest.param("triton", "cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device on this machine"))]
 
 
-def _dbwd(x, dy, v, t):
-    return torch.ops.mmea_kernels_ext.fused_gate_dbwd(x, dy, v, t.cpp_segs, t.cpp_csts, t.spec.num_gates)
+def _need(backend, device):
+    ok, why = fused_gate_backend_status(backend, device)
+    if not ok:
+        pytest.skip(f"{backend} on {device}: {why}")
 
 
-def _inputs(fg, n, dtype, seed=0):
+def _dbwd(backend, x, dy, v, t):
+    if backend == "cpp":
+        return torch.ops.mmea_kernels_ext.fused_gate_dbwd(x, dy, v, t.cpp_segs, t.cpp_csts, t.spec.num_gates)
+    from mmea_kernels.ops.fused_gate import triton as tr
+
+    return tr.double_backward(x, dy, v, t)
+
+
+def _inputs(fg, n, dtype, device="cpu", seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = 2 * torch.randn(n, fg.irreps_in.dim, generator=gen, dtype=torch.float64)
     x[0, :3] = torch.tensor([25.0, -30.0, 0.0])  # softplus threshold, a large negative, abs at 0
     dy = torch.randn(n, fg.irreps_out.dim, generator=gen, dtype=torch.float64)
     v = torch.randn(x.shape, generator=gen, dtype=torch.float64)
-    return x.to(dtype), dy.to(dtype), v.to(dtype)
+    return x.to(device, dtype), dy.to(device, dtype), v.to(device, dtype)
 
 
+@pytest.mark.parametrize("backend, device", CASES)
 @pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
 @pytest.mark.parametrize("acts", ACTS, ids=lambda a: "-".join(getattr(f, "__name__", "id") for f in a))
-def test_kernel_matches_reference(layout, acts):
-    fg = FusedGate("3x0e+1x0e", acts, "2x0e+3x0e", acts, "2x1o+3x2e", layout=layout, backend="cpp")
-    t = spec_tables(fg._key, "cpu")
+def test_kernel_matches_reference(layout, acts, backend, device):
+    _need(backend, device)
+    fg = FusedGate("3x0e+1x0e", acts, "2x0e+3x0e", acts, "2x1o+3x2e", layout=layout, backend=backend)
+    t = spec_tables(fg._key, device)
+    # C++: 4 row chunks, above the serial threshold, on two threads; the interpreter: 3 programs
+    n = 3000 if backend == "cpp" or device == "cuda" else 130
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
-        x, dy, v = _inputs(fg, 3000, dtype)  # 4 row chunks, above the serial threshold: two threads
+        x, dy, v = _inputs(fg, n, dtype, device)
         before = torch.get_num_threads()
         try:
             torch.set_num_threads(2)
-            got = _dbwd(x, dy, v, t)
+            got = _dbwd(backend, x, dy, v, t)
         finally:
             torch.set_num_threads(before)
         want = reference.double_backward(x, dy, v, t)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=tol, atol=tol)
-    x, dy, v = _inputs(fg, 64, torch.float32)
-    want = _dbwd(x, dy, v, t)
+    x, dy, v = _inputs(fg, 64, torch.float32, device)
+    want = _dbwd(backend, x, dy, v, t)
     for low in (torch.float16, torch.bfloat16):  # computed in float32, rounded once
-        got = _dbwd(x.to(low), dy.to(low), v.to(low), t)
+        got = _dbwd(backend, x.to(low), dy.to(low), v.to(low), t)
         for g, w in zip(got, want):
             assert g.dtype == low
             torch.testing.assert_close(g.float(), w, rtol=0.05, atol=0.05)
 
 
-def test_autograd_uses_the_kernel_without_a_graph_and_torch_ops_with_one(monkeypatch):
+@pytest.mark.parametrize("backend, device", CASES)
+def test_autograd_uses_the_kernel_without_a_graph_and_torch_ops_with_one(monkeypatch, backend, device):
+    _need(backend, device)
     args = ("4x0e", [F.silu], "2x0e+1x0e", [torch.sigmoid, torch.tanh], "2x1o+1x2e")
-    ref, fg = Gate(*args).double(), FusedGate(*args, backend="cpp")
-    x = torch.randn(7, ref.irreps_in.dim, dtype=torch.float64, requires_grad=True)
-    dy = torch.randn(7, ref.irreps_out.dim, dtype=torch.float64, requires_grad=True)
+    ref, fg = Gate(*args).double().to(device), FusedGate(*args, backend=backend).to(device)
+    x = torch.randn(7, ref.irreps_in.dim, dtype=torch.float64, device=device, requires_grad=True)
+    dy = torch.randn(7, ref.irreps_out.dim, dtype=torch.float64, device=device, requires_grad=True)
     w, u = torch.randn_like(x), torch.randn_like(x)
 
     def second(m, create_graph):
@@ -81,10 +97,11 @@ def test_autograd_uses_the_kernel_without_a_graph_and_torch_ops_with_one(monkeyp
 
 
 def test_bad_input_is_named():
+    _need("cpp", "cpu")
     fg = FusedGate("2x0e", [F.silu], "1x0e", [F.silu], "1x1o", backend="cpp")
     t = spec_tables(fg._key, "cpu")
     x, dy, v = _inputs(fg, 4, torch.float64)
     with pytest.raises(RuntimeError, match=r"fused_gate_dbwd: x \[4, 6\], dy \[4, 5\], v \[4, 5\]"):
-        _dbwd(x, dy, v[:, :5], t)
+        _dbwd("cpp", x, dy, v[:, :5], t)
     with pytest.raises(RuntimeError, match="fused_gate_dbwd: x, dy and v must share a dtype"):
-        _dbwd(x, dy, v.float(), t)
+        _dbwd("cpp", x, dy, v.float(), t)

@@ -4,11 +4,11 @@
   activation, gated multiply);
 * ``mmea_kernels::fused_gate_backward(x, dy, key, backend) -> dx``: one pass from ``(x, dy)``
   (activations and their derivatives recomputed from ``x``; only ``x`` is saved);
-* the backward of ``fused_gate_backward`` (second derivatives, e.g. training on forces): with the
-  cpp backend and no graph being recorded (a force step's loss backward), the one-pass kernel
-  ``fused_gate_dbwd``; otherwise :func:`reference.double_backward`, the same formulas with ``f''``
-  in torch ops on the saved ``x``, ``dy``, so autograd differentiates it again (third and higher
-  orders run through torch).
+* the backward of ``fused_gate_backward`` (second derivatives, e.g. training on forces): with no
+  graph being recorded (a force step's loss backward), a one-pass kernel (cpp: ``fused_gate_dbwd``;
+  triton: ``triton.double_backward``); otherwise (the torch backend, a recorded graph)
+  :func:`reference.double_backward`, the same formulas with ``f''`` in torch ops on the saved
+  ``x``, ``dy``, so autograd differentiates it again (third and higher orders run through torch).
 
 Both ops have fake implementations: ``torch.compile`` sees one node per op, no graph break.
 Eager calls skip the custom ops' dispatch (:func:`fused_gate_2d`: the kernels directly, or plain
@@ -170,13 +170,19 @@ def _bwd_setup(ctx, inputs, output):
 
 def _bwd_backward(ctx, v):
     x, dy = ctx.saved_tensors
-    if (not torch.is_grad_enabled() and not traced(x) and not traced(v) and not forward_mode(x, dy, v)
-            and _resolve(ctx.backend, x.device) == "cpp"):
+    if not torch.is_grad_enabled() and not traced(x) and not traced(v) and not forward_mode(x, dy, v):
         # no graph recorded (the usual force step: its gradients are not differentiated again): one pass
-        t = spec_tables(ctx.key, "cpu")
-        gx, gdy = torch.ops.mmea_kernels_ext.fused_gate_dbwd.default(x.contiguous(), dy.contiguous(), v.contiguous(),
-                                                                     t.cpp_segs, t.cpp_csts, t.spec.num_gates)
-        return gx, gdy, None, None
+        name = _resolve(ctx.backend, x.device)
+        if name == "cpp":
+            t = spec_tables(ctx.key, "cpu")
+            gx, gdy = torch.ops.mmea_kernels_ext.fused_gate_dbwd.default(
+                x.contiguous(), dy.contiguous(), v.contiguous(), t.cpp_segs, t.cpp_csts, t.spec.num_gates)
+            return gx, gdy, None, None
+        if name == "triton":
+            from . import triton as tr
+
+            gx, gdy = tr.double_backward(x.contiguous(), dy.contiguous(), v.contiguous(), spec_tables(ctx.key, x.device))
+            return gx, gdy, None, None
     # torch ops, so that autograd can differentiate them again; traced (AOTAutograd / fake tensors):
     # the index tables must be made inside the trace
     gx, gdy = reference.double_backward(x, dy, v, spec_tables(ctx.key, x.device, cache=not traced(x)))
