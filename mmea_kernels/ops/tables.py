@@ -50,26 +50,29 @@ def layout_tables(layout: IrrepsLayout, device) -> LayoutTables:
     hit = _CACHE.get(key)
     if hit is not None:
         return hit
-    G = layout.num_gates
-    gate_of = torch.tensor(layout.gate_of_column, dtype=torch.int32)
-    ext = gate_of.to(torch.int64).clone()
-    ext[ext < 0] = G
-    cols = [c for gc in layout.gate_columns for c in gc]
-    owner = [g for g, gc in enumerate(layout.gate_columns) for _ in gc]
-    width = _next_pow2(max(layout.max_gate_width, 1))
-    padded = torch.full((G, width), -1, dtype=torch.int32)
-    for g, gc in enumerate(layout.gate_columns):
-        padded[g, : len(gc)] = torch.tensor(gc, dtype=torch.int32)
-    tables = LayoutTables(
-        layout=layout,
-        dim=layout.dim,
-        num_gates=G,
-        gate_of_column=gate_of.to(device),
-        gate_index_ext=ext.to(device),
-        gated_columns=torch.tensor(cols, dtype=torch.int64, device=device),
-        gated_gate=torch.tensor(owner, dtype=torch.int64, device=device),
-        gate_cols_padded=padded.to(device),
-        scalar_columns=torch.tensor(layout.scalar_columns, dtype=torch.int64, device=device),
-    )
+    # plain tensors even inside a torch.func transform: built there, they would be wrapped at its
+    # level and the cached tables would break the next transform (a second torch.func.hessian)
+    with torch._C._DisableFuncTorch():
+        G = layout.num_gates
+        gate_of = torch.tensor(layout.gate_of_column, dtype=torch.int32)
+        ext = gate_of.to(torch.int64).clone()
+        ext[ext < 0] = G
+        cols = [c for gc in layout.gate_columns for c in gc]
+        owner = [g for g, gc in enumerate(layout.gate_columns) for _ in gc]
+        width = _next_pow2(max(layout.max_gate_width, 1))
+        padded = torch.full((G, width), -1, dtype=torch.int32)
+        for g, gc in enumerate(layout.gate_columns):
+            padded[g, : len(gc)] = torch.tensor(gc, dtype=torch.int32)
+        tables = LayoutTables(
+            layout=layout,
+            dim=layout.dim,
+            num_gates=G,
+            gate_of_column=gate_of.to(device),
+            gate_index_ext=ext.to(device),
+            gated_columns=torch.tensor(cols, dtype=torch.int64, device=device),
+            gated_gate=torch.tensor(owner, dtype=torch.int64, device=device),
+            gate_cols_padded=padded.to(device),
+            scalar_columns=torch.tensor(layout.scalar_columns, dtype=torch.int64, device=device),
+        )
     _CACHE[key] = tables
     return tables

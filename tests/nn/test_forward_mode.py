@@ -119,3 +119,44 @@ def test_mmea_linear_under_jvp_jacrev_and_functional_call(fused_linear, frozen, 
     want_p = _fd(lambda s: of_params({k: params[k] + s * tang[k] for k in params}), torch.zeros(()), torch.ones(()))
     torch.testing.assert_close(torch.func.jvp(of_params, (params,), (tang,))[1], want_p, rtol=1e-7, atol=1e-7)
     assert os.environ["MMEA_FUSED_LINEAR"] == fused_linear
+
+
+_TWO_HESSIANS = r"""
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from e3nn.nn import Gate
+from helpers import make_linear, randomise
+import mmea_kernels as mk
+from mmea_kernels.nn.fused_gate import FusedGate
+
+torch.manual_seed(0)
+args = ("2x0e", [torch.nn.functional.silu], "2x0e+1x0e", [torch.sigmoid, torch.tanh], "2x1o+1x2e")
+gate, ref = FusedGate(*args, backend="cpp"), Gate(*args).double()
+model = torch.nn.Sequential(make_linear())
+mk.inject_adapters(model, method="mmea")
+randomise(model)
+for m, x, want in ((gate, torch.randn(3, ref.irreps_in.dim, dtype=torch.float64), ref),
+                   (model, torch.randn(2, model[0].irreps_in.dim, dtype=torch.float64), model)):
+    energy = lambda inp, m=m: (m(inp) ** 2).sum()
+    expected = torch.autograd.functional.hessian(lambda inp: (want(inp) ** 2).sum(), x)
+    for _ in range(2):  # the first call of the process builds the kernels' tables inside the transform
+        torch.testing.assert_close(torch.func.hessian(energy)(x), expected, rtol=1e-10, atol=1e-10)
+print("ok")
+"""
+
+
+def test_two_hessians_in_a_fresh_process():
+    """A review found the second ``torch.func.hessian`` through a FusedGate or an MMEA-adapted
+    layer of a process failing (functorch INTERNAL ASSERT: ``level <= current_level``) when the first
+    gate call of the process ran inside the transform: index tables built there were cached wrapped
+    at its level. In a fresh process: two hessians each, against e3nn's Gate and plain autograd."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", _TWO_HESSIANS, str(REPO / "tests")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]

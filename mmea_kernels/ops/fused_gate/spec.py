@@ -188,7 +188,14 @@ def spec_tables(key: str, device, cache: bool = True) -> GateTables:
     t = _TABLES.get(ck) if cache else None
     if t is not None:
         return t
-    sp = FusedGateSpec.from_key(key)
+    with torch._C._DisableFuncTorch():  # plain tensors inside a torch.func transform too (ops/tables.py)
+        t = _build(FusedGateSpec.from_key(key), device)
+    if cache:
+        _TABLES[ck] = t
+    return t
+
+
+def _build(sp: FusedGateSpec, device) -> GateTables:
     s_src = [src + i for src, _, n, _, _ in sp.scalars for i in range(n)]
     s_dst = [dst + i for _, dst, n, _, _ in sp.scalars for i in range(n)]
     assert s_dst == list(range(sp.num_scalars)), "scalar outputs come first, in order"
@@ -256,6 +263,4 @@ def spec_tables(key: str, device, cache: bool = True) -> GateTables:
         cpp_segs=torch.tensor(rows, dtype=torch.int64).reshape(-1, 8).to(device), cpp_csts=lf(csts),
         fwd_cols=li(fwd).reshape(4, sp.d_out), fwd_cst=lf(fwd_cst), bwd_cols=li(bwd).reshape(4, sp.d_in),
         bwd_cst=lf(bwd_cst), members=li(mem).reshape(2, sp.d_in, W), width=W, used=used)
-    if cache:
-        _TABLES[ck] = t
     return t

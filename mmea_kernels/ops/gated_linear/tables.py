@@ -68,7 +68,8 @@ def linear_tables(spec: LinearSpec, device, block_w: int, block_u: int) -> Linea
     key = (device, int(block_w), int(block_u))
     hit = cache.get(key)
     if hit is None:
-        hit = cache[key] = _build_tables(spec, device, int(block_w), int(block_u))
+        with torch._C._DisableFuncTorch():  # plain tensors inside a torch.func transform too (ops/tables.py)
+            hit = cache[key] = _build_tables(spec, device, int(block_w), int(block_u))
     return hit
 
 
