@@ -13,6 +13,7 @@ from e3nn.nn import Gate  # noqa: E402
 
 from mmea_kernels.nn.fused_gate import FusedGate  # noqa: E402
 from mmea_kernels.ops.fused_gate import fused_gate_backend_status, reference, ssp  # noqa: E402
+from mmea_kernels.ops.fused_gate.function import _cpp_has_dbwd  # noqa: E402
 from mmea_kernels.ops.fused_gate.spec import spec_tables  # noqa: E402
 
 ACTS = [[F.silu, torch.sigmoid], [torch.tanh, torch.abs], [F.softplus, ssp], [None, F.silu]]
@@ -24,6 +25,8 @@ def _need(backend, device):
     ok, why = fused_gate_backend_status(backend, device)
     if not ok:
         pytest.skip(f"{backend} on {device}: {why}")
+    if backend == "cpp" and not _cpp_has_dbwd():
+        pytest.skip("mmea_kernels._C predates fused_gate_dbwd (rebuild it): the torch formulas run instead")
 
 
 def _dbwd(backend, x, dy, v, t):
@@ -94,6 +97,24 @@ def test_autograd_uses_the_kernel_without_a_graph_and_torch_ops_with_one(monkeyp
     third = [torch.autograd.grad((s[0] * u).sum(), x)[0] for s in (second(fg, True), second(ref, True))]
     assert calls  # a graph recorded: the differentiable torch formulas
     torch.testing.assert_close(third[0], third[1], rtol=1e-10, atol=1e-10)
+
+
+def test_a_build_without_the_kernel_runs_the_torch_formulas(monkeypatch):
+    """An extension built before the kernel existed (forward and backward only): the second
+    derivatives still come, from the torch formulas, equal to e3nn's."""
+    _need("cpp", "cpu")
+    from mmea_kernels.ops.fused_gate import function
+
+    monkeypatch.setattr(function, "_cpp_has_dbwd", lambda: False)
+    monkeypatch.setattr(torch.ops.mmea_kernels_ext, "fused_gate_dbwd", None, raising=False)
+    args = ("2x0e", [F.silu], "1x0e", [torch.sigmoid], "1x1o")
+    ref, fg = Gate(*args).double(), FusedGate(*args, backend="cpp")
+    x = torch.randn(5, ref.irreps_in.dim, dtype=torch.float64, requires_grad=True)
+    derivs = []
+    for m in (fg, ref):
+        (g,) = torch.autograd.grad((m(x) ** 2).sum(), x, create_graph=True)
+        derivs.append(torch.autograd.grad((g ** 2).sum(), x)[0])
+    torch.testing.assert_close(derivs[0], derivs[1], rtol=1e-12, atol=1e-12)
 
 
 def test_bad_input_is_named():

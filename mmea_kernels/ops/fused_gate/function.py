@@ -19,6 +19,7 @@ CPU), ``triton`` (triton.py). A backend asked for by name that cannot run raises
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import Optional, Tuple
@@ -168,12 +169,19 @@ def _bwd_setup(ctx, inputs, output):
     ctx.key, ctx.backend = key, backend
 
 
+@functools.lru_cache(maxsize=None)
+def _cpp_has_dbwd() -> bool:
+    """Whether the loaded extension has the double-backward kernel (a build from before 2026-12-02
+    has the forward and backward only: the torch formulas run instead, same numbers)."""
+    return hasattr(torch.ops.mmea_kernels_ext, "fused_gate_dbwd")
+
+
 def _bwd_backward(ctx, v):
     x, dy = ctx.saved_tensors
     if not torch.is_grad_enabled() and not traced(x) and not traced(v) and not forward_mode(x, dy, v):
         # no graph recorded (the usual force step: its gradients are not differentiated again): one pass
         name = _resolve(ctx.backend, x.device)
-        if name == "cpp":
+        if name == "cpp" and _cpp_has_dbwd():
             t = spec_tables(ctx.key, "cpu")
             gx, gdy = torch.ops.mmea_kernels_ext.fused_gate_dbwd.default(
                 x.contiguous(), dy.contiguous(), v.contiguous(), t.cpp_segs, t.cpp_csts, t.spec.num_gates)
