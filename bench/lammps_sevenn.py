@@ -33,6 +33,8 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from provenance import cpu_model, provenance  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -192,14 +194,14 @@ def nve_drift(box, style, coeff, setup, work, steps):
 
 
 def write_result(args, **fields) -> dict:
-    """The result with the date, machine, LAMMPS build and torch, written as ``--out``.json / .md."""
+    """The result with the date, machine (CPU model), git commit, LAMMPS build and torch, written as
+    ``--out``.json / .md."""
     import torch
 
-    cpu = platform.processor() or platform.platform()
     result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-                  machine=f"{platform.machine()}, {os.cpu_count()} cores, {cpu}",
+                  machine=f"{cpu_model()}, {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
                   lammps=open(pathlib.Path(args.lammps_dir) / "stamp").read().strip(), torch=torch.__version__,
-                  **fields)
+                  **provenance(), **fields)
     out = pathlib.Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     return result
