@@ -230,6 +230,16 @@ std::vector<Seg> read_segs(const at::Tensor& segs_in, const at::Tensor& csts_in,
                 ", num_gates = ", G);
     out.push_back(s);
   }
+  // every column of x and of y belongs to a segment: a wider x or dy would leave columns of dx / gdy
+  // unwritten (at::empty), a wider y unwritten too
+  int64_t in_end = 0, out_end = 0;
+  for (const Seg& s : out) {
+    const int64_t width = s.kind == 2 ? s.n * s.dim : s.n;
+    in_end = std::max(in_end, s.src + width);
+    if (s.kind != 1) out_end = std::max(out_end, s.dst + width);
+  }
+  TORCH_CHECK(in_end == d_in && out_end == d_out, "mmea_kernels_ext::", op, ": the gate's segments cover ", in_end,
+              " input and ", out_end, " output columns, but the tensors have ", d_in, " and ", d_out);
   return out;
 }
 

@@ -118,6 +118,7 @@ def test_a_build_without_the_kernel_runs_the_torch_formulas(monkeypatch):
 
 
 def test_bad_input_is_named():
+    """Shapes and dtypes the raw ops cannot use, named (the module path never passes them)."""
     _need("cpp", "cpu")
     fg = FusedGate("2x0e", [F.silu], "1x0e", [F.silu], "1x1o", backend="cpp")
     t = spec_tables(fg._key, "cpu")
@@ -126,3 +127,13 @@ def test_bad_input_is_named():
         _dbwd("cpp", x, dy, v[:, :5], t)
     with pytest.raises(RuntimeError, match="fused_gate_dbwd: x, dy and v must share a dtype"):
         _dbwd("cpp", x, dy, v.float(), t)
+    # a wider dy (or x) than the gate's: refused, not columns of the result left unwritten
+    ops = torch.ops.mmea_kernels_ext
+    wide = torch.cat([dy, dy[:, :2]], dim=1)
+    msg = "the gate's segments cover 6 input and 5 output columns, but the tensors have"
+    with pytest.raises(RuntimeError, match=f"fused_gate_dbwd: {msg} 6 and 7"):
+        _dbwd("cpp", x, wide, v, t)
+    with pytest.raises(RuntimeError, match=f"fused_gate_bwd: {msg} 6 and 7"):
+        ops.fused_gate_bwd(x, wide, t.cpp_segs, t.cpp_csts, t.spec.num_gates)
+    with pytest.raises(RuntimeError, match=f"fused_gate_fwd: {msg} 8 and 5"):
+        ops.fused_gate_fwd(torch.cat([x, x[:, :2]], dim=1), t.cpp_segs, t.cpp_csts, 5, t.spec.num_gates)
