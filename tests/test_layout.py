@@ -77,3 +77,9 @@ def test_bad_layout_and_type():
         IrrepsLayout.of("1x0e", "xyz")
     with pytest.raises(TypeError, match="irreps must be"):
         IrrepsLayout.of(3.5)
+
+
+def test_repr_names_the_gate_and_scalar_counts():
+    """2x0e: two additive scalar columns; 1x1o + 3x2e: 1 + 3 gates (one per copy of each l >= 1 irrep)."""
+    text = repr(IrrepsLayout("2x0e+1x1o+3x2e", "mul_ir"))
+    assert "dim=20" in text and "num_gates=4" in text and "num_scalars=2" in text, text
