@@ -43,6 +43,7 @@
 #include "activations.h"
 #include "isa.h"
 #include "blocks.h"
+#include "act_loops.h"
 
 namespace mmea_fg {
 namespace {
@@ -58,83 +59,6 @@ struct Seg {
   int64_t kind, src, dst, n, dim, act, gate0, ir_mul;
   double cst;
 };
-
-// The activation loops, compiled three times: for the baseline ISA, for AVX2+FMA and for AVX-512
-// (chosen at run time). With the branch-free fast_exp they vectorise (4 doubles / 8 floats per
-// instruction with AVX2, 8 / 16 with AVX-512).
-//   val:     out[i] = cst * f(in[i])
-//   val_der: out[i] = cst * f(in[i]); der[i] = cst * f'(in[i])
-//   der:     dx[i] = dy[i] * cst * f'(x[i])
-#define MMEA_FG_LOOPS(SUFFIX, ATTR)                                                                            \
-  template <int A, typename scalar_t, typename out_t>                                                          \
-  ATTR void val_loop##SUFFIX(const scalar_t* __restrict__ in, out_t* __restrict__ out, int64_t n, double cst_d) { \
-    using acc_t = at::opmath_type<scalar_t>;                                                                   \
-    const acc_t cst = static_cast<acc_t>(cst_d);                                                               \
-    for (int64_t i = 0; i < n; ++i)                                                                            \
-      out[i] = static_cast<out_t>(cst * act_val<A, acc_t>(static_cast<acc_t>(in[i])));                         \
-  }                                                                                                            \
-  template <int A, typename scalar_t, typename acc_t>                                                          \
-  ATTR void val_der_loop##SUFFIX(const scalar_t* __restrict__ in, acc_t* __restrict__ out,                     \
-                                 acc_t* __restrict__ der, int64_t n, double cst_d) {                           \
-    const acc_t cst = static_cast<acc_t>(cst_d);                                                               \
-    for (int64_t i = 0; i < n; ++i) {                                                                          \
-      acc_t f, d;                                                                                              \
-      act_val_der<A, acc_t>(static_cast<acc_t>(in[i]), f, d);                                                  \
-      out[i] = cst * f;                                                                                        \
-      der[i] = cst * d;                                                                                        \
-    }                                                                                                          \
-  }                                                                                                            \
-  template <int A, typename scalar_t>                                                                          \
-  ATTR void der_loop##SUFFIX(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,                  \
-                             scalar_t* __restrict__ dx, int64_t n, double cst_d) {                             \
-    using acc_t = at::opmath_type<scalar_t>;                                                                   \
-    const acc_t cst = static_cast<acc_t>(cst_d);                                                               \
-    for (int64_t i = 0; i < n; ++i)                                                                            \
-      dx[i] = static_cast<scalar_t>(static_cast<acc_t>(dy[i]) *                                                \
-                                    (cst * act_der<A, acc_t>(static_cast<acc_t>(x[i]))));                      \
-  }
-
-MMEA_FG_LOOPS(_base, )
-#if defined(__GNUC__) && defined(__x86_64__)
-#define MMEA_FG_HAVE_AVX2 1
-MMEA_FG_LOOPS(_avx2, __attribute__((target("avx2,fma"))))
-// AVX-512: twice the lanes of AVX2 for the exp polynomial (the activations are compute-bound); the
-// same operations in the same order as the AVX2 clone (IEEE, FMA contracted alike)
-MMEA_FG_LOOPS(_avx512, __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))))
-#else
-#define MMEA_FG_HAVE_AVX2 0
-#endif
-using ::mmea::use_avx2;  // the CPU's widest ISA, capped by MMEA_CPU_ISA (isa.h)
-using ::mmea::use_avx512;
-
-#if !MMEA_FG_HAVE_AVX2
-#define val_loop_avx2 val_loop_base
-#define val_der_loop_avx2 val_der_loop_base
-#define der_loop_avx2 der_loop_base
-#define val_loop_avx512 val_loop_base
-#define val_der_loop_avx512 val_der_loop_base
-#define der_loop_avx512 der_loop_base
-#endif
-
-// run-time choice of the ISA
-template <int A, typename scalar_t, typename out_t>
-inline void val_loop(const scalar_t* in, out_t* out, int64_t n, double cst) {
-  if (use_avx512()) val_loop_avx512<A, scalar_t, out_t>(in, out, n, cst);
-  else if (use_avx2()) val_loop_avx2<A, scalar_t, out_t>(in, out, n, cst);
-  else val_loop_base<A, scalar_t, out_t>(in, out, n, cst);
-}
-template <int A, typename scalar_t, typename acc_t>
-inline void val_der_loop(const scalar_t* in, acc_t* out, acc_t* der, int64_t n, double cst) {
-  if (use_avx512()) val_der_loop_avx512<A, scalar_t, acc_t>(in, out, der, n, cst);
-  else if (use_avx2()) val_der_loop_avx2<A, scalar_t, acc_t>(in, out, der, n, cst);
-  else val_der_loop_base<A, scalar_t, acc_t>(in, out, der, n, cst);
-}
-template <int A, typename scalar_t>
-inline void der_loop(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t n, double cst) {
-  if (use_avx512()) der_loop_avx512<A, scalar_t>(x, dy, dx, n, cst);
-  else if (use_avx2()) der_loop_avx2<A, scalar_t>(x, dy, dx, n, cst);
-  else der_loop_base<A, scalar_t>(x, dy, dx, n, cst);
-}
 
 #define MMEA_FG_ACT_SWITCH(code, CALL)                 \
   switch (code) {                                      \
@@ -307,56 +231,62 @@ void bwd_kernel(const scalar_t* xp, const scalar_t* dyp, scalar_t* dxp, int64_t 
   });
 }
 
-// double backward of one gated block (either layout: copy u's columns step by su, its components
-// by sm), with a = cst f'(x_gate) * v_gate per gate: gdy = v g[u] + x a[u], gx = a[u] dy, and the
-// per-gate sums s1 += dy x, s2 += v dy (for the gates' own gx)
+// double backward of one mul_ir block of width w, with a = cst f'(x_gate) v_gate per gate:
+// gdy = v g[u] + x a[u], gx = a[u] dy, and the per-gate sums s1[u] = sum_m dy x, s2[u] = sum_m v dy
+// added to s1[u], s2[u] (zeroed per row; for the gates' own gx)
+template <typename W, typename scalar_t, typename acc_t>
+inline void gated_dbwd_mul_ir(const scalar_t* __restrict__ xs, const scalar_t* __restrict__ dys,
+                              const scalar_t* __restrict__ vs, const acc_t* __restrict__ gs,
+                              const acc_t* __restrict__ as, scalar_t* __restrict__ gxs, scalar_t* __restrict__ gdys,
+                              acc_t* __restrict__ s1, acc_t* __restrict__ s2, W width, int64_t mul) {
+  const int64_t w = width;
+  for (int64_t u = 0; u < mul; ++u) {
+    const acc_t gu = gs[u], au = as[u];
+    acc_t t1 = 0, t2 = 0;
+#pragma GCC unroll 16
+    for (int64_t m = 0; m < w; ++m) {
+      const int64_t o = u * w + m;
+      const acc_t xv = static_cast<acc_t>(xs[o]), dv = static_cast<acc_t>(dys[o]), vv = static_cast<acc_t>(vs[o]);
+      gdys[o] = static_cast<scalar_t>(vv * gu + xv * au);
+      gxs[o] = static_cast<scalar_t>(au * dv);
+      t1 += dv * xv;
+      t2 += vv * dv;
+    }
+    s1[u] += t1;
+    s2[u] += t2;
+  }
+}
+
+// the same for either layout (ir_mul: dim m-rows of mul columns, the gate stepping by one per column,
+// the sums taken over m in the same order)
 template <typename scalar_t, typename acc_t>
 void gated_block_dbwd(const Seg& s, const scalar_t* __restrict__ xr, const scalar_t* __restrict__ dyr,
                       const scalar_t* __restrict__ vr, const acc_t* __restrict__ g, const acc_t* __restrict__ a,
                       scalar_t* __restrict__ gxr, scalar_t* __restrict__ gdyr, acc_t* __restrict__ s1,
                       acc_t* __restrict__ s2) {
-  const int64_t mul = s.n, dim = s.dim, su = s.ir_mul ? 1 : dim, sm = s.ir_mul ? mul : 1;
-  for (int64_t u = 0; u < mul; ++u) {
-    const acc_t gu = g[s.gate0 + u], au = a[s.gate0 + u];
-    acc_t t1 = 0, t2 = 0;
-    for (int64_t m = 0; m < dim; ++m) {
-      const int64_t o = u * su + m * sm;
-      const acc_t xv = static_cast<acc_t>(xr[s.src + o]), dv = static_cast<acc_t>(dyr[s.dst + o]),
-                  vv = static_cast<acc_t>(vr[s.src + o]);
-      gdyr[s.dst + o] = static_cast<scalar_t>(vv * gu + xv * au);
-      gxr[s.src + o] = static_cast<scalar_t>(au * dv);
-      t1 += dv * xv;
-      t2 += vv * dv;
-    }
-    s1[s.gate0 + u] += t1;
-    s2[s.gate0 + u] += t2;
+  const scalar_t *xs = xr + s.src, *dys = dyr + s.dst, *vs = vr + s.src;
+  scalar_t *gxs = gxr + s.src, *gdys = gdyr + s.dst;
+  const acc_t *gs = g + s.gate0, *as = a + s.gate0;
+  acc_t *t1 = s1 + s.gate0, *t2 = s2 + s.gate0;
+  const int64_t mul = s.n, dim = s.dim;
+  if (!s.ir_mul) {
+    with_width<1, 3, 5, 7>(dim, [&](auto w) { gated_dbwd_mul_ir(xs, dys, vs, gs, as, gxs, gdys, t1, t2, w, mul); });
+    return;
   }
+  for (int64_t m = 0; m < dim; ++m)
+    for (int64_t u = 0; u < mul; ++u) {
+      const int64_t o = m * mul + u;
+      const acc_t xv = static_cast<acc_t>(xs[o]), dv = static_cast<acc_t>(dys[o]), vv = static_cast<acc_t>(vs[o]);
+      gdys[o] = static_cast<scalar_t>(vv * gs[u] + xv * as[u]);
+      gxs[o] = static_cast<scalar_t>(as[u] * dv);
+      t1[u] += dv * xv;
+      t2[u] += vv * dv;
+    }
 }
 
-// the scalars' and the gates' own columns of one row: scalars gdy = v cst f', gx = v dy cst f'';
-// gates: g, dg, ddg = cst (f, f', f'') and a = dg v into the row's buffers
-template <int A, typename scalar_t, typename acc_t>
-void dbwd_elementwise(const Seg& s, const scalar_t* __restrict__ xr, const scalar_t* __restrict__ dyr,
-                      const scalar_t* __restrict__ vr, scalar_t* __restrict__ gxr, scalar_t* __restrict__ gdyr,
-                      acc_t* __restrict__ g, acc_t* __restrict__ dg, acc_t* __restrict__ ddg, acc_t* __restrict__ a) {
-  const acc_t cst = static_cast<acc_t>(s.cst);
-  for (int64_t i = 0; i < s.n; ++i) {
-    acc_t f, d, dd;
-    act_val_der2<A, acc_t>(static_cast<acc_t>(xr[s.src + i]), f, d, dd);
-    const acc_t vv = static_cast<acc_t>(vr[s.src + i]);
-    if (s.kind == 0) {
-      gdyr[s.dst + i] = static_cast<scalar_t>(vv * (cst * d));
-      gxr[s.src + i] = static_cast<scalar_t>(vv * static_cast<acc_t>(dyr[s.dst + i]) * (cst * dd));
-    } else {
-      const int64_t j = s.dst + i;
-      g[j] = cst * f;
-      dg[j] = cst * d;
-      ddg[j] = cst * dd;
-      a[j] = dg[j] * vv;
-    }
-  }
-}
-
+// per row: the scalars' columns (gdy = v cst f', gx = v dy cst f'') and the gates' activations
+// (g, dg, ddg = cst (f, f', f''), a = dg v) in vectorised loops, then the gated blocks, then the
+// gates' own gx = ddg v s1 + dg s2
 template <typename scalar_t>
 void dbwd_kernel(const scalar_t* xp, const scalar_t* dyp, const scalar_t* vp, scalar_t* gxp, scalar_t* gdyp,
                  int64_t N, int64_t Din, int64_t Dout, int64_t G, const std::vector<Seg>& segs) {
@@ -367,9 +297,15 @@ void dbwd_kernel(const scalar_t* xp, const scalar_t* dyp, const scalar_t* vp, sc
     scalar_t *gxr = gxp + n * Din, *gdyr = gdyp + n * Dout;
     std::fill(s1, s1 + G, acc_t(0));
     std::fill(s2, s2 + G, acc_t(0));
-    for (const Seg& s : segs)
-      if (s.kind != 2)
-        MMEA_FG_ACT_SWITCH(s.act, (dbwd_elementwise<A, scalar_t, acc_t>(s, xr, dyr, vr, gxr, gdyr, g, dg, ddg, a)));
+    for (const Seg& s : segs) {
+      if (s.kind == 0) {
+        MMEA_FG_ACT_SWITCH(s.act, (der2_loop<A, scalar_t>(xr + s.src, vr + s.src, dyr + s.dst, gxr + s.src,
+                                                          gdyr + s.dst, s.n, s.cst)));
+      } else if (s.kind == 1) {
+        MMEA_FG_ACT_SWITCH(s.act, (val_der2_loop<A, scalar_t, acc_t>(xr + s.src, vr + s.src, g + s.dst, dg + s.dst,
+                                                                     ddg + s.dst, a + s.dst, s.n, s.cst)));
+      }
+    }
     for (const Seg& s : segs)
       if (s.kind == 2) gated_block_dbwd<scalar_t, acc_t>(s, xr, dyr, vr, g, a, gxr, gdyr, s1, s2);
     for (const Seg& s : segs)

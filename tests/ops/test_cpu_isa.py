@@ -1,9 +1,9 @@
 """Every per-ISA clone of the C++ kernels (csrc/isa.h: baseline, AVX2 and AVX-512 builds of the
 FusedGate and gate-net activation loops, the fused linear's mul_ir transposes and the per-row
 seg_dot) against the references. The default run of the suite covers the CPU's widest ISA; here
-the C++ kernel tests (tests/ops/test_gate_net.py, the cpp cases of tests/nn/test_fused_gate.py,
-tests/ops/test_cpp_gated_linear.py, tests/ops/test_cpp_backend.py) run again in a subprocess with
-``MMEA_CPU_ISA`` capping the ISA at each narrower level the CPU has. A bad ``MMEA_CPU_ISA`` fails
+the C++ kernel tests (tests/ops/test_gate_net.py, the cpp cases of tests/nn/test_fused_gate.py and
+tests/ops/test_fused_gate_dbwd.py, tests/ops/test_cpp_gated_linear.py, tests/ops/test_cpp_backend.py)
+run again in a subprocess with ``MMEA_CPU_ISA`` capping the ISA at each narrower level the CPU has. A bad ``MMEA_CPU_ISA`` fails
 the extension's import with the variable's name, and the cpp backend reports it."""
 import os
 import subprocess
@@ -20,8 +20,8 @@ if not _OK:
     pytest.skip(_WHY, allow_module_level=True)
 
 LEVELS = ["base", "avx2", "avx512"]
-KERNEL_TESTS = ["tests/ops/test_gate_net.py", "tests/nn/test_fused_gate.py", "tests/ops/test_cpp_gated_linear.py",
-                "tests/ops/test_cpp_backend.py"]
+KERNEL_TESTS = ["tests/ops/test_gate_net.py", "tests/nn/test_fused_gate.py", "tests/ops/test_fused_gate_dbwd.py",
+                "tests/ops/test_cpp_gated_linear.py", "tests/ops/test_cpp_backend.py"]
 
 
 def _run(code: str, isa: str, timeout: int = 120) -> subprocess.CompletedProcess:

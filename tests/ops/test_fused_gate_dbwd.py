@@ -51,7 +51,8 @@ def _inputs(fg, n, dtype, device="cpu", seed=0):
 @pytest.mark.parametrize("acts", ACTS, ids=lambda a: "-".join(getattr(f, "__name__", "id") for f in a))
 def test_kernel_matches_reference(layout, acts, backend, device):
     _need(backend, device)
-    fg = FusedGate("3x0e+1x0e", acts, "2x0e+3x0e", acts, "2x1o+3x2e", layout=layout, backend=backend)
+    # gated widths 3 and 5 (unrolled), 9 (the generic loop) and 1 (0o)
+    fg = FusedGate("3x0e+1x0e", acts, "2x0e+5x0e", acts, "2x1o+3x2e+1x4e+1x0o", layout=layout, backend=backend)
     t = spec_tables(fg._key, device)
     # C++: 4 row chunks, above the serial threshold, on two threads; the interpreter: 3 programs
     n = 3000 if backend == "cpp" or device == "cuda" else 130
