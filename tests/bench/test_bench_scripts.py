@@ -368,3 +368,21 @@ def test_pretrain_script_reads_labels_as_finetune_does(tmp_path, capsys):
         torch.set_num_threads(threads)
     recipe = torch.load(tmp_path / "m.pt", weights_only=False)["meta"]["recipe"]
     assert recipe["training"]["energy_key"] == "energy" and recipe["epochs_run"] == 1
+
+
+def test_fused_gate_ab_script_builds_a_revision_and_compares_it(tmp_path, capsys):
+    """bench/fused_gate_ab.py against this checkout's own HEAD: the revision is built as a second
+    extension (its own op namespace), both builds run every op, and their outputs agree exactly."""
+    if not backend_status("cpp", "cpu")[0] or subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO).returncode:
+        pytest.skip("needs the C++ extension and a git checkout")
+    sys.path.insert(0, str(BENCH))
+    try:
+        import fused_gate_ab
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "ab.txt"
+    fused_gate_ab.main(["--rev", "HEAD", "--n", "40", "--rounds", "2", "--out", str(out)])
+    assert hasattr(torch.ops.mmea_ab_ext, "fused_gate_dbwd")  # the revision's build, not the current one twice
+    rows = [line for line in out.read_text().splitlines() if line.startswith(("| fwd", "| bwd", "| dbwd"))]
+    assert len(rows) == 3 * 2 * 2, rows  # ops x layouts x dtypes
+    assert all(line.endswith("| 2 | 0.0e+00 |") for line in rows), rows
