@@ -9,6 +9,11 @@
 //   val_der2:   g, dg, ddg = cst (f, f', f'')(x[i]); a[i] = dg[i] v[i]         (gates' double backward)
 #pragma once
 
+// the loops vectorise only under the includer's floating-point options (see above)
+#ifndef MMEA_FG_FP_OPTIONS
+#error "act_loops.h: include it from fused_gate.cpp, after its GCC optimize(\"no-trapping-math\") pragma"
+#endif
+
 #include <ATen/OpMathType.h>
 
 #include <cstdint>
@@ -91,13 +96,16 @@ MMEA_FG_LOOPS(_avx512, __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma
 // run-time choice of the ISA (the CPU's widest, capped by MMEA_CPU_ISA): NAME<TARGS>(ARGS) of the
 // AVX-512, AVX2 or baseline clone
 #if MMEA_FG_HAVE_AVX2
-#define MMEA_FG_ISA_CALL(NAME, TARGS, ARGS)                       \
-  if (::mmea::use_avx512()) NAME##_avx512<MMEA_FG_UNPAREN TARGS> ARGS; \
-  else if (::mmea::use_avx2()) NAME##_avx2<MMEA_FG_UNPAREN TARGS> ARGS; \
-  else NAME##_base<MMEA_FG_UNPAREN TARGS> ARGS
+#define MMEA_FG_ISA_CALL(NAME, TARGS, ARGS)                                  \
+  do {                                                                       \
+    if (::mmea::use_avx512()) NAME##_avx512<MMEA_FG_UNPAREN TARGS> ARGS;     \
+    else if (::mmea::use_avx2()) NAME##_avx2<MMEA_FG_UNPAREN TARGS> ARGS;    \
+    else NAME##_base<MMEA_FG_UNPAREN TARGS> ARGS;                            \
+  } while (0)
 #else
 #define MMEA_FG_ISA_CALL(NAME, TARGS, ARGS) NAME##_base<MMEA_FG_UNPAREN TARGS> ARGS
 #endif
+#undef MMEA_FG_HAVE_AVX2
 #define MMEA_FG_UNPAREN(...) __VA_ARGS__
 
 template <int A, typename scalar_t, typename out_t>

@@ -39,6 +39,7 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
+#define MMEA_FG_FP_OPTIONS 1  // act_loops.h checks that it comes after the pragma
 
 #include "activations.h"
 #include "isa.h"
@@ -164,6 +165,15 @@ std::vector<Seg> read_segs(const at::Tensor& segs_in, const at::Tensor& csts_in,
   }
   TORCH_CHECK(in_end == d_in && out_end == d_out, "mmea_kernels_ext::", op, ": the gate's segments cover ", in_end,
               " input and ", out_end, " output columns, but the tensors have ", d_in, " and ", d_out);
+  // every gate a gated block reads is written by a gate segment first (else the block would read the
+  // scratch left by an earlier row)
+  std::vector<char> written(static_cast<size_t>(G), 0);
+  for (const Seg& s : out)
+    if (s.kind == 1) std::fill(written.begin() + s.dst, written.begin() + s.dst + s.n, char(1));
+  for (const Seg& s : out)
+    for (int64_t k = s.gate0; s.kind == 2 && k < s.gate0 + s.n; ++k)
+      TORCH_CHECK(written[k], "mmea_kernels_ext::", op, ": gate ", k, " is read by a gated block but no gate segment ",
+                  "computes it");
   return out;
 }
 

@@ -51,8 +51,8 @@ def _inputs(fg, n, dtype, device="cpu", seed=0):
 @pytest.mark.parametrize("acts", ACTS, ids=lambda a: "-".join(getattr(f, "__name__", "id") for f in a))
 def test_kernel_matches_reference(layout, acts, backend, device):
     _need(backend, device)
-    # gated widths 3 and 5 (unrolled), 9 (the generic loop) and 1 (0o)
-    fg = FusedGate("3x0e+1x0e", acts, "2x0e+5x0e", acts, "2x1o+3x2e+1x4e+1x0o", layout=layout, backend=backend)
+    # gated widths 3, 5 and 7 (unrolled), 9 (the generic loop) and 1 (0o)
+    fg = FusedGate("3x0e+1x0e", acts, "2x0e+6x0e", acts, "2x1o+3x2e+1x4e+1x0o+1x3o", layout=layout, backend=backend)
     t = spec_tables(fg._key, device)
     # C++: 4 row chunks, above the serial threshold, on two threads; the interpreter: 3 programs
     n = 3000 if backend == "cpp" or device == "cuda" else 130
@@ -138,3 +138,10 @@ def test_bad_input_is_named():
         ops.fused_gate_bwd(x, wide, t.cpp_segs, t.cpp_csts, t.spec.num_gates)
     with pytest.raises(RuntimeError, match=f"fused_gate_fwd: {msg} 8 and 5"):
         ops.fused_gate_fwd(torch.cat([x, x[:, :2]], dim=1), t.cpp_segs, t.cpp_csts, 5, t.spec.num_gates)
+    # a gated block reading a gate that no gate segment computes: refused, not last row's scratch read
+    segs = t.cpp_segs.clone()
+    segs[segs[:, 0] == 2, 6] = 1
+    for name, args in (("fwd", (x, segs, t.cpp_csts, 5, 2)), ("bwd", (x, dy, segs, t.cpp_csts, 2)),
+                       ("dbwd", (x, dy, v, segs, t.cpp_csts, 2))):
+        with pytest.raises(RuntimeError, match=f"fused_gate_{name}: gate 1 is read by a gated block but no gate"):
+            getattr(ops, f"fused_gate_{name}")(*args)
