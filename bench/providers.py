@@ -80,12 +80,22 @@ class Variant(torch.nn.Module):
 
 
 def make_run(module, x: torch.Tensor, dy: torch.Tensor, mode: str):
-    """The timed call: ``fwd`` (no grad) or ``fwd+bwd`` (the input gradient ``dy``-weighted)."""
+    """The timed call: ``fwd`` (no grad), ``fwd+bwd`` (the input gradient ``dy``-weighted) or
+    ``force`` (that gradient with ``create_graph``, then the gradient of ``<it, w>`` with respect to
+    ``x``: the second derivatives a force-training step takes; ``w`` fixed, x-shaped)."""
     if mode == "fwd":
         def run():
             with torch.no_grad():
                 module(x)
-    else:
+    elif mode == "fwd+bwd":
         def run():
             torch.autograd.grad(module(x), x, dy)
+    elif mode == "force":
+        w = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=torch.Generator(x.device).manual_seed(1))
+
+        def run():
+            (g,) = torch.autograd.grad(module(x), x, dy, create_graph=True)
+            torch.autograd.grad(g, x, w)
+    else:
+        raise ValueError(f"mode {mode!r}: expected fwd, fwd+bwd or force")
     return run

@@ -1,6 +1,6 @@
 """CPU benchmarks (pytest-benchmark) of the gate nonlinearity: e3nn's ``Gate`` against
 :class:`mmea_kernels.nn.FusedGate` on SevenNet-0's gate shape (``128x0e`` scalars, 96 gates,
-gated ``64x1e+32x2e``, silu), forward and forward+backward. Rows go to the same results file as
+gated ``64x1e+32x2e``, silu), forward, forward+backward and a force step (second derivatives). Rows go to the same results file as
 the other benchmarks (``make bench``). For the speed-up itself (paired ratios over many rounds,
 and the whole-model number) use ``bench/gate_speed.py``."""
 import os
@@ -19,7 +19,7 @@ GATE = ("128x0e", [F.silu], "64x0e+32x0e", [F.silu, F.silu], "64x1e+32x2e")
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd", "force"])
 @pytest.mark.parametrize("provider", ["base", "fused"])
 def test_gate(benchmark, record, n, dtype, mode, provider):
     """``base`` is e3nn's Gate (the overhead column of the table is then FusedGate / Gate - 1)."""
