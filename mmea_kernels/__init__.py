@@ -8,7 +8,7 @@ libraries when used."""
 from ._compat import install as _install_aliases
 from .layout import IrrepsLayout
 from .linear_spec import LinearSpec
-from .nn import ELoRALinear, FusedGate, MMEALinear, replace_gates, restore_gates
+from .nn import ELoRALinear, FusedGate, MMEALinear, replace_gates, restore_gates, split_tp_slices
 from .ops import gate_mul, seg_dot
 from .peft import (AdapterConfig, adapted_modules, adapter_state_dict, disable_adapters, inject_adapters,
                    load_adapter_state_dict, merge_and_unload, report, unload)
@@ -21,7 +21,7 @@ __all__ = [
     "IrrepsLayout", "LinearSpec", "gate_mul", "seg_dot", "MMEALinear", "ELoRALinear", "AdapterConfig",
     "inject_adapters", "adapter_state_dict", "load_adapter_state_dict", "merge_and_unload", "unload",
     "disable_adapters", "adapted_modules", "report", "convert_adapted_to_cueq", "convert_adapted_to_e3nn",
-    "FusedGate", "replace_gates", "restore_gates", "load_kernels",
+    "FusedGate", "replace_gates", "restore_gates", "split_tp_slices", "load_kernels",
 ]
 
 _LAZY = {"convert_adapted_to_cueq": "integrations.cueq", "convert_adapted_to_e3nn": "integrations.cueq",

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..integrations.heads import use_head
+from ..nn.tp_slices import split_tp_slices
 from .safe_load import safe_load
 
 __all__ = ["MODEL_FORMAT", "DEFAULT_MODEL", "ASSETS", "load_model", "save_model", "fingerprint", "model_info"]
@@ -109,7 +110,8 @@ def _mace_foundation(spec: str, head: Optional[str] = None) -> nn.Module:
 
 def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
                dtype: Optional[torch.dtype] = None, trust_pickle: bool = False,
-               fused_gate: bool = True, unused_config: str = "refuse", head: Optional[str] = None) -> nn.Module:
+               fused_gate: bool = True, unused_config: str = "refuse", head: Optional[str] = None,
+               split_slices: bool = True) -> nn.Module:
     """The base model named by ``spec`` (see the module docstring), in eval mode, on the CPU.
 
     ``config`` (``--model-config``) is for a file holding a bare state dict; given with a model that
@@ -122,6 +124,9 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
     ``fused_gate``: a SevenNet model gets :class:`~mmea_kernels.nn.FusedGate` in place of its e3nn
     ``Gate`` layers (same state dict, same numbers, faster); ``False`` keeps e3nn's.
 
+    ``split_slices``: :func:`~mmea_kernels.nn.tp_slices.split_tp_slices` on the model (one split per
+    tensor in e3nn's generated code: same numbers, faster backward); ``False`` keeps e3nn's code.
+
     Files are read with ``weights_only=True``; a whole pickled model (mace-torch ``*.model``) needs
     ``trust_pickle=True``, since unpickling runs code named by the file (:mod:`.safe_load`)."""
     spec = str(spec)
@@ -129,7 +134,7 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
         raise ValueError(f"unused_config must be 'refuse' or 'ignore', got {unused_config!r}")
     if config is not None and spec.startswith(("builtin:", "preset:", "mace-off:", "mace-mp:", "sevenn:")):
         if unused_config == "ignore":
-            return load_model(spec, None, dtype, trust_pickle, fused_gate, head=head)
+            return load_model(spec, None, dtype, trust_pickle, fused_gate, head=head, split_slices=split_slices)
         raise ValueError(f"--model-config is for a base model file that holds a bare state dict; {spec} brings its "
                          "own architecture")
     if spec.startswith("builtin:"):
@@ -139,7 +144,7 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
             raise FileNotFoundError(f"no built-in model {name!r} (have {have}); a file is named without "
                                     "'builtin:': --model PATH")
         path = ASSETS / f"{name}.pt"
-        model = load_model(str(path))
+        model = load_model(str(path), split_slices=split_slices)
     elif spec.startswith("preset:"):
         from ..integrations.mace import build_mace
 
@@ -179,6 +184,8 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
     if dtype is not None:
         model = model.to(dtype)
     use_head(model, head, where=spec)
+    if split_slices:
+        split_tp_slices(model)
     return model.eval()
 
 

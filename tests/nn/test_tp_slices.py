@@ -1,0 +1,134 @@
+"""split_tp_slices: e3nn's generated TensorProduct / Linear graphs with one split per sliced tensor
+give bitwise the same values and first and second derivatives as e3nn's own graphs (float64 and
+float32), run no slice_backward (the zero-filled copies it replaces), script, and leave the state
+dict alone; on SevenNet-0 the energies, forces and a force-training step's gradients are unchanged."""
+import copy
+
+import pytest
+import torch
+from e3nn import o3
+
+from mmea_kernels.nn.tp_slices import split_tp_slices
+
+
+def _tp():
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict({
+        "fc": o3.FullyConnectedTensorProduct("8x0e+8x1o+4x2e", "0e+1o+2e", "8x0e+8x1o+4x2e+2x3o",
+                                             shared_weights=False, internal_weights=False),
+        "uvu": o3.TensorProduct("6x0e+4x1o+2x2e", "0e+1o", "6x0e+4x1o+4x1e+2x2e",
+                                [(0, 0, 0, "uvu", True), (1, 0, 1, "uvu", True), (1, 1, 2, "uvu", True),
+                                 (2, 0, 3, "uvu", True)],
+                                shared_weights=False, internal_weights=False),
+        "lin": o3.Linear("8x0e+8x1o+4x2e", "4x0e+4x1o+2x2e"),
+    })
+
+
+def _all_orders(mods, dtype, n=23, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for name in ("fc", "uvu"):
+        tp = mods[name]
+        xs = [torch.randn(n, d, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+              for d in (tp.irreps_in1.dim, tp.irreps_in2.dim, tp.weight_numel)]
+        y = tp(*xs)
+        g = torch.autograd.grad(y.sin().sum(), xs, create_graph=True)
+        g2 = torch.autograd.grad(sum((t * t).sum() for t in g), xs)
+        out += [y, *g, *g2]
+    lin = mods["lin"]
+    x = torch.randn(n, lin.irreps_in.dim, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    y = lin(x)
+    (g,) = torch.autograd.grad(y.sin().sum(), x, create_graph=True)
+    out += [y, g, *torch.autograd.grad((g * g).sum(), [x, lin.weight])]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_values_and_derivatives_bitwise_equal(dtype):
+    ref = _tp().to(dtype)
+    new = copy.deepcopy(ref)
+    state = {k: v.clone() for k, v in new.state_dict().items()}
+    assert split_tp_slices(new) == 3
+    assert split_tp_slices(new) == 0  # already rewritten: nothing left to do
+    for a, b in zip(_all_orders(ref, dtype), _all_orders(new, dtype)):
+        assert torch.equal(a, b)
+    assert new.state_dict().keys() == state.keys()
+    assert all(torch.equal(new.state_dict()[k], v) for k, v in state.items())
+
+
+def test_backward_runs_no_zero_filled_slice_copies():
+    mods = _tp().double()
+    tp = mods["fc"]
+
+    def ops():
+        x1 = torch.randn(9, tp.irreps_in1.dim, dtype=torch.float64, requires_grad=True)
+        x2 = torch.randn(9, tp.irreps_in2.dim, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(9, tp.weight_numel, dtype=torch.float64, requires_grad=True)
+        with torch.profiler.profile() as prof:
+            torch.autograd.grad(tp(x1, x2, w).sum(), [x1, x2, w])
+        return {e.key for e in prof.key_averages()}
+
+    assert "aten::slice_backward" in ops()  # e3nn's own graph: one zero-filled copy per slice
+    split_tp_slices(mods)
+    names = ops()
+    assert "aten::slice_backward" not in names and "SplitWithSizesBackward0" in names, names
+
+
+def test_rewritten_layers_script():
+    mods = _tp().double()
+    split_tp_slices(mods)
+    tp = mods["fc"]
+    x1, x2 = torch.randn(5, tp.irreps_in1.dim, dtype=torch.float64), torch.randn(5, tp.irreps_in2.dim, dtype=torch.float64)
+    w = torch.randn(5, tp.weight_numel, dtype=torch.float64)
+    scripted = torch.jit.script(tp._compiled_main_left_right)
+    assert torch.equal(scripted(x1, x2, w), tp(x1, x2, w))
+    lin = mods["lin"]
+    x = torch.randn(5, lin.irreps_in.dim, dtype=torch.float64)
+    assert torch.equal(torch.jit.script(lin._compiled_main)(x, lin.weight, lin.bias), lin(x))
+
+
+def test_sevennet_energies_forces_and_training_gradients_unchanged():
+    pytest.importorskip("sevenn")
+    from mmea_kernels.integrations.mace import atoms_to_batch
+    from mmea_kernels.integrations.sevenn import load_sevennet
+    from mmea_kernels.app.data import toy_molecules
+
+    ref = load_sevennet("7net-0", dtype=torch.float64)
+    new = copy.deepcopy(ref)
+    assert split_tp_slices(new) > 0
+    batch = atoms_to_batch(toy_molecules("ethanol", 2), ref.atomic_numbers.tolist(), float(ref.r_max),
+                           dtype=torch.float64)
+
+    def run(m):
+        out = m(dict(batch), training=True, compute_force=True)
+        loss = out["energy"].square().sum() + out["forces"].square().sum()
+        params = [p for p in m.parameters() if p.requires_grad]
+        return [out["energy"], out["forces"], *torch.autograd.grad(loss, params)]
+
+    got, want = run(new), run(ref)
+    assert len(got) > 2
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+def test_load_model_splits_by_default_with_the_same_numbers():
+    """``load_model`` rewrites the base model's e3nn graphs unless ``split_slices=False``; energies and
+    forces of the two are bitwise equal."""
+    from torch import fx
+
+    from mmea_kernels.app.data import toy_molecules
+    from mmea_kernels.integrations.mace import atoms_to_batch
+    from mmea_kernels.train.foundation import fingerprint, load_model
+
+    def codes(m):
+        return [g.code for g in m.modules() if isinstance(g, fx.GraphModule)]
+
+    fast = load_model("builtin:mace-xtb-small", dtype=torch.float64)
+    plain = load_model("builtin:mace-xtb-small", dtype=torch.float64, split_slices=False)
+    assert any(".split(" in c for c in codes(fast)) and not any(".split(" in c for c in codes(plain))
+    assert fingerprint(fast) == fingerprint(plain)  # same state dict
+    batch = atoms_to_batch(toy_molecules("ethanol", 2), fast.atomic_numbers.tolist(), float(fast.r_max),
+                           dtype=torch.float64)
+    a = fast(dict(batch), training=False, compute_force=True)
+    b = plain(dict(batch), training=False, compute_force=True)
+    assert torch.equal(a["energy"], b["energy"]) and torch.equal(a["forces"], b["forces"])
