@@ -130,6 +130,8 @@ def build(args, device, dtype):
         torch.set_default_dtype(prev)
     for p in base.parameters():
         p.requires_grad_(False)
+    if args.split_slices:  # what load_model gives every base model (the e3nn graphs rewritten)
+        mk.split_tp_slices(base)
     mmea = copy.deepcopy(base)
     mk.inject_adapters(mmea, method="mmea", rank=args.rank)
     elora = copy.deepcopy(base)
@@ -304,6 +306,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="directory for the JSON row file")
     ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                     help="time every model under torch.compile (default backend: inductor), forces with create_graph")
+    ap.add_argument("--split-slices", action="store_true",
+                    help="rewrite the base model's e3nn graphs first (mk.split_tp_slices, as load_model does)")
     ap.add_argument("--profile", type=int, default=0, metavar="K",
                     help="also profile K energy+force evaluations of each model (host, wall, device kernels)")
     args = ap.parse_args(argv)
@@ -325,6 +329,8 @@ def main(argv=None):
     fused = f"{sum(k is not None for k in kernels)}/{len(adapters)} MMEALinear fused ({sorted(set(kernels) - {None})})"
     where = machine_label(device)
     size = f"{args.preset} {args.frames}x {args.molecule} {args.dtype}"
+    if args.split_slices:
+        size += " split-slices"
     training = False  # inference forces without create_graph (eager)
     if args.compile:
         size += f" compiled ({args.compile})"

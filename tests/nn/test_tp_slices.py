@@ -3,6 +3,7 @@ give bitwise the same values and first and second derivatives as e3nn's own grap
 float32), run no slice_backward (the zero-filled copies it replaces), script, and leave the state
 dict alone; on SevenNet-0 the energies, forces and a force-training step's gradients are unchanged."""
 import copy
+import pickle
 
 import pytest
 import torch
@@ -51,6 +52,10 @@ def test_values_and_derivatives_bitwise_equal(dtype):
     assert split_tp_slices(new) == 3
     assert split_tp_slices(new) == 0  # already rewritten: nothing left to do
     for a, b in zip(_all_orders(ref, dtype), _all_orders(new, dtype)):
+        assert torch.equal(a, b)
+    again = pickle.loads(pickle.dumps(new))  # e3nn pickles its graphs as fx (deepcopy does the same)
+    assert ".split(" in again["fc"]._compiled_main_left_right.code and split_tp_slices(again) == 0
+    for a, b in zip(_all_orders(ref, dtype), _all_orders(again, dtype)):
         assert torch.equal(a, b)
     assert new.state_dict().keys() == state.keys()
     assert all(torch.equal(new.state_dict()[k], v) for k, v in state.items())
