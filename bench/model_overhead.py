@@ -130,7 +130,7 @@ def build(args, device, dtype):
         torch.set_default_dtype(prev)
     for p in base.parameters():
         p.requires_grad_(False)
-    if args.split_slices:  # what load_model gives every base model (the e3nn graphs rewritten)
+    if getattr(args, "split_slices", False):  # what load_model gives every base model (e3nn graphs rewritten)
         mk.split_tp_slices(base)
     mmea = copy.deepcopy(base)
     mk.inject_adapters(mmea, method="mmea", rank=args.rank)
