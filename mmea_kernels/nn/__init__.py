@@ -1,6 +1,6 @@
 """User-facing layers: the adapters (MMEALinear, ELoRALinear on the view of their base layer in
-``base``), their TorchScript forms (``scriptable``), FusedGate and the gate swap, and ``split_tp_slices`` (a faster backward for e3nn's
-generated tensor-product / linear code)."""
+``base``), their TorchScript forms (``scriptable``), FusedGate and the gate swap, and
+``split_tp_slices`` (a faster backward for e3nn's generated tensor-product / linear code)."""
 from .base import AdapterLinear, is_equivariant_linear
 from .elora import ELoRALinear
 from .fused_gate import FusedGate

@@ -386,3 +386,28 @@ def test_fused_gate_ab_script_builds_a_revision_and_compares_it(tmp_path, capsys
     rows = [line for line in out.read_text().splitlines() if line.startswith(("| fwd", "| bwd", "| dbwd"))]
     assert len(rows) == 3 * 2 * 2, rows  # ops x layouts x dtypes
     assert all(line.endswith("| 2 | 0.0e+00 |") for line in rows), rows
+
+
+def test_make_run_force_mode_differentiates_twice(monkeypatch):
+    """providers.make_run's ``force`` mode (make bench's gate force step): the input gradient with
+    ``create_graph``, then a gradient of it; an unknown mode is refused by name."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from providers import make_run
+    finally:
+        sys.path.pop(0)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    calls, real = [], torch.autograd.grad
+
+    def spy(outputs, inputs, grad_outputs=None, **kw):
+        res = real(outputs, inputs, grad_outputs, **kw)
+        calls.append((kw.get("create_graph", False), res[0].detach().clone()))
+        return res
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    make_run(lambda t: t ** 3, x, torch.ones(5, 3, dtype=torch.float64), "force")()
+    assert [c for c, _ in calls] == [True, False]
+    torch.testing.assert_close(calls[0][1], 3 * x.detach() ** 2)  # d(x^3)/dx
+    assert calls[1][1].abs().sum() > 0  # 6 x w: the second derivative ran
+    with pytest.raises(ValueError, match="mode 'bogus'"):
+        make_run(lambda t: t, x, x, "bogus")
