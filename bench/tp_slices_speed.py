@@ -26,7 +26,7 @@ import torch
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from gate_speed import _frames, paired, raw_row, summary  # noqa: E402
+from gate_speed import _frames, _loss_grads, paired, raw_row, summary  # noqa: E402
 from provenance import cpu_model, provenance  # noqa: E402
 
 
@@ -38,13 +38,6 @@ def _model(name, dtype):
     m = load_model(spec, dtype=dtype, split_slices=False)
     mk.inject_adapters(m, mk.AdapterConfig("mmea", rank=16))
     return m
-
-
-def _step(m, batch):
-    out = m(dict(batch), training=True, compute_force=True)
-    loss = out["energy"].square().mean() + out["forces"].square().mean()
-    params = [p for p in m.parameters() if p.requires_grad]
-    return [out["energy"].detach(), out["forces"].detach(), *torch.autograd.grad(loss, params)]
 
 
 def bench_model(name, args, lines, rows, notes):
@@ -59,7 +52,11 @@ def bench_model(name, args, lines, rows, notes):
     frames, what = _frames(args.frames)
     z, r_max = model_info(plain)
     batch = atoms_to_batch(frames, z, r_max, dtype=dtype)
-    for a, b in zip(_step(plain, batch), _step(fast, batch)):
+    def checked(m):  # energies, forces and the training step's gradients
+        out = m(dict(batch), training=False, compute_force=True)
+        return [out["energy"], out["forces"], *_loss_grads(m, batch)]
+
+    for a, b in zip(checked(plain), checked(fast)):
         assert torch.equal(a, b), f"{name}: the rewritten model differs"
     notes.append(f"{name}: {changed} e3nn modules rewritten; {what}, {sum(len(a) for a in frames)} atoms; "
                  "energies, forces and training gradients bitwise equal")
@@ -67,7 +64,7 @@ def bench_model(name, args, lines, rows, notes):
     def infer(m):
         return lambda: m(dict(batch), training=False, compute_force=True)
 
-    for case, make in (("energy+forces", infer), ("force-training step", lambda m: lambda: _step(m, batch))):
+    for case, make in (("energy+forces", infer), ("force-training step", lambda m: lambda: _loss_grads(m, batch))):
         ta, tb, ratios = paired(make(plain), make(fast), args.rounds, torch.device("cpu"))
         label = f"{name} {case} {args.dtype}"
         lines.append(summary(label, ta, tb, ratios))
