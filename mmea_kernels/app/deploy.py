@@ -296,6 +296,22 @@ def _sevennet_checks(net, probe: dict, r_max: float, fmt: str):
     return _eager_frames(net, [probe] + ([] if bool(torch.as_tensor(probe["pbc"]).all()) else [_boxed(probe, r_max)]))
 
 
+def _sevennet_request(base: str, fmt: str, dtype: Optional[str]) -> str:
+    """The pair style a SevenNet checkpoint (``base``) exports to as ``fmt``; raises for a format or
+    dtype that SevenNet's pair styles cannot run."""
+    from ..integrations import sevenn_deploy as sd
+
+    style = sd.PAIR_STYLE_PARALLEL if fmt == PARALLEL else sd.PAIR_STYLE
+    if fmt not in ("lammps", PARALLEL):
+        raise ValueError(f"a SevenNet checkpoint (base {base!r}) exports as --format lammps (the file of "
+                         f"SevenNet's pair_style {sd.PAIR_STYLE}) or {PARALLEL} (pair_style {sd.PAIR_STYLE_PARALLEL}); "
+                         f"--format {fmt} is for MACE models")
+    if dtype not in (None, "float32"):
+        raise ValueError(f"SevenNet's pair_style {style} runs float32 (its edge vectors are float32); "
+                         f"--dtype {dtype} cannot be exported for it")
+    return style
+
+
 def _export_sevennet(net, ckpt: dict, out: pathlib.Path, fmt: str, dtype: Optional[str], kernels: str = "aten") -> dict:
     """A SevenNet checkpoint as the file of SevenNet's LAMMPS pair style (``pair_style e3gnn``,
     float32: the pair passes float32 edge vectors), or for ``lammps-parallel`` the directory of
@@ -305,14 +321,7 @@ def _export_sevennet(net, ckpt: dict, out: pathlib.Path, fmt: str, dtype: Option
     from ..integrations import sevenn_deploy as sd
     from ..train.foundation import model_info
 
-    style = sd.PAIR_STYLE_PARALLEL if fmt == PARALLEL else sd.PAIR_STYLE
-    if fmt not in ("lammps", PARALLEL):
-        raise ValueError(f"a SevenNet checkpoint (base {ckpt['model']!r}) exports as --format lammps (the file of "
-                         f"SevenNet's pair_style {sd.PAIR_STYLE}) or {PARALLEL} (pair_style {sd.PAIR_STYLE_PARALLEL}); "
-                         f"--format {fmt} is for MACE models")
-    if dtype not in (None, "float32"):
-        raise ValueError(f"SevenNet's pair_style {style} runs float32 (its edge vectors are float32); "
-                         f"--dtype {dtype} cannot be exported for it")
+    style = _sevennet_request(ckpt["model"], fmt, dtype)
     from ..integrations.export import check_scriptable_model
     from ..peft.inject import tensor_product_gates
 
@@ -383,6 +392,7 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
     :func:`~mmea_kernels.nn.scriptable.script_kernels`). Returns what was written and the verified
     difference."""
     from ..train import load_finetuned
+    from ..train.checkpoint import read_checkpoint
     from ..train.foundation import model_info
     from ..train.selfcheck import probe_batch
     from .files import check_outputs, checkpoint_inputs
@@ -399,6 +409,9 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
         _check_parallel_out(out, overwrite)
     else:
         check_outputs({"--out": str(out)}, overwrite, checkpoint_inputs(checkpoint, model))
+    named = str(read_checkpoint(checkpoint)["model"]) if model is None else ""
+    if named.startswith("sevenn:"):  # what SevenNet's pair styles cannot run: refused before the model is built
+        _sevennet_request(named, fmt, dtype)
     net, ckpt = load_finetuned(checkpoint, model, trust_pickle=trust_pickle, device="cpu")
     if _is_sevennet(net):
         return _export_sevennet(net, ckpt, out, fmt, dtype, kernels)

@@ -229,6 +229,12 @@ def _read_checkpoint(path: pathlib.Path) -> dict:
     return ckpt
 
 
+def read_checkpoint(checkpoint) -> dict:
+    """The checkpoint's dict, read weights-only and checked as :func:`load_finetuned` reads it,
+    without building the model (what a command can refuse before it spends seconds on that)."""
+    return _read_checkpoint(pathlib.Path(checkpoint))
+
+
 def _needs_same_base(ckpt: dict) -> bool:
     """Whether the base weights must equal the ones trained on: always for adapter methods; for
     full/scratch only in checkpoints without their own buffers (written before they held them),

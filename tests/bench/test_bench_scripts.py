@@ -290,26 +290,34 @@ def test_linear_speed_script(tmp_path):
     assert "| 128x0e+128x1o | 16 | 1 | fwd | MMEA/base |" in next(tmp_path.glob("linear-speed-cpu-*.md")).read_text()
 
 
-# mmea from seed 8's case 8 on: a bf16 case whose b_down gradient is a sum 20x smaller than its terms'
-# sizes; the Triton path was 5 % off (rounding, not a defect) and the torch backend's bf16 run, which
-# set the tolerance, happened to be 0.2 % off: the tolerance now also covers the float64 reference's
-# change under a bf16-sized perturbation of its inputs (fuzz_triton.bf16_tol)
-@pytest.mark.parametrize("family,seed,start", [("gated_linear", 15, 0), ("mmea", 8, 8)])
-def test_triton_fuzzer_runs_its_cases_without_a_mismatch(family, seed, start, tmp_path):
+# ("mmea", 8, 8, 1): seed 8's case 8 alone, a bf16 case whose b_down gradient is a sum 20x smaller
+# than its terms' sizes; the Triton path was 5 % off (rounding, not a defect) and the torch backend's
+# bf16 run, which set the tolerance, happened to be 0.2 % off: the tolerance now also covers the
+# float64 reference's change under a bf16-sized perturbation of its inputs (fuzz_triton.bf16_tol)
+@pytest.mark.parametrize("family,seed,start,seconds,cases", [("gated_linear", 15, 0, 6, 3), ("mmea", 15, 0, 6, 3),
+                                                             ("mmea", 8, 8, 1, 1)])
+def test_triton_fuzzer_runs_its_cases_without_a_mismatch(family, seed, start, seconds, cases, tmp_path):
     """bench/fuzz_triton.py (Triton kernels against the torch backend, through the interpreter here):
-    a few seconds of one family run cases, each compared, with no mismatch and no crash; an unknown
-    family, extra arguments and a budget too short to run a case are refused by name."""
+    a few seconds of one family run cases (the budget is checked between cases), each compared,
+    with no mismatch and no crash."""
     env = dict(os.environ, OMP_NUM_THREADS="1", FUZZ_OUT=str(tmp_path))
     proc = subprocess.run([sys.executable, str(BENCH / "fuzz_triton.py"), "--device", "cpu", family, str(seed),
-                           str(start), "6"],
+                           str(start), str(seconds)],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     done = json.loads(next(line for line in lines if line.startswith("DONE "))[5:])
     bad = [line[:500] for line in lines if line.startswith(("FAIL ", "CRASH "))]
     assert not bad, bad
-    assert sum(line.startswith("CASE ") for line in lines) >= 3, proc.stdout[-2000:]
+    assert sum(line.startswith("CASE ") for line in lines) >= cases, proc.stdout[-2000:]
     assert done["fails"] == 0, done
+    if start:
+        assert lines[0].startswith("CASE ") and json.loads(lines[0][5:])["i"] == start, lines[:2]
+
+
+def test_triton_fuzzer_refuses_bad_arguments(tmp_path):
+    """An unknown family, extra arguments and a budget too short to run a case are refused by name."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", FUZZ_OUT=str(tmp_path))
     proc = subprocess.run([sys.executable, str(BENCH / "fuzz_triton.py"), "1", "gate,nonsense"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode != 0 and "unknown family" in proc.stderr

@@ -317,10 +317,12 @@ def test_finetune_smoke(tmp_path):
 def _export_for_pair_e3gnn(checkpoint, frames, tmp_path):
     """`mmea-kernels export` of the fine-tuned SevenNet: the pair_style e3gnn file (float32), checked
     before it takes its name, gives the checkpoint's model on frames it was not checked on; the
-    formats and dtypes the pair style cannot run are refused by name, writing nothing."""
+    formats and dtypes the pair style cannot run are refused by name, writing nothing, before the
+    model is built (load_finetuned is not called)."""
     import contextlib
     import io
     import json
+    from unittest import mock
 
     from mmea_kernels.app.cli import main
     from mmea_kernels.integrations.sevenn_deploy import run_like_pair_e3gnn
@@ -331,7 +333,8 @@ def _export_for_pair_e3gnn(checkpoint, frames, tmp_path):
                           (["--format", "lammps-mliap"], "--format lammps-mliap is for MACE models"),
                           (["--dtype", "float64"], "runs float32")):
         err = io.StringIO()
-        with contextlib.redirect_stderr(err):
+        with contextlib.redirect_stderr(err), mock.patch("mmea_kernels.train.load_finetuned",
+                                                         side_effect=AssertionError("the model was built")):
             assert main(["export", "--checkpoint", str(checkpoint), "--out", str(path), *extra]) == 2
         assert expect in err.getvalue(), err.getvalue()
     assert not list(tmp_path.glob("deployed*")) and not list(tmp_path.glob(".deployed*"))
