@@ -1,7 +1,7 @@
 """split_tp_slices: e3nn's generated TensorProduct / Linear graphs with one split per sliced tensor
 give bitwise the same values and first and second derivatives as e3nn's own graphs (float64 and
-float32), run no slice_backward (the zero-filled copies it replaces), script, and leave the state
-dict alone; on SevenNet-0 the energies, forces and a force-training step's gradients are unchanged."""
+float32), run no slice_backward (the zero-filled copies it replaces; in the second backward too, the
+output's cat), script, and leave the state dict alone; on SevenNet-0 the energies, forces and a force-training step's gradients are unchanged."""
 import copy
 import pickle
 
@@ -61,22 +61,65 @@ def test_values_and_derivatives_bitwise_equal(dtype):
     assert all(torch.equal(new.state_dict()[k], v) for k, v in state.items())
 
 
+def _backward_ops(tp, second: bool) -> set:
+    """The ops the profiler sees in ``tp``'s backward (``second``: in the backward of its input
+    gradient taken with create_graph, as a force loss runs it)."""
+    x1 = torch.randn(9, tp.irreps_in1.dim, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(9, tp.irreps_in2.dim, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, tp.weight_numel, dtype=torch.float64, requires_grad=True)
+    y = tp(x1, x2, w)
+    if second:
+        (g,) = torch.autograd.grad(y.sin().sum(), [x1], create_graph=True)
+        y = g * g
+    with torch.profiler.profile() as prof:
+        torch.autograd.grad(y.sum(), [x1, x2, w])
+    return {e.key for e in prof.key_averages()}
+
+
 def test_backward_runs_no_zero_filled_slice_copies():
     mods = _tp().double()
-    tp = mods["fc"]
-
-    def ops():
-        x1 = torch.randn(9, tp.irreps_in1.dim, dtype=torch.float64, requires_grad=True)
-        x2 = torch.randn(9, tp.irreps_in2.dim, dtype=torch.float64, requires_grad=True)
-        w = torch.randn(9, tp.weight_numel, dtype=torch.float64, requires_grad=True)
-        with torch.profiler.profile() as prof:
-            torch.autograd.grad(tp(x1, x2, w).sum(), [x1, x2, w])
-        return {e.key for e in prof.key_averages()}
-
-    assert "aten::slice_backward" in ops()  # e3nn's own graph: one zero-filled copy per slice
+    assert "aten::slice_backward" in _backward_ops(mods["fc"], False)  # e3nn's graph: a zero-filled copy per slice
     split_tp_slices(mods)
-    names = ops()
+    names = _backward_ops(mods["fc"], False)
     assert "aten::slice_backward" not in names and "SplitWithSizesBackward0" in names, names
+
+
+def test_force_training_backward_runs_no_zero_filled_slice_copies():
+    """The output's cat: its backward (the forces, create_graph) narrowed the gradient once per
+    instruction, and the loss backward zero-filled a copy of the whole output for each narrow;
+    rewritten, the first backward splits once and the second runs no slice_backward."""
+    mods = _tp().double()
+    assert "aten::slice_backward" in _backward_ops(mods["uvu"], True)
+    split_tp_slices(mods)
+    assert "aten::slice_backward" not in _backward_ops(mods["uvu"], True)
+
+
+def test_the_rewritten_cat_under_forward_mode_functorch_and_compile():
+    """cat_split_backward: forward-mode tangents, torch.func.hessian and torch.compile (the plain
+    cat there) give e3nn's own numbers."""
+    import torch.autograd.forward_ad as fwAD
+
+    ref = _tp().double()
+    new = copy.deepcopy(ref)
+    split_tp_slices(new)
+    gen = torch.Generator().manual_seed(3)
+    tps = [(m["uvu"], m["fc"]) for m in (ref, new)]
+    dims = (ref["uvu"].irreps_in1.dim, ref["uvu"].irreps_in2.dim, ref["uvu"].weight_numel)
+    x1, x2, w = (torch.randn(2, d, generator=gen, dtype=torch.float64) for d in dims)
+    tangents = []
+    for tp, _ in tps:
+        with fwAD.dual_level():
+            y = tp(fwAD.make_dual(x1.clone().requires_grad_(), torch.ones_like(x1)), x2, w)
+            tangents.append(fwAD.unpack_dual(y).tangent)
+    assert torch.equal(*tangents)
+    hess = [torch.func.hessian(lambda x, tp=tp: tp(x, x2, w).sin().sum())(x1) for tp, _ in tps]
+    assert torch.equal(*hess)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(tps[1][0], backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x1, x2, w), tps[0][0](x1, x2, w), rtol=1e-14, atol=1e-14)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_rewritten_layers_script():
