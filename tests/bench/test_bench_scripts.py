@@ -138,6 +138,23 @@ def test_model_overhead_script(tmp_path):
     assert growth["kernels"] and any(n.startswith("mmea_kernels_ext::") for n in names) == ("'cpp'" in rows[0]["mmea_fused"])
 
 
+def test_tp_slices_speed_script_checks_and_times_against_the_slices_alone(tmp_path):
+    """bench/tp_slices_speed.py --baseline slices-only: the rewritten model (slices and cats) is
+    checked bitwise equal to split_tp_slices(cats=False) in energies, forces and training gradients
+    before both are timed; the rows name the baseline."""
+    pytest.importorskip("mace")
+    out = tmp_path / "tps.txt"
+    res = subprocess.run([sys.executable, str(BENCH / "tp_slices_speed.py"), "--models", "tiny", "--rounds", "2",
+                          "--frames", "1", "--baseline", "slices-only", "--out", str(out)], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    text = out.read_text()
+    assert "split_tp_slices vs split_tp_slices(cats=False)" in text and "| case | slices-only ms |" in text
+    assert "training gradients bitwise equal" in text
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["case"] for r in rows] == ["tiny energy+forces float32", "tiny force-training step float32"]
+
+
 def test_md_step_script(tmp_path):
     """bench/md_step.py: both calculators give the same energies and forces on its frames (it checks,
     exactly), then a ratio with its quartiles."""
