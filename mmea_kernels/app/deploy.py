@@ -409,9 +409,9 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
         _check_parallel_out(out, overwrite)
     else:
         check_outputs({"--out": str(out)}, overwrite, checkpoint_inputs(checkpoint, model))
-    named = str(read_checkpoint(checkpoint)["model"]) if model is None else ""
-    if named.startswith("sevenn:"):  # what SevenNet's pair styles cannot run: refused before the model is built
-        _sevennet_request(named, fmt, dtype)
+    if model is None and (fmt not in ("lammps", PARALLEL) or dtype not in (None, "float32")):  # a SevenNet base
+        if (named := str(read_checkpoint(checkpoint)["model"])).startswith("sevenn:"):  # cannot run it: refused
+            _sevennet_request(named, fmt, dtype)  # before the model is built
     net, ckpt = load_finetuned(checkpoint, model, trust_pickle=trust_pickle, device="cpu")
     if _is_sevennet(net):
         return _export_sevennet(net, ckpt, out, fmt, dtype, kernels)
