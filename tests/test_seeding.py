@@ -25,6 +25,9 @@ def test_a_test_draws_from_the_state_its_name_fixes(request):
 
 
 def test_another_test_draws_something_else(request):
+    first = torch.rand(3)
+    torch.manual_seed(_expected_seed(request))
+    assert torch.equal(first, torch.rand(3))
     torch.manual_seed(_expected_seed(request) + 1)  # whatever this test leaves behind ...
     torch.rand(5)
 
