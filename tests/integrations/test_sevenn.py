@@ -40,12 +40,24 @@ def base64():
 
 
 @pytest.fixture(scope="module")
-def reference(frames):
+def base32():
+    return load_sevennet("7net-0")  # float32, loaded once for the tests that compare it (~1 s a load)
+
+
+@pytest.fixture(scope="module")
+def sevennet_calc():
+    """SevenNet's own ASE calculator (a float32 model), the independent reference, made once for the
+    module (~1 s each); ASE recomputes whenever the atoms differ from its last ones."""
     from sevenn.calculator import SevenNetCalculator
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        calc = SevenNetCalculator("7net-0", device="cpu")
+        return SevenNetCalculator("7net-0", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(frames, sevennet_calc):
+    calc = sevennet_calc
     out = []
     for a in frames:
         a = a.copy()
@@ -79,17 +91,17 @@ def test_interface(base64):
 
 
 @pytest.mark.parametrize("dtype,tol_e,tol_f", [(torch.float64, 1e-5, 1e-5), (torch.float32, 2e-5, 1e-5)])
-def test_parity_with_sevennet_calculator(base64, frames, reference, dtype, tol_e, tol_f):
+def test_parity_with_sevennet_calculator(base64, base32, frames, reference, dtype, tol_e, tol_f):
     """Energies and forces equal SevenNetCalculator's (a float32 model) on two molecules and a periodic
     crystal, all in one batch; E0s added per atom."""
-    model = base64 if dtype == torch.float64 else load_sevennet("7net-0")
+    model = base64 if dtype == torch.float64 else base32
     e, f = _eval(model, _batch(model, frames, dtype))
     ptr = np.cumsum([0] + [len(a) for a in frames])
     for i, (e_ref, f_ref) in enumerate(reference):
         assert abs(float(e[i]) - e_ref) < tol_e, (i, float(e[i]), e_ref)
         np.testing.assert_allclose(f[ptr[i]:ptr[i + 1]].numpy(), f_ref, atol=tol_f, rtol=0)
     # the per-element reference energies are added as a sum over atoms
-    m = copy.deepcopy(base64) if dtype == torch.float64 else model
+    m = copy.deepcopy(model)  # the module's models stay as loaded
     e0 = torch.arange(89, dtype=m.atomic_energies_fn.atomic_energies.dtype) * 0.5
     m.atomic_energies_fn.atomic_energies.copy_(e0)
     e2, f2 = _eval(m, _batch(m, frames, dtype))
@@ -99,16 +111,12 @@ def test_parity_with_sevennet_calculator(base64, frames, reference, dtype, tol_e
     torch.testing.assert_close(f2, f, rtol=0, atol=TOL[dtype]["atol"])
 
 
-def test_per_atom_energies_equal_sevennet_calculators(base64, frames):
+def test_per_atom_energies_equal_sevennet_calculators(base64, frames, sevennet_calc):
     """The wrapper's ``node_energy`` and the ASE calculator's ``energies`` equal SevenNetCalculator's
     per-atom energies (SevenNet-0's E0s are zero); with E0s set, ``node_energy`` excludes them."""
-    from sevenn.calculator import SevenNetCalculator
-
     from mmea_kernels.app.calculator import MMEACalculator
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = SevenNetCalculator("7net-0", device="cpu")
+    ref = sevennet_calc
     a, b = frames[0].copy(), frames[0].copy()
     a.calc, b.calc = ref, MMEACalculator(module=base64)
     np.testing.assert_allclose(b.get_potential_energies(), a.get_potential_energies(), rtol=0, atol=2e-5)
@@ -233,21 +241,16 @@ def _strained_crystal():
     return a
 
 
-def test_stress_matches_sevennet_calculator(base64):
+def test_stress_matches_sevennet_calculator(base64, base32, sevennet_calc):
     """The stress of the periodic crystal (strained, triclinic) equals SevenNetCalculator's (a float32
     model: 3e-8 eV/Å³ seen), through the FusedGate layers (load_sevennet's default) and through e3nn's."""
-    from sevenn.calculator import SevenNetCalculator
-
     from mmea_kernels.app.calculator import MMEACalculator
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref_calc = SevenNetCalculator("7net-0", device="cpu")
     a = _strained_crystal()
-    a.calc = ref_calc
+    a.calc = sevennet_calc
     ref = a.get_stress()
     assert np.abs(ref).max() > 1e-3
-    for model in (base64, load_sevennet("7net-0", dtype=torch.float64, fused_gate=False), load_sevennet("7net-0")):
+    for model in (base64, load_sevennet("7net-0", dtype=torch.float64, fused_gate=False), base32):
         b = _strained_crystal()
         b.calc = MMEACalculator(module=model)
         np.testing.assert_allclose(b.get_stress(), ref, rtol=0, atol=2e-7)

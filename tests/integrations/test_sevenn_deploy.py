@@ -38,21 +38,36 @@ def base():
     return load_sevennet("7net-0")  # float32, FusedGate (the fine-tuning default)
 
 
+@pytest.fixture(scope="module")
+def base_file(base):
+    """``(module, metadata)``: the base model's pair_style e3gnn file, made once for the tests that
+    read it (~2 s a build)."""
+    return sevennet_lammps_model(base)
+
+
+@pytest.fixture(scope="module")
+def sevenns_own_file(tmp_path_factory):
+    """sevenn's own deploy of the SevenNet-0 checkpoint (its pair_style e3gnn file), made once for the
+    two tests that compare against it (~3 s a deploy)."""
+    from sevenn.scripts.deploy import deploy
+
+    path = tmp_path_factory.mktemp("sevenn-deploy") / "ref.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        deploy(_checkpoint_path("7net-0"), str(path))
+    return path
+
+
 def _close(a, b, rel):
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     assert float((a - b).abs().max()) <= rel * max(1.0, float(b.abs().max())), (a, b)
 
 
-def test_unadapted_file_gives_what_sevenns_own_deploy_gives(base, tmp_path):
-    from sevenn.scripts.deploy import deploy
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        deploy(_checkpoint_path("7net-0"), str(tmp_path / "ref.pt"))
+def test_unadapted_file_gives_what_sevenns_own_deploy_gives(base_file, sevenns_own_file):
     meta_ref = {"chemical_symbols_to_index": "", "cutoff": ""}
-    ref = torch.jit.load(str(tmp_path / "ref.pt"), _extra_files=meta_ref)
+    ref = torch.jit.load(str(sevenns_own_file), _extra_files=meta_ref)
     meta_ref = {k: v.decode() for k, v in meta_ref.items()}
-    module, meta = sevennet_lammps_model(base)
+    module, meta = base_file
     assert meta["chemical_symbols_to_index"].split() == meta_ref["chemical_symbols_to_index"].split()
     assert float(meta["cutoff"]) == float(meta_ref["cutoff"])
     for atoms in _atoms():
@@ -68,17 +83,16 @@ def _load_with_meta(path, keys):
     return module, {k: v.decode() for k, v in meta.items()}
 
 
-def test_unadapted_parallel_files_give_what_sevenns_own_deploy_parallel_gives(base, tmp_path):
+def test_unadapted_parallel_files_give_what_sevenns_own_deploy_parallel_gives(base, sevenns_own_file, tmp_path):
     """Against sevenn's deploy_parallel of the checkpoint, both run as pair_e3gnn_parallel.cpp runs
     them; and sevenn's parallel files give what its serial file gives (the emulation of the
     parallel pair checked on sevenn's own files). NaCl's cell is small: atoms see periodic images
     (ghost atoms), ethanol has none."""
-    from sevenn.scripts.deploy import deploy, deploy_parallel
+    from sevenn.scripts.deploy import deploy_parallel
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         deploy_parallel(_checkpoint_path("7net-0"), str(tmp_path / "par"))
-        deploy(_checkpoint_path("7net-0"), str(tmp_path / "ref.pt"))
     keys = ("chemical_symbols_to_index", "cutoff", "comm_size", "num_species")
     modules, meta = sevennet_lammps_parallel_models(base)
     assert len(modules) == 5  # SevenNet-0: five message-passing layers
@@ -87,7 +101,7 @@ def test_unadapted_parallel_files_give_what_sevenns_own_deploy_parallel_gives(ba
     assert meta["chemical_symbols_to_index"].split() == meta_ref[0]["chemical_symbols_to_index"].split()
     assert (meta["comm_size"], meta["num_species"]) == (meta_ref[0]["comm_size"], meta_ref[0]["num_species"])
     assert float(meta["cutoff"]) == float(meta_ref[0]["cutoff"])
-    serial, meta_serial = _load_with_meta(tmp_path / "ref.pt", keys[:2])
+    serial, meta_serial = _load_with_meta(sevenns_own_file, keys[:2])
     crystal = _atoms()[1]
     assert len(_local_and_ghost_graph(crystal, float(meta["cutoff"]))[3]) > len(crystal)  # ghosts
     for atoms in _atoms():
@@ -179,10 +193,10 @@ def test_atomic_energies_add_up_and_include_the_reference_energies(base):
     _close(atomic - out0["atomic_energy"].reshape(-1).double(), e0, 1e-6)
 
 
-def test_a_file_refuses_elements_it_does_not_know(base):
+def test_a_file_refuses_elements_it_does_not_know(base_file):
     import ase
 
-    module, meta = sevennet_lammps_model(base)
+    module, meta = base_file
     with pytest.raises(ValueError, match=r"not \['Og'\]"):
         run_like_pair_e3gnn(module, ase.Atoms("OgH", positions=[[0, 0, 0], [0, 0, 1.0]]), meta)
 
