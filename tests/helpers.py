@@ -268,6 +268,23 @@ def load_bench(name: str):
 # ---------------------------------------------------------------------------- fused linear + gate
 # Cases and builders of the fused linear + gate tests (tests/ops/test_gated_linear.py: triton;
 # tests/ops/test_cpp_gated_linear.py: the C++ kernels).
+LAMMPS_SPLIT_IN_TWO = "2 by 1 by 1 MPI processor grid"  # LAMMPS' log line for molecules_in_a_row on 2 processes
+
+
+def molecules_in_a_row(molecules):
+    """The LAMMPS 2-process checks' box: 3 molecules (randomly rotated) 6.5 Å apart in a row, in a
+    19.5 × 6.5 × 6.5 Å box, which LAMMPS splits 2 × 1 × 1 on 2 processes (LAMMPS_SPLIT_IN_TWO) at
+    x = 9.75 Å, through the middle molecule (asserted): bonded atoms on different processes, each the
+    other's ghost. With 2 or 4 molecules each process owns whole molecules, and a file's errors in its
+    ghost atoms' numbers showed 1-5 × the bound instead of 200-400 ×."""
+    assert len(molecules) == 3 and len({len(m) for m in molecules}) == 1
+    box = load_bench("lammps_sevenn").molecular_box(list(molecules), (3, 1, 1), 6.5, seed=7)
+    n = len(molecules[0])
+    middle = box.positions[n:2 * n, 0]
+    assert middle.min() < 9.75 < middle.max()
+    return box
+
+
 GL_FIXED = [
     # unsimplified irreps, several instructions into one output block, biases
     ("2x0e+2x0e+2x1o", "3x0e+2x1o", "mul_ir", "row", "row", True),

@@ -21,7 +21,7 @@ pytest.importorskip("mace")
 
 from mmea_kernels.integrations.lammps import LammpsSetup, find_lammps, lammps_available, run_lammps  # noqa: E402
 
-from helpers import REPO, load_bench  # noqa: E402
+from helpers import LAMMPS_SPLIT_IN_TWO, REPO, load_bench, molecules_in_a_row  # noqa: E402
 
 LAMMPS_DIR = os.environ.get("MMEA_LAMMPS_DIR") or str(REPO / ".lammps")
 NOT_BUILT = lammps_available(LAMMPS_DIR)
@@ -63,22 +63,12 @@ def _liquid():
     return _bench().molecular_box([_ethanol(i) for i in range(18)], (3, 3, 2), 6.0, seed=7)
 
 
-SPLIT_IN_TWO = "2 by 1 by 1 MPI processor grid"  # LAMMPS' log line for _three_molecules() on 2 processes
-
-
 def _three_molecules():
-    """The 2-process checks' box: 3 randomly rotated ethanol molecules, 6.5 Å apart in a row, in a
-    19.5 × 6.5 × 6.5 Å box, which LAMMPS splits 2 × 1 × 1 on 2 processes (SPLIT_IN_TWO) at x = 9.75 Å,
-    through the middle molecule (asserted): bonded atoms on different processes, each the other's
-    ghost, as in the liquid. 27 atoms instead of 162 (a 2-process check on the liquid cost ~3 s, its
-    NVE run ~30 s), and as sensitive to the ghost atoms' numbers: parallel files whose ghost copies
-    of the first layers had 1 % other weights (the export's own check off) were 200 × the energy bound
-    and 400 × the force bound off here, 240 × and 590 × on the liquid; in a box of 2 or 4 molecules,
-    whole molecules on each process, only 1-5 ×."""
-    box = _bench().molecular_box([_ethanol(i) for i in range(3)], (3, 1, 1), 6.5, seed=7)
-    middle = box.positions[9:18, 0]
-    assert middle.min() < 9.75 < middle.max()
-    return box
+    """27 atoms instead of the liquid's 162 (a 2-process check on the liquid cost ~3 s, its NVE run
+    ~30 s), and as sensitive to the ghost atoms' numbers: parallel files whose ghost copies of the
+    first layers had 1 % other weights (the export's own check off) were 200 × the energy bound and
+    400 × the force bound off here, 240 × and 590 × on the liquid."""
+    return molecules_in_a_row([_ethanol(i) for i in range(3)])
 
 
 def _fine_tune_and_export(tmp, method, epochs=3):
@@ -168,7 +158,7 @@ def test_files_with_the_fused_cpp_adapters(exported):
     row = _three_molecules()
     got = run_lammps(row, "e3gnn/parallel", f"* * 5 {tmp / '7net-cpp-parallel'} {{species}}", setup,
                      tmp / "cpp-parallel", nprocs=2, extra=["neighbor 1.0 bin"])
-    assert SPLIT_IN_TWO in (tmp / "cpp-parallel" / "log.lammps").read_text()
+    assert LAMMPS_SPLIT_IN_TWO in (tmp / "cpp-parallel" / "log.lammps").read_text()
     _assert_matches(got, _eager(exported["net"], row), "cpp, 2 processes")
     # plugins without mmea_ops.so beside them: an error that names the file and what to do (SevenNet's
     # own coeff() fails with torch's "Unknown builtin op")
@@ -221,7 +211,7 @@ def test_other_methods_files_in_lammps(method, tmp_path, sevennet0):
                     want, f"{method} serial")
     got = run_lammps(row, "e3gnn/parallel", f"* * 5 {ex['parallel']} {{species}}", setup, tmp_path / "parallel",
                      nprocs=2, extra=["neighbor 1.0 bin"])
-    assert SPLIT_IN_TWO in (tmp_path / "parallel" / "log.lammps").read_text()
+    assert LAMMPS_SPLIT_IN_TWO in (tmp_path / "parallel" / "log.lammps").read_text()
     _assert_matches(got, _eager(ex["net"], row), f"{method} parallel")
 
 
@@ -253,7 +243,7 @@ def test_nve_trajectories_follow_the_eager_model(exported):
         work = exported["tmp"] / f"nve-{n}"
         got = run_lammps(row, style, f"* * {coeff} {{species}}", setup, work, nprocs=n, steps=20, velocities=True,
                          extra=["neighbor 1.0 bin"])
-        assert n == 1 or SPLIT_IN_TWO in (work / "log.lammps").read_text()
+        assert n == 1 or LAMMPS_SPLIT_IN_TWO in (work / "log.lammps").read_text()
         moved = np.abs(find_mic(ref.positions - row.positions, row.cell)[0]).max()
         off = np.abs(find_mic(got["positions"] - ref.positions, row.cell)[0]).max()
         assert moved > 1e-1 and off < 1e-5, (style, moved, off)

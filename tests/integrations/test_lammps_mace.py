@@ -21,7 +21,7 @@ import torch
 pytest.importorskip("mace")
 from mmea_kernels.integrations.lammps import find_lammps, lammps_available, run_lammps  # noqa: E402
 
-from helpers import REPO, load_bench  # noqa: E402
+from helpers import LAMMPS_SPLIT_IN_TWO, REPO, load_bench, molecules_in_a_row  # noqa: E402
 
 LAMMPS_DIR = os.environ.get("MMEA_LAMMPS_DIR") or str(REPO / ".lammps")
 NOT_BUILT = lammps_available(LAMMPS_DIR)
@@ -55,15 +55,11 @@ def _liquid():
 
 
 def _row():
-    """3 randomly rotated ethanol molecules 6.5 Å apart in a row, in a 19.5 × 6.5 × 6.5 Å box, which
-    LAMMPS splits 2 × 1 × 1 on 2 processes at x = 9.75 Å, through the middle molecule (asserted), as
-    the liquid is split through a row of molecules; the ghost shell (12 Å) is wider than the box."""
+    """3 ethanol molecules in a row, the middle one split between 2 processes (helpers.molecules_in_a_row),
+    as the liquid is split through a row of molecules; the ghost shell (12 Å) is wider than the box."""
     from mmea_kernels.app.data import toy_molecules
 
-    box = load_bench("lammps_sevenn").molecular_box(toy_molecules("ethanol", 3, seed=5), (3, 1, 1), 6.5, seed=7)
-    middle = box.positions[9:18, 0]
-    assert middle.min() < 9.75 < middle.max()
-    return box
+    return molecules_in_a_row(toy_molecules("ethanol", 3, seed=5))
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +229,7 @@ def test_nve_trajectories_follow_the_eager_model(exported):
         work = exported["tmp"] / f"nve-{n}"
         got = run_lammps(row, style, f"* * {exported['file']} {{species}}", setup, work, nprocs=n, steps=20,
                          velocities=True)
-        assert n == 1 or "2 by 1 by 1 MPI processor grid" in (work / "log.lammps").read_text()
+        assert n == 1 or LAMMPS_SPLIT_IN_TWO in (work / "log.lammps").read_text()
         moved = np.abs(find_mic(ref.positions - row.positions, row.cell)[0]).max()
         off = np.abs(find_mic(got["positions"] - ref.positions, row.cell)[0]).max()
         assert moved > 1e-1 and off < 1e-7, (style, moved, off)  # as run_lammps' own check with ASE's LJ
