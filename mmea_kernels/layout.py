@@ -243,12 +243,17 @@ class IrrepsLayout:
         return IrrepsLayout(irreps_str, layout)
 
     @classmethod
-    def of(cls, irreps, layout: str = "mul_ir") -> "IrrepsLayout":
-        """Cached constructor; accepts an ``IrrepsLayout`` too (returned unchanged)."""
+    def of(cls, irreps, layout: Optional[str] = None) -> "IrrepsLayout":
+        """Cached constructor; ``layout`` defaults to ``"mul_ir"``. Accepts an ``IrrepsLayout`` too:
+        returned unchanged, unless ``layout`` names the other layout (then the same irreps in it)."""
         if isinstance(irreps, IrrepsLayout):
-            if irreps.layout != layout and layout is not None:
+            if layout is not None and irreps.layout != layout:
+                if layout not in LAYOUTS:
+                    raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
                 return cls._cached(irreps.irreps_str, layout)
             return irreps
+        if layout is None:
+            layout = "mul_ir"
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
         parsed = parse_irreps(irreps)

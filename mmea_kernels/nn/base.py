@@ -240,8 +240,17 @@ class AdapterLinear(nn.Module):
                 f"{type(self).__name__}: input has shape {tuple(x.shape)}, but irreps_in "
                 f"{self.in_layout.irreps_str} needs the last dimension to be {self.in_layout.dim}"
             )
+        if not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__} ({self.in_layout.irreps_str}): the input has dtype {x.dtype}; "
+                            "features must be floating point")
+        w = next(self.parameters(), None)  # the base's weight (or the adapter's own where the base has none)
+        if w is not None and w.dtype != x.dtype and not self.__dict__.get("_dtype_guessed") \
+                and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{type(self).__name__} ({self.in_layout.irreps_str}): the input is {x.dtype} but the "
+                            f"layer's weights are {w.dtype}: bring the model to the input's dtype, model.to({x.dtype}), "
+                            "or the input to the model's")
         w = next(iter(self.adapter_parameters()), None) if self.__dict__.get("_dtype_guessed") else None
-        if w is not None and x.is_floating_point() and w.dtype != x.dtype:
+        if w is not None and w.dtype != x.dtype:
             raise TypeError(f"{type(self).__name__} ({self.in_layout.irreps_str}): its base layer has no weights to "
                             f"take a dtype from, so the adapter's weights are {w.dtype} (the default dtype), but the "
                             f"input is {x.dtype}: bring the model to the input's dtype, model.to({x.dtype})")

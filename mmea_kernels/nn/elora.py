@@ -33,7 +33,7 @@ class ELoRALinear(AdapterLinear):
 
     def __init__(self, base: nn.Module, rank: int = 16, alpha: Optional[float] = None):
         super().__init__(base)
-        if not isinstance(rank, int) or rank < 1:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
         self.view.check_weight_update(base, "ELoRA")
         self.rank = rank
@@ -107,6 +107,32 @@ class ELoRALinear(AdapterLinear):
             self.base.weight.sub_(self.delta_weight())
             self.merged = False
         return self.base
+
+    # the state dict says whether base.weight holds ΔW: the key MERGED_KEY (a True tensor) is there
+    # only after merge(), so a merged model's state_dict() loads into a fresh model as merged (not with
+    # ΔW added a second time), and files saved unmerged (every earlier file) load as before
+    MERGED_KEY = "elora_merged"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            destination[prefix + self.MERGED_KEY] = torch.tensor(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        flag = state_dict.pop(prefix + self.MERGED_KEY, None)  # state_dict: load_state_dict's own copy
+        merged = bool(flag) if flag is not None else False
+        factors = any(k.startswith(prefix + "elora_") for k in state_dict)
+        if prefix + "base.weight" in state_dict:  # the loaded base weight says whether ΔW is in it
+            self.merged = merged
+        elif (factors and (self.merged or merged)) or (flag is not None and merged != self.merged):
+            error_msgs.append(
+                f"ELoRA layer {prefix.rstrip('.') or '(root)'}: the state {'has' if merged else 'has no'} ΔW merged into "
+                f"its base weight but holds no base weight, and the layer is {'merged' if self.merged else 'unmerged'}"
+                ": loading it would leave a base weight that does not match the factors; unmerge() the layer first "
+                "(or load the full state, base weight included)")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         return (f"irreps_in={self.in_layout.irreps_str}, irreps_out={self.out_layout.irreps_str}, "

@@ -218,7 +218,7 @@ class FusedGate(nn.Module):
     def _setup(self, scalars, gates, blocks, d_in, d_out, num_gates, layout, backend):
         def seg(s):
             src, dst, n, a = s
-            return (src, dst, n, a.code if a.code is not None else -1, a.cst)
+            return (src, dst, n, a.code if a.code is not None else 0, a.cst)  # not fused: the spec only checks
 
         if backend is not None and (not isinstance(backend, str) or
                                     backend.strip().lower() not in FUSED_GATE_BACKENDS + ("auto",)):
@@ -324,6 +324,8 @@ class FusedGate(nn.Module):
         if features.shape[-1] != self._d_in:
             raise ValueError(f"FusedGate: the input has shape {tuple(features.shape)}; its last dimension must be "
                              f"{self._d_in}, the dimension of irreps_in = {self.irreps_in}")
+        if not features.is_floating_point():
+            raise TypeError(f"FusedGate: the input has dtype {features.dtype}; features must be floating point")
         if self._key is None:
             return self._torch_forward(features)
         lead = features.shape[:-1]

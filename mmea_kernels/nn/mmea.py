@@ -73,6 +73,10 @@ class MMEAGating:
             raise ValueError(f"unknown phi {phi!r}; expected one of {PHIS}")
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
+        if init_std is not None and (isinstance(init_std, bool) or not isinstance(init_std, (int, float))
+                                     or not math.isfinite(init_std) or init_std < 0):
+            raise ValueError(f"init_std must be a finite number >= 0 (the std of the gate net's initial weights) "
+                             f"or None, got {init_std!r}")
         check_backend_name(backend)
         self.rank, self.phi, self.init, self.init_std, self.backend = rank, phi, init, init_std, backend
         self.num_scalars_in = self.in_layout.num_scalars

@@ -119,6 +119,8 @@ def inject_adapters(model: nn.Module, method: Union[str, AdapterConfig] = "mmea"
     ``options`` go to the adapter (MMEA: ``phi``, ``init``, ``init_std``, ``backend``; ELoRA: ``alpha``).
     Returns an :class:`InjectionReport` (prints as a table).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"inject_adapters needs a torch.nn.Module, got {type(model).__name__}")
     if isinstance(method, AdapterConfig):
         if options or rank != 16 or target_modules is not None or exclude_modules is not None:
             raise TypeError("inject_adapters: give either an AdapterConfig or its fields as arguments, not both")

@@ -31,6 +31,7 @@ def adapter_state_dict(model: nn.Module) -> dict:
         raise ValueError(f"ELoRA adapters on {merged[0]} ({len(merged)} in all) are merged into their base weights: "
                          "unmerge() them before saving the adapter state")
     first = next(iter(mods.values()))
+    _refuse_mixed_adapters(mods, first)
     state = {}
     for name, m in mods.items():
         for pname, p in m.named_parameters():
@@ -45,6 +46,24 @@ def adapter_state_dict(model: nn.Module) -> dict:
     }
 
 
+def _refuse_mixed_adapters(mods: dict, first: AdapterLinear) -> None:
+    """The file records one method and one set of options for every target (what loading injects):
+    adapters built one by one with different ones cannot be saved in it without changing what they compute."""
+    name0 = next(iter(mods))
+    opts0 = first.adapter_options()
+    for name, m in mods.items():
+        if m.method != first.method:
+            raise ValueError(f"an adapter state holds one method: {name0!r} has {first.method} adapters, {name!r} "
+                             f"{m.method}; save the model's state_dict() instead")
+        opts = m.adapter_options()
+        diff = {k: (opts0.get(k), opts.get(k)) for k in type(m).shaping_options if opts0.get(k) != opts.get(k)}
+        if diff:
+            shown = ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"an adapter state holds one set of {m.method} options for all layers, but {name0!r} and "
+                             f"{name!r} differ ({shown}); loading would rebuild both with the first's; save the "
+                             "model's state_dict() instead")
+
+
 def load_adapter_state_dict(model: nn.Module, adapter_state: dict, **options) -> InjectionReport:
     """Load adapters saved by :func:`adapter_state_dict`, injecting them first if the model has none.
 
@@ -56,9 +75,7 @@ def load_adapter_state_dict(model: nn.Module, adapter_state: dict, **options) ->
     if not isinstance(adapter_state, dict) or adapter_state.get("format") != FORMAT:
         fmt = adapter_state.get("format") if isinstance(adapter_state, dict) else type(adapter_state).__name__
         raise ValueError(f"not an mmea_kernels adapter state (format {fmt!r}, expected {FORMAT!r})")
-    for key in ("method", "options", "targets", "state"):
-        if key not in adapter_state:
-            raise KeyError(f"adapter state is missing the key {key!r}")
+    _check_adapter_state(adapter_state)
     method, saved_opts, targets = adapter_state["method"], dict(adapter_state["options"]), adapter_state["targets"]
     restore_eager_forms(model)  # the adapters an earlier torch.jit.script(model) replaced by their TorchScript forms
     linears = {n: m for n, m in model.named_modules() if is_equivariant_linear(m) or isinstance(m, AdapterLinear)}
@@ -126,6 +143,22 @@ def load_adapter_state_dict(model: nn.Module, adapter_state: dict, **options) ->
     return report(model)
 
 
+def _check_adapter_state(adapter_state: dict) -> None:
+    """``KeyError`` / ``ValueError`` naming what a (hand-edited or foreign) adapter state lacks."""
+    for key in ("method", "options", "targets", "state"):
+        if key not in adapter_state:
+            raise KeyError(f"adapter state is missing the key {key!r}")
+    for key in ("options", "targets", "state"):
+        if not isinstance(adapter_state[key], dict):
+            raise ValueError(f"adapter state's {key!r} must be a dict, got {type(adapter_state[key]).__name__}")
+    if "rank" not in adapter_state["options"]:
+        raise KeyError("adapter state's 'options' lack the adapter rank ('rank')")
+    for name, info in adapter_state["targets"].items():
+        lacking = [k for k in ("irreps_in", "irreps_out") if not isinstance(info, dict) or k not in info]
+        if lacking:
+            raise KeyError(f"adapter state's target {name!r} lacks {lacking} (what the model's layer is checked against)")
+
+
 def _refuse_tensor_product_gates(model: nn.Module, what: str) -> None:
     tp = tensor_product_gates(model)
     if tp:
@@ -148,6 +181,10 @@ def _copy_adapter_state(model: nn.Module, state: dict) -> None:
         if not torch.is_tensor(v) or tuple(v.shape) != tuple(p.shape):
             got = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
             raise ValueError(f"adapter weight {k!r} has shape {got} in the state but {tuple(p.shape)} in the model")
+        if v.is_meta or p.is_meta:
+            where = "the state holds a meta tensor" if v.is_meta else "the model's weight is on the meta device"
+            raise ValueError(f"adapter weight {k!r}: {where} (no values to copy); materialise the model first "
+                             "(model.to_empty(device=...), then load its base weights and this adapter state)")
         if not v.is_floating_point():
             raise ValueError(f"adapter weight {k!r} has dtype {v.dtype} in the state; adapter weights are floating point")
         if not bool(torch.isfinite(v).all()):

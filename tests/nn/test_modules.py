@@ -327,8 +327,8 @@ def test_fused_plan_is_cached_but_follows_every_input_of_the_decision(monkeypatc
 
 
 def test_fused_path_with_operands_of_another_dtype_is_refused_by_name():
-    """The adapter's fast call skips gated_linear's checks only for operands it built itself: a base
-    weight of another dtype than the input (a half-converted model) gets gated_linear's error."""
+    """A base weight of another dtype than the input (a half-converted model) is refused by name
+    (the layer's input check, before the fast call that skips gated_linear's checks)."""
     from mmea_kernels.ops.gated_linear import cpp_status
     ok, why = cpp_status("cpu")
     if not ok:
@@ -338,7 +338,7 @@ def test_fused_path_with_operands_of_another_dtype_is_refused_by_name():
     ad.base.float(), ad.mmea_down.double(), ad.mmea_up.double()  # gate net in float64, base linear in float32
     xd = x.double()
     assert ad.fused_kernel(xd) == "cpp"
-    with pytest.raises(TypeError, match="weight has dtype torch.float32 but x has dtype torch.float64"):
+    with pytest.raises(TypeError, match="input is torch.float64 but the layer's weights are torch.float32"):
         ad(xd)
 
 

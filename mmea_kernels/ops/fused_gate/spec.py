@@ -93,15 +93,7 @@ class FusedGateSpec:
     gated: Tuple[Block, ...]
 
     def __post_init__(self):
-        owner = [0] * self.d_in
-        for src, _, n, _, _ in self.scalars + self.gates:
-            for c in range(src, src + n):
-                owner[c] += 1
-        for src, _, mul, dim, _, _ in self.gated:
-            for c in range(src, src + mul * dim):
-                owner[c] += 1
-        if any(o != 1 for o in owner):
-            raise ValueError("FusedGateSpec: scalar, gate and gated columns must partition the input columns")
+        _check_spec(self)
 
     @property
     def num_scalars(self) -> int:
@@ -137,6 +129,47 @@ class FusedGateSpec:
             v = [int(t) for t in part.split(",")]
             blocks.append((v[0], v[1], v[2], v[3], v[4], bool(v[5])))
         return FusedGateSpec(d_in, d_out, G, segs(s), segs(g), tuple(blocks))
+
+
+def _cover(what: str, spans, size: int) -> None:
+    """``ValueError`` unless the ``(start, length)`` spans cover ``[0, size)`` exactly once."""
+    count = [0] * size
+    for start, n in spans:
+        if n < 0 or start < 0 or start + n > size:
+            raise ValueError(f"FusedGateSpec: {what} span [{start}, {start + n}) is outside [0, {size})")
+        for c in range(start, start + n):
+            count[c] += 1
+    bad = next((c for c, k in enumerate(count) if k != 1), None)
+    if bad is not None:
+        raise ValueError(f"FusedGateSpec: {what} must cover [0, {size}) exactly once; column {bad} is covered "
+                         f"{count[bad]} times")
+
+
+def _check_spec(sp: "FusedGateSpec") -> None:
+    """What the kernels assume of a spec (they index with it unchecked): every table in range, the
+    input columns partitioned, the output columns written once (scalars first, in order), every gate
+    computed once, known activation codes."""
+    for v in (sp.d_in, sp.d_out, sp.num_gates):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"FusedGateSpec: d_in, d_out and num_gates must be integers >= 0, got {v!r}")
+    for seg in sp.scalars + sp.gates:
+        if seg[3] not in ACT_NAMES:
+            raise ValueError(f"FusedGateSpec: unknown activation code {seg[3]!r} in segment {seg}; known: {ACT_NAMES}")
+    for blk in sp.gated:
+        if blk[2] < 0 or blk[3] < 1 or blk[4] < 0 or blk[4] + blk[2] > sp.num_gates:
+            raise ValueError(f"FusedGateSpec: gated block {blk} (src, dst, mul, dim, gate0, ir_mul) needs mul >= 0, "
+                             f"dim >= 1 and gates gate0..gate0+mul-1 among the {sp.num_gates} gates")
+    _cover("the input columns of the scalar, gate and gated segments",
+           [(s[0], s[2]) for s in sp.scalars + sp.gates] + [(b[0], b[2] * b[3]) for b in sp.gated], sp.d_in)
+    _cover("the output columns of the scalar and gated segments",
+           [(s[1], s[2]) for s in sp.scalars] + [(b[1], b[2] * b[3]) for b in sp.gated], sp.d_out)
+    _cover("the gate segments' gates", [(g[1], g[2]) for g in sp.gates], sp.num_gates)
+    pos = 0
+    for src, dst, n, _, _ in sp.scalars:
+        if dst != pos:
+            raise ValueError(f"FusedGateSpec: scalar outputs come first and in order; segment at {src} writes "
+                             f"column {dst}, expected {pos}")
+        pos += n
 
 
 @dataclasses.dataclass
