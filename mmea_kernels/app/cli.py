@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 
-from .cli_common import common_options, data_checks
+from .cli_common import common_options, data_checks, one_line_warnings, seed_type
 from .cli_structure import add_md_parser, add_relax_parser, run_md_command, run_relax_command
 
 _USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, PermissionError, ConnectionError,
@@ -81,8 +81,9 @@ def _finetune_parser(sub):
     p.add_argument("--patience", type=int, default=d.patience, help="early stopping (epochs without improvement)")
     p.add_argument("--plateau-patience", type=int, default=d.plateau_patience)
     p.add_argument("--plateau-factor", type=float, default=d.plateau_factor)
-    p.add_argument("--valid-fraction", type=float, default=d.valid_fraction)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--valid-fraction", type=float, default=None,
+                   help=f"share of --train held out for validation when there is no --valid (default {d.valid_fraction})")
+    p.add_argument("--seed", type=seed_type, default=d.seed)
     p.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"], metavar="auto",
                    help="--resume: continue the run in --out from its state.pt, which must be there (a finished run "
                         "is finished again: final evaluation and files redone; a larger --epochs trains on). "
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
     demo.add_argument("--epochs", type=int, default=60)
     demo.add_argument("--methods", default="mmea,elora,full")
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=seed_type, default=0)
     demo.add_argument("--md-steps", type=int, default=400)
     _finetune_parser(sub)
     ev = sub.add_parser("evaluate", help="errors of a fine-tuning checkpoint on labelled data",
@@ -149,7 +150,8 @@ def main(argv=None) -> int:
     ev.add_argument("--no-stress", action="store_true",
                     help="no stress errors, also for a checkpoint trained on stresses (molecules, frames without "
                          "stress labels)")
-    ev.add_argument("--json", default=None, help="also write the result here")
+    ev.add_argument("--json", default=None, help="also write the result here (an existing file: with --overwrite)")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     _batch_options(ev, 50)
     add_md_parser(sub)
     add_relax_parser(sub)
@@ -177,11 +179,11 @@ def main(argv=None) -> int:
     rmd.add_argument("--n-train", type=int, default=100)
     rmd.add_argument("--n-valid", type=int, default=50)
     rmd.add_argument("--n-test", type=int, default=1000)
-    rmd.add_argument("--seed", type=int, default=123)
+    rmd.add_argument("--seed", type=seed_type, default=123)
     rmd.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     args.__dict__.pop("_given_once", None)
-    with _sigterm_as_interrupt():
+    with _sigterm_as_interrupt(), one_line_warnings(f"mmea-kernels {args.command}"):
         if getattr(args, "debug", False):
             return _run_debug(args)
         return _run_reporting(args)
@@ -321,6 +323,23 @@ def _environment_error(exc: Exception, command: str):
     return msg
 
 
+def _refuse_unused_options(args) -> None:
+    """``ValueError`` for finetune options the run would not use."""
+    from ..train.config import check_stress_key
+    from ..train.methods import ADAPTER_METHODS
+
+    if args.stress_key is not None:
+        check_stress_key(args.stress_key, args.w_stress)
+    if args.rank is not None and args.method not in ADAPTER_METHODS:
+        raise ValueError(f"--rank is the adapters' rank; --method {args.method} has none")
+    if args.valid is not None and args.valid_fraction is not None:
+        raise ValueError(f"--valid-fraction is the share of --train held out when there is no --valid; with "
+                         f"--valid {args.valid} it would not be used")
+    if not args.fused_gate and not str(args.model).startswith("sevenn:"):
+        raise ValueError(f"--no-fused-gate keeps the e3nn Gate layers of a sevenn: base model; --model {args.model} "
+                         "gets no FusedGate either way")
+
+
 def _run(args) -> int:
     if args.command == "demo":
         from .demo import run
@@ -329,15 +348,10 @@ def _run(args) -> int:
             device=args.device)
     elif args.command == "finetune":
         from ..train import FinetuneConfig, finetune
-        from ..train.config import check_stress_key
-        from ..train.methods import ADAPTER_METHODS
 
         fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
         kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}  # incl. the data checks
-        if args.stress_key is not None:
-            check_stress_key(args.stress_key, args.w_stress)
-        if args.rank is not None and args.method not in ADAPTER_METHODS:
-            raise ValueError(f"--rank is the adapters' rank; --method {args.method} has none")
+        _refuse_unused_options(args)
         opts = {k: getattr(args, k) for k in ("phi", "init", "alpha") if getattr(args, k) is not None}
         cfg = FinetuneConfig(out_dir=args.out, progress=not args.no_progress, adapter_options=opts, **kw)
         if args.resume is True and not os.path.isfile(os.path.join(args.out, "state.pt")):
@@ -354,12 +368,15 @@ def _run(args) -> int:
         if res.get("stopped") == "stop_after":
             return 3
     elif args.command == "evaluate":
+        from ..train.atomic import is_stream
         from ..train.checkpoint import atomic_write_text, evaluate_checkpoint
 
         from .files import check_outputs, checkpoint_inputs
 
-        # --json is rewritten on each call (no --overwrite), but never one of the files evaluate reads
-        check_outputs({"--json": args.json}, True, {**checkpoint_inputs(args.checkpoint, args.model), "--data": args.data})
+        # an existing --json (a run's metrics.json, a data file) only with --overwrite; never a file evaluate
+        # reads; a stream (/dev/stdout, a FIFO) is written into
+        check_outputs({"--json": args.json}, args.overwrite or (args.json is not None and is_stream(args.json)),
+                      {**checkpoint_inputs(args.checkpoint, args.model), "--data": args.data})
         res = evaluate_checkpoint(args.checkpoint, args.data, args.model, args.energy_key, args.forces_key,
                                   trust_pickle=args.trust_pickle, checks=data_checks(args), device=args.device,
                                   stress_key=args.stress_key, dtype=args.dtype, stress=not args.no_stress,

@@ -3,6 +3,9 @@ checks), for :mod:`.cli` and :mod:`.cli_structure`."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
+import warnings
 
 
 def common_options(trust: bool = False, data: bool = False, device: bool = False,
@@ -34,3 +37,33 @@ def data_checks(args):
     from ..train.checks import DataChecks
 
     return DataChecks(args.min_distance, args.max_neighbors, args.allow_small_cells)
+
+
+def seed_type(text: str) -> int:
+    """argparse type of ``--seed``: an integer in [0, 2**63) (numpy's and torch's range), named when not."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed must be an integer, got {text!r}") from None
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"--seed must be an integer in [0, 2**63), got {text}")
+    return value
+
+
+@contextlib.contextmanager
+def one_line_warnings(prog: str):
+    """While a command runs, this package's own warnings (a data file cut short, energies outside the
+    E0s' span, ...) print as one line, ``<prog>: warning: <message>``, as its errors do; any other
+    warning as Python prints it."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not category.__module__.startswith("mmea_kernels"):
+            return shown(message, category, filename, lineno, file, line)
+        print(f"{prog}: warning: {message}", file=file if file is not None else sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .cli_common import common_options, data_checks
+from .cli_common import common_options, data_checks, seed_type
 
 
 def _structure_command(sub, name: str, help: str, description: str, structure_help: str = ""):
@@ -71,7 +71,7 @@ def add_md_parser(sub):
     md.add_argument("--velocities", choices=("maxwell", "file"), default=None,
                     help="start from Maxwell–Boltzmann velocities at --temperature (default), or from the "
                          "momenta in the structure file (continue from an md trajectory)")
-    md.add_argument("--seed", type=int, default=None, help=f"default {d.seed}")
+    md.add_argument("--seed", type=seed_type, default=None, help=f"default {d.seed}")
     md.add_argument("--trajectory", default=None, help="write frames here (.traj, .xyz or .extxyz) every --interval "
                                                        "steps and the last: positions, momenta, energy, forces, "
                                                        "stress if periodic, step and time")

@@ -179,7 +179,7 @@ def degrees_of_freedom(atoms, integrator: str) -> int:
     if integrator != "langevin" and not np.any(atoms.pbc) and len(atoms) > 1:
         moments = atoms.get_moments_of_inertia()
         dof -= int(np.sum(moments > 1e-8 * max(float(moments.max()), 1e-30)))
-    return max(dof, 1)
+    return dof
 
 
 def temperature(atoms, dof: int) -> float:
@@ -351,6 +351,10 @@ def run_md(atoms, calculator, settings: Optional[MDSettings] = None, where: str 
                                          or getattr(s, k) != f.default}, api=True)
     s.check(getattr(resume, "path", None), given=set(kw), api=True)
     atoms = _prepare(atoms, s, where, resume, model)
+    if degrees_of_freedom(atoms, s.integrator) < 1:
+        raise ValueError(f"{where}: {len(atoms)} atom{'s' if len(atoms) != 1 else ''} with no degree of freedom left to "
+                         "move (the centre of mass is held still, and for a molecule its rotation; constraints fix the "
+                         "rest): MD has nothing to run; for a crystal cell of one atom, repeat it (atoms.repeat)")
     atoms.calc = calculator
     if resume is None:
         _start_velocities(atoms, s, where)

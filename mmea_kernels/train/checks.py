@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pathlib
+import warnings
 from typing import Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["DataError", "DataChecks", "parse_index", "read_structures", "check_positions", "check_labels", "check_geometry",
+__all__ = ["DataError", "TruncationWarning", "DataChecks", "parse_index", "read_structures", "check_positions", "check_labels", "check_geometry",
            "check_graphs", "checked_graphs", "read_label", "with_labels"]
 
 
@@ -76,6 +78,10 @@ def split_spec(spec) -> tuple:
     return path, index
 
 
+class TruncationWarning(UserWarning):
+    """A data file that may have been cut short (no line break at its end)."""
+
+
 def read_structures(spec: str, what: str = "data file") -> list:
     """The frames ASE reads from ``path[@index]``; a clear error for a missing, empty, truncated or
     unreadable file, an unknown format, a bad selection, or a selection with no frame."""
@@ -84,6 +90,8 @@ def read_structures(spec: str, what: str = "data file") -> list:
 
     path, index = split_spec(spec)
     p = pathlib.Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"{what} {p} is a directory; give a structure file (path[@index])")
     if not p.is_file():
         hint = ""
         try:
@@ -112,7 +120,23 @@ def read_structures(spec: str, what: str = "data file") -> list:
     if empty:
         raise DataError(f"{spec}: frame {empty[0]} has no atoms")
     check_positions(frames, str(spec))
+    _warn_if_cut(p, what)
     return frames
+
+
+def _warn_if_cut(p: pathlib.Path, what: str) -> None:
+    """A :class:`TruncationWarning` for an extended-XYZ file that ASE read but that does not end with
+    a line break, as one whose writer was stopped mid-line looks (its last number may be cut short);
+    one that ASE cannot read is an error already."""
+    if p.suffix.lower() not in (".xyz", ".extxyz"):
+        return
+    with open(p, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        last = fh.read(1)
+    if last not in (b"\n", b"\r"):
+        warnings.warn(f"{what} {p} does not end with a line break, as a file whose writer was stopped mid-line "
+                      "looks: its last number may be cut short; check its last line (or end it with a line break)",
+                      TruncationWarning, stacklevel=3)
 
 
 def _numbered(frames: Sequence, frame_numbers: Optional[Sequence[int]] = None):

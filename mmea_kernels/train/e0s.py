@@ -57,6 +57,9 @@ def _given_e0s(p: pathlib.Path, z_table: Sequence[int], e0_old, frames, log) -> 
         if not (isinstance(raw, tuple) and raw[0] == "object"):
             raise ValueError(f"a JSON {type(raw).__name__}, not an object")
         raw = raw[1]
+        for k, v in raw:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"the value of {k!r} is {json.dumps(v)}, not a number")
         pairs = [(int(k), float(v)) for k, v in raw]
     except (ValueError, TypeError) as exc:
         raise ValueError(f"E0 file {p}: expected a JSON object {{\"<atomic number>\": <eV>, ...}} such as "
@@ -254,3 +257,24 @@ def warn_outside_span(span: Optional[dict], frames, where: str, stacklevel: int 
     if idx:
         warnings.warn(span_message(span, frames, idx, where), E0OffsetWarning, stacklevel=stacklevel + 1)
     return idx
+
+
+def split_span_note(cfg, frames: dict, z_table: Sequence[int]) -> str:
+    """``note:`` lines for the --valid / --test frames of a run whose compositions lie outside the
+    span of the training compositions its E0s are fitted on (:func:`fitted_span`): their energy
+    errors carry an offset training cannot change, and the validation loss (best epoch, learning-rate
+    schedule, early stopping) follows it; '' when there are none."""
+    import types
+
+    span = fitted_span(cfg, types.SimpleNamespace(train_frames=frames["train"], z=z_table))
+    notes = []
+    for split in ("valid", "test"):
+        part = frames.get(split) or []
+        idx = outside_span(span, part)
+        if idx:
+            extra = ("; the validation loss, which picks the best epoch and drives the learning-rate schedule and "
+                     "early stopping, carries that offset too") if split == "valid" else ""
+            notes.append("note: " + span_message(span, part, idx, f"--{split}").replace("the checkpoint's E0s",
+                                                                                       "this run's E0s") + extra)
+    return "\n".join(notes)
+

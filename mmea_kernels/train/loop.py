@@ -42,7 +42,7 @@ from .lockfile import DirectoryInUse
 from .config import DTYPES, FinetuneConfig
 from .data import frame_key, make_batches, overlap_note, read_splits, split_graphs, validation_split, weights_note
 from .device import resolve_device
-from .e0s import refit_after_training, refit_e0s
+from .e0s import refit_after_training, refit_e0s, split_span_note
 from .ema import ema_weights, make_ema, weights_in
 from .foundation import fingerprint, load_model, model_info
 from .guard import check_finite, check_finite_tensors, created_dirs, interrupt_message, remove_created_dirs
@@ -183,7 +183,8 @@ def setup(cfg: FinetuneConfig, world: int, device: torch.device = torch.device("
     return types.SimpleNamespace(
         model=model, net=net, params=params, device=device, opt=opt, z=z, e0s=e0s, fp=fp, groups=groups, graphs=graphs,
         probe_atoms=frames["train"][0], train_frames=frames["train"], scale=scale, n_train=sum(p.numel() for p in params.values()),
-        overlap="\n".join(n for n in (overlap_note(cfg, frames, overlaps), weights_note(frames)) if n),
+        overlap="\n".join(n for n in (overlap_note(cfg, frames, overlaps), weights_note(frames),
+                                      split_span_note(cfg, frames, z)) if n),
         record=provenance(cfg, validation_split(cfg, frames), overlaps, data_sha), data_sha=data_sha,
         sched=torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor, patience=cfg.plateau_patience),
         ema=ema, ema_source=ema_source, history=[], best={"loss": math.inf, "epoch": 0, "state": None},

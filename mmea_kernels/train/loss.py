@@ -130,13 +130,20 @@ def label_scale_note(model, graphs, frames: int = 8, stress: bool = False) -> st
     if not graphs:
         return ""
     (batch,) = make_batches(list(graphs[:frames]), frames, device=module_device(model))
-    _, f, _, s = _loss_terms(model, batch, training=False, stress=stress)
+    e, f, _, s = _loss_terms(model, batch, training=False, stress=stress)
     n, notes = min(frames, len(graphs)), []
-    label, base = (float(t.detach().double().pow(2).mean().sqrt()) for t in (batch["forces"], f))
+    a, b = batch["forces"].detach().double().reshape(-1), f.detach().double().reshape(-1)
+    label, base = float(a.norm()) / a.numel() ** 0.5, float(b.norm()) / b.numel() ** 0.5
     if base > 0 and not 0.2 <= label / base <= 5:
         notes.append(f"note: the training labels' forces (RMS {label:.3g} eV/Å over {n} frames) are {label / base:.3g}x "
                      f"the base model's on the same frames (RMS {base:.3g} eV/Å): labels in other units look like this "
                      "(kcal/mol/Å: 23x, Hartree/Bohr: 1/51); energies and forces must be eV and eV/Å")
+    cos = float(a @ b) / (label * base * a.numel()) if label > 0 and base > 0 else 0.0
+    if cos < -0.5:
+        notes.append(f"note: the training labels' forces point against the base model's on the same frames (cosine "
+                     f"{cos:.2f} over {n} frames): energy gradients (dE/dx) stored as forces look like this; forces "
+                     "must be -dE/dx")
+    notes.append(_energy_spread_note(batch, e))
     if s is not None:
         a, b = batch["stress"].detach().double().reshape(-1), s.detach().double().reshape(-1)
         label, base = float(a.norm()), float(b.norm())
@@ -147,4 +154,25 @@ def label_scale_note(model, graphs, frames: int = 8, stress: bool = False) -> st
                          f"are {label / base:.3g}x the base model's, with cosine {cos:.2f} to them: stresses must be "
                          "eV/Å³ with ASE's sign (positive under tension; 1 eV/Å³ = 1602 kbar = 160 GPa; VASP's and "
                          "LAMMPS' pressure tensors have the opposite sign)")
-    return "\n".join(notes)
+    return "\n".join(n for n in notes if n)
+
+
+def _energy_spread_note(batch: dict, e: torch.Tensor) -> str:
+    """A ``note:`` line when, over the frames of the most common composition in ``batch`` (at least
+    3), the label energies spread more than 5x more or less than the base model's energies ``e``
+    (Hartree is 1/27.2 eV, kcal/mol 23x): an offset per element, which the E0 fit absorbs, cannot
+    hide that; '' otherwise or when either spread is below 5 meV."""
+    counts = torch.zeros(e.shape[0], batch["node_attrs"].shape[1], dtype=torch.float64, device=e.device)
+    counts.index_add_(0, batch["batch"], batch["node_attrs"].detach().double())
+    comps, which = torch.unique(counts, dim=0, return_inverse=True)
+    top = int(torch.bincount(which).argmax())
+    rows = which == top
+    if int(rows.sum()) < 3:
+        return ""
+    label, base = (float(t.detach().double()[rows].std()) for t in (batch["energy"], e))
+    if max(label, base) < 5e-3 or (label > 0 and base > 0 and 0.2 <= label / base <= 5):
+        return ""
+    ratio = f"{label / base:.3g}x" if base > 0 else "not comparable to"
+    return (f"note: the training labels' energies spread {ratio} the base model's over {int(rows.sum())} frames of one "
+            f"composition (standard deviation {label:.3g} eV against {base:.3g} eV): energies in other units look like "
+            "this (Hartree: 1/27.2, kcal/mol: 23x); energies must be eV")

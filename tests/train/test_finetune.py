@@ -54,7 +54,7 @@ def test_cli_end_to_end_and_evaluate_reproduces(files, tmp_path, capsys):
     assert f"{m['test']['forces_mae_meV_per_A']:.3f}" in capsys.readouterr().out
     for extra in (["--batch-size", "1"], ["--max-batch-atoms", "10"], ["--max-batch-atoms", "0"]):  # other batches
         assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(files / "test.xyz"),
-                     "--json", str(js), *extra]) == 0
+                     "--json", str(js), "--overwrite", *extra]) == 0
         other = json.loads(js.read_text())
         for k in ("energy_mae_meV", "forces_mae_meV_per_A", "energy_rmse_meV", "forces_rmse_meV_per_A", "loss"):
             assert math.isclose(other[k], ev[k], rel_tol=1e-9), (extra, k)

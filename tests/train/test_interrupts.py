@@ -129,7 +129,7 @@ def test_metrics_json_is_whole_or_absent_and_an_unreadable_one_is_finished_again
     with monkeypatch.context() as m:
         _cut_writes(m, "e.json", KeyboardInterrupt())
         assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(data / "valid.xyz"),
-                     "--json", str(tmp_path / "e.json")]) == 130
+                     "--json", str(tmp_path / "e.json"), "--overwrite"]) == 130
     assert (tmp_path / "e.json").read_text() == "old" and _hidden(tmp_path) == []
 
 

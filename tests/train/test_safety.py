@@ -241,7 +241,7 @@ def test_bare_state_dict_with_model_config(data, tmp_path, capsys):
     (["--clip-grad=-1"], r"--clip-grad must be a finite number >= 0, got -1.0 \(0 turns clipping off\)"),
     (["--patience=-1"], r"--patience must be >= 0 epochs, got -1"),
     (["--plateau-factor", "2"], r"--plateau-factor must be in \(0, 1\)"),
-    (["--valid-fraction", "0"], r"--valid-fraction must be in \(0, 1\)"),
+    (["--valid-fraction", "0.2"], r"--valid-fraction is the share of --train held out when there is no --valid"),
     (["--model-config", "x.json"], r"--model-config is for a base model file that holds a bare state dict; "
                                    r"builtin:mace-xtb-small brings its own architecture"),
     (["--model", str(ASSETS / "mace-xtb-small.pt"), "--model-config", "x.json"],
@@ -287,7 +287,7 @@ def test_checkpoints_that_kept_an_unused_model_config_still_load(data, tmp_path,
     js = tmp_path / "e.json"
     for c in ("mmea/checkpoint.pt", "old.pt"):
         assert main(["evaluate", "--checkpoint", str(data / c if c.startswith("mmea") else tmp_path / c),
-                     "--data", str(data / "valid.xyz"), "--json", str(js)]) == 0
+                     "--data", str(data / "valid.xyz"), "--json", str(js), "--overwrite"]) == 0
         capsys.readouterr()
         if c == "mmea/checkpoint.pt":
             want = json.loads(js.read_text())
@@ -322,7 +322,7 @@ def test_package_files_load_weights_only_including_the_old_format(data, tmp_path
     capsys.readouterr()
     for ckpt in (run / "checkpoint.pt", tmp_path / "old.pt"):
         assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(data / "valid.xyz"),
-                     "--json", str(tmp_path / "e.json")]) == 0
+                     "--json", str(tmp_path / "e.json"), "--overwrite"]) == 0
         ev = json.loads((tmp_path / "e.json").read_text())
         metrics = json.loads((run / "metrics.json").read_text())
         assert math.isclose(ev["forces_mae_meV_per_A"], metrics["valid"]["forces_mae_meV_per_A"], rel_tol=1e-9)

@@ -193,10 +193,11 @@ def test_stress_labels_in_other_units_or_sign_get_a_note(stress_files):
         for a in scaled:
             a.info["REF_stress"] = a.info["REF_stress"] * k * factor
             a.arrays["REF_forces"] = a.arrays["REF_forces"] * k
+            a.info["REF_energy"] = a.info["REF_energy"] * k  # consistent labels: no energy note either
         graphs = checked_graphs(scaled, TINY.atomic_numbers, TINY.r_max, "train.xyz", dtype=torch.float64,
                                 stress_key="REF_stress", checks=mk_checks())
         note = label_scale_note(teacher, graphs, stress=True)
-        assert "forces" not in note
+        assert "forces" not in note and "energies spread" not in note
         if expect is None:
             assert note == "" and label_scale_note(teacher, graphs) == ""
         else:
