@@ -51,6 +51,9 @@ def atomic_save(obj, path: pathlib.Path) -> None:
 
 
 def check_writable(out: pathlib.Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output directory {out} is a file, not a directory; give --out a directory "
+                                 "(a new one, or the run's own to resume it)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=str(out))

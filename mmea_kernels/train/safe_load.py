@@ -12,6 +12,7 @@ from __future__ import annotations
 import pathlib
 import pickle
 import re
+import warnings
 
 import torch
 
@@ -45,6 +46,10 @@ def safe_load(path, what: str, trust_pickle: bool = False, allow_pickle: bool = 
     if _TORCH < (2, 6):  # installed past setup.py's torch>=2.6 (--no-deps): not a safe reader there
         raise ValueError(f"torch {torch.__version__}'s weights-only loader can be made to run code (CVE-2025-32434, "
                            f"fixed in torch 2.6): {what} {path} is not read; install torch >= 2.6")
+    if path.is_dir():
+        inside = [n for n in ("checkpoint.pt",) if (path / n).is_file()]
+        raise IsADirectoryError(f"{what} {path} is a directory" + (f"; the run's checkpoint is {path / inside[0]}"
+                                                                   if inside else "; give a file"))
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     with open(path, "rb") as f:
@@ -58,7 +63,9 @@ def safe_load(path, what: str, trust_pickle: bool = False, allow_pickle: bool = 
                          f"export), not a {what}: give the file that was exported from (a fine-tuning checkpoint.pt, "
                          "or the base model)")
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's "pickle protocol 4" notice about a file refused next
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         refused = _needs_pickle(exc)
         if not refused:

@@ -156,3 +156,28 @@ def test_valid_and_test_compositions_outside_the_fitted_span_get_a_note(tmp_path
     assert notes[0].startswith("note: --valid: 2 of 2 frames") and "this run's E0s" in notes[0] \
         and "the validation loss, which picks the best epoch" in notes[0] and "C2H5O" in notes[0]
     assert notes[1].startswith("note: --test: 2 of 2 frames")
+
+
+def test_a_file_as_out_a_directory_as_checkpoint_and_a_raw_pickle_are_named(tmp_path, capsys, train_checkpoint):
+    import pickle
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    _exit2(capsys, ["finetune", "--train", f"{DATA / 'train.xyz'}@:4", "--out", afile],
+           f"output directory {afile} is a file, not a directory")
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(train_checkpoint, run / "checkpoint.pt")
+    data = f"{DATA / 'test.xyz'}@:1"
+    _exit2(capsys, ["evaluate", "--checkpoint", run, "--data", data],
+           f"checkpoint {run} is a directory; the run's checkpoint is {run / 'checkpoint.pt'}")
+    raw = tmp_path / "raw.pkl"
+    raw.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["evaluate", "--checkpoint", str(raw), "--data", data]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not plain tensor data" in err[0], err
+    assert not [w for w in seen if "pickle protocol" in str(w.message)]  # torch's notice about the file refused
+
