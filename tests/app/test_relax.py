@@ -72,10 +72,9 @@ def test_a_shrinking_cell_is_converged_on_its_own_forces_and_stress(calc, tmp_pa
     FrechetCellFilter, which sees the forces through that deformation, once called it converged
     with forces 1.4x fmax (found in review). The written structure, evaluated anew, has every force
     below fmax, after a second optimiser round from it; with --stress-tol every stress component is
-    within it of the target too, where the default criterion (fmax·N/V, reported) is 15x looser. The
-    box is relaxed once, at 200 bar: it takes 2 rounds (the --stress-tol cell factor is set from the
-    volume at each round's start, 2.9x the end's, so the first round stops short of 200 bar too:
-    without the second, forces 1.4x fmax and 232 bar). The default criterion and a --stress-tol looser
+    within it of the target too, where the default criterion (fmax·N/V, reported) is ~15x looser. The
+    box is relaxed once, at 200 bar (--stress-tol is checked on the structure itself after every
+    step, beside ASE's test: test_a_tight_stress_tol_never_blows_the_cell_up). The default criterion and a --stress-tol looser
     than it (1e6), which keeps it, are judged from that relaxed cell, which meets both: 0 steps (from
     the box the default run took another ~190 steps, half the test's time, through the same rounds;
     a cell shrinking under the default criterion, 2 rounds, is
@@ -90,13 +89,12 @@ def test_a_shrinking_cell_is_converged_on_its_own_forces_and_stress(calc, tmp_pa
                        out=str(out))
         a = _fresh(out, calc)
         assert res["converged"] and a.get_volume() < 0.4 * box.get_volume(), res
-        assert res["optimizer_rounds"] >= 2 or first is not box, res
         assert np.linalg.norm(a.get_forces(), axis=1).max() <= 0.02
         residual = np.abs(a.get_stress(voigt=False) + 5000.0 * units.bar * np.eye(3)).max() / units.bar
         assert residual == pytest.approx(res["max_stress_residual_bar"], abs=0.1)  # the file: 8 decimals
         if tol != 200.0:
             assert res["stress_tol_bar"] == pytest.approx(0.02 * len(a) / a.get_volume() / units.bar)
-            assert 15 * 200.0 < res["stress_tol_bar"] < 1e5 and residual <= res["stress_tol_bar"]
+            assert 14 * 200.0 < res["stress_tol_bar"] < 1e5 and residual <= res["stress_tol_bar"]
         else:
             assert residual <= tol and res["stress_tol_bar"] == tol
 
@@ -212,3 +210,32 @@ def test_the_default_optimizer_is_bfgs_for_small_structures_and_lbfgs_for_large_
     LBFGS(ref, logfile=None).run(fmax=0.01, steps=2)
     np.testing.assert_allclose(got.positions, ref.positions, rtol=0, atol=1e-12)
     assert relax(big, EMT(), steps=1, optimizer="bfgs")[1]["optimizer"] == "bfgs"  # asked for: as asked
+
+
+def test_a_tight_stress_tol_never_blows_the_cell_up():
+    """A review (2026-12-03): --stress-tol used to lower the filter's cell factor to tol·V/fmax, so
+    the optimiser's step in the cell coordinate became a strain of ~0.9; a rattled Cu box (EMT) at
+    10 bar grew from a = 3.55 to 8.65 Å in one step, past EMT's cutoff, where zero forces and stress
+    passed as converged. Now every start ends at EMT's own lattice constant (a fit of its energy on
+    a volume scan, ase.eos), every stress component within the tolerance, evaluated anew."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.eos import EquationOfState
+
+    cells = [bulk("Cu", "fcc", a=a, cubic=True) for a in np.linspace(3.5, 3.7, 9)]
+    for c in cells:
+        c.calc = EMT()
+    v0, _, _ = EquationOfState([c.get_volume() for c in cells], [c.get_potential_energy() for c in cells]).fit()
+    a0 = v0 ** (1 / 3)  # the conventional cubic cell: V = a³
+    for start in (3.55, 3.80):
+        box = bulk("Cu", "fcc", a=start, cubic=True).repeat((2, 2, 2))
+        box.rattle(0.02, seed=2)
+        out, res = relax(box, EMT(), cell=True, fmax=0.01, stress_tol_bar=10.0, steps=300)
+        a = (out.get_volume() / 8) ** (1 / 3)
+        assert res["converged"] and a == pytest.approx(a0, abs=2e-3), (start, a, a0, res)
+        fresh = out.copy()
+        fresh.calc = EMT()
+        assert np.abs(fresh.get_stress(voigt=False)).max() / units.bar <= 10.0
+        assert np.linalg.norm(fresh.get_forces(), axis=1).max() <= 0.01
+        assert res["final_energy_eV"] < res["initial_energy_eV"]
+
