@@ -243,17 +243,17 @@ class AdapterLinear(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"{type(self).__name__} ({self.in_layout.irreps_str}): the input has dtype {x.dtype}; "
                             "features must be floating point")
-        w = next(self.parameters(), None)  # the base's weight (or the adapter's own where the base has none)
-        if w is not None and w.dtype != x.dtype and not self.__dict__.get("_dtype_guessed") \
-                and not torch.is_autocast_enabled(x.device.type):
+        guessed = self.__dict__.get("_dtype_guessed")  # the base has no weights: the adapter's carry the dtype
+        w = next(iter(self.adapter_parameters()), None) if guessed else next(self.parameters(), None)
+        if w is None or w.dtype == x.dtype or (not guessed and torch.is_autocast_enabled(x.device.type)):
+            return
+        if not guessed:
             raise TypeError(f"{type(self).__name__} ({self.in_layout.irreps_str}): the input is {x.dtype} but the "
                             f"layer's weights are {w.dtype}: bring the model to the input's dtype, model.to({x.dtype}), "
                             "or the input to the model's")
-        w = next(iter(self.adapter_parameters()), None) if self.__dict__.get("_dtype_guessed") else None
-        if w is not None and w.dtype != x.dtype:
-            raise TypeError(f"{type(self).__name__} ({self.in_layout.irreps_str}): its base layer has no weights to "
-                            f"take a dtype from, so the adapter's weights are {w.dtype} (the default dtype), but the "
-                            f"input is {x.dtype}: bring the model to the input's dtype, model.to({x.dtype})")
+        raise TypeError(f"{type(self).__name__} ({self.in_layout.irreps_str}): its base layer has no weights to "
+                        f"take a dtype from, so the adapter's weights are {w.dtype} (the default dtype), but the "
+                        f"input is {x.dtype}: bring the model to the input's dtype, model.to({x.dtype})")
 
     def check_feature_channels(self, method: str) -> None:
         """``ValueError`` for an ``o3.Linear`` with ``f_in`` != ``f_out`` feature channels (rows of

@@ -161,10 +161,10 @@ def _energy_spread_note(batch: dict, e: torch.Tensor) -> str:
     """A ``note:`` line when, over the frames of the most common composition in ``batch`` (at least
     3), the label energies spread more than 5x more or less than the base model's energies ``e``
     (Hartree is 1/27.2 eV, kcal/mol 23x): an offset per element, which the E0 fit absorbs, cannot
-    hide that; '' otherwise or when either spread is below 5 meV."""
+    hide that; '' otherwise, or when both spreads are below 5 meV."""
     counts = torch.zeros(e.shape[0], batch["node_attrs"].shape[1], dtype=torch.float64, device=e.device)
     counts.index_add_(0, batch["batch"], batch["node_attrs"].detach().double())
-    comps, which = torch.unique(counts, dim=0, return_inverse=True)
+    _, which = torch.unique(counts, dim=0, return_inverse=True)
     top = int(torch.bincount(which).argmax())
     rows = which == top
     if int(rows.sum()) < 3:
