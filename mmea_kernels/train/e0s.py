@@ -219,9 +219,14 @@ def composition_span(frames, z_table: Sequence[int], shown: int = 5) -> dict:
 def fitted_span(cfg, r) -> Optional[dict]:
     """The span (:func:`composition_span`) of the training compositions of run ``r`` when its E0s
     were fitted on them (``lstsq``, ``average`` or ``refit_e0s_after``); None for E0s given or kept."""
+    return training_span(cfg, r.train_frames, r.z)
+
+
+def training_span(cfg, train_frames, z_table: Sequence[int]) -> Optional[dict]:
+    """:func:`fitted_span` of a run's training frames and element table."""
     if cfg.refit_e0s_after or cfg.e0s in ("lstsq", "average"):
-        fitted = [a for a in r.train_frames if energy_weight(a) > 0]  # the frames the E0s were fitted on
-        return composition_span(fitted, r.z) if fitted else None
+        fitted = [a for a in train_frames if energy_weight(a) > 0]  # the frames the E0s were fitted on
+        return composition_span(fitted, z_table) if fitted else None
     return None
 
 
@@ -238,12 +243,12 @@ def outside_span(span: Optional[dict], frames) -> List[int]:
     return [int(i) for i in np.flatnonzero(known & (resid > 1e-6 * np.maximum(1.0, np.linalg.norm(c, axis=1))))]
 
 
-def span_message(span: dict, frames, idx: Sequence[int], where: str) -> str:
+def span_message(span: dict, frames, idx: Sequence[int], where: str, whose: str = "the checkpoint's") -> str:
     formulas = list(dict.fromkeys(frames[i].get_chemical_formula("hill") for i in idx))
     fitted = ", ".join(span.get("compositions", [])) + (" …" if span.get("n_compositions", 0) > len(span.get("compositions", [])) else "")
     which = "the structure" if len(frames) == 1 else f"{len(idx)} of {len(frames)} frames (first: frame {idx[0]})"
     return (f"{where}: {which} {'has' if len(frames) == 1 else 'have'} a composition ({', '.join(formulas[:5])}"
-            f"{' …' if len(formulas) > 5 else ''}) outside the span of the training compositions the checkpoint's E0s "
+            f"{' …' if len(formulas) > 5 else ''}) outside the span of the training compositions {whose} E0s "
             f"were fitted on ({fitted}): energies there carry an unknown per-element offset (the fit does not determine "
             "it; it can be keV); forces are unaffected. To avoid it, fine-tune on several compositions that span the ones "
             "you evaluate, or give isolated-atom energies with --e0s FILE.json")
@@ -264,9 +269,7 @@ def split_span_note(cfg, frames: dict, z_table: Sequence[int]) -> str:
     span of the training compositions its E0s are fitted on (:func:`fitted_span`): their energy
     errors carry an offset training cannot change, and the validation loss (best epoch, learning-rate
     schedule, early stopping) follows it; '' when there are none."""
-    import types
-
-    span = fitted_span(cfg, types.SimpleNamespace(train_frames=frames["train"], z=z_table))
+    span = training_span(cfg, frames["train"], z_table)
     notes = []
     for split in ("valid", "test"):
         part = frames.get(split) or []
@@ -274,7 +277,6 @@ def split_span_note(cfg, frames: dict, z_table: Sequence[int]) -> str:
         if idx:
             extra = ("; the validation loss, which picks the best epoch and drives the learning-rate schedule and "
                      "early stopping, carries that offset too") if split == "valid" else ""
-            notes.append("note: " + span_message(span, part, idx, f"--{split}").replace("the checkpoint's E0s",
-                                                                                       "this run's E0s") + extra)
+            notes.append("note: " + span_message(span, part, idx, f"--{split}", whose="this run's") + extra)
     return "\n".join(notes)
 

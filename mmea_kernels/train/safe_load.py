@@ -47,9 +47,9 @@ def safe_load(path, what: str, trust_pickle: bool = False, allow_pickle: bool = 
         raise ValueError(f"torch {torch.__version__}'s weights-only loader can be made to run code (CVE-2025-32434, "
                            f"fixed in torch 2.6): {what} {path} is not read; install torch >= 2.6")
     if path.is_dir():
-        inside = [n for n in ("checkpoint.pt",) if (path / n).is_file()]
-        raise IsADirectoryError(f"{what} {path} is a directory" + (f"; the run's checkpoint is {path / inside[0]}"
-                                                                   if inside else "; give a file"))
+        inside = path / "checkpoint.pt"
+        raise IsADirectoryError(f"{what} {path} is a directory" + (f"; the run's checkpoint is {inside}"
+                                                                   if inside.is_file() else "; give a file"))
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     with open(path, "rb") as f:
