@@ -6,7 +6,9 @@ validation/test compositions outside the span the E0s are fitted on get a note i
 silently. Small: the shipped model and a few shipped frames; a 1-epoch checkpoint
 (``train_checkpoint``) where one is needed."""
 import json
+import os
 import shutil
+import threading
 import warnings
 
 import numpy as np
@@ -53,6 +55,14 @@ def test_evaluate_json_keeps_an_existing_file_unless_overwrite(tmp_path, capsys,
     assert record.read_text() == '{"the run": "record"}'
     assert main(["evaluate", "--checkpoint", str(ck), "--data", data, "--json", str(record), "--overwrite"]) == 0
     assert json.loads(record.read_text())["frames"] == 2
+    stream = tmp_path / "stream"  # a FIFO (as /dev/stdout in a pipe) is written into, no --overwrite needed
+    os.mkfifo(stream)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(stream.read_text()))
+    reader.start()
+    assert main(["evaluate", "--checkpoint", str(ck), "--data", data, "--json", str(stream)]) == 0
+    reader.join(30)
+    assert json.loads(got[0])["frames"] == 2
 
 
 @pytest.mark.parametrize("value,shown", [("true", "true"), ('"-13.6"', '"-13.6"'), ("null", "null")])
@@ -171,6 +181,9 @@ def test_a_file_as_out_a_directory_as_checkpoint_and_a_raw_pickle_are_named(tmp_
     data = f"{DATA / 'test.xyz'}@:1"
     _exit2(capsys, ["evaluate", "--checkpoint", run, "--data", data],
            f"checkpoint {run} is a directory; the run's checkpoint is {run / 'checkpoint.pt'}")
+    (tmp_path / "empty").mkdir()
+    _exit2(capsys, ["evaluate", "--checkpoint", tmp_path / "empty", "--data", data],
+           f"checkpoint {tmp_path / 'empty'} is a directory; give a file")
     raw = tmp_path / "raw.pkl"
     raw.write_bytes(pickle.dumps({"a": 1}, protocol=4))
     capsys.readouterr()

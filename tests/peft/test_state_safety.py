@@ -93,6 +93,10 @@ def test_unmerged_state_into_merged_model_and_partial_loads():
     factors = {k: v for k, v in sd.items() if ".elora_" in k}
     with pytest.raises(RuntimeError, match="unmerge"):  # new factors while the old ΔW sits in the weight
         other.load_state_dict(factors, strict=False)
+    unmerged = _net()
+    mk.inject_adapters(unmerged, "elora", rank=2)
+    with pytest.raises(RuntimeError, match="holds no base weight"):  # a merged flag without the weight
+        unmerged.load_state_dict({"a.elora_merged": torch.tensor(True)}, strict=False)
     other.load_state_dict({}, strict=False)  # a load that does not touch the layers leaves them be
     assert all(mod.merged for mod in mk.adapted_modules(other).values())
 
@@ -156,6 +160,38 @@ def test_constructor_and_input_checks():
         ad(torch.ones(2, 6, dtype=torch.long))
     with pytest.raises(TypeError, match="needs a torch.nn.Module, got str"):
         mk.inject_adapters("model")
+
+
+def test_under_autocast_an_input_of_the_autocast_dtype_is_not_refused():
+    """The dtype check leaves autocast alone: a bfloat16 feature (what an autocast nn.Linear before
+    the layer gives) goes to the base o3.Linear, which takes it where autocast covers its einsum (CUDA;
+    at init the adapter then equals the base) and raises torch's own error where not (the CPU), never
+    the adapter's dtype refusal."""
+    lin = o3.Linear("3x0e+1x1o", "2x0e+1x1o")
+    ad = mk.MMEALinear(lin, rank=2, backend="torch")
+    x = torch.randn(4, 6).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        try:
+            want, err = lin(x), None
+        except RuntimeError as exc:
+            want, err = None, exc
+        if err is None:
+            torch.testing.assert_close(ad(x), want)
+        else:
+            with pytest.raises(type(err), match=str(err)[:30]):
+                ad(x)
+    with pytest.raises(TypeError, match="input is torch.bfloat16 but the layer's weights are torch.float32"):
+        ad(x)  # autocast off: refused by name
+
+
+def test_fused_gate_refuses_an_integer_input_by_name():
+    from e3nn.nn import Gate
+
+    gate = Gate("2x0e", [torch.nn.functional.silu], "2x0e", [torch.sigmoid], "2x1o")
+    for backend in ("torch", None):
+        fg = mk.FusedGate.from_module(gate, backend=backend)
+        with pytest.raises(TypeError, match="FusedGate: the input has dtype torch.int64"):
+            fg(torch.ones(2, 10, dtype=torch.long))
 
 
 def test_layout_of_keeps_the_layout_it_is_given():
