@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import signal
 import pathlib
 import statistics
 import time
@@ -630,6 +631,38 @@ def _host_cpu() -> str:
     return platform.processor() or platform.machine()
 
 
+class _Stopped(BaseException):
+    """A TERM during the measurements (not an Exception: run() records those and goes on)."""
+
+
+def _measure(run, args, device, timer, layers, sizes, dtypes, rounds):
+    """Every comparison, most needed first: the gate kernels' tiles against copy bandwidth, the host
+    overhead, the kernels that never ran on a GPU (FusedGate, the gate net), then the size sweep."""
+    if device.type == "cuda" or args.small:  # tiles of the Triton gate kernels (device time, % of copy)
+        layer = "small" if args.small else "128x0e+128x1o+128x2e+128x3o"
+        run(("gate_sweep", layer, 33 if args.small else 32000, dtypes[0]),
+            gate_sweep_cases(layer, 33 if args.small else 32000, device, timer, dtypes))
+    run(("host_overhead", "small" if args.small else "128x0e+128x1o+128x2e+128x3o", 16, torch.float32),
+        host_overhead_cases("small" if args.small else "128x0e+128x1o+128x2e+128x3o", device, args.small))
+    # then the kernels that never ran on a GPU (FusedGate, the gate net), before the long size sweep
+    for n in ([9] if args.small else [4000, 32000]):
+        for dtype in dtypes:
+            run(("gate_nonlinearity", "sevennet-0", n, dtype), fused_gate_cases(n, dtype, device, timer, rounds))
+    for n in ([9] if args.small else [960, 32000]):
+        for dtype in (torch.float32, torch.float64):
+            run(("gate_net", "mace", n, dtype), gate_net_cases(n, dtype, device, timer))
+    for layer in layers:
+        for n in sizes:
+            for dtype in dtypes:
+                run(("gate", layer, n, dtype), gate_cases(layer, n, dtype, device, timer))
+                run(("adapted_linear", layer, n, dtype), linear_cases(layer, n, dtype, device, timer, not args.no_cuet,
+                                                                      rounds))
+    if args.sweep:
+        layer = "small" if args.small else "mace-interaction-1"
+        for n in ([33] if args.small else [8000, 32000]):
+            run(("fused_sweep", layer, n, torch.float32), sweep_cases(layer, n, device, timer))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="tiny sizes (CPU interpreter check)")
@@ -669,6 +702,7 @@ def main(argv=None):
     meta["copy_GBps"] = bw
     print(f"device: {card}; measured copy bandwidth {bw:.0f} GB/s; fp32 dot: {meta['fp32_dot']}", flush=True)
     stream.write(json.dumps({"meta": meta}) + "\n")
+    stream.flush()
     rows = []
 
     def run(label, gen):
@@ -686,31 +720,20 @@ def main(argv=None):
             stream.write(json.dumps(row) + "\n")
             stream.flush()
 
-    # first: rows stream as they come, and the first run's benchmark hit its time limit
-    if device.type == "cuda" or args.small:  # tiles of the Triton gate kernels (device time, % of copy)
-        layer = "small" if args.small else "128x0e+128x1o+128x2e+128x3o"
-        run(("gate_sweep", layer, 33 if args.small else 32000, dtypes[0]),
-            gate_sweep_cases(layer, 33 if args.small else 32000, device, timer, dtypes))
-    run(("host_overhead", "small" if args.small else "128x0e+128x1o+128x2e+128x3o", 16, torch.float32),
-        host_overhead_cases("small" if args.small else "128x0e+128x1o+128x2e+128x3o", device, args.small))
-    # then the kernels that never ran on a GPU (FusedGate, the gate net), before the long size sweep
-    for n in ([9] if args.small else [4000, 32000]):
-        for dtype in dtypes:
-            run(("gate_nonlinearity", "sevennet-0", n, dtype), fused_gate_cases(n, dtype, device, timer, rounds))
-    for n in ([9] if args.small else [960, 32000]):
-        for dtype in (torch.float32, torch.float64):
-            run(("gate_net", "mace", n, dtype), gate_net_cases(n, dtype, device, timer))
-    for layer in layers:
-        for n in sizes:
-            for dtype in dtypes:
-                run(("gate", layer, n, dtype), gate_cases(layer, n, dtype, device, timer))
-                run(("adapted_linear", layer, n, dtype), linear_cases(layer, n, dtype, device, timer, not args.no_cuet,
-                                                                      rounds))
-    if args.sweep:
-        layer = "small" if args.small else "mace-interaction-1"
-        for n in ([33] if args.small else [8000, 32000]):
-            run(("fused_sweep", layer, n, torch.float32), sweep_cases(layer, n, device, timer))
-    resources = kernel_resources() if device.type == "cuda" else []
+    # a TERM (the device check's time limit) ends the measurements; the .json/.txt of what ran are still
+    # written (the first run's benchmark hit its limit with only its .jsonl written)
+    def stop(signum, frame):
+        raise _Stopped(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        _measure(run, args, device, timer, layers, sizes, dtypes, rounds)
+    except _Stopped as exc:
+        meta["stopped"] = f"{exc} after {len(rows)} rows: the rows after them were not measured"
+        print(f"stopped by {exc} after {len(rows)} rows; writing what ran", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    resources = kernel_resources() if device.type == "cuda" and "stopped" not in meta else []
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows, "kernels": resources}, indent=1))
     text = table(rows, bw)
     res = "\n".join(f"{r['kernel']:<10} regs {r['n_regs']} spills {r['n_spills']} warps {r['num_warps']} "

@@ -8,41 +8,47 @@
 # It ends by itself within BUDGET seconds (default 480: the issue asks for <= 8 minutes): every
 # step's time limit is cut to what is left, a step with less than half its time left is skipped (said
 # in the log), so the command returns before the device tool's limit and everything under $OUT comes
-# back. Test failures are listed with short tracebacks (-rfEs --tb=short), and nothing is cut from the
-# log: it comes back whole as $OUT/device_check.log. The steps, most needed first:
+# back. Test failures are listed with short tracebacks (-rfEs --tb=short; the test step ends by
+# pytest-timeout's --session-timeout before its shell limit, so a cut run still prints its failures),
+# and nothing is cut from the log: it comes back whole as $OUT/device_check.log. A session has about
+# 15 minutes of device time, machine starts included, so in practice one call: the default steps are
+# the open targets, most needed first (an estimate from the 2026-11-28 run: machine 15 s, build 60 s,
+# tests <= 150 s, model 40 s, benchmark <= 110 s, gates 60 s; the workflow runs on what is left):
 #   1. versions, the extension built in place with its CUDA kernels;
-#   2. the CUDA tests (every kernel against the float64 / torch references, gradcheck, gradgradcheck);
-#   3. the whole model (MACE-OFF23-medium architecture, 64 toluene, fp32; the open <= 3 % target):
-#      paired ratios with the default fused path and with MMEA_FUSED_LINEAR=auto (each MMEALinear
-#      times both paths and keeps the faster; the rows list the choices);
-#   4. where the whole model's time goes (--profile: host/wall/device time, kernel counts), fused
-#      and MMEA_FUSED_LINEAR=0; what auto picks per layer at 4 and 64 molecules (bench/path_choices.py);
-#   5. bench/gpu/bench_gpu.py (gate kernels against copy bandwidth, the fused linear against
-#      o3.Linear and cuet, FusedGate against e3nn's Gate; rows stream to a .jsonl as they come);
-#   6. FusedGate against e3nn's Gate, per op and in SevenNet-0 (64 ethanol; float64 equality after
-#      replace_gates, then paired E+F timings; bench/gate_speed.py, sevenn from .whl);
-#   7. the fine-tuning workflow on the GPU (tests/train/test_device.py, test_stress.py, test_predict.py,
-#      tests/app/test_md.py: train, evaluate, resume, checkpoint, ASE calculator, stresses, predictions,
-#      MD; each against the same run on the CPU; then an MD
-#      step through the calculator, cached input vs mace's full path (bench/md_step.py); after the
-#      measurements of the open targets, since its first Triton compiles of the tiny MACE's layers cost time);
-#   8. the whole model in float64; 9. registers and spills of the Triton kernels (ptxas -v).
+#   2. tests: the CUDA tests (every kernel against the float64 / torch references, gradcheck,
+#      gradgradcheck);
+#   3. model: the whole model (MACE-OFF23-medium architecture, 64 toluene, fp32; the open <= 3 %
+#      target), paired ratios with the default fused path;
+#   4. bench: bench/gpu/bench_gpu.py (gate kernels against copy bandwidth first, then FusedGate and
+#      the gate net, then the fused linear against o3.Linear and cuet, FusedGate against e3nn's Gate;
+#      rows stream to a .jsonl as they come, and a TERM still writes the .json/.txt of what ran);
+#      sizes 8000,32000 and 7 rounds unless BENCH_SIZES / BENCH_ROUNDS say otherwise;
+#   5. gates: FusedGate against e3nn's Gate, per op and in SevenNet-0 (64 ethanol; float64 equality
+#      after replace_gates, then paired E+F timings; bench/gate_speed.py, sevenn from .whl);
+#   6. workflow: the fine-tuning workflow on the GPU (tests/train/test_device.py, test_stress.py,
+#      test_predict.py, tests/app/test_md.py: train, evaluate, resume, checkpoint, ASE calculator,
+#      stresses, predictions, MD; each against the same run on the CPU; then an MD step through the
+#      calculator, cached input vs mace's full path, bench/md_step.py).
+# Only when ONLY names them: auto (the whole model with MMEA_FUSED_LINEAR=auto: each MMEALinear times
+# both paths and keeps the faster), profile (where the whole model's time goes: --profile host/wall/
+# device time and kernel counts, fused and MMEA_FUSED_LINEAR=0; what auto picks per layer at 4 and 64
+# molecules, bench/path_choices.py), float64 (the whole model in float64), kernels (registers and
+# spills, ptxas -v: the same report compiles here without a GPU, bench/gpu/kernel_report.py; its
+# file goes to /tmp and into the log), fuzz (bench/fuzz_triton.py on CUDA for FUZZ_SECONDS (30) per
+# family).
 #
 # Each step's end is recorded (ok, skipped, TIMEOUT, FAILED); the last lines list them and the
 # script exits 1 when one failed or timed out (pipefail: a failure inside `| tail` counts).
 # Knobs (environment): NO_BUILD (keep the extension already built in this tree when it has its CUDA
-# kernels; built otherwise), BUDGET, TEST_LIMIT, BENCH_LIMIT, WORKFLOW_LIMIT, GATE_LIMIT (seconds), BENCH_SIZES (e.g. 2000,32000),
-# BENCH_ARGS (e.g. "--sweep --no-cuet"), MODEL_DTYPES (default "float32 float64"), ONLY (the steps to run,
-# of: tests model profile bench workflow gates float64 kernels fuzz; the machine line and the build always
-# run; fuzz, bench/fuzz_triton.py on CUDA for FUZZ_SECONDS (30) per family, runs only when named).
-# A second call for the steps the budget cut (the machine is held only ~30 s after a call, so this is
-# usually a fresh one: NO_BUILD then builds, ~1 min):
-#   run(command="NO_BUILD=1 ONLY='gates workflow' BUDGET=240 bash bench/gpu/device_check.sh", carry=[".whl"], timeout_s=270)
-# and, time left, the randomized kernel comparison:
-#   run(command="NO_BUILD=1 ONLY=fuzz BUDGET=200 bash bench/gpu/device_check.sh", carry=[".whl"], timeout_s=230)
-# Writes to $OUT (default bench/results/device) eight files (the device tool returns at most 8):
-# device_check.log, model-overhead-gpu-<date>.json, path-choices-gpu-<date>.json, the benchmark's
-# .jsonl/.json/.txt, gate-gpu.txt, kernels-sm90.txt.
+# kernels; built otherwise), BUDGET, TEST_LIMIT, BENCH_LIMIT, WORKFLOW_LIMIT, GATE_LIMIT (seconds),
+# BENCH_SIZES (default 8000,32000), BENCH_ROUNDS (7), BENCH_ARGS (e.g. "--sweep --no-cuet"), ONLY (the
+# steps to run, of: tests model auto profile bench gates workflow float64 kernels fuzz; the machine
+# line and the build always run).
+# A second call, where device time is left (a fresh machine: NO_BUILD then builds, ~1 min):
+#   run(command="NO_BUILD=1 ONLY='workflow auto' BUDGET=240 bash bench/gpu/device_check.sh", carry=[".whl"], timeout_s=270)
+# Writes to $OUT (default bench/results/device) at most eight files (the device tool returns at most
+# 8): device_check.log, model-overhead-gpu-<date>.json, path-choices-gpu-<date>.json (profile only),
+# the benchmark's .jsonl/.json/.txt, gate-gpu.txt and gate-gpu.json.
 set -u -o pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-bench/results/device}
@@ -58,8 +64,10 @@ BUDGET=${BUDGET:-480}
 lim() { local left=$(( BUDGET - 3 - ($(date +%s) - T0) )) need=$(( $1 / 2 > 10 ? $1 / 2 : 10 ))
         if [ "$left" -lt "$need" ]; then echo 0
         elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi; }
-# want NAME: whether step NAME runs (all of them, or those named in ONLY)
+# want NAME: whether default step NAME runs (every default step, or those named in ONLY)
 want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]] || { echo "(not in ONLY=$ONLY: $1)"; return 1; }; }
+# named NAME: whether step NAME, which runs only on request, was named in ONLY
+named() { [[ " ${ONLY:-} " == *" $1 "* ]] || { echo "(runs only when ONLY names it: $1)"; return 1; }; }
 # within S cmd...: cmd under timeout `lim S` (killed 5 s after its TERM), or a line saying it was
 # skipped (status 125)
 within() { local t s=$1; t=$(lim "$1"); shift
@@ -109,27 +117,29 @@ status $? "extension with CUDA kernels"
 
 step "CUDA tests (every kernel against the float64 / torch references, gradcheck, gradgradcheck)"
 if want tests; then
-  MMEA_TEST_CUDA=1 within ${TEST_LIMIT:-200} python3 -m pytest -q -p no:cacheprovider -k cuda -rfEs --tb=short \
-    --timeout 120 tests/ops/test_gate_ops.py tests/ops/test_triton_backend.py tests/ops/test_gated_linear.py \
+  # pytest-timeout >= 2.3 ends the session before the shell's limit, with the failures listed (a TERM
+  # from `timeout` prints none of them); older ones lack the option and the shell limit alone applies
+  TL=$(lim ${TEST_LIMIT:-150}); SESSION=()
+  [ "$TL" -gt 30 ] && timeout 30 python3 -m pytest --help 2>/dev/null | grep -q -- --session-timeout \
+    && SESSION=(--session-timeout $(( TL - 15 )))
+  MMEA_TEST_CUDA=1 within ${TEST_LIMIT:-150} python3 -m pytest -q -p no:cacheprovider -k cuda -rfEs --tb=short \
+    --timeout 120 "${SESSION[@]}" tests/ops/test_gate_ops.py tests/ops/test_triton_backend.py tests/ops/test_gated_linear.py \
     tests/ops/test_cpp_backend.py tests/ops/test_gate_net_triton.py tests/ops/test_adapter_node.py tests/nn/test_modules.py \
     tests/nn/test_path_choice.py tests/nn/test_fused_gate.py tests/ops/test_fused_gate_dbwd.py 2>&1
   status "${PIPESTATUS[0]}" "CUDA tests"
 fi
 
-DTYPES=${MODEL_DTYPES:-float32 float64}
 # model LIMIT NAME ARGS...: bench/model_overhead.py on 64 toluene, its status recorded under NAME
 model() { within "$1" python3 bench/model_overhead.py --device cuda --frames 64 --out "$OUT" "${@:3}" 2>&1 \
           | grep -v USDT | tail -20; status "${PIPESTATUS[0]}" "$2"; }
-step "whole model (MACE-OFF23-medium architecture, 64 toluene), energy+forces and a training step"
-for dt in $DTYPES; do
-  [ "$dt" = float32 ] && want model || continue
-  model 60 "whole model float32" --rounds 40 --dtype float32
-  echo "--- MMEA_FUSED_LINEAR=auto (each MMEALinear times its fused and unfused paths at its first size, keeps the faster)"
-  MMEA_FUSED_LINEAR=auto model 60 "whole model float32, auto" --rounds 40 --dtype float32
-done
+step "whole model (MACE-OFF23-medium architecture, 64 toluene, float32), energy+forces and a training step"
+want model && model 60 "whole model float32" --rounds 40 --dtype float32
+
+step "whole model with MMEA_FUSED_LINEAR=auto (each MMEALinear times its fused and unfused paths at its first size, keeps the faster)"
+named auto && MMEA_FUSED_LINEAR=auto model 60 "whole model float32, auto" --rounds 40 --dtype float32
 
 step "whole model: where the time goes (host vs device, kernel counts; torch.profiler), fused vs unfused MMEA"
-if want profile; then
+if named profile; then
   model 90 "profile fused" --rounds 20 --modes inference --profile 5
   echo "--- MMEA_FUSED_LINEAR=0 (every MMEALinear: base layer, then the gate kernels)"
   MMEA_FUSED_LINEAR=0 model 90 "profile unfused" --rounds 20 --modes inference --profile 5
@@ -140,8 +150,8 @@ fi
 
 step "benchmark"
 if want bench; then
-  within ${BENCH_LIMIT:-220} python3 bench/gpu/bench_gpu.py --out "$OUT" --sizes "${BENCH_SIZES:-2000,8000,32000}" \
-    ${BENCH_ARGS:-} 2>&1
+  within ${BENCH_LIMIT:-110} python3 bench/gpu/bench_gpu.py --out "$OUT" --sizes "${BENCH_SIZES:-8000,32000}" \
+    --rounds "${BENCH_ROUNDS:-7}" ${BENCH_ARGS:-} 2>&1
   status "${PIPESTATUS[0]}" "bench_gpu"
 fi
 
@@ -161,15 +171,14 @@ if want workflow; then
   status "${PIPESTATUS[0]}" "md step"
 fi
 
-step "whole model in the other dtypes"
-for dt in $DTYPES; do
-  [ "$dt" = float32 ] || { want float64 && model 60 "whole model $dt" --rounds 40 --dtype "$dt"; }
-done
+step "whole model in float64"
+named float64 && model 60 "whole model float64" --rounds 40 --dtype float64
 
 step "registers and spills of the Triton kernels (sm_90, ptxas -v)"
-if want kernels; then
-  within 120 python3 bench/gpu/kernel_report.py --out "$OUT/kernels-sm90.txt" 2>&1 | tail -40
+if named kernels; then
+  within 120 python3 bench/gpu/kernel_report.py --out /tmp/kernels-sm90.txt 2>&1 | tail -40
   status "${PIPESTATUS[0]}" "kernel report"
+  cat /tmp/kernels-sm90.txt 2>/dev/null
 fi
 
 step "randomized triton-vs-torch fuzz on CUDA (bench/fuzz_triton.py; runs only when ONLY names fuzz)"

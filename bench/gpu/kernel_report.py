@@ -117,7 +117,8 @@ def fused_gate_cases():
     for dtype in (torch.float32, torch.float64):
         p = PTR[dtype]
         acc = tl.float64 if dtype == torch.float64 else tl.float32
-        common = {"cols_ptr": "*i64", "cst_ptr": "*fp64", "N": "i64", "DIN": "i64", "DOUT": "i64"}
+        # N, DIN, DOUT: Python ints below 2**31 at launch, which triton specialises as i32
+        common = {"cols_ptr": "*i64", "cst_ptr": "*fp64", "N": "i32", "DIN": "i32", "DOUT": "i32"}
         for used, what in ((0b110, "silu+sigmoid"), (0b1111111, "all activations")):
             bn, bd, nw = fgt._blocks(32000, 416, 1, False, dtype == torch.float64)
             yield (f"fused_gate fwd {NAMES[dtype]} {what} n{bn} d{bd}", fgt._fwd_kernel,

@@ -36,6 +36,15 @@ def rows2d(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.reshape(rows, 0)
 
 
+def cols32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t``, or a contiguous copy where a column offset times its column stride would pass int32
+    (the triton kernels offset rows in 64 bits, columns in 32: a transposed [N, D] view of more than
+    2**31 elements would be read out of place on a GPU)."""
+    if t is not None and t.dim() == 2 and t.shape[1] > 1 and (t.shape[1] - 1) * abs(t.stride(1)) > 2**31 - 1:
+        return t.contiguous()
+    return t
+
+
 def pow2(n: int) -> int:
     """The smallest power of two >= max(n, 1)."""
     n = max(int(n), 1)

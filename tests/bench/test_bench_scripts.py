@@ -116,6 +116,28 @@ def test_failing_configuration_is_recorded_not_fatal(tmp_path, bench_gpu, monkey
     assert any(r["op"] == "gate_mul" and "median_ms" in r for r in rows)  # the rest still ran
 
 
+def test_a_term_during_the_measurements_still_writes_the_summary(tmp_path, bench_gpu, monkeypatch):
+    """The device check's time limit sends TERM: the rows measured so far land in the .json/.txt too
+    (the first GPU run's benchmark was cut with only its .jsonl written), marked as stopped."""
+    import signal
+
+    def measure(run, *args):
+        run(("host_overhead", "small", 16, torch.float32), iter([{"op": "host_overhead", "provider": "x", "mode": "fwd",
+                                                                   "layer": "small", "N": 16, "dtype": "float32",
+                                                                   "us_per_call": 1.0}]))
+        os.kill(os.getpid(), signal.SIGTERM)
+        run(("gate", "small", 7, torch.float32), iter([{"op": "never", "provider": "y"}]))  # not reached
+
+    monkeypatch.setattr(bench_gpu, "_measure", measure)
+    before = signal.getsignal(signal.SIGTERM)
+    assert bench_gpu.main(["--small", "--out", str(tmp_path)]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+    data = json.loads(next(tmp_path.glob("*-gpu.json")).read_text())
+    assert [r["op"] for r in data["rows"]] == ["host_overhead"]
+    assert "after 1 rows" in data["meta"]["stopped"]
+    assert "stopped" in next(tmp_path.glob("*-gpu.txt")).read_text()
+
+
 def test_model_overhead_script(tmp_path):
     pytest.importorskip("mace")
     res = subprocess.run([sys.executable, str(BENCH / "model_overhead.py"), "--preset", "tiny", "--frames", "1",

@@ -264,6 +264,29 @@ def test_launch_grids_are_one_dimensional_for_5m_rows():
         check_grid((10, 70000), "gate_mul")
 
 
+def test_views_whose_column_offsets_pass_int32_are_made_contiguous_before_a_launch(monkeypatch):
+    """The triton kernels offset columns in 32 bits: a transposed [N, D] view whose last column lies
+    2**31 elements or more past the first is copied to row-major before a launch (a GPU would read
+    it out of place; the interpreter computes in 64 bits and cannot show it). Meta tensors: no
+    memory needed."""
+    from mmea_kernels.ops._utils import cols32
+    from mmea_kernels.ops.gate import triton as gt
+
+    big = torch.empty_strided((3, 4), (1, 2**30), device="meta")  # (4 - 1) * 2**30 > 2**31 - 1
+    fine = torch.empty_strided((3, 2), (1, 2**30), device="meta")  # (2 - 1) * 2**30 fits
+    assert cols32(big).stride() == (4, 1) and cols32(fine) is fine
+    assert cols32(None) is None and cols32(torch.empty(5, device="meta")).dim() == 1
+    from mmea_kernels.ops.tables import layout_tables
+
+    seen = []  # the launchers call it on their operands
+    monkeypatch.setattr(gt, "cols32", lambda t: seen.append(t) or t)
+    x = torch.randn(2, 4)
+    t = layout_tables(IrrepsLayout.of("1x0e+1x1o", "mul_ir"), "cpu")
+    gt.seg_dot(x, x, t, shared=False)
+    gt.gate_mul(x, torch.ones(2, 1), t, keep_ungated=True)
+    assert len(seen) == 4
+
+
 def test_spec_key_and_tables_are_cached(monkeypatch):
     """The launch path asks for the spec's key and tables on every call: both are built once, and
     the tile sizes are not recomputed per launch."""

@@ -28,7 +28,7 @@ import torch
 
 from .._utils import INTERPRETED_AT_IMPORT as _INTERPRETED_AT_IMPORT
 from .._utils import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
-from .._utils import check_grid, device_guard, interpreting, pow2, tl, triton
+from .._utils import check_grid, cols32, device_guard, interpreting, pow2, tl, triton
 from ..tables import LayoutTables
 
 name = "triton"
@@ -120,8 +120,10 @@ if triton is not None:
         g_ok = row_ok[:, None] & (col_ok & gated)[None, :]
         g = tl.load(gates_ptr + rows64[:, None] * stride_gn + (gate_safe * stride_gg)[None, :],
                     mask=g_ok, other=0.0).to(ACC)
-        scale = tl.where(gated[None, :], g, FILL)
-        y = x * scale
+        if FILL == 0.0:  # zeroed, not multiplied by 0: an inf or NaN there gives 0, as the torch reference
+            y = tl.where(gated[None, :], x * g, 0.0)
+        else:
+            y = tl.where(gated[None, :], x * g, x)
         tl.store(out_ptr + rows64[:, None] * stride_on + (cols * stride_od)[None, :],
                  y.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
@@ -176,6 +178,7 @@ def gate_mul(x: torch.Tensor, gates: torch.Tensor, t: LayoutTables, keep_ungated
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if N == 0 or D == 0:
         return out
+    x, gates = cols32(x), cols32(gates)
     if gates.numel() == 0:  # G == 0: every column is ungated; never dereferenced
         gates = x.new_zeros(1)
     if gates.dim() == 1:
@@ -214,6 +217,7 @@ def seg_dot(a: torch.Tensor, b: torch.Tensor, t: LayoutTables, shared: bool) -> 
             return out
 
     W = t.gate_width
+    a, b = cols32(a), cols32(b)
     block_n, block_g, num_warps = _seg_dot_blocks(N, G, W, interpreting(a.device))
     grid = check_grid((triton.cdiv(N, block_n), triton.cdiv(G, block_g)), "seg_dot")
     if shared:

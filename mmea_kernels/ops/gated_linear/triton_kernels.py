@@ -29,7 +29,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import tables as ls
-from .._utils import check_grid, device_guard, interpreting, pow2, tl, triton
+from .._utils import check_grid, cols32, device_guard, interpreting, pow2, tl, triton
 from ...linear_spec import LinearSpec
 from .tables import LinearTables, linear_tables
 
@@ -392,6 +392,7 @@ def _forward(x, weight, bias, g_pre, g_post, additive, spec: LinearSpec, with_u:
     # the kernel reads weight and bias by offset (a strided view would be read wrong); gates and
     # additive terms go with their strides
     weight, bias = weight.contiguous(), (None if bias is None else bias.contiguous())
+    x, g_pre, g_post, additive = cols32(x), cols32(g_pre), cols32(g_post), cols32(additive)
     dummy = x
     with device_guard(x.device):
         _gl_fwd_kernel[grid](
@@ -434,6 +435,7 @@ def triton_wgrad(a: torch.Tensor, b: torch.Tensor, g_pre: Optional[torch.Tensor]
                           device=a.device)
     has_pre = g_pre is not None and g_pre.shape[-1] > 0
     has_post = g_post is not None and g_post.shape[-1] > 0
+    a, b, g_pre, g_post = cols32(a), cols32(b), cols32(g_pre), cols32(g_post)
     with device_guard(a.device):
         _gl_wgrad_kernel[grid](
             a, b, g_pre if has_pre else a, g_post if has_post else a, t.path_weights, dst, t.wtasks,
