@@ -6,19 +6,41 @@ this package writes (model files, fine-tuning checkpoints, ``state.pt``, adapter
 tensors, dicts, lists, strings and numbers, which ``weights_only=True`` reads. Only a whole model
 pickled by mace-torch (``*.model``) needs full unpickling; :func:`safe_load` does that only when
 asked (``trust_pickle=True``, ``--trust-pickle``).
+
+``weights_only=True`` alone is not enough: what torch's weights-only unpickler accepts is a registry
+for the whole process, and importing parts of torch adds to it (``torch._dynamo``, which the CLI
+imports, registers ``DeviceMesh`` and ``DTensor``: unpickling a ``DeviceMesh`` starts
+``torch.distributed`` from the environment's ``RANK``/``MASTER_*``, opening a port or hanging the
+process; found in review). So before torch reads a file, every class or function its pickles name is
+checked against this package's own short list (:data:`PLAIN_GLOBALS`: the tensor rebuild functions,
+storages, dtypes, ``OrderedDict``); anything else is refused as needing full unpickling.
 """
 from __future__ import annotations
 
+import io
 import pathlib
 import pickle
+import pickletools
 import re
 import warnings
+import zipfile
 
 import torch
 
 from ..integrations.files import UnsafeFileError
 
-__all__ = ["UnsafeFileError", "safe_load"]
+__all__ = ["UnsafeFileError", "safe_load", "PLAIN_GLOBALS"]
+
+# What a file of tensors, dicts, lists, strings and numbers names (torch.save, protocol 2): the tensor
+# and parameter rebuild functions, storages (torch.FloatStorage, ...), dtypes, torch.Size/device,
+# OrderedDict and _codecs.encode (how protocol 2 writes bytes)
+PLAIN_GLOBALS = frozenset({
+    "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter", "collections.OrderedDict",
+    "torch.Size", "torch.device", "_codecs.encode", "torch.storage.UntypedStorage",
+}) | frozenset(f"torch.{n}" for n in dir(torch) if n.endswith("Storage") or isinstance(getattr(torch, n, None), torch.dtype))
+_STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+_PUTS = {"MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"}
+_GETS = {"GET", "BINGET", "LONG_BINGET"}
 
 
 _TORCH = tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2])
@@ -62,6 +84,11 @@ def safe_load(path, what: str, trust_pickle: bool = False, allow_pickle: bool = 
         raise ValueError(f"{what} {path} is a TorchScript file (an exported model: torch.jit.save, mmea-kernels "
                          f"export), not a {what}: give the file that was exported from (a fine-tuning checkpoint.pt, "
                          "or the base model)")
+    named = _foreign_globals(path, head)
+    if named:
+        if allow_pickle and trust_pickle:
+            return _full_load(path, what)
+        raise UnsafeFileError(_refusal(path, what, named, allow_pickle))
     try:
         with warnings.catch_warnings():  # torch's "pickle protocol 4" notice about a file refused next
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -75,6 +102,59 @@ def safe_load(path, what: str, trust_pickle: bool = False, allow_pickle: bool = 
         raise UnsafeFileError(_refusal(path, what, refused, allow_pickle)) from None
     except Exception as exc:  # zip / pickle errors: a truncated or foreign file
         raise _unreadable(path, what, exc) from None
+
+
+def _foreign_globals(path: pathlib.Path, head: bytes) -> str:
+    """The first class or function that a pickle of ``path`` names outside :data:`PLAIN_GLOBALS`
+    ('' when none): every ``.pkl`` member of a zip archive, or the leading pickles of the legacy
+    format (magic number, protocol, system info, data, storage keys). A file whose pickles cannot be
+    walked is left to torch's reader, which reports it."""
+    try:
+        if head.startswith(b"PK"):
+            with zipfile.ZipFile(path) as zf:
+                for name in zf.namelist():
+                    if name.endswith(".pkl"):
+                        bad = _first_foreign(io.BytesIO(zf.read(name)))
+                        if bad:
+                            return bad
+            return ""
+        with open(path, "rb") as f:
+            for _ in range(5):
+                bad = _first_foreign(f)
+                if bad:
+                    return bad
+    except Exception:  # noqa: BLE001 - truncated or foreign: torch.load names the problem
+        return ""
+    return ""
+
+
+def _first_foreign(stream) -> str:
+    """The first name outside :data:`PLAIN_GLOBALS` in the pickle at ``stream``'s position (read up to
+    its STOP). STACK_GLOBAL takes its module and name from the stack: resolved where the two pushes
+    before it are strings (or memo entries of strings), else refused as unresolved; INST and the
+    copyreg extension codes are refused too (torch.save writes none of them)."""
+    memo, pushed = {}, []  # pushed: the values of the last pushes (None: not a string)
+    for op, arg, _ in pickletools.genops(stream):
+        name = op.name
+        if name == "GLOBAL" or name == "INST":
+            ref = arg.replace(" ", ".")
+            if ref not in PLAIN_GLOBALS:
+                return ref
+        elif name == "STACK_GLOBAL":
+            ref = ".".join(pushed[-2:]) if len(pushed) >= 2 and all(isinstance(v, str) for v in pushed[-2:]) else ""
+            if ref not in PLAIN_GLOBALS:
+                return ref or "a class or function named by values computed in the file (STACK_GLOBAL)"
+        elif name.startswith("EXT"):
+            return f"copyreg extension code {arg}"
+        if name in _PUTS:
+            memo[len(memo) if arg is None else arg] = pushed[-1] if pushed else None
+        elif name in _STRINGS:
+            pushed.append(arg)
+        elif name in _GETS:
+            pushed.append(memo.get(arg))
+        elif op.stack_after or op.stack_before:
+            pushed.append(None)
+    return ""
 
 
 def _is_torchscript(path: pathlib.Path) -> bool:
