@@ -21,11 +21,11 @@ __all__ = [
     "IrrepsLayout", "LinearSpec", "gate_mul", "seg_dot", "MMEALinear", "ELoRALinear", "AdapterConfig",
     "inject_adapters", "adapter_state_dict", "load_adapter_state_dict", "merge_and_unload", "unload",
     "disable_adapters", "adapted_modules", "report", "convert_adapted_to_cueq", "convert_adapted_to_e3nn",
-    "FusedGate", "replace_gates", "restore_gates", "split_tp_slices", "load_kernels",
+    "FusedGate", "replace_gates", "restore_gates", "split_tp_slices", "load_kernels", "load_adapter_file",
 ]
 
 _LAZY = {"convert_adapted_to_cueq": "integrations.cueq", "convert_adapted_to_e3nn": "integrations.cueq",
-         "load_kernels": "ops.gate.cpp"}
+         "load_kernels": "ops.gate.cpp", "load_adapter_file": "train.safe_load"}
 
 
 def __getattr__(name):  # integrations load on first use

@@ -14,7 +14,7 @@ __all__ = ["IrrepBlock", "IrrepsLayout", "parse_irreps", "column_span", "LAYOUTS
 
 LAYOUTS = ("mul_ir", "ir_mul")
 
-_IRREP_RE = re.compile(r"^\s*(?:(\d+)\s*x\s*)?(\d+)\s*([eo])\s*$")
+_IRREP_RE = re.compile(r"^\s*(?:(\d+)\s*x\s*)?(\d+)\s*([eoy])\s*$")  # y: parity (-1)^l, as e3nn
 
 
 class cached_property:  # noqa: N801 - the name of what it replaces
@@ -75,8 +75,8 @@ class IrrepBlock:
 
 def parse_irreps(irreps) -> Tuple[Tuple[int, int, int], ...]:
     """Return ``((mul, l, p), ...)`` from an e3nn ``Irreps``, a cuEquivariance ``Irreps``, a string
-    like ``"128x0e+128x1o"`` or a sequence of ``(mul, ir)`` pairs. Order and repeats are kept
-    (no simplification)."""
+    like ``"128x0e+128x1o"`` (parity ``e``, ``o``, or e3nn's ``y``: ``(-1)^l``) or a sequence of
+    ``(mul, ir)`` pairs. Order and repeats are kept (no simplification)."""
     if isinstance(irreps, str):
         out = []
         text = irreps.strip()
@@ -86,8 +86,9 @@ def parse_irreps(irreps) -> Tuple[Tuple[int, int, int], ...]:
             m = _IRREP_RE.match(term)
             if m is None:
                 raise ValueError(f"invalid irreps string {irreps!r}: cannot parse term {term.strip()!r}")
-            mul = int(m.group(1)) if m.group(1) is not None else 1
-            out.append((mul, int(m.group(2)), 1 if m.group(3) == "e" else -1))
+            mul, l = int(m.group(1)) if m.group(1) is not None else 1, int(m.group(2))
+            p = (-1) ** l if m.group(3) == "y" else (1 if m.group(3) == "e" else -1)
+            out.append((mul, l, p))
         return tuple(out)
     try:
         items = list(irreps)

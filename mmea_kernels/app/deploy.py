@@ -408,7 +408,7 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
     if fmt == PARALLEL:
         _check_parallel_out(out, overwrite)
     else:
-        check_outputs({"--out": str(out)}, overwrite, checkpoint_inputs(checkpoint, model))
+        check_outputs({"--out": str(out)}, overwrite, checkpoint_inputs(checkpoint, model), regular=True)
     if model is None and (fmt not in ("lammps", PARALLEL) or dtype not in (None, "float32")):  # a SevenNet base
         if (named := str(read_checkpoint(checkpoint)["model"])).startswith("sevenn:"):  # cannot run it: refused
             _sevennet_request(named, fmt, dtype)  # before the model is built

@@ -51,12 +51,15 @@ def checkpoint_inputs(checkpoint, model=None) -> dict:
     return inputs
 
 
-def check_outputs(paths: dict, overwrite: bool, inputs: Optional[dict] = None) -> None:
+def check_outputs(paths: dict, overwrite: bool, inputs: Optional[dict] = None, regular: bool = False) -> None:
     """For each ``{option: path}`` (None and "-" skipped): ``ValueError`` if it is the same file
     as one of ``inputs`` (``{option: path or path@selection}``, None skipped), with ``overwrite`` or
     without: an output never replaces an input; ``ValueError`` if two options name the same file;
-    ``IsADirectoryError`` for a directory, ``FileExistsError`` if the file exists and not
-    ``overwrite``, ``FileNotFoundError`` if its directory does not exist."""
+    ``IsADirectoryError`` for a directory; with ``regular`` (an output written and read back, as
+    export's), ``ValueError`` for an existing path that is not a regular file (a FIFO, a device such
+    as /dev/stdout), before the next check, which ``--overwrite`` would not settle;
+    ``FileExistsError`` if the file exists and not ``overwrite``, ``FileNotFoundError`` if its
+    directory does not exist."""
     given = [(k, os.fspath(p)) for k, p in paths.items() if p is not None and p != "-"]
     read = [(k, input_path(os.fspath(p))) for k, p in (inputs or {}).items() if p is not None and p != "-"]
     for name, path in given:
@@ -71,6 +74,9 @@ def check_outputs(paths: dict, overwrite: bool, inputs: Optional[dict] = None) -
     for name, path in given:
         if os.path.isdir(path):
             raise IsADirectoryError(f"{name} {path} is a directory; give a file name")
+        if regular and os.path.exists(path) and not os.path.isfile(path):
+            raise ValueError(f"{name} {path} exists and is not a regular file; this output is written to a file "
+                             "and read back to be checked: give a file path")
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{name} {path} exists; pass --overwrite to replace it")
         parent = os.path.dirname(os.path.abspath(path))

@@ -289,13 +289,38 @@ def fetch_rmd17(out_dir: Union[str, os.PathLike], molecules: Optional[Iterable[s
     """Write ``out_dir/<molecule>/{train,valid,test}.xyz`` from the rMD17 archive (see the module
     docstring). ``molecules``: names (or one comma-separated string), default all ten. ``archive``:
     a local ``rmd17.tar.bz2``, used instead of downloading ``url``. Returns
-    ``{molecule: {"train": n, "valid": n, "test": n, "dir": str}}``."""
+    ``{molecule: {"train": n, "valid": n, "test": n, "dir": str}}``. When it fails, the directories
+    it created (``out_dir`` and its missing parents, the molecule folders) are removed where empty;
+    none that existed before."""
     names = _molecule_list(molecules)
     sizes = (int(n_train), int(n_valid), int(n_test))
     if min(sizes) < 0:
         raise ValueError(f"split sizes must be >= 0, got n_train={n_train}, n_valid={n_valid}, "
                          f"n_test={n_test}")
     out = pathlib.Path(out_dir).expanduser()
+    made = _missing_dirs(out) + [out / m for m in names if not os.path.lexists(out / m)]
+    try:
+        return _fetch_into(out, names, sizes, url, seed, archive, overwrite)
+    except BaseException:
+        for d in reversed(made):  # the directories this call created, innermost first, where empty
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def _missing_dirs(path: pathlib.Path) -> List[pathlib.Path]:
+    """The directories ``path.mkdir(parents=True)`` would create, outermost first."""
+    missing = []
+    while not os.path.lexists(path) and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing[::-1]
+
+
+def _fetch_into(out: pathlib.Path, names: List[str], sizes, url: str, seed: int, archive, overwrite: bool) -> dict:
+    """:func:`fetch_rmd17` once its arguments are read."""
     _prepare_out_dir(out)
     if not overwrite:
         for m in names:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..ops.fused_gate import FusedGateSpec, activation_code
+from ..ops.fused_gate.spec import gate_irreps
 from ..ops._utils import rows2d
 from ..ops.fused_gate.function import FUSED_GATE_BACKENDS, check_backend, fused_gate_2d
 
@@ -87,25 +88,6 @@ def _out_parity(a: _Act, p_in: int, what: str) -> int:
     return p_out
 
 
-def _elementwise_irreps_out(irreps_gated, irreps_gates_out):
-    """``ElementwiseTensorProduct(irreps_gated, irreps_gates_out).irreps_out`` without building it."""
-    from e3nn import o3
-
-    g1 = list(o3.Irreps(irreps_gated).simplify())
-    g2 = list(o3.Irreps(irreps_gates_out).simplify())
-    i = 0
-    while i < len(g1):
-        (m1, ir1), (m2, ir2) = g1[i], g2[i]
-        if m1 < m2:
-            g2[i] = (m1, ir2)
-            g2.insert(i + 1, (m2 - m1, ir2))
-        if m2 < m1:
-            g1[i] = (m2, ir1)
-            g1.insert(i + 1, (m1 - m2, ir1))
-        i += 1
-    return o3.Irreps([(m, ir) for (m, ir1), (_, ir2) in zip(g1, g2) for ir in ir1 * ir2])
-
-
 def _state_holder(src: nn.Module) -> Optional[nn.Module]:
     """A bare module tree holding the same parameters and buffers (same tensors, same names,
     same persistence) as ``src``'s subtree, or None when it has none: the swapped model keeps
@@ -148,7 +130,8 @@ class FusedGate(nn.Module):
     (``mul.weight``, ``mul.output_mask``) so checkpoints of a model built with ``e3nn.nn.Gate``
     load unchanged; ``"mace"`` carries none, as ``GatedEquivariantBlock``.
     Attributes as e3nn's Gate: ``irreps_in``, ``irreps_out``, ``irreps_scalars``,
-    ``irreps_gates``, ``irreps_gated``; plus ``layout``, ``backend``, ``fused`` (whether every
+    ``irreps_gates``, ``irreps_gated`` (in ir_mul per entry, each its own block: not merged; see
+    :func:`~mmea_kernels.ops.fused_gate.spec.gate_irreps`); plus ``layout``, ``backend``, ``fused`` (whether every
     activation is one the kernels know; otherwise the plain-PyTorch path runs).
     """
 
@@ -203,12 +186,9 @@ class FusedGate(nn.Module):
                            for (mul, ir), a in zip(S, a_s)])
         out_g = o3.Irreps([(mul, (0, _out_parity(a, ir.p, "Activation"))) if a.fn is not None else (mul, ir)
                            for (mul, ir), a in zip(Gi, a_g)])
-        irreps_out = out_s + _elementwise_irreps_out(Dd, out_g)
-        groups = [S.simplify(), Gi.simplify(), Dd.simplify()]
         sorted_irreps = self._setup_e3nn(S, a_s, Gi, a_g, Dd, layout, backend)
-        self.irreps_scalars, self.irreps_gates, self.irreps_gated = groups
-        self._irreps_in = sorted_irreps.simplify()
-        self._irreps_out = irreps_out
+        (self.irreps_scalars, self.irreps_gates, self.irreps_gated, self._irreps_in,
+         self._irreps_out) = gate_irreps(layout, S, Gi, Dd, sorted_irreps, out_s, out_g)
         if compat == "e3nn":
             self.mul = nn.Module()
             self.mul.register_buffer("weight", torch.zeros(0))

@@ -3,7 +3,6 @@
 they do not fit."""
 from __future__ import annotations
 
-import os
 import re
 
 import torch
@@ -65,20 +64,14 @@ def _refuse_mixed_adapters(mods: dict, first: AdapterLinear) -> None:
                              "model's state_dict() instead")
 
 
-def load_adapter_state_dict(model: nn.Module, adapter_state, **options) -> InjectionReport:
-    """Load adapters saved by :func:`adapter_state_dict` (the dict, or the path of a file that
-    ``torch.save`` wrote, read with :func:`~mmea_kernels.train.safe_load.safe_load`: nothing in it is
-    run), injecting them first if the model has none.
+def load_adapter_state_dict(model: nn.Module, adapter_state: dict, **options) -> InjectionReport:
+    """Load adapters saved by :func:`adapter_state_dict`, injecting them first if the model has none.
 
     Raises an error naming the module (and both irreps) when the model does not fit the saved adapters.
     The adapter weights do not depend on the feature layout (MMEA gates act per (irrep, multiplicity),
     ELoRA blocks per (input block, output block)), so adapters saved from an e3nn model load into its
     cuEquivariance conversion (``mul_ir`` or ``ir_mul``) and back, as long as the irreps agree.
     """
-    if isinstance(adapter_state, (str, os.PathLike)):  # a file: read without unpickling code (safe_load)
-        from ..train.safe_load import safe_load
-
-        adapter_state = safe_load(adapter_state, "adapter file")
     if not isinstance(adapter_state, dict) or adapter_state.get("format") != FORMAT:
         fmt = adapter_state.get("format") if isinstance(adapter_state, dict) else type(adapter_state).__name__
         raise ValueError(f"not an mmea_kernels adapter state (format {fmt!r}, expected {FORMAT!r})")

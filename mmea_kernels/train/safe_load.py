@@ -29,7 +29,7 @@ import torch
 
 from ..integrations.files import UnsafeFileError
 
-__all__ = ["UnsafeFileError", "safe_load", "PLAIN_GLOBALS"]
+__all__ = ["UnsafeFileError", "safe_load", "load_adapter_file", "PLAIN_GLOBALS"]
 
 # What a file of tensors, dicts, lists, strings and numbers names (torch.save, protocol 2): the tensor
 # and parameter rebuild functions, storages (torch.FloatStorage, ...), dtypes, torch.Size/device,
@@ -102,6 +102,15 @@ def safe_load(path, what: str, trust_pickle: bool = False, allow_pickle: bool = 
         raise UnsafeFileError(_refusal(path, what, refused, allow_pickle)) from None
     except Exception as exc:  # zip / pickle errors: a truncated or foreign file
         raise _unreadable(path, what, exc) from None
+
+
+def load_adapter_file(model, path, **options):
+    """:func:`~mmea_kernels.load_adapter_state_dict` of the file ``path`` that ``torch.save`` wrote
+    from :func:`~mmea_kernels.adapter_state_dict`, read with :func:`safe_load` (nothing in it runs);
+    ``mk.load_adapter_file(model, "adapter.pt")``."""
+    from ..peft import load_adapter_state_dict
+
+    return load_adapter_state_dict(model, safe_load(path, "adapter file"), **options)
 
 
 def _foreign_globals(path: pathlib.Path, head: bytes) -> str:

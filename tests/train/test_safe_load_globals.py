@@ -92,7 +92,7 @@ def test_payloads_named_through_stack_global_or_memo_are_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_load_adapter_state_dict_reads_a_file_without_running_it(tmp_path):
+def test_load_adapter_file_reads_a_file_without_running_it(tmp_path):
     from mmea_kernels.train.foundation import load_model
 
     model = load_model("builtin:mace-xtb-small")
@@ -103,14 +103,14 @@ def test_load_adapter_state_dict_reads_a_file_without_running_it(tmp_path):
                 p.normal_()
     torch.save(mk.adapter_state_dict(model), tmp_path / "adapter.pt")
     fresh = load_model("builtin:mace-xtb-small")
-    mk.load_adapter_state_dict(fresh, str(tmp_path / "adapter.pt"))
+    mk.load_adapter_file(fresh, str(tmp_path / "adapter.pt"))
     want = {k: v for k, v in model.state_dict().items()}
     got = fresh.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     marker = tmp_path / "ran"
     (tmp_path / "evil.pt").write_bytes(_protocol4_payload(marker))
     with pytest.raises(UnsafeFileError, match="adapter file"):
-        mk.load_adapter_state_dict(load_model("builtin:mace-xtb-small"), tmp_path / "evil.pt")
+        mk.load_adapter_file(load_model("builtin:mace-xtb-small"), tmp_path / "evil.pt")
     assert not marker.exists()
 
 

@@ -22,7 +22,8 @@ import torch
 
 from .._utils import pow2
 
-__all__ = ["ACT_CODES", "ACT_NAMES", "FusedGateSpec", "activation_code", "ssp", "spec_tables", "GateTables"]
+__all__ = ["ACT_CODES", "ACT_NAMES", "FusedGateSpec", "activation_code", "ssp", "spec_tables", "GateTables",
+           "gate_irreps"]
 
 # activation name -> kernel code (csrc/fused_gate.cpp, triton.py and reference.py use the same codes)
 ACT_CODES: Dict[str, int] = {"identity": 0, "silu": 1, "sigmoid": 2, "tanh": 3, "abs": 4, "softplus": 5, "ssp": 6}
@@ -297,3 +298,56 @@ def _build(sp: FusedGateSpec, device) -> GateTables:
         fwd_cols=li(fwd).reshape(4, sp.d_out), fwd_cst=lf(fwd_cst), bwd_cols=li(bwd).reshape(4, sp.d_in),
         bwd_cst=lf(bwd_cst), members=li(mem).reshape(2, sp.d_in, W), width=W, used=used)
     return t
+
+
+# ------------------------------------------------------------------------ irreps of an e3nn-style gate
+def gate_irreps(layout: str, S, Gi, Dd, sorted_in, out_s, out_g):
+    """``(irreps_scalars, irreps_gates, irreps_gated, irreps_in, irreps_out)`` of a gate (e3nn
+    ``Irreps``) that describe its columns. ``S, Gi, Dd``: the scalars, gates and gated entries as
+    given; ``sorted_in``: their sorted (unmerged) concatenation, the input's entries; ``out_s, out_g``:
+    the activated scalars and gates (with their parities). mul_ir: e3nn's Gate's attributes
+    (merged; merging keeps every mul_ir column in place). ir_mul: every entry is its own block, so
+    the irreps are per entry (as mace-torch's ``GatedEquivariantBlock`` reports ``irreps_out``):
+    ``1x1o+1x1o`` is not ``2x1o`` there; only entries of multiplicity 0 are dropped and adjacent
+    equal scalars (dimension 1: both layouts agree) merged in ``irreps_in``."""
+    from e3nn import o3
+
+    if layout == "mul_ir":
+        return (S.simplify(), Gi.simplify(), Dd.simplify(), sorted_in.simplify(),
+                out_s + _elementwise_irreps_out(Dd, out_g))
+    merged = []
+    for mul, ir in sorted_in:
+        if mul and merged and merged[-1][1] == ir and ir.dim == 1:
+            merged[-1] = (merged[-1][0] + mul, ir)
+        elif mul:
+            merged.append((mul, ir))
+    parities = [ir.p for mul, ir in out_g for _ in range(mul)]
+    gated, k = [], 0
+    for mul, ir in Dd:
+        ps = set(parities[k:k + mul])
+        if len(ps) > 1:  # the copies of one block with different parities: not an irreps block
+            raise ValueError(f"layout='ir_mul': the gated entry {mul}x{ir} gets gates of both parities, so its "
+                             f"output is not one ir_mul block; give it as entries whose gates share a parity "
+                             f"(e.g. {'+'.join(['1x' + str(ir)] * mul)})")
+        gated.append((mul, (ir.l, ir.p * (ps.pop() if ps else 1))))
+        k += mul
+    return S, Gi, Dd, o3.Irreps(merged), out_s + o3.Irreps(gated)
+
+
+def _elementwise_irreps_out(irreps_gated, irreps_gates_out):
+    """``ElementwiseTensorProduct(irreps_gated, irreps_gates_out).irreps_out`` without building it."""
+    from e3nn import o3
+
+    g1 = list(o3.Irreps(irreps_gated).simplify())
+    g2 = list(o3.Irreps(irreps_gates_out).simplify())
+    i = 0
+    while i < len(g1):
+        (m1, ir1), (m2, ir2) = g1[i], g2[i]
+        if m1 < m2:
+            g2[i] = (m1, ir2)
+            g2.insert(i + 1, (m2 - m1, ir2))
+        if m2 < m1:
+            g1[i] = (m2, ir1)
+            g1.insert(i + 1, (m1 - m2, ir1))
+        i += 1
+    return o3.Irreps([(m, ir) for (m, ir1), (_, ir2) in zip(g1, g2) for ir in ir1 * ir2])
