@@ -147,8 +147,8 @@ def _first_foreign(stream) -> str:
         name = op.name
         if name == "GLOBAL" or name == "INST":
             ref = arg.replace(" ", ".")
-            if ref not in PLAIN_GLOBALS:
-                return ref
+            if ref not in PLAIN_GLOBALS:  # a builtin named bare ('getattr', 'eval'), as torch names it
+                return re.sub(r"^(__builtin__|builtins)\.", "", ref)
         elif name == "STACK_GLOBAL":
             ref = ".".join(pushed[-2:]) if len(pushed) >= 2 and all(isinstance(v, str) for v in pushed[-2:]) else ""
             if ref not in PLAIN_GLOBALS:
