@@ -39,10 +39,24 @@ def _evaluate(net, frames, where: str, batch_size: int, checks, start: int, max_
         f = out["forces"].detach().to(torch.float64).cpu().numpy()
         s = out["stress"].detach().to(torch.float64).cpu().numpy() if any(periodic) else None
         for g in range(len(ptr) - 1):
+            k = len(energies)  # the frame's place in the chunk (a non-periodic frame's stress is not used)
+            _check_finite(e[g], f[ptr[g]:ptr[g + 1]], s[g] if s is not None and periodic[k] else None, where, start + k)
             energies.append(float(e[g]))
             forces.append(f[ptr[g]:ptr[g + 1]])
             stresses.append(None if s is None else s[g])
     return energies, forces, [s if p else None for s, p in zip(stresses, periodic)]
+
+
+def _check_finite(e, f, s, where: str, i: int) -> None:
+    """``ValueError`` for a non-finite prediction (as :class:`~mmea_kernels.app.calculator.MMEACalculator`
+    refuses one): weights that overflow (a corrupt or altered checkpoint) would otherwise be written as
+    NaN or inf energies and forces with exit 0."""
+    import numpy as np
+
+    if not (np.isfinite(e) and np.isfinite(f).all() and (s is None or np.isfinite(s).all())):
+        raise ValueError(f"{where}: frame {i}: the model gives a non-finite energy ({float(e)}) or forces"
+                         f"{'' if s is None else ' or stress'}; its weights are not usable (a corrupt or altered "
+                         "checkpoint?); nothing was written")
 
 
 def _keys(prefix: str) -> list:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import tempfile
@@ -381,5 +382,9 @@ def evaluate_checkpoint(checkpoint, data: str, model: Optional[str] = None, ener
 
     res = errors(net, batches(), float(ckpt.get("w_energy", 1.0)),
                  float(ckpt.get("w_forces", 1000.0)), w_stress=w_s, stress=sk is not None)
+    bad = sorted(k for k, v in res.items() if isinstance(v, float) and not math.isfinite(v))
+    if bad:  # weights that overflow (finite, absurd): no NaN result with exit 0
+        raise ValueError(f"checkpoint {checkpoint} on {where}: non-finite errors "
+                         f"({', '.join(bad)}): the model gives non-finite predictions (a corrupt or altered checkpoint?)")
     res["frames"] = len(frames)
     return res

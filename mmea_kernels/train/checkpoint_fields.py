@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 
 import torch
 
@@ -65,10 +66,50 @@ def check_fields(ckpt: dict, path) -> None:
         if key in ckpt and not (isinstance(ckpt[key], dict)
                                 and all(isinstance(n, str) and isinstance(t, torch.Tensor) for n, t in ckpt[key].items())):
             raise _bad(path, key, "a dict of tensors by parameter name", ckpt[key])
+        _check_finite(ckpt.get(key, {}), key, path)
+    if ckpt["method"] in ADAPTER_METHODS:
+        _check_rank(ckpt, path)
     _check_options(ckpt, path, ADAPTER_METHODS)
     _check_span(ckpt.get("e0_span"), path)
     if "probe" in ckpt:
         _check_probe(ckpt["probe"], path)
+
+
+def _check_finite(tensors: dict, key: str, path) -> None:
+    """Every floating (or complex) tensor finite: an older checkpoint without a reference prediction
+    ('probe') would otherwise give NaN energies and errors without a word."""
+    for name, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"checkpoint {path}: {key!r} must be finite weights, found non-finite values "
+                             f"(NaN or inf) in {name!r} (a corrupt or altered file)")
+
+
+# the trainable tensors whose shape holds the adapter rank: (name ending, dimension)
+_RANK_DIMS = ((re.compile(r"(^|\.)mmea_down\.weight$"), 0), (re.compile(r"(^|\.)elora_A\.\d+$"), 1),
+              (re.compile(r"(^|\.)elora_B\.\d+$"), 0))
+
+
+UNCONFIRMED_RANK = 4096  # a rank no saved adapter weight confirms: above any real one (16-128), cheap to build
+
+
+def _check_rank(ckpt: dict, path) -> None:
+    """The adapter ``rank`` of an adapter method equals the width the saved adapter weights have
+    (``mmea_down.weight`` rows, ``elora_A.i`` columns, ``elora_B.i`` rows), checked before the adapters
+    are built at that rank: a rank of 10**9 would allocate gate nets of that width first. (mmea-paper's
+    low-rank updates clamp the rank to each block's size; its MMEA adapters carry it.) With no such
+    weight to match, a rank above :data:`UNCONFIRMED_RANK` is refused."""
+    rank, found = ckpt["rank"], False
+    for name, t in ckpt["trainable"].items():
+        for pattern, dim in _RANK_DIMS:
+            if pattern.search(name) and t.dim() == 2:
+                found = True
+                if t.shape[dim] != rank:
+                    raise _bad(path, "rank", f"the width of the adapter weights ({name!r} has shape {tuple(t.shape)}, "
+                                             f"rank {t.shape[dim]})", rank)
+    if not found and rank > UNCONFIRMED_RANK:  # nothing to match (a crafted file): loading refuses it, but
+        # only after the adapters are built at this rank
+        raise _bad(path, "rank", f"at most {UNCONFIRMED_RANK} when no adapter weight shows it ('trainable' holds no "
+                                 "mmea_down.weight / elora_A.N)", rank)
 
 
 def _check_options(ckpt: dict, path, adapter_methods) -> None:

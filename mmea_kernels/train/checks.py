@@ -14,7 +14,9 @@ with a ``SinglePointCalculator``) there (:func:`read_label`, :func:`with_labels`
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import math
 import os
 import pathlib
@@ -103,8 +105,9 @@ def read_structures(spec: str, what: str = "data file") -> list:
     if p.stat().st_size == 0:
         raise DataError(f"{what} {p} is empty")
     sel = parse_index(index, spec)
+    _check_xyz_headers(p, sel, what)
     try:
-        frames = ase.io.read(path, sel)
+        frames = ase.io.read(path, sel, do_not_split_by_at_sign=True)  # split_spec split it already
     except UnknownFileTypeError as exc:
         raise DataError(f"{what} {p}: ASE cannot tell its format ({exc}); use an extended-XYZ file "
                         "(.xyz / .extxyz)") from None
@@ -122,6 +125,41 @@ def read_structures(spec: str, what: str = "data file") -> list:
     check_positions(frames, str(spec))
     _warn_if_cut(p, what)
     return frames
+
+
+def _check_xyz_headers(p: pathlib.Path, sel: Union[int, slice], what: str) -> None:
+    """Before ASE reads a plain-text ``.xyz`` / ``.extxyz`` file: every frame header it indexes for
+    ``sel`` (an atom count, a comment line, that many atom lines, optional ``VEC`` lines, as ASE's
+    extxyz reader walks them; up to one past a slice's stop, all for an index) declares a non-negative
+    integer count no larger than the lines left: ASE's reader would spin through 10**12 missing lines.
+    One pass over the lines (universal newlines, as ASE reads them); compressed and other formats are
+    not scanned."""
+    if p.suffix.lower() not in (".xyz", ".extxyz"):
+        return
+    last = sel.stop + 1 if isinstance(sel, slice) and sel.stop is not None and sel.stop >= 0 else None
+    with open(p, encoding="latin-1", newline=None) as fh:  # every byte decodes; lines split as ASE splits them
+        total = sum(1 for _ in fh)
+        fh.seek(0)
+        lines = iter(fh)
+        done, frame = 0, 0  # lines read before `line`; frames indexed
+        line = next(lines, "")
+        while line.strip() and (last is None or frame < last):  # ASE's index stops at a blank line or the end
+            digits = line.strip().lstrip("+")
+            bad = f"{what} {p} could not be read (XYZError: frame {frame} (line {done + 1}): "  # as ASE's errors read
+            if not (digits.isascii() and digits.isdigit()):
+                raise DataError(f"{bad}the atom count {line.strip()[:40]!r} is not a non-negative integer); is it "
+                                "truncated or not extended XYZ?")
+            left = total - done - 2  # after this line and the comment line
+            if len(digits) > 18 or int(digits) > left:
+                raise DataError(f"{bad}declares {int(digits) if len(digits) <= 40 else digits[:40] + '...'} atoms, but "
+                                f"only {max(left, 0)} lines follow its comment line); is it truncated or not extended XYZ?")
+            n = int(digits)
+            collections.deque(itertools.islice(lines, n + 1), maxlen=0)  # the comment and atom lines
+            done += n + 2
+            line = next(lines, "")
+            while line.lstrip().startswith("VEC"):  # lattice vectors of old extended XYZ, after the atoms
+                done, line = done + 1, next(lines, "")
+            frame += 1
 
 
 def _warn_if_cut(p: pathlib.Path, what: str) -> None:
@@ -161,7 +199,7 @@ def _count_frames(p: pathlib.Path) -> Union[int, str]:
     import ase.io
 
     try:
-        return len(ase.io.read(str(p), ":"))
+        return len(ase.io.read(str(p), ":", do_not_split_by_at_sign=True))
     except Exception:
         return "an unreadable number of"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import re
 import warnings
 from typing import List, Optional, Sequence
 
@@ -48,6 +49,27 @@ def _log_rank0(log, text: str) -> None:
         print(text)
 
 
+E0_LIMIT = 1e10  # eV: no atom's energy comes near it (the heaviest elements' total energies are ~1e6 eV)
+
+
+def _energy(p: pathlib.Path, key: str, value) -> float:
+    """``value`` (a JSON number) as a float; ``ValueError`` naming the file and element for one beyond
+    :data:`E0_LIMIT`: a huge integer overflows ``float()`` (an internal OverflowError), and 1e300 is finite
+    in float64 but inf in a float32 model (and in any sum of energies near it). NaN and inf are left to
+    the non-finite check of :func:`_given_e0s`."""
+    try:
+        v = float(value)
+    except OverflowError:
+        shown = f"a {len(str(abs(value)))}-digit integer"
+    else:
+        if not math.isfinite(v) or abs(v) <= E0_LIMIT:
+            return v
+        shown = f"{v}"
+    raise ValueError(f"E0 file {p}: Z={key}: {shown} eV is no reference energy: an E0 must be at most {E0_LIMIT:g} eV "
+                     "in magnitude (no atom's energy comes near that: the heaviest elements' total energies are ~1e6 "
+                     "eV; larger values overflow a float32 model)")
+
+
 def _given_e0s(p: pathlib.Path, z_table: Sequence[int], e0_old, frames, log) -> List[float]:
     """The E0s of a JSON file ``{"Z": eV}``: every key an atomic number given once, every value finite;
     elements the base model does not have are not used, and an element of the model the file leaves
@@ -58,12 +80,15 @@ def _given_e0s(p: pathlib.Path, z_table: Sequence[int], e0_old, frames, log) -> 
             raise ValueError(f"a JSON {type(raw).__name__}, not an object")
         raw = raw[1]
         for k, v in raw:
+            z = int(k)  # "H": int()'s own message names the key
+            if not re.fullmatch(r"[0-9]+", k):  # int() also takes "1_0" (as 10), " 6", "+8", other scripts' digits
+                raise ValueError(f"the key {k!r} is not an atomic number in the digits 0-9 (int() reads it as {z})")
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ValueError(f"the value of {k!r} is {json.dumps(v)}, not a number")
-        pairs = [(int(k), float(v)) for k, v in raw]
     except (ValueError, TypeError) as exc:
         raise ValueError(f"E0 file {p}: expected a JSON object {{\"<atomic number>\": <eV>, ...}} such as "
                          f'{{"1": -13.6, "8": -2041.2}} ({exc})') from None
+    pairs = [(int(k), _energy(p, k, v)) for k, v in raw]
     given = dict(pairs)
     z_model = [int(z) for z in z_table]
     twice = sorted({z for z, _ in pairs if sum(1 for y, _ in pairs if y == z) > 1})

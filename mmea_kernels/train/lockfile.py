@@ -32,9 +32,9 @@ class LockHeld(BlockingIOError):
 
 
 class LockIsLink(FileExistsError):
-    """The lock file's name is a symbolic link (or another non-regular file): it is never opened, since
-    taking the lock writes into the file (a link planted in a run directory would have a file the user
-    never named emptied and overwritten)."""
+    """The lock file's name is a symbolic link, a hard link (a file with another name elsewhere) or
+    another non-regular file: it is never written, since taking the lock writes into the file (a link
+    planted in a run directory would have a file the user never named emptied and overwritten)."""
 
 
 def try_flock(fd: int) -> Optional[bool]:
@@ -57,8 +57,9 @@ def hold(path) -> Optional[int]:
     """The open descriptor of the lock file ``path`` (created if missing) under an exclusive lock taken
     without waiting, the file holding ``PID HOST``; :class:`LockHeld` when another process holds it;
     None where there is no ``fcntl`` or the file system has no locks (a file this call made is removed
-    again); :class:`LockIsLink` when ``path`` is a symbolic link or not a regular file (opened with
-    ``O_NOFOLLOW``, checked after opening). A holder that removes the file between our open and our
+    again); :class:`LockIsLink` when ``path`` is a symbolic link, not a regular file, or a hard link
+    (a file with more than one name: opened with ``O_NOFOLLOW``, checked with ``fstat`` after opening,
+    before the file is emptied or written). A holder that removes the file between our open and our
     lock leaves us a name that is another file (or none): the lock is taken anew on what the name is now."""
     if fcntl is None:
         return None
@@ -73,9 +74,16 @@ def hold(path) -> Optional[int]:
             if exc.errno == errno.ELOOP or os.path.islink(str(path)):
                 raise _not_a_lock(path, "a symbolic link") from None
             raise
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise _not_a_lock(path, "not a regular file")
+        if st.st_nlink == 0:  # its holder removed it since our open: take the lock on what the name is now
+            os.close(fd)
+            continue
+        if st.st_nlink != 1:  # another name of the same file: taking the lock would empty and write that file
+            os.close(fd)
+            raise _not_a_lock(path, f"a hard link to another file ({st.st_nlink} names)")
         taken = try_flock(fd)
         if not taken:
             holder = _holder(fd) if taken is False else ""
@@ -86,9 +94,13 @@ def hold(path) -> Optional[int]:
                 path.unlink(missing_ok=True)
             return None  # no locks on this file system (ENOLCK, EOPNOTSUPP, ...)
         try:
-            same = os.path.samestat(os.fstat(fd), os.stat(str(path)))
+            now = os.fstat(fd)
+            same = os.path.samestat(now, os.stat(str(path)))
         except FileNotFoundError:
             same = False
+        if same and now.st_nlink != 1:  # linked elsewhere since the check above
+            os.close(fd)
+            raise _not_a_lock(path, f"a hard link to another file ({now.st_nlink} names)")
         if same:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
@@ -99,8 +111,9 @@ def hold(path) -> Optional[int]:
 
 def _not_a_lock(path, what: str) -> LockIsLink:
     target = f" (to {os.readlink(str(path))})" if os.path.islink(str(path)) else ""
-    return LockIsLink(f"the lock file {path} is {what}{target}: a lock file is written when taken, so it is never "
-                      "followed or opened; remove it (this package only ever makes it a plain file) and run again")
+    return LockIsLink(f"the lock file {path} is {what}{target}: a lock file is written when taken, so a link is "
+                      "never followed or written through; remove it (this package only ever makes it a plain file "
+                      "with one name) and run again")
 
 
 def _holder(fd: int) -> str:

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import pathlib
+import stat
 import sys
 import time
 import types
@@ -114,13 +115,28 @@ RUN_FILES = ("state.pt", "checkpoint.pt", "metrics.json", "learning_curve.png") 
 def refuse_linked_results(out: pathlib.Path) -> None:
     """A run writes its own files in ``out`` (:data:`RUN_FILES`); one that is a symbolic link there (a run
     directory copied from someone else, say) is refused by name rather than written through: the file
-    it names was never given to the run. (A symlinked ``--out`` directory itself is fine.)"""
+    it names was never given to the run. (A symlinked ``--out`` directory itself is fine.) One that is
+    there but not a regular file (a FIFO, a device, a directory) is refused by name too: reading a FIFO
+    named metrics.json (``--resume auto``) would wait for ever."""
     for name in RUN_FILES:
         path = pathlib.Path(out) / name
-        if path.is_symlink():
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(mode):
             raise FileExistsError(f"{path} is a symbolic link (to {os.readlink(path)}): a run writes its own files in "
                                   f"--out and never through a link to a file it was not given; remove the link, or "
                                   "choose another output directory")
+        if not stat.S_ISREG(mode):
+            raise FileExistsError(f"{path} is not a regular file ({_file_kind(mode)}): a run reads and writes its own "
+                                  "files in --out as plain files; remove it, or choose another output directory")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((what for test, what in kinds if test(mode)), "a special file")
 
 
 def _remove_orphans(out: pathlib.Path, log) -> None:
@@ -211,19 +227,21 @@ def _run(cfg: FinetuneConfig, log, rank: int, world: int, out: pathlib.Path, dev
                               "from; a new run would replace them: choose another output directory")
     r = setup(cfg, world, device, log)
     if cfg.resume and state_path.exists():
-        load_state(cfg, r, state_path, log)
+        held = []  # load_state's lines ("resuming ... at epoch N"): said unless the run is finished and left so
+        load_state(cfg, r, state_path, held.append)
+        metrics = _finished_metrics(out, r, held.append) if cfg.resume == "auto" and _nothing_left(cfg, r) else None
+        if metrics is not None:
+            why = ("early stopping ended it" if _early_stop(cfg, r, r.start_epoch) else
+                   f"all {cfg.epochs} epochs done; a larger --epochs trains on")
+            log(f"{out} holds a finished run (epoch {r.start_epoch - 1}, best {r.best['epoch']}; metrics.json): "
+                f"{why}; left as it is (resume='auto', --resume auto)")
+            return metrics
+        for line in held:
+            log(line)
         if not _nothing_left(cfg, r):
             check_semantics(cfg, r, state_path)  # an older version's objective: not trained on
             if rank == 0:  # training on: a finished run's metrics.json is no longer this directory's result
                 _drop_stale_metrics(out, r, cfg, log)
-        elif cfg.resume == "auto":
-            metrics = _finished_metrics(out, r, log)
-            if metrics is not None:
-                why = ("early stopping ended it" if _early_stop(cfg, r, r.start_epoch) else
-                       f"all {cfg.epochs} epochs done; a larger --epochs trains on")
-                log(f"{out} holds a finished run (epoch {r.start_epoch - 1}, best {r.best['epoch']}; metrics.json): "
-                    f"{why}; left as it is (resume='auto', --resume auto)")
-                return metrics
     r.valid_b = make_batches(r.graphs["valid"], cfg.eval_batch_size, device=device)
     log(f"{cfg.method} on {device}: {r.n_train:,} trainable parameters ({'; '.join(f'{k} {v:,}' for k, v in r.groups.items())}); "
         f"{len(r.graphs['train'])} train / {len(r.graphs['valid'])} valid / {len(r.graphs['test'])} test frames; "
