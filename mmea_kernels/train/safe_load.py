@@ -33,10 +33,12 @@ __all__ = ["UnsafeFileError", "safe_load", "load_adapter_file", "PLAIN_GLOBALS"]
 
 # What a file of tensors, dicts, lists, strings and numbers names (torch.save, protocol 2): the tensor
 # and parameter rebuild functions, storages (torch.FloatStorage, ...), dtypes, torch.Size/device,
-# OrderedDict and _codecs.encode (how protocol 2 writes bytes)
+# OrderedDict, _codecs.encode (how protocol 2 writes bytes) and the plain builtins (sets, complex)
 PLAIN_GLOBALS = frozenset({
     "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter", "collections.OrderedDict",
-    "torch.Size", "torch.device", "_codecs.encode", "torch.storage.UntypedStorage",
+    "torch.Size", "torch.device", "_codecs.encode", "torch.storage.UntypedStorage", "torch.serialization._get_layout",
+    "torch.nn.parameter.Parameter", "torch.Tensor", "collections.Counter",
+    "builtins.set", "builtins.frozenset", "builtins.complex", "builtins.bytearray",  # plain values, as torch's own list
 }) | frozenset(f"torch.{n}" for n in dir(torch) if n.endswith("Storage") or isinstance(getattr(torch, n, None), torch.dtype))
 _STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
 _PUTS = {"MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"}
@@ -146,9 +148,9 @@ def _first_foreign(stream) -> str:
     for op, arg, _ in pickletools.genops(stream):
         name = op.name
         if name == "GLOBAL" or name == "INST":
-            ref = arg.replace(" ", ".")
+            ref = re.sub(r"^__builtin__\.", "builtins.", arg.replace(" ", "."))  # protocol 2's name of builtins
             if ref not in PLAIN_GLOBALS:  # a builtin named bare ('getattr', 'eval'), as torch names it
-                return re.sub(r"^(__builtin__|builtins)\.", "", ref)
+                return re.sub(r"^builtins\.", "", ref)
         elif name == "STACK_GLOBAL":
             ref = ".".join(pushed[-2:]) if len(pushed) >= 2 and all(isinstance(v, str) for v in pushed[-2:]) else ""
             if ref not in PLAIN_GLOBALS:

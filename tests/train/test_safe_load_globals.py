@@ -56,13 +56,15 @@ def test_a_device_mesh_in_a_checkpoint_is_refused_and_starts_nothing(tmp_path, m
 def test_plain_data_loads_in_the_zip_and_the_legacy_format(tmp_path):
     data = {"t": torch.arange(3.0), "p": torch.nn.Parameter(torch.ones(2)), "d": torch.float64, "s": torch.Size([2, 3]),
             "dev": torch.device("cpu"), "b": b"\x00\x01", "i": torch.tensor([1, 2]), "nested": [{"x": 1.5, "y": None}],
-            "od": __import__("collections").OrderedDict(a=torch.zeros(1, dtype=torch.bfloat16))}
+            "od": __import__("collections").OrderedDict(a=torch.zeros(1, dtype=torch.bfloat16)),
+            "set": {1, 2}, "z": 1 + 2j}
     for kwargs in ({}, {"_use_new_zipfile_serialization": False}):  # (torch's weights-only reader refuses protocol 4)
         path = tmp_path / f"plain{len(kwargs)}.pt"
         torch.save(data, path, **kwargs)
         got = safe_load(path, "checkpoint")
         assert torch.equal(got["t"], data["t"]) and got["d"] is torch.float64 and got["b"] == b"\x00\x01"
         assert got["s"] == data["s"] and got["od"]["a"].dtype == torch.bfloat16
+        assert got["set"] == {1, 2} and got["z"] == 1 + 2j
 
 
 def _protocol4_payload(marker):
