@@ -108,6 +108,18 @@ def test_predict_refuses_non_finite_predictions(run, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_evaluate_refuses_non_finite_errors(run, tmp_path, capsys):
+    """The same finite but absurd weights: evaluate printed NaN errors with exit 0."""
+    _, data = run
+
+    def huge(ck):
+        ck["trainable"] = {k: torch.full_like(v, 1e200) for k, v in ck["trainable"].items()}
+    path = _crafted(run, tmp_path, huge)
+    assert main(["evaluate", "--checkpoint", path, "--data", str(data / "test.xyz") + "@:2"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {path} on " in err and "non-finite errors" in err and err.count("\n") == 1, err
+
+
 # --------------------------------------------------------------------------------------- defect 4
 @pytest.mark.parametrize("text, expect", [
     ('{"1": 1%s, "6": -1}' % ("0" * 400), "Z=1: a 401-digit integer"),  # float() overflows: an internal OverflowError
