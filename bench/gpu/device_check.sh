@@ -182,7 +182,7 @@ if named kernels; then
 fi
 
 step "randomized triton-vs-torch fuzz on CUDA (bench/fuzz_triton.py; runs only when ONLY names fuzz)"
-if [[ " ${ONLY:-} " == *" fuzz "* ]]; then
+if named fuzz; then
   rm -rf /tmp/fuzz_triton
   FUZZ_OUT=/tmp/fuzz_triton within ${FUZZ_LIMIT:-170} python3 bench/fuzz_triton.py --device cuda "${FUZZ_SECONDS:-30}" 2>&1 | tail -8
   status "${PIPESTATUS[0]}" "fuzz run"
