@@ -359,16 +359,38 @@ def check_geometry(frames: Sequence, where: str, r_max: Optional[float] = None,
             raise DataError(f"{where}: frame {i}: the periodic cell is narrower than the model's cutoff {r_max:g} Å "
                             f"({', '.join(narrow)} wide), so atoms overlap their own periodic images; use a larger "
                             "cell, pbc=\"F F F\" for a molecule, or --allow-small-cells for a genuine small bulk cell")
-        est = _neighbour_estimate(len(a), cell, periodic, w, r_max)
+        est = _neighbour_estimate(np.asarray(a.positions, dtype=float), cell, periodic, r_max)
         if est > checks.max_neighbors:
             raise DataError(f"{where}: frame {i}: about {est:.0f} neighbours per atom within the cutoff {r_max:g} Å "
                             f"(bound {checks.max_neighbors}, --max-neighbors): the periodic cell is too small or too dense")
 
 
-def _neighbour_estimate(n: int, cell: np.ndarray, periodic: np.ndarray, w: np.ndarray, r_max: float) -> float:
+def _neighbour_estimate(positions: np.ndarray, cell: np.ndarray, periodic: np.ndarray, r_max: float) -> float:
+    """Mean neighbours per atom within ``r_max``: the atoms' density times the volume of a cutoff
+    sphere. Partly periodic: the density over the periodic cell (its length or area) times the atoms'
+    extent across it (a box in a frame perpendicular to the periodic vectors), and the sphere clipped
+    to that extent (a slab thinner than the cutoff holds at most a disc of it, a thin wire a segment),
+    so a large slab or wire is judged by its density, not by its atom count."""
+    n, r = len(positions), r_max
+    if n == 0:
+        return 0.0
     if periodic.all():
-        return n / abs(np.linalg.det(cell)) * 4 / 3 * math.pi * r_max ** 3
-    return n * float(np.prod([1 + 2 * r_max / w[k] for k in np.flatnonzero(periodic)]))
+        return n / abs(np.linalg.det(cell)) * 4 / 3 * math.pi * r ** 3
+    vecs = cell[periodic]
+    k = len(vecs)
+    measure = math.sqrt(abs(np.linalg.det(vecs @ vecs.T)))
+    q, _ = np.linalg.qr(vecs.T, mode="complete")
+    ext = np.sort(np.ptp(positions @ q[:, k:], axis=0))
+    ball = 4 / 3 * math.pi * r ** 3
+
+    def over(num: float, den: float) -> float:
+        return num / den if den > 0 else math.inf
+
+    if k == 2:  # a slab of thickness ext[0]
+        clipped = min(over(ball, ext[0]), math.pi * r ** 2)
+    else:  # a wire of cross-section ext[0] x ext[1]
+        clipped = min(over(ball, ext[0] * ext[1]), over(math.pi * r ** 2, ext[1]), 2 * r)
+    return n / measure * clipped
 
 
 def check_graphs(graphs: Sequence, where: str, checks: DataChecks = DataChecks(),
