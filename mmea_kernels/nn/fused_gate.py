@@ -189,6 +189,7 @@ class FusedGate(nn.Module):
         sorted_irreps = self._setup_e3nn(S, a_s, Gi, a_g, Dd, layout, backend)
         (self.irreps_scalars, self.irreps_gates, self.irreps_gated, self._irreps_in,
          self._irreps_out) = gate_irreps(layout, S, Gi, Dd, sorted_irreps, out_s, out_g)
+        self._in_text = str(self._irreps_in)  # for messages: formatted under torch.compile it read as a variable
         if compat == "e3nn":
             self.mul = nn.Module()
             self.mul.register_buffer("weight", torch.zeros(0))
@@ -285,6 +286,7 @@ class FusedGate(nn.Module):
         self.irreps_scalars, self.irreps_gates, self.irreps_gated = (
             module.irreps_scalars, module.irreps_gates, module.irreps_gated)
         self._irreps_in, self._irreps_out = module.irreps_in, module.irreps_out
+        self._in_text = str(self._irreps_in)
         holder = _state_holder(module)
         if holder is not None:
             _adopt_state(self, holder)
@@ -303,7 +305,7 @@ class FusedGate(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.shape[-1] != self._d_in:
             raise ValueError(f"FusedGate: the input has shape {tuple(features.shape)}; its last dimension must be "
-                             f"{self._d_in}, the dimension of irreps_in = {self.irreps_in}")
+                             f"{self._d_in}, the dimension of irreps_in = {self._in_text}")
         if not features.is_floating_point():
             raise TypeError(f"FusedGate: the input has dtype {features.dtype}; features must be floating point")
         if self._key is None:

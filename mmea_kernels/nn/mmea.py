@@ -14,7 +14,7 @@ from torch import nn
 
 from ..layout import IrrepsLayout
 from ..ops import gate_mul
-from ..ops._utils import rows2d, transform_active
+from ..ops._utils import decided_once, reference_needed, rows2d, traced, transform_active
 from ..ops.backends import cache_generation, check_backend_name
 from . import path_choice
 from .path_choice import _plan_env, fused_linear_enabled, fused_linear_mode  # noqa: F401 (public here too)
@@ -39,7 +39,7 @@ def _adapter_module():
     return _ADAPTER[0]
 
 
-@torch.compiler.assume_constant_result  # decided once while tracing, outside the graph
+@decided_once  # decided once while tracing, outside the graph
 def _compiled_plan(backend: Optional[str], device_type: str, dtype: torch.dtype, key: Optional[str]):
     """(spec key, kernel backend) of the fused linear's custom op for a compiled call, or None
     (``key``: the layer's spec key, "" where the fused kernels do not cover it). Its arguments are
@@ -235,8 +235,9 @@ class MMEALinear(MMEAGating, AdapterLinear):
         mods = self._modules
         if args or kwargs or modules_bypassed(mods["base"], mods.get("mmea_down"), mods.get("mmea_up")):
             return None  # hooks on the layers or autocast: the unfused path calls the layers
-        if torch.compiler.is_compiling():
-            return _compiled_plan(self.backend, x.device.type, x.dtype, getattr(self, "_kernel_key", None))
+        if traced(x):  # torch.compile or fake tensors: the custom op, or the torch path under torch.func
+            return None if reference_needed(x) else \
+                _compiled_plan(self.backend, x.device.type, x.dtype, getattr(self, "_kernel_key", None))
         # the decision depends only on these (and the installed kernels: cache_generation), so it is
         # made once per key: per call it is one dict lookup instead of tens of µs of host time
         key = (x.device, x.dtype, self.backend, _plan_env(), cache_generation())
@@ -372,7 +373,7 @@ class MMEALinear(MMEAGating, AdapterLinear):
         # rows of a 2-D input as they are: a reshape would add a view (and its backward node) per call
         x2 = x if x.dim() == 2 else rows2d(x, self.in_layout.dim)
         fused = self._fused(x, args, kwargs)
-        if fused is not None and torch.compiler.is_compiling():
+        if fused is not None and traced(x):
             # compiled: the fused linear as one custom op, the gate net as torch ops (for the compiler)
             add, gates = self.gate_parameters(x2)
             weight, bias = self.view.fused_tensors(self.base)
@@ -435,8 +436,7 @@ class MMEATensorProduct(MMEAGating, nn.Module):
         # the gate net as one op where the fused kernels run (as on MMEALinear's fused path)
         from ..ops.gated_linear import kernel_backend
         mods = self._modules  # hooks on the gate net or autocast: its layers are called (modules_bypassed)
-        fused_net = None if torch.compiler.is_compiling() or modules_bypassed(None, mods.get("mmea_down"),
-                                                                                mods.get("mmea_up")) \
+        fused_net = None if traced(x2) or modules_bypassed(None, mods.get("mmea_down"), mods.get("mmea_up")) \
             else kernel_backend(self.backend, x2)
         add, gates = self.gate_parameters(x2, fused_net=fused_net)
         return self._gated(y, add if self.num_additive > 0 else None, gates)

@@ -3,6 +3,7 @@ sizes and the CUDA device guard of kernel launches."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Optional
 
@@ -23,6 +24,31 @@ INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
 
 # CUDA caps grid dimensions 1 and 2 at 65,535 (dimension 0 at 2**31 - 1).
 MAX_GRID_DIM0 = 2**31 - 1
+
+
+_REFUSALS = (ValueError, TypeError, RuntimeError)  # what a decision may raise, re-raised as itself
+
+
+def decided_once(fn):
+    """``torch.compiler.assume_constant_result`` (the call is made once while tracing, its result a
+    constant of the graph) for a decision that may refuse its arguments: the refusal comes back as a
+    value and is raised by the caller as the same ValueError/TypeError/RuntimeError (raised inside,
+    dynamo wrapped it in an InternalTorchDynamoError, which ``except ValueError`` missed)."""
+    @torch.compiler.assume_constant_result
+    def attempt(*args):
+        try:
+            return True, fn(*args)
+        except _REFUSALS as exc:
+            return False, next(i for i, c in enumerate(_REFUSALS) if isinstance(exc, c)), str(exc)
+
+    @functools.wraps(fn)
+    def decide(*args):
+        out = attempt(*args)
+        if out[0]:
+            return out[1]
+        raise _REFUSALS[out[1]](out[2])
+
+    return decide
 
 
 def rows2d(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -146,6 +172,22 @@ def transform_active() -> bool:
     """Whether a forward-AD dual level or a torch.func transform is active (0.1 µs; tensors with
     tangents or transform wrappers exist only then)."""
     return torch.autograd.forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
+
+
+def reference_needed(*ts) -> bool:
+    """Whether the differentiable torch reference must run instead of a kernel or custom op: a
+    forward-AD level or torch.func transform is active and a tensor carries its tangent or wrapper
+    (:func:`forward_mode`) or the call is traced: under torch.compile the custom ops gave a zero
+    tangent inside ``torch.func.jvp`` (no forward-mode formula) and ``jacrev`` refused them."""
+    if torch.compiler.is_compiling():  # read once while tracing (a graph break there broke jacrev)
+        return _transform_active_traced()
+    if not transform_active():
+        return False
+    t0 = next((t for t in ts if t is not None), None)
+    return (t0 is not None and traced(t0)) or forward_mode(*ts)
+
+
+_transform_active_traced = torch.compiler.assume_constant_result(lambda: transform_active())
 
 
 def traced(t: torch.Tensor) -> bool:

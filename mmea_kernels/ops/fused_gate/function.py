@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._utils import eager_function, forward_mode, rows2d, traced
+from .._utils import eager_function, forward_mode, reference_needed, rows2d, traced
 from . import reference
 from .spec import FusedGateSpec, spec_tables
 
@@ -208,20 +208,20 @@ _fused_gate_backward_op.register_autograd(_bwd_backward, setup_context=_bwd_setu
 def fused_gate_2d(x: torch.Tensor, key: str, backend: str) -> torch.Tensor:
     """``fused_gate`` of 2-D ``x`` (checked already): the custom op when traced, else the kernel (no
     gradient recorded) or ``_FusedGateFn``."""
+    if reference_needed(x):  # the reference's torch ops carry tangents; kernels and ops would drop them
+        return reference.forward(x, spec_tables(key, x.device))
     if traced(x):
         return torch.ops.mmea_kernels.fused_gate(x, key, backend)
-    if forward_mode(x):  # the reference's torch ops carry tangents; the kernels would drop them
-        return reference.forward(x, spec_tables(key, x.device))
     if not (torch.is_grad_enabled() and x.requires_grad):
         return _forward_kernel(x, key, backend)
     return _FusedGateFn.apply(x, key, backend)
 
 
 def _fused_gate_backward_2d(x: torch.Tensor, dy: torch.Tensor, key: str, backend: str) -> torch.Tensor:
+    if reference_needed(x, dy):
+        return reference.backward(x, dy, spec_tables(key, x.device))
     if traced(x):
         return torch.ops.mmea_kernels.fused_gate_backward(x, dy, key, backend)
-    if forward_mode(x, dy):
-        return reference.backward(x, dy, spec_tables(key, x.device))
     if not (torch.is_grad_enabled() and (x.requires_grad or dy.requires_grad)):
         return _backward_kernel(x, dy, key, backend)
     return _FusedGateBackwardFn.apply(x, dy, key, backend)

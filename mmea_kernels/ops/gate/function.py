@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ...layout import IrrepsLayout
-from .._utils import eager_function, forward_mode, grad_needed, rows2d, traced
+from .._utils import eager_function, grad_needed, reference_needed, rows2d, traced
 from ..backends import resolve_backend
 from ..tables import layout_tables
 
@@ -129,10 +129,10 @@ def _recording(*ts) -> bool:
 def gate_mul_2d(x, gates, layout: IrrepsLayout, keep: bool, backend: str) -> torch.Tensor:
     """``gate_mul`` of 2-D ``x`` (rows) with per-row or shared ``gates``, checked already: the custom op
     when traced, else the kernel (no gradient recorded) or :class:`_GateMulFn`."""
+    if reference_needed(x, gates):  # the reference's torch ops carry tangents; kernels and ops would drop them
+        return _gate_mul_kernel(x, gates, layout, keep, "torch")
     if traced(x):
         return torch.ops.mmea_kernels.gate_mul(x, gates, layout_key(layout), keep, backend)
-    if forward_mode(x, gates):  # the reference's torch ops carry tangents; the kernels would drop them
-        return _gate_mul_kernel(x, gates, layout, keep, "torch")
     if not _recording(x, gates):
         return _gate_mul_kernel(x, gates, layout, keep, backend)
     return _GateMulFn.apply(x, gates, layout, keep, backend)
@@ -140,10 +140,10 @@ def gate_mul_2d(x, gates, layout: IrrepsLayout, keep: bool, backend: str) -> tor
 
 def seg_dot_2d(a, b, layout: IrrepsLayout, shared: bool, backend: str) -> torch.Tensor:
     """``seg_dot`` of 2-D ``a``, ``b`` (checked already); as :func:`gate_mul_2d`."""
+    if reference_needed(a, b):
+        return _seg_dot_kernel(a, b, layout, shared, "torch")
     if traced(a):
         return torch.ops.mmea_kernels.seg_dot(a, b, layout_key(layout), shared, backend)
-    if forward_mode(a, b):
-        return _seg_dot_kernel(a, b, layout, shared, "torch")
     if not _recording(a, b):
         return _seg_dot_kernel(a, b, layout, shared, backend)
     return _SegDotFn.apply(a, b, layout, shared, backend)

@@ -61,7 +61,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._utils import forward_mode, grad_needed, rows2d, tensor_slots, traced
+from .._utils import decided_once, grad_needed, reference_needed, rows2d, tensor_slots, traced
 from ..backends import resolve_backend
 from ..gate.function import gate_mul, seg_dot
 from ..tables import layout_tables
@@ -341,7 +341,7 @@ def _top(x, weight, bias, g_post, additive, spec, backend):
     """The public call (no prologue gate): with a gate that needs a gradient, the forward also writes
     the pre-gate output and saves it (:class:`_SavedOutputFn`); otherwise (inference, frozen or no
     gates) the single-output op. Traced (torch.compile), the custom ops of the same two cases."""
-    if not traced(x) and forward_mode(x, weight, bias, g_post, additive):  # the kernels would drop tangents
+    if reference_needed(x, weight, bias, g_post, additive):  # kernels and custom ops would drop tangents
         return gated_linear_reference(x, weight, bias, g_post, additive, spec)
     if g_post is not None and g_post.requires_grad and torch.is_grad_enabled() and spec.out_layout.num_gates > 0:
         if traced(x):
@@ -382,7 +382,7 @@ def kernel_backend(backend: Optional[str], x: torch.Tensor) -> Optional[str]:
     return _kernel_backend(backend, x.device.type, x.dtype)
 
 
-@torch.compiler.assume_constant_result  # torch.compile: decided once while tracing (env, imports)
+@decided_once  # torch.compile: decided once while tracing (env, imports)
 def _kernel_backend(backend: Optional[str], device_type: str, dtype: torch.dtype) -> Optional[str]:
     name = resolve_backend(backend, torch.device(device_type)).name
     if name == "triton":
