@@ -340,7 +340,17 @@ def _refuse_unused_options(args) -> None:
                          "gets no FusedGate either way")
 
 
+def _refuse_torchrun(command: str) -> None:
+    """Only finetune runs under torchrun; any other command started N times would write the same files."""
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    if command != "finetune" and world not in ("", "0", "1"):
+        raise ValueError(f"{command} runs in one process, but WORLD_SIZE={world} (torchrun?) starts {world} copies "
+                         "that would do the same work and write the same files; only finetune uses torchrun: run "
+                         f"{command} without it")
+
+
 def _run(args) -> int:
+    _refuse_torchrun(args.command)
     if args.command == "demo":
         from .demo import run
 

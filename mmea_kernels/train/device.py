@@ -1,8 +1,8 @@
 """Which device a run uses: ``--device auto | cpu | cuda | cuda:N`` (:func:`resolve_device`).
 
 ``auto`` is the GPU where torch sees one, else the CPU. Under ``torchrun`` every process takes the
-GPU of its ``LOCAL_RANK`` (``cuda`` or ``auto``); an explicit ``cuda:N`` would put every process on
-one GPU, which NCCL refuses, so it is an error there. A device that does not exist is an error that
+GPU of its ``LOCAL_RANK`` (``cuda`` or ``auto``); an explicit ``cuda:N`` would put every process of a
+node on one GPU, which NCCL refuses, so it is an error there (not with one process per node). A device that does not exist is an error that
 says why (a CPU-only torch build, no GPU visible, an index past the last GPU), never a silent CPU run.
 """
 from __future__ import annotations
@@ -47,13 +47,15 @@ def resolve_device(spec: str = "auto", local_rank: Optional[int] = None) -> torc
     if not torch.cuda.is_available():
         raise _no_cuda(str(spec))
     count = torch.cuda.device_count()
-    if index and local_rank is not None:
-        raise ValueError(f"device {spec!r} under torchrun would put every process on one GPU; pass --device cuda "
-                         "(each process takes the GPU of its LOCAL_RANK)")
+    if index and local_rank is not None and int(os.environ.get("LOCAL_WORLD_SIZE", "2") or 2) > 1:
+        raise ValueError(f"device {spec!r} under torchrun would put every process of a node on one GPU; pass --device "
+                         "cuda (each process takes the GPU of its LOCAL_RANK)")
     k = int(index) if index else (local_rank or 0)
     if k >= count:
         what = f"device {spec!r}" if index else f"process LOCAL_RANK {k}"
-        raise ValueError(f"{what}: torch sees {count} GPU(s) (cuda:0..cuda:{count - 1})")
+        hint = "" if index else (f": start at most {count} process(es) per node (torchrun --nproc_per_node), or pass "
+                                 "--device cpu")
+        raise ValueError(f"{what}: torch sees {count} GPU(s) (cuda:0..cuda:{count - 1}){hint}")
     return torch.device("cuda", k)
 
 

@@ -43,6 +43,7 @@ from .lockfile import DirectoryInUse
 from .config import DTYPES, FinetuneConfig
 from .data import frame_key, make_batches, overlap_note, read_splits, split_graphs, validation_split, weights_note
 from .device import resolve_device
+from .distributed import check_agreement, dist_setup, peer_failure
 from .e0s import refit_after_training, refit_e0s, split_span_note
 from .ema import ema_weights, make_ema, weights_in
 from .foundation import fingerprint, load_model, model_info
@@ -65,7 +66,8 @@ def finetune(cfg: FinetuneConfig, log=print) -> dict:
     device = resolve_device(cfg.device)  # a device that is not there is refused before anything is written
     rank, world = dist_setup(device)
     if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} (the global batch) must be a multiple of the {world} processes")
+        raise ValueError(f"batch_size {cfg.batch_size} (--batch-size, the global batch) must be a multiple of the "
+                         f"{world} processes of this torchrun run")
     if rank != 0:
         log = lambda *_: None  # noqa: E731
     out = pathlib.Path(cfg.out_dir)
@@ -156,21 +158,6 @@ def unlock_run_dir(lock) -> None:
         lockfile.release(*lock)
 
 
-def dist_setup(device: torch.device = torch.device("cpu")):
-    """(rank, world size); initialises torch.distributed under torchrun: NCCL when the run's
-    ``device`` is a GPU (this process's, made current first), gloo on the CPU."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
 def setup(cfg: FinetuneConfig, world: int, device: torch.device = torch.device("cpu"), log=None):
     """Frames, base model, checked graphs, E0s and method: everything before the first step. The
     model is built, its E0s fitted and the method applied (seeded initial weights) on the CPU, so
@@ -226,9 +213,11 @@ def _run(cfg: FinetuneConfig, log, rank: int, world: int, out: pathlib.Path, dev
         raise FileExistsError(f"{out} holds {' and '.join(done)} of an earlier run but no state.pt to continue it "
                               "from; a new run would replace them: choose another output directory")
     r = setup(cfg, world, device, log)
-    if cfg.resume and state_path.exists():
-        held = []  # load_state's lines ("resuming ... at epoch N"): said unless the run is finished and left so
+    resumed, held = bool(cfg.resume) and state_path.exists(), []  # held: load_state's lines, said unless finished
+    if resumed:
         load_state(cfg, r, state_path, held.append)
+    check_agreement(cfg, r, rank, world, state_path)  # torchrun: every process runs the same job from one state
+    if resumed:
         metrics = _finished_metrics(out, r, held.append) if cfg.resume == "auto" and _nothing_left(cfg, r) else None
         if metrics is not None:
             why = ("early stopping ended it" if _early_stop(cfg, r, r.start_epoch) else
@@ -280,6 +269,11 @@ def _train_and_finish(cfg: FinetuneConfig, r, log, rank: int, world: int, out: p
         else:
             log(interrupt_message(r.epoch, state_path, r.saved_epoch))
         raise
+    except RuntimeError as exc:  # torchrun: a collective failed because another process stopped
+        failed = peer_failure(exc, world, state_path, r.saved_epoch)
+        if failed is None:
+            raise
+        raise failed from exc
     except OSError as exc:
         if not (isinstance(exc, WriteFailed) or exc.errno in DISK_ERRNOS):
             raise

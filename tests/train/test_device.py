@@ -61,10 +61,14 @@ def test_gpu_index_and_torchrun_local_rank(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert resolve_device("cuda") == torch.device("cuda", 1) == resolve_device("auto")
     assert resolve_device("cpu") == torch.device("cpu")  # gloo on the CPU
-    with pytest.raises(ValueError, match="every process on one GPU; pass --device cuda"):
+    with pytest.raises(ValueError, match="every process of a node on one GPU; pass --device cuda"):
         resolve_device("cuda:0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per node (several nodes) may name its GPU
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     monkeypatch.setenv("LOCAL_RANK", "2")
-    with pytest.raises(ValueError, match=r"LOCAL_RANK 2: torch sees 2 GPU"):
+    with pytest.raises(ValueError, match=r"LOCAL_RANK 2: torch sees 2 GPU\(s\) \(cuda:0..cuda:1\): start at most 2 "
+                                         r"process\(es\) per node \(torchrun --nproc_per_node\), or pass --device cpu"):
         resolve_device("cuda")
 
 

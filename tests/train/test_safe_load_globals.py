@@ -127,7 +127,8 @@ def test_the_cli_refuses_a_device_mesh_checkpoint_in_a_fresh_process(tmp_path):
         "    def __reduce__(self): return (DeviceMesh, ('cpu', [0]))\n"
         f"torch.save({{'trainable': {{}}, 'metrics': R()}}, {str(tmp_path / 'ck.pt')!r})\n")
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
-    env = dict(os.environ, RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    # WORLD_SIZE=1: evaluate refuses a larger one before reading anything (only finetune runs under torchrun)
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     out = subprocess.run([sys.executable, "-m", "mmea_kernels", "evaluate", "--checkpoint", str(tmp_path / "ck.pt"),
                           "--data", "x.xyz"], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 2 and "DeviceMesh" in out.stderr, out.stderr[-2000:]
