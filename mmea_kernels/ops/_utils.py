@@ -179,15 +179,16 @@ def reference_needed(*ts) -> bool:
     forward-AD level or torch.func transform is active and a tensor carries its tangent or wrapper
     (:func:`forward_mode`) or the call is traced: under torch.compile the custom ops gave a zero
     tangent inside ``torch.func.jvp`` (no forward-mode formula) and ``jacrev`` refused them."""
-    if torch.compiler.is_compiling():  # read once while tracing (a graph break there broke jacrev)
-        return _transform_active_traced()
+    if torch.compiler.is_compiling():  # the dual level is a guarded global; the functorch stack is read once
+        return torch.autograd.forward_ad._current_level >= 0 or _functorch_active_traced()  # (a graph break broke jacrev)
     if not transform_active():
         return False
     t0 = next((t for t in ts if t is not None), None)
     return (t0 is not None and traced(t0)) or forward_mode(*ts)
 
 
-_transform_active_traced = torch.compiler.assume_constant_result(lambda: transform_active())
+_functorch_active_traced = torch.compiler.assume_constant_result(
+    lambda: torch._C._functorch.maybe_current_level() is not None)
 
 
 def traced(t: torch.Tensor) -> bool:

@@ -99,3 +99,22 @@ def test_fused_gate_width_error_under_fullgraph_names_the_irreps():
     torch._dynamo.reset()
     with pytest.raises(Exception, match=r"the dimension of irreps_in = 6x0e\+2x1o"):
         torch.compile(g, backend="eager", fullgraph=True)(torch.randn(3, 11, dtype=D))
+
+
+def test_dual_tensors_into_a_function_compiled_without_them():
+    """The forward-AD level is a guard of the compiled code: a function compiled for plain tensors
+    and then called with dual tensors recompiles instead of running the custom op, which returned
+    no tangent at all (None)."""
+    from torch.autograd import forward_ad as fwAD
+
+    f = _layers()["gate_mul"]
+    torch.manual_seed(2)
+    x = torch.randn(3, 8, dtype=D)
+    v = torch.randn_like(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="eager")
+    torch.testing.assert_close(compiled(x), f(x))
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(compiled(fwAD.make_dual(x, v))).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent, (f(x + 1e-6 * v) - f(x - 1e-6 * v)) / 2e-6, rtol=1e-6, atol=1e-7)
