@@ -118,3 +118,21 @@ def test_dual_tensors_into_a_function_compiled_without_them():
         tangent = fwAD.unpack_dual(compiled(fwAD.make_dual(x, v))).tangent
     assert tangent is not None
     torch.testing.assert_close(tangent, (f(x + 1e-6 * v) - f(x - 1e-6 * v)) / 2e-6, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_vmap_over_the_backward_of_a_fused_gate(backend):
+    """mace-torch's Hessians vmap ``autograd.grad`` over an eager graph; autograd's ``vectorize=True``
+    does the same with its own vmap. Both raised once the torch reference filled its buffers in place
+    (a review of this session's diff, 2026-12-03). Reference: one ``autograd.grad`` per row."""
+    gate = FusedGate("2x0e", [F.silu], "2x0e", [torch.sigmoid], "1x1o+1x0e", backend=backend).to(D)
+    torch.manual_seed(3)
+    x = torch.randn(3, 8, dtype=D, requires_grad=True)
+    (f,) = torch.autograd.grad(gate(x).sin().sum(), x, create_graph=True)
+    f = f.reshape(-1)
+    eye = torch.eye(f.numel(), dtype=D)
+    want = torch.stack([torch.autograd.grad(f, x, e, retain_graph=True)[0] for e in eye])
+    got = torch.vmap(lambda v: torch.autograd.grad(f, x, v, retain_graph=True)[0])(eye)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    jac = torch.autograd.functional.jacobian(gate, x.detach(), vectorize=True)
+    torch.testing.assert_close(jac, torch.autograd.functional.jacobian(gate, x.detach()), rtol=1e-12, atol=1e-12)

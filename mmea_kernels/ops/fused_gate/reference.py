@@ -85,7 +85,7 @@ def _apply(xc: torch.Tensor, groups, fn) -> torch.Tensor:
     out = torch.zeros_like(xc)
     for code, idx, cst in groups:
         v = fn(xc.index_select(1, idx), code)
-        out.index_copy_(1, idx, v if cst == 1.0 else v.mul(cst))  # in place: one [N, D] buffer, not one per group
+        out = out.index_copy(1, idx, v if cst == 1.0 else v.mul(cst))
     return out
 
 
@@ -94,8 +94,11 @@ def _seg_sum(v: torch.Tensor, t: GateTables) -> torch.Tensor:
 
 
 def _scatter_in(t: GateTables, like: torch.Tensor, s, g, d) -> torch.Tensor:
-    out = like.new_zeros(like.shape[0], t.spec.d_in)  # filled in place: one [N, D_in] buffer, not three
-    return out.index_copy_(1, t.s_src, s).index_copy_(1, t.g_src, g).index_copy_(1, t.d_src, d)
+    # out of place, as _apply: filled in place, vmap (torch.func's and autograd's vectorize=True) could
+    # not write a batched value into the unbatched buffer (torch.vmap over autograd.grad, mace-torch's
+    # Hessians, raised); that saved ~2 inputs of peak memory on the torch backend only
+    out = like.new_zeros(like.shape[0], t.spec.d_in)
+    return out.index_copy(1, t.s_src, s).index_copy(1, t.g_src, g).index_copy(1, t.d_src, d)
 
 
 def forward(x: torch.Tensor, t: GateTables) -> torch.Tensor:
