@@ -366,11 +366,12 @@ def check_geometry(frames: Sequence, where: str, r_max: Optional[float] = None,
 
 
 def _neighbour_estimate(positions: np.ndarray, cell: np.ndarray, periodic: np.ndarray, r_max: float) -> float:
-    """Mean neighbours per atom within ``r_max``: the atoms' density times the volume of a cutoff
-    sphere. Partly periodic: the density over the periodic cell (its length or area) times the atoms'
-    extent across it (a box in a frame perpendicular to the periodic vectors), and the sphere clipped
-    to that extent (a slab thinner than the cutoff holds at most a disc of it, a thin wire a segment),
-    so a large slab or wire is judged by its density, not by its atom count."""
+    """Neighbours per atom within ``r_max`` where the atoms are densest: density times the volume of a
+    cutoff sphere. Partly periodic: the atoms in the densest window one cutoff sphere wide across the
+    periodic vectors (a frame perpendicular to them), over the periodic cell's length or area times
+    their spread in that window, and the sphere clipped to that spread (a slab thinner than the
+    cutoff holds at most a disc of it, a thin wire a segment): a large slab or wire is judged by its
+    density, not its atom count, and one far atom does not dilute a dense layer."""
     n, r = len(positions), r_max
     if n == 0:
         return 0.0
@@ -380,7 +381,11 @@ def _neighbour_estimate(positions: np.ndarray, cell: np.ndarray, periodic: np.nd
     k = len(vecs)
     measure = math.sqrt(abs(np.linalg.det(vecs @ vecs.T)))
     q, _ = np.linalg.qr(vecs.T, mode="complete")
-    ext = np.sort(np.ptp(positions @ q[:, k:], axis=0))
+    across = positions @ q[:, k:]
+    inside = _densest(across[:, 0], 2 * r)
+    if k == 1:  # a wire: the densest window along the second direction among those atoms
+        inside[inside] = _densest(across[inside, 1], 2 * r)
+    ext = np.sort(np.ptp(across[inside], axis=0))
     ball = 4 / 3 * math.pi * r ** 3
 
     def over(num: float, den: float) -> float:
@@ -390,7 +395,15 @@ def _neighbour_estimate(positions: np.ndarray, cell: np.ndarray, periodic: np.nd
         clipped = min(over(ball, ext[0]), math.pi * r ** 2)
     else:  # a wire of cross-section ext[0] x ext[1]
         clipped = min(over(ball, ext[0] * ext[1]), over(math.pi * r ** 2, ext[1]), 2 * r)
-    return n / measure * clipped
+    return int(inside.sum()) / measure * clipped
+
+
+def _densest(c: np.ndarray, width: float) -> np.ndarray:
+    """The atoms (a mask over ``c``) in the window of ``width`` along ``c`` that holds the most."""
+    s = np.sort(c)
+    ends = np.searchsorted(s, s + width, side="right")
+    i = int(np.argmax(ends - np.arange(len(s))))
+    return (c >= s[i]) & (c <= s[ends[i] - 1])
 
 
 def check_graphs(graphs: Sequence, where: str, checks: DataChecks = DataChecks(),

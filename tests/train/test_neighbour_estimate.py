@@ -67,3 +67,32 @@ def test_a_tiny_partly_periodic_cell_is_still_refused_before_a_neighbour_list(pb
     with pytest.raises(DataError, match=r"x\.xyz: frame 0: about \d+ neighbours per atom within the cutoff 5 Å "
                                         r"\(bound 500"):
         check_geometry([h], "x.xyz", r_max=R, checks=DataChecks(allow_small_cells=True))
+
+
+@pytest.mark.parametrize("pbc", [(True, True, False), (False, False, True)])
+def test_one_far_atom_does_not_dilute_a_dense_layer(pbc):
+    """The estimate takes the densest window one cutoff sphere wide across the periodic vectors: with
+    the atoms' whole extent (this change's first form, a review 2026-12-03) one atom 1e4 Å away
+    let a 13,500-atom layer through as "about 20 neighbours" (counted here: ~1750)."""
+    from mmea_kernels.train.checks import _neighbour_estimate
+
+    grid = np.arange(0, 6, 0.5)
+    if pbc[2]:  # a dense wire: a 6 x 6 Å column along the periodic c
+        pos = np.stack(np.meshgrid(grid, grid, grid[:6], indexing="ij"), -1).reshape(-1, 3)
+        cell, far = [0, 0, 3.0], [1e4, 1e4, 0]
+    else:  # a dense slab 6 Å thick in a 6 x 6 Å periodic plane
+        pos = np.stack(np.meshgrid(grid, grid, grid, indexing="ij"), -1).reshape(-1, 3)
+        cell, far = [6.0, 6.0, 0], [0, 0, 1e4]
+    ests = []
+    for extra in ([], [far]):
+        a = Atoms(f"H{len(pos) + len(extra)}", positions=np.vstack([pos, *([extra] if extra else [])]), cell=cell, pbc=pbc)
+        ests.append(_neighbour_estimate(np.asarray(a.positions), np.asarray(a.cell.array), np.asarray(a.pbc), R))
+        with pytest.raises(DataError, match=r"about \d+ neighbours per atom within the cutoff 5 Å \(bound 500"):
+            check_geometry([a], "x.xyz", r_max=R, checks=DataChecks(allow_small_cells=True))
+    assert ests[1] == ests[0] > 500  # the far atom changes nothing
+    # and the layer's estimate is what is there (ASE's count of a thin version: 576 atoms)
+    a = Atoms(f"H{len(pos)}", positions=pos, cell=cell, pbc=pbc)
+    a = a[a.positions[:, 0 if pbc[2] else 2] < 1.9]
+    est = _neighbour_estimate(np.asarray(a.positions), np.asarray(a.cell.array), np.asarray(a.pbc), R)
+    counted = _counted(a)
+    assert counted.mean() / 2 <= est <= 2 * counted.max(), (est, counted.mean(), counted.max())
