@@ -6,7 +6,7 @@ that only rank 0 saw (node-local scratch; on ``--resume auto`` rank 0 resumed at
 started again at epoch 1 from the initial weights, and their gradients were averaged), and a
 different training file on one node (same frame count: exit 0). Now every process compares a summary
 of its settings, data, starting epoch and weights with rank 0's before the first step
-(:func:`check_agreement`). A process that dies or hangs ended the others with "internal error" after
+(:func:`check_inputs`, :func:`check_start`). A process that dies or hangs ended the others with "internal error" after
 gloo's 30 minutes; now after :data:`TIMEOUT_ENV` seconds (default 600), with a message that says
 which epoch ``state.pt`` holds (:func:`peer_failure`)."""
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["dist_setup", "dist_timeout", "check_agreement", "peer_failure", "PeerFailed", "TIMEOUT_ENV"]
+__all__ = ["dist_setup", "dist_timeout", "check_inputs", "check_start", "peer_failure", "PeerFailed", "TIMEOUT_ENV"]
 
 TIMEOUT_ENV = "MMEA_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
@@ -63,7 +63,8 @@ def dist_setup(device: torch.device = torch.device("cpu")):
         except RuntimeError as exc:  # torch's DistStoreError / DistNetworkError: nobody (else) there
             where = f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')}"
             raise PeerFailed(f"WORLD_SIZE={world}: the processes did not all join within {timeout:g} s ({where}; "
-                             f"{_first_line(exc)}); start the run with torchrun (which sets WORLD_SIZE), or unset "
+                             f"{_first_line(exc)}): a process that stopped before joining says why in its own error; "
+                             "without torchrun (WORLD_SIZE left in the environment by another launcher?) unset "
                              f"WORLD_SIZE to run in one process ({TIMEOUT_ENV} sets the wait)") from exc
     return dist.get_rank(), dist.get_world_size()
 
@@ -82,37 +83,44 @@ def _weights_digest(model: torch.nn.Module) -> str:
 
 
 _PLACES = ("out_dir", "progress", "train", "valid", "test")  # where files are may differ by node; data: by content
+_FILES = ("model", "e0s", "model_config")  # compared by content when they name files
 
 
-def _summary(cfg, r) -> dict:
+def _settings(cfg) -> dict:
+    from ..integrations.files import file_sha256
     from .checks import split_spec
 
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _PLACES}
+    for k in _FILES:
+        v = settings.get(k)
+        if isinstance(v, str) and os.path.isfile(v):
+            settings[k] = f"a file with sha256 {file_sha256(v, 64)[:16]}"
     settings["selections"] = [split_spec(s)[1] if s else None for s in (cfg.train, cfg.valid, cfg.test)]
-    frames = {split: len(g) for split, g in r.graphs.items()}
-    return {"settings": settings, "data": {"sha256": dict(r.data_sha), "frames": frames},
-            "start": r.start_epoch, "weights": _weights_digest(r.model)}
+    return settings
 
 
-def check_agreement(cfg, r, rank: int, world: int, state_path) -> None:
-    """Every process's settings (not where its files are), data (SHA-256 and frame counts), starting epoch and
-    weights (after a resume) equal rank 0's; ``ValueError`` naming the first difference otherwise
-    (raised on every process)."""
+def _gather(world: int, mine: dict) -> list:
     import torch.distributed as dist
 
-    if world <= 1:
-        return
-    mine = _summary(cfg, r)
     every = [None] * world
     try:
         dist.all_gather_object(every, mine)
     except RuntimeError as exc:
         raise PeerFailed(f"another process of this torchrun run stopped (or did not answer within {dist_timeout():g} s, "
                          f"{TIMEOUT_ENV}) before the first step ({_first_line(exc)}); its own error says why") from exc
+    return every
+
+
+def check_inputs(cfg, data_sha: dict, frames: dict, world: int) -> None:
+    """Every process's settings (not where its files are: data, model, E0 and config files by content)
+    and data (SHA-256, frame counts per split) equal rank 0's; ``ValueError`` naming the first
+    difference otherwise (raised on every process). Before the model is wrapped for DDP, whose own
+    collectives failed first, with torch's message, on a setting that changes a parameter's shape."""
+    if world <= 1:
+        return
+    every = _gather(world, {"settings": _settings(cfg), "data": {"sha256": dict(data_sha), "frames": dict(frames)}})
     first = every[0]
     for k, other in enumerate(every):
-        if other == first:
-            continue
         if other["settings"] != first["settings"]:
             diff = sorted(n for n in first["settings"] if first["settings"][n] != other["settings"].get(n))
             shown = "; ".join(f"{n}: rank 0 {first['settings'][n]!r}, rank {k} {other['settings'].get(n)!r}"
@@ -120,18 +128,28 @@ def check_agreement(cfg, r, rank: int, world: int, state_path) -> None:
             raise ValueError(f"the processes of this torchrun run have different settings ({shown}): start every "
                              "process with the same command")
         if other["data"] != first["data"]:
-            a, b = first["data"], other["data"]
-            raise ValueError(f"the processes of this torchrun run read different data (rank 0: {_data_text(a)}; "
-                             f"rank {k}: {_data_text(b)}): every process must read the same files (a stale copy on "
-                             "one node?)")
+            raise ValueError(f"the processes of this torchrun run read different data (rank 0: {_data_text(first['data'])}; "
+                             f"rank {k}: {_data_text(other['data'])}): every process must read the same files (a stale "
+                             "copy on one node?)")
+
+
+def check_start(r, world: int, state_path) -> None:
+    """Every process starts at rank 0's epoch from rank 0's weights (after a resume: from the same
+    ``state.pt``); ``ValueError`` otherwise (raised on every process)."""
+    if world <= 1:
+        return
+    every = _gather(world, {"start": r.start_epoch, "weights": _weights_digest(r.model)})
+    first = every[0]
+    for k, other in enumerate(every):
         if other["start"] != first["start"]:
             raise ValueError(f"rank 0 starts at epoch {first['start']} but rank {k} at epoch {other['start']}: "
                              f"{state_path} is not the same file for every process; --out must be one directory "
                              "that every process sees (rank 0 writes state.pt there and every process reads it "
                              "back on --resume), not node-local scratch")
-        raise ValueError(f"rank {k} starts from other weights than rank 0 (digest {other['weights']} vs "
-                         f"{first['weights']}, epoch {first['start']}): the processes must load the same base model "
-                         f"and {state_path}; --out must be one directory that every process sees")
+        if other["weights"] != first["weights"]:
+            raise ValueError(f"rank {k} starts from other weights than rank 0 (digest {other['weights']} vs "
+                             f"{first['weights']}, epoch {first['start']}): the processes must load the same base "
+                             f"model and {state_path}; --out must be one directory that every process sees")
 
 
 def _data_text(d: dict) -> str:

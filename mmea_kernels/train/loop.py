@@ -43,7 +43,7 @@ from .lockfile import DirectoryInUse
 from .config import DTYPES, FinetuneConfig
 from .data import frame_key, make_batches, overlap_note, read_splits, split_graphs, validation_split, weights_note
 from .device import resolve_device
-from .distributed import check_agreement, dist_setup, peer_failure
+from .distributed import check_inputs, check_start, dist_setup, peer_failure
 from .e0s import refit_after_training, refit_e0s, split_span_note
 from .ema import ema_weights, make_ema, weights_in
 from .foundation import fingerprint, load_model, model_info
@@ -178,6 +178,7 @@ def setup(cfg: FinetuneConfig, world: int, device: torch.device = torch.device("
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     net = model
     if world > 1:  # gradients averaged over processes by DDP; each process holds batch_size / world frames
+        check_inputs(cfg, data_sha, {split: len(g) for split, g in graphs.items()}, world)  # one job on every process
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                         find_unused_parameters=False)
     opt = torch.optim.Adam(params.values(), lr=cfg.lr, amsgrad=True)
@@ -216,7 +217,7 @@ def _run(cfg: FinetuneConfig, log, rank: int, world: int, out: pathlib.Path, dev
     resumed, held = bool(cfg.resume) and state_path.exists(), []  # held: load_state's lines, said unless finished
     if resumed:
         load_state(cfg, r, state_path, held.append)
-    check_agreement(cfg, r, rank, world, state_path)  # torchrun: every process runs the same job from one state
+    check_start(r, world, state_path)  # torchrun: every process starts from one state
     if resumed:
         metrics = _finished_metrics(out, r, held.append) if cfg.resume == "auto" and _nothing_left(cfg, r) else None
         if metrics is not None:

@@ -27,7 +27,7 @@ WRAPPER = """import os, sys
 from mmea_kernels.app.cli import main
 argv = sys.argv[1:]
 if os.environ["LOCAL_RANK"] == "1":
-    for opt, env in (("--train", "TRAIN1"), ("--out", "OUT1")):
+    for opt, env in (("--train", "TRAIN1"), ("--out", "OUT1"), ("--model", "MODEL1"), ("--rank", "RANK1")):
         if env in os.environ:
             argv[argv.index(opt) + 1] = os.environ[env]
 sys.exit(main(argv))
@@ -112,7 +112,7 @@ def test_world_size_without_the_other_processes_ends_with_a_message(files, tmp_p
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "WORLD_SIZE=2: the processes did not all join within 3 s (MASTER_ADDR=127.0.0.1" in proc.stderr
-    assert "start the run with torchrun" in proc.stderr
+    assert "unset WORLD_SIZE to run in one process" in proc.stderr
 
 
 def test_other_commands_refuse_torchrun(files, tmp_path, monkeypatch, capsys):
@@ -122,3 +122,18 @@ def test_other_commands_refuse_torchrun(files, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "predict runs in one process, but WORLD_SIZE=2 (torchrun?)" in err and "only finetune uses torchrun" in err
     assert not (tmp_path / "p.xyz").exists()
+
+
+def test_a_copy_of_the_model_elsewhere_is_the_same_model_and_another_rank_is_refused(files, tmp_path):
+    """Files are compared by content (nodes may hold copies at other paths); a setting that changes a
+    parameter's shape is named before DDP's own check fails with torch's message ("internal error")."""
+    copy = tmp_path / "node1" / "base.pt"
+    copy.parent.mkdir()
+    copy.write_bytes((files / "base.pt").read_bytes())
+    rc, text = _torchrun(files, _args(files, tmp_path / "ok", 1), MODEL1=str(copy))
+    assert rc == 0, text[-3000:]
+    assert (tmp_path / "ok" / "metrics.json").exists()
+    rc, text = _torchrun(files, _args(files, tmp_path / "bad", 1), RANK1="3")
+    assert rc != 0
+    assert "the processes of this torchrun run have different settings (rank: rank 0 2, rank 1 3)" in text, text[-3000:]
+    assert "internal error" not in text
