@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import os
 from typing import Optional
 
 import torch
+
+from .foundation import state_digest
 
 __all__ = ["dist_setup", "dist_timeout", "check_inputs", "check_start", "peer_failure", "PeerFailed", "TIMEOUT_ENV"]
 
@@ -71,15 +72,6 @@ def dist_setup(device: torch.device = torch.device("cpu")):
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-
-
-def _weights_digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        if isinstance(t, torch.Tensor):
-            h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 _PLACES = ("out_dir", "progress", "train", "valid", "test")  # where files are may differ by node; data: by content
@@ -138,7 +130,7 @@ def check_start(r, world: int, state_path) -> None:
     ``state.pt``); ``ValueError`` otherwise (raised on every process)."""
     if world <= 1:
         return
-    every = _gather(world, {"start": r.start_epoch, "weights": _weights_digest(r.model)})
+    every = _gather(world, {"start": r.start_epoch, "weights": state_digest(r.model, exact=True)})
     first = every[0]
     for k, other in enumerate(every):
         if other["start"] != first["start"]:

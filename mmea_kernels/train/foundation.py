@@ -217,11 +217,18 @@ def fingerprint(model: nn.Module) -> str:
     """A hash of a model's parameters and buffers (names, shapes, values rounded to float32, so the float32 and float64 copies agree), minus the
     per-element reference energies that fine-tuning re-fits: identifies the base model an
     adapter was trained on."""
+    return state_digest(model)
+
+
+def state_digest(model: nn.Module, exact: bool = False) -> str:
+    """:func:`fingerprint`; ``exact``: every tensor of the state dict bit for bit in its own dtype, the
+    reference energies too (the copies of one run's model in the processes of a torchrun run)."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
-        if name.endswith("atomic_energies") or not torch.is_tensor(t):
+        if not torch.is_tensor(t) or (not exact and name.endswith("atomic_energies")):
             continue
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().to(torch.float32 if t.is_floating_point() else t.dtype).cpu().contiguous().numpy().tobytes())
+        t = t.detach() if exact or not t.is_floating_point() else t.detach().to(torch.float32)
+        h.update(t.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())  # bytes: bf16 too
     return h.hexdigest()[:16]

@@ -137,3 +137,36 @@ def test_a_copy_of_the_model_elsewhere_is_the_same_model_and_another_rank_is_ref
     assert rc != 0
     assert "the processes of this torchrun run have different settings (rank: rank 0 2, rank 1 3)" in text, text[-3000:]
     assert "internal error" not in text
+
+
+def test_start_check_names_other_weights_and_a_peer_lost_before_the_first_step(monkeypatch, tmp_path):
+    """The messages of the paths a 2-process run reaches only by accident: equal epochs from two
+    different state.pt files, and a process that stops while the others gather."""
+    import types
+
+    import torch.distributed as dist
+
+    from mmea_kernels.train import distributed
+    from mmea_kernels.train.foundation import state_digest
+
+    model = build_mace(PRESETS["tiny"])
+    mine = state_digest(model, exact=True)
+    other = {"start": 3, "weights": "0" * 16}
+    monkeypatch.setattr(distributed, "_gather", lambda world, m: [m, other])
+    r = types.SimpleNamespace(start_epoch=3, model=model)
+    with pytest.raises(ValueError, match=rf"rank 1 starts from other weights than rank 0 \(digest 0{{16}} vs {mine}, "
+                                         r"epoch 3\).*--out must be one directory that every process sees"):
+        distributed.check_start(r, 2, tmp_path / "state.pt")
+    with torch.no_grad():  # the exact digest sees a last-bit change that the float32 fingerprint may not
+        w = next(model.parameters()).view(-1)
+        w[0] = torch.nextafter(w[0], w[0] + 1)
+    assert state_digest(model, exact=True) != mine
+    monkeypatch.undo()
+
+    def lost(out, obj):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1234")
+
+    monkeypatch.setattr(dist, "all_gather_object", lost)
+    with pytest.raises(PeerFailed, match=r"another process of this torchrun run stopped \(or did not answer within "
+                                         r"600 s, MMEA_DIST_TIMEOUT\) before the first step \(\[gloo.*its own error"):
+        distributed.check_start(r, 2, tmp_path / "state.pt")
