@@ -6,6 +6,7 @@ The core (``layout``, ``linear_spec``, ``ops``, ``nn``, ``peft``) needs only tor
 fine-tuning workflow) and ``app`` (command line, demo, ASE calculator, datasets) import their
 libraries when used."""
 from ._compat import install as _install_aliases
+from .integrations.mace_convert_guard import install as _guard_mace_conversions
 from .layout import IrrepsLayout
 from .linear_spec import LinearSpec
 from .nn import ELoRALinear, FusedGate, MMEALinear, replace_gates, restore_gates, split_tp_slices
@@ -14,6 +15,7 @@ from .peft import (AdapterConfig, adapted_modules, adapter_state_dict, disable_a
                    load_adapter_state_dict, merge_and_unload, report, unload)
 
 _install_aliases()  # old module paths (mmea_kernels.finetune, ...) stay importable
+_guard_mace_conversions()  # mace-torch's cuEquivariance conversions carry adapters over (see the module)
 
 __version__ = "0.1.0"
 

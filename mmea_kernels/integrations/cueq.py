@@ -32,7 +32,8 @@ from ..peft.inject import _SAVED_GRAD_FLAGS, InjectionReport, _set_submodule, ad
 from ..peft.state import adapter_state_dict, load_adapter_state_dict
 from .heads import copy_head
 
-__all__ = ["convert_adapted_to_cueq", "convert_adapted_to_e3nn", "convert_to_cueq", "transfer_adapters"]
+__all__ = ["convert_adapted_to_cueq", "convert_adapted_to_e3nn", "convert_to_cueq", "transfer_adapters",
+           "refuse_unconvertible", "carry_adapters"]
 
 
 def _device_of(model: nn.Module) -> str:
@@ -54,7 +55,7 @@ def _check_mace(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def _base_layers_in_place(model: nn.Module):
+def base_layers_in_place(model: nn.Module):
     """Inside the block, ``model`` holds its original layers where the adapters were (the adapters
     are put back on exit, also after an error). Cheaper than a deep copy, which for a
     cuEquivariance MACE can take longer than the conversion itself."""
@@ -112,8 +113,9 @@ def convert_to_cueq(model: nn.Module, layout: str = "ir_mul", device: Optional[s
     return _keeping_default_dtype(lambda m: run(m, device=dev, return_model=True, layout=layout), model)
 
 
-def _convert(model: nn.Module, runner: Callable[[nn.Module], nn.Module]) -> nn.Module:
-    _check_mace(model)
+def refuse_unconvertible(model: nn.Module) -> None:
+    """Raise for what mace-torch's conversions cannot carry over and these functions do not either:
+    parametrized weights (mmea-paper's low-rank updates), merged ELoRA adapters, mmea-tp gates."""
     from torch.nn.utils import parametrize
 
     tied = sorted(n for n, m in model.named_modules() if parametrize.is_parametrized(m))
@@ -122,24 +124,34 @@ def _convert(model: nn.Module, runner: Callable[[nn.Module], nn.Module]) -> nn.M
                          f"({tied[0]}, ...), which mace-torch's conversion cannot read: fold them into their weights "
                          "first (torch.nn.utils.parametrize.remove_parametrizations(module, name, "
                          "leave_parametrized=True), as `mmea-kernels export` does)")
-    mods = adapted_modules(model)
-    if not mods:
-        raise ValueError("model has no adapters; convert it with mace-torch's own conversion "
-                         "(mace.cli.convert_e3nn_cueq.run / convert_cueq_e3nn.run)")
-    merged = [n for n, m in mods.items() if getattr(m, "merged", False)]
+    merged = [n for n, m in adapted_modules(model).items() if getattr(m, "merged", False)]
     gated = list(tensor_product_gates(model))
     if merged or gated:  # found before mace-torch's conversion runs, named as what they are
         raise ValueError(f"cannot convert: ELoRA adapters on {merged[0]} ({len(merged)} in all) are merged into their "
                          "base weights; unmerge() them first" if merged else
                          f"cannot convert: mmea-tp gates on tensor products ({gated[0]}, {len(gated)} in all) have "
                          "no cuEquivariance form here; convert a model without them (methods mmea, elora)")
-    with _base_layers_in_place(model) as base:
-        target = _keeping_default_dtype(runner, base)
+
+
+def carry_adapters(model: nn.Module, target: nn.Module) -> None:
+    """Put ``model``'s adapters on ``target``, the converted form of its base model, with the
+    requires_grad flags that unload() restores (where the names agree)."""
     transfer_adapters(model, target)
-    saved = getattr(model, _SAVED_GRAD_FLAGS, None)  # requires_grad to restore on unload(), where names agree
+    saved = getattr(model, _SAVED_GRAD_FLAGS, None)
     if saved is not None:
         mine = getattr(target, _SAVED_GRAD_FLAGS)
         mine.update({n: v for n, v in saved.items() if n in mine})
+
+
+def _convert(model: nn.Module, runner: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    _check_mace(model)
+    refuse_unconvertible(model)
+    if not adapted_modules(model):
+        raise ValueError("model has no adapters; convert it with mace-torch's own conversion "
+                         "(mace.cli.convert_e3nn_cueq.run / convert_cueq_e3nn.run)")
+    with base_layers_in_place(model) as base:
+        target = _keeping_default_dtype(runner, base)
+    carry_adapters(model, target)
     return target
 
 
