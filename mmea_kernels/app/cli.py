@@ -231,20 +231,22 @@ def _export_parsers(sub):
     ex.add_argument("--checkpoint", required=True)
     ex.add_argument("--out", required=True,
                     help="the file to write (mace-torch names LAMMPS files *-lammps.pt); lammps-parallel: a directory")
-    ex.add_argument("--format", choices=("lammps", "lammps-parallel", "lammps-mliap", "torchscript"),
+    ex.add_argument("--format", choices=("lammps", "lammps-parallel", "lammps-mliap", "torchscript", "mace-model"),
                     default="lammps",
                     help="lammps: LAMMPS_MACE for pair_style mace (float64 by default), or for a SevenNet "
                          "checkpoint SevenNet's pair_style e3gnn (float32); lammps-parallel (SevenNet only): "
                          "--out is a directory of the segment files of pair_style e3gnn/parallel (domain "
                          "decomposition); lammps-mliap (MACE only): mace-torch's ML-IAP file for pair_style mliap "
                          "unified (domain decomposition, GPUs; a pickle LAMMPS' Python loads); torchscript (MACE "
-                         "only): the model's own forward (mace-torch's input dict)")
+                         "only): the model's own forward (mace-torch's input dict); mace-model (MACE only): the "
+                         "model pickled as mace-torch's tools load it (MACECalculator, mace_eval_configs; ELoRA "
+                         "merged; MMEA adapters need mmea_kernels where it is loaded)")
     ex.add_argument("--mliap-backend", choices=("cueq", "e3nn"), default=None,
                     help="lammps-mliap: the model's form, cuEquivariance (default, as mace-torch's; needs "
                          "cuequivariance-torch) or e3nn")
     ex.add_argument("--dtype", choices=("float32", "float64"), default=None,
                     help="default: float64 for lammps and lammps-mliap (SevenNet's formats: float32, the only "
-                         "one), the checkpoint's for torchscript")
+                         "one), the checkpoint's for torchscript and mace-model")
     ex.add_argument("--kernels", choices=("aten", "cpp"), default="aten", help="aten (portable) or cpp (MMEA "
                     "adapters as one C++ op: CPU, first derivatives; loads after mmea_kernels.load_kernels() and in "
                     "the LAMMPS of lammps-build, not in ACEsuit's or SevenNet's)")

@@ -5,7 +5,8 @@
 * ``lammps-mliap``: mace-torch's ML-IAP deployment (``pair_style mliap unified``, LAMMPS over several
   processes or GPUs; :mod:`~mmea_kernels.app.deploy_mliap`);
 * ``torchscript``: the model itself scripted (its forward takes mace-torch's input dict), for
-  ``torch.jit.load`` in Python or libtorch.
+  ``torch.jit.load`` in Python or libtorch;
+* ``mace-model``: the model pickled as mace-torch's tools load it (:mod:`~mmea_kernels.app.deploy_mace`).
 
 A SevenNet checkpoint (``--model sevenn:...``) exports as ``lammps``, the file of SevenNet's
 ``pair_style e3gnn`` (float32), or ``lammps-parallel``, the directory of segment files
@@ -15,16 +16,15 @@ reference energies inside (:mod:`~mmea_kernels.integrations.sevenn_deploy`); the
 running them as ``pair_e3gnn.cpp`` / ``pair_e3gnn_parallel.cpp`` do, the parallel files also on a
 periodic copy of the reference frame where atoms see images of each other (ghost atoms).
 
-The TorchScript files need neither mmea_kernels nor mace-torch nor e3nn to load (the ML-IAP file,
-a pickle as mace-torch makes it, needs mace-torch and mmea_kernels), except with ``--kernels cpp``
-(the adapters as one op of this package's C++ extension, which must then be loaded). Low-rank parametrizations
-(``mmea-paper``) are folded into their weights in the exported copy (exact: the weight the
-parametrization computes). Before the file is put at ``out`` it is loaded back and evaluated on the
-checkpoint's reference frame (one training frame; for checkpoints from before they held one, a small
-cluster of the model's elements), and on the same atoms in a periodic box (the virials ``pair_style
-mace`` takes the pressure from); it replaces nothing unless it gives the eager model's energy,
-forces and virials (float64: 1e-9 relative, float32: 2e-5; :data:`TOLERANCE`), so a wrong or half-written file never
-takes the name."""
+The TorchScript files need neither mmea_kernels nor mace-torch nor e3nn to load (the pickles, ML-IAP
+and mace-model, need mace-torch and, with MMEA adapters, mmea_kernels), except with ``--kernels cpp``
+(the adapters as one op of this package's C++ extension, which must then be loaded). Low-rank
+parametrizations (``mmea-paper``) are folded into their weights in the exported copy (exact). Before
+the file is put at ``out`` it is loaded back and evaluated on the checkpoint's reference frame (one
+training frame; for checkpoints from before they held one, a small cluster of its elements), and on
+the same atoms in a periodic box (the virials ``pair_style mace`` takes the pressure from); it replaces
+nothing unless it gives the eager model's energy, forces and virials (float64: 1e-9 relative, float32:
+2e-5; :data:`TOLERANCE`), so a wrong or half-written file never takes the name."""
 from __future__ import annotations
 
 import os
@@ -42,7 +42,7 @@ from ..nn.gate_swap import replace_gates
 
 __all__ = ["export_checkpoint", "FORMATS"]
 
-FORMATS = ("lammps", "lammps-parallel", "lammps-mliap", "torchscript")
+FORMATS = ("lammps", "lammps-parallel", "lammps-mliap", "torchscript", "mace-model")
 PARALLEL = "lammps-parallel"  # SevenNet only: a directory of segment files
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -385,12 +385,10 @@ def _export_sevennet(net, ckpt: dict, out: pathlib.Path, fmt: str, dtype: Option
 def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str] = None, dtype: Optional[str] = None,
                       trust_pickle: bool = False, overwrite: bool = False, mliap_backend: Optional[str] = None,
                       kernels: str = "aten") -> dict:
-    """Write ``checkpoint``'s fine-tuned model to ``out`` as ``fmt`` (:data:`FORMATS`); ``dtype``:
-    float64 (default for lammps, as mace-torch's ``create_lammps_model``) or float32 (default for
-    torchscript: the checkpoint's). ``kernels``: "aten" (portable) or "cpp" (lammps, lammps-parallel,
-    torchscript: the MMEA adapters as one op of this package's C++ extension; see
-    :func:`~mmea_kernels.nn.scriptable.script_kernels`). Returns what was written and the verified
-    difference."""
+    """Write ``checkpoint``'s fine-tuned model to ``out`` as ``fmt`` (:data:`FORMATS`); ``dtype``: float64
+    (default for the lammps formats, as mace-torch's ``create_lammps_model``) or float32; the others default
+    to the checkpoint's. ``kernels``: "aten" (portable) or "cpp" (lammps, lammps-parallel, torchscript:
+    MMEA adapters as one C++ op; :func:`~mmea_kernels.nn.scriptable.script_kernels`). Returns a summary."""
     from ..train import load_finetuned
     from ..train.checkpoint import read_checkpoint
     from ..train.foundation import model_info
@@ -424,10 +422,12 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
                          f"{type(net).__name__} (base {ckpt['model']!r}), which has no TorchScript export here: "
                          "run its MD through the ASE calculator (mmea-kernels md, MMEACalculator)")
     want = _DTYPES[dtype or ("float64" if fmt.startswith("lammps") else ckpt["dtype"])]
-    if fmt == "lammps-mliap":
+    if fmt in ("lammps-mliap", "mace-model"):  # pickles, as mace-torch makes them
+        from .deploy_mace import export_mace_model
         from .deploy_mliap import export_mliap
 
-        return export_mliap(net, ckpt, out, want, mliap_backend)
+        return (export_mliap(net, ckpt, out, want, mliap_backend) if fmt == "lammps-mliap" else
+                export_mace_model(net, ckpt, out, want))
     if any(is_cuet_linear(m) for m in net.modules()):
         raise ValueError(f"checkpoint {checkpoint} holds a cuEquivariance-form MACE, which does not script "
                          "(cuequivariance's naive path fails under TorchScript): export it as --format lammps-mliap, "

@@ -182,3 +182,23 @@ def split_tp_slices(model: nn.Module, cats: bool = True) -> int:
                 hit += split_graph_slices(gm, cats)
         changed += hit > 0
     return changed
+
+
+def plain_cats(model: nn.Module) -> int:
+    """Undo the cat rewrite of :func:`split_tp_slices`: every :func:`cat_split_backward` in the
+    generated graphs of ``model`` becomes ``torch.cat`` again (the same values; the backward narrows
+    per piece again). The splits stay: they are plain torch ops. For files that must load without this
+    package (a pickled graph names the functions it calls). Returns the number of graphs changed."""
+    changed = 0
+    for module in model.modules():
+        for attr in _GRAPH_ATTRS:
+            gm = module._modules.get(attr)
+            if not isinstance(gm, fx.GraphModule):
+                continue
+            nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is cat_split_backward]
+            for node in nodes:
+                node.target = torch.cat
+            if nodes:
+                gm.recompile()
+                changed += 1
+    return changed

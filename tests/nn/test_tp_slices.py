@@ -9,7 +9,7 @@ import pytest
 import torch
 from e3nn import o3
 
-from mmea_kernels.nn.tp_slices import split_tp_slices
+from mmea_kernels.nn.tp_slices import plain_cats, split_tp_slices
 
 
 def _tp():
@@ -59,6 +59,21 @@ def test_values_and_derivatives_bitwise_equal(dtype):
         assert torch.equal(a, b)
     assert new.state_dict().keys() == state.keys()
     assert all(torch.equal(new.state_dict()[k], v) for k, v in state.items())
+
+
+def test_plain_cats_undoes_the_cat_rewrite_only():
+    """plain_cats (for files that must load without this package): no graph names cat_split_backward
+    any more, the splits stay, and every value and derivative is still bitwise e3nn's."""
+    ref = _tp().double()
+    new = copy.deepcopy(ref)
+    split_tp_slices(new)
+    assert b"mmea_kernels" in pickle.dumps(new)  # the rewritten graphs name this package's cat
+    assert plain_cats(new) == 3 and plain_cats(new) == 0
+    codes = [g.code for m in new.values() for a, g in m._modules.items() if a.startswith("_compiled")]
+    assert codes and not any("cat_split_backward" in c for c in codes) and any(".split(" in c for c in codes)
+    assert b"mmea_kernels" not in pickle.dumps(new)
+    for a, b in zip(_all_orders(ref, torch.float64), _all_orders(new, torch.float64)):
+        assert torch.equal(a, b)
 
 
 def _backward_ops(tp, second: bool) -> set:

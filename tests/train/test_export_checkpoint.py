@@ -115,7 +115,7 @@ def test_export_refuses_to_replace_or_to_write_a_wrong_file(checkpoints, tmp_pat
 def test_unknown_format_and_dtype_are_named(checkpoints, tmp_path):
     from mmea_kernels.app.deploy import export_checkpoint
 
-    with pytest.raises(ValueError, match="unknown --format 'onnx'; expected one of lammps, lammps-parallel, lammps-mliap, torchscript"):
+    with pytest.raises(ValueError, match="unknown --format 'onnx'; expected one of lammps, lammps-parallel, lammps-mliap, torchscript, mace-model"):
         export_checkpoint(checkpoints["mmea"], tmp_path / "m.pt", "onnx")
     with pytest.raises(ValueError, match="unknown --dtype 'float16'"):
         export_checkpoint(checkpoints["mmea"], tmp_path / "m.pt", "lammps", dtype="float16")
@@ -401,3 +401,47 @@ def test_mliap_and_parallel_error_paths_name_the_problem(checkpoints, tmp_path, 
     obj = mace_mliap.mliap_model(net, backend="e3nn")
     with pytest.raises(ValueError, match="computed nothing for H .0 pairs within the cutoff"):
         mace_mliap.run_like_mliap(obj, ase.Atoms("H", positions=[[0.0, 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("method", ["mmea", "elora", "mmea-paper", "full"])
+def test_mace_model_file_runs_in_mace_torchs_calculator(checkpoints, method, tmp_path, capsys):
+    """--format mace-model: the pickle mace-torch's own tools load. Its MACECalculator gives the
+    checkpoint's energies and forces (≤ 1e-10 relative; ELoRA merged into the weights, mmea-paper's
+    parametrizations folded); the file names mmea_kernels only where MMEA adapters stay in it, and
+    loads without mmea_kernels exactly when it does not (checked in a process that cannot import it)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from mace.calculators import MACECalculator
+
+    net, _ = load_finetuned(checkpoints[method], dtype="float64")
+    path = tmp_path / f"{method}.model"
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(checkpoints[method]), "--out", str(path), "--format", "mace-model",
+                 "--dtype", "float64"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    mmea = method in ("mmea", "mmea-paper")
+    assert res["verified_max_rel_diff"] <= 1e-9 and res["dtype"] == "float64"
+    assert (res["merged_adapters"] > 0, res["adapters_kept"] > 0) == (method == "elora", mmea)
+    assert ("mmea_kernels" in res["imports"]) == mmea and "mace" in res["imports"]
+    calc = MACECalculator(model_paths=str(path), device="cpu", default_dtype="float64")
+    z, r = model_info(net)
+    atoms = toy_molecules("toluene", 1, seed=21) + toy_molecules("ethanol", 1, seed=22)
+    box = atoms[0].copy()
+    box.cell, box.pbc = np.eye(3) * 7.0, True
+    for a in atoms + [box]:
+        b = atoms_to_batch([a], z, r, energy_key="__none__", forces_key="__none__", dtype=torch.float64)
+        e_ref, f_ref = energy_and_forces(net, b)
+        a = a.copy()
+        a.calc = calc
+        e, f = torch.tensor(a.get_potential_energy(), dtype=torch.float64), torch.from_numpy(a.get_forces())
+        assert _rel(e.reshape(-1), e_ref.detach().reshape(-1)) <= 1e-10
+        assert _rel(f, f_ref.detach()) <= 1e-10
+    code = ("import sys, torch\nsys.modules['mmea_kernels'] = None\n"
+            f"torch.load({str(path)!r}, weights_only=False)\nprint('loaded')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if mmea:
+        assert out.returncode != 0 and "mmea_kernels" in out.stderr
+    else:
+        assert out.returncode == 0 and out.stdout.strip().endswith("loaded"), out.stderr[-2000:]
