@@ -19,6 +19,9 @@ does) changes those modules, now if mace-torch has imported them, else when it d
 * OpenEquivariance: the conversion refuses an adapted model with a message (it has no step to
   hook the adapters into).
 
+Either way a multi-head model keeps the head this package chose for it (its forward pre-hook,
+:class:`~mmea_kernels.integrations.heads.HeadHook`, which a new model would not have).
+
 A model without adapters, parametrizations or mmea-tp gates converts exactly as before.
 """
 from __future__ import annotations
@@ -46,14 +49,18 @@ def _changed_parts(model) -> list:
 def _cueq_transfer(original):
     @functools.wraps(original)
     def transfer_weights(source_model, target_model, *args, **kwargs):
-        if not _changed_parts(source_model):
-            return original(source_model, target_model, *args, **kwargs)
-        from .cueq import base_layers_in_place, carry_adapters, refuse_unconvertible
+        from .heads import copy_head
 
-        refuse_unconvertible(source_model)
-        with base_layers_in_place(source_model) as base:
-            original(base, target_model, *args, **kwargs)
-        carry_adapters(source_model, target_model)
+        if not _changed_parts(source_model):
+            original(source_model, target_model, *args, **kwargs)
+        else:
+            from .cueq import base_layers_in_place, carry_adapters, refuse_unconvertible
+
+            refuse_unconvertible(source_model)
+            with base_layers_in_place(source_model) as base:
+                original(base, target_model, *args, **kwargs)
+            carry_adapters(source_model, target_model)
+        copy_head(source_model, target_model)  # the head this package chose for a multi-head model
         return None
 
     setattr(transfer_weights, _MARK, True)

@@ -147,6 +147,33 @@ def test_conversions_and_in_place_scripting_keep_the_head(two_heads, train_files
         assert energy(copy) == pytest.approx(want, rel=1e-12)
 
 
+def test_mace_torchs_own_conversion_keeps_the_chosen_head(two_heads, train_files):
+    """mace-torch's cuEquivariance conversion, called as MACECalculator(enable_cueq=True) calls it, on
+    a model set to a head that is not the batch's (this package's hook): the same head after it,
+    with and without adapters (mmea_kernels.integrations.mace_convert_guard)."""
+    pytest.importorskip("cuequivariance_torch")
+    import mmea_kernels as mk
+    from mace.cli.convert_e3nn_cueq import run
+    from mmea_kernels.integrations.mace import atoms_to_batch
+
+    batch = atoms_to_batch([ase.io.read(train_files / "valid.xyz", 0)], [1, 6, 8], 5.0, dtype=torch.float64)
+    assert int(batch["head"][0]) == 0  # the data's default head: pt_head
+
+    def energy(m):
+        return float(m(dict(batch), compute_force=False)["energy"][0])
+
+    for adapters in (False, True):
+        model = load_model(str(two_heads), trust_pickle=True, head="Default")
+        if adapters:
+            mk.inject_adapters(model, method="mmea", rank=2)
+        want = energy(model)
+        assert abs(want - energy(_two_heads())) > 1.0  # head 0 differs
+        with default_dtype(torch.float64):
+            converted = run(model, device="cpu", return_model=True)
+        assert bool(mk.adapted_modules(converted)) == adapters
+        assert energy(converted) == pytest.approx(want, rel=1e-9)
+
+
 def test_a_checkpoint_from_before_heads_were_chosen_is_refused_by_name(two_heads):
     """Such a checkpoint (--e0s keep was its only way to run) holds the flattened E0 table of every
     head; it was refused as made 'for a base model with other elements' (found in review)."""
