@@ -19,7 +19,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["load_sevennet", "SevenNetAsMACE", "PRETRAINED"]
+__all__ = ["load_sevennet", "SevenNetAsMACE", "PRETRAINED", "to_sevennet"]
 
 _W3J = re.compile(r"_w3j_(\d+)_(\d+)_(\d+)")
 
@@ -230,3 +230,52 @@ def load_sevennet(name: str = "7net-0", dtype: Optional[torch.dtype] = None,
 
         replace_gates(model)
     return model.eval()
+
+
+def to_sevennet(model: SevenNetAsMACE) -> nn.Module:
+    """A copy of the SevenNet inside ``model`` as sevenn's own tools take a model object: adapters,
+    FusedGates and every weight as they are in ``model``, sevenn's force/stress output put back
+    (``SevenNetAsMACE`` takes forces from positions instead), sevenn's float32 one-hot, and
+    ``model``'s per-element reference energies (which the fine-tuning re-fits and which live outside
+    SevenNet's network) added to its per-species energy shift, so that its energies are ``model``'s.
+    In float32, as sevenn runs. ``model`` is not changed.
+
+    For ``sevenn.calculator.SevenNetCalculator(model=to_sevennet(model), file_type="model_instance")``
+    or sevenn's ``Trainer``. The adapters stay this package's modules (``mmea_kernels`` must be
+    importable wherever the object goes)."""
+    import copy
+
+    from sevenn.nn.force_output import ForceStressOutputFromEdge
+
+    if not isinstance(model, SevenNetAsMACE):
+        raise TypeError(f"to_sevennet takes a SevenNetAsMACE (load_sevennet, load_finetuned of a SevenNet "
+                        f"checkpoint), got {type(model).__name__}")
+    net = copy.deepcopy(model.sevennet).float()
+    onehot = net._modules.get("onehot_idx_to_onehot")
+    if isinstance(onehot, _OnehotInDtype):
+        net._modules["onehot_idx_to_onehot"] = onehot.inner
+    output = ForceStressOutputFromEdge()
+    net._modules["force_output"] = output  # last, where sevenn's builder puts it
+    net.key_grad = output.get_grad_key()
+    _fold_reference_energies(net, model)
+    return net.eval()
+
+
+@torch.no_grad()
+def _fold_reference_energies(net: nn.Module, model: SevenNetAsMACE) -> None:
+    e0 = model.atomic_energies_fn.atomic_energies.detach().double()
+    if not bool(e0.any()):
+        return
+    rescale = net._modules.get("rescale_atomic_energy")
+    shift = getattr(rescale, "shift", None)
+    if shift is None or shift.numel() == 1:
+        if shift is not None and bool((e0 == e0[0]).all()):
+            shift.add_(float(e0[0]))
+            return
+        raise ValueError(f"{model.name}: its energy shift is one number for every species "
+                         f"({type(rescale).__name__}), so the per-element reference energies of the fine-tuned "
+                         "model cannot be folded into it; run the model through this package's calculator")
+    zs = [int(z) for z in model.atomic_numbers]
+    for z, index in net.type_map.items():
+        if int(z) in zs:
+            shift[int(index)] += e0[zs.index(int(z))].to(shift.dtype)

@@ -432,3 +432,37 @@ def test_fused_gate_is_the_default_and_no_fused_gate_opts_out(monkeypatch):
     for extra, want in (([], True), (["--no-fused-gate"], False)):
         assert cli.main(["finetune", "--train", "x.xyz", "--model", "sevenn:7net-0"] + extra) == 130
         assert seen[-1] is want
+
+
+@pytest.mark.parametrize("method", ["mmea", "elora"])
+def test_to_sevennet_runs_in_sevennets_own_calculator(base64, method):
+    """to_sevennet: the fine-tuned model as sevenn's own tools take a model object. SevenNetCalculator
+    (float32, its own graph and force/stress output) on it gives this package's float64 energies,
+    forces and stress with random adapters and re-fitted reference energies (folded into sevenn's
+    per-species shift); neither the adapters nor the E0s are lost, and the model is not changed."""
+    from sevenn.calculator import SevenNetCalculator
+
+    from mmea_kernels.app.calculator import MMEACalculator
+    from mmea_kernels.integrations.sevenn import to_sevennet
+
+    model = _randomised(base64, method)
+    zs = model.atomic_numbers.tolist()
+    with torch.no_grad():
+        model.atomic_energies_fn.atomic_energies.copy_(torch.tensor([-0.37 * z - 1.0 for z in zs], dtype=torch.float64))
+    atoms = [toy_molecules("ethanol", 1, seed=4)[0], _strained_crystal()]
+    before = [_eval(model, _batch(model, [a])) for a in atoms]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = SevenNetCalculator(model=to_sevennet(model), file_type="model_instance", device="cpu")
+    for a, b in zip(atoms, before):
+        assert all(torch.equal(x, y) for x, y in zip(_eval(model, _batch(model, [a])), b))  # model unchanged
+        ours, other = a.copy(), a.copy()
+        ours.calc, other.calc = MMEACalculator(module=model), theirs
+        e_base = _eval(base64, _batch(base64, [a]))[0]
+        assert abs(ours.get_potential_energy() - float(e_base)) > 0.05  # adapters and E0s change it
+        assert abs(other.get_potential_energy() - ours.get_potential_energy()) <= 2e-7 * abs(ours.get_potential_energy()) + 1e-4
+        np.testing.assert_allclose(other.get_forces(), ours.get_forces(), rtol=0, atol=1e-4)
+        if a.pbc.all():
+            np.testing.assert_allclose(other.get_stress(), ours.get_stress(), rtol=0, atol=1e-6)
+    with pytest.raises(TypeError, match="to_sevennet takes a SevenNetAsMACE"):
+        to_sevennet(model.sevennet)
