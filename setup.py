@@ -102,6 +102,27 @@ def _make_build_ext(base, cpu_fallback=None):
     return OptionalBuildExt
 
 
+def _cuda_home(cpp_extension):
+    """torch's CUDA_HOME, or the toolkit itself when torch's holds no CUDA runtime header: torch takes
+    the directory above the first ``nvcc`` on PATH, and an ``nvcc`` wrapper script in /usr/local/bin
+    made it /usr/local, where the link then failed (``cannot find -lcudart``, seen with torch 2.14.1)."""
+    home = cpp_extension.CUDA_HOME
+
+    def toolkit(path):
+        return bool(path) and all(os.path.exists(os.path.join(path, *p))
+                                  for p in (("bin", "nvcc"), ("include", "cuda_runtime_api.h")))
+
+    if home is None or toolkit(home):
+        return home
+    for cand in (os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if toolkit(cand) and os.path.realpath(cand) != os.path.realpath(home):
+            print(f"mmea_kernels: CUDA_HOME {home} holds no CUDA runtime headers; using the toolkit in {cand} "
+                  "(set CUDA_HOME to choose)", file=sys.stderr)
+            cpp_extension.CUDA_HOME = cand
+            return cand
+    return home
+
+
 def _extensions():
     """(ext_modules, build_ext class)."""
     if _env_flag("MMEA_NO_EXT"):
@@ -123,7 +144,7 @@ def _extensions():
     sources = ["csrc/gate_ops.cpp", "csrc/fused_gate.cpp", "csrc/gated_linear.cpp", "csrc/gate_net.cpp",
                "csrc/adapter_op.cpp"]
     nvcc = None
-    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
+    if torch.version.cuda is not None and _cuda_home(cpp_extension) is not None:
         cand = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
         if os.path.exists(cand):
             nvcc = cand
@@ -188,7 +209,9 @@ setup(
                                    "integrations/lammps_plugin/*"]},
     install_requires=[
         "torch>=2.6",  # weights_only=True is a safe unpickler from 2.6 on (CVE-2025-32434); pin the build in the same pip command (scripts/install.sh) to keep a CPU wheel
-        "e3nn>=0.5,<0.7",
+        # e3nn 0.5.x runs its generated graphs as TorchScript (jit_script_fx), which this package's graph
+        # rewrites, deep copies and torch.compile do not take (a review: 23 to 86 failing tests); 0.6 is eager
+        "e3nn>=0.6,<0.7",
         "numpy",
         "ase>=3.22",
     ],
@@ -200,13 +223,15 @@ setup(
         # these are the runtime dependencies it imports.
         "mace": ["torch-ema", "prettytable", "matscipy", "h5py", "torchmetrics", "python-hostlist",
                  "configargparse", "GitPython", "pyYAML", "tqdm", "lmdb", "orjson", "pandas", "matplotlib"],
-        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "hypothesis>=6", "triton==3.7.1",
+        # triton: scripts/install.sh pins the release paired with the torch it installs (a CUDA torch pins
+        # its own: torch 2.14.1 needs triton~=3.8.0, so a fixed pin here would make pip's resolution fail)
+        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "hypothesis>=6", "triton>=3.0",
                  "cuequivariance==0.13.0"],
         # cuEquivariance layers (pure Python; runs on CPU through its fallback). The CUDA ops package
         # (cuequivariance-ops-torch-cu12/13) is for GPU machines only: install it there yourself.
         "cueq": ["cuequivariance==0.13.0", "cuequivariance-torch==0.13.0"],
-        # SevenNet (its wheel carries the pretrained SevenNet-0 weights); needs e3nn >= 0.5, which is
-        # what lets it share one environment with mace-torch installed --no-deps.
+        # SevenNet (its wheel carries the pretrained SevenNet-0 weights); needs e3nn >= 0.5 (0.6 here), which
+        # is what lets it share one environment with mace-torch installed --no-deps.
         "sevenn": ["sevenn==0.13.0"],
     },
     ext_modules=EXT_MODULES,

@@ -13,11 +13,19 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 MACE_VERSION=${MACE_VERSION:-0.3.16}
 INDEX=()
 if [ -n "${TORCH_INDEX:-}" ]; then INDEX=(--extra-index-url "$TORCH_INDEX"); fi
+# triton (a test dependency): the release paired with this torch, in the same pip command (a CUDA
+# torch pins its own, e.g. 2.14.1 needs triton~=3.8.0; a CPU torch pins none). TRITON_VERSION overrides.
+case "$TORCH_VERSION" in
+  2.11.*) TRITON_DEFAULT=3.6.0 ;; 2.13.*) TRITON_DEFAULT=3.7.1 ;; 2.14.*) TRITON_DEFAULT=3.8.0 ;; *) TRITON_DEFAULT= ;;
+esac
+TRITON_VERSION=${TRITON_VERSION:-$TRITON_DEFAULT}
+TRITON=()
+if [ -n "$TRITON_VERSION" ]; then TRITON=("triton==${TRITON_VERSION}"); fi
 # The package is built without build isolation so that its optional C++ extension
 # (mmea_kernels._C, see setup.py) is compiled against this pinned torch, which is installed first.
 $PY -m pip install -q --disable-pip-version-check "${INDEX[@]}" "torch==${TORCH_VERSION}" "setuptools>=64" wheel
 $PY -m pip install -q --disable-pip-version-check "${INDEX[@]}" --no-build-isolation "torch==${TORCH_VERSION}" \
-  -e ".[test,mace,cueq,sevenn]"
+  "${TRITON[@]}" -e ".[test,mace,cueq,sevenn]"
 # mace-torch pins e3nn==0.4.4, which does not import under torch>=2.6 without a global
 # weights_only override; it runs fine with e3nn 0.6, so it is installed without its pins.
 $PY -m pip install -q --disable-pip-version-check --no-deps "mace-torch==${MACE_VERSION}"

@@ -91,8 +91,9 @@ def test_cuda_build_without_a_visible_gpu_gets_an_architecture_list(monkeypatch,
     import torch
     from torch.utils import cpp_extension
 
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "nvcc").write_text("")
+    for part in ("bin/nvcc", "include/cuda_runtime_api.h"):
+        (tmp_path / part).parent.mkdir(exist_ok=True)
+        (tmp_path / part).write_text("")
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
@@ -108,6 +109,32 @@ def test_cuda_build_without_a_visible_gpu_gets_an_architecture_list(monkeypatch,
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
     _setup_namespace(monkeypatch)
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
+
+
+def test_a_cuda_home_without_runtime_headers_is_replaced_by_the_toolkit(monkeypatch, tmp_path, capsys):
+    """torch takes CUDA_HOME from the first nvcc on PATH; an nvcc wrapper script in /usr/local/bin
+    made it /usr/local, where the link failed (cannot find -lcudart, torch 2.14.1 in a review):
+    setup.py builds against the toolkit (CUDA_PATH, then /usr/local/cuda) and says so."""
+    import torch
+    from torch.utils import cpp_extension
+
+    wrapper, toolkit = tmp_path / "usr-local", tmp_path / "cuda-13.0"
+    for root, parts in ((wrapper, ["bin/nvcc"]), (toolkit, ["bin/nvcc", "include/cuda_runtime_api.h"])):
+        for part in parts:
+            (root / part).parent.mkdir(parents=True, exist_ok=True)
+            (root / part).write_text("")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(wrapper))
+    monkeypatch.setattr(cpp_extension, "CUDAExtension", lambda name, sources, **kw: sources)
+    for var in ("MMEA_NO_EXT", "MMEA_NO_CUDA_EXT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    _setup_namespace(monkeypatch, CUDA_PATH=str(toolkit))
+    assert cpp_extension.CUDA_HOME == str(toolkit)
+    err = capsys.readouterr().err
+    assert f"CUDA_HOME {wrapper} holds no CUDA runtime headers; using the toolkit in {toolkit}" in err
+    assert f"nvcc: {toolkit}/bin/nvcc" in err
 
 
 if __name__ == "__main__":

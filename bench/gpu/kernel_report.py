@@ -37,6 +37,12 @@ NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 def _ptxas() -> str:
     from triton.backends.nvidia import compiler
+    get = getattr(compiler, "get_ptxas", None)  # the ptxas triton itself uses for sm_90 (3.9: ptxas-blackwell)
+    if get is not None:
+        try:
+            return get(90).path
+        except TypeError:
+            return get().path
     return os.path.join(os.path.dirname(compiler.__file__), "bin", "ptxas")
 
 

@@ -177,7 +177,7 @@ def split_tp_slices(model: nn.Module, cats: bool = True) -> int:
     for module in model.modules():
         hit = 0
         for attr in _GRAPH_ATTRS:
-            gm = module._modules.get(attr)
+            gm = module._modules[attr] if attr in module._modules else None  # a ScriptModule's has no .get
             if isinstance(gm, fx.GraphModule):
                 hit += split_graph_slices(gm, cats)
         changed += hit > 0
@@ -192,7 +192,7 @@ def plain_cats(model: nn.Module) -> int:
     changed = 0
     for module in model.modules():
         for attr in _GRAPH_ATTRS:
-            gm = module._modules.get(attr)
+            gm = module._modules[attr] if attr in module._modules else None  # a ScriptModule's has no .get
             if not isinstance(gm, fx.GraphModule):
                 continue
             nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is cat_split_backward]

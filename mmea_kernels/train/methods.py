@@ -98,7 +98,7 @@ def _bessel_to_parameter(model: nn.Module) -> List[str]:
         if "bessel_weights" in getattr(mod, "_buffers", {}):
             w = mod._buffers.pop("bessel_weights")
             mod.bessel_weights = nn.Parameter(w.detach().clone())
-        if isinstance(mod._parameters.get("bessel_weights"), nn.Parameter):
+        if "bessel_weights" in mod._parameters and isinstance(mod._parameters["bessel_weights"], nn.Parameter):
             mod.bessel_weights.requires_grad_(True)
             names.append(f"{mname}.bessel_weights")
     return names

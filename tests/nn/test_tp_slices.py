@@ -61,6 +61,13 @@ def test_values_and_derivatives_bitwise_equal(dtype):
     assert all(torch.equal(new.state_dict()[k], v) for k, v in state.items())
 
 
+def test_a_model_with_scripted_submodules_is_walked():
+    """A ScriptModule's module dict has no .get (found with e3nn 0.5, whose generated graphs are
+    scripted): the rewrite and its undo pass over it and still rewrite the e3nn layers beside it."""
+    model = torch.nn.ModuleDict({"tp": _tp()["fc"], "scripted": torch.jit.script(torch.nn.Linear(3, 3))})
+    assert split_tp_slices(model) == 1 and plain_cats(model) == 1
+
+
 def test_plain_cats_undoes_the_cat_rewrite_only():
     """plain_cats (for files that must load without this package): no graph names cat_split_backward
     any more, the splits stay, and every value and derivative is still bitwise e3nn's."""

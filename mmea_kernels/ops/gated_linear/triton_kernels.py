@@ -145,14 +145,14 @@ if triton is not None:
         """The forward tile's epilogue: gate multiply, bias, additive terms (in the accumulator)."""
         if HAS_POST:
             g = tl.load(gpost_ptr + rows64[:, None] * stride_qn + ((gate_out + ws) * stride_qg)[None, :],
-                        mask=tile_ok & (gate_out >= 0), other=1.0)
+                        mask=tl.where(gate_out >= 0, tile_ok, False), other=1.0)
             acc = acc * g.to(ACC)
         if HAS_BIAS:
-            b = tl.load(b_ptr + bias0 + ws, mask=w_ok & (bias0 >= 0), other=0.0)
+            b = tl.load(b_ptr + bias0 + ws, mask=tl.where(bias0 >= 0, w_ok, False), other=0.0)
             acc = acc + b.to(ACC)[None, :]
         if HAS_ADD:
             a = tl.load(add_ptr + rows64[:, None] * stride_an + ((scal + ws) * stride_as)[None, :],
-                        mask=tile_ok & (scal >= 0), other=0.0)
+                        mask=tl.where(scal >= 0, tile_ok, False), other=0.0)
             acc = acc + a.to(ACC)
         return acc
 
@@ -222,7 +222,7 @@ if triton is not None:
                 xt = tl.load(x_row[:, None] + (us * in_su * stride_xd)[None, :], mask=xm, other=0.0)
                 if HAS_PRE:
                     g = tl.load(gpre_ptr + rows64[:, None] * stride_pn + ((gate_in + us) * stride_pg)[None, :],
-                                mask=xm & (gate_in >= 0), other=1.0)
+                                mask=tl.where(gate_in >= 0, xm, False), other=1.0)
                     xt = (xt.to(ACC) * g.to(ACC)).to(dt)
                 wt = tl.load(w_ptr + w_off + us[:, None] * w_su + ws[None, :] * w_sw,
                              mask=u_ok[:, None] & w_ok[None, :], other=0.0)
@@ -288,10 +288,10 @@ if triton is not None:
             bm = r_ok[:, None] & w_ok[None, :]
             if HAS_PRE:
                 gp = tl.load(gpre_ptr + rows64[:, None] * stride_pn + ((gate_in + us) * stride_pg)[None, :],
-                             mask=am & (gate_in >= 0), other=1.0).to(ACC)
+                             mask=tl.where(gate_in >= 0, am, False), other=1.0).to(ACC)
             if HAS_POST:
                 gq = tl.load(gpost_ptr + rows64[:, None] * stride_qn + ((gate_out + ws) * stride_qg)[None, :],
-                             mask=bm & (gate_out >= 0), other=1.0).to(ACC)
+                             mask=tl.where(gate_out >= 0, bm, False), other=1.0).to(ACC)
             a_row = a_ptr + rows64 * stride_an
             b_row = b_ptr + rows64 * stride_bn
             for m in range(0, ir_dim):
