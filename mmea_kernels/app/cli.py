@@ -231,7 +231,8 @@ def _export_parsers(sub):
     ex.add_argument("--checkpoint", required=True)
     ex.add_argument("--out", required=True,
                     help="the file to write (mace-torch names LAMMPS files *-lammps.pt); lammps-parallel: a directory")
-    ex.add_argument("--format", choices=("lammps", "lammps-parallel", "lammps-mliap", "torchscript", "mace-model"),
+    ex.add_argument("--format", choices=("lammps", "lammps-parallel", "lammps-mliap", "torchscript", "mace-model",
+                                         "sevenn-checkpoint"),
                     default="lammps",
                     help="lammps: LAMMPS_MACE for pair_style mace (float64 by default), or for a SevenNet "
                          "checkpoint SevenNet's pair_style e3gnn (float32); lammps-parallel (SevenNet only): "
@@ -240,7 +241,9 @@ def _export_parsers(sub):
                          "unified (domain decomposition, GPUs; a pickle LAMMPS' Python loads); torchscript (MACE "
                          "only): the model's own forward (mace-torch's input dict); mace-model (MACE only): the "
                          "model pickled as mace-torch's tools load it (MACECalculator, mace_eval_configs; ELoRA "
-                         "merged; MMEA adapters need mmea_kernels where it is loaded)")
+                         "merged; MMEA adapters need mmea_kernels where it is loaded); sevenn-checkpoint (SevenNet, "
+                         "full or elora, merged): a checkpoint of sevenn's own format, for SevenNetCalculator and "
+                         "sevenn's tools")
     ex.add_argument("--mliap-backend", choices=("cueq", "e3nn"), default=None,
                     help="lammps-mliap: the model's form, cuEquivariance (default, as mace-torch's; needs "
                          "cuequivariance-torch) or e3nn")

@@ -8,13 +8,11 @@
   ``torch.jit.load`` in Python or libtorch;
 * ``mace-model``: the model pickled as mace-torch's tools load it (:mod:`~mmea_kernels.app.deploy_mace`).
 
-A SevenNet checkpoint (``--model sevenn:...``) exports as ``lammps``, the file of SevenNet's
-``pair_style e3gnn`` (float32), or ``lammps-parallel``, the directory of segment files
-(``deployed_parallel_<i>.pt``) of ``pair_style e3gnn/parallel`` (LAMMPS with domain decomposition),
-each built as ``sevenn``'s own deploy builds it, with the adapters, FusedGates and re-fitted
-reference energies inside (:mod:`~mmea_kernels.integrations.sevenn_deploy`); they are checked by
-running them as ``pair_e3gnn.cpp`` / ``pair_e3gnn_parallel.cpp`` do, the parallel files also on a
-periodic copy of the reference frame where atoms see images of each other (ghost atoms).
+A SevenNet checkpoint exports as ``lammps`` (``pair_style e3gnn``, float32) or ``lammps-parallel``
+(the segment files of ``pair_style e3gnn/parallel``), built as sevenn's deploy builds them with the
+adapters, FusedGates and re-fitted E0s inside (:mod:`~mmea_kernels.integrations.sevenn_deploy`) and
+checked as ``pair_e3gnn*.cpp`` run them (the parallel files also with ghost atoms); or, without MMEA
+adapters, as ``sevenn-checkpoint`` (:mod:`~mmea_kernels.app.deploy_sevenn`).
 
 The TorchScript files need neither mmea_kernels nor mace-torch nor e3nn to load (the pickles, ML-IAP
 and mace-model, need mace-torch and, with MMEA adapters, mmea_kernels), except with ``--kernels cpp``
@@ -24,7 +22,7 @@ the file is put at ``out`` it is loaded back and evaluated on the checkpoint's r
 training frame; for checkpoints from before they held one, a small cluster of its elements), and on
 the same atoms in a periodic box (the virials ``pair_style mace`` takes the pressure from); it replaces
 nothing unless it gives the eager model's energy, forces and virials (float64: 1e-9 relative, float32:
-2e-5; :data:`TOLERANCE`), so a wrong or half-written file never takes the name."""
+2e-5; :data:`TOLERANCE`): a wrong or half-written file never takes the name."""
 from __future__ import annotations
 
 import os
@@ -42,7 +40,8 @@ from ..nn.gate_swap import replace_gates
 
 __all__ = ["export_checkpoint", "FORMATS"]
 
-FORMATS = ("lammps", "lammps-parallel", "lammps-mliap", "torchscript", "mace-model")
+FORMATS = ("lammps", "lammps-parallel", "lammps-mliap", "torchscript", "mace-model", "sevenn-checkpoint")
+SEVENN_ONLY = ("lammps-parallel", "sevenn-checkpoint")
 PARALLEL = "lammps-parallel"  # SevenNet only: a directory of segment files
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -139,10 +138,8 @@ def _boxed(probe: dict, r_max: float) -> dict:
 
 def _crowded(probe: dict, r_max: float) -> dict:
     """The probe's atoms periodic in a cubic box half a cutoff wider than their extent: atoms see
-    periodic images of each other (ghost atoms for the parallel pair style) no closer than
-    ``r_max / 2``."""
-    pos = probe["positions"].double()
-    lo = pos.min(0).values
+    images of each other (ghost atoms for the parallel pair style) no closer than ``r_max / 2``."""
+    pos, lo = probe["positions"].double(), probe["positions"].double().min(0).values
     side = float((pos.max(0).values - lo).max()) + 0.5 * float(r_max)
     return {**probe, "positions": pos - lo + 0.25 * float(r_max), "cell": torch.eye(3, dtype=torch.float64) * side,
             "pbc": torch.ones(3, dtype=torch.bool)}
@@ -157,12 +154,11 @@ def _cluster(atomic_numbers) -> dict:
             "cell": torch.zeros(3, 3, dtype=torch.float64), "pbc": torch.zeros(3, dtype=torch.bool)}
 
 
-# (relative tolerance, floor of the force and virial scales, virial floor per atom; eV/Å, eV) of a
-# file's check: float32 files round to a few 1e-6 eV/Å whatever the forces (a perfect crystal's vanish
-# by symmetry: a 1e-3 floor refused correct files), so their scales never drop below 1, and a
-# virial's rounding grows with the number of pair terms (64-atom diamond cell: 2.5e-5 eV on |W| = 1
-# eV), so its floor grows by 0.05 eV per atom; measured up to 7.8e-6 relative (SevenNet-0 with random
-# adapters, random configurations)
+# (relative tolerance, floor of the force and virial scales, virial floor per atom; eV/Å, eV) of a file's
+# check: float32 files round to a few 1e-6 eV/Å whatever the forces (a perfect crystal's vanish by
+# symmetry: a 1e-3 floor refused correct files), so their scales never drop below 1, and a virial's
+# rounding grows with the number of pair terms (64-atom diamond: 2.5e-5 eV on |W| = 1 eV), so its floor
+# grows by 0.05 eV per atom; measured up to 7.8e-6 relative (SevenNet-0, random adapters and frames)
 TOLERANCE = {torch.float64: (1e-9, 1e-3, 0.0), torch.float32: (2e-5, 1.0, 0.05)}
 
 
@@ -288,9 +284,8 @@ def _eager_frames(net, frames):
 
 
 def _sevennet_checks(net, probe: dict, r_max: float, fmt: str):
-    """The eager model on the reference frame and periodic copies (:func:`_eager_frames`): for
-    ``lammps``, in a box where no atom sees an image (the virial); for the parallel files, in a box
-    where atoms see images (ghost atoms, the virial)."""
+    """The eager model (:func:`_eager_frames`) on the reference frame and in a box where no atom sees an
+    image (``lammps``) or where atoms see images (the parallel files: ghost atoms); the virials."""
     if fmt == PARALLEL:
         return _eager_frames(net, [probe, _crowded(probe, r_max)])
     return _eager_frames(net, [probe] + ([] if bool(torch.as_tensor(probe["pbc"]).all()) else [_boxed(probe, r_max)]))
@@ -302,17 +297,18 @@ def _sevennet_request(base: str, fmt: str, dtype: Optional[str]) -> str:
     from ..integrations import sevenn_deploy as sd
 
     style = sd.PAIR_STYLE_PARALLEL if fmt == PARALLEL else sd.PAIR_STYLE
-    if fmt not in ("lammps", PARALLEL):
+    if fmt not in ("lammps", *SEVENN_ONLY):
         raise ValueError(f"a SevenNet checkpoint (base {base!r}) exports as --format lammps (the file of "
-                         f"SevenNet's pair_style {sd.PAIR_STYLE}) or {PARALLEL} (pair_style {sd.PAIR_STYLE_PARALLEL}); "
-                         f"--format {fmt} is for MACE models")
+                         f"SevenNet's pair_style {sd.PAIR_STYLE}), {PARALLEL} (pair_style {sd.PAIR_STYLE_PARALLEL}) "
+                         f"or sevenn-checkpoint (sevenn's own tools); --format {fmt} is for MACE models")
     if dtype not in (None, "float32"):
         raise ValueError(f"SevenNet's pair_style {style} runs float32 (its edge vectors are float32); "
                          f"--dtype {dtype} cannot be exported for it")
     return style
 
 
-def _export_sevennet(net, ckpt: dict, out: pathlib.Path, fmt: str, dtype: Optional[str], kernels: str = "aten") -> dict:
+def _export_sevennet(net, ckpt: dict, out: pathlib.Path, fmt: str, dtype: Optional[str], kernels: str = "aten",
+                     trust_pickle: bool = False) -> dict:
     """A SevenNet checkpoint as the file of SevenNet's LAMMPS pair style (``pair_style e3gnn``,
     float32: the pair passes float32 edge vectors), or for ``lammps-parallel`` the directory of
     segment files of ``pair_style e3gnn/parallel``, checked as the pair runs them
@@ -322,6 +318,10 @@ def _export_sevennet(net, ckpt: dict, out: pathlib.Path, fmt: str, dtype: Option
     from ..train.foundation import model_info
 
     style = _sevennet_request(ckpt["model"], fmt, dtype)
+    if fmt == "sevenn-checkpoint":
+        from .deploy_sevenn import export_sevenn_checkpoint
+
+        return export_sevenn_checkpoint(net, ckpt, out, trust_pickle)
     from ..integrations.export import check_scriptable_model
     from ..peft.inject import tensor_product_gates
 
@@ -412,11 +412,11 @@ def export_checkpoint(checkpoint, out, fmt: str = "lammps", model: Optional[str]
             _sevennet_request(named, fmt, dtype)  # before the model is built
     net, ckpt = load_finetuned(checkpoint, model, trust_pickle=trust_pickle, device="cpu")
     if _is_sevennet(net):
-        return _export_sevennet(net, ckpt, out, fmt, dtype, kernels)
-    if fmt == PARALLEL:
-        raise ValueError(f"--format {PARALLEL} is SevenNet's pair_style e3gnn/parallel; checkpoint {checkpoint} holds "
-                         f"a {type(net).__name__} (base {ckpt['model']!r}): use --format lammps (pair_style mace, one or "
-                         "several processes), or lammps-mliap (ML-IAP: KOKKOS, GPUs)")
+        return _export_sevennet(net, ckpt, out, fmt, dtype, kernels, trust_pickle)
+    if fmt in SEVENN_ONLY:
+        raise ValueError(f"--format {fmt} is SevenNet's {'pair_style e3gnn/parallel' if fmt == PARALLEL else 'checkpoint'}; "
+                         f"checkpoint {checkpoint} holds a {type(net).__name__} (base {ckpt['model']!r}): use --format "
+                         "lammps (pair_style mace, one or several processes), lammps-mliap (ML-IAP) or mace-model")
     if not _is_mace(net):
         raise ValueError(f"export is for MACE and SevenNet models; checkpoint {checkpoint} holds a "
                          f"{type(net).__name__} (base {ckpt['model']!r}), which has no TorchScript export here: "

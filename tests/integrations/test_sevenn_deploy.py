@@ -272,3 +272,57 @@ def test_a_network_that_cannot_be_cut_is_refused_by_name(base):
     del net._modules["0_self_interaction_1"]
     with pytest.raises(ValueError, match=r"cannot be cut as sevenn's parallel model: it lacks \['0_self_interaction_1'\]"):
         _segments(net)
+
+
+@pytest.mark.parametrize("method", ["elora", "full"])
+def test_sevenn_checkpoint_export_runs_in_sevenns_own_calculator(base, method, tmp_path):
+    """--format sevenn-checkpoint: ELoRA (merged) and full fine-tuning (every weight perturbed) with
+    random E0s as a checkpoint of sevenn's own format. SevenNetCalculator given the file's path
+    (sevenn's own loading: strict, version-aware) gives the eager model's energies, forces and stress
+    on frames the export did not check; MMEA is refused by name with nothing written."""
+    from ase.build import bulk
+    from sevenn.calculator import SevenNetCalculator
+
+    from mmea_kernels.app import deploy
+    from mmea_kernels.app.calculator import MMEACalculator
+
+    if method == "full":
+        m = copy.deepcopy(base)
+        g = torch.Generator().manual_seed(8)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(1e-2 * p.abs().mean() * torch.randn(p.shape, generator=g, dtype=p.dtype))
+            m.atomic_energies_fn.atomic_energies.copy_(3.0 * torch.randn(m.atomic_energies_fn.atomic_energies.shape,
+                                                                         generator=g, dtype=torch.float32))
+    else:
+        m = _adapted(base, method, seed=6)
+    out = tmp_path / "7net-ft.pth"
+    eth = toy_molecules("ethanol", 1, seed=3)[0]  # the reference frame a checkpoint holds (a training frame)
+    probe = {"numbers": torch.tensor(eth.numbers), "positions": torch.tensor(eth.positions),
+             "cell": torch.zeros(3, 3, dtype=torch.float64), "pbc": torch.zeros(3, dtype=torch.bool)}
+    res = deploy._export_sevennet(copy.deepcopy(m), {"model": "sevenn:7net-0", "method": method, "probe": probe}, out,
+                                  "sevenn-checkpoint", None)
+    assert res["verified_max_rel_diff"] <= 2e-5 and res["merged_adapters"] == (0 if method == "full" else 18)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = SevenNetCalculator(str(out), device="cpu")
+    crystal = bulk("Si", "diamond", a=5.43) * (1, 1, 2)
+    crystal.rattle(0.05, seed=9)
+    for atoms in (toy_molecules("toluene", 1, seed=7)[0], crystal):
+        ours, other = atoms.copy(), atoms.copy()
+        ours.calc, other.calc = MMEACalculator(module=m), theirs
+        e = ours.get_potential_energy()
+        assert abs(e - float(_eager_energy(base, atoms))) > 0.05  # the fine-tuning changed the model
+        assert abs(other.get_potential_energy() - e) <= 2e-6 * abs(e) + 1e-4
+        np.testing.assert_allclose(other.get_forces(), ours.get_forces(), rtol=0, atol=1e-4)
+        if atoms.pbc.all():
+            np.testing.assert_allclose(other.get_stress(), ours.get_stress(), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"sevenn-checkpoint writes a plain SevenNet .*method mmea keeps MMEA gates"):
+        deploy._export_sevennet(_adapted(base, "mmea", seed=6), {"model": "sevenn:7net-0", "method": "mmea"},
+                                tmp_path / "mmea.pth", "sevenn-checkpoint", None)
+    assert not (tmp_path / "mmea.pth").exists()
+
+
+def _eager_energy(model, atoms):
+    batch = atoms_to_batch([atoms], model.atomic_numbers.tolist(), float(model.r_max), dtype=torch.float32)
+    return model(dict(batch), compute_force=False)["energy"][0]
