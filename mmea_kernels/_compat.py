@@ -43,12 +43,18 @@ ALIASES = {k: v for k, v in ALIASES.items() if v is not None}
 class _AliasLoader(importlib.abc.Loader):
     def __init__(self, target: str):
         self.target = target
+        self._spec = None
 
     def create_module(self, spec):
-        return importlib.import_module(self.target)
+        module = importlib.import_module(self.target)
+        self._spec = module.__spec__
+        return module
 
     def exec_module(self, module):  # already executed under its new name
-        pass
+        # importlib has just set module.__spec__ to the alias's spec: put the module's own back, or
+        # every relative import run later inside its functions warns (ImportWarning: __package__ !=
+        # __spec__.parent), and a test that turns warnings on saw it
+        module.__spec__ = self._spec
 
 
 class _AliasFinder(importlib.abc.MetaPathFinder):

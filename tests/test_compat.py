@@ -70,3 +70,19 @@ def test_checkpoint_from_before_the_relayout_loads_and_predicts_the_same(method)
               training=False, compute_force=True)
     torch.testing.assert_close(out["energy"], torch.tensor(ref["energy"], dtype=torch.float64), rtol=0, atol=1e-9)
     torch.testing.assert_close(out["forces"], torch.tensor(ref["forces"], dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+def test_an_alias_import_leaves_the_modules_own_spec():
+    """importlib sets ``__spec__`` on the module an alias returns; left as the alias's, every relative
+    import inside the module's functions warned ``__package__ != __spec__.parent`` (ImportWarning)."""
+    import argparse
+    import importlib
+    import warnings
+
+    import mmea_kernels.app.cli as cli
+
+    importlib.import_module("mmea_kernels.cli")
+    assert cli.__spec__.name == "mmea_kernels.app.cli" and cli.__spec__.parent == cli.__package__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ImportWarning)
+        cli._finetune_parser(argparse.ArgumentParser().add_subparsers())  # relative imports inside
