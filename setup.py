@@ -103,24 +103,44 @@ def _make_build_ext(base, cpu_fallback=None):
 
 
 def _cuda_home(cpp_extension):
-    """torch's CUDA_HOME, or the toolkit itself when torch's holds no CUDA runtime header: torch takes
-    the directory above the first ``nvcc`` on PATH, and an ``nvcc`` wrapper script in /usr/local/bin
-    made it /usr/local, where the link then failed (``cannot find -lcudart``, seen with torch 2.14.1)."""
+    """torch's CUDA_HOME, or the toolkit itself when torch guessed one that holds no CUDA runtime
+    header: without CUDA_HOME set torch takes the directory above the first ``nvcc`` on PATH, and an
+    ``nvcc`` wrapper script in /usr/local/bin made it /usr/local, where the link then failed (``cannot
+    find -lcudart``, seen with torch 2.14.1). A CUDA_HOME the user set is kept, as is a toolkit of
+    another major CUDA version than torch's."""
+    import glob
+    import json
+
     home = cpp_extension.CUDA_HOME
 
     def toolkit(path):
-        return bool(path) and all(os.path.exists(os.path.join(path, *p))
-                                  for p in (("bin", "nvcc"), ("include", "cuda_runtime_api.h")))
+        return bool(path) and os.path.exists(os.path.join(path, "bin", "nvcc")) and bool(
+            glob.glob(os.path.join(path, "include", "cuda_runtime_api.h"))
+            + glob.glob(os.path.join(path, "targets", "*", "include", "cuda_runtime_api.h")))
 
-    if home is None or toolkit(home):
+    def major(path):
+        try:
+            with open(os.path.join(path, "version.json")) as f:
+                return str(json.load(f)["cuda"]["version"]).split(".")[0]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    if home is None or toolkit(home) or os.environ.get("CUDA_HOME"):
         return home
+    want = str(torch_cuda_version()).split(".")[0]
     for cand in (os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if toolkit(cand) and os.path.realpath(cand) != os.path.realpath(home):
-            print(f"mmea_kernels: CUDA_HOME {home} holds no CUDA runtime headers; using the toolkit in {cand} "
-                  "(set CUDA_HOME to choose)", file=sys.stderr)
+        if toolkit(cand) and os.path.realpath(cand) != os.path.realpath(home) and major(cand) in (None, want):
+            print(f"mmea_kernels: CUDA_HOME {home} (from the nvcc on PATH) holds no CUDA runtime headers; using "
+                  f"the toolkit in {cand} (set CUDA_HOME to choose)", file=sys.stderr)
             cpp_extension.CUDA_HOME = cand
             return cand
     return home
+
+
+def torch_cuda_version():
+    import torch
+
+    return torch.version.cuda
 
 
 def _extensions():

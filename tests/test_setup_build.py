@@ -130,11 +130,24 @@ def test_a_cuda_home_without_runtime_headers_is_replaced_by_the_toolkit(monkeypa
     for var in ("MMEA_NO_EXT", "MMEA_NO_CUDA_EXT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
     _setup_namespace(monkeypatch, CUDA_PATH=str(toolkit))
     assert cpp_extension.CUDA_HOME == str(toolkit)
     err = capsys.readouterr().err
-    assert f"CUDA_HOME {wrapper} holds no CUDA runtime headers; using the toolkit in {toolkit}" in err
+    assert f"CUDA_HOME {wrapper} (from the nvcc on PATH) holds no CUDA runtime headers; using the toolkit in " \
+           f"{toolkit}" in err
     assert f"nvcc: {toolkit}/bin/nvcc" in err
+    # a CUDA_HOME the user set is kept; so is torch's guess when the toolkit is of another major version
+    for env, version in (({"CUDA_HOME": str(wrapper)}, None), ({}, "12.8")):
+        monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(wrapper))
+        if version:
+            (toolkit / "version.json").write_text('{"cuda": {"version": "%s"}}' % version)
+        _setup_namespace(monkeypatch, CUDA_PATH=str(toolkit), **env)
+        if env:
+            assert cpp_extension.CUDA_HOME == str(wrapper)
+        else:  # (a /usr/local/cuda of torch's version, where the machine has one, may be taken instead)
+            assert cpp_extension.CUDA_HOME != str(toolkit)
+        monkeypatch.delenv("CUDA_HOME", raising=False)
 
 
 if __name__ == "__main__":

@@ -302,8 +302,8 @@ def _sevennet_request(base: str, fmt: str, dtype: Optional[str]) -> str:
                          f"SevenNet's pair_style {sd.PAIR_STYLE}), {PARALLEL} (pair_style {sd.PAIR_STYLE_PARALLEL}) "
                          f"or sevenn-checkpoint (sevenn's own tools); --format {fmt} is for MACE models")
     if dtype not in (None, "float32"):
-        raise ValueError(f"SevenNet's pair_style {style} runs float32 (its edge vectors are float32); "
-                         f"--dtype {dtype} cannot be exported for it")
+        raise ValueError(f"{'sevenn runs float32' if fmt == 'sevenn-checkpoint' else f'SevenNet pair_style {style} runs float32'} "
+                         f"(its edge vectors are float32); --dtype {dtype} cannot be exported for --format {fmt}")
     return style
 
 

@@ -17,7 +17,12 @@ does) changes those modules, now if mace-torch has imported them, else when it d
   as :func:`mmea_kernels.convert_adapted_to_cueq` does; what that function refuses
   (:func:`..integrations.cueq.refuse_unconvertible`) is refused here too;
 * OpenEquivariance: the conversion refuses an adapted model with a message (it has no step to
-  hook the adapters into).
+  hook the adapters into);
+* ``extract_model`` (``MACECalculator(compile_mode=...)``) and ``remove_pt_head``
+  (``mace_select_head``, a multi-head foundation model in ``mace_run_train``) rebuild a plain MACE
+  and load the state dict with ``strict=False``: they rebuild the base model and the adapters are
+  carried over the same way (a layer whose shape the rebuild changes, a removed head's readout,
+  raises).
 
 Either way a multi-head model keeps the head this package chose for it (its forward pre-hook,
 :class:`~mmea_kernels.integrations.heads.HeadHook`, which a new model would not have).
@@ -33,6 +38,13 @@ import sys
 
 CUEQ_MODULES = ("mace.cli.convert_e3nn_cueq", "mace.cli.convert_cueq_e3nn")
 OEQ_MODULES = ("mace.cli.convert_e3nn_oeq", "mace.cli.convert_e3nn_hybrid", "mace.cli.convert_oeq_e3nn")
+# functions that rebuild a plain MACE from a model's config and load its state dict with strict=False:
+# extract_model (MACECalculator(compile_mode=...), extract_load) and remove_pt_head (mace_select_head,
+# mace_run_train's multi-head foundation model); patched where they are defined and where they are imported
+REBUILDS = {"mace.tools.scripts_utils": ("extract_model", "remove_pt_head"), "mace.calculators.mace": ("extract_model",),
+            "mace.cli.select_head": ("remove_pt_head",), "mace.cli.run_train": ("remove_pt_head",)}
+TARGETS = {**{m: ("transfer_weights",) for m in CUEQ_MODULES}, **{m: ("extract_config_mace_model",) for m in OEQ_MODULES},
+           **REBUILDS}
 _MARK = "_mmea_kernels_guard"
 
 
@@ -84,47 +96,87 @@ def _oeq_config(original, module_name: str):
     return extract_config_mace_model
 
 
-def _patch(module) -> None:
-    name = module.__name__
-    attr, wrap = (("transfer_weights", _cueq_transfer) if name in CUEQ_MODULES else
-                  ("extract_config_mace_model", lambda f: _oeq_config(f, name)))
-    original = getattr(module, attr, None)
-    if callable(original) and not getattr(original, _MARK, False):
-        setattr(module, attr, wrap(original))
+def _rebuild(original, attr: str):
+    @functools.wraps(original)
+    def rebuild(model, *args, **kwargs):
+        if not _changed_parts(model):
+            return original(model, *args, **kwargs)
+        from .cueq import base_layers_in_place, carry_adapters, refuse_unconvertible
+        from .heads import copy_head
+
+        refuse_unconvertible(model)
+        with base_layers_in_place(model) as base:
+            new = original(base, *args, **kwargs)
+        try:
+            carry_adapters(model, new)
+        except ValueError as exc:  # a layer whose shape the rebuild changed: a removed head's readout
+            raise ValueError(f"mace-torch's {attr} changes layers that carry adapters, which cannot follow "
+                             f"({exc}); adapt the model after it (a multi-head model: adapt the single-head "
+                             "model remove_pt_head makes, or keep all heads and choose one with --head)") from exc
+        if attr == "extract_model":
+            copy_head(model, new)
+        return new
+
+    setattr(rebuild, _MARK, True)
+    return rebuild
 
 
-class _Loader(importlib.abc.Loader):
-    """The module's own loader, then :func:`_patch` on the executed module."""
+def _wrap(name: str, attr: str, original):
+    if attr == "transfer_weights":
+        return _cueq_transfer(original)
+    if attr == "extract_config_mace_model":
+        return _oeq_config(original, name)
+    return _rebuild(original, attr)
 
-    def __init__(self, loader):
-        self._loader = loader
 
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
+def _patch(module, name: str = "") -> None:
+    """Wrap ``module``'s targets (``name``: its import name, for a module run as ``__main__``)."""
+    name = name or module.__name__
+    found = 0
+    for attr in TARGETS.get(name, ()):
+        original = module.__dict__.get(attr)
+        if callable(original):
+            found += 1
+            if not getattr(original, _MARK, False):
+                setattr(module, attr, _wrap(name, attr, original))
+    if TARGETS.get(name) and not found:
+        import warnings
 
-    def exec_module(self, module):
-        self._loader.exec_module(module)
-        _patch(module)
-
-    def __getattr__(self, name):  # get_source, get_filename, ... for inspect and tracebacks
-        return getattr(self._loader, name)
+        warnings.warn(f"mmea_kernels: {name} has none of {', '.join(TARGETS[name])} (another mace-torch version?): "
+                      "its weight copies are not guarded, and may drop adapters without an error", RuntimeWarning)
 
 
 class _Finder(importlib.abc.MetaPathFinder):
+    """Finds the target modules as the path finder does, with the loader's ``exec_module`` followed by
+    :func:`_patch` (the loader stays the path finder's, of its own type)."""
+
     def find_spec(self, fullname, path=None, target=None):
-        if fullname not in CUEQ_MODULES + OEQ_MODULES:
+        if fullname not in TARGETS:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _Loader(spec.loader)
+        execute = getattr(getattr(spec, "loader", None), "exec_module", None)
+        if execute is not None:
+            def exec_module(module, _execute=execute):
+                _execute(module)
+                _patch(module)
+
+            try:
+                spec.loader.exec_module = exec_module
+            except AttributeError:  # a loader that takes no attributes: left as it is
+                pass
         return spec
 
 
 def install() -> None:
-    """Patch the mace-torch conversion modules already imported; patch the others on import."""
-    for name in CUEQ_MODULES + OEQ_MODULES:
+    """Patch the target modules already imported (a module run with ``python -m`` too: it is
+    ``__main__``, and loading an adapted model there imports this package); patch the others on import."""
+    for name in TARGETS:
         module = sys.modules.get(name)
         if module is not None:
             _patch(module)
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and getattr(spec, "name", None) in TARGETS:
+        _patch(main, spec.name)
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())

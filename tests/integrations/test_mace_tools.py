@@ -148,10 +148,12 @@ def test_mace_calculator_with_enable_cueq_on_a_saved_adapted_model(base, tmp_pat
 
 @pytest.mark.parametrize("first", ["mmea_kernels", "mace"])
 def test_patched_whichever_package_is_imported_first(first):
-    mace_mods = "import mace.cli.convert_e3nn_cueq as a, mace.cli.convert_cueq_e3nn as b, mace.cli.convert_e3nn_oeq as c"
+    mace_mods = ("import mace.cli.convert_e3nn_cueq as a, mace.cli.convert_cueq_e3nn as b, mace.cli.convert_e3nn_oeq as c, "
+                 "mace.calculators.mace as d, mace.cli.select_head as e, mace.tools.scripts_utils as f, importlib.machinery")
     code = ("import mmea_kernels\n" + mace_mods if first == "mmea_kernels" else mace_mods + "\nimport mmea_kernels") + (
-        "\nprint(all(hasattr(f, '__wrapped__') for f in "
-        "(a.transfer_weights, b.transfer_weights, c.extract_config_mace_model)))")
+        "\nprint(all(hasattr(g, '__wrapped__') for g in (a.transfer_weights, b.transfer_weights, "
+        "c.extract_config_mace_model, d.extract_model, e.remove_pt_head, f.extract_model, f.remove_pt_head)) "
+        "and isinstance(a.__loader__, importlib.machinery.SourceFileLoader))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "True"
@@ -183,3 +185,33 @@ def test_mace_torchs_training_loop_trains_only_the_adapters(base, tmp_path):
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) != p.requires_grad, n  # frozen: bitwise the same; adapters: moved
     assert any(p.requires_grad for p in model.parameters()) and any(not p.requires_grad for p in model.parameters())
+
+
+def test_mace_extract_model_carries_the_adapters(base, batch):
+    """mace's extract_model (MACECalculator(compile_mode=...)) rebuilds a plain MACE and loads the state
+    dict with strict=False: the adapters were dropped (the control); they are carried over now."""
+    import mace.tools.scripts_utils as su
+
+    model = adapted(base, "mmea", 0.1)
+    e, f = evaluate(model, batch)
+    with default_dtype(torch.float64):
+        rebuilt = su.extract_model(model)
+        plain = su.extract_model.__wrapped__(model)
+    assert list(adapted_modules(rebuilt)) == list(adapted_modules(model)) and not adapted_modules(plain)
+    e_r, f_r = evaluate(rebuilt, batch)
+    assert_rel(e_r, e, "energies")
+    assert_rel(f_r, f, "forces")
+    assert max_rel(evaluate(plain, batch)[0], e) > 1e-3
+
+
+def test_mace_converter_run_as_a_script_is_patched(base, tmp_path):
+    """python -m mace.cli.convert_e3nn_cueq runs the converter as __main__, which the import hook never
+    sees: loading the adapted model imports this package, which patches __main__ too."""
+    model = adapted(base, "mmea", 0.1)
+    torch.save(model, tmp_path / "a.model")
+    out = subprocess.run([sys.executable, "-m", "mace.cli.convert_e3nn_cueq", str(tmp_path / "a.model"),
+                          "--output_model", "cq.model", "--return_model"], capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    converted = torch.load(tmp_path / "a.cq.model", weights_only=False)
+    assert list(adapted_modules(converted)) == list(adapted_modules(model))

@@ -184,3 +184,19 @@ def test_a_checkpoint_from_before_heads_were_chosen_is_refused_by_name(two_heads
         set_e0s(model, [v for row in E0 for v in row], "checkpoint old.pt")
     set_e0s(model, E0[0], "the fitted E0s")  # one head's: into the Default row
     assert model.atomic_energies_fn.atomic_energies.tolist() == [E0[0], E0[0]]
+
+
+def test_mace_remove_pt_head_on_an_adapted_model_is_refused_by_name():
+    """mace's remove_pt_head (mace_select_head, a multi-head foundation in run_train) rebuilds a
+    single-head model with strict=False: it dropped the adapters without a word; its readouts change
+    shape, so the adapters cannot follow and it now says so."""
+    import mmea_kernels as mk
+    from mace.tools.scripts_utils import remove_pt_head
+
+    model = _two_heads()
+    mk.inject_adapters(model, method="mmea", rank=2)
+    with default_dtype(torch.float64), pytest.raises(ValueError, match=r"remove_pt_head changes layers that carry "
+                                                                       r"adapters.*readouts\.0\.linear"):
+        remove_pt_head(model, "Default")
+    plain = remove_pt_head(_two_heads(), "Default")  # a model without adapters: mace's own result
+    assert plain.heads == ["Default"]
