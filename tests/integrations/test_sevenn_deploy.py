@@ -326,3 +326,26 @@ def test_sevenn_checkpoint_export_runs_in_sevenns_own_calculator(base, method, t
 def _eager_energy(model, atoms):
     batch = atoms_to_batch([atoms], model.atomic_numbers.tolist(), float(model.r_max), dtype=torch.float32)
     return model(dict(batch), compute_force=False)["energy"][0]
+
+
+def test_format_and_model_mismatches_are_refused_by_name(base, tmp_path):
+    """mace-model is for MACE checkpoints, sevenn-checkpoint for SevenNet ones; a SevenNet whose
+    energy shift is one number for all species cannot take per-element E0s (to_sevennet says so)."""
+    from sevenn.nn.scale import Rescale
+
+    from mmea_kernels.app import deploy
+    from mmea_kernels.integrations.sevenn import to_sevennet
+
+    with pytest.raises(ValueError, match=r"exports as --format lammps .*or sevenn-checkpoint .*--format mace-model is "
+                                         r"for MACE models"):
+        deploy._export_sevennet(copy.deepcopy(base), {"model": "sevenn:7net-0", "method": "full"}, tmp_path / "m",
+                                "mace-model", None)
+    with pytest.raises(ValueError, match=r"sevenn runs float32 .*--dtype float64 cannot be exported for --format "
+                                         r"sevenn-checkpoint"):
+        deploy._export_sevennet(copy.deepcopy(base), {"model": "sevenn:7net-0", "method": "full"}, tmp_path / "m",
+                                "sevenn-checkpoint", "float64")
+    m = _adapted(base, "elora", seed=2)  # random, unequal E0s
+    m.sevennet._modules["rescale_atomic_energy"] = Rescale(shift=0.0, scale=1.0)
+    with pytest.raises(ValueError, match=r"energy shift is one number for every species .*cannot be folded"):
+        to_sevennet(m)
+    assert not list(tmp_path.iterdir())

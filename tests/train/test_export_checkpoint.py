@@ -445,3 +445,12 @@ def test_mace_model_file_runs_in_mace_torchs_calculator(checkpoints, method, tmp
         assert out.returncode != 0 and "mmea_kernels" in out.stderr
     else:
         assert out.returncode == 0 and out.stdout.strip().endswith("loaded"), out.stderr[-2000:]
+
+
+def test_sevenn_checkpoint_format_of_a_mace_checkpoint_is_refused_by_name(checkpoints, tmp_path):
+    from mmea_kernels.app.deploy import export_checkpoint
+
+    with pytest.raises(ValueError, match=r"--format sevenn-checkpoint is SevenNet's checkpoint; .*holds a ScaleShiftMACE"
+                                         r".*use --format lammps .*or mace-model"):
+        export_checkpoint(checkpoints["mmea"], tmp_path / "m.pth", "sevenn-checkpoint")
+    assert not list(tmp_path.iterdir())
