@@ -28,7 +28,8 @@ import pathlib
 
 import torch
 
-from .deploy import TOLERANCE, _cluster, _crowded, _eager_frames, _fold_parametrizations, _rel_diff, _write_verified
+from .deploy import TOLERANCE, _cluster, _crowded, _eager_frames, _fold_parametrizations, _rel_diff
+from .deploy_pickle import write_checked_pickle
 
 FORMAT = "mace-model"
 
@@ -60,20 +61,11 @@ def export_mace_model(net, ckpt: dict, out: pathlib.Path, dtype: torch.dtype) ->
     if mods and all(m.mergeable for m in mods.values()):
         merged = len(mods)
         merge_and_unload(net)
-    data = io.BytesIO()  # pickled and checked in memory: a file is never unpickled by name
-    torch.save(net, data)
-    tol = TOLERANCE[dtype][0]
+    def difference(loaded):
+        return max(_rel_diff(g, w, dtype) for (_, g), (_, w) in zip(_eager_frames(loaded, frames), reference))
 
-    def verify(_tmp):
-        loaded = torch.load(io.BytesIO(data.getvalue()), weights_only=False)  # the bytes this process made
-        rel = max(_rel_diff(g, w, dtype) for (_, g), (_, w) in zip(_eager_frames(loaded, frames), reference))
-        if not rel <= tol:
-            raise ValueError(f"the exported {FORMAT} file does not reproduce the checkpoint's model on its reference "
-                             f"frame (relative difference {rel:.3g} > {tol:g}); nothing was written")
-        return rel
-
-    rel = _write_verified(out, lambda tmp: pathlib.Path(tmp).write_bytes(data.getvalue()), verify)
-    imports = _imports(data.getvalue())
+    rel, raw = write_checked_pickle(out, net, FORMAT, TOLERANCE[dtype][0], difference)
+    imports = _imports(raw)
     kept = len(adapted_modules(net))
     return {"out": str(out), "format": FORMAT, "dtype": str(dtype).replace("torch.", ""), "method": ckpt["method"],
             "base_model": ckpt["model"], "atomic_numbers": [int(v) for v in z], "r_max": float(r_max),

@@ -21,8 +21,8 @@ from typing import Optional
 
 import torch
 
-from .deploy import (TOLERANCE, _SCRIPT_ERRORS, _cluster, _crowded, _eager_frames, _fold_parametrizations, _rel_diff,
-                     _write_verified)
+from .deploy import TOLERANCE, _SCRIPT_ERRORS, _cluster, _crowded, _eager_frames, _fold_parametrizations, _rel_diff
+from .deploy_pickle import write_checked_pickle
 from ..integrations.heads import head_summary
 
 FORMAT = "lammps-mliap"
@@ -73,21 +73,11 @@ def export_mliap(net, ckpt: dict, out: pathlib.Path, dtype: torch.dtype, backend
         raise ValueError(f"the {backend} form of the checkpoint's model differs from it by {conversion:.3g} "
                          f"(relative, > {limit:g}); nothing was written")
 
-    import io
-
-    data = io.BytesIO()  # pickled and checked in memory: a file is never unpickled by name (the directory
-    torch.save(obj, data)  # may be writable by others, who could swap the temporary file meanwhile)
-
-    def verify(_tmp):
-        loaded = torch.load(io.BytesIO(data.getvalue()), weights_only=False)  # the bytes this process made
+    def difference(loaded):
         got = [(atoms, run_like_mliap(loaded, atoms, virial=want[2] is not None)) for atoms, want in wrapped]
-        rel = _largest(got, wrapped, dtype)
-        if not rel <= tol:
-            raise ValueError(f"the exported {FORMAT} file does not reproduce the checkpoint's model on its reference "
-                             f"frame (relative difference {rel:.3g} > {tol:g}); nothing was written")
-        return rel
+        return _largest(got, wrapped, dtype)
 
-    rel = _write_verified(out, lambda tmp: pathlib.Path(tmp).write_bytes(data.getvalue()), verify)
+    rel, _ = write_checked_pickle(out, obj, FORMAT, tol, difference)
     elements = " ".join(chemical_symbols[int(v)] for v in z)
     return {"out": str(out), "format": FORMAT, "dtype": str(dtype).replace("torch.", ""), "backend": backend,
             "method": ckpt["method"], "base_model": ckpt["model"], "atomic_numbers": [int(v) for v in z],
