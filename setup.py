@@ -102,7 +102,7 @@ def _make_build_ext(base, cpu_fallback=None):
     return OptionalBuildExt
 
 
-def _cuda_home(cpp_extension):
+def _cuda_home(cpp_extension, torch_cuda: str):
     """torch's CUDA_HOME, or the toolkit itself when torch guessed one that holds no CUDA runtime
     header: without CUDA_HOME set torch takes the directory above the first ``nvcc`` on PATH, and an
     ``nvcc`` wrapper script in /usr/local/bin made it /usr/local, where the link then failed (``cannot
@@ -127,7 +127,7 @@ def _cuda_home(cpp_extension):
 
     if home is None or toolkit(home) or os.environ.get("CUDA_HOME"):
         return home
-    want = str(torch_cuda_version()).split(".")[0]
+    want = str(torch_cuda).split(".")[0]
     for cand in (os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if toolkit(cand) and os.path.realpath(cand) != os.path.realpath(home) and major(cand) in (None, want):
             print(f"mmea_kernels: CUDA_HOME {home} (from the nvcc on PATH) holds no CUDA runtime headers; using "
@@ -135,12 +135,6 @@ def _cuda_home(cpp_extension):
             cpp_extension.CUDA_HOME = cand
             return cand
     return home
-
-
-def torch_cuda_version():
-    import torch
-
-    return torch.version.cuda
 
 
 def _extensions():
@@ -164,7 +158,7 @@ def _extensions():
     sources = ["csrc/gate_ops.cpp", "csrc/fused_gate.cpp", "csrc/gated_linear.cpp", "csrc/gate_net.cpp",
                "csrc/adapter_op.cpp"]
     nvcc = None
-    if torch.version.cuda is not None and _cuda_home(cpp_extension) is not None:
+    if torch.version.cuda is not None and _cuda_home(cpp_extension, torch.version.cuda) is not None:
         cand = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
         if os.path.exists(cand):
             nvcc = cand
