@@ -367,7 +367,7 @@ def test_default_gpu_tiles_compile_for_sm90_without_spills():
     """Without a GPU: every Triton kernel of the package compiles for sm_90 (H100/H200), and at the
     default tiles the fused linear's kernels (fp32 tf32x3, bf16, fp64), the gate kernels, FusedGate's
     and the gate net's spill no registers (ptxas -v through bench/gpu/kernel_report.py, in a process
-    without the interpreter; run with triton 3.6.0, the device machine's, as well as 3.7.1)."""
+    without the interpreter; run with triton 3.6.0, the device machine's, 3.7.1 and 3.9.0)."""
     import re
     import subprocess
     import sys

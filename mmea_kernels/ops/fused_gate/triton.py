@@ -215,12 +215,15 @@ if triton is not None:
 def _blocks(n: int, d: int, w: int, interpret: bool, wide: bool = False) -> Tuple[int, int, int]:
     """(BLOCK_N, BLOCK_D, num_warps): the interpreter pays per program, the GPU per register.
     ``wide``: fp64 forward, half the elements per tile (at 16 x 128 its live values took 255
-    registers and spilled 64-268 B on sm_90 with triton 3.6; 8 x 128 does not spill)."""
+    registers and spilled 64-268 B on sm_90 with triton 3.6; 8 x 128 does not spill). The gathered
+    tiles (``w`` > 1, the backward's) take 8 warps: at 4, the fp64 double backward held 238-240
+    registers, and the fp32 backward with every activation spilled 4 B under triton 3.9 (80
+    registers); at 8 both are at 40-128 registers without spills on triton 3.7.1 and 3.9.0."""
     if interpret:
         return min(pow2(n), 64), min(pow2(d), 1024), 1
     block_d = min(pow2(d), 128 if w <= 2 else 64)
     block_n = min(pow2(n), max(1, (1024 if wide else 2048) // (block_d * w)), 32)
-    return block_n, block_d, 4
+    return block_n, block_d, 8 if w > 1 else 4
 
 
 def _acc(dtype):
