@@ -9,6 +9,7 @@ that would not reproduce the model is never put in place, an existing file is no
 SevenNet) is refused by name (SevenNet checkpoints: tests/integrations/test_sevenn_deploy.py)."""
 import json
 import pathlib
+import re
 
 import pytest
 import torch
@@ -445,6 +446,31 @@ def test_mace_model_file_runs_in_mace_torchs_calculator(checkpoints, method, tmp
         assert out.returncode != 0 and "mmea_kernels" in out.stderr
     else:
         assert out.returncode == 0 and out.stdout.strip().endswith("loaded"), out.stderr[-2000:]
+
+
+def test_mace_model_export_writes_nothing_when_the_loaded_pickle_differs(checkpoints, tmp_path, capsys, monkeypatch):
+    """The mace-model check itself: a pickle whose loaded model does not give the checkpoint's
+    numbers (here one weight of the loaded copy moved by 1e-3, after ELoRA was merged) is refused by
+    name and no file, not even a temporary one, is left behind."""
+    from mmea_kernels.app import deploy_mace
+
+    real = deploy_mace.write_checked_pickle
+
+    def moved(out, obj, fmt, tol, difference):
+        def off(loaded):
+            with torch.no_grad():
+                next(p for p in loaded.parameters() if p.ndim and p.numel() > 1).view(-1)[0] += 1e-3
+            return difference(loaded)
+        return real(out, obj, fmt, tol, off)
+
+    monkeypatch.setattr(deploy_mace, "write_checked_pickle", moved)
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(checkpoints["elora"]), "--out", str(tmp_path / "m.model"),
+                 "--format", "mace-model", "--dtype", "float64"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"the exported mace-model file does not reproduce the checkpoint's model on its reference "
+                     r"frame \(relative difference .* > 1e-09\); nothing was written", err), err
+    assert not list(tmp_path.iterdir())
 
 
 def test_sevenn_checkpoint_format_of_a_mace_checkpoint_is_refused_by_name(checkpoints, tmp_path):
