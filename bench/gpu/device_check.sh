@@ -35,14 +35,15 @@
 # molecules, bench/path_choices.py), float64 (the whole model in float64), kernels (registers and
 # spills, ptxas -v: the same report compiles here without a GPU, bench/gpu/kernel_report.py; its
 # file goes to /tmp and into the log), fuzz (bench/fuzz_triton.py on CUDA for FUZZ_SECONDS (30) per
-# family).
+# family), memory (the peak memory of one force-training step with MMEA, ELoRA and full fine-tuning,
+# and of inference, 64 toluene: bench/train_memory.py; into the log).
 #
 # Each step's end is recorded (ok, skipped, TIMEOUT, FAILED); the last lines list them and the
 # script exits 1 when one failed or timed out (pipefail: a failure inside `| tail` counts).
 # Knobs (environment): NO_BUILD (keep the extension already built in this tree when it has its CUDA
 # kernels; built otherwise), BUDGET, TEST_LIMIT, BENCH_LIMIT, WORKFLOW_LIMIT, GATE_LIMIT (seconds),
 # BENCH_SIZES (default 8000,32000), BENCH_ROUNDS (7), BENCH_ARGS (e.g. "--sweep --no-cuet"), ONLY (the
-# steps to run, of: tests model auto profile bench gates workflow float64 kernels fuzz; the machine
+# steps to run, of: tests model auto profile bench gates workflow float64 kernels fuzz memory; the machine
 # line and the build always run).
 # A second call, where device time is left (a fresh machine: NO_BUILD then builds, ~1 min):
 #   run(command="NO_BUILD=1 ONLY='workflow auto' BUDGET=240 bash bench/gpu/device_check.sh", carry=[".whl"], timeout_s=270)
@@ -173,6 +174,12 @@ fi
 
 step "whole model in float64"
 named float64 && model 60 "whole model float64" --rounds 40 --dtype float64
+
+step "memory of one force-training step, MMEA / ELoRA / full fine-tuning (bench/train_memory.py; runs only when ONLY names memory)"
+if named memory; then
+  within 60 python3 bench/train_memory.py --device cuda --frames 64 --repeats 2 2>&1 | grep -v USDT | tail -6
+  status "${PIPESTATUS[0]}" "memory"
+fi
 
 step "registers and spills of the Triton kernels (sm_90, ptxas -v)"
 if named kernels; then
