@@ -270,6 +270,17 @@ def profile_rows(fns: dict, device, iters: int, top: int = 12) -> list:
     return rows
 
 
+def append_rows(out_dir, stem: str, device, rows: list) -> pathlib.Path:
+    """Add ``rows`` to ``<out_dir>/<stem>-<cpu|gpu>-<date>.json`` (a list of rows, created if new)."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "gpu" if device.type == "cuda" else "cpu"
+    path = out / f"{stem}-{tag}-{datetime.date.today().isoformat()}.json"
+    old = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps(old + rows, indent=1))
+    return path
+
+
 def energy_forces(model, batch, training=False):
     out = model(dict(batch), training=training, compute_force=True)
     return out["energy"], out["forces"]
@@ -387,12 +398,7 @@ def main(argv=None):
               f"(IQR {r['ratio_q1']:.3f}..{r['ratio_q3']:.3f}, {r['rounds']} rounds; "
               f"{r['a_ms']:.2f} -> {r['b_ms']:.2f} ms; {fused})", flush=True)
     if args.out:
-        out = pathlib.Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        tag = "gpu" if device.type == "cuda" else "cpu"
-        path = out / f"model-overhead-{tag}-{datetime.date.today().isoformat()}.json"
-        old = json.loads(path.read_text()) if path.exists() else []
-        path.write_text(json.dumps(old + rows, indent=1))
+        append_rows(args.out, "model-overhead", device, rows)
 
 
 if __name__ == "__main__":

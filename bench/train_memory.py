@@ -26,7 +26,6 @@ import argparse
 import copy
 import datetime
 import itertools
-import json
 import pathlib
 import sys
 
@@ -34,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from model_overhead import build, default_molecule, energy_forces, machine_label  # noqa: E402
+from model_overhead import append_rows, build, default_molecule, energy_forces, machine_label  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 MB = 2.0 ** 20
@@ -133,12 +132,7 @@ def main(argv=None) -> list:
               f"{', '.join(f'{v:.1f}' for v in r['peak_MB'])}); trainable {r['trainable']:>9,}, kept between "
               f"steps {r['state_MB']:7.2f} MB  [{size}, {where}]", flush=True)
     if args.out:
-        out = pathlib.Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        tag = "gpu" if device.type == "cuda" else "cpu"
-        path = out / f"train-memory-{tag}-{datetime.date.today().isoformat()}.json"
-        old = json.loads(path.read_text()) if path.exists() else []
-        path.write_text(json.dumps(old + rows, indent=1))
+        append_rows(args.out, "train-memory", device, rows)
     return rows
 
 
