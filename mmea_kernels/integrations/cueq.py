@@ -69,16 +69,19 @@ def base_layers_in_place(model: nn.Module):
             _set_submodule(model, name, m)
 
 
-def transfer_adapters(source: nn.Module, target: nn.Module) -> InjectionReport:
+def transfer_adapters(source: nn.Module, target: nn.Module,
+                      edit: Optional[Callable[[dict], dict]] = None) -> InjectionReport:
     """Put ``source``'s adapters (method, options, weights, backend, on/off state and requires_grad
     of each adapter weight) on the same-named layers of ``target`` (which has no adapters yet), for
-    example the e3nn and cuEquivariance forms of one MACE. Returns the injection report."""
+    example the e3nn and cuEquivariance forms of one MACE. ``edit`` maps the adapter state first
+    (where ``target``'s layers differ in size: a removed head). Returns the injection report."""
     mods = adapted_modules(source)
     if not mods:
         raise ValueError("source model has no adapters to transfer")
     first = next(iter(mods.values()))
     opts = {k: getattr(first, k) for k in first.runtime_options if getattr(first, k) is not None}
-    rep = load_adapter_state_dict(target, adapter_state_dict(source), **opts)
+    state = adapter_state_dict(source)
+    rep = load_adapter_state_dict(target, edit(state) if edit else state, **opts)
     dst = adapted_modules(target)
     for name, m in mods.items():
         d = dst[name]
@@ -133,10 +136,11 @@ def refuse_unconvertible(model: nn.Module) -> None:
                          "no cuEquivariance form here; convert a model without them (methods mmea, elora)")
 
 
-def carry_adapters(model: nn.Module, target: nn.Module) -> None:
+def carry_adapters(model: nn.Module, target: nn.Module, edit: Optional[Callable[[dict], dict]] = None) -> None:
     """Put ``model``'s adapters on ``target``, the converted form of its base model, with the
-    requires_grad flags that unload() restores (where the names agree)."""
-    transfer_adapters(model, target)
+    requires_grad flags that unload() restores (where the names agree); ``edit`` as in
+    :func:`transfer_adapters`."""
+    transfer_adapters(model, target, edit)
     saved = getattr(model, _SAVED_GRAD_FLAGS, None)
     if saved is not None:
         mine = getattr(target, _SAVED_GRAD_FLAGS)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 __all__ = ["model_heads", "choose_head", "use_head", "head_index", "head_chosen", "head_e0s", "without_head_hook",
-           "restore_head_hook", "copy_head", "head_summary", "HeadHook"]
+           "restore_head_hook", "copy_head", "head_summary", "one_head_adapter_state", "HeadHook"]
 
 
 def model_heads(model: nn.Module) -> List[str]:
@@ -143,3 +143,55 @@ def head_summary(net: nn.Module, fmt: str) -> dict:
     return {"head": name, **({"head_note": f"the file runs the head its input names (batch['head']); this model was "
                                            f"fine-tuned for {name!r} (index {head_index(net)}): mace's MACECalculator "
                                            f"needs head={name!r}"} if fmt == "torchscript" else {})}
+
+
+def one_head_adapter_state(state: dict, target: nn.Module, head: int, num_heads: int) -> dict:
+    """``state`` (:func:`~mmea_kernels.peft.adapter_state_dict` of a multi-head MACE) for ``target``,
+    the single-head model mace's ``remove_pt_head`` builds from it keeping head ``head``.
+
+    mace's readouts hold every head's scalar channels in blocks, head ``h`` at ``[h·k, (h+1)·k)``
+    (``mask_head``), and ``remove_pt_head`` keeps the block of the kept head on each side that changes
+    size, dividing a weight whose inputs shrink by √(fan-in ratio) (e3nn's path normalisation). The
+    adapters follow exactly: MMEA's additive rows and ELoRA's B columns of the kept outputs; MMEA's
+    down-projection columns and ELoRA's A rows of the kept inputs (ELoRA's scaled as the weight is; the
+    other heads' inputs are zero for a structure on the kept head, so MMEA's gates lose nothing).
+    A changed layer that is not a one-path map of scalars to scalars raises ``ValueError``."""
+    from e3nn import o3
+
+    def blocks(name, side, old, new):
+        if old == new:
+            return slice(None), 1.0
+        o, n = o3.Irreps(old), o3.Irreps(new)
+        if len(o) != 1 or len(n) != 1 or o[0].ir != o3.Irrep("0e") or n[0].ir != o3.Irrep("0e"):
+            raise ValueError(f"{name}: its {side} irreps change from {old} to {new}; only one block of scalar "
+                             "channels can be split by head")
+        if o.dim != num_heads * n.dim:
+            raise ValueError(f"{name}: its {side} irreps change from {old} to {new}, not one head's block of {num_heads}")
+        return slice(head * n.dim, (head + 1) * n.dim), (n.dim / o.dim) ** 0.5
+
+    from ..nn.base import AdapterLinear
+    from ..peft.state import _irreps_of
+
+    layers = {n: m.base if isinstance(m, AdapterLinear) else m for n, m in target.named_modules()}
+    out = {**state, "targets": {k: dict(v) for k, v in state["targets"].items()}, "state": dict(state["state"])}
+    for name, info in out["targets"].items():
+        new_in, new_out = _irreps_of(layers[name]) if name in layers else (info["irreps_in"], info["irreps_out"])
+        if (new_in, new_out) == (info["irreps_in"], info["irreps_out"]):
+            continue
+        rows_in, scale = blocks(name, "input", info["irreps_in"], new_in)
+        rows_out, _ = blocks(name, "output", info["irreps_out"], new_out)
+        info.update(irreps_in=new_in, irreps_out=new_out)
+        for key in [k for k in out["state"] if k.startswith(name + ".")]:
+            t, part = out["state"][key], key[len(name) + 1:]
+            if part == "mmea_down.weight":
+                t = t[:, rows_in]
+            elif part in ("mmea_up.weight", "mmea_up.bias", "mmea_static"):
+                t = t[rows_out]
+            elif part.startswith("elora_A."):
+                t = t[rows_in] * scale
+            elif part.startswith("elora_B."):
+                t = t[:, rows_out]
+            elif part != "mmea_down.bias":
+                raise ValueError(f"{name}: no rule to split its adapter weight {part} by head")
+            out["state"][key] = t.clone()
+    return out

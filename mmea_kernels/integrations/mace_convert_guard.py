@@ -21,8 +21,9 @@ does) changes those modules, now if mace-torch has imported them, else when it d
 * ``extract_model`` (``MACECalculator(compile_mode=...)``) and ``remove_pt_head``
   (``mace_select_head``, a multi-head foundation model in ``mace_run_train``) rebuild a plain MACE
   and load the state dict with ``strict=False``: they rebuild the base model and the adapters are
-  carried over the same way (a layer whose shape the rebuild changes, a removed head's readout,
-  raises).
+  carried over the same way; ``remove_pt_head`` keeps one head's readout channels, and the readout
+  adapters keep the same channels (:func:`~mmea_kernels.integrations.heads.one_head_adapter_state`;
+  a layer whose shape changes in another way raises).
 
 Either way a multi-head model keeps the head this package chose for it (its forward pre-hook,
 :class:`~mmea_kernels.integrations.heads.HeadHook`, which a new model would not have).
@@ -107,9 +108,16 @@ def _rebuild(original, attr: str):
         refuse_unconvertible(model)
         with base_layers_in_place(model) as base:
             new = original(base, *args, **kwargs)
+        edit = None
+        if attr == "remove_pt_head":  # the readouts keep one head's channels: so do their adapters
+            from .heads import model_heads, one_head_adapter_state
+
+            heads = model_heads(model)
+            kept, n = heads.index(model_heads(new)[0]), len(heads)
+            edit = lambda state: one_head_adapter_state(state, new, kept, n)  # noqa: E731
         try:
-            carry_adapters(model, new)
-        except ValueError as exc:  # a layer whose shape the rebuild changed: a removed head's readout
+            carry_adapters(model, new, edit)
+        except ValueError as exc:  # a layer whose shape the rebuild changed in a way the adapters cannot follow
             raise ValueError(f"mace-torch's {attr} changes layers that carry adapters, which cannot follow "
                              f"({exc}); adapt the model after it (a multi-head model: adapt the single-head "
                              "model remove_pt_head makes, or keep all heads and choose one with --head)") from exc

@@ -186,17 +186,76 @@ def test_a_checkpoint_from_before_heads_were_chosen_is_refused_by_name(two_heads
     assert model.atomic_energies_fn.atomic_energies.tolist() == [E0[0], E0[0]]
 
 
-def test_mace_remove_pt_head_on_an_adapted_model_is_refused_by_name():
+def _randomized(method):
+    import mmea_kernels as mk
+
+    model = _two_heads()
+    mk.inject_adapters(model, method=method, rank=2)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
+def _ef(model, head):
+    from mmea_kernels.app.data import toy_molecules
+    from mmea_kernels.integrations.mace import atoms_to_batch
+
+    batch = atoms_to_batch(toy_molecules("ethanol", 2, seed=4), [1, 6, 8], 5.0, dtype=torch.float64)
+    batch["head"] = torch.full_like(batch["head"], head)
+    out = model(dict(batch), compute_force=True)
+    return out["energy"].detach(), out["forces"].detach()
+
+
+@pytest.mark.parametrize("method", ["mmea", "elora"])
+def test_mace_remove_pt_head_carries_the_adapters_of_the_kept_head(method):
     """mace's remove_pt_head (mace_select_head, a multi-head foundation in run_train) rebuilds a
-    single-head model with strict=False: it dropped the adapters without a word; its readouts change
-    shape, so the adapters cannot follow and it now says so."""
+    single-head model and loads the state dict with strict=False: it dropped every adapter without a
+    word (the unpatched function, below). Now the adapters follow the kept head's readout channels:
+    the single-head model equals the adapted multi-head model on that head (float64, 1e-10), for
+    either head, with MMEA and ELoRA (and ELoRA equals mace's own result for the merged model)."""
+    import copy
+
     import mmea_kernels as mk
     from mace.tools.scripts_utils import remove_pt_head
 
-    model = _two_heads()
-    mk.inject_adapters(model, method="mmea", rank=2)
-    with default_dtype(torch.float64), pytest.raises(ValueError, match=r"remove_pt_head changes layers that carry "
-                                                                       r"adapters.*readouts\.0\.linear"):
-        remove_pt_head(model, "Default")
-    plain = remove_pt_head(_two_heads(), "Default")  # a model without adapters: mace's own result
-    assert plain.heads == ["Default"]
+    model = _randomized(method)
+    for idx, name in enumerate(model.heads):
+        e_ref, f_ref = _ef(model, idx)
+        with default_dtype(torch.float64):
+            one = remove_pt_head(model, name)
+        assert one.heads == [name] and set(mk.adapted_modules(one)) == set(mk.adapted_modules(model))
+        assert all(p.requires_grad for n, p in one.named_parameters() if ".mmea_" in n or ".elora_" in n)
+        e, f = _ef(one, 0)
+        torch.testing.assert_close(e, e_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(f, f_ref, rtol=1e-10, atol=1e-10)
+        if method == "elora":  # mace's own head removal of the merged (plain) model
+            with default_dtype(torch.float64):
+                plain = remove_pt_head(mk.merge_and_unload(copy.deepcopy(model)), name)
+            torch.testing.assert_close(_ef(plain, 0)[0], e_ref, rtol=1e-10, atol=1e-10)
+        with default_dtype(torch.float64):
+            dropped = remove_pt_head.__wrapped__(model, name)  # mace's function without this package's patch
+        assert not mk.adapted_modules(dropped) and (_ef(dropped, 0)[0] - e_ref).abs().max() > 1e-3
+
+
+def test_mace_remove_pt_head_refuses_what_cannot_follow_a_head():
+    """A head-split layer whose adapter has no per-head form (a weight this package has no rule for)
+    is refused by name instead of being dropped; a model without adapters gets mace's own result."""
+    from mace.tools.scripts_utils import remove_pt_head
+    from mmea_kernels.integrations.heads import one_head_adapter_state
+
+    import mmea_kernels as mk
+
+    model = _randomized("mmea")
+    state = mk.adapter_state_dict(model)
+    state["state"]["readouts.1.linear_2.mmea_extra"] = torch.zeros(2)
+    with default_dtype(torch.float64):
+        one = remove_pt_head(_two_heads(), "Default")
+    with pytest.raises(ValueError, match=r"readouts\.1\.linear_2: no rule to split its adapter weight mmea_extra"):
+        one_head_adapter_state(state, one, 1, 2)
+    with pytest.raises(ValueError, match=r"readouts\.0\.linear: its output irreps change from 2x0e to 1x0e, not "
+                                         r"one head's block of 3"):
+        one_head_adapter_state(mk.adapter_state_dict(model), one, 1, 3)
+    assert one.heads == ["Default"] and not mk.adapted_modules(one)
