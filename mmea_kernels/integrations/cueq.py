@@ -80,8 +80,12 @@ def transfer_adapters(source: nn.Module, target: nn.Module,
         raise ValueError("source model has no adapters to transfer")
     first = next(iter(mods.values()))
     opts = {k: getattr(first, k) for k in first.runtime_options if getattr(first, k) is not None}
-    state = adapter_state_dict(source)
+    state = adapter_state_dict(source, trainable="ignore")  # other weights go with the base model's conversion
     rep = load_adapter_state_dict(target, edit(state) if edit else state, **opts)
+    mine = dict(target.named_parameters())
+    for n, p in source.named_parameters():  # trainable again outside the adapters: trainable in target too
+        if p.requires_grad and n not in state["state"] and n in mine:
+            mine[n].requires_grad_(True)
     dst = adapted_modules(target)
     for name, m in mods.items():
         d = dst[name]

@@ -135,6 +135,8 @@ class FusedGate(nn.Module):
     activation is one the kernels know; otherwise the plain-PyTorch path runs).
     """
 
+    _nequip_custom_ops_libs = ("mmea_kernels",)  # as MMEALinear's (NequIP's AOTInductor files import it first)
+
     __e3nn_compile_mode__ = "script"  # e3nn.util.jit.compile scripts __prepare_scriptable__'s module
 
     # nn.Module's flag for full backward hooks, which share the replaced gate's hook dicts

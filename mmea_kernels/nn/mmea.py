@@ -66,6 +66,10 @@ class MMEAGating:
     ``in_layout`` (the input whose 0e channels feed the gate net) and ``out_layout`` (the gated
     output) and calls :meth:`_init_gating`."""
 
+    # NequIP collects these from a model's modules and imports them before it loads an AOTInductor file
+    # (nequip-compile): the file calls this package's custom ops, which `import mmea_kernels` registers
+    _nequip_custom_ops_libs = ("mmea_kernels",)
+
     def _init_gating(self, rank, phi, init, init_std, backend, dtype, device) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")

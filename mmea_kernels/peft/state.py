@@ -4,6 +4,7 @@ they do not fit."""
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -20,8 +21,19 @@ __all__ = ["adapter_state_dict", "load_adapter_state_dict", "FORMAT"]
 FORMAT = "mmea_kernels.adapter/1"
 
 
-def adapter_state_dict(model: nn.Module) -> dict:
-    """Adapter weights only, with what is needed to rebuild them: method, options, each target's irreps."""
+TRAINABLE = ("warn", "include", "ignore")
+
+
+def adapter_state_dict(model: nn.Module, trainable: str = "warn") -> dict:
+    """Adapter weights only, with what is needed to rebuild them: method, options, each target's irreps.
+
+    Parameters outside the adapters that were made trainable again (a model's per-element energy
+    shifts, a readout: peft's ``modules_to_save``) are not adapter weights: ``trainable="warn"``
+    (default) leaves them out with a ``RuntimeWarning`` naming them, ``"include"`` saves them too
+    (under ``"trainable"``; :func:`load_adapter_state_dict` loads them back and makes them trainable),
+    ``"ignore"`` leaves them out silently."""
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
     mods = adapted_modules(model)
     if not mods:
         raise ValueError("model has no adapters to save")
@@ -37,13 +49,23 @@ def adapter_state_dict(model: nn.Module) -> dict:
         for pname, p in m.named_parameters():
             if not pname.startswith("base."):
                 state[f"{name}.{pname}"] = p.detach().clone()
-    return {
+    out = {
         "format": FORMAT,
         "method": first.method,
         "options": first.adapter_options(),
         "targets": {n: m.target_info() for n, m in mods.items()},
         "state": state,
     }
+    others = {n: p for n, p in model.named_parameters() if p.requires_grad and n not in state}
+    if others and trainable == "include":
+        out["trainable"] = {n: p.detach().clone() for n, p in others.items()}
+    elif others and trainable == "warn":
+        names = sorted(others)
+        warnings.warn(f"{len(names)} trainable parameters outside the adapters ({', '.join(names[:4])}"
+                      f"{', ...' if len(names) > 4 else ''}) are not saved in the adapter state: pass "
+                      "trainable='include' to save them too, or freeze them (trainable='ignore' leaves them out "
+                      "without this warning)", RuntimeWarning, stacklevel=2)
+    return out
 
 
 def _refuse_mixed_adapters(mods: dict, first: AdapterLinear) -> None:
@@ -78,6 +100,69 @@ def load_adapter_state_dict(model: nn.Module, adapter_state: dict, **options) ->
     _check_adapter_state(adapter_state)
     method, saved_opts, targets = adapter_state["method"], dict(adapter_state["options"]), adapter_state["targets"]
     restore_eager_forms(model)  # the adapters an earlier torch.jit.script(model) replaced by their TorchScript forms
+    _check_targets(model, targets)
+    _refuse_tensor_product_gates(model, "loaded from an adapter state")
+    existing = adapted_modules(model)
+    if existing:
+        if set(existing) != set(targets):
+            raise ValueError(f"model already has adapters on {sorted(set(existing) ^ set(targets))} that differ "
+                             "from the saved ones; unload(model) first")
+        for n, m in existing.items():
+            have = m.adapter_options()
+            shaping = ADAPTERS[method].shaping_options if method in ADAPTERS else ()
+            if m.method != method or any(have.get(k) != v for k, v in saved_opts.items() if k in shaping):
+                raise ValueError(f"module {n!r} has {m.method} adapters {have}, the state holds {method} {saved_opts}")
+        _set_runtime_options(existing.values(), method, options)  # after the checks: all or nothing
+        remerge = [m for m in existing.values() if getattr(m, "merged", False)]
+        for m in remerge:  # the base weights hold the old ΔW: take it out, load, put the new one in
+            m.unmerge()
+        extra = _checked_trainable(model, adapter_state)
+        try:
+            _copy_adapter_state(model, adapter_state["state"])
+        finally:
+            for m in remerge:
+                m.merge()
+        _copy_trainable(extra)
+        return report(model)
+    if method not in ADAPTERS:
+        raise ValueError(f"adapter state has unknown method {method!r}; expected one of {sorted(ADAPTERS)}")
+    rank = saved_opts.pop("rank")
+    free = ADAPTERS[method].runtime_options
+    bad = sorted(set(options) - set(free))
+    if bad:
+        allowed = f"only {', '.join(map(repr, free))} can" if free else "no option can"
+        raise ValueError(f"{allowed} be chosen when loading {method} adapters; {bad} come from the saved state")
+    saved_opts.update(options)
+    try:
+        exact = "|".join(re.escape(t) for t in targets)  # the saved names only (a list also matches suffixes)
+        inject_adapters(model, method=method, rank=rank, target_modules=exact, **saved_opts)
+        extra = _checked_trainable(model, adapter_state)
+        _copy_adapter_state(model, adapter_state["state"])
+        _copy_trainable(extra)
+    except BaseException:
+        unload(model)  # all or nothing: the model is left as it was
+        raise
+    return report(model)
+
+
+def _check_adapter_state(adapter_state: dict) -> None:
+    """``KeyError`` / ``ValueError`` naming what a (hand-edited or foreign) adapter state lacks."""
+    for key in ("method", "options", "targets", "state"):
+        if key not in adapter_state:
+            raise KeyError(f"adapter state is missing the key {key!r}")
+    for key in ("options", "targets", "state"):
+        if not isinstance(adapter_state[key], dict):
+            raise ValueError(f"adapter state's {key!r} must be a dict, got {type(adapter_state[key]).__name__}")
+    if "rank" not in adapter_state["options"]:
+        raise KeyError("adapter state's 'options' lack the adapter rank ('rank')")
+    for name, info in adapter_state["targets"].items():
+        lacking = [k for k in ("irreps_in", "irreps_out") if not isinstance(info, dict) or k not in info]
+        if lacking:
+            raise KeyError(f"adapter state's target {name!r} lacks {lacking} (what the model's layer is checked against)")
+
+
+def _check_targets(model: nn.Module, targets: dict) -> None:
+    """``ValueError`` naming the first saved target the model's layer does not fit (name, irreps, blocks)."""
     linears = {n: m for n, m in model.named_modules() if is_equivariant_linear(m) or isinstance(m, AdapterLinear)}
     for name, info in targets.items():
         if name not in linears:
@@ -103,60 +188,35 @@ def load_adapter_state_dict(model: nn.Module, adapter_state: dict, **options) ->
             if [list(p) for p in info["paths"]] != have_paths:
                 raise ValueError(f"module {name!r}: saved ELoRA blocks (i_in, i_out) {info['paths']} are not the "
                                  f"weight blocks of the model's layer {have_paths}")
-    _refuse_tensor_product_gates(model, "loaded from an adapter state")
-    existing = adapted_modules(model)
-    if existing:
-        if set(existing) != set(targets):
-            raise ValueError(f"model already has adapters on {sorted(set(existing) ^ set(targets))} that differ "
-                             "from the saved ones; unload(model) first")
-        for n, m in existing.items():
-            have = m.adapter_options()
-            shaping = ADAPTERS[method].shaping_options if method in ADAPTERS else ()
-            if m.method != method or any(have.get(k) != v for k, v in saved_opts.items() if k in shaping):
-                raise ValueError(f"module {n!r} has {m.method} adapters {have}, the state holds {method} {saved_opts}")
-        _set_runtime_options(existing.values(), method, options)  # after the checks: all or nothing
-        remerge = [m for m in existing.values() if getattr(m, "merged", False)]
-        for m in remerge:  # the base weights hold the old ΔW: take it out, load, put the new one in
-            m.unmerge()
-        try:
-            _copy_adapter_state(model, adapter_state["state"])
-        finally:
-            for m in remerge:
-                m.merge()
-        return report(model)
-    if method not in ADAPTERS:
-        raise ValueError(f"adapter state has unknown method {method!r}; expected one of {sorted(ADAPTERS)}")
-    rank = saved_opts.pop("rank")
-    free = ADAPTERS[method].runtime_options
-    bad = sorted(set(options) - set(free))
-    if bad:
-        allowed = f"only {', '.join(map(repr, free))} can" if free else "no option can"
-        raise ValueError(f"{allowed} be chosen when loading {method} adapters; {bad} come from the saved state")
-    saved_opts.update(options)
-    try:
-        exact = "|".join(re.escape(t) for t in targets)  # the saved names only (a list also matches suffixes)
-        inject_adapters(model, method=method, rank=rank, target_modules=exact, **saved_opts)
-        _copy_adapter_state(model, adapter_state["state"])
-    except BaseException:
-        unload(model)  # all or nothing: the model is left as it was
-        raise
-    return report(model)
 
 
-def _check_adapter_state(adapter_state: dict) -> None:
-    """``KeyError`` / ``ValueError`` naming what a (hand-edited or foreign) adapter state lacks."""
-    for key in ("method", "options", "targets", "state"):
-        if key not in adapter_state:
-            raise KeyError(f"adapter state is missing the key {key!r}")
-    for key in ("options", "targets", "state"):
-        if not isinstance(adapter_state[key], dict):
-            raise ValueError(f"adapter state's {key!r} must be a dict, got {type(adapter_state[key]).__name__}")
-    if "rank" not in adapter_state["options"]:
-        raise KeyError("adapter state's 'options' lack the adapter rank ('rank')")
-    for name, info in adapter_state["targets"].items():
-        lacking = [k for k in ("irreps_in", "irreps_out") if not isinstance(info, dict) or k not in info]
-        if lacking:
-            raise KeyError(f"adapter state's target {name!r} lacks {lacking} (what the model's layer is checked against)")
+def _checked_trainable(model: nn.Module, adapter_state: dict) -> list:
+    """``[(parameter, saved tensor)]`` of the state's ``"trainable"`` entries (``adapter_state_dict(...,
+    trainable="include")``), each checked against the model's parameter of that name."""
+    saved = adapter_state.get("trainable", {})
+    if not isinstance(saved, dict):
+        raise ValueError(f"adapter state's 'trainable' must be a dict, got {type(saved).__name__}")
+    params = dict(model.named_parameters())
+    out = []
+    for k, v in saved.items():
+        if k not in params:
+            raise KeyError(f"adapter state's trainable parameter {k!r} is not a parameter of the model")
+        p = params[k]
+        if not torch.is_tensor(v) or tuple(v.shape) != tuple(p.shape) or not v.is_floating_point():
+            got = f"shape {tuple(v.shape)}, dtype {v.dtype}" if torch.is_tensor(v) else type(v).__name__
+            raise ValueError(f"trainable parameter {k!r} is {got} in the state but shape {tuple(p.shape)}, dtype "
+                             f"{p.dtype} in the model")
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"trainable parameter {k!r} holds non-finite values (nan/inf) in the state")
+        out.append((p, v))
+    return out
+
+
+@torch.no_grad()
+def _copy_trainable(pairs: list) -> None:
+    for p, v in pairs:
+        p.copy_(v)
+        p.requires_grad_(True)
 
 
 def _refuse_tensor_product_gates(model: nn.Module, what: str) -> None:

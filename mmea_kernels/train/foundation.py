@@ -175,8 +175,9 @@ def load_model(spec: str = DEFAULT_MODEL, config: Union[None, str, dict] = None,
                              "pass the base model it was trained from instead")
         elif isinstance(obj, dict):
             if config is None:
-                raise ValueError(f"{path} holds a bare state dict: give its architecture with --model-config "
-                                 "(JSON of MACEConfig fields)")
+                raise ValueError(f"{path} holds a bare state dict: give its MACE architecture with --model-config "
+                                 "(JSON of MACEConfig fields); the weights of another model (NequIP, ...) cannot be "
+                                 "rebuilt here: adapt such a model with the Python API (docs/ecosystem.md)")
             model = _from_config(_model_config(config), obj, str(path))
         else:
             raise ValueError(f"{path} holds a {type(obj).__name__}, not a model or state dict")
@@ -210,7 +211,10 @@ def model_info(model: nn.Module) -> Tuple[list, float]:
     try:
         return [int(z) for z in model.atomic_numbers], float(model.r_max)
     except AttributeError:
-        raise ValueError(f"{type(model).__name__} is not a mace-torch model (no atomic_numbers / r_max)") from None
+        raise ValueError(f"{type(model).__name__} is not a mace-torch model (no atomic_numbers / r_max): the CLI "
+                         "fine-tunes MACE and SevenNet models; other e3nn models (NequIP, ...) take adapters and "
+                         "FusedGate through the Python API (mk.inject_adapters, mk.replace_gates; docs/ecosystem.md)"
+                         ) from None
 
 
 def fingerprint(model: nn.Module) -> str:

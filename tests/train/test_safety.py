@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -738,3 +739,29 @@ def test_labels_in_other_units_get_a_note(tmp_path):
         else:
             assert len(note) == 1 and re_search(r"^note: the training labels' forces \(RMS [\d.]+ eV/Å over 4 frames\) "
                                                 r"are (1[5-9]|2\d|3\d)\.?\d*x the base model's", note[0]), note
+
+
+class _NotMace(torch.nn.Module):  # an e3nn model of another package (a NequIP GraphModel in the review)
+    def __init__(self):
+        super().__init__()
+        from e3nn import o3
+        self.lin = o3.Linear("2x0e", "1x0e")
+
+
+def test_a_model_the_cli_cannot_fine_tune_is_refused_with_the_way_that_works(data, tmp_path, capsys):
+    """(NequIP review) a whole pickled model of another package was refused as 'not a mace-torch model'
+    and its state dict with a hint to give a MACE architecture; both now say that the CLI takes MACE
+    and SevenNet and that other e3nn models take adapters through the Python API."""
+    whole, state = tmp_path / "other.pt", tmp_path / "other_state.pt"
+    torch.save(_NotMace(), whole)
+    torch.save(_NotMace().state_dict(), state)
+    for spec, expect in (([str(whole), "--trust-pickle"], r"_NotMace is not a mace-torch model \(no atomic_numbers / "
+                                                          r"r_max\): the CLI fine-tunes MACE and SevenNet models; other "
+                                                          r"e3nn models .* Python API"),
+                         ([str(state)], r"holds a bare state dict: give its MACE architecture with --model-config .*"
+                                        r"another model \(NequIP, \.\.\.\) cannot be rebuilt here")):
+        capsys.readouterr()
+        assert _cli(data, tmp_path / "r", "--model", *spec) == 2
+        err = capsys.readouterr().err
+        assert re.search(expect, err), err
+        assert not (tmp_path / "r").exists()

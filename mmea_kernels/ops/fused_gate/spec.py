@@ -77,7 +77,27 @@ def activation_code(act) -> Optional[int]:
         return ACT_CODES["identity"]
     if type(act) is nn.Softplus and act.beta == 1 and act.threshold == 20:
         return ACT_CODES["softplus"]
-    return None
+    return _by_name(act)
+
+
+# activations of other packages, found by where they are defined (without importing the package) and
+# used only when their values agree with the kernel's function: NequIP's shifted softplus
+_NAMED = {("nequip.nn.nonlinearities", "shifted_softplus"): "ssp", ("nequip.nn.nonlinearities", "ShiftedSoftplus"): "ssp"}
+_REFERENCE = {"ssp": ssp}
+
+
+def _by_name(act) -> Optional[int]:
+    owner = act if callable(act) and hasattr(act, "__name__") else type(act)
+    name = _NAMED.get((getattr(owner, "__module__", None), getattr(owner, "__name__", None)))
+    if name is None:
+        return None
+    x = torch.linspace(-40.0, 40.0, 1601, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            same = torch.allclose(act(x), _REFERENCE[name](x), rtol=1e-13, atol=1e-13)
+    except Exception:  # noqa: BLE001 - not a float64 elementwise function: not fused
+        return None
+    return ACT_CODES[name] if same else None
 
 
 Seg = Tuple[int, int, int, int, float]  # (src, dst, n, act code, cst)
