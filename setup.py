@@ -247,6 +247,8 @@ setup(
         # SevenNet (its wheel carries the pretrained SevenNet-0 weights); needs e3nn >= 0.5 (0.6 here), which
         # is what lets it share one environment with mace-torch installed --no-deps.
         "sevenn": ["sevenn==0.13.0"],
+        # NequIP (Lightning/Hydra framework; e3nn>=0.6,<0.7 as here): mmea_kernels.integrations.nequip
+        "nequip": ["nequip==0.19.1"],
     },
     ext_modules=EXT_MODULES,
     cmdclass={"build_ext": BUILD_EXT, "build_py": BuildPyWithKernelSources},

@@ -25,9 +25,9 @@ if [ -n "$TRITON_VERSION" ]; then TRITON=("triton==${TRITON_VERSION}"); fi
 # (mmea_kernels._C, see setup.py) is compiled against this pinned torch, which is installed first.
 $PY -m pip install -q --disable-pip-version-check "${INDEX[@]}" "torch==${TORCH_VERSION}" "setuptools>=64" wheel
 $PY -m pip install -q --disable-pip-version-check "${INDEX[@]}" --no-build-isolation "torch==${TORCH_VERSION}" \
-  "${TRITON[@]}" -e ".[test,mace,cueq,sevenn]"
+  "${TRITON[@]}" -e ".[test,mace,cueq,sevenn,nequip]"
 # mace-torch pins e3nn==0.4.4, which does not import under torch>=2.6 without a global
 # weights_only override; it runs fine with e3nn 0.6, so it is installed without its pins.
 $PY -m pip install -q --disable-pip-version-check --no-deps "mace-torch==${MACE_VERSION}"
-$PY -c "import torch, e3nn, mace, sevenn, cuequivariance_torch, mmea_kernels; print('installed: torch', torch.__version__, '| e3nn', e3nn.__version__, '| sevenn', sevenn.__version__, '| cuequivariance_torch', cuequivariance_torch.__version__, '| mmea_kernels', mmea_kernels.__version__)"
+$PY -c "import torch, e3nn, mace, sevenn, nequip, cuequivariance_torch, mmea_kernels; print('installed: torch', torch.__version__, '| e3nn', e3nn.__version__, '| sevenn', sevenn.__version__, '| nequip', nequip.__version__, '| cuequivariance_torch', cuequivariance_torch.__version__, '| mmea_kernels', mmea_kernels.__version__)"
 $PY -c "from mmea_kernels.ops import backend_status; ok, why = backend_status('cpp', 'cpu'); print('C++ extension (cpp backend):', 'built' if ok else 'not available: ' + why)"
