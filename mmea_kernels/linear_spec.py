@@ -29,6 +29,7 @@ import ast
 import dataclasses
 import functools
 import math
+import re
 import sys
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -341,9 +342,22 @@ class LinearSpec:
 
 
 def is_e3nn_linear(module) -> bool:
-    """True for an ``e3nn.o3.Linear`` (never imports e3nn: an instance can exist only once it is)."""
+    """True for an ``e3nn.o3.Linear`` (never imports e3nn: an instance can exist only once it is),
+    also one whose e3nn was loaded from a ``torch.package`` file (:func:`packaged_class_is`)."""
     o3 = sys.modules.get("e3nn.o3")
-    return o3 is not None and isinstance(module, o3.Linear)
+    return (o3 is not None and isinstance(module, o3.Linear)) or packaged_class_is(module, "e3nn.o3._linear.Linear")
+
+
+_PACKAGED_MODULE = re.compile(r"<torch_package_\d+>\.(.+)")
+
+
+def packaged_class_is(obj, path: str) -> bool:
+    """Whether ``obj``'s class is the class ``path`` (``"e3nn.o3._linear.Linear"``) of a library a
+    ``torch.package`` file holds its own copy of (NequIP's packages intern e3nn: their modules'
+    classes are ``<torch_package_0>.e3nn.o3._linear.Linear``, not ``e3nn.o3.Linear``)."""
+    cls = type(obj)
+    m = _PACKAGED_MODULE.fullmatch(cls.__module__)
+    return m is not None and f"{m.group(1)}.{cls.__qualname__}" == path
 
 
 def is_cuet_linear(module) -> bool:

@@ -25,6 +25,7 @@ from ..ops.fused_gate import FusedGateSpec, activation_code
 from ..ops.fused_gate.spec import gate_irreps
 from ..ops._utils import rows2d
 from ..ops.fused_gate.function import FUSED_GATE_BACKENDS, check_backend, fused_gate_2d
+from ..linear_spec import packaged_class_is
 
 __all__ = ["FusedGate", "ScriptableFusedGate"]
 
@@ -423,8 +424,8 @@ def _gate_kind(module) -> Optional[str]:
         from e3nn.nn import Gate
     except ImportError:  # pragma: no cover
         Gate = None
-    if Gate is not None and isinstance(module, Gate):
-        return "e3nn"
+    if (Gate is not None and isinstance(module, Gate)) or packaged_class_is(module, "e3nn.nn._gate.Gate"):
+        return "e3nn"  # also e3nn's Gate from a torch.package file's own copy of e3nn (NequIP's packages)
     cls = type(module)
     if cls.__name__ == "GatedEquivariantBlock" and cls.__module__.startswith("mace."):
         return "mace"
