@@ -13,8 +13,11 @@ for a config's ``model`` entry::
       adapter_rank: 16
 
 ``AdaptedNequIPGNNModel`` takes ``NequIPGNNModel``'s arguments (a new model, adapted from the start).
-Everything but the adapters is frozen (the per-type energy shifts too: list them in
-``trainable`` to train them as well, e.g. ``[per_type_energy_scale_shift.shifts]``).
+Everything but the adapters is frozen (the per-type energy shifts too: list full parameter names in
+``trainable`` to train them as well, e.g. ``[model.func.per_type_energy_scale_shift.shifts]``, which
+exists when the model was built with ``per_type_energy_shifts_trainable: true``). With
+``adapter_method: null`` and no ``trainable`` nothing is frozen (FusedGate only); with ``trainable``
+only those weights train.
 
 Importing this module registers mmea_kernels as an external library for ``nequip-package`` (its
 modules are imported from the environment, not copied into the package file; without it the build
@@ -36,22 +39,27 @@ def adapt(model, adapter_method: Optional[str] = "mmea", adapter_rank: int = 16,
           trainable: Iterable[str] = (), **adapter_options):
     """``model`` (a NequIP ``GraphModel``, or the dict / ``ModuleDict`` of models NequIP's loaders
     return) with FusedGate in place of e3nn's Gate (``fused_gate``) and adapters of ``adapter_method``
-    (``None``: none); ``trainable``: names (or name prefixes) of other parameters to train. In place;
-    returns ``model``."""
+    (``None``: none); ``trainable``: full names (or dotted prefixes) of other parameters to train
+    (without adapters, only those: the rest is frozen). In place; returns ``model``."""
     import mmea_kernels as mk
 
     models = list(model.values()) if isinstance(model, (dict, nn.ModuleDict)) else [model]
     for m in models:
         if fused_gate:
             mk.replace_gates(m)
+        wanted = list(trainable)
         if adapter_method:
             mk.inject_adapters(m, method=adapter_method, rank=adapter_rank, **adapter_options)
-        wanted = list(trainable)
+        names = [n for n, _ in m.named_parameters()]
         hits = {w: [p for n, p in m.named_parameters() if n == w or n.startswith(w + ".")] for w in wanted}
         unknown = [w for w, ps in hits.items() if not ps]
         if unknown:
-            raise ValueError(f"trainable names {unknown} match no parameter of the model; its parameters include "
-                             f"{[n for n, _ in m.named_parameters()][:8]}")
+            near = [n for n in names if any(n.endswith(u) or n.endswith(u.split(".")[-1]) for u in unknown)]
+            hint = f"names that end alike: {near[:8]}" if near else f"its parameters include {names[:8]}"
+            raise ValueError(f"trainable names {unknown} match no parameter of the model (give full names or dotted "
+                             f"prefixes); {hint}")
+        if wanted and not adapter_method:  # no adapters: only the listed weights train
+            m.requires_grad_(False)
         for ps in hits.values():
             for p in ps:
                 p.requires_grad_(True)

@@ -86,14 +86,19 @@ def _refuse_mixed_adapters(mods: dict, first: AdapterLinear) -> None:
                              "model's state_dict() instead")
 
 
-def load_adapter_state_dict(model: nn.Module, adapter_state: dict, **options) -> InjectionReport:
+def load_adapter_state_dict(model: nn.Module, adapter_state: dict, trainable: str = "load",
+                            **options) -> InjectionReport:
     """Load adapters saved by :func:`adapter_state_dict`, injecting them first if the model has none.
 
     Raises an error naming the module (and both irreps) when the model does not fit the saved adapters.
     The adapter weights do not depend on the feature layout (MMEA gates act per (irrep, multiplicity),
     ELoRA blocks per (input block, output block)), so adapters saved from an e3nn model load into its
     cuEquivariance conversion (``mul_ir`` or ``ir_mul``) and back, as long as the irreps agree.
+    Other weights the state holds (``adapter_state_dict(..., trainable="include")``) are loaded and made
+    trainable (``trainable="load"``), or left out (``"ignore"``: a model whose names differ).
     """
+    if trainable not in ("load", "ignore"):
+        raise ValueError(f"trainable must be 'load' or 'ignore', got {trainable!r}")
     if not isinstance(adapter_state, dict) or adapter_state.get("format") != FORMAT:
         fmt = adapter_state.get("format") if isinstance(adapter_state, dict) else type(adapter_state).__name__
         raise ValueError(f"not an mmea_kernels adapter state (format {fmt!r}, expected {FORMAT!r})")
@@ -112,17 +117,17 @@ def load_adapter_state_dict(model: nn.Module, adapter_state: dict, **options) ->
             shaping = ADAPTERS[method].shaping_options if method in ADAPTERS else ()
             if m.method != method or any(have.get(k) != v for k, v in saved_opts.items() if k in shaping):
                 raise ValueError(f"module {n!r} has {m.method} adapters {have}, the state holds {method} {saved_opts}")
+        extra = _checked_trainable(model, adapter_state, trainable)
         _set_runtime_options(existing.values(), method, options)  # after the checks: all or nothing
         remerge = [m for m in existing.values() if getattr(m, "merged", False)]
         for m in remerge:  # the base weights hold the old ΔW: take it out, load, put the new one in
             m.unmerge()
-        extra = _checked_trainable(model, adapter_state)
         try:
             _copy_adapter_state(model, adapter_state["state"])
+            _copy_trainable(extra)  # a saved base weight (unmerged) goes in before ΔW is added back
         finally:
             for m in remerge:
                 m.merge()
-        _copy_trainable(extra)
         return report(model)
     if method not in ADAPTERS:
         raise ValueError(f"adapter state has unknown method {method!r}; expected one of {sorted(ADAPTERS)}")
@@ -136,7 +141,7 @@ def load_adapter_state_dict(model: nn.Module, adapter_state: dict, **options) ->
     try:
         exact = "|".join(re.escape(t) for t in targets)  # the saved names only (a list also matches suffixes)
         inject_adapters(model, method=method, rank=rank, target_modules=exact, **saved_opts)
-        extra = _checked_trainable(model, adapter_state)
+        extra = _checked_trainable(model, adapter_state, trainable)
         _copy_adapter_state(model, adapter_state["state"])
         _copy_trainable(extra)
     except BaseException:
@@ -190,9 +195,12 @@ def _check_targets(model: nn.Module, targets: dict) -> None:
                                  f"weight blocks of the model's layer {have_paths}")
 
 
-def _checked_trainable(model: nn.Module, adapter_state: dict) -> list:
+def _checked_trainable(model: nn.Module, adapter_state: dict, mode: str = "load") -> list:
     """``[(parameter, saved tensor)]`` of the state's ``"trainable"`` entries (``adapter_state_dict(...,
-    trainable="include")``), each checked against the model's parameter of that name."""
+    trainable="include")``), each checked against the model's parameter of that name (none for
+    ``mode="ignore"``)."""
+    if mode == "ignore":
+        return []
     saved = adapter_state.get("trainable", {})
     if not isinstance(saved, dict):
         raise ValueError(f"adapter state's 'trainable' must be a dict, got {type(saved).__name__}")

@@ -155,7 +155,9 @@ def test_force_training_step_reaches_only_the_adapters():
         out = model({k: (v.clone() if torch.is_tensor(v) else v) for k, v in data.items()})
         loss = (out["forces"] ** 2).mean() + 1e-3 * out["total_energy"].sum()
         loss.backward()
-        assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+        got = {n for n, p in model.named_parameters() if p.grad is not None}
+        assert got == {n for n, p in model.named_parameters() if p.requires_grad} and got
+        assert all(".mmea_" in n for n in got), sorted(got)  # the adapters' weights, nothing else
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
@@ -175,3 +177,12 @@ def test_nequip_finds_the_libraries_its_compiled_files_import_and_packaging_keep
     assert integ.PACKAGING_REGISTERED and "mmea_kernels" in _package_utils._EXTERNAL_MODULES
     with pytest.raises(ValueError, match=r"trainable names \['shiftz'\] match no parameter"):
         integ.adapt(_base(), "mmea", 4, trainable=["shiftz"])
+    # a name without its full path: the message shows the parameter it probably meant
+    with pytest.raises(ValueError, match=r"names that end alike: \['model\.func\.per_type_energy_scale_shift\.shifts'\]"):
+        integ.adapt(_base(per_type_energy_shifts_trainable=True), "mmea", 4,
+                    trainable=["per_type_energy_scale_shift.shifts"])
+    # no adapters: FusedGate only, nothing frozen; with `trainable`, only those weights train
+    assert all(p.requires_grad for p in integ.adapt(_base(), None).parameters())
+    only = integ.adapt(_base(per_type_energy_shifts_trainable=True), None,
+                       trainable=["model.func.per_type_energy_scale_shift.shifts"])
+    assert [n for n, p in only.named_parameters() if p.requires_grad] == ["model.func.per_type_energy_scale_shift.shifts"]

@@ -95,3 +95,53 @@ def test_bad_trainable_entries_are_refused_by_name_and_load_nothing():
         mk.load_adapter_state_dict(fresh, dict(state, state={k: v + 1 for k, v in state["state"].items()},
                                                trainable={"nope": torch.zeros(1)}))
     assert torch.equal(fresh.a.mmea_up.weight, adapter_before)
+
+
+def _elora_with_trained_base():
+    model = _net()
+    mk.inject_adapters(model, method="elora", rank=2)
+    model.a.base.weight.requires_grad_(True)  # the user trains this layer's base weight too
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3)
+    return model
+
+
+def _merged_elora():
+    model = _net()  # the source's base, with other (merged) ELoRA weights
+    mk.inject_adapters(model, method="elora", rank=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.sub_(0.2)
+    for m in mk.adapted_modules(model).values():
+        m.merge()
+    return model
+
+
+def test_a_merged_elora_model_takes_a_saved_base_weight_and_a_refused_state_changes_nothing():
+    """(diff review) into a model whose ELoRA adapters are merged: a saved base weight was copied after
+    the re-merge, over W + ΔW (0.43 off, merged flag still set); a refused 'trainable' entry left the
+    layers unmerged and their base weights changed."""
+    source = _elora_with_trained_base()
+    x = torch.randn(5, 10, dtype=torch.float64)
+    state = mk.adapter_state_dict(source, trainable="include")
+    assert sorted(state["trainable"]) == ["a.base.weight"]
+    target = _merged_elora()
+    mk.load_adapter_state_dict(target, state)
+    assert all(m.merged for m in mk.adapted_modules(target).values())
+    torch.testing.assert_close(target(x), source(x), rtol=1e-12, atol=1e-12)
+
+    target = _merged_elora()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(KeyError, match="'nope'"):
+        mk.load_adapter_state_dict(target, dict(state, trainable={"nope": torch.zeros(1)}))
+    assert all(m.merged for m in mk.adapted_modules(target).values())
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    # trainable="ignore": the adapters load, the extra weights do not (a model whose names differ)
+    target = _merged_elora()
+    mk.load_adapter_state_dict(target, dict(state, trainable={"nope": torch.zeros(1)}), trainable="ignore")
+    assert torch.equal(target.a.elora_B[0], source.a.elora_B[0]) and not target.a.base.weight.requires_grad
+    with pytest.raises(ValueError, match="trainable must be 'load' or 'ignore'"):
+        mk.load_adapter_state_dict(target, state, trainable="yes")

@@ -240,9 +240,9 @@ def test_mace_remove_pt_head_carries_the_adapters_of_the_kept_head(method):
         assert not mk.adapted_modules(dropped) and (_ef(dropped, 0)[0] - e_ref).abs().max() > 1e-3
 
 
-def test_mace_remove_pt_head_refuses_what_cannot_follow_a_head():
+def test_mace_remove_pt_head_refuses_what_cannot_follow_a_head(monkeypatch):
     """A head-split layer whose adapter has no per-head form (a weight this package has no rule for)
-    is refused by name instead of being dropped; a model without adapters gets mace's own result."""
+    is refused by name instead of being dropped, also through mace's remove_pt_head."""
     from mace.tools.scripts_utils import remove_pt_head
     from mmea_kernels.integrations.heads import one_head_adapter_state
 
@@ -258,4 +258,14 @@ def test_mace_remove_pt_head_refuses_what_cannot_follow_a_head():
     with pytest.raises(ValueError, match=r"readouts\.0\.linear: its output irreps change from 2x0e to 1x0e, not "
                                          r"one head's block of 3"):
         one_head_adapter_state(mk.adapter_state_dict(model), one, 1, 3)
-    assert one.heads == ["Default"] and not mk.adapted_modules(one)
+    from mmea_kernels.integrations import heads
+
+    def with_extra(state, *args):  # the same state with a weight no rule splits, through the real function
+        return one_head_adapter_state({**state, "state": {**state["state"], "readouts.1.linear_2.mmea_extra":
+                                                          torch.zeros(2, dtype=torch.float64)}}, *args)
+
+    monkeypatch.setattr(heads, "one_head_adapter_state", with_extra)
+    with default_dtype(torch.float64), pytest.raises(ValueError, match=r"remove_pt_head changes layers that carry "
+                                                                       r"adapters, which cannot follow \(readouts\.1\."
+                                                                       r"linear_2: no rule to split"):
+        remove_pt_head(model, "Default")
