@@ -24,7 +24,9 @@ modules are imported from the environment, not copied into the package file; wit
 fails with "Module did not match against any action pattern"). An AOTInductor file from
 ``nequip-compile`` names mmea_kernels among the libraries to import before loading (the modules'
 ``_nequip_custom_ops_libs``); mmea_kernels must be installed wherever such a file runs, and the
-file needs Python (its custom ops are Python ops).
+file needs Python (its custom ops are Python ops). For a file that runs without either (LAMMPS'
+``pair_nequip``), compile with ``--modifiers mmea_kernels_aten_only``
+(:func:`mmea_kernels.aten_forms`: the adapters and FusedGates as aten ops, same numbers).
 """
 from __future__ import annotations
 

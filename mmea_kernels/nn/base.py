@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..linear_spec import LinearSpec, is_cuet_linear, is_e3nn_linear
+from .export_forms import NEQUIP_ATEN_MODIFIER
 
 __all__ = ["AdapterLinear", "LayerView", "layer_view", "is_equivariant_linear", "is_cuet_linear"]
 
@@ -195,6 +196,7 @@ class AdapterLinear(nn.Module):
     returned by ``__prepare_scriptable__`` (see :mod:`mmea_kernels.nn.scriptable`).
     """
 
+    mmea_kernels_aten_only = NEQUIP_ATEN_MODIFIER  # NequIP model modifier (export_forms.aten_forms)
     method: str = ""
     option_names: Tuple[str, ...] = ()  # keyword options of the constructor besides base and rank
     shaping_options: Tuple[str, ...] = ("rank",)

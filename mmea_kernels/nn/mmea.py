@@ -19,6 +19,7 @@ from ..ops.backends import cache_generation, check_backend_name
 from . import path_choice
 from .path_choice import _plan_env, fused_linear_enabled, fused_linear_mode  # noqa: F401 (public here too)
 from .base import AdapterLinear, module_tensor, modules_bypassed
+from .export_forms import NEQUIP_ATEN_MODIFIER
 
 __all__ = ["MMEALinear", "MMEATensorProduct", "MMEAGating"]
 
@@ -69,6 +70,7 @@ class MMEAGating:
     # NequIP collects these from a model's modules and imports them before it loads an AOTInductor file
     # (nequip-compile): the file calls this package's custom ops, which `import mmea_kernels` registers
     _nequip_custom_ops_libs = ("mmea_kernels",)
+    mmea_kernels_aten_only = NEQUIP_ATEN_MODIFIER  # NequIP model modifier (export_forms.aten_forms)
 
     def _init_gating(self, rank, phi, init, init_std, backend, dtype, device) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:

@@ -186,3 +186,36 @@ def test_nequip_finds_the_libraries_its_compiled_files_import_and_packaging_keep
     only = integ.adapt(_base(per_type_energy_shifts_trainable=True), None,
                        trainable=["model.func.per_type_energy_scale_shift.shifts"])
     assert [n for n, p in only.named_parameters() if p.requires_grad] == ["model.func.per_type_energy_scale_shift.shifts"]
+
+
+def test_the_aten_only_modifier_gives_a_model_that_needs_no_mmea_kernels():
+    """``nequip-compile ... --modifiers mmea_kernels_aten_only``: NequIP's modify() finds the modifier
+    (one name on the adapters and FusedGates alike), applies it at compile time only (not persistent:
+    packages keep the eager modules), and the model keeps its energies and forces (MMEA and ELoRA),
+    lists no custom-op library, and traces (NequIP's make_fx, what its AOTInductor export compiles)
+    to a graph without this package's ops (the eager model's program calls them:
+    tests/nn/test_aten_forms.py)."""
+    from nequip.model.modify_utils import get_all_modifiers, modify
+    from nequip.nn.compile import ListInputOutputWrapper
+    from nequip.nn.model_modifier_utils import is_persistent_model_modifier
+    from nequip.utils.fx import nequip_make_fx
+
+    from mmea_kernels.integrations.nequip import adapt
+
+    data = _data(toy_molecules("ethanol", 1, seed=2))
+    keys = ["pos", "edge_index", "atom_types", "cell", "edge_cell_shift"]
+    for method in ("elora", "mmea"):
+        model = _perturbed(adapt(_base(), method, 4))
+        e0, f0 = _ef(model, data)
+        assert model.metadata["nequip_custom_ops_libs"] == "mmea_kernels"
+        assert not is_persistent_model_modifier(get_all_modifiers(model)["mmea_kernels_aten_only"])
+        modify(model, [{"modifier": "mmea_kernels_aten_only"}])
+        ours = [type(m).__name__ for m in model.modules() if type(m).__module__.startswith("mmea_kernels")]
+        assert ours and all(n.startswith("Scriptable") for n in ours), ours
+        assert "nequip_custom_ops_libs" not in model.metadata
+        e, f = _ef(model, data)
+        torch.testing.assert_close(e, e0, rtol=0, atol=1e-9)
+        torch.testing.assert_close(f, f0, rtol=0, atol=1e-11)
+    fx = nequip_make_fx(ListInputOutputWrapper(model, keys, ["total_energy", "forces"]), {k: data[k] for k in keys}, keys)
+    called = {str(n.target) for n in fx.graph.nodes if n.op == "call_function"}
+    assert any("addmm" in t for t in called) and not [t for t in called if "mmea_kernels" in t], called

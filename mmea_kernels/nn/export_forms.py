@@ -1,0 +1,79 @@
+"""Aten forms in an eager model, for ``torch.export`` / AOTInductor files that run without this package
+or Python (libtorch's AOTI loader, NequIP's ``pair_nequip``): :func:`aten_forms`, and the NequIP model
+modifier ``mmea_kernels_aten_only`` that applies it in ``nequip-compile``. The forms are those of
+:mod:`mmea_kernels.nn.scriptable`."""
+from typing import Dict
+
+from torch import nn
+
+from .scriptable import check_scriptable, script_kernels, scriptable_adapter
+
+__all__ = ["aten_forms", "NEQUIP_ATEN_MODIFIER"]
+
+
+def aten_forms(model: nn.Module) -> Dict[str, str]:
+    """Replace, in place, every adapter and FusedGate inside ``model`` by its aten form (the module
+    ``torch.jit.script`` compiles in its place: the same parameters and function, aten ops only), so
+    that a ``torch.export`` / AOTInductor program of the model calls no op of this package and runs
+    without it and without Python (libtorch's AOTI loader, NequIP's ``pair_nequip``). A FusedGate
+    whose activation has no aten form (one the kernels do not fuse: its plain path runs) gets back the
+    gate it replaced, if it has one. :func:`restore_eager_forms` undoes it. Returns what each module
+    became, by name. ``mmea-tp`` adapters have no aten form (an error; nothing is changed then)."""
+    from .fused_gate import FusedGate
+    from .gate_swap import _retarget_state
+
+    if isinstance(model, FusedGate) or hasattr(model, "adapter_enabled"):
+        raise ValueError("aten_forms replaces modules inside a model; for one adapter or FusedGate use its "
+                         "__prepare_scriptable__()")
+    todo = []
+    for parent_name, parent in model.named_modules():
+        for name, child in list(parent._modules.items()):
+            full = f"{parent_name}.{name}" if parent_name else name
+            if isinstance(child, FusedGate):
+                todo.append((parent, name, full, child, "gate"))
+            elif hasattr(child, "adapter_enabled") and hasattr(child, "method"):
+                if not hasattr(child, "view"):  # MMEATensorProduct
+                    raise NotImplementedError(f"aten_forms: {full} ({type(child).__name__}, the mmea-tp method) has no "
+                                              "aten form; its gate runs this package's ops")
+                try:
+                    check_scriptable(child, full)
+                except NotImplementedError as exc:
+                    raise NotImplementedError(f"aten_forms: {exc}") from None
+                todo.append((parent, name, full, child, "adapter"))
+    done: Dict[str, str] = {}
+    with script_kernels("aten"):
+        for parent, name, full, child, kind in todo:
+            if kind == "adapter":
+                form = scriptable_adapter(child)
+            elif child.fused:
+                form = child.__prepare_scriptable__()
+            elif child.__dict__.get("_original") is not None:
+                form = child.__dict__["_original"]
+                _retarget_state(form, child)  # as restore_gates: the gate gets the tensors the FusedGate holds
+            else:
+                done[full] = "FusedGate (kept: its plain path; activation not fused)"
+                continue
+            parent._modules[name] = form
+            done[full] = type(form).__name__
+    return done
+
+
+class _NequIPModifiers:
+    @classmethod
+    def mmea_kernels_aten_only(cls, model):
+        """NequIP model modifier (``nequip-compile ... --modifiers mmea_kernels_aten_only``): the adapters
+        and FusedGates as aten ops (:func:`aten_forms`), so that the compiled file runs without
+        mmea_kernels and without Python (LAMMPS' ``pair_nequip``). Same numbers; the kernels of this
+        package are not used."""
+        aten_forms(model)
+        return model
+
+
+# NequIP's @model_modifier(persistent=False, private=False, supported_compile_modes=[...]) written out
+# (nequip is optional here); one bound method object on every class that offers it, because NequIP
+# asserts that modifiers of one name found on several modules are equal
+for _attr, _value in (("persistent", False), ("private", False), ("unsupported_devices", []),
+                      ("supported_compile_modes", ["torchscript", "aotinductor"])):
+    setattr(_NequIPModifiers.mmea_kernels_aten_only.__func__, f"_nequip_model_modifier_is_{_attr}"
+            if _attr in ("persistent", "private") else f"_nequip_model_modifier_{_attr}", _value)
+NEQUIP_ATEN_MODIFIER = _NequIPModifiers.mmea_kernels_aten_only
