@@ -1,0 +1,239 @@
+"""A NequIP model with MMEA adapters and FusedGate, compiled by NequIP's own ``nequip-compile``
+(AOTInductor, CPU, target ``pair_nequip``: LAMMPS' inputs and outputs), then run without Python, as
+LAMMPS' ``pair_nequip`` runs it: a small C++ program on libtorch's ``AOTIModelPackageLoader``.
+
+- ``--modifiers mmea_kernels_aten_only`` (:func:`mmea_kernels.aten_forms`): the file must load and give
+  the eager model's per-atom energies, forces and virial (float64);
+- the control, compiled without it: the file calls this package's Python custom ops and the C++ loader
+  must refuse it, naming them;
+- cost: both files in Python (NequIP's AOTInductor loader; the control's ops come from
+  ``import mmea_kernels``), energy+forces+virial per call, alternating rounds (the order flips every
+  round), the median of the per-round ratios aten-only / with the package's ops and its quartiles.
+
+The model (``--layers``, ``--features``, l_max 2, float64, random adapter weights) is built in this
+process; ``nequip-compile``'s ``main`` runs on it in-process (its loader is handed this model instead
+of reading a checkpoint: everything after loading, modifiers and metadata included, is NequIP's).
+
+    python bench/nequip_aoti.py                       # ~5 min on 2 cores (two AOTInductor builds)
+    python bench/nequip_aoti.py --rounds 40 --threads 2
+
+Needs nequip (scripts/install.sh installs it), g++ and torch's C++ headers. Writes
+``bench/results/nequip-aoti-cpu-DATE.{json,txt}`` (``--out``)."""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import pathlib
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # runs from a checkout, installed or not
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from lammps_sevenn import molecular_box  # noqa: E402
+from provenance import cpu_model, provenance  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+INPUTS = ["pos", "edge_index", "atom_types", "cell", "edge_cell_shift"]
+OUTPUTS = ["atomic_energy", "forces", "virial"]  # nequip's LMP_OUTPUTS, in the file's order
+TYPES = ["H", "C", "O"]
+
+LOADER_CPP = r"""
+// libtorch only, no Python: what pair_nequip does with a .nequip.pt2 file
+#include <torch/torch.h>
+#include <torch/script.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <fstream>
+#include <iostream>
+int main(int argc, char** argv) {
+  torch::inductor::AOTIModelPackageLoader loader(argv[1], "model");
+  auto held = torch::jit::load(argv[2]);  // the input tensors, as buffers of a scripted module
+  std::vector<at::Tensor> inputs;
+  for (int i = 4; i < argc; ++i) inputs.push_back(held.attr(argv[i]).toTensor());
+  auto out = loader.run(inputs);
+  std::vector<char> bytes = torch::pickle_save(c10::IValue(c10::List<at::Tensor>(out)));
+  std::ofstream f(argv[3], std::ios::binary);
+  f.write(bytes.data(), bytes.size());
+  std::cout << "ran: " << out.size() << " outputs" << std::endl;
+  return 0;
+}
+"""
+
+
+def build_loader(work: pathlib.Path) -> pathlib.Path:
+    """Compile the C++ loader against this torch's libtorch (about 15 s)."""
+    tdir = pathlib.Path(torch.__file__).parent
+    src, exe = work / "loader.cpp", work / "loader"
+    src.write_text(LOADER_CPP)
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    cmd = ["g++", "-std=c++17", "-O1", str(src), f"-I{tdir}/include", f"-I{tdir}/include/torch/csrc/api/include",
+           f"-L{tdir}/lib", "-ltorch", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{tdir}/lib",
+           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-o", str(exe)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return exe
+
+
+def nequip_model(layers: int, features: int, seed: int):
+    """A float64 NequIP model with FusedGate and MMEA adapters (rank 8), adapter weights N(0, 0.1²)."""
+    import mmea_kernels as mk
+    from mmea_kernels.integrations.nequip import AdaptedNequIPGNNModel
+
+    model = AdaptedNequIPGNNModel(
+        adapter_method="mmea", adapter_rank=8, seed=seed, model_dtype="float64", r_max=5.0, type_names=TYPES,
+        num_layers=layers, l_max=2, parity=True, num_features=features, radial_mlp_width=16, avg_num_neighbors=12.0,
+        per_type_energy_scales={"H": 0.5, "C": 0.7, "O": 0.9},
+        per_type_energy_shifts={"H": -13.0, "C": -1030.0, "O": -2040.0})
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    assert len(mk.adapted_modules(model)) == 2 * layers
+    return model
+
+
+def structure(grid):
+    """A periodic box of toluene and ethanol copies as a NequIP data dict with its neighbour list."""
+    from nequip.data import AtomicDataDict, compute_neighborlist_, from_ase
+    from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper
+
+    from mmea_kernels.app.data import toy_molecules
+
+    atoms = molecular_box(toy_molecules("toluene", 1, seed=1) + toy_molecules("ethanol", 1, seed=2), grid, 7.0)
+    mapper = ChemicalSpeciesToAtomTypeMapper(model_type_names=TYPES)
+    data = AtomicDataDict.batched_from_list([compute_neighborlist_(mapper(from_ase(atoms)), r_max=5.0)])
+    return len(atoms), data
+
+
+def nequip_compile(model, data, out: pathlib.Path, modifiers) -> float:
+    """``nequip-compile <model> out --mode aotinductor --device cpu --target pair_nequip [--modifiers ...]``,
+    its loader handed ``model``; seconds taken."""
+    from nequip.scripts import compile as nc
+
+    real = nc.load_saved_model
+    nc.load_saved_model = lambda *a, **k: (copy.deepcopy(model), copy.deepcopy(data)) \
+        if k.get("return_data_dict") else copy.deepcopy(model)
+    t0 = time.perf_counter()
+    try:
+        nc.main(["unused.ckpt", str(out), "--mode", "aotinductor", "--device", "cpu", "--target", "pair_nequip"]
+                + (["--modifiers", *modifiers] if modifiers else []))
+    finally:
+        nc.load_saved_model = real
+    return time.perf_counter() - t0
+
+
+def run_loader(exe, pt2, held, out) -> subprocess.CompletedProcess:
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}  # no Python anywhere in this process
+    return subprocess.run([str(exe), str(pt2), str(held), str(out), *INPUTS], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def eager_outputs(model, data):
+    out = model({k: (v.clone() if torch.is_tensor(v) else v) for k, v in data.items()})
+    return [out[k].detach() for k in OUTPUTS]
+
+
+def paired(fa, fb, rounds: int, calls: int):
+    """Median and quartiles of the per-round time ratios fa / fb, the order flipping every round."""
+    def clock(f):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            f()
+        return (time.perf_counter() - t0) / calls
+    for _ in range(2):
+        clock(fa), clock(fb)
+    ratios, ta, tb = [], [], []
+    for r in range(rounds):
+        a, b = (clock(fa), clock(fb)) if r % 2 else tuple(reversed((clock(fb), clock(fa))))
+        ratios.append(a / b), ta.append(a), tb.append(b)
+    q = statistics.quantiles(ratios, n=4)
+    return {"median": statistics.median(ratios), "q1": q[0], "q3": q[2], "rounds": rounds, "calls_per_round": calls,
+            "ms_aten": 1e3 * statistics.median(ta), "ms_ops": 1e3 * statistics.median(tb)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--features", type=int, default=16)
+    ap.add_argument("--grid", type=int, nargs=3, default=[2, 2, 1], help="molecules per box side")
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--calls", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from nequip.utils.global_state import set_global_state
+
+    set_global_state()
+    import mmea_kernels  # noqa: F401 (the control file's ops, for the timing)
+    from nequip.model.inference_models.aotinductor import load_aotinductor_model
+
+    work = pathlib.Path(tempfile.mkdtemp(prefix="nequip-aoti-"))
+    try:
+        model = nequip_model(args.layers, args.features, args.seed).eval()
+        n_atoms, data = structure(args.grid)
+        want = eager_outputs(model, data)
+        files = {"aten": work / "aten.nequip.pt2", "ops": work / "ops.nequip.pt2"}
+        secs = {k: nequip_compile(model, data, f, ["mmea_kernels_aten_only"] if k == "aten" else [])
+                for k, f in files.items()}
+        exe = build_loader(work)
+        class Held(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                for k in INPUTS:
+                    self.register_buffer(k, data[k].contiguous())
+
+            def forward(self):
+                return self.pos
+        torch.jit.script(Held()).save(str(work / "inputs.pt"))
+        res = run_loader(exe, files["aten"], work / "inputs.pt", work / "aten_out.pt")
+        if res.returncode != 0:
+            raise SystemExit(f"the aten-only file did not run without Python:\n{res.stderr[-3000:]}")
+        got = torch.load(work / "aten_out.pt", weights_only=False)  # written by our own loader just now
+        diffs = {k: float((g - w).abs().max() / w.abs().max()) for k, g, w in zip(OUTPUTS, got, want)}
+        ctrl = run_loader(exe, files["ops"], work / "inputs.pt", work / "ops_out.pt")
+        refused = ctrl.returncode != 0 and "mmea_kernels::" in ctrl.stderr
+        why = next((ln.strip() for ln in ctrl.stderr.splitlines() if "mmea_kernels::" in ln), ctrl.stderr[-300:])
+        loaded = {k: load_aotinductor_model(str(f), "cpu", input_keys=INPUTS, output_keys=OUTPUTS)[0]
+                  for k, f in files.items()}
+        inp = {k: data[k] for k in INPUTS}
+        timing = paired(lambda: loaded["aten"](dict(inp)), lambda: loaded["ops"](dict(inp)), args.rounds, args.calls)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ok = all(v <= 1e-12 for v in diffs.values()) and refused
+    result = {"date": datetime.date.today().isoformat(), "machine": cpu_model(), "threads": args.threads,
+              "model": f"NequIP float64, {args.layers} layers, {args.features} features, l_max 2, MMEA rank 8 "
+                       "on every conv linear, FusedGate", "atoms": n_atoms,
+              "compile_s": secs, "python_free_relative_max_diff": diffs, "control_refused": refused,
+              "control_message": why, "time_ratio_aten_over_ops": timing, "passed": ok,
+              "provenance": provenance()}
+    text = (f"NequIP AOTInductor (nequip-compile, pair_nequip target), {result['model']}, {n_atoms} atoms, "
+            f"{cpu_model()}, {args.threads} thread(s), {result['date']}\n"
+            f"  aten-only file in C++ (no Python) vs eager: relative max diff "
+            + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()) + "\n"
+            f"  control (package ops) refused by the C++ loader: {refused} ({why[:160]})\n"
+            f"  per call, aten-only / package ops (Python loader): {timing['median']:.3f} "
+            f"(IQR {timing['q1']:.3f}..{timing['q3']:.3f}, {args.rounds} rounds; "
+            f"{timing['ms_aten']:.2f} vs {timing['ms_ops']:.2f} ms)\n"
+            f"  compile: {secs['aten']:.0f} s / {secs['ops']:.0f} s\n  {'PASSED' if ok else 'FAILED'}\n")
+    print(text)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"nequip-aoti-cpu-{result['date']}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".txt").write_text(text)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())
