@@ -31,6 +31,9 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 const char* kOp = "mmea_kernels_ext::mmea_linear";
+// where such a file comes from: TorchScript export, or torch.export / AOTInductor after export_forms
+#define MMEA_FORM \
+  "this C++ adapter op (export --kernels cpp; export_forms(model, 'cpp'); NequIP's mmea_kernels_cpp_ops)"
 
 std::tuple<Tensor, Tensor> gate_net_fwd(const Tensor& x0, const Tensor& wd, const Tensor& bd, const Tensor& wu,
                                         const Tensor& bu, int64_t num_additive, int64_t phi) {
@@ -84,7 +87,12 @@ Tensor seg_dot(const Tensor& a, const Tensor& b, const Tensor& gate_of_column, c
   return op.call(a, b, gate_of_column, gate_cols, false);
 }
 
-OptT nonempty(const Tensor& t) { return t.size(-1) > 0 ? OptT(t) : OptT(); }
+// A column count or stride, through sym_size / sym_stride: size(d) and stride(d) of a symbolic-shape
+// tensor (torch.export / make_fx tracing, as nequip-compile does) read every dimension as an int and
+// fix the row count to the traced one. Columns are static; rows stay symbolic.
+int64_t cols(const Tensor& t, int64_t d = 1) { return t.sym_size(d).guard_int(__FILE__, __LINE__); }
+
+OptT nonempty(const Tensor& t) { return cols(t, -1) > 0 ? OptT(t) : OptT(); }
 
 // Every argument after the tensors the gradient flows to; kept on the context for the backward.
 struct Consts {
@@ -94,7 +102,7 @@ struct Consts {
 
 void check_args(const Tensor& x, const Tensor& w, const OptT& bias, const Tensor& wd, const Tensor& bd,
                 const Tensor& wu, const Tensor& bu, const Consts& c) {
-  TORCH_CHECK(x.dim() == 2, kOp, ": x must be 2-D [rows, D_in], got ", x.sizes());
+  TORCH_CHECK(x.dim() == 2, kOp, ": x must be 2-D [rows, D_in], got ", x.sym_sizes());
   TORCH_CHECK(x.device().is_cpu(), kOp, ": runs on CPU tensors, x is on ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, kOp,
               ": float32 or float64 only, x is ", x.scalar_type());
@@ -105,12 +113,14 @@ void check_args(const Tensor& x, const Tensor& w, const OptT& bias, const Tensor
   if (bias)
     TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(), kOp,
                 ": bias must match x's dtype and device");
-  TORCH_CHECK(c.start >= 0 && c.count > 0 && c.start + c.count <= x.size(1), kOp, ": 0e input columns [", c.start,
-              ", ", c.start + c.count, ") outside x's ", x.size(1), " columns");
+  TORCH_CHECK(c.start >= 0 && c.count > 0 && c.start + c.count <= cols(x), kOp, ": 0e input columns [", c.start,
+              ", ", c.start + c.count, ") outside x's ", cols(x), " columns");
 }
 
 // x with unit column stride (what the kernels read; a column-major or column-strided view is copied)
-Tensor unit_columns(const Tensor& x) { return x.dim() == 2 && x.stride(1) != 1 && x.size(1) > 1 ? x.contiguous() : x; }
+Tensor unit_columns(const Tensor& x) {
+  return x.dim() == 2 && x.sym_stride(1).guard_int(__FILE__, __LINE__) != 1 && cols(x) > 1 ? x.contiguous() : x;
+}
 
 std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& w, const OptT& bias, const Tensor& wd,
                                                 const Tensor& bd, const Tensor& wu, const Tensor& bu,
@@ -119,12 +129,12 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& w
   auto [add, gates] = gate_net_fwd(x.narrow(1, c.start, c.count), wd, bd, wu, bu, c.num_additive, c.phi);
   OptT add_in = c.num_additive > 0 ? OptT(add) : OptT();
   const int64_t d_out = c.gate_of_column.size(0);
-  if (keep_u && gates.size(1) > 0) {
+  if (keep_u && cols(gates) > 0) {
     auto [y, u] = linear_fwd_u(x, w, bias, gates, add_in, c.tasks, c.ins, c.pw, d_out, c.block_w);
     return {y, u, gates};
   }
   Tensor y = linear_fwd(x, w, bias, std::nullopt, nonempty(gates), add_in, c.tasks, c.ins, c.pw, d_out, c.block_w);
-  return {y, x.new_empty({x.size(0), 0}), gates};
+  return {y, x.new_empty_symint({x.sym_size(0), c10::SymInt(0)}), gates};
 }
 
 class MMEALinearFn : public torch::autograd::Function<MMEALinearFn> {
@@ -143,15 +153,14 @@ class MMEALinearFn : public torch::autograd::Function<MMEALinearFn> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     TORCH_CHECK(!at::GradMode::is_enabled(), kOp,
-                ": this scripted adapter (export --kernels cpp) gives first derivatives only; a backward "
-                "that builds a graph (create_graph=True: force training, Hessians) needs the eager model "
-                "or a file exported with the default --kernels aten");
+                ": " MMEA_FORM " gives first derivatives only; a backward that builds a graph (create_graph=True: "
+                "force training, Hessians) needs the eager model or the aten form (export --kernels aten, aten_forms)");
     auto ints = ctx->saved_data["ints"].toIntVector();
     // edges: x, weight, [bias,] w_down, b_down, w_up, b_up
     for (int64_t i = 1; i < ints[7]; ++i)
       TORCH_CHECK(!ctx->needs_input_grad(i), kOp,
-                  ": this scripted adapter (export --kernels cpp) differentiates with respect to its input only, "
-                  "not its weights; train the eager model, or export with the default --kernels aten");
+                  ": " MMEA_FORM " differentiates with respect to its input only, not its weights; train the eager "
+                  "model, or use the aten form (export --kernels aten, aten_forms)");
     const Tensor& dy_in = grads[0];
     variable_list out(8);
     if (!dy_in.defined() || !ctx->needs_input_grad(0)) return out;
@@ -159,9 +168,9 @@ class MMEALinearFn : public torch::autograd::Function<MMEALinearFn> {
     const Tensor &x = s[0], &w = s[1], &wd = s[2], &bd = s[3], &wu = s[4], &gates = s[5], &u = s[6];
     const int64_t num_additive = ints[0], phi = ints[1], start = ints[2], count = ints[3], out_first = ints[4];
     const Tensor dy = dy_in.contiguous();
-    const bool gated = gates.size(1) > 0;
+    const bool gated = cols(gates) > 0;
     Tensor dx = linear_fwd(dy, w, std::nullopt, gated ? OptT(gates) : OptT(), std::nullopt, std::nullopt, s[10], s[11],
-                           s[12], x.size(1), ints[6]);
+                           s[12], cols(x), ints[6]);
     OptT dgates = gated ? OptT(seg_dot(dy, u, s[13], s[14])) : OptT();
     OptT dadd;
     if (num_additive > 0)
@@ -198,8 +207,8 @@ Tensor mmea_linear_cpu(MMEA_LINEAR_ARGS) {  // below autograd: no graph, nothing
 Tensor mmea_linear_autograd(MMEA_LINEAR_ARGS) {
   for (const Tensor* t : {&x, &w, &wd, &bd, &wu, &bu})
     TORCH_CHECK(!t->_fw_grad(/*level=*/0).defined(), kOp,
-                ": forward-mode derivatives (dual tensors) are not implemented for this scripted adapter (export "
-                "--kernels cpp); use the eager model or a file exported with the default --kernels aten");
+                ": forward-mode derivatives (dual tensors) are not implemented for " MMEA_FORM "; use the eager model "
+                "or the aten form (export --kernels aten, aten_forms)");
   bool graph = at::GradMode::is_enabled();
   if (graph) {
     graph = false;

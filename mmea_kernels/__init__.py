@@ -9,8 +9,8 @@ from ._compat import install as _install_aliases
 from .integrations.mace_convert_guard import install as _guard_mace_conversions
 from .layout import IrrepsLayout
 from .linear_spec import LinearSpec
-from .nn import (ELoRALinear, FusedGate, MMEALinear, aten_forms, replace_gates, restore_eager_forms, restore_gates,
-                 split_tp_slices)
+from .nn import (ELoRALinear, FusedGate, MMEALinear, aten_forms, export_forms, replace_gates, restore_eager_forms,
+                 restore_gates, split_tp_slices)
 from .ops import gate_mul, seg_dot
 from .peft import (AdapterConfig, adapted_modules, adapter_state_dict, disable_adapters, inject_adapters,
                    load_adapter_state_dict, merge_and_unload, report, unload)
@@ -25,7 +25,7 @@ __all__ = [
     "inject_adapters", "adapter_state_dict", "load_adapter_state_dict", "merge_and_unload", "unload",
     "disable_adapters", "adapted_modules", "report", "convert_adapted_to_cueq", "convert_adapted_to_e3nn",
     "FusedGate", "replace_gates", "restore_gates", "split_tp_slices", "load_kernels", "load_adapter_file",
-    "aten_forms", "restore_eager_forms",
+    "aten_forms", "export_forms", "restore_eager_forms",
 ]
 
 _LAZY = {"convert_adapted_to_cueq": "integrations.cueq", "convert_adapted_to_e3nn": "integrations.cueq",

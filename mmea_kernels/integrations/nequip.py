@@ -26,7 +26,9 @@ fails with "Module did not match against any action pattern"). An AOTInductor fi
 ``_nequip_custom_ops_libs``); mmea_kernels must be installed wherever such a file runs, and the
 file needs Python (its custom ops are Python ops). For a file that runs without either (LAMMPS'
 ``pair_nequip``), compile with ``--modifiers mmea_kernels_aten_only``
-(:func:`mmea_kernels.aten_forms`: the adapters and FusedGates as aten ops, same numbers).
+(:func:`mmea_kernels.aten_forms`: the adapters and FusedGates as aten ops, same numbers), or with
+``--modifiers mmea_kernels_cpp_ops`` (MMEA adapters as this package's C++-registered op, the rest aten:
+runs without Python where the LAMMPS plugins' ``mmea_ops.so`` is loaded first, e.g. ``LD_PRELOAD``).
 """
 from __future__ import annotations
 

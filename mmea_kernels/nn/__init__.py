@@ -6,7 +6,7 @@ from .elora import ELoRALinear
 from .fused_gate import FusedGate
 from .gate_swap import GateSwapReport, replace_gates, restore_gates
 from .mmea import MMEALinear
-from .export_forms import aten_forms
+from .export_forms import aten_forms, export_forms
 from .scriptable import restore_eager_forms
 from .tp_slices import split_tp_slices
 
@@ -14,4 +14,4 @@ ADAPTERS = {"mmea": MMEALinear, "elora": ELoRALinear}
 
 __all__ = ["AdapterLinear", "MMEALinear", "ELoRALinear", "ADAPTERS", "is_equivariant_linear",
            "FusedGate", "GateSwapReport", "replace_gates", "restore_gates", "split_tp_slices", "aten_forms",
-           "restore_eager_forms"]
+           "export_forms", "restore_eager_forms"]

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..linear_spec import LinearSpec, is_cuet_linear, is_e3nn_linear
-from .export_forms import NEQUIP_ATEN_MODIFIER
+from .export_forms import NEQUIP_ATEN_MODIFIER, NEQUIP_CPP_MODIFIER
 
 __all__ = ["AdapterLinear", "LayerView", "layer_view", "is_equivariant_linear", "is_cuet_linear"]
 
@@ -196,7 +196,8 @@ class AdapterLinear(nn.Module):
     returned by ``__prepare_scriptable__`` (see :mod:`mmea_kernels.nn.scriptable`).
     """
 
-    mmea_kernels_aten_only = NEQUIP_ATEN_MODIFIER  # NequIP model modifier (export_forms.aten_forms)
+    mmea_kernels_aten_only = NEQUIP_ATEN_MODIFIER  # NequIP model modifiers (export_forms)
+    mmea_kernels_cpp_ops = NEQUIP_CPP_MODIFIER
     method: str = ""
     option_names: Tuple[str, ...] = ()  # keyword options of the constructor besides base and rank
     shaping_options: Tuple[str, ...] = ("rank",)

@@ -1,6 +1,9 @@
-"""Aten forms in an eager model, for ``torch.export`` / AOTInductor files that run without this package
-or Python (libtorch's AOTI loader, NequIP's ``pair_nequip``): :func:`aten_forms`, and the NequIP model
-modifier ``mmea_kernels_aten_only`` that applies it in ``nequip-compile``. The forms are those of
+"""Export forms in an eager model, for ``torch.export`` / AOTInductor files that run without Python
+(libtorch's AOTI loader, NequIP's ``pair_nequip``): :func:`aten_forms` (aten ops only: the file needs
+nothing of this package) and :func:`export_forms` with ``kernels="cpp"`` (MMEA adapters as this
+package's C++ op, registered in C++: the file needs ``mmea_kernels._C`` or the LAMMPS plugins'
+``mmea_ops.so`` loaded, not Python), and the NequIP model modifiers ``mmea_kernels_aten_only`` and
+``mmea_kernels_cpp_ops`` that apply them in ``nequip-compile``. The forms are those of
 :mod:`mmea_kernels.nn.scriptable`."""
 from typing import Dict
 
@@ -8,17 +11,29 @@ from torch import nn
 
 from .scriptable import check_scriptable, script_kernels, scriptable_adapter
 
-__all__ = ["aten_forms", "NEQUIP_ATEN_MODIFIER"]
+__all__ = ["aten_forms", "export_forms", "NEQUIP_ATEN_MODIFIER", "NEQUIP_CPP_MODIFIER"]
 
 
 def aten_forms(model: nn.Module) -> Dict[str, str]:
+    """:func:`export_forms` with ``kernels="aten"``."""
+    return export_forms(model, "aten")
+
+
+def export_forms(model: nn.Module, kernels: str = "aten") -> Dict[str, str]:
     """Replace, in place, every adapter and FusedGate inside ``model`` by its aten form (the module
     ``torch.jit.script`` compiles in its place: the same parameters and function, aten ops only), so
     that a ``torch.export`` / AOTInductor program of the model calls no op of this package and runs
     without it and without Python (libtorch's AOTI loader, NequIP's ``pair_nequip``). A FusedGate
     whose activation has no aten form (one the kernels do not fuse: its plain path runs) gets back the
     gate it replaced, if it has one. :func:`restore_eager_forms` undoes it. Returns what each module
-    became, by name. ``mmea-tp`` adapters have no aten form (an error; nothing is changed then)."""
+    became, by name. ``mmea-tp`` adapters have no aten form (an error; nothing is changed then).
+
+    ``kernels="cpp"``: MMEA adapters on e3nn linears become instead :class:`ScriptableMMEAFusedLinear`,
+    one op of this package's C++ extension (``mmea_kernels_ext::mmea_linear``; through ``make_fx``,
+    as ``nequip-compile`` traces forces, its forward and backward kernels), which is registered in C++:
+    the program runs without Python where ``mmea_kernels._C`` or the LAMMPS plugins' ``mmea_ops.so``
+    is loaded first, and is refused where neither is. Other adapters and the FusedGates get their aten
+    forms, as with ``"aten"``. Needs the built extension (an error otherwise)."""
     from .fused_gate import FusedGate
     from .gate_swap import _retarget_state
 
@@ -41,7 +56,7 @@ def aten_forms(model: nn.Module) -> Dict[str, str]:
                     raise NotImplementedError(f"aten_forms: {exc}") from None
                 todo.append((parent, name, full, child, "adapter"))
     done: Dict[str, str] = {}
-    with script_kernels("aten"):
+    with script_kernels(kernels, model if kernels == "cpp" else None):
         for parent, name, full, child, kind in todo:
             if kind == "adapter":
                 form = scriptable_adapter(child)
@@ -68,12 +83,25 @@ class _NequIPModifiers:
         aten_forms(model)
         return model
 
+    @classmethod
+    def mmea_kernels_cpp_ops(cls, model):
+        """NequIP model modifier (``nequip-compile ... --modifiers mmea_kernels_cpp_ops``): MMEA adapters
+        on e3nn linears as this package's C++ op (:func:`export_forms` with ``kernels="cpp"``), the rest
+        as aten ops. The compiled file runs without Python where the op library is loaded first
+        (``pair_nequip``: ``LD_PRELOAD`` the LAMMPS plugins' ``mmea_ops.so``; NequIP's Python loader
+        imports mmea_kernels, as the file's metadata asks)."""
+        export_forms(model, "cpp")
+        return model
+
 
 # NequIP's @model_modifier(persistent=False, private=False, supported_compile_modes=[...]) written out
 # (nequip is optional here); one bound method object on every class that offers it, because NequIP
 # asserts that modifiers of one name found on several modules are equal
-for _attr, _value in (("persistent", False), ("private", False), ("unsupported_devices", []),
-                      ("supported_compile_modes", ["torchscript", "aotinductor"])):
-    setattr(_NequIPModifiers.mmea_kernels_aten_only.__func__, f"_nequip_model_modifier_is_{_attr}"
-            if _attr in ("persistent", "private") else f"_nequip_model_modifier_{_attr}", _value)
+for _fn, _devices in ((_NequIPModifiers.mmea_kernels_aten_only.__func__, []),
+                     (_NequIPModifiers.mmea_kernels_cpp_ops.__func__, ["cuda"])):  # the C++ op: CPU kernels
+    for _attr, _value in (("persistent", False), ("private", False), ("unsupported_devices", _devices),
+                          ("supported_compile_modes", ["torchscript", "aotinductor"])):
+        setattr(_fn, f"_nequip_model_modifier_is_{_attr}" if _attr in ("persistent", "private")
+                else f"_nequip_model_modifier_{_attr}", _value)
 NEQUIP_ATEN_MODIFIER = _NequIPModifiers.mmea_kernels_aten_only
+NEQUIP_CPP_MODIFIER = _NequIPModifiers.mmea_kernels_cpp_ops

@@ -26,7 +26,7 @@ from ..ops.fused_gate.spec import gate_irreps
 from ..ops._utils import rows2d
 from ..ops.fused_gate.function import FUSED_GATE_BACKENDS, check_backend, fused_gate_2d
 from ..linear_spec import packaged_class_is
-from .export_forms import NEQUIP_ATEN_MODIFIER
+from .export_forms import NEQUIP_ATEN_MODIFIER, NEQUIP_CPP_MODIFIER
 
 __all__ = ["FusedGate", "ScriptableFusedGate"]
 
@@ -138,7 +138,8 @@ class FusedGate(nn.Module):
     """
 
     _nequip_custom_ops_libs = ("mmea_kernels",)  # as MMEALinear's (NequIP's AOTInductor files import it first)
-    mmea_kernels_aten_only = NEQUIP_ATEN_MODIFIER  # NequIP model modifier (export_forms.aten_forms)
+    mmea_kernels_aten_only = NEQUIP_ATEN_MODIFIER  # NequIP model modifiers (export_forms)
+    mmea_kernels_cpp_ops = NEQUIP_CPP_MODIFIER
 
     __e3nn_compile_mode__ = "script"  # e3nn.util.jit.compile scripts __prepare_scriptable__'s module
 

@@ -70,7 +70,7 @@ class MMEAGating:
     # NequIP collects these from a model's modules and imports them before it loads an AOTInductor file
     # (nequip-compile): the file calls this package's custom ops, which `import mmea_kernels` registers
     _nequip_custom_ops_libs = ("mmea_kernels",)
-    mmea_kernels_aten_only = NEQUIP_ATEN_MODIFIER  # NequIP model modifier (export_forms.aten_forms)
+    mmea_kernels_aten_only = NEQUIP_ATEN_MODIFIER  # NequIP model modifier (export_forms; cpp_ops: AdapterLinear)
 
     def _init_gating(self, rank, phi, init, init_std, backend, dtype, device) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:

@@ -282,6 +282,8 @@ class ScriptableMMEAFusedLinear(ScriptableMMEALinear):
     with it loads where the extension is loaded: Python after ``mmea_kernels.load_kernels()``,
     LAMMPS through the plugins of ``mmea-kernels lammps-build``."""
 
+    # NequIP's Python loader imports these before it loads an AOTInductor file (export_forms "cpp")
+    _nequip_custom_ops_libs = ("mmea_kernels",)
     phi_code: int
     out_first: int
     k_path_weights: torch.Tensor
@@ -331,7 +333,7 @@ class ScriptableMMEAFusedLinear(ScriptableMMEALinear):
             self.k_path_weights, self.k_t_tasks, self.k_t_instructions, self.k_t_path_weights, self.k_gate_of_column,
             self.k_gate_cols, self.out_scalar_columns, self.num_additive, self.phi_code, self.scalar_first,
             self.scalar_count, self.out_first, self.block_w, self.t_block_w)
-        return y2.reshape(x.shape[:-1] + [self.dim_out])
+        return y2.reshape(list(x.shape[:-1]) + [self.dim_out])
 
 
 class ScriptableMMEACuetLinear(_ScriptableMMEA):

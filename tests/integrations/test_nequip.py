@@ -188,6 +188,35 @@ def test_nequip_finds_the_libraries_its_compiled_files_import_and_packaging_keep
     assert [n for n, p in only.named_parameters() if p.requires_grad] == ["model.func.per_type_energy_scale_shift.shifts"]
 
 
+@pytest.mark.skipif(not hasattr(torch.ops.mmea_kernels_ext, "mmea_linear"), reason="C++ extension not built")
+def test_the_cpp_ops_modifier_gives_a_model_that_calls_only_the_cpp_kernels():
+    """``--modifiers mmea_kernels_cpp_ops``: MMEA adapters on e3nn linears become the C++ fused op
+    (export_forms "cpp"); energies and forces stay; the file still lists mmea_kernels for NequIP's
+    Python loader to import (it registers the ops), and NequIP's make_fx graph calls this package's
+    C++-registered ops only (no Python custom op: what pair_nequip cannot run)."""
+    from nequip.model.modify_utils import modify
+    from nequip.nn.compile import ListInputOutputWrapper
+    from nequip.utils.fx import nequip_make_fx
+
+    from mmea_kernels.integrations.nequip import adapt
+
+    data = _data(toy_molecules("ethanol", 1, seed=2))
+    keys = ["pos", "edge_index", "atom_types", "cell", "edge_cell_shift"]
+    model = _perturbed(adapt(_base(), "mmea", 4))
+    e0, f0 = _ef(model, data)
+    modify(model, [{"modifier": "mmea_kernels_cpp_ops"}])
+    model.eval()  # as nequip-compile: forces without a graph of their own (the C++ op: first derivatives)
+    ours = [type(m).__name__ for m in model.modules() if type(m).__module__.startswith("mmea_kernels")]
+    assert "ScriptableMMEAFusedLinear" in ours and all(n.startswith("Scriptable") for n in ours), ours
+    assert model.metadata["nequip_custom_ops_libs"] == "mmea_kernels"
+    e, f = _ef(model, data)
+    torch.testing.assert_close(e, e0, rtol=0, atol=1e-9)
+    torch.testing.assert_close(f, f0, rtol=0, atol=1e-11)
+    fx = nequip_make_fx(ListInputOutputWrapper(model, keys, ["total_energy", "forces"]), {k: data[k] for k in keys}, keys)
+    called = {str(n.target) for n in fx.graph.nodes if n.op == "call_function" and "mmea_kernels" in str(n.target)}
+    assert "mmea_kernels_ext.gate_net_bwd.default" in called and all(t.startswith("mmea_kernels_ext.") for t in called)
+
+
 def test_the_aten_only_modifier_gives_a_model_that_needs_no_mmea_kernels():
     """``nequip-compile ... --modifiers mmea_kernels_aten_only``: NequIP's modify() finds the modifier
     (one name on the adapters and FusedGates alike), applies it at compile time only (not persistent:

@@ -187,3 +187,26 @@ def gate_net_kernels(x0, w_down, b_down, w_up, b_up, num_additive: int, phi: str
         # the autograd node's per-call cost (tens of µs of host time at MD sizes)
         return _kernels(backend)[0](x0, w_down, b_down, w_up, b_up, int(num_additive), phi)
     return _GateNetFn.apply(x0, w_down, b_down, w_up, b_up, int(num_additive), phi, backend)
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations of the C++ gate net for FakeTensor tracing (torch.compile,
+    torch.export / make_fx of a scripted-form adapter whose C++ autograd calls these ops)."""
+    from ..gate.cpp import register_fakes
+
+    def fwd_fake(x0, w_down, b_down, w_up, b_up, num_additive, phi):
+        n = x0.shape[0]
+        return x0.new_empty((n, num_additive)), x0.new_empty((n, w_up.shape[0] - num_additive))
+
+    def bwd_fake(x0, w_down, b_down, w_up, gates, dadd, dgates, num_additive, phi, need_x0, need_weights):
+        dx0 = x0.new_empty((x0.shape[0] if need_x0 else 0, x0.shape[1]))
+        if not need_weights:
+            return (dx0,) + tuple(x0.new_empty((0,)) for _ in range(4))
+        return (dx0, x0.new_empty(tuple(w_down.shape)), x0.new_empty((w_down.shape[0],)),
+                x0.new_empty(tuple(w_up.shape)), x0.new_empty((w_up.shape[0],)))
+
+    register_fakes((("mmea_kernels_ext::gate_net_fwd", fwd_fake), ("mmea_kernels_ext::gate_net_bwd", bwd_fake)))
+
+
+if _ext_status()[0]:
+    _register_fakes()

@@ -103,9 +103,14 @@ def _register_fakes() -> None:
     def wgrad_fake(a, b, g_pre, g_post, wtasks, path_weights, numel, block_u, block_w):
         return a.new_empty((numel,))
 
+    def mmea_linear_fake(x, *args):  # csrc/adapter_op.cpp: d_out = gate_of_column's length (args[12])
+        return x.new_empty((x.shape[0], args[12].shape[0]))
+
     register_fakes((("mmea_kernels_ext::gated_linear_fwd", fwd_fake),
                     ("mmea_kernels_ext::gated_linear_fwd_u", fwd_u_fake),
                     ("mmea_kernels_ext::gated_linear_wgrad", wgrad_fake)))
+    if hasattr(torch.ops.mmea_kernels_ext, "mmea_linear"):
+        register_fakes((("mmea_kernels_ext::mmea_linear", mmea_linear_fake),))
 
 
 if cpp_built():
