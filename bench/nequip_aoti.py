@@ -4,17 +4,20 @@ LAMMPS' ``pair_nequip`` runs it: a small C++ program on libtorch's ``AOTIModelPa
 
 - ``--modifiers mmea_kernels_aten_only`` (:func:`mmea_kernels.aten_forms`): the file must load and give
   the eager model's per-atom energies, forces and virial (float64);
-- the control, compiled without it: the file calls this package's Python custom ops and the C++ loader
-  must refuse it, naming them;
-- cost: both files in Python (NequIP's AOTInductor loader; the control's ops come from
-  ``import mmea_kernels``), energy+forces+virial per call, alternating rounds (the order flips every
-  round), the median of the per-round ratios aten-only / with the package's ops and its quartiles.
+- ``--modifiers mmea_kernels_cpp_ops`` (``export_forms(model, "cpp")``: MMEA adapters as this package's
+  C++-registered op): the same, with the kernels' library ``mmea_ops.so`` (csrc/ compiled without Python,
+  as ``mmea-kernels lammps-build`` builds it; built here) loaded first; without it, refused;
+- the control, compiled without modifiers: the file calls this package's Python custom ops and the C++
+  loader must refuse it, naming them;
+- cost: the three files in Python (NequIP's AOTInductor loader; the ops come from ``import mmea_kernels``),
+  energy+forces+virial per call, alternating rounds (the order flips every round), the median of the
+  per-round ratios aten-only / package ops and C++ ops / package ops, and their quartiles.
 
 The model (``--layers``, ``--features``, l_max 2, float64, random adapter weights) is built in this
 process; ``nequip-compile``'s ``main`` runs on it in-process (its loader is handed this model instead
 of reading a checkpoint: everything after loading, modifiers and metadata included, is NequIP's).
 
-    python bench/nequip_aoti.py                       # ~5 min on 2 cores (two AOTInductor builds)
+    python bench/nequip_aoti.py                       # ~9 min on 2 cores (three AOTInductor builds)
     python bench/nequip_aoti.py --rounds 40 --threads 2
 
 Needs nequip (scripts/install.sh installs it), g++ and torch's C++ headers. Writes
@@ -51,9 +54,14 @@ LOADER_CPP = r"""
 #include <torch/torch.h>
 #include <torch/script.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <dlfcn.h>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 int main(int argc, char** argv) {
+  if (const char* lib = std::getenv("MMEA_OPS_LIB")) {  // mmea_ops.so: registers mmea_kernels_ext::* (C++)
+    if (!dlopen(lib, RTLD_NOW | RTLD_GLOBAL)) { std::cerr << dlerror() << std::endl; return 2; }
+  }
   torch::inductor::AOTIModelPackageLoader loader(argv[1], "model");
   auto held = torch::jit::load(argv[2]);  // the input tensors, as buffers of a scripted module
   std::vector<at::Tensor> inputs;
@@ -76,9 +84,28 @@ def build_loader(work: pathlib.Path) -> pathlib.Path:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = ["g++", "-std=c++17", "-O1", str(src), f"-I{tdir}/include", f"-I{tdir}/include/torch/csrc/api/include",
            f"-L{tdir}/lib", "-ltorch", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{tdir}/lib",
-           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-o", str(exe)]
+           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-ldl", "-o", str(exe)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return exe
+
+
+def build_ops_lib(work: pathlib.Path) -> pathlib.Path:
+    """csrc/*.cpp without Python (-DMMEA_NO_PYTHON), as lammps_plugin/build.sh builds mmea_ops.so (~1.5 min)."""
+    tdir = pathlib.Path(torch.__file__).parent
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    flags = ["-O3", "-std=c++17", "-fPIC", "-w", "-fopenmp", "-DMMEA_NO_PYTHON", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+             f"-I{REPO / 'csrc'}", f"-I{tdir}/include", f"-I{tdir}/include/torch/csrc/api/include"]
+    objs, procs = [], []
+    for src in sorted((REPO / "csrc").glob("*.cpp")):
+        objs.append(work / f"mmea_{src.stem}.o")
+        procs.append(subprocess.Popen(["g++", *flags, "-c", str(src), "-o", str(objs[-1])], stderr=subprocess.PIPE))
+    for proc in procs:
+        if proc.wait() != 0:
+            raise SystemExit(f"compiling csrc/ failed:\n{proc.stderr.read().decode()[-3000:]}")
+    lib = work / "mmea_ops.so"
+    subprocess.run(["g++", "-shared", "-fopenmp", *map(str, objs), "-o", str(lib), f"-L{tdir}/lib", "-ltorch",
+                    "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{tdir}/lib"], check=True, capture_output=True, text=True)
+    return lib
 
 
 def nequip_model(layers: int, features: int, seed: int):
@@ -130,8 +157,10 @@ def nequip_compile(model, data, out: pathlib.Path, modifiers) -> float:
     return time.perf_counter() - t0
 
 
-def run_loader(exe, pt2, held, out) -> subprocess.CompletedProcess:
+def run_loader(exe, pt2, held, out, ops_lib=None) -> subprocess.CompletedProcess:
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}  # no Python anywhere in this process
+    if ops_lib is not None:
+        env["MMEA_OPS_LIB"] = str(ops_lib)
     return subprocess.run([str(exe), str(pt2), str(held), str(out), *INPUTS], capture_output=True, text=True,
                           env=env, timeout=600)
 
@@ -156,7 +185,38 @@ def paired(fa, fb, rounds: int, calls: int):
         ratios.append(a / b), ta.append(a), tb.append(b)
     q = statistics.quantiles(ratios, n=4)
     return {"median": statistics.median(ratios), "q1": q[0], "q3": q[2], "rounds": rounds, "calls_per_round": calls,
-            "ms_aten": 1e3 * statistics.median(ta), "ms_ops": 1e3 * statistics.median(tb)}
+            "ms_a": 1e3 * statistics.median(ta), "ms_ops": 1e3 * statistics.median(tb)}
+
+
+MODIFIERS = {"aten": ["mmea_kernels_aten_only"], "cpp": ["mmea_kernels_cpp_ops"], "ops": []}
+
+
+def python_free_checks(work, files, data, want):
+    """Each file in the C++ loader: aten-only and cpp (with mmea_ops.so) must give ``want``; the control
+    (package ops) and the cpp file without mmea_ops.so must be refused, naming the missing ops."""
+    exe, ops_lib = build_loader(work), build_ops_lib(work)
+
+    class Held(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for k in INPUTS:
+                self.register_buffer(k, data[k].contiguous())
+
+        def forward(self):
+            return self.pos
+    torch.jit.script(Held()).save(str(work / "inputs.pt"))
+    diffs, refusals = {}, {}
+    for kind, lib in (("aten", None), ("cpp", ops_lib)):
+        res = run_loader(exe, files[kind], work / "inputs.pt", work / f"{kind}_out.pt", lib)
+        if res.returncode != 0:
+            raise SystemExit(f"the {kind} file did not run without Python:\n{res.stderr[-3000:]}")
+        got = torch.load(work / f"{kind}_out.pt", weights_only=False)  # written by our own loader just now
+        diffs[kind] = {k: float((g - w).abs().max() / w.abs().max()) for k, g, w in zip(OUTPUTS, got, want)}
+    for kind, name in (("ops", "mmea_kernels::"), ("cpp", "mmea_kernels_ext::")):
+        res = run_loader(exe, files[kind], work / "inputs.pt", work / "refused.pt")  # no mmea_ops.so
+        why = next((ln.strip() for ln in res.stderr.splitlines() if name in ln), res.stderr[-300:])
+        refusals[kind] = {"refused": res.returncode != 0 and name in res.stderr, "message": why}
+    return diffs, refusals
 
 
 def main(argv=None):
@@ -174,7 +234,7 @@ def main(argv=None):
     from nequip.utils.global_state import set_global_state
 
     set_global_state()
-    import mmea_kernels  # noqa: F401 (the control file's ops, for the timing)
+    import mmea_kernels  # noqa: F401 (the ops of the control and cpp files, for the timing)
     from nequip.model.inference_models.aotinductor import load_aotinductor_model
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="nequip-aoti-"))
@@ -182,49 +242,35 @@ def main(argv=None):
         model = nequip_model(args.layers, args.features, args.seed).eval()
         n_atoms, data = structure(args.grid)
         want = eager_outputs(model, data)
-        files = {"aten": work / "aten.nequip.pt2", "ops": work / "ops.nequip.pt2"}
-        secs = {k: nequip_compile(model, data, f, ["mmea_kernels_aten_only"] if k == "aten" else [])
-                for k, f in files.items()}
-        exe = build_loader(work)
-        class Held(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                for k in INPUTS:
-                    self.register_buffer(k, data[k].contiguous())
-
-            def forward(self):
-                return self.pos
-        torch.jit.script(Held()).save(str(work / "inputs.pt"))
-        res = run_loader(exe, files["aten"], work / "inputs.pt", work / "aten_out.pt")
-        if res.returncode != 0:
-            raise SystemExit(f"the aten-only file did not run without Python:\n{res.stderr[-3000:]}")
-        got = torch.load(work / "aten_out.pt", weights_only=False)  # written by our own loader just now
-        diffs = {k: float((g - w).abs().max() / w.abs().max()) for k, g, w in zip(OUTPUTS, got, want)}
-        ctrl = run_loader(exe, files["ops"], work / "inputs.pt", work / "ops_out.pt")
-        refused = ctrl.returncode != 0 and "mmea_kernels::" in ctrl.stderr
-        why = next((ln.strip() for ln in ctrl.stderr.splitlines() if "mmea_kernels::" in ln), ctrl.stderr[-300:])
+        files = {k: work / f"{k}.nequip.pt2" for k in MODIFIERS}
+        secs = {k: nequip_compile(model, data, f, MODIFIERS[k]) for k, f in files.items()}
+        diffs, refusals = python_free_checks(work, files, data, want)
         loaded = {k: load_aotinductor_model(str(f), "cpu", input_keys=INPUTS, output_keys=OUTPUTS)[0]
                   for k, f in files.items()}
         inp = {k: data[k] for k in INPUTS}
-        timing = paired(lambda: loaded["aten"](dict(inp)), lambda: loaded["ops"](dict(inp)), args.rounds, args.calls)
+        timing = {k: paired(lambda k=k: loaded[k](dict(inp)), lambda: loaded["ops"](dict(inp)), args.rounds, args.calls)
+                  for k in ("aten", "cpp")}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ok = all(v <= 1e-12 for v in diffs.values()) and refused
+    ok = all(v <= 1e-12 for d in diffs.values() for v in d.values()) and all(r["refused"] for r in refusals.values())
     result = {"date": datetime.date.today().isoformat(), "machine": cpu_model(), "threads": args.threads,
               "model": f"NequIP float64, {args.layers} layers, {args.features} features, l_max 2, MMEA rank 8 "
                        "on every conv linear, FusedGate", "atoms": n_atoms,
-              "compile_s": secs, "python_free_relative_max_diff": diffs, "control_refused": refused,
-              "control_message": why, "time_ratio_aten_over_ops": timing, "passed": ok,
-              "provenance": provenance()}
+              "compile_s": secs, "python_free_relative_max_diff": diffs, "refusals": refusals,
+              "time_ratio_over_ops": timing, "passed": ok, "provenance": provenance()}
     text = (f"NequIP AOTInductor (nequip-compile, pair_nequip target), {result['model']}, {n_atoms} atoms, "
-            f"{cpu_model()}, {args.threads} thread(s), {result['date']}\n"
-            f"  aten-only file in C++ (no Python) vs eager: relative max diff "
-            + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()) + "\n"
-            f"  control (package ops) refused by the C++ loader: {refused} ({why[:160]})\n"
-            f"  per call, aten-only / package ops (Python loader): {timing['median']:.3f} "
-            f"(IQR {timing['q1']:.3f}..{timing['q3']:.3f}, {args.rounds} rounds; "
-            f"{timing['ms_aten']:.2f} vs {timing['ms_ops']:.2f} ms)\n"
-            f"  compile: {secs['aten']:.0f} s / {secs['ops']:.0f} s\n  {'PASSED' if ok else 'FAILED'}\n")
+            f"{cpu_model()}, {args.threads} thread(s), {result['date']}\n")
+    for kind, what in (("aten", "aten-only file (no library)"), ("cpp", "cpp-ops file (mmea_ops.so loaded)")):
+        text += (f"  {what} in C++ (no Python) vs eager: relative max diff "
+                 + ", ".join(f"{k} {v:.1e}" for k, v in diffs[kind].items()) + "\n")
+    for kind, what in (("ops", "control (package ops)"), ("cpp", "cpp-ops file without mmea_ops.so")):
+        text += f"  {what} refused by the C++ loader: {refusals[kind]['refused']} ({refusals[kind]['message'][:160]})\n"
+    for kind, what in (("aten", "aten-only"), ("cpp", "cpp ops")):
+        t = timing[kind]
+        text += (f"  per call, {what} / package ops (Python loader): {t['median']:.3f} "
+                 f"(IQR {t['q1']:.3f}..{t['q3']:.3f}, {args.rounds} rounds; {t['ms_a']:.2f} vs {t['ms_ops']:.2f} ms)\n")
+    text += "  compile: " + " / ".join(f"{k} {v:.0f} s" for k, v in secs.items())
+    text += f"\n  {'PASSED' if ok else 'FAILED'}\n"
     print(text)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
