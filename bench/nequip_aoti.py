@@ -11,7 +11,8 @@ LAMMPS' ``pair_nequip`` runs it: a small C++ program on libtorch's ``AOTIModelPa
   loader must refuse it, naming them;
 - cost: the three files in Python (NequIP's AOTInductor loader; the ops come from ``import mmea_kernels``),
   energy+forces+virial per call, alternating rounds (the order flips every round), the median of the
-  per-round ratios aten-only / package ops and C++ ops / package ops, and their quartiles.
+  per-round ratios aten-only / package ops and C++ ops / package ops, and their quartiles; and the two
+  Python-free files against each other in one C++ loader process (aten-only / cpp ops), as LAMMPS runs them.
 
 The model (``--layers``, ``--features``, l_max 2, float64, random adapter weights) is built in this
 process; ``nequip-compile``'s ``main`` runs on it in-process (its loader is handed this model instead
@@ -50,23 +51,49 @@ OUTPUTS = ["atomic_energy", "forces", "virial"]  # nequip's LMP_OUTPUTS, in the 
 TYPES = ["H", "C", "O"]
 
 LOADER_CPP = r"""
-// libtorch only, no Python: what pair_nequip does with a .nequip.pt2 file
+// libtorch only, no Python: what pair_nequip does with a .nequip.pt2 file.
+//   loader FILE.pt2 INPUTS.pt OUT.pt KEYS...                 run once, write the outputs
+//   loader --time A.pt2 B.pt2 INPUTS.pt ROUNDS CALLS KEYS...  seconds per call of A and B, per round,
+//                                                            the order flipping every round
 #include <torch/torch.h>
 #include <torch/script.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <chrono>
 #include <dlfcn.h>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
+using Loader = torch::inductor::AOTIModelPackageLoader;
+static std::vector<at::Tensor> held_inputs(const char* path, int first, int argc, char** argv) {
+  auto held = torch::jit::load(path);  // the input tensors, as buffers of a scripted module
+  std::vector<at::Tensor> inputs;
+  for (int i = first; i < argc; ++i) inputs.push_back(held.attr(argv[i]).toTensor());
+  return inputs;
+}
+static double per_call(Loader& m, const std::vector<at::Tensor>& in, int calls) {
+  auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < calls; ++i) m.run(in);
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / calls;
+}
 int main(int argc, char** argv) {
   if (const char* lib = std::getenv("MMEA_OPS_LIB")) {  // mmea_ops.so: registers mmea_kernels_ext::* (C++)
     if (!dlopen(lib, RTLD_NOW | RTLD_GLOBAL)) { std::cerr << dlerror() << std::endl; return 2; }
   }
-  torch::inductor::AOTIModelPackageLoader loader(argv[1], "model");
-  auto held = torch::jit::load(argv[2]);  // the input tensors, as buffers of a scripted module
-  std::vector<at::Tensor> inputs;
-  for (int i = 4; i < argc; ++i) inputs.push_back(held.attr(argv[i]).toTensor());
-  auto out = loader.run(inputs);
+  if (std::string(argv[1]) == "--time") {
+    Loader a(argv[2], "model"), b(argv[3], "model");
+    auto inputs = held_inputs(argv[4], 7, argc, argv);
+    const int rounds = std::atoi(argv[5]), calls = std::atoi(argv[6]);
+    per_call(a, inputs, calls), per_call(b, inputs, calls);
+    for (int r = 0; r < rounds; ++r) {
+      double ta, tb;
+      if (r % 2) { ta = per_call(a, inputs, calls); tb = per_call(b, inputs, calls); }
+      else { tb = per_call(b, inputs, calls); ta = per_call(a, inputs, calls); }
+      std::cout << "round " << ta << " " << tb << std::endl;
+    }
+    return 0;
+  }
+  Loader loader(argv[1], "model");
+  auto out = loader.run(held_inputs(argv[2], 4, argc, argv));
   std::vector<char> bytes = torch::pickle_save(c10::IValue(c10::List<at::Tensor>(out)));
   std::ofstream f(argv[3], std::ios::binary);
   f.write(bytes.data(), bytes.size());
@@ -191,9 +218,10 @@ def paired(fa, fb, rounds: int, calls: int):
 MODIFIERS = {"aten": ["mmea_kernels_aten_only"], "cpp": ["mmea_kernels_cpp_ops"], "ops": []}
 
 
-def python_free_checks(work, files, data, want):
+def python_free_checks(work, files, data, want, rounds, calls):
     """Each file in the C++ loader: aten-only and cpp (with mmea_ops.so) must give ``want``; the control
-    (package ops) and the cpp file without mmea_ops.so must be refused, naming the missing ops."""
+    (package ops) and the cpp file without mmea_ops.so must be refused, naming the missing ops. Then
+    the aten-only and cpp files timed against each other in one C++ process (paired rounds)."""
     exe, ops_lib = build_loader(work), build_ops_lib(work)
 
     class Held(torch.nn.Module):
@@ -216,7 +244,18 @@ def python_free_checks(work, files, data, want):
         res = run_loader(exe, files[kind], work / "inputs.pt", work / "refused.pt")  # no mmea_ops.so
         why = next((ln.strip() for ln in res.stderr.splitlines() if name in ln), res.stderr[-300:])
         refusals[kind] = {"refused": res.returncode != 0 and name in res.stderr, "message": why}
-    return diffs, refusals
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "MMEA_OPS_LIB": str(ops_lib)}
+    res = subprocess.run([str(exe), "--time", str(files["aten"]), str(files["cpp"]), str(work / "inputs.pt"),
+                          str(rounds), str(calls), *INPUTS], capture_output=True, text=True, env=env, timeout=1200)
+    if res.returncode != 0:
+        raise SystemExit(f"timing in the C++ loader failed:\n{res.stderr[-3000:]}")
+    pairs = [tuple(map(float, ln.split()[1:])) for ln in res.stdout.splitlines() if ln.startswith("round ")]
+    ratios = [a / b for a, b in pairs]
+    q = statistics.quantiles(ratios, n=4)
+    timing = {"median": statistics.median(ratios), "q1": q[0], "q3": q[2], "rounds": rounds, "calls_per_round": calls,
+              "ms_aten": 1e3 * statistics.median(a for a, _ in pairs),
+              "ms_cpp": 1e3 * statistics.median(b for _, b in pairs)}
+    return diffs, refusals, timing
 
 
 def main(argv=None):
@@ -244,7 +283,7 @@ def main(argv=None):
         want = eager_outputs(model, data)
         files = {k: work / f"{k}.nequip.pt2" for k in MODIFIERS}
         secs = {k: nequip_compile(model, data, f, MODIFIERS[k]) for k, f in files.items()}
-        diffs, refusals = python_free_checks(work, files, data, want)
+        diffs, refusals, c_timing = python_free_checks(work, files, data, want, args.rounds, args.calls)
         loaded = {k: load_aotinductor_model(str(f), "cpu", input_keys=INPUTS, output_keys=OUTPUTS)[0]
                   for k, f in files.items()}
         inp = {k: data[k] for k in INPUTS}
@@ -257,7 +296,8 @@ def main(argv=None):
               "model": f"NequIP float64, {args.layers} layers, {args.features} features, l_max 2, MMEA rank 8 "
                        "on every conv linear, FusedGate", "atoms": n_atoms,
               "compile_s": secs, "python_free_relative_max_diff": diffs, "refusals": refusals,
-              "time_ratio_over_ops": timing, "passed": ok, "provenance": provenance()}
+              "time_ratio_over_ops": timing, "time_ratio_aten_over_cpp_in_cpp_loader": c_timing, "passed": ok,
+              "provenance": provenance()}
     text = (f"NequIP AOTInductor (nequip-compile, pair_nequip target), {result['model']}, {n_atoms} atoms, "
             f"{cpu_model()}, {args.threads} thread(s), {result['date']}\n")
     for kind, what in (("aten", "aten-only file (no library)"), ("cpp", "cpp-ops file (mmea_ops.so loaded)")):
@@ -269,6 +309,9 @@ def main(argv=None):
         t = timing[kind]
         text += (f"  per call, {what} / package ops (Python loader): {t['median']:.3f} "
                  f"(IQR {t['q1']:.3f}..{t['q3']:.3f}, {args.rounds} rounds; {t['ms_a']:.2f} vs {t['ms_ops']:.2f} ms)\n")
+    text += (f"  per call, aten-only / cpp ops (C++ loader, no Python): {c_timing['median']:.3f} "
+             f"(IQR {c_timing['q1']:.3f}..{c_timing['q3']:.3f}, {args.rounds} rounds; {c_timing['ms_aten']:.2f} vs "
+             f"{c_timing['ms_cpp']:.2f} ms)\n")
     text += "  compile: " + " / ".join(f"{k} {v:.0f} s" for k, v in secs.items())
     text += f"\n  {'PASSED' if ok else 'FAILED'}\n"
     print(text)
