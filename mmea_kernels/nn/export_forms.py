@@ -9,7 +9,7 @@ from typing import Dict
 
 from torch import nn
 
-from .scriptable import check_scriptable, script_kernels, scriptable_adapter
+from .scriptable import KERNELS, check_scriptable, script_kernels, scriptable_adapter
 
 __all__ = ["aten_forms", "export_forms", "NEQUIP_ATEN_MODIFIER", "NEQUIP_CPP_MODIFIER"]
 
@@ -37,8 +37,11 @@ def export_forms(model: nn.Module, kernels: str = "aten") -> Dict[str, str]:
     from .fused_gate import FusedGate
     from .gate_swap import _retarget_state
 
+    if kernels not in KERNELS:
+        raise ValueError(f"export_forms: kernels={kernels!r}: expected one of {KERNELS}")
+    who = "aten_forms" if kernels == "aten" else f"export_forms(kernels={kernels!r})"
     if isinstance(model, FusedGate) or hasattr(model, "adapter_enabled"):
-        raise ValueError("aten_forms replaces modules inside a model; for one adapter or FusedGate use its "
+        raise ValueError(f"{who} replaces modules inside a model; for one adapter or FusedGate use its "
                          "__prepare_scriptable__()")
     todo = []
     for parent_name, parent in model.named_modules():
@@ -48,12 +51,12 @@ def export_forms(model: nn.Module, kernels: str = "aten") -> Dict[str, str]:
                 todo.append((parent, name, full, child, "gate"))
             elif hasattr(child, "adapter_enabled") and hasattr(child, "method"):
                 if not hasattr(child, "view"):  # MMEATensorProduct
-                    raise NotImplementedError(f"aten_forms: {full} ({type(child).__name__}, the mmea-tp method) has no "
+                    raise NotImplementedError(f"{who}: {full} ({type(child).__name__}, the mmea-tp method) has no "
                                               "aten form; its gate runs this package's ops")
                 try:
                     check_scriptable(child, full)
                 except NotImplementedError as exc:
-                    raise NotImplementedError(f"aten_forms: {exc}") from None
+                    raise NotImplementedError(f"{who}: {exc}") from None
                 todo.append((parent, name, full, child, "adapter"))
     done: Dict[str, str] = {}
     with script_kernels(kernels, model if kernels == "cpp" else None):

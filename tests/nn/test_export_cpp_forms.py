@@ -99,6 +99,11 @@ def test_what_the_fused_op_does_not_cover_keeps_its_aten_form():
     assert done["l1"] == "ScriptableELoRALinear" and done["g"] == "ScriptableFusedGate"
     with pytest.raises(ValueError, match=r"kernels='cuda': expected one of \('aten', 'cpp'\)"):
         mk.export_forms(_adapted("mmea"), "cuda")
+    pinned = _adapted("mmea")
+    pinned.l2.backend = "triton"  # a pinned gate backend: refused, named, nothing replaced
+    with pytest.raises(NotImplementedError, match=r"export_forms\(kernels='cpp'\): adapter 'l2' has its gate backend"):
+        mk.export_forms(pinned, "cpp")
+    assert isinstance(pinned.l1, mk.MMEALinear)
 
 
 @pytest.mark.parametrize("need_x0,need_weights", [(True, True), (True, False), (False, True), (False, False)])
