@@ -87,7 +87,7 @@ Tensor seg_dot(const Tensor& a, const Tensor& b, const Tensor& gate_of_column, c
   return op.call(a, b, gate_of_column, gate_cols, false);
 }
 
-// A column count or stride, through sym_size / sym_stride: size(d) and stride(d) of a symbolic-shape
+// A column count, through sym_size: size(d) and stride(d) of a symbolic-shape
 // tensor (torch.export / make_fx tracing, as nequip-compile does) read every dimension as an int and
 // fix the row count to the traced one. Columns are static; rows stay symbolic.
 int64_t cols(const Tensor& t, int64_t d = 1) { return t.sym_size(d).guard_int(__FILE__, __LINE__); }
@@ -119,7 +119,8 @@ void check_args(const Tensor& x, const Tensor& w, const OptT& bias, const Tensor
 
 // x with unit column stride (what the kernels read; a column-major or column-strided view is copied)
 Tensor unit_columns(const Tensor& x) {
-  return x.dim() == 2 && x.sym_stride(1).guard_int(__FILE__, __LINE__) != 1 && cols(x) > 1 ? x.contiguous() : x;
+  // a symbolic comparison: a column-major view's column stride is the (symbolic) row count
+  return x.dim() == 2 && cols(x) > 1 && x.sym_stride(1).sym_ne(1).guard_bool(__FILE__, __LINE__) ? x.contiguous() : x;
 }
 
 std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& w, const OptT& bias, const Tensor& wd,

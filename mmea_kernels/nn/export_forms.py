@@ -5,11 +5,12 @@ package's C++ op, registered in C++: the file needs ``mmea_kernels._C`` or the L
 ``mmea_ops.so`` loaded, not Python), and the NequIP model modifiers ``mmea_kernels_aten_only`` and
 ``mmea_kernels_cpp_ops`` that apply them in ``nequip-compile``. The forms are those of
 :mod:`mmea_kernels.nn.scriptable`."""
+import contextlib
 from typing import Dict
 
 from torch import nn
 
-from .scriptable import KERNELS, check_scriptable, script_kernels, scriptable_adapter
+from .scriptable import KERNELS, _restore_eager_forms, check_scriptable, script_kernels, scriptable_adapter
 
 __all__ = ["aten_forms", "export_forms", "NEQUIP_ATEN_MODIFIER", "NEQUIP_CPP_MODIFIER"]
 
@@ -43,6 +44,37 @@ def export_forms(model: nn.Module, kernels: str = "aten") -> Dict[str, str]:
     if isinstance(model, FusedGate) or hasattr(model, "adapter_enabled"):
         raise ValueError(f"{who} replaces modules inside a model; for one adapter or FusedGate use its "
                          "__prepare_scriptable__()")
+    done: Dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        undone = _restore_eager_forms(model)  # forms of an earlier call or torch.jit.script: made afresh
+        try:
+            todo = _to_replace(model, who)
+            stack.enter_context(script_kernels(kernels, model if kernels == "cpp" else None))  # cpp: is it built
+        except (NotImplementedError, RuntimeError):
+            for parent, name, form in undone:  # refused: the model as it was
+                parent._modules[name] = form
+            raise
+        for parent, name, full, child, kind in todo:
+            if kind == "adapter":
+                form = scriptable_adapter(child)
+            elif child.fused:
+                form = child.__prepare_scriptable__()
+            elif child.__dict__.get("_original") is not None:
+                form = child.__dict__["_original"]
+                _retarget_state(form, child)  # as restore_gates: the gate gets the tensors the FusedGate holds
+            else:
+                done[full] = "FusedGate (kept: its plain path; activation not fused)"
+                continue
+            parent._modules[name] = form
+            done[full] = type(form).__name__
+    return done
+
+
+def _to_replace(model: nn.Module, who: str) -> list:
+    """(parent, name, full name, module, kind) of every adapter and FusedGate, after checking that each
+    adapter has a form (an error naming ``who`` and the module, before anything is replaced)."""
+    from .fused_gate import FusedGate
+
     todo = []
     for parent_name, parent in model.named_modules():
         for name, child in list(parent._modules.items()):
@@ -58,22 +90,7 @@ def export_forms(model: nn.Module, kernels: str = "aten") -> Dict[str, str]:
                 except NotImplementedError as exc:
                     raise NotImplementedError(f"{who}: {exc}") from None
                 todo.append((parent, name, full, child, "adapter"))
-    done: Dict[str, str] = {}
-    with script_kernels(kernels, model if kernels == "cpp" else None):
-        for parent, name, full, child, kind in todo:
-            if kind == "adapter":
-                form = scriptable_adapter(child)
-            elif child.fused:
-                form = child.__prepare_scriptable__()
-            elif child.__dict__.get("_original") is not None:
-                form = child.__dict__["_original"]
-                _retarget_state(form, child)  # as restore_gates: the gate gets the tensors the FusedGate holds
-            else:
-                done[full] = "FusedGate (kept: its plain path; activation not fused)"
-                continue
-            parent._modules[name] = form
-            done[full] = type(form).__name__
-    return done
+    return todo
 
 
 class _NequIPModifiers:

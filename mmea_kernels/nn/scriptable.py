@@ -65,18 +65,23 @@ def keep_eager_form(form: nn.Module, eager: nn.Module) -> None:
 def restore_eager_forms(model: nn.Module) -> int:
     """Put back, in place, the eager module of every scriptable form inside ``model`` (the adapters and
     FusedGates that ``torch.jit.script(model)`` replaced in ``model``'s own tree); returns how many."""
+    return len(_restore_eager_forms(model))
+
+
+def _restore_eager_forms(model: nn.Module) -> list:
+    """:func:`restore_eager_forms`; returns (parent, name, form) of each put back, to undo it."""
     if isinstance(model, torch.jit.ScriptModule):
-        return 0
+        return []
     # not inside a model compiled in place (e3nn's jit.compile, mace's LAMMPS path): its modules and the
     # forms' bases are ScriptModules there, which take no reassignment and no eager call
-    found = [(parent, name, child.__dict__[EAGER_FORM][0]) for parent in model.modules()
+    found = [(parent, name, child) for parent in model.modules()
              if not isinstance(parent, torch.jit.ScriptModule)
              for name, child in parent._modules.items() if child is not None and EAGER_FORM in child.__dict__
              and not isinstance(child, torch.jit.ScriptModule)
              and not any(isinstance(m, torch.jit.ScriptModule) for m in child.__dict__[EAGER_FORM][0].modules())]
-    for parent, name, eager in found:
-        parent._modules[name] = eager
-    return len(found)
+    for parent, name, form in found:
+        parent._modules[name] = form.__dict__[EAGER_FORM][0]
+    return found
 
 
 def check_scriptable(adapter, name: str = "") -> None:

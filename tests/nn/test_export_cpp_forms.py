@@ -106,6 +106,44 @@ def test_what_the_fused_op_does_not_cover_keeps_its_aten_form():
     assert isinstance(pinned.l1, mk.MMEALinear)
 
 
+def test_a_second_call_converts_afresh_and_a_refusal_leaves_the_forms():
+    """A review found that a second call (cpp after cpp, cpp after aten) silently put the eager adapters
+    back, whose program calls the Python ops that pair_nequip refuses."""
+    model = _adapted("mmea")
+    x = torch.randn(6, 10, dtype=torch.float64)
+    want = model(x)
+    for kernels, form in (("aten", "ScriptableMMEALinear"), ("cpp", "ScriptableMMEAFusedLinear"),
+                          ("cpp", "ScriptableMMEAFusedLinear"), ("aten", "ScriptableMMEALinear")):
+        done = mk.export_forms(model, kernels)
+        assert done == {"l1": form, "g": "ScriptableFusedGate", "l2": form}
+        assert type(model.l1).__name__ == form
+        torch.testing.assert_close(model(x), want, rtol=0, atol=1e-12)
+    forms = dict(model.named_children())
+    model.l2.__dict__["_eager_form"][0].backend = "triton"  # refused now: the aten forms stay as they were
+    with pytest.raises(NotImplementedError, match="adapter 'l2' has its gate backend pinned"):
+        mk.export_forms(model, "cpp")
+    assert dict(model.named_children()) == forms
+
+
+def test_a_column_major_input_keeps_the_row_count_symbolic():
+    """The C++ op copies a column-strided input; it compared the stride (the row count) as an int,
+    which fixed the exported program to the traced row count (a review)."""
+    model = _adapted("mmea")
+    mk.export_forms(model, "cpp")
+
+    class Transposed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, xt):
+            return self.m(xt.t())
+
+    xt, xt9 = torch.randn(10, 6, dtype=torch.float64), torch.randn(10, 9, dtype=torch.float64)
+    ep = torch.export.export(Transposed(), (xt,), dynamic_shapes=({1: torch.export.Dim("rows", min=2)},))
+    torch.testing.assert_close(ep.module()(xt9), model(xt9.t().contiguous()), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("need_x0,need_weights", [(True, True), (True, False), (False, True), (False, False)])
 def test_the_fakes_of_the_gate_net_kernels_have_the_real_shapes(need_x0, need_weights):
     torch.manual_seed(0)
