@@ -27,7 +27,8 @@ def export_forms(model: nn.Module, kernels: str = "aten") -> Dict[str, str]:
     without it and without Python (libtorch's AOTI loader, NequIP's ``pair_nequip``). A FusedGate
     whose activation has no aten form (one the kernels do not fuse: its plain path runs) gets back the
     gate it replaced, if it has one. :func:`restore_eager_forms` undoes it. Returns what each module
-    became, by name. ``mmea-tp`` adapters have no aten form (an error; nothing is changed then).
+    became, by name. ``mmea-tp`` adapters have no aten form (an error; nothing is changed then). Forms
+    already in ``model`` (an earlier call of either kind, ``torch.jit.script(model)``) are made afresh.
 
     ``kernels="cpp"``: MMEA adapters on e3nn linears become instead :class:`ScriptableMMEAFusedLinear`,
     one op of this package's C++ extension (``mmea_kernels_ext::mmea_linear``; through ``make_fx``,
