@@ -125,6 +125,18 @@ def test_a_second_call_converts_afresh_and_a_refusal_leaves_the_forms():
     assert dict(model.named_children()) == forms
 
 
+def test_without_the_extension_cpp_is_refused_and_the_forms_stay(monkeypatch):
+    from mmea_kernels.ops.gated_linear import cpp_kernels
+
+    model = _adapted("mmea")
+    mk.export_forms(model, "aten")
+    forms = dict(model.named_children())
+    monkeypatch.setattr(cpp_kernels, "cpp_status", lambda device: (False, "not built (test)"))
+    with pytest.raises(RuntimeError, match=r"kernels='cpp' needs this package's C\+\+ extension: not built \(test\)"):
+        mk.export_forms(model, "cpp")
+    assert dict(model.named_children()) == forms
+
+
 def test_a_column_major_input_keeps_the_row_count_symbolic():
     """The C++ op copies a column-strided input; it compared the stride (the row count) as an int,
     which fixed the exported program to the traced row count (a review)."""
