@@ -462,8 +462,10 @@ def sweep_cases(layer, n, device, timer):
 
 
 GATE_SWEEP = {  # (BLOCK_N, BLOCK_D or BLOCK_G, num_warps) of the Triton gate kernels
-    "gate_mul": [(16, 256, 4), (16, 256, 8), (8, 256, 4), (32, 256, 8), (4, 512, 4), (8, 512, 8)],
-    "seg_dot": [(16, 64, 8), (8, 64, 4), (32, 32, 8), (16, 32, 4), (32, 64, 8), (64, 32, 8)],
+    # around the defaults picked from the 2026-12-04 H200 sweep (4 x 512 / 4 warps; 8 x 64 / 4 warps),
+    # with the earlier defaults (16 x 256 / 4; 16 x 64 / 8) first
+    "gate_mul": [(16, 256, 4), (4, 512, 8), (2, 1024, 4), (2, 512, 4), (8, 512, 4), (1, 2048, 8), (4, 256, 2)],
+    "seg_dot": [(16, 64, 8), (4, 64, 4), (8, 32, 4), (4, 128, 4), (8, 64, 2), (16, 64, 4), (2, 64, 2)],
 }
 
 
@@ -639,9 +641,9 @@ def _measure(run, args, device, timer, layers, sizes, dtypes, rounds):
     """Every comparison, most needed first: the gate kernels' tiles against copy bandwidth, the host
     overhead, the kernels that never ran on a GPU (FusedGate, the gate net), then the size sweep."""
     if device.type == "cuda" or args.small:  # tiles of the Triton gate kernels (device time, % of copy)
-        layer = "small" if args.small else "128x0e+128x1o+128x2e+128x3o"
-        run(("gate_sweep", layer, 33 if args.small else 32000, dtypes[0]),
-            gate_sweep_cases(layer, 33 if args.small else 32000, device, timer, dtypes))
+        for layer in ["small"] if args.small else ["128x0e+128x1o+128x2e+128x3o", "128x0e+128x1o"]:
+            run(("gate_sweep", layer, 33 if args.small else 32000, dtypes[0]),
+                gate_sweep_cases(layer, 33 if args.small else 32000, device, timer, dtypes))
     run(("host_overhead", "small" if args.small else "128x0e+128x1o+128x2e+128x3o", 16, torch.float32),
         host_overhead_cases("small" if args.small else "128x0e+128x1o+128x2e+128x3o", device, args.small))
     # then the kernels that never ran on a GPU (FusedGate, the gate net), before the long size sweep

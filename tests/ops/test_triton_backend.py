@@ -179,6 +179,19 @@ def test_multi_block_default_sizes(layout, device):
                  device=device)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the GPU tiles through the interpreter")
+def test_gpu_tiles_through_the_interpreter(monkeypatch):
+    """The tiles the GPU gets (4 x 512 for gate_mul, 8 x 64 for seg_dot, from the H200 sweep) on CPU
+    tensors: several row blocks, a partial column block, a partial gate block, both layouts."""
+    monkeypatch.setattr(triton_backend, "interpreting", lambda device: False)
+    assert triton_backend._gate_mul_blocks(150, 284, False) == (4, 512, 4)
+    assert triton_backend._seg_dot_blocks(150, 71, 7, False) == (8, 64, 4)
+    blocks = parse_blocks("5x0e+40x1o+20x2e+8x3o+3x0o")  # D = 284, G = 71
+    for layout in ("mul_ir", "ir_mul"):
+        for shared in (False, True):
+            run_case(blocks, layout, 37, torch.float64, shared, keep_ungated=not shared, seed=7, tiny_blocks=False)
+
+
 def test_bf16_seg_dot_accumulates_in_fp32(device):
     """Many small terms: a bf16 accumulator would lose them, fp32 accumulation does not."""
     L = IrrepsLayout.of("1x3o", "mul_ir")
