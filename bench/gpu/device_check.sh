@@ -12,23 +12,24 @@
 # pytest-timeout's --session-timeout before its shell limit, so a cut run still prints its failures),
 # and nothing is cut from the log: it comes back whole as $OUT/device_check.log. A session has about
 # 15 minutes of device time, machine starts included, so in practice one call: the default steps are
-# the open targets, most needed first (an estimate from the 2026-11-28 run: machine 15 s, build 60 s,
-# tests <= 150 s, model 40 s, benchmark <= 110 s, gates 60 s; the workflow runs on what is left):
+# the open targets, most needed first (from the 2026-12-04 run: machine 17 s, build 66 s, tests <= 150 s,
+# model 53 s, benchmark <= 110 s, gates <= 90 s, md step 40 s):
 #   1. versions, the extension built in place with its CUDA kernels;
-#   2. tests: the CUDA tests (every kernel against the float64 / torch references, gradcheck,
-#      gradgradcheck);
+#   2. tests, one pytest process per file, all at once: the CUDA tests (every kernel against the
+#      float64 / torch references, gradcheck, gradgradcheck) and the workflow tests
+#      (tests/train/test_device.py, test_stress.py, tests/app/test_md.py, tests/train/test_predict.py:
+#      train, evaluate, resume, checkpoint, ASE calculator, stresses, predictions, MD on the GPU, each
+#      against the same run on the CPU);
 #   3. model: the whole model (MACE-OFF23-medium architecture, 64 toluene, fp32; the open <= 3 %
 #      target), paired ratios with the default fused path;
-#   4. bench: bench/gpu/bench_gpu.py (gate kernels against copy bandwidth first, then FusedGate and
-#      the gate net, then the fused linear against o3.Linear and cuet, FusedGate against e3nn's Gate;
-#      rows stream to a .jsonl as they come, and a TERM still writes the .json/.txt of what ran);
-#      sizes 8000,32000 and 7 rounds unless BENCH_SIZES / BENCH_ROUNDS say otherwise;
+#   4. bench: bench/gpu/bench_gpu.py (the Triton gate kernels' tiles against copy bandwidth first, then
+#      FusedGate and the gate net, then the fused linear against o3.Linear and cuet, FusedGate against
+#      e3nn's Gate; rows stream to a .jsonl as they come, and a TERM still writes the .json/.txt of
+#      what ran); sizes 8000,32000 and 7 rounds unless BENCH_SIZES / BENCH_ROUNDS say otherwise;
 #   5. gates: FusedGate against e3nn's Gate, per op and in SevenNet-0 (64 ethanol; float64 equality
-#      after replace_gates, then paired E+F timings; bench/gate_speed.py, sevenn from .whl);
-#   6. workflow: the fine-tuning workflow on the GPU (tests/train/test_device.py, test_stress.py,
-#      test_predict.py, tests/app/test_md.py: train, evaluate, resume, checkpoint, ASE calculator,
-#      stresses, predictions, MD; each against the same run on the CPU; then an MD step through the
-#      calculator, cached input vs mace's full path, bench/md_step.py).
+#      after replace_gates, then paired float32 E+F timings; bench/gate_speed.py, sevenn from .whl);
+#   6. workflow: an MD step through the calculator, cached input vs mace's full path (bench/md_step.py;
+#      the workflow tests run in step 2 unless ONLY leaves "workflow" out).
 # Only when ONLY names them: auto (the whole model with MMEA_FUSED_LINEAR=auto: each MMEALinear times
 # both paths and keeps the faster), profile (where the whole model's time goes: --profile host/wall/
 # device time and kernel counts, fused and MMEA_FUSED_LINEAR=0; what auto picks per layer at 4 and 64
@@ -116,19 +117,42 @@ fi
 timeout 60 python3 -c "import mmea_kernels._C as C; print('WITH_CUDA =', C.WITH_CUDA); assert C.WITH_CUDA"
 status $? "extension with CUDA kernels"
 
-step "CUDA tests (every kernel against the float64 / torch references, gradcheck, gradgradcheck)"
-if want tests; then
-  # pytest-timeout >= 2.3 ends the session before the shell's limit, with the failures listed (a TERM
-  # from `timeout` prints none of them); older ones lack the option and the shell limit alone applies
-  TL=$(lim ${TEST_LIMIT:-150}); SESSION=()
-  [ "$TL" -gt 30 ] && timeout 30 python3 -m pytest --help 2>/dev/null | grep -q -- --session-timeout \
-    && SESSION=(--session-timeout $(( TL - 15 )))
-  MMEA_TEST_CUDA=1 within ${TEST_LIMIT:-150} python3 -m pytest -q -p no:cacheprovider -k cuda -rfEs --tb=short \
-    --timeout 120 "${SESSION[@]}" tests/ops/test_gate_ops.py tests/ops/test_triton_backend.py tests/ops/test_gated_linear.py \
-    tests/ops/test_cpp_backend.py tests/ops/test_gate_net_triton.py tests/ops/test_adapter_node.py tests/nn/test_modules.py \
-    tests/nn/test_path_choice.py tests/nn/test_fused_gate.py tests/ops/test_fused_gate_dbwd.py 2>&1
-  status "${PIPESTATUS[0]}" "CUDA tests"
-fi
+# ptests LIMIT NAME FILES...: the CUDA tests of FILES, one pytest process per file, all at once (one
+# GPU; the slow part is Triton's JIT compiling, which then runs side by side on the host's cores: run
+# one after another, 138 of 160 tests fit in 150 s on 2026-12-04). Each file's last line, then the
+# whole output of every file that failed or was cut, so a cut run still shows every failure.
+# (Explicit pids: a bare `wait` would also wait for this script's `tee` and never return.)
+ptests() {
+  local t s=$1 name=$2 pids=() n i rc bad=0 cut=0 dir=/tmp/ptests_$2
+  shift 2
+  t=$(lim "$s")
+  if [ "$t" -eq 0 ]; then echo "(skipped, less than half of its $s s left of the budget of $BUDGET s: $name)"
+    status 125 "$name"; return; fi
+  rm -rf "$dir"; mkdir -p "$dir"
+  local per=(); timeout 30 python3 -m pytest --help 2>/dev/null | grep -q -- "--timeout=" && per=(--timeout 120)
+  for f in "$@"; do
+    OMP_NUM_THREADS=1 MMEA_TEST_CUDA=1 timeout -k 5 "$t" python3 -m pytest -q -p no:cacheprovider -k cuda -rfEs \
+      --tb=short "${per[@]}" "$f" > "$dir/$(basename "$f" .py).log" 2>&1 &
+    pids+=($!)
+  done
+  local shown=()
+  for i in "${!pids[@]}"; do
+    n=$(basename "${@:$((i + 1)):1}" .py)
+    wait "${pids[$i]}"; rc=$?
+    echo "--- $n (exit $rc): $(grep -v USDT "$dir/$n.log" | tail -1)"
+    case $rc in 0|5) ;; 124|137) cut=1; shown+=("$n") ;; *) bad=1; shown+=("$n") ;; esac
+  done
+  for n in "${shown[@]}"; do echo; echo "########## $n: whole output"; grep -v USDT "$dir/$n.log" | tail -250; done
+  if [ "$cut" -eq 1 ]; then status 124 "$name"; elif [ "$bad" -eq 1 ]; then status 1 "$name"; else status 0 "$name"; fi
+}
+
+step "CUDA tests (every kernel against the float64 / torch references, gradcheck, gradgradcheck) and the workflow tests (train, evaluate, resume, checkpoint, calculator, stresses, MD on the GPU, each against the CPU run)"
+TESTS=()
+want tests && TESTS+=(tests/ops/test_gate_ops.py tests/ops/test_triton_backend.py tests/ops/test_gated_linear.py
+  tests/ops/test_cpp_backend.py tests/ops/test_gate_net_triton.py tests/ops/test_adapter_node.py tests/nn/test_modules.py
+  tests/nn/test_path_choice.py tests/nn/test_fused_gate.py tests/ops/test_fused_gate_dbwd.py)
+want workflow && TESTS+=(tests/train/test_device.py tests/train/test_stress.py tests/app/test_md.py tests/train/test_predict.py)
+[ "${#TESTS[@]}" -gt 0 ] && ptests "${TEST_LIMIT:-150}" "tests" "${TESTS[@]}"
 
 # model LIMIT NAME ARGS...: bench/model_overhead.py on 64 toluene, its status recorded under NAME
 model() { within "$1" python3 bench/model_overhead.py --device cuda --frames 64 --out "$OUT" "${@:3}" 2>&1 \
@@ -158,16 +182,13 @@ fi
 
 step "FusedGate against e3nn's Gate: per op (N = 4000) and in SevenNet-0 (64 ethanol; equality in float64 first)"
 if want gates; then
-  within ${GATE_LIMIT:-90} python3 bench/gate_speed.py --device cuda --rounds 30 --frames 64 --out "$OUT/gate-gpu.txt" 2>&1 \
+  within ${GATE_LIMIT:-90} python3 bench/gate_speed.py --device cuda --rounds 30 --frames 64 --dtype float32 --out "$OUT/gate-gpu.txt" 2>&1 \
     | grep -v USDT | tail -30
   status "${PIPESTATUS[0]}" "gate speed"
 fi
 
-step "the fine-tuning workflow on the GPU (train, evaluate, resume, checkpoint, calculator, stresses, MD; each against the CPU run)"
+step "an MD step through the calculator on the GPU, cached input vs mace's full path (bench/md_step.py)"
 if want workflow; then
-  MMEA_TEST_CUDA=1 within ${WORKFLOW_LIMIT:-150} python3 -m pytest -q -p no:cacheprovider -k cuda -rfEs --tb=short \
-    --timeout 90 tests/train/test_device.py tests/train/test_stress.py tests/app/test_md.py tests/train/test_predict.py 2>&1
-  status "${PIPESTATUS[0]}" "workflow tests"
   within 40 python3 bench/md_step.py --device cuda --rounds 21 2>&1 | grep -v Warning | tail -3
   status "${PIPESTATUS[0]}" "md step"
 fi
