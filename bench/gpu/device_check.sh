@@ -46,8 +46,10 @@
 # BENCH_SIZES (default 8000,32000), BENCH_ROUNDS (7), BENCH_ARGS (e.g. "--sweep --no-cuet"), ONLY (the
 # steps to run, of: tests model auto profile bench gates workflow float64 kernels fuzz memory; the machine
 # line and the build always run).
-# A second call, where device time is left (a fresh machine: NO_BUILD then builds, ~1 min):
-#   run(command="NO_BUILD=1 ONLY='workflow auto' BUDGET=240 bash bench/gpu/device_check.sh", carry=[".whl"], timeout_s=270)
+# A second call, where device time is left. The machine goes back 30 s after a call ends (2026-12-04),
+# so a second call usually finds a fresh one and builds again (~1 min on top of ~30 s to start): with
+# the ~390 s a first call leaves, the open question is where the whole model's time goes:
+#   run(command="ONLY='profile auto' BUDGET=300 bash bench/gpu/device_check.sh", carry=[".whl"], timeout_s=330)
 # Writes to $OUT (default bench/results/device) at most eight files (the device tool returns at most
 # 8): device_check.log, model-overhead-gpu-<date>.json, path-choices-gpu-<date>.json (profile only),
 # the benchmark's .jsonl/.json/.txt, gate-gpu.txt and gate-gpu.json.
