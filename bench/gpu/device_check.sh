@@ -25,11 +25,13 @@
 #   4. bench: bench/gpu/bench_gpu.py (the Triton gate kernels' tiles against copy bandwidth first, then
 #      FusedGate and the gate net, then the fused linear against o3.Linear and cuet, FusedGate against
 #      e3nn's Gate; rows stream to a .jsonl as they come, and a TERM still writes the .json/.txt of
-#      what ran); sizes 8000,32000 and 7 rounds unless BENCH_SIZES / BENCH_ROUNDS say otherwise;
+#      what ran); size 32000 (8000 ran twice before), 7 rounds, unless BENCH_SIZES / BENCH_ROUNDS say so;
 #   5. gates: FusedGate against e3nn's Gate, per op and in SevenNet-0 (64 ethanol; float64 equality
 #      after replace_gates, then paired float32 E+F timings; bench/gate_speed.py, sevenn from .whl);
 #   6. workflow: an MD step through the calculator, cached input vs mace's full path (bench/md_step.py;
-#      the workflow tests run in step 2 unless ONLY leaves "workflow" out).
+#      the workflow tests run in step 2 unless ONLY leaves "workflow" out);
+#   7. with no ONLY, on what the budget leaves: a short profile of the whole model's fused path (host
+#      time, wall time, device kernels per energy+force call; bench/model_overhead.py --profile 5).
 # Only when ONLY names them: auto (the whole model with MMEA_FUSED_LINEAR=auto: each MMEALinear times
 # both paths and keeps the faster), profile (where the whole model's time goes: --profile host/wall/
 # device time and kernel counts, fused and MMEA_FUSED_LINEAR=0; what auto picks per layer at 4 and 64
@@ -43,7 +45,7 @@
 # script exits 1 when one failed or timed out (pipefail: a failure inside `| tail` counts).
 # Knobs (environment): NO_BUILD (keep the extension already built in this tree when it has its CUDA
 # kernels; built otherwise), BUDGET, TEST_LIMIT, BENCH_LIMIT, WORKFLOW_LIMIT, GATE_LIMIT (seconds),
-# BENCH_SIZES (default 8000,32000), BENCH_ROUNDS (7), BENCH_ARGS (e.g. "--sweep --no-cuet"), ONLY (the
+# BENCH_SIZES (default 32000), BENCH_ROUNDS (7), BENCH_ARGS (e.g. "--sweep --no-cuet"), ONLY (the
 # steps to run, of: tests model auto profile bench gates workflow float64 kernels fuzz memory; the machine
 # line and the build always run).
 # A second call, where device time is left. The machine goes back 30 s after a call ends (2026-12-04),
@@ -177,7 +179,7 @@ fi
 
 step "benchmark"
 if want bench; then
-  within ${BENCH_LIMIT:-110} python3 bench/gpu/bench_gpu.py --out "$OUT" --sizes "${BENCH_SIZES:-8000,32000}" \
+  within ${BENCH_LIMIT:-110} python3 bench/gpu/bench_gpu.py --out "$OUT" --sizes "${BENCH_SIZES:-32000}" \
     --rounds "${BENCH_ROUNDS:-7}" ${BENCH_ARGS:-} 2>&1
   status "${PIPESTATUS[0]}" "bench_gpu"
 fi
@@ -193,6 +195,13 @@ step "an MD step through the calculator on the GPU, cached input vs mace's full 
 if want workflow; then
   within 40 python3 bench/md_step.py --device cuda --rounds 21 2>&1 | grep -v Warning | tail -3
   status "${PIPESTATUS[0]}" "md step"
+fi
+
+step "where the whole model's time goes, fused path (host vs device time, kernel counts; last, on what the budget leaves; ONLY=profile adds the unfused path and the per-layer choices)"
+if [ -z "${ONLY:-}" ]; then
+  model 70 "profile fused (short)" --rounds 10 --modes inference --profile 5
+else
+  echo "(the short profile runs in the default set only; ONLY=profile runs the full one above)"
 fi
 
 step "whole model in float64"
