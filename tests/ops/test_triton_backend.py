@@ -185,6 +185,9 @@ def test_gpu_tiles_through_the_interpreter(monkeypatch):
     tensors: several row blocks, a partial column block, a partial gate block, both layouts."""
     monkeypatch.setattr(triton_backend, "interpreting", lambda device: False)
     assert triton_backend._gate_mul_blocks(150, 284, False) == (4, 512, 4)
+    # 512 columns, or 256 where that leaves fewer idle columns in the last block
+    assert [triton_backend._gate_mul_blocks(32000, d, False)[:2] for d in (512, 640, 1152, 2048, 3)] == \
+        [(4, 512), (8, 256), (8, 256), (4, 512), (512, 4)]
     assert triton_backend._seg_dot_blocks(150, 71, 7, False) == (8, 64, 4)
     blocks = parse_blocks("5x0e+40x1o+20x2e+8x3o+3x0o")  # D = 284, G = 71
     for layout in ("mul_ir", "ir_mul"):

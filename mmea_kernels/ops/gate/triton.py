@@ -58,15 +58,18 @@ def _acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _gate_mul_blocks(n: int, d: int, interpret: bool) -> Tuple[int, int, int]:
     """(BLOCK_N, BLOCK_D, num_warps) for gate_mul. The interpreter pays per program instance,
-    so it gets big tiles. On GPU: tiles of at most 2048 elements, up to 512 columns wide, 4 warps. On
-    an H200 (bench/results/NVIDIA-H200-2026-12-04-run1-summary.md; 32000 rows of
-    128x0e+128x1o+128x2e+128x3o) 4 x 512 reached 91 / 80 / 95 % of copy bandwidth in fp32 / bf16 /
-    fp64, where the earlier 16 x 256 reached 63 / 43 / 66 %."""
+    so it gets big tiles. On GPU: tiles of at most 2048 elements, 512 columns wide (256 where that
+    leaves fewer idle columns in the last column block, e.g. D = 640 or 1152), 4 warps (2 under 1024
+    elements). On an H200 (bench/results/NVIDIA-H200-2026-12-04-run1-summary.md; 32000 rows of
+    128x0e+128x1o+128x2e+128x3o, D = 2048, L2 flushed) 4 x 512 reached 89 / 75 / 94 % of copy
+    bandwidth in fp32 / bf16 / fp64, 8 x 256 77 / 64 / 87 %, the earlier 16 x 256 62 / 42 / 66 %."""
     if interpret:
         block_d = min(pow2(d), 256)
         block_n = min(pow2(n), 64)
         return block_n, block_d, 1
     block_d = min(pow2(d), 512)
+    if block_d == 512 and -(-d // 512) * 512 > -(-d // 256) * 256:
+        block_d = 256
     block_n = min(pow2(n), max(1, 2048 // block_d))
     num_warps = 4 if block_n * block_d >= 1024 else 2
     return block_n, block_d, num_warps
@@ -78,8 +81,8 @@ def _seg_dot_blocks(n: int, g: int, w: int, interpret: bool) -> Tuple[int, int, 
     pays per program instance, so it gets big tiles. On GPU, at most 4 lanes per thread: the
     unrolled column loop keeps every load of a lane in flight, and 8 lanes per thread took 92-128
     registers on sm_90 (4: 48-64; bench/gpu/kernel_report.py). 8 rows x 64 gates on 4 warps was the
-    fastest tile of the H200 sweep of 2026-12-04 (37 / 38 / 28 % of copy bandwidth in fp32 / bf16 /
-    fp64, against 28 / 23 / 25 % for the earlier 16 x 64 on 8 warps)."""
+    fastest tile of the H200 sweep of 2026-12-04 (36 / 36 / 28 % of copy bandwidth in fp32 / bf16 /
+    fp64, L2 flushed, against 28 / 23 / 24 % for the earlier 16 x 64 on 8 warps)."""
     if interpret:
         block_g = min(pow2(g), 128)
         return min(pow2(n), max(1, 16384 // block_g), 128), block_g, 1
