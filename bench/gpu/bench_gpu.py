@@ -559,6 +559,14 @@ def table(rows, bw):
     return "\n".join(lines)
 
 
+def copy_share(nbytes: int, ms: float, row: dict, meta: dict) -> str:
+    """A gate kernel's cell of the summary: its share of the copy bandwidth, or "L2-resident" where the
+    row says its bytes fit within 4x L2."""
+    if row.get("l2_resident"):
+        return "L2-resident"
+    return f"{100 * nbytes / (ms * 1e-3) / 1e9 / meta['copy_GBps']:.0f} %"
+
+
 def markdown_summary(path) -> str:
     """Markdown tables from a .jsonl (or .json) results file: the adapted layer against the base
     linear (eager and CUDA-graph times, same run) and the gate kernels against copy bandwidth."""
@@ -598,9 +606,7 @@ def markdown_summary(path) -> str:
             # bytes from the layer (files of the first run counted seg_dot's 0e columns too); the time
             # with L2 flushed where the file has the flag (graph replay keeps small inputs in L2)
             ms = r["median_ms"] if "l2_resident" in r else r["graph_ms"]
-            pct = 100 * gate_bytes(r["op"], r["layer"], r["N"], getattr(torch, r["dtype"])) / (
-                ms * 1e-3) / 1e9 / meta["copy_GBps"]
-            cell = "L2-resident" if r.get("l2_resident") else f"{pct:.0f} %"
+            cell = copy_share(gate_bytes(r["op"], r["layer"], r["N"], getattr(torch, r["dtype"])), ms, r, meta)
             out.append(f"| {r['op']} | {r['layer']} | {r['N']} | {r['dtype']} | {r['provider']} | "
                        f"{r['graph_ms']:.4f} | {cell} |")
     net = [r for r in ok if r["op"] == "gate_net"]
@@ -618,11 +624,9 @@ def markdown_summary(path) -> str:
     if sweep:  # the share from the L2-flushed time (files before 2026-12-04 evening stored GB/s from graph time)
         out += ["", "| Triton gate kernel tile | layer | N | dtype | ms (L2 flushed) | graph ms | % of copy |",
                 "|---|---|---|---|---|---|---|"]
-        def share(r):
-            gbps = r["bytes"] / (r["median_ms"] * 1e-3) / 1e9
-            return "L2-resident" if r.get("l2_resident") else f"{100 * gbps / meta['copy_GBps']:.0f} %"
         out += [f"| {r['provider']} | {r['layer']} | {r['N']} | {r['dtype']} | {r['median_ms']:.4f} | "
-                + (f"{r['graph_ms']:.4f}" if r.get("graph_ms") else "–") + f" | {share(r)} |" for r in sweep]
+                + (f"{r['graph_ms']:.4f}" if r.get("graph_ms") else "–")
+                + f" | {copy_share(r['bytes'], r['median_ms'], r, meta)} |" for r in sweep]
     return "\n".join(out)
 
 
